@@ -1,0 +1,1 @@
+"""qdeploy.compiler: IR, frontends, reference interpreter, quantization search."""

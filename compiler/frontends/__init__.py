@@ -1,0 +1,1 @@
+"""Model importers: QONNX/ONNX and PyTorch/Brevitas -> IR, and IR -> QONNX export."""

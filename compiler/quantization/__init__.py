@@ -1,0 +1,1 @@
+"""Mixed-precision search (Hessian sensitivity, ILP allocation, Brevitas QAT)."""

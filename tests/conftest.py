@@ -1,0 +1,14 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QDEPLOY_SHARED", REPO.parent / "shared"))
+REALCASES = SHARED / "realcases"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
