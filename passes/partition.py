@@ -1,0 +1,112 @@
+"""Host/device partition: float prologue and epilogue run on the host, the fixed-point core on
+the device (FPGA firmware)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..compiler.errors import UnsupportedError
+from ..compiler.ir.graph import Graph, GraphBuilder
+from ..compiler.ir.types import FloatType
+
+
+@dataclass
+class Partition:
+    """Three graphs whose composition is the original.
+
+    Attributes:
+        prologue: float ops on the inputs up to and including each input ``Quantize`` (host,
+            NumPy), or None.  Outputs: the device inputs.
+        device: the fixed-point core.  All of its inputs and outputs have fixed types.
+        epilogue: float ops after the last fixed-point values (e.g. a float output scale,
+            Softmax), run on the host, or None.
+    """
+
+    prologue: Graph | None
+    device: Graph
+    epilogue: Graph | None
+
+
+def _sub(graph: Graph, nodes, inputs, outputs, suffix) -> Graph | None:
+    if not nodes:
+        return None
+    b = GraphBuilder(f"{graph.name}_{suffix}", dict(graph.meta))
+    for i in inputs:
+        v = graph.value(i)
+        b.input(i, v.shape, v.dtype)
+    for n in nodes:
+        b.add_node(n)
+    b.output(*outputs)
+    return b.build()
+
+
+def partition(graph: Graph) -> Partition:
+    """Split ``graph`` into host prologue / fixed-point device core / host epilogue.
+
+    A node belongs to the prologue when it only reads graph inputs or prologue values and is a
+    float op or a ``Quantize`` of a float value; nodes with a float output that are not in the
+    prologue form the epilogue; the rest is the device core.
+
+    Raises:
+        UnsupportedError: when a float op sits inside the fixed-point core (its output feeds a
+            device node), naming that node; or when the graph has no fixed-point core.
+    """
+    pro, dev, epi = [], [], []
+    pro_vals = set(graph.inputs)
+    for n in graph.nodes:
+        out_t = graph.value(n.output).dtype
+        in_float = all(isinstance(graph.value(i).dtype, FloatType) for i in n.inputs)
+        if all(i in pro_vals for i in n.inputs) and (isinstance(out_t, FloatType) or (n.op in ("Quantize", "Sign") and in_float)):
+            pro.append(n)
+            pro_vals.add(n.output)
+        elif isinstance(out_t, FloatType):
+            epi.append(n)
+        else:
+            dev.append(n)
+    epi_vals = {n.output for n in epi}
+    for n in dev:
+        for i in n.inputs:
+            if i in epi_vals:
+                raise UnsupportedError(f"float op feeds the fixed-point datapath at '{n.name}': only float ops before "
+                                       f"the input quantizers or after the last fixed-point layer can run on the host",
+                                       graph.producer(i).name)
+            if isinstance(graph.value(i).dtype, FloatType):
+                raise UnsupportedError(f"{n.op} reads float value {i!r}; quantize it first", n.name)
+    if not dev:
+        raise UnsupportedError("model has no fixed-point layers to put on the device (is it quantized?)", graph.name)
+    dev_outs = {n.output for n in dev}
+    dev_inputs = []
+    for n in dev:
+        for i in n.inputs:
+            if i in pro_vals and i not in dev_inputs:
+                dev_inputs.append(i)
+    dev_outputs = [o for o in graph.outputs if o in dev_outs]
+    for n in epi:
+        dev_outputs += [i for i in n.inputs if i in dev_outs and i not in dev_outputs]
+    pro_outputs = [v for v in dev_inputs if v not in graph.inputs]
+    pro_outputs += [o for o in graph.outputs if o in {n.output for n in pro} and o not in pro_outputs]
+    prologue = _sub(graph, pro, list(graph.inputs), pro_outputs, "prologue") if pro else None
+    device = _sub(graph, dev, dev_inputs, dev_outputs, "device")
+    epi_inputs = []
+    for n in epi:
+        for i in n.inputs:
+            if i not in {m.output for m in epi} and i not in epi_inputs:
+                epi_inputs.append(i)
+    epilogue = _sub(graph, epi, epi_inputs, [o for o in graph.outputs if o in epi_vals], "epilogue") if epi else None
+    return Partition(prologue, device, epilogue)
+
+
+def run_partitioned(part: Partition, graph: Graph, feeds: dict, device_fn) -> dict:
+    """Run prologue (reference), ``device_fn`` (runtime arrays in/out), epilogue (reference).
+
+    ``feeds`` are runtime arrays of ``graph``'s inputs; returns runtime arrays of its outputs.
+    """
+    from ..compiler.reference import execute
+
+    env = dict(feeds)
+    if part.prologue is not None:
+        env.update(execute(part.prologue, {i: env[i] for i in part.prologue.inputs}, codes=True))
+    env.update(device_fn({i: env[i] for i in part.device.inputs}))
+    if part.epilogue is not None:
+        env.update(execute(part.epilogue, {i: env[i] for i in part.epilogue.inputs}, codes=True))
+    return {o: env[o] for o in graph.outputs}
+
