@@ -1,0 +1,10 @@
+"""qdeploy: a hardware-deployment compiler for quantized neural networks.
+
+``qdeploy.compile(model, target, out_dir)`` imports a QONNX/ONNX file or a Brevitas model,
+optimizes the IR, emits hls4ml firmware or a TVM library, checks it bit for bit against the
+reference interpreter and writes a report.  ``qdeploy.run(out_dir, x)`` runs any artifact.
+"""
+from .api import CompileResult, __version__, compile, load, load_config, run
+from .runtime import CompiledModel
+
+__all__ = ["compile", "load", "load_config", "run", "CompileResult", "CompiledModel", "__version__"]

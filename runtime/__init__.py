@@ -1,0 +1,4 @@
+"""Runtime: load and run compiled artifacts (`CompiledModel`)."""
+from .compiled import ArtifactError, CompiledModel
+
+__all__ = ["ArtifactError", "CompiledModel"]

@@ -1,0 +1,239 @@
+"""The Python API: ``load``, ``compile``, ``run``.
+
+``compile(model, target, out_dir)`` = import -> passes -> backend emit/build -> golden
+exactness check against the reference interpreter -> ``manifest.json`` + ``report.json`` +
+``report.md``.  The artifact is written to a temporary sibling directory and renamed into place
+only when complete, so a failed compile leaves no output directory behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .compiler.errors import CompileError, QDeployError
+from .compiler.ir.graph import Graph
+from .compiler.ir.types import FixedType
+from .compiler.reference import execute, prepare_feeds
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile` returns: the artifact directory, the report dict and the graph."""
+
+    out_dir: Path
+    report: dict
+    graph: Graph
+
+    def load(self):
+        from .runtime import CompiledModel
+        return CompiledModel.load(self.out_dir)
+
+
+def load_config(config) -> dict:
+    """A config dict from a dict, a YAML/JSON file path, or None.
+
+    Keys (all optional): ``input_type`` (e.g. ``"fixed<16,6,RND_CONV,SAT>"`` or ``"auto"``),
+    ``golden`` (``{samples: 64, seed: 0}``), ``hls4ml`` (backend, part, clock_period [ns],
+    io_type, strategy, reuse_factor), ``tvm`` (target).
+
+    Raises:
+        QDeployError: unreadable file or not a mapping.
+    """
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    p = Path(config)
+    try:
+        import yaml
+        data = yaml.safe_load(p.read_text())
+    except (OSError, ValueError) as e:
+        raise QDeployError(f"cannot read config {p}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise QDeployError(f"config {p} must be a mapping of options")
+    return data
+
+
+def load(model, example_input=None) -> Graph:
+    """Import a model into the IR: a :class:`Graph`, a ``.onnx`` path (QONNX or ONNX), a
+    ``module:function`` spec, or a torch/Brevitas ``nn.Module`` (needs ``example_input``).
+
+    Raises:
+        QDeployError (ImportError_/UnsupportedError): naming the node at fault.
+    """
+    if isinstance(model, Graph):
+        return model
+    from .compiler import frontends
+    if isinstance(model, (str, os.PathLike)):
+        return frontends.load_model(str(model))
+    try:
+        import torch
+        if isinstance(model, torch.nn.Module):
+            if example_input is None:
+                raise QDeployError("a torch model needs an example input to be exported")
+            return frontends.import_brevitas(model, example_input)
+    except ImportError:
+        pass
+    import onnx
+    if isinstance(model, onnx.ModelProto):
+        return frontends.import_onnx(model)
+    raise QDeployError(f"cannot import a {type(model).__name__}: give a .onnx path, module:function, or nn.Module")
+
+
+def _golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
+    """Golden inputs as real arrays in IR layout, keyed by input name."""
+    from .runtime.compiled import to_ir_layout
+
+    if golden is not None:
+        if isinstance(golden, (str, os.PathLike)):
+            p = Path(golden)
+            if p.suffix == ".npz":
+                with np.load(p) as z:
+                    golden = {k: z[k] for k in z.files if k in graph.inputs} or z[z.files[0]]
+            else:
+                golden = np.load(p)
+        if not isinstance(golden, dict):
+            golden = dict(zip(graph.inputs, golden if isinstance(golden, (list, tuple)) else [golden]))
+        return {k: to_ir_layout(graph, k, np.asarray(v)) for k, v in golden.items()}
+    g = cfg.get("golden", {}) or {}
+    n, seed = int(g.get("samples", 64)), int(g.get("seed", 0))
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in graph.input_values():
+        if isinstance(v.dtype, FixedType):
+            codes = rng.integers(v.dtype.min_code, v.dtype.max_code + 1, size=(n, *v.shape))
+            feeds[v.name] = v.dtype.to_real(codes)
+        else:
+            feeds[v.name] = rng.uniform(-1, 1, size=(n, *v.shape)).astype(np.float32)
+    return feeds
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {"qdeploy": __version__}
+    for pkg in ("numpy", "onnx", "qonnx", "hls4ml", "apache-tvm", "torch", "brevitas"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _file_hashes(root: Path, limit: int = 400) -> dict:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and len(out) < limit and p.name not in ("manifest.json",):
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
+            example_input=None, force: bool = False, optimize: bool = True) -> CompileResult:
+    """Compile ``model`` for ``target`` into ``out_dir``.
+
+    Args:
+        model: see :func:`load`.
+        target: ``hls4ml``, ``tvm-llvm`` or ``reference``.
+        out_dir: artifact directory; must not exist unless ``force``.
+        config: dict or YAML path (:func:`load_config`).
+        golden: golden inputs (array, list, dict by input name, or .npy/.npz path; batch first,
+            the source model's layout).  Default: ``golden.samples`` random inputs.  They also
+            calibrate the input type of models without an input quantizer.
+        force: replace an existing ``out_dir``.
+    Returns:
+        :class:`CompileResult`.
+    Raises:
+        QDeployError: bad model/config or a backend that cannot compile it; nothing is written.
+    """
+    from .backends import get_backend
+    from .passes import PassManager, default_pipeline
+    from .report import compare_outputs, layer_table, render_markdown
+
+    cfg = load_config(config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise QDeployError(f"output directory {out_dir} exists (use --force to replace it)")
+    try:
+        backend = get_backend(target)
+    except ValueError as e:
+        raise QDeployError(str(e)) from None
+    t0 = time.perf_counter()
+    graph = load(model, example_input)
+    feeds_real = _golden_feeds(graph, golden, cfg)
+    pm = PassManager(default_pipeline(cfg.get("input_type"), feeds_real) if optimize else [])
+    graph = pm.run(graph)
+    feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
+    feeds = prepare_feeds(graph, feeds_real)
+    ref = execute(graph, feeds, codes=True)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / "ir").mkdir()
+        graph.save(str(tmp / "ir" / "model"))
+        (tmp / "ir" / "model.txt").write_text(str(graph) + "\n")
+        t1 = time.perf_counter()
+        info = backend.emit(graph, cfg, tmp) or {}
+        backend.build(tmp, info)
+        t_build = time.perf_counter() - t1
+        fn = backend.load(tmp, info, graph)
+        got = fn({k: v for k, v in feeds.items()})
+        exact = compare_outputs(graph, ref, got)
+        np.savez(tmp / "golden.npz", **{f"in:{k}": v for k, v in feeds_real.items()},
+                 **{f"ref:{k}": v for k, v in ref.items()})
+        notes = [n for r in pm.records for n in r.notes if r.name in ("quantize_inputs", "affine_to_fixed")]
+        host = list(info.get("host_nodes", []))
+        rows = layer_table(graph)
+        report = {
+            "model": graph.name, "target": target, "source": str(graph.meta.get("source", "")),
+            "graph_digest": graph.digest(), "exactness": exact, "notes": notes, "host_nodes": host,
+            "layers": rows,
+            "totals": {"nodes": len(graph.nodes), "params": sum(r["params"] for r in rows),
+                       "param_bits": sum(r["param_bits"] for r in rows), "bops": sum(r["bops"] for r in rows)},
+            "passes": [{"name": r.name, "ms": r.ms, "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
+                        "notes": r.notes} for r in pm.records],
+            "timing_s": {"total": time.perf_counter() - t0, "backend_build": t_build},
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (tmp / "report.md").write_text(render_markdown(report))
+        manifest = {
+            "format": 1, "target": target, "versions": _versions(), "config": cfg, "backend": info,
+            "graph_digest": graph.digest(),
+            "inputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
+                        "perm": (graph.meta.get("input_perms") or {}).get(v.name)} for v in graph.input_values()],
+            "outputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
+                         "perm": (graph.meta.get("output_perms") or {}).get(v.name)} for v in graph.output_values()],
+            "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact")},
+            "hashes": _file_hashes(tmp),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except QDeployError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CompileError(f"{target} compile failed: {type(e).__name__}: {e}", graph.name) from e
+    return CompileResult(out_dir, report, graph)
+
+
+def run(out_dir, *inputs):
+    """Load the artifact at ``out_dir`` and return its real-valued outputs on ``inputs``."""
+    from .runtime import CompiledModel
+    return CompiledModel.load(out_dir).predict(*inputs)

@@ -1,0 +1,91 @@
+"""The ``qdeploy`` command line (typer).
+
+Exit codes: 0 success, 1 a check failed (e.g. golden mismatch), 2 bad input or a compile
+error (one line on stderr naming the node and the reason).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from .compiler.errors import QDeployError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="qdeploy: compile quantized neural networks to hls4ml firmware and TVM libraries, bit-exact.")
+
+
+def _fail(e: Exception) -> None:
+    msg = e.one_line() if isinstance(e, QDeployError) else f"{type(e).__name__}: {e}"
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("compile")
+def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or module:function returning a Brevitas model"),
+                target: str = typer.Option("hls4ml", "--target", "-t", help="hls4ml, tvm-llvm or reference"),
+                out: Path = typer.Option(..., "-o", "--out", help="artifact directory (must not exist)"),
+                config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config"),
+                golden: Optional[Path] = typer.Option(None, "--golden", help=".npy/.npz golden inputs"),
+                force: bool = typer.Option(False, "--force", help="replace an existing output directory")):
+    """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md."""
+    from .api import compile as do_compile
+    try:
+        res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force)
+    except (QDeployError, ValueError, OSError) as e:
+        _fail(e)
+    ex = res.report["exactness"]
+    typer.echo(f"compiled {res.report['model']} -> {target} in {out} "
+               f"({res.report['totals']['nodes']} nodes, {res.report['totals']['bops']:.4g} BOPs/sample)")
+    typer.echo(f"exactness vs reference: {ex['samples']} samples, {ex['mismatches']} mismatches, "
+               f"max abs error {ex['max_abs_error']:.3g} ({'bit-exact' if ex['bit_exact'] else 'NOT bit-exact'})")
+
+
+@app.command("run")
+def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `qdeploy compile`"),
+            input: Path = typer.Option(..., "--input", "-i", help=".npy float32 input, batch first"),
+            output: Path = typer.Option(..., "--output", "-o", help=".npy to write (the model's real-valued outputs)")):
+    """Run a compiled artifact on INPUT and save its real-valued outputs."""
+    from .runtime import CompiledModel
+    try:
+        x = np.load(input)
+        y = CompiledModel.load(artifact).predict(x)
+    except (QDeployError, ValueError, OSError) as e:
+        _fail(e)
+    np.save(output, y[0] if isinstance(y, list) else y)
+    typer.echo(f"wrote {output} {np.shape(y[0] if isinstance(y, list) else y)}")
+
+
+@app.command("inspect")
+def inspect_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, module:function, or an artifact directory"),
+                optimized: bool = typer.Option(False, "--optimized", help="print the IR after the default passes")):
+    """Print the IR of MODEL (one node a line, with exact types)."""
+    from .api import load
+    from .compiler.ir.graph import Graph
+    try:
+        p = Path(model)
+        if p.is_dir() and (p / "ir" / "model.json").exists():
+            g = Graph.load(str(p / "ir" / "model"))
+        else:
+            g = load(model)
+            if optimized:
+                from .passes import PassManager, default_pipeline
+                g = PassManager(default_pipeline()).run(g)
+    except (QDeployError, ValueError, OSError) as e:
+        _fail(e)
+    typer.echo(str(g))
+
+
+def main() -> None:
+    try:
+        app()
+    except QDeployError as e:  # pragma: no cover - typer handles most
+        typer.echo(f"error: {e.one_line()}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Compile reports: per-layer types, parameters, bits and BOPs, exactness; JSON and Markdown."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .compiler.ir.graph import Graph
+from .compiler.ir.types import FixedType
+
+
+def _bits(t) -> int:
+    return t.width if isinstance(t, FixedType) else 32
+
+
+def layer_bops(graph: Graph, node) -> float:
+    """Bit operations of a Dense/Conv node per sample.
+
+    BOPs = P * m * n * ((1 - f_p) * b_a * b_w + b_a + b_w + log2 n) with n inputs per output
+    (K, or kh*kw*C_in/groups), m outputs per position, P output positions, activation bits b_a,
+    weight bits b_w (32 for float), and f_p the measured fraction of zero weights
+    (Baskin et al., arXiv 2103.05579 Eq. 1; ``../shared/refs/README.md``).  0 for other ops.
+    """
+    if node.op not in ("Dense", "Conv"):
+        return 0.0
+    w = node.params["weight"]
+    b_a = _bits(graph.value(node.inputs[0]).dtype)
+    b_w = _bits(w.dtype)
+    m = w.shape[-1]
+    n = int(np.prod(w.shape[:-1]))
+    fp = float(np.mean(w.data == 0)) if w.data.size else 0.0
+    out_shape = graph.value(node.output).shape
+    positions = int(np.prod(out_shape[:-1])) if len(out_shape) > 1 else 1
+    return float(positions * m * n * ((1 - fp) * b_a * b_w + b_a + b_w + math.log2(max(n, 1))))
+
+
+def layer_table(graph: Graph) -> list[dict]:
+    """One row a node: name, op, output type and shape, parameter count and bits, BOPs."""
+    rows = []
+    for n in graph.nodes:
+        v = graph.value(n.output)
+        params = sum(c.data.size for c in n.params.values())
+        pbits = sum(c.data.size * _bits(c.dtype) for c in n.params.values())
+        rows.append({"name": n.name, "op": n.op, "type": str(v.dtype), "shape": list(v.shape),
+                     "params": int(params), "param_bits": int(pbits),
+                     "weight_type": str(n.params["weight"].dtype) if "weight" in n.params else "",
+                     "bops": layer_bops(graph, n)})
+    return rows
+
+
+def compare_outputs(graph: Graph, ref: dict, got: dict) -> dict:
+    """Exactness of a backend against the reference on the golden set.
+
+    Fixed-point outputs are compared code for code; float outputs by value.
+    Returns ``{samples, mismatches (samples with any differing output), max_abs_error,
+    bit_exact, per_output: {...}}``.
+    """
+    per = {}
+    n = None
+    bad = None
+    max_err = 0.0
+    for o in graph.outputs:
+        t = graph.value(o).dtype
+        a, b = np.asarray(ref[o]), np.asarray(got[o])
+        if a.shape != b.shape:
+            raise ValueError(f"output {o!r}: backend shape {b.shape} != reference {a.shape}")
+        n = a.shape[0]
+        diff = (a != b).reshape(n, -1).any(axis=1)
+        if isinstance(t, FixedType):
+            err = float(np.max(np.abs(t.to_real(a) - t.to_real(b)), initial=0.0))
+        else:
+            err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+        per[o] = {"type": str(t), "mismatches": int(diff.sum()), "max_abs_error": err}
+        bad = diff if bad is None else (bad | diff)
+        max_err = max(max_err, err)
+    mism = int(bad.sum()) if bad is not None else 0
+    return {"samples": int(n or 0), "mismatches": mism, "max_abs_error": max_err, "bit_exact": mism == 0,
+            "per_output": per}
+
+
+def render_markdown(report: dict) -> str:
+    """Human-readable ``report.md``."""
+    L = [f"# qdeploy compile report: {report['model']} -> {report['target']}", ""]
+    L.append(f"- source: `{report.get('source', '')}`")
+    L.append(f"- IR digest: `{report['graph_digest']}`, {report['totals']['nodes']} nodes, "
+             f"{report['totals']['params']} parameters ({report['totals']['param_bits']} bits), "
+             f"{report['totals']['bops']:.4g} BOPs per sample")
+    for note in report.get("notes", []):
+        L.append(f"- note: {note}")
+    ex = report["exactness"]
+    L += ["", "## Exactness against the reference interpreter", "",
+          f"{ex['samples']} golden samples, {ex['mismatches']} mismatching, max abs error {ex['max_abs_error']:.3g}: "
+          + ("**bit-exact**" if ex["bit_exact"] else "**NOT bit-exact** (measured error above)"), ""]
+    L += ["| output | type | mismatches | max abs error |", "|---|---|---|---|"]
+    for o, r in ex["per_output"].items():
+        L.append(f"| {o} | {r['type']} | {r['mismatches']} | {r['max_abs_error']:.3g} |")
+    if report.get("host_nodes"):
+        L += ["", f"Run on the host (float, NumPy): {', '.join(report['host_nodes'])}"]
+    L += ["", "## Layers", "", "| node | op | output type | shape | weight type | params | param bits | BOPs |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in report["layers"]:
+        L.append(f"| {r['name']} | {r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
+                 f"{r['param_bits']} | {r['bops']:.4g} |")
+    L += ["", "## Passes", "", "| pass | ms | nodes before -> after | notes |", "|---|---|---|---|"]
+    for p in report.get("passes", []):
+        L.append(f"| {p['name']} | {p['ms']:.1f} | {p['nodes_before']} -> {p['nodes_after']} | "
+                 f"{'; '.join(p['notes'])} |")
+    return "\n".join(L) + "\n"
