@@ -1,0 +1,208 @@
+"""The ``tvm-llvm`` target: the IR graph lowered to one TVM Relax function, compiled for the CPU.
+
+Artifact directory (written by :class:`TvmBackend`):
+
+* ``model.json`` / ``model.npz`` -- the IR graph (``build`` re-lowers from it);
+* ``model.relax.txt`` -- the Relax module as TVMScript (for reading only);
+* ``lib_<hash>.so`` -- the compiled library (``build``); the content hash in the name keeps
+  two different libraries from sharing a path (dlopen caches by path within a process).
+
+See :mod:`.lower` for the exactness guarantees and what is not supported.  ``tvm`` is imported
+only when a method is called, so importing this package is cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ...compiler.errors import CompileError
+from ...compiler.ir.graph import Graph
+from ...compiler.ir.types import FixedType
+
+__all__ = ["TvmBackend", "resolve_target"]
+
+GRAPH_STEM = "model"
+SCRIPT_FILE = "model.relax.txt"
+BUILD_FILE = "tvm_build.json"
+
+
+def resolve_target(opts: dict) -> dict:
+    """The TVM target (JSON dict form, TVM 0.27 no longer parses ``"llvm -mcpu=..."``) for
+    config ``tvm:`` options.
+
+    Args:
+        opts: ``{"target": "llvm" (default) or a target dict, "mcpu": "auto" (default) |
+            "generic" | <cpu name>}``.  ``auto`` asks LLVM for the host CPU
+            (``tvm.target.codegen.llvm_get_system_cpu``) and uses it when LLVM accepts it for
+            the host triple; ``generic`` (or ``None``) sets no ``mcpu``.
+    Returns:
+        e.g. ``{"kind": "llvm", "mcpu": "znver4"}``; a dict ``target`` is returned unchanged.
+    Raises:
+        CompileError: for a target kind other than ``llvm`` or an ``mcpu`` LLVM does not know.
+    """
+    import tvm
+
+    target = opts.get("target", "llvm")
+    if isinstance(target, dict):
+        return dict(target)
+    if str(target).strip() != "llvm":
+        raise CompileError(f"tvm target {target!r} is not supported (only 'llvm' or a target dict)")
+    mcpu = opts.get("mcpu", "auto")
+    cg = tvm.target.codegen
+    if mcpu in (None, "", "generic"):
+        return {"kind": "llvm"}
+    try:
+        triple = cg.llvm_get_system_triple()
+        if mcpu == "auto":
+            mcpu = cg.llvm_get_system_cpu()
+            if not mcpu or mcpu == "generic" or not cg.llvm_is_valid_cpu(mcpu, triple):
+                return {"kind": "llvm"}
+        elif not cg.llvm_is_valid_cpu(str(mcpu), triple):
+            raise CompileError(f"LLVM does not know CPU {mcpu!r} (config tvm.mcpu)")
+    except CompileError:
+        raise
+    except Exception:  # pragma: no cover - depends on the LLVM build
+        return {"kind": "llvm"}
+    return {"kind": "llvm", "mcpu": str(mcpu)}
+
+
+class TvmBackend:
+    """Compile an IR graph with TVM (Relax, LLVM CPU target).
+
+    Runtime arrays follow the backend contract: int64 codes for fixed-point values, float32 for
+    float values, batch first; one library serves every batch size.
+
+    Config (``config["tvm"]``, all optional): ``target`` (default ``"llvm"``), ``mcpu``
+    (``"auto"``: the host CPU; ``"generic"``: none), ``opt_level`` (0..3, default 3).
+    """
+
+    def __init__(self, name: str = "tvm-llvm"):
+        self.name = name
+
+    # ------------------------------------------------------------------ emit
+    def emit(self, graph: Graph, config: dict, out_dir) -> dict:
+        """Lower ``graph`` and write ``model.json``/``model.npz`` and ``model.relax.txt``.
+
+        Returns:
+            info dict: ``tvm_version``, ``target`` (TVM target dict, e.g. ``{"kind": "llvm",
+            "mcpu": "znver4"}``), ``opt_level``, ``files``, ``graph_digest``.
+        Raises:
+            UnsupportedError: naming the node for anything without an exact lowering.
+        """
+        import tvm
+
+        from .lower import lower
+
+        out = Path(out_dir)
+        opts = dict((config or {}).get("tvm") or {})
+        mod = lower(graph)  # raises UnsupportedError before anything is written
+        graph.save(str(out / GRAPH_STEM))
+        files = [f"{GRAPH_STEM}.json", f"{GRAPH_STEM}.npz"]
+        try:
+            (out / SCRIPT_FILE).write_text(mod.script())
+            files.append(SCRIPT_FILE)
+        except Exception:  # pragma: no cover - printing is best effort
+            pass
+        return {
+            "tvm_version": tvm.__version__,
+            "target": resolve_target(opts),
+            "opt_level": int(opts.get("opt_level", 3)),
+            "graph_digest": graph.digest(),
+            "files": files,
+        }
+
+    # ------------------------------------------------------------------ build
+    def build(self, out_dir, info: dict) -> None:
+        """Compile the graph saved by :meth:`emit` into ``lib_<hash>.so``.
+
+        Adds ``library`` (file name) and ``build_seconds`` to ``info`` (and to ``files``) and
+        writes them to ``tvm_build.json`` too, so :meth:`load` works from the directory alone.
+
+        Raises:
+            CompileError: when TVM fails to compile or export.
+        """
+        import time
+
+        import tvm
+
+        from .lower import lower
+
+        out = Path(out_dir)
+        graph = Graph.load(str(out / GRAPH_STEM))
+        target = info.get("target") or resolve_target({})
+        opt_level = int(info.get("opt_level", 3))
+        key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}".encode()).hexdigest()[:16]
+        lib_name = f"lib_{key}.so"
+        t0 = time.perf_counter()
+        try:
+            mod = lower(graph)
+            with tvm.transform.PassContext(opt_level=opt_level):
+                ex = tvm.compile(mod, target=tvm.target.Target(target))
+            ex.export_library(str(out / lib_name))
+        except Exception as e:
+            raise CompileError(f"TVM build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+        info["library"] = lib_name
+        info["build_seconds"] = round(time.perf_counter() - t0, 3)
+        files = list(info.get("files", []))
+        for f in (lib_name, BUILD_FILE):
+            if f not in files:
+                files.append(f)
+        info["files"] = files
+        (out / BUILD_FILE).write_text(json.dumps({"library": lib_name, "target": target,
+                                                  "opt_level": opt_level}, indent=1))
+
+    # ------------------------------------------------------------------ load
+    def load(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> Callable[[dict], dict]:
+        """A callable running the compiled library.
+
+        Args:
+            out_dir: the artifact directory.
+            info: the dict from :meth:`emit`/:meth:`build` (``tvm_build.json`` is used when it
+                has no ``library``).
+            graph: the IR graph (defaults to the saved ``model.json``); gives input/output
+                names, shapes and types.
+        Returns:
+            ``f(feeds) -> outputs``: ``feeds`` maps every graph input name to a batch-first
+            array ``(N, *shape)`` (codes for fixed-point inputs, reals for float ones);
+            ``outputs`` maps every graph output name to an ``(N, *shape)`` numpy array, int64
+            codes or float32.  ``f`` raises ``KeyError`` for a missing input and ``ValueError``
+            for a wrong shape.
+        Raises:
+            CompileError: when no library has been built or it cannot be loaded.
+        """
+        import tvm
+        from tvm import relax
+
+        out = Path(out_dir)
+        lib_name = (info or {}).get("library")
+        if not lib_name and (out / BUILD_FILE).exists():
+            lib_name = json.loads((out / BUILD_FILE).read_text())["library"]
+        if not lib_name or not (out / lib_name).exists():
+            raise CompileError(f"no TVM library in {out} (run build first)")
+        g = graph if graph is not None else Graph.load(str(out / GRAPH_STEM))
+        try:
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str((out / lib_name).resolve())), tvm.cpu())
+        except Exception as e:
+            raise CompileError(f"cannot load TVM library {lib_name}: {e}") from e
+        fn = vm["main"]
+        ins = [(name, g.values[name]) for name in g.inputs]
+        outs = list(g.outputs)
+
+        def run(feeds: dict) -> dict:
+            args = []
+            for name, v in ins:
+                if name not in feeds:
+                    raise KeyError(f"missing input {name!r}")
+                dt = np.int64 if isinstance(v.dtype, FixedType) else np.float32
+                a = np.ascontiguousarray(np.asarray(feeds[name]), dtype=dt)
+                if a.shape[1:] != tuple(v.shape):
+                    raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
+                args.append(tvm.runtime.tensor(a))
+            res = fn(*args)
+            return {o: np.asarray(res[i].numpy()) for i, o in enumerate(outs)}
+
+        return run
