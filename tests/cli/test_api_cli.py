@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qdeploy
+from qdeploy.compiler.errors import QDeployError
+from qdeploy.compiler.ir import FLOAT32, Const, GraphBuilder, parse_type
+
+
+def _graph(rng):
+    b = GraphBuilder("mlp")
+    x = b.input("x", (16,), FLOAT32)
+    w = Const(rng.integers(-32, 32, (16, 8)), parse_type("fixed<6,1>"))
+    h = b.add("fc1", "Dense", [x], params={"weight": w})
+    h = b.add("relu1", "Relu", [h])
+    h = b.add("q1", "Quantize", [h], attrs={"to": parse_type("ufixed<6,0,RND_CONV,SAT>")})
+    b.output(h)
+    return b.build()
+
+
+def test_compile_reference_writes_complete_artifact(tmp_path, rng):
+    g = _graph(rng)
+    x = np.round(rng.uniform(-1, 1, (32, 16)) * 256) / 256
+    res = qdeploy.compile(g, "reference", tmp_path / "out", golden=x)
+    out = tmp_path / "out"
+    for f in ("manifest.json", "report.json", "report.md", "golden.npz", "ir/model.json", "ir/model.txt"):
+        assert (out / f).is_file(), f
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["target"] == "reference" and man["exactness"]["bit_exact"]
+    assert man["inputs"][0]["name"] == "x"
+    assert res.report["exactness"]["samples"] == 32
+    # the golden inputs were on a 2^-8 grid: the input type was derived to hold them exactly
+    assert "fixed<" in res.report["notes"][0] and "exactly" in res.report["notes"][0]
+    rep = res.report["layers"]
+    fc = next(r for r in rep if r["name"] == "fc1")
+    assert fc["bops"] > 0 and fc["params"] == 128 and fc["param_bits"] == 128 * 6
+    y = qdeploy.CompiledModel.load(out).predict(x)
+    assert np.array_equal(y, qdeploy.compiler.reference.run(res.graph, x))
+    # existing directory: refused, untouched
+    with pytest.raises(QDeployError, match="exists"):
+        qdeploy.compile(g, "reference", out)
+
+
+def test_failed_compile_leaves_no_directory(tmp_path, rng, monkeypatch):
+    from qdeploy.backends.reference import ReferenceBackend
+
+    def boom(self, out_dir, info):
+        (tmp_path / "marker").write_text("built")
+        raise RuntimeError("simulated build failure")
+    monkeypatch.setattr(ReferenceBackend, "build", boom)
+    with pytest.raises(QDeployError, match="simulated build failure"):
+        qdeploy.compile(_graph(rng), "reference", tmp_path / "out")
+    assert (tmp_path / "marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
+
+
+def test_unknown_target_is_clear(tmp_path, rng):
+    with pytest.raises(QDeployError, match="unknown target 'fpga9000'"):
+        qdeploy.compile(_graph(rng), "fpga9000", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qdeploy.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_bad_file_exit_2_one_line(tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07garbage-not-a-model")
+    r = _cli("compile", str(bad), "--target", "reference", "-o", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
