@@ -14,7 +14,7 @@ import typer
 
 from .compiler.errors import QDeployError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="qdeploy: compile quantized neural networks to hls4ml firmware and TVM libraries, bit-exact.")
 
 
@@ -35,7 +35,7 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     from .api import compile as do_compile
     try:
         res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force)
-    except (QDeployError, ValueError, OSError) as e:
+    except Exception as e:  # one line, never a library traceback
         _fail(e)
     ex = res.report["exactness"]
     typer.echo(f"compiled {res.report['model']} -> {target} in {out} "
@@ -53,7 +53,7 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
     try:
         x = np.load(input)
         y = CompiledModel.load(artifact).predict(x)
-    except (QDeployError, ValueError, OSError) as e:
+    except Exception as e:  # one line, never a library traceback
         _fail(e)
     np.save(output, y[0] if isinstance(y, list) else y)
     typer.echo(f"wrote {output} {np.shape(y[0] if isinstance(y, list) else y)}")
@@ -74,7 +74,7 @@ def inspect_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, module:f
             if optimized:
                 from .passes import PassManager, default_pipeline
                 g = PassManager(default_pipeline()).run(g)
-    except (QDeployError, ValueError, OSError) as e:
+    except Exception as e:  # one line, never a library traceback
         _fail(e)
     typer.echo(str(g))
 
