@@ -101,7 +101,7 @@ class _Lowerer:
         if mode == "RND_INF":
             return op.logical_or(above, op.logical_and(is_half, op.logical_not(neg)))
         if mode == "RND_CONV":
-            return op.logical_or(above, op.logical_and(is_half, op.logical_not(odd)))
+            return op.logical_or(above, op.logical_and(is_half, odd))
         raise ValueError(mode)
 
     def overflow_int(self, q, t: FixedType):
