@@ -79,6 +79,51 @@ def inspect_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, module:f
     typer.echo(str(g))
 
 
+golden_app = typer.Typer(help="Golden-output record and check (for CI).", no_args_is_help=True)
+app.add_typer(golden_app, name="golden")
+
+
+@golden_app.command("record")
+def golden_record(model_or_out: str = typer.Argument(..., help="artifact directory, or a model file / module:function"),
+                  out: Path = typer.Option(..., "-o", "--out", help=".npz golden file to write"),
+                  input: Optional[Path] = typer.Option(None, "--input", "-i", help=".npy inputs (batch first)"),
+                  config: Optional[Path] = typer.Option(None, "--config", "-c"),
+                  samples: int = typer.Option(64, help="random inputs when no --input and no artifact inputs"),
+                  seed: int = typer.Option(0)):
+    """Store inputs and reference outputs (codes and reals), model hash and versions."""
+    from .golden import record
+    try:
+        x = np.load(input) if input else None
+        s = record(model_or_out, out, inputs=x, config=config, samples=samples, seed=seed)
+    except Exception as e:  # one line, never a library traceback
+        _fail(e)
+    typer.echo(f"recorded {s['samples']} samples, outputs {', '.join(s['outputs'])} -> {out}")
+
+
+@golden_app.command("check")
+def golden_check(artifact: Path = typer.Argument(..., help="artifact directory"),
+                 golden: Path = typer.Argument(..., help="golden .npz from `qdeploy golden record`"),
+                 tolerance: float = typer.Option(0.0, help="allowed absolute error (real units); 0 = bit-exact")):
+    """Run ARTIFACT on the golden inputs; exit 1 on any mismatch."""
+    from .golden import check
+    try:
+        r = check(artifact, golden, tolerance)
+    except Exception as e:  # one line, never a library traceback
+        _fail(e)
+    if not r.digest_matches:
+        typer.echo("note: the artifact's IR digest differs from the one the golden file was recorded from")
+    if r.ok:
+        typer.echo(f"golden check passed: {r.samples} samples, 0 mismatches, max abs error {r.max_abs_error:.3g}")
+        return
+    f = r.first
+    typer.echo(f"golden check FAILED: {r.mismatches} of {r.samples} samples mismatch; first: sample {f['sample']}, "
+               f"output {f['output']!r} index {f['index']}: expected {f['expected']!r}"
+               + (f" (code {f['expected_code']})" if f['expected_code'] is not None else "")
+               + f", got {f['actual']!r}" + (f" (code {f['actual_code']})" if f['actual_code'] is not None else ""),
+               err=True)
+    raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

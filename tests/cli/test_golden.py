@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import numpy as np
+
+import qdeploy
+from qdeploy.compiler.ir import Graph
+from qdeploy.golden import check, record
+
+from .test_api_cli import _graph
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "qdeploy.cli", *args], capture_output=True, text=True)
+
+
+def test_golden_record_check_and_tamper(tmp_path, rng):
+    g = _graph(rng)
+    x = np.round(rng.uniform(-1, 1, (40, 16)) * 256) / 256
+    out = tmp_path / "art"
+    qdeploy.compile(g, "reference", out, golden=x)
+    gold = tmp_path / "golden.npz"
+    s = record(out, gold)
+    assert s["samples"] == 40
+    r = check(out, gold)
+    assert r.ok and r.mismatches == 0 and r.digest_matches
+    ok = _cli("golden", "check", str(out), str(gold))
+    assert ok.returncode == 0 and "passed" in ok.stdout
+    # change one weight of the compiled artifact (the reference target's "library" is
+    # model.json/npz): the check must fail, readably
+    art = Graph.load(str(out / "model"))
+    doc, arrays = art.to_json()
+    key = next(k for k in arrays if k.endswith("_weight"))
+    w = arrays[key].copy()
+    w[0, 0] = -w[0, 0] - 1 if w[0, 0] >= 0 else -w[0, 0] - 1
+    arrays[key] = w
+    np.savez(out / "model.npz", **arrays)
+    r = check(out, gold)
+    assert not r.ok and r.first["output"] == "q1" and r.first["expected_code"] != r.first["actual_code"]
+    bad = _cli("golden", "check", str(out), str(gold))
+    assert bad.returncode == 1
+    assert "FAILED" in bad.stderr and "sample" in bad.stderr and "expected" in bad.stderr and "got" in bad.stderr
+
+
+def test_golden_tolerance_and_bad_file(tmp_path, rng):
+    g = _graph(rng)
+    out = tmp_path / "art"
+    qdeploy.compile(g, "reference", out)
+    nogood = tmp_path / "x.npz"
+    np.savez(nogood, a=np.zeros(3))
+    r = _cli("golden", "check", str(out), str(nogood))
+    assert r.returncode == 2 and "not a qdeploy golden file" in r.stderr
