@@ -69,6 +69,17 @@ def conv_nhwc(x, w, strides, pads, groups, pad_value=0):
     return np.concatenate(outs, axis=-1) if groups > 1 else outs[0]
 
 
+def _per_sample_broadcast(a, b):
+    """Align two batch-first arrays whose per-sample ranks differ (numpy broadcasting of
+    the per-sample shapes, the batch axis kept first)."""
+    ra, rb = a.ndim, b.ndim
+    if ra < rb:
+        a = a.reshape((a.shape[0],) + (1,) * (rb - ra) + a.shape[1:])
+    elif rb < ra:
+        b = b.reshape((b.shape[0],) + (1,) * (ra - rb) + b.shape[1:])
+    return a, b
+
+
 def _run_node(n: Node, args: list, in_types: list, out_t):
     """Compute one node; ``args`` are runtime arrays, ``in_types`` their IR dtypes."""
     op = n.op
@@ -108,7 +119,7 @@ def _run_node(n: Node, args: list, in_types: list, out_t):
     if op == "Relu":
         return np.maximum(args[0], 0)
     if op in ("Add", "Mul"):
-        a, b = args
+        a, b = _per_sample_broadcast(*args)
         ta, tb = in_types
         if fixed_out:
             if op == "Add":
