@@ -1,0 +1,352 @@
+"""The ``hls4ml`` target: an hls4ml (Vitis/Vivado HLS) project for the fixed-point core, run
+bit-exactly through its g++ C simulation.
+
+Pipeline (see :class:`Hls4mlBackend`):
+
+1. :func:`qdeploy.passes.partition` splits the graph; the float prologue (input ``Quantize`` /
+   ``Sign`` of float inputs) and epilogue (float output scale, ``Softmax``) run on the host with
+   the reference interpreter, only the fixed-point core becomes firmware.
+2. :mod:`.translate` maps each device node to hls4ml layer dicts with every precision taken from
+   our IR types; ``hls4ml.model.graph.ModelGraph.from_layer_list`` builds the model and
+   ``write()`` writes ``out_dir/hls4ml_prj`` (weights embedded in the headers,
+   ``WriteWeightsTxt=False``, so the directory is relocatable and is what a user hands to
+   ``vitis_hls -f build_prj.tcl``).
+3. ``build`` compiles the C simulation (``firmware/<project>.cpp`` + ``<project>_bridge.cpp``)
+   into ``firmware/<project>-<hash>.so``, cached in ``~/.cache/qdeploy/hls4ml/<hash>.so`` by a
+   content hash of the generated sources.
+4. ``load`` opens that library with ctypes and calls ``<project>_double`` once per sample
+   (flat channels-last float64 arrays; hls4ml ``myproject_bridge.cpp``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ...compiler.errors import CompileError, UnsupportedError
+from ...compiler.ir.graph import Graph
+from ...compiler.ir.types import FixedType
+from ...passes.partition import partition, run_partitioned
+from .translate import MAX_IO_WIDTH, Translation, translate
+
+__all__ = ["Hls4mlBackend", "DEFAULTS"]
+
+#: Defaults of the ``hls4ml`` config section.
+DEFAULTS = {"backend": "Vitis", "part": "xcvu9p-flga2104-2L-e", "clock_period": 5, "io_type": "io_parallel",
+            "strategy": "Latency", "reuse_factor": 1, "project_name": "myproject"}
+PRJ_DIR = "hls4ml_prj"
+#: hls4ml optimizer that replaces BatchNormalization -> binary_tanh by a threshold layer with
+#: 0/1 outputs that is wrong for negative scales (notes section 5b); disabled while we build.
+_BAD_OPTIMIZERS = ("vivado:merge_batch_norm_quantized_tanh",)
+#: Layers hls4ml may drop on its own without changing any value (identical-type linear cast,
+#: no-op reshape in io_parallel, final reshape, unit BatchNormalization).
+_DROPPABLE = ("Reshape", "Activation", "BatchNormalization")
+#: Layers hls4ml may insert on its own (exact: data movement only).
+_INSERTABLE = ("ZeroPadding1D", "ZeroPadding2D", "Clone", "Repack", "Broadcast")
+CXXFLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-gnu-unique", "-w"]
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QDEPLOY_CACHE", Path.home() / ".cache" / "qdeploy")) / "hls4ml"
+
+
+def _options(config: dict | None) -> dict:
+    user = dict((config or {}).get("hls4ml") or {})
+    unknown = set(user) - set(DEFAULTS)
+    if unknown:
+        raise CompileError(f"unknown hls4ml option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **user}
+    if opts["backend"] not in ("Vitis", "Vivado"):
+        raise CompileError(f"hls4ml backend must be 'Vitis' or 'Vivado', got {opts['backend']!r}")
+    if opts["io_type"] not in ("io_parallel", "io_stream"):
+        raise CompileError(f"hls4ml io_type must be 'io_parallel' or 'io_stream', got {opts['io_type']!r}")
+    if opts["strategy"] not in ("Latency", "Resource"):
+        raise CompileError(f"hls4ml strategy must be 'Latency' or 'Resource', got {opts['strategy']!r}")
+    opts["reuse_factor"] = int(opts["reuse_factor"])
+    opts["clock_period"] = float(opts["clock_period"])
+    if opts["reuse_factor"] < 1:
+        raise CompileError("hls4ml reuse_factor must be >= 1")
+    return opts
+
+
+@contextlib.contextmanager
+def _without_bad_optimizers():
+    from hls4ml.model.flow import get_flow
+
+    removed = []
+    with _lock:
+        try:
+            for fname in ("vivado:quantization", "vitis:quantization"):
+                try:
+                    flow = get_flow(fname)
+                except Exception:
+                    continue
+                for opt in _BAD_OPTIMIZERS:
+                    if opt in flow.optimizers:
+                        idx = flow.optimizers.index(opt)
+                        flow.optimizers.remove(opt)
+                        removed.append((flow, idx, opt))
+            yield
+        finally:
+            for flow, idx, opt in reversed(removed):
+                flow.optimizers.insert(idx, opt)
+
+
+def _build_model(tr: Translation, opts: dict, prj: Path):
+    import hls4ml
+    from hls4ml.model.graph import ModelGraph
+
+    cfg = hls4ml.utils.config.create_config(output_dir=str(prj), project_name=opts["project_name"],
+                                            backend=opts["backend"], part=opts["part"],
+                                            clock_period=opts["clock_period"], io_type=opts["io_type"],
+                                            write_weights_txt=False)
+    cfg["HLSConfig"] = {
+        # 'Model' must exist; its precision is never used because every layer var is set below.
+        "Model": {"Precision": "ap_fixed<16,6>", "ReuseFactor": opts["reuse_factor"], "Strategy": opts["strategy"]},
+        "LayerName": {name: {"Precision": dict(p)} for name, p in tr.precisions.items()},
+    }
+    with _without_bad_optimizers():
+        model = ModelGraph.from_layer_list(cfg, copy.deepcopy(tr.layers), inputs=list(tr.inputs),
+                                           outputs=list(tr.outputs))
+    return model
+
+
+def _check_model(model, tr: Translation) -> list[dict]:
+    """Verify hls4ml kept our layers and types; returns a per-layer summary.
+
+    Raises:
+        CompileError: when hls4ml replaced a layer, changed a precision, or dropped a layer
+            that is not a value-preserving no-op.
+    """
+    ours = {d["name"]: d for d in tr.layers}
+    seen, summary = set(), []
+    for lay in model.get_layers():
+        name = lay.name
+        types = {k: str(v.precision) for k, v in lay.types.items()}
+        summary.append({"name": name, "class": lay.class_name, "types": types,
+                        "reuse_factor": lay.get_attr("reuse_factor"), "strategy": lay.get_attr("strategy")})
+        if name not in ours:
+            if lay.class_name not in _INSERTABLE:
+                raise CompileError(f"hls4ml inserted an unexpected layer {name!r} ({lay.class_name})")
+            continue
+        seen.add(name)
+        want_cls = {"InputLayer": "Input"}.get(ours[name]["class_name"], ours[name]["class_name"])
+        if lay.class_name != want_cls and not (want_cls == "Dense" and lay.class_name.startswith("Dense")) \
+                and not lay.class_name.startswith(want_cls):
+            raise CompileError(f"hls4ml replaced layer {name!r} ({want_cls}) by {lay.class_name}")
+        for var, want in tr.precisions[name].items():
+            attr = f"{var}_t"
+            t = lay.get_attr(attr)
+            if t is None:
+                continue
+            got = str(t.precision)
+            if _norm(got) != _norm(want):
+                raise CompileError(f"hls4ml changed precision {var} of layer {name!r}: {want} -> {got}")
+    for name, d in ours.items():
+        if name not in seen and d["class_name"] not in _DROPPABLE + ("InputLayer",):
+            raise CompileError(f"hls4ml dropped layer {name!r} ({d['class_name']})")
+    return summary
+
+
+def _norm(t: str) -> str:
+    """Canonical text of an ap_* / hls4ml precision string (hls4ml prints ``fixed<8,3,RND_CONV,SAT,0>``)."""
+    from ...compiler.ir.types import parse_type
+
+    t = t.replace(" ", "")
+    parts = t[:-1].split(",")
+    if len(parts) == 5 and parts[-1] == "0":  # saturation bits N=0
+        t = ",".join(parts[:-1]) + ">"
+    try:
+        return str(parse_type(t))
+    except ValueError:
+        return t
+
+
+def _src_hash(prj: Path, project: str) -> str:
+    import hls4ml
+
+    h = hashlib.sha256(f"hls4ml {hls4ml.__version__} {' '.join(CXXFLAGS)}".encode())
+    files = [prj / f"{project}_bridge.cpp"] + sorted((prj / "firmware").rglob("*"))
+    for f in files:
+        if f.is_file() and f.suffix in (".cpp", ".h", ".hpp") and "ap_types" not in f.parts:
+            h.update(str(f.relative_to(prj)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+class Hls4mlBackend:
+    """hls4ml backend (see the module docstring).
+
+    Config (all optional), section ``hls4ml``: ``backend`` ("Vitis" | "Vivado"), ``part``,
+    ``clock_period`` (ns), ``io_type`` ("io_parallel" | "io_stream"), ``strategy``
+    ("Latency" | "Resource"), ``reuse_factor`` (int), ``project_name``; defaults in
+    :data:`DEFAULTS`.
+    """
+
+    def __init__(self, name: str = "hls4ml"):
+        self.name = name
+
+    # ------------------------------------------------------------------ emit
+    def emit(self, graph: Graph, config: dict, out_dir) -> dict:
+        """Write ``out_dir/hls4ml_prj`` and return the manifest facts.
+
+        Returns:
+            dict with ``project_dir``, options used, ``hls4ml_version``, ``host_nodes``
+            (prologue/epilogue node names run by the host interpreter), ``device_nodes``,
+            ``device_inputs``/``device_outputs`` (IR value names, their hls4ml layers and types),
+            ``layers`` (hls4ml layers with the precisions hls4ml kept), ``notes``.
+        Raises:
+            UnsupportedError: naming the node for anything without an exact mapping
+                (from :func:`~qdeploy.passes.partition` or :mod:`.translate`).
+            CompileError: bad options, or hls4ml altered the model behind our back.
+        """
+        import hls4ml
+
+        opts = _options(config)
+        part = partition(graph)
+        tr = translate(part.device, opts["io_type"])
+        prj = Path(out_dir) / PRJ_DIR
+        model = _build_model(tr, opts, prj)
+        summary = _check_model(model, tr)
+        model.write()
+        dev = part.device
+        return {
+            "hls4ml_version": hls4ml.__version__,
+            "project_dir": PRJ_DIR,
+            **opts,
+            "host_nodes": {"prologue": [n.name for n in part.prologue.nodes] if part.prologue else [],
+                           "epilogue": [n.name for n in part.epilogue.nodes] if part.epilogue else []},
+            "device_nodes": [n.name for n in dev.nodes],
+            "device_inputs": [{"value": v.name, "layer": tr.value_layer[v.name], "shape": list(v.shape),
+                               "type": str(v.dtype)} for v in dev.input_values()],
+            "device_outputs": [{"value": v.name, "layer": tr.value_layer[v.name], "shape": list(v.shape),
+                                "type": str(v.dtype)} for v in dev.output_values()],
+            "hls_outputs": list(tr.outputs),
+            "node_layers": tr.node_layers,
+            "layers": summary,
+            "notes": tr.notes,
+            "so": None,
+        }
+
+    # ------------------------------------------------------------------ build
+    def build(self, out_dir, info: dict) -> None:
+        """Compile the C simulation; sets ``info['so']`` (path relative to ``out_dir``) and
+        ``info['build_cached']``.
+
+        Raises:
+            CompileError: g++ failed (message holds the tail of its output).
+        """
+        prj = Path(out_dir) / info["project_dir"]
+        project = info["project_name"]
+        digest = _src_hash(prj, project)
+        so = prj / "firmware" / f"{project}-{digest[:12]}.so"
+        cached = _cache_dir() / f"{digest}.so"
+        hit = cached.is_file()
+        if hit:
+            shutil.copyfile(cached, so)
+        else:
+            self._compile(prj, project, so)
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                shutil.copyfile(so, tmp)
+                os.replace(tmp, cached)
+            except OSError:
+                pass
+        info["so"] = str(so.relative_to(Path(out_dir)))
+        info["build_cached"] = hit
+        info["source_hash"] = digest
+
+    @staticmethod
+    def _compile(prj: Path, project: str, so: Path) -> None:
+        cxx = os.environ.get("CXX", "g++")
+        inc = ["-Ifirmware/ap_types/", "-Ifirmware/"]
+        jobs = [[cxx, *CXXFLAGS, *inc, "-c", f"firmware/{project}.cpp", "-o", f"{project}.o"],
+                [cxx, *CXXFLAGS, *inc, "-c", f"{project}_bridge.cpp", "-o", f"{project}_bridge.o"]]
+
+        def run(cmd):
+            return subprocess.run(cmd, cwd=prj, capture_output=True, text=True)
+
+        with ThreadPoolExecutor(2) as ex:
+            res = list(ex.map(run, jobs))
+        res.append(run([cxx, *CXXFLAGS, "-shared", f"{project}.o", f"{project}_bridge.o", "-o",
+                        str(so.relative_to(prj))]) if all(r.returncode == 0 for r in res) else res[-1])
+        for f in (f"{project}.o", f"{project}_bridge.o"):
+            (prj / f).unlink(missing_ok=True)
+        bad = [r for r in res if r.returncode != 0]
+        if bad:
+            raise CompileError(f"g++ failed building the hls4ml C simulation in {prj}: {bad[0].stderr[-3000:]}")
+
+    # ------------------------------------------------------------------ load
+    def load(self, out_dir, info: dict, graph: Graph):
+        """A callable ``feeds -> outputs`` on runtime arrays of ``graph`` (int64 codes for fixed
+        types, float32 for float ones), batch first.
+
+        Raises:
+            CompileError: the library is missing (``build`` not run) or does not match ``graph``.
+            UnsupportedError: a device input/output wider than 53 bits (not exact in float64).
+        """
+        if not info.get("so"):
+            raise CompileError("hls4ml artifact has no compiled library: run build() first")
+        part = partition(graph)
+        dev = part.device
+        if [d["value"] for d in info["device_inputs"]] != list(dev.inputs) or \
+                [d["value"] for d in info["device_outputs"]] != list(dev.outputs):
+            raise CompileError("hls4ml artifact does not match this graph's device partition")
+        sim = _CSim(Path(out_dir) / info["so"], info["project_name"], dev, info)
+        return lambda feeds: run_partitioned(part, graph, feeds, sim)
+
+
+class _CSim:
+    """ctypes wrapper of ``<project>_double(in..., out...)`` for the device graph."""
+
+    def __init__(self, so: Path, project: str, dev: Graph, info: dict):
+        import numpy.ctypeslib as npc
+
+        if not so.is_file():
+            raise CompileError(f"compiled C simulation {so} not found (was the directory moved without it?)")
+        self.lib = ctypes.CDLL(str(so.resolve()))
+        self.fn = getattr(self.lib, f"{project}_double")
+        self.fn.restype = None
+        hls_out = info["hls_outputs"]
+        self.fn.argtypes = [npc.ndpointer(ctypes.c_double, flags="C_CONTIGUOUS")] * (len(dev.inputs) + len(hls_out))
+        self.ins = dev.input_values()
+        for v in self.ins + dev.output_values():
+            if not isinstance(v.dtype, FixedType) or v.dtype.width > MAX_IO_WIDTH:
+                raise UnsupportedError(f"device value of type {v.dtype} is not exact through float64", v.name)
+        layer_of = {d["value"]: d["layer"] for d in info["device_outputs"]}
+        self.outs = [(v, hls_out.index(layer_of[v.name])) for v in dev.output_values()]
+        self.out_sizes = []
+        size_of = {}
+        for v, k in self.outs:
+            size_of[k] = v.size
+        self.out_sizes = [size_of[k] for k in range(len(hls_out))]
+
+    def __call__(self, feeds: dict) -> dict:
+        xs = [v.dtype.to_real(np.asarray(feeds[v.name], dtype=np.int64)).reshape(-1, v.size) for v in self.ins]
+        n = xs[0].shape[0]
+        raw = [np.zeros((n, s)) for s in self.out_sizes]
+        for i in range(n):
+            args = [np.ascontiguousarray(x[i]) for x in xs]
+            outs = [np.zeros(s) for s in self.out_sizes]
+            self.fn(*args, *outs)
+            for k, o in enumerate(outs):
+                raw[k][i] = o
+        res = {}
+        for v, k in self.outs:
+            q = np.ldexp(raw[k], v.dtype.frac_bits)
+            codes = q.astype(np.int64)
+            if not np.array_equal(codes, q):
+                raise CompileError(f"C simulation returned a value off the grid of {v.dtype}", v.name)
+            res[v.name] = codes.reshape((n, *v.shape))
+        return res

@@ -1,0 +1,140 @@
+"""hls4ml backend: the g++ C simulation must equal the reference interpreter bit for bit.
+
+Each compile costs a few seconds, so several ops are batched into each model (multi-output
+graphs); builds are cached by source hash in ``~/.cache/qdeploy/hls4ml``.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("hls4ml")
+if shutil.which("g++") is None:
+    pytest.skip("g++ is needed for the hls4ml C simulation", allow_module_level=True)
+
+from qdeploy.backends.hls4ml import Hls4mlBackend  # noqa: E402
+from qdeploy.compiler import reference as ref  # noqa: E402
+from qdeploy.compiler.errors import UnsupportedError  # noqa: E402
+from qdeploy.compiler.ir import Const, GraphBuilder, parse_type  # noqa: E402
+from qdeploy.compiler.ir.graph import Graph  # noqa: E402
+from qdeploy.compiler.ir.types import FixedType, FloatType  # noqa: E402
+from qdeploy.passes import affine_to_fixed  # noqa: E402
+
+T = parse_type
+
+
+def _c(rng, lo, hi, shape, t):
+    return Const(rng.integers(lo, hi, shape), T(t))
+
+
+def compile_and_check(g: Graph, X, out_dir, config=None):
+    """emit + build + load, then compare every graph output with the reference (codes)."""
+    be = Hls4mlBackend()
+    info = be.emit(g, config or {}, out_dir)
+    be.build(out_dir, info)
+    json.dumps(info)  # manifest-able
+    f = be.load(out_dir, info, g)
+    feeds = ref.prepare_feeds(g, X)
+    got = f(feeds)
+    want = ref.execute(g, feeds, codes=True)
+    for k in g.outputs:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        bad = int(np.sum(got[k] != want[k]))
+        assert bad == 0, f"output {k}: {bad} of {got[k].size} values differ"
+    return info, want
+
+
+# ---------------------------------------------------------------------------------------- models
+def mlp(rng, in_t="fixed<8,3,RND_CONV,SAT>"):
+    """Float input -> Quantize (host) -> fc1 (weights with negative int bits) -> Relu -> Quantize
+    (unsigned) -> three heads: narrow SAT_SYM/RND, a wide-accumulator dense (24-bit weights and 20-bit
+    activations, TRN_ZERO/SAT_ZERO), RND_INF/WRAP + a float output scale (host epilogue)."""
+    b = GraphBuilder("mlp")
+    x = b.input("x", (12,), FloatType())
+    h = b.add("qin", "Quantize", [x], attrs={"to": T(in_t)})
+    h = b.add("fc1", "Dense", [h], params={"weight": _c(rng, -8, 8, (12, 10), "fixed<4,-1>"),
+                                           "bias": _c(rng, -60, 60, 10, "fixed<8,2>")})
+    h = b.add("r1", "Relu", [h])
+    h = b.add("q1", "Quantize", [h], attrs={"to": T("ufixed<6,1,RND_CONV,SAT>")})
+    o1 = b.add("fc2", "Dense", [h], params={"weight": _c(rng, -8, 8, (10, 5), "fixed<4,1>")})
+    o1 = b.add("q2", "Quantize", [o1], attrs={"to": T("fixed<4,1,RND,SAT_SYM>")})
+    w = b.add("q16", "Quantize", [h], attrs={"to": T("ufixed<20,1>")})
+    w = b.add("fcw", "Dense", [w], params={"weight": _c(rng, -2 ** 23, 2 ** 23, (10, 6), "fixed<24,-3>"),
+                                           "bias": _c(rng, -2 ** 20, 2 ** 20, 6, "fixed<24,-2>")})
+    o2 = b.add("q3", "Quantize", [w], attrs={"to": T("fixed<10,-3,TRN_ZERO,SAT_ZERO>")})
+    o3 = b.add("fc3", "Dense", [h], params={"weight": _c(rng, -30, 30, (10, 4), "fixed<6,0>"),
+                                            "bias": _c(rng, -30, 30, 4, "fixed<6,1>")})
+    o3 = b.add("q4", "Quantize", [o3], attrs={"to": T("fixed<5,1,RND_INF,WRAP>")})
+    o4 = b.add("scale", "Affine", [o3], params={"scale": Const(np.float32([0.37]), FloatType())})
+    b.output(o1, o2, o3, o4)
+    return b.build()
+
+
+@pytest.fixture(scope="module")
+def mlp_artifact(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    g = mlp(rng)
+    d = tmp_path_factory.mktemp("mlp")
+    X = rng.normal(0, 4, (400, 12)).astype(np.float32)
+    info, want = compile_and_check(g, X, d)
+    return g, d, info, X, want
+
+
+def test_mlp_exact(mlp_artifact):
+    g, d, info, X, want = mlp_artifact
+    assert info["host_nodes"] == {"prologue": ["qin"], "epilogue": ["scale"]}
+    assert (d / "hls4ml_prj" / "build_prj.tcl").is_file()
+    assert (d / info["so"]).is_file() and not info["so"].startswith("/")
+    assert any("fused Relu 'r1'" in s for s in info["notes"])
+    # saturations and wide accumulator actually exercised
+    fcw = ref.execute(g, X, keep=True)["fcw"]
+    assert g.value("fcw").dtype.width > 40 and np.abs(fcw).max() > 2 ** 32
+    assert (want["q2"] == 7).any() and (want["q2"] == -7).any()
+    # no layer fell back to the hls4ml default type
+    for lay in info["layers"]:
+        assert "fixed<16,6" not in json.dumps(lay["types"]), lay
+
+
+@pytest.mark.parametrize("in_t", ["ufixed<7,2,RND_MIN_INF,SAT>", "fixed<9,4,RND_ZERO,WRAP>"])
+@pytest.mark.slow
+def test_mlp_input_types(tmp_path, in_t):
+    rng = np.random.default_rng(3)
+    compile_and_check(mlp(rng, in_t), rng.normal(0, 6, (200, 12)).astype(np.float32), tmp_path)
+
+
+def test_reload_fresh_process_and_moved(mlp_artifact, tmp_path):
+    g, d, info, X, want = mlp_artifact
+    moved = tmp_path / "moved"
+    shutil.copytree(d, moved)
+    g.save(str(tmp_path / "g"))
+    np.save(tmp_path / "x.npy", X)
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    code = f"""
+import json, numpy as np
+from qdeploy.backends.hls4ml import Hls4mlBackend
+from qdeploy.compiler import reference as ref
+from qdeploy.compiler.ir.graph import Graph
+g = Graph.load({str(tmp_path / 'g')!r})
+info = json.load(open({str(tmp_path / 'info.json')!r}))
+f = Hls4mlBackend().load({str(moved)!r}, info, g)
+out = f(ref.prepare_feeds(g, np.load({str(tmp_path / 'x.npy')!r})))
+np.savez({str(tmp_path / 'out.npz')!r}, **out)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(tmp_path / "out.npz") as z:
+        for k in g.outputs:
+            assert np.array_equal(z[k], want[k]), k
+
+
+def test_build_cache_hit(mlp_artifact, tmp_path):
+    g, d, info, X, want = mlp_artifact
+    be = Hls4mlBackend()
+    info2 = be.emit(g, {}, tmp_path)
+    be.build(tmp_path, info2)
+    assert info2["build_cached"] and info2["source_hash"] == info["source_hash"]
+    out = be.load(tmp_path, info2, g)(ref.prepare_feeds(g, X))
+    assert all(np.array_equal(out[k], want[k]) for k in g.outputs)
