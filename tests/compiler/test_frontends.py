@@ -402,3 +402,27 @@ def test_export_roundtrip_runs_in_qonnx(tmp_path, case, xfile, dfile):
     # and the exported model re-imports to the same IR behaviour
     g2 = import_onnx(model)
     np.testing.assert_allclose(run_ir(g2, x), run_ir(g, x), atol=1e-5, rtol=1e-5)
+
+
+def test_per_channel_constants_and_activation_sub_on_feature_maps(rng):
+    m = mk([helper.make_node("Mul", ["x", "m"], ["a"], name="mul"),
+            helper.make_node("Add", ["a", "c"], ["b"], name="add"),
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Sub", ["b", "r"], ["y"], name="sub")], [2, 3, 4, 5],
+           {"m": f32(rng.normal(size=(3, 1, 1))), "c": f32(rng.normal(size=(1, 3, 1, 1)))})
+    g = check(m, f32(rng.normal(size=(2, 3, 4, 5))))
+    assert g.node("mul").params["scale"].shape == (3,) and g.node("add").params["bias"].shape == (3,)
+    assert ops(g).count("Add") == 1
+    # a constant varying along H is not per-channel: refused, naming the node
+    bad = mk([helper.make_node("Add", ["x", "c"], ["y"], name="add_hw")], [1, 3, 4, 5], {"c": f32(np.arange(4.0).reshape(4, 1))})
+    assert "add_hw" in _err(bad) and "per-channel" in _err(bad)
+
+
+def test_conv1d_and_channel_softmax(rng):
+    w = f32(rng.normal(size=(4, 3, 3)))
+    m = mk([helper.make_node("Conv", ["x", "w"], ["c"], name="conv1d", pads=[1, 1]),
+            helper.make_node("MaxPool", ["c"], ["p"], name="mp", kernel_shape=[2], strides=[2]),
+            helper.make_node("Softmax", ["p"], ["y"], name="sm", axis=1)], [2, 3, 10], {"w": w})
+    g = check(m, f32(rng.normal(size=(2, 3, 10))), atol=1e-6)
+    assert g.value(g.inputs[0]).shape == (10, 3) and g.meta["input_perms"]["x"] == [0, 2, 1]
+    assert ops(g) == ["Conv", "MaxPool", "Softmax"]
