@@ -141,8 +141,7 @@ def _check_model(model, tr: Translation) -> list[dict]:
             continue
         seen.add(name)
         want_cls = {"InputLayer": "Input"}.get(ours[name]["class_name"], ours[name]["class_name"])
-        if lay.class_name != want_cls and not (want_cls == "Dense" and lay.class_name.startswith("Dense")) \
-                and not lay.class_name.startswith(want_cls):
+        if _cls(lay.class_name) != _cls(want_cls):
             raise CompileError(f"hls4ml replaced layer {name!r} ({want_cls}) by {lay.class_name}")
         for var, want in tr.precisions[name].items():
             attr = f"{var}_t"
@@ -156,6 +155,13 @@ def _check_model(model, tr: Translation) -> list[dict]:
         if name not in seen and d["class_name"] not in _DROPPABLE + ("InputLayer",):
             raise CompileError(f"hls4ml dropped layer {name!r} ({d['class_name']})")
     return summary
+
+
+def _cls(c: str) -> str:
+    """Layer class modulo hls4ml's renames (MaxPooling2D -> Pooling2D, Conv2D -> PointwiseConv2D...)."""
+    for tok in ("Max", "Average", "Pointwise", "DepthwiseConv", "Merge"):
+        c = c.replace(tok, "")
+    return c
 
 
 def _norm(t: str) -> str:

@@ -308,6 +308,10 @@ class _Translator:
 
     def _pool_dict(self, n: Node, kind: str, in_shape, kernel, strides, pads, out_shape):
         nd = len(kernel)
+        if self.io_type == "io_stream" and tuple(strides) != tuple(kernel):
+            # nnet_pooling_stream.h asserts pool size == stride (aborts the C simulation otherwise)
+            raise UnsupportedError(f"pooling with strides {tuple(strides)} != kernel {tuple(kernel)} in io_stream "
+                                   "(hls4ml's streaming pooling needs non-overlapping windows)", n.name)
         if nd == 1:
             return {"class_name": f"{kind}Pooling1D", "data_format": "channels_last", "n_in": in_shape[0],
                     "n_out": out_shape[0], "n_filt": in_shape[-1], "pool_width": kernel[0],

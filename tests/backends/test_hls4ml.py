@@ -138,3 +138,60 @@ def test_build_cache_hit(mlp_artifact, tmp_path):
     assert info2["build_cached"] and info2["source_hash"] == info["source_hash"]
     out = be.load(tmp_path, info2, g)(ref.prepare_feeds(g, X))
     assert all(np.array_equal(out[k], want[k]) for k in g.outputs)
+
+
+def conv2d_net(rng, stream=False):
+    """Conv2D 3x3/s2/pad1 + bias -> Relu+Quantize; grouped conv (split); max pool (plain and padded);
+    avg pool 2x2 (unsigned) and 3x3 (signed, non-power-of-two); global avg pool (power of two and
+    not); Concat; residual Add.  ``stream``: only what hls4ml's io_stream pooling supports
+    (windows = strides, no padding)."""
+    b = GraphBuilder("cnn")
+    x = b.input("x", (8, 8, 4), T("fixed<6,2,RND_CONV,SAT>"))
+    c1 = b.add("c1", "Conv", [x], attrs={"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)},
+               params={"weight": _c(rng, -16, 16, (3, 3, 4, 6), "fixed<5,1>"),
+                       "bias": _c(rng, -40, 40, 6, "fixed<8,3>")})
+    h = b.add("r1", "Relu", [c1])
+    q1 = b.add("q1", "Quantize", [h], attrs={"to": T("ufixed<6,2,RND_CONV,SAT>")})          # (4,4,6)
+    c2 = b.add("c2", "Conv", [x], attrs={"kernel": (3, 3), "strides": (1, 1), "pads": (1, 1, 1, 1), "groups": 2},
+               params={"weight": _c(rng, -8, 8, (3, 3, 2, 4), "fixed<4,0>")})
+    q2 = b.add("q2", "Quantize", [c2], attrs={"to": T("fixed<7,3,RND_CONV,SAT>")})          # (8,8,4)
+    mp = b.add("mp", "MaxPool", [q2], attrs={"kernel": (2, 2), "strides": (2, 2)})          # (4,4,4)
+    if not stream:
+        mpp = b.add("mpp", "MaxPool", [q2], attrs={"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)})
+    s3 = (3, 3) if stream else (1, 1)
+    ap3 = b.add("ap3", "AvgPool", [q2], attrs={"kernel": (3, 3), "strides": s3})  # (6,6,4)|(2,2,4) signed n=9
+    ap2 = b.add("ap2", "AvgPool", [q1], attrs={"kernel": (2, 2), "strides": (2, 2)})        # (2,2,6)
+    c3 = b.add("c3", "Conv", [q1], attrs={"kernel": (1, 1)},
+               params={"weight": _c(rng, -8, 8, (1, 1, 6, 4), "fixed<4,1>")})
+    q3 = b.add("q3", "Quantize", [c3], attrs={"to": T("fixed<7,3,RND_CONV,SAT>")})
+    add = b.add("add", "Add", [mp, q3])                                                   # (4,4,4)
+    cat = b.add("cat", "Concat", [q1, mp] + ([] if stream else [mpp]), attrs={"axis": -1})  # (4,4,14)
+    gap = b.add("gap", "GlobalAvgPool", [cat])                                            # n=16
+    gap3 = b.add("gap3", "GlobalAvgPool", [ap3])                                  # n=36 (4 in stream), signed
+    b.output(add, ap2, gap, gap3, ap3)
+    return b.build()
+
+
+@pytest.fixture(scope="module")
+def cnn_graph():
+    rng = np.random.default_rng(11)
+    return conv2d_net(rng), rng.normal(0, 1.5, (60, 8, 8, 4)).astype(np.float32)
+
+
+def test_conv2d_pool_concat_add(cnn_graph, tmp_path):
+    g, X = cnn_graph
+    info, want = compile_and_check(g, X, tmp_path)
+    assert any("block-diagonal" in s for s in info["notes"])
+    assert any("'ap3'" in s and "shifted" in s for s in info["notes"])
+    assert (want["ap3"] < 0).any() and (want["gap3"] < 0).any()
+
+
+def test_conv2d_io_stream(cnn_graph, tmp_path):
+    g, X = cnn_graph
+    # overlapping / padded pooling aborts hls4ml's streaming C simulation: refused up front
+    with pytest.raises(UnsupportedError, match="node 'mpp'"):
+        Hls4mlBackend().emit(g, {"hls4ml": {"io_type": "io_stream"}}, tmp_path / "refused")
+    g2 = conv2d_net(np.random.default_rng(11), stream=True)
+    info, _ = compile_and_check(g2, X[:30], tmp_path / "ok", {"hls4ml": {"io_type": "io_stream",
+                                                                      "strategy": "Resource", "reuse_factor": 2}})
+    assert info["io_type"] == "io_stream" and info["strategy"] == "Resource"
