@@ -44,9 +44,16 @@ __all__ = ["Hls4mlBackend", "DEFAULTS"]
 DEFAULTS = {"backend": "Vitis", "part": "xcvu9p-flga2104-2L-e", "clock_period": 5, "io_type": "io_parallel",
             "strategy": "Latency", "reuse_factor": 1, "project_name": "myproject"}
 PRJ_DIR = "hls4ml_prj"
-#: hls4ml optimizer that replaces BatchNormalization -> binary_tanh by a threshold layer with
-#: 0/1 outputs that is wrong for negative scales (notes section 5b); disabled while we build.
-_BAD_OPTIMIZERS = ("vivado:merge_batch_norm_quantized_tanh",)
+#: hls4ml optimizers that change values of models built with explicit types; disabled (and
+#: restored) while we build:
+#: * ``vivado:merge_batch_norm_quantized_tanh`` replaces BatchNormalization -> binary_tanh by a
+#:   threshold layer with 0/1 outputs, wrong for negative scales (probe notes section 5b);
+#: * ``remove_transpose_before_flatten`` drops a Transpose -> Flatten -> Dense transpose assuming it
+#:   is a channels-first conversion (wrong for other perms, and breaks a Transpose output);
+#: * ``remove_single_channel_transpose`` drops an input Transpose whenever the first axis is 1,
+#:   whatever the permutation.
+_BAD_OPTIMIZERS = {"vivado:quantization": ("vivado:merge_batch_norm_quantized_tanh",),
+                   "convert": ("remove_transpose_before_flatten", "remove_single_channel_transpose")}
 #: Layers hls4ml may drop on its own without changing any value (identical-type linear cast,
 #: no-op reshape in io_parallel, final reshape, unit BatchNormalization).
 _DROPPABLE = ("Reshape", "Activation", "BatchNormalization")
@@ -86,12 +93,9 @@ def _without_bad_optimizers():
     removed = []
     with _lock:
         try:
-            for fname in ("vivado:quantization", "vitis:quantization"):
-                try:
-                    flow = get_flow(fname)
-                except Exception:
-                    continue
-                for opt in _BAD_OPTIMIZERS:
+            for fname, opts in _BAD_OPTIMIZERS.items():
+                flow = get_flow(fname)
+                for opt in opts:
                     if opt in flow.optimizers:
                         idx = flow.optimizers.index(opt)
                         flow.optimizers.remove(opt)
@@ -223,8 +227,9 @@ class Hls4mlBackend:
         tr = translate(part.device, opts["io_type"])
         prj = Path(out_dir) / PRJ_DIR
         model = _build_model(tr, opts, prj)
-        summary = _check_model(model, tr)
+        _check_model(model, tr)
         model.write()
+        summary = _check_model(model, tr)  # writing applies the remaining flows: check again
         dev = part.device
         return {
             "hls4ml_version": hls4ml.__version__,

@@ -195,3 +195,105 @@ def test_conv2d_io_stream(cnn_graph, tmp_path):
     info, _ = compile_and_check(g2, X[:30], tmp_path / "ok", {"hls4ml": {"io_type": "io_stream",
                                                                       "strategy": "Resource", "reuse_factor": 2}})
     assert info["io_type"] == "io_stream" and info["strategy"] == "Resource"
+
+
+def conv1d_net(rng):
+    """Conv1D k3/s2/pad + bias; Dense on a (L, C) tensor (pointwise); MaxPool1D; GlobalAvgPool1D
+    (signed, n=5); Transpose; Reshape; Mul of two tensors; a 2-input graph."""
+    b = GraphBuilder("c1d")
+    x = b.input("x", (10, 3), T("fixed<6,2>"))
+    y = b.input("y", (4,), T("ufixed<5,1,RND_CONV,SAT>"))
+    c = b.add("c1", "Conv", [x], attrs={"kernel": (3,), "strides": (2,), "pads": (1, 1)},
+              params={"weight": _c(rng, -8, 8, (3, 3, 4), "fixed<4,0>"), "bias": _c(rng, -8, 8, 4, "fixed<4,0>")})
+    q = b.add("q1", "Quantize", [c], attrs={"to": T("fixed<6,2,RND_CONV,SAT>")})          # (5,4)
+    pw = b.add("pw", "Dense", [q], params={"weight": _c(rng, -8, 8, (4, 4), "fixed<4,1>")})  # (5,4)
+    pwq = b.add("pwq", "Quantize", [pw], attrs={"to": T("fixed<6,2,RND_CONV,SAT>")})
+    mp = b.add("mp", "MaxPool", [pwq], attrs={"kernel": (2,), "strides": (1,)})          # (4,4)
+    gp = b.add("gp", "GlobalAvgPool", [pwq])                                             # (4,) n=5 signed
+    tr = b.add("tr", "Transpose", [mp], attrs={"perm": (1, 0)})                          # (4,4)
+    fl = b.add("fl", "Reshape", [tr], attrs={"shape": (16,)})
+    fc = b.add("fc", "Dense", [fl], params={"weight": _c(rng, -8, 8, (16, 4), "fixed<4,1>")})
+    fq = b.add("fq", "Quantize", [fc], attrs={"to": T("fixed<6,3,RND_CONV,SAT>")})
+    mul = b.add("mul", "Mul", [fq, y])
+    b.output(mul, gp, tr)
+    return b.build()
+
+
+def test_conv1d_transpose_mul(tmp_path):
+    rng = np.random.default_rng(5)
+    g = conv1d_net(rng)
+    X = [rng.normal(0, 2, (200, 10, 3)).astype(np.float32), rng.uniform(0, 2, (200, 4)).astype(np.float32)]
+    info, want = compile_and_check(g, X, tmp_path)
+    assert any("pointwise Conv1D" in s for s in info["notes"])
+    assert [d["value"] for d in info["device_inputs"]] == ["x", "y"]
+
+
+def bnn(rng, k=32, n=16):
+    """TFC-like after passes.affine_to_fixed: Sign (host) -> Dense +-1 -> fixed Affine -> Sign ->
+    Dense +-1 -> fixed Affine -> Sign -> Dense -> float scale (host)."""
+    b = GraphBuilder("bnn")
+    x = b.input("x", (k,), FloatType())
+    h = b.add("in_sign", "Sign", [x])
+    for i, (a, c) in enumerate([(k, n), (n, n)]):
+        h = b.add(f"fc{i}", "Dense", [h], params={"weight": Const(rng.choice([-1, 1], (a, c)), FixedType(2, 2, True))})
+        s = rng.uniform(0.05, 0.3, c).astype(np.float32) * rng.choice([-1, 1], c)
+        h = b.add(f"bn{i}", "Affine", [h], params={"scale": Const(s, FloatType()),
+                                                   "bias": Const(rng.normal(0, 1, c).astype(np.float32), FloatType())})
+        h = b.add(f"act{i}", "Sign", [h])
+    h = b.add("fc_out", "Dense", [h], params={"weight": Const(rng.choice([-1, 1], (n, 10)), FixedType(2, 2, True))})
+    h = b.add("tn", "Affine", [h], params={"scale": Const(np.float32([0.04]), FloatType()),
+                                          "bias": Const(np.float32([-1.1]), FloatType())})
+    b.output(h)
+    g, _ = affine_to_fixed(b.build())
+    return g
+
+
+def test_bnn_sign_affine(tmp_path):
+    rng = np.random.default_rng(2)
+    g = bnn(rng)
+    assert isinstance(g.node("bn0").params["scale"].dtype, FixedType)
+    X = rng.normal(0, 1, (300, 32)).astype(np.float32)
+    X[:10, :5] = 0.0  # Sign(0) = +1 on both sides
+    info, _ = compile_and_check(g, X, tmp_path)
+    assert info["host_nodes"] == {"prologue": ["in_sign"], "epilogue": ["tn"]}
+    classes = {lay["name"]: lay["class"] for lay in info["layers"]}
+    assert classes["bn0"] == "BatchNormalization" and classes["act0"] == "Activation"
+    # intermediate Sign values were exercised with both signs
+    inter = ref.execute(g, X, keep=True)
+    assert set(np.unique(inter["act0"])) == {-1, 1}
+
+
+def test_vivado_backend(tmp_path):
+    rng = np.random.default_rng(9)
+    g = mlp(rng, "fixed<7,2,RND_CONV,SAT>")
+    X = rng.normal(0, 3, (150, 12)).astype(np.float32)
+    cfg = {"hls4ml": {"backend": "Vivado", "part": "xc7z020clg400-1", "clock_period": 10, "strategy": "Resource",
+                      "reuse_factor": 2, "project_name": "tfc_core"}}
+    info, _ = compile_and_check(g, X, tmp_path, cfg)
+    prj = tmp_path / "hls4ml_prj"
+    assert not (prj / "build_opt.tcl").exists()  # Vivado-backend layout
+    assert "xc7z020clg400-1" in (prj / "project.tcl").read_text()
+    assert (prj / "firmware" / "tfc_core.cpp").is_file() and info["so"].endswith(".so")
+
+
+def test_unsupported_ops_name_node(tmp_path):
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("bad")
+    x = b.input("x", (4, 4, 2), T("ufixed<4,1>"))
+    h = b.add("pool", "MaxPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (1, 0, 0, 1)})
+    b.output(h)
+    with pytest.raises(UnsupportedError, match="node 'pool'.*unsigned"):
+        Hls4mlBackend().emit(b.build(), {}, tmp_path)
+    b = GraphBuilder("bad2")
+    x = b.input("x", (4,), T("fixed<8,1>"))
+    y = b.input("y", (1,), T("fixed<8,1>"))
+    h = b.add("bmul", "Mul", [x, y])
+    b.output(h)
+    with pytest.raises(UnsupportedError, match="node 'bmul'.*broadcasting"):
+        Hls4mlBackend().emit(b.build(), {}, tmp_path)
+    b = GraphBuilder("wide")
+    x = b.input("x", (4,), T("fixed<30,1>"))
+    h = b.add("fc", "Dense", [x], params={"weight": _c(rng, -2 ** 29, 2 ** 29, (4, 2), "fixed<30,1>")})
+    b.output(h)
+    with pytest.raises(UnsupportedError, match="node 'fc'.*53-bit"):
+        Hls4mlBackend().emit(b.build(), {}, tmp_path)
