@@ -297,3 +297,20 @@ def test_unsupported_ops_name_node(tmp_path):
     b.output(h)
     with pytest.raises(UnsupportedError, match="node 'fc'.*53-bit"):
         Hls4mlBackend().emit(b.build(), {}, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["Vitis", "Vivado"])
+def test_bnn_io_stream(tmp_path, backend):
+    rng = np.random.default_rng(4)
+    g = bnn(rng)
+    compile_and_check(g, rng.normal(0, 1, (100, 32)).astype(np.float32), tmp_path,
+                      {"hls4ml": {"backend": backend, "io_type": "io_stream"}})
+
+
+@pytest.mark.slow
+def test_cnn_stream_vivado_latency(tmp_path):
+    rng = np.random.default_rng(12)
+    g = conv2d_net(rng, stream=True)
+    compile_and_check(g, rng.normal(0, 1.5, (20, 8, 8, 4)).astype(np.float32), tmp_path,
+                      {"hls4ml": {"backend": "Vivado", "io_type": "io_stream"}})
