@@ -110,3 +110,26 @@ def run_partitioned(part: Partition, graph: Graph, feeds: dict, device_fn) -> di
         env.update(execute(part.epilogue, {i: env[i] for i in part.epilogue.inputs}, codes=True))
     return {o: env[o] for o in graph.outputs}
 
+
+
+def split_epilogue(graph: Graph) -> tuple[Graph, Graph | None]:
+    """Split a quantized graph into (core, float epilogue).
+
+    The core is everything but the trailing float ops (prologue + fixed-point core); its
+    outputs are the graph outputs it computes plus the epilogue's inputs.  Float graphs, and
+    graphs whose float ops do not all sit at the ends, come back whole with epilogue None.
+    """
+    if not graph.is_quantized():
+        return graph, None
+    try:
+        part = partition(graph)
+    except UnsupportedError:
+        return graph, None
+    if part.epilogue is None:
+        return graph, None
+    epi_names = {n.name for n in part.epilogue.nodes}
+    core_nodes = [n for n in graph.nodes if n.name not in epi_names]
+    core_out = [o for o in graph.outputs if o not in {n.output for n in part.epilogue.nodes}]
+    core_out += [i for i in part.epilogue.inputs if i not in core_out]
+    core = _sub(graph, core_nodes, list(graph.inputs), core_out, "core")
+    return core, part.epilogue

@@ -22,10 +22,13 @@ import numpy as np
 from ...compiler.errors import CompileError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
+from ...compiler.reference import execute
 
 __all__ = ["TvmBackend", "resolve_target"]
 
 GRAPH_STEM = "model"
+EPILOGUE_STEM = "host_epilogue"
+FULL_STEM = "full_model"
 SCRIPT_FILE = "model.relax.txt"
 BUILD_FILE = "tvm_build.json"
 
@@ -97,11 +100,23 @@ class TvmBackend:
 
         from .lower import lower
 
+        from ...passes.partition import split_epilogue
+
         out = Path(out_dir)
         opts = dict((config or {}).get("tvm") or {})
-        mod = lower(graph)  # raises UnsupportedError before anything is written
-        graph.save(str(out / GRAPH_STEM))
+        # Quantized graphs: trailing float ops (output scale, softmax) run on the host in NumPy
+        # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
+        # the rest.  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
+        core, epilogue = split_epilogue(graph)
+        mod = lower(core)  # raises UnsupportedError before anything is written
+        core.save(str(out / GRAPH_STEM))
         files = [f"{GRAPH_STEM}.json", f"{GRAPH_STEM}.npz"]
+        host_nodes = []
+        if epilogue is not None:
+            epilogue.save(str(out / EPILOGUE_STEM))
+            graph.save(str(out / FULL_STEM))
+            files += [f"{EPILOGUE_STEM}.json", f"{EPILOGUE_STEM}.npz", f"{FULL_STEM}.json", f"{FULL_STEM}.npz"]
+            host_nodes = [n.name for n in epilogue.nodes]
         try:
             (out / SCRIPT_FILE).write_text(mod.script())
             files.append(SCRIPT_FILE)
@@ -113,6 +128,7 @@ class TvmBackend:
             "opt_level": int(opts.get("opt_level", 3)),
             "graph_digest": graph.digest(),
             "files": files,
+            "host_nodes": host_nodes,
         }
 
     # ------------------------------------------------------------------ build
@@ -183,7 +199,9 @@ class TvmBackend:
             lib_name = json.loads((out / BUILD_FILE).read_text())["library"]
         if not lib_name or not (out / lib_name).exists():
             raise CompileError(f"no TVM library in {out} (run build first)")
-        g = graph if graph is not None else Graph.load(str(out / GRAPH_STEM))
+        g = Graph.load(str(out / GRAPH_STEM))  # the library's graph (the core when split)
+        epilogue = Graph.load(str(out / EPILOGUE_STEM)) if (out / f"{EPILOGUE_STEM}.json").exists() else None
+        full = graph if graph is not None else (Graph.load(str(out / FULL_STEM)) if epilogue is not None else g)
         try:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str((out / lib_name).resolve())), tvm.cpu())
         except Exception as e:
@@ -203,6 +221,9 @@ class TvmBackend:
                     raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
                 args.append(tvm.runtime.tensor(a))
             res = fn(*args)
-            return {o: np.asarray(res[i].numpy()) for i, o in enumerate(outs)}
+            env = {o: np.asarray(res[i].numpy()) for i, o in enumerate(outs)}
+            if epilogue is not None:
+                env.update(execute(epilogue, {i: env[i] for i in epilogue.inputs}, codes=True))
+            return {o: env[o] for o in full.outputs}
 
         return run
