@@ -13,9 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("brevitas")
-pytest.importorskip("qonnx")
-pytest.importorskip("sklearn")
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS_PY = REPO / "examples" / "digits" / "models.py"
@@ -120,11 +117,9 @@ def test_qonnx_matches_brevitas(dm, trained, name):
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_qdeploy_import_matches_brevitas(dm, trained, name):
-    try:
-        from qdeploy.compiler import reference
-        from qdeploy.compiler.frontends.qonnx import import_onnx
-    except ImportError:
-        pytest.skip("qdeploy QONNX importer not available")
+    from qdeploy.compiler import reference
+    from qdeploy.compiler.frontends.qonnx import import_onnx
+
     model, x, path = trained[name]
     g = import_onnx(str(path))
     (perm,) = g.meta["input_perms"].values()
