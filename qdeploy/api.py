@@ -195,7 +195,10 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         np.savez(tmp / "golden.npz", **{f"in:{k}": v for k, v in feeds_real.items()},
                  **{f"ref:{k}": v for k, v in ref.items()})
         notes = [n for r in pm.records for n in r.notes if r.name in ("quantize_inputs", "affine_to_fixed")]
-        host = list(info.get("host_nodes", []))
+        host = info.get("host_nodes", [])
+        if isinstance(host, dict):  # {"prologue": [...], "epilogue": [...]}
+            host = [n for part in host.values() for n in part]
+        host = list(host)
         rows = layer_table(graph)
         report = {
             "model": graph.name, "target": target, "source": str(graph.meta.get("source", "")),
