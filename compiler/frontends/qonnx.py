@@ -124,6 +124,7 @@ def _prepare(proto: onnx.ModelProto):
             n.domain = "qonnx.custom_op.general"
         else:
             raise UnsupportedError(f"unsupported op type {n.op_type!r} (domain {n.domain!r})", n.name)
+    _check_graph(g)
     inits = {t.name for t in g.initializer}
     for inp in g.input:
         if inp.name in inits:
@@ -157,6 +158,77 @@ def _prepare(proto: onnx.ModelProto):
     except Exception as e:
         raise ImportError_(f"QONNX cleanup (shape inference / constant folding) failed: {type(e).__name__}: {e}") from None
     return m
+
+
+def _check_graph(g) -> None:
+    """Structural checks on the raw graph, each naming the node at fault: node inputs that nothing
+    produces, cycles, and NaN/Inf in the constants (initializers and ``Constant`` nodes)."""
+    avail = {t.name for t in g.initializer} | {i.name for i in g.input}
+    producer = {o: n for n in g.node for o in n.output if o}
+    consumers = defaultdict(list)
+    for n in g.node:
+        for t in n.input:
+            if not t:
+                continue
+            if t not in avail and t not in producer:
+                raise ImportError_(f"{n.op_type} input {t!r} is not produced by any node, initializer or graph "
+                                   f"input (missing initializer?)", n.name)
+            consumers[t].append(n)
+    # cycles: Kahn's algorithm over node-to-node edges
+    deps = {id(n): {id(producer[t]) for t in n.input if t in producer and t not in avail} for n in g.node}
+    users = defaultdict(set)
+    for n in g.node:
+        for d in deps[id(n)]:
+            users[d].add(id(n))
+    ready = [k for k, d in deps.items() if not d]
+    left = {k: set(d) for k, d in deps.items() if d}
+    while ready:
+        k = ready.pop()
+        for u in users[k]:
+            if u in left:
+                left[u].discard(k)
+                if not left[u]:
+                    del left[u]
+                    ready.append(u)
+    if left:
+        ring = set(left)
+        changed = True
+        while changed:  # drop nodes downstream of the cycle: keep those feeding another remaining node
+            changed = False
+            for k in list(ring):
+                if not (users[k] & ring):
+                    ring.discard(k)
+                    changed = True
+        names = [n.name for n in g.node if id(n) in (ring or left)]
+        raise ImportError_(f"the graph has a cycle through nodes {', '.join(names)}", names[0])
+
+    def finite(arr, what, node):
+        a = np.asarray(arr)
+        if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+            nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            raise ImportError_(f"{what} has non-finite values ({nan} NaN, {inf} Inf of {a.size})", node)
+
+    for t in g.initializer:
+        if consumers.get(t.name):
+            n = consumers[t.name][0]
+            finite(numpy_helper.to_array(t), f"{n.op_type} constant input {t.name!r}", n.name)
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    finite(numpy_helper.to_array(a.t), "Constant value", n.name)
+
+
+def _check_quant_params(node, scale, zp, bw) -> None:
+    """Values no QONNX ``Quant`` may have (activation or weight quantizer), naming the node."""
+    if scale.size == 0 or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        bad = scale.ravel()[~(np.isfinite(scale.ravel()) & (scale.ravel() > 0))]
+        raise ImportError_(f"Quant scale must be positive and finite, got {bad[0] if bad.size else scale.ravel()}",
+                           node.name)
+    if not np.all(np.isfinite(zp)):
+        raise ImportError_("Quant zero point is not finite", node.name)
+    if bw.size == 0 or not np.all(np.isfinite(bw)) or np.any(bw < 1):
+        raise ImportError_(f"Quant bit width {bw.ravel().tolist()[:4]} must be >= 1", node.name)
 
 
 # ====================================================================== layout helpers
@@ -362,6 +434,7 @@ class _Converter:
         quant = False
         if op == "Quant":
             from qonnx.custom_op.general.intquant import int_quant
+            _check_quant_params(node, *(np.asarray(v, dtype=np.float64) for v in x[1:4]))
             y = int_quant(x[0], x[1], x[2], x[3], int(self.attr(node, "signed", 1)), int(self.attr(node, "narrow", 0)),
                           self.attr(node, "rounding_mode", "ROUND"))
             quant = True
@@ -396,6 +469,7 @@ class _Converter:
         signed = bool(int(self.attr(node, "signed", 1)))
         narrow = bool(int(self.attr(node, "narrow", 0)))
         mode = str(self.attr(node, "rounding_mode", "ROUND")).upper()
+        _check_quant_params(node, scale, zp, bw)
         if scale.size != 1 and not np.all(scale == scale.ravel()[0]):
             raise UnsupportedError(f"Quant has a per-channel activation scale (shape {scale.shape}): only per-tensor "
                                    f"power-of-two scales map to a fixed-point type", node.name)
