@@ -53,18 +53,31 @@ def load_config(config) -> dict:
     if config is None:
         return {}
     if isinstance(config, dict):
-        return dict(config)
+        return _check_config(dict(config), "config")
     p = Path(config)
+    import yaml
     try:
-        import yaml
         data = yaml.safe_load(p.read_text())
-    except (OSError, ValueError) as e:
-        raise QDeployError(f"cannot read config {p}: {e}") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise QDeployError(f"cannot read config {p}: {type(e).__name__}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise QDeployError(f"config {p} must be a mapping of options")
-    return data
+    return _check_config(data, f"config {p}")
+
+
+def _check_config(cfg: dict, where: str) -> dict:
+    """Reject an ``input_type`` that is neither ``auto`` nor a parsable type (checked up front, even
+    when no input needs it)."""
+    t = cfg.get("input_type")
+    if t is not None and t != "auto":
+        from .compiler.ir.types import parse_type
+        try:
+            parse_type(str(t))
+        except ValueError as e:
+            raise QDeployError(f"{where}: bad input_type {t!r}: {e}") from None
+    return cfg
 
 
 def load(model, example_input=None) -> Graph:
