@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _fail(e: Exception) -> None:
-    msg = e.one_line() if isinstance(e, QDeployError) else f"{type(e).__name__}: {e}"
+    msg = e.one_line() if isinstance(e, QDeployError) else " ".join(f"{type(e).__name__}: {e}".split())
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
 
