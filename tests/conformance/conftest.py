@@ -180,6 +180,15 @@ def _widths(graph, outputs):
     return ws
 
 
+_DIGESTS: dict = {}
+
+
+def _digest(graph) -> str:
+    if id(graph) not in _DIGESTS:
+        _DIGESTS[id(graph)] = (graph, graph.digest())
+    return _DIGESTS[id(graph)][1]
+
+
 def compare(suite: str, model: str, backend: str, graph, got: dict, want: dict | None = None,
             outputs=None, feeds=None, widths=None) -> list[str]:
     """Compare ``got`` with the reference (``want``, or computed from ``feeds``) on ``outputs``
@@ -215,7 +224,8 @@ def compare(suite: str, model: str, backend: str, graph, got: dict, want: dict |
             if k:
                 bad.append(f"{o} (float32): {k}/{w.size} values differ, max abs err {np.nanmax(np.abs(g - w))}")
                 n_bad += k
-    LEDGER.append({"suite": suite, "model": model, "backend": backend, "outputs": len(outputs),
+    LEDGER.append({"suite": suite, "model": model, "backend": backend, "build": _digest(graph),
+                   "outputs": len(outputs),
                    "values": n_vals, "mismatches": n_bad,
                    "widths": sorted(widths if widths is not None else _widths(graph, outputs))})
     return bad
@@ -247,22 +257,29 @@ def pytest_terminal_summary(terminalreporter):
     rows: dict = {}
     for r in LEDGER:
         k = (r["suite"], r["backend"])
-        a = rows.setdefault(k, {"models": set(), "cmp": 0, "values": 0, "mismatches": 0, "widths": set()})
+        a = rows.setdefault(k, {"models": set(), "builds": set(), "cmp": 0, "values": 0, "mismatches": 0,
+                                "widths": set()})
         a["models"].add(r["model"])
+        a["builds"].add(r["build"])
         a["cmp"] += 1
         a["values"] += r["values"]
         a["mismatches"] += r["mismatches"]
         a["widths"].update(r["widths"])
-    tr.write_line(f"{'suite':<12}{'backend':<11}{'models':>8}{'compares':>10}{'values':>12}{'widths':>8}{'mismatch':>10}")
-    tot = {"models": set(), "values": 0, "mismatches": 0, "cmp": 0}
+    tr.write_line("models: tiny models / type branches compared; builds: distinct compiled graphs")
+    tr.write_line(f"{'suite':<12}{'backend':<11}{'models':>8}{'builds':>8}{'compares':>10}{'values':>12}"
+                  f"{'widths':>8}{'mismatch':>10}")
+    tot = {"models": set(), "builds": set(), "values": 0, "mismatches": 0, "cmp": 0}
     for (suite, be), a in sorted(rows.items()):
-        tr.write_line(f"{suite:<12}{be:<11}{len(a['models']):>8}{a['cmp']:>10}{a['values']:>12}"
-                      f"{len(a['widths']):>8}{a['mismatches']:>10}")
+        tr.write_line(f"{suite:<12}{be:<11}{len(a['models']):>8}{len(a['builds']):>8}{a['cmp']:>10}"
+                      f"{a['values']:>12}{len(a['widths']):>8}{a['mismatches']:>10}")
         tot["models"].update((suite, m) for m in a["models"])
+        tot["builds"].update((be, d) for d in a["builds"])
         for k in ("values", "mismatches", "cmp"):
             tot[k] += a[k]
     bes = sorted({r["backend"] for r in LEDGER})
+    widths = sorted({w for r in LEDGER for w in r["widths"]})
     tr.write_line(f"total: {len(tot['models'])} distinct models x {len(bes)} backends ({', '.join(bes)}), "
+                  f"{len(tot['builds'])} builds, bit widths {widths[0]}..{widths[-1]} ({len(widths)}), "
                   f"{tot['cmp']} comparisons, {tot['values']} values, mismatches {tot['mismatches']}")
     path = os.environ.get("QDEPLOY_CONFORMANCE_LEDGER")
     if path:

@@ -365,7 +365,7 @@ def test_op_exact(case, backend, batch, wide, run_cache):
         return
     assert backend not in c.rejects or backend == "reference", \
         f"{backend} now compiles {case}: drop it from Case.rejects"
-    bad = compare("ops", f"{case}/b{batch}", backend, comp.graph, got, want, outputs=outs[case])
+    bad = compare("ops", case, backend, comp.graph, got, want, outputs=outs[case])
     assert not bad, "\n".join(bad)
 
 
