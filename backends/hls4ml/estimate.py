@@ -1,0 +1,583 @@
+"""Resource and latency estimate of the hls4ml firmware for an IR graph, without vendor tools.
+
+``estimate(graph, config) -> dict`` returns ``{"total": {...}, "layers": [...], "part": {...},
+"assumptions": [...]}``; every layer row and the total hold ``lut``, ``ff``, ``dsp``, ``bram_18k``,
+``latency_cycles``, ``latency_ns``, ``ii_cycles``.  It reads only the IR: exact per-node
+fixed-point types and the constant weight codes, so a 20-node MLP takes about a millisecond.
+
+This is a *model*, not synthesis.  Its error against published Vivado HLS results is measured
+by ``benchmarks/estimate_vs_published.py`` (``../shared/refs/fpga_jet_tagger_vu9p.csv``); read
+that before trusting a number.  Every assumption, with its source:
+
+Multipliers (Dense/Conv, one product per weight and input)
+  A1. hls4ml picks the product implementation from the *types* only
+      (``FPGABackend.product_type``, hls4ml 1.3 ``backends/fpga/fpga_backend.py``): 1-bit
+      (XNOR) operands -> ``both_binary``/``weight_binary``/``data_binary`` (no multiplier, a
+      negation or XNOR: ~1 LUT per result bit); a signed 2-bit integer weight ->
+      ``weight_ternary`` (mux of 0/+x/-x); otherwise ``mult`` = a plain ``a * w``
+      (``templates/vivado/nnet_utils/nnet_mult.h``).
+  A2. Weights are compile-time constants in the Latency strategy (``#pragma HLS
+      function_instantiate variable=weights,biases`` in ``nnet_dense_latency.h``), so each
+      product is a multiplication by a known constant ``c`` (a weight code), counted per weight:
+      ``c == 0`` and ``c == +-2**k`` cost nothing (a wire / shift; the sign folds into the
+      adder as a subtraction); ``c = +-(2**a +- 2**b)`` (two non-zero digits in canonical signed
+      digit form) is one shift-and-add, as LLVM (on which Vivado/Vitis HLS are built) strength-
+      reduces ``mul x, 2**N +- 1`` (DAGCombiner ``visitMUL``).  We assume the same reductions
+      hold for every reuse factor (hls4ml itself subtracts ``n_zeros`` from
+      ``multiplier_limit``).
+  A3. Every other product is a real multiplier.  It goes to DSPs when the weight type is at
+      least 9 bits wide, else to LUTs: hls4ml's own DSP model for Vivado
+      (``optimization/dsp_aware_pruning/objectives/vivado_objectives.py``,
+      ``VivadoDSPEstimator``: ``weight_precision.width < 9`` -> no DSP; its docstring:
+      "Vivado doesn't use DSP when precision < 9").  One DSP48E2 multiplies 27x18 bits
+      (UltraScale/UltraScale+, UG579), one DSP48E1 25x18 (7-series, UG479); wider products
+      take ``ceil(a/27) * ceil(b/18)`` DSPs (hls4ml issue #31).  hls4ml's estimator looks at
+      the weight width only (it assumes >= 9-bit data); ``mul`` is commutative, so by default
+      (``dsp_rule="wider_operand"``) we apply the 9-bit threshold to the wider operand:
+      16-bit inputs times 6-bit constants go to DSPs.  ``dsp_rule="hls4ml_weight"`` is hls4ml's
+      literal rule.  (This default was chosen after seeing the 6-bit QAT row's 38 DSPs; the
+      benchmark prints both.)
+  A4. A LUT multiplier by a constant with ``d`` signed digits is ``d - 1`` adders of width
+      ``x_bits + bitlen(|c|)`` (shift-and-add); one LUT per adder bit (LUT6 + CARRY8 per bit,
+      UG574).  When the reuse factor makes a LUT multiplier serve several weights it is a
+      general ``a x b`` multiplier of ~1.2 LUT per partial-product bit (measured 365-401 LUTs
+      for 18x18 in hls4ml issue #99).
+Accumulation
+  A5. ``nnet_dense_latency.h`` casts every product and the bias to ``accum_t`` and sums in
+      ``accum_t``; Vivado HLS balances the sum into a tree (expression balancing, on by
+      default).  Per output: ``terms - 1`` adders of ``accum_t`` width, ``terms`` = non-zero
+      weights in that column (+1 for a non-zero bias).  One LUT per adder bit (UG574), times
+      ``HLS_LUT_FACTOR`` (below).  ``accum_t`` is the IR's exact accumulator type (what the
+      qdeploy hls4ml backend emits) unless ``config["accum_type"]`` overrides it (stock hls4ml
+      uses its ``Model`` precision, ``ap_fixed<16,6>`` by default).
+  A6. ``HLS_LUT_FACTOR`` = 1.285: Vivado HLS's post-HLS LUT estimate counts more than one LUT
+      per adder bit (operand muxes, sign extension, casts).  Fitted to the 16-bit PTQ row of
+      ``fpga_jet_tagger_vu9p.csv`` only (the other rows are predictions).  Reports from
+      place-and-route are usually lower (refs README).  Adder widths follow the value range:
+      a product keeps ``x_bits + bitlen(|c|) + 1`` bits less the fraction bits below
+      ``accum_t``'s LSB, and tree level ``l`` adds ``l`` bits, capped at ``accum_t`` (HLS bit-width
+      minimisation of ranges known at compile time).
+Reuse factor, strategies, I/O
+  A7. Latency strategy: ``#pragma HLS PIPELINE II=reuse_factor`` and ``#pragma HLS ALLOCATION
+      ... mul limit=multiplier_limit`` with ``multiplier_limit = ceil(n_in*n_out/RF) -
+      floor(n_zeros/RF)`` (``nnet_dense_latency.h``, ``core_templates``): DSPs and LUT
+      multipliers are divided by RF; adders are shared likewise; each shared unit gets an
+      RF:1 input mux (``ceil((RF-1)/3)`` LUT6 per bit, a LUT6 is a 4:1 mux).  II = RF; the
+      latency grows by RF - 1 cycles.  Any RF >= 1 is accepted (hls4ml does not validate it
+      for Latency).
+  A8. Resource strategy: hls4ml only implements reuse factors that pass
+      ``FPGABackend._validate_reuse_factor(n_in, n_out, rf)`` (``fpga_backend.py``); others are
+      silently changed to the closest legal one -- we raise instead and name the nearest legal
+      ones.  ``dense_resource`` runs ``RF`` iterations of ``block_factor = ceil(n_in*n_out/RF)``
+      multiply-accumulates (accumulation is sequential, no adder tree); latency = RF + multiplier
+      stages + 2 (init, cast); weights live in a ROM of depth RF and width
+      ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``): BRAM_18K (512 x 36) when
+      depth >= 64 and the ROM has >= 1024 bits, else LUTs (64 x 1 LUTRAM per LUT).
+  A9. io_parallel Conv (``nnet_conv*_latency.h``): one output position per ``RF`` cycles
+      (ParallelizationFactor 1), so the multipliers of one kernel are shared by all positions;
+      II = positions * RF.  io_stream: layers are connected by FIFOs (depth 1 for flat tensors,
+      one row for feature maps; SRL/LUTRAM: 1 LUT per 32 bits x depth), +1 cycle per layer
+      (FIFO), and a Conv reads its input pixel by pixel (II >= input pixels).
+Timing (Virtex UltraScale+ -2 speed grade, DS923 orders of magnitude; assumptions, not cited
+measurements)
+  A10. The usable period is ``clock_period * (1 - 0.125)`` (hls4ml's default ClockUncertainty
+      12.5%, ``vivado_backend.py``).  A DSP multiply takes 3.0 ns, one LUT level plus routing
+      0.4 ns, a carry chain 0.015 ns per bit.  A Dense/Conv is a chained path of multiply plus
+      adder-tree levels (depth ``ceil(log2 terms)``), registered at its output: cycles =
+      ``ceil(path / usable period)``.  Relu/Quantize/Affine are chained into the next layer's
+      first cycle (0 cycles of their own) unless they end the graph.
+  A11. Registers (FF): every Dense/Conv/Softmax output is registered (n_out x width); each
+      additional cycle inside a layer adds one register cut placed ASAP by the delay model
+      (live partial sums x accum width; products still inside a DSP use its internal M/P
+      registers, not fabric FFs).  Dense/Conv FFs are scaled by ``HLS_FF_FACTOR`` = 0.61,
+      fitted to the same 16-bit PTQ row (where Vivado really places the cut is not modelled).
+Other layers
+  A12. Relu: one LUT per output bit (sign gates the value).  Quantize: a rounding mode other than
+      TRN adds an adder of the output width; a saturation mode other than WRAP adds a
+      comparator+mux (one LUT per output bit each).  Add/Affine: an adder per element (Affine
+      scale multipliers follow A2-A4).  MaxPool: ``k-1`` comparators+muxes per output
+      (2 LUT per bit).  AvgPool/GlobalAvgPool: an adder tree per output.  Reshape, Transpose,
+      Concat: wires.
+  A13. Softmax (``nnet_activation.h`` ``softmax_latency``, hls4ml defaults table_size 1024,
+      exp/inv table ``ap_fixed<18,8>``): n exp lookups (a 1024x18 ROM is one BRAM_18K serving two
+      reads), a sum, one inverse lookup, n 18x18 multiplies (DSP), 3 cycles.  The qdeploy hls4ml
+      backend runs float Softmax on the host, so it is counted only with
+      ``config["softmax_on_device"]``.
+  A14. Float-typed nodes (host prologue/epilogue, e.g. the input ``Quantize`` of a float input)
+      cost nothing on the FPGA and are listed with ``"host": true``.
+
+Config keys (all optional): ``part`` (default ``xcvu9p``), ``clock_period`` (ns, 5),
+``reuse_factor`` (1; int or ``{node_name: int}``), ``strategy`` (``Latency``|``Resource``),
+``io_type`` (``io_parallel``|``io_stream``), ``accum_type`` (type string or None),
+``softmax_on_device`` (False).
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+
+import numpy as np
+
+from ...compiler.errors import QDeployError, UnsupportedError
+from ...compiler.ir.graph import Graph
+from ...compiler.ir.types import FixedType, parse_type
+
+#: Device capacities (LUT, FF, DSP, BRAM_18K = 2 x BRAM36) from the Xilinx/AMD product tables:
+#: DS890 (UltraScale / UltraScale+ families), DS891 (Zynq UltraScale+), DS190 (Zynq-7000),
+#: DS962 (Alveo U250).  ``dsp`` gives the DSP slice multiplier width (a, b).
+PARTS: dict[str, dict] = {
+    "xcvu9p": {"name": "Virtex UltraScale+ VU9P", "aliases": ("vu9p",), "lut": 1182240, "ff": 2364480,
+               "dsp": 6840, "bram_18k": 4320, "dsp_width": (27, 18)},
+    "xcvu13p": {"name": "Virtex UltraScale+ VU13P", "aliases": ("vu13p",), "lut": 1728000, "ff": 3456000,
+                "dsp": 12288, "bram_18k": 5376, "dsp_width": (27, 18)},
+    "xcku115": {"name": "Kintex UltraScale KU115", "aliases": ("ku115",), "lut": 663360, "ff": 1326720,
+                "dsp": 5520, "bram_18k": 4320, "dsp_width": (27, 18)},
+    "xcu250": {"name": "Alveo U250 (XCU250)", "aliases": ("u250", "alveo-u250", "alveo_u250"), "lut": 1728000,
+               "ff": 3456000, "dsp": 12288, "bram_18k": 5376, "dsp_width": (27, 18)},
+    "xczu9eg": {"name": "ZCU102 (Zynq UltraScale+ ZU9EG)", "aliases": ("zcu102", "zu9eg"), "lut": 274080,
+                "ff": 548160, "dsp": 2520, "bram_18k": 1824, "dsp_width": (27, 18)},
+    "xc7z020": {"name": "PYNQ-Z2 (Zynq-7000 Z-7020)", "aliases": ("pynq-z2", "pynqz2", "pynq_z2", "z7020"),
+                "lut": 53200, "ff": 106400, "dsp": 220, "bram_18k": 280, "dsp_width": (25, 18)},
+}
+
+#: Calibrated on one row only (A6): post-HLS LUTs per adder bit.
+HLS_LUT_FACTOR = 1.285
+#: Calibrated on the same row (A11): fraction of the modelled pipeline-cut bits that post-HLS reports count.
+HLS_FF_FACTOR = 0.61
+#: hls4ml default clock uncertainty (A10).
+CLOCK_UNCERTAINTY = 0.125
+T_DSP_NS = 3.0
+T_LUT_NS = 0.4
+T_CARRY_NS_PER_BIT = 0.015
+#: hls4ml's Vivado DSP threshold on the weight width (A3).
+DSP_MIN_WEIGHT_BITS = 9
+LUT_PER_PP_BIT = 1.2
+
+TOTAL_KEYS = ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles")
+
+SUPPORTED_OPS = ("Dense", "Conv", "Relu", "Quantize", "Sign", "Add", "Mul", "Affine", "Concat", "Reshape",
+                 "Transpose", "MaxPool", "AvgPool", "GlobalAvgPool", "Softmax")
+
+
+# ----------------------------------------------------------------------------- parts / options
+def resolve_part(part: str | None) -> tuple[str, dict]:
+    """Canonical part key and its capacities for a part name like ``xcvu9p-flga2104-2L-e``,
+    ``vu9p``, ``Alveo U250``, ``ZCU102`` or ``pynq-z2``.
+
+    Raises:
+        QDeployError: unknown part (the message lists the known ones).
+    """
+    name = (part or "xcvu9p").strip().lower().replace(" ", "-")
+    for key, p in PARTS.items():
+        if name.startswith(key) or any(name == a or name.startswith(a + "-") for a in p["aliases"]):
+            return key, p
+        if name.startswith("alveo-") and name[6:] in p["aliases"]:
+            return key, p
+    known = ", ".join(f"{k} ({p['name']})" for k, p in PARTS.items())
+    raise QDeployError(f"unknown FPGA part {part!r}; known parts: {known}")
+
+
+def valid_reuse_factors(n_in: int, n_out: int) -> list[int]:
+    """Reuse factors hls4ml's Resource strategy implements for an n_in x n_out multiply
+    (``FPGABackend.get_valid_reuse_factors`` / ``_validate_reuse_factor``, hls4ml 1.3)."""
+    out = []
+    for rf in range(1, n_in * n_out + 1):
+        multfactor = min(n_in, rf)
+        multiplier_limit = int(math.ceil((n_in * n_out) / float(multfactor)))
+        ok = ((multiplier_limit % n_out) == 0) or (rf >= n_in)
+        ok = ok and (((rf % n_in) == 0) or (rf < n_in))
+        ok = ok and (((n_in * n_out) % rf) == 0)
+        if ok:
+            out.append(rf)
+    return out
+
+
+def nearest_reuse_factors(valid: list[int], rf: int) -> list[int]:
+    """The legal reuse factors either side of ``rf`` (one or two values)."""
+    pos = bisect_left(valid, rf)
+    return sorted({valid[i] for i in (pos - 1, pos) if 0 <= i < len(valid)})
+
+
+def _options(config: dict | None) -> dict:
+    cfg = dict(config or {})
+    opts = {"part": cfg.get("part") or "xcvu9p", "clock_period": float(cfg.get("clock_period") or 5.0),
+            "reuse_factor": cfg.get("reuse_factor", 1) or 1, "strategy": str(cfg.get("strategy") or "Latency"),
+            "io_type": str(cfg.get("io_type") or "io_parallel"), "accum_type": cfg.get("accum_type"),
+            "softmax_on_device": bool(cfg.get("softmax_on_device", False)),
+            "dsp_rule": str(cfg.get("dsp_rule") or "wider_operand")}
+    if opts["dsp_rule"] not in ("wider_operand", "hls4ml_weight"):
+        raise QDeployError(f"dsp_rule must be wider_operand or hls4ml_weight, got {opts['dsp_rule']!r}")
+    if opts["strategy"].lower() not in ("latency", "resource"):
+        raise QDeployError(f"hls4ml strategy must be Latency or Resource, got {opts['strategy']!r}")
+    opts["strategy"] = "Latency" if opts["strategy"].lower() == "latency" else "Resource"
+    if opts["io_type"] not in ("io_parallel", "io_stream"):
+        raise QDeployError(f"hls4ml io_type must be io_parallel or io_stream, got {opts['io_type']!r}")
+    if opts["clock_period"] <= 0:
+        raise QDeployError(f"clock period must be positive, got {opts['clock_period']} ns")
+    if isinstance(opts["accum_type"], str):
+        t = parse_type(opts["accum_type"])
+        if not isinstance(t, FixedType):
+            raise QDeployError(f"accum_type must be a fixed-point type, got {opts['accum_type']!r}")
+        opts["accum_type"] = t
+    return opts
+
+
+def _rf_for(opts: dict, node) -> int:
+    rf = opts["reuse_factor"]
+    if isinstance(rf, dict):
+        rf = rf.get(node.name, rf.get("default", 1))
+    try:
+        rf = int(rf)
+    except (TypeError, ValueError):
+        raise QDeployError(f"reuse factor must be an integer, got {rf!r}", node.name) from None
+    if rf < 1:
+        raise QDeployError(f"reuse factor must be >= 1, got {rf}", node.name)
+    return rf
+
+
+# ----------------------------------------------------------------------------- helpers
+def csd_digits(codes: np.ndarray) -> np.ndarray:
+    """Non-zero digits of each integer in canonical signed-digit (non-adjacent) form.
+
+    popcount((x >> 1) ^ (x + (x >> 1))) for x = |c| (the NAF identity)."""
+    x = np.abs(np.asarray(codes, dtype=np.int64))
+    xh = x >> 1
+    return np.bitwise_count(xh ^ (x + xh)).astype(np.int64)
+
+
+def _bitlen(codes: np.ndarray) -> np.ndarray:
+    a = np.abs(np.asarray(codes, dtype=np.int64))
+    out = np.zeros(a.shape, dtype=np.int64)
+    nz = a > 0
+    out[nz] = np.floor(np.log2(a[nz])).astype(np.int64) + 1
+    return out
+
+
+def _width(t) -> int:
+    return t.width if isinstance(t, FixedType) else 32
+
+
+def _t_add(w: int) -> float:
+    return T_LUT_NS + T_CARRY_NS_PER_BIT * w
+
+
+def _dsps_per_mult(a: int, b: int, dsp_width) -> int:
+    A, B = dsp_width
+    hi, lo = max(a, b), min(a, b)
+    return math.ceil(hi / A) * math.ceil(lo / B)
+
+
+def _row(node, host=False, **kw) -> dict:
+    r = {"name": node.name, "op": node.op, "lut": 0, "ff": 0, "dsp": 0, "bram_18k": 0, "latency_cycles": 0,
+         "latency_ns": 0.0, "ii_cycles": 1, "host": host}
+    r.update(kw)
+    return r
+
+
+# ----------------------------------------------------------------------------- dense / conv
+def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) -> dict:
+    x = graph.value(node.inputs[0])
+    w = node.params["weight"]
+    bias = node.params.get("bias")
+    out = graph.value(node.output)
+    if not (isinstance(x.dtype, FixedType) and isinstance(w.dtype, FixedType) and isinstance(out.dtype, FixedType)):
+        raise UnsupportedError(f"{node.op} on float data cannot be estimated for hls4ml (quantize it first)", node.name)
+    xb, wb = x.dtype.width, w.dtype.width
+    acc_t = opts["accum_type"] or out.dtype
+    ab = acc_t.width
+    rb = acc_t.width if opts["accum_type"] else out.dtype.width  # registered layer result
+    codes = w.data.reshape(-1, w.shape[-1])  # [n_in, n_out] (Conv: [kh*kw*Cin/g, Cout])
+    n_in, n_out = codes.shape
+    positions = int(np.prod(out.shape[:-1], dtype=np.int64)) if len(out.shape) > 1 else 1
+    rf = _rf_for(opts, node)
+    resource = opts["strategy"] == "Resource"
+    if resource:
+        valid = valid_reuse_factors(n_in, n_out)
+        if rf not in valid:
+            near = nearest_reuse_factors(valid, rf)
+            raise QDeployError(
+                f"reuse factor {rf} is not implementable by hls4ml's Resource strategy for this "
+                f"{n_in}x{n_out} layer (FPGABackend._validate_reuse_factor); nearest legal: "
+                f"{', '.join(map(str, near))}", node.name)
+    elif rf > n_in * n_out:
+        raise QDeployError(f"reuse factor {rf} exceeds the {n_in * n_out} multiplications of this layer; "
+                           f"largest legal: {n_in * n_out}", node.name)
+
+    digits = csd_digits(codes)
+    blen = _bitlen(codes)
+    zero = codes == 0
+    shift = digits == 1
+    # A1: binary / ternary product specialisations
+    if xb == 1 or wb == 1 or (wb == 2 and w.dtype.is_integer and w.dtype.signed):
+        one_add = np.zeros_like(zero)
+        real = np.zeros_like(zero)
+        sel_luts = int(np.count_nonzero(~zero)) * max(xb, 1)  # negate / select per product bit
+    else:
+        one_add = digits == 2
+        real = digits >= 3
+        sel_luts = 0
+    n_zero, n_free = int(zero.sum()), int(shift.sum())
+    n_add1, n_real = int(one_add.sum()), int(real.sum())
+    wide = max(xb, wb) if opts["dsp_rule"] == "wider_operand" else wb
+    on_dsp = wide >= DSP_MIN_WEIGHT_BITS and n_real > 0
+    # product bits that survive the cast to accum_t (A5: low fraction bits below accum_t's LSB drop)
+    drop = max(0, x.dtype.frac_bits + w.dtype.frac_bits - acc_t.frac_bits)
+    pbits = np.clip(xb + blen + 1 - drop, 1, ab)
+    add1_luts = int(np.sum(np.maximum(xb + blen[one_add] + 1 - drop, 1)))  # A2/A4: one shift-and-add each
+    if on_dsp:
+        dsp_units = n_real * _dsps_per_mult(xb, wb, part["dsp_width"])
+        lutmul = 0
+    else:
+        dsp_units = 0
+        lutmul = int(np.sum((digits[real] - 1) * np.maximum(xb + blen[real] + 1 - drop, 1)))  # A4 shift-and-add
+    terms = np.count_nonzero(~zero, axis=0) + (
+        (np.broadcast_to(bias.data, (n_out,)) != 0).astype(np.int64) if bias is not None else 0)
+    adders = int(np.sum(np.maximum(terms - 1, 0)))
+    # adder tree bits (A5): level l adds values of at most (widest product + l) bits, capped at accum_t
+    pw = np.where(zero, 0, pbits).max(axis=0) if n_in else np.zeros(n_out, dtype=np.int64)
+    left = terms.astype(np.int64).copy()
+    adder_bits = 0
+    lvl = 0
+    while (left > 1).any():
+        lvl += 1
+        adder_bits += int(np.sum((left // 2) * np.minimum(ab, pw + lvl)))
+        left = (left + 1) // 2
+    depth = int(max(math.ceil(math.log2(t)) if t > 1 else 0 for t in terms)) if n_out else 0
+
+    # ---- sharing (A7/A8/A9): units are divided by the reuse factor
+    share = rf
+    if resource:
+        block = math.ceil(n_in * n_out / rf)
+        dsp = math.ceil(dsp_units / rf)
+        mult_luts = math.ceil((add1_luts + lutmul + sel_luts) / rf)
+        acc_luts = min(block, adders) * ab  # one accumulator adder per MAC lane
+        mux_luts = (block * xb) * math.ceil((rf - 1) / 3) if rf > 1 else 0
+        rom_bits = n_in * n_out * wb
+        depth_rom = rf
+        if depth_rom >= 64 and rom_bits >= 1024:
+            bram = math.ceil(block * wb / 36) * math.ceil(depth_rom / 512)
+            rom_luts = 0
+        else:
+            bram = 0
+            rom_luts = math.ceil(block * wb * math.ceil(depth_rom / 64)) if rf > 1 else 0
+        luts = HLS_LUT_FACTOR * (mult_luts + acc_luts) + mux_luts + rom_luts
+        mstages = 1 if (dsp or mult_luts) else 0
+        layer_cycles = rf + mstages + 2
+        ff = n_out * ab + n_out * out.dtype.width
+        ii = rf
+    else:
+        dsp = math.ceil(dsp_units / share)
+        mult_luts = math.ceil((add1_luts + lutmul + sel_luts) / share)
+        acc_luts = math.ceil(adder_bits / share)
+        n_units = math.ceil((n_add1 + n_real) / share) + math.ceil(adders / share)
+        mux_luts = n_units * max(xb, ab) * math.ceil((share - 1) / 3) if share > 1 else 0
+        luts = HLS_LUT_FACTOR * (mult_luts + acc_luts) + mux_luts
+        bram = 0
+        rom_luts = 0
+        # ---- timing (A10)
+        if on_dsp:
+            t_mult = T_DSP_NS
+        elif n_real:
+            t_mult = math.ceil(math.log2(int(digits[real].max()))) * _t_add(xb + wb)
+        elif n_add1:
+            t_mult = _t_add(xb + wb)
+        else:
+            t_mult = 0.0
+        t_lvl = _t_add(ab)
+        path = t_mult + depth * t_lvl
+        base = max(1, math.ceil(path / period_eff - 1e-9))
+        # ---- registers (A11)
+        ff = n_out * rb
+        for j in range(1, base):
+            tcut = j * period_eff
+            if tcut < t_mult:  # cut inside the multipliers
+                live_bits = 0 if on_dsp else int(np.sum(~zero)) * (xb + wb)
+                if on_dsp:  # DSP products stay in M/P registers; LUT-side products are registered
+                    live_bits = (n_free + n_add1) * (xb + wb)
+            else:
+                lvl = int((tcut - t_mult) // t_lvl)
+                live_bits = int(np.sum(np.ceil(terms / 2.0 ** lvl))) * ab
+            ff += live_bits
+        ff = math.ceil(HLS_FF_FACTOR * ff)
+        layer_cycles = base + (rf - 1)
+        ii = rf
+    if node.op == "Conv" or positions > 1:
+        # A9: one position per RF cycles (io_parallel) -- the kernel's multipliers serve all positions
+        ii = ii * positions
+        layer_cycles = layer_cycles + ii - rf
+        if opts["io_type"] == "io_stream" and len(x.shape) > 1:
+            # pixels arrive one per cycle: the layer cannot start a new sample faster
+            in_pix = int(np.prod(x.shape[:-1], dtype=np.int64))
+            if in_pix > ii:
+                layer_cycles += in_pix - ii
+                ii = in_pix
+    return {"lut": int(round(luts)), "ff": int(ff), "dsp": int(dsp), "bram_18k": int(bram),
+            "latency_cycles": int(layer_cycles), "ii_cycles": int(ii),
+            "detail": {"n_in": n_in, "n_out": n_out, "positions": positions, "reuse_factor": rf,
+                       "x_bits": xb, "w_bits": wb, "accum_bits": ab, "mults_zero": n_zero, "mults_shift": n_free,
+                       "mults_shift_add": n_add1, "mults_real": n_real, "real_mults_on": "DSP" if on_dsp else "LUT",
+                       "adders": adders, "adder_bits": adder_bits, "adder_tree_depth": depth}}
+
+
+# ----------------------------------------------------------------------------- other ops
+def _elementwise(graph: Graph, node, opts, part, period_eff) -> dict:
+    out = graph.value(node.output)
+    size = out.size
+    ob = _width(out.dtype)
+    op = node.op
+    lut = 0.0
+    dsp = 0
+    t = 0.0
+    if op in ("Reshape", "Transpose", "Concat"):
+        pass
+    elif op == "Relu":
+        lut, t = size * ob, T_LUT_NS
+    elif op == "Sign":
+        lut, t = 0, 0.0
+    elif op == "Quantize":
+        src = graph.value(node.inputs[0]).dtype
+        to = node.attrs["to"]
+        if isinstance(src, FixedType) and src.frac_bits > to.frac_bits and to.rounding != "TRN":
+            lut += size * ob
+            t += _t_add(ob)
+        if to.saturation != "WRAP":
+            lut += size * ob
+            t += T_LUT_NS
+    elif op in ("Add", "Mul"):
+        a, b = (graph.value(i).dtype for i in node.inputs)
+        if op == "Add":
+            lut, t = size * ob, _t_add(ob)
+        else:
+            wa, wb = _width(a), _width(b)
+            if max(wa, wb) >= DSP_MIN_WEIGHT_BITS:
+                dsp = size * _dsps_per_mult(wa, wb, part["dsp_width"])
+                t = T_DSP_NS
+            else:
+                lut = size * LUT_PER_PP_BIT * wa * wb
+                t = _t_add(wa + wb) * 2
+    elif op == "Affine":
+        xb = _width(graph.value(node.inputs[0]).dtype)
+        sc = node.params.get("scale")
+        c = graph.value(node.inputs[0]).shape[-1] if graph.value(node.inputs[0]).shape else 1
+        per = size // max(c, 1)
+        if sc is not None:
+            codes = np.broadcast_to(sc.data.reshape(-1), (c,))
+            d = csd_digits(codes)
+            bl = _bitlen(codes)
+            real = d >= 3
+            if sc.dtype.width >= DSP_MIN_WEIGHT_BITS and real.any():
+                dsp = per * int(real.sum()) * _dsps_per_mult(xb, sc.dtype.width, part["dsp_width"])
+                t = T_DSP_NS
+            else:
+                lut += per * float(np.sum(np.maximum(d - 1, 0) * (xb + bl)))
+                t = _t_add(xb + sc.dtype.width) * 2
+        if node.params.get("bias") is not None:
+            lut += size * ob
+            t += _t_add(ob)
+    elif op == "MaxPool":
+        n = int(np.prod(node.attrs["kernel"]))
+        lut, t = size * (n - 1) * 2 * ob, math.ceil(math.log2(max(n, 2))) * _t_add(ob)
+    elif op in ("AvgPool", "GlobalAvgPool"):
+        xin = graph.value(node.inputs[0])
+        n = int(np.prod(node.attrs["kernel"])) if op == "AvgPool" else int(np.prod(xin.shape[:-1]))
+        lut, t = size * (n - 1) * ob, math.ceil(math.log2(max(n, 2))) * _t_add(ob)
+    return {"lut": int(round(HLS_LUT_FACTOR * lut)), "ff": 0, "dsp": int(dsp), "bram_18k": 0,
+            "latency_cycles": 0, "ii_cycles": 1, "_delay_ns": t}
+
+
+def _softmax(graph: Graph, node, opts, part) -> dict:
+    n = graph.value(node.output).shape[-1]
+    rows = graph.value(node.output).size // max(n, 1)
+    tb = 18  # hls4ml default exp/inv table type ap_fixed<18,8> (A13)
+    return {"lut": int(round(HLS_LUT_FACTOR * rows * (n - 1) * tb)), "ff": rows * 3 * n * tb,
+            "dsp": rows * n * _dsps_per_mult(tb, tb, part["dsp_width"]), "bram_18k": rows * (math.ceil(n / 2) + 1),
+            "latency_cycles": 3, "ii_cycles": 1}
+
+
+# ----------------------------------------------------------------------------- driver
+def estimate(graph: Graph, config: dict | None = None) -> dict:
+    """FPGA estimate of ``graph`` compiled by the hls4ml backend with ``config``.
+
+    See the module docstring for every assumption.  Returns ``{"target": "hls4ml", "part":
+    {...capacities...}, "config": {...}, "total": {lut, ff, dsp, bram_18k, latency_cycles,
+    latency_ns, ii_cycles, utilization_pct}, "layers": [per node, same keys + op, host, detail]}``.
+
+    Raises:
+        QDeployError: unknown part, a reuse factor hls4ml cannot implement for a layer (naming
+            the nearest legal ones), an unsupported op (naming the node and the supported ops).
+    """
+    opts = _options(config)
+    key, part = resolve_part(opts["part"])
+    period = opts["clock_period"]
+    period_eff = period * (1 - CLOCK_UNCERTAINTY)
+    layers = []
+    pending_delay = 0.0  # chained elementwise delay (A10)
+    stream = opts["io_type"] == "io_stream"
+    for node in graph.nodes:
+        if node.op not in SUPPORTED_OPS:
+            raise UnsupportedError(f"op {node.op!r} has no hls4ml estimate; supported ops: "
+                                   f"{', '.join(SUPPORTED_OPS)}", node.name)
+        out_t = graph.value(node.output).dtype
+        in_ts = [graph.value(i).dtype for i in node.inputs]
+        if node.op == "Softmax":
+            if opts["softmax_on_device"]:
+                r = _softmax(graph, node, opts, part)
+                layers.append(_row(node, **r))
+            else:
+                layers.append(_row(node, host=True))
+            continue
+        if not isinstance(out_t, FixedType) or (in_ts and all(not isinstance(t, FixedType) for t in in_ts)):
+            # host prologue/epilogue (A14): float results, or the cast of a float input
+            layers.append(_row(node, host=True))
+            continue
+        if node.op in ("Dense", "Conv"):
+            r = _mac_layer(graph, node, opts, part, period_eff)
+            if pending_delay:
+                # chained elementwise ops before this layer may push it over a cycle boundary
+                extra = math.ceil(pending_delay / period_eff) if pending_delay > period_eff else 0
+                r["latency_cycles"] += extra
+            pending_delay = 0.0
+        else:
+            r = _elementwise(graph, node, opts, part, period_eff)
+            pending_delay += r.pop("_delay_ns")
+            is_last = node.output in graph.outputs or all(
+                not isinstance(graph.value(c.output).dtype, FixedType) for c in graph.consumers(node.output))
+            if is_last and pending_delay > 0:
+                r["latency_cycles"] = max(1, math.ceil(pending_delay / period_eff))
+                pending_delay = 0.0
+        if stream and r["latency_cycles"] > 0 or (stream and node.op in ("Dense", "Conv")):
+            out = graph.value(node.output)
+            depth = 1 if len(out.shape) <= 1 else out.shape[-2] if len(out.shape) > 1 else 1
+            r["lut"] += math.ceil(out.dtype.width * out.shape[-1] * depth / 32)
+            r["latency_cycles"] += 1
+        layers.append(_row(node, **r))
+    for r in layers:
+        r["latency_ns"] = round(r["latency_cycles"] * period, 3)
+    total = {k: int(sum(r[k] for r in layers)) for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles")}
+    total["latency_ns"] = round(total["latency_cycles"] * period, 3)
+    total["ii_cycles"] = int(max([r["ii_cycles"] for r in layers if not r["host"]] or [1]))
+    total["utilization_pct"] = {k: round(100.0 * total[k] / part[k], 2) for k in ("lut", "ff", "dsp", "bram_18k")}
+    cfg_out = {k: (str(v) if isinstance(v, FixedType) else v) for k, v in opts.items()}
+    return {"target": "hls4ml", "estimate": True,
+            "part": {"key": key, **{k: v for k, v in part.items() if k != "aliases"}},
+            "config": cfg_out, "total": total, "layers": layers,
+            "note": "analytic estimate (no synthesis); see benchmarks/estimate_vs_published.py for its measured error"}
+
+
+def format_table(est: dict) -> str:
+    """A plain-text per-layer table of an estimate."""
+    keys = [k for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles",
+                        "area_mm2", "power_mw", "energy_nj") if k in est["total"]]
+    hdr = ["node", "op"] + keys
+    rows = [[r["name"], r["op"] + (" (host)" if r.get("host") else "")] + [_fmt(r.get(k, 0)) for k in keys]
+            for r in est["layers"]]
+    rows.append(["TOTAL", ""] + [_fmt(est["total"][k]) for k in keys])
+    w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w[i]) if i < 2 else str(c).rjust(w[i]) for i, c in enumerate(cells))
+    return "\n".join([line(hdr)] + [line(r) for r in rows])
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
