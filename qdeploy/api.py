@@ -222,6 +222,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             "passes": [{"name": r.name, "ms": r.ms, "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
                         "notes": r.notes} for r in pm.records],
             "timing_s": {"total": time.perf_counter() - t0, "backend_build": t_build},
+            "estimate": _compile_estimate(graph, cfg),  # issue 5: FPGA estimate in every report
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(render_markdown(report))
@@ -247,6 +248,44 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         shutil.rmtree(tmp, ignore_errors=True)
         raise CompileError(f"{target} compile failed: {type(e).__name__}: {e}", graph.name) from e
     return CompileResult(out_dir, report, graph)
+
+
+# ---- issue 5: estimates (qdeploy.backends.hls4ml.estimate / qdeploy.backends.asic) ----
+ESTIMATE_TARGETS = ("hls4ml", "asic")
+
+
+def estimate(model, target: str = "hls4ml", config=None, input_type=None) -> dict:
+    """Resource/latency (hls4ml) or area/power/energy (asic) estimate of ``model``, no vendor tool.
+
+    ``model`` as for :func:`load`; the default passes run first (exact types).  ``config`` is a
+    dict of estimator options (hls4ml: part, clock_period, reuse_factor, strategy, io_type,
+    accum_type, softmax_on_device; asic: node_nm, clock_mhz/clock_period, weights, activity).
+    Returns ``{"total": {...}, "layers": [...], ...}``: see the estimator modules for the keys and
+    every modelling assumption.
+
+    Raises:
+        QDeployError: unknown target or part, an illegal reuse factor, an unsupported op.
+    """
+    from .passes import PassManager, default_pipeline
+    if target not in ESTIMATE_TARGETS:
+        raise QDeployError(f"unknown estimate target {target!r}; known: {', '.join(ESTIMATE_TARGETS)}")
+    graph = PassManager(default_pipeline(input_type)).run(load(model))
+    if target == "hls4ml":
+        from .backends.hls4ml.estimate import estimate as est
+    else:
+        from .backends.asic import estimate as est
+    return est(graph, dict(config or {}))
+
+
+def _compile_estimate(graph: Graph, cfg: dict) -> dict:
+    """The hls4ml FPGA estimate for a compile report (with the config's hls4ml options)."""
+    from .backends.hls4ml.estimate import estimate as est
+    h = dict(cfg.get("hls4ml") or {})
+    opts = {k: h[k] for k in ("part", "clock_period", "reuse_factor", "strategy", "io_type") if k in h}
+    try:
+        return est(graph, opts)
+    except QDeployError as e:
+        return {"target": "hls4ml", "error": e.one_line()}
 
 
 def run(out_dir, *inputs):

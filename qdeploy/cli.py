@@ -79,6 +79,37 @@ def inspect_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, module:f
     typer.echo(str(g))
 
 
+@app.command("estimate")
+def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or module:function"),
+                 target: str = typer.Option("hls4ml", "--target", "-t", help="hls4ml or asic"),
+                 part: str = typer.Option("xcvu9p", "--part", help="FPGA part (hls4ml): vu9p, vu13p, ku115, u250, zcu102, pynq-z2"),
+                 clock_period: float = typer.Option(None, "--clock-period", help="ns (hls4ml default 5, asic default 25)"),
+                 reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor"),
+                 strategy: str = typer.Option("Latency", "--strategy", help="Latency or Resource"),
+                 io_type: str = typer.Option("io_parallel", "--io-type", help="io_parallel or io_stream"),
+                 node_nm: int = typer.Option(65, "--node", help="ASIC technology node: 65, 45 or 28 nm"),
+                 input_type: Optional[str] = typer.Option(None, "--input-type", help="type of float inputs"),
+                 as_json: bool = typer.Option(False, "--json", help="print one JSON object (total, layers)")):
+    """Estimate resources and latency (hls4ml) or area/power/energy (asic) without vendor tools (issue 5)."""
+    import json as _json
+    from .api import estimate
+    try:
+        if target == "asic":
+            cfg = {"node_nm": node_nm, "clock_period": clock_period}
+        else:
+            cfg = {"part": part, "clock_period": clock_period, "reuse_factor": reuse_factor, "strategy": strategy,
+                   "io_type": io_type}
+        est = estimate(model, target=target, config=cfg, input_type=input_type)
+    except Exception as e:  # one line, never a library traceback
+        _fail(e)
+    if as_json:
+        typer.echo(_json.dumps(est, default=str))
+        return
+    from .backends.hls4ml.estimate import format_table
+    typer.echo(format_table(est))
+    typer.echo(est.get("note", ""))
+
+
 golden_app = typer.Typer(help="Golden-output record and check (for CI).", no_args_is_help=True)
 app.add_typer(golden_app, name="golden")
 
