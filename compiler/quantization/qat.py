@@ -1,0 +1,240 @@
+"""Brevitas QAT models for a chosen bit allocation, fine-tuning, and QONNX export.
+
+The quantizers are the ones the digits example proved to export to exact fixed point
+(``examples/digits/models.py``; ``../shared/TOOLCHAIN.md`` "Exact recipe"):
+
+* model input: a constant power-of-two scale, unsigned or signed (:func:`input_quantizer`);
+* weights: ``Int8WeightPerTensorFixedPoint`` with ``weight_bit_width`` = the layer's weight bits
+  (narrow signed, per-tensor, power-of-two scale from max statistics);
+* activations: ``Uint8ActPerTensorFixedPoint`` inside ``QuantReLU`` with ``bit_width`` = the
+  consumer layer's input-activation bits (learned power-of-two scale);
+* biases: ``Int16Bias`` (scale = input scale * weight scale, a power of two).
+
+Supported float models: ``nn.Sequential`` of Linear / Conv1d / Conv2d, ReLU, MaxPool, AvgPool
+(exported as is), Flatten, Dropout (kept: off in eval/export) and BatchNorm1d/2d right after a
+Linear/Conv (folded into it first).  Every weight layer after the first must be fed by a ReLU
+(possibly through pooling/flatten/dropout), whose quantizer carries that layer's activation bits.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import QDeployError, UnsupportedError
+
+__all__ = ["input_quantizer", "fold_batchnorm", "build_qat_model", "fine_tune", "accuracy", "predict",
+           "export_qonnx"]
+
+_PASS = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def input_quantizer(bits: int, scale: float, signed: bool = False):
+    """A Brevitas activation quantizer class with a *constant* power-of-two ``scale``.
+
+    Fixed-point quantizers use scale = scaling_init / 2**(bits - signed), so scaling_init is set
+    to ``scale * 2**(bits - signed)``.  Raises QDeployError when ``scale`` is not a power of two.
+    """
+    from brevitas.core.scaling import ScalingImplType
+    from brevitas.quant import Int8ActPerTensorFixedPoint, Uint8ActPerTensorFixedPoint
+
+    m, _ = np.frexp(float(scale))
+    if scale <= 0 or m != 0.5:
+        raise QDeployError(f"input scale {scale} is not a power of two (needed for exact fixed point)")
+    base = Int8ActPerTensorFixedPoint if signed else Uint8ActPerTensorFixedPoint
+    return type(f"InputQuant{'S' if signed else 'U'}{bits}", (base,), {
+        "bit_width": int(bits), "scaling_impl_type": ScalingImplType.CONST,
+        "scaling_init": float(scale) * 2.0 ** (int(bits) - (1 if signed else 0))})
+
+
+def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
+    """Copy of ``model`` with each BatchNorm right after a Linear/Conv folded into it (eval stats)."""
+    items = list(model.named_children())
+    out = OrderedDict()
+    i = 0
+    while i < len(items):
+        name, m = items[i]
+        nxt = items[i + 1][1] if i + 1 < len(items) else None
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m = copy.deepcopy(m)
+            bn = nxt
+            g = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
+            b = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+            s = g / torch.sqrt(bn.running_var + bn.eps)
+            with torch.no_grad():
+                m.weight.mul_(s.reshape(-1, *([1] * (m.weight.dim() - 1))))
+                b0 = m.bias.detach() if m.bias is not None else torch.zeros_like(s)
+                if m.bias is None:
+                    m.bias = nn.Parameter(torch.zeros_like(s))
+                m.bias.copy_((b0 - bn.running_mean) * s + b)
+            out[name] = m
+            i += 2
+            continue
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            raise UnsupportedError("batch-norm not directly after a Linear/Conv cannot be folded", node=name)
+        out[name] = m
+        i += 1
+    return nn.Sequential(out)
+
+
+def _wkw(bits: int) -> dict:
+    from brevitas.quant import Int8WeightPerTensorFixedPoint, Int16Bias
+    return dict(weight_quant=Int8WeightPerTensorFixedPoint, weight_bit_width=int(bits), bias=True,
+                bias_quant=Int16Bias, return_quant_tensor=False)
+
+
+def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bits: int = 8,
+                    input_scale: float = 2.0 ** -4, input_signed: bool = False,
+                    default_act_bits: int = 8) -> nn.Sequential:
+    """Brevitas model with per-layer bits, initialized from ``float_model``'s weights.
+
+    Args:
+        float_model: ``nn.Sequential`` (see module docstring); not modified.
+        bits: {weight layer name: (w_bits, a_bits)}; a_bits of the first layer is ignored (its
+            input is the model input, quantized by ``input_bits``/``input_scale``).
+        input_bits, input_scale, input_signed: the model input's fixed-point format.
+        default_act_bits: bits of a ReLU that feeds no weight layer.
+
+    Returns:
+        ``nn.Sequential`` named ``input_quant`` followed by the float model's child names, in eval mode.
+
+    Raises:
+        UnsupportedError: a layer type or topology outside the supported set (names the layer).
+        QDeployError: a weight layer missing from ``bits``.
+    """
+    from brevitas.nn import QuantConv1d, QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+    from brevitas.quant import Uint8ActPerTensorFixedPoint
+
+    if not isinstance(float_model, nn.Sequential):
+        raise UnsupportedError(f"QAT builder takes an nn.Sequential, got {type(float_model).__name__}")
+    fm = fold_batchnorm(float_model)
+    items = list(fm.named_children())
+    wnames = [n for n, m in items if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    for n in wnames:
+        if n not in bits:
+            raise QDeployError(f"no bit widths given for layer {n!r}")
+    out = OrderedDict()
+    out["input_quant"] = QuantIdentity(act_quant=input_quantizer(input_bits, input_scale, input_signed),
+                                       return_quant_tensor=True)
+    quantized = True  # is the running tensor a QuantTensor?
+    for idx, (name, m) in enumerate(items):
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            if not quantized:
+                raise UnsupportedError("weight layer not fed by a ReLU or the input (add a ReLU)", node=name)
+            wb = bits[name][0]
+            if isinstance(m, nn.Linear):
+                q = QuantLinear(m.in_features, m.out_features, **_wkw(wb))
+            else:
+                cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantConv1d
+                q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                        dilation=m.dilation, groups=m.groups, **_wkw(wb))
+            with torch.no_grad():
+                q.weight.copy_(m.weight)
+                if m.bias is not None:
+                    q.bias.copy_(m.bias)
+                else:
+                    q.bias.zero_()
+            out[name] = q
+            quantized = False
+        elif isinstance(m, nn.ReLU):
+            nxt = next((n for n, mm in items[idx + 1:] if n in wnames), None)
+            ab = bits[nxt][1] if nxt is not None else default_act_bits
+            out[name] = QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, bit_width=int(ab), return_quant_tensor=True)
+            quantized = True
+        elif isinstance(m, _PASS) or isinstance(m, (nn.AvgPool2d,)):
+            out[name] = copy.deepcopy(m)
+        else:
+            raise UnsupportedError(f"{type(m).__name__} is not supported by the QAT builder", node=name)
+    model = nn.Sequential(out)
+    model.eval()
+    return model
+
+
+def _logits(out):
+    return getattr(out, "value", out)
+
+
+def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
+              seed: int = 0, progress=None, description: str = "QAT", num_threads: int = 1) -> nn.Module:
+    """Adam + cross-entropy + cosine schedule, seeded and deterministic; returns the model in eval mode.
+
+    ``progress``: a ``rich.progress.Progress`` to add a task to (None: no bar).  Torch's thread
+    count and deterministic flag are restored on return.
+    """
+    prev_t, prev_d = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        y = torch.as_tensor(np.asarray(y, dtype=np.int64))
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+        task = progress.add_task(description, total=epochs) if progress is not None else None
+        n = x.shape[0]
+        for _ in range(epochs):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(_logits(model(x[idx])), y[idx])
+                loss.backward()
+                opt.step()
+            sched.step()
+            if task is not None:
+                progress.advance(task)
+        if task is not None:
+            progress.remove_task(task)
+    finally:
+        torch.set_num_threads(prev_t)
+        torch.use_deterministic_algorithms(prev_d)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x) -> np.ndarray:
+    """Float logits (eval mode), float32 array (N, classes)."""
+    was = model.training
+    model.eval()
+    out = _logits(model(torch.as_tensor(np.asarray(x, dtype=np.float32)))).numpy()
+    model.train(was)
+    return out.astype(np.float32)
+
+
+def accuracy(model: nn.Module, x, y) -> float:
+    return float((predict(model, x).argmax(axis=1) == np.asarray(y)).mean())
+
+
+def export_qonnx(model: nn.Module, example_input, path) -> Path:
+    """Export to a self-contained, cleaned QONNX file (as ``examples/digits/models.py:export``).
+
+    ``example_input``: one batch (the exported graph has its batch size).  Returns the path.
+    """
+    import onnx
+    from brevitas.export import export_qonnx as bexport
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+
+    x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    with torch.no_grad():
+        bexport(model, args=x, export_path=str(path))
+    proto = onnx.load(str(path))
+    proto = cleanup_model(ModelWrapper(proto)).model
+    side = path.with_name(path.name + ".data")
+    if side.exists():
+        side.unlink()
+    onnx.save(proto, str(path), save_as_external_data=False)
+    onnx.checker.check_model(str(path))
+    return path

@@ -1,0 +1,440 @@
+"""The mixed-precision search driver: traces -> sensitivities -> ILP per budget -> QAT -> report.
+
+    run_search(recipe, out_dir, budgets=[{"bops": "uniform:4"}, {"size": 20000}])
+
+writes ``search_report.json``, ``search_report.md``, ``pareto.png`` and ``models/*.onnx`` (QONNX that
+``qdeploy compile`` takes) under ``out_dir``.
+
+A *recipe* is a callable (or ``"module:function"``, ``"path/file.py:function"``, or a YAML file with
+``recipe: <one of those>`` plus any keyword of :func:`run_search`) returning a dict:
+
+=================  ===========================================================================
+``model``          trained float ``nn.Sequential`` (Linear/Conv, ReLU, pooling, Flatten, Dropout, BN)
+``train``          ``(x, y)`` arrays: fine-tuning data and Hessian data
+``val``            ``(x, y)``: accuracy reported per allocation
+``test``           ``(x, y)`` optional: accuracy reported per allocation (the comparison figure)
+``input``          ``{"bits": 8, "scale": 2**-4, "signed": False}``: the model input's fixed-point format
+``name``           optional model name
+``qat``            optional ``{"epochs", "lr", "batch_size"}``
+``ties``           optional groups of tied layer names
+``trace_samples``  optional number of training samples for the Hessian (default all)
+=================  ===========================================================================
+
+Budgets: ``{kind: value}`` with kinds ``bops`` (bit operations per sample), ``size`` (weight bits)
+or any cost registered in :mod:`.ilp`; a value may be ``"uniform:B"``, the cost of the uniform
+B-bit allocation.  For each budget the uniform baseline is the largest uniform bit width that fits.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import QDeployError
+from . import hessian, ilp, qat, sensitivity
+
+__all__ = ["load_recipe", "layer_specs", "compute_sensitivities", "parse_budget", "run_search",
+           "render_markdown", "plot_pareto"]
+
+DEFAULT_BITS = tuple(range(2, 9))
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def load_recipe(spec) -> tuple[Callable, dict]:
+    """``(recipe_callable, extra_settings)`` from a callable, ``module:function``, ``file.py:function``
+    or a YAML file (``recipe:`` key plus settings).  Raises QDeployError when it cannot be loaded."""
+    if callable(spec):
+        return spec, {}
+    spec = str(spec)
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        import yaml
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict) or "recipe" not in data:
+            raise QDeployError(f"recipe file {p} must be a mapping with a 'recipe: module:function' key")
+        fn, _ = load_recipe(data.pop("recipe"))
+        return fn, data
+    if ":" not in spec:
+        raise QDeployError(f"recipe {spec!r}: expected module:function, path.py:function or a YAML file")
+    mod, fn = spec.rsplit(":", 1)
+    try:
+        if mod.endswith(".py") or os.sep in mod:
+            mp = Path(mod)
+            s = importlib.util.spec_from_file_location(f"_qdeploy_recipe_{mp.stem}", mp)
+            if s is None or not mp.exists():
+                raise FileNotFoundError(mod)
+            m = importlib.util.module_from_spec(s)
+            sys.modules[s.name] = m
+            s.loader.exec_module(m)
+        else:
+            m = importlib.import_module(mod)
+        f = getattr(m, fn)
+    except (ImportError, FileNotFoundError, AttributeError) as e:
+        raise QDeployError(f"cannot load recipe {spec!r}: {type(e).__name__}: {e}") from None
+    return f, {}
+
+
+# --------------------------------------------------------------------------- specs / sensitivities
+
+
+@torch.no_grad()
+def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEFAULT_BITS,
+                input_bits: int = 8) -> list[ilp.LayerSpec]:
+    """One :class:`~.ilp.LayerSpec` per weight layer, shapes measured on ``example_input`` (batch first).
+
+    The first layer's input is the model input (fixed at ``input_bits``); every other layer's input
+    activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at 8 bits).
+    """
+    w_bits = tuple(sensitivity._check_bits(w_bits))
+    a_bits = tuple(sensitivity._check_bits(a_bits)) if a_bits else ()
+    shapes = {}
+    hooks = []
+    for n, m in hessian.weight_layers(model):
+        hooks.append(m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, (a[0].shape, o.shape))))
+    was = model.training
+    model.eval()
+    try:
+        model(torch.as_tensor(np.asarray(example_input, dtype=np.float32))[:1])
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    specs = []
+    for i, (n, m) in enumerate(hessian.weight_layers(model)):
+        _, oshape = shapes[n]
+        if isinstance(m, nn.Linear):
+            n_in, n_out, pos, kind = m.in_features, m.out_features, int(np.prod(oshape[1:-1])) or 1, "dense"
+        else:
+            n_in = int(np.prod(m.kernel_size)) * m.in_channels // m.groups
+            n_out, pos, kind = m.out_channels, int(np.prod(oshape[2:])), "conv"
+        specs.append(ilp.LayerSpec(name=n, n_in=int(n_in), n_out=int(n_out), positions=int(pos),
+                                   n_weights=int(m.weight.numel()), w_bits=w_bits,
+                                   a_bits=a_bits if i > 0 else (), fixed_a_bits=int(input_bits) if i == 0 else 8,
+                                   kind=kind))
+    return specs
+
+
+def compute_sensitivities(model, specs, traces: hessian.TraceResult, x) -> dict:
+    """{layer: {(w_bits, a_bits): Omega_w(w_bits) + Omega_a(a_bits)}} (HAWQ-V3 Eq. 10 per tensor)."""
+    mods = dict(model.named_modules())
+    acts = hessian.layer_inputs(model, x, [s.name for s in specs if s.a_bits])
+    out = {}
+    for s in specs:
+        w = mods[s.name].weight.detach()
+        ow = sensitivity.weight_sensitivity(traces.weights[s.name].mean, w, s.w_bits)
+        oa = (sensitivity.act_sensitivity(traces.activations[s.name].mean, acts[s.name], s.a_bits)
+              if s.a_bits else {s.fixed_a_bits: 0.0})
+        out[s.name] = {(wb, ab): ow[wb] + oa[ab] for wb, ab in s.options()}
+    return out
+
+
+def parse_budget(text: str) -> dict:
+    """``"bops=1.5e6,size=uniform:4"`` -> ``{"bops": 1.5e6, "size": "uniform:4"}``.  Raises QDeployError."""
+    out = {}
+    for part in [p for p in str(text).split(",") if p.strip()]:
+        if "=" not in part:
+            raise QDeployError(f"budget {part!r}: expected kind=value, e.g. bops=1.2e6 or size=uniform:4")
+        k, v = (t.strip() for t in part.split("=", 1))
+        if v.startswith("uniform:"):
+            try:
+                int(v.split(":", 1)[1])
+            except ValueError:
+                raise QDeployError(f"budget {part!r}: uniform:B needs an integer B") from None
+            out[k] = v
+        else:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                raise QDeployError(f"budget {part!r}: {v!r} is not a number") from None
+            if not out[k] > 0:
+                raise QDeployError(f"budget {part!r} must be positive")
+    if not out:
+        raise QDeployError("empty budget")
+    return out
+
+
+def _resolve_budget(b: Mapping, specs, costs) -> dict:
+    out = {}
+    for k, v in b.items():
+        if isinstance(v, str) and v.startswith("uniform:"):
+            bits = int(v.split(":", 1)[1])
+            out[k] = sum(ilp.layer_cost(k, s, bits, bits if s.a_bits else s.fixed_a_bits, costs) for s in specs)
+        else:
+            out[k] = float(v)
+    return out
+
+
+def _check_ties(model, ties):
+    mods = dict(model.named_modules())
+    for g in ties or ():
+        for n in g:
+            if n not in mods:
+                raise QDeployError(f"tie names {n!r}, which is not a module of the model")
+            if not isinstance(mods[n], hessian.WEIGHT_TYPES):
+                raise QDeployError(f"tie names layer {n!r} ({type(mods[n]).__name__}), which has no weights")
+    return [list(g) for g in ties or ()]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:4"},),
+               w_bits: Iterable[int] = DEFAULT_BITS, a_bits: Iterable[int] | None = None,
+               ties: Sequence[Sequence[str]] | None = None, costs: Mapping | None = None,
+               probes: int = 100, tol: float = 1e-3, batch_probes: int = 10, qat_epochs: int | None = None,
+               qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
+               export: bool = True, check_import: bool = True) -> dict:
+    """Run the whole search and write the report; returns the report dict (also in search_report.json).
+
+    Args:
+        recipe: see the module docstring.
+        out_dir: output directory (created; existing files of the same names are replaced).
+        budgets: budget points, each ``{kind: value}`` (all constraints of one point hold at once).
+        w_bits, a_bits: candidate weight / activation bit widths (a_bits default = w_bits).
+        ties: groups of tied layer names (override the recipe's).
+        costs: extra per-layer cost functions ``fn(spec, w_bits, a_bits)`` by budget kind.
+        probes, tol, batch_probes: Hutchinson settings (cap, relative tolerance, vmap width).
+        qat_epochs, qat_lr: fine-tuning settings (override the recipe's ``qat``).
+        qat_seeds: fine-tune each allocation with this many seeds (seed, seed+1, ...) and report the
+            mean accuracy (per-seed values kept); the exported QONNX is the first seed's model.
+        sweep_points: budgets in the sensitivity-vs-cost frontier sweep (no QAT there).
+        seed: seeds probes, model building and fine-tuning.
+        progress: show rich progress bars.
+        export: write the chosen models as QONNX; check_import: import each into the IR.
+
+    Raises:
+        QDeployError: bad recipe, budgets, bit lists or ties (one-line message).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    fn, extra = load_recipe(recipe)
+    w_bits = tuple(sensitivity._check_bits(list(w_bits)))
+    a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
+    if not budgets:
+        raise QDeployError("no budget given: pass at least one, e.g. --budget bops=uniform:4")
+    t_all = time.perf_counter()
+    torch.manual_seed(seed)
+    r = fn(**extra) if extra else fn()
+    for k in ("model", "train", "val"):
+        if k not in r:
+            raise QDeployError(f"recipe result lacks {k!r} (needs model, train, val; optional test, input)")
+    model: nn.Module = r["model"]
+    name = r.get("name", type(model).__name__)
+    inp = {"bits": 8, "scale": 2.0 ** -4, "signed": False, **(r.get("input") or {})}
+    qcfg = {"epochs": 15, "lr": 3e-3, "batch_size": 64, **(r.get("qat") or {})}
+    if qat_epochs is not None:
+        qcfg["epochs"] = int(qat_epochs)
+    if qat_lr is not None:
+        qcfg["lr"] = float(qat_lr)
+    ties = _check_ties(model, ties if ties is not None else r.get("ties", ()))
+    x_tr, y_tr = (np.asarray(a) for a in r["train"])
+    x_va, y_va = (np.asarray(a) for a in r["val"])
+    test = tuple(np.asarray(a) for a in r["test"]) if r.get("test") is not None else None
+    ns = int(r.get("trace_samples", len(x_tr)))
+    specs = layer_specs(model, x_tr[:1], w_bits, a_bits, inp["bits"])
+    resolved = [_resolve_budget(b, specs, costs) for b in budgets]
+    out_dir = Path(out_dir)
+    (out_dir / "models").mkdir(parents=True, exist_ok=True)
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not progress, transient=True)
+    with prog:
+        task = prog.add_task(f"[{name}] Hessian traces (probes)", total=probes)
+        tr = hessian.hutchinson_traces(model, (x_tr[:ns], y_tr[:ns]), activations=[s.name for s in specs if s.a_bits],
+                                       tol=tol, max_probes=probes, batch_probes=batch_probes, seed=seed,
+                                       progress=lambda d: prog.update(task, completed=d))
+        prog.remove_task(task)
+        sens = compute_sensitivities(model, specs, tr, x_tr[:ns])
+        float_acc = {"val": qat.accuracy(model, x_va, y_va)}
+        if test is not None:
+            float_acc["test"] = qat.accuracy(model, *test)
+
+        cache: dict = {}
+
+        def train_eval(bits: dict, tag: str) -> dict:
+            key = tuple(sorted(bits.items()))
+            if key in cache:
+                return {**cache[key], "same_as": cache[key]["tag"]}
+            accs = {"val": [], "test": []}
+            t0 = time.perf_counter()
+            for k in range(qat_seeds):
+                torch.manual_seed(seed + k)
+                qk = qat.build_qat_model(model, bits, input_bits=inp["bits"], input_scale=inp["scale"],
+                                         input_signed=inp["signed"])
+                qat.fine_tune(qk, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
+                              seed=seed + k, progress=prog if progress else None,
+                              description=f"[{name}] QAT {tag} seed {seed + k}")
+                accs["val"].append(qat.accuracy(qk, x_va, y_va))
+                if test is not None:
+                    accs["test"].append(qat.accuracy(qk, *test))
+                if k == 0:
+                    q = qk
+            res = {"tag": tag, "qat_seconds": time.perf_counter() - t0, "val_acc": float(np.mean(accs["val"])),
+                   "val_accs": accs["val"]}
+            if test is not None:
+                res["test_acc"] = float(np.mean(accs["test"]))
+                res["test_accs"] = accs["test"]
+            if export:
+                p = qat.export_qonnx(q, x_tr[:1], out_dir / "models" / f"{name}_{tag}.onnx")
+                res["qonnx"] = str(p.relative_to(out_dir))
+                if check_import:
+                    from ..frontends import load_model
+                    g = load_model(str(p))
+                    res["ir_nodes"] = len(g.nodes)
+            cache[key] = res
+            return res
+
+        results = []
+        for i, (b_in, b) in enumerate(zip(budgets, resolved)):
+            alloc = ilp.allocate(specs, sens, b, costs=costs, ties=ties)
+            h = train_eval(alloc.bits, f"b{i}_hessian")
+            uni = None
+            for ub in sorted(w_bits, reverse=True):
+                ua = ilp.uniform_allocation(specs, ub, sens, costs)
+                ucost = {k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b}
+                if all(ucost[k] <= b[k] * (1 + 1e-9) for k in b):
+                    ua.costs.update(ucost)
+                    uni = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
+                    break
+            results.append({"budget": dict(b_in), "budget_resolved": b, "hessian": {**alloc.to_dict(), **h},
+                            "uniform": uni})
+        frontier = {}
+        for kind in sorted({k for b in resolved for k in b} | {"bops"}):
+            frontier[kind] = [{"cost": a.costs[kind], "objective": a.objective, "bops": a.costs["bops"],
+                               "size": a.costs["size"]}
+                              for a in ilp.pareto_frontier(specs, sens, kind, sweep_points, costs, ties)]
+        uniform_pts = []
+        for ub in w_bits:
+            ua = ilp.uniform_allocation(specs, ub, sens, costs)
+            uniform_pts.append({"bits": ub, "objective": ua.objective, **ua.costs})
+
+    layers = []
+    for s in specs:
+        t = tr.weights[s.name]
+        row = {"name": s.name, "kind": s.kind, "n_weights": s.n_weights, "n_in": s.n_in, "n_out": s.n_out,
+               "positions": s.positions, "trace": t.trace, "stderr": t.stderr, "probes": t.probes,
+               "mean_trace": t.mean}
+        if s.name in tr.activations:
+            a = tr.activations[s.name]
+            row.update(act_trace=a.trace, act_stderr=a.stderr, act_mean_trace=a.mean, act_n=a.n)
+        row["chosen"] = [list(res["hessian"]["bits"][s.name].values()) for res in results]
+        layers.append(row)
+    report = {
+        "model": name, "seed": seed, "float_accuracy": float_acc,
+        "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
+                     "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties},
+        "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds},
+        "layers": layers, "budgets": results, "frontier": frontier, "uniform_points": uniform_pts,
+        "seconds": time.perf_counter() - t_all,
+    }
+    (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=_json))
+    (out_dir / "search_report.md").write_text(render_markdown(report))
+    plot_pareto(report, out_dir / "pareto.png")
+    return report
+
+
+def _json(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def _acc(r, key):
+    return "n/a" if r is None or key not in r else f"{r[key]:.4f}"
+
+
+def render_markdown(rep: dict) -> str:
+    """``search_report.md``: settings, per-layer table, Hessian vs uniform per budget, frontier."""
+    acc_key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
+    L = [f"# qdeploy search report: {rep['model']}", "",
+         f"- float accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in rep["float_accuracy"].items()),
+         f"- candidate weight bits {rep['settings']['w_bits']}, activation bits {rep['settings']['a_bits']}, "
+         f"input {rep['settings']['input']}",
+         f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (cap {rep['settings']['probes_cap']}, "
+         f"tol {rep['settings']['tol']}, converged: {rep['trace']['converged']}), "
+         f"{rep['settings']['trace_samples']} samples, {rep['trace']['seconds']:.2f} s",
+         f"- QAT: {rep['settings']['qat']}, seed {rep['seed']}; total {rep['seconds']:.1f} s", "",
+         "## Layers", "",
+         "Trace = Tr(H) of the loss w.r.t. the layer's weights (± standard error); act trace = w.r.t. its input "
+         "activation (all samples). Chosen bits per budget as w/a.", "",
+         "| layer | kind | weights | trace | ± se | Tr/n | act trace | ± se | " +
+         " | ".join(f"budget {i}" for i in range(len(rep["budgets"]))) + " |",
+         "|---|---|---|---|---|---|---|---|" + "---|" * len(rep["budgets"])]
+    for r in rep["layers"]:
+        L.append(f"| {r['name']} | {r['kind']} | {r['n_weights']} | {r['trace']:.4g} | {r['stderr']:.2g} | "
+                 f"{r['mean_trace']:.3g} | {r.get('act_trace', float('nan')):.4g} | {r.get('act_stderr', float('nan')):.2g} | "
+                 + " | ".join(f"{c[0]}/{c[1]}" for c in r["chosen"]) + " |")
+    L += ["", "## Hessian allocation vs uniform precision, per budget", "",
+          "Accuracies are means over the QAT seeds (settings.qat_seeds).", "",
+          "| budget | allocation | BOPs | weight bits | sensitivity | val acc | test acc | QONNX |",
+          "|---|---|---|---|---|---|---|---|"]
+    for i, b in enumerate(rep["budgets"]):
+        h, u = b["hessian"], b["uniform"]
+        bud = ", ".join(f"{k}={v}" for k, v in b["budget"].items())
+        L.append(f"| {i}: {bud} | Hessian ILP | {h['costs']['bops']:.4g} | {h['costs']['size']:.0f} | "
+                 f"{h['objective']:.3g} | {_acc(h, 'val_acc')} | {_acc(h, 'test_acc')} | {h.get('qonnx', '')} |")
+        if u:
+            ua = u["allocation"]
+            L.append(f"| {i} | uniform {u['bits']}-bit | {ua['costs']['bops']:.4g} | {ua['costs']['size']:.0f} | "
+                     f"{ua['objective']:.3g} | {_acc(u, 'val_acc')} | {_acc(u, 'test_acc')} | {u.get('qonnx', '')} |")
+        else:
+            L.append(f"| {i} | uniform: none fits | | | | | | |")
+    L += ["", f"Comparison ({acc_key}):", ""]
+    for i, b in enumerate(rep["budgets"]):
+        h, u = b["hessian"], b["uniform"]
+        if u:
+            geq = h[acc_key] >= u[acc_key]
+            L.append(f"- budget {i}: Hessian {h[acc_key]:.4f} at {h['costs']['bops']:.4g} BOPs vs uniform "
+                     f"{u['bits']}-bit {u[acc_key]:.4f} at {u['allocation']['costs']['bops']:.4g} BOPs: "
+                     f"{'Hessian >= uniform' if geq else 'uniform better'}")
+    for kind, pts in rep["frontier"].items():
+        L += ["", f"## Frontier: total sensitivity vs {kind} (ILP sweep, no QAT)", "", f"| {kind} | sensitivity |", "|---|---|"]
+        L += [f"| {p['cost']:.4g} | {p['objective']:.4g} |" for p in pts]
+    return "\n".join(L) + "\n"
+
+
+def plot_pareto(rep: dict, path) -> Path:
+    """``pareto.png``: sensitivity frontier vs BOPs (left) and accuracy after QAT vs BOPs (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc_key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fr = rep["frontier"].get("bops", [])
+    ax[0].plot([p["bops"] for p in fr], [p["objective"] for p in fr], "o-", ms=3, label="ILP frontier")
+    up = rep["uniform_points"]
+    ax[0].plot([p["bops"] for p in up], [p["objective"] for p in up], "s--", label="uniform")
+    for p in up:
+        ax[0].annotate(str(p["bits"]), (p["bops"], p["objective"]), fontsize=7)
+    ax[0].set(xscale="log", yscale="log", xlabel="BOPs / sample", ylabel="total sensitivity Σ Ω",
+              title=f"{rep['model']}: sensitivity frontier")
+    ax[0].legend()
+    hb = [(b["hessian"]["costs"]["bops"], b["hessian"][acc_key]) for b in rep["budgets"]]
+    ub = [(b["uniform"]["allocation"]["costs"]["bops"], b["uniform"][acc_key]) for b in rep["budgets"] if b["uniform"]]
+    ax[1].plot(*zip(*sorted(hb)), "o-", label="Hessian ILP + QAT")
+    if ub:
+        ax[1].plot(*zip(*sorted(set(ub))), "s--", label="uniform + QAT")
+    ax[1].axhline(rep["float_accuracy"].get(acc_key.replace("_acc", ""), np.nan), color="gray", lw=0.8, label="float")
+    ax[1].set(xscale="log", xlabel="BOPs / sample", ylabel=acc_key.replace("_", " "), title="accuracy after QAT")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,135 @@
+"""Hutchinson traces: agreement with the exact Hessian, determinism, eval-mode invariance."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from qdeploy.compiler.errors import QDeployError
+from qdeploy.compiler.quantization.hessian import hutchinson_traces, weight_layers
+from qdeploy.compiler.quantization.sensitivity import (act_sensitivity, quantize_weight_pot,
+                                                       weight_sensitivity)
+
+
+def _data(n=64, d=6, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, k, (n,), generator=g)
+
+
+def _mlp(bn=False, dropout=0.0):
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 8)] + ([nn.BatchNorm1d(8)] if bn else []) + [nn.ReLU()]
+    layers += [nn.Dropout(dropout)] if dropout else []
+    layers += [nn.Linear(8, 3)]
+    return nn.Sequential(*layers)
+
+
+def _exact_trace(model, x, y, key):
+    model.eval()
+    p = {k: v.detach() for k, v in model.named_parameters()}
+    b = dict(model.named_buffers())
+
+    def f(w):
+        return nn.functional.cross_entropy(functional_call(model, ({**p, key: w}, b), (x,)), y)
+
+    H = hessian(f)(p[key])
+    n = p[key].numel()
+    return float(H.reshape(n, n).trace())
+
+
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_matches_exact_trace(blockwise):
+    m = _mlp(bn=True)
+    x, y = _data()
+    # give batch-norm non-trivial running statistics
+    m.train()
+    with torch.no_grad():
+        m(x * 2 + 1)
+    r = hutchinson_traces(m, (x, y), tol=0.0, max_probes=600, batch_probes=100, blockwise=blockwise)
+    for name, lt in r.weights.items():
+        exact = _exact_trace(m, x, y, f"{name}.weight")
+        assert lt.probes == 600 and lt.stderr > 0
+        assert abs(lt.trace - exact) < 4 * lt.stderr + 1e-6, (name, lt.trace, exact, lt.stderr)
+
+
+def test_activation_trace_matches_exact():
+    m = _mlp()
+    x, y = _data()
+    r = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=400, batch_probes=100,
+                          blockwise=True)
+    a = m[1](m[0](x)).detach()
+    H = hessian(lambda t: nn.functional.cross_entropy(m[2](t), y))(a)
+    exact = float(H.reshape(a.numel(), a.numel()).trace())
+    lt = r.activations["2"]
+    assert lt.n == a.numel()
+    assert abs(lt.trace - exact) < 4 * lt.stderr + 1e-6
+
+
+def test_train_mode_dropout_and_batchnorm_do_not_change_traces():
+    m = _mlp(bn=True, dropout=0.5)
+    x, y = _data()
+    m.train()
+    with torch.no_grad():
+        m(x)  # running stats move once, then stay fixed
+    r_train = hutchinson_traces(m, (x, y), activations=True, max_probes=20, seed=3)
+    assert m.training, "the caller's mode must be restored"
+    bn_before = m[1].running_mean.clone()
+    m.eval()
+    r_eval = hutchinson_traces(m, (x, y), activations=True, max_probes=20, seed=3)
+    assert not m.training
+    assert torch.equal(bn_before, m[1].running_mean)
+    for k in r_train.weights:
+        assert r_train.weights[k].samples == r_eval.weights[k].samples
+    for k in r_train.activations:
+        assert r_train.activations[k].samples == r_eval.activations[k].samples
+
+
+def test_seeded_vmap_equals_loop_and_tolerance_stop():
+    m = _mlp()
+    x, y = _data()
+    a = hutchinson_traces(m, (x, y), max_probes=20, seed=7, tol=0.0)
+    b = hutchinson_traces(m, (x, y), max_probes=20, seed=7, tol=0.0, vectorize=False)
+    c = hutchinson_traces(m, (x, y), max_probes=20, seed=7, tol=0.0)
+    for k in a.weights:
+        assert a.weights[k].samples == c.weights[k].samples  # reproducible
+        np.testing.assert_allclose(a.weights[k].samples, b.weights[k].samples, rtol=1e-5, atol=1e-7)
+    loose = hutchinson_traces(m, (x, y), max_probes=100, tol=0.5, min_probes=10, seed=7)
+    assert loose.converged and loose.probes < 100
+    capped = hutchinson_traces(m, (x, y), max_probes=30, tol=1e-12, seed=7)
+    assert capped.probes == 30 and not capped.converged
+
+
+def test_multiple_batches_weighted_mean():
+    m = _mlp()
+    x, y = _data(n=60)
+    whole = hutchinson_traces(m, (x, y), max_probes=10, seed=1, tol=0.0)
+    split = hutchinson_traces(m, [(x[:20], y[:20]), (x[20:], y[20:])], max_probes=10, seed=1, tol=0.0)
+    for k in whole.weights:
+        np.testing.assert_allclose(whole.weights[k].samples, split.weights[k].samples, rtol=1e-4, atol=1e-6)
+
+
+def test_errors():
+    m = _mlp()
+    x, y = _data()
+    with pytest.raises(QDeployError, match="no module"):
+        hutchinson_traces(m, (x, y), layers=["nope"])
+    with pytest.raises(QDeployError, match="no weight"):
+        hutchinson_traces(m, (x, y), layers=["1"])
+    with pytest.raises(QDeployError, match="no Linear/Conv"):
+        hutchinson_traces(nn.Sequential(nn.ReLU()), (x, y))
+    with pytest.raises(QDeployError, match=">= 1"):
+        hutchinson_traces(m, (x, y), max_probes=0)
+    assert [n for n, _ in weight_layers(m)] == ["0", "2"]
+
+
+def test_sensitivity_quantizers():
+    w = torch.tensor([0.5, -0.3, 0.02, 0.0])
+    q = quantize_weight_pot(w, 4)  # qmax 7, scale 2**ceil(log2(0.5/7)) = 1/8
+    assert torch.equal(q, torch.tensor([0.5, -0.25, 0.0, 0.0]))
+    s = weight_sensitivity(2.0, w, [2, 4, 8])
+    assert s[2] >= s[4] >= s[8] >= 0
+    a = torch.rand(100, 5)
+    sa = act_sensitivity(1.0, a, [2, 8])
+    assert sa[2] > sa[8]
+    with pytest.raises(QDeployError, match="empty"):
+        weight_sensitivity(1.0, w, [])
