@@ -11,11 +11,11 @@ that before trusting a number.  Every assumption, with its source:
 
 Multipliers (Dense/Conv, one product per weight and input)
   A1. hls4ml picks the product implementation from the *types* only
-      (``FPGABackend.product_type``, hls4ml 1.3 ``backends/fpga/fpga_backend.py``): 1-bit
-      (XNOR) operands -> ``both_binary``/``weight_binary``/``data_binary`` (no multiplier, a
-      negation or XNOR: ~1 LUT per result bit); a signed 2-bit integer weight ->
-      ``weight_ternary`` (mux of 0/+x/-x); otherwise ``mult`` = a plain ``a * w``
-      (``templates/vivado/nnet_utils/nnet_mult.h``).
+      (``FPGABackend.product_type``, hls4ml 1.3 ``backends/fpga/fpga_backend.py``): XNOR-binary
+      operands -> ``both_binary``/``weight_binary``/``data_binary``; a signed 2-bit integer
+      weight -> ``weight_ternary`` (0/+x/-x); otherwise ``mult`` = a plain ``a * w``
+      (``templates/vivado/nnet_utils/nnet_mult.h``).  With constant weights all of these are
+      covered by A2: a +-1 or 0 weight is free, whatever the product class.
   A2. Weights are compile-time constants in the Latency strategy (``#pragma HLS
       function_instantiate variable=weights,biases`` in ``nnet_dense_latency.h``), so each
       product is a multiplication by a known constant ``c`` (a weight code), counted per weight:
@@ -307,15 +307,10 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
     blen = _bitlen(codes)
     zero = codes == 0
     shift = digits == 1
-    # A1: binary / ternary product specialisations
-    if xb == 1 or wb == 1 or (wb == 2 and w.dtype.is_integer and w.dtype.signed):
-        one_add = np.zeros_like(zero)
-        real = np.zeros_like(zero)
-        sel_luts = int(np.count_nonzero(~zero)) * max(xb, 1)  # negate / select per product bit
-    else:
-        one_add = digits == 2
-        real = digits >= 3
-        sel_luts = 0
+    # A1/A2: binary and ternary weights are constants of at most one signed digit -> free
+    one_add = digits == 2
+    real = digits >= 3
+    sel_luts = 0
     n_zero, n_free = int(zero.sum()), int(shift.sum())
     n_add1, n_real = int(one_add.sum()), int(real.sum())
     wide = max(xb, wb) if opts["dsp_rule"] == "wider_operand" else wb

@@ -1,0 +1,220 @@
+"""Issue 5: hls4ml FPGA and ASIC estimates -- monotonicity properties, errors, CLI JSON, reports."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qdeploy
+from qdeploy.backends import asic
+from qdeploy.backends.hls4ml.estimate import (DSP_MIN_WEIGHT_BITS, PARTS, TOTAL_KEYS, estimate, resolve_part,
+                                              valid_reuse_factors)
+from qdeploy.compiler.errors import QDeployError
+from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
+from qdeploy.compiler.ir.types import FixedType
+
+from ..conftest import REALCASES
+
+JSC = REALCASES / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx"
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def mlp(codes, x_t: FixedType, w_t: FixedType, relu=True, conv=False):
+    b = GraphBuilder("m")
+    if conv:
+        h = b.input("x", (6, 6, codes.shape[-2]), x_t)
+        h = b.add("fc", "Conv", [h], attrs={"kernel": (1, 1)}, params={"weight": Const(codes[None, None], w_t)})
+    else:
+        h = b.input("x", (codes.shape[0],), x_t)
+        h = b.add("fc", "Dense", [h], params={"weight": Const(codes, w_t)})
+    if relu:
+        h = b.add("relu", "Relu", [h])
+    b.output(h)
+    return b.build()
+
+
+layer = st.tuples(st.integers(1, 24), st.integers(1, 12), st.integers(2, 8), st.integers(0, 2**31 - 1))
+
+
+def _codes(n_in, n_out, wbits, seed):
+    rng = np.random.default_rng(seed)
+    lo, hi = -(1 << (wbits - 1)), (1 << (wbits - 1))
+    return rng.integers(lo, hi, (n_in, n_out))
+
+
+@SETTINGS
+@given(layer, st.integers(1, 7), st.data(), st.booleans(), st.booleans())
+def test_more_data_bits_never_fewer_luts(lay, xb, data, signed, stream):
+    """Widening the input (same weights, same side of the DSP threshold) never lowers LUTs."""
+    n_in, n_out, wb, seed = lay
+    extra = data.draw(st.integers(1, 8 - xb))
+    codes = _codes(n_in, n_out, wb, seed)
+    w_t = FixedType(wb, 1)
+    cfg = {"io_type": "io_stream" if stream else "io_parallel"}
+    small = estimate(mlp(codes, FixedType(xb, 2, signed), w_t), cfg)["total"]
+    big = estimate(mlp(codes, FixedType(xb + extra, 2, signed), w_t), cfg)["total"]
+    assert xb + extra < DSP_MIN_WEIGHT_BITS  # products stay in LUTs
+    assert big["lut"] >= small["lut"]
+    assert big["dsp"] >= small["dsp"]
+
+
+@SETTINGS
+@given(layer, st.integers(9, 16), st.integers(1, 8))
+def test_more_bits_on_dsp_never_fewer_luts(lay, xb, extra):
+    """Above the DSP threshold too: wider inputs never lower LUTs (or DSPs)."""
+    n_in, n_out, wb, seed = lay
+    codes = _codes(n_in, n_out, wb, seed)
+    w_t = FixedType(wb, 1)
+    small = estimate(mlp(codes, FixedType(xb, 4), w_t))["total"]
+    big = estimate(mlp(codes, FixedType(xb + extra, 4), w_t))["total"]
+    assert big["lut"] >= small["lut"] and big["dsp"] >= small["dsp"]
+
+
+@SETTINGS
+@given(layer, st.integers(0, 4))
+def test_more_weight_bits_never_fewer_luts(lay, extra):
+    """Same weight values in a wider weight type (more integer bits), below the DSP threshold."""
+    n_in, n_out, wb, seed = lay
+    codes = _codes(n_in, n_out, wb, seed)
+    x_t = FixedType(6, 1)
+    a = estimate(mlp(codes, x_t, FixedType(wb, 1)))["total"]
+    b = estimate(mlp(codes, x_t, FixedType(min(wb + extra, 8), 1 + min(wb + extra, 8) - wb)))["total"]
+    assert b["lut"] >= a["lut"]
+
+
+@SETTINGS
+@given(layer, st.integers(4, 16), st.data(), st.booleans())
+def test_reuse_factor_latency_strategy_monotone(lay, xb, data, conv):
+    """Larger reuse factor: never more DSPs, never lower latency, II = RF (x positions)."""
+    n_in, n_out, wb, seed = lay
+    codes = _codes(n_in, n_out, max(wb, 9), seed)
+    g = mlp(codes, FixedType(xb, 3), FixedType(max(wb, 9), 1), conv=conv)
+    r1 = data.draw(st.integers(1, n_in * n_out))
+    r2 = data.draw(st.integers(r1, n_in * n_out))
+    a = estimate(g, {"reuse_factor": r1})
+    b = estimate(g, {"reuse_factor": r2})
+    assert b["total"]["dsp"] <= a["total"]["dsp"]
+    assert b["total"]["latency_cycles"] >= a["total"]["latency_cycles"]
+    assert b["total"]["ii_cycles"] >= a["total"]["ii_cycles"]
+    fc = next(r for r in b["layers"] if r["name"] == "fc")
+    assert fc["ii_cycles"] == r2 * (36 if conv else 1)
+
+
+@SETTINGS
+@given(st.integers(1, 24), st.integers(1, 12), st.integers(0, 2**31 - 1), st.data())
+def test_reuse_factor_resource_strategy_monotone(n_in, n_out, seed, data):
+    codes = _codes(n_in, n_out, 12, seed)
+    g = mlp(codes, FixedType(12, 3), FixedType(12, 1))
+    valid = valid_reuse_factors(n_in, n_out)
+    r1 = data.draw(st.sampled_from(valid))
+    r2 = data.draw(st.sampled_from([r for r in valid if r >= r1]))
+    a = estimate(g, {"strategy": "Resource", "reuse_factor": r1})["total"]
+    b = estimate(g, {"strategy": "Resource", "reuse_factor": r2})["total"]
+    assert b["dsp"] <= a["dsp"] and b["latency_cycles"] >= a["latency_cycles"] and b["ii_cycles"] == r2
+
+
+def test_constant_rules_zero_and_power_of_two_are_free():
+    x_t = FixedType(16, 6)
+    w_t = FixedType(16, 6)
+    free = mlp(np.array([[0, 1, -2, 1024], [4, 0, 0, -8]]), x_t, w_t, relu=False)
+    d = estimate(free)["layers"][0]["detail"]
+    assert d["mults_real"] == 0 and d["mults_shift_add"] == 0 and estimate(free)["total"]["dsp"] == 0
+    real = mlp(np.array([[11, 3], [13, 5]]), x_t, w_t, relu=False)  # 11, 13: three CSD digits; 3, 5: two
+    d = estimate(real)["layers"][0]["detail"]
+    assert (d["mults_real"], d["mults_shift_add"], d["real_mults_on"]) == (2, 2, "DSP")
+    lut_rule = estimate(mlp(np.array([[11, 3], [13, 5]]), FixedType(6, 2), FixedType(6, 1), relu=False))
+    assert lut_rule["total"]["dsp"] == 0 and lut_rule["layers"][0]["detail"]["real_mults_on"] == "LUT"
+
+
+def test_valid_reuse_factors_match_hls4ml():
+    from hls4ml.backends import get_backend
+    be = get_backend("Vivado")
+    for n_in, n_out in ((16, 64), (64, 32), (32, 5), (9, 8), (7, 3)):
+        assert valid_reuse_factors(n_in, n_out) == be.get_valid_reuse_factors(n_in, n_out)
+
+
+def test_errors_unknown_part_illegal_rf_unsupported_op():
+    g = mlp(_codes(16, 64, 6, 0), FixedType(8, 2), FixedType(6, 1))
+    with pytest.raises(QDeployError, match="unknown FPGA part 'xc9999'.*xcvu9p.*xc7z020"):
+        estimate(g, {"part": "xc9999"})
+    with pytest.raises(QDeployError, match=r"node 'fc'.*reuse factor 7.*nearest legal: 4, 8"):
+        estimate(g, {"strategy": "Resource", "reuse_factor": 7})
+    with pytest.raises(QDeployError, match=r"node 'fc'.*largest legal: 1024"):
+        estimate(g, {"reuse_factor": 5000})
+    bad = g.with_(nodes=[n.replace(op="Gelu") if n.name == "relu" else n for n in g.nodes])
+    with pytest.raises(QDeployError, match=r"node 'relu'.*'Gelu'.*supported ops: Dense, Conv"):
+        estimate(bad)
+    with pytest.raises(QDeployError, match=r"node 'relu'.*'Gelu'.*supported ops"):
+        asic.estimate(bad)
+    with pytest.raises(QDeployError, match="technology node 90"):
+        asic.estimate(g, {"node_nm": 90})
+
+
+@pytest.mark.parametrize("name,key", [("vu9p", "xcvu9p"), ("xcvu9p-flga2104-2L-e", "xcvu9p"), ("VU13P", "xcvu13p"),
+                                      ("xcku115-flvb2104-2-i", "xcku115"), ("Alveo U250", "xcu250"),
+                                      ("zcu102", "xczu9eg"), ("xczu9eg-ffvb1156-2-e", "xczu9eg"),
+                                      ("pynq-z2", "xc7z020"), ("xc7z020clg400-1", "xc7z020")])
+def test_parts(name, key):
+    assert resolve_part(name)[0] == key
+    assert set(PARTS) == {"xcvu9p", "xcvu13p", "xcku115", "xcu250", "xczu9eg", "xc7z020"}
+
+
+def test_asic_scales_with_node_and_bits():
+    codes = _codes(32, 16, 6, 1)
+    g = mlp(codes, FixedType(8, 2), FixedType(6, 1))
+    t = {nm: asic.estimate(g, {"node_nm": nm})["total"] for nm in (65, 45, 28)}
+    assert t[65]["area_mm2"] > t[45]["area_mm2"] > t[28]["area_mm2"] > 0
+    assert t[65]["energy_nj"] > t[45]["energy_nj"] > t[28]["energy_nj"] > 0
+    wide = asic.estimate(mlp(codes, FixedType(12, 2), FixedType(6, 1)))["total"]
+    assert wide["area_mm2"] > t[65]["area_mm2"] and wide["energy_nj"] > t[65]["energy_nj"]
+    assert abs(t[65]["power_mw"] - t[65]["energy_nj"] * 40) < 1e-9  # 40 MHz, II = 1
+
+
+@pytest.mark.skipif(not JSC.exists(), reason="needs ../shared/realcases")
+@pytest.mark.parametrize("target", ["hls4ml", "asic"])
+def test_cli_json_keys(target):
+    from typer.testing import CliRunner
+    from qdeploy.cli import app
+    args = ["estimate", str(JSC), "--target", target, "--json"]
+    if target == "hls4ml":
+        args += ["--part", "vu9p", "--clock-period", "5", "--reuse-factor", "2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    keys = set(TOTAL_KEYS) | ({"area_mm2", "power_mw", "energy_nj"} if target == "asic" else set())
+    assert keys <= set(doc["total"])
+    assert doc["layers"] and all(keys <= set(r) for r in doc["layers"])
+    if target == "hls4ml":
+        assert doc["total"]["ii_cycles"] == 2 and doc["total"]["latency_ns"] == 5 * doc["total"]["latency_cycles"]
+
+
+@pytest.mark.skipif(not JSC.exists(), reason="needs ../shared/realcases")
+def test_cli_errors_are_one_line():
+    from typer.testing import CliRunner
+    from qdeploy.cli import app
+    res = CliRunner().invoke(app, ["estimate", str(JSC), "--strategy", "Resource", "--reuse-factor", "7"])
+    assert res.exit_code == 2 and "nearest legal: 4, 8" in res.output and "MatMul_0" in res.output
+    res = CliRunner().invoke(app, ["estimate", str(JSC), "--part", "nope"])
+    assert res.exit_code == 2 and "known parts" in res.output
+
+
+@pytest.mark.skipif(not JSC.exists(), reason="needs ../shared/realcases")
+def test_api_estimate_jet_tagger_is_fast():
+    import time
+    from qdeploy.passes import PassManager, default_pipeline
+    g = PassManager(default_pipeline()).run(qdeploy.load(str(JSC)))
+    estimate(g)
+    t0 = time.perf_counter()
+    est = estimate(g)
+    assert time.perf_counter() - t0 < 0.05  # issue target 10 ms; loose bound for loaded CI machines
+    assert est["total"]["lut"] > 0 and est["total"]["dsp"] >= 0
+    assert qdeploy.api.estimate(str(JSC), "asic")["total"]["area_mm2"] > 0
+
+
+def test_compile_report_carries_estimate(tmp_path, rng):
+    g = mlp(rng.integers(-32, 32, (16, 8)), parse_type("fixed<8,3>"), parse_type("fixed<6,1>"))
+    res = qdeploy.compile(g, "reference", tmp_path / "out", golden=np.zeros((4, 16)))
+    est = res.report["estimate"]
+    assert est["target"] == "hls4ml" and set(TOTAL_KEYS) <= set(est["total"]) and est["total"]["lut"] > 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["estimate"]["total"] == est["total"]
