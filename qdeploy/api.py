@@ -286,6 +286,8 @@ def _compile_estimate(graph: Graph, cfg: dict) -> dict:
         return est(graph, opts)
     except QDeployError as e:
         return {"target": "hls4ml", "error": e.one_line()}
+    except Exception as e:  # an estimator bug must never fail a compile
+        return {"target": "hls4ml", "error": f"estimator failed: {type(e).__name__}: {e}"}
 
 
 def run(out_dir, *inputs):
