@@ -10,7 +10,8 @@ PyHessian, Yao et al., arXiv 1912.07145, Alg. 1).  With a *joint* probe v over a
 because the cross terms v_i^T H_ij v_j (i != j) have zero mean; with *block* probes (HAWQ-V2) each
 layer gets its own HVP, fewer variance terms, L times the cost.
 
-The HVP is forward-over-reverse, ``jvp(grad(loss), (w,), (v,))`` (``torch.func``), batched over
+The HVP is reverse-over-reverse in ``torch.func``: ``grad(loss)`` is linearized once per data batch
+(``vjp``), and each probe is one ``vjp`` of it (H is symmetric, so that is H v), batched over
 probes with ``vmap``.  The model runs in eval mode (batch-norm uses its running statistics,
 dropout is off) and the caller's train/eval state is restored afterwards, so a model left in train
 mode gives the same traces as one in eval mode.
@@ -162,7 +163,7 @@ def hutchinson_traces(
     Raises:
         QDeployError: no weight layers, an unknown layer name, bad probe settings, or no data.
     """
-    from torch.func import functional_call, grad, jvp, vmap
+    from torch.func import functional_call, grad, vjp, vmap
 
     if max_probes < 1 or batch_probes < 1:
         raise QDeployError(f"probe counts must be >= 1 (max_probes={max_probes}, batch_probes={batch_probes})")
@@ -214,9 +215,13 @@ def hutchinson_traces(
                 eps_ctx.clear()
             return loss_fn(_logits(out), y)
 
-        def hvp(v, x, y, e0):
-            vw, ve = v
-            return jvp(lambda w, e: grad(loss_of, argnums=(0, 1))(w, e, x, y), (w0, e0), (vw, ve))[1]
+        # Reverse-over-reverse: linearize grad(loss) once per batch, then every probe is one
+        # vjp of that linearization (H is symmetric, so vjp = H v), vmapped over the probe chunk.
+        lin = []
+        for (x, y), shp in zip(batches, act_shapes):
+            e0 = {n: torch.zeros(shp[n]) for n in act_names}
+            _, vjp_fn = vjp(lambda w, e, x=x, y=y: grad(loss_of, argnums=(0, 1))(w, e, x, y), w0, e0)
+            lin.append(vjp_fn)
 
         gen = torch.Generator().manual_seed(int(seed))
         names = list(wkeys) + [f"act:{n}" for n in act_names]
@@ -230,12 +235,11 @@ def hutchinson_traces(
                 vw = {kk: _rademacher((k, *w0[kk].shape), gen) for kk in wkeys}
                 ve_b = [{n: _rademacher((k, *s[n]), gen) for n in act_names} for s in act_shapes]
                 acc = None
-                for (x, y), ve, shp in zip(batches, ve_b, act_shapes):
-                    e0 = {n: torch.zeros(shp[n]) for n in act_names}
+                for (x, y), ve, vjp_fn in zip(batches, ve_b, lin):
                     if blockwise:
-                        vals = _blockwise(hvp, vw, ve, x, y, e0, vectorize, vmap)
+                        vals = _blockwise(vjp_fn, vw, ve, vectorize, vmap)
                     else:
-                        vals = _joint(hvp, vw, ve, x, y, e0, vectorize, vmap)
+                        vals = _joint(vjp_fn, vw, ve, vectorize, vmap)
                     wgt = x.shape[0] / total_n
                     vals = {kk: vv * wgt for kk, vv in vals.items()}
                     acc = vals if acc is None else {kk: acc[kk] + vals[kk] for kk in acc}
@@ -280,26 +284,25 @@ def _vhv(v, hv) -> dict[str, torch.Tensor]:
     return out
 
 
-def _joint(hvp, vw, ve, x, y, e0, vectorize, vmap):
+def _joint(vjp_fn, vw, ve, vectorize, vmap):
     if vectorize:
-        hv = vmap(hvp, in_dims=((0, 0), None, None, None))((vw, ve), x, y, e0)
+        hv = vmap(vjp_fn)((vw, ve))
     else:
         k = next(iter(vw.values())).shape[0] if vw else next(iter(ve.values())).shape[0]
-        outs = [hvp(({kk: t[i] for kk, t in vw.items()}, {n: t[i] for n, t in ve.items()}), x, y, e0)
-                for i in range(k)]
+        outs = [vjp_fn(({kk: t[i] for kk, t in vw.items()}, {n: t[i] for n, t in ve.items()})) for i in range(k)]
         hv = ({kk: torch.stack([o[0][kk] for o in outs]) for kk in vw},
               {n: torch.stack([o[1][n] for o in outs]) for n in ve})
     return _vhv((vw, ve), hv)
 
 
-def _blockwise(hvp, vw, ve, x, y, e0, vectorize, vmap):
+def _blockwise(vjp_fn, vw, ve, vectorize, vmap):
     """One HVP per (tensor, probe): the probe is zero outside the tensor."""
     out = {}
     keys = [("w", kk) for kk in vw] + [("a", n) for n in ve]
     for kind, key in keys:
         mw = {kk: (t if (kind == "w" and kk == key) else torch.zeros_like(t)) for kk, t in vw.items()}
         me = {n: (t if (kind == "a" and n == key) else torch.zeros_like(t)) for n, t in ve.items()}
-        r = _joint(hvp, mw, me, x, y, e0, vectorize, vmap)
+        r = _joint(vjp_fn, mw, me, vectorize, vmap)
         name = key if kind == "w" else f"act:{key}"
         out[name] = r[name]
     return out

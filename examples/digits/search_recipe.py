@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--budgets", default="3,4,5", help="uniform bit widths whose BOPs are the budgets")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--act-bits", default="2,3,4,5,6,7,8",
+                    help="candidate activation bits, or 'fixed' for 8-bit activations (weight-only search, HAWQ-V3 W-mixed/A8)")
     ap.add_argument("--qat-seeds", type=int, default=3, help="QAT runs per allocation (mean accuracy reported)")
     args = ap.parse_args(argv)
     budgets = [{"bops": f"uniform:{b}"} for b in args.budgets.split(",")]
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
     total = 0
     for kind in args.models.split(","):
         rep = run_search({"mlp": recipe_mlp, "cnn": recipe_cnn}[kind], args.out / kind, budgets=budgets,
-                         seed=args.seed, qat_seeds=args.qat_seeds)
+                         seed=args.seed, qat_seeds=args.qat_seeds,
+                         a_bits=() if args.act_bits == "fixed" else [int(b) for b in args.act_bits.split(",")])
         print(f"\n[{rep['model']}] float test acc {rep['float_accuracy']['test']:.4f}; traces: "
               f"{rep['trace']['probes']} probes in {rep['trace']['seconds']:.2f} s; total {rep['seconds']:.1f} s")
         for l in rep["layers"]:
