@@ -294,3 +294,19 @@ def run(out_dir, *inputs):
     """Load the artifact at ``out_dir`` and return its real-valued outputs on ``inputs``."""
     from .runtime import CompiledModel
     return CompiledModel.load(out_dir).predict(*inputs)
+
+
+# --- search (issue 4: Hessian-guided mixed-precision search) ---------------------------------
+def search(recipe, out_dir, budgets=("bops=uniform:4",), **kwargs) -> dict:
+    """Mixed-precision search: Hessian traces -> ILP allocation per budget -> QAT -> report.
+
+    ``budgets``: budget points as dicts (``{"bops": 1.2e6}``) or strings (``"bops=1.2e6,size=uniform:4"``).
+    Other keywords go to :func:`qdeploy.compiler.quantization.search.run_search` (w_bits, a_bits,
+    ties, costs, probes, tol, qat_epochs, qat_seeds, seed, progress).  Writes
+    ``out_dir/search_report.json``, ``search_report.md``, ``pareto.png`` and ``models/*.onnx``;
+    returns the report dict.  Raises QDeployError on bad settings.
+    """
+    from .compiler.quantization.search import parse_budget, run_search
+    pts = [parse_budget(b) if isinstance(b, str) else dict(b) for b in budgets]
+    return run_search(recipe, Path(out_dir), budgets=pts, **kwargs)
+# --- end search --------------------------------------------------------------------------------

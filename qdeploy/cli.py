@@ -110,6 +110,41 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
     typer.echo(est.get("note", ""))
 
 
+# --- search (issue 4: Hessian-guided mixed-precision search) ---------------------------------
+@app.command("search")
+def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:function or YAML returning the float model and data"),
+               out: Path = typer.Option(..., "-o", "--out", help="output directory for the report and QONNX models"),
+               budget: list[str] = typer.Option(..., "--budget", "-b", help="one budget point, e.g. bops=1.2e6, size=uniform:4, or bops=..,size=.. (repeat for several)"),
+               bits: str = typer.Option("2,3,4,5,6,7,8", help="candidate weight bit widths"),
+               act_bits: str = typer.Option("", "--act-bits", help="candidate activation bit widths (default: --bits; 'fixed' = 8-bit activations)"),
+               tie: list[str] = typer.Option([], "--tie", help="comma-separated layer names that share bit widths (repeatable)"),
+               probes: int = typer.Option(100, help="Hutchinson probe cap"),
+               tol: float = typer.Option(1e-3, help="relative tolerance of the trace estimate"),
+               qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs"),
+               qat_seeds: int = typer.Option(1, "--qat-seeds", help="QAT runs per allocation (mean accuracy)"),
+               seed: int = typer.Option(0),
+               no_progress: bool = typer.Option(False, "--no-progress")):
+    """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX."""
+    from .api import search as do_search
+    try:
+        ints = lambda t: [int(b) for b in t.split(",") if b.strip()]
+        ab = None if not act_bits else (() if act_bits == "fixed" else ints(act_bits))
+        rep = do_search(recipe, out, budgets=list(budget), w_bits=ints(bits), a_bits=ab,
+                        ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
+                        qat_seeds=qat_seeds, seed=seed, progress=not no_progress)
+    except Exception as e:  # one line, never a library traceback
+        _fail(e)
+    key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
+    for i, b in enumerate(rep["budgets"]):
+        h, u = b["hessian"], b["uniform"]
+        line = f"budget {i} {b['budget']}: Hessian {h['costs']['bops']:.4g} BOPs, {key} {h[key]:.4f}"
+        if u:
+            line += f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs, {key} {u[key]:.4f}"
+        typer.echo(line)
+    typer.echo(f"wrote {out / 'search_report.md'}, search_report.json, pareto.png, models/")
+# --- end search --------------------------------------------------------------------------------
+
+
 golden_app = typer.Typer(help="Golden-output record and check (for CI).", no_args_is_help=True)
 app.add_typer(golden_app, name="golden")
 

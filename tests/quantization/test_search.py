@@ -1,0 +1,70 @@
+"""End to end: `qdeploy search` on a tiny digits MLP (few probes, one QAT epoch), report files, QONNX
+that `qdeploy compile` takes, and one-line errors for bad settings."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import qdeploy
+from qdeploy.cli import app
+from qdeploy.compiler.errors import QDeployError
+
+
+def tiny_recipe():
+    """Float 64-16-10 MLP on 400 digits, trained briefly."""
+    from sklearn.datasets import load_digits
+    from qdeploy.compiler.quantization import qat
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 10))
+    qat.fine_tune(m, x[:300], y[:300], epochs=5, lr=1e-2)
+    return {"name": "tiny", "model": m, "train": (x[:300], y[:300]), "val": (x[300:400], y[300:400]),
+            "test": (x[400:500], y[400:500]), "input": {"bits": 5, "scale": 2.0 ** -4},
+            "qat": {"epochs": 1, "lr": 3e-3}}
+
+
+def test_cli_search_end_to_end(tmp_path):
+    out = tmp_path / "s"
+    r = CliRunner().invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(out),
+                                 "--budget", "bops=uniform:4", "--budget", "size=uniform:3,bops=uniform:6",
+                                 "--probes", "10", "--bits", "3,4,6", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "Hessian" in r.output and "uniform" in r.output
+    rep = json.loads((out / "search_report.json").read_text())
+    assert (out / "search_report.md").read_text().startswith("# qdeploy search report: tiny")
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert len(rep["budgets"]) == 2
+    for layer in rep["layers"]:
+        assert layer["probes"] == 10 and layer["stderr"] > 0 and layer["n_weights"] > 0
+        assert len(layer["chosen"]) == 2
+    b0 = rep["budgets"][0]
+    assert b0["hessian"]["costs"]["bops"] <= b0["budget_resolved"]["bops"] * (1 + 1e-9)
+    assert b0["uniform"]["bits"] == 4  # the uniform allocation defining the budget fits it exactly
+    b1 = rep["budgets"][1]
+    assert b1["hessian"]["costs"]["size"] <= b1["budget_resolved"]["size"] * (1 + 1e-9)
+    assert rep["frontier"]["bops"]
+    # the chosen model is QONNX that the compiler takes, and it runs on the reference target
+    onnx_path = out / b0["hessian"]["qonnx"]
+    res = qdeploy.compile(str(onnx_path), target="reference", out_dir=tmp_path / "c")
+    assert res.report["exactness"]["bit_exact"]
+
+
+def test_cli_search_bad_settings(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "a"),
+                            "--budget", "bops=10", "--probes", "2", "--no-progress"])
+    assert r.exit_code == 2 and "below the cost of the all-minimum-bits allocation" in r.output
+    r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "b"),
+                            "--budget", "bops=uniform:4", "--tie", "0,1", "--no-progress"])
+    assert r.exit_code == 2 and "has no weights" in r.output
+    r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "c"),
+                            "--budget", "bops=uniform:4", "--bits", ",", "--no-progress"])
+    assert r.exit_code == 2 and "empty" in r.output
+    r = runner.invoke(app, ["search", "no_such_module:f", "-o", str(tmp_path / "d"), "--budget", "bops=1"])
+    assert r.exit_code == 2 and "cannot load recipe" in r.output
