@@ -72,7 +72,10 @@ def partition(graph: Graph) -> Partition:
             if isinstance(graph.value(i).dtype, FloatType):
                 raise UnsupportedError(f"{n.op} reads float value {i!r}; quantize it first", n.name)
     if not dev:
-        raise UnsupportedError("model has no fixed-point layers to put on the device (is it quantized?)", graph.name)
+        first = next((n for n in graph.nodes if n.params), graph.nodes[0] if graph.nodes else None)
+        raise UnsupportedError(f"model '{graph.name}' has no fixed-point layers for the device: this layer and all "
+                               f"others compute in float32 (quantize the model with QONNX Quant / Brevitas "
+                               f"power-of-two quantizers, or use target tvm-llvm)", first.name if first else graph.name)
     dev_outs = {n.output for n in dev}
     dev_inputs = []
     for n in dev:

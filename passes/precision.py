@@ -40,8 +40,9 @@ def input_type_for(data: np.ndarray | None, max_width: int = 24) -> tuple[FixedT
         if t is not None:
             t = t.with_modes("RND_CONV", "SAT")
             return t, f"input type {t} represents every calibration input exactly"
-    return DEFAULT_INPUT_TYPE, (f"input type {DEFAULT_INPUT_TYPE} (hls4ml's default): calibration inputs are not "
-                                f"all exactly representable in <= {max_width} bits, so inputs are rounded")
+    return DEFAULT_INPUT_TYPE, (f"inputs are rounded to {DEFAULT_INPUT_TYPE} (hls4ml's default; LSB "
+                                f"{DEFAULT_INPUT_TYPE.lsb:g}) because the calibration inputs are not all exactly "
+                                f"representable in <= {max_width} bits; set input_type in the config to choose another")
 
 
 def quantize_inputs(graph: Graph, input_type: FixedType | str | None = None,

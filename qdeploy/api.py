@@ -67,16 +67,37 @@ def load_config(config) -> dict:
     return _check_config(data, f"config {p}")
 
 
+CONFIG_KEYS = {"input_type", "golden", "hls4ml", "tvm", "asic", "estimate", "memory_budget"}
+
+
 def _check_config(cfg: dict, where: str) -> dict:
-    """Reject an ``input_type`` that is neither ``auto`` nor a parsable type (checked up front, even
-    when no input needs it)."""
+    """Validate a config up front: known top-level keys only (a misspelt key is an error, not
+    silently ignored), ``golden.samples`` >= 1 and integer ``golden.seed``, and an ``input_type``
+    that is ``auto`` or a parsable type (even when no input needs it).
+
+    Raises:
+        QDeployError: naming the config and the offending key.
+    """
+    unknown = sorted(set(cfg) - CONFIG_KEYS)
+    if unknown:
+        raise QDeployError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: "
+                           f"{', '.join(sorted(CONFIG_KEYS))}")
+    gold = cfg.get("golden")
+    if gold is not None:
+        if not isinstance(gold, dict):
+            raise QDeployError(f"{where}: 'golden' must be a mapping like {{samples: 64, seed: 0}}")
+        for key, lo in (("samples", 1), ("seed", 0)):
+            if key in gold:
+                v = gold[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                    raise QDeployError(f"{where}: golden.{key} must be an integer >= {lo}, got {v!r}")
     t = cfg.get("input_type")
     if t is not None and t != "auto":
         from .compiler.ir.types import parse_type
         try:
             parse_type(str(t))
         except ValueError as e:
-            raise QDeployError(f"{where}: bad input_type {t!r}: {e}") from None
+            raise QDeployError(f"{where}: bad input_type {t!r}: {e}; expected e.g. fixed<16,6,RND_CONV,SAT> or auto") from None
     return cfg
 
 
@@ -91,6 +112,11 @@ def load(model, example_input=None) -> Graph:
         return model
     from .compiler import frontends
     if isinstance(model, (str, os.PathLike)):
+        suffix = Path(str(model)).suffix.lower()
+        if suffix in (".h5", ".hdf5", ".json", ".keras", ".pt", ".pth", ".pb", ".tflite"):
+            raise QDeployError(f"{model}: unsupported model file type {suffix!r}; give a QONNX/ONNX (.onnx) file or a "
+                               f"module:function returning a Brevitas/torch model (convert Keras/QKeras models with "
+                               f"qonnx's from_keras first)")
         return frontends.load_model(str(model))
     try:
         import torch
@@ -112,12 +138,7 @@ def _golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
 
     if golden is not None:
         if isinstance(golden, (str, os.PathLike)):
-            p = Path(golden)
-            if p.suffix == ".npz":
-                with np.load(p) as z:
-                    golden = {k: z[k] for k in z.files if k in graph.inputs} or z[z.files[0]]
-            else:
-                golden = np.load(p)
+            golden = load_array_file(golden, graph.inputs)
         if not isinstance(golden, dict):
             golden = dict(zip(graph.inputs, golden if isinstance(golden, (list, tuple)) else [golden]))
         return {k: to_ir_layout(graph, k, np.asarray(v)) for k, v in golden.items()}
@@ -132,6 +153,30 @@ def _golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
         else:
             feeds[v.name] = rng.uniform(-1, 1, size=(n, *v.shape)).astype(np.float32)
     return feeds
+
+
+def load_array_file(path, names=()) -> "np.ndarray | dict":
+    """Read a ``.npy`` array or a ``.npz`` archive (arrays named after the inputs, or one array).
+
+    Raises:
+        QDeployError: missing file or not a NumPy array file (pickles are never loaded).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise QDeployError(f"input file {p} not found")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise QDeployError(f"{p} is not a NumPy .npy/.npz array file ({type(e).__name__})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data as z:
+            named = {k: z[k] for k in z.files if k in names}
+            if named:
+                return named
+            if len(z.files) == 1:
+                return z[z.files[0]]
+            raise QDeployError(f"{p} holds arrays {z.files}; name them after the model inputs {list(names)}")
+    return data
 
 
 def _versions() -> dict:
@@ -151,6 +196,42 @@ def _file_hashes(root: Path, limit: int = 400) -> dict:
         if p.is_file() and len(out) < limit and p.name not in ("manifest.json",):
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
     return out
+
+
+def _avgpool_notes(graph: Graph) -> list[str]:
+    """Say where a fixed-point average truncates (window not a power of two)."""
+    from .compiler.ir.ops import avg_shift
+    out = []
+    for n in graph.nodes:
+        if n.op in ("AvgPool", "GlobalAvgPool") and isinstance(graph.value(n.output).dtype, FixedType):
+            cnt = int(np.prod(n.attrs["kernel"])) if n.op == "AvgPool" else int(np.prod(graph.value(n.inputs[0]).shape[:-1]))
+            if cnt & (cnt - 1):
+                out.append(f"{n.name}: average over {cnt} elements (not a power of two) is truncated to "
+                           f"2^-{graph.value(n.output).dtype.frac_bits} (floor(sum*2^{avg_shift(cnt)}/{cnt})), like "
+                           f"Brevitas' TruncAvgPool; a float mean rounded later may differ by 1 LSB")
+    return out
+
+
+def _check_replaceable(out_dir: Path, model) -> None:
+    """``--force`` only ever replaces an earlier artifact (a directory with ``manifest.json``) or
+    an empty directory -- never the working directory, one of its parents, or a directory
+    holding the source model.
+
+    Raises:
+        QDeployError: when ``out_dir`` is not safe to replace.
+    """
+    cwd = Path.cwd().resolve()
+    if not out_dir.is_dir():
+        raise QDeployError(f"output path {out_dir} exists and is not a directory")
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise QDeployError(f"refusing to replace {out_dir}: it is the working directory or one of its parents")
+    if isinstance(model, (str, os.PathLike)):
+        src = Path(str(model).split(":")[0]).resolve()
+        if src == out_dir or out_dir in src.parents:
+            raise QDeployError(f"refusing to replace {out_dir}: it holds the source model {src}")
+    if any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise QDeployError(f"refusing to replace {out_dir}: it is not a qdeploy artifact (no manifest.json) "
+                           f"and not empty")
 
 
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
@@ -176,9 +257,11 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     from .report import compare_outputs, layer_table, render_markdown
 
     cfg = load_config(config)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not force:
         raise QDeployError(f"output directory {out_dir} exists (use --force to replace it)")
+    if out_dir.exists():
+        _check_replaceable(out_dir, model)
     try:
         backend = get_backend(target)
     except ValueError as e:
@@ -208,6 +291,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         np.savez(tmp / "golden.npz", **{f"in:{k}": v for k, v in feeds_real.items()},
                  **{f"ref:{k}": v for k, v in ref.items()})
         notes = [n for r in pm.records for n in r.notes if r.name in ("quantize_inputs", "affine_to_fixed")]
+        notes += list(graph.meta.get("notes", []))
+        notes += _avgpool_notes(graph)
         host = info.get("host_nodes", [])
         if isinstance(host, dict):  # {"prologue": [...], "epilogue": [...]}
             host = [n for part in host.values() for n in part]

@@ -30,9 +30,17 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                 out: Path = typer.Option(..., "-o", "--out", help="artifact directory (must not exist)"),
                 config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config"),
                 golden: Optional[Path] = typer.Option(None, "--golden", help=".npy/.npz golden inputs"),
-                force: bool = typer.Option(False, "--force", help="replace an existing output directory")):
-    """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md."""
+                force: bool = typer.Option(False, "--force",
+                                           help="replace an existing artifact directory (only a qdeploy artifact)"),
+                allow_inexact: bool = typer.Option(False, "--allow-inexact",
+                                                   help="exit 0 even when fixed-point outputs differ from the reference")):
+    """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
+
+    Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference on the
+    golden set (unless --allow-inexact; the artifact is still written); 2 bad input or compile error.
+    """
     from .api import compile as do_compile
+    from .report import exactness_sentence
     try:
         res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force)
     except Exception as e:  # one line, never a library traceback
@@ -40,8 +48,13 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     ex = res.report["exactness"]
     typer.echo(f"compiled {res.report['model']} -> {target} in {out} "
                f"({res.report['totals']['nodes']} nodes, {res.report['totals']['bops']:.4g} BOPs/sample)")
-    typer.echo(f"exactness vs reference: {ex['samples']} samples, {ex['mismatches']} mismatches, "
-               f"max abs error {ex['max_abs_error']:.3g} ({'bit-exact' if ex['bit_exact'] else 'NOT bit-exact'})")
+    for note in res.report.get("notes", []):
+        typer.echo(f"note: {note}")
+    typer.echo(f"exactness vs reference: {exactness_sentence(ex)}")
+    if ex.get("fixed_mismatches", 0) and not allow_inexact:
+        typer.echo("error: fixed-point outputs differ from the reference (see report.md); "
+                   "--allow-inexact accepts this", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("run")
@@ -49,14 +62,19 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
             input: Path = typer.Option(..., "--input", "-i", help=".npy float32 input, batch first"),
             output: Path = typer.Option(..., "--output", "-o", help=".npy to write (the model's real-valued outputs)")):
     """Run a compiled artifact on INPUT and save its real-valued outputs."""
+    from .api import load_array_file
     from .runtime import CompiledModel
     try:
-        x = np.load(input)
-        y = CompiledModel.load(artifact).predict(x)
+        m = CompiledModel.load(artifact)
+        x = load_array_file(input, m.graph.inputs)
+        y = m.predict(x)
+        y = y[0] if isinstance(y, list) else y
+        output = output if output.suffix == ".npy" else output.with_name(output.name + ".npy")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.save(output, y)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
-    np.save(output, y[0] if isinstance(y, list) else y)
-    typer.echo(f"wrote {output} {np.shape(y[0] if isinstance(y, list) else y)}")
+    typer.echo(f"wrote {output} {np.shape(y)}")
 
 
 @app.command("inspect")
@@ -172,6 +190,8 @@ def golden_check(artifact: Path = typer.Argument(..., help="artifact directory")
                  tolerance: float = typer.Option(0.0, help="allowed absolute error (real units); 0 = bit-exact")):
     """Run ARTIFACT on the golden inputs; exit 1 on any mismatch."""
     from .golden import check
+    if tolerance < 0:
+        _fail(QDeployError(f"--tolerance must be >= 0, got {tolerance}"))
     try:
         r = check(artifact, golden, tolerance)
     except Exception as e:  # one line, never a library traceback

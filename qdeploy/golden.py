@@ -110,10 +110,13 @@ def load_golden(path) -> tuple[dict, dict]:
         GoldenError: not a qdeploy golden file.
     """
     try:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise GoldenError(f"cannot read golden file {path}: {e}") from None
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise GoldenError(f"cannot read golden file {path}: {type(e).__name__}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise GoldenError(f"{path} is not a qdeploy golden file (a .npz from `qdeploy golden record`)")
+    with data as z:
+        arrays = {k: z[k] for k in z.files}
     if "__meta__" not in arrays:
         raise GoldenError(f"{path} is not a qdeploy golden file (no __meta__ record)")
     meta = json.loads(arrays.pop("__meta__").tobytes().decode())

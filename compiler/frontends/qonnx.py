@@ -376,7 +376,15 @@ class _Converter:
     def weight_const(self, t: str, values: np.ndarray) -> Const:
         """Weights: exact fixed Const when they come from a QONNX quantizer, else float32."""
         if t in self.quantized:
-            return Const.from_real(values)
+            c = Const.from_real(values)
+            if isinstance(c.dtype, FixedType) and c.dtype.width > 16:
+                self.b.meta.setdefault("notes", []).append(
+                    f"weights {t!r} need {c.dtype} to be represented exactly (their quantizer scale is not a power "
+                    f"of two); use power-of-two (FixedPoint) quantizers for hardware-sized weights")
+            elif isinstance(c.dtype, FloatType):
+                self.b.meta.setdefault("notes", []).append(
+                    f"weights {t!r} have no exact fixed-point type of <= 32 bits; kept as float32")
+            return c
         return Const(np.asarray(values, dtype=np.float32), FLOAT32)
 
     # -------------------------------------------------------------- main loop

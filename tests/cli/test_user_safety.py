@@ -1,0 +1,108 @@
+"""Behaviour a new user found wanting: --force safety, run/golden file handling, exit codes."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import qdeploy
+from qdeploy.cli import app
+from qdeploy.compiler.errors import QDeployError
+
+from .test_api_cli import _graph
+
+
+def _save_onnx_graph(tmp_path, rng):
+    # a reference-target artifact from an IR graph, plus a model file via the QONNX exporter
+    from qdeploy.compiler.frontends import export_qonnx
+    import onnx
+    p = tmp_path / "m.onnx"
+    onnx.save(export_qonnx(_graph(rng)), str(p))
+    return p
+
+
+def test_force_never_deletes_non_artifacts(tmp_path, rng, monkeypatch):
+    g = _graph(rng)
+    keep = tmp_path / "mydata"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    with pytest.raises(QDeployError, match="not a qdeploy artifact"):
+        qdeploy.compile(g, "reference", keep, force=True)
+    assert (keep / "precious.txt").read_text() == "x"
+    monkeypatch.chdir(keep)
+    with pytest.raises(QDeployError, match="working directory"):
+        qdeploy.compile(g, "reference", ".", force=True)
+    with pytest.raises(QDeployError, match="working directory"):
+        qdeploy.compile(g, "reference", "..", force=True)
+    assert (keep / "precious.txt").exists()
+    # an earlier artifact is replaced
+    qdeploy.compile(g, "reference", tmp_path / "art")
+    qdeploy.compile(g, "reference", tmp_path / "art", force=True)
+    assert (tmp_path / "art" / "manifest.json").is_file()
+
+
+def test_force_refuses_directory_holding_the_model(tmp_path, rng):
+    p = _save_onnx_graph(tmp_path / "", rng)
+    with pytest.raises(QDeployError, match="source model"):
+        qdeploy.compile(str(p), "reference", tmp_path, force=True)
+    assert p.exists()
+
+
+def test_run_output_handling(tmp_path, rng):
+    g = _graph(rng)
+    qdeploy.compile(g, "reference", tmp_path / "art")
+    x = rng.uniform(-1, 1, (5, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "art"), "-i", str(tmp_path / "x.npy"),
+                                 "-o", str(tmp_path / "new" / "dir" / "y")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "new" / "dir" / "y.npy"
+    assert f"wrote {out}" in r.output and np.load(out).shape == (5, 8)
+    np.savez(tmp_path / "x.npz", x=x)
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "art"), "-i", str(tmp_path / "x.npz"), "-o", str(tmp_path / "z.npy")])
+    assert r.exit_code == 0 and np.array_equal(np.load(tmp_path / "z.npy"), np.load(out))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    r = subprocess.run([sys.executable, "-m", "qdeploy.cli", "run", str(tmp_path / "art"), "-i", str(tmp_path / "junk.npy"),
+                        "-o", str(tmp_path / "q.npy")], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a NumPy" in r.stderr and "pickle" not in r.stderr
+
+
+def test_golden_check_rejects_npy_and_negative_tolerance(tmp_path, rng):
+    qdeploy.compile(_graph(rng), "reference", tmp_path / "art")
+    np.save(tmp_path / "g.npy", np.zeros(3))
+    r = CliRunner().invoke(app, ["golden", "check", str(tmp_path / "art"), str(tmp_path / "g.npy")])
+    assert r.exit_code == 2 and "not a qdeploy golden file" in r.output
+    qdeploy.golden.record(tmp_path / "art", tmp_path / "g.npz")
+    r = CliRunner().invoke(app, ["golden", "check", str(tmp_path / "art"), str(tmp_path / "g.npz"), "--tolerance", "-1"])
+    assert r.exit_code == 2 and "tolerance" in r.output
+
+
+def test_config_unknown_key_and_bad_golden_samples(tmp_path, rng):
+    with pytest.raises(QDeployError, match="unknown key.*'input_typ'"):
+        qdeploy.compile(_graph(rng), "reference", tmp_path / "a", config={"input_typ": "auto"})
+    with pytest.raises(QDeployError, match="golden.samples must be an integer >= 1"):
+        qdeploy.compile(_graph(rng), "reference", tmp_path / "a", config={"golden": {"samples": 0}})
+    assert not (tmp_path / "a").exists()
+
+
+def test_compile_exit_1_when_fixed_outputs_differ(tmp_path, rng, monkeypatch):
+    from qdeploy.backends.reference import ReferenceBackend
+    orig = ReferenceBackend.load
+
+    def broken(self, out_dir, info, graph=None):
+        fn = orig(self, out_dir, info, graph)
+        return lambda feeds: {k: v + 1 for k, v in fn(feeds).items()}
+    monkeypatch.setattr(ReferenceBackend, "load", broken)
+    p = _save_onnx_graph(tmp_path, rng)
+    r = CliRunner().invoke(app, ["compile", str(p), "-t", "reference", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "NOT bit-exact" in r.output
+    r = CliRunner().invoke(app, ["compile", str(p), "-t", "reference", "-o", str(tmp_path / "o2"), "--allow-inexact"])
+    assert r.exit_code == 0
+
+
+def test_keras_files_rejected_clearly(tmp_path):
+    p = tmp_path / "model.h5"
+    p.write_bytes(b"\x89HDF")
+    with pytest.raises(QDeployError, match="unsupported model file type '.h5'"):
+        qdeploy.load(str(p))
