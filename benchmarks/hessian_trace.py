@@ -56,8 +56,7 @@ def main(argv=None):
     x = torch.randn(args.samples, *shape, generator=g).abs()
     # labels from a perturbed teacher, so the loss is neither trivial nor random
     y = (model(x) + 0.5 * torch.randn(args.samples, k, generator=g)).argmax(1).detach()
-    with torch.no_grad():  # a few steps of training so the Hessian is that of a fitted model
-        pass
+    # a few training steps, so the Hessian is that of a fitted model
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(100):
         opt.zero_grad()
