@@ -94,6 +94,9 @@ def _run_node(n: Node, args: list, in_types: list, out_t):
     if op in ("Dense", "Conv"):
         w = n.params["weight"]
         b = n.params.get("bias")
+        if op == "Conv" and w.data.ndim not in (3, 4):
+            raise UnsupportedError(f"Conv with {w.data.ndim - 2} spatial dimensions: only 1-D and 2-D convolutions "
+                                   f"are supported", n.name)
         if fixed_out:
             x = args[0]
             if op == "Dense":

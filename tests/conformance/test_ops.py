@@ -386,8 +386,6 @@ def test_conv3d_rejected_naming_node(backend):
     assert isinstance(err, UnsupportedError) and err.node == "conv3d__c", err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): the reference interpreter crashes with a raw numpy "
-                   "ValueError on a 3-D Conv the IR accepts, instead of UnsupportedError naming the node")
 def test_conv3d_reference_names_node():
     g = Case("conv3d", "Conv", _conv3d).graph()
     feeds = random_feeds(g, np.random.default_rng(0), 2)
