@@ -41,14 +41,9 @@ def fold_batchnorm(graph: Graph) -> tuple[Graph, list[str]]:
     ``b' = b * s + t`` (Jacob et al., CVPR 2018, Sec. 3.2 "batch normalization folding").
 
     Only float layers are folded: folding a float scale into fixed-point weights would change
-    their bit width; quantized graphs keep the Affine for :func:`passes.affine.affine_to_fixed`.
+    their bit width; quantized graphs keep the Affine for :func:`passes.precision.affine_to_fixed`.
     """
-    notes = []
-    nodes = list(graph.nodes)
-    changed = True
-    while changed:
-        changed = False
-        g = rebuild(graph, nodes)
+    def step(g: Graph, nodes: list[Node]):
         for i, n in enumerate(nodes):
             if n.op != "Affine" or not _is_float(n.params.get("scale")) or not _is_float(n.params.get("bias")):
                 continue
@@ -69,22 +64,17 @@ def fold_batchnorm(graph: Graph) -> tuple[Graph, list[str]]:
                                outputs=n.outputs)
             nodes[_index(nodes, prod.name)] = new
             del nodes[i]
-            notes.append(f"folded {n.name} into {prod.name}")
-            changed = True
-            break
-    return rebuild(graph, nodes), notes
+            return f"folded {n.name} into {prod.name}"
+        return None
+
+    return _until_fixpoint(graph, step)
 
 
 def fold_affine_chains(graph: Graph) -> tuple[Graph, list[str]]:
     """Constant folding of elementwise constants: merge ``Affine(Affine(x))`` with float
     constants into one Affine (``s = s1*s2``, ``t = t1*s2 + t2``), and drop identity Affines
     (scale 1, bias 0) and Reshapes to the same shape."""
-    notes = []
-    nodes = list(graph.nodes)
-    changed = True
-    while changed:
-        changed = False
-        g = rebuild(graph, nodes)
+    def step(g: Graph, nodes: list[Node]):
         for i, n in enumerate(nodes):
             src = g.producer(n.inputs[0]) if n.inputs else None
             if n.op == "Affine" and _is_float(n.params.get("scale")) and _is_float(n.params.get("bias")):
@@ -92,10 +82,8 @@ def fold_affine_chains(graph: Graph) -> tuple[Graph, list[str]]:
                 t = n.params.get("bias")
                 ident = (s is None or np.all(s.real() == 1)) and (t is None or np.all(t.real() == 0))
                 if ident and n.output not in graph.outputs:
-                    nodes = _bypass(nodes, i, n.inputs[0], n.output)
-                    notes.append(f"removed identity {n.name}")
-                    changed = True
-                    break
+                    nodes[:] = _bypass(nodes, i, n.inputs[0], n.output)
+                    return f"removed identity {n.name}"
                 if (src is not None and src.op == "Affine" and _single_consumer(g, src.output) == n.name
                         and _is_float(src.params.get("scale")) and _is_float(src.params.get("bias"))):
                     s1 = src.params["scale"].real() if "scale" in src.params else np.float64(1)
@@ -107,15 +95,23 @@ def fold_affine_chains(graph: Graph) -> tuple[Graph, list[str]]:
                                          outputs=n.outputs)
                     nodes[_index(nodes, src.name)] = merged
                     del nodes[i]
-                    notes.append(f"merged {src.name} and {n.name}")
-                    changed = True
-                    break
+                    return f"merged {src.name} and {n.name}"
             if n.op == "Reshape" and tuple(n.attrs["shape"]) == tuple(g.value(n.inputs[0]).shape) \
                     and n.output not in graph.outputs:
-                nodes = _bypass(nodes, i, n.inputs[0], n.output)
-                notes.append(f"removed no-op reshape {n.name}")
-                changed = True
-                break
+                nodes[:] = _bypass(nodes, i, n.inputs[0], n.output)
+                return f"removed no-op reshape {n.name}"
+        return None
+
+    return _until_fixpoint(graph, step)
+
+
+def _until_fixpoint(graph: Graph, step) -> tuple[Graph, list[str]]:
+    """Apply ``step(g, nodes) -> note | None`` (which edits ``nodes`` in place) until it
+    reports no change; return the rebuilt graph and the notes."""
+    nodes = list(graph.nodes)
+    notes = []
+    while (note := step(rebuild(graph, nodes), nodes)) is not None:
+        notes.append(note)
     return rebuild(graph, nodes), notes
 
 
