@@ -1,0 +1,211 @@
+"""Early-exit models on the PyTorch/Brevitas side (issue 6, model side).
+
+* :class:`EarlyExitNet` -- a backbone cut into segments with one exit head after each cut; its
+  ``forward`` returns a **list** of logits, one per exit, the last one being the backbone's own
+  output (BranchyNet, Teerapittayanon et al., ICPR 2016, arXiv 1709.01686).
+* :func:`attach_exits` -- build one from an ``nn.Sequential`` backbone and heads at named points.
+* :func:`train_joint` -- train backbone and heads jointly on a weighted sum of per-exit
+  cross-entropy losses (BranchyNet's joint training).
+* :func:`export_early_exit` -- one QONNX file with one graph output per exit (``exit0``,
+  ``exit1``, ...), which :func:`qdeploy.compiler.frontends.import_onnx` reads as a
+  multi-output IR graph; :func:`qdeploy.passes.early_exit.split_exits` then cuts it into stages.
+
+Quantization-aware: the heads are ordinary (Brevitas) modules chosen by the caller, so they are
+quantized like the rest when built from ``QuantLinear``/``QuantConv2d`` with power-of-two
+quantizers (see ``examples/early_exit/model.py``).  Exits that return a Brevitas ``QuantTensor``
+are unwrapped to plain tensors for the loss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ImportError_
+
+__all__ = ["EarlyExitNet", "attach_exits", "train_joint", "predict_exits", "export_early_exit"]
+
+
+def _plain(t):
+    return getattr(t, "value", t)
+
+
+class EarlyExitNet(nn.Module):
+    """``segments[k]`` then ``heads[k]`` gives exit k; the last segment's output is the final exit
+    (its head may be ``nn.Identity``).  ``forward(x) -> list`` of per-exit logits (tensors or
+    Brevitas QuantTensors); ``return_quant`` False (default in training helpers) unwraps them."""
+
+    def __init__(self, segments, heads, exit_names=None):
+        super().__init__()
+        if len(segments) != len(heads) or not segments:
+            raise ValueError(f"need one head per segment, got {len(segments)} segments and {len(heads)} heads")
+        self.segments = nn.ModuleList(segments)
+        self.heads = nn.ModuleList(heads)
+        self.exit_names = list(exit_names or [f"exit{k}" for k in range(len(heads))])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    def forward(self, x):
+        outs = []
+        h = x
+        for seg, head in zip(self.segments, self.heads):
+            h = seg(h)
+            outs.append(head(h))
+        return outs
+
+
+def attach_exits(backbone: nn.Sequential, heads: dict) -> EarlyExitNet:
+    """Attach exit heads after named children of ``backbone``.
+
+    Args:
+        backbone: an ``nn.Sequential`` whose output is the final exit's logits.
+        heads: ``{child name (or index as str/int): head module}``; each head reads the output
+            of that child.  The final exit (the backbone output) is added automatically.
+    Raises:
+        ValueError: a point that is not a child of the backbone, or the last child.
+    """
+    names = [n for n, _ in backbone.named_children()]
+    children = list(backbone.children())
+    cuts = []
+    for point, head in heads.items():
+        key = str(point)
+        if key not in names:
+            raise ValueError(f"exit point {point!r} is not a child of the backbone; children: {', '.join(names)}")
+        i = names.index(key)
+        if i == len(names) - 1:
+            raise ValueError(f"exit point {point!r} is the backbone's last layer: that exit is the final output")
+        cuts.append((i, key, head))
+    cuts.sort(key=lambda c: c[0])
+    segments, hs, exit_names, start = [], [], [], 0
+    for i, key, head in cuts:
+        segments.append(nn.Sequential(*children[start:i + 1]))
+        hs.append(head)
+        exit_names.append(f"exit_{key}")
+        start = i + 1
+    segments.append(nn.Sequential(*children[start:]))
+    hs.append(nn.Identity())
+    exit_names.append("exit_final")
+    return EarlyExitNet(segments, hs, exit_names)
+
+
+def _set_torch(num_threads):
+    prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    return prev
+
+
+def train_joint(model: nn.Module, data, weights=None, epochs: int = 30, seed: int = 0, lr: float = 1e-2,
+                batch_size: int = 64, verbose: bool = False, num_threads: int = 1) -> nn.Module:
+    """BranchyNet joint training: Adam + cosine schedule on ``sum_k weights[k] * CE(exit_k, y)``.
+
+    ``model(x)`` must return a list/tuple of logits (one per exit).  ``data = (x_train, y_train,
+    ...)``; ``weights`` default to all ones.  Seeded and deterministic (single thread by default,
+    global torch settings restored on return).
+    """
+    prev = _set_torch(num_threads)
+    try:
+        torch.manual_seed(seed)
+        x_tr = torch.from_numpy(np.asarray(data[0], dtype=np.float32))
+        y_tr = torch.from_numpy(np.asarray(data[1], dtype=np.int64))
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+        ce = nn.CrossEntropyLoss()
+        n = x_tr.shape[0]
+        for epoch in range(epochs):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                opt.zero_grad()
+                outs = model(x_tr[idx])
+                if not isinstance(outs, (list, tuple)):
+                    raise ValueError("train_joint needs a model returning a list of per-exit logits")
+                w = weights if weights is not None else [1.0] * len(outs)
+                loss = sum(float(wk) * ce(_plain(o), y_tr[idx]) for wk, o in zip(w, outs))
+                loss.backward()
+                opt.step()
+                total += float(loss.item()) * idx.numel()
+            sched.step()
+            if verbose:
+                print(f"epoch {epoch + 1:3d}/{epochs}  joint loss {total / n:.4f}", flush=True)
+    finally:
+        torch.set_num_threads(prev[0])
+        torch.use_deterministic_algorithms(prev[1])
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict_exits(model: nn.Module, x) -> list[np.ndarray]:
+    """Float logits of every exit (eval mode), float32 arrays."""
+    was = model.training
+    model.eval()
+    outs = model(torch.from_numpy(np.asarray(x, dtype=np.float32)))
+    model.train(was)
+    return [_plain(o).numpy().astype(np.float32) for o in outs]
+
+
+class _Unwrap(nn.Module):
+    """Export wrapper: returns a tuple of plain tensors (one ONNX output per exit)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(_plain(o) for o in self.model(x))
+
+
+def export_early_exit(model: nn.Module, example_input, path, exit_names=None) -> Path:
+    """Export a list-returning early-exit model to ONE self-contained, cleaned QONNX file whose
+    graph outputs are the exits in order, renamed ``exit_names`` (default
+    ``model.exit_names`` or ``exit0..``).
+
+    Raises:
+        ImportError_: the Brevitas export failed or the exported graph has a different number of
+            outputs than the model has exits.
+    """
+    import onnx
+    from brevitas.export import export_qonnx
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+
+    if isinstance(example_input, np.ndarray):
+        example_input = torch.from_numpy(example_input.astype(np.float32))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    try:
+        with torch.no_grad():
+            n_exits = len(model(example_input))
+            export_qonnx(_Unwrap(model), args=example_input, export_path=str(path))
+    except Exception as e:
+        raise ImportError_(f"Brevitas export of the early-exit model failed: {type(e).__name__}: {e}") from None
+    proto = onnx.load(str(path))
+    proto = cleanup_model(ModelWrapper(proto)).model
+    outs = list(proto.graph.output)
+    if len(outs) != n_exits:
+        raise ImportError_(f"exported graph has {len(outs)} outputs but the model has {n_exits} exits")
+    names = list(exit_names or getattr(model, "exit_names", None) or [f"exit{k}" for k in range(n_exits)])
+    rename = {o.name: nm for o, nm in zip(outs, names)}
+    for node in proto.graph.node:
+        node.output[:] = [rename.get(o, o) for o in node.output]
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    for o in proto.graph.output:
+        o.name = rename[o.name]
+    for vi in proto.graph.value_info:
+        if vi.name in rename:
+            vi.name = rename[vi.name]
+    side = path.with_name(path.name + ".data")
+    if side.exists():
+        side.unlink()
+    onnx.save(proto, str(path), save_as_external_data=False)
+    onnx.checker.check_model(str(path))
+    return path
