@@ -230,7 +230,8 @@ def prepare_feeds(graph: Graph, inputs, codes: bool = False) -> dict[str, np.nda
     return out
 
 
-def execute(graph: Graph, inputs, *, codes: bool = False, keep: bool = False) -> dict[str, np.ndarray]:
+def execute(graph: Graph, inputs, *, codes: bool = False, keep: bool = False,
+            peak: dict | None = None) -> dict[str, np.ndarray]:
     """Run ``graph`` and return runtime arrays (int64 codes for fixed types, float32 otherwise).
 
     Args:
@@ -238,10 +239,19 @@ def execute(graph: Graph, inputs, *, codes: bool = False, keep: bool = False) ->
         inputs: one array, a list, or a dict by input name; batch first, real values
             (or codes when ``codes=True``).
         keep: return every intermediate value, not only the graph outputs.
+        peak: (issue 8) a dict to receive the measured peak of activation memory: the bytes of
+            the values the interpreter actually holds after each node ran, before freeing, sized
+            by :func:`qdeploy.passes.memory.value_bytes` with ``peak.get("packing", "byte")``.
+            Sets ``peak["peak_bytes"]``, ``peak["peak_node"]`` and ``peak["per_step"]``; a value
+            no node reads (and not an output) is then dropped right after it was produced.
     Returns:
         dict value name -> array of shape (N, *value.shape).
     """
     env = prepare_feeds(graph, inputs, codes)
+    if peak is not None:  # issue 8
+        peak.update(peak_bytes=-1, peak_node=None, per_step=[])
+        _measure(graph, env, peak, None)
+        peak["per_step"].clear()
     remaining = {}
     for n in graph.nodes:
         for i in n.inputs:
@@ -252,14 +262,28 @@ def execute(graph: Graph, inputs, *, codes: bool = False, keep: bool = False) ->
         in_types = [graph.values[i].dtype for i in n.inputs]
         out_t = graph.values[n.output].dtype
         env[n.output] = _run_node(n, args, in_types, out_t)
+        if peak is not None:  # issue 8: measured peak memory
+            _measure(graph, env, peak, n.name)
         if not keep:
             for i in n.inputs:
                 remaining[i] -= 1
                 if remaining[i] == 0 and i not in outs:
                     del env[i]
+            if peak is not None and remaining.get(n.output, 0) == 0 and n.output not in outs:
+                del env[n.output]
     if keep:
         return env
     return {o: env[o] for o in graph.outputs}
+
+
+def _measure(graph: Graph, env: dict, peak: dict, node_name) -> None:
+    """Issue 8: record the bytes of the values held in ``env`` (see ``execute(peak=...)``)."""
+    from ..passes.memory import value_bytes
+    batch = next((a.shape[0] for a in env.values()), 1)
+    live = sum(value_bytes(graph.values[k], peak.get("packing", "byte"), batch) for k in env)
+    peak["per_step"].append(live)
+    if live > peak["peak_bytes"]:
+        peak["peak_bytes"], peak["peak_node"] = live, node_name
 
 
 def to_real(graph: Graph, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
