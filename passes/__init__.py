@@ -23,3 +23,11 @@ def default_pipeline(input_type=None, calibration=None) -> list:
 __all__ = ["PassManager", "PassRecord", "Partition", "partition", "run_partitioned", "dce", "fold_affine_chains",
            "fold_batchnorm", "affine_to_fixed", "infer_precision", "input_type_for", "quantize_inputs",
            "default_pipeline"]
+
+# --- issue 8: rematerialization under a memory budget ---
+from .memory import memory_profile, min_feasible_bytes, peak_memory, value_bytes  # noqa: E402
+from .remat import RematError, remat_pass, rematerialize  # noqa: E402
+
+__all__ += ["memory_profile", "min_feasible_bytes", "peak_memory", "value_bytes", "RematError", "remat_pass",
+            "rematerialize"]
+# --- end issue 8 ---
