@@ -24,6 +24,12 @@ __all__ = ["PassManager", "PassRecord", "Partition", "partition", "run_partition
            "fold_batchnorm", "affine_to_fixed", "infer_precision", "input_type_for", "quantize_inputs",
            "default_pipeline"]
 
+# --- issue 6: early-exit splitting ---
+from .early_exit import EarlyExitError, StagedProgram, split_exits  # noqa: E402
+
+__all__ += ["EarlyExitError", "StagedProgram", "split_exits"]
+# --- end issue 6 ---
+
 # --- issue 8: rematerialization under a memory budget ---
 from .memory import memory_profile, min_feasible_bytes, peak_memory, value_bytes  # noqa: E402
 from .remat import RematError, remat_pass, rematerialize  # noqa: E402

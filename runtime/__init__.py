@@ -2,3 +2,9 @@
 from .compiled import ArtifactError, CompiledModel
 
 __all__ = ["ArtifactError", "CompiledModel"]
+
+# --- issue 6: early exits (multi-stage host control plan) ---
+from .multistage import MultiStageModel, PlanError  # noqa: E402
+
+__all__ += ["MultiStageModel", "PlanError"]
+# --- end issue 6 ---
