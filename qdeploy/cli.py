@@ -134,20 +134,30 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                out: Path = typer.Option(..., "-o", "--out", help="output directory for the report and QONNX models"),
                budget: list[str] = typer.Option(..., "--budget", "-b", help="one budget point, e.g. bops=1.2e6, size=uniform:4, or bops=..,size=.. (repeat for several)"),
                bits: str = typer.Option("2,3,4,5,6,7,8", help="candidate weight bit widths"),
-               act_bits: str = typer.Option("", "--act-bits", help="candidate activation bit widths (default: --bits; 'fixed' = 8-bit activations)"),
+               act_bits: str = typer.Option("", "--act-bits", help="candidate activation bit widths (default: --bits; 'fixed' = 8-bit activations, 'fixed:B' = B-bit activations: weights-only search)"),
                tie: list[str] = typer.Option([], "--tie", help="comma-separated layer names that share bit widths (repeatable)"),
                probes: int = typer.Option(100, help="Hutchinson probe cap"),
                tol: float = typer.Option(1e-3, help="relative tolerance of the trace estimate"),
                qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs"),
                qat_seeds: int = typer.Option(1, "--qat-seeds", help="QAT runs per allocation (mean accuracy)"),
                seed: int = typer.Option(0),
+               part: str = typer.Option("xcvu9p", "--part", help="FPGA part for lut/ff/dsp/latency budgets (hls4ml estimator)"),
+               clock_period: float = typer.Option(5.0, "--clock-period", help="clock period in ns for latency budgets"),
+               reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor for estimator budgets"),
+               strategy: str = typer.Option("Latency", "--strategy", help="hls4ml strategy for estimator budgets"),
                no_progress: bool = typer.Option(False, "--no-progress")):
-    """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX."""
+    """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
+
+    Budget kinds: bops, size (weight bits), and through the hls4ml estimator lut, ff, dsp, bram_18k,
+    latency_cycles, latency_ns (per-layer Dense/Conv costs; --part/--clock-period/--reuse-factor)."""
     from .api import search as do_search
     try:
         ints = lambda t: [int(b) for b in t.split(",") if b.strip()]
-        ab = None if not act_bits else (() if act_bits == "fixed" else ints(act_bits))
-        rep = do_search(recipe, out, budgets=list(budget), w_bits=ints(bits), a_bits=ab,
+        ab = None if not act_bits else (() if act_bits.startswith("fixed") else ints(act_bits))
+        abf = int(act_bits.split(":", 1)[1]) if act_bits.startswith("fixed:") else 8
+        est_cfg = {"part": part, "clock_period": clock_period, "reuse_factor": reuse_factor, "strategy": strategy}
+        rep = do_search(recipe, out, budgets=list(budget), w_bits=ints(bits), a_bits=ab, act_bits_fixed=abf,
+                        estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
                         qat_seeds=qat_seeds, seed=seed, progress=not no_progress)
     except Exception as e:  # one line, never a library traceback
@@ -155,9 +165,11 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
     for i, b in enumerate(rep["budgets"]):
         h, u = b["hessian"], b["uniform"]
-        line = f"budget {i} {b['budget']}: Hessian {h['costs']['bops']:.4g} BOPs, {key} {h[key]:.4f}"
+        hwc = lambda c: "".join(f", {k} {c[k]:.4g}" for k in b["budget_resolved"] if k not in ("bops", "size") and k in c)
+        line = f"budget {i} {b['budget']}: Hessian {h['costs']['bops']:.4g} BOPs{hwc(h['costs'])}, {key} {h[key]:.4f}"
         if u:
-            line += f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs, {key} {u[key]:.4f}"
+            line += (f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs"
+                     f"{hwc(u['allocation']['costs'])}, {key} {u[key]:.4f}")
         typer.echo(line)
     typer.echo(f"wrote {out / 'search_report.md'}, search_report.json, pareto.png, models/")
 # --- end search --------------------------------------------------------------------------------

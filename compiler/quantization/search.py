@@ -91,11 +91,12 @@ def load_recipe(spec) -> tuple[Callable, dict]:
 
 @torch.no_grad()
 def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEFAULT_BITS,
-                input_bits: int = 8) -> list[ilp.LayerSpec]:
+                input_bits: int = 8, fixed_act_bits: int = 8) -> list[ilp.LayerSpec]:
     """One :class:`~.ilp.LayerSpec` per weight layer, shapes measured on ``example_input`` (batch first).
 
     The first layer's input is the model input (fixed at ``input_bits``); every other layer's input
-    activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at 8 bits).
+    activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
+    ``fixed_act_bits``, default 8: a weights-only search with one uniform activation width).
     """
     w_bits = tuple(sensitivity._check_bits(w_bits))
     a_bits = tuple(sensitivity._check_bits(a_bits)) if a_bits else ()
@@ -121,7 +122,7 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
             n_out, pos, kind = m.out_channels, int(np.prod(oshape[2:])), "conv"
         specs.append(ilp.LayerSpec(name=n, n_in=int(n_in), n_out=int(n_out), positions=int(pos),
                                    n_weights=int(m.weight.numel()), w_bits=w_bits,
-                                   a_bits=a_bits if i > 0 else (), fixed_a_bits=int(input_bits) if i == 0 else 8,
+                                   a_bits=a_bits if i > 0 else (), fixed_a_bits=int(input_bits) if i == 0 else int(fixed_act_bits),
                                    kind=kind))
     return specs
 
@@ -149,9 +150,9 @@ def parse_budget(text: str) -> dict:
         k, v = (t.strip() for t in part.split("=", 1))
         if v.startswith("uniform:"):
             try:
-                int(v.split(":", 1)[1])
+                float(v.split(":", 1)[1])
             except ValueError:
-                raise QDeployError(f"budget {part!r}: uniform:B needs an integer B") from None
+                raise QDeployError(f"budget {part!r}: uniform:B needs a number B (e.g. 4 or 3.5)") from None
             out[k] = v
         else:
             try:
@@ -169,8 +170,14 @@ def _resolve_budget(b: Mapping, specs, costs) -> dict:
     out = {}
     for k, v in b.items():
         if isinstance(v, str) and v.startswith("uniform:"):
-            bits = int(v.split(":", 1)[1])
-            out[k] = sum(ilp.layer_cost(k, s, bits, bits if s.a_bits else s.fixed_a_bits, costs) for s in specs)
+            # uniform:B -- the cost of the uniform B-bit allocation; a fractional B interpolates
+            # linearly between the costs of its two neighbours (uniform:3.5 = midway 3 and 4 bits)
+            bits = float(v.split(":", 1)[1])
+            lo, t = int(math.floor(bits)), bits - math.floor(bits)
+
+            def ucost(b):
+                return sum(ilp.layer_cost(k, s, b, b if s.a_bits else s.fixed_a_bits, costs) for s in specs)
+            out[k] = ucost(lo) if t == 0 else (1 - t) * ucost(lo) + t * ucost(lo + 1)
         else:
             out[k] = float(v)
     return out
@@ -195,7 +202,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                ties: Sequence[Sequence[str]] | None = None, costs: Mapping | None = None,
                probes: int = 100, tol: float = 1e-3, batch_probes: int = 10, qat_epochs: int | None = None,
                qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
-               export: bool = True, check_import: bool = True) -> dict:
+               export: bool = True, check_import: bool = True, act_bits_fixed: int = 8,
+               estimator: Mapping | None = None) -> dict:
     """Run the whole search and write the report; returns the report dict (also in search_report.json).
 
     Args:
@@ -205,6 +213,12 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         w_bits, a_bits: candidate weight / activation bit widths (a_bits default = w_bits).
         ties: groups of tied layer names (override the recipe's).
         costs: extra per-layer cost functions ``fn(spec, w_bits, a_bits)`` by budget kind.
+        act_bits_fixed: activation width of every searched layer's input when ``a_bits=()``
+            (weights-only search; the model input keeps the recipe's ``input`` format).
+        estimator: hls4ml estimator config (``part``, ``clock_period``, ``reuse_factor``,
+            ``strategy``, ``io_type``) for the FPGA budgets ``lut``, ``ff``, ``dsp``, ``bram_18k``,
+            ``latency_cycles``, ``latency_ns`` (:mod:`.hw_costs`: per-layer Dense/Conv rows of
+            ``backends/hls4ml/estimate.py``); used when a budget names one of them.
         probes, tol, batch_probes: Hutchinson settings (cap, relative tolerance, vmap width).
         qat_epochs, qat_lr: fine-tuning settings (override the recipe's ``qat``).
         qat_seeds: fine-tune each allocation with this many seeds (seed, seed+1, ...) and report the
@@ -243,7 +257,12 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     x_va, y_va = (np.asarray(a) for a in r["val"])
     test = tuple(np.asarray(a) for a in r["test"]) if r.get("test") is not None else None
     ns = int(r.get("trace_samples", len(x_tr)))
-    specs = layer_specs(model, x_tr[:1], w_bits, a_bits, inp["bits"])
+    specs = layer_specs(model, x_tr[:1], w_bits, a_bits, inp["bits"], act_bits_fixed)
+    from .hw_costs import ESTIMATOR_KINDS, estimator_costs
+    hw = [k for b in budgets for k in b if k in ESTIMATOR_KINDS and k not in (costs or {})]
+    if hw:
+        costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
+                                   kinds=sorted(set(hw))), **(costs or {})}
     resolved = [_resolve_budget(b, specs, costs) for b in budgets]
     out_dir = Path(out_dir)
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -334,7 +353,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     report = {
         "model": name, "seed": seed, "float_accuracy": float_acc,
         "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
-                     "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties},
+                     "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
+                     "act_bits_fixed": None if a_bits else act_bits_fixed,
+                     "estimator": dict(estimator or {}) if hw else None},
         "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds},
         "layers": layers, "budgets": results, "frontier": frontier, "uniform_points": uniform_pts,
         "seconds": time.perf_counter() - t_all,
@@ -387,11 +408,13 @@ def render_markdown(rep: dict) -> str:
     for i, b in enumerate(rep["budgets"]):
         h, u = b["hessian"], b["uniform"]
         bud = ", ".join(f"{k}={v}" for k, v in b["budget"].items())
-        L.append(f"| {i}: {bud} | Hessian ILP | {h['costs']['bops']:.4g} | {h['costs']['size']:.0f} | "
+        hwk = [k for k in b["budget_resolved"] if k not in ("bops", "size")]
+        hwc = lambda c: "".join(f" ({k} {c[k]:.4g})" for k in hwk if k in c)  # estimator budgets, e.g. lut
+        L.append(f"| {i}: {bud} | Hessian ILP{hwc(h['costs'])} | {h['costs']['bops']:.4g} | {h['costs']['size']:.0f} | "
                  f"{h['objective']:.3g} | {_acc(h, 'val_acc')} | {_acc(h, 'test_acc')} | {h.get('qonnx', '')} |")
         if u:
             ua = u["allocation"]
-            L.append(f"| {i} | uniform {u['bits']}-bit | {ua['costs']['bops']:.4g} | {ua['costs']['size']:.0f} | "
+            L.append(f"| {i} | uniform {u['bits']}-bit{hwc(ua['costs'])} | {ua['costs']['bops']:.4g} | {ua['costs']['size']:.0f} | "
                      f"{ua['objective']:.3g} | {_acc(u, 'val_acc')} | {_acc(u, 'test_acc')} | {u.get('qonnx', '')} |")
         else:
             L.append(f"| {i} | uniform: none fits | | | | | | |")

@@ -68,3 +68,19 @@ def test_cli_search_bad_settings(tmp_path):
     assert r.exit_code == 2 and "empty" in r.output
     r = runner.invoke(app, ["search", "no_such_module:f", "-o", str(tmp_path / "d"), "--budget", "bops=1"])
     assert r.exit_code == 2 and "cannot load recipe" in r.output
+
+
+def test_cli_search_lut_budget(tmp_path):
+    """--budget lut=... through the hls4ml estimator (weights-only, 6-bit activations, fractional uniform)."""
+    out = tmp_path / "l"
+    r = CliRunner().invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(out), "--budget", "lut=uniform:3.5",
+                                 "--bits", "3,4", "--act-bits", "fixed:6", "--probes", "10", "--part", "zcu102",
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "lut" in r.output
+    rep = json.loads((out / "search_report.json").read_text())
+    b = rep["budgets"][0]
+    assert b["hessian"]["costs"]["lut"] <= b["budget_resolved"]["lut"] * (1 + 1e-9)
+    assert b["uniform"]["bits"] == 3 and b["uniform"]["allocation"]["costs"]["lut"] < b["budget_resolved"]["lut"]
+    assert all(v["a"] == 6 for k, v in b["hessian"]["bits"].items() if k != "0")
+    assert rep["settings"]["estimator"]["part"] == "zcu102" and rep["settings"]["act_bits_fixed"] == 6
