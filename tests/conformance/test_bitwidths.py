@@ -18,7 +18,6 @@ per rounding mode.
 """
 from __future__ import annotations
 
-import itertools
 import zlib
 
 import numpy as np
