@@ -1,0 +1,299 @@
+"""`DynamicModel`: the host side of a compiled dynamic network (DyCL's generated host module).
+
+The host walks the captured control graph (:class:`~qdeploy.compiler.frontends.dynamic.ControlProgram`):
+straight-line blocks run as compiled artifacts (any backend's ``load`` callable), conditions and
+the few host ops (reductions, comparisons, ``sigmoid``, indexing...) run with torch on the host.
+
+Batches.  The source model is written for batch 1 (``if tensor:`` needs one element); the host
+runs a batch by routing samples: a condition is evaluated per sample, the batch is split into
+*frames* (sample subsets) that follow different paths, and frames that reach a join with the same
+variables are merged again, so each compiled block runs once per distinct path, batched.
+
+Values between blocks stay in the IR layout (channels-last) on the device side; they are
+converted to torch layout only where a host op reads them.
+
+This controller is self-contained (``runtime/multistage.py`` had not landed when it was written);
+its unit of work -- "run stage *k* on a subset of samples, then decide per sample" -- is the same
+as an early-exit multi-stage plan, so it can later delegate stage calls to ``MultiStageModel``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..compiler.errors import QDeployError
+from ..compiler.frontends.dynamic import (NCHW, PLAIN, BlockItem, IfItem, ReturnItem, from_ir, layout_of, to_ir)
+
+__all__ = ["DynamicModel", "DevVal", "HostVal"]
+
+
+class DevVal:
+    """A batch of device values: ``arr`` (n, *IR shape), IR layout ``kind``."""
+    __slots__ = ("arr", "kind")
+
+    def __init__(self, arr, kind):
+        self.arr, self.kind = arr, kind
+
+    def sample(self, i):
+        import torch
+        return torch.from_numpy(from_ir(self.arr[i:i + 1], self.kind))
+
+    def take(self, sel):
+        return DevVal(self.arr[sel], self.kind)
+
+    def sig(self):
+        return ("D", self.kind, self.arr.shape[1:], self.arr.dtype.str)
+
+
+class HostVal:
+    """A batch of host values: one torch value per sample (as the batch-1 source computes it)."""
+    __slots__ = ("items",)
+
+    def __init__(self, items):
+        self.items = items
+
+    def sample(self, i):
+        return self.items[i]
+
+    def take(self, sel):
+        return HostVal([self.items[j] for j in np.flatnonzero(sel)] if sel.dtype == bool else [self.items[j] for j in sel])
+
+    def sig(self):
+        return ("H",)
+
+
+def _as_device(v, kind):
+    if isinstance(v, DevVal):
+        return v.arr
+    import torch
+    a = torch.cat([torch.as_tensor(t) for t in v.items]).numpy().astype(np.float32, copy=False)
+    return to_ir(a) if kind == NCHW else a
+
+
+def _to_numpy(v):
+    """Batch value -> torch-layout numpy array (n, ...)."""
+    if isinstance(v, DevVal):
+        return from_ir(v.arr, v.kind)
+    import torch
+    items = v.items
+    if items and isinstance(items[0], torch.Tensor) and items[0].dim() >= 1 and items[0].shape[0] == 1:
+        return torch.cat(items).numpy()
+    return np.asarray([np.asarray(t) for t in items])
+
+
+class _Frame:
+    __slots__ = ("idx", "env")
+
+    def __init__(self, idx, env):
+        self.idx, self.env = idx, env
+
+    def sig(self):
+        return tuple(sorted((k, v.sig()) for k, v in self.env.items()))
+
+
+def _merge(frames):
+    if len(frames) < 2:
+        return frames
+    groups: dict = {}
+    for f in frames:
+        groups.setdefault(f.sig(), []).append(f)
+    out = []
+    for fs in groups.values():
+        if len(fs) == 1:
+            out.append(fs[0])
+            continue
+        env = {}
+        for k, v in fs[0].env.items():
+            if isinstance(v, DevVal):
+                env[k] = DevVal(np.concatenate([f.env[k].arr for f in fs]), v.kind)
+            else:
+                env[k] = HostVal([x for f in fs for x in f.env[k].items])
+        out.append(_Frame(np.concatenate([f.idx for f in fs]), env))
+    return out
+
+
+class DynamicModel:
+    """A compiled dynamic network.
+
+    Args:
+        program: the captured control graph.
+        blocks: ``{block id: (BlockIR, device callable or None)}``.
+        report: the compile report (dict; see :func:`qdeploy.passes.dynamic.compile_dynamic`).
+
+    Attributes:
+        last_stats: after each run, ``{"returns": {return id: samples}, "taken": {if id: [true, false]},
+            "block_calls": device calls made}``.
+    """
+
+    def __init__(self, program, blocks: dict, report: dict | None = None, workdir=None):
+        self.program = program
+        self.blocks = blocks
+        self.report = report or {}
+        self.workdir = workdir
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ public
+    def run(self, *inputs):
+        """Run on batch-first inputs in the source layout (numpy arrays or torch tensors).
+
+        Returns:
+            a float32 numpy array (n, ...) -- or a tuple of them when ``forward`` returns a tuple.
+        """
+        arrs = [np.ascontiguousarray(np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x,
+                                                dtype=np.float32)) for x in inputs]
+        if len(arrs) != len(self.program.arg_names):
+            raise QDeployError(f"model takes {len(self.program.arg_names)} input(s), got {len(arrs)}")
+        n = arrs[0].shape[0]
+        env = {}
+        for name, a in zip(self.program.arg_names, arrs):
+            kind = layout_of(a.ndim)
+            if kind is None:
+                import torch
+                env[name] = HostVal([torch.from_numpy(a[i:i + 1]) for i in range(n)])
+            else:
+                env[name] = DevVal(to_ir(a), kind)
+        self.last_stats = {"returns": {}, "taken": {}, "block_calls": 0}
+        self._results: dict = {}
+        left = self._seq(self.program.items, [_Frame(np.arange(n), env)])
+        if left:
+            raise QDeployError("a path through forward ended without `return`")
+        return self._assemble(n)
+
+    __call__ = run
+
+    def predict(self, *inputs):
+        return self.run(*inputs)
+
+    # ------------------------------------------------------------------ control
+    def _seq(self, items, frames):
+        for it in items:
+            if not frames:
+                return frames
+            if isinstance(it, BlockItem):
+                for f in frames:
+                    self._block(it, f)
+            elif isinstance(it, IfItem):
+                tf, ff = [], []
+                nt = 0
+                for f in frames:
+                    m = self._cond(f.env[it.cond_var], len(f.idx))
+                    nt += int(m.sum())
+                    if m.all():
+                        tf.append(f)
+                    elif not m.any():
+                        ff.append(f)
+                    else:
+                        tf.append(_Frame(f.idx[m], {k: v.take(m) for k, v in f.env.items()}))
+                        ff.append(_Frame(f.idx[~m], {k: v.take(~m) for k, v in f.env.items()}))
+                tot = sum(len(f.idx) for f in frames)
+                st = self.last_stats["taken"].setdefault(it.id, [0, 0])
+                st[0] += nt
+                st[1] += tot - nt
+                frames = _merge(self._seq(it.then, tf) + self._seq(it.orelse, ff))
+            elif isinstance(it, ReturnItem):
+                for f in frames:
+                    vals = [_to_numpy(f.env[nm]) for nm in it.names]
+                    self._results.setdefault(it.id, []).append((f.idx, vals, it.is_tuple))
+                    self.last_stats["returns"][it.id] = self.last_stats["returns"].get(it.id, 0) + len(f.idx)
+                return []
+        return frames
+
+    @staticmethod
+    def _cond(v, n):
+        if isinstance(v, DevVal):
+            a = v.arr.reshape(n, -1)
+            if a.shape[1] != 1:
+                raise QDeployError(f"condition on a tensor of {a.shape[1]} elements per sample is ambiguous")
+            return a[:, 0].astype(bool)
+        return np.fromiter((bool(x) for x in v.items), dtype=bool, count=n)
+
+    def _block(self, it, frame):
+        import torch
+
+        bir, fn = self.blocks[it.id]
+        env = frame.env
+        n = len(frame.idx)
+        dev_res = {}
+        if fn is not None:
+            feeds = {irn: _as_device(env[var], kind) for var, irn, kind in bir.dev_inputs}
+            res = fn(feeds)
+            self.last_stats["block_calls"] += 1
+            dev_res = {node: DevVal(res[irv], kind) for node, (irv, kind) in bir.dev_outputs.items()}
+        host_res = {}
+        if bir.host_nodes:
+            nodes = self._host_nodes(bir)
+            wanted = [ref for src, ref in bir.outputs.values() if src == "host"]
+            per = {w: [] for w in wanted}
+            with torch.no_grad():
+                for i in range(n):
+                    vals = {}
+
+                    def look(a, i=i, vals=vals):
+                        nm = a.name
+                        if nm in vals:
+                            return vals[nm]
+                        if a.op == "placeholder":
+                            r = env[a.target].sample(i)
+                        elif nm in dev_res:
+                            r = dev_res[nm].sample(i)
+                        elif nm in bir.node_alias:
+                            r = env[bir.node_alias[nm]].sample(i)
+                        else:
+                            r = bir.consts[nm]
+                        vals[nm] = r
+                        return r
+
+                    for nd, call in nodes:
+                        args = torch.fx.node.map_arg(nd.args, look)
+                        kwargs = torch.fx.node.map_arg(nd.kwargs, look)
+                        vals[nd.name] = call(args, kwargs)
+                    for w in wanted:
+                        per[w].append(vals[w])
+            host_res = {w: HostVal(v) for w, v in per.items()}
+        new = dict(env)
+        for var, (src, ref) in bir.outputs.items():
+            if src == "dev":
+                new[var] = dev_res[ref]
+            elif src == "host":
+                new[var] = host_res[ref]
+            elif src == "alias":
+                new[var] = env[ref]
+            else:
+                new[var] = HostVal([ref] * n)
+        frame.env = new
+
+    def _host_nodes(self, bir):
+        cache = getattr(bir, "_host_calls", None)
+        if cache is not None:
+            return cache
+        mods = dict(bir.gm.named_modules())
+        names = set(bir.host_nodes)
+        out = []
+        for nd in bir.gm.graph.nodes:
+            if nd.name not in names:
+                continue
+            if nd.op == "call_module":
+                m = mods[nd.target]
+                call = (lambda a, k, m=m: m(*a, **k))
+            elif nd.op == "call_function":
+                call = (lambda a, k, f=nd.target: f(*a, **k))
+            else:
+                call = (lambda a, k, t=nd.target: getattr(a[0], t)(*a[1:], **k))
+            out.append((nd, call))
+        bir._host_calls = out
+        return out
+
+    def _assemble(self, n):
+        pieces = [p for v in self._results.values() for p in v]
+        if not pieces:
+            raise QDeployError("no sample reached a return")
+        k = len(pieces[0][1])
+        outs = []
+        for j in range(k):
+            ref = pieces[0][1][j]
+            arr = np.zeros((n, *ref.shape[1:]), dtype=ref.dtype if ref.dtype != np.float64 else np.float32)
+            for idx, vals, _ in pieces:
+                if vals[j].shape[1:] != ref.shape[1:]:
+                    raise QDeployError(f"returns of different shapes {ref.shape[1:]} and {vals[j].shape[1:]}")
+                arr[idx] = vals[j]
+            outs.append(arr)
+        return tuple(outs) if pieces[0][2] else outs[0]
