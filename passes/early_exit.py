@@ -187,7 +187,7 @@ def _candidates(c, max_candidates):
     return list(u) + [math.inf]
 
 
-def calibrate(conf, correct, cum_cost, *, max_drop=None, budget=None, budget_band: float = 0.02,
+def calibrate(conf, correct, cum_cost, *, max_drop=None, budget=None, budget_band: float = 0.02, z: float = 0.0,
               max_candidates: int = 96, max_grid: int = 200_000) -> dict:
     """Pick gate levels (one per early exit) on a validation set.
 
@@ -198,6 +198,10 @@ def calibrate(conf, correct, cum_cost, *, max_drop=None, budget=None, budget_ban
             accuracy among settings whose mean cost lies in ``[(1 - budget_band) budget, budget]``
             (EERO-style: the budget is spent, not undercut), else among those under the budget
             (ties: the cost closest to the budget).
+
+    ``z`` (accuracy mode): a safety margin for small validation sets: the paired accuracy
+    difference ``D = mean(correct_exit - correct_final)`` must satisfy ``D - z * SE(D) >= -max_drop``
+    with ``SE(D) = std(d) / sqrt(n)`` (0 = the plain rule).
 
     Candidate levels per exit: the observed confidences (at most ``max_candidates`` quantiles)
     plus "never".  All combinations are tried when there are at most ``max_grid``, otherwise
@@ -214,15 +218,25 @@ def calibrate(conf, correct, cum_cost, *, max_drop=None, budget=None, budget_ban
     cands = [_candidates(np.asarray(c), max_candidates) for c in conf]
     final_acc = float(np.mean(correct[-1]))
 
+    corr_arr = np.asarray(correct)
+    n_val = corr_arr.shape[1]
     if max_drop is not None:
         floor = final_acc - float(max_drop) / 100.0 - 1e-12
 
-        def key(acc, cost):
-            return (0, -cost, acc) if acc >= floor else (-1, acc, -cost)
+        def margin(lv):
+            if not z:
+                return 0.0
+            ex, _, _ = exit_table(lv, conf, correct, cum_cost)
+            d = corr_arr[ex, np.arange(n_val)].astype(np.float64) - corr_arr[-1]
+            return float(z * d.std() / math.sqrt(n_val))
+
+        def key(acc, cost, lv=None):
+            ok = acc >= floor and (not z or acc - margin(lv) >= floor)
+            return (0, -cost, acc) if ok else (-1, acc, -cost)
     else:
         B = float(budget)
 
-        def key(acc, cost):
+        def key(acc, cost, lv=None):
             if cost > B * (1 + 1e-12):
                 return (-2, -cost, acc)
             if cost >= (1 - budget_band) * B:
@@ -234,13 +248,13 @@ def calibrate(conf, correct, cum_cost, *, max_drop=None, budget=None, budget_ban
     if n_grid <= max_grid:
         for lv in itertools.product(*cands):
             _, acc, cost = exit_table(lv, conf, correct, cum_cost)
-            kk = key(acc, cost)
+            kk = key(acc, cost, lv)
             if best_key is None or kk > best_key:
                 best, best_key = list(lv), kk
     else:
         best = [math.inf] * len(cands)
         _, acc, cost = exit_table(best, conf, correct, cum_cost)
-        best_key = key(acc, cost)
+        best_key = key(acc, cost, best)
         for _ in range(4):
             improved = False
             for k in range(len(cands)):
@@ -248,7 +262,7 @@ def calibrate(conf, correct, cum_cost, *, max_drop=None, budget=None, budget_ban
                     lv = list(best)
                     lv[k] = v
                     _, acc, cost = exit_table(lv, conf, correct, cum_cost)
-                    kk = key(acc, cost)
+                    kk = key(acc, cost, lv)
                     if kk > best_key:
                         best, best_key, improved = lv, kk, True
             if not improved:
@@ -258,7 +272,7 @@ def calibrate(conf, correct, cum_cost, *, max_drop=None, budget=None, budget_ban
             f"mean cost <= {budget:.6g}"
         raise ValueError(f"no gate setting reaches {what} on the calibration set")
     out = evaluate_levels(best, conf, correct, cum_cost)
-    out.update(mode="accuracy" if max_drop is not None else "budget",
+    out.update(mode="accuracy" if max_drop is not None else "budget", z=float(z),
                target=float(max_drop) if max_drop is not None else float(budget), final_accuracy=final_acc)
     out["levels_raw"] = best
     return out
