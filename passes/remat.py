@@ -427,7 +427,7 @@ def solve_cp(p: Problem, budget: int | None, max_copies: int = 2, time_limit: fl
         m.Minimize(sum(p.costs[v] * P[v, i] for v in range(p.n) for i in range(1, C[v])))
 
     hint = hint or no_remat(p)
-    _add_hint(m, p, hint, C, H, S, E, P, Z, src_end)
+    hint_ok = _add_hint(m, p, hint, C, H, S, E, P, Z, src_end)
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit)
@@ -443,6 +443,12 @@ def solve_cp(p: Problem, budget: int | None, max_copies: int = 2, time_limit: fl
     st = solver.Solve(m, _CB())
     name = solver.StatusName(st)
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if st != cp_model.INFEASIBLE and not minimize_peak and hint is not None and hint_ok \
+                and evaluate(p, hint).peak <= budget:
+            # timeout before CP-SAT reported a schedule: the warm start is the best one found
+            return _result(p, "cp-sat", "feasible", hint, budget, t0, timeline=[(time.perf_counter() - t0,
+                           evaluate(p, hint).cost)], notes=[f"CP-SAT status {name}: no schedule better than the warm "
+                                                            f"start within {time_limit:g} s; not proven optimal"])
         return _result(p, "cp-sat", "infeasible" if st == cp_model.INFEASIBLE else "unknown", None,
                        budget or 0, t0, timeline=timeline)
     execs = sorted((solver.Value(S[v, i]), v, i) for v in range(p.n) for i in range(C[v])
@@ -473,7 +479,7 @@ def _add_hint(m, p, hint: Schedule, C, H, S, E, P, Z, src_end):
         copy_of.append(k[v])
         k[v] += 1
     if any(k[v] > C[v] for v in range(p.n)):
-        return  # the hint needs more copies than the model has
+        return False  # the hint needs more copies than the model has
     for t, (v, reads) in enumerate(hint.steps):
         i = copy_of[t]
         m.AddHint(S[v, i], t + 1)
@@ -492,6 +498,7 @@ def _add_hint(m, p, hint: Schedule, C, H, S, E, P, Z, src_end):
     for x in range(len(p.src_sizes)):
         ts = [t for t, (v, _) in enumerate(hint.steps) if x in p.src_preds[v]]
         m.AddHint(src_end[x], (max(ts) + 1) if ts else H)
+    return True
 
 
 # =============================================================== Checkmate MILP baseline

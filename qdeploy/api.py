@@ -235,7 +235,8 @@ def _check_replaceable(out_dir: Path, model) -> None:
 
 
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
-            example_input=None, force: bool = False, optimize: bool = True) -> CompileResult:
+            example_input=None, force: bool = False, optimize: bool = True,
+            memory_budget=None) -> CompileResult:
     """Compile ``model`` for ``target`` into ``out_dir``.
 
     Args:
@@ -247,6 +248,10 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             the source model's layout).  Default: ``golden.samples`` random inputs.  They also
             calibrate the input type of models without an input quantizer.
         force: replace an existing ``out_dir``.
+        memory_budget: (issue 8) peak activation memory budget: bytes (``"48KiB"``, 49152) or a
+            fraction of the unrematerialized peak (``0.8``); default: the config's ``memory_budget``
+            (a number/string, or a mapping with ``budget`` and optional ``packing``, ``max_copies``,
+            ``time_limit``, ``method``).  Runs :func:`qdeploy.passes.remat.rematerialize` after the passes.
     Returns:
         :class:`CompileResult`.
     Raises:
@@ -271,6 +276,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     feeds_real = _golden_feeds(graph, golden, cfg)
     pm = PassManager(default_pipeline(cfg.get("input_type"), feeds_real) if optimize else [])
     graph = pm.run(graph)
+    remat_report = _remat(graph, memory_budget, cfg)  # issue 8
+    if remat_report is not None:
+        graph = remat_report.pop("graph")
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
     feeds = prepare_feeds(graph, feeds_real)
     ref = execute(graph, feeds, codes=True)
@@ -308,6 +316,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
                         "notes": r.notes} for r in pm.records],
             "timing_s": {"total": time.perf_counter() - t0, "backend_build": t_build},
             "estimate": _compile_estimate(graph, cfg),  # issue 5: FPGA estimate in every report
+            "remat": remat_report,  # issue 8: peak before/after, overhead %, solve time (None: no budget)
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(render_markdown(report))
@@ -333,6 +342,25 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         shutil.rmtree(tmp, ignore_errors=True)
         raise CompileError(f"{target} compile failed: {type(e).__name__}: {e}", graph.name) from e
     return CompileResult(out_dir, report, graph)
+
+
+# ---- issue 8: rematerialization under a memory budget ----
+def _remat(graph: Graph, budget, cfg: dict) -> dict | None:
+    """Run the remat pass when a budget is given (argument or config); None otherwise."""
+    from .passes.remat import rematerialize
+    opts = cfg.get("memory_budget")
+    opts = dict(opts) if isinstance(opts, dict) else ({} if opts is None else {"budget": opts})
+    if budget is not None:
+        opts["budget"] = budget
+    if opts.get("budget") is None:
+        return None
+    kw = {k: opts[k] for k in ("packing", "max_copies", "time_limit", "method") if k in opts}
+    try:
+        new, rep = rematerialize(graph, opts["budget"], **kw)
+    except (ValueError, TypeError) as e:
+        raise QDeployError(f"memory budget: {e}") from None
+    rep["graph"] = new
+    return rep
 
 
 # ---- issue 5: estimates (qdeploy.backends.hls4ml.estimate / qdeploy.backends.asic) ----

@@ -33,7 +33,10 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                 force: bool = typer.Option(False, "--force",
                                            help="replace an existing artifact directory (only a qdeploy artifact)"),
                 allow_inexact: bool = typer.Option(False, "--allow-inexact",
-                                                   help="exit 0 even when fixed-point outputs differ from the reference")):
+                                                   help="exit 0 even when fixed-point outputs differ from the reference"),
+                memory_budget: Optional[str] = typer.Option(  # issue 8
+                    None, "--memory-budget", help="peak activation memory budget: bytes (48KiB, 1.5MB, 49152) or a "
+                    "fraction of the unrematerialized peak (0.8); recomputes tensors to fit (CP-SAT)")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
 
     Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference on the
@@ -42,7 +45,8 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     from .api import compile as do_compile
     from .report import exactness_sentence
     try:
-        res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force)
+        res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
+                         memory_budget=memory_budget)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     ex = res.report["exactness"]
@@ -50,6 +54,11 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                f"({res.report['totals']['nodes']} nodes, {res.report['totals']['bops']:.4g} BOPs/sample)")
     for note in res.report.get("notes", []):
         typer.echo(f"note: {note}")
+    rm = res.report.get("remat")  # issue 8
+    if rm:
+        typer.echo(f"memory: peak {rm['peak_before']} B -> {rm['peak_after']} B (budget {rm['budget_bytes']} B, "
+                   f"{rm['packing']} packing), compute overhead {rm['overhead_pct']:.2f}%, {len(rm['recomputed'])} "
+                   f"recomputed node(s), solve {rm['solve_s']:.2f} s, {rm['status']}")
     typer.echo(f"exactness vs reference: {exactness_sentence(ex)}")
     if ex.get("fixed_mismatches", 0) and not allow_inexact:
         typer.echo("error: fixed-point outputs differ from the reference (see report.md); "
