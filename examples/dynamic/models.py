@@ -10,6 +10,9 @@ Each ``forward`` is written for batch 1, as eager PyTorch requires for ``if tens
 """
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -171,6 +174,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+@functools.lru_cache(maxsize=4)
 def train_shallow_deep(seed: int = 0, epochs: int = 3):
     """ShallowDeep briefly trained on scikit-learn digits (8x8); returns (model, (Xte, yte))."""
     from sklearn.datasets import load_digits
@@ -219,17 +223,19 @@ def calibrate_gates(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model
 
 
-def build(name: str, seed: int = 0):
-    """(model in eval mode, example input of batch 1, random input generator(n, seed))."""
+def build(name: str, seed: int = 0, n_blocks: int = 4):
+    """(model in eval mode, example input of batch 1, random input generator(n, seed)).
+    ``n_blocks``: residual blocks of SkipNet / BlockDrop (tests use 3 to compile faster)."""
     torch.manual_seed(seed)
     if name == "shallow_deep":
         m, _ = train_shallow_deep(seed)
+        m = copy.deepcopy(m)
         shape = (1, 8, 8)
     elif name == "skipnet":
-        m = randomize_bn(SkipNet(), seed)
+        m = randomize_bn(SkipNet(n_blocks=n_blocks), seed)
         shape = (3, 32, 32)
     elif name == "blockdrop":
-        m = randomize_bn(BlockDrop(), seed)
+        m = randomize_bn(BlockDrop(n_blocks=n_blocks), seed)
         shape = (3, 32, 32)
     elif name == "moe":
         m = TopOneMoE().eval()

@@ -1,0 +1,197 @@
+"""Issue 7: dynamic subgraph extraction (capture -> blocks + conditions -> compiled blocks, host
+control).  Every test model's compiled program equals eager PyTorch on random inputs taking
+different branches; plain ``torch.jit.trace`` does not."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from qdeploy.compiler.frontends.dynamic import CaptureError, capture  # noqa: E402
+from qdeploy.passes.dynamic import compile_dynamic, render_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _models():
+    name = "qdeploy_dynamic_example_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "dynamic" / "models.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+M = _models()
+N = 200
+_CACHE: dict = {}
+
+
+def built(name):
+    if name not in _CACHE:
+        _CACHE[name] = M.build(name, n_blocks=3)
+    return _CACHE[name]
+
+
+_REF: dict = {}
+
+
+def eager_ref(name, X, seed):
+    if (name, seed) not in _REF:
+        _REF[name, seed] = eager(built(name)[0], X)
+    return _REF[name, seed]
+
+
+def eager(model, X):
+    with torch.no_grad():
+        return torch.cat([model(X[i:i + 1]) for i in range(len(X))]).numpy()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cache = {}
+
+    def get(name, target):
+        if (name, target) not in cache:
+            m, ex, _ = built(name)
+            cache[name, target] = compile_dynamic(m, ex, target=target)
+        return cache[name, target]
+    return get
+
+
+@pytest.mark.parametrize("target", ["reference", "tvm-llvm"])
+@pytest.mark.parametrize("name", M.MODELS)
+def test_matches_eager(compiled, name, target):
+    m, _, gen = built(name)
+    dm = compiled(name, target)
+    X = gen(N, 7)
+    ref = eager_ref(name, X, 7)
+    y = dm.run(X)  # batched: samples routed per condition
+    assert np.abs(y - ref).max() < 1e-4
+    assert (y.argmax(1) == ref.argmax(1)).all()
+    taken = dm.last_stats["taken"]
+    # the inputs exercise both sides of (almost) every condition
+    both = sum(1 for t, f in taken.values() if t and f)
+    assert both >= max(1, len(taken) - 1), taken
+    y1 = np.concatenate([dm.run(X[i:i + 1]) for i in range(16)])  # batch 1, as eager runs
+    assert np.abs(y1 - ref[:16]).max() < 1e-4
+
+
+def test_shallow_deep_digits(compiled):
+    m, _, _ = built("shallow_deep")
+    _, (Xte, yte) = M.train_shallow_deep(0)
+    dm = compiled("shallow_deep", "tvm-llvm")
+    ref = eager(m, Xte)
+    y = dm.run(Xte)
+    assert np.abs(y - ref).max() < 1e-4 and (y.argmax(1) == ref.argmax(1)).all()
+    exits = dm.last_stats["returns"]
+    assert len(exits) >= 2, exits  # early and late exits both used
+    assert (y.argmax(1) == yte.numpy()).mean() > 0.8
+
+
+@pytest.mark.parametrize("name", ["shallow_deep", "skipnet", "blockdrop", "moe"])
+def test_plain_trace_is_inconsistent(compiled, name):
+    """torch.jit.trace freezes the branch of its example input; the compiled program does not."""
+    m, ex, gen = built(name)
+    X = gen(N, 7)
+    ref = eager_ref(name, X, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, ex)
+    with torch.no_grad():
+        yt = torch.cat([traced(X[i:i + 1]) for i in range(N)]).numpy()
+    wrong = np.abs(yt - ref).max(axis=1) > 1e-4
+    assert wrong.mean() > 0.05, wrong.mean()
+    y = compiled(name, "reference").run(X)
+    assert (np.abs(y - ref).max(axis=1) < 1e-4).all()
+
+
+def test_report_counts(compiled):
+    dm = compiled("skipnet", "reference")
+    r = dm.report
+    assert r["conditions"] == 3 and r["blocks"] == 7 and r["device_blocks"] == 7
+    assert r["unrolled_loops"] == [{"line": r["unrolled_loops"][0]["line"], "trips": 3}]
+    assert all("compile_seconds" in b for b in r["per_block"])
+    text = render_report(r)
+    assert "3 conditions" in text and "sigmoid" in text
+    bd = compiled("blockdrop", "reference").report
+    assert len(bd["removed_from_device"]) == 2  # blocks that only index the keep mask stay on the host
+
+
+class Specialized(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.use_bias_path = False
+        self.register_buffer("scale", torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+    def forward(self, x):
+        if self.use_bias_path:
+            x = x + 1
+        y = self.fc(x) * (self.scale * 2)
+        if y.sum() > 0:
+            return y
+        return x - y
+
+
+def test_specialization_and_folding():
+    m = Specialized().eval()
+    dm = compile_dynamic(m, torch.randn(1, 4), target="reference")
+    r = dm.report
+    assert r["specialized"] and r["specializations"][0]["value"] is False
+    assert r["folded_constants"] >= 1  # self.scale * 2 (FX evaluates it at trace time)
+    g = dm.blocks[dm.program.blocks()[0].id][0].graph
+    aff = [n for n in g.nodes if n.op == "Affine"]
+    assert aff and np.allclose(aff[0].params["scale"].data, [2, 4, 6, 8])
+    X = torch.randn(64, 4)
+    assert np.abs(dm.run(X) - eager(m, X)).max() < 1e-5
+    assert all(v for v in dm.last_stats["taken"].values())
+
+
+def _err(src_fn):
+    ns = {"torch": torch}
+    exec(src_fn, ns)  # noqa: S102
+    cls = ns["Bad"]
+    return cls
+
+
+BAD = {
+    "while": ("    def forward(self, x):\n        while x.sum() > 0:\n            x = x - 1\n        return x\n",
+              "while", 2),
+    "data_range": ("    def forward(self, x):\n        n = int(x.sum())\n        for i in range(n):\n"
+                   "            x = x + 1\n        return x\n", "trip count depends on data", 3),
+    "recursion": ("    def forward(self, x):\n        if x.sum() > 0:\n            return self(x - 1)\n        return x\n",
+                  "recursion", 3),
+    "global": ("    def forward(self, x):\n        global COUNT\n        return x\n", "global", 2),
+    "attr": ("    def forward(self, x):\n        self.last = x\n        return x\n", "side effect", 2),
+    "print": ("    def forward(self, x):\n        print(x)\n        return x\n", "side effect", 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_unsupported_dynamism_names_line(tmp_path, case):
+    body, words, rel = BAD[case]
+    f = tmp_path / f"bad_{case}.py"
+    f.write_text("import torch\n\n\nclass Bad(torch.nn.Module):\n" + body)
+    spec = importlib.util.spec_from_file_location(f"bad_{case}", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(CaptureError) as ei:
+        capture(mod.Bad().eval(), torch.randn(1, 4))
+    msg = str(ei.value)
+    assert words in msg and f"bad_{case}.py:{4 + rel}" in msg, msg
+
+
+@pytest.mark.slow
+def test_hls4ml_moe():
+    m, ex, gen = built("moe")
+    dm = compile_dynamic(m, ex, target="hls4ml")
+    X = gen(50, 3)
+    assert np.abs(dm.run(X) - eager(m, X)).max() < 1e-4
