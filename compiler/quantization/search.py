@@ -327,8 +327,21 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                     ua.costs.update(ucost)
                     uni = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
                     break
+            # between two uniform points (e.g. uniform:3.5) the uniform that fits has fewer BOPs than
+            # the budget; the next width up (more BOPs than the budget) is trained too, for the
+            # "equal or larger BOPs" comparison of issue 4
+            above = None
+            tight = uni is not None and all(uni["allocation"]["costs"][k] >= b[k] * (1 - 1e-9) for k in b)
+            if not tight:
+                for ub in sorted(w_bits):
+                    if uni is not None and ub <= uni["bits"]:
+                        continue
+                    ua = ilp.uniform_allocation(specs, ub, sens, costs)
+                    ua.costs.update({k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b})
+                    above = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
+                    break
             results.append({"budget": dict(b_in), "budget_resolved": b, "hessian": {**alloc.to_dict(), **h},
-                            "uniform": uni})
+                            "uniform": uni, "uniform_above": above})
         frontier = {}
         for kind in sorted({k for b in resolved for k in b} | {"bops"}):
             frontier[kind] = [{"cost": a.costs[kind], "objective": a.objective, "bops": a.costs["bops"],
@@ -418,6 +431,12 @@ def render_markdown(rep: dict) -> str:
                      f"{ua['objective']:.3g} | {_acc(u, 'val_acc')} | {_acc(u, 'test_acc')} | {u.get('qonnx', '')} |")
         else:
             L.append(f"| {i} | uniform: none fits | | | | | | |")
+        ua2 = b.get("uniform_above")
+        if ua2:
+            c = ua2["allocation"]["costs"]
+            L.append(f"| {i} | uniform {ua2['bits']}-bit (above budget){hwc(c)} | {c['bops']:.4g} | {c['size']:.0f} | "
+                     f"{ua2['allocation']['objective']:.3g} | {_acc(ua2, 'val_acc')} | {_acc(ua2, 'test_acc')} | "
+                     f"{ua2.get('qonnx', '')} |")
     L += ["", f"Comparison ({acc_key}):", ""]
     for i, b in enumerate(rep["budgets"]):
         h, u = b["hessian"], b["uniform"]
@@ -426,6 +445,10 @@ def render_markdown(rep: dict) -> str:
             L.append(f"- budget {i}: Hessian {h[acc_key]:.4f} at {h['costs']['bops']:.4g} BOPs vs uniform "
                      f"{u['bits']}-bit {u[acc_key]:.4f} at {u['allocation']['costs']['bops']:.4g} BOPs: "
                      f"{'Hessian >= uniform' if geq else 'uniform better'}")
+        ua2 = b.get("uniform_above")
+        if ua2:
+            L.append(f"  - vs uniform {ua2['bits']}-bit {ua2[acc_key]:.4f} at {ua2['allocation']['costs']['bops']:.4g} "
+                     f"BOPs (more than the budget): {'Hessian >= uniform' if h[acc_key] >= ua2[acc_key] else 'uniform better'}")
     for kind, pts in rep["frontier"].items():
         L += ["", f"## Frontier: total sensitivity vs {kind} (ILP sweep, no QAT)", "", f"| {kind} | sensitivity |", "|---|---|"]
         L += [f"| {p['cost']:.4g} | {p['objective']:.4g} |" for p in pts]
