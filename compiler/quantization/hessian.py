@@ -10,9 +10,10 @@ PyHessian, Yao et al., arXiv 1912.07145, Alg. 1).  With a *joint* probe v over a
 because the cross terms v_i^T H_ij v_j (i != j) have zero mean; with *block* probes (HAWQ-V2) each
 layer gets its own HVP, fewer variance terms, L times the cost.
 
-The HVP is reverse-over-reverse in ``torch.func``: ``grad(loss)`` is linearized once per data batch
-(``vjp``), and each probe is one ``vjp`` of it (H is symmetric, so that is H v), batched over
-probes with ``vmap``.  The model runs in eval mode (batch-norm uses its running statistics,
+The HVP is reverse-over-reverse in ``torch.func`` by default (``grad(loss)`` linearized once per
+batch with ``vjp``, each probe one ``vjp`` of it; H is symmetric, so that is H v), or
+forward-over-reverse (``hvp="fwd"``: ``jvp`` of ``grad(loss)``); both are batched over probes
+with ``vmap``.  The model runs in eval mode (batch-norm uses its running statistics,
 dropout is off) and the caller's train/eval state is restored afterwards, so a model left in train
 mode gives the same traces as one in eval mode.
 
@@ -136,6 +137,7 @@ def hutchinson_traces(
     seed: int = 0,
     vectorize: bool = True,
     progress: Callable[[int], None] | None = None,
+    hvp: str = "rev",
 ) -> TraceResult:
     """Estimate Tr(H_ii) for each weight layer (and optionally each layer's input activation).
 
@@ -156,6 +158,10 @@ def hutchinson_traces(
         seed: seeds the Rademacher generator (a private ``torch.Generator``): reproducible.
         vectorize: ``vmap`` over probes (else a Python loop over probes).
         progress: called with the number of probes done after each chunk.
+        hvp: ``"rev"`` reverse-over-reverse (``vjp`` of ``grad``, linearized once per batch; the
+            default) or ``"fwd"`` forward-over-reverse (``jvp`` of ``grad`` per probe chunk), both
+            vmapped over the probe chunk.  ``benchmarks/hessian_trace.py`` times both: on the
+            digits MLP (1024 samples, 200 probes, 1 thread) rev 0.42 s, fwd 0.50 s.
 
     Returns:
         :class:`TraceResult` with one :class:`LayerTrace` per layer/activation.
@@ -163,7 +169,10 @@ def hutchinson_traces(
     Raises:
         QDeployError: no weight layers, an unknown layer name, bad probe settings, or no data.
     """
-    from torch.func import functional_call, grad, vjp, vmap
+    from torch.func import functional_call, grad, jvp, vjp, vmap
+
+    if hvp not in ("fwd", "rev"):
+        raise QDeployError(f"hvp must be 'fwd' or 'rev', got {hvp!r}")
 
     if max_probes < 1 or batch_probes < 1:
         raise QDeployError(f"probe counts must be >= 1 (max_probes={max_probes}, batch_probes={batch_probes})")
@@ -215,12 +224,17 @@ def hutchinson_traces(
                 eps_ctx.clear()
             return loss_fn(_logits(out), y)
 
-        # Reverse-over-reverse: linearize grad(loss) once per batch, then every probe is one
-        # vjp of that linearization (H is symmetric, so vjp = H v), vmapped over the probe chunk.
+        # "rev": linearize grad(loss) once per batch (vjp), then every probe is one vjp of that
+        # linearization (H is symmetric, so vjp = H v).  "fwd": H v = jvp(grad(loss), v) per probe.
+        # Either is vmapped over the probe chunk.
         lin = []
         for (x, y), shp in zip(batches, act_shapes):
             e0 = {n: torch.zeros(shp[n]) for n in act_names}
-            _, vjp_fn = vjp(lambda w, e, x=x, y=y: grad(loss_of, argnums=(0, 1))(w, e, x, y), w0, e0)
+            g_fn = lambda w, e, x=x, y=y: grad(loss_of, argnums=(0, 1))(w, e, x, y)
+            if hvp == "rev":
+                _, vjp_fn = vjp(g_fn, w0, e0)
+            else:
+                vjp_fn = (lambda v, g_fn=g_fn, e0=e0: jvp(g_fn, (w0, e0), v)[1])
             lin.append(vjp_fn)
 
         gen = torch.Generator().manual_seed(int(seed))

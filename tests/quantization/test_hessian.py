@@ -133,3 +133,16 @@ def test_sensitivity_quantizers():
     assert sa[2] > sa[8]
     with pytest.raises(QDeployError, match="empty"):
         weight_sensitivity(1.0, w, [])
+
+
+def test_forward_over_reverse_equals_reverse_over_reverse():
+    m = _mlp()
+    x, y = _data()
+    a = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=20, batch_probes=10, hvp="rev")
+    b = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=20, batch_probes=10, hvp="fwd")
+    for k in a.weights:
+        assert b.weights[k].trace == pytest.approx(a.weights[k].trace, rel=1e-4, abs=1e-7)
+    for k in a.activations:
+        assert b.activations[k].trace == pytest.approx(a.activations[k].trace, rel=1e-4, abs=1e-7)
+    with pytest.raises(QDeployError, match="hvp must be"):
+        hutchinson_traces(m, (x, y), max_probes=2, hvp="both")
