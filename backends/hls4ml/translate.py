@@ -69,6 +69,12 @@ def _ftype(t, node: str) -> FixedType:
     return t
 
 
+def _needs_widen(tin: FixedType, tout: FixedType) -> bool:
+    """True when casting ``tin`` to ``tout`` rounds away at least ``tin.width`` fraction bits,
+    which ap_fixed cannot do without reading past the input's MSB."""
+    return tout.rounding != "TRN" and tin.frac_bits - tout.frac_bits >= tin.width
+
+
 def _rank_pads(n: Node, nd: int):
     p = tuple(int(v) for v in n.attrs.get("pads", (0,) * (2 * nd)))
     s = tuple(int(v) for v in n.attrs.get("strides", (1,) * nd))
@@ -138,6 +144,12 @@ class _Translator:
             lay = self.t.value_layer[o]
             if lay in self.t.inputs:
                 raise UnsupportedError("a device input is also a device output (nothing to compute)", o)
+            prod = g.producer(o)
+            if prod is not None and prod.op == "Reshape" and self.t.value_layer.get(prod.inputs[0]) in self.t.inputs:
+                # hls4ml drops a Reshape of an input layer (arrays are flat), which would make the
+                # output alias the input and the generated C++ declare the input twice
+                raise UnsupportedError("a device output that only reshapes a device input (nothing to compute on "
+                                       "the device)", prod.name)
             if lay not in outs:
                 outs.append(lay)
         self.t.outputs = outs
@@ -153,14 +165,27 @@ class _Translator:
             self.t.value_layer[n.output] = self.src(n.inputs[0])
             self.t.node_layers[n.name] = []
             return
+        src = self.src(n.inputs[0])
+        if _needs_widen(tin, tout):
+            # ap_fixed's rounding reads the bit just below the new LSB; when the cast drops at
+            # least as many fraction bits as the input has, that bit lies beyond the input's MSB
+            # and ap_private asserts ("Attempting to read bit beyond MSB").  Sign-extend first
+            # (exact: only integer bits are added), then round.
+            shift = tin.frac_bits - tout.frac_bits
+            w = shift + 2
+            tmid = FixedType(w, tin.int_bits + (w - tin.width), tin.signed)
+            src = self.layer(n, {"class_name": "Activation", "activation": "linear", "base": f"{n.name}_widen"},
+                             {"result": tmid.hls()}, [src])
+            self.t.notes.append(f"Quantize '{n.name}': sign-extended to {tmid.hls()} before rounding")
         self.t.value_layer[n.output] = self.layer(n, {"class_name": "Activation", "activation": "linear"},
-                                                  {"result": tout.hls()}, [self.src(n.inputs[0])])
+                                                  {"result": tout.hls()}, [src])
 
     def op_Relu(self, n: Node):
         cons = self.g.consumers(n.output)
         tout = self.vt(n.output)
         out_value = n.output
-        if len(cons) == 1 and cons[0].op == "Quantize" and n.output not in self.g.outputs:
+        if (len(cons) == 1 and cons[0].op == "Quantize" and n.output not in self.g.outputs
+                and not _needs_widen(tout, self.vt(cons[0].output))):
             q = cons[0]
             tout, out_value = self.vt(q.output), q.output
             self.skip.add(q.name)

@@ -229,22 +229,6 @@ def test_tvm_equals_reference(gs):
     assert _backend_vs_reference("tvm-llvm", g, seed), "TVM must compile every verified graph"
 
 
-def known_hls4ml_bug(g) -> str | None:
-    """Graph patterns of reported, not yet fixed hls4ml-backend bugs (each has its own strict
-    xfail test in test_ops.py); the property test steps around them to keep finding new ones."""
-    for o in g.outputs:
-        n = g.producer(o)
-        if n is not None and n.op == "Reshape" and (g.producer(n.inputs[0]) is None
-                                                     or g.producer(n.inputs[0]).op in ("Quantize", "Sign")):
-            return "Reshape of a device input as a graph output: g++ 'redefinition of in_x'"
-    for n in g.nodes:
-        if n.op == "Quantize":
-            ti, to = g.values[n.inputs[0]].dtype, g.values[n.output].dtype
-            if isinstance(ti, FixedType) and to.rounding != "TRN" and ti.frac_bits - to.frac_bits >= ti.width:
-                return "rounding cast dropping >= all source bits: ap_private get_bit assertion aborts the C sim"
-    return None
-
-
 def _bug_reshape_output():
     b = GraphBuilder("bug_reshape")
     x = b.input("x", (2, 3), parse_type("fixed<8,3>"))
@@ -260,15 +244,25 @@ def _bug_round_beyond_msb():
     return b.build()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported, hls4ml backend): see known_hls4ml_bug; when this passes, "
-                   "drop the pattern from known_hls4ml_bug")
-@pytest.mark.parametrize("make", [_bug_reshape_output, _bug_round_beyond_msb], ids=["reshape_output", "round_beyond_msb"])
-def test_known_hls4ml_bugs(make):
+def test_hls4ml_rounding_cast_beyond_msb_is_exact():
+    """Formerly crashed the C simulation (ap_private get_bit assertion): a rounding cast that drops
+    at least all of its input's bits; the backend now sign-extends first."""
     if backend_problem("hls4ml"):
         pytest.xfail(backend_problem("hls4ml"))
-    g = make()
-    assert known_hls4ml_bug(g)
-    _backend_vs_reference("hls4ml", g, 0, isolate=True)
+    assert _backend_vs_reference("hls4ml", _bug_round_beyond_msb(), 0, isolate=True)
+
+
+def test_hls4ml_reshape_of_input_as_output_is_rejected_naming_node():
+    """Formerly a g++ 'redefinition of in_x' CompileError: hls4ml drops the Reshape of an input
+    layer; the backend now refuses it up front with an UnsupportedError naming the Reshape."""
+    if backend_problem("hls4ml"):
+        pytest.xfail(backend_problem("hls4ml"))
+    from qdeploy.backends import get_backend
+    g = _bug_reshape_output()
+    with tempfile.TemporaryDirectory() as d:
+        with pytest.raises(UnsupportedError) as e:
+            get_backend("hls4ml").emit(g, {}, d)
+    assert e.value.node == "flat"
 
 
 @pytest.mark.slow
@@ -278,5 +272,4 @@ def test_known_hls4ml_bugs(make):
 @given(random_graphs())
 def test_hls4ml_equals_reference(gs):
     g, seed = gs
-    assume(known_hls4ml_bug(g) is None)
     _backend_vs_reference("hls4ml", g, seed, isolate=True)
