@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..compiler.errors import QDeployError
-from ..compiler.frontends.dynamic import (NCHW, PLAIN, BlockItem, IfItem, ReturnItem, from_ir, layout_of, to_ir)
+from ..compiler.frontends.dynamic import (NCHW, BlockItem, IfItem, ReturnItem, from_ir, layout_of, to_ir)
 
 __all__ = ["DynamicModel", "DevVal", "HostVal"]
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
+from typing import Callable
 
 from ..errors import ImportError_, QDeployError
 from ..ir.graph import Graph
@@ -49,3 +51,52 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
     meta = dict(g.meta)
     meta.update(frontend="brevitas", source=f"brevitas:{type(module).__module__}.{type(module).__qualname__}")
     return g.with_(meta=meta)
+
+
+def export_brevitas_qonnx(module, example_input, path, *, clean: bool = True,
+                          postprocess: Callable | None = None) -> Path:
+    """Export ``module`` with Brevitas' ``export_qonnx`` to ONE self-contained QONNX file.
+
+    torch >= 2.9 exports through the dynamo ONNX exporter, which writes weights to a side file
+    ``<path>.data`` and gives odd tensor names; this re-saves the model as one file, removes the
+    side file, optionally runs qonnx ``cleanup_model`` (shape inference, constant folding,
+    ``global_in``/``Quant_k`` names), applies ``postprocess(proto) -> proto`` if given, and runs
+    the ONNX checker.
+
+    Args:
+        module: a Brevitas/torch ``nn.Module`` (put in eval mode).
+        example_input: one batch-first tensor or array (the graph gets its batch size).
+        path: output ``.onnx`` path (parent folders are created).
+    Returns:
+        the path.
+    Raises:
+        ImportError_: the Brevitas export failed.
+    """
+    import numpy as np
+    import onnx
+    import torch
+    from brevitas.export import export_qonnx
+
+    x = torch.as_tensor(np.asarray(example_input, dtype=np.float32)) if not torch.is_tensor(example_input) \
+        else example_input
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    try:
+        with torch.no_grad():
+            export_qonnx(module, args=x, export_path=str(path))
+    except Exception as e:
+        raise ImportError_(f"Brevitas export_qonnx of {type(module).__name__} failed: {type(e).__name__}: {e}") from None
+    proto = onnx.load(str(path))
+    if clean:
+        from qonnx.core.modelwrapper import ModelWrapper
+        from qonnx.util.cleanup import cleanup_model
+        proto = cleanup_model(ModelWrapper(proto)).model
+    if postprocess is not None:
+        proto = postprocess(proto)
+    side = path.with_name(path.name + ".data")
+    if side.exists():
+        side.unlink()
+    onnx.save(proto, str(path), save_as_external_data=False)
+    onnx.checker.check_model(str(path))
+    return path

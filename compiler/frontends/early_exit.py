@@ -172,40 +172,28 @@ def export_early_exit(model: nn.Module, example_input, path, exit_names=None) ->
         ImportError_: the Brevitas export failed or the exported graph has a different number of
             outputs than the model has exits.
     """
-    import onnx
-    from brevitas.export import export_qonnx
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.util.cleanup import cleanup_model
+    from .brevitas import export_brevitas_qonnx
 
     if isinstance(example_input, np.ndarray):
         example_input = torch.from_numpy(example_input.astype(np.float32))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
-    try:
-        with torch.no_grad():
-            n_exits = len(model(example_input))
-            export_qonnx(_Unwrap(model), args=example_input, export_path=str(path))
-    except Exception as e:
-        raise ImportError_(f"Brevitas export of the early-exit model failed: {type(e).__name__}: {e}") from None
-    proto = onnx.load(str(path))
-    proto = cleanup_model(ModelWrapper(proto)).model
-    outs = list(proto.graph.output)
-    if len(outs) != n_exits:
-        raise ImportError_(f"exported graph has {len(outs)} outputs but the model has {n_exits} exits")
-    names = list(exit_names or getattr(model, "exit_names", None) or [f"exit{k}" for k in range(n_exits)])
-    rename = {o.name: nm for o, nm in zip(outs, names)}
-    for node in proto.graph.node:
-        node.output[:] = [rename.get(o, o) for o in node.output]
-        node.input[:] = [rename.get(i, i) for i in node.input]
-    for o in proto.graph.output:
-        o.name = rename[o.name]
-    for vi in proto.graph.value_info:
-        if vi.name in rename:
-            vi.name = rename[vi.name]
-    side = path.with_name(path.name + ".data")
-    if side.exists():
-        side.unlink()
-    onnx.save(proto, str(path), save_as_external_data=False)
-    onnx.checker.check_model(str(path))
-    return path
+    with torch.no_grad():
+        n_exits = len(model(example_input))
+
+    def name_exits(proto):
+        outs = list(proto.graph.output)
+        if len(outs) != n_exits:
+            raise ImportError_(f"exported graph has {len(outs)} outputs but the model has {n_exits} exits")
+        names = list(exit_names or getattr(model, "exit_names", None) or [f"exit{k}" for k in range(n_exits)])
+        rename = {o.name: nm for o, nm in zip(outs, names)}
+        for node in proto.graph.node:
+            node.output[:] = [rename.get(o, o) for o in node.output]
+            node.input[:] = [rename.get(i, i) for i in node.input]
+        for o in proto.graph.output:
+            o.name = rename[o.name]
+        for vi in proto.graph.value_info:
+            if vi.name in rename:
+                vi.name = rename[vi.name]
+        return proto
+
+    return export_brevitas_qonnx(_Unwrap(model), example_input, path, postprocess=name_exits)

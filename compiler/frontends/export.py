@@ -19,7 +19,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedError
 from ..ir.graph import Const, Graph
-from ..ir.ops import avg_shift
 from ..ir.types import FixedType
 
 QONNX_DOMAIN = "qonnx.custom_op.general"

@@ -36,7 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ImportError_, QDeployError, UnsupportedError, VerifyError
-from ..ir.graph import Const, Graph, GraphBuilder, Node
+from ..ir.graph import Const, Graph, GraphBuilder
 from ..ir.types import FLOAT32, FixedType, FloatType
 
 #: Domains whose ``Quant`` / ``BipolarQuant`` nodes follow the QONNX definitions.

@@ -18,7 +18,6 @@ Linear/Conv (folded into it first).  Every weight layer after the first must be 
 from __future__ import annotations
 
 import copy
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
@@ -215,26 +214,10 @@ def accuracy(model: nn.Module, x, y) -> float:
 
 
 def export_qonnx(model: nn.Module, example_input, path) -> Path:
-    """Export to a self-contained, cleaned QONNX file (as ``examples/digits/models.py:export``).
+    """Export to a self-contained, cleaned QONNX file
+    (:func:`qdeploy.compiler.frontends.brevitas.export_brevitas_qonnx`).
 
     ``example_input``: one batch (the exported graph has its batch size).  Returns the path.
     """
-    import onnx
-    from brevitas.export import export_qonnx as bexport
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.util.cleanup import cleanup_model
-
-    x = torch.as_tensor(np.asarray(example_input, dtype=np.float32))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    with torch.no_grad():
-        bexport(model, args=x, export_path=str(path))
-    proto = onnx.load(str(path))
-    proto = cleanup_model(ModelWrapper(proto)).model
-    side = path.with_name(path.name + ".data")
-    if side.exists():
-        side.unlink()
-    onnx.save(proto, str(path), save_as_external_data=False)
-    onnx.checker.check_model(str(path))
-    return path
+    from ..frontends.brevitas import export_brevitas_qonnx
+    return export_brevitas_qonnx(model, example_input, path)

@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -397,7 +397,7 @@ def render_markdown(rep: dict) -> str:
     """``search_report.md``: settings, per-layer table, Hessian vs uniform per budget, frontier."""
     acc_key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
     L = [f"# qdeploy search report: {rep['model']}", "",
-         f"- float accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in rep["float_accuracy"].items()),
+         "- float accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in rep["float_accuracy"].items()),
          f"- candidate weight bits {rep['settings']['w_bits']}, activation bits {rep['settings']['a_bits']}, "
          f"input {rep['settings']['input']}",
          f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (cap {rep['settings']['probes_cap']}, "

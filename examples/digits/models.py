@@ -254,28 +254,9 @@ def export(model: nn.Module, example_input, path, clean: bool = True) -> Path:
     (default), run ``qonnx.util.cleanup.cleanup_model`` first (shape inference,
     static graph inputs removed, readable unique names; Quant nodes preserved).
     """
-    import onnx
-    from brevitas.export import export_qonnx
+    from qdeploy.compiler.frontends.brevitas import export_brevitas_qonnx
 
-    if isinstance(example_input, np.ndarray):
-        example_input = torch.from_numpy(example_input.astype(np.float32))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    with torch.no_grad():
-        export_qonnx(model, args=example_input, export_path=str(path))
-    proto = onnx.load(str(path))  # pulls the external data in
-    if clean:
-        from qonnx.core.modelwrapper import ModelWrapper
-        from qonnx.util.cleanup import cleanup_model
-
-        proto = cleanup_model(ModelWrapper(proto)).model
-    side = path.with_name(path.name + ".data")
-    if side.exists():
-        side.unlink()
-    onnx.save(proto, str(path), save_as_external_data=False)
-    onnx.checker.check_model(str(path))
-    return path
+    return export_brevitas_qonnx(model, example_input, path, clean=clean)
 
 
 def is_power_of_two(v) -> bool:
