@@ -146,3 +146,69 @@ def test_forward_over_reverse_equals_reverse_over_reverse():
         assert b.activations[k].trace == pytest.approx(a.activations[k].trace, rel=1e-4, abs=1e-7)
     with pytest.raises(QDeployError, match="hvp must be"):
         hutchinson_traces(m, (x, y), max_probes=2, hvp="both")
+
+
+# --- exact traces for piecewise-linear networks (Gauss-Newton identity, method="ggn_exact")
+
+def _pl_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _pl_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1),
+                         nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ggn_exact_equals_brute_force_hessian_and_hutchinson(kind):
+    from qdeploy.compiler.quantization.hessian import ggn_exact_traces
+    m, shp = (_pl_mlp(), (6,)) if kind == "mlp" else (_pl_cnn(), (1, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, *shp, generator=g), torch.randint(0, 3, (40,), generator=g)
+    r = hutchinson_traces(m, (x, y), method="ggn_exact")
+    per = ggn_exact_traces(m, [(x[:15], y[:15]), (x[15:], y[15:])], mode="persample", chunk=8)
+    h = hutchinson_traces(m, (x, y), tol=0.0, max_probes=1000, batch_probes=250)
+    assert r.probes == 0 and r.converged
+    for name, lt in r.weights.items():
+        exact = _exact_trace(m, x, y, f"{name}.weight")  # torch.func.hessian of the full loss
+        assert lt.stderr == 0.0 and lt.n == m.get_submodule(name).weight.numel()
+        assert lt.trace == pytest.approx(exact, rel=1e-4), (name, lt.trace, exact)
+        assert per.weights[name].trace == pytest.approx(exact, rel=1e-4)
+        hl = h.weights[name]
+        assert abs(hl.trace - lt.trace) < 4 * hl.stderr, (name, hl.trace, lt.trace, hl.stderr)
+
+
+def test_ggn_exact_activation_traces_equal_brute_force():
+    m = _mlp()  # Linear-ReLU-Linear: activation of layer "2" is the ReLU output
+    x, y = _data()
+    r = hutchinson_traces(m, (x, y), activations=True, method="ggn_exact")
+    a = m[1](m[0](x)).detach()
+    H = hessian(lambda t: nn.functional.cross_entropy(m[2](t), y))(a)
+    exact = float(H.reshape(a.numel(), a.numel()).trace())
+    assert r.activations["2"].n == a.numel()
+    assert r.activations["2"].trace == pytest.approx(exact, rel=1e-4)
+
+
+def test_ggn_exact_qualification():
+    from qdeploy.compiler.quantization.hessian import ggn_exact_qualifies
+    x, y = _data()
+    assert ggn_exact_qualifies(_mlp(bn=True, dropout=0.5), None, (x, y)) == (True, "")
+    smooth = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    ok, why = ggn_exact_qualifies(smooth)
+    assert not ok and "Tanh" in why
+    with pytest.raises(QDeployError, match="piecewise-linear.*Tanh"):
+        hutchinson_traces(smooth, (x, y), method="ggn_exact")
+    assert not ggn_exact_qualifies(_mlp(), nn.MSELoss())[0]
+    lin = nn.Linear(8, 8)
+    shared = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), lin, nn.ReLU(), lin, nn.Linear(8, 3))
+    ok, why = ggn_exact_qualifies(shared, None, (x, y))
+    assert not ok and "more than once" in why
+    # "auto": exact when the model qualifies, Hutchinson otherwise
+    auto = hutchinson_traces(smooth, (x, y), method="auto", max_probes=20, tol=0.0)
+    assert auto.probes == 20
+    ex = hutchinson_traces(_mlp(), (x, y), method="auto")
+    assert ex.probes == 0 and all(t.stderr == 0 for t in ex.weights.values())
+    with pytest.raises(QDeployError, match="method must be"):
+        hutchinson_traces(_mlp(), (x, y), method="exact")
