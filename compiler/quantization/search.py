@@ -201,6 +201,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                w_bits: Iterable[int] = DEFAULT_BITS, a_bits: Iterable[int] | None = None,
                ties: Sequence[Sequence[str]] | None = None, costs: Mapping | None = None,
                probes: int = 100, tol: float = 1e-3, batch_probes: int = 10, qat_epochs: int | None = None,
+               trace_method: str = "auto",
                qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
                export: bool = True, check_import: bool = True, act_bits_fixed: int = 8,
                estimator: Mapping | None = None) -> dict:
@@ -220,6 +221,10 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             ``latency_cycles``, ``latency_ns`` (:mod:`.hw_costs`: per-layer Dense/Conv rows of
             ``backends/hls4ml/estimate.py``); used when a budget names one of them.
         probes, tol, batch_probes: Hutchinson settings (cap, relative tolerance, vmap width).
+        trace_method: ``"auto"`` (default): exact Gauss-Newton traces when the float model is a
+            piecewise-linear ``nn.Sequential`` with cross-entropy (there the Hessian block equals
+            the GN block), else Hutchinson; or ``"hutchinson"`` / ``"ggn_exact"``
+            (:func:`qdeploy.compiler.quantization.hessian.hutchinson_traces`).
         qat_epochs, qat_lr: fine-tuning settings (override the recipe's ``qat``).
         qat_seeds: fine-tune each allocation with this many seeds (seed, seed+1, ...) and report the
             mean accuracy (per-seed values kept); the exported QONNX is the first seed's model.
@@ -273,7 +278,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         task = prog.add_task(f"[{name}] Hessian traces (probes)", total=probes)
         tr = hessian.hutchinson_traces(model, (x_tr[:ns], y_tr[:ns]), activations=[s.name for s in specs if s.a_bits],
                                        tol=tol, max_probes=probes, batch_probes=batch_probes, seed=seed,
-                                       progress=lambda d: prog.update(task, completed=d))
+                                       progress=lambda d: prog.update(task, completed=d), method=trace_method)
         prog.remove_task(task)
         sens = compute_sensitivities(model, specs, tr, x_tr[:ns])
         float_acc = {"val": qat.accuracy(model, x_va, y_va)}
@@ -369,7 +374,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                      "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
                      "act_bits_fixed": None if a_bits else act_bits_fixed,
                      "estimator": dict(estimator or {}) if hw else None},
-        "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds},
+        "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds,
+                  "method": "ggn_exact" if tr.probes == 0 else "hutchinson"},
         "layers": layers, "budgets": results, "frontier": frontier, "uniform_points": uniform_pts,
         "seconds": time.perf_counter() - t_all,
     }
@@ -400,9 +406,11 @@ def render_markdown(rep: dict) -> str:
          "- float accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in rep["float_accuracy"].items()),
          f"- candidate weight bits {rep['settings']['w_bits']}, activation bits {rep['settings']['a_bits']}, "
          f"input {rep['settings']['input']}",
-         f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (cap {rep['settings']['probes_cap']}, "
-         f"tol {rep['settings']['tol']}, converged: {rep['trace']['converged']}), "
-         f"{rep['settings']['trace_samples']} samples, {rep['trace']['seconds']:.2f} s",
+         (f"- Hessian traces: exact (Gauss-Newton block = Hessian block of a piecewise-linear network, "
+          f"no probes; standard error 0), " if rep['trace'].get('method') == "ggn_exact" else
+          f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (cap {rep['settings']['probes_cap']}, "
+          f"tol {rep['settings']['tol']}, converged: {rep['trace']['converged']}), ")
+         + f"{rep['settings']['trace_samples']} samples, {rep['trace']['seconds']:.2f} s",
          f"- QAT: {rep['settings']['qat']}, seed {rep['seed']}; total {rep['seconds']:.1f} s", "",
          "## Layers", "",
          "Trace = Tr(H) of the loss w.r.t. the layer's weights (± standard error); act trace = w.r.t. its input "

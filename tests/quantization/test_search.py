@@ -40,8 +40,11 @@ def test_cli_search_end_to_end(tmp_path):
     assert (out / "search_report.md").read_text().startswith("# qdeploy search report: tiny")
     assert (out / "pareto.png").stat().st_size > 1000
     assert len(rep["budgets"]) == 2
+    # the tiny ReLU MLP qualifies for exact Gauss-Newton traces: no probes, zero standard error
+    assert rep["trace"]["method"] == "ggn_exact"
+    assert "Hessian traces: exact" in (out / "search_report.md").read_text()
     for layer in rep["layers"]:
-        assert layer["probes"] == 10 and layer["stderr"] > 0 and layer["n_weights"] > 0
+        assert layer["probes"] == 0 and layer["stderr"] == 0 and layer["trace"] > 0 and layer["n_weights"] > 0
         assert len(layer["chosen"]) == 2
     b0 = rep["budgets"][0]
     assert b0["hessian"]["costs"]["bops"] <= b0["budget_resolved"]["bops"] * (1 + 1e-9)
