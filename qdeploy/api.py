@@ -228,9 +228,19 @@ def _check_replaceable(out_dir: Path, model) -> None:
         src = Path(str(model).split(":")[0]).resolve()
         if src == out_dir or out_dir in src.parents:
             raise QDeployError(f"refusing to replace {out_dir}: it holds the source model {src}")
-    if any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
-        raise QDeployError(f"refusing to replace {out_dir}: it is not a qdeploy artifact (no manifest.json) "
+    if any(out_dir.iterdir()) and not _is_artifact(out_dir):
+        raise QDeployError(f"refusing to replace {out_dir}: it is not a qdeploy artifact (no qdeploy manifest.json) "
                            f"and not empty")
+
+
+def _is_artifact(d: Path) -> bool:
+    """A directory written by :func:`compile`: its manifest.json has qdeploy's keys."""
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(m, dict) and {"format", "target", "versions", "graph_digest"} <= set(m)
+            and isinstance(m.get("versions"), dict) and "qdeploy" in m["versions"] and (d / "ir").is_dir())
 
 
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,

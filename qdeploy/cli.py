@@ -18,6 +18,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="qdeploy: compile quantized neural networks to hls4ml firmware and TVM libraries, bit-exact.")
 
 
+def _version(value: bool):
+    if value:
+        from .api import __version__
+        typer.echo(f"qdeploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(context_settings={"help_option_names": ["-h", "--help"]})
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """qdeploy: compile quantized neural networks to hls4ml firmware and TVM libraries, bit-exact."""
+
+
 def _fail(e: Exception) -> None:
     msg = e.one_line() if isinstance(e, QDeployError) else " ".join(f"{type(e).__name__}: {e}".split())
     typer.echo(f"error: {msg}", err=True)
@@ -117,7 +130,7 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
                  node_nm: int = typer.Option(65, "--node", help="ASIC technology node: 65, 45 or 28 nm"),
                  input_type: Optional[str] = typer.Option(None, "--input-type", help="type of float inputs"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object (total, layers)")):
-    """Estimate resources and latency (hls4ml) or area/power/energy (asic) without vendor tools (issue 5)."""
+    """Estimate resources and latency (hls4ml) or area/power/energy (asic) without vendor tools."""
     import json as _json
     from .api import estimate
     try:

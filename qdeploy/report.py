@@ -95,8 +95,8 @@ def exactness_sentence(ex: dict) -> str:
     if ex["bit_exact"] and not floats:
         return head + ": bit-exact"
     if ex["bit_exact"]:
-        return head + (f": identical on the golden set (float outputs {', '.join(floats)}: exactness is observed, not "
-                       f"guaranteed; use a tolerance in golden checks)")
+        return head + (f": identical on the golden set (float output(s) {', '.join(repr(f) for f in floats)}: "
+                       f"exactness is observed, not guaranteed; use a tolerance in golden checks)")
     if ex.get("fixed_mismatches", ex["mismatches"]) == 0:
         return head + ": fixed-point outputs bit-exact; float outputs differ by float rounding (NOT bit-exact)"
     return head + ": NOT bit-exact (measured error above)"

@@ -24,6 +24,11 @@ def import_brevitas(module, example_input, *, name=None):
 
 
 def _load_callable(spec: str):
+    """Import ``module:function`` (or ``path/file.py:function``).  Like ``python -m``, the current
+    directory is importable, and a file's own folder is on the path while it loads, so a model
+    file can import its siblings."""
+    import sys
+
     mod_name, _, fn_name = spec.rpartition(":")
     if not mod_name or not fn_name:
         raise ImportError_(f"model spec {spec!r} is neither an .onnx file nor 'module:function'")
@@ -32,10 +37,20 @@ def _load_callable(spec: str):
             path = Path(mod_name)
             if not path.is_file():
                 raise ImportError_(f"model spec {spec!r}: file {mod_name!r} not found")
-            s = importlib.util.spec_from_file_location(path.stem, path)
-            mod = importlib.util.module_from_spec(s)
-            s.loader.exec_module(mod)
+            folder = str(path.resolve().parent)
+            added = folder not in sys.path
+            if added:
+                sys.path.insert(0, folder)
+            try:
+                s = importlib.util.spec_from_file_location(path.stem, path)
+                mod = importlib.util.module_from_spec(s)
+                s.loader.exec_module(mod)
+            finally:
+                if added:
+                    sys.path.remove(folder)
         else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
             mod = importlib.import_module(mod_name)
     except QDeployError:
         raise

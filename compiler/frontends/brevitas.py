@@ -1,13 +1,25 @@
 """Brevitas / PyTorch importer: an ``nn.Module`` -> QONNX (Brevitas ``export_qonnx``) -> IR."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ImportError_, QDeployError
 from ..ir.graph import Graph
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and library warnings (they bury qdeploy's own
+    output); errors still propagate."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
@@ -39,7 +51,7 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
     with tempfile.TemporaryDirectory(prefix="qdeploy_brevitas_") as tmp:
         path = os.path.join(tmp, f"{gname}.onnx")
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _quiet():
                 export_qonnx(module, args=example_input, export_path=path)
         except QDeployError:
             raise
@@ -83,7 +95,7 @@ def export_brevitas_qonnx(module, example_input, path, *, clean: bool = True,
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             export_qonnx(module, args=x, export_path=str(path))
     except Exception as e:
         raise ImportError_(f"Brevitas export_qonnx of {type(module).__name__} failed: {type(e).__name__}: {e}") from None

@@ -123,10 +123,11 @@ class FixedType:
         q = np.ldexp(np.asarray(x, dtype=np.float64), self.frac_bits)
         if np.isnan(q).any():
             raise ValueError("NaN cannot be quantized to a fixed-point type")
-        fl = np.floor(q)
-        rem = q - fl  # exact for float64
-        up = _round_up(fl, rem == 0.5, rem > 0.5, rem != 0.0, self.rounding, odd=np.mod(fl, 2) == 1)
-        q = fl + up
+        with np.errstate(invalid="ignore"):  # +-inf: handled by the overflow step
+            fl = np.floor(q)
+            rem = np.where(np.isfinite(q), q - fl, 0.0)  # exact for float64
+            up = _round_up(fl, rem == 0.5, rem > 0.5, rem != 0.0, self.rounding, odd=np.mod(fl, 2) == 1)
+            q = fl + up
         return _overflow_float(q, self)
 
     def to_real(self, codes) -> np.ndarray:

@@ -106,3 +106,36 @@ def test_keras_files_rejected_clearly(tmp_path):
     p.write_bytes(b"\x89HDF")
     with pytest.raises(QDeployError, match="unsupported model file type '.h5'"):
         qdeploy.load(str(p))
+
+
+def test_force_refuses_foreign_manifest(tmp_path, rng):
+    other = tmp_path / "myext"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "browser extension", "version": "1"}')
+    (other / "background.js").write_text("x")
+    with pytest.raises(QDeployError, match="not a qdeploy artifact"):
+        qdeploy.compile(_graph(rng), "reference", other, force=True)
+    assert (other / "background.js").exists()
+
+
+def test_model_spec_imports_siblings_and_cwd(tmp_path, monkeypatch):
+    (tmp_path / "helpers_mod.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())\n"
+        "    return m, torch.zeros(1, 4)\n")
+    (tmp_path / "spec_file.py").write_text("from helpers_mod import build\n\ndef make():\n    return build()\n")
+    g = qdeploy.load(f"{tmp_path / 'spec_file.py'}:make")
+    assert [n.op for n in g.nodes][:1] == ["Dense"]
+    monkeypatch.chdir(tmp_path)
+    g2 = qdeploy.load("helpers_mod:build")
+    assert g2.value(g2.inputs[0]).shape == (4,)
+
+
+def test_tvm_rejects_nan_like_reference(tmp_path, rng):
+    g = _graph(rng)
+    qdeploy.compile(g, "tvm-llvm", tmp_path / "t")
+    x = rng.uniform(-1, 1, (2, 16)).astype(np.float32)
+    x[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        qdeploy.CompiledModel.load(tmp_path / "t").predict(x)
