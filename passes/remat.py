@@ -101,13 +101,18 @@ class Problem:
         return max(lb, sum(self.src_sizes), sum(self.sizes[o] for o in self.outputs))
 
     @staticmethod
-    def from_graph(graph: Graph, packing: str = "byte", batch: int = 1, cost_model: str = "macs") -> "Problem":
+    def from_graph(graph: Graph, packing: str = "byte", batch: int = 1, cost_model: str = "macs",
+                   costs: dict | None = None) -> "Problem":
+        """``cost_model``: ``macs``/``unit`` (:func:`qdeploy.passes.memory.node_costs`) or
+        ``cycles`` (:func:`cycle_costs`, default estimator options); ``costs`` (node name -> cost)
+        overrides it."""
         for nd in graph.nodes:
             if nd.op not in STATELESS_OPS or nd.attrs.get("stateful"):
                 raise UnsupportedError(f"op {nd.op} is not known to be stateless; it cannot be recomputed", nd.name)
         idx = {nd.output: t for t, nd in enumerate(graph.nodes)}
         sidx = {x: k for k, x in enumerate(graph.inputs)}
-        costs = node_costs(graph, cost_model)
+        if costs is None:
+            costs = cycle_costs(graph)[0] if cost_model == "cycles" else node_costs(graph, cost_model)
         preds, spreds = [], []
         for nd in graph.nodes:
             ins = list(dict.fromkeys(nd.inputs))
@@ -658,6 +663,47 @@ def rewrite(graph: Graph, p: Problem, s: Schedule) -> Graph:
     return g
 
 
+COST_MODELS = ("macs", "cycles", "unit")
+
+
+def cycle_costs(graph: Graph, estimator: dict | None = None) -> tuple[dict[str, int], list[str]]:
+    """Per-node cost in clock cycles from the hls4ml estimator, MACs where it has no price.
+
+    Each node the estimator places on the device costs its ``latency_cycles`` from
+    :func:`qdeploy.backends.hls4ml.estimate.estimate` (``estimator``: its config: part,
+    clock_period, reuse_factor, strategy, io_type, ...), at least 1 (elementwise ops chained into
+    a neighbour's cycle are estimated at 0 cycles; a recomputation is never free).  Nodes it does
+    not price (host prologue/epilogue: float results, Softmax on the host) cost their MACs
+    (:func:`qdeploy.passes.memory.node_macs`); when the estimator refuses the graph (an op it does
+    not support, an illegal reuse factor) every node costs its MACs.  Mixed units only arise with
+    host nodes, which are float and off the device; the notes say which nodes fell back.
+
+    Returns:
+        (node name -> cost, notes).
+    """
+    from ..backends.hls4ml.estimate import estimate
+    macs = node_costs(graph, "macs")
+    try:
+        est = estimate(graph, dict(estimator or {}))
+    except QDeployError as e:
+        return macs, [f"cost=cycles: the hls4ml estimator cannot price this graph ({e.one_line()}); "
+                      f"MACs used for every node"]
+    rows = {r["name"]: r for r in est.get("layers", [])}
+    costs, fallback = {}, []
+    for nd in graph.nodes:
+        r = rows.get(nd.name)
+        if r is None or r.get("host"):
+            costs[nd.name] = macs[nd.name]
+            fallback.append(nd.name)
+        else:
+            costs[nd.name] = max(1, int(r["latency_cycles"]))
+    notes = []
+    if fallback:
+        notes.append(f"cost=cycles: {len(fallback)} node(s) not priced by the hls4ml estimator cost their MACs "
+                     f"({', '.join(fallback)})")
+    return costs, notes
+
+
 def resolve_budget(budget, base_peak: int) -> int:
     kind, x = parse_budget(budget)
     return int(math.floor(x * base_peak)) if kind == "fraction" else int(x)
@@ -665,7 +711,8 @@ def resolve_budget(budget, base_peak: int) -> int:
 
 def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1, max_copies: int = 2,
                   time_limit: float = 10.0, method: str = "cp-sat", cost_model: str = "macs",
-                  workers: int | None = None) -> tuple[Graph, dict]:
+                  workers: int | None = None, cost: str | None = None,
+                  estimator: dict | None = None) -> tuple[Graph, dict]:
     """Rematerialize ``graph`` so that its peak activation memory fits ``budget``.
 
     Args:
@@ -676,18 +723,33 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
         time_limit: solver seconds; on timeout the best schedule found is returned and the report
             says it is not proven optimal.
         method: ``cp-sat`` (Moccasin), ``milp`` (Checkmate/HiGHS) or ``greedy``.
+        cost: per-node compute cost the solver minimizes: ``"macs"`` (default) or ``"cycles"``
+            (hls4ml estimator latency cycles, MACs where it has no price: :func:`cycle_costs`);
+            ``cost_model`` is the older name (also ``"unit"``).
+        estimator: hls4ml estimator options for ``cost="cycles"`` (part, clock_period,
+            reuse_factor, strategy, io_type).
     Returns:
         (new graph, report dict with peak before/after, overhead %, solve time, status).
     Raises:
         RematError: the budget is below the smallest feasible peak (stated in the message), or no
             schedule was found.
     """
-    p = Problem.from_graph(graph, packing, batch, cost_model)
+    model = cost if cost is not None else cost_model
+    if model not in COST_MODELS:
+        raise ValueError(f"unknown cost {model!r}; one of macs, cycles")
+    cost_notes = []
+    if model == "cycles":
+        costs, cost_notes = cycle_costs(graph, estimator)
+    else:
+        costs = node_costs(graph, model)
+    p = Problem.from_graph(graph, packing, batch, model, costs=costs)
     base = evaluate(p, no_remat(p))
     assert base.peak == memory_profile(graph, packing, batch).peak
     b = resolve_budget(budget, base.peak)
     rep = {"budget_bytes": b, "peak_before": base.peak, "packing": packing, "method": method,
-           "max_copies": max_copies, "time_limit_s": time_limit}
+           "max_copies": max_copies, "time_limit_s": time_limit, "cost": model}
+    if cost_notes:
+        rep["notes"] = list(cost_notes)
     if base.peak <= b:
         rep.update(status="not-needed", peak_after=base.peak, overhead_pct=0.0, solve_s=0.0, recomputed=[])
         return graph, rep
@@ -722,9 +784,9 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
     rep.update(status=res.status, proven_optimal=res.status == "optimal", peak_after=res.peak,
                overhead_pct=res.overhead_pct, bound_overhead_pct=res.bound_pct,
                solve_s=time.perf_counter() - t0, recomputed=ext, nodes_before=p.n, nodes_after=len(g.nodes),
-               notes=res.notes)
+               notes=list(cost_notes) + list(res.notes))
     if res.status != "optimal":
-        rep["notes"] = list(res.notes) + [f"{res.method} stopped at the time limit: the schedule meets the budget "
+        rep["notes"] = list(rep["notes"]) + [f"{res.method} stopped at the time limit: the schedule meets the budget "
                                           f"but is not proven optimal"]
     meta = dict(g.meta)
     meta["remat"] = {k: v for k, v in rep.items() if k != "notes"}

@@ -128,4 +128,41 @@ def render_markdown(report: dict) -> str:
     for p in report.get("passes", []):
         L.append(f"| {p['name']} | {p['ms']:.1f} | {p['nodes_before']} -> {p['nodes_after']} | "
                  f"{'; '.join(p['notes'])} |")
+    if report.get("remat"):  # issue 8: only when a memory budget was given
+        L += [""] + remat_markdown(report["remat"])
     return "\n".join(L) + "\n"
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def remat_markdown(rm: dict) -> list[str]:
+    """The ``## Memory (rematerialization)`` section of ``report.md`` (issue 8) as lines."""
+    from .passes.memory import fmt_bytes
+
+    def b(x):
+        return "-" if x is None else f"{int(x)} B ({fmt_bytes(x)})"
+    before, after = rm.get("peak_before"), rm.get("peak_after")
+    saved = (f", {100.0 * (before - after) / before:.1f}% lower" if before and after is not None and after < before
+             else "")
+    L = ["## Memory (rematerialization)", "",
+         f"- budget: {b(rm.get('budget_bytes'))}, {rm.get('packing', '?')} packing",
+         f"- peak activation memory: {b(before)} -> {b(after)}{saved}",
+         f"- compute overhead: {_num(rm.get('overhead_pct'), '.2f')}% "
+         f"(cost model: {rm.get('cost', 'macs')})"
+         + (f", proven lower bound {rm['bound_overhead_pct']:.2f}%" if rm.get("bound_overhead_pct") is not None
+            and rm.get("status") != "optimal" else ""),
+         f"- solver: {rm.get('method', '?')}, status {rm.get('status', '?')}, solve time {_num(rm.get('solve_s'), '.2f')} s"
+         + (f" (limit {rm['time_limit_s']:g} s, at most {rm.get('max_copies', '?')} copies per node)"
+            if rm.get("time_limit_s") is not None else "")]
+    rec = rm.get("recomputed") or []
+    if rec:
+        nb, na = rm.get("nodes_before"), rm.get("nodes_after")
+        L.append(f"- recomputed: {len(rec)} node execution(s) ({', '.join(rec)})"
+                 + (f"; nodes {nb} -> {na}" if nb is not None and na is not None else ""))
+    elif rm.get("status") == "not-needed":
+        L.append("- recomputed: none (the unrematerialized peak already fits the budget)")
+    for note in rm.get("notes") or []:
+        L.append(f"- note: {note}")
+    return L
