@@ -86,6 +86,9 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
     """Run a compiled artifact on INPUT and save its real-valued outputs."""
     from .api import load_array_file
     from .runtime import CompiledModel
+    if (artifact / "plan.json").is_file():  # issue 6: a multi-stage program (qdeploy compile-early-exit)
+        _run_program(artifact, input, output)
+        return
     try:
         m = CompiledModel.load(artifact)
         x = load_array_file(input, m.graph.inputs)
@@ -97,6 +100,89 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     typer.echo(f"wrote {output} {np.shape(y)}")
+
+
+def _run_program(program: Path, input: Path, output: Path) -> None:
+    """`qdeploy run` on a multi-stage program: predictions to OUTPUT, exit indices next to it."""
+    from .api import load_array_file
+    from .runtime.multistage import MultiStageModel
+    try:
+        m = MultiStageModel.load(program)
+        x = load_array_file(input, m.program.inputs)
+        pred, exit_idx = m.predict(x)
+        output = output if output.suffix == ".npy" else output.with_name(output.name + ".npy")
+        exits_out = output.with_name(output.stem + "_exit.npy")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.save(output, pred)
+        np.save(exits_out, exit_idx)
+    except Exception as e:  # one line, never a library traceback
+        _fail(e)
+    counts = ", ".join(f"{v}: {int(np.sum(exit_idx == k))}" for k, v in enumerate(m.exit_values()))
+    typer.echo(f"wrote {output} {np.shape(pred)} (predicted class) and {exits_out} (exit index); exits {counts}")
+
+
+# --- early exit (issue 6) ----------------------------------------------------------------------
+@app.command("compile-early-exit")
+def compile_early_exit_cmd(
+        model: str = typer.Argument(..., help="QONNX/ONNX file (one output per exit) or module:function"),
+        target: str = typer.Option("hls4ml", "--target", "-t", help="hls4ml, tvm-llvm or reference (every stage)"),
+        out: Path = typer.Option(..., "-o", "--out", help="program directory (must not exist)"),
+        exits: Optional[str] = typer.Option(None, "--exits",
+                                            help="exit value names, earliest first, comma-separated "
+                                                 "(default: the model outputs in order)"),
+        gate: str = typer.Option("never", "--gate", help="max_softmax, entropy, margin or never (early exits off: "
+                                 "the program equals the unsplit model)"),
+        thresholds: Optional[str] = typer.Option(None, "--thresholds",
+                                                 help="one threshold per early exit, comma-separated (or one for all): "
+                                                      "probability (max_softmax), normalized entropy (entropy), "
+                                                      "logit margin (margin)"),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (applies to every stage)"),
+        golden: Optional[Path] = typer.Option(None, "--golden", help=".npy/.npz golden inputs of the whole model"),
+        labels: Optional[Path] = typer.Option(None, "--labels",
+                                              help=".npy labels of the golden inputs: the report adds the exit "
+                                                   "distribution and accuracy on them"),
+        force: bool = typer.Option(False, "--force", help="replace an existing multi-stage program directory")):
+    """Split an early-exit MODEL at its exits, compile each stage for a target, write plan.json and report.md.
+
+    Run it with `qdeploy run OUT -i x.npy -o pred.npy` (or qdeploy.runtime.multistage.MultiStageModel).
+    Exit status: 0 success; 1 a stage's fixed-point outputs differ from the reference; 2 bad input or
+    compile error."""
+    from .api import load_array_file
+    from .early_exit import compile_early_exit, evaluate, gates_from_thresholds, program_markdown
+    try:
+        ex_list = [e.strip() for e in exits.split(",") if e.strip()] if exits else None
+        ts = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else []
+        if gate not in ("never", "always") and not ts:
+            raise QDeployError(f"--gate {gate} needs --thresholds (one per early exit, or one for all)")
+        gold = load_array_file(golden) if golden is not None else None
+        y = np.load(labels, allow_pickle=False) if labels is not None else None
+        if y is not None and gold is None:
+            raise QDeployError("--labels needs --golden (the inputs they label)")
+        msm = compile_early_exit(model, target, out, exits=ex_list, golden=gold, config=config, force=force)
+        msm = msm.with_gates(gates_from_thresholds(msm, gate, ts))
+        msm.save_plan()
+        ev = None
+        if y is not None:
+            if isinstance(gold, dict):
+                raise QDeployError("--labels needs a single-input model (a .npy --golden)")
+            ev = evaluate(msm, gold, y)
+        (Path(out) / "report.md").write_text(program_markdown(msm, ev))
+    except Exception as e:  # one line, never a library traceback
+        _fail(e)
+    stages = msm.plan["stages"]
+    typer.echo(f"compiled {msm.plan['meta'].get('model', model)} -> {target} in {out}: {len(stages)} stages, "
+               f"exits {', '.join(msm.exit_values())}")
+    from .early_exit import _g
+    typer.echo("gates: " + ", ".join(_g(g) for g in msm.gates))
+    if ev is not None:
+        typer.echo(f"golden set: accuracy {ev['accuracy']:.4f}, exit distribution "
+                   f"{' / '.join(f'{f:.1%}' for f in ev['exit_fraction'])}, mean BOPs {ev['mean_bops']:.4g} "
+                   f"({ev['speedup_vs_final']:.2f}x vs the final exit alone)")
+    bad = [s["name"] for s in stages if not s["exactness"]["bit_exact"]]
+    if bad:
+        typer.echo(f"error: stage(s) {', '.join(bad)} differ from the reference (see report.md)", err=True)
+        raise typer.Exit(1)
+# --- end early exit ----------------------------------------------------------------------------
 
 
 @app.command("inspect")

@@ -28,7 +28,8 @@ from .compiler.errors import QDeployError
 from .compiler.ir.types import FixedType
 from .compiler.reference import execute
 
-__all__ = ["compile_early_exit", "exit_codes", "calibrate_gates", "evaluate", "render_report"]
+__all__ = ["compile_early_exit", "exit_codes", "calibrate_gates", "evaluate", "render_report", "gates_from_thresholds",
+           "program_markdown"]
 
 
 def _real(graph, name, codes):
@@ -197,4 +198,56 @@ def render_report(rows: list, title: str = "Early-exit report") -> str:
         L.append(f"| {r.get('label', '')} | {', '.join(_g(g) for g in r['gates'][:-1])} | {dist} | {accs} | "
                  f"{r['accuracy']:.4f} | {r['mean_bops']:.4g} | {r['worst_bops']:.4g} | {r['speedup_vs_final']:.2f}x | "
                  f"{lat} |")
+    return "\n".join(L) + "\n"
+
+
+def gates_from_thresholds(msm, rule: str, thresholds) -> list:
+    """One gate per step from a rule and one human threshold per early exit (probability for
+    ``max_softmax``, normalized entropy for ``entropy``, real logit margin for ``margin``); the last
+    step always exits.  ``rule`` ``never``/``always`` take no thresholds."""
+    from .runtime.multistage import make_gate
+    vals = msm.exit_values()
+    if rule in ("never", "always"):
+        if thresholds:
+            raise QDeployError(f"gate {rule!r} takes no thresholds")
+        return [{"rule": rule} for _ in vals[:-1]] + [{"rule": "always"}]
+    ts = list(thresholds or [])
+    if len(ts) == 1 and len(vals) > 2:
+        ts = ts * (len(vals) - 1)
+    if len(ts) != len(vals) - 1:
+        raise QDeployError(f"{len(vals)} exits need {len(vals) - 1} thresholds (one per early exit: "
+                           f"{', '.join(vals[:-1])}), got {len(ts)}")
+    return [make_gate(rule, msm.program.value(v).dtype, threshold=float(t)) for v, t in zip(vals[:-1], ts)] + \
+        [{"rule": "always"}]
+
+
+def program_markdown(msm, evaluation: dict | None = None) -> str:
+    """``report.md`` of a multi-stage program directory: stages (outputs, carried tensors, cost,
+    estimated latency, exactness against the reference), the exits and their gates, and with
+    ``evaluation`` (:func:`evaluate`) the exit distribution and accuracy."""
+    plan = msm.plan
+    meta = plan.get("meta", {})
+    L = [f"# qdeploy early-exit program: {meta.get('model', '?')} -> {plan.get('target', '?')}", "",
+         f"- IR digest: `{meta.get('graph_digest', '')}`, {len(plan['stages'])} stages, exits "
+         f"{', '.join(msm.exit_values())}",
+         f"- BOPs per sample of the final exit alone (unsplit model): {meta.get('final_only_bops', 0):.4g}", "",
+         "## Stages", "",
+         "| stage | outputs | carried to later stages | BOPs | cumulative BOPs | est. latency (cycles / ns) | "
+         "exactness vs reference |", "|---|---|---|---|---|---|---|"]
+    for s in plan["stages"]:
+        c, ex = s.get("cost", {}), s.get("exactness", {})
+        lat = ("-" if c.get("latency_cycles_est") is None
+               else f"{c['latency_cycles_est']} / {c.get('latency_ns_est')}")
+        exs = (f"{ex.get('samples')} samples, {ex.get('mismatches')} mismatching"
+               + (", bit-exact" if ex.get("bit_exact") else ", NOT bit-exact")) if ex else "-"
+        L.append(f"| {s['name']} | {', '.join(s['outputs'])} | {', '.join(s.get('carried_out') or []) or '-'} | "
+                 f"{c.get('bops', 0):.4g} | {c.get('cum_bops', 0):.4g} | {lat} | {exs} |")
+    L += ["", "## Exits and gates", "", "| step | stage | exit value | gate |", "|---|---|---|---|"]
+    for k, st in enumerate(plan["steps"]):
+        L.append(f"| {k} | {st['run']} | {st['exit']['value']} | {_g(st['exit'].get('gate') or {'rule': 'always'})} |")
+    L += ["", "Gates are decided on the stages' integer output codes (see qdeploy.runtime.multistage); "
+              "stage k runs only on the inputs no earlier gate accepted."]
+    if evaluation is not None:
+        L += ["", render_report([dict(evaluation, label=evaluation.get("label", "golden set"))],
+                                title="Evaluation").replace("# Evaluation", "## Evaluation", 1).rstrip("\n")]
     return "\n".join(L) + "\n"
