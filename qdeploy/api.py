@@ -363,7 +363,7 @@ def _remat(graph: Graph, budget, cfg: dict) -> dict | None:
         opts["budget"] = budget
     if opts.get("budget") is None:
         return None
-    kw = {k: opts[k] for k in ("packing", "max_copies", "time_limit", "method") if k in opts}
+    kw = {k: opts[k] for k in ("packing", "max_copies", "time_limit", "method", "cost") if k in opts}
     try:
         new, rep = rematerialize(graph, opts["budget"], **kw)
     except (ValueError, TypeError) as e:

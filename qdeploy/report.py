@@ -124,6 +124,20 @@ def render_markdown(report: dict) -> str:
     for r in report["layers"]:
         L.append(f"| {r['name']} | {r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
                  f"{r['param_bits']} | {r['bops']:.4g} |")
+    est = report.get("estimate")
+    if isinstance(est, dict) and isinstance(est.get("total"), dict):
+        t = est["total"]
+        part = est.get("part", "")
+        part = part.get("name", part.get("key", "")) if isinstance(part, dict) else part
+        L += ["", f"## Estimate ({est.get('target', 'hls4ml')}, {part}; no vendor tool)", ""]
+        keys = [k for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles",
+                            "area_mm2", "power_mw", "energy_nj") if t.get(k) is not None]
+        L += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+              "| " + " | ".join(f"{t[k]:.4g}" if isinstance(t[k], float) else str(t[k]) for k in keys) + " |"]
+        if est.get("note"):
+            L += ["", f"{est['note']}"]
+    elif isinstance(est, dict) and est.get("error"):
+        L += ["", "## Estimate", "", f"not available: {est['error']}"]
     L += ["", "## Passes", "", "| pass | ms | nodes before -> after | notes |", "|---|---|---|---|"]
     for p in report.get("passes", []):
         L.append(f"| {p['name']} | {p['ms']:.1f} | {p['nodes_before']} -> {p['nodes_after']} | "

@@ -76,3 +76,11 @@ def test_cli_bad_file_exit_2_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_report_md_carries_the_estimate(tmp_path, rng):
+    res = qdeploy.compile(_graph(rng), "reference", tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    est = res.report["estimate"]
+    assert "## Estimate (hls4ml, Virtex UltraScale+ VU9P; no vendor tool)" in md
+    assert est["total"]["lut"] > 0 and f"| {est['total']['lut']} | {est['total']['ff']} |" in md
