@@ -124,6 +124,24 @@ def _logits(out):
     return getattr(out, "value", out)
 
 
+def _resolve_layers(model, mods: dict, layers) -> list[str]:
+    """The weight layers to trace: ``layers`` checked against the model, or all Linear/Conv.
+
+    Raises:
+        QDeployError: no traceable layer, an unknown module name, or a module without weights.
+    """
+    if layers is None:
+        layers = [n for n, _ in weight_layers(model)]
+    if not layers:
+        raise QDeployError("the model has no Linear/Conv layer to trace")
+    for n in layers:
+        if n not in mods:
+            raise QDeployError(f"no module named {n!r} in the model")
+        if not isinstance(getattr(mods[n], "weight", None), torch.Tensor):
+            raise QDeployError(f"module {n!r} ({type(mods[n]).__name__}) has no weight tensor")
+    return list(layers)
+
+
 def hutchinson_traces(
     model: nn.Module,
     data,
@@ -194,17 +212,8 @@ def hutchinson_traces(
     if max_probes < 1 or batch_probes < 1:
         raise QDeployError(f"probe counts must be >= 1 (max_probes={max_probes}, batch_probes={batch_probes})")
     loss_fn = loss_fn or nn.functional.cross_entropy
-    all_layers = weight_layers(model)
     mods = dict(model.named_modules())
-    if layers is None:
-        layers = [n for n, _ in all_layers]
-    if not layers:
-        raise QDeployError("the model has no Linear/Conv layer to trace")
-    for n in layers:
-        if n not in mods:
-            raise QDeployError(f"no module named {n!r} in the model")
-        if not isinstance(getattr(mods[n], "weight", None), torch.Tensor):
-            raise QDeployError(f"module {n!r} ({type(mods[n]).__name__}) has no weight tensor")
+    layers = _resolve_layers(model, mods, layers)
     if activations is True:
         act_names = list(layers[1:])
     elif activations:
@@ -458,15 +467,7 @@ def ggn_exact_traces(
         if not ok:
             raise QDeployError(f"exact GGN traces need a piecewise-linear model with cross-entropy: {why}")
     mods = dict(model.named_modules())
-    if layers is None:
-        layers = [n for n, _ in weight_layers(model)]
-    if not layers:
-        raise QDeployError("the model has no Linear/Conv layer to trace")
-    for n in layers:
-        if n not in mods:
-            raise QDeployError(f"no module named {n!r} in the model")
-        if not isinstance(getattr(mods[n], "weight", None), torch.Tensor):
-            raise QDeployError(f"module {n!r} ({type(mods[n]).__name__}) has no weight tensor")
+    layers = _resolve_layers(model, mods, layers)
     act_names = list(layers[1:]) if activations is True else (list(activations) if activations else [])
     batches = _batches(data)
     total_n = sum(int(x.shape[0]) for x, _ in batches)
