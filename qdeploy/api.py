@@ -211,7 +211,7 @@ def _avgpool_notes(graph: Graph) -> list[str]:
     return out
 
 
-def _check_replaceable(out_dir: Path, model) -> None:
+def _check_replaceable(out_dir: Path, model, is_ours=None, kind: str = "a qdeploy artifact (no qdeploy manifest.json)") -> None:
     """``--force`` only ever replaces an earlier artifact (a directory with ``manifest.json``) or
     an empty directory -- never the working directory, one of its parents, or a directory
     holding the source model.
@@ -228,9 +228,8 @@ def _check_replaceable(out_dir: Path, model) -> None:
         src = Path(str(model).split(":")[0]).resolve()
         if src == out_dir or out_dir in src.parents:
             raise QDeployError(f"refusing to replace {out_dir}: it holds the source model {src}")
-    if any(out_dir.iterdir()) and not _is_artifact(out_dir):
-        raise QDeployError(f"refusing to replace {out_dir}: it is not a qdeploy artifact (no qdeploy manifest.json) "
-                           f"and not empty")
+    if any(out_dir.iterdir()) and not (is_ours or _is_artifact)(out_dir):
+        raise QDeployError(f"refusing to replace {out_dir}: it is not {kind} and not empty")
 
 
 def _is_artifact(d: Path) -> bool:

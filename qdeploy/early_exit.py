@@ -67,8 +67,9 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not force:
         raise QDeployError(f"output directory {out_dir} exists (use force=True to replace it)")
-    if out_dir.exists() and not (out_dir / "plan.json").is_file() and any(out_dir.iterdir()):
-        raise QDeployError(f"refusing to replace {out_dir}: not a multi-stage program (no plan.json) and not empty")
+    if out_dir.exists():
+        api._check_replaceable(out_dir, model, is_ours=lambda d: (d / "plan.json").is_file(),
+                               kind="a multi-stage program (no plan.json)")
     graph = api.load(model, example_input)
     feeds_real = api._golden_feeds(graph, golden, cfg)
     graph = PassManager(default_pipeline(cfg.get("input_type"), feeds_real)).run(graph)
