@@ -19,29 +19,45 @@ Multipliers (Dense/Conv, one product per weight and input)
   A2. Weights are compile-time constants in the Latency strategy (``#pragma HLS
       function_instantiate variable=weights,biases`` in ``nnet_dense_latency.h``), so each
       product is a multiplication by a known constant ``c`` (a weight code), counted per weight:
-      ``c == 0`` and ``c == +-2**k`` cost nothing (a wire / shift; the sign folds into the
-      adder as a subtraction); ``c = +-(2**a +- 2**b)`` (two non-zero digits in canonical signed
-      digit form) is one shift-and-add, as LLVM (on which Vivado/Vitis HLS are built) strength-
-      reduces ``mul x, 2**N +- 1`` (DAGCombiner ``visitMUL``).  We assume the same reductions
-      hold for every reuse factor (hls4ml itself subtracts ``n_zeros`` from
-      ``multiplier_limit``).
-  A3. Every other product is a real multiplier.  It goes to DSPs when the weight type is at
-      least 9 bits wide, else to LUTs: hls4ml's own DSP model for Vivado
-      (``optimization/dsp_aware_pruning/objectives/vivado_objectives.py``,
-      ``VivadoDSPEstimator``: ``weight_precision.width < 9`` -> no DSP; its docstring:
-      "Vivado doesn't use DSP when precision < 9").  One DSP48E2 multiplies 27x18 bits
-      (UltraScale/UltraScale+, UG579), one DSP48E1 25x18 (7-series, UG479); wider products
-      take ``ceil(a/27) * ceil(b/18)`` DSPs (hls4ml issue #31).  hls4ml's estimator looks at
-      the weight width only (it assumes >= 9-bit data); ``mul`` is commutative, so by default
-      (``dsp_rule="wider_operand"``) we apply the 9-bit threshold to the wider operand:
-      16-bit inputs times 6-bit constants go to DSPs.  ``dsp_rule="hls4ml_weight"`` is hls4ml's
-      literal rule.  (This default was chosen after seeing the 6-bit QAT row's 38 DSPs; the
-      benchmark prints both.)
-  A4. A LUT multiplier by a constant with ``d`` signed digits is ``d - 1`` adders of width
-      ``x_bits + bitlen(|c|)`` (shift-and-add); one LUT per adder bit (LUT6 + CARRY8 per bit,
-      UG574).  When the reuse factor makes a LUT multiplier serve several weights it is a
-      general ``a x b`` multiplier of ~1.2 LUT per partial-product bit (measured 365-401 LUTs
-      for 18x18 in hls4ml issue #99).
+      ``c == 0`` costs nothing (hls4ml's "zero suppression", arXiv 2103.05579 Sec. 2; hls4ml
+      itself subtracts ``n_zeros`` from ``multiplier_limit``) and ``c == +-2**k`` is a wire / shift
+      (LLVM InstCombine rewrites ``mul x, 2**k`` to ``shl``; the sign folds into the adder as a
+      subtraction).  Every other product stays a ``mul`` in the HLS IR.  We assume the same
+      reductions hold for every reuse factor.
+  A3. DSP or LUTs -- which operand width decides.  hls4ml has *no* DSP rule of its own in its
+      templates: ``mult::product`` is a plain ``a * w`` and the Latency dense template only limits
+      the number of ``mul`` instances (``#pragma HLS ALLOCATION operation instances=mul
+      limit=multiplier_limit``); there is no ``RESOURCE``/``BIND_OP`` on the product (the only
+      ``#pragma HLS RESOURCE`` in ``nnet_dense_resource.h`` puts the weights in ``ROM_nP_BRAM``).
+      Vivado HLS binds each ``mul`` itself ("If the BIND_OP pragma is not specified, Vitis HLS
+      automatically determines the resources", UG1399 ``BIND_OP``; no threshold is documented by
+      AMD).  The only documented threshold is hls4ml's own DSP model for Vivado
+      (``optimization/dsp_aware_pruning/objectives/vivado_objectives.py``, ``VivadoDSPEstimator``:
+      ``weight_precision.width < 9`` -> 0 DSP; docstring: "Vivado doesn't use DSP when precision
+      < 9"), and Vivado HLS narrows a constant operand to the bits its value needs (hls4ml issue
+      #49: the multiplier of an ``ap_fixed<18,8>`` weight has an 11-bit ``din0``; issue #893, a
+      maintainer: the compiler may "reduce the precision if the weight can be represented in less
+      bits").  Rule ``dsp_rule="vivado"`` (default): a product that is not free (A2) goes to a DSP
+      when *both* operands are at least ``DSP_MIN_BITS`` = 9 bits wide, the constant counted at its
+      narrowed width (:func:`const_width`, two's complement); otherwise to LUTs.  So the narrower
+      operand decides, and the same weight type can use fewer DSPs when its values are small.
+      Cost: one DSP48E2 multiplies 27x18 signed bits (UltraScale/UltraScale+, UG579), one DSP48E1
+      25x18 (7-series, UG479; "one DSP48E1 block can multiply a 25-bit number with an 18-bit
+      number, but two are required to multiply a 25-bit number with a 19-bit number", arXiv
+      2103.05579 Sec. 4.1; hls4ml issue #31); a wider product takes ``ceil(a/27) * ceil(b/18)``
+      DSPs (``a`` the wider operand).  No constant of this rule is fitted to any reference row.
+      Alternatives for comparison: ``"hls4ml_weight"`` (hls4ml's estimator literally: the
+      *declared* weight width >= 9 puts every non-free product on a DSP) and ``"csd_wider"``
+      (this module's earlier rule: >= 3 CSD digits and the wider operand >= 9 bits -- chosen after
+      seeing the 6-bit row, so not a prediction).  ``benchmarks/estimate_vs_published.py``
+      prints all three.  Run-time x run-time products (``Mul``) use the narrower operand too.
+  A4. A LUT multiplier by a constant with ``d`` canonical-signed-digit (CSD) digits is modelled
+      as ``d - 1`` adders of width ``x_bits + bitlen(|c|)`` (shift-and-add, the usual
+      constant-coefficient multiplier in fabric); one LUT per adder bit (LUT6 + CARRY8 per bit,
+      UG574), times ``HLS_LUT_FACTOR``.  When the reuse factor makes a LUT multiplier serve
+      several weights each shared unit gets an RF:1 input mux (A7).  A general run-time LUT
+      multiplier (``Mul``) is ~1.2 LUT per partial-product bit (365-401 LUTs for 18x18, hls4ml
+      issue #99).
 Accumulation
   A5. ``nnet_dense_latency.h`` casts every product and the bias to ``accum_t`` and sums in
       ``accum_t``; Vivado HLS balances the sum into a tree (expression balancing, on by
@@ -50,9 +66,10 @@ Accumulation
       ``HLS_LUT_FACTOR`` (below).  ``accum_t`` is the IR's exact accumulator type (what the
       qdeploy hls4ml backend emits) unless ``config["accum_type"]`` overrides it (stock hls4ml
       uses its ``Model`` precision, ``ap_fixed<16,6>`` by default).
-  A6. ``HLS_LUT_FACTOR`` = 1.285: Vivado HLS's post-HLS LUT estimate counts more than one LUT
-      per adder bit (operand muxes, sign extension, casts).  Fitted to the 16-bit PTQ row of
-      ``fpga_jet_tagger_vu9p.csv`` only (the other rows are predictions).  Reports from
+  A6. ``HLS_LUT_FACTOR`` = 0.933 post-HLS LUTs per modelled adder bit (adders fuse into LUT6s,
+      e.g. a shift-and-add with the first tree level, so slightly under one LUT per bit).
+      Fitted to the 16-bit PTQ row of ``fpga_jet_tagger_vu9p.csv`` only, with the A3 rule in
+      place (the other rows are predictions).  Reports from
       place-and-route are usually lower (refs README).  Adder widths follow the value range:
       a product keeps ``x_bits + bitlen(|c|) + 1`` bits less the fraction bits below
       ``accum_t``'s LSB, and tree level ``l`` adds ``l`` bits, capped at ``accum_t`` (HLS bit-width
@@ -89,7 +106,7 @@ measurements)
   A11. Registers (FF): every Dense/Conv/Softmax output is registered (n_out x width); each
       additional cycle inside a layer adds one register cut placed ASAP by the delay model
       (live partial sums x accum width; products still inside a DSP use its internal M/P
-      registers, not fabric FFs).  Dense/Conv FFs are scaled by ``HLS_FF_FACTOR`` = 0.61,
+      registers, not fabric FFs).  Dense/Conv FFs are scaled by ``HLS_FF_FACTOR`` = 0.603,
       fitted to the same 16-bit PTQ row (where Vivado really places the cut is not modelled).
 Other layers
   A12. Relu: one LUT per output bit (sign gates the value).  Quantize: a rounding mode other than
@@ -141,22 +158,27 @@ PARTS: dict[str, dict] = {
 }
 
 #: Calibrated on one row only (A6): post-HLS LUTs per adder bit.
-HLS_LUT_FACTOR = 1.285
+HLS_LUT_FACTOR = 0.933
 #: Calibrated on the same row (A11): fraction of the modelled pipeline-cut bits that post-HLS reports count.
-HLS_FF_FACTOR = 0.61
+HLS_FF_FACTOR = 0.603
 #: hls4ml default clock uncertainty (A10).
 CLOCK_UNCERTAINTY = 0.125
 T_DSP_NS = 3.0
 T_LUT_NS = 0.4
 T_CARRY_NS_PER_BIT = 0.015
-#: hls4ml's Vivado DSP threshold on the weight width (A3).
-DSP_MIN_WEIGHT_BITS = 9
+#: hls4ml's Vivado DSP threshold (A3): "Vivado doesn't use DSP when precision < 9".
+DSP_MIN_BITS = 9
+DSP_MIN_WEIGHT_BITS = DSP_MIN_BITS  # old name
+#: DSP-vs-LUT rules (A3); the first is the default.
+DSP_RULES = ("vivado", "hls4ml_weight", "csd_wider")
 LUT_PER_PP_BIT = 1.2
 
 #: What ``benchmarks/estimate_vs_published.py`` printed (ours / published Vivado HLS 2019.2 post-HLS).
 MEASURED_ERROR = ("analytic estimate, not synthesis; measured on the hls4ml jet tagger (xcvu9p, 200 MHz, "
-                  "arXiv 2103.05579 Table 1; 16-bit row used for calibration): LUT 0.93-1.15x, FF 1.01-1.05x, "
-                  "DSP 1.19-1.30x, latency +0 to +1 cycles (benchmarks/estimate_vs_published.py)")
+                  "arXiv 2103.05579 Table 1; LUT/FF factors fitted on the 16-bit row only; DSP rule unfitted): "
+                  "ours/published LUT 1.00/1.07/0.85, FF 1.00/1.04/0.61, DSP 0.75/0.11/0.13 (16/14/6-bit), latency "
+                  "+1/+1/0 cycles; the DSP count depends on weight values and the reference PTQ weights are not "
+                  "public (benchmarks/estimate_vs_published.py)")
 
 TOTAL_KEYS = ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles")
 
@@ -209,9 +231,9 @@ def _options(config: dict | None) -> dict:
             "reuse_factor": cfg.get("reuse_factor", 1) or 1, "strategy": str(cfg.get("strategy") or "Latency"),
             "io_type": str(cfg.get("io_type") or "io_parallel"), "accum_type": cfg.get("accum_type"),
             "softmax_on_device": bool(cfg.get("softmax_on_device", False)),
-            "dsp_rule": str(cfg.get("dsp_rule") or "wider_operand")}
-    if opts["dsp_rule"] not in ("wider_operand", "hls4ml_weight"):
-        raise QDeployError(f"dsp_rule must be wider_operand or hls4ml_weight, got {opts['dsp_rule']!r}")
+            "dsp_rule": str(cfg.get("dsp_rule") or DSP_RULES[0])}
+    if opts["dsp_rule"] not in DSP_RULES:
+        raise QDeployError(f"dsp_rule must be one of {', '.join(DSP_RULES)}, got {opts['dsp_rule']!r}")
     if opts["strategy"].lower() not in ("latency", "resource"):
         raise QDeployError(f"hls4ml strategy must be Latency or Resource, got {opts['strategy']!r}")
     opts["strategy"] = "Latency" if opts["strategy"].lower() == "latency" else "Resource"
@@ -272,6 +294,42 @@ def _dsps_per_mult(a: int, b: int, dsp_width) -> int:
     return math.ceil(hi / A) * math.ceil(lo / B)
 
 
+def _dsps_per_mult_arr(x_bits: int, c_bits: np.ndarray, dsp_width) -> np.ndarray:
+    """DSP slices per ``x_bits x c_bits`` product, elementwise over ``c_bits`` (A3)."""
+    A, B = dsp_width
+    c = np.asarray(c_bits, dtype=np.int64)
+    hi, lo = np.maximum(x_bits, c), np.minimum(x_bits, c)
+    return ((hi + A - 1) // A) * ((lo + B - 1) // B)
+
+
+def const_width(codes: np.ndarray) -> np.ndarray:
+    """Fewest two's-complement bits that hold each integer constant: ``bitlen(c) + 1`` for
+    ``c > 0``, ``bitlen(-c - 1) + 1`` for ``c < 0`` (``-1 -> 1``, ``0 -> 1``, ``5 -> 4``,
+    ``-8 -> 4``).  This is the multiplier operand width Vivado HLS gives a constant (A3)."""
+    c = np.asarray(codes, dtype=np.int64)
+    mag = np.where(c < 0, -c - 1, c)
+    return _bitlen(mag) + 1
+
+
+def _dsp_mask(codes: np.ndarray, digits: np.ndarray, x_bits: int, w_bits: int, rule: str):
+    """(bool mask of the constant products bound to DSP slices, operand width of each constant).
+
+    ``vivado`` (default, A3): a product that is not free (A2) goes to DSPs when both operands are at
+    least ``DSP_MIN_BITS`` wide, the constant counted at its narrowed width (:func:`const_width`).
+    ``hls4ml_weight``: hls4ml's own estimator literally -- the *declared* weight type width >= 9
+    decides, every non-free product.  ``csd_wider``: the rule this module used before (products of
+    >= 3 CSD digits when the wider operand is >= 9 bits); kept for comparison only -- it was chosen
+    after seeing the 6-bit row of the reference, so it is not a prediction."""
+    mult = digits >= 2
+    if rule == "vivado":
+        cw = const_width(codes)
+        return mult & (np.minimum(cw, x_bits) >= DSP_MIN_BITS), cw
+    cw = np.full(np.shape(codes), w_bits, dtype=np.int64)
+    if rule == "hls4ml_weight":
+        return mult & (w_bits >= DSP_MIN_BITS), cw
+    return (digits >= 3) & (max(x_bits, w_bits) >= DSP_MIN_BITS), cw
+
+
 def _row(node, host=False, **kw) -> dict:
     r = {"name": node.name, "op": node.op, "lut": 0, "ff": 0, "dsp": 0, "bram_18k": 0, "latency_cycles": 0,
          "latency_ns": 0.0, "ii_cycles": 1, "host": host}
@@ -311,25 +369,20 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
     digits = csd_digits(codes)
     blen = _bitlen(codes)
     zero = codes == 0
-    shift = digits == 1
-    # A1/A2: binary and ternary weights are constants of at most one signed digit -> free
-    one_add = digits == 2
-    real = digits >= 3
-    sel_luts = 0
+    shift = digits == 1  # A2: +-2**k (and, with A1, binary/ternary weights) -> free
+    mult = digits >= 2   # a real ``mul`` survives in the HLS IR (A3)
+    on_dsp_mask, cw = _dsp_mask(codes, digits, xb, wb, opts["dsp_rule"])
+    on_lut = mult & ~on_dsp_mask
     n_zero, n_free = int(zero.sum()), int(shift.sum())
-    n_add1, n_real = int(one_add.sum()), int(real.sum())
-    wide = max(xb, wb) if opts["dsp_rule"] == "wider_operand" else wb
-    on_dsp = wide >= DSP_MIN_WEIGHT_BITS and n_real > 0
+    n_dsp, n_lut = int(on_dsp_mask.sum()), int(on_lut.sum())
+    on_dsp = n_dsp > 0
     # product bits that survive the cast to accum_t (A5: low fraction bits below accum_t's LSB drop)
     drop = max(0, x.dtype.frac_bits + w.dtype.frac_bits - acc_t.frac_bits)
     pbits = np.clip(xb + blen + 1 - drop, 1, ab)
-    add1_luts = int(np.sum(np.maximum(xb + blen[one_add] + 1 - drop, 1)))  # A2/A4: one shift-and-add each
-    if on_dsp:
-        dsp_units = n_real * _dsps_per_mult(xb, wb, part["dsp_width"])
-        lutmul = 0
-    else:
-        dsp_units = 0
-        lutmul = int(np.sum((digits[real] - 1) * np.maximum(xb + blen[real] + 1 - drop, 1)))  # A4 shift-and-add
+    # A4: a LUT multiplier by a constant is (CSD digits - 1) shift-and-add adders
+    lutmul = int(np.sum((digits[on_lut] - 1) * np.maximum(xb + blen[on_lut] + 1 - drop, 1)))
+    dsp_units = int(np.sum(_dsps_per_mult_arr(xb, cw[on_dsp_mask], part["dsp_width"]))) if on_dsp else 0
+    add1_luts, sel_luts = 0, 0
     terms = np.count_nonzero(~zero, axis=0) + (
         (np.broadcast_to(bias.data, (n_out,)) != 0).astype(np.int64) if bias is not None else 0)
     adders = int(np.sum(np.maximum(terms - 1, 0)))
@@ -369,7 +422,7 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
         dsp = math.ceil(dsp_units / share)
         mult_luts = math.ceil((add1_luts + lutmul + sel_luts) / share)
         acc_luts = math.ceil(adder_bits / share)
-        n_units = math.ceil((n_add1 + n_real) / share) + math.ceil(adders / share)
+        n_units = math.ceil((n_dsp + n_lut) / share) + math.ceil(adders / share)
         mux_luts = n_units * max(xb, ab) * math.ceil((share - 1) / 3) if share > 1 else 0
         luts = HLS_LUT_FACTOR * (mult_luts + acc_luts) + mux_luts
         bram = 0
@@ -377,10 +430,8 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
         # ---- timing (A10)
         if on_dsp:
             t_mult = T_DSP_NS
-        elif n_real:
-            t_mult = math.ceil(math.log2(int(digits[real].max()))) * _t_add(xb + wb)
-        elif n_add1:
-            t_mult = _t_add(xb + wb)
+        elif n_lut:  # a balanced shift-and-add tree of (digits - 1) adders
+            t_mult = math.ceil(math.log2(int(digits[on_lut].max()))) * _t_add(xb + wb)
         else:
             t_mult = 0.0
         t_lvl = _t_add(ab)
@@ -393,7 +444,7 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
             if tcut < t_mult:  # cut inside the multipliers
                 live_bits = 0 if on_dsp else int(np.sum(~zero)) * (xb + wb)
                 if on_dsp:  # DSP products stay in M/P registers; LUT-side products are registered
-                    live_bits = (n_free + n_add1) * (xb + wb)
+                    live_bits = (n_free + n_lut) * (xb + wb)
             else:
                 lvl = int((tcut - t_mult) // t_lvl)
                 live_bits = int(np.sum(np.ceil(terms / 2.0 ** lvl))) * ab
@@ -415,7 +466,7 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
             "latency_cycles": int(layer_cycles), "ii_cycles": int(ii),
             "detail": {"n_in": n_in, "n_out": n_out, "positions": positions, "reuse_factor": rf,
                        "x_bits": xb, "w_bits": wb, "accum_bits": ab, "mults_zero": n_zero, "mults_shift": n_free,
-                       "mults_shift_add": n_add1, "mults_real": n_real, "real_mults_on": "DSP" if on_dsp else "LUT",
+                       "mults_lut": n_lut, "mults_dsp": n_dsp, "dsp_rule": opts["dsp_rule"],
                        "adders": adders, "adder_bits": adder_bits, "adder_tree_depth": depth}}
 
 
@@ -449,7 +500,8 @@ def _elementwise(graph: Graph, node, opts, part, period_eff) -> dict:
             lut, t = size * ob, _t_add(ob)
         else:
             wa, wb = _width(a), _width(b)
-            if max(wa, wb) >= DSP_MIN_WEIGHT_BITS:
+            wide = max(wa, wb) if opts["dsp_rule"] == "csd_wider" else min(wa, wb)  # A3: run-time operands
+            if wide >= DSP_MIN_BITS:
                 dsp = size * _dsps_per_mult(wa, wb, part["dsp_width"])
                 t = T_DSP_NS
             else:
@@ -464,13 +516,13 @@ def _elementwise(graph: Graph, node, opts, part, period_eff) -> dict:
             codes = np.broadcast_to(sc.data.reshape(-1), (c,))
             d = csd_digits(codes)
             bl = _bitlen(codes)
-            real = d >= 3
-            if sc.dtype.width >= DSP_MIN_WEIGHT_BITS and real.any():
-                dsp = per * int(real.sum()) * _dsps_per_mult(xb, sc.dtype.width, part["dsp_width"])
+            on_dsp, cw = _dsp_mask(codes, d, xb, sc.dtype.width, opts["dsp_rule"])
+            if on_dsp.any():
+                dsp = per * int(np.sum(_dsps_per_mult_arr(xb, cw[on_dsp], part["dsp_width"])))
                 t = T_DSP_NS
-            else:
-                lut += per * float(np.sum(np.maximum(d - 1, 0) * (xb + bl)))
-                t = _t_add(xb + sc.dtype.width) * 2
+            lut += per * float(np.sum(np.where(on_dsp, 0, np.maximum(d - 1, 0) * (xb + bl))))
+            if (~on_dsp & (d >= 2)).any():
+                t = max(t, _t_add(xb + sc.dtype.width) * 2)
         if node.params.get("bias") is not None:
             lut += size * ob
             t += _t_add(ob)

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 import qdeploy
 from qdeploy.backends import asic
-from qdeploy.backends.hls4ml.estimate import (DSP_MIN_WEIGHT_BITS, PARTS, TOTAL_KEYS, estimate, resolve_part,
-                                              valid_reuse_factors)
+from qdeploy.backends.hls4ml.estimate import (DSP_MIN_BITS, DSP_RULES, PARTS, TOTAL_KEYS, const_width, estimate,
+                                              resolve_part, valid_reuse_factors)
 from qdeploy.compiler.errors import QDeployError
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
 from qdeploy.compiler.ir.types import FixedType
@@ -54,7 +54,7 @@ def test_more_data_bits_never_fewer_luts(lay, xb, data, signed, stream):
     cfg = {"io_type": "io_stream" if stream else "io_parallel"}
     small = estimate(mlp(codes, FixedType(xb, 2, signed), w_t), cfg)["total"]
     big = estimate(mlp(codes, FixedType(xb + extra, 2, signed), w_t), cfg)["total"]
-    assert xb + extra < DSP_MIN_WEIGHT_BITS  # products stay in LUTs
+    assert xb + extra < DSP_MIN_BITS  # products stay in LUTs
     assert big["lut"] >= small["lut"]
     assert big["dsp"] >= small["dsp"]
 
@@ -62,13 +62,15 @@ def test_more_data_bits_never_fewer_luts(lay, xb, data, signed, stream):
 @SETTINGS
 @given(layer, st.integers(9, 16), st.integers(1, 8))
 def test_more_bits_on_dsp_never_fewer_luts(lay, xb, extra):
-    """Above the DSP threshold too: wider inputs never lower LUTs (or DSPs)."""
+    """Above the DSP threshold too (8-14-bit weights, so some products are on DSPs): wider inputs
+    never lower LUTs or DSPs (the binding cannot change once the data is >= 9 bits)."""
     n_in, n_out, wb, seed = lay
-    codes = _codes(n_in, n_out, wb, seed)
-    w_t = FixedType(wb, 1)
-    small = estimate(mlp(codes, FixedType(xb, 4), w_t))["total"]
-    big = estimate(mlp(codes, FixedType(xb + extra, 4), w_t))["total"]
-    assert big["lut"] >= small["lut"] and big["dsp"] >= small["dsp"]
+    codes = _codes(n_in, n_out, wb + 6, seed)
+    w_t = FixedType(wb + 6, 1)
+    small = estimate(mlp(codes, FixedType(xb, 4), w_t))
+    big = estimate(mlp(codes, FixedType(xb + extra, 4), w_t))
+    assert big["total"]["lut"] >= small["total"]["lut"] and big["total"]["dsp"] >= small["total"]["dsp"]
+    assert big["layers"][0]["detail"]["mults_dsp"] == small["layers"][0]["detail"]["mults_dsp"]
 
 
 @SETTINGS
@@ -118,13 +120,55 @@ def test_constant_rules_zero_and_power_of_two_are_free():
     x_t = FixedType(16, 6)
     w_t = FixedType(16, 6)
     free = mlp(np.array([[0, 1, -2, 1024], [4, 0, 0, -8]]), x_t, w_t, relu=False)
-    d = estimate(free)["layers"][0]["detail"]
-    assert d["mults_real"] == 0 and d["mults_shift_add"] == 0 and estimate(free)["total"]["dsp"] == 0
-    real = mlp(np.array([[11, 3], [13, 5]]), x_t, w_t, relu=False)  # 11, 13: three CSD digits; 3, 5: two
-    d = estimate(real)["layers"][0]["detail"]
-    assert (d["mults_real"], d["mults_shift_add"], d["real_mults_on"]) == (2, 2, "DSP")
-    lut_rule = estimate(mlp(np.array([[11, 3], [13, 5]]), FixedType(6, 2), FixedType(6, 1), relu=False))
-    assert lut_rule["total"]["dsp"] == 0 and lut_rule["layers"][0]["detail"]["real_mults_on"] == "LUT"
+    est = estimate(free)
+    d = est["layers"][0]["detail"]
+    assert (d["mults_zero"], d["mults_shift"], d["mults_lut"], d["mults_dsp"]) == (3, 5, 0, 0)
+    assert est["total"]["dsp"] == 0
+
+
+def test_const_width_is_twos_complement_minimum():
+    codes = np.array([0, 1, -1, 5, -8, -9, 255, 256, -256, -257])
+    assert const_width(codes).tolist() == [1, 2, 1, 4, 4, 5, 9, 10, 9, 10]
+
+
+def test_dsp_rule_narrowed_constant_and_narrower_operand_decide():
+    """A3: a non-free product is on a DSP iff data and the *narrowed* constant are both >= 9 bits."""
+    w_t = FixedType(16, 6)  # declared 16 bits: hls4ml's literal rule would put every product on a DSP
+    codes = np.array([[11, 300], [-257, 200]])  # narrowed widths 5, 10, 10, 9
+    d = estimate(mlp(codes, FixedType(16, 6), w_t, relu=False))["layers"][0]["detail"]
+    assert (d["mults_lut"], d["mults_dsp"]) == (1, 3)
+    e = estimate(mlp(codes, FixedType(16, 6), w_t, relu=False), {"dsp_rule": "hls4ml_weight"})
+    assert e["layers"][0]["detail"]["mults_dsp"] == 4
+    narrow_data = estimate(mlp(codes, FixedType(8, 3), w_t, relu=False))
+    assert narrow_data["total"]["dsp"] == 0 and narrow_data["layers"][0]["detail"]["mults_lut"] == 4
+    assert DSP_RULES[0] == "vivado" and DSP_MIN_BITS == 9
+    with pytest.raises(QDeployError, match="dsp_rule must be one of vivado"):
+        estimate(mlp(codes, FixedType(16, 6), w_t), {"dsp_rule": "nope"})
+
+
+@pytest.mark.parametrize("x_bits,code,part,dsps", [
+    (16, 300, "xcvu9p", 1),          # 16 x 10 bits: one DSP48E2 (27x18)
+    (30, 300, "xcvu9p", 2),          # 30 x 10: ceil(30/27) * ceil(10/18) = 2
+    (20, 2 ** 18 + 3, "xcvu9p", 2),  # 20 x 20: ceil(20/27) * ceil(20/18) = 2
+    (26, 300, "xcvu9p", 1),          # fits 27 bits on UltraScale+
+    (26, 300, "xc7z020", 2),         # ... but not the 25-bit DSP48E1 port of the Zynq-7000
+])
+def test_dsps_per_product_follow_the_dsp_port_widths(x_bits, code, part, dsps):
+    g = mlp(np.array([[code]]), FixedType(x_bits, 8), FixedType(24, 20), relu=False)
+    assert estimate(g, {"part": part})["total"]["dsp"] == dsps
+
+
+@SETTINGS
+@given(layer, st.integers(1, 4), st.integers(9, 16))
+def test_fewer_weight_fraction_bits_never_more_dsps(lay, cut, xb):
+    """The same real weights rounded to fewer fraction bits (16-bit -> 14-bit PTQ) never use more DSPs:
+    narrowed constants only shrink (A3)."""
+    n_in, n_out, _, seed = lay
+    real = np.random.default_rng(seed).normal(0, 1.5, (n_in, n_out))
+    fine, coarse = FixedType(16, 6), FixedType(16 - cut, 6)
+    a = estimate(mlp(fine.quantize_real(real), FixedType(xb, 4), fine))["total"]
+    b = estimate(mlp(coarse.quantize_real(real), FixedType(xb, 4), coarse))["total"]
+    assert b["dsp"] <= a["dsp"]
 
 
 def test_valid_reuse_factors_match_hls4ml():
@@ -200,16 +244,15 @@ def test_cli_errors_are_one_line():
 
 
 @pytest.mark.skipif(not JSC.exists(), reason="needs ../shared/realcases")
-def test_api_estimate_jet_tagger_is_fast():
-    import time
+def test_api_estimate_jet_tagger():
+    """The jet tagger through the API (its < 10 ms timing is printed by benchmarks/estimate_vs_published.py)."""
     from qdeploy.passes import PassManager, default_pipeline
     g = PassManager(default_pipeline()).run(qdeploy.load(str(JSC)))
-    estimate(g)
-    t0 = time.perf_counter()
     est = estimate(g)
-    assert time.perf_counter() - t0 < 0.05  # issue target 10 ms; loose bound for loaded CI machines
     assert est["total"]["lut"] > 0 and est["total"]["dsp"] >= 0
-    assert qdeploy.api.estimate(str(JSC), "asic")["total"]["area_mm2"] > 0
+    assert "measured on the hls4ml jet tagger" in est["note"]
+    a = qdeploy.api.estimate(str(JSC), "asic")
+    assert a["total"]["area_mm2"] > 0 and "measured on the ECON-T encoder" in a["note"]
 
 
 def test_compile_report_carries_estimate(tmp_path, rng):
