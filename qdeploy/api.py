@@ -379,10 +379,12 @@ def estimate(model, target: str = "hls4ml", config=None, input_type=None) -> dic
     """Resource/latency (hls4ml) or area/power/energy (asic) estimate of ``model``, no vendor tool.
 
     ``model`` as for :func:`load`; the default passes run first (exact types).  ``config`` is a
-    dict of estimator options (hls4ml: part, clock_period, reuse_factor, strategy, io_type,
-    accum_type, softmax_on_device; asic: node_nm, clock_mhz/clock_period, weights, activity).
-    Returns ``{"total": {...}, "layers": [...], ...}``: see the estimator modules for the keys and
-    every modelling assumption.
+    dict of estimator options (hls4ml: part, clock_period [ns], reuse_factor, strategy, io_type,
+    accum_type, softmax_on_device, dsp_rule; asic: node_nm, clock_mhz/clock_period [ns], weights,
+    activity, tmr).  Returns ``{"total": {...}, "layers": [...], "note": ...}``: LUT/FF/DSP/BRAM_18K
+    counts, latency in cycles and ns, II in cycles (hls4ml); area mm^2, power mW, energy nJ per
+    inference (asic).  ``note`` states that the figure is an estimate and its measured error on the
+    published reference.  See the estimator modules for every modelling assumption and its source.
 
     Raises:
         QDeployError: unknown target or part, an illegal reuse factor, an unsupported op.

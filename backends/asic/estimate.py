@@ -2,9 +2,11 @@
 
 ``estimate(graph, config) -> dict`` with ``total`` and per-node ``layers``, each holding
 ``area_mm2``, ``power_mw``, ``energy_nj``, ``latency_cycles``, ``latency_ns``, ``ii_cycles``,
-``ff`` (flip-flops) and ``ge`` (gate equivalents); the FPGA-only keys ``lut``, ``dsp`` and
-``bram_18k`` are present and ``None``.  An estimate, not synthesis: its measured error on the
-ECON-T encoder is printed by ``benchmarks/asic_econt.py`` (``../shared/refs/asic_econt.csv``).
+``ff`` (physical flip-flops, three per bit with TMR) and ``ge`` (gate equivalents); the
+FPGA-only keys ``lut``, ``dsp`` and ``bram_18k`` are present and ``None`` (JSON ``null``; tables
+leave them out or print ``-``).  An estimate, not synthesis: its measured error on the ECON-T
+encoder is printed by ``benchmarks/asic_econt.py`` (``../shared/refs/asic_econt.csv``) and
+carried in every result's ``note`` (:data:`MEASURED_ERROR`).
 
 Architecture assumed (what HLS-for-ASIC flows such as Catapult produce for small on-detector
 networks, e.g. ECON-T, arXiv 2105.01683): fully spatial -- every multiply of every output
@@ -41,9 +43,19 @@ Assumptions and constants (with sources):
       these sizes; an under-estimate).
   B7. Delay: a full-adder stage 2 FO4, FO4 = 0.5 ps per nm of node (rule of thumb); a
       multiplier is a + b FA stages, a W-bit ripple adder W stages; cycles = ceil(path / period).
+  B8. Triple modular redundancy (``tmr="registers"``; default ``"none"``).  Radiation-tolerant
+      detector ASICs triplicate their registers: the ECON-T reference "features triple modular
+      redundancy to maintain its radiation tolerance up to 200 MRad" (arXiv 2103.05579 Sec.
+      4.3.2).  Modelled as self-correcting register TMR (Hindman et al., IEEE Trans. Nucl. Sci. 58
+      (2011) 3046): every flip-flop becomes three, each with a majority voter in its feedback
+      (MAJ3 = AOI222 + INV, about 3.67 GE in the Nangate 45 nm OCL, B1), and all copies are
+      clocked every cycle so that the vote rewrites an upset copy (so weight registers are no
+      longer clock-gated).  The combinational datapath is *not* triplicated (our assumption:
+      triplicating it would put the ECON-T area at ~3x ours, far above the published figure).
 
 Config keys: ``node_nm`` (65 | 45 | 28, default 65), ``clock_mhz`` (default 40) or
-``clock_period`` (ns), ``weights`` (``programmable`` | ``constant``), ``activity`` (1.0).
+``clock_period`` (ns), ``weights`` (``programmable`` | ``constant``), ``activity`` (1.0),
+``tmr`` (``none`` | ``registers``, B8).
 """
 from __future__ import annotations
 
@@ -56,14 +68,20 @@ from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 
 GE_AND2, GE_FA, GE_DFF = 1.33, 5.33, 5.67
+#: Majority voter (AOI222_X1 + INV_X1 of the Nangate 45 nm OCL, 2.394 + 0.532 um^2), B8.
+GE_MAJ3 = 3.67
+TMR_MODES = ("none", "registers")
 UM2_PER_GE = {65: 1.44, 45: 0.798, 28: 0.31}
 E_FA_FJ_45 = 3.1
 E_DFF_FJ_45 = 2.0
 ENERGY_SCALE = {65: 2.57, 45: 1.0, 28: 0.62}
 UTILIZATION = 0.70
 #: What ``benchmarks/asic_econt.py`` printed (ours / published, no calibration).
+#: What ``benchmarks/asic_econt.py`` printed (ours / published, no calibration).
 MEASURED_ERROR = ("gate-equivalent estimate, not synthesis; measured on the ECON-T encoder (65 nm, 40 MHz, "
-                  "arXiv 2105.01683): area 0.73x, power 0.70x, energy 0.69x, latency 1.00x (benchmarks/asic_econt.py)")
+                  "arXiv 2105.01683; no calibration): ours/published area 0.73x, power 0.70x, energy 0.69x with "
+                  "tmr=none (default); area 0.91x, power 0.78x, energy 0.77x with tmr=registers (the reference "
+                  "chip is triple-redundant); latency 1.00x (benchmarks/asic_econt.py)")
 SUPPORTED_OPS = ("Dense", "Conv", "Relu", "Quantize", "Sign", "Add", "Mul", "Affine", "Concat", "Reshape",
                  "Transpose", "MaxPool", "AvgPool", "GlobalAvgPool")
 
@@ -96,7 +114,11 @@ def _options(config):
     w = str(cfg.get("weights") or "programmable")
     if w not in ("programmable", "constant"):
         raise QDeployError(f"weights must be 'programmable' or 'constant', got {w!r}")
-    return {"node_nm": node, "clock_period": period, "weights": w, "activity": float(cfg.get("activity", 1.0))}
+    tmr = str(cfg.get("tmr") or "none")
+    if tmr not in TMR_MODES:
+        raise QDeployError(f"tmr must be one of {', '.join(TMR_MODES)}, got {tmr!r}")
+    return {"node_nm": node, "clock_period": period, "weights": w, "activity": float(cfg.get("activity", 1.0)),
+            "tmr": tmr}
 
 
 def _tree(terms: np.ndarray, pw: np.ndarray, cap: int) -> tuple[int, int]:
@@ -146,10 +168,21 @@ def _mac(graph, node, opts):
     tree_bits, depth = _tree(terms, pw, ab)
     ff = n_out * ab if node.output in graph.outputs else 0  # output register (B3)
     ge_per_pos = mult_ge + tree_bits * GE_FA
-    ge = pos * ge_per_pos + (ff * pos + w_ff) * GE_DFF
-    e_fj = pos * (mult_e_bits + tree_bits) * E_FA_FJ_45 + pos * ff * E_DFF_FJ_45
+    reg_ge, reg_fj, n_ff = _registers(ff * pos, w_ff, opts)
+    ge = pos * ge_per_pos + reg_ge
+    e_fj = pos * (mult_e_bits + tree_bits) * E_FA_FJ_45 + reg_fj
     stages = t_mult + depth * 2 + ab  # FA stages on the critical path (B7, ripple of the last add)
-    return ge, ff * pos + w_ff, e_fj, stages
+    return ge, n_ff, e_fj, stages
+
+
+def _registers(clocked_bits: int, static_bits: int, opts: dict) -> tuple[float, float, int]:
+    """(GE, dynamic energy per inference in 45 nm fJ, physical flip-flops) of ``clocked_bits``
+    registers written every cycle and ``static_bits`` held ones (weights; clock-gated, B5).  With
+    ``tmr="registers"`` (B8) each bit is three flip-flops with three majority voters, all clocked."""
+    if opts.get("tmr") == "registers":
+        bits = clocked_bits + static_bits
+        return bits * 3 * (GE_DFF + GE_MAJ3), 3 * bits * E_DFF_FJ_45, 3 * bits
+    return (clocked_bits + static_bits) * GE_DFF, clocked_bits * E_DFF_FJ_45, clocked_bits + static_bits
 
 
 def _other(graph, node):
@@ -176,11 +209,18 @@ def _other(graph, node):
 
 
 def estimate(graph: Graph, config: dict | None = None) -> dict:
-    """ASIC estimate of ``graph``; see the module docstring for every assumption.
+    """ASIC estimate of ``graph``; see the module docstring for every assumption (B1-B8).
+
+    Returns ``{"target": "asic", "estimate": True, "config", "total", "layers", "note"}``; ``total``
+    and each layer hold ``area_mm2`` (core area, mm^2), ``power_mw`` (mW at the clock, II = 1),
+    ``energy_nj`` (nJ per inference), ``latency_cycles``, ``latency_ns`` (per layer: its
+    combinational delay; total: cycles x period), ``ii_cycles``, ``ff``, ``ge``, and ``None`` for the
+    FPGA-only ``lut``/``dsp``/``bram_18k``; ``note`` states the measured error on the reference.
 
     Raises:
-        QDeployError: unknown node, bad clock; UnsupportedError naming a node whose op has no
-            model (the message lists the supported ops).
+        QDeployError: unknown technology node (lists 65/45/28), bad clock, unknown ``weights`` or
+            ``tmr`` mode; UnsupportedError naming a node whose op has no model (the message lists
+            the supported ops).
     """
     opts = _options(config)
     node_nm, period = opts["node_nm"], opts["clock_period"]
@@ -221,11 +261,12 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
     if dev:
         dev[-1]["latency_cycles"] = cycles
     total = {"lut": None, "dsp": None, "bram_18k": None}
-    total["ff"] = int(sum(r["ff"] for r in layers) + in_bits)
-    total["ge"] = float(sum(r["ge"] for r in layers) + in_bits * GE_DFF)
+    in_ge, in_fj, in_ff = _registers(in_bits, 0, opts)
+    total["ff"] = int(sum(r["ff"] for r in layers) + in_ff)
+    total["ge"] = float(sum(r["ge"] for r in layers) + in_ge)
     total["area_mm2"] = total["ge"] * UM2_PER_GE[node_nm] / UTILIZATION * 1e-6
     total["energy_nj"] = float(sum(r["energy_nj"] for r in layers)
-                               + in_bits * E_DFF_FJ_45 * ENERGY_SCALE[node_nm] * 1e-6)
+                               + in_fj * opts["activity"] * ENERGY_SCALE[node_nm] * 1e-6)
     total["latency_cycles"] = int(cycles)
     total["path_ns"] = round(path_ns, 3)
     total["latency_ns"] = round(total["latency_cycles"] * period, 3)

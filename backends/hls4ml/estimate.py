@@ -617,9 +617,12 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
 
 
 def format_table(est: dict) -> str:
-    """A plain-text per-layer table of an estimate."""
+    """A plain-text per-layer table of an hls4ml or ASIC estimate (one row per node, then TOTAL).
+
+    Columns are the estimate keys present in ``est["total"]`` whose total is not ``None`` (so
+    an ASIC table has no LUT/DSP/BRAM columns); any other ``None`` cell prints as ``-``."""
     keys = [k for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles",
-                        "area_mm2", "power_mw", "energy_nj") if k in est["total"]]
+                        "area_mm2", "power_mw", "energy_nj") if est["total"].get(k) is not None]
     hdr = ["node", "op"] + keys
     rows = [[r["name"], r["op"] + (" (host)" if r.get("host") else "")] + [_fmt(r.get(k, 0)) for k in keys]
             for r in est["layers"]]
@@ -630,6 +633,8 @@ def format_table(est: dict) -> str:
 
 
 def _fmt(v):
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)

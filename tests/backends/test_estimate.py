@@ -261,3 +261,76 @@ def test_compile_report_carries_estimate(tmp_path, rng):
     est = res.report["estimate"]
     assert est["target"] == "hls4ml" and set(TOTAL_KEYS) <= set(est["total"]) and est["total"]["lut"] > 0
     assert json.loads((tmp_path / "out" / "report.json").read_text())["estimate"]["total"] == est["total"]
+
+
+def test_asic_tmr_triplicates_registers():
+    """B8: with register TMR every flip-flop becomes three plus three voters, all clocked."""
+    from qdeploy.backends.asic.estimate import GE_DFF, GE_MAJ3
+    g = mlp(_codes(32, 16, 6, 2), FixedType(8, 2), FixedType(6, 1))
+    a = asic.estimate(g)["total"]
+    b = asic.estimate(g, {"tmr": "registers"})["total"]
+    assert b["ff"] == 3 * a["ff"]
+    assert b["ge"] - a["ge"] == pytest.approx(a["ff"] * (3 * (GE_DFF + GE_MAJ3) - GE_DFF))
+    assert b["area_mm2"] > a["area_mm2"] and b["energy_nj"] > a["energy_nj"] and b["power_mw"] > a["power_mw"]
+    with pytest.raises(QDeployError, match="tmr must be one of none, registers"):
+        asic.estimate(g, {"tmr": "full"})
+
+
+def test_tables_print_no_none():
+    from qdeploy.backends.hls4ml.estimate import format_table
+    g = mlp(_codes(8, 4, 6, 3), FixedType(8, 2), FixedType(6, 1))
+    a = format_table(asic.estimate(g))
+    assert "None" not in a and "area_mm2" in a and "lut" not in a.split("\n")[0]
+    f = format_table(estimate(g))
+    assert "lut" in f.split("\n")[0] and "area_mm2" not in f
+    est = estimate(g)
+    est["layers"][0]["lut"] = None
+    assert "None" not in format_table(est) and " - " in format_table(est)
+
+
+REFS = REALCASES.parent / "refs"
+
+
+def _bench(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not (REFS / "asic_econt.csv").exists(), reason="needs ../shared/refs")
+def test_asic_note_states_the_measured_error():
+    """The note every ASIC result carries quotes the ratios the ECON-T benchmark measures."""
+    import csv
+    ref = next(csv.DictReader(open(REFS / "asic_econt.csv")))
+    g = _bench("asic_econt").econt_graph()
+    for tmr in ("none", "registers"):
+        est = asic.estimate(g, {"node_nm": 65, "clock_mhz": float(ref["clock_mhz"]), "tmr": tmr})
+        t = est["total"]
+        area = t["area_mm2"] / float(ref["area_mm2"])
+        power = t["power_mw"] / float(ref["power_mw"])
+        energy = t["energy_nj"] / float(ref["energy_per_inference_nj"])
+        assert f"area {area:.2f}x, power {power:.2f}x, energy {energy:.2f}x with tmr={tmr}" in est["note"]
+
+
+@pytest.mark.skipif(not (REFS / "fpga_jet_tagger_vu9p.csv").exists() or not JSC.exists(),
+                    reason="needs ../shared/refs and realcases")
+def test_fpga_note_states_the_measured_error():
+    """The note every hls4ml estimate carries quotes the ratios estimate_vs_published.py measures."""
+    import csv
+    b = _bench("estimate_vs_published")
+    rows = list(csv.DictReader(open(REFS / "fpga_jet_tagger_vu9p.csv")))
+    graphs = {16: (b.ptq_graph(16), "fixed<16,6>"), 14: (b.ptq_graph(14), "fixed<14,6>"), 6: (b.qat_graph(), "fixed<16,6>")}
+    cfg = {"part": "xcvu9p", "clock_period": 5.0, "reuse_factor": 1, "softmax_on_device": True}
+    rat = {"LUT": [], "FF": [], "DSP": []}
+    for r in rows:
+        g, acc = graphs[int(r["weight_bits"])]
+        t = estimate(g, {**cfg, "accum_type": acc})["total"]
+        for k, col in (("LUT", "lut"), ("FF", "ff"), ("DSP", "dsp")):
+            rat[k].append(f"{t[col] / float(r[col]):.2f}")
+        note = estimate(g, {**cfg, "accum_type": acc})["note"]
+    for k, v in rat.items():
+        assert f"{k} {'/'.join(v)}" in note, (k, v, note)
