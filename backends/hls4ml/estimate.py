@@ -45,7 +45,8 @@ Multipliers (Dense/Conv, one product per weight and input)
       25x18 (7-series, UG479; "one DSP48E1 block can multiply a 25-bit number with an 18-bit
       number, but two are required to multiply a 25-bit number with a 19-bit number", arXiv
       2103.05579 Sec. 4.1; hls4ml issue #31); a wider product takes ``ceil(a/27) * ceil(b/18)``
-      DSPs (``a`` the wider operand).  No constant of this rule is fitted to any reference row.
+      DSPs (``a`` the wider operand; an unsigned operand counts one bit more, the ports being
+      signed).  No constant of this rule is fitted to any reference row.
       Alternatives for comparison: ``"hls4ml_weight"`` (hls4ml's estimator literally: the
       *declared* weight width >= 9 puts every non-free product on a DSP) and ``"csd_wider"``
       (this module's earlier rule: >= 3 CSD digits and the wider operand >= 9 bits -- chosen after
@@ -381,7 +382,8 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
     pbits = np.clip(xb + blen + 1 - drop, 1, ab)
     # A4: a LUT multiplier by a constant is (CSD digits - 1) shift-and-add adders
     lutmul = int(np.sum((digits[on_lut] - 1) * np.maximum(xb + blen[on_lut] + 1 - drop, 1)))
-    dsp_units = int(np.sum(_dsps_per_mult_arr(xb, cw[on_dsp_mask], part["dsp_width"]))) if on_dsp else 0
+    xs = xb + (0 if x.dtype.signed else 1)  # the DSP ports are signed: an unsigned operand needs a bit more
+    dsp_units = int(np.sum(_dsps_per_mult_arr(xs, cw[on_dsp_mask], part["dsp_width"]))) if on_dsp else 0
     add1_luts, sel_luts = 0, 0
     terms = np.count_nonzero(~zero, axis=0) + (
         (np.broadcast_to(bias.data, (n_out,)) != 0).astype(np.int64) if bias is not None else 0)
@@ -518,7 +520,9 @@ def _elementwise(graph: Graph, node, opts, part, period_eff) -> dict:
             bl = _bitlen(codes)
             on_dsp, cw = _dsp_mask(codes, d, xb, sc.dtype.width, opts["dsp_rule"])
             if on_dsp.any():
-                dsp = per * int(np.sum(_dsps_per_mult_arr(xb, cw[on_dsp], part["dsp_width"])))
+                xt = graph.value(node.inputs[0]).dtype
+                xs = xb + (0 if isinstance(xt, FixedType) and xt.signed else 1 if isinstance(xt, FixedType) else 0)
+                dsp = per * int(np.sum(_dsps_per_mult_arr(xs, cw[on_dsp], part["dsp_width"])))
                 t = T_DSP_NS
             lut += per * float(np.sum(np.where(on_dsp, 0, np.maximum(d - 1, 0) * (xb + bl))))
             if (~on_dsp & (d >= 2)).any():

@@ -334,3 +334,10 @@ def test_fpga_note_states_the_measured_error():
         note = estimate(g, {**cfg, "accum_type": acc})["note"]
     for k, v in rat.items():
         assert f"{k} {'/'.join(v)}" in note, (k, v, note)
+
+
+def test_unsigned_data_needs_one_more_dsp_port_bit():
+    """The DSP48E2 ports are signed 27x18: 27-bit unsigned data times a 10-bit constant needs 2 DSPs."""
+    signed = mlp(np.array([[300]]), FixedType(27, 8), FixedType(24, 20), relu=False)
+    unsigned = mlp(np.array([[300]]), FixedType(27, 8, False), FixedType(24, 20), relu=False)
+    assert estimate(signed)["total"]["dsp"] == 1 and estimate(unsigned)["total"]["dsp"] == 2
