@@ -86,7 +86,13 @@ Reuse factor, strategies, I/O
   A8. Resource strategy: hls4ml only implements reuse factors that pass
       ``FPGABackend._validate_reuse_factor(n_in, n_out, rf)`` (``fpga_backend.py``); others are
       silently changed to the closest legal one -- we raise instead and name the nearest legal
-      ones.  ``dense_resource`` runs ``RF`` iterations of ``block_factor = ceil(n_in*n_out/RF)``
+      ones.  With RF > 1 the weights live in a ROM (``#pragma HLS RESOURCE variable=weights
+      core=ROM_nP_BRAM`` under ``if (CONFIG_T::reuse_factor > 1)``, ``nnet_dense_resource.h``), so
+      every MAC lane is a general ``x * w`` multiplier at the declared widths (zero and +-2**k
+      weights are no longer free; DSP iff both widths >= 9, else ~1.2 LUT per partial-product bit,
+      A4) -- hence going from RF 1 (constants, A2/A3) to RF 2 can *raise* the DSP count of a
+      sparse or narrow-valued layer; from RF 2 up the count only falls.
+      ``dense_resource`` runs ``RF`` iterations of ``block_factor = ceil(n_in*n_out/RF)``
       multiply-accumulates (accumulation is sequential, no adder tree); latency = RF + multiplier
       stages + 2 (init, cast); weights live in a ROM of depth RF and width
       ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``): BRAM_18K (512 x 36) when
@@ -403,8 +409,14 @@ def _mac_layer(graph: Graph, node, opts: dict, part: dict, period_eff: float) ->
     share = rf
     if resource:
         block = math.ceil(n_in * n_out / rf)
-        dsp = math.ceil(dsp_units / rf)
-        mult_luts = math.ceil((add1_luts + lutmul + sel_luts) / rf)
+        if rf == 1:  # weights fully partitioned constants (no ROM pragma at RF 1): A2/A3 hold
+            dsp = dsp_units
+            mult_luts = add1_luts + lutmul + sel_luts
+        else:  # A8: weights come from a ROM -> block_factor general x * w multipliers, declared widths
+            lane_dsp = (max(xb, wb) if opts["dsp_rule"] == "csd_wider" else min(xb, wb)) >= DSP_MIN_BITS
+            ws = wb + (0 if w.dtype.signed else 1)
+            dsp = block * _dsps_per_mult(xs, ws, part["dsp_width"]) if lane_dsp else 0
+            mult_luts = 0 if lane_dsp else math.ceil(block * LUT_PER_PP_BIT * xb * wb)
         acc_luts = min(block, adders) * ab  # one accumulator adder per MAC lane
         mux_luts = (block * xb) * math.ceil((rf - 1) / 3) if rf > 1 else 0
         rom_bits = n_in * n_out * wb

@@ -113,7 +113,20 @@ def test_reuse_factor_resource_strategy_monotone(n_in, n_out, seed, data):
     r2 = data.draw(st.sampled_from([r for r in valid if r >= r1]))
     a = estimate(g, {"strategy": "Resource", "reuse_factor": r1})["total"]
     b = estimate(g, {"strategy": "Resource", "reuse_factor": r2})["total"]
-    assert b["dsp"] <= a["dsp"] and b["latency_cycles"] >= a["latency_cycles"] and b["ii_cycles"] == r2
+    assert b["latency_cycles"] >= a["latency_cycles"] and b["ii_cycles"] == r2
+    if r1 > 1:  # RF 1 -> 2 switches from folded constants to a weight ROM (A8); from RF 2 up DSPs only fall
+        assert b["dsp"] <= a["dsp"]
+
+
+def test_resource_rf1_folds_constants_rf2_reads_a_rom():
+    """A8: at RF 1 zero / +-2**k / narrow weights are free; at RF > 1 every MAC lane is a general multiplier."""
+    codes = np.zeros((8, 4), dtype=np.int64)
+    codes[0] = [300, 0, 4, -3]  # one DSP-wide constant, a power of two, a narrow one
+    g = mlp(codes, FixedType(12, 3), FixedType(12, 1), relu=False)
+    rf1 = estimate(g, {"strategy": "Resource", "reuse_factor": 1})["total"]
+    rf2 = estimate(g, {"strategy": "Resource", "reuse_factor": 2})["total"]
+    rf8 = estimate(g, {"strategy": "Resource", "reuse_factor": 8})["total"]
+    assert (rf1["dsp"], rf2["dsp"], rf8["dsp"]) == (1, 16, 4)
 
 
 def test_constant_rules_zero_and_power_of_two_are_free():
