@@ -1,8 +1,9 @@
 """Resource and latency estimate of the hls4ml firmware for an IR graph, without vendor tools.
 
 ``estimate(graph, config) -> dict`` returns ``{"total": {...}, "layers": [...], "part": {...},
-"assumptions": [...]}``; every layer row and the total hold ``lut``, ``ff``, ``dsp``, ``bram_18k``,
-``latency_cycles``, ``latency_ns``, ``ii_cycles``.  It reads only the IR: exact per-node
+"config": {...}, "note": ...}``; every layer row and the total hold ``lut``, ``ff``, ``dsp``,
+``bram_18k`` (counts), ``latency_cycles``, ``latency_ns``, ``ii_cycles``; ``note`` is
+:data:`MEASURED_ERROR`, the measured error on the published reference.  It reads only the IR: exact per-node
 fixed-point types and the constant weight codes, so a 20-node MLP takes about a millisecond.
 
 This is a *model*, not synthesis.  Its error against published Vivado HLS results is measured
@@ -133,7 +134,7 @@ Other layers
 Config keys (all optional): ``part`` (default ``xcvu9p``), ``clock_period`` (ns, 5),
 ``reuse_factor`` (1; int or ``{node_name: int}``), ``strategy`` (``Latency``|``Resource``),
 ``io_type`` (``io_parallel``|``io_stream``), ``accum_type`` (type string or None),
-``softmax_on_device`` (False).
+``softmax_on_device`` (False), ``dsp_rule`` (``vivado`` | ``hls4ml_weight`` | ``csd_wider``, A3).
 """
 from __future__ import annotations
 
@@ -566,13 +567,17 @@ def _softmax(graph: Graph, node, opts, part) -> dict:
 def estimate(graph: Graph, config: dict | None = None) -> dict:
     """FPGA estimate of ``graph`` compiled by the hls4ml backend with ``config``.
 
-    See the module docstring for every assumption.  Returns ``{"target": "hls4ml", "part":
-    {...capacities...}, "config": {...}, "total": {lut, ff, dsp, bram_18k, latency_cycles,
-    latency_ns, ii_cycles, utilization_pct}, "layers": [per node, same keys + op, host, detail]}``.
+    See the module docstring for every assumption (A1-A14) and its source.  Returns
+    ``{"target": "hls4ml", "estimate": True, "part": {...capacities...}, "config": {...},
+    "total": {lut, ff, dsp, bram_18k, latency_cycles, latency_ns, ii_cycles, utilization_pct},
+    "layers": [per node, same keys + op, host, detail], "note": MEASURED_ERROR}``: LUT/FF/DSP/
+    BRAM_18K are counts, latency in clock cycles and ns (cycles x ``clock_period``), II in cycles.
 
     Raises:
-        QDeployError: unknown part, a reuse factor hls4ml cannot implement for a layer (naming
-            the nearest legal ones), an unsupported op (naming the node and the supported ops).
+        QDeployError: unknown part (the message lists the known ones), a reuse factor hls4ml
+            cannot implement for a layer (naming the nearest legal ones), a bad strategy /
+            io_type / dsp_rule / clock period (listing the accepted values); UnsupportedError: an
+            op with no model (naming the node and the supported ops) or a float Dense/Conv.
     """
     opts = _options(config)
     key, part = resolve_part(opts["part"])
