@@ -246,6 +246,7 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                tie: list[str] = typer.Option([], "--tie", help="comma-separated layer names that share bit widths (repeatable)"),
                probes: int = typer.Option(100, help="Hutchinson probe cap"),
                tol: float = typer.Option(1e-3, help="relative tolerance of the trace estimate"),
+               sensitivity: str = typer.Option("hessian+measured", "--sensitivity", help="layer sensitivity: hessian+measured (max of the HAWQ-V3 Hessian estimate and the measured loss increase), hessian, or measured"),
                qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs"),
                qat_seeds: int = typer.Option(1, "--qat-seeds", help="QAT runs per allocation (mean accuracy)"),
                seed: int = typer.Option(0),
@@ -267,7 +268,7 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
         rep = do_search(recipe, out, budgets=list(budget), w_bits=ints(bits), a_bits=ab, act_bits_fixed=abf,
                         estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
-                        qat_seeds=qat_seeds, seed=seed, progress=not no_progress)
+                        qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"

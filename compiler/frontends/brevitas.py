@@ -17,9 +17,16 @@ from ..ir.graph import Graph
 def _quiet():
     """Silence the exporter's progress prints and library warnings (they bury qdeploy's own
     output); errors still propagate."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    import logging
+    lg = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lg.setLevel(old)
 
 
 def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:

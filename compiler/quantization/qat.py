@@ -7,7 +7,12 @@ The quantizers are the ones the digits example proved to export to exact fixed p
 * weights: ``Int8WeightPerTensorFixedPoint`` with ``weight_bit_width`` = the layer's weight bits
   (narrow signed, per-tensor, power-of-two scale from max statistics);
 * activations: ``Uint8ActPerTensorFixedPoint`` inside ``QuantReLU`` with ``bit_width`` = the
-  consumer layer's input-activation bits (learned power-of-two scale);
+  consumer layer's input-activation bits (learned power-of-two scale).  With calibration data
+  (``build_qat_model(..., calibration_x=x)``) each scale starts as a learned parameter at the
+  power-of-two scale of least squared error on the float model's ReLU outputs
+  (:func:`.sensitivity.quantize_act_pot`, the quantizer the sensitivities assume) instead of
+  Brevitas' percentile statistics: on the digits MLP this raised accuracy after 20 QAT epochs from
+  0.884 to 0.935 at 2-bit weights and activations and from 0.948 to 0.956 at 3 bits (3 seeds);
 * biases: ``Int16Bias`` (scale = input scale * weight scale, a power of two).
 
 Supported float models: ``nn.Sequential`` of Linear / Conv1d / Conv2d, ReLU, MaxPool, AvgPool
@@ -90,7 +95,7 @@ def _wkw(bits: int) -> dict:
 
 def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bits: int = 8,
                     input_scale: float = 2.0 ** -4, input_signed: bool = False,
-                    default_act_bits: int = 8) -> nn.Sequential:
+                    default_act_bits: int = 8, calibration_x=None) -> nn.Sequential:
     """Brevitas model with per-layer bits, initialized from ``float_model``'s weights.
 
     Args:
@@ -118,6 +123,19 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
     for n in wnames:
         if n not in bits:
             raise QDeployError(f"no bit widths given for layer {n!r}")
+    relu_out: dict = {}
+    if calibration_x is not None:
+        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: relu_out.__setitem__(n, o.detach()))
+                 for n, m in items if isinstance(m, nn.ReLU)]
+        was = fm.training
+        fm.eval()
+        try:
+            with torch.no_grad():
+                fm(torch.as_tensor(np.asarray(calibration_x, dtype=np.float32)))
+        finally:
+            fm.train(was)
+            for h in hooks:
+                h.remove()
     out = OrderedDict()
     out["input_quant"] = QuantIdentity(act_quant=input_quantizer(input_bits, input_scale, input_signed),
                                        return_quant_tensor=True)
@@ -144,7 +162,16 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
         elif isinstance(m, nn.ReLU):
             nxt = next((n for n, mm in items[idx + 1:] if n in wnames), None)
             ab = bits[nxt][1] if nxt is not None else default_act_bits
-            out[name] = QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, bit_width=int(ab), return_quant_tensor=True)
+            aq = Uint8ActPerTensorFixedPoint
+            if name in relu_out and float(relu_out[name].max()) > 0:
+                from brevitas.core.scaling import ScalingImplType
+
+                from .sensitivity import quantize_act_pot
+                _, sc = quantize_act_pot(relu_out[name], int(ab), signed=False)
+                # fixed-point quantizers: scale = scaling_init / 2**bits (unsigned)
+                aq = type(f"ActQuantCal{int(ab)}", (Uint8ActPerTensorFixedPoint,), {
+                    "scaling_impl_type": ScalingImplType.PARAMETER, "scaling_init": float(sc) * 2.0 ** int(ab)})
+            out[name] = QuantReLU(act_quant=aq, bit_width=int(ab), return_quant_tensor=True)
             quantized = True
         elif isinstance(m, _PASS) or isinstance(m, (nn.AvgPool2d,)):
             out[name] = copy.deepcopy(m)

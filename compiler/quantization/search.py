@@ -127,16 +127,55 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
     return specs
 
 
-def compute_sensitivities(model, specs, traces: hessian.TraceResult, x) -> dict:
-    """{layer: {(w_bits, a_bits): Omega_w(w_bits) + Omega_a(a_bits)}} (HAWQ-V3 Eq. 10 per tensor)."""
+SENSITIVITY_MODES = ("hessian", "hessian+measured", "measured")
+
+
+def compute_sensitivities(model, specs, traces: hessian.TraceResult, x, y=None, mode: str = "hessian",
+                          details: dict | None = None) -> dict:
+    """{layer: {(w_bits, a_bits): Omega_w(w_bits) + Omega_a(a_bits)}} per tensor.
+
+    Modes:
+        ``"hessian"``: HAWQ-V3 Eq. 10, Omega = Tr(H)/n * ||Q_b(T) - T||^2 (arXiv 2011.10680);
+        ``"hessian+measured"``: max(Omega, 2 Delta L) with Delta L the measured loss increase of
+        quantizing that tensor alone (:func:`.sensitivity.measured_loss_increase`; needs ``y``):
+        the Hessian estimate except where the measurement shows the quadratic model under-estimates;
+        ``"measured"``: 2 Delta L only (an ablation; no Hessian).
+    ``details`` (optional dict) receives per layer ``{"omega_w", "measured_w", "omega_a", "measured_a"}``.
+
+    Raises:
+        QDeployError: unknown mode, or a measured mode without labels ``y``.
+    """
+    if mode not in SENSITIVITY_MODES:
+        raise QDeployError(f"sensitivity mode {mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
+    if mode != "hessian" and y is None:
+        raise QDeployError(f"sensitivity mode {mode!r} needs the labels of the trace data")
     mods = dict(model.named_modules())
     acts = hessian.layer_inputs(model, x, [s.name for s in specs if s.a_bits])
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    yt = None if y is None else torch.as_tensor(np.asarray(y)).long()
+
+    def combine(om, name, bits, what):
+        if mode == "hessian":
+            return om, None
+        ml = sensitivity.measured_loss_increase(model, xt, yt, name, bits, what=what)
+        if mode == "measured":
+            return {b: max(2.0 * ml[b], 0.0) for b in om}, ml
+        return {b: max(om[b], 2.0 * ml[b]) for b in om}, ml
+
     out = {}
     for s in specs:
         w = mods[s.name].weight.detach()
-        ow = sensitivity.weight_sensitivity(traces.weights[s.name].mean, w, s.w_bits)
-        oa = (sensitivity.act_sensitivity(traces.activations[s.name].mean, acts[s.name], s.a_bits)
-              if s.a_bits else {s.fixed_a_bits: 0.0})
+        om_w = sensitivity.weight_sensitivity(traces.weights[s.name].mean, w, s.w_bits)
+        ow, mw = combine(om_w, s.name, s.w_bits, "weight")
+        d = {"omega_w": om_w, "measured_w": mw}
+        if s.a_bits:
+            om_a = sensitivity.act_sensitivity(traces.activations[s.name].mean, acts[s.name], s.a_bits)
+            oa, ma = combine(om_a, s.name, s.a_bits, "act")
+            d.update(omega_a=om_a, measured_a=ma)
+        else:
+            oa = {s.fixed_a_bits: 0.0}
+        if details is not None:
+            details[s.name] = d
         out[s.name] = {(wb, ab): ow[wb] + oa[ab] for wb, ab in s.options()}
     return out
 
@@ -201,7 +240,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                w_bits: Iterable[int] = DEFAULT_BITS, a_bits: Iterable[int] | None = None,
                ties: Sequence[Sequence[str]] | None = None, costs: Mapping | None = None,
                probes: int = 100, tol: float = 1e-3, batch_probes: int = 10, qat_epochs: int | None = None,
-               trace_method: str = "auto",
+               trace_method: str = "auto", sensitivity_mode: str = "hessian+measured",
                qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
                export: bool = True, check_import: bool = True, act_bits_fixed: int = 8,
                estimator: Mapping | None = None) -> dict:
@@ -225,6 +264,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             piecewise-linear ``nn.Sequential`` with cross-entropy (there the Hessian block equals
             the GN block), else Hutchinson; or ``"hutchinson"`` / ``"ggn_exact"``
             (:func:`qdeploy.compiler.quantization.hessian.hutchinson_traces`).
+        sensitivity_mode: ``"hessian+measured"`` (default), ``"hessian"`` or ``"measured"``
+            (:func:`compute_sensitivities`; the report prints Omega and the measured loss increase).
         qat_epochs, qat_lr: fine-tuning settings (override the recipe's ``qat``).
         qat_seeds: fine-tune each allocation with this many seeds (seed, seed+1, ...) and report the
             mean accuracy (per-seed values kept); the exported QONNX is the first seed's model.
@@ -238,6 +279,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if sensitivity_mode not in SENSITIVITY_MODES:
+        raise QDeployError(f"sensitivity mode {sensitivity_mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
     fn, extra = load_recipe(recipe)
     w_bits = tuple(sensitivity._check_bits(list(w_bits)))
     a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
@@ -280,7 +323,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                                        tol=tol, max_probes=probes, batch_probes=batch_probes, seed=seed,
                                        progress=lambda d: prog.update(task, completed=d), method=trace_method)
         prog.remove_task(task)
-        sens = compute_sensitivities(model, specs, tr, x_tr[:ns])
+        sens_details: dict = {}
+        sens = compute_sensitivities(model, specs, tr, x_tr[:ns], y_tr[:ns], mode=sensitivity_mode,
+                                     details=sens_details)
         float_acc = {"val": qat.accuracy(model, x_va, y_va)}
         if test is not None:
             float_acc["test"] = qat.accuracy(model, *test)
@@ -296,7 +341,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             for k in range(qat_seeds):
                 torch.manual_seed(seed + k)
                 qk = qat.build_qat_model(model, bits, input_bits=inp["bits"], input_scale=inp["scale"],
-                                         input_signed=inp["signed"])
+                                         input_signed=inp["signed"], calibration_x=x_tr[:ns])
                 qat.fine_tune(qk, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
                               seed=seed + k, progress=prog if progress else None,
                               description=f"[{name}] QAT {tag} seed {seed + k}")
@@ -367,12 +412,14 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             a = tr.activations[s.name]
             row.update(act_trace=a.trace, act_stderr=a.stderr, act_mean_trace=a.mean, act_n=a.n)
         row["chosen"] = [list(res["hessian"]["bits"][s.name].values()) for res in results]
+        row["sensitivity"] = {k: ({str(b): float(x) for b, x in v.items()} if v is not None else None)
+                              for k, v in sens_details[s.name].items()}
         layers.append(row)
     report = {
         "model": name, "seed": seed, "float_accuracy": float_acc,
         "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
                      "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
-                     "act_bits_fixed": None if a_bits else act_bits_fixed,
+                     "act_bits_fixed": None if a_bits else act_bits_fixed, "sensitivity_mode": sensitivity_mode,
                      "estimator": dict(estimator or {}) if hw else None},
         "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds,
                   "method": "ggn_exact" if tr.probes == 0 else "hutchinson"},
@@ -422,6 +469,33 @@ def render_markdown(rep: dict) -> str:
         L.append(f"| {r['name']} | {r['kind']} | {r['n_weights']} | {r['trace']:.4g} | {r['stderr']:.2g} | "
                  f"{r['mean_trace']:.3g} | {r.get('act_trace', float('nan')):.4g} | {r.get('act_stderr', float('nan')):.2g} | "
                  + " | ".join(f"{c[0]}/{c[1]}" for c in r["chosen"]) + " |")
+    mode = rep["settings"].get("sensitivity_mode", "hessian")
+    L += ["", "## Sensitivity per bit width", "",
+          f"Mode `{mode}`. Omega = Tr(H)/n * ||Q_b(T) - T||^2 (HAWQ-V3 Eq. 10; ~2x the loss increase under the "
+          "quadratic model); 2 dL = twice the measured loss increase of quantizing that tensor alone. "
+          + ("The ILP minimizes max(Omega, 2 dL): where 2 dL > Omega the second-order model under-estimates "
+             "(marked *)." if mode == "hessian+measured" else
+             "The ILP minimizes 2 dL." if mode == "measured" else "The ILP minimizes Omega."), ""]
+    wb = rep["settings"]["w_bits"]
+    L += ["| tensor | " + " | ".join(f"{b} bits" for b in wb) + " |", "|---|" + "---|" * len(wb)]
+    for r in rep["layers"]:
+        sd = r.get("sensitivity") or {}
+        for t, om_k, ml_k in (("W", "omega_w", "measured_w"), ("act", "omega_a", "measured_a")):
+            om, ml = sd.get(om_k), sd.get(ml_k)
+            if not om:
+                continue
+            cells = []
+            for b in wb:
+                o = om.get(str(b))
+                if o is None:
+                    cells.append("")
+                    continue
+                if ml is None:
+                    cells.append(f"{o:.2g}")
+                else:
+                    m2 = 2 * ml[str(b)]
+                    cells.append(f"{o:.2g} / {m2:.2g}" + ("*" if m2 > o else ""))
+            L.append(f"| {r['name']} {t} | " + " | ".join(cells) + " |")
     L += ["", "## Hessian allocation vs uniform precision, per budget", "",
           "Accuracies are means over the QAT seeds (settings.qat_seeds).", "",
           "| budget | allocation | BOPs | weight bits | sensitivity | val acc | test acc | QONNX |",

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
                     help="candidate activation bits (e.g. 2,3,4,5,6,7,8), or 'fixed:B' for B-bit activations "
                          "(weight-only search, HAWQ-V3 W-mixed/A8; the default)")
     ap.add_argument("--qat-seeds", type=int, default=3, help="QAT runs per allocation (mean accuracy reported)")
+    ap.add_argument("--sensitivity", default="hessian+measured",
+                    help="hessian+measured (default: max of the Hessian estimate and the measured loss increase), "
+                         "hessian (HAWQ-V3 Omega only) or measured")
     args = ap.parse_args(argv)
     budgets = [{"bops": f"uniform:{b}"} for b in args.budgets.split(",")]
     fixed = args.act_bits.startswith("fixed")
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
     for kind in args.models.split(","):
         rep = run_search({"mlp": recipe_mlp, "cnn": recipe_cnn}[kind], args.out / kind, budgets=budgets,
                          seed=args.seed, qat_seeds=args.qat_seeds, act_bits_fixed=abf,
+                         sensitivity_mode=args.sensitivity,
                          a_bits=() if fixed else [int(b) for b in args.act_bits.split(",")], progress=False)
         print(f"\n[{rep['model']}] float val/test acc {rep['float_accuracy']['val']:.4f}/"
               f"{rep['float_accuracy']['test']:.4f}; activations "
