@@ -58,7 +58,9 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         example_inputs: batch-1 example tensor(s) (shapes only).
         target: backend name (``reference``, ``tvm-llvm``, ``hls4ml``).
         out_dir: where block artifacts go (``<out_dir>/block<k>``); a temporary directory if None.
-        config: backend config passed to ``emit``.
+        config: backend config passed to ``emit``.  For ``tvm-llvm`` the float blocks are
+            built with ``tvm.schedule: "auto"`` (fused, vectorized loop schedule; see
+            :mod:`qdeploy.backends.tvm.schedule`) unless the config sets ``tvm.schedule``.
     Raises:
         CaptureError: unsupported dynamism, naming the source line.
     """
@@ -76,6 +78,9 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"qdeploy_dyn_{name}_"))
     out.mkdir(parents=True, exist_ok=True)
     blocks, per_block = {}, []
+    config = dict(config or {})
+    if target == "tvm-llvm":
+        config["tvm"] = {"schedule": "auto", **dict(config.get("tvm") or {})}
 
     def build_one(blk):
         bir = birs[blk.id]
@@ -84,7 +89,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         d = out / f"block{blk.id}"
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        info = backend.emit(bir.graph, dict(config or {}), d)
+        info = backend.emit(bir.graph, dict(config), d)
         backend.build(d, info)
         fn = backend.load(d, info, bir.graph)
         return fn, time.perf_counter() - t0

@@ -27,11 +27,12 @@ __all__ = ["DynamicModel", "DevVal", "HostVal"]
 
 
 class DevVal:
-    """A batch of device values: ``arr`` (n, *IR shape), IR layout ``kind``."""
-    __slots__ = ("arr", "kind")
+    """A batch of device values: ``arr`` (n, *IR shape), IR layout ``kind``; ``tv``: the TVM
+    tensor ``arr`` views (zero-copy), passed as is to the next compiled block, or None."""
+    __slots__ = ("arr", "kind", "tv")
 
-    def __init__(self, arr, kind):
-        self.arr, self.kind = arr, kind
+    def __init__(self, arr, kind, tv=None):
+        self.arr, self.kind, self.tv = arr, kind, tv
 
     def sample(self, i):
         import torch
@@ -78,6 +79,58 @@ def _to_numpy(v):
     if items and isinstance(items[0], torch.Tensor) and items[0].dim() >= 1 and items[0].shape[0] == 1:
         return torch.cat(items).numpy()
     return np.asarray([np.asarray(t) for t in items])
+
+
+_RETURNED = object()
+_IDX0 = np.zeros(1, dtype=np.int64)
+
+
+class _Plan:
+    __slots__ = ("tensors", "in_vars", "out_names", "host", "leaves", "wanted")
+
+    def __init__(self):
+        self.tensors, self.in_vars, self.out_names = None, [], []
+        self.host, self.leaves, self.wanted = [], [], []
+
+
+def _fx_nodes(a):
+    """The fx nodes inside a (nested) argument structure."""
+    import torch
+
+    found = []
+    torch.fx.node.map_arg(a, lambda n: found.append(n) or n)
+    return found
+
+
+def _binder(a):
+    """``f(vals) -> a`` with every fx node in ``a`` replaced by ``vals[node.name]`` (built once
+    per host node instead of mapping the arguments on every call)."""
+    import torch
+
+    if isinstance(a, torch.fx.Node):
+        nm = a.name
+        return lambda v: v[nm]
+    if isinstance(a, (tuple, list)):
+        if not _fx_nodes(a):
+            return lambda v: a
+        fs = [_binder(x) for x in a]
+        t = type(a)
+        if t is tuple:
+            return lambda v: tuple(f(v) for f in fs)
+        if t is list:
+            return lambda v: [f(v) for f in fs]
+        return lambda v: t(*(f(v) for f in fs))  # named tuples
+    if isinstance(a, dict):
+        if not _fx_nodes(a):
+            return lambda v: a
+        fs = {k: _binder(x) for k, x in a.items()}
+        return lambda v: {k: f(v) for k, f in fs.items()}
+    if isinstance(a, slice):
+        if not _fx_nodes((a.start, a.stop, a.step)):
+            return lambda v: a
+        f0, f1, f2 = _binder(a.start), _binder(a.stop), _binder(a.step)
+        return lambda v: slice(f0(v), f1(v), f2(v))
+    return lambda v: a
 
 
 class _Frame:
@@ -153,6 +206,14 @@ class DynamicModel:
                 env[name] = DevVal(to_ir(a), kind)
         self.last_stats = {"returns": {}, "taken": {}, "block_calls": 0}
         self._results: dict = {}
+        if n == 1:
+            import torch
+
+            with torch.no_grad():
+                done = self._seq1(self.program.items, env)
+            if done is not _RETURNED:
+                raise QDeployError("a path through forward ended without `return`")
+            return self._assemble(1)
         left = self._seq(self.program.items, [_Frame(np.arange(n), env)])
         if left:
             raise QDeployError("a path through forward ended without `return`")
@@ -162,6 +223,114 @@ class DynamicModel:
 
     def predict(self, *inputs):
         return self.run(*inputs)
+
+    # ------------------------------------------------------------------ batch 1
+    def _seq1(self, items, env):
+        """Walk ``items`` for one sample (no frames, no routing); updates ``env`` in place.
+        Returns ``_RETURNED`` once a ``return`` ran, else ``env``."""
+        stats = self.last_stats
+        for it in items:
+            if isinstance(it, BlockItem):
+                self._block1(it, env)
+            elif isinstance(it, IfItem):
+                c = bool(self._cond(env[it.cond_var], 1)[0])
+                st = stats["taken"].setdefault(it.id, [0, 0])
+                st[0 if c else 1] += 1
+                if self._seq1(it.then if c else it.orelse, env) is _RETURNED:
+                    return _RETURNED
+            elif isinstance(it, ReturnItem):
+                vals = [_to_numpy(env[nm]) for nm in it.names]
+                self._results.setdefault(it.id, []).append((_IDX0, vals, it.is_tuple))
+                stats["returns"][it.id] = stats["returns"].get(it.id, 0) + 1
+                return _RETURNED
+        return env
+
+    def _block1(self, it, env):
+        """One block for one sample: the device call (zero-copy when the backend offers
+        ``raw``) and the host ops evaluated directly (no per-sample loop, no fx arg mapping)."""
+        bir, fn = self.blocks[it.id]
+        plan = self._plan(it.id)
+        dev_res = {}
+        if fn is not None:
+            dev_res = self._device(plan, bir, fn, env)
+        host_res = {}
+        if plan.host:  # the caller holds torch.no_grad()
+            vals = {}
+            for nm, src, ref in plan.leaves:
+                if src == "env":
+                    vals[nm] = env[ref].sample(0)
+                elif src == "dev":
+                    vals[nm] = dev_res[nm].sample(0)
+                else:
+                    vals[nm] = ref
+            for nm, call, fa, fk in plan.host:
+                vals[nm] = call(fa(vals), fk(vals))
+            host_res = {w: HostVal([vals[w]]) for w in plan.wanted}
+        upd = {}
+        for var, (src, ref) in bir.outputs.items():  # all read the block's *input* env
+            if src == "dev":
+                upd[var] = dev_res[ref]
+            elif src == "host":
+                upd[var] = host_res[ref]
+            elif src == "alias":
+                upd[var] = env[ref]
+            else:
+                upd[var] = HostVal([ref])
+        env.update(upd)
+        return env
+
+    def _device(self, plan, bir, fn, env):
+        """Call a block's compiled graph; ``{fx node: DevVal}`` of its device outputs."""
+        if plan.tensors is not None:
+            args = []
+            for var, kind in plan.in_vars:
+                v = env[var]
+                tv = v.tv if isinstance(v, DevVal) else None
+                args.append(tv if tv is not None else
+                            np.ascontiguousarray(_as_device(v, kind), dtype=np.float32))
+            res = dict(zip(plan.out_names, plan.tensors(args)))
+            self.last_stats["block_calls"] += 1
+            return {node: DevVal(np.from_dlpack(res[irv]), kind, res[irv])
+                    for node, (irv, kind) in bir.dev_outputs.items()}
+        res = fn({irn: _as_device(env[var], kind) for var, irn, kind in bir.dev_inputs})
+        self.last_stats["block_calls"] += 1
+        return {node: DevVal(res[irv], kind) for node, (irv, kind) in bir.dev_outputs.items()}
+
+    def _plan(self, bid):
+        """Per-block call plan (cached): device input order for ``raw``, host-op closures."""
+        plans = self.__dict__.setdefault("_plans", {})
+        p = plans.get(bid)
+        if p is not None:
+            return p
+        bir, fn = self.blocks[bid]
+        p = _Plan()
+        tensors = getattr(fn, "tensors", None) if fn is not None else None
+        if tensors is not None:
+            by_name = {irn: (var, kind) for var, irn, kind in bir.dev_inputs}
+            p.tensors, p.in_vars, p.out_names = tensors, [by_name[n] for n in fn.input_names], list(fn.output_names)
+        if bir.host_nodes:
+            import torch
+
+            names = set(bir.host_nodes)
+            leaves = {}
+            for nd, call in self._host_nodes(bir):
+                for a in _fx_nodes((nd.args, nd.kwargs)):
+                    if a.name in names or a.name in leaves:
+                        continue
+                    if a.op == "placeholder":
+                        leaves[a.name] = ("env", a.target)
+                    elif a.name in bir.dev_outputs:
+                        leaves[a.name] = ("dev", None)
+                    elif a.name in bir.node_alias:
+                        leaves[a.name] = ("env", bir.node_alias[a.name])
+                    else:
+                        leaves[a.name] = ("const", bir.consts[a.name])
+                p.host.append((nd.name, call, _binder(nd.args), _binder(nd.kwargs)))
+            del torch
+            p.leaves = [(k, s, r) for k, (s, r) in leaves.items()]
+            p.wanted = [ref for src, ref in bir.outputs.values() if src == "host"]
+        plans[bid] = p
+        return p
 
     # ------------------------------------------------------------------ control
     def _seq(self, items, frames):
@@ -214,10 +383,7 @@ class DynamicModel:
         n = len(frame.idx)
         dev_res = {}
         if fn is not None:
-            feeds = {irn: _as_device(env[var], kind) for var, irn, kind in bir.dev_inputs}
-            res = fn(feeds)
-            self.last_stats["block_calls"] += 1
-            dev_res = {node: DevVal(res[irv], kind) for node, (irv, kind) in bir.dev_outputs.items()}
+            dev_res = self._device(self._plan(it.id), bir, fn, env)
         host_res = {}
         if bir.host_nodes:
             nodes = self._host_nodes(bir)

@@ -23,6 +23,7 @@ from ...compiler.errors import CompileError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
+from .schedule import SCHEDULES, schedule_cpu
 
 __all__ = ["TvmBackend", "resolve_target"]
 
@@ -73,6 +74,38 @@ def resolve_target(opts: dict) -> dict:
     return {"kind": "llvm", "mcpu": str(mcpu)}
 
 
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """``a`` (C-contiguous) or a copy of it whose data is 64-byte aligned (DLPack import needs it)."""
+    if a.ctypes.data % 64 == 0:
+        return a
+    buf = np.empty(a.nbytes + 64, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64
+    b = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    b[...] = a
+    return b
+
+
+def _to_tvm(a: np.ndarray):
+    """A TVM tensor for the C-contiguous numpy array ``a``: zero-copy through DLPack when the data
+    is 64-byte aligned (numpy views of TVM outputs are), one aligned copy otherwise."""
+    import tvm
+
+    if a.size == 0 or not a.flags.c_contiguous:
+        return tvm.runtime.tensor(np.ascontiguousarray(a))
+    try:
+        return tvm.runtime.from_dlpack(_aligned(a))
+    except Exception:  # pragma: no cover - e.g. an array type DLPack cannot export
+        return tvm.runtime.tensor(a)
+
+
+def _from_tvm(t) -> np.ndarray:
+    """A numpy view of a TVM CPU tensor (zero-copy DLPack; a copy when that is refused)."""
+    try:
+        return np.from_dlpack(t)
+    except Exception:  # pragma: no cover
+        return np.asarray(t.numpy())
+
+
 class TvmBackend:
     """Compile an IR graph with TVM (Relax, LLVM CPU target).
 
@@ -80,7 +113,11 @@ class TvmBackend:
     float values, batch first; one library serves every batch size.
 
     Config (``config["tvm"]``, all optional): ``target`` (default ``"llvm"``), ``mcpu``
-    (``"auto"``: the host CPU; ``"generic"``: none), ``opt_level`` (0..3, default 3).
+    (``"auto"``: the host CPU; ``"generic"``: none), ``opt_level`` (0..3, default 3),
+    ``schedule`` (``"none"`` (default): TVM's default CPU pipeline, naive loop nests;
+    ``"auto"``: fuse first (``relax.get_pipeline("zero")``) and apply the fixed loop schedule of
+    :func:`.schedule.schedule_cpu` -- reductions reordered and vectorized over the contiguous
+    output axis; same accumulation order per output element, so int64 codes stay bit-exact).
     """
 
     def __init__(self, name: str = "tvm-llvm"):
@@ -122,10 +159,14 @@ class TvmBackend:
             files.append(SCRIPT_FILE)
         except Exception:  # pragma: no cover - printing is best effort
             pass
+        schedule = str(opts.get("schedule", "none"))
+        if schedule not in SCHEDULES:
+            raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         return {
             "tvm_version": tvm.__version__,
             "target": resolve_target(opts),
             "opt_level": int(opts.get("opt_level", 3)),
+            "schedule": schedule,
             "graph_digest": graph.digest(),
             "files": files,
             "host_nodes": host_nodes,
@@ -151,13 +192,24 @@ class TvmBackend:
         graph = Graph.load(str(out / GRAPH_STEM))
         target = info.get("target") or resolve_target({})
         opt_level = int(info.get("opt_level", 3))
-        key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}".encode()).hexdigest()[:16]
+        schedule = str(info.get("schedule", "none"))
+        if schedule not in SCHEDULES:
+            raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        sched_key = "" if schedule == "none" else f"|{schedule}"  # unchanged names for existing builds
+        key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}{sched_key}".encode()).hexdigest()[:16]
         lib_name = f"lib_{key}.so"
         t0 = time.perf_counter()
         try:
             mod = lower(graph)
+            tgt = tvm.target.Target(target)
             with tvm.transform.PassContext(opt_level=opt_level):
-                ex = tvm.compile(mod, target=tvm.target.Target(target))
+                if schedule == "auto":
+                    from tvm import relax as _relax
+
+                    with tgt:
+                        mod = _relax.get_pipeline("zero")(mod)
+                    mod = schedule_cpu(mod)
+                ex = tvm.compile(mod, target=tgt)
             ex.export_library(str(out / lib_name))
         except Exception as e:
             raise CompileError(f"TVM build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
@@ -169,7 +221,7 @@ class TvmBackend:
                 files.append(f)
         info["files"] = files
         (out / BUILD_FILE).write_text(json.dumps({"library": lib_name, "target": target,
-                                                  "opt_level": opt_level}, indent=1))
+                                                  "opt_level": opt_level, "schedule": schedule}, indent=1))
 
     # ------------------------------------------------------------------ load
     def load(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> Callable[[dict], dict]:
@@ -213,22 +265,44 @@ class TvmBackend:
         quantized_in = {i for i in g.inputs if any(c.op == "Quantize" for c in g.consumers(i))}
         outs = list(g.outputs)
 
+        dts = [np.int64 if isinstance(v.dtype, FixedType) else np.float32 for _, v in ins]
+
+        n_out = len(outs)
+        to_tvm = _to_tvm
+        tensor_type = tvm.runtime.Tensor
+
+        def call_tensors(arrays):
+            """Run the library on positional inputs (``g.inputs`` order, of the right dtype and
+            shape; not checked), each a TVM tensor (passed as is, e.g. an earlier call's output)
+            or a C-contiguous numpy array; returns the output TVM tensors (fresh per call)."""
+            res = fn(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
+            return [res[i] for i in range(n_out)]
+
+        def call_raw(arrays):
+            """:func:`call_tensors` with the outputs as numpy arrays sharing memory with TVM's
+            (zero-copy DLPack views)."""
+            return [_from_tvm(r) for r in call_tensors(arrays)]
+
         def run(feeds: dict) -> dict:
-            args = []
-            for name, v in ins:
+            arrays = []
+            for (name, v), dt in zip(ins, dts):
                 if name not in feeds:
                     raise KeyError(f"missing input {name!r}")
-                dt = np.int64 if isinstance(v.dtype, FixedType) else np.float32
                 a = np.ascontiguousarray(np.asarray(feeds[name]), dtype=dt)
                 if a.shape[1:] != tuple(v.shape):
                     raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
                 if name in quantized_in and np.isnan(a).any():
                     raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
-                args.append(tvm.runtime.tensor(a))
-            res = fn(*args)
-            env = {o: np.asarray(res[i].numpy()) for i, o in enumerate(outs)}
+                arrays.append(a)
+            env = dict(zip(outs, call_raw(arrays)))
             if epilogue is not None:
                 env.update(execute(epilogue, {i: env[i] for i in epilogue.inputs}, codes=True))
             return {o: env[o] for o in full.outputs}
 
+        # fast path for hosts that call the library in a loop (the dynamic runtime): no dict,
+        # no checks, valid only when there is no host epilogue
+        run.raw = call_raw if epilogue is None else None
+        run.tensors = call_tensors if epilogue is None else None
+        run.input_names = [name for name, _ in ins]
+        run.output_names = outs
         return run
