@@ -145,18 +145,30 @@ def test_const_width_is_twos_complement_minimum():
 
 
 def test_dsp_rule_narrowed_constant_and_narrower_operand_decide():
-    """A3: a non-free product is on a DSP iff data and the *narrowed* constant are both >= 9 bits."""
+    """A3 ``vivado``: a non-free product is on a DSP iff data and the *narrowed* constant are both >= 9 bits."""
     w_t = FixedType(16, 6)  # declared 16 bits: hls4ml's literal rule would put every product on a DSP
     codes = np.array([[11, 300], [-257, 200]])  # narrowed widths 5, 10, 10, 9
-    d = estimate(mlp(codes, FixedType(16, 6), w_t, relu=False))["layers"][0]["detail"]
+    viv = {"dsp_rule": "vivado"}
+    d = estimate(mlp(codes, FixedType(16, 6), w_t, relu=False), viv)["layers"][0]["detail"]
     assert (d["mults_lut"], d["mults_dsp"]) == (1, 3)
     e = estimate(mlp(codes, FixedType(16, 6), w_t, relu=False), {"dsp_rule": "hls4ml_weight"})
     assert e["layers"][0]["detail"]["mults_dsp"] == 4
-    narrow_data = estimate(mlp(codes, FixedType(8, 3), w_t, relu=False))
+    narrow_data = estimate(mlp(codes, FixedType(8, 3), w_t, relu=False), viv)
     assert narrow_data["total"]["dsp"] == 0 and narrow_data["layers"][0]["detail"]["mults_lut"] == 4
-    assert DSP_RULES[0] == "vivado" and DSP_MIN_BITS == 9
-    with pytest.raises(QDeployError, match="dsp_rule must be one of vivado"):
+    with pytest.raises(QDeployError, match="dsp_rule must be one of csd_wider"):
         estimate(mlp(codes, FixedType(16, 6), w_t), {"dsp_rule": "nope"})
+
+
+def test_default_dsp_rule_csd_digits_and_wider_operand_decide():
+    """A3 ``csd_wider`` (default): >= 3 CSD digits and the wider operand >= 9 bits -> DSP."""
+    assert DSP_RULES[0] == "csd_wider" and DSP_MIN_BITS == 9
+    # 11 = 1011b -> CSD 10-10-1 (3 digits); 100 = 64+32+4 (3 digits); 5 = 101b (2 digits)
+    w_t = FixedType(16, 6)
+    codes = np.array([[11, 100], [5, 4]])  # 4: power of two (free); 5: two digits (one adder)
+    d = estimate(mlp(codes, FixedType(8, 3), w_t, relu=False))["layers"][0]["detail"]
+    assert d["mults_dsp"] == 2 and d["mults_lut"] == 1  # wider operand (16-bit weight type) decides
+    small = estimate(mlp(codes, FixedType(8, 3), FixedType(8, 3), relu=False))
+    assert small["total"]["dsp"] == 0  # both operands < 9 bits: everything in fabric
 
 
 @pytest.mark.parametrize("x_bits,code,part,dsps", [
@@ -168,7 +180,7 @@ def test_dsp_rule_narrowed_constant_and_narrower_operand_decide():
 ])
 def test_dsps_per_product_follow_the_dsp_port_widths(x_bits, code, part, dsps):
     g = mlp(np.array([[code]]), FixedType(x_bits, 8), FixedType(24, 20), relu=False)
-    assert estimate(g, {"part": part})["total"]["dsp"] == dsps
+    assert estimate(g, {"part": part, "dsp_rule": "vivado"})["total"]["dsp"] == dsps  # narrowed constant
 
 
 @SETTINGS
@@ -353,4 +365,5 @@ def test_unsigned_data_needs_one_more_dsp_port_bit():
     """The DSP48E2 ports are signed 27x18: 27-bit unsigned data times a 10-bit constant needs 2 DSPs."""
     signed = mlp(np.array([[300]]), FixedType(27, 8), FixedType(24, 20), relu=False)
     unsigned = mlp(np.array([[300]]), FixedType(27, 8, False), FixedType(24, 20), relu=False)
-    assert estimate(signed)["total"]["dsp"] == 1 and estimate(unsigned)["total"]["dsp"] == 2
+    viv = {"dsp_rule": "vivado"}  # the constant at its narrowed 10 bits
+    assert estimate(signed, viv)["total"]["dsp"] == 1 and estimate(unsigned, viv)["total"]["dsp"] == 2

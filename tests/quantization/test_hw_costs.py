@@ -100,9 +100,9 @@ def test_more_bits_never_fewer_luts(tiny):
 def test_dsp_budget_and_errors(tiny):
     m, x, specs, sens, _ = tiny
     # 10-bit weights times 10-bit activations reach the 9-bit DSP threshold on both operands
-    # (estimate.py A3); the 6-bit model input keeps the first layer in LUTs: a DSP budget bites
+    # (estimate.py A3, rule 'vivado'); the 6-bit model input keeps the first layer in LUTs: a DSP budget bites
     sp = layer_specs(m, x, w_bits=(4, 10), a_bits=(), input_bits=INP["bits"], fixed_act_bits=10)
-    c = hw_costs.estimator_costs(m, sp, x, INP, kinds=("dsp",))
+    c = hw_costs.estimator_costs(m, sp, x, INP, {"dsp_rule": "vivado"}, kinds=("dsp",))
     assert all(c["dsp"](s, 4, s.fixed_a_bits) == 0 for s in sp)
     assert c["dsp"](sp[0], 10, sp[0].fixed_a_bits) == 0  # 6-bit data: LUTs whatever the weights
     on_dsp = {s.name for s in sp if c["dsp"](s, 10, s.fixed_a_bits) > 0}
