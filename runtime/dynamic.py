@@ -36,7 +36,8 @@ class DevVal:
 
     def sample(self, i):
         import torch
-        return torch.from_numpy(from_ir(self.arr[i:i + 1], self.kind))
+        a = self.arr
+        return torch.from_numpy(from_ir(a if i == 0 and a.shape[0] == 1 else a[i:i + 1], self.kind))
 
     def take(self, sel):
         return DevVal(self.arr[sel], self.kind)
@@ -70,6 +71,20 @@ def _as_device(v, kind):
     return to_ir(a) if kind == NCHW else a
 
 
+def _host1_to_device(v, kind):
+    """One-sample host value -> device input (torch float32 tensor in IR layout when possible,
+    else a numpy array; the backend shares it zero-copy when aligned)."""
+    import torch
+
+    t = v.items[0] if len(v.items) == 1 else None
+    if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and not t.requires_grad:
+        if kind == NCHW and t.dim() == 4:
+            return t.permute(0, 2, 3, 1).contiguous()
+        if kind != NCHW and t.dim() == 2:
+            return t.contiguous()
+    return np.ascontiguousarray(_as_device(v, kind), dtype=np.float32)
+
+
 def _to_numpy(v):
     """Batch value -> torch-layout numpy array (n, ...)."""
     if isinstance(v, DevVal):
@@ -79,10 +94,6 @@ def _to_numpy(v):
     if items and isinstance(items[0], torch.Tensor) and items[0].dim() >= 1 and items[0].shape[0] == 1:
         return torch.cat(items).numpy()
     return np.asarray([np.asarray(t) for t in items])
-
-
-_RETURNED = object()
-_IDX0 = np.zeros(1, dtype=np.int64)
 
 
 class _Plan:
@@ -115,8 +126,14 @@ def _binder(a):
             return lambda v: a
         fs = [_binder(x) for x in a]
         t = type(a)
+        if t is tuple and len(fs) == 1:
+            f0 = fs[0]
+            return lambda v: (f0(v),)
+        if t is tuple and len(fs) == 2:
+            f0, f1 = fs
+            return lambda v: (f0(v), f1(v))
         if t is tuple:
-            return lambda v: tuple(f(v) for f in fs)
+            return lambda v: tuple([f(v) for f in fs])
         if t is list:
             return lambda v: [f(v) for f in fs]
         return lambda v: t(*(f(v) for f in fs))  # named tuples
@@ -131,6 +148,15 @@ def _binder(a):
         f0, f1, f2 = _binder(a.start), _binder(a.stop), _binder(a.step)
         return lambda v: slice(f0(v), f1(v), f2(v))
     return lambda v: a
+
+
+def _node_call(nd, call):
+    """``f(vals)`` evaluating the fx node ``nd`` (``call(args, kwargs)``) on named values."""
+    fa, fk = _binder(nd.args), _binder(nd.kwargs)
+    if nd.op == "call_function" and not nd.kwargs:
+        f = nd.target
+        return lambda v: f(*fa(v))
+    return lambda v: call(fa(v), fk(v))
 
 
 class _Frame:
@@ -191,8 +217,8 @@ class DynamicModel:
         Returns:
             a float32 numpy array (n, ...) -- or a tuple of them when ``forward`` returns a tuple.
         """
-        arrs = [np.ascontiguousarray(np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x,
-                                                dtype=np.float32)) for x in inputs]
+        arrs = [np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
+                for x in inputs]
         if len(arrs) != len(self.program.arg_names):
             raise QDeployError(f"model takes {len(self.program.arg_names)} input(s), got {len(arrs)}")
         n = arrs[0].shape[0]
@@ -207,13 +233,7 @@ class DynamicModel:
         self.last_stats = {"returns": {}, "taken": {}, "block_calls": 0}
         self._results: dict = {}
         if n == 1:
-            import torch
-
-            with torch.no_grad():
-                done = self._seq1(self.program.items, env)
-            if done is not _RETURNED:
-                raise QDeployError("a path through forward ended without `return`")
-            return self._assemble(1)
+            return self._run1(env)
         left = self._seq(self.program.items, [_Frame(np.arange(n), env)])
         if left:
             raise QDeployError("a path through forward ended without `return`")
@@ -225,59 +245,139 @@ class DynamicModel:
         return self.run(*inputs)
 
     # ------------------------------------------------------------------ batch 1
-    def _seq1(self, items, env):
-        """Walk ``items`` for one sample (no frames, no routing); updates ``env`` in place.
-        Returns ``_RETURNED`` once a ``return`` ran, else ``env``."""
-        stats = self.last_stats
+    # DyCL generates a host module; the equivalent here is to turn the control graph into
+    # nested Python closures once (``_compile1``), so that a batch-1 call does no item dispatch,
+    # no frame routing and no per-sample argument mapping.
+
+    def _run1(self, env):
+        steps = self.__dict__.get("_steps1")
+        if steps is None:
+            steps = self._steps1 = self._compile1(self.program.items)
+        import torch
+
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._run1(env)
+        for st in steps:
+            r = st(env)
+            if r is not None:
+                return r
+        raise QDeployError("a path through forward ended without `return`")
+
+    def _compile1(self, items):
+        """Closures ``step(env) -> None | outputs`` for ``items`` (one sample)."""
+        steps = []
         for it in items:
             if isinstance(it, BlockItem):
-                self._block1(it, env)
+                steps.append(self._block_step(it))
             elif isinstance(it, IfItem):
-                c = bool(self._cond(env[it.cond_var], 1)[0])
-                st = stats["taken"].setdefault(it.id, [0, 0])
-                st[0 if c else 1] += 1
-                if self._seq1(it.then if c else it.orelse, env) is _RETURNED:
-                    return _RETURNED
+                steps.append(self._if_step(it))
             elif isinstance(it, ReturnItem):
-                vals = [_to_numpy(env[nm]) for nm in it.names]
-                self._results.setdefault(it.id, []).append((_IDX0, vals, it.is_tuple))
-                stats["returns"][it.id] = stats["returns"].get(it.id, 0) + 1
-                return _RETURNED
-        return env
+                steps.append(self._return_step(it))
+                break
+        return steps
 
-    def _block1(self, it, env):
-        """One block for one sample: the device call (zero-copy when the backend offers
-        ``raw``) and the host ops evaluated directly (no per-sample loop, no fx arg mapping)."""
+    def _if_step(self, it):
+        then, orelse = self._compile1(it.then), self._compile1(it.orelse)
+        var, iid = it.cond_var, it.id
+        stats = self.__dict__
+
+        def step(env):
+            v = env[var]
+            if isinstance(v, HostVal):
+                c = bool(v.items[0])
+            else:
+                c = bool(self._cond(v, 1)[0])
+            st = stats["last_stats"]["taken"].setdefault(iid, [0, 0])
+            if c:
+                st[0] += 1
+                body = then
+            else:
+                st[1] += 1
+                body = orelse
+            for s_ in body:
+                r = s_(env)
+                if r is not None:
+                    return r
+            return None
+
+        return step
+
+    def _return_step(self, it):
+        names, rid, is_tuple = list(it.names), it.id, it.is_tuple
+        stats = self.__dict__
+
+        def step(env):
+            outs = []
+            for nm in names:
+                v = _to_numpy(env[nm])
+                dt = v.dtype if v.dtype != np.float64 else np.float32
+                outs.append(np.array(v, dtype=dt, copy=True))
+            r = stats["last_stats"]["returns"]
+            r[rid] = r.get(rid, 0) + 1
+            return tuple(outs) if is_tuple else outs[0]
+
+        return step
+
+    def _block_step(self, it):
         bir, fn = self.blocks[it.id]
         plan = self._plan(it.id)
-        dev_res = {}
-        if fn is not None:
-            dev_res = self._device(plan, bir, fn, env)
-        host_res = {}
-        if plan.host:  # the caller holds torch.no_grad()
-            vals = {}
-            for nm, src, ref in plan.leaves:
-                if src == "env":
-                    vals[nm] = env[ref].sample(0)
-                elif src == "dev":
-                    vals[nm] = dev_res[nm].sample(0)
+        stats = self.__dict__
+        tensors = plan.tensors
+        in_vars = plan.in_vars
+        out_pos = ([(node, plan.out_names.index(irv), kind) for node, (irv, kind) in bir.dev_outputs.items()]
+                   if tensors is not None else [])
+        dev_inputs, dev_outputs = bir.dev_inputs, bir.dev_outputs
+        leaves, host, wanted = plan.leaves, plan.host, plan.wanted
+        outputs = list(bir.outputs.items())
+        has_alias = any(src == "alias" for src, _ in bir.outputs.values())
+        from_dlpack = np.from_dlpack
+
+        def step(env):
+            dev_res = {}
+            if tensors is not None:
+                args = []
+                for var, kind in in_vars:
+                    v = env[var]
+                    if isinstance(v, DevVal):
+                        args.append(v.tv if v.tv is not None else np.ascontiguousarray(v.arr, dtype=np.float32))
+                    else:
+                        args.append(_host1_to_device(v, kind))
+                outs = tensors(args)
+                for node, i, kind in out_pos:
+                    t = outs[i]
+                    dev_res[node] = DevVal(from_dlpack(t), kind, t)
+                stats["last_stats"]["block_calls"] += 1
+            elif fn is not None:
+                res = fn({irn: _as_device(env[var], kind) for var, irn, kind in dev_inputs})
+                stats["last_stats"]["block_calls"] += 1
+                dev_res = {node: DevVal(res[irv], kind) for node, (irv, kind) in dev_outputs.items()}
+            if host:
+                vals = {}
+                for nm, src, ref in leaves:
+                    if src == "env":
+                        vals[nm] = env[ref].sample(0)
+                    elif src == "dev":
+                        vals[nm] = dev_res[nm].sample(0)
+                    else:
+                        vals[nm] = ref
+                for nm, call in host:
+                    vals[nm] = call(vals)
+            upd = {} if has_alias else env  # aliases read the block's *input* env
+            for var, (src, ref) in outputs:
+                if src == "dev":
+                    upd[var] = dev_res[ref]
+                elif src == "host":
+                    upd[var] = HostVal([vals[ref]])
+                elif src == "alias":
+                    upd[var] = env[ref]
                 else:
-                    vals[nm] = ref
-            for nm, call, fa, fk in plan.host:
-                vals[nm] = call(fa(vals), fk(vals))
-            host_res = {w: HostVal([vals[w]]) for w in plan.wanted}
-        upd = {}
-        for var, (src, ref) in bir.outputs.items():  # all read the block's *input* env
-            if src == "dev":
-                upd[var] = dev_res[ref]
-            elif src == "host":
-                upd[var] = host_res[ref]
-            elif src == "alias":
-                upd[var] = env[ref]
-            else:
-                upd[var] = HostVal([ref])
-        env.update(upd)
-        return env
+                    upd[var] = HostVal([ref])
+            if has_alias:
+                env.update(upd)
+            return None
+
+        return step
 
     def _device(self, plan, bir, fn, env):
         """Call a block's compiled graph; ``{fx node: DevVal}`` of its device outputs."""
@@ -325,7 +425,7 @@ class DynamicModel:
                         leaves[a.name] = ("env", bir.node_alias[a.name])
                     else:
                         leaves[a.name] = ("const", bir.consts[a.name])
-                p.host.append((nd.name, call, _binder(nd.args), _binder(nd.kwargs)))
+                p.host.append((nd.name, _node_call(nd, call)))
             del torch
             p.leaves = [(k, s, r) for k, (s, r) in leaves.items()]
             p.wanted = [ref for src, ref in bir.outputs.values() if src == "host"]
