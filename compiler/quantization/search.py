@@ -337,6 +337,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             if key in cache:
                 return {**cache[key], "same_as": cache[key]["tag"]}
             accs = {"val": [], "test": []}
+            corr: dict = {}  # per evaluation sample: fraction of the QAT seeds that classify it right
             t0 = time.perf_counter()
             for k in range(qat_seeds):
                 torch.manual_seed(seed + k)
@@ -345,16 +346,21 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                 qat.fine_tune(qk, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
                               seed=seed + k, progress=prog if progress else None,
                               description=f"[{name}] QAT {tag} seed {seed + k}")
-                accs["val"].append(qat.accuracy(qk, x_va, y_va))
+                ok_va = qat.predict(qk, x_va).argmax(1) == y_va
+                accs["val"].append(float(ok_va.mean()))
+                corr["val"] = corr.get("val", 0) + ok_va / qat_seeds
                 if test is not None:
-                    accs["test"].append(qat.accuracy(qk, *test))
+                    ok_te = qat.predict(qk, test[0]).argmax(1) == test[1]
+                    accs["test"].append(float(ok_te.mean()))
+                    corr["test"] = corr.get("test", 0) + ok_te / qat_seeds
                 if k == 0:
                     q = qk
             res = {"tag": tag, "qat_seconds": time.perf_counter() - t0, "val_acc": float(np.mean(accs["val"])),
-                   "val_accs": accs["val"]}
+                   "val_accs": accs["val"], "val_correct": [round(float(c), 4) for c in corr["val"]]}
             if test is not None:
                 res["test_acc"] = float(np.mean(accs["test"]))
                 res["test_accs"] = accs["test"]
+                res["test_correct"] = [round(float(c), 4) for c in corr["test"]]
             if export:
                 p = qat.export_qonnx(q, x_tr[:1], out_dir / "models" / f"{name}_{tag}.onnx")
                 res["qonnx"] = str(p.relative_to(out_dir))
@@ -417,6 +423,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         layers.append(row)
     report = {
         "model": name, "seed": seed, "float_accuracy": float_acc,
+        "n_eval": {"val": int(len(x_va)), **({"test": int(len(test[0]))} if test is not None else {})},
         "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
                      "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
                      "act_bits_fixed": None if a_bits else act_bits_fixed, "sensitivity_mode": sensitivity_mode,
@@ -440,6 +447,40 @@ def _json(o):
     if isinstance(o, tuple):
         return list(o)
     return str(o)
+
+
+def accuracy_noise(a: dict, b: dict, key: str, n: int | None = None) -> float:
+    """One standard error (accuracy units) of the difference a[key] - b[key] of two allocations.
+
+    Paired over the evaluation samples when both carry ``<split>_correct`` (per sample, the fraction
+    of QAT seeds that classify it right): d_i = a_i - b_i, SE = std(d) / sqrt(n) -- the
+    evaluation-set sampling noise of a paired comparison, with the seed spread folded into each
+    d_i.  Otherwise the seeds' spread (std/sqrt(k) each) plus independent binomial errors
+    sqrt(p(1-p)/n) (an upper bound).  0 when nothing is known.
+    """
+    split = key.split("_")[0]
+    ca, cb = a.get(split + "_correct"), b.get(split + "_correct")
+    if ca is not None and cb is not None and len(ca) == len(cb) and len(ca) > 1:
+        d = np.asarray(ca, dtype=np.float64) - np.asarray(cb, dtype=np.float64)
+        return float(d.std(ddof=1) / math.sqrt(len(d)))
+    v = 0.0
+    for r in (a, b):
+        accs = r.get(key + "s") or []
+        if len(accs) > 1:
+            v += float(np.var(accs, ddof=1)) / len(accs)
+        if n:
+            p_ = r[key]
+            v += p_ * (1 - p_) / n
+    return math.sqrt(v)
+
+
+def _verdict(h, u, key, n) -> str:
+    d = h[key] - u[key]
+    se = accuracy_noise(h, u, key, n)
+    tag = "Hessian >= uniform" if d >= 0 else "uniform better"
+    if se > 0:
+        tag += f" ({d * 100:+.2f} points, {'within' if abs(d) <= 2 * se else 'beyond'} 2 standard errors = {2 * se * 100:.2f})"
+    return tag
 
 
 def _acc(r, key):
@@ -519,18 +560,19 @@ def render_markdown(rep: dict) -> str:
             L.append(f"| {i} | uniform {ua2['bits']}-bit (above budget){hwc(c)} | {c['bops']:.4g} | {c['size']:.0f} | "
                      f"{ua2['allocation']['objective']:.3g} | {_acc(ua2, 'val_acc')} | {_acc(ua2, 'test_acc')} | "
                      f"{ua2.get('qonnx', '')} |")
-    L += ["", f"Comparison ({acc_key}):", ""]
+    n_ev = (rep.get("n_eval") or {}).get(acc_key.split("_")[0])
+    L += ["", f"Comparison ({acc_key}, mean of the QAT seeds; difference in points with twice its paired "
+              f"standard error over the {n_ev or '?'} evaluation samples):", ""]
     for i, b in enumerate(rep["budgets"]):
         h, u = b["hessian"], b["uniform"]
         if u:
-            geq = h[acc_key] >= u[acc_key]
             L.append(f"- budget {i}: Hessian {h[acc_key]:.4f} at {h['costs']['bops']:.4g} BOPs vs uniform "
                      f"{u['bits']}-bit {u[acc_key]:.4f} at {u['allocation']['costs']['bops']:.4g} BOPs: "
-                     f"{'Hessian >= uniform' if geq else 'uniform better'}")
+                     f"{_verdict(h, u, acc_key, n_ev)}")
         ua2 = b.get("uniform_above")
         if ua2:
             L.append(f"  - vs uniform {ua2['bits']}-bit {ua2[acc_key]:.4f} at {ua2['allocation']['costs']['bops']:.4g} "
-                     f"BOPs (more than the budget): {'Hessian >= uniform' if h[acc_key] >= ua2[acc_key] else 'uniform better'}")
+                     f"BOPs (more than the budget): {_verdict(h, ua2, acc_key, n_ev)}")
     for kind, pts in rep["frontier"].items():
         L += ["", f"## Frontier: total sensitivity vs {kind} (ILP sweep, no QAT)", "", f"| {kind} | sensitivity |", "|---|---|"]
         L += [f"| {p['cost']:.4g} | {p['objective']:.4g} |" for p in pts]

@@ -75,7 +75,7 @@ def _row(r):
 
 
 def main(argv=None) -> int:
-    from qdeploy.compiler.quantization.search import run_search
+    from qdeploy.compiler.quantization.search import accuracy_noise, run_search
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/search", type=Path)
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     fixed = args.act_bits.startswith("fixed")
     abf = int(args.act_bits.split(":", 1)[1]) if args.act_bits.startswith("fixed:") else 8
     score = {"below": [0, 0], "above": [0, 0]}
+    noise = {"within": 0, "n": 0}
     for kind in args.models.split(","):
         rep = run_search({"mlp": recipe_mlp, "cnn": recipe_cnn}[kind], args.out / kind, budgets=budgets,
                          seed=args.seed, qat_seeds=args.qat_seeds, act_bits_fixed=abf,
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
                   f"{', '.join(f'{c[0]}/{c[1]}' for c in l['chosen'])}")
         print(f"  {'budget':<12} | {'Hessian ILP: BOPs':>17} {'val':>7} {'test':>7} {'sd':>6} | "
               f"{'uniform below: bits':>19} {'BOPs':>10} {'val':>7} {'test':>7} {'sd':>6} | "
-              f"{'uniform above: bits':>19} {'BOPs':>10} {'val':>7} {'test':>7} {'sd':>6} | H>=below H>=above")
+              f"{'uniform above: bits':>19} {'BOPs':>10} {'val':>7} {'test':>7} {'sd':>6} | H>=below H>=above  "
+              f"H-above (2 se)")
         for b in rep["budgets"]:
             h, u, a = b["hessian"], b["uniform"], b.get("uniform_above")
             if u is None and a is None:
@@ -131,11 +133,15 @@ def main(argv=None) -> int:
             score["above"][1] += 1
             print(f"  {str(b['budget']['bops']):<12} | {h['costs']['bops']:>17.4g} {h['val_acc']:>7.4f} "
                   f"{h['test_acc']:>7.4f} {np.std(h['test_accs']):>6.4f} | {'':>13}{_row(u)} | {'':>13}{_row(a)} | "
-                  f"{str(ok_b) if a is not None else '':>8} {str(ok_a):>9}")
+                  f"{str(ok_b) if a is not None else '':>8} {str(ok_a):>9}  "
+                  f"{(h['test_acc'] - up['test_acc']) * 100:+.2f} ({2 * accuracy_noise(h, up, 'test_acc') * 100:.2f})")
+            noise["within"] += abs(h["test_acc"] - up["test_acc"]) <= 2 * accuracy_noise(h, up, "test_acc")
+            noise["n"] += 1
         print(f"  report: {args.out / kind / 'search_report.md'}")
     print(f"\nHessian >= uniform with equal or larger BOPs (issue 4 criterion, test acc, mean of QAT seeds): "
           f"{score['above'][0]}/{score['above'][1]} budgets; Hessian >= the uniform below a fractional budget: "
-          f"{score['below'][0]}/{score['below'][1]}")
+          f"{score['below'][0]}/{score['below'][1]}; Hessian vs that uniform within 2 paired standard errors "
+          f"(points, over the test samples): {noise['within']}/{noise['n']}")
     return 0
 
 

@@ -115,3 +115,16 @@ def test_calibrated_low_bit_qat_model_compiles_bit_exact(digits_mlp, tmp_path):
     # the artifact's fixed-point outputs are the Brevitas model's outputs (same grid, same values)
     assert np.array_equal(got.argmax(1), want.argmax(1))
     assert np.max(np.abs(got - want)) < 1e-5
+
+
+def test_accuracy_noise_is_paired_over_samples():
+    from qdeploy.compiler.quantization.search import _verdict, accuracy_noise
+    a = {"test_acc": 0.75, "test_accs": [0.75], "test_correct": [1, 1, 1, 0]}
+    b = {"test_acc": 0.5, "test_accs": [0.5], "test_correct": [1, 0, 1, 0]}
+    d = np.array([0, 1, 0, 0], dtype=float)
+    assert accuracy_noise(a, b, "test_acc") == pytest.approx(d.std(ddof=1) / 2)
+    assert accuracy_noise(a, a, "test_acc") == 0.0  # same predictions: no noise in the difference
+    # without per-sample records: independent binomial errors over n samples
+    a2, b2 = {"test_acc": 0.75}, {"test_acc": 0.5}
+    assert accuracy_noise(a2, b2, "test_acc", 4) == pytest.approx(np.sqrt(0.75 * 0.25 / 4 + 0.25 / 4))
+    assert "+25.00 points, within 2 standard errors" in _verdict(a, b, "test_acc", 4)
