@@ -73,7 +73,7 @@ def bench_graphs(args):
                 continue
             g = R.solve_greedy(p, b, args.copies, time_limit=args.greedy_limit)
             gt = g.solve_s
-            c = R.solve_cp(p, b, args.copies, args.cp_limit, hint=g.schedule if g.feasible else None,
+            c = R.solve_cp(p, b, args.copies, args.cp_limit, hint=g.schedule,
                            workers=args.workers, tighten=not args.no_tighten)
             m = R.solve_milp(p, b, args.milp_limit, order=order) if R.milp_size(p) <= args.milp_max_vars else None
             gs, go, gtt = _fmt(g)

@@ -42,6 +42,7 @@ PACKINGS = ("byte", "container", "bit", "runtime")
 
 
 def element_bits(v: Value) -> int:
+    """Bits per element of ``v``: the fixed-point width, 32 for float."""
     return v.dtype.width if isinstance(v.dtype, FixedType) else 32
 
 
@@ -182,6 +183,7 @@ def node_costs(graph: Graph, model: str = "macs") -> dict[str, int]:
 
 
 def fmt_bytes(b: float) -> str:
+    """``b`` bytes for humans: ``"48 KiB"``, ``"1.5 MiB"``, ``"512 B"`` (binary units)."""
     for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if b >= k:
             return f"{b / k:.3g} {unit}"

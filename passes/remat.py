@@ -11,9 +11,19 @@ Sources:
   Rematerialization", MLSys 2020 (arXiv 1910.02653): the frontier-advancing MILP with
   ``R[t,i]`` (compute), ``S[t,i]`` (retain), ``FREE[t,i,k]`` and ``U[t,k]`` (memory) variables,
   solved with HiGHS through SciPy (:func:`solve_milp`), the comparison baseline.
-* a greedy baseline (:func:`solve_greedy`): repeatedly split the lifetime of a value held across
-  the peak step by recomputing it right before its next reader, picking the move with the
-  largest drop of over-budget bytes per unit of added compute.
+* a greedy baseline (:func:`solve_greedy`): from the graph order or a low-memory list-scheduling
+  order (:func:`low_memory_order`, whichever peaks lower), repeatedly split the lifetime of a
+  value held across the peak step by recomputing it right before its next reader, picking the
+  move with the largest drop of over-budget bytes per unit of added compute.  Its schedule is the
+  CP model's warm start.
+
+CP model additions beyond the paper (``tighten``, on by default, measured in
+``benchmarks/remat.py``): live-set cuts (:func:`_live_cuts`: when node ``w`` runs, an ancestor
+read after ``w`` is live unless it has a second copy, so some of them must be recomputed when
+their bytes exceed the budget -- these make CP-SAT's lower bound tight on training graphs),
+no idle steps, no unread recomputation, static start domains from ancestor/descendant counts,
+a complete warm start, and CP-SAT probing off (it cost seconds per presolve pass on graphs of a
+few hundred nodes).
 
 All three return a :class:`Schedule` (the order of node executions including recomputations,
 with the exact copy each execution reads) that :func:`evaluate` scores with the memory model of
@@ -159,9 +169,14 @@ class Problem:
     @staticmethod
     def from_graph(graph: Graph, packing: str = "byte", batch: int = 1, cost_model: str = "macs",
                    costs: dict | None = None) -> "Problem":
-        """``cost_model``: ``macs``/``unit`` (:func:`qdeploy.passes.memory.node_costs`) or
-        ``cycles`` (:func:`cycle_costs`, default estimator options); ``costs`` (node name -> cost)
-        overrides it."""
+        """The instance of an IR graph: sizes in bytes (:func:`qdeploy.passes.memory.value_bytes`
+        under ``packing``, ``batch`` samples), costs per ``cost_model``: ``macs``/``unit``
+        (:func:`qdeploy.passes.memory.node_costs`) or ``cycles`` (:func:`cycle_costs`, default
+        estimator options); ``costs`` (node name -> cost) overrides it.
+
+        Raises:
+            UnsupportedError: a node that is not stateless (:func:`assert_stateless`).
+        """
         assert_stateless(graph)
         idx = {nd.output: t for t, nd in enumerate(graph.nodes)}
         sidx = {x: k for k, x in enumerate(graph.inputs)}
@@ -191,6 +206,7 @@ class Schedule:
 
 
 def no_remat(p: Problem) -> Schedule:
+    """The graph order, each node run once, reading the only run of each input."""
     return Schedule([(v, tuple(p.preds[v])) for v in range(p.n)])
 
 
@@ -236,6 +252,9 @@ def low_memory_order(p: Problem) -> Schedule:
 
 @dataclass
 class Evaluation:
+    """Result of :func:`evaluate`: ``peak`` (bytes), ``cost`` (sum of node costs, the units of
+    ``Problem.costs``), ``per_step`` (bytes live while each step runs)."""
+
     peak: int
     cost: int
     per_step: list
@@ -401,11 +420,16 @@ def _block_for(p: Problem, steps: list, last: list, r: int, v: int, copies: list
     return sorted(block)
 
 
-def solve_greedy(p: Problem, budget: int, max_copies: int = 2, time_limit: float = 30.0) -> RematResult:
+def solve_greedy(p: Problem, budget: int, max_copies: int = 2, time_limit: float = 30.0,
+                 candidates: int = 64) -> RematResult:
     """Greedy baseline (see the module docstring).  Starts from the graph order or from
     :func:`low_memory_order` (whichever peaks lower) and stops at the budget, when no move lowers
-    the over-budget bytes, or at ``time_limit`` (seconds).  ``status`` is ``feasible`` when the
-    schedule meets ``budget`` (bytes), else ``infeasible`` (the schedule is still returned)."""
+    the over-budget bytes, or at ``time_limit`` (seconds).  Each round scores the possible moves
+    in batches of ``candidates`` (largest estimated gain per cost first: bytes freed x
+    over-budget steps it spans / cost) and takes the best of the first batch
+    that lowers the over-budget bytes (values below 1 mean 1).  ``status`` is
+    ``feasible`` when the schedule meets ``budget`` (bytes), else ``infeasible`` (the schedule is
+    still returned)."""
     t0 = time.perf_counter()
     steps = list(no_remat(p).steps)
     reordered = low_memory_order(p)
@@ -425,20 +449,33 @@ def solve_greedy(p: Problem, budget: int, max_copies: int = 2, time_limit: float
             for r in rs:
                 readers_at.setdefault(r, []).append(t)
         best = None
+        moves = []
+        over = np.concatenate([[0], np.cumsum(np.asarray(ev.per_step) > budget)])
         for e, (v, _) in enumerate(steps[:t_star]):
             if v in p.outputs or copies[v] >= max_copies or ev.last[e] <= t_star:
                 continue
-            later = [t for t in readers_at.get(e, []) if t > t_star]
-            if not later:
-                continue
-            r0 = min(later)
-            block = _block_for(p, steps, ev.last, r0, v, copies, max_copies)
-            cand = _insert_recompute(p, steps, r0, block, v, set(later))
-            cev, cex = score(cand)
-            if cex < excess:
-                gain = (excess - cex) / max(1, sum(p.costs[u] for u in block))
-                if best is None or gain > best[0]:
-                    best = (gain, cand, cev, cex, block)
+            rd = readers_at.get(e, [])
+            later = [t for t in rd if t > t_star]
+            if later:
+                # estimate: bytes freed x over-budget steps between the last earlier read and r0
+                lo = max([t for t in rd if t <= t_star], default=e) + 1
+                est = p.sizes[v] * int(over[min(later)] - over[lo]) / max(1, p.costs[v])
+                moves.append((-est, e, v, later))
+        # score the moves in batches of `candidates`, largest estimate first; stop
+        # after the first batch holding an improving move (each score is a pass over the schedule)
+        moves.sort(key=lambda mv: mv[:2])
+        for k0 in range(0, len(moves), max(1, candidates)):
+            for _, e, v, later in moves[k0:k0 + max(1, candidates)]:
+                r0 = min(later)
+                block = _block_for(p, steps, ev.last, r0, v, copies, max_copies)
+                cand = _insert_recompute(p, steps, r0, block, v, set(later))
+                cev, cex = score(cand)
+                if cex < excess:
+                    gain = (excess - cex) / max(1, sum(p.costs[u] for u in block))
+                    if best is None or gain > best[0]:
+                        best = (gain, cand, cev, cex, block)
+            if best is not None:
+                break
         if best is None:
             break
         _, steps, ev, excess, block = best
@@ -476,7 +513,8 @@ def solve_cp(p: Problem, budget: int | None, max_copies: int = 2, time_limit: fl
 
     Warm start: ``hint`` (a schedule with at most ``C`` runs per node, e.g. the greedy one) or the
     no-remat order, given to CP-SAT as a *complete* assignment (every variable hinted), so CP-SAT
-    reports it as its first solution when it meets the budget.  ``params``: extra CP-SAT
+    reports it as its first solution when it meets the budget (and tries to repair it when it
+    does not, e.g. a greedy run stopped by its time limit).  ``params``: extra CP-SAT
     parameters (name -> value).  ``workers``: CP-SAT search workers (default: the CPU count).
 
     With ``minimize_peak`` the budget is a variable and the peak is minimized instead.
@@ -950,6 +988,12 @@ def cycle_costs(graph: Graph, estimator: dict | None = None) -> tuple[dict[str, 
 
 
 def resolve_budget(budget, base_peak: int) -> int:
+    """Budget in bytes from ``budget`` (bytes, text with a unit, or a fraction of ``base_peak``
+    bytes: :func:`qdeploy.passes.memory.parse_budget`); fractions round down.
+
+    Raises:
+        ValueError: an unparsable or non-positive budget.
+    """
     kind, x = parse_budget(budget)
     return int(math.floor(x * base_peak)) if kind == "fraction" else int(x)
 
@@ -1009,7 +1053,7 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
     elif method == "milp":
         res = solve_milp(p, b, time_limit)
     elif method == "cp-sat":
-        res = solve_cp(p, b, max_copies, time_limit, hint=greedy.schedule if greedy.feasible else None,
+        res = solve_cp(p, b, max_copies, time_limit, hint=greedy.schedule,
                        workers=workers)
         if not res.feasible and greedy.feasible and res.status != "infeasible":
             greedy.notes.append(f"CP-SAT found no schedule in {time_limit:g} s; using the greedy one")
