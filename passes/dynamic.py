@@ -60,7 +60,8 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         out_dir: where block artifacts go (``<out_dir>/block<k>``); a temporary directory if None.
         config: backend config passed to ``emit``.  For ``tvm-llvm`` the float blocks are
             built with ``tvm.schedule: "auto"`` (fused, vectorized loop schedule; see
-            :mod:`qdeploy.backends.tvm.schedule`) unless the config sets ``tvm.schedule``.
+            :mod:`qdeploy.backends.tvm.schedule`) and ``tvm.batch1_entry: true`` (a static
+            batch-1 entry for single-sample calls) unless the config sets them.
     Raises:
         CaptureError: unsupported dynamism, naming the source line.
     """
@@ -80,7 +81,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
     blocks, per_block = {}, []
     config = dict(config or {})
     if target == "tvm-llvm":
-        config["tvm"] = {"schedule": "auto", **dict(config.get("tvm") or {})}
+        config["tvm"] = {"schedule": "auto", "batch1_entry": True, **dict(config.get("tvm") or {})}
 
     def build_one(blk):
         bir = birs[blk.id]

@@ -29,10 +29,17 @@ __all__ = ["DynamicModel", "DevVal", "HostVal"]
 class DevVal:
     """A batch of device values: ``arr`` (n, *IR shape), IR layout ``kind``; ``tv``: the TVM
     tensor ``arr`` views (zero-copy), passed as is to the next compiled block, or None."""
-    __slots__ = ("arr", "kind", "tv")
+    __slots__ = ("_arr", "kind", "tv")
 
     def __init__(self, arr, kind, tv=None):
-        self.arr, self.kind, self.tv = arr, kind, tv
+        self._arr, self.kind, self.tv = arr, kind, tv
+
+    @property
+    def arr(self):
+        a = self._arr
+        if a is None:  # made on first use: a zero-copy view of the backend tensor
+            a = self._arr = np.from_dlpack(self.tv)
+        return a
 
     def sample(self, i):
         import torch
@@ -69,6 +76,29 @@ def _as_device(v, kind):
     import torch
     a = torch.cat([torch.as_tensor(t) for t in v.items]).numpy().astype(np.float32, copy=False)
     return to_ir(a) if kind == NCHW else a
+
+
+class _NoGen(Exception):
+    """A block the batch-1 code generator does not handle (the closure step is used)."""
+
+
+def _dev_input1(v, kind):
+    """Batch-1 value -> device input for a generated step (torch tensor or numpy array)."""
+    if isinstance(v, DevVal):
+        if v.tv is not None:
+            return v.tv
+        return np.ascontiguousarray(v.arr, dtype=np.float32)
+    return _host1_to_device(v, kind)
+
+
+def _single_torch(x) -> bool:
+    """A batch-1 float32 CPU torch tensor (the fast ``run`` path takes it without numpy)."""
+    if type(x).__module__ == "numpy":
+        return False
+    import torch
+
+    return (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1 and x.dtype == torch.float32
+            and not x.is_cuda and x.device.type == "cpu")
 
 
 def _host1_to_device(v, kind):
@@ -156,6 +186,9 @@ def _node_call(nd, call):
     if nd.op == "call_function" and not nd.kwargs:
         f = nd.target
         return lambda v: f(*fa(v))
+    if nd.op == "call_method" and nd.args and not _fx_nodes(nd.kwargs):
+        name, f0, rest, kw = nd.target, _binder(nd.args[0]), _binder(tuple(nd.args[1:])), dict(nd.kwargs)
+        return lambda v: getattr(f0(v), name)(*rest(v), **kw)
     return lambda v: call(fa(v), fk(v))
 
 
@@ -217,10 +250,13 @@ class DynamicModel:
         Returns:
             a float32 numpy array (n, ...) -- or a tuple of them when ``forward`` returns a tuple.
         """
+        if len(inputs) != len(self.program.arg_names):
+            raise QDeployError(f"model takes {len(self.program.arg_names)} input(s), got {len(inputs)}")
+        self.last_stats = {"returns": {}, "taken": {}, "block_calls": 0}
+        if inputs and all(_single_torch(x) for x in inputs):
+            return self._run1(self._env1_torch(inputs))
         arrs = [np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
                 for x in inputs]
-        if len(arrs) != len(self.program.arg_names):
-            raise QDeployError(f"model takes {len(self.program.arg_names)} input(s), got {len(arrs)}")
         n = arrs[0].shape[0]
         env = {}
         for name, a in zip(self.program.arg_names, arrs):
@@ -230,7 +266,6 @@ class DynamicModel:
                 env[name] = HostVal([torch.from_numpy(a[i:i + 1]) for i in range(n)])
             else:
                 env[name] = DevVal(to_ir(a), kind)
-        self.last_stats = {"returns": {}, "taken": {}, "block_calls": 0}
         self._results: dict = {}
         if n == 1:
             return self._run1(env)
@@ -264,6 +299,24 @@ class DynamicModel:
                 return r
         raise QDeployError("a path through forward ended without `return`")
 
+    def _env1_torch(self, inputs):
+        """Batch-1 environment straight from torch CPU float32 tensors: device inputs keep a
+        contiguous torch tensor in IR layout (``tv``, shared zero-copy by the backend)."""
+        import torch
+
+        env = {}
+        for name, x in zip(self.program.arg_names, inputs):
+            x = x.detach()
+            kind = layout_of(x.dim())
+            if kind is None:
+                env[name] = HostVal([x.contiguous()])
+                continue
+            t = x.permute(0, 2, 3, 1).contiguous() if kind == NCHW else x.contiguous()
+            if t.data_ptr() % 64:
+                t = t.clone(memory_format=torch.contiguous_format)
+            env[name] = DevVal(t.numpy(), kind, t)
+        return env
+
     def _compile1(self, items):
         """Closures ``step(env) -> None | outputs`` for ``items`` (one sample)."""
         steps = []
@@ -288,7 +341,10 @@ class DynamicModel:
                 c = bool(v.items[0])
             else:
                 c = bool(self._cond(v, 1)[0])
-            st = stats["last_stats"]["taken"].setdefault(iid, [0, 0])
+            taken = stats["last_stats"]["taken"]
+            st = taken.get(iid)
+            if st is None:
+                st = taken[iid] = [0, 0]
             if c:
                 st[0] += 1
                 body = then
@@ -320,10 +376,125 @@ class DynamicModel:
         return step
 
     def _block_step(self, it):
+        """The batch-1 step of a block: generated straight-line code when possible
+        (:meth:`_gen_block_step`), else the generic closure."""
+        try:
+            st = self._gen_block_step(it)
+        except _NoGen:
+            st = None
+        return st if st is not None else self._closure_block_step(it)
+
+    def _gen_block_step(self, it):
+        """Generate Python source for one block (DyCL's generated host code): the compiled
+        entry called directly, host ops as direct calls on local variables, no dicts of
+        intermediate values.  Raises ``_NoGen`` for anything it does not handle."""
+        bir, fn = self.blocks[it.id]
+        entry = getattr(fn, "entry1", None) or getattr(fn, "entry", None) if fn is not None else None
+        if fn is not None and entry is None:
+            raise _NoGen()
+        plan = self._plan(it.id)
+        ns = {"DevVal": DevVal, "HostVal": HostVal, "_in": _dev_input1, "STATS": self.__dict__}
+        consts: list = []
+        lines = ["def step(env):"]
+
+        def const(v):
+            consts.append(v)
+            return f"C[{len(consts) - 1}]"
+
+        local = {}  # fx node name -> python expression for host evaluation (torch values)
+        dev_local = {}  # fx node name -> local holding its DevVal
+        counter = iter(range(1 << 30))
+        if fn is not None:
+            by_name = {irn: (var, kind) for var, irn, kind in bir.dev_inputs}
+            ns.update(ENTRY=entry, TT=fn.tensor_type, CONV=fn.to_tensor)
+            args = []
+            for j, irn in enumerate(fn.input_names):
+                var, kind = by_name[irn]
+                lines.append(f"    v{j} = env[{var!r}]")
+                lines.append(f"    a{j} = v{j}.tv if (v{j}.__class__ is DevVal and v{j}.tv.__class__ is TT) "
+                             f"else CONV(_in(v{j}, {kind!r}))")
+                args.append(f"a{j}")
+            lines.append(f"    r = ENTRY({', '.join(args)}{',' if len(args) == 1 else ''})")
+            outs = list(fn.output_names)
+            for node, (irv, kind) in bir.dev_outputs.items():
+                dev_local[node] = f"d_{next(counter)}"
+                lines.append(f"    {dev_local[node]} = DevVal(None, {kind!r}, r[{outs.index(irv)}])")
+            lines.append("    STATS['last_stats']['block_calls'] += 1")
+        if bir.host_nodes:
+            names = set(bir.host_nodes)
+            for nm, src, ref in plan.leaves:
+                v = f"l_{next(counter)}"
+                if src == "env":
+                    lines.append(f"    {v} = env[{ref!r}].sample(0)")
+                elif src == "dev":
+                    lines.append(f"    {v} = {dev_local[nm]}.sample(0)")
+                else:
+                    v = const(ref)
+                local[nm] = v
+            mods = dict(bir.gm.named_modules())
+
+            def expr(a):
+                import torch
+
+                if isinstance(a, torch.fx.Node):
+                    if a.name not in local:
+                        raise _NoGen()
+                    return local[a.name]
+                if isinstance(a, tuple) and type(a) is tuple:
+                    return "(" + "".join(expr(x) + ", " for x in a) + ")"
+                if type(a) is list:
+                    return "[" + ", ".join(expr(x) for x in a) + "]"
+                if isinstance(a, slice):
+                    return f"slice({expr(a.start)}, {expr(a.stop)}, {expr(a.step)})"
+                if isinstance(a, dict) or (isinstance(a, tuple) and _fx_nodes(a)):
+                    raise _NoGen()
+                if a is None or isinstance(a, (bool, int)):
+                    return repr(a)
+                return const(a)
+
+            for nd, _call in self._host_nodes(bir):
+                if nd.name not in names:
+                    continue
+                argl = [expr(a) for a in nd.args] + [f"{k}={expr(v)}" for k, v in nd.kwargs.items()]
+                if any(not k.isidentifier() for k in nd.kwargs):
+                    raise _NoGen()
+                if nd.op == "call_function":
+                    call = f"{const(nd.target)}({', '.join(argl)})"
+                elif nd.op == "call_module":
+                    call = f"{const(mods[nd.target])}({', '.join(argl)})"
+                elif nd.op == "call_method" and str(nd.target).isidentifier() and nd.args:
+                    call = f"{argl[0]}.{nd.target}({', '.join(argl[1:])})"
+                else:
+                    raise _NoGen()
+                local[nd.name] = f"h_{next(counter)}"
+                lines.append(f"    {local[nd.name]} = {call}")
+        rhs = []
+        for var, (src, ref) in bir.outputs.items():
+            if src == "dev":
+                rhs.append((var, dev_local[ref]))
+            elif src == "host":
+                rhs.append((var, f"HostVal([{local[ref]}])"))
+            elif src == "alias":
+                rhs.append((var, f"env[{ref!r}]"))
+            else:
+                rhs.append((var, f"HostVal([{const(ref)}])"))
+        for j, (var, e) in enumerate(rhs):  # read everything (aliases) before writing
+            lines.append(f"    o{j} = {e}")
+        for j, (var, _) in enumerate(rhs):
+            lines.append(f"    env[{var!r}] = o{j}")
+        lines.append("    return None")
+        ns["C"] = consts
+        src_text = "\n".join(lines) + "\n"
+        exec(compile(src_text, f"<qdeploy block {it.id}>", "exec"), ns)  # noqa: S102 - our own source
+        step = ns["step"]
+        step.source = src_text
+        return step
+
+    def _closure_block_step(self, it):
         bir, fn = self.blocks[it.id]
         plan = self._plan(it.id)
         stats = self.__dict__
-        tensors = plan.tensors
+        tensors = getattr(fn, "tensors1", None) or plan.tensors  # static batch-1 entry if built
         in_vars = plan.in_vars
         out_pos = ([(node, plan.out_names.index(irv), kind) for node, (irv, kind) in bir.dev_outputs.items()]
                    if tensors is not None else [])
@@ -331,7 +502,6 @@ class DynamicModel:
         leaves, host, wanted = plan.leaves, plan.host, plan.wanted
         outputs = list(bir.outputs.items())
         has_alias = any(src == "alias" for src, _ in bir.outputs.values())
-        from_dlpack = np.from_dlpack
 
         def step(env):
             dev_res = {}
@@ -345,8 +515,7 @@ class DynamicModel:
                         args.append(_host1_to_device(v, kind))
                 outs = tensors(args)
                 for node, i, kind in out_pos:
-                    t = outs[i]
-                    dev_res[node] = DevVal(from_dlpack(t), kind, t)
+                    dev_res[node] = DevVal(None, kind, outs[i])
                 stats["last_stats"]["block_calls"] += 1
             elif fn is not None:
                 res = fn({irn: _as_device(env[var], kind) for var, irn, kind in dev_inputs})

@@ -25,6 +25,8 @@ from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
 from .schedule import SCHEDULES, schedule_cpu
 
+BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
+
 __all__ = ["TvmBackend", "resolve_target"]
 
 GRAPH_STEM = "model"
@@ -90,24 +92,39 @@ def _to_tvm(a):
     zero-copy through DLPack when the data is 64-byte aligned, one aligned copy otherwise.
     (torch is used when importable: its allocations are 64-byte aligned and its pointer check
     is cheaper than numpy's ``ctypes``.)"""
-    import tvm
-
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a project dependency
-        torch = None
+    torch, from_dlpack = _fast_imports()
     if torch is not None:
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
         if not t.is_contiguous():
             t = t.contiguous()
         if t.numel() == 0:
+            import tvm
+
             return tvm.runtime.tensor(t.numpy())
         if t.data_ptr() % 64:
             t = t.clone()
-        return tvm.runtime.from_dlpack(t)
+        return from_dlpack(t)
+    import tvm
+
     if a.size == 0 or not a.flags.c_contiguous:
         return tvm.runtime.tensor(np.ascontiguousarray(a))
-    return tvm.runtime.from_dlpack(_aligned(a))
+    return from_dlpack(_aligned(a))
+
+
+_FAST: list = []
+
+
+def _fast_imports():
+    """(torch or None, tvm.runtime.from_dlpack), imported once."""
+    if not _FAST:
+        import tvm
+
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a project dependency
+            torch = None
+        _FAST.extend([torch, tvm.runtime.from_dlpack])
+    return _FAST[0], _FAST[1]
 
 
 def _from_tvm(t) -> np.ndarray:
@@ -129,7 +146,9 @@ class TvmBackend:
     ``schedule`` (``"none"`` (default): TVM's default CPU pipeline, naive loop nests;
     ``"auto"``: fuse first (``relax.get_pipeline("zero")``) and apply the fixed loop schedule of
     :func:`.schedule.schedule_cpu` -- reductions reordered and vectorized over the contiguous
-    output axis; same accumulation order per output element, so int64 codes stay bit-exact).
+    output axis; same accumulation order per output element, so int64 codes stay bit-exact),
+    ``batch1_entry`` (default false: also compile a static batch-1 entry, used by
+    ``run.tensors1``; the dynamic runtime calls it for single samples).
     """
 
     def __init__(self, name: str = "tvm-llvm"):
@@ -174,7 +193,7 @@ class TvmBackend:
         schedule = str(opts.get("schedule", "none"))
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        return {
+        info = {
             "tvm_version": tvm.__version__,
             "target": resolve_target(opts),
             "opt_level": int(opts.get("opt_level", 3)),
@@ -183,6 +202,9 @@ class TvmBackend:
             "files": files,
             "host_nodes": host_nodes,
         }
+        if opts.get("batch1_entry"):
+            info["batch1_entry"] = True
+        return info
 
     # ------------------------------------------------------------------ build
     def build(self, out_dir, info: dict) -> None:
@@ -207,12 +229,13 @@ class TvmBackend:
         schedule = str(info.get("schedule", "none"))
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        sched_key = "" if schedule == "none" else f"|{schedule}"  # unchanged names for existing builds
+        b1 = bool(info.get("batch1_entry"))
+        sched_key = ("" if schedule == "none" else f"|{schedule}") + ("|b1" if b1 else "")  # unchanged names for existing builds
         key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}{sched_key}".encode()).hexdigest()[:16]
         lib_name = f"lib_{key}.so"
         t0 = time.perf_counter()
         try:
-            mod = lower(graph)
+            mod = lower(graph, batch1_entry=b1)
             tgt = tvm.target.Target(target)
             with tvm.transform.PassContext(opt_level=opt_level):
                 if schedule == "auto":
@@ -233,7 +256,8 @@ class TvmBackend:
                 files.append(f)
         info["files"] = files
         (out / BUILD_FILE).write_text(json.dumps({"library": lib_name, "target": target,
-                                                  "opt_level": opt_level, "schedule": schedule}, indent=1))
+                                                  "opt_level": opt_level, "schedule": schedule,
+                                                  "batch1_entry": b1}, indent=1))
 
     # ------------------------------------------------------------------ load
     def load(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> Callable[[dict], dict]:
@@ -271,6 +295,10 @@ class TvmBackend:
         except Exception as e:
             raise CompileError(f"cannot load TVM library {lib_name}: {e}") from e
         fn = vm["main"]
+        b1 = (info or {}).get("batch1_entry")
+        if b1 is None and (out / BUILD_FILE).exists():
+            b1 = json.loads((out / BUILD_FILE).read_text()).get("batch1_entry", False)
+        fn1 = vm[BATCH1_ENTRY] if b1 else None
         ins = [(name, g.values[name]) for name in g.inputs]
         # float inputs cast to fixed point inside the library: NaN has no code (the reference
         # raises); compiled code cannot raise, so check here
@@ -289,6 +317,11 @@ class TvmBackend:
             a numpy array or a torch CPU tensor (shared zero-copy when 64-byte aligned); returns
             the output TVM tensors (fresh per call)."""
             res = fn(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
+            return [res[0]] if n_out == 1 else [res[i] for i in range(n_out)]
+
+        def call_tensors1(arrays):
+            """:func:`call_tensors` for batch-1 inputs through the static ``main_b1`` entry."""
+            res = fn1(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
             return [res[0]] if n_out == 1 else [res[i] for i in range(n_out)]
 
         def call_raw(arrays):
@@ -316,6 +349,13 @@ class TvmBackend:
         # no checks, valid only when there is no host epilogue
         run.raw = call_raw if epilogue is None else None
         run.tensors = call_tensors if epilogue is None else None
+        run.tensors1 = call_tensors1 if (epilogue is None and fn1 is not None) else None
+        # for hosts that generate code around the library (runtime/dynamic.py): the raw VM
+        # entries, the backend tensor type and the converter of numpy/torch inputs
+        run.entry = fn if epilogue is None else None
+        run.entry1 = fn1 if epilogue is None else None
+        run.tensor_type = tensor_type
+        run.to_tensor = to_tvm
         run.input_names = [name for name, _ in ins]
         run.output_names = outs
         return run

@@ -59,10 +59,10 @@ def _check_shift(s: int, node: Node, what: str) -> None:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, bb: relax.BlockBuilder | None = None, batch: int | None = None):
         self.g = graph
-        self.bb = relax.BlockBuilder()
-        self.n = tirx.Var("n", "int64")
+        self.bb = bb if bb is not None else relax.BlockBuilder()
+        self.n = tirx.Var("n", "int64") if batch is None else tirx.IntImm("int64", int(batch))
         self.env: dict[str, relax.Expr] = {}
 
     # ------------------------------------------------------------ helpers
@@ -342,7 +342,7 @@ class _Lowerer:
         return self.emit(op.divide(tot, cf(np.float32(cnt))))
 
     # ------------------------------------------------------------ driver
-    def run(self) -> tvm.IRModule:
+    def run(self, func_name: str = "main") -> tvm.IRModule:
         g = self.g
         params = []
         for name in g.inputs:
@@ -351,7 +351,7 @@ class _Lowerer:
             var = relax.Var(_ident(name), relax.TensorType([self.n, *v.shape], dt))
             params.append(var)
             self.env[name] = var
-        with self.bb.function("main", params):
+        with self.bb.function(func_name, params):
             with self.bb.dataflow():
                 for n in g.nodes:
                     self.env[n.output] = self.node(n)
@@ -365,15 +365,25 @@ def _ident(name: str) -> str:
     return s if s and not s[0].isdigit() else "v_" + s
 
 
-def lower(graph: Graph) -> tvm.IRModule:
+#: Name of the static batch-1 entry added by ``lower(graph, batch1_entry=True)``.
+BATCH1_ENTRY = "main_b1"
+
+
+def lower(graph: Graph, batch1_entry: bool = False) -> tvm.IRModule:
     """The Relax module for ``graph``.
 
     ``main`` takes one tensor per graph input (``[n, *shape]``, int64 codes or float32, in
-    ``graph.inputs`` order) and returns a tuple with one tensor per graph output.
+    ``graph.inputs`` order) and returns a tuple with one tensor per graph output.  With
+    ``batch1_entry`` the module also has ``main_b1``: the same graph with the batch fixed to 1
+    (static shapes: cheaper VM calls and fully static loop nests for the scheduler).
 
     Raises:
         UnsupportedError: naming the node for an op or attribute without exact lowering
             (3-D convolutions/pools, shifts by more than 62 bits, AvgPool with padding,
             float inputs to an op with fixed-point output).
     """
-    return _Lowerer(graph).run()
+    lw = _Lowerer(graph)
+    if not batch1_entry:
+        return lw.run()
+    lw.run()
+    return _Lowerer(graph, bb=lw.bb, batch=1).run(BATCH1_ENTRY)
