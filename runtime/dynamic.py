@@ -314,7 +314,7 @@ class DynamicModel:
             t = x.permute(0, 2, 3, 1).contiguous() if kind == NCHW else x.contiguous()
             if t.data_ptr() % 64:
                 t = t.clone(memory_format=torch.contiguous_format)
-            env[name] = DevVal(t.numpy(), kind, t)
+            env[name] = DevVal(None, kind, t)  # numpy view made on first use
         return env
 
     def _compile1(self, items):

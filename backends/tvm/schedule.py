@@ -19,7 +19,14 @@ The rule only reorders *spatial* loops against reduction loops and vectorizes sp
 order in which each output element's reduction is accumulated is unchanged, so integer (int64
 code) results are bit-identical and float results differ from the unscheduled build only by
 what LLVM does to single operations (both builds may contract multiply-adds).  Blocks the rule
-cannot handle (symbolic extents, non-trivial bindings) are left as they were.
+cannot handle (symbolic extents, non-trivial bindings) are left as they were; set
+``QDEPLOY_SCHEDULE_DEBUG=1`` to print why.
+
+Measured (issue 7, SkipNet residual block: two 3x3 convs 16->16 ch on 16x16, batch 1, one
+thread, AMD EPYC znver4): 1070-1470 us default pipeline -> 51 us with this schedule (45 us with
+a static batch).  Built on TVM's ``s_tir.Schedule`` primitives (``compute_inline``, ``split``,
+``reorder``, ``unroll``, ``vectorize``, ``decompose_reduction``).  ``lanes`` = 16 fits AVX-512;
+on narrower vector units LLVM splits the vectors.
 """
 from __future__ import annotations
 
@@ -100,10 +107,8 @@ def _schedule_reduction(sch, block, kinds, lanes: int, tile: int) -> bool:
     blk = sch.get(block)
     w = blk.writes[0]
     idx = w.region[-1].min
-    lv = sch.get(last).loop_var
-    iv = blk.iter_vars[[i for i, (lp, _) in enumerate(kinds) if lp.same_as(last)][0]].var
+    iv = blk.iter_vars[[i for i, (lp, _) in enumerate(kinds) if lp is last][0]].var
     if not (isinstance(idx, tirx.Var) and idx.same_as(iv)):
-        del lv
         return False
     order = list(S[:-1])
     inner = []
@@ -118,7 +123,7 @@ def _schedule_reduction(sch, block, kinds, lanes: int, tile: int) -> bool:
     sch.reorder(*order, *R, *inner, last)
     for i in inner:
         sch.unroll(i)
-    try:
+    try:  # before decompose_reduction: vectorize needs the block to still be a reduction
         _vectorize(sch, last, lanes)
     except Exception as e:  # noqa: BLE001
         _debug(e)
