@@ -12,6 +12,13 @@ variables are merged again, so each compiled block runs once per distinct path, 
 Values between blocks stay in the IR layout (channels-last) on the device side; they are
 converted to torch layout only where a host op reads them.
 
+Single samples (``n == 1``, the way eager PyTorch runs these models) take a direct path: the
+control graph is turned once into nested closures and each block into generated straight-line
+Python (DyCL's generated host module) that calls the backend's batch-1 entry directly when it
+offers one (``tvm-llvm``: ``run.entry1``), hands TVM tensors from block to block and shares
+torch/numpy inputs zero-copy through DLPack.  Other backends use the same steps through their
+``load`` callable.  Results and ``last_stats`` equal the routed path's.
+
 This controller is self-contained (``runtime/multistage.py`` had not landed when it was written);
 its unit of work -- "run stage *k* on a subset of samples, then decide per sample" -- is the same
 as an early-exit multi-stage plan, so it can later delegate stage calls to ``MultiStageModel``.
