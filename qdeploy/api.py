@@ -211,6 +211,25 @@ def _avgpool_notes(graph: Graph) -> list[str]:
     return out
 
 
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh temporary sibling of ``out_dir`` (same filesystem, so :func:`_publish` is a rename).
+
+    An artifact is written there and only renamed into place when complete, so a failed compile
+    leaves no half-written output directory.  The caller removes it on failure.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Make the finished staging directory ``tmp`` the artifact ``out_dir`` (replacing an old one,
+    which the caller has checked with :func:`_check_replaceable`)."""
+    os.chmod(tmp, 0o755)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
 def _check_replaceable(out_dir: Path, model, is_ours=None, kind: str = "a qdeploy artifact (no qdeploy manifest.json)") -> None:
     """``--force`` only ever replaces an earlier artifact (a directory with ``manifest.json``) or
     an empty directory -- never the working directory, one of its parents, or a directory
@@ -291,8 +310,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     feeds = prepare_feeds(graph, feeds_real)
     ref = execute(graph, feeds, codes=True)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _staging_dir(out_dir)
     try:
         (tmp / "ir").mkdir()
         graph.save(str(tmp / "ir" / "model"))
@@ -339,10 +357,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             "hashes": _file_hashes(tmp),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _publish(tmp, out_dir)
     except QDeployError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +74,7 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
     prog = split_exits(graph, exits)
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
     env = execute(graph, feeds_real, keep=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = api._staging_dir(out_dir)
     try:
         stages_json, steps = [], []
         cum = prog.cum_bops
@@ -104,10 +101,7 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
         (tmp / "ir").mkdir()
         graph.save(str(tmp / "ir" / "program"))
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        api._publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
