@@ -92,13 +92,6 @@ def attach_exits(backbone: nn.Sequential, heads: dict) -> EarlyExitNet:
     return EarlyExitNet(segments, hs, exit_names)
 
 
-def _set_torch(num_threads):
-    prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(True)
-    return prev
-
-
 def train_joint(model: nn.Module, data, weights=None, epochs: int = 30, seed: int = 0, lr: float = 1e-2,
                 batch_size: int = 64, verbose: bool = False, num_threads: int = 1) -> nn.Module:
     """BranchyNet joint training: Adam + cosine schedule on ``sum_k weights[k] * CE(exit_k, y)``.
@@ -107,37 +100,21 @@ def train_joint(model: nn.Module, data, weights=None, epochs: int = 30, seed: in
     ...)``; ``weights`` default to all ones.  Seeded and deterministic (single thread by default,
     global torch settings restored on return).
     """
-    prev = _set_torch(num_threads)
-    try:
-        torch.manual_seed(seed)
-        x_tr = torch.from_numpy(np.asarray(data[0], dtype=np.float32))
-        y_tr = torch.from_numpy(np.asarray(data[1], dtype=np.int64))
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-        ce = nn.CrossEntropyLoss()
-        n = x_tr.shape[0]
-        for epoch in range(epochs):
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for i in range(0, n, batch_size):
-                idx = perm[i:i + batch_size]
-                opt.zero_grad()
-                outs = model(x_tr[idx])
-                if not isinstance(outs, (list, tuple)):
-                    raise ValueError("train_joint needs a model returning a list of per-exit logits")
-                w = weights if weights is not None else [1.0] * len(outs)
-                loss = sum(float(wk) * ce(_plain(o), y_tr[idx]) for wk, o in zip(w, outs))
-                loss.backward()
-                opt.step()
-                total += float(loss.item()) * idx.numel()
-            sched.step()
-            if verbose:
-                print(f"epoch {epoch + 1:3d}/{epochs}  joint loss {total / n:.4f}", flush=True)
-    finally:
-        torch.set_num_threads(prev[0])
-        torch.use_deterministic_algorithms(prev[1])
+    from ..quantization.qat import fine_tune
+    ce = nn.CrossEntropyLoss()
+
+    def joint_loss(outs, yb):
+        if not isinstance(outs, (list, tuple)):
+            raise ValueError("train_joint needs a model returning a list of per-exit logits")
+        w = weights if weights is not None else [1.0] * len(outs)
+        return sum(float(wk) * ce(_plain(o), yb) for wk, o in zip(w, outs))
+
+    def report(epoch, mean_loss):
+        if verbose:
+            print(f"epoch {epoch + 1:3d}/{epochs}  joint loss {mean_loss:.4f}", flush=True)
+
+    fine_tune(model, data[0], data[1], epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+              num_threads=num_threads, loss_fn=joint_loss, on_epoch=report)
     model.eval()
     return model
 

@@ -187,15 +187,29 @@ def _logits(out):
 
 
 def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
-              seed: int = 0, progress=None, description: str = "QAT", num_threads: int = 1) -> nn.Module:
-    """Adam + cross-entropy + cosine schedule, seeded and deterministic; returns the model in eval mode.
+              seed: int = 0, progress=None, description: str = "QAT", num_threads: int = 1,
+              loss_fn=None, on_epoch=None) -> nn.Module:
+    """Adam + cosine schedule, seeded and deterministic; returns the model in eval mode.
 
-    ``progress``: a ``rich.progress.Progress`` to add a task to (None: no bar).  Torch's thread
-    count and deterministic flag are restored on return.
+    The one training loop of qdeploy (QAT fine-tuning, the digits example, early-exit joint training).
+
+    Args:
+        model: trained in place.
+        x: inputs (N, ...) float32; y: integer labels (N,).
+        loss_fn: ``loss_fn(model_output, y_batch) -> scalar tensor``; default cross-entropy on the
+            logits (a Brevitas QuantTensor output is unwrapped).
+        on_epoch: optional ``on_epoch(epoch, mean_loss)`` called after each epoch (epoch from 0).
+        progress: a ``rich.progress.Progress`` to add a task to (None: no bar).
+        num_threads: torch intra-op threads during training (1: these models are tiny and a shared
+            machine makes more threads slower); torch's thread count and deterministic flag are
+            restored on return.
     """
     prev_t, prev_d = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(num_threads)
     torch.use_deterministic_algorithms(True)
+    if loss_fn is None:
+        def loss_fn(out, yb):
+            return nn.functional.cross_entropy(_logits(out), yb)
     try:
         torch.manual_seed(seed)
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
@@ -205,16 +219,20 @@ def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
         task = progress.add_task(description, total=epochs) if progress is not None else None
         n = x.shape[0]
-        for _ in range(epochs):
+        for epoch in range(epochs):
             model.train()
             perm = torch.randperm(n, generator=gen)
+            total = 0.0
             for i in range(0, n, batch_size):
                 idx = perm[i:i + batch_size]
                 opt.zero_grad()
-                loss = nn.functional.cross_entropy(_logits(model(x[idx])), y[idx])
+                loss = loss_fn(model(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
+                total += float(loss.item()) * idx.numel()
             sched.step()
+            if on_epoch is not None:
+                on_epoch(epoch, total / max(n, 1))
             if task is not None:
                 progress.advance(task)
         if task is not None:

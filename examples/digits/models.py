@@ -184,47 +184,19 @@ def train(
     machine 2 intra-op threads were measured 5-20x *slower* under contention
     (30 epochs CNN: 4 s with 1 thread, up to 120 s with 2), never faster when idle.
     Global torch settings (threads, deterministic mode) are restored on return."""
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        return _train(model, data, epochs, seed, lr, batch_size, verbose)
-    finally:  # leave the process' global torch settings as we found them
-        torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
+    from qdeploy.compiler.quantization.qat import fine_tune
 
-
-def _train(model, data, epochs, seed, lr, batch_size, verbose):
-    torch.manual_seed(seed)
-    x_tr = torch.from_numpy(np.asarray(data[0], dtype=np.float32))
-    y_tr = torch.from_numpy(np.asarray(data[1], dtype=np.int64))
-    has_test = len(data) >= 4
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    loss_fn = nn.CrossEntropyLoss()
-    n = x_tr.shape[0]
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            opt.zero_grad()
-            loss = loss_fn(_logits(model(x_tr[idx])), y_tr[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * idx.numel()
-        sched.step()
+    def report(epoch, mean_loss):
         if verbose:
-            msg = f"epoch {epoch + 1:3d}/{epochs}  loss {total / n:.4f}"
+            msg = f"epoch {epoch + 1:3d}/{epochs}  loss {mean_loss:.4f}"
             msg += f"  train acc {accuracy(model, data[0], data[1]):.4f}"
-            if has_test:
+            if len(data) >= 4:
                 msg += f"  test acc {accuracy(model, data[2], data[3]):.4f}"
             print(msg, flush=True)
-    model.eval()
-    return model
+
+    # qdeploy's one training loop (Adam + cosine, seeded, deterministic, threads restored)
+    return fine_tune(model, data[0], data[1], epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                     num_threads=num_threads, on_epoch=report)
 
 
 @torch.no_grad()
