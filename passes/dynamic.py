@@ -49,7 +49,7 @@ def extract(program: ControlProgram, name: str = "dyn") -> dict:
 
 
 def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=None, config: dict | None = None,
-                    name: str | None = None):
+                    name: str | None = None, capture_method: str = "auto"):
     """Capture, extract and compile ``module``; returns a :class:`~qdeploy.runtime.dynamic.DynamicModel`.
 
     Args:
@@ -62,6 +62,10 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
             built with ``tvm.schedule: "auto"`` (fused, vectorized loop schedule; see
             :mod:`qdeploy.backends.tvm.schedule`) and ``tvm.batch1_entry: true`` (a static
             batch-1 entry for single-sample calls) unless the config sets them.
+        capture_method: ``"auto"`` (``torch.export`` for ``torch.cond`` models without plain
+            data-dependent ``if``, else ``ast``), ``"export"`` or ``"ast"``; see
+            :func:`~qdeploy.compiler.frontends.dynamic.capture`.  The report's ``capture``
+            says which path was used (``"torch.export"`` or ``"ast"``).
     Raises:
         CaptureError: unsupported dynamism, naming the source line.
     """
@@ -70,7 +74,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
 
     name = name or type(module).__name__
     t0 = time.perf_counter()
-    prog = capture(module, example_inputs)
+    prog = capture(module, example_inputs, method=capture_method)
     t_capture = time.perf_counter() - t0
     t0 = time.perf_counter()
     birs = extract(prog, name)
@@ -110,7 +114,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
             "compile_seconds": round(secs, 3)})
     counts = count_items(prog.items)
     report = {
-        "model": name, "target": target,
+        "model": name, "target": target, "capture": prog.capture, "capture_note": prog.capture_note,
         "blocks": counts["blocks"], "device_blocks": sum(b["device"] for b in per_block),
         "removed_from_device": [b["id"] for b in per_block if not b["device"]],
         "conditions": counts["conditions"], "returns": counts["returns"],
@@ -130,7 +134,9 @@ def render_report(r: dict) -> str:
     """Text form of a :func:`compile_dynamic` report."""
     lines = [f"{r['model']} -> {r['target']}: {r['blocks']} blocks ({r['device_blocks']} on device, "
              f"{len(r['removed_from_device'])} host-only removed), {r['conditions']} conditions, "
-             f"{r['returns']} returns; compile {r['compile_seconds']} s"]
+             f"{r['returns']} returns; compile {r['compile_seconds']} s; capture {r.get('capture', 'ast')}"]
+    if r.get("capture_note"):
+        lines.append(f"  capture note: {r['capture_note']}")
     if r["unrolled_loops"]:
         lines.append("  unrolled loops: " + ", ".join(f"line {u['line']} x{u['trips']}" for u in r["unrolled_loops"]))
     if r["specializations"]:

@@ -162,6 +162,40 @@ class CondGate(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class CondNested(nn.Module):
+    """Two sequential ``torch.cond`` gates; the second one's true branch holds a nested
+    ``torch.cond`` (captured through ``torch.export``: 3 conditions, 4 paths)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.block1, self.block2, self.block3 = BasicBlock(c), BasicBlock(c), BasicBlock(c)
+        self.gate1, self.gate2, self.gate3 = Gate(c), Gate(c), Gate(c)
+        self.head = nn.Linear(c, 10)
+
+    def run1(self, x):
+        return F.relu(x + self.block1(x))
+
+    def run2(self, x):
+        h = F.relu(x + self.block2(x))
+        return torch.cond(self.gate3(h).sum() > 0, self.run3, self.halve, (h,))
+
+    def run3(self, x):
+        return F.relu(x + self.block3(x))
+
+    def halve(self, x):
+        return x * 0.5
+
+    def skip(self, x):
+        return x.clone()
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cond(self.gate1(x).sum() > 0, self.run1, self.skip, (x,))
+        x = torch.cond(self.gate2(x).sum() > 0, self.run2, self.skip, (x,))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give batch norms non-trivial running statistics (random weights, eval mode)."""
     g = torch.Generator().manual_seed(seed)
@@ -217,6 +251,13 @@ def calibrate_gates(model: nn.Module, x: torch.Tensor) -> nn.Module:
     elif isinstance(model, CondGate):
         h = F.relu(model.stem(x))
         model.gate.fc.bias -= model.gate(h)[:, 0].median()
+    elif isinstance(model, CondNested):
+        h = F.relu(model.stem(x))
+        model.gate1.fc.bias -= model.gate1(h)[:, 0].median()
+        h = model.run1(h)
+        model.gate2.fc.bias -= model.gate2(h)[:, 0].median()
+        h = F.relu(h + model.block2(h))
+        model.gate3.fc.bias -= model.gate3(h)[:, 0].median()
     elif isinstance(model, TopOneMoE):
         r = model.router(model.enc(x))
         model.router.bias -= r.mean(0)
@@ -242,6 +283,9 @@ def build(name: str, seed: int = 0, n_blocks: int = 4):
         shape = (64,)
     elif name == "cond_gate":
         m = randomize_bn(CondGate(), seed)
+        shape = (3, 32, 32)
+    elif name == "cond_nested":  # not in MODELS (the benchmark set): a capture test model
+        m = randomize_bn(CondNested(), seed)
         shape = (3, 32, 32)
     else:
         raise KeyError(name)
