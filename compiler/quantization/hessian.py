@@ -156,7 +156,7 @@ def hutchinson_traces(
     seed: int = 0,
     vectorize: bool = True,
     progress: Callable[[int], None] | None = None,
-    hvp: str = "rev",
+    hvp: str = "autograd",
     method: str = "hutchinson",
 ) -> TraceResult:
     """Estimate Tr(H_ii) for each weight layer (and optionally each layer's input activation).
@@ -178,10 +178,14 @@ def hutchinson_traces(
         seed: seeds the Rademacher generator (a private ``torch.Generator``): reproducible.
         vectorize: ``vmap`` over probes (else a Python loop over probes).
         progress: called with the number of probes done after each chunk.
-        hvp: ``"rev"`` reverse-over-reverse (``vjp`` of ``grad``, linearized once per batch; the
-            default) or ``"fwd"`` forward-over-reverse (``jvp`` of ``grad`` per probe chunk), both
-            vmapped over the probe chunk.  ``benchmarks/hessian_trace.py`` times both: on the
-            digits MLP (1024 samples, 200 probes, 1 thread) rev 0.42 s, fwd 0.50 s.
+        hvp: ``"autograd"`` (the default): the gradient is built once per batch with
+            ``create_graph=True`` and each probe is one ``torch.autograd.grad`` through it (double
+            backward, PyHessian's HVP), probes in a loop; ``"rev"`` reverse-over-reverse
+            (``torch.func`` ``vjp`` of ``grad``, linearized once per batch) or ``"fwd"``
+            forward-over-reverse (``jvp`` of ``grad``), both ``vmap``-ped over the probe chunk when
+            ``vectorize``.  ``benchmarks/hessian_trace.py`` times them: on the digits MLP/CNN (1024
+            samples, 100 probes, 1 thread, shared CPU) the vmapped modes took 2.9x/3.6x the time
+            of PyHessian's loop, so the loop is the default (TOOLCHAIN.md: vmap pays only on tiny nets).
         method: ``"hutchinson"`` (the default, any model), ``"ggn_exact"`` (exact traces, no probes,
             for piecewise-linear networks with cross-entropy; see :func:`ggn_exact_traces`; raises
             if the model does not qualify), or ``"auto"`` (``ggn_exact`` when the model qualifies,
@@ -206,8 +210,10 @@ def hutchinson_traces(
         if method == "ggn_exact":
             raise QDeployError(f"method='ggn_exact' needs a piecewise-linear model with cross-entropy: {why}; "
                                "use method='hutchinson' (or 'auto')")
-    if hvp not in ("fwd", "rev"):
-        raise QDeployError(f"hvp must be 'fwd' or 'rev', got {hvp!r}")
+    if hvp not in ("autograd", "fwd", "rev"):
+        raise QDeployError(f"hvp must be 'autograd', 'fwd' or 'rev', got {hvp!r}")
+    if hvp == "autograd":
+        vectorize = False
 
     if max_probes < 1 or batch_probes < 1:
         raise QDeployError(f"probe counts must be >= 1 (max_probes={max_probes}, batch_probes={batch_probes})")
@@ -257,7 +263,9 @@ def hutchinson_traces(
         for (x, y), shp in zip(batches, act_shapes):
             e0 = {n: torch.zeros(shp[n]) for n in act_names}
             g_fn = lambda w, e, x=x, y=y: grad(loss_of, argnums=(0, 1))(w, e, x, y)
-            if hvp == "rev":
+            if hvp == "autograd":
+                vjp_fn = _autograd_hvp(loss_of, w0, e0, x, y)
+            elif hvp == "rev":
                 _, vjp_fn = vjp(g_fn, w0, e0)
             else:
                 vjp_fn = (lambda v, g_fn=g_fn, e0=e0: jvp(g_fn, (w0, e0), v)[1])
@@ -309,6 +317,30 @@ def hutchinson_traces(
     ares = {n: mk(f"act:{n}", n, int(sum(int(np.prod(s[n])) for s in act_shapes))) for n in act_names}
     return TraceResult(weights=wres, activations=ares, probes=done, seconds=time.perf_counter() - t0,
                        converged=converged)
+
+
+def _autograd_hvp(loss_of, w0: dict, e0: dict, x, y):
+    """H v by double backward (PyHessian's ``hessian_vector_product``): the gradient graph of the loss
+    w.r.t. the weights ``w0`` and activation perturbations ``e0`` is built once; the returned
+    function maps one probe ``(vw, ve)`` (dicts of tensors shaped like ``w0``/``e0``) to ``(Hv_w, Hv_e)``."""
+    w = {k: t.detach().clone().requires_grad_(True) for k, t in w0.items()}
+    e = {k: t.detach().clone().requires_grad_(True) for k, t in e0.items()}
+    with torch.enable_grad():
+        loss = loss_of(w, e, x, y)
+        ins = list(w.values()) + list(e.values())
+        gs = torch.autograd.grad(loss, ins, create_graph=True, allow_unused=True)
+    wk, ek = list(w), list(e)
+
+    def hvp(v):
+        vw, ve = v
+        outs = [vw[k] for k in wk] + [ve[k] for k in ek]
+        pairs = [(g, t, o) for g, t, o in zip(gs, ins, outs) if g is not None and g.requires_grad]
+        with torch.enable_grad():
+            hv = torch.autograd.grad([g for g, _, _ in pairs], ins, grad_outputs=[o for _, _, o in pairs],
+                                     retain_graph=True, allow_unused=True)
+        hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, ins)]
+        return ({k: hv[i] for i, k in enumerate(wk)}, {k: hv[len(wk) + i] for i, k in enumerate(ek)})
+    return hvp
 
 
 def _rademacher(shape, gen) -> torch.Tensor:
