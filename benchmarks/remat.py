@@ -172,7 +172,7 @@ def main():
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--greedy-limit", type=float, default=30.0)
     ap.add_argument("--workers", type=int, default=None, help="CP-SAT workers (default: CPU count)")
-    ap.add_argument("--no-tighten", action="store_true", help="CP model without the dominance/no-gap constraints")
+    ap.add_argument("--no-tighten", action="store_true", help="CP model without the live-set cuts (tighten=False)")
     ap.add_argument("--skip-ir", action="store_true", help="skip the IR graphs (interpreter peak check)")
     ap.add_argument("--quick", action="store_true", help="graphs up to 260 nodes only")
     args = ap.parse_args()

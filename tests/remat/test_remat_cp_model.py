@@ -56,9 +56,12 @@ def test_live_cuts_hold_for_every_feasible_schedule_and_keep_the_optimum():
 def test_tightening_keeps_the_optimum_on_ir_graphs(make):
     p = R.Problem.from_graph(make(np.random.default_rng(7)))
     b = int(0.9 * R.evaluate(p, R.no_remat(p)).peak)
-    a = R.solve_cp(p, b, time_limit=60, workers=2)
+    a = R.solve_cp(p, b, time_limit=60, workers=2, tighten=R.TIGHTENINGS)  # every tightening
     c = R.solve_cp(p, b, time_limit=60, workers=2, tighten=False)
-    assert a.status == c.status == "optimal" and a.cost == c.cost
+    d = R.solve_cp(p, b, time_limit=60, workers=2)  # the default ones
+    assert a.status == c.status == d.status == "optimal" and a.cost == c.cost == d.cost
+    with pytest.raises(ValueError, match="unknown tightening"):
+        R.solve_cp(p, b, time_limit=1, tighten=("cuts", "magic"))
     # no gaps and no unread recomputation in the tightened model's schedule
     ev = R.evaluate(p, a.schedule)
     read = {r for _, rs in a.schedule.steps for r in rs}
