@@ -8,8 +8,11 @@ conditions into a control graph of straight-line blocks.  This module
    here dead nodes and unused inputs are dropped with :func:`~qdeploy.passes.fold.dce`);
 2. removes **pass-through / host-only blocks** from the device side (a block with no device op
    -- e.g. one that only forwards tensors or only computes a condition -- gets no artifact);
-3. **compiles** every remaining block with the chosen backend (``emit``/``build``/``load``) and
-   returns a :class:`~qdeploy.runtime.dynamic.DynamicModel` whose host walks the control graph;
+3. **compiles** every remaining block with the chosen backend (``emit``/``build``/``load``) into
+   a stage artifact ``<out_dir>/block<k>`` (``manifest.json`` + ``ir/model``), writes
+   ``<out_dir>/plan.json`` (the multi-stage plan layout shared with early exits, ``kind:
+   "dynamic"``) and returns a :class:`~qdeploy.runtime.dynamic.DynamicModel` whose host walks
+   the control graph (reload with :meth:`~qdeploy.runtime.dynamic.DynamicModel.load`);
 4. **reports** blocks, conditions, per-block compile times, specializations and host ops.
 
 Usage::
@@ -20,6 +23,7 @@ Usage::
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import replace
@@ -97,7 +101,15 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         info = backend.emit(bir.graph, dict(config), d)
         backend.build(d, info)
         fn = backend.load(d, info, bir.graph)
-        return fn, time.perf_counter() - t0
+        secs = time.perf_counter() - t0
+        # a stage artifact (loadable by runtime.compiled.CompiledModel / multistage.load_stages)
+        (d / "ir").mkdir(exist_ok=True)
+        bir.graph.save(str(d / "ir" / "model"))
+        (d / "manifest.json").write_text(json.dumps({
+            "format": 1, "target": target, "backend": info, "kind": "dynamic_block", "block": blk.id,
+            "graph_digest": bir.graph.digest(), "inputs": list(bir.graph.inputs),
+            "outputs": list(bir.graph.outputs)}, indent=1, default=str))
+        return fn, secs
 
     blks = prog.blocks()
     t_build = time.perf_counter()
@@ -127,7 +139,9 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         "compile_wall_seconds": round(t_wall, 3),
         "per_block": per_block, "out_dir": str(out),
     }
-    return DynamicModel(prog, blocks, report, out)
+    dm = DynamicModel(prog, blocks, report, out)
+    dm.save_plan(out)  # plan.json (kind "dynamic") next to the block artifacts: DynamicModel.load
+    return dm
 
 
 def render_report(r: dict) -> str:

@@ -4,7 +4,7 @@ from .compiled import ArtifactError, CompiledModel
 __all__ = ["ArtifactError", "CompiledModel"]
 
 # --- issue 6: early exits (multi-stage host control plan) ---
-from .multistage import MultiStageModel, PlanError  # noqa: E402
+from .multistage import MultiStageModel, PlanError, StageHost  # noqa: E402
 
-__all__ += ["MultiStageModel", "PlanError"]
+__all__ += ["MultiStageModel", "PlanError", "StageHost"]
 # --- end issue 6 ---

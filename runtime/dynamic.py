@@ -19,9 +19,15 @@ offers one (``tvm-llvm``: ``run.entry1``), hands TVM tensors from block to block
 torch/numpy inputs zero-copy through DLPack.  Other backends use the same steps through their
 ``load`` callable.  Results and ``last_stats`` equal the routed path's.
 
-This controller is self-contained (``runtime/multistage.py`` had not landed when it was written);
-its unit of work -- "run stage *k* on a subset of samples, then decide per sample" -- is the same
-as an early-exit multi-stage plan, so it can later delegate stage calls to ``MultiStageModel``.
+Shared with early exits (:mod:`qdeploy.runtime.multistage`): ``DynamicModel`` is a
+:class:`~qdeploy.runtime.multistage.StageHost`, like ``MultiStageModel``.  Device blocks are
+stages named ``block<k>``; the routed (batched) path calls them through
+``StageHost.call_stage`` and splits sample indices at conditions with ``StageHost.route``;
+on disk a compiled dynamic network is the same layout as an early-exit program: ``plan.json``
+(``kind: "dynamic"``, the control graph) written with ``write_plan``, one compiled artifact per
+stage (``manifest.json`` + ``ir/model``) loaded with ``load_stages`` (:meth:`DynamicModel.load`).
+The batch-1 path calls the stages' backend entries directly (generated code, see above), not
+through ``call_stage``.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import numpy as np
 
 from ..compiler.errors import QDeployError
 from ..compiler.frontends.dynamic import (NCHW, BlockItem, IfItem, ReturnItem, from_ir, layout_of, to_ir)
+from .multistage import PlanError, StageHost, load_stages, read_plan, write_plan
 
 __all__ = ["DynamicModel", "DevVal", "HostVal"]
 
@@ -134,9 +141,10 @@ def _to_numpy(v):
 
 
 class _Plan:
-    __slots__ = ("tensors", "in_vars", "out_names", "host", "leaves", "wanted")
+    __slots__ = ("tensors", "in_vars", "out_names", "host", "leaves", "wanted", "stage")
 
     def __init__(self):
+        self.stage = None
         self.tensors, self.in_vars, self.out_names = None, [], []
         self.host, self.leaves, self.wanted = [], [], []
 
@@ -230,7 +238,29 @@ def _merge(frames):
     return out
 
 
-class DynamicModel:
+def stage_name(block_id: int) -> str:
+    """Stage name (and artifact directory) of device block ``block_id``: ``block<k>``."""
+    return f"block{block_id}"
+
+
+def control_json(items) -> list:
+    """JSON form of a control graph (``plan.json`` ``control``): ``{"block", "stage", "inputs",
+    "outputs", "lines"}``, ``{"if", "cond", "test", "line", "then", "else"}``, ``{"return",
+    "values", "tuple"}``; ``stage`` is None for a block removed from the device side."""
+    out = []
+    for it in items:
+        if isinstance(it, BlockItem):
+            out.append({"block": it.id, "inputs": list(it.inputs), "outputs": list(it.outputs),
+                        "lines": list(it.lines)})
+        elif isinstance(it, IfItem):
+            out.append({"if": it.id, "cond": it.cond_var, "test": it.test_src, "line": it.line,
+                        "then": control_json(it.then), "else": control_json(it.orelse)})
+        else:
+            out.append({"return": it.id, "values": list(it.names), "tuple": bool(it.is_tuple)})
+    return out
+
+
+class DynamicModel(StageHost):
     """A compiled dynamic network.
 
     Args:
@@ -249,6 +279,66 @@ class DynamicModel:
         self.report = report or {}
         self.workdir = workdir
         self.last_stats: dict = {}
+        self.stages = {stage_name(bid): fn for bid, (_bir, fn) in blocks.items() if fn is not None}
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def plan(self) -> dict:
+        """The ``plan.json`` content (without ``format``): ``kind: "dynamic"``, target, capture
+        path, inputs, ``stages`` (one per device block: name, dir, IR inputs/outputs, graph
+        digest), ``control`` (:func:`control_json`) and the compile report."""
+        stages, control = [], control_json(self.program.items)
+        for bid, (bir, fn) in sorted(self.blocks.items()):
+            if fn is None:
+                continue
+            stages.append({"name": stage_name(bid), "dir": stage_name(bid), "inputs": list(bir.graph.inputs),
+                           "outputs": list(bir.graph.outputs), "graph_digest": bir.graph.digest()})
+        for c in (c for c in _walk_json(control) if "block" in c):
+            c["stage"] = stage_name(c["block"]) if self.blocks[c["block"]][1] is not None else None
+        return {"kind": "dynamic", "target": self.report.get("target"),
+                "capture": getattr(self.program, "capture", "ast"), "inputs": list(self.program.arg_names),
+                "stages": stages, "control": control, "report": self.report}
+
+    def save_plan(self, out_dir=None):
+        """Write ``plan.json`` next to the block artifacts (default: ``workdir``); returns its path."""
+        out_dir = out_dir if out_dir is not None else self.workdir
+        if out_dir is None:
+            raise PlanError("no directory to save the plan in")
+        return write_plan(out_dir, self.plan)
+
+    @classmethod
+    def load(cls, out_dir, module, example_inputs) -> "DynamicModel":
+        """Load a compiled dynamic network written by :func:`~qdeploy.passes.dynamic.compile_dynamic`:
+        ``plan.json`` and the block artifacts are read, the host program (conditions, host ops)
+        is re-captured from ``module`` (the same capture path as at compile time; nothing is
+        recompiled) and checked against the plan.
+
+        Args:
+            out_dir: the compile ``out_dir``.
+            module / example_inputs: the model (eval mode) and a batch-1 example, as compiled.
+        Raises:
+            PlanError: no/unreadable plan, a block artifact missing, or a model whose control
+                graph or block graphs differ from the compiled ones (digest mismatch).
+        """
+        from ..passes.dynamic import capture, extract
+
+        plan = read_plan(out_dir, "dynamic")
+        method = "export" if plan.get("capture") == "torch.export" else "ast"
+        prog = capture(module, example_inputs, method=method)
+        if control_json(prog.items) != _strip_stage(plan["control"]):
+            raise PlanError(f"{out_dir}: the model's control graph differs from the compiled plan")
+        birs = extract(prog, plan.get("report", {}).get("model") or type(module).__name__)
+        loaded = load_stages(out_dir, plan)
+        blocks = {}
+        for bid, bir in birs.items():
+            st = loaded.get(stage_name(bid))
+            if (bir.graph is None) != (st is None):
+                raise PlanError(f"{out_dir}: block {bid} device part differs from the compiled plan")
+            if st is not None and st.graph.digest() != bir.graph.digest():
+                raise PlanError(f"{out_dir}: block {bid} graph differs from the compiled artifact "
+                                f"(model weights or code changed)")
+            blocks[bid] = (bir, st._fn if st is not None else None)
+        return cls(prog, blocks, dict(plan.get("report") or {}), out_dir)
 
     # ------------------------------------------------------------------ public
     def run(self, *inputs):
@@ -568,7 +658,7 @@ class DynamicModel:
             self.last_stats["block_calls"] += 1
             return {node: DevVal(np.from_dlpack(res[irv]), kind, res[irv])
                     for node, (irv, kind) in bir.dev_outputs.items()}
-        res = fn({irn: _as_device(env[var], kind) for var, irn, kind in bir.dev_inputs})
+        res = self.call_stage(plan.stage, {irn: _as_device(env[var], kind) for var, irn, kind in bir.dev_inputs})
         self.last_stats["block_calls"] += 1
         return {node: DevVal(res[irv], kind) for node, (irv, kind) in bir.dev_outputs.items()}
 
@@ -580,6 +670,7 @@ class DynamicModel:
             return p
         bir, fn = self.blocks[bid]
         p = _Plan()
+        p.stage = stage_name(bid)
         tensors = getattr(fn, "tensors", None) if fn is not None else None
         if tensors is not None:
             by_name = {irn: (var, kind) for var, irn, kind in bir.dev_inputs}
@@ -627,8 +718,9 @@ class DynamicModel:
                     elif not m.any():
                         ff.append(f)
                     else:
-                        tf.append(_Frame(f.idx[m], {k: v.take(m) for k, v in f.env.items()}))
-                        ff.append(_Frame(f.idx[~m], {k: v.take(~m) for k, v in f.env.items()}))
+                        it_rows, if_rows = self.route(f.idx, m)
+                        tf.append(_Frame(it_rows, {k: v.take(m) for k, v in f.env.items()}))
+                        ff.append(_Frame(if_rows, {k: v.take(~m) for k, v in f.env.items()}))
                 tot = sum(len(f.idx) for f in frames)
                 st = self.last_stats["taken"].setdefault(it.id, [0, 0])
                 st[0] += nt
@@ -739,3 +831,16 @@ class DynamicModel:
                 arr[idx] = vals[j]
             outs.append(arr)
         return tuple(outs) if pieces[0][2] else outs[0]
+
+
+def _walk_json(control):
+    for c in control:
+        yield c
+        if "if" in c:
+            yield from _walk_json(c["then"])
+            yield from _walk_json(c["else"])
+
+
+def _strip_stage(control):
+    return [{k: (_strip_stage(v) if k in ("then", "else") else v) for k, v in c.items() if k != "stage"}
+            for c in control]

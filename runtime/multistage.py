@@ -25,8 +25,13 @@ arrays (int64 codes for fixed-point values, float32 otherwise) for the whole bat
 of *active* (undecided) inputs.  A step runs its stage on the active rows only, storing the
 stage outputs; its ``exit`` gate then retires the active rows it accepts, recording the argmax of
 the exit value and the step index.  Rows still active after the last step are an error (the
-last gate must be ``always``).  New step kinds (issue 7: branches, loops) go into
-:meth:`MultiStageModel._step`; new gate rules into :data:`GATES`.
+last gate must be ``always``).  New gate rules go into :data:`GATES`.
+
+Shared with dynamic networks (issue 7): :class:`StageHost` (stage calls by name, per-sample
+row routing and scattering, the ``plan.json`` + stage-artifact layout through :func:`read_plan`,
+:func:`write_plan`, :func:`load_stages`) is the base of both ``MultiStageModel`` and
+:class:`~qdeploy.runtime.dynamic.DynamicModel` (whose ``plan.json`` has ``kind: "dynamic"`` and
+a nested ``control`` graph instead of ``steps``).
 
 Gating in the integer domain (``GATES``): with fixed-point logits ``z_j = c_j * 2^-F`` (codes
 ``c_j``) and integer gaps ``d_j = c_max - c_j >= 0``:
@@ -184,8 +189,105 @@ def gate_mask(gate: dict | None, arr, dtype) -> np.ndarray:
     return confidence(rule, arr, dtype, gate) >= gate["level"]
 
 
+# --------------------------------------------------------------------------- shared host layer
+def read_plan(out_dir, kind: str | None = None) -> dict:
+    """Parse ``out_dir/plan.json`` (format :data:`PLAN_FORMAT`; ``kind`` checked when given:
+    ``"early_exit"`` or ``"dynamic"``).
+
+    Raises:
+        PlanError: no/unreadable plan, another format or kind.
+    """
+    pf = Path(out_dir) / "plan.json"
+    if not pf.is_file():
+        raise PlanError(f"{out_dir} is not a multi-stage program: no plan.json")
+    try:
+        plan = json.loads(pf.read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{out_dir}: unreadable multi-stage program ({type(e).__name__}: {e})") from None
+    if plan.get("format") != PLAN_FORMAT:
+        raise PlanError(f"{pf}: unsupported plan format {plan.get('format')!r}")
+    if kind is not None and plan.get("kind", "early_exit") != kind:
+        raise PlanError(f"{pf}: a {plan.get('kind')!r} plan, not {kind!r}")
+    return plan
+
+
+def write_plan(out_dir, plan: dict) -> Path:
+    """Write ``plan`` to ``out_dir/plan.json`` (adds ``format``); returns the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = {"format": PLAN_FORMAT, **plan}
+    (out_dir / "plan.json").write_text(json.dumps(plan, indent=1, default=str))
+    return out_dir / "plan.json"
+
+
+def load_stages(out_dir, plan: dict) -> dict:
+    """``{stage name: CompiledModel}`` for every ``plan["stages"]`` entry (``dir`` relative to
+    ``out_dir``).
+
+    Raises:
+        PlanError: a stage directory that is not a compiled artifact.
+    """
+    from .compiled import ArtifactError, CompiledModel
+    out = {}
+    for s in plan.get("stages", []):
+        try:
+            out[s["name"]] = CompiledModel.load(Path(out_dir) / s["dir"])
+        except ArtifactError as e:
+            raise PlanError(f"stage {s['name']!r}: {e}") from None
+    return out
+
+
+class StageHost:
+    """The host side shared by :class:`MultiStageModel` (early exits, issue 6) and
+    :class:`~qdeploy.runtime.dynamic.DynamicModel` (dynamic control flow, issue 7, DyCL arXiv
+    2307.04963): compiled stages called by name, per-sample routing of a batch through them,
+    and the ``plan.json`` + stage-artifact layout on disk (:func:`read_plan`,
+    :func:`write_plan`, :func:`load_stages`).
+
+    Attributes:
+        stages: ``{name: stage}``; a stage is a :class:`CompiledModel` (``run_codes``) or a
+            backend ``load`` callable ``feeds -> outputs`` (runtime arrays, IR layout, batch first).
+        stage_calls: stage calls made since the object was created (all paths).
+    """
+
+    stages: dict
+    stage_calls: int = 0
+
+    def call_stage(self, name: str, feeds: dict) -> dict:
+        """Run stage ``name`` on ``{IR input name: array (rows, ...)}``; ``{IR output: array}``.
+
+        Raises:
+            PlanError: unknown stage.
+        """
+        st = self.stages.get(name)
+        if st is None:
+            raise PlanError(f"unknown stage {name!r}")
+        self.stage_calls += 1
+        run = getattr(st, "run_codes", None)
+        return run(feeds) if run is not None else st(feeds)
+
+    @staticmethod
+    def route(rows: np.ndarray, mask: np.ndarray) -> tuple:
+        """Split the sample indices ``rows`` by a per-sample boolean ``mask`` (same length):
+        ``(rows taking the true side, rows taking the false side)``."""
+        mask = np.asarray(mask, dtype=bool)
+        return rows[mask], rows[~mask]
+
+    @staticmethod
+    def scatter(env: dict, outs: dict, rows: np.ndarray, n: int) -> None:
+        """Store stage outputs computed on ``rows`` into the batch-``n`` environment ``env``
+        (a value first seen is allocated zero-filled for the whole batch)."""
+        for o, a in outs.items():
+            a = np.asarray(a)
+            full = env.get(o)
+            if full is None or full.shape[0] != n:
+                full = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
+                env[o] = full
+            full[rows] = a
+
+
 # --------------------------------------------------------------------------- the model
-class MultiStageModel:
+class MultiStageModel(StageHost):
     """A multi-stage program: stages (compiled artifacts, :class:`CompiledModel`) under a host
     control plan.  Build one with :func:`qdeploy.early_exit.compile_early_exit` (or
     :meth:`save` a plan next to compiled stage directories), load it with :meth:`load`.
@@ -213,16 +315,11 @@ class MultiStageModel:
         """
         from .compiled import CompiledModel
         out_dir = Path(out_dir)
-        pf = out_dir / "plan.json"
-        if not pf.is_file():
-            raise PlanError(f"{out_dir} is not a multi-stage program: no plan.json")
+        plan = read_plan(out_dir)
         try:
-            plan = json.loads(pf.read_text())
             program = Graph.load(str(out_dir / "ir" / "program"))
         except (OSError, ValueError, KeyError) as e:
             raise PlanError(f"{out_dir}: unreadable multi-stage program ({type(e).__name__}: {e})") from None
-        if plan.get("format") != PLAN_FORMAT:
-            raise PlanError(f"{pf}: unsupported plan format {plan.get('format')!r}")
         stages = {s["name"]: CompiledModel.load(out_dir / s["dir"]) for s in plan["stages"]}
         return cls(plan, program, stages, out_dir)
 
@@ -231,8 +328,7 @@ class MultiStageModel:
         out_dir = Path(out_dir or self.out_dir)
         (out_dir / "ir").mkdir(parents=True, exist_ok=True)
         self.program.save(str(out_dir / "ir" / "program"))
-        (out_dir / "plan.json").write_text(json.dumps(self.plan, indent=1))
-        return out_dir / "plan.json"
+        return write_plan(out_dir, self.plan)
 
     def with_gates(self, gates: list) -> "MultiStageModel":
         """A copy with the exit gates replaced, one gate dict per step (the same compiled stages)."""
@@ -295,7 +391,7 @@ class MultiStageModel:
                 continue
             self.last_stage_rows.append(int(active.size))
             done, out_arr = self._step(st, env, active)
-            rows = active[done]
+            rows, rest = self.route(active, done)
             pred[rows] = np.argmax(out_arr[done], axis=1)
             exit_idx[rows] = k
             if return_logits:
@@ -304,7 +400,7 @@ class MultiStageModel:
                 if logits is None:
                     logits = np.zeros((n, real.shape[1]), dtype=np.float64)
                 logits[rows] = real
-            active = active[~done]
+            active = rest
         if active.size:
             raise PlanError(f"{active.size} inputs left no exit (last gate must be 'always')")
         return (pred, exit_idx, logits) if return_logits else (pred, exit_idx)
@@ -318,14 +414,8 @@ class MultiStageModel:
             if i not in env:
                 raise PlanError(f"stage {st['run']!r} needs {i!r}, which no earlier stage produced")
             feeds[i] = _rows(env[i], active, self._n(env))
-        outs = stage.run_codes(feeds)
-        n = self._n(env)
-        for o, a in outs.items():
-            full = env.get(o)
-            if full is None or full.shape[0] != n:
-                full = np.zeros((n, *np.asarray(a).shape[1:]), dtype=np.asarray(a).dtype)
-                env[o] = full
-            full[active] = a
+        outs = self.call_stage(st["run"], feeds)
+        self.scatter(env, outs, active, self._n(env))
         ev = st["exit"]["value"]
         arr = np.asarray(outs[ev])
         return gate_mask(st["exit"].get("gate"), arr, self._value_type(ev)), arr

@@ -720,7 +720,6 @@ def _aten_to_module(n, cval):
 
     A = torch.ops.aten
     t, a = n.target, list(n.args)
-    val = n.meta.get("val")
     if t is A.conv2d.default:
         a += [None, [1, 1], [0, 0], [1, 1], 1][len(a) - 2:]
         x, w, b, stride, pad, dil, groups = a[:7]
@@ -775,7 +774,6 @@ def _aten_to_module(n, cval):
         s = tuple(_pair(s[0]) if len(s) == 1 else s) if s else k
         p = tuple(_pair(p[0]) if len(p) == 1 else p)
         return nn.AvgPool2d(k, s, p, ceil_mode=ceil, count_include_pad=cip, divisor_override=div), x
-    del val
     return None
 
 

@@ -295,3 +295,37 @@ def test_capture_paths_ast_fallback(tmp_path):
     assert np.abs(dm_ast.run(X) - eager(cg, X)).max() < 1e-4
     with pytest.raises(ValueError):
         capture(cg, ex, method="dycl")
+
+
+# --------------------------------------------------------------------------- shared runtime
+def test_shared_stage_host_and_plan_roundtrip(tmp_path):
+    """DynamicModel and MultiStageModel share StageHost (stage calls by name, routing, plan.json
+    + stage artifacts).  A compiled dynamic network is saved as plan.json (kind "dynamic") and
+    one artifact per device block, reloads without recompiling, and gives the same outputs; a
+    model whose weights changed is refused."""
+    from qdeploy.runtime.dynamic import DynamicModel
+    from qdeploy.runtime.multistage import MultiStageModel, PlanError, StageHost, read_plan
+
+    assert issubclass(DynamicModel, StageHost) and issubclass(MultiStageModel, StageHost)
+    m, ex, gen = built("cond_gate")
+    dm = compile_dynamic(m, ex, target="reference", out_dir=tmp_path)
+    plan = read_plan(tmp_path, "dynamic")
+    assert plan["capture"] == "torch.export"
+    assert sorted(s["name"] for s in plan["stages"]) == sorted(dm.stages)
+    assert len(dm.stages) == dm.report["device_blocks"] == 3
+    X = gen(64, 5)
+    y = dm.run(X)
+    assert dm.stage_calls == dm.last_stats["block_calls"] > 0  # routed path: every device call via call_stage
+    dm2 = DynamicModel.load(tmp_path, m, ex)
+    assert np.array_equal(dm2.run(X), y) and dm2.stage_calls == dm.stage_calls
+    assert np.array_equal(dm2.run(X[:1]), y[:1])
+    rows_t, rows_f = StageHost.route(np.arange(5), np.array([1, 0, 1, 1, 0]))
+    assert rows_t.tolist() == [0, 2, 3] and rows_f.tolist() == [1, 4]
+    with pytest.raises(PlanError):
+        read_plan(tmp_path, "early_exit")
+    import copy
+    m3 = copy.deepcopy(m)
+    with torch.no_grad():
+        m3.head.weight.add_(1.0)
+    with pytest.raises(PlanError, match="differs"):
+        DynamicModel.load(tmp_path, m3, ex)
