@@ -596,7 +596,7 @@ class DynamicModel(StageHost):
         out_pos = ([(node, plan.out_names.index(irv), kind) for node, (irv, kind) in bir.dev_outputs.items()]
                    if tensors is not None else [])
         dev_inputs, dev_outputs = bir.dev_inputs, bir.dev_outputs
-        leaves, host, wanted = plan.leaves, plan.host, plan.wanted
+        leaves, host = plan.leaves, plan.host
         outputs = list(bir.outputs.items())
         has_alias = any(src == "alias" for src, _ in bir.outputs.values())
 
@@ -676,8 +676,6 @@ class DynamicModel(StageHost):
             by_name = {irn: (var, kind) for var, irn, kind in bir.dev_inputs}
             p.tensors, p.in_vars, p.out_names = tensors, [by_name[n] for n in fn.input_names], list(fn.output_names)
         if bir.host_nodes:
-            import torch
-
             names = set(bir.host_nodes)
             leaves = {}
             for nd, call in self._host_nodes(bir):
@@ -693,7 +691,6 @@ class DynamicModel(StageHost):
                     else:
                         leaves[a.name] = ("const", bir.consts[a.name])
                 p.host.append((nd.name, _node_call(nd, call)))
-            del torch
             p.leaves = [(k, s, r) for k, (s, r) in leaves.items()]
             p.wanted = [ref for src, ref in bir.outputs.values() if src == "host"]
         plans[bid] = p

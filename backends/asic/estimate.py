@@ -226,7 +226,6 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
     node_nm, period = opts["node_nm"], opts["clock_period"]
     fo4_ns = 0.5e-3 * node_nm
     layers = []
-    stages_pending = 0
     for node in graph.nodes:
         out_t = graph.value(node.output).dtype
         in_ts = [graph.value(i).dtype for i in node.inputs]

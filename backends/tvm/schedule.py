@@ -56,7 +56,6 @@ def _vectorize(sch, loop, lanes: int, max_len: int = 64) -> None:
 def _kinds(sch, block):
     """[(loop, kind 'S'/'R')] for a block whose loops bind its iter vars one to one, else None."""
     from tvm import tirx
-    from tvm.s_tir import SBlockRealize
     blk = sch.get(block)
     loops = sch.get_loops(block)
     if len(loops) != len(blk.iter_vars):

@@ -954,7 +954,6 @@ def block_to_ir(blk: BlockItem, name: str = "block") -> BlockIR:
     """Convert a traced block into a device IR graph plus host ops (see :class:`BlockIR`)."""
     import torch
     import torch.nn as nn
-    import torch.nn.functional as F
 
     from ..ir import FLOAT32, Const, GraphBuilder
 

@@ -494,8 +494,8 @@ def render_markdown(rep: dict) -> str:
          "- float accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in rep["float_accuracy"].items()),
          f"- candidate weight bits {rep['settings']['w_bits']}, activation bits {rep['settings']['a_bits']}, "
          f"input {rep['settings']['input']}",
-         (f"- Hessian traces: exact (Gauss-Newton block = Hessian block of a piecewise-linear network, "
-          f"no probes; standard error 0), " if rep['trace'].get('method') == "ggn_exact" else
+         ("- Hessian traces: exact (Gauss-Newton block = Hessian block of a piecewise-linear network, "
+          "no probes; standard error 0), " if rep['trace'].get('method') == "ggn_exact" else
           f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (cap {rep['settings']['probes_cap']}, "
           f"tol {rep['settings']['tol']}, converged: {rep['trace']['converged']}), ")
          + f"{rep['settings']['trace_samples']} samples, {rep['trace']['seconds']:.2f} s",
