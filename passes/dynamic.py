@@ -24,12 +24,15 @@ Usage::
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..compiler.frontends.dynamic import BlockIR, CaptureError, ControlProgram, block_to_ir, capture, count_items
+from ..compiler.errors import QDeployError
 from .fold import dce
 
 __all__ = ["extract", "compile_dynamic", "render_report", "CaptureError"]
@@ -74,7 +77,6 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         CaptureError: unsupported dynamism, naming the source line.
     """
     from ..backends import get_backend
-    from ..runtime.dynamic import DynamicModel
 
     name = name or type(module).__name__
     t0 = time.perf_counter()
@@ -84,8 +86,32 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
     birs = extract(prog, name)
     t_extract = time.perf_counter() - t0
     backend = get_backend(target)
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"qdeploy_dyn_{name}_"))
-    out.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        out = Path(out_dir).resolve()
+        if out.exists() and any(out.iterdir()) and not (out / "plan.json").is_file():
+            raise QDeployError(f"output directory {out} exists and is not a qdeploy dynamic program (no plan.json); "
+                               "choose a new directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    else:
+        stage = out = Path(tempfile.mkdtemp(prefix=f"qdeploy_dyn_{name}_"))
+    try:
+        dm = _build_program(prog, birs, backend, target, name, config, out, stage, t_capture, t_extract)
+        if stage != out:  # publish only a complete program: a failed compile leaves no directory
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dm
+
+
+def _build_program(prog, birs, backend, target, name, config, out, stage, t_capture, t_extract):
+    """Compile every device block of ``prog`` into ``stage/block<k>`` and write ``stage/plan.json``;
+    the returned model reports ``out`` (where the caller publishes ``stage``)."""
+    from ..runtime.dynamic import DynamicModel
+
     blocks, per_block = {}, []
     config = dict(config or {})
     if target == "tvm-llvm":
@@ -95,7 +121,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         bir = birs[blk.id]
         if bir.graph is None:
             return None, 0.0
-        d = out / f"block{blk.id}"
+        d = stage / f"block{blk.id}"
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         info = backend.emit(bir.graph, dict(config), d)
@@ -140,7 +166,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         "per_block": per_block, "out_dir": str(out),
     }
     dm = DynamicModel(prog, blocks, report, out)
-    dm.save_plan(out)  # plan.json (kind "dynamic") next to the block artifacts: DynamicModel.load
+    dm.save_plan(stage)  # plan.json (kind "dynamic") next to the block artifacts: DynamicModel.load
     return dm
 
 

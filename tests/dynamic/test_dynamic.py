@@ -215,11 +215,32 @@ def test_unsupported_dynamism_names_line(tmp_path, case):
     assert words in msg and f"bad_{case}.py:{4 + rel}" in msg, msg
 
 
-@pytest.mark.slow
-def test_hls4ml_moe():
-    m, ex, gen = built("moe")
-    dm = compile_dynamic(m, ex, target="hls4ml")
-    X = gen(50, 3)
+def test_hls4ml_refuses_float_blocks_with_a_clear_error():
+    """Dynamic blocks are float32 (quantized blocks are not supported yet); hls4ml needs fixed-point
+    layers, so compiling them for hls4ml fails up front with one message naming the block's node."""
+    from qdeploy.compiler.errors import UnsupportedError
+    m, ex, _ = built("moe")
+    with pytest.raises(UnsupportedError) as ei:
+        compile_dynamic(m, ex, target="hls4ml")
+    msg = str(ei.value)
+    assert "no fixed-point layers" in msg and "tvm-llvm" in msg and "\n" not in msg
+
+
+def test_failed_dynamic_compile_leaves_no_directory(tmp_path):
+    from qdeploy.compiler.errors import QDeployError, UnsupportedError
+    m, ex, _ = built("moe")
+    out = tmp_path / "moe_hls"
+    with pytest.raises(UnsupportedError):
+        compile_dynamic(m, ex, target="hls4ml", out_dir=out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no staging leftovers either
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(QDeployError, match="not a qdeploy dynamic program"):
+        compile_dynamic(m, ex, target="reference", out_dir=tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    dm = compile_dynamic(m, ex, target="reference", out_dir=out)  # success publishes the program
+    assert (out / "plan.json").is_file() and dm.report["out_dir"] == str(out.resolve())
+    X = built("moe")[2](20, 5)
     assert np.abs(dm.run(X) - eager(m, X)).max() < 1e-4
 
 
