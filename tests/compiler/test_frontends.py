@@ -11,7 +11,7 @@ from qdeploy.compiler.errors import ImportError_, UnsupportedError
 from qdeploy.compiler.frontends import export_qonnx, import_onnx, load_model
 from qdeploy.compiler.ir import verify
 from qdeploy.compiler.ir.types import FixedType
-from tests.conftest import REALCASES
+from tests.conftest import REALCASES, needs_realcases
 
 warnings.filterwarnings("ignore", category=UserWarning)
 QD = "qonnx.custom_op.general"
@@ -72,6 +72,7 @@ def ops(g):
 TFC = REALCASES / "qonnx-zoo-tfc-mnist"
 
 
+@needs_realcases
 @pytest.mark.parametrize("variant", ["TFC_1W1A", "TFC_1W2A"])
 def test_realcase_tfc(variant):
     g = import_onnx(TFC / f"{variant}.onnx")
@@ -85,6 +86,7 @@ def test_realcase_tfc(variant):
     np.testing.assert_allclose(y, np.load(TFC / f"derived_{variant}_output_4x10.npy"), atol=1e-5, rtol=0)
 
 
+@needs_realcases
 def test_realcase_jet_tagger():
     d = REALCASES / "jsc-qkeras-3layer"
     g = import_onnx(d / "qkeras_jettagging.onnx")
@@ -98,6 +100,7 @@ def test_realcase_jet_tagger():
     np.testing.assert_allclose(ref.run(g, x), np.load(d / "derived_qonnx_output_64x5.npy"), atol=1e-6, rtol=0)
 
 
+@needs_realcases
 def test_realcase_bnn_fc_1layer():
     d = REALCASES / "hls4ml-bnn-fc-1layer"
     g = import_onnx(d / "bnn_model_fc_1layer.onnx")
@@ -106,6 +109,7 @@ def test_realcase_bnn_fc_1layer():
     assert np.array_equal(y, np.load(d / "derived_qonnx_output_8x4.npy"))
 
 
+@needs_realcases
 def test_realcase_mnist_cnn():
     d = REALCASES / "onnx-mnist-cnn"
     g = import_onnx(d / "model.onnx")
@@ -118,6 +122,7 @@ def test_realcase_mnist_cnn():
     np.testing.assert_allclose(y, want, atol=1e-3, rtol=1e-5)
 
 
+@needs_realcases
 def test_realcase_residual_block():
     d = REALCASES / "qonnx-residual-block"
     g = import_onnx(d / "residual_block_clean.onnx")
@@ -311,6 +316,7 @@ def test_error_dynamic_dim():
     assert "'x'" in msg and "'H'" in msg and "dynamic" in msg
 
 
+@needs_realcases
 def test_error_truncated_file(tmp_path):
     data = (REALCASES / "onnx-mnist-cnn" / "model.onnx").read_bytes()
     p = tmp_path / "trunc.onnx"
@@ -382,6 +388,7 @@ def test_brevitas_and_load_model_spec(tmp_path):
         load_model("no_colon_here")
 
 
+@needs_realcases
 @pytest.mark.parametrize("case,xfile,dfile", [
     ("qonnx-zoo-tfc-mnist/TFC_1W2A.onnx", "qonnx-zoo-tfc-mnist/mnist_test_digits_7210_0to255.npy",
      "qonnx-zoo-tfc-mnist/derived_TFC_1W2A_output_4x10.npy"),
