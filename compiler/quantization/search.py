@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -222,6 +223,27 @@ def _resolve_budget(b: Mapping, specs, costs) -> dict:
     return out
 
 
+def _check_budget_kinds(budgets, costs) -> None:
+    """Raise QDeployError for a budget kind no cost function knows (listing every known kind)."""
+    from .hw_costs import ESTIMATOR_KINDS
+    known = sorted(set(ilp.COSTS) | set(ESTIMATOR_KINDS) | set(costs or {}))
+    for b in budgets:
+        for k in b:
+            if k not in known:
+                raise QDeployError(f"unknown budget {k!r}; known: {', '.join(known)}")
+
+
+def _check_uniform_bits(budgets, w_bits) -> None:
+    """``uniform:B`` must lie within the candidate weight bit widths (else the budget is meaningless)."""
+    lo, hi = min(w_bits), max(w_bits)
+    for b in budgets:
+        for k, v in b.items():
+            if isinstance(v, str) and v.startswith("uniform:"):
+                bits = float(v.split(":", 1)[1])
+                if not lo <= bits <= hi:
+                    raise QDeployError(f"budget {k}={v}: B must be within the candidate bit widths {lo}..{hi}")
+
+
 def _check_ties(model, ties):
     mods = dict(model.named_modules())
     for g in ties or ():
@@ -281,11 +303,13 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
 
     if sensitivity_mode not in SENSITIVITY_MODES:
         raise QDeployError(f"sensitivity mode {sensitivity_mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
+    _check_budget_kinds(budgets, costs)
     fn, extra = load_recipe(recipe)
     w_bits = tuple(sensitivity._check_bits(list(w_bits)))
     a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
     if not budgets:
         raise QDeployError("no budget given: pass at least one, e.g. --budget bops=uniform:4")
+    _check_uniform_bits(budgets, w_bits)
     t_all = time.perf_counter()
     torch.manual_seed(seed)
     r = fn(**extra) if extra else fn()
@@ -313,130 +337,140 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                                    kinds=sorted(set(hw))), **(costs or {})}
     resolved = [_resolve_budget(b, specs, costs) for b in budgets]
     out_dir = Path(out_dir)
-    (out_dir / "models").mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
+                                                      and not (out_dir / "search_report.json").is_file())):
+        raise QDeployError(f"output directory {out_dir} exists and is not a qdeploy search output "
+                           "(no search_report.json): choose a new directory")
+    created = not out_dir.exists()
+    try:
+        (out_dir / "models").mkdir(parents=True, exist_ok=True)
 
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not progress, transient=True)
-    with prog:
-        task = prog.add_task(f"[{name}] Hessian traces (probes)", total=probes)
-        tr = hessian.hutchinson_traces(model, (x_tr[:ns], y_tr[:ns]), activations=[s.name for s in specs if s.a_bits],
-                                       tol=tol, max_probes=probes, batch_probes=batch_probes, seed=seed,
-                                       progress=lambda d: prog.update(task, completed=d), method=trace_method)
-        prog.remove_task(task)
-        sens_details: dict = {}
-        sens = compute_sensitivities(model, specs, tr, x_tr[:ns], y_tr[:ns], mode=sensitivity_mode,
-                                     details=sens_details)
-        float_acc = {"val": qat.accuracy(model, x_va, y_va)}
-        if test is not None:
-            float_acc["test"] = qat.accuracy(model, *test)
-
-        cache: dict = {}
-
-        def train_eval(bits: dict, tag: str) -> dict:
-            key = tuple(sorted(bits.items()))
-            if key in cache:
-                return {**cache[key], "same_as": cache[key]["tag"]}
-            accs = {"val": [], "test": []}
-            corr: dict = {}  # per evaluation sample: fraction of the QAT seeds that classify it right
-            t0 = time.perf_counter()
-            for k in range(qat_seeds):
-                torch.manual_seed(seed + k)
-                qk = qat.build_qat_model(model, bits, input_bits=inp["bits"], input_scale=inp["scale"],
-                                         input_signed=inp["signed"], calibration_x=x_tr[:ns])
-                qat.fine_tune(qk, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
-                              seed=seed + k, progress=prog if progress else None,
-                              description=f"[{name}] QAT {tag} seed {seed + k}")
-                ok_va = qat.predict(qk, x_va).argmax(1) == y_va
-                accs["val"].append(float(ok_va.mean()))
-                corr["val"] = corr.get("val", 0) + ok_va / qat_seeds
-                if test is not None:
-                    ok_te = qat.predict(qk, test[0]).argmax(1) == test[1]
-                    accs["test"].append(float(ok_te.mean()))
-                    corr["test"] = corr.get("test", 0) + ok_te / qat_seeds
-                if k == 0:
-                    q = qk
-            res = {"tag": tag, "qat_seconds": time.perf_counter() - t0, "val_acc": float(np.mean(accs["val"])),
-                   "val_accs": accs["val"], "val_correct": [round(float(c), 4) for c in corr["val"]]}
+        prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        disable=not progress, transient=True)
+        with prog:
+            task = prog.add_task(f"[{name}] Hessian traces (probes)", total=probes)
+            tr = hessian.hutchinson_traces(model, (x_tr[:ns], y_tr[:ns]), activations=[s.name for s in specs if s.a_bits],
+                                           tol=tol, max_probes=probes, batch_probes=batch_probes, seed=seed,
+                                           progress=lambda d: prog.update(task, completed=d), method=trace_method)
+            prog.remove_task(task)
+            sens_details: dict = {}
+            sens = compute_sensitivities(model, specs, tr, x_tr[:ns], y_tr[:ns], mode=sensitivity_mode,
+                                         details=sens_details)
+            float_acc = {"val": qat.accuracy(model, x_va, y_va)}
             if test is not None:
-                res["test_acc"] = float(np.mean(accs["test"]))
-                res["test_accs"] = accs["test"]
-                res["test_correct"] = [round(float(c), 4) for c in corr["test"]]
-            if export:
-                p = qat.export_qonnx(q, x_tr[:1], out_dir / "models" / f"{name}_{tag}.onnx")
-                res["qonnx"] = str(p.relative_to(out_dir))
-                if check_import:
-                    from ..frontends import load_model
-                    g = load_model(str(p))
-                    res["ir_nodes"] = len(g.nodes)
-            cache[key] = res
-            return res
+                float_acc["test"] = qat.accuracy(model, *test)
 
-        results = []
-        for i, (b_in, b) in enumerate(zip(budgets, resolved)):
-            alloc = ilp.allocate(specs, sens, b, costs=costs, ties=ties)
-            h = train_eval(alloc.bits, f"b{i}_hessian")
-            uni = None
-            for ub in sorted(w_bits, reverse=True):
-                ua = ilp.uniform_allocation(specs, ub, sens, costs)
-                ucost = {k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b}
-                if all(ucost[k] <= b[k] * (1 + 1e-9) for k in b):
-                    ua.costs.update(ucost)
-                    uni = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
-                    break
-            # between two uniform points (e.g. uniform:3.5) the uniform that fits has fewer BOPs than
-            # the budget; the next width up (more BOPs than the budget) is trained too, for the
-            # "equal or larger BOPs" comparison of issue 4
-            above = None
-            tight = uni is not None and all(uni["allocation"]["costs"][k] >= b[k] * (1 - 1e-9) for k in b)
-            if not tight:
-                for ub in sorted(w_bits):
-                    if uni is not None and ub <= uni["bits"]:
-                        continue
+            cache: dict = {}
+
+            def train_eval(bits: dict, tag: str) -> dict:
+                key = tuple(sorted(bits.items()))
+                if key in cache:
+                    return {**cache[key], "same_as": cache[key]["tag"]}
+                accs = {"val": [], "test": []}
+                corr: dict = {}  # per evaluation sample: fraction of the QAT seeds that classify it right
+                t0 = time.perf_counter()
+                for k in range(qat_seeds):
+                    torch.manual_seed(seed + k)
+                    qk = qat.build_qat_model(model, bits, input_bits=inp["bits"], input_scale=inp["scale"],
+                                             input_signed=inp["signed"], calibration_x=x_tr[:ns])
+                    qat.fine_tune(qk, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
+                                  seed=seed + k, progress=prog if progress else None,
+                                  description=f"[{name}] QAT {tag} seed {seed + k}")
+                    ok_va = qat.predict(qk, x_va).argmax(1) == y_va
+                    accs["val"].append(float(ok_va.mean()))
+                    corr["val"] = corr.get("val", 0) + ok_va / qat_seeds
+                    if test is not None:
+                        ok_te = qat.predict(qk, test[0]).argmax(1) == test[1]
+                        accs["test"].append(float(ok_te.mean()))
+                        corr["test"] = corr.get("test", 0) + ok_te / qat_seeds
+                    if k == 0:
+                        q = qk
+                res = {"tag": tag, "qat_seconds": time.perf_counter() - t0, "val_acc": float(np.mean(accs["val"])),
+                       "val_accs": accs["val"], "val_correct": [round(float(c), 4) for c in corr["val"]]}
+                if test is not None:
+                    res["test_acc"] = float(np.mean(accs["test"]))
+                    res["test_accs"] = accs["test"]
+                    res["test_correct"] = [round(float(c), 4) for c in corr["test"]]
+                if export:
+                    p = qat.export_qonnx(q, x_tr[:1], out_dir / "models" / f"{name}_{tag}.onnx")
+                    res["qonnx"] = str(p.relative_to(out_dir))
+                    if check_import:
+                        from ..frontends import load_model
+                        g = load_model(str(p))
+                        res["ir_nodes"] = len(g.nodes)
+                cache[key] = res
+                return res
+
+            results = []
+            for i, (b_in, b) in enumerate(zip(budgets, resolved)):
+                alloc = ilp.allocate(specs, sens, b, costs=costs, ties=ties)
+                h = train_eval(alloc.bits, f"b{i}_hessian")
+                uni = None
+                for ub in sorted(w_bits, reverse=True):
                     ua = ilp.uniform_allocation(specs, ub, sens, costs)
-                    ua.costs.update({k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b})
-                    above = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
-                    break
-            results.append({"budget": dict(b_in), "budget_resolved": b, "hessian": {**alloc.to_dict(), **h},
-                            "uniform": uni, "uniform_above": above})
-        frontier = {}
-        for kind in sorted({k for b in resolved for k in b} | {"bops"}):
-            frontier[kind] = [{"cost": a.costs[kind], "objective": a.objective, "bops": a.costs["bops"],
-                               "size": a.costs["size"]}
-                              for a in ilp.pareto_frontier(specs, sens, kind, sweep_points, costs, ties)]
-        uniform_pts = []
-        for ub in w_bits:
-            ua = ilp.uniform_allocation(specs, ub, sens, costs)
-            uniform_pts.append({"bits": ub, "objective": ua.objective, **ua.costs})
+                    ucost = {k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b}
+                    if all(ucost[k] <= b[k] * (1 + 1e-9) for k in b):
+                        ua.costs.update(ucost)
+                        uni = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
+                        break
+                # between two uniform points (e.g. uniform:3.5) the uniform that fits has fewer BOPs than
+                # the budget; the next width up (more BOPs than the budget) is trained too, for the
+                # "equal or larger BOPs" comparison of issue 4
+                above = None
+                tight = uni is not None and all(uni["allocation"]["costs"][k] >= b[k] * (1 - 1e-9) for k in b)
+                if not tight:
+                    for ub in sorted(w_bits):
+                        if uni is not None and ub <= uni["bits"]:
+                            continue
+                        ua = ilp.uniform_allocation(specs, ub, sens, costs)
+                        ua.costs.update({k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b})
+                        above = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
+                        break
+                results.append({"budget": dict(b_in), "budget_resolved": b, "hessian": {**alloc.to_dict(), **h},
+                                "uniform": uni, "uniform_above": above})
+            frontier = {}
+            for kind in sorted({k for b in resolved for k in b} | {"bops"}):
+                frontier[kind] = [{"cost": a.costs[kind], "objective": a.objective, "bops": a.costs["bops"],
+                                   "size": a.costs["size"]}
+                                  for a in ilp.pareto_frontier(specs, sens, kind, sweep_points, costs, ties)]
+            uniform_pts = []
+            for ub in w_bits:
+                ua = ilp.uniform_allocation(specs, ub, sens, costs)
+                uniform_pts.append({"bits": ub, "objective": ua.objective, **ua.costs})
 
-    layers = []
-    for s in specs:
-        t = tr.weights[s.name]
-        row = {"name": s.name, "kind": s.kind, "n_weights": s.n_weights, "n_in": s.n_in, "n_out": s.n_out,
-               "positions": s.positions, "trace": t.trace, "stderr": t.stderr, "probes": t.probes,
-               "mean_trace": t.mean}
-        if s.name in tr.activations:
-            a = tr.activations[s.name]
-            row.update(act_trace=a.trace, act_stderr=a.stderr, act_mean_trace=a.mean, act_n=a.n)
-        row["chosen"] = [list(res["hessian"]["bits"][s.name].values()) for res in results]
-        row["sensitivity"] = {k: ({str(b): float(x) for b, x in v.items()} if v is not None else None)
-                              for k, v in sens_details[s.name].items()}
-        layers.append(row)
-    report = {
-        "model": name, "seed": seed, "float_accuracy": float_acc,
-        "n_eval": {"val": int(len(x_va)), **({"test": int(len(test[0]))} if test is not None else {})},
-        "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
-                     "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
-                     "act_bits_fixed": None if a_bits else act_bits_fixed, "sensitivity_mode": sensitivity_mode,
-                     "estimator": dict(estimator or {}) if hw else None},
-        "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds,
-                  "method": "ggn_exact" if tr.probes == 0 else "hutchinson"},
-        "layers": layers, "budgets": results, "frontier": frontier, "uniform_points": uniform_pts,
-        "seconds": time.perf_counter() - t_all,
-    }
-    (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=_json))
-    (out_dir / "search_report.md").write_text(render_markdown(report))
-    plot_pareto(report, out_dir / "pareto.png")
-    return report
+        layers = []
+        for s in specs:
+            t = tr.weights[s.name]
+            row = {"name": s.name, "kind": s.kind, "n_weights": s.n_weights, "n_in": s.n_in, "n_out": s.n_out,
+                   "positions": s.positions, "trace": t.trace, "stderr": t.stderr, "probes": t.probes,
+                   "mean_trace": t.mean}
+            if s.name in tr.activations:
+                a = tr.activations[s.name]
+                row.update(act_trace=a.trace, act_stderr=a.stderr, act_mean_trace=a.mean, act_n=a.n)
+            row["chosen"] = [list(res["hessian"]["bits"][s.name].values()) for res in results]
+            row["sensitivity"] = {k: ({str(b): float(x) for b, x in v.items()} if v is not None else None)
+                                  for k, v in sens_details[s.name].items()}
+            layers.append(row)
+        report = {
+            "model": name, "seed": seed, "float_accuracy": float_acc,
+            "n_eval": {"val": int(len(x_va)), **({"test": int(len(test[0]))} if test is not None else {})},
+            "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
+                         "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
+                         "act_bits_fixed": None if a_bits else act_bits_fixed, "sensitivity_mode": sensitivity_mode,
+                         "estimator": dict(estimator or {}) if hw else None},
+            "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds,
+                      "method": "ggn_exact" if tr.probes == 0 else "hutchinson"},
+            "layers": layers, "budgets": results, "frontier": frontier, "uniform_points": uniform_pts,
+            "seconds": time.perf_counter() - t_all,
+        }
+        (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=_json))
+        (out_dir / "search_report.md").write_text(render_markdown(report))
+        plot_pareto(report, out_dir / "pareto.png")
+        return report
+    except BaseException:
+        if created:  # a failed search leaves no half-written output directory
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def _json(o):

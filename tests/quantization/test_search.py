@@ -71,6 +71,22 @@ def test_cli_search_bad_settings(tmp_path):
     assert r.exit_code == 2 and "empty" in r.output
     r = runner.invoke(app, ["search", "no_such_module:f", "-o", str(tmp_path / "d"), "--budget", "bops=1"])
     assert r.exit_code == 2 and "cannot load recipe" in r.output
+    r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "e"),
+                            "--budget", "foo=3", "--no-progress"])
+    assert r.exit_code == 2 and "unknown budget 'foo'" in r.output and "lut" in r.output
+    r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "f"),
+                            "--budget", "bops=uniform:99", "--no-progress"])
+    assert r.exit_code == 2 and "within the candidate bit widths 2..8" in r.output
+    # a failed search leaves no output directory behind (the all-minimum check fails after the traces)
+    assert not any((tmp_path / d).exists() for d in "abcdef"), sorted(x.name for x in tmp_path.iterdir())
+    # an existing folder that is not a search output is refused and left untouched
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep")
+    r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(mine),
+                            "--budget", "bops=uniform:4", "--no-progress"])
+    assert r.exit_code == 2 and "not a qdeploy search output" in r.output
+    assert [x.name for x in mine.iterdir()] == ["important.txt"]
 
 
 def test_cli_search_lut_budget(tmp_path):
