@@ -233,6 +233,13 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
         return
     from .backends.hls4ml.estimate import format_table
     typer.echo(format_table(est))
+    util = (est.get("total") or {}).get("utilization_pct")
+    if util:
+        typer.echo(f"utilization of {est.get('part', {}).get('name', part) if isinstance(est.get('part'), dict) else part}: "
+                   + ", ".join(f"{k.upper()} {v:.1f}%" for k, v in util.items()))
+        over = [k.upper() for k, v in util.items() if v > 100]
+        if over:
+            typer.echo(f"WARNING: the design does not fit the part ({', '.join(over)} over 100%)")
     typer.echo(est.get("note", ""))
 
 

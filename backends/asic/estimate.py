@@ -105,7 +105,7 @@ def _options(config):
     node = int(cfg.get("node_nm") or 65)
     if node not in UM2_PER_GE:
         raise QDeployError(f"unknown technology node {node} nm; supported: {', '.join(map(str, UM2_PER_GE))} nm")
-    if cfg.get("clock_period"):
+    if cfg.get("clock_period") is not None:  # 0 is a (bad) value, not "use the default"
         period = float(cfg["clock_period"])
     else:
         period = 1000.0 / float(cfg.get("clock_mhz") or 40.0)

@@ -244,8 +244,11 @@ def nearest_reuse_factors(valid: list[int], rf: int) -> list[int]:
 
 def _options(config: dict | None) -> dict:
     cfg = dict(config or {})
-    opts = {"part": cfg.get("part") or "xcvu9p", "clock_period": float(cfg.get("clock_period") or 5.0),
-            "reuse_factor": cfg.get("reuse_factor", 1) or 1, "strategy": str(cfg.get("strategy") or "Latency"),
+    def given(k, default):  # None = not set; 0 is a value (and rejected below), never the default
+        v = cfg.get(k)
+        return default if v is None else v
+    opts = {"part": cfg.get("part") or "xcvu9p", "clock_period": float(given("clock_period", 5.0)),
+            "reuse_factor": given("reuse_factor", 1), "strategy": str(cfg.get("strategy") or "Latency"),
             "io_type": str(cfg.get("io_type") or "io_parallel"), "accum_type": cfg.get("accum_type"),
             "softmax_on_device": bool(cfg.get("softmax_on_device", False)),
             "dsp_rule": str(cfg.get("dsp_rule") or DSP_RULES[0])}
@@ -258,6 +261,9 @@ def _options(config: dict | None) -> dict:
         raise QDeployError(f"hls4ml io_type must be io_parallel or io_stream, got {opts['io_type']!r}")
     if opts["clock_period"] <= 0:
         raise QDeployError(f"clock period must be positive, got {opts['clock_period']} ns")
+    rf = opts["reuse_factor"]
+    if isinstance(rf, (int, float)) and not isinstance(rf, bool) and rf < 1:
+        raise QDeployError(f"reuse factor must be an integer >= 1, got {rf!r}")
     if isinstance(opts["accum_type"], str):
         t = parse_type(opts["accum_type"])
         if not isinstance(t, FixedType):

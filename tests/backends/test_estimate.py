@@ -259,6 +259,25 @@ def test_cli_json_keys(target):
 
 
 @pytest.mark.skipif(not JSC.exists(), reason="needs ../shared/realcases")
+def test_cli_zero_settings_are_errors_and_overfull_parts_warn():
+    """0 is a value, never 'use the default': a zero reuse factor or clock period is refused; the
+    text table states the part utilization and warns when the design does not fit."""
+    from typer.testing import CliRunner
+    from qdeploy.cli import app
+    run = CliRunner().invoke
+    for args, msg in ((["--reuse-factor", "0"], "reuse factor must be an integer >= 1"),
+                      (["--clock-period", "0"], "clock period must be positive"),
+                      (["--target", "asic", "--clock-period", "0"], "clock period must be positive")):
+        r = run(app, ["estimate", str(JSC), *args])
+        assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    small = run(app, ["estimate", str(JSC), "--part", "pynq-z2"])
+    assert small.exit_code == 0 and "utilization of PYNQ-Z2" in small.output
+    assert "WARNING: the design does not fit the part (LUT over 100%)" in small.output
+    big = run(app, ["estimate", str(JSC), "--part", "vu9p"])
+    assert "utilization of" in big.output and "does not fit" not in big.output
+
+
+@pytest.mark.skipif(not JSC.exists(), reason="needs ../shared/realcases")
 def test_cli_errors_are_one_line():
     from typer.testing import CliRunner
     from qdeploy.cli import app
