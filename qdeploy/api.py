@@ -364,6 +364,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CompileError(f"{target} compile failed: {type(e).__name__}: {e}", graph.name) from e
+    except BaseException:  # Ctrl-C / SystemExit: still no half-written staging directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return CompileResult(out_dir, report, graph)
 
 

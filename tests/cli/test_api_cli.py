@@ -57,6 +57,17 @@ def test_failed_compile_leaves_no_directory(tmp_path, rng, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
 
 
+def test_interrupted_compile_leaves_no_staging_directory(tmp_path, rng, monkeypatch):
+    from qdeploy.backends.reference import ReferenceBackend
+
+    def interrupted(self, out_dir, info):
+        raise KeyboardInterrupt  # Ctrl-C during the backend build
+    monkeypatch.setattr(ReferenceBackend, "build", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qdeploy.compile(_graph(rng), "reference", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither out/ nor a hidden .out.tmp-* folder
+
+
 def test_unknown_target_is_clear(tmp_path, rng):
     with pytest.raises(QDeployError, match="unknown target 'fpga9000'"):
         qdeploy.compile(_graph(rng), "fpga9000", tmp_path / "o")
