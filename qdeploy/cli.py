@@ -27,7 +27,7 @@ def _version(value: bool):
 
 @app.callback(context_settings={"help_option_names": ["-h", "--help"]})
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="print the version and exit")):
+                                       help="print the version and exit", metavar="")):
     """qdeploy: compile quantized neural networks to hls4ml firmware and TVM libraries, bit-exact."""
 
 
@@ -44,9 +44,9 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                 config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config"),
                 golden: Optional[Path] = typer.Option(None, "--golden", help=".npy/.npz golden inputs"),
                 force: bool = typer.Option(False, "--force",
-                                           help="replace an existing artifact directory (only a qdeploy artifact)"),
+                                           help="replace an existing artifact directory (only a qdeploy artifact)", metavar=""),
                 allow_inexact: bool = typer.Option(False, "--allow-inexact",
-                                                   help="exit 0 even when fixed-point outputs differ from the reference"),
+                                                   help="exit 0 even when fixed-point outputs differ from the reference", metavar=""),
                 memory_budget: Optional[str] = typer.Option(  # issue 8
                     None, "--memory-budget", help="peak activation memory budget: bytes (48KiB, 1.5MB, 49152) or a "
                     "fraction of the unrematerialized peak (0.8); recomputes tensors to fit (CP-SAT)")):
@@ -141,7 +141,7 @@ def compile_early_exit_cmd(
         labels: Optional[Path] = typer.Option(None, "--labels",
                                               help=".npy labels of the golden inputs: the report adds the exit "
                                                    "distribution and accuracy on them"),
-        force: bool = typer.Option(False, "--force", help="replace an existing multi-stage program directory")):
+        force: bool = typer.Option(False, "--force", help="replace an existing multi-stage program directory", metavar="")):
     """Split an early-exit MODEL at its exits, compile each stage for a target, write plan.json and report.md.
 
     Run it with `qdeploy run OUT -i x.npy -o pred.npy` (or qdeploy.runtime.multistage.MultiStageModel).
@@ -187,7 +187,7 @@ def compile_early_exit_cmd(
 
 @app.command("inspect")
 def inspect_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, module:function, or an artifact directory"),
-                optimized: bool = typer.Option(False, "--optimized", help="print the IR after the default passes")):
+                optimized: bool = typer.Option(False, "--optimized", help="print the IR after the default passes", metavar="")):
     """Print the IR of MODEL (one node a line, with exact types)."""
     from .api import load
     from .compiler.ir.graph import Graph
@@ -215,7 +215,7 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
                  io_type: str = typer.Option("io_parallel", "--io-type", help="io_parallel or io_stream"),
                  node_nm: int = typer.Option(65, "--node", help="ASIC technology node: 65, 45 or 28 nm"),
                  input_type: Optional[str] = typer.Option(None, "--input-type", help="type of float inputs"),
-                 as_json: bool = typer.Option(False, "--json", help="print one JSON object (total, layers)")):
+                 as_json: bool = typer.Option(False, "--json", help="print one JSON object (total, layers)", metavar="")):
     """Estimate resources and latency (hls4ml) or area/power/energy (asic) without vendor tools."""
     import json as _json
     from .api import estimate
@@ -254,14 +254,14 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                probes: int = typer.Option(100, help="Hutchinson probe cap"),
                tol: float = typer.Option(1e-3, help="relative tolerance of the trace estimate"),
                sensitivity: str = typer.Option("hessian+measured", "--sensitivity", help="layer sensitivity: hessian+measured (max of the HAWQ-V3 Hessian estimate and the measured loss increase), hessian, or measured"),
-               qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs"),
+               qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs", help="QAT epochs per allocation (default: the recipe's qat.epochs, else 15)"),
                qat_seeds: int = typer.Option(1, "--qat-seeds", help="QAT runs per allocation (mean accuracy)"),
                seed: int = typer.Option(0),
                part: str = typer.Option("xcvu9p", "--part", help="FPGA part for lut/ff/dsp/latency budgets (hls4ml estimator)"),
                clock_period: float = typer.Option(5.0, "--clock-period", help="clock period in ns for latency budgets"),
                reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor for estimator budgets"),
                strategy: str = typer.Option("Latency", "--strategy", help="hls4ml strategy for estimator budgets"),
-               no_progress: bool = typer.Option(False, "--no-progress")):
+               no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar="")):
     """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
 
     Budget kinds: bops, size (weight bits), and through the hls4ml estimator lut, ff, dsp, bram_18k,
