@@ -211,14 +211,33 @@ def _avgpool_notes(graph: Graph) -> list[str]:
     return out
 
 
+def _check_out_dir(out_dir) -> Path:
+    """``out_dir`` as an absolute path, or QDeployError when it cannot be an output directory
+    (empty name, a path under a regular file, a parent that cannot be created or written)."""
+    if out_dir is None or str(out_dir).strip() == "":
+        raise QDeployError("output directory name is empty")
+    out = Path(out_dir).resolve()
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QDeployError(f"cannot create output directory {out}: {parent} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise QDeployError(f"cannot create output directory {out}: {parent} is not writable")
+            break
+    return out
+
+
 def _staging_dir(out_dir: Path) -> Path:
     """A fresh temporary sibling of ``out_dir`` (same filesystem, so :func:`_publish` is a rename).
 
     An artifact is written there and only renamed into place when complete, so a failed compile
     leaves no half-written output directory.  The caller removes it on failure.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise QDeployError(f"cannot create output directory {out_dir}: {e.strerror or e}") from None
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -289,9 +308,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     from .report import compare_outputs, layer_table, render_markdown
 
     cfg = load_config(config)
-    out_dir = Path(out_dir).resolve()
+    out_dir = _check_out_dir(out_dir)
     if out_dir.exists() and not force:
-        raise QDeployError(f"output directory {out_dir} exists (use --force to replace it)")
+        raise QDeployError(f"output directory {out_dir} exists (use --force / force=True to replace it)")
     if out_dir.exists():
         _check_replaceable(out_dir, model)
     try:

@@ -68,6 +68,15 @@ def test_interrupted_compile_leaves_no_staging_directory(tmp_path, rng, monkeypa
     assert list(tmp_path.iterdir()) == []  # neither out/ nor a hidden .out.tmp-* folder
 
 
+def test_output_directory_under_a_file_or_empty_is_clear(tmp_path, rng):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(QDeployError, match="afile is a file"):
+        qdeploy.compile(_graph(rng), "reference", tmp_path / "afile" / "out")
+    with pytest.raises(QDeployError, match="output directory name is empty"):
+        qdeploy.compile(_graph(rng), "reference", "")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 def test_unknown_target_is_clear(tmp_path, rng):
     with pytest.raises(QDeployError, match="unknown target 'fpga9000'"):
         qdeploy.compile(_graph(rng), "fpga9000", tmp_path / "o")
