@@ -88,6 +88,10 @@ def _run_node(n: Node, args: list, in_types: list, out_t):
         t0 = in_types[0]
         if isinstance(t0, FixedType):
             return requantize(args[0], t0.frac_bits, out_t)
+        if np.isnan(args[0]).any():
+            bad = sorted({int(i) for i in np.argwhere(np.isnan(args[0]))[:, 0]})[:5]
+            raise ReferenceError_(f"NaN in the input of this quantizer (value {n.inputs[0]!r}, sample(s) {bad}): "
+                                  "fixed-point types have no NaN", n.name)
         return out_t.quantize_real(args[0])
     if op == "Sign":
         return np.where(args[0] >= 0, 1, -1).astype(np.int64)

@@ -104,3 +104,18 @@ def test_report_md_carries_the_estimate(tmp_path, rng):
     est = res.report["estimate"]
     assert "## Estimate (hls4ml, Virtex UltraScale+ VU9P; no vendor tool)" in md
     assert est["total"]["lut"] > 0 and f"| {est['total']['lut']} | {est['total']['ff']} |" in md
+
+
+def test_nan_reaching_a_quantizer_names_the_node_and_sample():
+    from qdeploy.compiler.reference import ReferenceError_, execute
+    b = GraphBuilder("q")
+    x = b.input("x", (4,), FLOAT32)
+    b.output(b.add("in_q", "Quantize", [x], attrs={"to": parse_type("fixed<8,3>")}))
+    g = b.build()
+    a = np.zeros((3, 4), np.float32)
+    a[2, 1] = np.nan
+    with pytest.raises(ReferenceError_) as ei:
+        execute(g, {"x": a})
+    msg = ei.value.one_line()
+    assert "node 'in_q'" in msg and "sample(s) [2]" in msg and "NaN" in msg
+    assert execute(g, {"x": np.ones((3, 4), np.float32)})  # finite inputs still run
