@@ -540,9 +540,11 @@ def render_markdown(rep: dict) -> str:
          "| layer | kind | weights | trace | ± se | Tr/n | act trace | ± se | " +
          " | ".join(f"budget {i}" for i in range(len(rep["budgets"]))) + " |",
          "|---|---|---|---|---|---|---|---|" + "---|" * len(rep["budgets"])]
-    for r in rep["layers"]:
+    for li, r in enumerate(rep["layers"]):
         L.append(f"| {r['name']} | {r['kind']} | {r['n_weights']} | {r['trace']:.4g} | {r['stderr']:.2g} | "
-                 f"{r['mean_trace']:.3g} | {r.get('act_trace', float('nan')):.4g} | {r.get('act_stderr', float('nan')):.2g} | "
+                 f"{r['mean_trace']:.3g} | "
+                 + (f"{r['act_trace']:.4g} | {r['act_stderr']:.2g} | " if "act_trace" in r
+                    else "- (model input) | - | " if li == 0 else "- (not searched) | - | ")
                  + " | ".join(f"{c[0]}/{c[1]}" for c in r["chosen"]) + " |")
     mode = rep["settings"].get("sensitivity_mode", "hessian")
     L += ["", "## Sensitivity per bit width", "",
@@ -572,7 +574,10 @@ def render_markdown(rep: dict) -> str:
                     cells.append(f"{o:.2g} / {m2:.2g}" + ("*" if m2 > o else ""))
             L.append(f"| {r['name']} {t} | " + " | ".join(cells) + " |")
     L += ["", "## Hessian allocation vs uniform precision, per budget", "",
-          "Accuracies are means over the QAT seeds (settings.qat_seeds).", "",
+          "Accuracies are means over the QAT seeds (settings.qat_seeds). BOPs here are dense "
+          "(MACs x weight bits x activation bits, as the ILP budgets them); `qdeploy compile` reports BOPs "
+          "after the trained zero weights are removed (refs/README.md formula with the pruned fraction), "
+          "so its figure for the same QONNX model is lower.", "",
           "| budget | allocation | BOPs | weight bits | sensitivity | val acc | test acc | QONNX |",
           "|---|---|---|---|---|---|---|---|"]
     for i, b in enumerate(rep["budgets"]):
