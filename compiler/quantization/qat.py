@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import QDeployError, UnsupportedError
+from .hessian import _logits
 
 __all__ = ["input_quantizer", "fold_batchnorm", "build_qat_model", "fine_tune", "accuracy", "predict",
            "export_qonnx"]
@@ -182,8 +183,6 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
     return model
 
 
-def _logits(out):
-    return getattr(out, "value", out)
 
 
 def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,

@@ -33,6 +33,7 @@ from typing import Iterable
 import torch
 
 from ..errors import QDeployError
+from .hessian import _logits
 
 __all__ = ["quantize_weight_pot", "quantize_act_pot", "weight_sensitivity", "act_sensitivity",
            "measured_loss_increase"]
@@ -156,6 +157,3 @@ def measured_loss_increase(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
         model.train(was)
     return out
 
-
-def _logits(out):
-    return getattr(out, "value", out)
