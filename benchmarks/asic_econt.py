@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-REFS = Path(__file__).resolve().parent.parent.parent / "shared" / "refs" / "asic_econt.csv"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import SHARED  # noqa: E402  ($QDEPLOY_SHARED, ../shared, or next to the clone's origin)
+
+REFS = SHARED / "refs" / "asic_econt.csv"
 
 
 def econt_graph(seed: int = 0):

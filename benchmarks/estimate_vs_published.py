@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
+sys.path.insert(0, str(HERE))
+from _shared import SHARED  # noqa: E402  ($QDEPLOY_SHARED, ../shared, or next to the clone's origin)
 REFS = SHARED / "refs" / "fpga_jet_tagger_vu9p.csv"
 JSC = SHARED / "realcases" / "jsc-qkeras-3layer"
 

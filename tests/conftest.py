@@ -13,21 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _find_shared() -> Path:
-    """The team's ``shared/`` folder (real models with test vectors, published reference numbers):
-    ``$QDEPLOY_SHARED``, else ``../shared`` next to this checkout, else ``../shared`` next to the
-    repository this one was cloned from (a fresh ``git clone /work/main /tmp/x`` still finds it)."""
-    if os.environ.get("QDEPLOY_SHARED"):
-        return Path(os.environ["QDEPLOY_SHARED"])
-    cands = [REPO.parent / "shared"]
-    try:
-        import subprocess
-        url = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        if url and "://" not in url and Path(url).is_dir():
-            cands.append(Path(url).resolve().parent / "shared")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return next((c for c in cands if c.is_dir()), cands[0])
+    """The team's shared/ folder: see benchmarks/_shared.py (one finder for tests and benchmarks)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_qdeploy_bench_shared", REPO / "benchmarks" / "_shared.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.find_shared()
 
 
 SHARED = _find_shared()
