@@ -113,6 +113,16 @@ def split_exits(graph: Graph, exits=None) -> StagedProgram:
             if graph.producer(exits[j]).name in anc[k]:
                 raise EarlyExitError(f"exit {k} ({e!r}) depends on exit {j} ({exits[j]!r}), a later stage: "
                                      f"list the exits in the order they are computed", e)
+    # an exit listed before another must be cheaper to reach: leaving at it is the point of the split
+    # (the reverse order, e.g. [final, early], would make stage 0 the whole model and exit there)
+    cost = [graph_bops(graph, a) for a in anc]
+    for k in range(len(exits)):
+        for j in range(k + 1, len(exits)):
+            if cost[k] > cost[j] or (cost[k] == cost[j] and len(anc[k]) > len(anc[j])):
+                raise EarlyExitError(
+                    f"exit {k} ({exits[k]!r}) costs more to reach ({cost[k]:.4g} BOPs, {len(anc[k])} nodes) than the "
+                    f"later exit {j} ({exits[j]!r}, {cost[j]:.4g} BOPs, {len(anc[j])} nodes): list the exits "
+                    f"earliest (cheapest) first", exits[k])
     stage_of = {}
     for k, a in enumerate(anc):
         for name in a:

@@ -211,8 +211,14 @@ def test_unidentifiable_or_misordered_exits_are_clear_errors(programs):
     inner = g.producer("exit_final").inputs[0]  # exit_final depends on it
     with pytest.raises(EarlyExitError, match="depends on exit 1 .* a later stage"):
         split_exits(g, ["exit_final", inner])
-    swapped = split_exits(g, ["exit_pool2", "exit_pool1", "exit_final"])  # legal: stage 1 = the pool1 head only
-    assert [n.op for n in swapped.stages[1].nodes] == ["Reshape", "Dense"]
+    # exits out of order (a deeper exit first) would make stage 0 nearly the whole model and put every
+    # sample out at the weaker head: refused, naming both costs
+    with pytest.raises(EarlyExitError, match=r"exit 0 \('exit_pool2'\) costs more to reach .* earliest \(cheapest\) first"):
+        split_exits(g, ["exit_pool2", "exit_pool1", "exit_final"])
+    with pytest.raises(EarlyExitError, match="costs more to reach"):
+        split_exits(g, ["exit_final", "exit_pool1"])
+    ok = split_exits(g, ["exit_pool1", "exit_pool2", "exit_final"])
+    assert ok.cum_bops == sorted(ok.cum_bops) and len(ok.stages) == 3
 
 
 def test_attach_exits_errors():
