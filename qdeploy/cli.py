@@ -149,9 +149,13 @@ def compile_early_exit_cmd(
     compile error."""
     from .api import load_array_file
     from .early_exit import compile_early_exit, evaluate, gates_from_thresholds, program_markdown
+    written = False
     try:
         ex_list = [e.strip() for e in exits.split(",") if e.strip()] if exits else None
-        ts = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else []
+        try:
+            ts = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else []
+        except ValueError:
+            raise QDeployError(f"--thresholds {thresholds!r}: expected numbers, comma-separated (e.g. 0.9,0.8)") from None
         if gate not in ("never", "always") and not ts:
             raise QDeployError(f"--gate {gate} needs --thresholds (one per early exit, or one for all)")
         gold = load_array_file(golden) if golden is not None else None
@@ -159,6 +163,7 @@ def compile_early_exit_cmd(
         if y is not None and gold is None:
             raise QDeployError("--labels needs --golden (the inputs they label)")
         msm = compile_early_exit(model, target, out, exits=ex_list, golden=gold, config=config, force=force)
+        written = True  # from here on a failure must not leave a program with the wrong gates behind
         msm = msm.with_gates(gates_from_thresholds(msm, gate, ts))
         msm.save_plan()
         ev = None
@@ -168,6 +173,9 @@ def compile_early_exit_cmd(
             ev = evaluate(msm, gold, y)
         (Path(out) / "report.md").write_text(program_markdown(msm, ev))
     except Exception as e:  # one line, never a library traceback
+        if written:
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
         _fail(e)
     stages = msm.plan["stages"]
     typer.echo(f"compiled {msm.plan['meta'].get('model', model)} -> {target} in {out}: {len(stages)} stages, "

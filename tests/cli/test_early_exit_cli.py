@@ -81,3 +81,11 @@ def test_compile_early_exit_errors(branchy, tmp_path):
     assert r.exit_code == 2 and "cannot identify exits" in r.output and "Traceback" not in r.output
     r = run("-o", str(tmp_path / "d"), "--exits", "nope,exit_final")
     assert r.exit_code == 2 and "nope" in r.output
+    r = run("-o", str(tmp_path / "e"), "--gate", "max_softmax", "--thresholds", "abc")
+    assert r.exit_code == 2 and "expected numbers" in r.output
+    r = run("-o", str(tmp_path / "f"), "--gate", "maxsoftmax", "--thresholds", "0.9")
+    assert r.exit_code == 2 and "unknown gate rule" in r.output
+    r = run("-o", str(tmp_path / "g"), "--exits", "exit_final,exit_pool1")
+    assert r.exit_code == 2 and "earliest (cheapest) first" in r.output
+    # gate/threshold errors come after the stages compiled: the program must not be left behind
+    assert not any((tmp_path / c).exists() for c in "abcdefg"), sorted(p.name for p in tmp_path.iterdir())
