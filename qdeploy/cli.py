@@ -269,7 +269,8 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                clock_period: float = typer.Option(5.0, "--clock-period", help="clock period in ns for latency budgets"),
                reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor for estimator budgets"),
                strategy: str = typer.Option("Latency", "--strategy", help="hls4ml strategy for estimator budgets"),
-               no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar="")):
+               no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar=""),
+               force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar="")):
     """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
 
     Budget kinds: bops, size (weight bits), and through the hls4ml estimator lut, ff, dsp, bram_18k,
@@ -283,7 +284,8 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
         rep = do_search(recipe, out, budgets=list(budget), w_bits=ints(bits), a_bits=ab, act_bits_fixed=abf,
                         estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
-                        qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity)
+                        qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity,
+                        force=force)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"

@@ -265,7 +265,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                trace_method: str = "auto", sensitivity_mode: str = "hessian+measured",
                qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
                export: bool = True, check_import: bool = True, act_bits_fixed: int = 8,
-               estimator: Mapping | None = None) -> dict:
+               estimator: Mapping | None = None, force: bool = False) -> dict:
     """Run the whole search and write the report; returns the report dict (also in search_report.json).
 
     Args:
@@ -295,6 +295,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         seed: seeds probes, model building and fine-tuning.
         progress: show rich progress bars.
         export: write the chosen models as QONNX; check_import: import each into the IR.
+        force: replace an earlier search output in ``out_dir`` (never a folder of anything else).
 
     Raises:
         QDeployError: bad recipe, budgets, bit lists or ties (one-line message).
@@ -304,6 +305,19 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     if sensitivity_mode not in SENSITIVITY_MODES:
         raise QDeployError(f"sensitivity mode {sensitivity_mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
     _check_budget_kinds(budgets, costs)
+    if int(qat_seeds) < 1:
+        raise QDeployError(f"qat_seeds must be >= 1, got {qat_seeds}")
+    if qat_epochs is not None and int(qat_epochs) < 0:
+        raise QDeployError(f"qat_epochs must be >= 0, got {qat_epochs}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not out_dir.is_dir() or not (out_dir / "search_report.json").is_file():
+            raise QDeployError(f"output directory {out_dir} exists and is not a qdeploy search output "
+                               "(no search_report.json): choose a new directory")
+        if not force:
+            raise QDeployError(f"output directory {out_dir} holds an earlier search (use --force / force=True "
+                               "to replace it)")
+        shutil.rmtree(out_dir)  # an earlier search output: replaced whole, no stale models left
     fn, extra = load_recipe(recipe)
     w_bits = tuple(sensitivity._check_bits(list(w_bits)))
     a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
@@ -336,11 +350,6 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
                                    kinds=sorted(set(hw))), **(costs or {})}
     resolved = [_resolve_budget(b, specs, costs) for b in budgets]
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
-                                                      and not (out_dir / "search_report.json").is_file())):
-        raise QDeployError(f"output directory {out_dir} exists and is not a qdeploy search output "
-                           "(no search_report.json): choose a new directory")
     created = not out_dir.exists()
     try:
         (out_dir / "models").mkdir(parents=True, exist_ok=True)

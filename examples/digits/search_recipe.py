@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     for kind in args.models.split(","):
         rep = run_search({"mlp": recipe_mlp, "cnn": recipe_cnn}[kind], args.out / kind, budgets=budgets,
                          seed=args.seed, qat_seeds=args.qat_seeds, act_bits_fixed=abf,
-                         sensitivity_mode=args.sensitivity,
+                         sensitivity_mode=args.sensitivity, force=True,  # this script owns its output folders
                          a_bits=() if fixed else [int(b) for b in args.act_bits.split(",")], progress=False)
         print(f"\n[{rep['model']}] float val/test acc {rep['float_accuracy']['val']:.4f}/"
               f"{rep['float_accuracy']['test']:.4f}; activations "

@@ -56,6 +56,15 @@ def test_cli_search_end_to_end(tmp_path):
     onnx_path = out / b0["hessian"]["qonnx"]
     res = qdeploy.compile(str(onnx_path), target="reference", out_dir=tmp_path / "c")
     assert res.report["exactness"]["bit_exact"]
+    # a second search into the same folder needs --force, and then replaces it whole
+    again = ["search", f"{__file__}:tiny_recipe", "-o", str(out), "--budget", "bops=uniform:6", "--probes", "10",
+             "--bits", "3,4,6", "--no-progress"]
+    r = CliRunner().invoke(app, again)
+    assert r.exit_code == 2 and "holds an earlier search" in r.output and onnx_path.exists()
+    r = CliRunner().invoke(app, again + ["--force"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads((out / "search_report.json").read_text())["budgets"]) == 1
+    assert not list((out / "models").glob("*_b1_*"))  # no stale models of the first run (it had 2 budgets)
 
 
 def test_cli_search_bad_settings(tmp_path):
@@ -87,6 +96,10 @@ def test_cli_search_bad_settings(tmp_path):
                             "--budget", "bops=uniform:4", "--no-progress"])
     assert r.exit_code == 2 and "not a qdeploy search output" in r.output
     assert [x.name for x in mine.iterdir()] == ["important.txt"]
+    for bad, msg in ((["--qat-seeds", "0"], "qat_seeds must be >= 1"), (["--qat-epochs", "-1"], "qat_epochs must be >= 0")):
+        r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "g"),
+                                "--budget", "bops=uniform:4", "--no-progress", *bad])
+        assert r.exit_code == 2 and msg in r.output and not (tmp_path / "g").exists()
 
 
 def test_cli_search_lut_budget(tmp_path):
