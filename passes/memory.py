@@ -193,7 +193,11 @@ def fmt_bytes(b: float) -> str:
 def parse_budget(text) -> tuple[str, float]:
     """``"48KiB"``/``"48kB"``/``"49152"`` -> ("bytes", n); ``"0.8"``/``"80%"`` -> ("fraction", 0.8).
 
-    A bare number <= 1 is a fraction of the no-remat peak; larger is bytes.
+    A bare number <= 1 is a fraction of the no-remat peak; a bare whole number >= 64 is bytes; anything
+    between (e.g. 1.5) is refused as ambiguous (units make small byte counts explicit).
+
+    Raises:
+        ValueError: unparsable, non-positive or ambiguous budget.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return ("fraction", float(text)) if 0 < text <= 1 else ("bytes", float(text))
@@ -212,4 +216,9 @@ def parse_budget(text) -> tuple[str, float]:
                          f"or a fraction of the unrematerialized peak (0.8 or 80%)") from None
     if not math.isfinite(x) or x <= 0:
         raise ValueError(f"bad memory budget {text!r}: must be positive")
-    return ("fraction", x) if x <= 1 else ("bytes", x)
+    if x <= 1:
+        return "fraction", x
+    if x != int(x) or x < 64:  # 1.5 or 2: surely a mistyped fraction, not 1 or 2 bytes
+        raise ValueError(f"bad memory budget {text!r}: a bare number is a fraction of the peak (0 < f <= 1) or a "
+                         f"whole number of bytes (>= 64); use a unit for small sizes (e.g. 48B, 48KiB)")
+    return "bytes", x

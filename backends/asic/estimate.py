@@ -109,8 +109,8 @@ def _options(config):
         period = float(cfg["clock_period"])
     else:
         period = 1000.0 / float(cfg.get("clock_mhz") or 40.0)
-    if period <= 0:
-        raise QDeployError(f"clock period must be positive, got {period} ns")
+    if not math.isfinite(period) or period <= 0:
+        raise QDeployError(f"clock period must be a positive number of ns, got {period}")
     w = str(cfg.get("weights") or "programmable")
     if w not in ("programmable", "constant"):
         raise QDeployError(f"weights must be 'programmable' or 'constant', got {w!r}")

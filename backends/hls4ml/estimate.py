@@ -259,8 +259,8 @@ def _options(config: dict | None) -> dict:
     opts["strategy"] = "Latency" if opts["strategy"].lower() == "latency" else "Resource"
     if opts["io_type"] not in ("io_parallel", "io_stream"):
         raise QDeployError(f"hls4ml io_type must be io_parallel or io_stream, got {opts['io_type']!r}")
-    if opts["clock_period"] <= 0:
-        raise QDeployError(f"clock period must be positive, got {opts['clock_period']} ns")
+    if not math.isfinite(opts["clock_period"]) or opts["clock_period"] <= 0:
+        raise QDeployError(f"clock period must be a positive number of ns, got {opts['clock_period']}")
     rf = opts["reuse_factor"]
     if isinstance(rf, (int, float)) and not isinstance(rf, bool) and rf < 1:
         raise QDeployError(f"reuse factor must be an integer >= 1, got {rf!r}")

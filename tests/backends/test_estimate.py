@@ -266,8 +266,10 @@ def test_cli_zero_settings_are_errors_and_overfull_parts_warn():
     from qdeploy.cli import app
     run = CliRunner().invoke
     for args, msg in ((["--reuse-factor", "0"], "reuse factor must be an integer >= 1"),
-                      (["--clock-period", "0"], "clock period must be positive"),
-                      (["--target", "asic", "--clock-period", "0"], "clock period must be positive")):
+                      (["--clock-period", "0"], "clock period must be a positive number of ns"),
+                      (["--target", "asic", "--clock-period", "0"], "clock period must be a positive number of ns"),
+                      (["--clock-period", "nan"], "clock period must be a positive number of ns"),
+                      (["--target", "asic", "--clock-period", "inf"], "clock period must be a positive number of ns")):
         r = run(app, ["estimate", str(JSC), *args])
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
     small = run(app, ["estimate", str(JSC), "--part", "pynq-z2"])

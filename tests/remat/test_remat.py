@@ -82,6 +82,10 @@ def test_budget_parsing():
     assert parse_budget("1.5MB") == ("bytes", 1.5e6)
     with pytest.raises(ValueError, match="bad memory budget"):
         parse_budget("lots")
+    assert parse_budget("49152") == ("bytes", 49152) and parse_budget("48B") == ("bytes", 48)
+    for ambiguous in ("1.5", "2", "63"):  # a mistyped fraction must not become a 1-byte budget
+        with pytest.raises(ValueError, match="fraction of the peak .* or a whole number of bytes"):
+            parse_budget(ambiguous)
 
 
 def test_rewrite_names_and_bit_identical_reference(graphs):
