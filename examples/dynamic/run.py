@@ -70,9 +70,11 @@ def main():
                     yt = per_sample(lambda x: tr(x).numpy(), X)
                     trace_ok = float((np.abs(yt - ref).max(1) < 1e-4).mean())
                     trace_pred = float((yt.argmax(1) == ref.argmax(1)).mean())
-                except Exception:
-                    trace_ok = trace_pred = float("nan")
+                except Exception as e:  # e.g. torch.cond models: jit.trace cannot trace them at all
+                    trace_ok = trace_pred = None
+                    trace_err = f"{type(e).__name__}"
             y = dm.run(X)
+            taken = {k: list(v) for k, v in dm.last_stats["taken"].items()}  # before other runs overwrite it
             ok = float((np.abs(y - ref).max(1) < 1e-4).mean())
             pred = float((y.argmax(1) == ref.argmax(1)).mean())
             t_eager, t_b1, t_batch = (t / a.n for t in timed_rounds(
@@ -83,12 +85,14 @@ def main():
             with torch.no_grad():
                 r2 = per_sample(eager, Xte)
             y2 = dm.run(Xte)
-            extra = (f"; digits test split: agree {float((y2.argmax(1) == r2.argmax(1)).mean()):.3f}, "
+            extra = (f"; digits test split ({len(Xte)} images): agree {float((y2.argmax(1) == r2.argmax(1)).mean()):.3f}, "
                      f"max|diff| {np.abs(y2 - r2).max():.2e}, accuracy {float((y2.argmax(1) == yte.numpy()).mean()):.3f}, "
                      f"exits {dm.last_stats['returns']}")
         print(f"  consistency on {a.n} random inputs: ours outputs {ok:.3f} / predictions {pred:.3f} "
-              f"(max|diff| {np.abs(y - ref).max():.2e}); plain jit.trace outputs {trace_ok:.3f} / predictions "
-              f"{trace_pred:.3f}; branches taken {dm.last_stats['taken']}{extra}")
+              f"(max|diff| {np.abs(y - ref).max():.2e}); plain jit.trace "
+              + (f"outputs {trace_ok:.3f} / predictions {trace_pred:.3f}" if trace_ok is not None
+                 else f"fails ({trace_err})")
+              + f"; branches taken on the {a.n} random inputs {taken}{extra}")
         rows.append((name, dm.report["blocks"], dm.report["conditions"], dm.report["compile_seconds"], ok, trace_ok,
                      t_eager * 1e6, t_b1 * 1e6, t_batch * 1e6))
     print(f"\nlatency per sample over {a.n} inputs, {a.target}, threads: torch {torch.get_num_threads()}, "
@@ -97,7 +101,8 @@ def main():
     print(f"{'model':<13}{'blocks':>7}{'conds':>6}{'compile s':>10}{'ours ok':>8}{'trace ok':>9}"
           f"{'eager us':>10}{'b1 us':>9}{'b1 x':>7}{'batch us':>10}{'batch x':>8}")
     for r in rows:
-        print(f"{r[0]:<13}{r[1]:>7}{r[2]:>6}{r[3]:>10.2f}{r[4]:>8.3f}{r[5]:>9.3f}{r[6]:>10.1f}{r[7]:>9.1f}"
+        tr_cell = f"{r[5]:>9.3f}" if r[5] is not None else f"{'fails':>9}"
+        print(f"{r[0]:<13}{r[1]:>7}{r[2]:>6}{r[3]:>10.2f}{r[4]:>8.3f}{tr_cell}{r[6]:>10.1f}{r[7]:>9.1f}"
               f"{r[6] / r[7]:>7.2f}{r[8]:>10.1f}{r[6] / r[8]:>8.2f}")
     for label, col in (("batch-1", 7), ("batched", 8)):
         miss = [r[0] for r in rows if r[6] / r[col] < 1.12]
