@@ -583,10 +583,16 @@ def render_markdown(rep: dict) -> str:
                     cells.append(f"{o:.2g} / {m2:.2g}" + ("*" if m2 > o else ""))
             L.append(f"| {r['name']} {t} | " + " | ".join(cells) + " |")
     L += ["", "## Hessian allocation vs uniform precision, per budget", "",
-          "Accuracies are means over the QAT seeds (settings.qat_seeds). BOPs here are dense "
+          f"Accuracies are means over the {rep['settings'].get('qat_seeds', 1)} QAT seed(s). BOPs here are dense "
           "(MACs x weight bits x activation bits, as the ILP budgets them); `qdeploy compile` reports BOPs "
           "after the trained zero weights are removed (refs/README.md formula with the pruned fraction), "
-          "so its figure for the same QONNX model is lower.", "",
+          "so its figure for the same QONNX model is lower. 'weight bits' = total weight storage in bits."]
+    if any(k not in ("bops", "size") for b in rep["budgets"] for k in b["budget_resolved"]):
+        L += ["", "FPGA budgets (LUT, FF, DSP, BRAM, latency) are per-layer estimates of the *float* model's weights "
+              "quantized to each width before QAT (the ILP needs them before training); `qdeploy estimate` on the "
+              "exported QONNX counts the trained weights (their zeros and powers of two change the multipliers) and "
+              "can differ noticeably (1.2-2x on LUTs for the digits MLP): check the chosen model with it."]
+    L += ["",
           "| budget | allocation | BOPs | weight bits | sensitivity | val acc | test acc | QONNX |",
           "|---|---|---|---|---|---|---|---|"]
     for i, b in enumerate(rep["budgets"]):
