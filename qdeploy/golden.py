@@ -118,6 +118,10 @@ def load_golden(path) -> tuple[dict, dict]:
     with data as z:
         arrays = {k: z[k] for k in z.files}
     if "__meta__" not in arrays:
+        if arrays and all(k.startswith(("in:", "ref:")) for k in arrays):
+            raise GoldenError(f"{path} is an artifact's own golden.npz (the inputs and reference outputs its compile "
+                              f"was checked on, see its report.md), not a golden file: make one with "
+                              f"`qdeploy golden record <artifact> -o golden.npz`")
         raise GoldenError(f"{path} is not a qdeploy golden file (no __meta__ record)")
     meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     return meta, arrays

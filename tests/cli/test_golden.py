@@ -50,3 +50,6 @@ def test_golden_tolerance_and_bad_file(tmp_path, rng):
     np.savez(nogood, a=np.zeros(3))
     r = _cli("golden", "check", str(out), str(nogood))
     assert r.returncode == 2 and "not a qdeploy golden file" in r.stderr
+    own = _cli("golden", "check", str(out), str(out / "golden.npz"))  # the artifact's own input/reference record
+    assert own.returncode == 2 and "artifact's own golden.npz" in own.stderr and "qdeploy golden record" in own.stderr
+    assert "Traceback" not in own.stderr and len(own.stderr.strip().splitlines()) == 1
