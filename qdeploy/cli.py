@@ -348,7 +348,17 @@ def golden_check(artifact: Path = typer.Argument(..., help="artifact directory")
     raise typer.Exit(1)
 
 
+def _terminate(signum, frame):
+    """SIGTERM (e.g. a CI job timeout) unwinds like Ctrl-C, so staging directories are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use): leave the default
+        pass
     try:
         app()
     except QDeployError as e:  # pragma: no cover - typer handles most

@@ -119,3 +119,23 @@ def test_nan_reaching_a_quantizer_names_the_node_and_sample():
     msg = ei.value.one_line()
     assert "node 'in_q'" in msg and "sample(s) [2]" in msg and "NaN" in msg
     assert execute(g, {"x": np.ones((3, 4), np.float32)})  # finite inputs still run
+
+
+def test_sigterm_during_compile_leaves_no_staging_directory(tmp_path):
+    """SIGTERM (a CI timeout) unwinds like Ctrl-C: exit 143 and no .out.tmp-* folder left behind."""
+    from tests.conftest import REALCASES
+    model = REALCASES / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx"
+    if not model.exists():
+        pytest.skip(f"{model} not found: set QDEPLOY_SHARED")
+    code = (
+        "import os, signal, sys, time\n"
+        "from qdeploy.backends.reference import ReferenceBackend\n"
+        "def build(self, out_dir, info):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+        "ReferenceBackend.build = build\n"
+        "from qdeploy.cli import main\n"
+        f"sys.argv = ['qdeploy', 'compile', {str(model)!r}, '-t', 'reference', '-o', {str(tmp_path / 'out')!r}]\n"
+        "main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 143, r.stderr[-500:]
+    assert list(tmp_path.iterdir()) == []
