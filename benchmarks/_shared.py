@@ -29,3 +29,7 @@ def find_shared() -> Path:
 
 
 SHARED = find_shared()
+
+
+if __name__ == "__main__":  # for shell scripts: QDEPLOY_SHARED="$(python benchmarks/_shared.py)"
+    print(SHARED)
