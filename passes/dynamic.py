@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -76,6 +75,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
     Raises:
         CaptureError: unsupported dynamism, naming the source line.
     """
+    from ..api import _publish, _staging_dir  # the artifact staging/publish policy of qdeploy.compile
     from ..backends import get_backend
 
     name = name or type(module).__name__
@@ -91,16 +91,13 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         if out.exists() and any(out.iterdir()) and not (out / "plan.json").is_file():
             raise QDeployError(f"output directory {out} exists and is not a qdeploy dynamic program (no plan.json); "
                                "choose a new directory")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        stage = _staging_dir(out)
     else:
         stage = out = Path(tempfile.mkdtemp(prefix=f"qdeploy_dyn_{name}_"))
     try:
         dm = _build_program(prog, birs, backend, target, name, config, out, stage, t_capture, t_extract)
         if stage != out:  # publish only a complete program: a failed compile leaves no directory
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(stage, out)
+            _publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
