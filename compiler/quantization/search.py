@@ -206,13 +206,18 @@ def parse_budget(text: str) -> dict:
     return out
 
 
+def _uniform_bits(v) -> float | None:
+    """B of a ``"uniform:B"`` budget value, None for a plain number."""
+    return float(v.split(":", 1)[1]) if isinstance(v, str) and v.startswith("uniform:") else None
+
+
 def _resolve_budget(b: Mapping, specs, costs) -> dict:
     out = {}
     for k, v in b.items():
-        if isinstance(v, str) and v.startswith("uniform:"):
+        bits = _uniform_bits(v)
+        if bits is not None:
             # uniform:B -- the cost of the uniform B-bit allocation; a fractional B interpolates
             # linearly between the costs of its two neighbours (uniform:3.5 = midway 3 and 4 bits)
-            bits = float(v.split(":", 1)[1])
             lo, t = int(math.floor(bits)), bits - math.floor(bits)
 
             def ucost(b):
@@ -238,10 +243,9 @@ def _check_uniform_bits(budgets, w_bits) -> None:
     lo, hi = min(w_bits), max(w_bits)
     for b in budgets:
         for k, v in b.items():
-            if isinstance(v, str) and v.startswith("uniform:"):
-                bits = float(v.split(":", 1)[1])
-                if not lo <= bits <= hi:
-                    raise QDeployError(f"budget {k}={v}: B must be within the candidate bit widths {lo}..{hi}")
+            bits = _uniform_bits(v)
+            if bits is not None and not lo <= bits <= hi:
+                raise QDeployError(f"budget {k}={v}: B must be within the candidate bit widths {lo}..{hi}")
 
 
 def _check_ties(model, ties):
