@@ -57,8 +57,7 @@ def _weight_codes(w: torch.Tensor, bits: int) -> tuple[np.ndarray, int]:
     """Integer codes and fraction bits of :func:`.sensitivity.quantize_weight_pot`."""
     qmax = 2 ** (bits - 1) - 1
     w = w.detach().double()
-    amax = float(w.abs().max())
-    e = math.ceil(math.log2(amax / qmax)) if amax > 0 else 0
+    e = sensitivity.weight_scale_exponent(w, bits)
     codes = torch.clamp(torch.round(w / 2.0 ** e), -qmax, qmax).to(torch.int64).numpy()
     return codes, -e
 

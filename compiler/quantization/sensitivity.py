@@ -11,8 +11,8 @@ The quantizers here are the ones the QAT models use (:mod:`.qat`), so the estima
 will be deployed:
 
 * weights: signed, narrow range (codes -(2^(b-1)-1) .. 2^(b-1)-1), per-tensor, power-of-two scale
-  s = 2^ceil(log2(max|W| / (2^(b-1)-1))) (Brevitas ``Int8WeightPerTensorFixedPoint``: max
-  statistics, scale restricted to a power of two by ceil);
+  s = 2^ceil(log2(max|W| / 2^(b-1))) (Brevitas ``Int8WeightPerTensorFixedPoint``: max statistics
+  over the power-of-two integer scaling 2^(b-1), scale restricted to a power of two by ceil);
 * activations: unsigned (after ReLU) or signed, per-tensor, the power-of-two scale with the least
   squared error (Brevitas learns the activation scale during QAT; this picks its best PoT value).
 
@@ -35,7 +35,7 @@ import torch
 from ..errors import QDeployError
 from .hessian import _logits
 
-__all__ = ["quantize_weight_pot", "quantize_act_pot", "weight_sensitivity", "act_sensitivity",
+__all__ = ["weight_scale_exponent", "quantize_weight_pot", "quantize_act_pot", "weight_sensitivity", "act_sensitivity",
            "measured_loss_increase"]
 
 
@@ -49,16 +49,31 @@ def _check_bits(bits: Iterable[int]) -> list[int]:
     return sorted(set(bits))
 
 
+def weight_scale_exponent(w: torch.Tensor, bits: int) -> int:
+    """Exponent e of the power-of-two weight scale 2^e that Brevitas' ``Int8WeightPerTensorFixedPoint``
+    uses at ``bits`` bits: e = ceil(log2(max|w| / 2^(bits-1))).
+
+    Brevitas divides the max-statistics threshold by ``PowerOfTwoIntScaling`` (2^(bits-1) for signed
+    codes), restricts the scale to a power of two with a ceil, then clamps codes to the narrow range
+    +-(2^(bits-1) - 1); so the largest weight may clip by up to one step.  (An earlier version divided
+    by 2^(bits-1) - 1, which doubles the scale at 2..4 bits and made the low-bit sensitivities describe
+    a coarser quantizer than the QAT model uses; ``test_weight_quantizer_matches_brevitas`` pins it.)
+    Returns 0 for an all-zero tensor.
+    """
+    amax = float(w.detach().abs().max())
+    return math.ceil(math.log2(amax / 2 ** (int(bits) - 1))) if amax > 0 else 0
+
+
 def quantize_weight_pot(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fake-quantize ``w`` (any shape) to ``bits``-bit narrow signed codes with a PoT scale.
+    """Fake-quantize ``w`` (any shape) exactly as the QAT layers do at ``bits`` bits: narrow signed
+    codes -(2^(bits-1)-1) .. 2^(bits-1)-1 times the scale 2^:func:`weight_scale_exponent`.
 
     Returns a tensor of ``w``'s shape holding code * scale.
     """
     qmax = 2 ** (bits - 1) - 1
-    amax = float(w.detach().abs().max())
-    if amax == 0.0:
+    if float(w.detach().abs().max()) == 0.0:
         return torch.zeros_like(w)
-    s = 2.0 ** math.ceil(math.log2(amax / qmax))
+    s = 2.0 ** weight_scale_exponent(w, bits)
     return torch.clamp(torch.round(w / s), -qmax, qmax) * s
 
 

@@ -7,6 +7,7 @@ from torch.func import functional_call, hessian
 
 from qdeploy.compiler.errors import QDeployError
 from qdeploy.compiler.quantization.hessian import hutchinson_traces, weight_layers
+from qdeploy.compiler.quantization import sensitivity
 from qdeploy.compiler.quantization.sensitivity import (act_sensitivity, quantize_weight_pot,
                                                        weight_sensitivity)
 
@@ -124,8 +125,8 @@ def test_errors():
 
 def test_sensitivity_quantizers():
     w = torch.tensor([0.5, -0.3, 0.02, 0.0])
-    q = quantize_weight_pot(w, 4)  # qmax 7, scale 2**ceil(log2(0.5/7)) = 1/8
-    assert torch.equal(q, torch.tensor([0.5, -0.25, 0.0, 0.0]))
+    q = quantize_weight_pot(w, 4)  # qmax 7, scale 2**ceil(log2(0.5/8)) = 1/16
+    assert torch.equal(q, torch.tensor([0.4375, -0.3125, 0.0, 0.0]))
     s = weight_sensitivity(2.0, w, [2, 4, 8])
     assert s[2] >= s[4] >= s[8] >= 0
     a = torch.rand(100, 5)
@@ -133,6 +134,24 @@ def test_sensitivity_quantizers():
     assert sa[2] > sa[8]
     with pytest.raises(QDeployError, match="empty"):
         weight_sensitivity(1.0, w, [])
+
+
+def test_weight_quantizer_matches_brevitas():
+    """The sensitivities and hardware costs quantize weights exactly as the QAT layers
+    (Brevitas Int8WeightPerTensorFixedPoint) do, at every candidate width and several ranges."""
+    from brevitas.nn import QuantLinear
+    from brevitas.quant import Int8WeightPerTensorFixedPoint
+    g = torch.Generator().manual_seed(0)
+    for bits in range(2, 9):
+        for amax in (0.37, 0.5, 0.9, 1.3, 3.0):
+            w = torch.randn(12, 20, generator=g)
+            w = w / w.abs().max() * amax
+            q = QuantLinear(20, 12, weight_quant=Int8WeightPerTensorFixedPoint, weight_bit_width=bits, bias=False)
+            with torch.no_grad():
+                q.weight.copy_(w)
+            qt = q.quant_weight()
+            assert float(qt.scale) == 2.0 ** sensitivity.weight_scale_exponent(w, bits), (bits, amax)
+            assert torch.equal(qt.value.detach(), quantize_weight_pot(w, bits)), (bits, amax)
 
 
 def test_forward_over_reverse_equals_reverse_over_reverse():
