@@ -187,7 +187,8 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
 
 def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_size: int = 64,
               seed: int = 0, progress=None, description: str = "QAT", num_threads: int = 1,
-              loss_fn=None, on_epoch=None) -> nn.Module:
+              loss_fn=None, on_epoch=None, teacher: nn.Module | None = None, distill_alpha: float = 0.5,
+              distill_temperature: float = 2.0) -> nn.Module:
     """Adam + cosine schedule, seeded and deterministic; returns the model in eval mode.
 
     The one training loop of qdeploy (QAT fine-tuning, the digits example, early-exit joint training).
@@ -198,15 +199,40 @@ def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_
         loss_fn: ``loss_fn(model_output, y_batch) -> scalar tensor``; default cross-entropy on the
             logits (a Brevitas QuantTensor output is unwrapped).
         on_epoch: optional ``on_epoch(epoch, mean_loss)`` called after each epoch (epoch from 0).
+        teacher: optional float model for knowledge distillation (Hinton et al., arXiv 1503.02531;
+            HAWQ-V3's QAT option, arXiv 2011.10680 Sec. 5): its eval-mode logits on ``x`` are computed
+            once and the loss becomes ``(1 - a) * CE(student, y) + a * T^2 * KL(softmax(t/T) ||
+            softmax(s/T))`` with a = ``distill_alpha`` (0..1) and T = ``distill_temperature`` (> 0).
+            Not combinable with ``loss_fn``.
+
+    Raises:
+        QDeployError: ``teacher`` together with ``loss_fn``, alpha outside [0, 1] or T <= 0.
         progress: a ``rich.progress.Progress`` to add a task to (None: no bar).
         num_threads: torch intra-op threads during training (1: these models are tiny and a shared
             machine makes more threads slower); torch's thread count and deterministic flag are
             restored on return.
     """
+    if teacher is not None:
+        if loss_fn is not None:
+            raise QDeployError("fine_tune: give either a teacher (distillation) or a loss_fn, not both")
+        if not 0.0 <= float(distill_alpha) <= 1.0 or not float(distill_temperature) > 0.0:
+            raise QDeployError(f"fine_tune: distillation needs 0 <= alpha <= 1 and temperature > 0, got alpha="
+                               f"{distill_alpha}, temperature={distill_temperature}")
     prev_t, prev_d = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(num_threads)
     torch.use_deterministic_algorithms(True)
-    if loss_fn is None:
+    t_logits = None
+    if teacher is not None:
+        t_logits = torch.as_tensor(predict(teacher, x))
+        a_kd, temp = float(distill_alpha), float(distill_temperature)
+
+        def loss_fn(out, yb, idx):
+            s = _logits(out)
+            kl = nn.functional.kl_div(nn.functional.log_softmax(s / temp, dim=1),
+                                      nn.functional.log_softmax(t_logits[idx] / temp, dim=1),
+                                      reduction="batchmean", log_target=True)
+            return (1.0 - a_kd) * nn.functional.cross_entropy(s, yb) + a_kd * temp * temp * kl
+    elif loss_fn is None:
         def loss_fn(out, yb):
             return nn.functional.cross_entropy(_logits(out), yb)
     try:
@@ -225,7 +251,7 @@ def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_
             for i in range(0, n, batch_size):
                 idx = perm[i:i + batch_size]
                 opt.zero_grad()
-                loss = loss_fn(model(x[idx]), y[idx])
+                loss = loss_fn(model(x[idx]), y[idx], idx) if t_logits is not None else loss_fn(model(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
                 total += float(loss.item()) * idx.numel()

@@ -388,7 +388,10 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                                              input_signed=inp["signed"], calibration_x=x_tr[:ns])
                     qat.fine_tune(qk, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
                                   seed=seed + k, progress=prog if progress else None,
-                                  description=f"[{name}] QAT {tag} seed {seed + k}")
+                                  description=f"[{name}] QAT {tag} seed {seed + k}",
+                                  teacher=model if qcfg.get("distill_alpha", 0.0) > 0 else None,
+                                  distill_alpha=qcfg.get("distill_alpha", 0.0),
+                                  distill_temperature=qcfg.get("distill_temperature", 2.0))
                     ok_va = qat.predict(qk, x_va).argmax(1) == y_va
                     accs["val"].append(float(ok_va.mean()))
                     corr["val"] = corr.get("val", 0) + ok_va / qat_seeds

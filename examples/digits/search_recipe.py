@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity", default="hessian+measured",
                     help="hessian+measured (default: max of the Hessian estimate and the measured loss increase), "
                          "hessian (HAWQ-V3 Omega only) or measured")
+    ap.add_argument("--qat-json", default=None, help="JSON merged into the recipe's QAT settings")
     args = ap.parse_args(argv)
     budgets = [{"bops": f"uniform:{b}"} for b in args.budgets.split(",")]
     fixed = args.act_bits.startswith("fixed")
@@ -97,7 +98,12 @@ def main(argv=None) -> int:
     score = {"below": [0, 0], "above": [0, 0]}
     noise = {"within": 0, "n": 0}
     for kind in args.models.split(","):
-        rep = run_search({"mlp": recipe_mlp, "cnn": recipe_cnn}[kind], args.out / kind, budgets=budgets,
+        rfn = {"mlp": recipe_mlp, "cnn": recipe_cnn}[kind]
+        if args.qat_json:
+            import json
+            extra = json.loads(args.qat_json)
+            rfn = (lambda f: lambda: (lambda r: {**r, "qat": {**r["qat"], **extra}})(f()))(rfn)
+        rep = run_search(rfn, args.out / kind, budgets=budgets,
                          seed=args.seed, qat_seeds=args.qat_seeds, act_bits_fixed=abf,
                          sensitivity_mode=args.sensitivity, force=True,  # this script owns its output folders
                          a_bits=() if fixed else [int(b) for b in args.act_bits.split(",")], progress=False)

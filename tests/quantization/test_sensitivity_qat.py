@@ -128,3 +128,27 @@ def test_accuracy_noise_is_paired_over_samples():
     a2, b2 = {"test_acc": 0.75}, {"test_acc": 0.5}
     assert accuracy_noise(a2, b2, "test_acc", 4) == pytest.approx(np.sqrt(0.75 * 0.25 / 4 + 0.25 / 4))
     assert "+25.00 points, within 2 standard errors" in _verdict(a, b, "test_acc", 4)
+
+
+def test_distillation_pulls_student_to_teacher_and_checks_args(digits_mlp):
+    """fine_tune(teacher=...): alpha=1 trains on the teacher's soft labels only, so the student's
+    predictions agree with the teacher's more than with a CE-only student trained on shuffled labels."""
+    m, x, y = digits_mlp
+    y_bad = np.random.default_rng(0).permutation(y)  # labels that carry no information
+    agree = {}
+    for alpha in (0.0, 1.0):
+        torch.manual_seed(0)
+        s = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
+        qat.fine_tune(s, x, y_bad, epochs=15, lr=1e-2, teacher=m, distill_alpha=alpha, distill_temperature=2.0)
+        agree[alpha] = float((qat.predict(s, x).argmax(1) == qat.predict(m, x).argmax(1)).mean())
+    assert agree[1.0] > 0.9 and agree[0.0] < 0.5, agree
+    teacher_before = {k: v.clone() for k, v in m.state_dict().items()}
+    s = nn.Sequential(nn.Linear(64, 10))
+    qat.fine_tune(s, x, y, epochs=1, teacher=m, distill_alpha=0.5)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in m.state_dict().items())  # teacher not trained
+    with pytest.raises(QDeployError, match="teacher .* or a loss_fn"):
+        qat.fine_tune(s, x, y, epochs=1, teacher=m, loss_fn=lambda o, t: o.sum())
+    with pytest.raises(QDeployError, match="alpha"):
+        qat.fine_tune(s, x, y, epochs=1, teacher=m, distill_alpha=1.5)
+    with pytest.raises(QDeployError, match="temperature"):
+        qat.fine_tune(s, x, y, epochs=1, teacher=m, distill_temperature=0.0)
