@@ -15,7 +15,9 @@ A *recipe* is a callable (or ``"module:function"``, ``"path/file.py:function"``,
 ``test``           ``(x, y)`` optional: accuracy reported per allocation (the comparison figure)
 ``input``          ``{"bits": 8, "scale": 2**-4, "signed": False}``: the model input's fixed-point format
 ``name``           optional model name
-``qat``            optional ``{"epochs", "lr", "batch_size"}``
+``qat``            optional ``{"epochs", "lr", "batch_size", "distill_alpha", "distill_temperature"}``;
+                   ``distill_alpha`` > 0 distills from the float model during QAT
+                   (:func:`.qat.fine_tune`; default 0: plain cross-entropy)
 ``ties``           optional groups of tied layer names
 ``trace_samples``  optional number of training samples for the Hessian (default all)
 =================  ===========================================================================
@@ -48,6 +50,7 @@ __all__ = ["load_recipe", "layer_specs", "compute_sensitivities", "parse_budget"
            "render_markdown", "plot_pareto"]
 
 DEFAULT_BITS = tuple(range(2, 9))
+QAT_KEYS = ("epochs", "lr", "batch_size", "distill_alpha", "distill_temperature")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -338,6 +341,13 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     name = r.get("name", type(model).__name__)
     inp = {"bits": 8, "scale": 2.0 ** -4, "signed": False, **(r.get("input") or {})}
     qcfg = {"epochs": 15, "lr": 3e-3, "batch_size": 64, **(r.get("qat") or {})}
+    unknown = sorted(set(qcfg) - set(QAT_KEYS))
+    if unknown:
+        raise QDeployError(f"recipe 'qat' has unknown key(s) {unknown}; known: {', '.join(QAT_KEYS)}")
+    da, dt = float(qcfg.get("distill_alpha", 0.0)), float(qcfg.get("distill_temperature", 2.0))
+    if not (0.0 <= da <= 1.0 and dt > 0.0):
+        raise QDeployError(f"recipe 'qat': distill_alpha must be in [0, 1] and distill_temperature > 0, got "
+                           f"{da} and {dt}")
     if qat_epochs is not None:
         qcfg["epochs"] = int(qat_epochs)
     if qat_lr is not None:

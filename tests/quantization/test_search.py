@@ -116,3 +116,22 @@ def test_cli_search_lut_budget(tmp_path):
     assert b["uniform"]["bits"] == 3 and b["uniform"]["allocation"]["costs"]["lut"] < b["budget_resolved"]["lut"]
     assert all(v["a"] == 6 for k, v in b["hessian"]["bits"].items() if k != "0")
     assert rep["settings"]["estimator"]["part"] == "zcu102" and rep["settings"]["act_bits_fixed"] == 6
+
+
+def tiny_recipe_qat(**qat_cfg):
+    r = tiny_recipe()
+    r["qat"] = {**r["qat"], **qat_cfg}
+    return r
+
+
+def test_search_distillation_setting_and_bad_qat_keys(tmp_path):
+    from qdeploy.compiler.quantization.search import run_search
+    common = dict(budgets=[{"bops": "uniform:4"}], probes=2, progress=False, export=False)
+    rep = run_search(lambda: tiny_recipe_qat(distill_alpha=0.5, distill_temperature=3.0), tmp_path / "kd", **common)
+    assert rep["settings"]["qat"]["distill_alpha"] == 0.5 and rep["settings"]["qat"]["distill_temperature"] == 3.0
+    assert 0.0 < rep["budgets"][0]["hessian"]["val_acc"] <= 1.0
+    for cfg, msg in (({"distill": 0.5}, "unknown key"), ({"distill_alpha": 2.0}, "distill_alpha must be in"),
+                     ({"distill_temperature": 0}, "distill_temperature > 0")):
+        with pytest.raises(QDeployError, match=msg):
+            run_search(lambda cfg=cfg: tiny_recipe_qat(**cfg), tmp_path / "bad", **common)
+        assert not (tmp_path / "bad").exists()
