@@ -601,14 +601,15 @@ def render_markdown(rep: dict) -> str:
             L.append(f"| {r['name']} {t} | " + " | ".join(cells) + " |")
     L += ["", "## Hessian allocation vs uniform precision, per budget", "",
           f"Accuracies are means over the {rep['settings'].get('qat_seeds', 1)} QAT seed(s). BOPs here are dense "
-          "(MACs x weight bits x activation bits, as the ILP budgets them); `qdeploy compile` reports BOPs "
+          "(MACs x (w a + w + a + log2 fan-in) for w-bit weights and a-bit inputs, as the ILP budgets them); `qdeploy compile` reports BOPs "
           "after the trained zero weights are removed (refs/README.md formula with the pruned fraction), "
           "so its figure for the same QONNX model is lower. 'weight bits' = total weight storage in bits."]
     if any(k not in ("bops", "size") for b in rep["budgets"] for k in b["budget_resolved"]):
         L += ["", "FPGA budgets (LUT, FF, DSP, BRAM, latency) are per-layer estimates of the *float* model's weights "
               "quantized to each width before QAT (the ILP needs them before training); `qdeploy estimate` on the "
-              "exported QONNX counts the trained weights (their zeros and powers of two change the multipliers) and "
-              "can differ noticeably (1.2-2x on LUTs for the digits MLP): check the chosen model with it."]
+              "exported QONNX counts the trained weights (QAT can halve a layer's weight scale, doubling its LUTs) and "
+              "also the ReLU / requantization / pooling layers, which the per-layer budget leaves out (4-8% of the "
+              "digits MLP's LUTs, about as much as the MAC layers in the digits CNN): check the chosen model with it."]
     L += ["",
           "| budget | allocation | BOPs | weight bits | sensitivity | val acc | test acc | QONNX |",
           "|---|---|---|---|---|---|---|---|"]

@@ -18,10 +18,10 @@ will be deployed:
 
 The second-order model holds for small perturbations only.  :func:`measured_loss_increase` measures
 the loss increase Delta L_i(b) of quantizing ONE tensor to b bits (every other tensor in float) with
-the same quantizers, one forward pass per (tensor, b).  On the digits MLP/CNN the quadratic estimate
-Omega/2 agrees with it within ~2x at 4..8 bits but under-estimates it ~10x at 2 bits (ternary
-weights), which made the ILP pick 2-bit layers that QAT could not recover (examples/digits/
-search_recipe.py).  The search's default ``sensitivity="hessian+measured"`` therefore uses
+the same quantizers, one forward pass per (tensor, b).  On the digits MLP (examples/digits/
+search_recipe.py, search_report.md "Sensitivity per bit width") Omega and 2 Delta L agree within
+about 1.25x at 3 bits and 2.5x at 4..8 bits, but at 2 bits (ternary weights) Omega under-estimates
+the first layer 14x (0.35 vs 4.9), which made the ILP pick a 2-bit first layer.  The search's default ``sensitivity="hessian+measured"`` therefore uses
 max(Omega_i(b), 2 Delta L_i(b)): the Hessian estimate wherever the measurement does not show it to
 be an under-estimate (the factor 2 puts Delta L on Omega's scale, Omega ~= 2 Delta L).
 """
