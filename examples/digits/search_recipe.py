@@ -54,14 +54,14 @@ def _recipe(kind: str, seed: int = 0, epochs: int = 30) -> dict:
             "test": (x_te, y_te), "input": INPUT, "qat": {"epochs": 20, "lr": 5e-3, "batch_size": 64}}
 
 
-def recipe_mlp() -> dict:
-    """Float 64-32-32-10 MLP trained 30 epochs on digits."""
-    return _recipe("mlp")
+def recipe_mlp(seed: int = 0) -> dict:
+    """Float 64-32-32-10 MLP trained 30 epochs on digits (``seed``: data split and initialization)."""
+    return _recipe("mlp", seed=seed)
 
 
-def recipe_cnn() -> dict:
-    """Float two-conv CNN (8, 16 channels) trained 30 epochs on digits."""
-    return _recipe("cnn")
+def recipe_cnn(seed: int = 0) -> dict:
+    """Float two-conv CNN (8, 16 channels) trained 30 epochs on digits (``seed``: split and init)."""
+    return _recipe("cnn", seed=seed)
 
 
 recipe = recipe_mlp
@@ -83,7 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--budgets", default="2.5,3,3.5,4,4.5,5",
                     help="uniform bit widths whose BOPs are the budgets; fractional = between two uniform points")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the probes and QAT runs")
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="seeds the recipe: train/test split and float-model initialization")
     ap.add_argument("--act-bits", default="fixed:8",
                     help="candidate activation bits (e.g. 2,3,4,5,6,7,8), or 'fixed:B' for B-bit activations "
                          "(weight-only search, HAWQ-V3 W-mixed/A8; the default)")
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     noise = {"within": 0, "n": 0}
     per_model = {}
     for kind in args.models.split(","):
-        rfn = {"mlp": recipe_mlp, "cnn": recipe_cnn}[kind]
+        rfn = (lambda f: lambda: f(seed=args.data_seed))({"mlp": recipe_mlp, "cnn": recipe_cnn}[kind])
         if args.distill_alpha:
             rfn = (lambda f: lambda: (lambda r: {**r, "qat": {**r["qat"], "distill_alpha": args.distill_alpha}})(f()))(rfn)
         rep = run_search(rfn, args.out / kind, budgets=budgets,
