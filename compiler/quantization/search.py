@@ -224,7 +224,7 @@ def _resolve_budget(b: Mapping, specs, costs) -> dict:
             lo, t = int(math.floor(bits)), bits - math.floor(bits)
 
             def ucost(b):
-                return sum(ilp.layer_cost(k, s, b, b if s.a_bits else s.fixed_a_bits, costs) for s in specs)
+                return ilp.total_cost(k, specs, {s.name: (b, b if s.a_bits else s.fixed_a_bits) for s in specs}, costs)
             out[k] = ucost(lo) if t == 0 else (1 - t) * ucost(lo) + t * ucost(lo + 1)
         else:
             out[k] = float(v)
@@ -434,7 +434,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                 uni = None
                 for ub in sorted(w_bits, reverse=True):
                     ua = ilp.uniform_allocation(specs, ub, sens, costs)
-                    ucost = {k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b}
+                    ucost = {k: ilp.total_cost(k, specs, ua.bits, costs) for k in b}
                     if all(ucost[k] <= b[k] * (1 + 1e-9) for k in b):
                         ua.costs.update(ucost)
                         uni = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
@@ -449,7 +449,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                         if uni is not None and ub <= uni["bits"]:
                             continue
                         ua = ilp.uniform_allocation(specs, ub, sens, costs)
-                        ua.costs.update({k: sum(ilp.layer_cost(k, s, *ua.bits[s.name], costs) for s in specs) for k in b})
+                        ua.costs.update({k: ilp.total_cost(k, specs, ua.bits, costs) for k in b})
                         above = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
                         break
                 results.append({"budget": dict(b_in), "budget_resolved": b, "hessian": {**alloc.to_dict(), **h},
