@@ -286,8 +286,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             (weights-only search; the model input keeps the recipe's ``input`` format).
         estimator: hls4ml estimator config (``part``, ``clock_period``, ``reuse_factor``,
             ``strategy``, ``io_type``) for the FPGA budgets ``lut``, ``ff``, ``dsp``, ``bram_18k``,
-            ``latency_cycles``, ``latency_ns`` (:mod:`.hw_costs`: per-layer Dense/Conv rows of
-            ``backends/hls4ml/estimate.py``); used when a budget names one of them.
+            ``latency_cycles``, ``latency_ns`` (:mod:`.hw_costs`: the Dense/Conv rows of
+            ``backends/hls4ml/estimate.py`` per layer, plus the ReLU / Quantize / pooling rows
+            between two layers as pair costs); used when a budget names one of them.
         probes, tol, batch_probes: Hutchinson settings (cap, relative tolerance, vmap width).
         trace_method: ``"auto"`` (default): exact Gauss-Newton traces when the float model is a
             piecewise-linear ``nn.Sequential`` with cross-entropy (there the Hessian block equals
@@ -605,11 +606,12 @@ def render_markdown(rep: dict) -> str:
           "after the trained zero weights are removed (refs/README.md formula with the pruned fraction), "
           "so its figure for the same QONNX model is lower. 'weight bits' = total weight storage in bits."]
     if any(k not in ("bops", "size") for b in rep["budgets"] for k in b["budget_resolved"]):
-        L += ["", "FPGA budgets (LUT, FF, DSP, BRAM, latency) are per-layer estimates of the *float* model's weights "
-              "quantized to each width before QAT (the ILP needs them before training); `qdeploy estimate` on the "
-              "exported QONNX counts the trained weights (QAT can halve a layer's weight scale, doubling its LUTs) and "
-              "also the ReLU / requantization / pooling layers, which the per-layer budget leaves out (4-8% of the "
-              "digits MLP's LUTs, about as much as the MAC layers in the digits CNN): check the chosen model with it."]
+        L += ["", "FPGA budgets (LUT, FF, DSP, BRAM, latency) are estimator figures for the *float* model's weights "
+              "quantized to each width before QAT (the ILP needs them before training): the Dense/Conv rows per "
+              "layer plus the ReLU / requantization / pooling rows between two layers; before QAT they equal "
+              "`qdeploy estimate` on the exported model. QAT moves the weights: when a layer's max |w| falls "
+              "below a power of two its scale halves and its LUTs roughly double (seen on the digits models' first "
+              "layers), so check the chosen model with `qdeploy estimate`."]
     L += ["",
           "| budget | allocation | BOPs | weight bits | sensitivity | val acc | test acc | QONNX |",
           "|---|---|---|---|---|---|---|---|"]
