@@ -277,11 +277,30 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
     latency_cycles, latency_ns (per-layer Dense/Conv costs; --part/--clock-period/--reuse-factor)."""
     from .api import search as do_search
     try:
-        ints = lambda t: [int(b) for b in t.split(",") if b.strip()]
-        ab = None if not act_bits else (() if act_bits.startswith("fixed") else ints(act_bits))
-        abf = int(act_bits.split(":", 1)[1]) if act_bits.startswith("fixed:") else 8
+        def ints(t, opt):
+            try:
+                return [int(b) for b in t.split(",") if b.strip()]
+            except ValueError:
+                raise QDeployError(f"{opt} {t!r}: expected comma-separated integers, e.g. 2,3,4,8") from None
+
+        ab, abf = None, 8
+        if act_bits == "fixed":
+            ab = ()
+        elif act_bits.startswith("fixed:"):
+            ab = ()
+            try:
+                abf = int(act_bits.split(":", 1)[1])
+            except ValueError:
+                abf = -1
+            if not 2 <= abf <= 32:
+                raise QDeployError(f"--act-bits {act_bits!r}: fixed:B needs an integer B in 2..32")
+        elif act_bits:
+            if act_bits.startswith("fixed"):
+                raise QDeployError(f"--act-bits {act_bits!r}: expected 'fixed', 'fixed:B' or a list like 2,4,8")
+            ab = ints(act_bits, "--act-bits")
+        w_list = ints(bits, "--bits")
         est_cfg = {"part": part, "clock_period": clock_period, "reuse_factor": reuse_factor, "strategy": strategy}
-        rep = do_search(recipe, out, budgets=list(budget), w_bits=ints(bits), a_bits=ab, act_bits_fixed=abf,
+        rep = do_search(recipe, out, budgets=list(budget), w_bits=w_list, a_bits=ab, act_bits_fixed=abf,
                         estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
                         qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity,

@@ -6,7 +6,7 @@ writes ``search_report.json``, ``search_report.md``, ``pareto.png`` and ``models
 ``qdeploy compile`` takes) under ``out_dir``.
 
 A *recipe* is a callable (or ``"module:function"``, ``"path/file.py:function"``, or a YAML file with
-``recipe: <one of those>`` plus any keyword of :func:`run_search`) returning a dict:
+``recipe: <one of those>`` and optional ``args:``, keyword arguments for it) returning a dict:
 
 =================  ===========================================================================
 ``model``          trained float ``nn.Sequential`` (Linear/Conv, ReLU, pooling, Flatten, Dropout, BN)
@@ -57,19 +57,32 @@ QAT_KEYS = ("epochs", "lr", "batch_size", "distill_alpha", "distill_temperature"
 
 
 def load_recipe(spec) -> tuple[Callable, dict]:
-    """``(recipe_callable, extra_settings)`` from a callable, ``module:function``, ``file.py:function``
-    or a YAML file (``recipe:`` key plus settings).  Raises QDeployError when it cannot be loaded."""
+    """``(recipe_callable, keyword_arguments)`` from a callable, ``module:function``, ``file.py:function``
+    or a YAML file (``recipe: module:function`` plus an optional ``args:`` mapping of keyword
+    arguments for that function).  Raises QDeployError when it cannot be loaded."""
     if callable(spec):
         return spec, {}
     spec = str(spec)
     p = Path(spec)
-    if p.suffix in (".yaml", ".yml") and p.exists():
+    if p.suffix in (".yaml", ".yml"):
         import yaml
-        data = yaml.safe_load(p.read_text()) or {}
+        if not p.is_file():
+            raise QDeployError(f"recipe file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise QDeployError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict) or "recipe" not in data:
             raise QDeployError(f"recipe file {p} must be a mapping with a 'recipe: module:function' key")
-        fn, _ = load_recipe(data.pop("recipe"))
-        return fn, data
+        extra = sorted(set(data) - {"recipe", "args"})
+        if extra:
+            raise QDeployError(f"recipe file {p}: unknown key(s) {extra}; it takes 'recipe' and 'args' (keyword "
+                               "arguments of the recipe function); search settings are command-line options")
+        args = data.get("args") or {}
+        if not isinstance(args, dict):
+            raise QDeployError(f"recipe file {p}: 'args' must be a mapping of keyword arguments")
+        fn, _ = load_recipe(data["recipe"])
+        return fn, args
     if ":" not in spec:
         raise QDeployError(f"recipe {spec!r}: expected module:function, path.py:function or a YAML file")
     mod, fn = spec.rsplit(":", 1)
@@ -77,7 +90,9 @@ def load_recipe(spec) -> tuple[Callable, dict]:
         if mod.endswith(".py") or os.sep in mod:
             mp = Path(mod)
             s = importlib.util.spec_from_file_location(f"_qdeploy_recipe_{mp.stem}", mp)
-            if s is None or not mp.exists():
+            if not mp.is_file():
+                raise QDeployError(f"recipe file {mp} not found" + (" (it is a folder)" if mp.is_dir() else ""))
+            if s is None:
                 raise FileNotFoundError(mod)
             m = importlib.util.module_from_spec(s)
             sys.modules[s.name] = m
@@ -85,8 +100,12 @@ def load_recipe(spec) -> tuple[Callable, dict]:
         else:
             m = importlib.import_module(mod)
         f = getattr(m, fn)
-    except (ImportError, FileNotFoundError, AttributeError) as e:
+    except AttributeError:
+        raise QDeployError(f"cannot load recipe {spec!r}: {mod} has no function {fn!r}") from None
+    except (ImportError, FileNotFoundError) as e:
         raise QDeployError(f"cannot load recipe {spec!r}: {type(e).__name__}: {e}") from None
+    if not callable(f):
+        raise QDeployError(f"recipe {spec!r} is a {type(f).__name__}, not a function")
     return f, {}
 
 
@@ -191,22 +210,34 @@ def parse_budget(text: str) -> dict:
         if "=" not in part:
             raise QDeployError(f"budget {part!r}: expected kind=value, e.g. bops=1.2e6 or size=uniform:4")
         k, v = (t.strip() for t in part.split("=", 1))
-        if v.startswith("uniform:"):
-            try:
-                float(v.split(":", 1)[1])
-            except ValueError:
-                raise QDeployError(f"budget {part!r}: uniform:B needs a number B (e.g. 4 or 3.5)") from None
-            out[k] = v
-        else:
-            try:
-                out[k] = float(v)
-            except ValueError:
-                raise QDeployError(f"budget {part!r}: {v!r} is not a number") from None
-            if not out[k] > 0:
-                raise QDeployError(f"budget {part!r} must be positive")
+        if k in out:
+            raise QDeployError(f"budget {text!r} names {k!r} twice (one value per kind in a budget point)")
+        out[k] = _budget_value(k, v)
     if not out:
         raise QDeployError("empty budget")
     return out
+
+
+def _budget_value(k: str, v):
+    """A budget value checked: ``"uniform:B"`` (B a number) or a finite positive number."""
+    if isinstance(v, str) and v.strip().startswith("uniform:"):
+        v = v.strip()
+        try:
+            b = float(v.split(":", 1)[1])
+        except ValueError:
+            raise QDeployError(f"budget {k}={v}: uniform:B needs a number B (e.g. 4 or 3.5)") from None
+        if not math.isfinite(b):
+            raise QDeployError(f"budget {k}={v}: B must be a finite number")
+        return v
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise QDeployError(f"budget {k}={v!r}: {v!r} is not a number or uniform:B") from None
+    if not math.isfinite(x):
+        raise QDeployError(f"budget {k}={v}: must be a finite number")
+    if not x > 0:
+        raise QDeployError(f"budget {k}={v} must be positive")
+    return x
 
 
 def _uniform_bits(v) -> float | None:
@@ -277,7 +308,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
 
     Args:
         recipe: see the module docstring.
-        out_dir: output directory (created; existing files of the same names are replaced).
+        out_dir: output directory.  Everything is written to a staging folder next to it and moved
+            into place only when the search has finished, so a failed or interrupted search leaves
+            no output and an earlier search (replaced with ``force``) survives a failed new one.
         budgets: budget points, each ``{kind: value}`` (all constraints of one point hold at once).
         w_bits, a_bits: candidate weight / activation bit widths (a_bits default = w_bits).
         ties: groups of tied layer names (override the recipe's).
@@ -313,19 +346,28 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     if sensitivity_mode not in SENSITIVITY_MODES:
         raise QDeployError(f"sensitivity mode {sensitivity_mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
     _check_budget_kinds(budgets, costs)
+    budgets = [{k: _budget_value(k, v) for k, v in b.items()} for b in budgets]
+    if not a_bits and a_bits is not None and not 2 <= int(act_bits_fixed) <= 32:
+        raise QDeployError(f"act_bits_fixed must be an integer in 2..32, got {act_bits_fixed}")
     if int(qat_seeds) < 1:
         raise QDeployError(f"qat_seeds must be >= 1, got {qat_seeds}")
     if qat_epochs is not None and int(qat_epochs) < 0:
         raise QDeployError(f"qat_epochs must be >= 0, got {qat_epochs}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not out_dir.is_dir() or not (out_dir / "search_report.json").is_file():
-            raise QDeployError(f"output directory {out_dir} exists and is not a qdeploy search output "
+    from ...api import _check_out_dir, _publish, _staging_dir
+
+    out_final = _check_out_dir(out_dir)
+    if out_final.exists() and not out_final.is_dir():
+        raise QDeployError(f"output path {out_final} exists and is a file, not a directory")
+    if out_final.exists() and any(out_final.iterdir()):
+        if not (out_final / "search_report.json").is_file():
+            raise QDeployError(f"output directory {out_final} exists and is not a qdeploy search output "
                                "(no search_report.json): choose a new directory")
         if not force:
-            raise QDeployError(f"output directory {out_dir} holds an earlier search (use --force / force=True "
+            raise QDeployError(f"output directory {out_final} holds an earlier search (use --force / force=True "
                                "to replace it)")
-        shutil.rmtree(out_dir)  # an earlier search output: replaced whole, no stale models left
+        if out_final == Path.cwd().resolve() or out_final in Path.cwd().resolve().parents:
+            raise QDeployError(f"refusing to replace {out_final}: it is the working directory or one of its parents")
+    # an earlier search is replaced only when the new one has finished (written to a staging folder)
     fn, extra = load_recipe(recipe)
     w_bits = tuple(sensitivity._check_bits(list(w_bits)))
     a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
@@ -335,28 +377,29 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     t_all = time.perf_counter()
     torch.manual_seed(seed)
     r = fn(**extra) if extra else fn()
-    for k in ("model", "train", "val"):
-        if k not in r:
-            raise QDeployError(f"recipe result lacks {k!r} (needs model, train, val; optional test, input)")
+    _check_recipe_result(r)
     model: nn.Module = r["model"]
     name = r.get("name", type(model).__name__)
     inp = {"bits": 8, "scale": 2.0 ** -4, "signed": False, **(r.get("input") or {})}
     qcfg = {"epochs": 15, "lr": 3e-3, "batch_size": 64, **(r.get("qat") or {})}
-    unknown = sorted(set(qcfg) - set(QAT_KEYS))
-    if unknown:
-        raise QDeployError(f"recipe 'qat' has unknown key(s) {unknown}; known: {', '.join(QAT_KEYS)}")
-    da, dt = float(qcfg.get("distill_alpha", 0.0)), float(qcfg.get("distill_temperature", 2.0))
-    if not (0.0 <= da <= 1.0 and dt > 0.0):
-        raise QDeployError(f"recipe 'qat': distill_alpha must be in [0, 1] and distill_temperature > 0, got "
-                           f"{da} and {dt}")
     if qat_epochs is not None:
-        qcfg["epochs"] = int(qat_epochs)
+        qcfg["epochs"] = qat_epochs
     if qat_lr is not None:
-        qcfg["lr"] = float(qat_lr)
+        qcfg["lr"] = qat_lr
+    qcfg = _check_qat(qcfg)
     ties = _check_ties(model, ties if ties is not None else r.get("ties", ()))
-    x_tr, y_tr = (np.asarray(a) for a in r["train"])
-    x_va, y_va = (np.asarray(a) for a in r["val"])
-    test = tuple(np.asarray(a) for a in r["test"]) if r.get("test") is not None else None
+    x_tr, y_tr = _xy(r, "train")
+    x_va, y_va = _xy(r, "val")
+    test = _xy(r, "test") if r.get("test") is not None else None
+    for key, x in (("train", x_tr), ("val", x_va), ("test", None if test is None else test[0])):
+        if x is None:
+            continue
+        try:
+            with torch.no_grad():
+                model.eval()(torch.as_tensor(np.asarray(x[:2], dtype=np.float32)))
+        except Exception as e:
+            raise QDeployError(f"recipe {key!r} inputs of shape {tuple(x.shape)} do not fit the model: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
     ns = int(r.get("trace_samples", len(x_tr)))
     specs = layer_specs(model, x_tr[:1], w_bits, a_bits, inp["bits"], act_bits_fixed)
     from .hw_costs import ESTIMATOR_KINDS, estimator_costs
@@ -365,7 +408,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
                                    kinds=sorted(set(hw))), **(costs or {})}
     resolved = [_resolve_budget(b, specs, costs) for b in budgets]
-    created = not out_dir.exists()
+    out_dir = _staging_dir(out_final)
     try:
         (out_dir / "models").mkdir(parents=True, exist_ok=True)
 
@@ -493,11 +536,74 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=_json))
         (out_dir / "search_report.md").write_text(render_markdown(report))
         plot_pareto(report, out_dir / "pareto.png")
+        _publish(out_dir, out_final)  # replaces an empty folder or (with force) an earlier search
         return report
     except BaseException:
-        if created:  # a failed search leaves no half-written output directory
-            shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)  # a failed search leaves nothing half-written
         raise
+
+
+RECIPE_KEYS = ("model", "train", "val", "test", "input", "name", "qat", "ties", "trace_samples")
+
+
+def _check_recipe_result(r) -> None:
+    """One-line QDeployError for a recipe result that is not the documented dict."""
+    if not isinstance(r, Mapping):
+        raise QDeployError(f"the recipe returned {type(r).__name__}, expected a dict with model, train, val "
+                           "(optional test, input, name, qat, ties, trace_samples)")
+    for k in ("model", "train", "val"):
+        if k not in r:
+            raise QDeployError(f"recipe result lacks {k!r} (needs model, train, val; optional test, input)")
+    unknown = sorted(set(r) - set(RECIPE_KEYS))
+    if unknown:
+        raise QDeployError(f"recipe result has unknown key(s) {unknown}; known: {', '.join(RECIPE_KEYS)}")
+    if not isinstance(r["model"], nn.Module):
+        raise QDeployError(f"recipe 'model' is a {type(r['model']).__name__}, expected a torch nn.Module")
+    for k in ("qat", "input"):
+        if r.get(k) is not None and not isinstance(r[k], Mapping):
+            raise QDeployError(f"recipe {k!r} must be a mapping, got {type(r[k]).__name__}")
+
+
+def _xy(r, key: str):
+    """``(x, y)`` arrays of recipe field ``key``, checked: a pair, same length, integer labels."""
+    v = r[key]
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        raise QDeployError(f"recipe {key!r} must be a pair (x, y), got {type(v).__name__}")
+    x, y = np.asarray(v[0]), np.asarray(v[1])
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise QDeployError(f"recipe {key!r}: x must be (N, ...) and y (N,) with the same N > 0, got x "
+                           f"{tuple(x.shape)} and y {tuple(y.shape)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise QDeployError(f"recipe {key!r}: labels y must be integers, got {y.dtype}")
+    return x, y
+
+
+def _check_qat(q: Mapping) -> dict:
+    """The recipe's QAT settings with types and ranges checked (one-line QDeployError naming the key)."""
+    unknown = sorted(set(q) - set(QAT_KEYS))
+    if unknown:
+        raise QDeployError(f"recipe 'qat' has unknown key(s) {unknown}; known: {', '.join(QAT_KEYS)}")
+    out = dict(q)
+    for k, typ in (("epochs", int), ("batch_size", int), ("lr", float), ("distill_alpha", float),
+                   ("distill_temperature", float)):
+        if k not in out:
+            continue
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
+                (typ is int and float(v) != int(v)) or not math.isfinite(float(v)):
+            raise QDeployError(f"recipe 'qat': {k} must be {'an integer' if typ is int else 'a number'}, got {v!r}")
+        out[k] = typ(v)
+    if out["epochs"] < 0:
+        raise QDeployError(f"qat epochs must be >= 0, got {out['epochs']}")
+    if out["batch_size"] < 1:
+        raise QDeployError(f"recipe 'qat': batch_size must be >= 1, got {out['batch_size']}")
+    if not out["lr"] > 0:
+        raise QDeployError(f"recipe 'qat': lr must be > 0, got {out['lr']}")
+    da, dt = out.get("distill_alpha", 0.0), out.get("distill_temperature", 2.0)
+    if not (0.0 <= da <= 1.0 and dt > 0.0):
+        raise QDeployError(f"recipe 'qat': distill_alpha must be in [0, 1] and distill_temperature > 0, got "
+                           f"{da} and {dt}")
+    return out
 
 
 def _json(o):

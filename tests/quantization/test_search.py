@@ -135,3 +135,88 @@ def test_search_distillation_setting_and_bad_qat_keys(tmp_path):
         with pytest.raises(QDeployError, match=msg):
             run_search(lambda cfg=cfg: tiny_recipe_qat(**cfg), tmp_path / "bad", **common)
         assert not (tmp_path / "bad").exists()
+
+
+def _bad_recipe(kind):
+    r = tiny_recipe()
+    if kind == "none":
+        return None
+    if kind == "unknown_key":
+        r["vall"] = r["val"]
+    elif kind == "lr":
+        r["qat"]["lr"] = "fast"
+    elif kind == "lr_neg":
+        r["qat"]["lr"] = -1
+    elif kind == "batch0":
+        r["qat"]["batch_size"] = 0
+    elif kind == "qat_list":
+        r["qat"] = [1, 2]
+    elif kind == "labels":
+        r["train"] = (r["train"][0], r["train"][1][:-5])
+    elif kind == "val_shape":
+        r["val"] = (r["val"][0][:, :32], r["val"][1])
+    return r
+
+
+def test_search_bad_recipes_budgets_and_output_folders(tmp_path):
+    """Bad recipe results, budgets and bit options give one-line QDeployErrors before any training;
+    a failed run (even with force) leaves an earlier search and an empty target folder as they were."""
+    from qdeploy.compiler.quantization.search import load_recipe, parse_budget, run_search
+    common = dict(budgets=[{"bops": "uniform:4"}], probes=2, progress=False, export=False)
+    for kind, msg in (("none", "returned NoneType"), ("unknown_key", "unknown key"), ("lr", "lr must be a number"),
+                      ("lr_neg", "lr must be > 0"), ("batch0", "batch_size must be >= 1"),
+                      ("qat_list", "'qat' must be a mapping"), ("labels", "same N"),
+                      ("val_shape", "'val' inputs of shape")):
+        with pytest.raises(QDeployError, match=msg):
+            run_search(lambda kind=kind: _bad_recipe(kind), tmp_path / "bad", **common)
+        assert not (tmp_path / "bad").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")], "staging folder left behind"
+    for text, msg in (("bops=1e5,bops=2e5", "twice"), ("bops=inf", "finite"), ("bops=nan", "finite")):
+        with pytest.raises(QDeployError, match=msg):
+            parse_budget(text)
+    with pytest.raises(QDeployError, match="not a number"):
+        run_search(tiny_recipe, tmp_path / "bad", **{**common, "budgets": [{"bops": "abc"}]})
+    with pytest.raises(QDeployError, match="act_bits_fixed"):
+        run_search(tiny_recipe, tmp_path / "bad", **{**common, "a_bits": (), "act_bits_fixed": 0})
+    # an earlier search survives a failing --force run; it is replaced only by a finished one
+    good = tmp_path / "good"
+    run_search(tiny_recipe, good, **common)
+    before = (good / "search_report.json").read_text()
+    with pytest.raises(QDeployError, match="below the cost"):
+        run_search(tiny_recipe, good, **{**common, "budgets": [{"bops": 10.0}], "force": True})
+    assert (good / "search_report.json").read_text() == before
+    run_search(tiny_recipe, good, **{**common, "force": True, "seed": 1})
+    assert json.loads((good / "search_report.json").read_text())["seed"] == 1
+    # an existing empty folder stays usable after a failure, and is filled by a finished search
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(QDeployError):
+        run_search(lambda: _bad_recipe("batch0"), empty, **common)
+    assert empty.is_dir() and not any(empty.iterdir())
+    run_search(tiny_recipe, empty, **common)
+    assert (empty / "search_report.json").is_file()
+    # YAML recipes: args go to the function, anything else is refused; a missing file says so
+    y = tmp_path / "r.yaml"
+    y.write_text(f"recipe: {__file__}:tiny_recipe_qat\nargs:\n  epochs: 2\n")
+    fn, args = load_recipe(str(y))
+    assert args == {"epochs": 2} and fn(**args)["qat"]["epochs"] == 2
+    y.write_text(f"recipe: {__file__}:tiny_recipe\nqat_seeds: 1\n")
+    with pytest.raises(QDeployError, match="unknown key"):
+        load_recipe(str(y))
+    with pytest.raises(QDeployError, match="not found"):
+        load_recipe(str(tmp_path / "none.yaml"))
+    with pytest.raises(QDeployError, match="has no function"):
+        load_recipe(f"{__file__}:nope")
+
+
+def test_cli_search_bit_option_errors(tmp_path):
+    runner = CliRunner()
+    for opts, msg in ((["--act-bits", "fixed:0"], "fixed:B needs an integer B in 2..32"),
+                      (["--act-bits", "fixed:99"], "fixed:B needs an integer B in 2..32"),
+                      (["--act-bits", "fixedx"], "expected 'fixed'"),
+                      (["--bits", "2,x"], "--bits '2,x': expected comma-separated integers"),
+                      (["--act-bits", "2.5,4"], "--act-bits '2.5,4'")):
+        r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "o"),
+                                "--budget", "bops=uniform:4", "--no-progress", *opts])
+        assert r.exit_code == 2 and msg in r.output, (opts, r.output)
+        assert not (tmp_path / "o").exists()
