@@ -310,7 +310,8 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
     for i, b in enumerate(rep["budgets"]):
         h, u = b["hessian"], b["uniform"]
-        hwc = lambda c: "".join(f", {k} {c[k]:.4g}" for k in b["budget_resolved"] if k not in ("bops", "size") and k in c)
+        hwc = lambda c: "".join(f", {'weight bits' if k == 'size' else k} {c[k]:.4g}"
+                                for k in b["budget_resolved"] if k != "bops" and k in c)
         line = f"budget {i} {b['budget']}: Hessian {h['costs']['bops']:.4g} BOPs{hwc(h['costs'])}, {key} {h[key]:.4f}"
         if u:
             line += (f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs"

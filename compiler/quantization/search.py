@@ -709,7 +709,7 @@ def render_markdown(rep: dict) -> str:
     L += ["", "## Hessian allocation vs uniform precision, per budget", "",
           f"Accuracies are means over the {rep['settings'].get('qat_seeds', 1)} QAT seed(s). BOPs here are dense "
           "(MACs x (w a + w + a + log2 fan-in) for w-bit weights and a-bit inputs, as the ILP budgets them); `qdeploy compile` reports BOPs "
-          "after the trained zero weights are removed (refs/README.md formula with the pruned fraction), "
+          "after the trained zero weights are removed (the pruned fraction f_p of arXiv 2103.05579 Eq. 1), "
           "so its figure for the same QONNX model is lower. 'weight bits' = total weight storage in bits."]
     if any(k not in ("bops", "size") for b in rep["budgets"] for k in b["budget_resolved"]):
         L += ["", "FPGA budgets (LUT, FF, DSP, BRAM, latency) are estimator figures for the *float* model's weights "
