@@ -204,13 +204,13 @@ def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_
             once and the loss becomes ``(1 - a) * CE(student, y) + a * T^2 * KL(softmax(t/T) ||
             softmax(s/T))`` with a = ``distill_alpha`` (0..1) and T = ``distill_temperature`` (> 0).
             Not combinable with ``loss_fn``.
-
-    Raises:
-        QDeployError: ``teacher`` together with ``loss_fn``, alpha outside [0, 1] or T <= 0.
         progress: a ``rich.progress.Progress`` to add a task to (None: no bar).
         num_threads: torch intra-op threads during training (1: these models are tiny and a shared
             machine makes more threads slower); torch's thread count and deterministic flag are
             restored on return.
+
+    Raises:
+        QDeployError: ``teacher`` together with ``loss_fn``, alpha outside [0, 1] or T <= 0.
     """
     if teacher is not None:
         if loss_fn is not None:
