@@ -298,6 +298,8 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
             if act_bits.startswith("fixed"):
                 raise QDeployError(f"--act-bits {act_bits!r}: expected 'fixed', 'fixed:B' or a list like 2,4,8")
             ab = ints(act_bits, "--act-bits")
+            if not ab:
+                raise QDeployError(f"--act-bits {act_bits!r}: the list of candidate bit widths is empty")
         w_list = ints(bits, "--bits")
         est_cfg = {"part": part, "clock_period": clock_period, "reuse_factor": reuse_factor, "strategy": strategy}
         rep = do_search(recipe, out, budgets=list(budget), w_bits=w_list, a_bits=ab, act_bits_fixed=abf,

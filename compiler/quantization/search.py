@@ -81,7 +81,11 @@ def load_recipe(spec) -> tuple[Callable, dict]:
         args = data.get("args") or {}
         if not isinstance(args, dict):
             raise QDeployError(f"recipe file {p}: 'args' must be a mapping of keyword arguments")
-        fn, _ = load_recipe(data["recipe"])
+        inner = str(data["recipe"])
+        if Path(inner.rsplit(":", 1)[0] if ":" in inner else inner).suffix in (".yaml", ".yml"):
+            raise QDeployError(f"recipe file {p}: 'recipe' must be module:function or path.py:function, "
+                               f"not another YAML file ({inner})")
+        fn, _ = load_recipe(inner)
         return fn, args
     if ":" not in spec:
         raise QDeployError(f"recipe {spec!r}: expected module:function, path.py:function or a YAML file")

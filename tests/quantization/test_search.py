@@ -205,6 +205,9 @@ def test_search_bad_recipes_budgets_and_output_folders(tmp_path):
         load_recipe(str(y))
     with pytest.raises(QDeployError, match="not found"):
         load_recipe(str(tmp_path / "none.yaml"))
+    y.write_text(f"recipe: {y}\n")
+    with pytest.raises(QDeployError, match="not another YAML file"):
+        load_recipe(str(y))
     with pytest.raises(QDeployError, match="has no function"):
         load_recipe(f"{__file__}:nope")
 
@@ -215,7 +218,8 @@ def test_cli_search_bit_option_errors(tmp_path):
                       (["--act-bits", "fixed:99"], "fixed:B needs an integer B in 2..32"),
                       (["--act-bits", "fixedx"], "expected 'fixed'"),
                       (["--bits", "2,x"], "--bits '2,x': expected comma-separated integers"),
-                      (["--act-bits", "2.5,4"], "--act-bits '2.5,4'")):
+                      (["--act-bits", "2.5,4"], "--act-bits '2.5,4'"),
+                      (["--act-bits", ","], "list of candidate bit widths is empty")):
         r = runner.invoke(app, ["search", f"{__file__}:tiny_recipe", "-o", str(tmp_path / "o"),
                                 "--budget", "bops=uniform:4", "--no-progress", *opts])
         assert r.exit_code == 2 and msg in r.output, (opts, r.output)
