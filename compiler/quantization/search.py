@@ -372,6 +372,10 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         if out_final == Path.cwd().resolve() or out_final in Path.cwd().resolve().parents:
             raise QDeployError(f"refusing to replace {out_final}: it is the working directory or one of its parents")
     # an earlier search is replaced only when the new one has finished (written to a staging folder)
+    if int(probes) < 1:
+        raise QDeployError(f"probes must be >= 1, got {probes}")
+    if not (math.isfinite(float(tol)) and float(tol) > 0):
+        raise QDeployError(f"tol must be a positive number, got {tol}")
     fn, extra = load_recipe(recipe)
     w_bits = tuple(sensitivity._check_bits(list(w_bits)))
     a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
@@ -412,6 +416,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
                                    kinds=sorted(set(hw))), **(costs or {})}
     resolved = [_resolve_budget(b, specs, costs) for b in budgets]
+    new_parents = [d for d in out_final.parents if not d.exists()]  # removed again if the search fails
     out_dir = _staging_dir(out_final)
     try:
         (out_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -528,7 +533,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         report = {
             "model": name, "seed": seed, "float_accuracy": float_acc,
             "n_eval": {"val": int(len(x_va)), **({"test": int(len(test[0]))} if test is not None else {})},
-            "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
+            "settings": {"recipe": recipe if isinstance(recipe, str) else getattr(recipe, "__name__", repr(recipe)),
+                         "recipe_args": dict(extra or {}),
+                         "w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
                          "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
                          "act_bits_fixed": None if a_bits else act_bits_fixed, "sensitivity_mode": sensitivity_mode,
                          "estimator": dict(estimator or {}) if hw else None},
@@ -544,6 +551,11 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         return report
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # a failed search leaves nothing half-written
+        for d in new_parents:  # innermost first; only folders this run created and left empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
 
 

@@ -176,6 +176,13 @@ def test_search_bad_recipes_budgets_and_output_folders(tmp_path):
             parse_budget(text)
     with pytest.raises(QDeployError, match="not a number"):
         run_search(tiny_recipe, tmp_path / "bad", **{**common, "budgets": [{"bops": "abc"}]})
+    for kw, msg in (({"probes": 0}, "probes must be >= 1"), ({"tol": float("nan")}, "tol must be a positive")):
+        with pytest.raises(QDeployError, match=msg):
+            run_search(tiny_recipe, tmp_path / "bad", **{**common, **kw})
+    # a failed run into a new nested path leaves none of the folders it created
+    with pytest.raises(QDeployError, match="below the cost"):
+        run_search(tiny_recipe, tmp_path / "new" / "deep" / "x", **{**common, "budgets": [{"bops": 10.0}]})
+    assert not (tmp_path / "new").exists()
     with pytest.raises(QDeployError, match="act_bits_fixed"):
         run_search(tiny_recipe, tmp_path / "bad", **{**common, "a_bits": (), "act_bits_fixed": 0})
     # an earlier search survives a failing --force run; it is replaced only by a finished one
@@ -200,6 +207,8 @@ def test_search_bad_recipes_budgets_and_output_folders(tmp_path):
     y.write_text(f"recipe: {__file__}:tiny_recipe_qat\nargs:\n  epochs: 2\n")
     fn, args = load_recipe(str(y))
     assert args == {"epochs": 2} and fn(**args)["qat"]["epochs"] == 2
+    rep = run_search(str(y), tmp_path / "yaml_run", **common)
+    assert rep["settings"]["recipe"] == str(y) and rep["settings"]["recipe_args"] == {"epochs": 2}
     y.write_text(f"recipe: {__file__}:tiny_recipe\nqat_seeds: 1\n")
     with pytest.raises(QDeployError, match="unknown key"):
         load_recipe(str(y))
