@@ -20,8 +20,10 @@ The second-order model holds for small perturbations only.  :func:`measured_loss
 the loss increase Delta L_i(b) of quantizing ONE tensor to b bits (every other tensor in float) with
 the same quantizers, one forward pass per (tensor, b).  On the digits MLP (examples/digits/
 search_recipe.py, search_report.md "Sensitivity per bit width") Omega and 2 Delta L agree within
-about 1.25x at 3 bits and 2.5x at 4..8 bits, but at 2 bits (ternary weights) Omega under-estimates
-the first layer 14x (0.35 vs 4.9), which made the ILP pick a 2-bit first layer.  The search's default ``sensitivity="hessian+measured"`` therefore uses
+1.21x at 3 bits and mostly within 4x at 4..8 bits (where both are below 0.1 and the measurement
+is close to its noise), but at 2 bits (ternary weights) Omega under-estimates the MLP's first layer
+14x (0.35 vs 4.9) and the CNN's last layer 13x (0.85 vs 11), which made the ILP pick such layers
+at 2 bits.  The search's default ``sensitivity="hessian+measured"`` therefore uses
 max(Omega_i(b), 2 Delta L_i(b)): the Hessian estimate wherever the measurement does not show it to
 be an under-estimate (the factor 2 puts Delta L on Omega's scale, Omega ~= 2 Delta L).
 """
