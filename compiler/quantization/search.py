@@ -357,7 +357,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         raise QDeployError(f"qat_seeds must be >= 1, got {qat_seeds}")
     if qat_epochs is not None and int(qat_epochs) < 0:
         raise QDeployError(f"qat_epochs must be >= 0, got {qat_epochs}")
-    from ...api import _check_out_dir, _publish, _staging_dir
+    from ...api import _check_out_dir, _check_replaceable, _publish, _staging_dir
 
     out_final = _check_out_dir(out_dir)
     if out_final.exists() and not out_final.is_dir():
@@ -369,8 +369,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         if not force:
             raise QDeployError(f"output directory {out_final} holds an earlier search (use --force / force=True "
                                "to replace it)")
-        if out_final == Path.cwd().resolve() or out_final in Path.cwd().resolve().parents:
-            raise QDeployError(f"refusing to replace {out_final}: it is the working directory or one of its parents")
+        _check_replaceable(out_final, recipe if isinstance(recipe, str) else None,
+                           is_ours=lambda d: (d / "search_report.json").is_file(), kind="a qdeploy search output")
     # an earlier search is replaced only when the new one has finished (written to a staging folder)
     if int(probes) < 1:
         raise QDeployError(f"probes must be >= 1, got {probes}")
