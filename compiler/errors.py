@@ -34,3 +34,7 @@ class VerifyError(QDeployError):
 
 class CompileError(QDeployError):
     """A backend failed to emit or build the artifact."""
+
+
+class ReferenceError_(QDeployError):
+    """Bad feed for the reference interpreter (wrong shape, NaN into a fixed-point input)."""

@@ -1,4 +1,4 @@
-"""Memory and cost analyses of an IR graph (issue 8): value sizes from quantized types,
+"""Memory and cost analyses of an IR graph: value sizes from quantized types,
 liveness under the graph's node order, peak live bytes, per-node compute cost.
 
 Memory model (the one :func:`qdeploy.compiler.reference.execute` measures with ``peak=``):
@@ -13,54 +13,17 @@ Memory model (the one :func:`qdeploy.compiler.reference.execute` measures with `
 Sizes are per sample (the IR omits the batch axis; multiply by ``batch``).  Constants (weights)
 are not counted: they live in ROM/flash or as HLS constants, not in activation memory.
 
-Packing of a ``W``-bit fixed-point element (parameter ``packing``):
-
-``"byte"`` (default)
-    ``ceil(W/8)`` bytes per element: byte-aligned storage (a 6-bit tensor takes 1 byte per
-    element, a 12-bit one 2, an 18-bit one 3), as a byte-addressed SRAM buffer holds it.
-``"container"``
-    the C/TVM integer container: 1, 2, 4 or 8 bytes (``int8_t`` .. ``int64_t``) -- how C code on
-    a microcontroller or a TVM build with narrowed dtypes stores it.
-``"bit"``
-    bit-packed: ``ceil(n*W/8)`` bytes for ``n`` elements, as a bit-packed FPGA BRAM holds it.
-``"runtime"``
-    8 bytes (int64 code) per element: how our reference interpreter and TVM lowering store it.
-
-float32 values take 4 bytes per element in every mode.
+Value sizes under each packing (``"byte"``, ``"container"``, ``"bit"``, ``"runtime"``) are
+:func:`qdeploy.compiler.ir.cost.value_bytes`; per-node compute costs are each op's ``OpSpec.macs``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..compiler.ir.graph import Graph, Node, Value
-from ..compiler.ir.types import FixedType
-
-PACKINGS = ("byte", "container", "bit", "runtime")
-
-
-def element_bits(v: Value) -> int:
-    """Bits per element of ``v``: the fixed-point width, 32 for float."""
-    return v.dtype.width if isinstance(v.dtype, FixedType) else 32
-
-
-def value_bytes(v: Value, packing: str = "byte", batch: int = 1) -> int:
-    """Bytes held by value ``v`` (``batch`` samples) under ``packing`` (see module docstring)."""
-    if packing not in PACKINGS:
-        raise ValueError(f"unknown packing {packing!r}; one of {', '.join(PACKINGS)}")
-    n = v.size * int(batch)
-    if not isinstance(v.dtype, FixedType):
-        return 4 * n
-    w = v.dtype.width
-    if packing == "byte":
-        return n * ((w + 7) // 8)
-    if packing == "container":
-        return n * next(c for c in (1, 2, 4, 8) if 8 * c >= w)
-    if packing == "bit":
-        return (n * w + 7) // 8
-    return 8 * n
+from ..compiler.ir.cost import value_bytes
+from ..compiler.ir.graph import Graph, Node
+from ..compiler.ir.ops import default_macs, get as get_op
 
 
 @dataclass(frozen=True)
@@ -155,22 +118,11 @@ def min_feasible_bytes(graph: Graph, packing: str = "byte", batch: int = 1) -> t
 
 # ------------------------------------------------------------------ cost model
 def node_macs(node: Node, graph: Graph) -> int:
-    """Per-sample compute cost of ``node``: multiply-accumulates for Dense/Conv, window
-    operations for pools, one per output element otherwise (at least 1)."""
-    out = graph.values[node.output]
-    if node.op == "Dense":
-        w = node.params["weight"].data
-        return max(1, out.size * int(w.shape[0]))
-    if node.op == "Conv":
-        w = node.params["weight"].data
-        return max(1, out.size * int(np.prod(w.shape[:-1])))
-    if node.op in ("MaxPool", "AvgPool"):
-        return max(1, out.size * int(np.prod(node.attrs["kernel"])))
-    if node.op == "GlobalAvgPool":
-        return max(1, graph.values[node.inputs[0]].size)
-    if node.op in ("Reshape",):
-        return 1
-    return max(1, out.size)
+    """Per-sample compute cost of ``node``: its op's ``OpSpec.macs`` (multiply-accumulates for
+    Dense/Conv, window operations for pools, one per output element otherwise -- also for an
+    op that is not registered; at least 1)."""
+    spec = get_op(node.op)
+    return (spec.macs if spec is not None else default_macs)(node, graph)
 
 
 def node_costs(graph: Graph, model: str = "macs") -> dict[str, int]:

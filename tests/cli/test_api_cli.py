@@ -107,7 +107,8 @@ def test_report_md_carries_the_estimate(tmp_path, rng):
 
 
 def test_nan_reaching_a_quantizer_names_the_node_and_sample():
-    from qdeploy.compiler.reference import ReferenceError_, execute
+    from qdeploy.compiler.errors import ReferenceError_
+    from qdeploy.compiler.reference import execute
     b = GraphBuilder("q")
     x = b.input("x", (4,), FLOAT32)
     b.output(b.add("in_q", "Quantize", [x], attrs={"to": parse_type("fixed<8,3>")}))

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from qdeploy.compiler.errors import UnsupportedError
+from qdeploy.compiler.ir.cost import value_bytes
 from qdeploy.compiler.ir import Graph, Value, parse_type
 from qdeploy.compiler.reference import execute
 from qdeploy.passes import remat as R
-from qdeploy.passes.memory import memory_profile, min_feasible_bytes, parse_budget, value_bytes
+from qdeploy.passes.memory import memory_profile, min_feasible_bytes, parse_budget
 
 from ..conftest import REALCASES, REPO
 from .graphs import feeds, skip_block, two_skips
