@@ -154,6 +154,14 @@ class TvmBackend:
     def __init__(self, name: str = "tvm-llvm"):
         self.name = name
 
+    def supports(self, graph: Graph) -> bool:
+        """True when every op of ``graph`` has a lowering in :data:`.ops.LOWERING` (attribute-level
+        limits, e.g. a 3-D kernel or a shift wider than 62 bits, are still refused by :meth:`emit`).
+        Imports tvm."""
+        from .ops import LOWERING
+
+        return LOWERING.supports(graph)
+
     # ------------------------------------------------------------------ emit
     def emit(self, graph: Graph, config: dict, out_dir) -> dict:
         """Lower ``graph`` and write ``model.json``/``model.npz`` and ``model.relax.txt``.

@@ -31,34 +31,23 @@ from tvm import relax, tirx
 
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Graph, Node
-from ...compiler.ir.ops import OPS, avg_shift
+from ...compiler.ir.ops import avg_shift, get as get_op
 from ...compiler.ir.types import FixedType
-
-op = relax.op
-nn = relax.op.nn
-
-I64, F32, F64 = "int64", "float32", "float64"
-
-#: Largest shift amount lowered (int64 shifts by >= 63 are undefined in LLVM).
-MAX_SHIFT = 62
+from .ops import LOWERING
+from .relax_util import F32, F64, I64, c64, cf, check_shift, nn, op
 
 
-def c64(v) -> relax.Expr:
-    """int64 constant (the dtype must be explicit: relax.const would silently narrow to int32)."""
-    return relax.const(np.asarray(v, dtype=np.int64), I64)
+class RelaxLowering:
+    """Builds one Relax function from an IR graph: the driver (:meth:`run`), the per-node
+    dispatch through :data:`.ops.LOWERING` (:meth:`node`), and the exact integer helpers the op
+    entries share (alignment shifts, ap_fixed casts, real views, convolutions, averages).
 
+    Args:
+        graph: the IR graph.
+        bb: the block builder to add the function to (a fresh one by default).
+        batch: a static batch size; ``None`` makes the batch a symbolic dimension ``n``.
+    """
 
-def cf(v, dtype=F32) -> relax.Expr:
-    return relax.const(np.asarray(v, dtype=dtype), dtype)
-
-
-def _check_shift(s: int, node: Node, what: str) -> None:
-    if s < 0 or s > MAX_SHIFT:
-        raise UnsupportedError(f"{what} needs a shift by {s} bits (only 0..{MAX_SHIFT} can be lowered exactly)",
-                               node.name)
-
-
-class _Lowerer:
     def __init__(self, graph: Graph, bb: relax.BlockBuilder | None = None, batch: int | None = None):
         self.g = graph
         self.bb = bb if bb is not None else relax.BlockBuilder()
@@ -67,13 +56,14 @@ class _Lowerer:
 
     # ------------------------------------------------------------ helpers
     def emit(self, e):
+        """Bind Relax expression ``e`` in the current dataflow block; returns the bound variable."""
         return self.bb.emit(e)
 
     def lshift(self, x, s: int, node: Node):
         """x * 2**s for int64 codes (numpy left_shift semantics: wraps mod 2**64)."""
         if s == 0:
             return x
-        _check_shift(s, node, "aligning binary points")
+        check_shift(s, node, "aligning binary points")
         return self.emit(op.left_shift(x, c64(s)))
 
     def real(self, x, t):
@@ -124,7 +114,7 @@ class _Lowerer:
         if shift <= 0:
             q = self.lshift(x, -shift, node)
         else:
-            _check_shift(shift, node, "requantization")
+            check_shift(shift, node, "requantization")
             fl = self.emit(op.right_shift(x, c64(shift)))  # arithmetic shift == floor
             q = fl
             if t.rounding != "TRN":
@@ -171,6 +161,8 @@ class _Lowerer:
         return self.emit(op.expand_dims(x, list(range(1, 1 + rank_to - rank_from))))
 
     def conv(self, x, w: np.ndarray, dtype, node: Node, groups: int):
+        """Channels-last 1-D/2-D convolution of ``x`` by the constant ``w`` ([*kernel, C_in/groups,
+        C_out]) with the node's strides and pads, accumulating in ``dtype``."""
         nd = w.ndim - 2
         k = tuple(node.attrs["kernel"])
         s = tuple(int(v) for v in node.attrs.get("strides", (1,) * nd))
@@ -194,155 +186,33 @@ class _Lowerer:
 
     # ------------------------------------------------------------ ops
     def node(self, n: Node):
+        """The Relax expression of node ``n``: its entry of :data:`.ops.LOWERING`.
+
+        Raises:
+            UnsupportedError: naming the node for an op without exact lowering, or for float
+                inputs to an op with a fixed-point output that is not a quantizer.
+        """
+        lower_op = LOWERING.lookup(n)
         g = self.g
         ins = [self.env[i] for i in n.inputs]
         in_types = [g.values[i].dtype for i in n.inputs]
-        in_vals = [g.values[i] for i in n.inputs]
-        out_v = g.values[n.output]
-        out_t = out_v.dtype
-        fixed_out = isinstance(out_t, FixedType)
-        o = n.op
-        if o not in OPS:
-            raise UnsupportedError(f"op {o!r} has no TVM lowering", n.name)
-        if fixed_out and o not in ("Quantize", "Sign") and not all(isinstance(t, FixedType) for t in in_types):
-            raise UnsupportedError(f"{o} with float inputs and a fixed-point output", n.name)
+        out_t = g.values[n.output].dtype
+        if isinstance(out_t, FixedType) and not get_op(n.op).quantizes and \
+                not all(isinstance(t, FixedType) for t in in_types):
+            raise UnsupportedError(f"{n.op} with float inputs and a fixed-point output", n.name)
+        return lower_op(self, n, ins, in_types, out_t)
 
-        if o == "Quantize":
-            if isinstance(in_types[0], FixedType):
-                return self.requantize(ins[0], in_types[0].frac_bits, out_t, n)
-            return self.quantize_real(ins[0], out_t, n)
-        if o == "Sign":
-            zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
-            return self.emit(op.where(op.greater_equal(ins[0], zero), c64(1), c64(-1)))
-        if o in ("Dense", "Conv"):
-            w = n.params["weight"]
-            b = n.params.get("bias")
-            groups = int(n.attrs.get("groups", 1))
-            if fixed_out:
-                if o == "Dense":
-                    acc = self.emit(op.matmul(ins[0], relax.const(np.ascontiguousarray(w.data), I64), out_dtype=I64))
-                else:
-                    acc = self.conv(ins[0], w.data, I64, n, groups)
-                f = in_types[0].frac_bits + w.dtype.frac_bits
-                acc = self.lshift(acc, out_t.frac_bits - f, n)
-                if b is not None:
-                    bf = b.dtype.frac_bits
-                    _check_shift(out_t.frac_bits - bf, n, "aligning the bias")
-                    bias = np.left_shift(b.data, out_t.frac_bits - bf)  # same wrap as the reference
-                    acc = self.emit(op.add(acc, c64(bias)))
-                return acc
-            x = self.real(ins[0], in_types[0])
-            wr = w.real().astype(np.float32)
-            if o == "Dense":
-                y = self.emit(op.matmul(x, cf(wr), out_dtype=F32))
-            else:
-                y = self.conv(x, wr, F32, n, groups)
-            if b is not None:
-                y = self.emit(op.add(y, cf(b.real().astype(np.float32))))
-            return y
-        if o == "Relu":
-            zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
-            return self.emit(op.maximum(ins[0], zero))
-        if o in ("Add", "Mul"):
-            r = len(out_v.shape)
-            a, bb = (self.bcast_rank(x, len(v.shape), r) for x, v in zip(ins, in_vals))
-            ta, tb = in_types
-            if fixed_out:
-                if o == "Add":
-                    F = out_t.frac_bits
-                    return self.emit(op.add(self.lshift(a, F - ta.frac_bits, n), self.lshift(bb, F - tb.frac_bits, n)))
-                return self.emit(op.multiply(a, bb))
-            a, bb = self.real(a, ta), self.real(bb, tb)
-            return self.emit(op.add(a, bb) if o == "Add" else op.multiply(a, bb))
-        if o == "Affine":
-            s = n.params.get("scale")
-            b = n.params.get("bias")
-            if fixed_out:
-                y = ins[0]
-                f = in_types[0].frac_bits
-                if s is not None:
-                    y = self.emit(op.multiply(y, c64(s.data)))
-                    f += s.dtype.frac_bits
-                y = self.lshift(y, out_t.frac_bits - f, n)
-                if b is not None:
-                    _check_shift(out_t.frac_bits - b.dtype.frac_bits, n, "aligning the bias")
-                    y = self.emit(op.add(y, c64(np.left_shift(b.data, out_t.frac_bits - b.dtype.frac_bits))))
-                return y
-            y = self.real(ins[0], in_types[0])
-            if s is not None:
-                y = self.emit(op.multiply(y, cf(s.real().astype(np.float32))))
-            if b is not None:
-                y = self.emit(op.add(y, cf(b.real().astype(np.float32))))
-            return y
-        if o == "Concat":
-            axis = int(n.attrs.get("axis", -1))
-            axis = axis + 1 if axis >= 0 else axis
-            if fixed_out:
-                parts = [self.lshift(x, out_t.frac_bits - t.frac_bits, n) for x, t in zip(ins, in_types)]
-            else:
-                parts = [self.real(x, t) for x, t in zip(ins, in_types)]
-            return self.emit(op.concat(parts, axis=axis))
-        if o == "Reshape":
-            return self.emit(op.reshape(ins[0], (self.n, *(int(s) for s in n.attrs["shape"]))))
-        if o == "Transpose":
-            return self.emit(op.permute_dims(ins[0], [0, *(int(p) + 1 for p in n.attrs["perm"])]))
-        if o in ("MaxPool", "AvgPool"):
-            return self.pool(n, ins[0], in_vals[0], out_t)
-        if o == "GlobalAvgPool":
-            x = ins[0]
-            rank = len(in_vals[0].shape) + 1
-            axes = list(range(1, rank - 1))
-            cnt = int(np.prod(in_vals[0].shape[:-1]))
-            if fixed_out:
-                tot = self.emit(op.sum(x, axis=axes))
-                return self._avg_div(tot, cnt, n)
-            return self.emit(op.mean(self.real(x, in_types[0]), axis=axes))
-        if o == "Softmax":
-            return self.emit(nn.softmax(self.real(ins[0], in_types[0]), axis=-1))
-        raise UnsupportedError(f"op {o!r} has no TVM lowering", n.name)
-
-    def _avg_div(self, tot, cnt: int, n: Node):
+    def avg_div(self, tot, cnt: int, n: Node):
         """floor(tot * 2**k / cnt), k = avg_shift(cnt) (== reference)."""
         y = self.lshift(tot, avg_shift(cnt), n)
         if cnt > 1:
             y = self.emit(op.floor_divide(y, c64(cnt)))
         return y
 
-    def pool(self, n: Node, x, in_v, out_t):
-        k = tuple(int(v) for v in n.attrs["kernel"])
-        nd = len(k)
-        if nd not in (1, 2) or len(in_v.shape) != nd + 1:
-            raise UnsupportedError(f"{n.op} over {nd}-D windows (only 1-D and 2-D)", n.name)
-        s = tuple(int(v) for v in n.attrs.get("strides", (1,) * nd))
-        p = tuple(int(v) for v in n.attrs.get("pads", (0,) * 2 * nd))
-        t0 = in_v.dtype
-        C = in_v.shape[-1]
-        layout = "NHWC" if nd == 2 else "NWC"
-        mp = nn.max_pool2d if nd == 2 else nn.max_pool1d
-        if n.op == "MaxPool":
-            if isinstance(t0, FixedType):
-                # pad with the type's min code: shift codes so that it becomes 0, pad with 0 explicitly
-                lo = t0.min_code
-                y = self.emit(op.subtract(x, c64(lo))) if lo else x
-                if any(p):
-                    pw = [0, 0] + [v for i in range(nd) for v in (p[i], p[i + nd])] + [0, 0]
-                    y = self.emit(nn.pad(y, pw, pad_value=0.0))
-                y = self.emit(mp(y, pool_size=k, strides=s, padding=(0,) * (2 * nd) if nd == 2 else (0, 0),
-                                 layout=layout))
-                return self.emit(op.add(y, c64(lo))) if lo else y
-            return self.emit(mp(x, pool_size=k, strides=s, padding=p, layout=layout))
-        if any(p):
-            raise UnsupportedError("AvgPool with padding is not supported", n.name)
-        cnt = int(np.prod(k))
-        if isinstance(out_t, FixedType):
-            tot = self.window_sum(x, n, I64, C)
-            return self._avg_div(tot, cnt, n)
-        xr = self.real(x, t0)
-        tot = self.window_sum(xr, n, F32, C)
-        return self.emit(op.divide(tot, cf(np.float32(cnt))))
-
     # ------------------------------------------------------------ driver
     def run(self, func_name: str = "main") -> tvm.IRModule:
+        """Add function ``func_name`` (one parameter per graph input, a tuple of the graph
+        outputs) to the block builder and return the module built so far."""
         g = self.g
         params = []
         for name in g.inputs:
@@ -382,8 +252,8 @@ def lower(graph: Graph, batch1_entry: bool = False) -> tvm.IRModule:
             (3-D convolutions/pools, shifts by more than 62 bits, AvgPool with padding,
             float inputs to an op with fixed-point output).
     """
-    lw = _Lowerer(graph)
+    lw = RelaxLowering(graph)
     if not batch1_entry:
         return lw.run()
     lw.run()
-    return _Lowerer(graph, bb=lw.bb, batch=1).run(BATCH1_ENTRY)
+    return RelaxLowering(graph, bb=lw.bb, batch=1).run(BATCH1_ENTRY)

@@ -1,0 +1,187 @@
+"""The TVM op table: one Relax lowering per IR op (:data:`LOWERING`).
+
+Each entry is ``f(lw, n, ins, in_types, out_t) -> relax.Expr`` where ``lw`` is the
+:class:`~.lower.RelaxLowering` building the function (``lw.emit`` adds a binding; its helpers
+``lshift``, ``requantize``, ``quantize_real``, ``real``, ``bcast_rank``, ``conv``,
+``window_sum``, ``avg_div`` are exact replicas of the reference interpreter's integer steps),
+``n`` the node, ``ins`` its input expressions, ``in_types`` their IR dtypes and ``out_t`` the
+output dtype.  Fixed-point values are int64 codes, float values float32, batch first; every
+fixed-point entry must agree with the op's reference kernel bit for bit.
+
+The driver (:meth:`~.lower.RelaxLowering.node`) has already refused float inputs to a
+non-quantizer op with a fixed-point output.  An op TVM cannot lower exactly is declared with
+``LOWERING.reject(op, reason)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from ...compiler.errors import UnsupportedError
+from ...compiler.ir.optable import OpTable
+from ...compiler.ir.types import FixedType
+from .relax_util import F32, I64, c64, cf, check_shift, nn, op
+
+#: IR op name -> Relax lowering.
+LOWERING = OpTable("tvm")
+
+
+@LOWERING.register("Quantize")
+def _quantize(lw, n, ins, in_types, out_t):
+    if isinstance(in_types[0], FixedType):
+        return lw.requantize(ins[0], in_types[0].frac_bits, out_t, n)
+    return lw.quantize_real(ins[0], out_t, n)
+
+
+@LOWERING.register("Sign")
+def _sign(lw, n, ins, in_types, out_t):
+    zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
+    return lw.emit(op.where(op.greater_equal(ins[0], zero), c64(1), c64(-1)))
+
+
+@LOWERING.register("Dense", "Conv")
+def _linear(lw, n, ins, in_types, out_t):
+    w = n.params["weight"]
+    b = n.params.get("bias")
+    groups = int(n.attrs.get("groups", 1))
+    dense = n.op == "Dense"
+    if isinstance(out_t, FixedType):
+        if dense:
+            acc = lw.emit(op.matmul(ins[0], relax.const(np.ascontiguousarray(w.data), I64), out_dtype=I64))
+        else:
+            acc = lw.conv(ins[0], w.data, I64, n, groups)
+        f = in_types[0].frac_bits + w.dtype.frac_bits
+        acc = lw.lshift(acc, out_t.frac_bits - f, n)
+        if b is not None:
+            bf = b.dtype.frac_bits
+            check_shift(out_t.frac_bits - bf, n, "aligning the bias")
+            bias = np.left_shift(b.data, out_t.frac_bits - bf)  # same wrap as the reference
+            acc = lw.emit(op.add(acc, c64(bias)))
+        return acc
+    x = lw.real(ins[0], in_types[0])
+    wr = w.real().astype(np.float32)
+    if dense:
+        y = lw.emit(op.matmul(x, cf(wr), out_dtype=F32))
+    else:
+        y = lw.conv(x, wr, F32, n, groups)
+    if b is not None:
+        y = lw.emit(op.add(y, cf(b.real().astype(np.float32))))
+    return y
+
+
+@LOWERING.register("Relu")
+def _relu(lw, n, ins, in_types, out_t):
+    zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
+    return lw.emit(op.maximum(ins[0], zero))
+
+
+@LOWERING.register("Add", "Mul")
+def _binary(lw, n, ins, in_types, out_t):
+    r = len(lw.g.values[n.output].shape)
+    a, bb = (lw.bcast_rank(x, len(lw.g.values[i].shape), r) for x, i in zip(ins, n.inputs))
+    ta, tb = in_types
+    if isinstance(out_t, FixedType):
+        if n.op == "Add":
+            F = out_t.frac_bits
+            return lw.emit(op.add(lw.lshift(a, F - ta.frac_bits, n), lw.lshift(bb, F - tb.frac_bits, n)))
+        return lw.emit(op.multiply(a, bb))
+    a, bb = lw.real(a, ta), lw.real(bb, tb)
+    return lw.emit(op.add(a, bb) if n.op == "Add" else op.multiply(a, bb))
+
+
+@LOWERING.register("Affine")
+def _affine(lw, n, ins, in_types, out_t):
+    s = n.params.get("scale")
+    b = n.params.get("bias")
+    if isinstance(out_t, FixedType):
+        y = ins[0]
+        f = in_types[0].frac_bits
+        if s is not None:
+            y = lw.emit(op.multiply(y, c64(s.data)))
+            f += s.dtype.frac_bits
+        y = lw.lshift(y, out_t.frac_bits - f, n)
+        if b is not None:
+            check_shift(out_t.frac_bits - b.dtype.frac_bits, n, "aligning the bias")
+            y = lw.emit(op.add(y, c64(np.left_shift(b.data, out_t.frac_bits - b.dtype.frac_bits))))
+        return y
+    y = lw.real(ins[0], in_types[0])
+    if s is not None:
+        y = lw.emit(op.multiply(y, cf(s.real().astype(np.float32))))
+    if b is not None:
+        y = lw.emit(op.add(y, cf(b.real().astype(np.float32))))
+    return y
+
+
+@LOWERING.register("Concat")
+def _concat(lw, n, ins, in_types, out_t):
+    axis = int(n.attrs.get("axis", -1))
+    axis = axis + 1 if axis >= 0 else axis
+    if isinstance(out_t, FixedType):
+        parts = [lw.lshift(x, out_t.frac_bits - t.frac_bits, n) for x, t in zip(ins, in_types)]
+    else:
+        parts = [lw.real(x, t) for x, t in zip(ins, in_types)]
+    return lw.emit(op.concat(parts, axis=axis))
+
+
+@LOWERING.register("Reshape")
+def _reshape(lw, n, ins, in_types, out_t):
+    return lw.emit(op.reshape(ins[0], (lw.n, *(int(s) for s in n.attrs["shape"]))))
+
+
+@LOWERING.register("Transpose")
+def _transpose(lw, n, ins, in_types, out_t):
+    return lw.emit(op.permute_dims(ins[0], [0, *(int(p) + 1 for p in n.attrs["perm"])]))
+
+
+@LOWERING.register("MaxPool", "AvgPool")
+def _pool(lw, n, ins, in_types, out_t):
+    x = ins[0]
+    in_v = lw.g.values[n.inputs[0]]
+    k = tuple(int(v) for v in n.attrs["kernel"])
+    nd = len(k)
+    if nd not in (1, 2) or len(in_v.shape) != nd + 1:
+        raise UnsupportedError(f"{n.op} over {nd}-D windows (only 1-D and 2-D)", n.name)
+    s = tuple(int(v) for v in n.attrs.get("strides", (1,) * nd))
+    p = tuple(int(v) for v in n.attrs.get("pads", (0,) * 2 * nd))
+    t0 = in_v.dtype
+    C = in_v.shape[-1]
+    layout = "NHWC" if nd == 2 else "NWC"
+    mp = nn.max_pool2d if nd == 2 else nn.max_pool1d
+    if n.op == "MaxPool":
+        if isinstance(t0, FixedType):
+            # pad with the type's min code: shift codes so that it becomes 0, pad with 0 explicitly
+            lo = t0.min_code
+            y = lw.emit(op.subtract(x, c64(lo))) if lo else x
+            if any(p):
+                pw = [0, 0] + [v for i in range(nd) for v in (p[i], p[i + nd])] + [0, 0]
+                y = lw.emit(nn.pad(y, pw, pad_value=0.0))
+            y = lw.emit(mp(y, pool_size=k, strides=s, padding=(0,) * (2 * nd) if nd == 2 else (0, 0),
+                           layout=layout))
+            return lw.emit(op.add(y, c64(lo))) if lo else y
+        return lw.emit(mp(x, pool_size=k, strides=s, padding=p, layout=layout))
+    if any(p):
+        raise UnsupportedError("AvgPool with padding is not supported", n.name)
+    cnt = int(np.prod(k))
+    if isinstance(out_t, FixedType):
+        tot = lw.window_sum(x, n, I64, C)
+        return lw.avg_div(tot, cnt, n)
+    xr = lw.real(x, t0)
+    tot = lw.window_sum(xr, n, F32, C)
+    return lw.emit(op.divide(tot, cf(np.float32(cnt))))
+
+
+@LOWERING.register("GlobalAvgPool")
+def _global_avg_pool(lw, n, ins, in_types, out_t):
+    in_v = lw.g.values[n.inputs[0]]
+    rank = len(in_v.shape) + 1
+    axes = list(range(1, rank - 1))
+    cnt = int(np.prod(in_v.shape[:-1]))
+    if isinstance(out_t, FixedType):
+        tot = lw.emit(op.sum(ins[0], axis=axes))
+        return lw.avg_div(tot, cnt, n)
+    return lw.emit(op.mean(lw.real(ins[0], in_types[0]), axis=axes))
+
+
+@LOWERING.register("Softmax")
+def _softmax(lw, n, ins, in_types, out_t):
+    return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
