@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedError
 from ..ir.graph import Const, Graph
+from ..ir.ops import get as get_op
+from ..ir.optable import OpTable
 from ..ir.types import FixedType
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -45,7 +47,7 @@ def export_qonnx(graph: Graph, path: str | Path | None = None, *, batch: int | N
         UnsupportedError: a ``Quantize`` whose rounding/overflow mode QONNX ``Quant`` cannot express
             (``RND``, ``RND_MIN_INF``, ``WRAP``, ``SAT_ZERO``), or an op without a mapping.
     """
-    ex = _Exporter(graph, "N" if batch is None else int(batch))
+    ex = QonnxExporter(graph, "N" if batch is None else int(batch))
     model = ex.run()
     if path is not None:
         onnx.save(model, str(path))
@@ -62,7 +64,15 @@ def _quant_attrs(t: FixedType, where: str, *, lenient: bool = False) -> dict:
     return {"signed": int(t.signed), "narrow": int(t.saturation == "SAT_SYM"), "rounding_mode": rnd}
 
 
-class _Exporter:
+class QonnxExporter:
+    """Builds the QONNX ``ModelProto`` of an IR graph (:func:`export_qonnx`); op entries
+    (:data:`EXPORTERS`, ``OpSpec.onnx_export``) add nodes with :meth:`node`, initializers with
+    :meth:`init`, quantizers with :meth:`quant` and constants with :meth:`const`.
+
+    Args:
+        graph: the IR graph.  batch: the batch size of the interface shapes (or ``"N"``).
+    """
+
     def __init__(self, graph: Graph, batch):
         self.g = graph
         self.batch = batch
@@ -72,6 +82,7 @@ class _Exporter:
         self.tname: dict[str, str] = {}  # IR value -> ONNX tensor
 
     def fresh(self, base: str) -> str:
+        """A tensor/node name starting with ``base`` not used yet."""
         n, i = base, 1
         while n in self.names:
             n, i = f"{base}_{i}", i + 1
@@ -79,17 +90,20 @@ class _Exporter:
         return n
 
     def init(self, base: str, arr) -> str:
+        """Add initializer ``arr``; returns its name."""
         name = self.fresh(base)
         self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
     def node(self, op, inputs, base, domain="", **attrs) -> str:
+        """Add ONNX node ``op`` reading ``inputs``; returns the name of its (single) output."""
         out = self.fresh(base)
         self.nodes.append(helper.make_node(op, list(inputs), [out], name=self.fresh(f"{base}__node"),
                                            domain=domain, **attrs))
         return out
 
     def quant(self, x: str, t: FixedType, base: str, where: str, rounding: str | None = None, lenient=False) -> str:
+        """A QONNX ``Quant`` of tensor ``x`` into ``t`` (``where`` names the node in errors)."""
         attrs = _quant_attrs(t, where, lenient=lenient)
         if rounding:
             attrs["rounding_mode"] = rounding
@@ -99,6 +113,7 @@ class _Exporter:
         return self.node("Quant", [x, s, z, b], base, domain=QONNX_DOMAIN, **attrs)
 
     def const(self, c: Const, base: str, where: str) -> str:
+        """Constant ``c`` as an initializer (followed by a ``Quant`` when fixed-point)."""
         if isinstance(c.dtype, FixedType):
             raw = self.init(f"{base}_real", c.real().astype(np.float32))
             t = c.dtype.with_modes("RND_CONV", "SAT")
@@ -106,14 +121,17 @@ class _Exporter:
         return self.init(base, c.data.astype(np.float32))
 
     def channels_first(self, x: str, rank: int, base: str) -> str:
+        """``x`` (channels-last, per-sample ``rank``) transposed to NCHW."""
         perm = [0, rank] + list(range(1, rank))
         return self.node("Transpose", [x], f"{base}_nchw", perm=perm)
 
     def channels_last(self, x: str, rank: int, base: str, out=None) -> str:
+        """``x`` (NCHW) transposed back to channels-last."""
         perm = [0] + list(range(2, rank + 1)) + [1]
         return self.node("Transpose", [x], out or f"{base}_nhwc", perm=perm)
 
     def run(self) -> onnx.ModelProto:
+        """Export the whole graph (interface transposes, every node, shape inference)."""
         g = self.g
         in_perms = dict(g.meta.get("input_perms", {}) or {})
         out_perms = dict(g.meta.get("output_perms", {}) or {})
@@ -159,74 +177,129 @@ class _Exporter:
         return model
 
     def emit(self, n):
-        g = self.g
-        op = n.op
-        x = [self.tname[i] for i in n.inputs]
-        out_v = g.values[n.output]
-        base = n.output + "__ir"
-        if op == "Quantize":
-            y = self.quant(x[0], n.attrs["to"], base, n.name)
-        elif op == "Sign":
-            s = self.init(f"{base}_scale", np.float32(1.0))
-            y = self.node("BipolarQuant", [x[0], s], base, domain=QONNX_DOMAIN)
-        elif op == "Dense":
-            w = self.const(n.params["weight"], f"{n.name}_weight", n.name)
-            y = self.node("MatMul", [x[0], w], base if "bias" not in n.params else f"{base}_mm")
-            if "bias" in n.params:
-                b = self.const(n.params["bias"], f"{n.name}_bias", n.name)
-                y = self.node("Add", [y, b], base)
-        elif op == "Conv":
-            wc = n.params["weight"]
-            nd = wc.data.ndim - 2
-            wt = Const(np.transpose(wc.data, (nd + 1, nd, *range(nd))), wc.dtype)  # [O, I/g, *k]
-            w = self.const(wt, f"{n.name}_weight", n.name)
-            ins = [self.channels_first(x[0], nd + 1, n.name), w]
-            if "bias" in n.params:
-                ins.append(self.const(n.params["bias"], f"{n.name}_bias", n.name))
-            attrs = dict(kernel_shape=list(n.attrs["kernel"]), strides=list(n.attrs.get("strides", [1] * nd)),
-                         pads=list(n.attrs.get("pads", [0] * 2 * nd)), group=int(n.attrs.get("groups", 1)))
-            y = self.node("Conv", ins, f"{base}_nchw_out", **attrs)
-            y = self.channels_last(y, nd + 1, n.name, out=base)
-        elif op in ("Relu", "Add", "Mul"):
-            y = self.node(op, x, base)
-        elif op == "Affine":
-            y = x[0]
-            if "scale" in n.params:
-                y = self.node("Mul", [y, self.const(n.params["scale"], f"{n.name}_scale", n.name)],
-                              base if "bias" not in n.params else f"{base}_mul")
-            if "bias" in n.params:
-                y = self.node("Add", [y, self.const(n.params["bias"], f"{n.name}_bias", n.name)], base)
-            if y == x[0]:
-                y = self.node("Identity", [y], base)
-        elif op == "Concat":
-            ax = int(n.attrs.get("axis", -1))
-            y = self.node("Concat", x, base, axis=ax + 1 if ax >= 0 else ax)
-        elif op == "Reshape":
-            shp = self.init(f"{n.name}_shape", np.array([-1, *n.attrs["shape"]], dtype=np.int64))
-            y = self.node("Reshape", [x[0], shp], base)
-        elif op == "Transpose":
-            y = self.node("Transpose", x, base, perm=[0] + [int(p) + 1 for p in n.attrs["perm"]])
-        elif op in ("MaxPool", "AvgPool"):
-            k = list(n.attrs["kernel"])
-            nd = len(k)
-            xt = self.channels_first(x[0], nd + 1, n.name)
-            attrs = dict(kernel_shape=k, strides=list(n.attrs.get("strides", [1] * nd)),
-                         pads=list(n.attrs.get("pads", [0] * 2 * nd)))
-            y = self.node("MaxPool" if op == "MaxPool" else "AveragePool", [xt], f"{base}_nchw_out", **attrs)
-            y = self.channels_last(y, nd + 1, n.name, out=base if not isinstance(out_v.dtype, FixedType) else None)
-            if op == "AvgPool" and isinstance(out_v.dtype, FixedType):
-                y = self.quant(y, out_v.dtype.with_modes("TRN", "SAT"), base, n.name)
-        elif op == "GlobalAvgPool":
-            rank = len(g.values[n.inputs[0]].shape)
-            xt = self.channels_first(x[0], rank, n.name)
-            y = self.node("GlobalAveragePool", [xt], f"{base}_gap")
-            shp = self.init(f"{n.name}_shape", np.array([-1, out_v.shape[-1]], dtype=np.int64))
-            fixed = isinstance(out_v.dtype, FixedType)
-            y = self.node("Reshape", [y, shp], base if not fixed else f"{base}_flat")
-            if fixed:
-                y = self.quant(y, out_v.dtype.with_modes("TRN", "SAT"), base, n.name)
-        elif op == "Softmax":
-            y = self.node("Softmax", x, base, axis=-1)
-        else:
-            raise UnsupportedError(f"QONNX export has no mapping for op {op!r}", n.name)
-        self.tname[n.output] = y
+        """Write node ``n`` as ONNX nodes: its op's ``OpSpec.onnx_export`` when it declares one, else
+        its :data:`EXPORTERS` entry.
+
+        Raises:
+            UnsupportedError: naming the node when neither maps the op.
+        """
+        spec = get_op(n.op)
+        fn = spec.onnx_export if spec is not None and spec.onnx_export is not None else EXPORTERS.entry(n.op)
+        if fn is None:
+            raise UnsupportedError(f"QONNX export has no mapping for op {n.op!r}", n.name)
+        self.tname[n.output] = fn(self, n, [self.tname[i] for i in n.inputs])
+
+
+# ---------------------------------------------------------------------------------- op table
+# Each entry: f(ex, n, x) -> name of the ONNX tensor holding the node's output, where ``ex`` is the
+# QonnxExporter, ``n`` the IR node and ``x`` the ONNX tensor names of its inputs.
+def _out_base(n) -> str:
+    return n.output + "__ir"
+
+
+def _quantize(ex, n, x):
+    return ex.quant(x[0], n.attrs["to"], _out_base(n), n.name)
+
+
+def _sign(ex, n, x):
+    base = _out_base(n)
+    s = ex.init(f"{base}_scale", np.float32(1.0))
+    return ex.node("BipolarQuant", [x[0], s], base, domain=QONNX_DOMAIN)
+
+
+def _dense(ex, n, x):
+    base = _out_base(n)
+    w = ex.const(n.params["weight"], f"{n.name}_weight", n.name)
+    y = ex.node("MatMul", [x[0], w], base if "bias" not in n.params else f"{base}_mm")
+    if "bias" in n.params:
+        b = ex.const(n.params["bias"], f"{n.name}_bias", n.name)
+        y = ex.node("Add", [y, b], base)
+    return y
+
+
+def _conv(ex, n, x):
+    base = _out_base(n)
+    wc = n.params["weight"]
+    nd = wc.data.ndim - 2
+    wt = Const(np.transpose(wc.data, (nd + 1, nd, *range(nd))), wc.dtype)  # [O, I/g, *k]
+    w = ex.const(wt, f"{n.name}_weight", n.name)
+    ins = [ex.channels_first(x[0], nd + 1, n.name), w]
+    if "bias" in n.params:
+        ins.append(ex.const(n.params["bias"], f"{n.name}_bias", n.name))
+    attrs = dict(kernel_shape=list(n.attrs["kernel"]), strides=list(n.attrs.get("strides", [1] * nd)),
+                 pads=list(n.attrs.get("pads", [0] * 2 * nd)), group=int(n.attrs.get("groups", 1)))
+    y = ex.node("Conv", ins, f"{base}_nchw_out", **attrs)
+    return ex.channels_last(y, nd + 1, n.name, out=base)
+
+
+def _same_name(ex, n, x):
+    return ex.node(n.op, x, _out_base(n))
+
+
+def _affine(ex, n, x):
+    base = _out_base(n)
+    y = x[0]
+    if "scale" in n.params:
+        y = ex.node("Mul", [y, ex.const(n.params["scale"], f"{n.name}_scale", n.name)],
+                    base if "bias" not in n.params else f"{base}_mul")
+    if "bias" in n.params:
+        y = ex.node("Add", [y, ex.const(n.params["bias"], f"{n.name}_bias", n.name)], base)
+    if y == x[0]:
+        y = ex.node("Identity", [y], base)
+    return y
+
+
+def _concat(ex, n, x):
+    ax = int(n.attrs.get("axis", -1))
+    return ex.node("Concat", x, _out_base(n), axis=ax + 1 if ax >= 0 else ax)
+
+
+def _reshape(ex, n, x):
+    shp = ex.init(f"{n.name}_shape", np.array([-1, *n.attrs["shape"]], dtype=np.int64))
+    return ex.node("Reshape", [x[0], shp], _out_base(n))
+
+
+def _transpose(ex, n, x):
+    return ex.node("Transpose", x, _out_base(n), perm=[0] + [int(p) + 1 for p in n.attrs["perm"]])
+
+
+def _pool(ex, n, x):
+    base = _out_base(n)
+    out_v = ex.g.values[n.output]
+    k = list(n.attrs["kernel"])
+    nd = len(k)
+    xt = ex.channels_first(x[0], nd + 1, n.name)
+    attrs = dict(kernel_shape=k, strides=list(n.attrs.get("strides", [1] * nd)),
+                 pads=list(n.attrs.get("pads", [0] * 2 * nd)))
+    y = ex.node("MaxPool" if n.op == "MaxPool" else "AveragePool", [xt], f"{base}_nchw_out", **attrs)
+    y = ex.channels_last(y, nd + 1, n.name, out=base if not isinstance(out_v.dtype, FixedType) else None)
+    if n.op == "AvgPool" and isinstance(out_v.dtype, FixedType):
+        y = ex.quant(y, out_v.dtype.with_modes("TRN", "SAT"), base, n.name)
+    return y
+
+
+def _global_avg_pool(ex, n, x):
+    base = _out_base(n)
+    out_v = ex.g.values[n.output]
+    rank = len(ex.g.values[n.inputs[0]].shape)
+    xt = ex.channels_first(x[0], rank, n.name)
+    y = ex.node("GlobalAveragePool", [xt], f"{base}_gap")
+    shp = ex.init(f"{n.name}_shape", np.array([-1, out_v.shape[-1]], dtype=np.int64))
+    fixed = isinstance(out_v.dtype, FixedType)
+    y = ex.node("Reshape", [y, shp], base if not fixed else f"{base}_flat")
+    if fixed:
+        y = ex.quant(y, out_v.dtype.with_modes("TRN", "SAT"), base, n.name)
+    return y
+
+
+def _softmax(ex, n, x):
+    return ex.node("Softmax", x, _out_base(n), axis=-1)
+
+
+#: IR op name -> QONNX export (built-in mappings; an op may instead declare ``OpSpec.onnx_export``).
+EXPORTERS = OpTable("QONNX export")
+for _op, _fn in (("Quantize", _quantize), ("Sign", _sign), ("Dense", _dense), ("Conv", _conv), ("Relu", _same_name),
+                 ("Add", _same_name), ("Mul", _same_name), ("Affine", _affine), ("Concat", _concat),
+                 ("Reshape", _reshape), ("Transpose", _transpose), ("MaxPool", _pool), ("AvgPool", _pool),
+                 ("GlobalAvgPool", _global_avg_pool), ("Softmax", _softmax)):
+    EXPORTERS.set(_op, _fn)

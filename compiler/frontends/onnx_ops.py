@@ -1,0 +1,462 @@
+"""The ONNX import table: ONNX op type -> handler that adds the IR nodes for one ONNX node.
+
+A handler is ``f(cv, node) -> None``: ``cv`` is the :class:`~.onnx_convert.OnnxConverter`
+(``cv.entry``/``cv.const`` read inputs, ``cv.layout`` asks for a layout, ``cv.add`` adds an IR
+node, ``cv.env[onnx_tensor] = Entry(ir_value, perm)`` records an output) and ``node`` the ONNX
+``NodeProto``.  :data:`IMPORTERS` holds the built-in mappings; an IR op can declare more in its
+``OpSpec.onnx_import`` (e.g. ``{"LeakyRelu": handler}``) without touching this file --
+:func:`importer_for` looks in both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from ..ir.graph import Const
+from ..ir.ops import REGISTRY
+from ..ir.types import FLOAT32, FixedType
+from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
+
+#: QONNX rounding_mode -> ap_fixed quantization mode.
+ROUNDING_MAP = {"ROUND": "RND_CONV", "HALF_EVEN": "RND_CONV", "FLOOR": "TRN", "ROUND_TO_ZERO": "TRN_ZERO",
+                "DOWN": "TRN_ZERO", "HALF_UP": "RND_INF", "HALF_DOWN": "RND_ZERO"}
+
+
+# -------------------------------------------------------------- quantizers
+def _import_Quant(cv, node):
+    e = cv.entry(node, node.input[0])
+    scale, zp, bw = (np.asarray(cv.const(node, t), dtype=np.float64) for t in node.input[1:4])
+    signed = bool(int(cv.attr(node, "signed", 1)))
+    narrow = bool(int(cv.attr(node, "narrow", 0)))
+    mode = str(cv.attr(node, "rounding_mode", "ROUND")).upper()
+    check_quant_params(node, scale, zp, bw)
+    if scale.size != 1 and not np.all(scale == scale.ravel()[0]):
+        raise UnsupportedError(f"Quant has a per-channel activation scale (shape {scale.shape}): only per-tensor "
+                               f"power-of-two scales map to a fixed-point type", node.name)
+    s = float(scale.ravel()[0])
+    if not is_pow2(s):
+        raise UnsupportedError(f"Quant scale {s:.6g} is not a power of two: no exact fixed-point type", node.name)
+    if np.any(zp != 0):
+        raise UnsupportedError(f"Quant zero point {zp.ravel()[0]:g} is not 0: no exact fixed-point type", node.name)
+    if bw.size != 1 or float(bw.ravel()[0]) != int(bw.ravel()[0]) or not 1 <= int(bw.ravel()[0]) <= 32:
+        raise UnsupportedError(f"Quant bit width {bw.ravel().tolist()} is not an integer in 1..32", node.name)
+    w = int(bw.ravel()[0])
+    if mode not in ROUNDING_MAP:
+        raise UnsupportedError(f"Quant rounding mode {mode!r} is not supported "
+                               f"(ROUND, FLOOR, ROUND_TO_ZERO/DOWN, HALF_UP, HALF_DOWN)", node.name)
+    if narrow and not signed:
+        raise UnsupportedError("narrow unsigned Quant (range [1, 2^b - 1]... excludes 0's neighbour) has no "
+                               "fixed-point type: unsigned narrow range is not supported", node.name)
+    if w == 1 and signed:  # QONNX: 1-bit signed Quant is bipolar (+-scale)
+        if s != 1.0:
+            raise UnsupportedError(f"1-bit signed Quant (bipolar) with scale {s:g}: only scale 1 is supported",
+                                   node.name)
+        v = cv.add(node.name, "Sign", [e.value], out=node.output[0])
+    else:
+        F = -int(round(math.log2(s)))
+        to = FixedType(w, w - F, signed, ROUNDING_MAP[mode], "SAT_SYM" if (signed and narrow) else "SAT")
+        v = cv.add(node.name, "Quantize", [e.value], {"to": to}, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, e.perm)
+
+def _import_BipolarQuant(cv, node):
+    e = cv.entry(node, node.input[0])
+    scale = np.asarray(cv.const(node, node.input[1]), dtype=np.float64)
+    if scale.size != 1 or float(scale.ravel()[0]) != 1.0:
+        raise UnsupportedError(f"BipolarQuant on an activation with scale {scale.ravel().tolist()}: "
+                               f"only scale 1 is supported", node.name)
+    v = cv.add(node.name, "Sign", [e.value], out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, e.perm)
+
+# -------------------------------------------------------------- linear layers
+def _absorb(cv, node, out: str, w: np.ndarray, bias, w_float: bool, bias_quant: bool, nd: int):
+    """Follow ``out`` through Add/Sub-of-constant (bias) and BatchNormalization (float weights only).
+
+    ``w`` has the output channel on its last axis.  Returns (final onnx tensor, w, bias, bias_quant).
+    """
+    while out not in cv.graph_outputs and len(cv.consumers[out]) == 1:
+        c = cv.consumers[out][0]
+        if c.op_type in ("Add", "Sub") and len(c.input) == 2:
+            other = c.input[1] if c.input[0] == out else c.input[0]
+            if other == out or not cv.is_const(other) or (c.op_type == "Sub" and c.input[0] != out):
+                break
+            vec = _bias_vector(cv, cv.consts[other], w.shape[-1], nd)
+            if vec is None:
+                break
+            if c.op_type == "Sub":
+                vec = -vec
+            bias_quant = (bias is None or bias_quant) and other in cv.quantized
+            bias = vec if bias is None else bias + vec
+        elif c.op_type == "BatchNormalization" and w_float and c.input[0] == out:
+            if int(cv.attr(c, "training_mode", 0)) or len([o for o in c.output if o]) > 1:
+                break
+            if not all(cv.is_const(t) for t in c.input[1:5]):
+                break
+            scale, beta = _bn_params(cv, c)
+            w = w * scale
+            bias = (np.zeros(w.shape[-1]) if bias is None else bias) * scale + beta
+            bias_quant = False
+        else:
+            break
+        cv.absorbed.add(c.name)
+        out = c.output[0]
+    return out, w, bias, bias_quant
+
+def _bias_vector(cv, c, n_out, nd):
+    """A constant added to a Dense (nd=0) / Conv (nd spatial dims) output as a [n_out] vector, or None.
+
+    Accepted: a scalar, or a tensor that broadcasts as ``[1, n_out, 1, ..., 1]`` (e.g. ``[C,1,1]``)."""
+    c = np.asarray(c, dtype=np.float64)
+    if c.size == 1:
+        return np.full(n_out, float(c.ravel()[0]))
+    if c.ndim > nd + 2:
+        return None
+    shp = (1,) * (nd + 2 - c.ndim) + tuple(c.shape)
+    if shp[0] != 1 or shp[1] != n_out or any(d != 1 for d in shp[2:]):
+        return None
+    return c.reshape(n_out).copy()
+
+def _bn_params(cv, c):
+    gamma, beta, mean, var = (np.asarray(cv.consts[t], dtype=np.float64) for t in c.input[1:5])
+    eps = float(cv.attr(c, "epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+def _emit_dense(cv, node, e: Entry, w_name, w: np.ndarray, bias, bias_quant, out):
+    if e.rowperm is not None:
+        w = w[e.rowperm]
+        x = e.value
+    else:
+        x = cv.layout(node, e, tuple(range(len(e.perm))))
+    params = {"weight": cv.weight_const(w_name, w)}
+    if bias is not None:
+        params["bias"] = Const.from_real(bias) if (bias_quant or isinstance(params["weight"].dtype, FixedType)) \
+            else Const(bias.astype(np.float32), FLOAT32)
+    v = cv.add_fallback(node.name, "Dense", [x], {}, params, ("bias",), out)
+    cv.env[out] = Entry(v, tuple(range(len(cv.b.values[v].shape))))
+
+def _import_MatMul(cv, node):
+    a, bname = node.input
+    if cv.is_const(a):
+        raise UnsupportedError("MatMul with a constant first operand (W x) is not supported: expected x W", node.name)
+    if not cv.is_const(bname):
+        raise UnsupportedError("MatMul of two activations is not supported (the weight must be constant)", node.name)
+    w = np.asarray(cv.consts[bname], dtype=np.float64)
+    if w.ndim != 2:
+        raise UnsupportedError(f"MatMul weight of shape {w.shape}: only 2-D [K, N] weights", node.name)
+    e = cv.entry(node, a)
+    out, w, bias, bq = _absorb(cv, node, node.output[0], w, None, bname not in cv.quantized, False, 0)
+    _emit_dense(cv, node, e, bname, w, bias, bq, out)
+
+def _import_Gemm(cv, node):
+    a, bname = node.input[0], node.input[1]
+    cname = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if int(cv.attr(node, "transA", 0)):
+        raise UnsupportedError("Gemm with transA=1 is not supported", node.name)
+    if not cv.is_const(bname) or cv.is_const(a):
+        raise UnsupportedError("Gemm needs an activation A and a constant B", node.name)
+    w = np.asarray(cv.consts[bname], dtype=np.float64)
+    if int(cv.attr(node, "transB", 0)):
+        w = w.T
+    alpha, beta = float(cv.attr(node, "alpha", 1.0)), float(cv.attr(node, "beta", 1.0))
+    quant = bname in cv.quantized
+    if alpha != 1.0:
+        w = w * alpha
+        quant = quant and is_pow2(abs(alpha))
+    bias, bq = None, False
+    if cname is not None:
+        bias = _bias_vector(cv, cv.const(node, cname), w.shape[1], 0)
+        if bias is None:
+            raise UnsupportedError(f"Gemm C of shape {cv.consts[cname].shape} is not a bias vector", node.name)
+        bias = bias * beta
+        bq = cname in cv.quantized and (beta == 1.0 or is_pow2(abs(beta)))
+    e = cv.entry(node, a)
+    if quant:
+        cv.quantized.add(bname + "__gemm")
+    out, w, bias, bq = _absorb(cv, node, node.output[0], w, bias, not quant, bq, 0)
+    _emit_dense(cv, node, e, bname + "__gemm" if quant else bname, w, bias, bq, out)
+
+def _spatial_attrs(cv, node, in_spatial, kernel):
+    nd = len(kernel)
+    strides = tuple(int(s) for s in cv.attr(node, "strides", [1] * nd))
+    dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * nd))
+    if any(d != 1 for d in dil):
+        raise UnsupportedError(f"{node.op_type} dilations {dil} are not supported (only 1)", node.name)
+    if int(cv.attr(node, "ceil_mode", 0)):
+        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 is not supported", node.name)
+    auto = str(cv.attr(node, "auto_pad", "NOTSET"))
+    if auto in ("NOTSET", ""):
+        pads = tuple(int(p) for p in cv.attr(node, "pads", [0] * 2 * nd))
+    elif auto == "VALID":
+        pads = (0,) * 2 * nd
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for L, k, s in zip(in_spatial, kernel, strides):
+            total = max((-(-L // s) - 1) * s + k - L, 0)
+            small = total // 2
+            begins.append(small if auto == "SAME_UPPER" else total - small)
+            ends.append(total - small if auto == "SAME_UPPER" else small)
+        pads = tuple(begins + ends)
+    else:
+        raise UnsupportedError(f"{node.op_type} auto_pad {auto!r} is not supported", node.name)
+    return strides, pads
+
+def _import_Conv(cv, node):
+    xname, wname = node.input[0], node.input[1]
+    bname = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if not cv.is_const(wname):
+        raise UnsupportedError("Conv weight must be a constant", node.name)
+    e = cv.entry(node, xname)
+    rank = len(e.perm)
+    x = cv.layout(node, e, canonical_perm(rank))
+    w = np.asarray(cv.consts[wname], dtype=np.float64)  # [O, I/g, *k]
+    kernel = tuple(int(k) for k in w.shape[2:])
+    if tuple(cv.attr(node, "kernel_shape", kernel)) != kernel:
+        raise UnsupportedError(f"Conv kernel_shape {cv.attr(node, 'kernel_shape')} does not match weight {w.shape}",
+                               node.name)
+    in_spatial = cv.b.values[x].shape[:-1]
+    strides, pads = _spatial_attrs(cv, node, in_spatial, kernel)
+    groups = int(cv.attr(node, "group", 1))
+    w = w.transpose(*range(2, w.ndim), 1, 0)  # [*k, I/g, O]
+    bias, bq = None, False
+    if bname is not None:
+        bias = np.asarray(cv.consts[bname], dtype=np.float64).reshape(-1)
+        bq = bname in cv.quantized
+    out, w, bias, bq = _absorb(cv, node, node.output[0], w, bias, wname not in cv.quantized, bq, len(kernel))
+    params = {"weight": cv.weight_const(wname, w)}
+    if bias is not None:
+        params["bias"] = Const.from_real(bias) if (bq or isinstance(params["weight"].dtype, FixedType)) \
+            else Const(bias.astype(np.float32), FLOAT32)
+    attrs = {"kernel": kernel, "strides": strides, "pads": pads, "groups": groups}
+    v = cv.add_fallback(node.name, "Conv", [x], attrs, params, ("bias",), out)
+    cv.env[out] = Entry(v, canonical_perm(rank))
+
+# -------------------------------------------------------------- normalization & elementwise
+def _import_BatchNormalization(cv, node):
+    if int(cv.attr(node, "training_mode", 0)) or len([o for o in node.output if o]) > 1:
+        raise UnsupportedError("BatchNormalization in training mode (training_mode=1 or running-stat outputs) "
+                               "is not supported: export the model in eval mode", node.name)
+    for t in node.input[1:5]:
+        cv.const(node, t)
+    e = cv.entry(node, node.input[0])
+    rank = len(e.perm)
+    x = cv.layout(node, e, canonical_perm(rank))
+    scale, bias = _bn_params(cv, node)
+    params = {"scale": Const(scale.astype(np.float32), FLOAT32), "bias": Const(bias.astype(np.float32), FLOAT32)}
+    v = cv.add(node.name, "Affine", [x], {}, params, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
+
+def _affine(cv, node, e: Entry, scale, bias):
+    fixed_in = isinstance(cv.dtype(e), FixedType)
+    params = {}
+    for role, val in (("scale", scale), ("bias", bias)):
+        if val is not None:
+            params[role] = Const.from_real(val) if fixed_in else Const(np.asarray(val, np.float32), FLOAT32)
+    v = cv.add_fallback(node.name, "Affine", [e.value], {}, params, ("scale", "bias"), node.output[0])
+    cv.env[node.output[0]] = Entry(v, e.perm)
+
+def _binary(cv, node):
+    op = node.op_type
+    a, b = node.input[0], node.input[1]
+    ca, cb = cv.is_const(a), cv.is_const(b)
+    if not ca and not cb:
+        ea, eb = cv.entry(node, a), cv.entry(node, b)
+        xb = cv.layout(node, eb, ea.perm)
+        xa = ea.value
+        if op == "Add" or op == "Mul":
+            v = cv.add(node.name, op, [xa, xb], out=node.output[0])
+        elif op == "Sub":
+            neg = cv.add(f"{node.name}__neg", "Affine", [xb], {},
+                           {"scale": Const.from_real(-1.0) if isinstance(cv.b.values[xb].dtype, FixedType)
+                            else Const(np.float32(-1.0), FLOAT32)}, out=f"{node.output[0]}__neg")
+            v = cv.add(node.name, "Add", [xa, neg], out=node.output[0])
+        else:
+            raise UnsupportedError(f"{op} of two activations is not supported", node.name)
+        cv.env[node.output[0]] = Entry(v, ea.perm)
+        return
+    if ca and cb:
+        raise UnsupportedError(f"{op} of two constants was not folded", node.name)
+    xname, cname = (b, a) if ca else (a, b)
+    e = cv.entry(node, xname)
+    if e.rowperm is not None:
+        e = Entry(cv.layout(node, Entry(e.value, e.perm), e.perm), e.perm)
+    c = cv.consts[cname]
+    vec = cv.channel_vector(c, e)
+    if vec is None:
+        raise UnsupportedError(f"{op} with a constant of shape {tuple(np.shape(c))} that is neither a scalar nor "
+                               f"per-channel is not supported", node.name)
+    const_first = ca
+    if op == "Add":
+        _affine(cv, node, e, None, vec)
+    elif op == "Sub":
+        _affine(cv, node, e, -1.0 if const_first else None, vec if const_first else -vec)
+    elif op == "Mul":
+        _affine(cv, node, e, vec, None)
+    elif op == "Div":
+        if const_first:
+            raise UnsupportedError("Div of a constant by an activation is not supported", node.name)
+        if np.any(vec == 0):
+            raise UnsupportedError("Div by a constant containing 0", node.name)
+        _affine(cv, node, e, 1.0 / vec, None)
+    else:
+        raise UnsupportedError(f"unsupported op type {op!r}", node.name)
+
+
+def _unary(cv, node, op):
+    e = cv.entry(node, node.input[0])
+    if e.rowperm is not None:
+        raise UnsupportedError(f"{node.op_type} between a Flatten and a Dense", node.name)
+    v = cv.add(node.name, op, [e.value], out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, e.perm)
+
+def _import_Relu(cv, node):
+    _unary(cv, node, "Relu")
+
+def _import_Identity(cv, node):
+    cv.env[node.output[0]] = cv.entry(node, node.input[0])
+
+
+# -------------------------------------------------------------- pooling
+def _pool(cv, node, op):
+    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
+        raise UnsupportedError("MaxPool with an Indices output is not supported", node.name)
+    e = cv.entry(node, node.input[0])
+    rank = len(e.perm)
+    x = cv.layout(node, e, canonical_perm(rank))
+    kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
+    strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
+    if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
+        raise UnsupportedError("AveragePool with padding (count_include_pad=0) is not supported", node.name)
+    v = cv.add(node.name, op, [x], {"kernel": kernel, "strides": strides, "pads": pads}, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
+
+def _import_MaxPool(cv, node):
+    _pool(cv, node, "MaxPool")
+
+def _import_AveragePool(cv, node):
+    _pool(cv, node, "AvgPool")
+
+def _import_GlobalAveragePool(cv, node):
+    e = cv.entry(node, node.input[0])
+    rank = len(e.perm)
+    x = cv.layout(node, e, canonical_perm(rank))
+    g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap")
+    c = cv.b.values[g].shape[-1]
+    v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
+
+# -------------------------------------------------------------- shape ops
+def _reshape_to(cv, node, out_shape: tuple[int, ...]):
+    e = cv.entry(node, node.input[0])
+    out = node.output[0]
+    rank_in = len(e.perm)
+    ident = tuple(range(rank_in))
+    if e.perm != ident and len(out_shape) == 1 and out not in cv.graph_outputs and cv.consumers[out] and all(
+            c.op_type in ("MatMul", "Gemm") and c.input[0] == out for c in cv.consumers[out]):
+        shp = cv.onnx_shape(e)
+        idx = np.arange(int(np.prod(shp))).reshape(shp).transpose(e.perm).ravel()
+        v = cv.add(node.name, "Reshape", [e.value], {"shape": out_shape}, out=out)
+        rp = None if np.array_equal(idx, np.arange(idx.size)) else idx
+        cv.env[out] = Entry(v, (0,), rp)
+        return
+    x = cv.layout(node, e, ident)
+    v = cv.add(node.name, "Reshape", [x], {"shape": out_shape}, out=out)
+    cv.env[out] = Entry(v, tuple(range(len(out_shape))))
+
+def _import_Reshape(cv, node):
+    e = cv.entry(node, node.input[0])
+    target = [int(t) for t in np.asarray(cv.const(node, node.input[1])).ravel()]
+    full = (1, *cv.onnx_shape(e))
+    if int(cv.attr(node, "allowzero", 0)) == 0:
+        target = [full[i] if t == 0 and i < len(full) else t for i, t in enumerate(target)]
+    try:
+        new = np.empty(full, dtype=np.uint8).reshape(target).shape
+    except ValueError as ex:
+        raise UnsupportedError(f"Reshape to {target} is invalid for shape {full}: {ex}", node.name) from None
+    if not new or new[0] != 1 or target[0] not in (1, -1):
+        raise UnsupportedError(f"Reshape to {target} changes the batch dimension", node.name)
+    _reshape_to(cv, node, tuple(new[1:]))
+
+def _import_Flatten(cv, node):
+    e = cv.entry(node, node.input[0])
+    shp = cv.onnx_shape(e)
+    axis = int(cv.attr(node, "axis", 1))
+    if axis < 0:
+        axis += len(shp) + 1
+    if axis != 1:
+        raise UnsupportedError(f"Flatten with axis={axis} is not supported (only 1: keep the batch)", node.name)
+    _reshape_to(cv, node, (int(np.prod(shp)),))
+
+def _import_Transpose(cv, node):
+    e = cv.entry(node, node.input[0])
+    rank = len(e.perm)
+    P = [int(p) for p in cv.attr(node, "perm", list(range(rank, -1, -1)))]
+    if len(P) != rank + 1 or P[0] != 0:
+        raise UnsupportedError(f"Transpose perm {P} moves the batch dimension", node.name)
+    Pp = [p - 1 for p in P[1:]]  # onnx_out axis j = onnx_in axis Pp[j]
+    if e.rowperm is not None:
+        raise UnsupportedError("Transpose of a flattened tensor feeding a Dense", node.name)
+    Pinv = inv_perm(Pp)
+    q = tuple(Pinv[a] for a in e.perm)  # zero-cost: only the layout bookkeeping changes
+    cv.env[node.output[0]] = Entry(e.value, q)
+
+def _import_Concat(cv, node):
+    if any(cv.is_const(t) for t in node.input):
+        raise UnsupportedError("Concat with a constant input is not supported", node.name)
+    es = [cv.entry(node, t) for t in node.input]
+    rank = len(es[0].perm)
+    axis = int(cv.attr(node, "axis"))
+    if axis < 0:
+        axis += rank + 1
+    if axis == 0:
+        raise UnsupportedError("Concat along the batch axis is not supported", node.name)
+    p = es[0].perm if es[0].rowperm is None else tuple(range(rank))
+    xs = [cv.layout(node, ei, p) for ei in es]
+    ir_axis = inv_perm(p)[axis - 1]
+    v = cv.add(node.name, "Concat", xs, {"axis": ir_axis}, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, p)
+
+def _import_Softmax(cv, node):
+    e = cv.entry(node, node.input[0])
+    rank = len(e.perm)
+    default = 1 if cv.opset < 13 else -1
+    axis = int(cv.attr(node, "axis", default))
+    if axis < 0:
+        axis += rank + 1
+    if axis == 0:
+        raise UnsupportedError("Softmax over the batch axis is not supported", node.name)
+    ax = axis - 1
+    if cv.opset < 13 and ax != rank - 1:
+        raise UnsupportedError(f"Softmax (opset {cv.opset}) axis={axis} flattens the trailing axes: only the "
+                               f"last axis is supported", node.name)
+    q = e.perm if e.perm[-1] == ax else tuple(a for a in range(rank) if a != ax) + (ax,)
+    x = cv.layout(node, e, q)
+    v = cv.add(node.name, "Softmax", [x], {"axis": -1}, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, q)
+
+
+#: ONNX op type -> import handler (built-in mappings; see :func:`importer_for`).
+IMPORTERS: dict[str, Callable] = {
+    "Quant": _import_Quant, "BipolarQuant": _import_BipolarQuant,
+    "MatMul": _import_MatMul, "Gemm": _import_Gemm, "Conv": _import_Conv,
+    "BatchNormalization": _import_BatchNormalization,
+    "Add": _binary, "Sub": _binary, "Mul": _binary, "Div": _binary,
+    "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
+    "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
+    "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
+    "Concat": _import_Concat, "Softmax": _import_Softmax,
+}
+
+
+def importer_for(op_type: str) -> Callable | None:
+    """The import handler of ONNX op ``op_type``: the built-in one (:data:`IMPORTERS`), else one an
+    IR op declares in ``OpSpec.onnx_import``; ``None`` when nothing maps it."""
+    handler = IMPORTERS.get(op_type)
+    if handler is not None:
+        return handler
+    for spec in REGISTRY.values():
+        if op_type in spec.onnx_import:
+            return spec.onnx_import[op_type]
+    return None
