@@ -109,6 +109,10 @@ class OnnxConverter:
                 return v.decode() if isinstance(v, bytes) else v
         return default
 
+    def bind(self, t: str, value: str, perm, rowperm=None) -> None:
+        """Record that ONNX tensor ``t`` is IR value ``value`` in layout ``perm`` (an :class:`Entry`)."""
+        self.env[t] = Entry(value, perm, rowperm)
+
     def is_const(self, t: str) -> bool:
         """True when ONNX tensor ``t`` is a (folded) constant."""
         return t in self.consts

@@ -141,3 +141,34 @@ def test_tvm_backend_supports_answers_from_its_table(rng):
             partial.set(op, LOWERING.entry(op))
     assert partial.supports(g) is False
     assert partial.unsupported(g) == [("pool", "no pools here")]
+
+
+def test_an_op_declares_its_onnx_mapping_on_its_spec(monkeypatch):
+    """A new op brings its ONNX import/export with its OpSpec: no frontend file changes."""
+    from onnx import TensorProto, helper
+
+    from qdeploy.compiler.frontends import export_qonnx, import_onnx
+    from qdeploy.compiler.frontends.onnx_ops import importer_for
+    from qdeploy.compiler.ir import FLOAT32
+
+    def import_neg(cv, node):
+        src = cv.entry(node, node.input[0])
+        cv.bind(node.output[0], cv.add(node.name, "Negate", [src.value], out=node.output[0]), src.perm)
+
+    spec = OpSpec(name="Negate", summary="-x (test op)", infer=lambda n, ins: (ins[0].shape, FLOAT32),
+                  reference=lambda n, args, in_types, out_t: -args[0],
+                  onnx_import={"Neg": import_neg},
+                  onnx_export=lambda ex, n, x: ex.node("Neg", x, n.output + "__ir"))
+    assert importer_for("Neg") is None
+    monkeypatch.setitem(REGISTRY, "Negate", spec)
+    assert importer_for("Neg") is import_neg
+    node = helper.make_node("Neg", ["in"], ["out"], name="neg")
+    model = helper.make_model(
+        helper.make_graph([node], "m", [helper.make_tensor_value_info("in", TensorProto.FLOAT, [1, 3])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    g = import_onnx(model)
+    assert [n.op for n in g.nodes] == ["Negate"]
+    x = np.array([[1.5, -2.0, 0.25]], dtype=np.float32)
+    assert np.array_equal(ref.run(g, x), -x)
+    assert [n.op_type for n in export_qonnx(g).graph.node] == ["Neg", "Identity"]
