@@ -22,7 +22,7 @@ what LLVM does to single operations (both builds may contract multiply-adds).  B
 cannot handle (symbolic extents, non-trivial bindings) are left as they were; set
 ``QDEPLOY_SCHEDULE_DEBUG=1`` to print why.
 
-Measured (issue 7, SkipNet residual block: two 3x3 convs 16->16 ch on 16x16, batch 1, one
+Measured (SkipNet residual block: two 3x3 convs 16->16 ch on 16x16, batch 1, one
 thread, AMD EPYC znver4): 1070-1470 us default pipeline -> 51 us with this schedule (45 us with
 a static batch).  Built on TVM's ``s_tir.Schedule`` primitives (``compute_inline``, ``split``,
 ``reorder``, ``unroll``, ``vectorize``, ``decompose_reduction``).  ``lanes`` = 16 fits AVX-512;
