@@ -44,7 +44,8 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
     Returns:
         summary dict (samples, outputs, graph digest).
     """
-    from .api import _golden_feeds, _versions, load, load_config
+    from .api import golden_feeds, load, load_config
+    from .runtime.artifact import versions
     from .passes import PassManager, default_pipeline
     from .runtime.compiled import user_feeds
 
@@ -64,7 +65,7 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
         cfg = load_config(config)
         cfg.setdefault("golden", {"samples": samples, "seed": seed})
         graph = load(model_or_out if not isinstance(model_or_out, Path) else str(model_or_out))
-        calib = _golden_feeds(graph, inputs, cfg)
+        calib = golden_feeds(graph, inputs, cfg)
         graph = PassManager(default_pipeline(cfg.get("input_type"), calib)).run(graph)
         from .compiler.reference import prepare_feeds
         feeds = prepare_feeds(graph, {k: v for k, v in calib.items() if k in graph.inputs})
@@ -78,7 +79,7 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
         t = graph.value(k).dtype
         arrays[f"output_codes:{k}"] = v
         arrays[f"output_real:{k}"] = t.to_real(v) if isinstance(t, FixedType) else v
-    meta = {"graph_digest": graph.digest(), "source_hash": source_hash, "versions": _versions(),
+    meta = {"graph_digest": graph.digest(), "source_hash": source_hash, "versions": versions(),
             "inputs": {k: str(graph.value(k).dtype) for k in feeds},
             "outputs": {k: str(graph.value(k).dtype) for k in outs}}
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

@@ -227,7 +227,8 @@ def load_stages(out_dir, plan: dict) -> dict:
     Raises:
         PlanError: a stage directory that is not a compiled artifact.
     """
-    from .compiled import ArtifactError, CompiledModel
+    from .artifact import ArtifactError
+    from .compiled import CompiledModel
     out = {}
     for s in plan.get("stages", []):
         try:

@@ -35,7 +35,7 @@ from typing import Iterable
 import torch
 
 from ..errors import QDeployError
-from .hessian import _logits
+from .hessian import logits
 
 __all__ = ["weight_scale_exponent", "quantize_weight_pot", "quantize_act_pot", "weight_sensitivity", "act_sensitivity",
            "measured_loss_increase"]
@@ -146,13 +146,13 @@ def measured_loss_increase(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     model.eval()
     out: dict[int, float] = {}
     try:
-        base = float(loss_fn(_logits(model(x)), y))
+        base = float(loss_fn(logits(model(x)), y))
         if what == "weight":
             w0 = mod.weight.detach().clone()
             try:
                 for b in bits:
                     mod.weight.copy_(quantize_weight_pot(w0, b))
-                    out[b] = float(loss_fn(_logits(model(x)), y)) - base
+                    out[b] = float(loss_fn(logits(model(x)), y)) - base
             finally:
                 mod.weight.copy_(w0)
         else:
@@ -167,7 +167,7 @@ def measured_loss_increase(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
                 q = quantize_act_pot(acts["a"], b, signed)[0]
                 h = mod.register_forward_pre_hook(lambda m, a, q=q: (q,) + tuple(a[1:]))
                 try:
-                    out[b] = float(loss_fn(_logits(model(x)), y)) - base
+                    out[b] = float(loss_fn(logits(model(x)), y)) - base
                 finally:
                     h.remove()
     finally:
