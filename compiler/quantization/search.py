@@ -125,8 +125,8 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
     activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
     ``fixed_act_bits``, default 8: a weights-only search with one uniform activation width).
     """
-    w_bits = tuple(sensitivity._check_bits(w_bits))
-    a_bits = tuple(sensitivity._check_bits(a_bits)) if a_bits else ()
+    w_bits = tuple(sensitivity.check_bits(w_bits))
+    a_bits = tuple(sensitivity.check_bits(a_bits)) if a_bits else ()
     shapes = {}
     hooks = []
     for n, m in hessian.weight_layers(model):
@@ -377,8 +377,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     if not (math.isfinite(float(tol)) and float(tol) > 0):
         raise QDeployError(f"tol must be a positive number, got {tol}")
     fn, extra = load_recipe(recipe)
-    w_bits = tuple(sensitivity._check_bits(list(w_bits)))
-    a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
+    w_bits = tuple(sensitivity.check_bits(list(w_bits)))
+    a_bits = w_bits if a_bits is None else tuple(sensitivity.check_bits(list(a_bits))) if a_bits else ()
     if not budgets:
         raise QDeployError("no budget given: pass at least one, e.g. --budget bops=uniform:4")
     _check_uniform_bits(budgets, w_bits)

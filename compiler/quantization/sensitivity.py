@@ -41,7 +41,12 @@ __all__ = ["weight_scale_exponent", "quantize_weight_pot", "quantize_act_pot", "
            "measured_loss_increase"]
 
 
-def _check_bits(bits: Iterable[int]) -> list[int]:
+def check_bits(bits: Iterable[int]) -> list[int]:
+    """Candidate bit widths, checked: sorted and deduplicated integers in 2..32.
+
+    Raises:
+        QDeployError: an empty list or a width outside 2..32.
+    """
     bits = [int(b) for b in bits]
     if not bits:
         raise QDeployError("the list of candidate bit widths is empty")
@@ -110,14 +115,14 @@ def weight_sensitivity(mean_trace: float, w: torch.Tensor, bits: Iterable[int]) 
         QDeployError: empty or out-of-range bit list.
     """
     return {b: float(mean_trace) * float(((quantize_weight_pot(w, b) - w.detach()) ** 2).sum())
-            for b in _check_bits(bits)}
+            for b in check_bits(bits)}
 
 
 def act_sensitivity(mean_trace: float, a: torch.Tensor, bits: Iterable[int],
                     signed: bool | None = None) -> dict[int, float]:
     """Omega(b) = mean_trace * ||Q_b(a) - a||^2 for activation samples ``a`` (N, ...), each b."""
     return {b: float(mean_trace) * float(((quantize_act_pot(a, b, signed)[0] - a.detach()) ** 2).sum())
-            for b in _check_bits(bits)}
+            for b in check_bits(bits)}
 
 
 @torch.no_grad()
@@ -140,7 +145,7 @@ def measured_loss_increase(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     """
     if what not in ("weight", "act"):
         raise QDeployError(f"measured_loss_increase: what must be 'weight' or 'act', got {what!r}")
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     mod = dict(model.named_modules())[layer]
     was = model.training
     model.eval()
