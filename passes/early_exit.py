@@ -1,4 +1,4 @@
-"""Early-exit splitting (issue 6): cut a multi-exit IR graph into stages, and calibrate the gates.
+"""Early-exit splitting: cut a multi-exit IR graph into stages, and calibrate the gates.
 
 Sources: BranchyNet (Teerapittayanon et al., ICPR 2016, arXiv 1709.01686) for exits and
 max-softmax/entropy gating; EERO (arXiv 2402.03779) for choosing thresholds under a mean compute

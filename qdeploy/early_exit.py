@@ -1,4 +1,4 @@
-"""Early-exit programs, user-facing layer (issue 6): compile, calibrate, evaluate, report.
+"""Early-exit programs, user-facing layer: compile, calibrate, evaluate, report.
 
     from qdeploy.early_exit import compile_early_exit, calibrate_gates, evaluate, render_report
     msm = compile_early_exit("branchy.onnx", "tvm-llvm", "out/branchy-tvm", golden=x_val)

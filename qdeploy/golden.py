@@ -45,13 +45,13 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
         summary dict (samples, outputs, graph digest).
     """
     from .api import golden_feeds, load, load_config
-    from .runtime.artifact import versions
+    from .runtime.artifact import MANIFEST, read_manifest, versions
     from .passes import PassManager, default_pipeline
     from .runtime.compiled import user_feeds
 
     p = Path(str(model_or_out))
     source_hash = ""
-    if p.is_dir() and (p / "manifest.json").is_file():
+    if p.is_dir() and (p / MANIFEST).is_file():
         graph = Graph.load(str(p / "ir" / "model"))
         if inputs is None:
             with np.load(p / "golden.npz") as z:
@@ -60,7 +60,7 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
                      else v.astype(np.float32) for k, v in feeds_ir.items()}
         else:
             feeds = user_feeds(graph, inputs)
-        source_hash = json.loads((p / "manifest.json").read_text()).get("graph_digest", "")
+        source_hash = read_manifest(p).get("graph_digest", "")
     else:
         cfg = load_config(config)
         cfg.setdefault("golden", {"samples": samples, "seed": seed})

@@ -1240,7 +1240,7 @@ def block_to_ir(blk: BlockItem, name: str = "block") -> BlockIR:
             ir_outs.append(v)
     if ir_outs:
         b.output(*ir_outs)
-        graph = b.build()  # unpruned: passes.dynamic.extract removes dead nodes and unused inputs
+        graph = b.build()  # unpruned: qdeploy.dynamic.extract removes dead nodes and unused inputs
     else:
         dev_inputs = []
 
