@@ -331,7 +331,7 @@ def _remat(graph: Graph, budget, cfg: dict) -> dict | None:
     return rep
 
 
-# ---- issue 5: estimates (qdeploy.backends.hls4ml.estimate / qdeploy.backends.asic) ----
+# ---- estimates (qdeploy.backends.hls4ml.estimate / qdeploy.backends.asic) ----
 ESTIMATE_TARGETS = ("hls4ml", "asic")
 
 
@@ -379,7 +379,7 @@ def run(out_dir, *inputs):
     return CompiledModel.load(out_dir).predict(*inputs)
 
 
-# --- search (issue 4: Hessian-guided mixed-precision search) ---------------------------------
+# ---- Hessian-guided mixed-precision search ----
 def search(recipe, out_dir, budgets=("bops=uniform:4",), **kwargs) -> dict:
     """Mixed-precision search: Hessian traces -> ILP allocation per budget -> QAT -> report.
 
@@ -395,4 +395,3 @@ def search(recipe, out_dir, budgets=("bops=uniform:4",), **kwargs) -> dict:
     from .compiler.quantization.search import parse_budget, run_search
     pts = [parse_budget(b) if isinstance(b, str) else dict(b) for b in budgets]
     return run_search(recipe, Path(out_dir), budgets=pts, **kwargs)
-# --- end search --------------------------------------------------------------------------------
