@@ -37,9 +37,3 @@ from .remat import RematError, remat_pass, rematerialize  # noqa: E402
 __all__ += ["memory_profile", "min_feasible_bytes", "peak_memory", "value_bytes", "RematError", "remat_pass",
             "rematerialize"]
 # --- end issue 8 ---
-
-# --- issue 7: dynamic subgraph extraction (DyCL) ---
-from .dynamic import compile_dynamic, extract as extract_dynamic, render_report as render_dynamic_report  # noqa: E402
-
-__all__ += ["compile_dynamic", "extract_dynamic", "render_dynamic_report"]
-# --- end issue 7 ---

@@ -1,4 +1,4 @@
-"""Early-exit splitting (issue 6): cut a multi-exit IR graph into stages, and calibrate the gates.
+"""Early-exit splitting: cut a multi-exit IR graph into stages, and calibrate the gates.
 
 Sources: BranchyNet (Teerapittayanon et al., ICPR 2016, arXiv 1709.01686) for exits and
 max-softmax/entropy gating; EERO (arXiv 2402.03779) for choosing thresholds under a mean compute
@@ -27,7 +27,7 @@ import numpy as np
 
 from ..compiler.errors import QDeployError
 from ..compiler.ir.graph import Graph
-from .partition import _sub
+from .partition import subgraph
 
 
 class EarlyExitError(QDeployError):
@@ -147,7 +147,7 @@ def split_exits(graph: Graph, exits=None) -> StagedProgram:
             src = produced_in.get(i)
             if src is not None and src > k:
                 raise EarlyExitError(f"stage {k} reads {i!r} from later stage {src}", i)
-        g = _sub(graph, nodes, inputs, [exits[k]] + carry, f"stage{k}")
+        g = subgraph(graph, nodes, inputs, [exits[k]] + carry, f"stage{k}")
         stages.append(g)
         carried.append(carry)
         bops.append(graph_bops(graph, {n.name for n in nodes}))

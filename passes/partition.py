@@ -26,7 +26,15 @@ class Partition:
     epilogue: Graph | None
 
 
-def _sub(graph: Graph, nodes, inputs, outputs, suffix) -> Graph | None:
+def subgraph(graph: Graph, nodes, inputs, outputs, suffix: str) -> Graph | None:
+    """The graph of ``nodes`` (a topologically ordered subset of ``graph.nodes``) with the given
+    ``inputs`` and ``outputs`` (value names of ``graph``; types and shapes copied), named
+    ``<graph name>_<suffix>`` and keeping ``graph.meta``; None when ``nodes`` is empty.
+
+    Raises:
+        VerifyError: (from :class:`GraphBuilder`) a node reads a value that is neither an input
+            nor produced by an earlier node.
+    """
     if not nodes:
         return None
     b = GraphBuilder(f"{graph.name}_{suffix}", dict(graph.meta))
@@ -87,14 +95,14 @@ def partition(graph: Graph) -> Partition:
         dev_outputs += [i for i in n.inputs if i in dev_outs and i not in dev_outputs]
     pro_outputs = [v for v in dev_inputs if v not in graph.inputs]
     pro_outputs += [o for o in graph.outputs if o in {n.output for n in pro} and o not in pro_outputs]
-    prologue = _sub(graph, pro, list(graph.inputs), pro_outputs, "prologue") if pro else None
-    device = _sub(graph, dev, dev_inputs, dev_outputs, "device")
+    prologue = subgraph(graph, pro, list(graph.inputs), pro_outputs, "prologue") if pro else None
+    device = subgraph(graph, dev, dev_inputs, dev_outputs, "device")
     epi_inputs = []
     for n in epi:
         for i in n.inputs:
             if i not in {m.output for m in epi} and i not in epi_inputs:
                 epi_inputs.append(i)
-    epilogue = _sub(graph, epi, epi_inputs, [o for o in graph.outputs if o in epi_vals], "epilogue") if epi else None
+    epilogue = subgraph(graph, epi, epi_inputs, [o for o in graph.outputs if o in epi_vals], "epilogue") if epi else None
     return Partition(prologue, device, epilogue)
 
 
@@ -134,5 +142,5 @@ def split_epilogue(graph: Graph) -> tuple[Graph, Graph | None]:
     core_nodes = [n for n in graph.nodes if n.name not in epi_names]
     core_out = [o for o in graph.outputs if o not in {n.output for n in part.epilogue.nodes}]
     core_out += [i for i in part.epilogue.inputs if i not in core_out]
-    core = _sub(graph, core_nodes, list(graph.inputs), core_out, "core")
+    core = subgraph(graph, core_nodes, list(graph.inputs), core_out, "core")
     return core, part.epilogue

@@ -6,8 +6,9 @@ reference interpreter and writes a report.  ``qdeploy.run(out_dir, x)`` runs any
 ``qdeploy.estimate(model, target=...)`` gives FPGA/ASIC estimates without vendor tools, and
 ``qdeploy.search(recipe, out_dir, budgets)`` runs the Hessian-guided mixed-precision search.
 """
-from .api import CompileResult, __version__, compile, estimate, load, load_config, run, search
+from .api import CompileResult, compile, estimate, load, load_config, run, search
 from .runtime import CompiledModel
+from .version import __version__
 
 __all__ = ["compile", "load", "load_config", "run", "estimate", "search", "CompileResult", "CompiledModel",
            "__version__"]

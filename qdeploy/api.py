@@ -7,11 +7,9 @@ only when complete, so a failed compile leaves no output directory behind.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,8 @@ from .compiler.errors import CompileError, QDeployError
 from .compiler.ir.graph import Graph
 from .compiler.ir.types import FixedType
 from .compiler.reference import execute, prepare_feeds
-
-__version__ = "0.1.0"
+from .runtime.artifact import (check_out_dir, check_replaceable, file_hashes, publish, staging_dir, versions,
+                               write_manifest)
 
 
 @dataclass
@@ -131,8 +129,21 @@ def load(model, example_input=None) -> Graph:
     raise QDeployError(f"cannot import a {type(model).__name__}: give a .onnx path, module:function, or nn.Module")
 
 
-def _golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
-    """Golden inputs as real arrays in IR layout, keyed by input name."""
+def golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
+    """Golden inputs of ``graph`` as real-valued arrays in IR layout, keyed by input name.
+
+    Args:
+        graph: the imported model (its inputs name and type the feeds).
+        golden: user inputs (an array, a list in input order, a dict by input name, or a
+            ``.npy``/``.npz`` path; batch first, the source model's layout), or None for
+            ``cfg["golden"]["samples"]`` (default 64) random inputs drawn with ``cfg["golden"]["seed"]``
+            (default 0): uniform codes over a fixed-point input's range, uniform [-1, 1) floats otherwise.
+        cfg: the checked config (:func:`load_config`).
+    Returns:
+        ``{input name: array (n, *IR shape)}``.
+    Raises:
+        QDeployError: an unreadable or ill-formed golden file.
+    """
     from .runtime.compiled import to_ir_layout
 
     if golden is not None:
@@ -178,25 +189,6 @@ def load_array_file(path, names=()) -> "np.ndarray | dict":
     return data
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-    out = {"qdeploy": __version__}
-    for pkg in ("numpy", "onnx", "qonnx", "hls4ml", "apache-tvm", "torch", "brevitas"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _file_hashes(root: Path, limit: int = 400) -> dict:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and len(out) < limit and p.name not in ("manifest.json",):
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-    return out
-
-
 def _avgpool_notes(graph: Graph) -> list[str]:
     """Say where a fixed-point average truncates (window not a power of two)."""
     from .compiler.ir.ops import avg_shift
@@ -209,75 +201,6 @@ def _avgpool_notes(graph: Graph) -> list[str]:
                            f"2^-{graph.value(n.output).dtype.frac_bits} (floor(sum*2^{avg_shift(cnt)}/{cnt})), like "
                            f"Brevitas' TruncAvgPool; a float mean rounded later may differ by 1 LSB")
     return out
-
-
-def _check_out_dir(out_dir) -> Path:
-    """``out_dir`` as an absolute path, or QDeployError when it cannot be an output directory
-    (empty name, a path under a regular file, a parent that cannot be created or written)."""
-    if out_dir is None or str(out_dir).strip() == "":
-        raise QDeployError("output directory name is empty")
-    out = Path(out_dir).resolve()
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise QDeployError(f"cannot create output directory {out}: {parent} is a file")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise QDeployError(f"cannot create output directory {out}: {parent} is not writable")
-            break
-    return out
-
-
-def _staging_dir(out_dir: Path) -> Path:
-    """A fresh temporary sibling of ``out_dir`` (same filesystem, so :func:`_publish` is a rename).
-
-    An artifact is written there and only renamed into place when complete, so a failed compile
-    leaves no half-written output directory.  The caller removes it on failure.
-    """
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as e:
-        raise QDeployError(f"cannot create output directory {out_dir}: {e.strerror or e}") from None
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Make the finished staging directory ``tmp`` the artifact ``out_dir`` (replacing an old one,
-    which the caller has checked with :func:`_check_replaceable`)."""
-    os.chmod(tmp, 0o755)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
-def _check_replaceable(out_dir: Path, model, is_ours=None, kind: str = "a qdeploy artifact (no qdeploy manifest.json)") -> None:
-    """``--force`` only ever replaces an earlier artifact (a directory with ``manifest.json``) or
-    an empty directory -- never the working directory, one of its parents, or a directory
-    holding the source model.
-
-    Raises:
-        QDeployError: when ``out_dir`` is not safe to replace.
-    """
-    cwd = Path.cwd().resolve()
-    if not out_dir.is_dir():
-        raise QDeployError(f"output path {out_dir} exists and is not a directory")
-    if out_dir == cwd or out_dir in cwd.parents:
-        raise QDeployError(f"refusing to replace {out_dir}: it is the working directory or one of its parents")
-    if isinstance(model, (str, os.PathLike)):
-        src = Path(str(model).split(":")[0]).resolve()
-        if src == out_dir or out_dir in src.parents:
-            raise QDeployError(f"refusing to replace {out_dir}: it holds the source model {src}")
-    if any(out_dir.iterdir()) and not (is_ours or _is_artifact)(out_dir):
-        raise QDeployError(f"refusing to replace {out_dir}: it is not {kind} and not empty")
-
-
-def _is_artifact(d: Path) -> bool:
-    """A directory written by :func:`compile`: its manifest.json has qdeploy's keys."""
-    try:
-        m = json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(m, dict) and {"format", "target", "versions", "graph_digest"} <= set(m)
-            and isinstance(m.get("versions"), dict) and "qdeploy" in m["versions"] and (d / "ir").is_dir())
 
 
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
@@ -308,18 +231,18 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     from .report import compare_outputs, layer_table, render_markdown
 
     cfg = load_config(config)
-    out_dir = _check_out_dir(out_dir)
+    out_dir = check_out_dir(out_dir)
     if out_dir.exists() and not force:
         raise QDeployError(f"output directory {out_dir} exists (use --force / force=True to replace it)")
     if out_dir.exists():
-        _check_replaceable(out_dir, model)
+        check_replaceable(out_dir, model)
     try:
         backend = get_backend(target)
     except ValueError as e:
         raise QDeployError(str(e)) from None
     t0 = time.perf_counter()
     graph = load(model, example_input)
-    feeds_real = _golden_feeds(graph, golden, cfg)
+    feeds_real = golden_feeds(graph, golden, cfg)
     pm = PassManager(default_pipeline(cfg.get("input_type"), feeds_real) if optimize else [])
     graph = pm.run(graph)
     remat_report = _remat(graph, memory_budget, cfg)  # issue 8
@@ -329,7 +252,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     feeds = prepare_feeds(graph, feeds_real)
     ref = execute(graph, feeds, codes=True)
 
-    tmp = _staging_dir(out_dir)
+    tmp = staging_dir(out_dir)
     try:
         (tmp / "ir").mkdir()
         graph.save(str(tmp / "ir" / "model"))
@@ -366,17 +289,17 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(render_markdown(report))
         manifest = {
-            "format": 1, "target": target, "versions": _versions(), "config": cfg, "backend": info,
+            "format": 1, "target": target, "versions": versions(), "config": cfg, "backend": info,
             "graph_digest": graph.digest(),
             "inputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
                         "perm": (graph.meta.get("input_perms") or {}).get(v.name)} for v in graph.input_values()],
             "outputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
                          "perm": (graph.meta.get("output_perms") or {}).get(v.name)} for v in graph.output_values()],
             "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact")},
-            "hashes": _file_hashes(tmp),
+            "hashes": file_hashes(tmp),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-        _publish(tmp, out_dir)
+        write_manifest(tmp, manifest)
+        publish(tmp, out_dir)
     except QDeployError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -408,7 +331,7 @@ def _remat(graph: Graph, budget, cfg: dict) -> dict | None:
     return rep
 
 
-# ---- issue 5: estimates (qdeploy.backends.hls4ml.estimate / qdeploy.backends.asic) ----
+# ---- estimates (qdeploy.backends.hls4ml.estimate / qdeploy.backends.asic) ----
 ESTIMATE_TARGETS = ("hls4ml", "asic")
 
 
@@ -456,7 +379,7 @@ def run(out_dir, *inputs):
     return CompiledModel.load(out_dir).predict(*inputs)
 
 
-# --- search (issue 4: Hessian-guided mixed-precision search) ---------------------------------
+# ---- Hessian-guided mixed-precision search ----
 def search(recipe, out_dir, budgets=("bops=uniform:4",), **kwargs) -> dict:
     """Mixed-precision search: Hessian traces -> ILP allocation per budget -> QAT -> report.
 
@@ -472,4 +395,3 @@ def search(recipe, out_dir, budgets=("bops=uniform:4",), **kwargs) -> dict:
     from .compiler.quantization.search import parse_budget, run_search
     pts = [parse_budget(b) if isinstance(b, str) else dict(b) for b in budgets]
     return run_search(recipe, Path(out_dir), budgets=pts, **kwargs)
-# --- end search --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _version(value: bool):
     if value:
-        from .api import __version__
+        from .version import __version__
         typer.echo(f"qdeploy {__version__}")
         raise typer.Exit()
 
@@ -180,8 +180,8 @@ def compile_early_exit_cmd(
     stages = msm.plan["stages"]
     typer.echo(f"compiled {msm.plan['meta'].get('model', model)} -> {target} in {out}: {len(stages)} stages, "
                f"exits {', '.join(msm.exit_values())}")
-    from .early_exit import _g
-    typer.echo("gates: " + ", ".join(_g(g) for g in msm.gates))
+    from .early_exit import gate_text
+    typer.echo("gates: " + ", ".join(gate_text(g) for g in msm.gates))
     if ev is not None:
         typer.echo(f"golden set: accuracy {ev['accuracy']:.4f}, exit distribution "
                    f"{' / '.join(f'{f:.1%}' for f in ev['exit_fraction'])}, mean BOPs {ev['mean_bops']:.4g} "

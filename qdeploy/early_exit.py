@@ -1,4 +1,4 @@
-"""Early-exit programs, user-facing layer (issue 6): compile, calibrate, evaluate, report.
+"""Early-exit programs, user-facing layer: compile, calibrate, evaluate, report.
 
     from qdeploy.early_exit import compile_early_exit, calibrate_gates, evaluate, render_report
     msm = compile_early_exit("branchy.onnx", "tvm-llvm", "out/branchy-tvm", golden=x_val)
@@ -57,6 +57,7 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
             for exits that cannot be identified or ordered.
     """
     from . import api
+    from .runtime.artifact import check_replaceable, publish, staging_dir
     from .passes import PassManager, default_pipeline
     from .passes.early_exit import split_exits
     from .runtime.multistage import PLAN_FORMAT, MultiStageModel
@@ -66,15 +67,15 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
     if out_dir.exists() and not force:
         raise QDeployError(f"output directory {out_dir} exists (use force=True to replace it)")
     if out_dir.exists():
-        api._check_replaceable(out_dir, model, is_ours=lambda d: (d / "plan.json").is_file(),
-                               kind="a multi-stage program (no plan.json)")
+        check_replaceable(out_dir, model, is_ours=lambda d: (d / "plan.json").is_file(),
+                          kind="a multi-stage program (no plan.json)")
     graph = api.load(model, example_input)
-    feeds_real = api._golden_feeds(graph, golden, cfg)
+    feeds_real = api.golden_feeds(graph, golden, cfg)
     graph = PassManager(default_pipeline(cfg.get("input_type"), feeds_real)).run(graph)
     prog = split_exits(graph, exits)
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
     env = execute(graph, feeds_real, keep=True)
-    tmp = api._staging_dir(out_dir)
+    tmp = staging_dir(out_dir)
     try:
         stages_json, steps = [], []
         cum = prog.cum_bops
@@ -101,7 +102,7 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
         (tmp / "ir").mkdir()
         graph.save(str(tmp / "ir" / "program"))
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
-        api._publish(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -175,7 +176,9 @@ def evaluate(msm, x, y, pred=None, exit_idx=None) -> dict:
     }
 
 
-def _g(g):
+def gate_text(g: dict) -> str:
+    """Short text of a gate dict (:func:`qdeploy.runtime.multistage.make_gate`): ``always``,
+    ``never``, ``<rule>>=<threshold>`` or, for entropy, ``H/lnK<=<threshold>``."""
     if g["rule"] in ("always", "never"):
         return g["rule"]
     return f"{g['rule']}>={g['threshold']:.4g}" if g["rule"] != "entropy" else f"H/lnK<={g['threshold']:.4g}"
@@ -190,7 +193,7 @@ def render_report(rows: list, title: str = "Early-exit report") -> str:
         dist = " / ".join(f"{f:.1%}" for f in r["exit_fraction"])
         accs = " / ".join("-" if a is None else f"{a:.3f}" for a in r["accuracy_at_exit"])
         lat = "-" if r.get("mean_latency_ns_est") is None else f"{r['mean_latency_ns_est']:.0f}"
-        L.append(f"| {r.get('label', '')} | {', '.join(_g(g) for g in r['gates'][:-1])} | {dist} | {accs} | "
+        L.append(f"| {r.get('label', '')} | {', '.join(gate_text(g) for g in r['gates'][:-1])} | {dist} | {accs} | "
                  f"{r['accuracy']:.4f} | {r['mean_bops']:.4g} | {r['worst_bops']:.4g} | {r['speedup_vs_final']:.2f}x | "
                  f"{lat} |")
     return "\n".join(L) + "\n"
@@ -239,7 +242,7 @@ def program_markdown(msm, evaluation: dict | None = None) -> str:
                  f"{c.get('bops', 0):.4g} | {c.get('cum_bops', 0):.4g} | {lat} | {exs} |")
     L += ["", "## Exits and gates", "", "| step | stage | exit value | gate |", "|---|---|---|---|"]
     for k, st in enumerate(plan["steps"]):
-        L.append(f"| {k} | {st['run']} | {st['exit']['value']} | {_g(st['exit'].get('gate') or {'rule': 'always'})} |")
+        L.append(f"| {k} | {st['run']} | {st['exit']['value']} | {gate_text(st['exit'].get('gate') or {'rule': 'always'})} |")
     L += ["", "Gates are decided on the stages' integer output codes (see qdeploy.runtime.multistage); "
               "stage k runs only on the inputs no earlier gate accepted."]
     if evaluation is not None:

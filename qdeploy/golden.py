@@ -44,13 +44,14 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
     Returns:
         summary dict (samples, outputs, graph digest).
     """
-    from .api import _golden_feeds, _versions, load, load_config
+    from .api import golden_feeds, load, load_config
+    from .runtime.artifact import MANIFEST, read_manifest, versions
     from .passes import PassManager, default_pipeline
     from .runtime.compiled import user_feeds
 
     p = Path(str(model_or_out))
     source_hash = ""
-    if p.is_dir() and (p / "manifest.json").is_file():
+    if p.is_dir() and (p / MANIFEST).is_file():
         graph = Graph.load(str(p / "ir" / "model"))
         if inputs is None:
             with np.load(p / "golden.npz") as z:
@@ -59,12 +60,12 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
                      else v.astype(np.float32) for k, v in feeds_ir.items()}
         else:
             feeds = user_feeds(graph, inputs)
-        source_hash = json.loads((p / "manifest.json").read_text()).get("graph_digest", "")
+        source_hash = read_manifest(p).get("graph_digest", "")
     else:
         cfg = load_config(config)
         cfg.setdefault("golden", {"samples": samples, "seed": seed})
         graph = load(model_or_out if not isinstance(model_or_out, Path) else str(model_or_out))
-        calib = _golden_feeds(graph, inputs, cfg)
+        calib = golden_feeds(graph, inputs, cfg)
         graph = PassManager(default_pipeline(cfg.get("input_type"), calib)).run(graph)
         from .compiler.reference import prepare_feeds
         feeds = prepare_feeds(graph, {k: v for k, v in calib.items() if k in graph.inputs})
@@ -78,7 +79,7 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
         t = graph.value(k).dtype
         arrays[f"output_codes:{k}"] = v
         arrays[f"output_real:{k}"] = t.to_real(v) if isinstance(t, FixedType) else v
-    meta = {"graph_digest": graph.digest(), "source_hash": source_hash, "versions": _versions(),
+    meta = {"graph_digest": graph.digest(), "source_hash": source_hash, "versions": versions(),
             "inputs": {k: str(graph.value(k).dtype) for k in feeds},
             "outputs": {k: str(graph.value(k).dtype) for k in outs}}
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

@@ -1,10 +1,7 @@
-"""Runtime: load and run compiled artifacts (`CompiledModel`)."""
-from .compiled import ArtifactError, CompiledModel
+"""Runtime: load and run compiled artifacts (`CompiledModel`) and multi-stage programs
+(`MultiStageModel` for early exits; the host of dynamic programs shares `StageHost`)."""
+from .artifact import ArtifactError
+from .compiled import CompiledModel
+from .multistage import MultiStageModel, PlanError, StageHost
 
-__all__ = ["ArtifactError", "CompiledModel"]
-
-# --- issue 6: early exits (multi-stage host control plan) ---
-from .multistage import MultiStageModel, PlanError, StageHost  # noqa: E402
-
-__all__ += ["MultiStageModel", "PlanError", "StageHost"]
-# --- end issue 6 ---
+__all__ = ["ArtifactError", "CompiledModel", "MultiStageModel", "PlanError", "StageHost"]

@@ -1,7 +1,6 @@
 """`CompiledModel`: load any compiled artifact directory and run it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,7 @@ from ..compiler.errors import QDeployError
 from ..compiler.ir.graph import Graph
 from ..compiler.ir.types import FixedType
 from ..compiler.reference import prepare_feeds
-
-
-class ArtifactError(QDeployError):
-    """The directory is not a complete qdeploy artifact (no or bad ``manifest.json``)."""
+from .artifact import ArtifactError, read_manifest
 
 
 def to_ir_layout(graph: Graph, name: str, x: np.ndarray) -> np.ndarray:
@@ -93,11 +89,8 @@ class CompiledModel:
         from ..backends import get_backend
 
         out_dir = Path(out_dir)
-        mf = out_dir / "manifest.json"
-        if not mf.is_file():
-            raise ArtifactError(f"{out_dir} is not a qdeploy artifact: no manifest.json")
+        manifest = read_manifest(out_dir)
         try:
-            manifest = json.loads(mf.read_text())
             graph = Graph.load(str(out_dir / "ir" / "model"))
         except (OSError, ValueError, KeyError) as e:
             raise ArtifactError(f"{out_dir}: unreadable artifact ({type(e).__name__}: {e})") from None

@@ -1,6 +1,6 @@
 """`MultiStageModel`: a small host-level control plan whose stages are compiled artifacts.
 
-Made for early exits (issue 6) and kept general for dynamic control flow (issue 7).  On disk a
+Made for early exits and kept general for dynamic control flow.  On disk a
 multi-stage program is one directory::
 
     plan.json            the control plan (below)
@@ -27,7 +27,7 @@ stage outputs; its ``exit`` gate then retires the active rows it accepts, record
 the exit value and the step index.  Rows still active after the last step are an error (the
 last gate must be ``always``).  New gate rules go into :data:`GATES`.
 
-Shared with dynamic networks (issue 7): :class:`StageHost` (stage calls by name, per-sample
+Shared with dynamic networks: :class:`StageHost` (stage calls by name, per-sample
 row routing and scattering, the ``plan.json`` + stage-artifact layout through :func:`read_plan`,
 :func:`write_plan`, :func:`load_stages`) is the base of both ``MultiStageModel`` and
 :class:`~qdeploy.runtime.dynamic.DynamicModel` (whose ``plan.json`` has ``kind: "dynamic"`` and
@@ -227,7 +227,8 @@ def load_stages(out_dir, plan: dict) -> dict:
     Raises:
         PlanError: a stage directory that is not a compiled artifact.
     """
-    from .compiled import ArtifactError, CompiledModel
+    from .artifact import ArtifactError
+    from .compiled import CompiledModel
     out = {}
     for s in plan.get("stages", []):
         try:
@@ -238,8 +239,8 @@ def load_stages(out_dir, plan: dict) -> dict:
 
 
 class StageHost:
-    """The host side shared by :class:`MultiStageModel` (early exits, issue 6) and
-    :class:`~qdeploy.runtime.dynamic.DynamicModel` (dynamic control flow, issue 7, DyCL arXiv
+    """The host side shared by :class:`MultiStageModel` (early exits) and
+    :class:`~qdeploy.runtime.dynamic.DynamicModel` (dynamic control flow, DyCL arXiv
     2307.04963): compiled stages called by name, per-sample routing of a batch through them,
     and the ``plan.json`` + stage-artifact layout on disk (:func:`read_plan`,
     :func:`write_plan`, :func:`load_stages`).

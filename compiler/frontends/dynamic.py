@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedError
+from ..ir.layout import NCHW, PLAIN, layout_of
 
 __all__ = ["CaptureError", "BlockItem", "IfItem", "ReturnItem", "ControlProgram", "capture", "BlockIR",
            "block_to_ir", "count_items", "walk_items", "capture_export"]
@@ -896,23 +897,6 @@ def capture_export(module, example_inputs, arg_names, filename="<unknown>", firs
 
 
 # --------------------------------------------------------------------------- FX block -> IR
-NCHW, PLAIN = "nchw", "plain"
-
-
-def layout_of(ndim: int) -> str | None:
-    """Device layout kind of a torch tensor of ``ndim`` dims (batch included): 4-D NCHW maps to
-    IR (H, W, C), 2-D (N, F) to (F,); other ranks stay on the host."""
-    return {4: NCHW, 2: PLAIN}.get(ndim)
-
-
-def to_ir(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if a.ndim == 4 else a
-
-
-def from_ir(a: np.ndarray, kind: str) -> np.ndarray:
-    return a.transpose(0, 3, 1, 2) if kind == NCHW else a
-
-
 @dataclass
 class BlockIR:
     """A block split into its device graph and its host ops.
@@ -1256,7 +1240,7 @@ def block_to_ir(blk: BlockItem, name: str = "block") -> BlockIR:
             ir_outs.append(v)
     if ir_outs:
         b.output(*ir_outs)
-        graph = b.build()  # unpruned: passes.dynamic.extract removes dead nodes and unused inputs
+        graph = b.build()  # unpruned: qdeploy.dynamic.extract removes dead nodes and unused inputs
     else:
         dev_inputs = []
 

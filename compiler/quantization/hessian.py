@@ -120,7 +120,8 @@ def layer_inputs(model: nn.Module, x, names: Sequence[str]) -> dict[str, torch.T
     return got
 
 
-def _logits(out):
+def logits(out):
+    """The logits tensor of a model output: ``out.value`` for a Brevitas ``QuantTensor``, else ``out``."""
     return getattr(out, "value", out)
 
 
@@ -254,7 +255,7 @@ def hutchinson_traces(
                 out = functional_call(model, ({**params, **w}, buffers), (x,))
             finally:
                 eps_ctx.clear()
-            return loss_fn(_logits(out), y)
+            return loss_fn(logits(out), y)
 
         # "rev": linearize grad(loss) once per batch (vjp), then every probe is one vjp of that
         # linearization (H is symmetric, so vjp = H v).  "fwd": H v = jvp(grad(loss), v) per probe.
@@ -449,7 +450,7 @@ def ggn_exact_qualifies(model: nn.Module, loss_fn: Callable | None = None, data=
         model.eval()
         try:
             with torch.no_grad():
-                out = _logits(model(x[:2]))
+                out = logits(model(x[:2]))
         finally:
             model.train(was)
             for h in hooks:
@@ -528,7 +529,7 @@ def ggn_exact_traces(
             if e is not None:
                 ctx["e"] = e
             try:
-                return _logits(functional_call(model, ({**params, **(w or {})}, buffers), (x,)))
+                return logits(functional_call(model, ({**params, **(w or {})}, buffers), (x,)))
             finally:
                 ctx.clear()
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import QDeployError, UnsupportedError
-from .hessian import _logits
+from .hessian import logits
 
 __all__ = ["input_quantizer", "fold_batchnorm", "build_qat_model", "fine_tune", "accuracy", "predict",
            "export_qonnx"]
@@ -227,14 +227,14 @@ def fine_tune(model: nn.Module, x, y, epochs: int = 10, lr: float = 3e-3, batch_
         a_kd, temp = float(distill_alpha), float(distill_temperature)
 
         def loss_fn(out, yb, idx):
-            s = _logits(out)
+            s = logits(out)
             kl = nn.functional.kl_div(nn.functional.log_softmax(s / temp, dim=1),
                                       nn.functional.log_softmax(t_logits[idx] / temp, dim=1),
                                       reduction="batchmean", log_target=True)
             return (1.0 - a_kd) * nn.functional.cross_entropy(s, yb) + a_kd * temp * temp * kl
     elif loss_fn is None:
         def loss_fn(out, yb):
-            return nn.functional.cross_entropy(_logits(out), yb)
+            return nn.functional.cross_entropy(logits(out), yb)
     try:
         torch.manual_seed(seed)
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
@@ -274,7 +274,7 @@ def predict(model: nn.Module, x) -> np.ndarray:
     """Float logits (eval mode), float32 array (N, classes)."""
     was = model.training
     model.eval()
-    out = _logits(model(torch.as_tensor(np.asarray(x, dtype=np.float32)))).numpy()
+    out = logits(model(torch.as_tensor(np.asarray(x, dtype=np.float32)))).numpy()
     model.train(was)
     return out.astype(np.float32)
 

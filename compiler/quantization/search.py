@@ -125,8 +125,8 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
     activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
     ``fixed_act_bits``, default 8: a weights-only search with one uniform activation width).
     """
-    w_bits = tuple(sensitivity._check_bits(w_bits))
-    a_bits = tuple(sensitivity._check_bits(a_bits)) if a_bits else ()
+    w_bits = tuple(sensitivity.check_bits(w_bits))
+    a_bits = tuple(sensitivity.check_bits(a_bits)) if a_bits else ()
     shapes = {}
     hooks = []
     for n, m in hessian.weight_layers(model):
@@ -357,9 +357,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         raise QDeployError(f"qat_seeds must be >= 1, got {qat_seeds}")
     if qat_epochs is not None and int(qat_epochs) < 0:
         raise QDeployError(f"qat_epochs must be >= 0, got {qat_epochs}")
-    from ...api import _check_out_dir, _check_replaceable, _publish, _staging_dir
+    from ...runtime.artifact import check_out_dir, check_replaceable, publish, staging_dir
 
-    out_final = _check_out_dir(out_dir)
+    out_final = check_out_dir(out_dir)
     if out_final.exists() and not out_final.is_dir():
         raise QDeployError(f"output path {out_final} exists and is a file, not a directory")
     if out_final.exists() and any(out_final.iterdir()):
@@ -369,16 +369,16 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         if not force:
             raise QDeployError(f"output directory {out_final} holds an earlier search (use --force / force=True "
                                "to replace it)")
-        _check_replaceable(out_final, recipe if isinstance(recipe, str) else None,
-                           is_ours=lambda d: (d / "search_report.json").is_file(), kind="a qdeploy search output")
+        check_replaceable(out_final, recipe if isinstance(recipe, str) else None,
+                          is_ours=lambda d: (d / "search_report.json").is_file(), kind="a qdeploy search output")
     # an earlier search is replaced only when the new one has finished (written to a staging folder)
     if int(probes) < 1:
         raise QDeployError(f"probes must be >= 1, got {probes}")
     if not (math.isfinite(float(tol)) and float(tol) > 0):
         raise QDeployError(f"tol must be a positive number, got {tol}")
     fn, extra = load_recipe(recipe)
-    w_bits = tuple(sensitivity._check_bits(list(w_bits)))
-    a_bits = w_bits if a_bits is None else tuple(sensitivity._check_bits(list(a_bits))) if a_bits else ()
+    w_bits = tuple(sensitivity.check_bits(list(w_bits)))
+    a_bits = w_bits if a_bits is None else tuple(sensitivity.check_bits(list(a_bits))) if a_bits else ()
     if not budgets:
         raise QDeployError("no budget given: pass at least one, e.g. --budget bops=uniform:4")
     _check_uniform_bits(budgets, w_bits)
@@ -417,7 +417,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                                    kinds=sorted(set(hw))), **(costs or {})}
     resolved = [_resolve_budget(b, specs, costs) for b in budgets]
     new_parents = [d for d in out_final.parents if not d.exists()]  # removed again if the search fails
-    out_dir = _staging_dir(out_final)
+    out_dir = staging_dir(out_final)
     try:
         (out_dir / "models").mkdir(parents=True, exist_ok=True)
 
@@ -547,7 +547,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=_json))
         (out_dir / "search_report.md").write_text(render_markdown(report))
         plot_pareto(report, out_dir / "pareto.png")
-        _publish(out_dir, out_final)  # replaces an empty folder or (with force) an earlier search
+        publish(out_dir, out_final)  # replaces an empty folder or (with force) an earlier search
         return report
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # a failed search leaves nothing half-written

@@ -26,7 +26,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")  # before tvm is imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
-from qdeploy.passes.dynamic import compile_dynamic, render_report  # noqa: E402
+from qdeploy.dynamic import compile_dynamic, render_report  # noqa: E402
 
 
 def per_sample(fn, X):

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from qdeploy.compiler.frontends.dynamic import CaptureError, capture  # noqa: E402
-from qdeploy.passes.dynamic import compile_dynamic, render_report  # noqa: E402
+from qdeploy.dynamic import compile_dynamic, render_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -322,8 +322,9 @@ def test_capture_paths_ast_fallback(tmp_path):
 def test_shared_stage_host_and_plan_roundtrip(tmp_path):
     """DynamicModel and MultiStageModel share StageHost (stage calls by name, routing, plan.json
     + stage artifacts).  A compiled dynamic network is saved as plan.json (kind "dynamic") and
-    one artifact per device block, reloads without recompiling, and gives the same outputs; a
-    model whose weights changed is refused."""
+    one artifact per device block plus the host program, reloads from the directory alone (no
+    model, nothing recompiled or re-captured) and gives the same outputs; a block artifact that
+    no longer matches the plan is refused."""
     from qdeploy.runtime.dynamic import DynamicModel
     from qdeploy.runtime.multistage import MultiStageModel, PlanError, StageHost, read_plan
 
@@ -337,16 +338,44 @@ def test_shared_stage_host_and_plan_roundtrip(tmp_path):
     X = gen(64, 5)
     y = dm.run(X)
     assert dm.stage_calls == dm.last_stats["block_calls"] > 0  # routed path: every device call via call_stage
-    dm2 = DynamicModel.load(tmp_path, m, ex)
+    dm2 = DynamicModel.load(tmp_path)
+    assert dm2.report == dm.report and [type(i).__name__ for i in dm2.program.items] == \
+        [type(i).__name__ for i in dm.program.items]
     assert np.array_equal(dm2.run(X), y) and dm2.stage_calls == dm.stage_calls
     assert np.array_equal(dm2.run(X[:1]), y[:1])
     rows_t, rows_f = StageHost.route(np.arange(5), np.array([1, 0, 1, 1, 0]))
     assert rows_t.tolist() == [0, 2, 3] and rows_f.tolist() == [1, 4]
     with pytest.raises(PlanError):
         read_plan(tmp_path, "early_exit")
-    import copy
-    m3 = copy.deepcopy(m)
-    with torch.no_grad():
-        m3.head.weight.add_(1.0)
+    import json
+    saved = (tmp_path / "plan.json").read_text()
+    plan["stages"][0]["graph_digest"] = "0" * 16  # an artifact that is not the one the plan was made with
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(PlanError, match="differs"):
-        DynamicModel.load(tmp_path, m3, ex)
+        DynamicModel.load(tmp_path)
+    (tmp_path / "plan.json").write_text(saved)
+    (tmp_path / "host.pt").unlink()
+    with pytest.raises(PlanError, match="host.pt"):
+        DynamicModel.load(tmp_path)
+
+
+@pytest.mark.parametrize("name", M.MODELS)
+def test_reload_from_saved_plan_matches(compiled, name):
+    """Every example model reloads from its program directory alone (plan.json + host.pt + block
+    artifacts): the host ops rebuilt from host.pt give bit-identical outputs and the same branch
+    statistics on a batch and on single samples, and the runtime never saw the model."""
+    from qdeploy.runtime.dynamic import DynamicModel
+    from qdeploy.runtime.dynamic.plan import HostBlock
+
+    dm = compiled(name, "reference")
+    dm2 = DynamicModel.load(dm.workdir)
+    assert all(isinstance(b, HostBlock) for b, _fn in dm2.blocks.values())
+    assert sorted(dm2.stages) == sorted(dm.stages)
+    assert [b.host_ops for b, _ in dm2.blocks.values()] == [b.host_ops for b, _ in dm.blocks.values()]
+    _, _, gen = built(name)
+    X = gen(32, 11)
+    assert np.array_equal(dm2.run(X), dm.run(X))
+    assert dm2.last_stats == dm.last_stats
+    for i in range(3):
+        assert np.array_equal(dm2.run(X[i:i + 1]), dm.run(X[i:i + 1]))
+        assert dm2.last_stats == dm.last_stats

@@ -11,8 +11,9 @@ conditions into a control graph of straight-line blocks.  This module
 3. **compiles** every remaining block with the chosen backend (``emit``/``build``/``load``) into
    a stage artifact ``<out_dir>/block<k>`` (``manifest.json`` + ``ir/model``), writes
    ``<out_dir>/plan.json`` (the multi-stage plan layout shared with early exits, ``kind:
-   "dynamic"``) and returns a :class:`~qdeploy.runtime.dynamic.DynamicModel` whose host walks
-   the control graph (reload with :meth:`~qdeploy.runtime.dynamic.DynamicModel.load`);
+   "dynamic"``) and the host program ``host.pt``, and returns a
+   :class:`~qdeploy.runtime.dynamic.DynamicModel` whose host walks the control plan (reload it
+   from the directory alone with :meth:`~qdeploy.runtime.dynamic.DynamicModel.load`);
 4. **reports** blocks, conditions, per-block compile times, specializations and host ops.
 
 Usage::
@@ -23,18 +24,20 @@ Usage::
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..compiler.frontends.dynamic import BlockIR, CaptureError, ControlProgram, block_to_ir, capture, count_items
-from ..compiler.errors import QDeployError
-from .fold import dce
+from .compiler.errors import QDeployError
+from .compiler.frontends.dynamic import (BlockIR, BlockItem, CaptureError, ControlProgram, IfItem, block_to_ir,
+                                         capture, count_items)
+from .passes.fold import dce
+from .runtime.artifact import publish, staging_dir, write_manifest
+from .runtime.dynamic.plan import BlockStep, ControlPlan, IfStep, ReturnStep
 
-__all__ = ["extract", "compile_dynamic", "render_report", "CaptureError"]
+__all__ = ["extract", "compile_dynamic", "render_report", "control_plan", "CaptureError"]
 
 
 def _prune(bir: BlockIR) -> BlockIR:
@@ -52,6 +55,22 @@ def extract(program: ControlProgram, name: str = "dyn") -> dict:
     """``{block id: BlockIR}`` for every block of the program (device graph pruned, or None for
     a host-only / pass-through block)."""
     return {blk.id: _prune(block_to_ir(blk, f"{name}_b{blk.id}")) for blk in program.blocks()}
+
+
+def control_plan(program: ControlProgram) -> ControlPlan:
+    """The runtime's control plan of a captured program: the same blocks, conditions and returns
+    (ids, variables, source lines), without the traced code."""
+    def steps(items):
+        out = []
+        for it in items:
+            if isinstance(it, BlockItem):
+                out.append(BlockStep(it.id, list(it.inputs), list(it.outputs), tuple(it.lines)))
+            elif isinstance(it, IfItem):
+                out.append(IfStep(it.id, it.cond_var, it.test_src, it.line, steps(it.then), steps(it.orelse)))
+            else:
+                out.append(ReturnStep(it.id, tuple(it.names), bool(it.is_tuple)))
+        return out
+    return ControlPlan(steps(program.items), list(program.arg_names), getattr(program, "capture", "ast"))
 
 
 def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=None, config: dict | None = None,
@@ -75,8 +94,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
     Raises:
         CaptureError: unsupported dynamism, naming the source line.
     """
-    from ..api import _publish, _staging_dir  # the artifact staging/publish policy of qdeploy.compile
-    from ..backends import get_backend
+    from .backends import get_backend
 
     name = name or type(module).__name__
     t0 = time.perf_counter()
@@ -91,13 +109,13 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
         if out.exists() and any(out.iterdir()) and not (out / "plan.json").is_file():
             raise QDeployError(f"output directory {out} exists and is not a qdeploy dynamic program (no plan.json); "
                                "choose a new directory")
-        stage = _staging_dir(out)
+        stage = staging_dir(out)
     else:
         stage = out = Path(tempfile.mkdtemp(prefix=f"qdeploy_dyn_{name}_"))
     try:
         dm = _build_program(prog, birs, backend, target, name, config, out, stage, t_capture, t_extract)
         if stage != out:  # publish only a complete program: a failed compile leaves no directory
-            _publish(stage, out)
+            publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -107,7 +125,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
 def _build_program(prog, birs, backend, target, name, config, out, stage, t_capture, t_extract):
     """Compile every device block of ``prog`` into ``stage/block<k>`` and write ``stage/plan.json``;
     the returned model reports ``out`` (where the caller publishes ``stage``)."""
-    from ..runtime.dynamic import DynamicModel
+    from .runtime.dynamic import DynamicModel
 
     blocks, per_block = {}, []
     config = dict(config or {})
@@ -128,10 +146,10 @@ def _build_program(prog, birs, backend, target, name, config, out, stage, t_capt
         # a stage artifact (loadable by runtime.compiled.CompiledModel / multistage.load_stages)
         (d / "ir").mkdir(exist_ok=True)
         bir.graph.save(str(d / "ir" / "model"))
-        (d / "manifest.json").write_text(json.dumps({
+        write_manifest(d, {
             "format": 1, "target": target, "backend": info, "kind": "dynamic_block", "block": blk.id,
             "graph_digest": bir.graph.digest(), "inputs": list(bir.graph.inputs),
-            "outputs": list(bir.graph.outputs)}, indent=1, default=str))
+            "outputs": list(bir.graph.outputs)})
         return fn, secs
 
     blks = prog.blocks()
@@ -162,8 +180,8 @@ def _build_program(prog, birs, backend, target, name, config, out, stage, t_capt
         "compile_wall_seconds": round(t_wall, 3),
         "per_block": per_block, "out_dir": str(out),
     }
-    dm = DynamicModel(prog, blocks, report, out)
-    dm.save_plan(stage)  # plan.json (kind "dynamic") next to the block artifacts: DynamicModel.load
+    dm = DynamicModel(control_plan(prog), blocks, report, out)
+    dm.save_plan(stage)  # plan.json (kind "dynamic") + host.pt next to the block artifacts: DynamicModel.load
     return dm
 
 
