@@ -193,3 +193,10 @@ def test_runtime_imports_no_frontend_or_pass(table):
     bad = [f"{m}:{line} imports {t}" for m, t, line in _imports_under(table, "qdeploy.runtime")
            if t.startswith(("qdeploy.compiler.frontends", "qdeploy.passes"))]
     assert not bad, "\n".join(bad)
+
+
+def test_reference_interpreter_imports_no_pass_or_backend(table):
+    """The golden model depends only on the IR (DESIGN.md: compiler/reference.py)."""
+    bad = [f"{m}:{line} imports {t}" for m, t, line in _imports_under(table, "qdeploy.compiler.reference")
+           if t.startswith(("qdeploy.passes", "qdeploy.backends", "qdeploy.runtime", "qdeploy.api"))]
+    assert not bad, "\n".join(bad)
