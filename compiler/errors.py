@@ -34,3 +34,24 @@ class VerifyError(QDeployError):
 
 class CompileError(QDeployError):
     """A backend failed to emit or build the artifact."""
+
+
+class PassError(QDeployError):
+    """A compiler pass failed, or left an invalid graph behind.
+
+    Attributes:
+        pass_name: the registered name of the pass (e.g. ``"remat"``); :meth:`one_line` starts
+            with ``pass <name>:`` so the CLI's error line names it.
+        node / reason: as for :class:`QDeployError` (taken from the underlying error when it is one).
+        cause: the exception the pass raised (None when the pass returned an invalid graph).
+    """
+
+    def __init__(self, reason: str, node: str | None = None, pass_name: str | None = None,
+                 cause: BaseException | None = None):
+        self.pass_name = pass_name
+        self.cause = cause
+        super().__init__(reason, node)
+
+    def one_line(self) -> str:
+        base = super().one_line()
+        return f"pass {self.pass_name}: {base}" if self.pass_name else base

@@ -1,4 +1,4 @@
-"""Memory and cost analyses of an IR graph (issue 8): value sizes from quantized types,
+"""Memory and cost analyses of an IR graph: value sizes from quantized types,
 liveness under the graph's node order, peak live bytes, per-node compute cost.
 
 Memory model (the one :func:`qdeploy.compiler.reference.execute` measures with ``peak=``):
@@ -190,7 +190,7 @@ def fmt_bytes(b: float) -> str:
     return f"{int(b)} B"
 
 
-def parse_budget(text) -> tuple[str, float]:
+def parse_memory_budget(text) -> tuple[str, float]:
     """``"48KiB"``/``"48kB"``/``"49152"`` -> ("bytes", n); ``"0.8"``/``"80%"`` -> ("fraction", 0.8).
 
     A bare number <= 1 is a fraction of the no-remat peak; a bare whole number >= 64 is bytes; anything
