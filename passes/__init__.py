@@ -7,6 +7,7 @@ multi-stage plans, not graphs; they are functions, not registered passes.
 """
 from __future__ import annotations
 
+from .dynamic import compile_dynamic, extract as extract_dynamic, render_report as render_dynamic_report
 from .early_exit import EarlyExitError, StagedProgram, split_exits
 from .fold import dce, fold_affine_chains, fold_batchnorm
 from .manager import (PASSES, PassContext, PassManager, PassRecord, current_context, describe_pipeline, dump_to,
@@ -15,7 +16,6 @@ from .memory import memory_profile, min_feasible_bytes, peak_memory, value_bytes
 from .partition import Partition, partition, run_partitioned
 from .precision import affine_to_fixed, infer_precision, input_type_for, quantize_inputs
 from .remat import RematError, remat_pass, rematerialize
-from .dynamic import compile_dynamic, extract as extract_dynamic, render_report as render_dynamic_report  # noqa: E402,I001
 
 
 def default_pipeline(input_type=None, calibration=None, remat_options: dict | None = None) -> list:

@@ -19,8 +19,8 @@ from .rewrite import rewrite
 
 
 def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1, max_copies: int = 2,
-                  time_limit: float = 10.0, method: str = "cp-sat", cost_model: str = "macs",
-                  workers: int | None = None, cost: str | None = None,
+                  time_limit: float = 10.0, method: str = "cp-sat", cost: str | None = "macs",
+                  workers: int | None = None,
                   estimator: dict | None = None) -> tuple[Graph, dict]:
     """Rematerialize ``graph`` so that its peak activation memory fits ``budget``.
 
@@ -33,8 +33,9 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
             says it is not proven optimal.
         method: ``cp-sat`` (Moccasin), ``milp`` (Checkmate/HiGHS) or ``greedy``.
         cost: per-node compute cost the solver minimizes: ``"macs"`` (default) or ``"cycles"``
-            (hls4ml estimator latency cycles, MACs where it has no price: :func:`cycle_costs`);
-            ``cost_model`` is the older name (also ``"unit"``).
+            (hls4ml estimator latency cycles, MACs where it has no price: :func:`cycle_costs`), or
+            ``"unit"`` (1 per node execution); None means ``"macs"``.
+        workers: CP-SAT search workers (default: the CPU count).
         estimator: hls4ml estimator options for ``cost="cycles"`` (part, clock_period,
             reuse_factor, strategy, io_type).
     Returns:
@@ -43,7 +44,7 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
         RematError: the budget is below the smallest feasible peak (stated in the message), or no
             schedule was found.
     """
-    model = cost if cost is not None else cost_model
+    model = "macs" if cost is None else cost
     if model not in COST_MODELS:
         raise ValueError(f"unknown cost {model!r}; one of macs, cycles")
     cost_notes = []
