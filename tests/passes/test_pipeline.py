@@ -12,10 +12,6 @@ from qdeploy.compiler.ir.types import FloatType
 from qdeploy.passes import (PassContext, PassManager, default_pipeline, describe_pipeline, dump_to, fold,
                             fold_affine_chains, get_pass, pass_names)
 
-from ..conftest import REALCASES
-
-RESIDUAL = REALCASES / "qonnx-residual-block" / "residual_block_clean.onnx"
-
 
 def _mlp(rng):
     b = GraphBuilder("mlp")
@@ -79,18 +75,19 @@ def test_a_failing_pass_is_named_and_keeps_its_cause(rng):
     assert isinstance(e.value.cause, KeyError)
 
 
-def test_cli_error_names_the_failing_pass(tmp_path):
+def test_cli_error_names_the_failing_pass(tmp_path, rng):
     from typer.testing import CliRunner
 
     from qdeploy.cli import app
-    if not RESIDUAL.exists():
-        pytest.skip("shared realcases missing")
-    r = CliRunner().invoke(app, ["compile", str(RESIDUAL), "-t", "reference", "-o", str(tmp_path / "b"),
-                                 "--memory-budget", "0.5"])
+    from qdeploy.compiler.frontends.export import export_qonnx
+    export_qonnx(_mlp(rng), tmp_path / "m.onnx")
+    r = CliRunner().invoke(app, ["compile", str(tmp_path / "m.onnx"), "-t", "reference", "-o", str(tmp_path / "b"),
+                                 "--memory-budget", "64B"])
     assert r.exit_code == 2, r.output
-    line = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
-    assert len(line) == 1 and line[0].startswith("error: pass remat: memory budget "), r.output
-    assert "minimum feasible peak" in line[0] and not (tmp_path / "b").exists()
+    assert r.output.splitlines() == ["error: pass remat: memory budget 64 B (64 B) is below the minimum feasible peak "
+                                     "96 B (96 B, node 'x_quant' (inputs + output)); no schedule can fit "
+                                     "(unrematerialized peak 96 B)"]
+    assert not (tmp_path / "b").exists()
 
 
 def test_context_collects_notes_and_results_per_pass(rng, tmp_path):
@@ -162,3 +159,18 @@ def test_fixpoint_batches_rewrites_per_sweep_and_merges_chains_left_to_right(mon
     got, want = ref.execute(g2, x), ref.execute(g, x)
     for o in g.outputs:
         np.testing.assert_allclose(got[o], want[o], rtol=1e-5, atol=1e-5)
+
+
+def test_config_memory_budget_becomes_the_remat_step(tmp_path, rng):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("memory_budget: {budget: 1.0, method: greedy, time_limit: 2, colour: blue}\n")
+    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "a", config=cfg)
+    assert res.report["pipeline"][-1] == {"name": "remat", "options": {"budget": 1.0, "time_limit": 2,
+                                                                       "method": "greedy"}}
+    assert res.report["remat"]["method"] == "greedy" and res.report["remat"]["time_limit_s"] == 2
+    # the argument overrides the config's budget, keeping its options
+    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "b", config=cfg, memory_budget="1MiB")
+    assert res.report["pipeline"][-1]["options"] == {"budget": "1MiB", "time_limit": 2, "method": "greedy"}
+    # optimize=False: remat is the whole pipeline
+    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "c", config=cfg, optimize=False)
+    assert [p["name"] for p in res.report["pipeline"]] == ["remat"]
