@@ -53,5 +53,6 @@ class PassError(QDeployError):
         super().__init__(reason, node)
 
     def one_line(self) -> str:
+        """``pass <name>: `` followed by :meth:`QDeployError.one_line`."""
         base = super().one_line()
         return f"pass {self.pass_name}: {base}" if self.pass_name else base

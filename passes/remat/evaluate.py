@@ -106,14 +106,17 @@ class RematResult:
 
     @property
     def feasible(self) -> bool:
+        """A schedule was found and its peak fits the budget."""
         return self.schedule is not None and self.peak is not None and self.peak <= self.budget
 
     @property
     def overhead_pct(self) -> float | None:
+        """Added compute cost in percent of the no-remat cost (None without a schedule)."""
         return None if self.cost is None else 100.0 * (self.cost - self.base_cost) / self.base_cost
 
     @property
     def bound_pct(self) -> float | None:
+        """The solver's proven lower bound on the cost as an overhead percentage (None if none)."""
         return None if self.bound is None else 100.0 * (self.bound - self.base_cost) / self.base_cost
 
     def time_to_reach(self, cost: float) -> float | None:
