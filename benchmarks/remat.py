@@ -41,7 +41,7 @@ def _fmt(r: R.RematResult | None, extra_s: float = 0.0) -> tuple[str, str, str]:
 
 
 def bench_graphs(args):
-    print(f"Time limits per solve: CP-SAT {args.cp_limit:g} s ({R._workers(args.workers)} workers), MILP (HiGHS via "
+    print(f"Time limits per solve: CP-SAT {args.cp_limit:g} s ({R.cp_workers(args.workers)} workers), MILP (HiGHS via "
           f"SciPy) {args.milp_limit:g} s (plus its model build; HiGHS may overrun), greedy {args.greedy_limit:g} s. "
           f"MILP not run above {args.milp_max_vars} variables.  C = {args.copies} copies per node for CP-SAT and "
           f"greedy (the MILP has no copy limit but keeps one node order: the greedy's starting order, i.e. the "

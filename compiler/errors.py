@@ -38,3 +38,25 @@ class CompileError(QDeployError):
 
 class ReferenceError_(QDeployError):
     """Bad feed for the reference interpreter (wrong shape, NaN into a fixed-point input)."""
+
+
+class PassError(QDeployError):
+    """A compiler pass failed, or left an invalid graph behind.
+
+    Attributes:
+        pass_name: the registered name of the pass (e.g. ``"remat"``); :meth:`one_line` starts
+            with ``pass <name>:`` so the CLI's error line names it.
+        node / reason: as for :class:`QDeployError` (taken from the underlying error when it is one).
+        cause: the exception the pass raised (None when the pass returned an invalid graph).
+    """
+
+    def __init__(self, reason: str, node: str | None = None, pass_name: str | None = None,
+                 cause: BaseException | None = None):
+        self.pass_name = pass_name
+        self.cause = cause
+        super().__init__(reason, node)
+
+    def one_line(self) -> str:
+        """``pass <name>: `` followed by :meth:`QDeployError.one_line`."""
+        base = super().one_line()
+        return f"pass {self.pass_name}: {base}" if self.pass_name else base

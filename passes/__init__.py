@@ -1,39 +1,44 @@
-"""Graph -> Graph passes and the PassManager.
+"""Graph -> Graph passes, the pass registry and the PassManager.
 
 ``default_pipeline`` is what ``qdeploy compile`` runs: dead-code elimination, batch-norm and
-constant folding, input quantization, exact float-affine conversion, precision inference.
+constant folding, input quantization, exact float-affine conversion, precision inference, and,
+when a memory budget is set, rematerialization.  Early-exit splitting and partitioning produce
+multi-stage plans, not graphs; they are functions, not registered passes.
 """
 from __future__ import annotations
 
-from functools import partial
-
+from .early_exit import EarlyExitError, StagedProgram, split_exits
 from .fold import dce, fold_affine_chains, fold_batchnorm
-from .manager import PassManager, PassRecord
+from .manager import (PASSES, PassContext, PassManager, PassRecord, current_context, describe_pipeline, dump_to,
+                      get_pass, normalize_pipeline, note, pass_names, register_pass)
+from .memory import memory_profile, min_feasible_bytes, peak_memory, value_bytes
 from .partition import Partition, partition, run_partitioned
 from .precision import affine_to_fixed, infer_precision, input_type_for, quantize_inputs
+from .remat import RematError, remat_pass, rematerialize
 
 
-def default_pipeline(input_type=None, calibration=None) -> list:
-    """The standard pass list (each a ``Graph -> Graph`` callable with a ``__name__``)."""
-    qi = partial(quantize_inputs, input_type=input_type, calibration=calibration)
-    qi.__name__ = "quantize_inputs"
-    return [dce, fold_batchnorm, fold_affine_chains, qi, affine_to_fixed, infer_precision, dce]
+def default_pipeline(input_type=None, calibration=None, remat_options: dict | None = None) -> list:
+    """The standard pipeline as data: a list of pass names and ``(name, options)`` pairs.
+
+    Args:
+        input_type: the ``quantize_inputs`` type (text, a FixedType, or None/"auto").
+        calibration: input name -> batch-first float array, for ``quantize_inputs``.
+        remat_options: when given (a dict with ``budget`` and optional ``packing``,
+            ``max_copies``, ``time_limit``, ``method``, ``cost``), ``("remat", remat_options)``
+            runs last.
+    """
+    pipeline = ["dce", "fold_batchnorm", "fold_affine_chains",
+                ("quantize_inputs", {"input_type": input_type, "calibration": calibration}),
+                "affine_to_fixed", "infer_precision", "dce"]
+    if remat_options is not None:
+        pipeline.append(("remat", dict(remat_options)))
+    return pipeline
 
 
-__all__ = ["PassManager", "PassRecord", "Partition", "partition", "run_partitioned", "dce", "fold_affine_chains",
-           "fold_batchnorm", "affine_to_fixed", "infer_precision", "input_type_for", "quantize_inputs",
-           "default_pipeline"]
-
-# --- issue 6: early-exit splitting ---
-from .early_exit import EarlyExitError, StagedProgram, split_exits  # noqa: E402
-
-__all__ += ["EarlyExitError", "StagedProgram", "split_exits"]
-# --- end issue 6 ---
-
-# --- issue 8: rematerialization under a memory budget ---
-from .memory import memory_profile, min_feasible_bytes, peak_memory, value_bytes  # noqa: E402
-from .remat import RematError, remat_pass, rematerialize  # noqa: E402
-
-__all__ += ["memory_profile", "min_feasible_bytes", "peak_memory", "value_bytes", "RematError", "remat_pass",
-            "rematerialize"]
-# --- end issue 8 ---
+__all__ = ["PASSES", "PassContext", "PassManager", "PassRecord", "current_context", "describe_pipeline", "dump_to",
+           "get_pass", "normalize_pipeline", "note", "pass_names", "register_pass", "default_pipeline",
+           "Partition", "partition", "run_partitioned", "dce", "fold_affine_chains", "fold_batchnorm",
+           "affine_to_fixed", "infer_precision", "input_type_for", "quantize_inputs",
+           "EarlyExitError", "StagedProgram", "split_exits",
+           "memory_profile", "min_feasible_bytes", "peak_memory", "value_bytes", "RematError", "remat_pass",
+           "rematerialize"]

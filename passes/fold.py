@@ -1,12 +1,17 @@
 """Folding passes: dead-code elimination, batch-norm (affine) folding, constant folding."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from ..compiler.ir.graph import Const, Graph, Node, rebuild
 from ..compiler.ir.types import FixedType, FloatType
+from .manager import current_context, register_pass
 
 
+@register_pass("dce")
 def dce(graph: Graph) -> Graph:
     """Dead-code elimination: drop nodes none of whose outputs reach a graph output."""
     live = set(graph.outputs)
@@ -35,16 +40,36 @@ def _is_float(c: Const | None) -> bool:
     return c is None or isinstance(c.dtype, FloatType)
 
 
-def fold_batchnorm(graph: Graph) -> tuple[Graph, list[str]]:
+def _producer_name(graph: Graph, value: str) -> set:
+    p = graph.producer(value)
+    return {p.name} if p is not None else set()
+
+
+@dataclass(frozen=True)
+class _Rewrite:
+    """One local rewrite found in a sweep: the nodes whose current form it depends on
+    (``reads``), the nodes it replaces, removes or rewires (``writes``), the in-place edit of the
+    node list (by node name) and its note."""
+
+    reads: frozenset
+    writes: frozenset
+    apply: Callable[[list], None]
+    note: str
+
+
+@register_pass("fold_batchnorm")
+def fold_batchnorm(graph: Graph) -> Graph:
     """Fold a float ``Affine`` (inference batch norm, per-channel scale/shift) into the
     float ``Dense``/``Conv`` that alone feeds it: ``W' = W * s`` (per output channel),
     ``b' = b * s + t`` (Jacob et al., CVPR 2018, Sec. 3.2 "batch normalization folding").
 
     Only float layers are folded: folding a float scale into fixed-point weights would change
     their bit width; quantized graphs keep the Affine for :func:`passes.precision.affine_to_fixed`.
+    Notes (pass context): one per fold.
     """
-    def step(g: Graph, nodes: list[Node]):
-        for i, n in enumerate(nodes):
+    def find(g: Graph) -> list[_Rewrite]:
+        found = []
+        for n in g.nodes:
             if n.op != "Affine" or not _is_float(n.params.get("scale")) or not _is_float(n.params.get("bias")):
                 continue
             prod = g.producer(n.inputs[0])
@@ -62,28 +87,31 @@ def fold_batchnorm(graph: Graph) -> tuple[Graph, list[str]]:
             b2 = ((b.real() if b is not None else 0.0) * s + t).astype(np.float32)
             new = prod.replace(params={"weight": Const(w2, FloatType()), "bias": Const(b2, FloatType())},
                                outputs=n.outputs)
-            nodes[_index(nodes, prod.name)] = new
-            del nodes[i]
-            return f"folded {n.name} into {prod.name}"
-        return None
+            found.append(_Rewrite(frozenset({prod.name, n.name}), frozenset({prod.name, n.name}),
+                                  _replace_and_drop(prod.name, new, n.name), f"folded {n.name} into {prod.name}"))
+        return found
 
-    return _until_fixpoint(graph, step)
+    return _until_fixpoint(graph, find)
 
 
-def fold_affine_chains(graph: Graph) -> tuple[Graph, list[str]]:
+@register_pass("fold_affine_chains")
+def fold_affine_chains(graph: Graph) -> Graph:
     """Constant folding of elementwise constants: merge ``Affine(Affine(x))`` with float
     constants into one Affine (``s = s1*s2``, ``t = t1*s2 + t2``), and drop identity Affines
-    (scale 1, bias 0) and Reshapes to the same shape."""
-    def step(g: Graph, nodes: list[Node]):
-        for i, n in enumerate(nodes):
+    (scale 1, bias 0) and Reshapes to the same shape.  Chains merge left to right (the
+    float32 rounding of each partial product is that of merging one pair at a time from the
+    chain's start).  Notes (pass context): one per rewrite."""
+    def find(g: Graph) -> list[_Rewrite]:
+        found = []
+        for n in g.nodes:
             src = g.producer(n.inputs[0]) if n.inputs else None
             if n.op == "Affine" and _is_float(n.params.get("scale")) and _is_float(n.params.get("bias")):
                 s = n.params.get("scale")
                 t = n.params.get("bias")
                 ident = (s is None or np.all(s.real() == 1)) and (t is None or np.all(t.real() == 0))
                 if ident and n.output not in graph.outputs:
-                    nodes[:] = _bypass(nodes, i, n.inputs[0], n.output)
-                    return f"removed identity {n.name}"
+                    found.append(_bypass_rewrite(g, n, f"removed identity {n.name}"))
+                    continue
                 if (src is not None and src.op == "Affine" and _single_consumer(g, src.output) == n.name
                         and _is_float(src.params.get("scale")) and _is_float(src.params.get("bias"))):
                     s1 = src.params["scale"].real() if "scale" in src.params else np.float64(1)
@@ -93,26 +121,60 @@ def fold_affine_chains(graph: Graph) -> tuple[Graph, list[str]]:
                     merged = src.replace(params={"scale": Const(np.asarray(s1 * s2, np.float32), FloatType()),
                                                  "bias": Const(np.asarray(t1 * s2 + t2, np.float32), FloatType())},
                                          outputs=n.outputs)
-                    nodes[_index(nodes, src.name)] = merged
-                    del nodes[i]
-                    return f"merged {src.name} and {n.name}"
+                    # reading src's producer defers a merge whose src is itself being merged this
+                    # sweep: chains then merge left to right, as one pair at a time would
+                    reads = frozenset({src.name, n.name} | (_producer_name(g, src.inputs[0]) if src.inputs else set()))
+                    found.append(_Rewrite(reads, frozenset({src.name, n.name}),
+                                          _replace_and_drop(src.name, merged, n.name), f"merged {src.name} and {n.name}"))
+                    continue
             if n.op == "Reshape" and tuple(n.attrs["shape"]) == tuple(g.value(n.inputs[0]).shape) \
                     and n.output not in graph.outputs:
-                nodes[:] = _bypass(nodes, i, n.inputs[0], n.output)
-                return f"removed no-op reshape {n.name}"
-        return None
+                found.append(_bypass_rewrite(g, n, f"removed no-op reshape {n.name}"))
+        return found
 
-    return _until_fixpoint(graph, step)
+    return _until_fixpoint(graph, find)
 
 
-def _until_fixpoint(graph: Graph, step) -> tuple[Graph, list[str]]:
-    """Apply ``step(g, nodes) -> note | None`` (which edits ``nodes`` in place) until it
-    reports no change; return the rebuilt graph and the notes."""
+def _until_fixpoint(graph: Graph, find: Callable[[Graph], list[_Rewrite]]) -> Graph:
+    """Apply the rewrites ``find(g)`` reports, sweep by sweep, until it reports none.
+
+    Each sweep takes, in node order, every rewrite that does not conflict with one already taken
+    (it reads or writes a node an earlier one writes, or writes a node an earlier one reads),
+    applies them all to the node list, and rebuilds (re-infers) the graph once -- not once per
+    rewrite.  The result is the graph that applying the first rewrite found, one at a time,
+    gives.  The notes of the applied rewrites go to the pass context."""
     nodes = list(graph.nodes)
-    notes = []
-    while (note := step(rebuild(graph, nodes), nodes)) is not None:
-        notes.append(note)
-    return rebuild(graph, nodes), notes
+    ctx = current_context()
+    while True:
+        g = rebuild(graph, nodes)
+        found = find(g)
+        if not found:
+            return g
+        read, written = set(), set()
+        for rw in found:
+            if rw.reads & written or rw.writes & (read | written):
+                continue
+            read |= rw.reads
+            written |= rw.writes
+            rw.apply(nodes)
+            ctx.note(rw.note)
+
+
+def _replace_and_drop(keep: str, new: Node, drop: str) -> Callable[[list], None]:
+    """Edit: node ``keep`` becomes ``new`` (in place), node ``drop`` is removed."""
+    def apply(nodes: list) -> None:
+        nodes[_index(nodes, keep)] = new
+        del nodes[_index(nodes, drop)]
+    return apply
+
+
+def _bypass_rewrite(g: Graph, n: Node, note: str) -> _Rewrite:
+    """Remove ``n`` and make every reader of its output read its first input instead."""
+    src_value, dead_value = n.inputs[0], n.output
+
+    def apply(nodes: list) -> None:
+        nodes[:] = _bypass(nodes, _index(nodes, n.name), src_value, dead_value)
+    return _Rewrite(frozenset({n.name}), frozenset({n.name} | {c.name for c in g.consumers(dead_value)}), apply, note)
 
 
 def _bypass(nodes, i, src_value, dead_value):

@@ -142,7 +142,7 @@ def fmt_bytes(b: float) -> str:
     return f"{int(b)} B"
 
 
-def parse_budget(text) -> tuple[str, float]:
+def parse_memory_budget(text) -> tuple[str, float]:
     """``"48KiB"``/``"48kB"``/``"49152"`` -> ("bytes", n); ``"0.8"``/``"80%"`` -> ("fraction", 0.8).
 
     A bare number <= 1 is a fraction of the no-remat peak; a bare whole number >= 64 is bytes; anything

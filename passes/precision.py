@@ -6,11 +6,13 @@ import numpy as np
 
 from ..compiler.ir.graph import Const, Graph, Node, rebuild
 from ..compiler.ir.types import FixedType, FloatType, exact_type_for_values, parse_type, requantize
+from .manager import current_context, register_pass
 
 #: hls4ml's default precision, used for float inputs when no exact type can be derived.
 DEFAULT_INPUT_TYPE = FixedType(16, 6, True, "RND_CONV", "SAT")
 
 
+@register_pass("infer_precision")
 def infer_precision(graph: Graph) -> Graph:
     """Precision inference: re-run every op's exact type rule from the inputs forward
     (:mod:`qdeploy.compiler.ir.ops`).  Accumulators get ``W + X + ceil(log2 K)``-bounded exact
@@ -45,8 +47,9 @@ def input_type_for(data: np.ndarray | None, max_width: int = 24) -> tuple[FixedT
                                 f"representable in <= {max_width} bits; set input_type in the config to choose another")
 
 
+@register_pass("quantize_inputs")
 def quantize_inputs(graph: Graph, input_type: FixedType | str | None = None,
-                    calibration: dict | None = None) -> tuple[Graph, list[str]]:
+                    calibration: dict | None = None) -> Graph:
     """Insert a ``Quantize`` after each float graph input that feeds fixed-point layers
     (e.g. the hls4ml jet tagger, which has no input quantizer).
 
@@ -54,8 +57,10 @@ def quantize_inputs(graph: Graph, input_type: FixedType | str | None = None,
         input_type: a type (or its text, e.g. ``"fixed<16,6,RND_CONV,SAT>"``) or None/"auto" to
             derive it from ``calibration`` (:func:`input_type_for`).
         calibration: input name -> batch-first float array.
+
+    Notes (pass context): for each quantized input, why its type was chosen.
     """
-    notes = []
+    ctx = current_context()
     nodes = list(graph.nodes)
     new_nodes: list[Node] = []
     rename = {}
@@ -72,12 +77,12 @@ def quantize_inputs(graph: Graph, input_type: FixedType | str | None = None,
         qn = f"{name}_quant"
         new_nodes.append(Node(qn, "Quantize", (name,), (qn,), {"to": t}))
         rename[name] = qn
-        notes.append(f"{name}: {why}")
+        ctx.note(f"{name}: {why}")
     if not rename:
-        return graph, notes
+        return graph
     nodes = [n.replace(inputs=tuple(rename.get(i, i) for i in n.inputs)) for n in nodes]
     outputs = [rename.get(o, o) for o in graph.outputs]
-    return rebuild(graph, new_nodes + nodes, outputs=outputs), notes
+    return rebuild(graph, new_nodes + nodes, outputs=outputs)
 
 
 def _float_affine_eval(x_real32: np.ndarray, s: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -85,7 +90,8 @@ def _float_affine_eval(x_real32: np.ndarray, s: np.ndarray, b: np.ndarray) -> np
     return (x_real32 * s.astype(np.float32) + b.astype(np.float32)).astype(np.float32)
 
 
-def affine_to_fixed(graph: Graph, max_codes: int = 1 << 16, max_frac: int = 40) -> tuple[Graph, list[str]]:
+@register_pass("affine_to_fixed")
+def affine_to_fixed(graph: Graph, max_codes: int = 1 << 16, max_frac: int = 40) -> Graph:
     """Replace a float ``Affine`` (batch norm between integer layers) that sits between a
     fixed-point value and a ``Quantize``/``Sign`` by a fixed-point Affine that gives the same
     quantized output for *every* possible input code.
@@ -98,7 +104,8 @@ def affine_to_fixed(graph: Graph, max_codes: int = 1 << 16, max_frac: int = 40) 
     verify it by enumeration; the result is bit-exact by construction.
 
     The Affine is left float (and later reported) when the input range has more than
-    ``max_codes`` codes or no G up to ``max_frac`` reproduces every decision.
+    ``max_codes`` codes or no G up to ``max_frac`` reproduces every decision.  Notes (pass
+    context): each Affine converted (with the types) or left float (and why).
     """
     notes = []
     nodes = list(graph.nodes)
@@ -168,6 +175,9 @@ def affine_to_fixed(graph: Graph, max_codes: int = 1 << 16, max_frac: int = 40) 
         nodes[idx] = n.replace(params={"scale": scale, "bias": bias})
         notes.append(f"{n.name}: float affine -> fixed-point (scale {scale.dtype}, bias {bias.dtype}), "
                      f"verified on all {n_codes} input codes x {C} channels")
+    ctx = current_context()
+    for text in notes:
+        ctx.note(text)
     if not notes:
-        return graph, notes
-    return rebuild(graph, nodes), notes
+        return graph
+    return rebuild(graph, nodes)

@@ -217,10 +217,11 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             the source model's layout).  Default: ``golden.samples`` random inputs.  They also
             calibrate the input type of models without an input quantizer.
         force: replace an existing ``out_dir``.
-        memory_budget: (issue 8) peak activation memory budget: bytes (``"48KiB"``, 49152) or a
+        memory_budget: peak activation memory budget: bytes (``"48KiB"``, 49152) or a
             fraction of the unrematerialized peak (``0.8``); default: the config's ``memory_budget``
             (a number/string, or a mapping with ``budget`` and optional ``packing``, ``max_copies``,
-            ``time_limit``, ``method``).  Runs :func:`qdeploy.passes.remat.rematerialize` after the passes.
+            ``time_limit``, ``method``, ``cost``).  Adds the ``remat`` pass
+            (:func:`qdeploy.passes.remat.remat_pass`) at the end of the pipeline.
     Returns:
         :class:`CompileResult`.
     Raises:
@@ -243,11 +244,14 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     t0 = time.perf_counter()
     graph = load(model, example_input)
     feeds_real = golden_feeds(graph, golden, cfg)
-    pm = PassManager(default_pipeline(cfg.get("input_type"), feeds_real) if optimize else [])
+    remat_opts = remat_options(memory_budget, cfg)
+    if optimize:
+        pipeline = default_pipeline(cfg.get("input_type"), feeds_real, remat_opts)
+    else:
+        pipeline = [("remat", remat_opts)] if remat_opts is not None else []
+    pm = PassManager(pipeline)
     graph = pm.run(graph)
-    remat_report = _remat(graph, memory_budget, cfg)  # issue 8
-    if remat_report is not None:
-        graph = remat_report.pop("graph")
+    remat_report = pm.context.results.get("remat")
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
     feeds = prepare_feeds(graph, feeds_real)
     ref = execute(graph, feeds, codes=True)
@@ -280,11 +284,12 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             "layers": rows,
             "totals": {"nodes": len(graph.nodes), "params": sum(r["params"] for r in rows),
                        "param_bits": sum(r["param_bits"] for r in rows), "bops": sum(r["bops"] for r in rows)},
+            "pipeline": pm.describe(),
             "passes": [{"name": r.name, "ms": r.ms, "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
                         "notes": r.notes} for r in pm.records],
             "timing_s": {"total": time.perf_counter() - t0, "backend_build": t_build},
-            "estimate": _compile_estimate(graph, cfg),  # issue 5: FPGA estimate in every report
-            "remat": remat_report,  # issue 8: peak before/after, overhead %, solve time (None: no budget)
+            "estimate": _compile_estimate(graph, cfg),  # FPGA estimate in every report
+            "remat": remat_report,  # peak before/after, overhead %, solve time (None: no budget)
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(render_markdown(report))
@@ -312,23 +317,19 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     return CompileResult(out_dir, report, graph)
 
 
-# ---- issue 8: rematerialization under a memory budget ----
-def _remat(graph: Graph, budget, cfg: dict) -> dict | None:
-    """Run the remat pass when a budget is given (argument or config); None otherwise."""
-    from .passes.remat import rematerialize
+def remat_options(budget, cfg: dict) -> dict | None:
+    """Options of the ``remat`` pass from the ``memory_budget`` argument and the config's
+    ``memory_budget`` (a number/string, or a mapping with ``budget`` and optional ``packing``,
+    ``max_copies``, ``time_limit``, ``method``, ``cost``; other keys are ignored); the argument
+    overrides the config's budget.  None when no budget is set."""
+    from .passes.remat import REMAT_OPTIONS
     opts = cfg.get("memory_budget")
     opts = dict(opts) if isinstance(opts, dict) else ({} if opts is None else {"budget": opts})
     if budget is not None:
         opts["budget"] = budget
     if opts.get("budget") is None:
         return None
-    kw = {k: opts[k] for k in ("packing", "max_copies", "time_limit", "method", "cost") if k in opts}
-    try:
-        new, rep = rematerialize(graph, opts["budget"], **kw)
-    except (ValueError, TypeError) as e:
-        raise QDeployError(f"memory budget: {e}") from None
-    rep["graph"] = new
-    return rep
+    return {"budget": opts["budget"], **{k: opts[k] for k in REMAT_OPTIONS if k in opts}}
 
 
 # ---- estimates (qdeploy.backends.hls4ml.estimate / qdeploy.backends.asic) ----

@@ -47,7 +47,7 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                                            help="replace an existing artifact directory (only a qdeploy artifact)", metavar=""),
                 allow_inexact: bool = typer.Option(False, "--allow-inexact",
                                                    help="exit 0 even when fixed-point outputs differ from the reference", metavar=""),
-                memory_budget: Optional[str] = typer.Option(  # issue 8
+                memory_budget: Optional[str] = typer.Option(
                     None, "--memory-budget", help="peak activation memory budget: bytes (48KiB, 1.5MB, 49152) or a "
                     "fraction of the unrematerialized peak (0.8); recomputes tensors to fit (CP-SAT)")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
@@ -67,7 +67,7 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                f"({res.report['totals']['nodes']} nodes, {res.report['totals']['bops']:.4g} BOPs/sample)")
     for note in res.report.get("notes", []):
         typer.echo(f"note: {note}")
-    rm = res.report.get("remat")  # issue 8
+    rm = res.report.get("remat")
     if rm:
         typer.echo(f"memory: peak {rm['peak_before']} B -> {rm['peak_after']} B (budget {rm['budget_bytes']} B, "
                    f"{rm['packing']} packing), compute overhead {rm['overhead_pct']:.2f}%, {len(rm['recomputed'])} "

@@ -138,13 +138,27 @@ def render_markdown(report: dict) -> str:
             L += ["", f"{est['note']}"]
     elif isinstance(est, dict) and est.get("error"):
         L += ["", "## Estimate", "", f"not available: {est['error']}"]
-    L += ["", "## Passes", "", "| pass | ms | nodes before -> after | notes |", "|---|---|---|---|"]
+    L += ["", "## Passes", ""]
+    if report.get("pipeline") is not None:
+        L += [f"Pipeline: {pipeline_text(report['pipeline'])}", ""]
+    L += ["| pass | ms | nodes before -> after | notes |", "|---|---|---|---|"]
     for p in report.get("passes", []):
         L.append(f"| {p['name']} | {p['ms']:.1f} | {p['nodes_before']} -> {p['nodes_after']} | "
                  f"{'; '.join(p['notes'])} |")
-    if report.get("remat"):  # issue 8: only when a memory budget was given
+    if report.get("remat"):  # only when a memory budget was given
         L += [""] + remat_markdown(report["remat"])
     return "\n".join(L) + "\n"
+
+
+def pipeline_text(pipeline: list[dict]) -> str:
+    """A compile report's ``pipeline`` (:func:`qdeploy.passes.describe_pipeline`) as one line:
+    pass names in order, each with its options that are set, e.g.
+    ``dce -> quantize_inputs(calibration={'x': 'array[64, 16] float32'}) -> remat(budget=0.8)``."""
+    out = []
+    for p in pipeline:
+        opts = {k: v for k, v in (p.get("options") or {}).items() if v is not None}
+        out.append(p["name"] + (f"({', '.join(f'{k}={v!r}' for k, v in opts.items())})" if opts else ""))
+    return " -> ".join(out)
 
 
 def _num(x, fmt: str) -> str:
@@ -152,7 +166,7 @@ def _num(x, fmt: str) -> str:
 
 
 def remat_markdown(rm: dict) -> list[str]:
-    """The ``## Memory (rematerialization)`` section of ``report.md`` (issue 8) as lines."""
+    """The ``## Memory (rematerialization)`` section of ``report.md`` as lines."""
     from .passes.memory import fmt_bytes
 
     def b(x):

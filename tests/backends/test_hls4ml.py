@@ -244,7 +244,7 @@ def bnn(rng, k=32, n=16):
     h = b.add("tn", "Affine", [h], params={"scale": Const(np.float32([0.04]), FloatType()),
                                           "bias": Const(np.float32([-1.1]), FloatType())})
     b.output(h)
-    g, _ = affine_to_fixed(b.build())
+    g = affine_to_fixed(b.build())
     return g
 
 

@@ -5,8 +5,8 @@ from qdeploy.compiler import reference as ref
 from qdeploy.compiler.errors import UnsupportedError
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
 from qdeploy.compiler.ir.types import FixedType, FloatType
-from qdeploy.passes import (PassManager, affine_to_fixed, dce, default_pipeline, fold_affine_chains, fold_batchnorm,
-                            partition, quantize_inputs, run_partitioned)
+from qdeploy.passes import (PassContext, PassManager, affine_to_fixed, dce, default_pipeline, fold_affine_chains,
+                            fold_batchnorm, partition, quantize_inputs, run_partitioned)
 
 
 def _bnn(rng, k=32, n=16, two_bit=False):
@@ -34,7 +34,9 @@ def _bnn(rng, k=32, n=16, two_bit=False):
 @pytest.mark.parametrize("two_bit", [False, True])
 def test_affine_to_fixed_is_exact_on_all_codes(rng, two_bit):
     g = _bnn(rng, two_bit=two_bit)
-    g2, notes = affine_to_fixed(g)
+    with PassContext() as ctx:
+        g2 = affine_to_fixed(g)
+    notes = ctx.notes
     assert isinstance(g2.node("bn1").params["scale"].dtype, FixedType)
     assert isinstance(g2.node("bn1").params["bias"].dtype, FixedType)
     assert any("verified" in s for s in notes)
@@ -47,7 +49,7 @@ def test_affine_to_fixed_is_exact_on_all_codes(rng, two_bit):
 
 
 def test_partition_host_epilogue(rng):
-    g, _ = affine_to_fixed(_bnn(rng))
+    g = affine_to_fixed(_bnn(rng))
     part = partition(g)
     assert [n.op for n in part.prologue.nodes] == ["Sign"]
     assert part.epilogue is not None and [n.name for n in part.epilogue.nodes] == ["tn"]
@@ -77,11 +79,13 @@ def test_quantize_inputs_auto_type(rng):
     b.output(h)
     g = b.build()
     data = np.round(rng.uniform(-1, 1, (64, 16)) * 2 ** 16) / 2 ** 16
-    g2, notes = quantize_inputs(g, calibration={"x": data})
+    with PassContext() as ctx:
+        g2 = quantize_inputs(g, calibration={"x": data})
+    assert ctx.notes == ["x: input type fixed<17,1,RND_CONV,SAT> represents every calibration input exactly"]
     q = g2.nodes[0]
     assert q.op == "Quantize" and q.attrs["to"].frac_bits == 16
     assert np.array_equal(ref.run(g2, data), data @ g.node("fc").params["weight"].real())
-    g3, _ = quantize_inputs(g, input_type="fixed<16,6,RND_CONV,SAT>")
+    g3 = quantize_inputs(g, input_type="fixed<16,6,RND_CONV,SAT>")
     assert str(g3.nodes[0].attrs["to"]) == "fixed<16,6,RND_CONV,SAT>"
 
 

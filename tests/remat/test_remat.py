@@ -13,7 +13,7 @@ from qdeploy.compiler.ir.cost import value_bytes
 from qdeploy.compiler.ir import Graph, Value, parse_type
 from qdeploy.compiler.reference import execute
 from qdeploy.passes import remat as R
-from qdeploy.passes.memory import memory_profile, min_feasible_bytes, parse_budget
+from qdeploy.passes.memory import memory_profile, min_feasible_bytes, parse_memory_budget
 
 from ..conftest import REALCASES, REPO
 from .graphs import feeds, skip_block, two_skips
@@ -77,16 +77,16 @@ def test_residual_realcase_peak_and_lower_bound():
 
 
 def test_budget_parsing():
-    assert parse_budget("48KiB") == ("bytes", 49152)
-    assert parse_budget("0.8") == ("fraction", 0.8)
-    assert parse_budget("80%") == ("fraction", 0.8)
-    assert parse_budget("1.5MB") == ("bytes", 1.5e6)
+    assert parse_memory_budget("48KiB") == ("bytes", 49152)
+    assert parse_memory_budget("0.8") == ("fraction", 0.8)
+    assert parse_memory_budget("80%") == ("fraction", 0.8)
+    assert parse_memory_budget("1.5MB") == ("bytes", 1.5e6)
     with pytest.raises(ValueError, match="bad memory budget"):
-        parse_budget("lots")
-    assert parse_budget("49152") == ("bytes", 49152) and parse_budget("48B") == ("bytes", 48)
+        parse_memory_budget("lots")
+    assert parse_memory_budget("49152") == ("bytes", 49152) and parse_memory_budget("48B") == ("bytes", 48)
     for ambiguous in ("1.5", "2", "63"):  # a mistyped fraction must not become a 1-byte budget
         with pytest.raises(ValueError, match="fraction of the peak .* or a whole number of bytes"):
-            parse_budget(ambiguous)
+            parse_memory_budget(ambiguous)
 
 
 def test_rewrite_names_and_bit_identical_reference(graphs):
@@ -215,7 +215,7 @@ def test_cli_memory_budget(graphs, tmp_path):
         r = CliRunner().invoke(app, ["compile", str(onnx_path), "-t", "reference", "-o", str(tmp_path / "b"),
                                      "--memory-budget", "0.5"])
         assert r.exit_code == 2, r.output
-        assert "minimum feasible peak" in r.output
+        assert "minimum feasible peak" in r.output and "error: pass remat: memory budget " in r.output
         r = CliRunner().invoke(app, ["compile", str(onnx_path), "-t", "reference", "-o", str(tmp_path / "c"),
                                      "--memory-budget", "1MiB"])
         assert r.exit_code == 0, r.output
