@@ -1,6 +1,6 @@
 """Dynamic subgraph extraction and compilation (DyCL, Chen et al., ISSTA 2023, arXiv 2307.04963).
 
-``capture`` (:mod:`qdeploy.compiler.frontends.dynamic`) splits ``forward`` at its data-dependent
+``capture`` (:mod:`qdeploy.compiler.frontends.ast_capture`) splits ``forward`` at its data-dependent
 conditions into a control graph of straight-line blocks.  This module
 
 1. **extracts** each block into an IR graph whose inputs/outputs are the live tensors at its
@@ -30,7 +30,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..compiler.frontends.dynamic import BlockIR, CaptureError, ControlProgram, block_to_ir, capture, count_items
+from ..compiler.frontends.ast_capture import capture
+from ..compiler.frontends.fx_to_ir import BlockIR, block_to_ir
+from ..compiler.frontends.program import CaptureError, ControlProgram, count_items
 from ..compiler.errors import QDeployError
 from .fold import dce
 
@@ -60,7 +62,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
 
     Args:
         module: ``nn.Module`` in eval mode (see the supported subset in
-            :mod:`qdeploy.compiler.frontends.dynamic`).
+            :mod:`qdeploy.compiler.frontends.ast_capture`).
         example_inputs: batch-1 example tensor(s) (shapes only).
         target: backend name (``reference``, ``tvm-llvm``, ``hls4ml``).
         out_dir: where block artifacts go (``<out_dir>/block<k>``); a temporary directory if None.
@@ -70,7 +72,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
             batch-1 entry for single-sample calls) unless the config sets them.
         capture_method: ``"auto"`` (``torch.export`` for ``torch.cond`` models without plain
             data-dependent ``if``, else ``ast``), ``"export"`` or ``"ast"``; see
-            :func:`~qdeploy.compiler.frontends.dynamic.capture`.  The report's ``capture``
+            :func:`~qdeploy.compiler.frontends.ast_capture.capture`.  The report's ``capture``
             says which path was used (``"torch.export"`` or ``"ast"``).
     Raises:
         CaptureError: unsupported dynamism, naming the source line.

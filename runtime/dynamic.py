@@ -1,6 +1,6 @@
 """`DynamicModel`: the host side of a compiled dynamic network (DyCL's generated host module).
 
-The host walks the captured control graph (:class:`~qdeploy.compiler.frontends.dynamic.ControlProgram`):
+The host walks the captured control graph (:class:`~qdeploy.compiler.frontends.program.ControlProgram`):
 straight-line blocks run as compiled artifacts (any backend's ``load`` callable), conditions and
 the few host ops (reductions, comparisons, ``sigmoid``, indexing...) run with torch on the host.
 
@@ -34,7 +34,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..compiler.errors import QDeployError
-from ..compiler.frontends.dynamic import (NCHW, BlockItem, IfItem, ReturnItem, from_ir, layout_of, to_ir)
+from ..compiler.frontends.layout import NCHW, from_ir, layout_of, to_ir
+from ..compiler.frontends.program import BlockItem, IfItem, ReturnItem
 from .multistage import PlanError, StageHost, load_stages, read_plan, write_plan
 
 __all__ = ["DynamicModel", "DevVal", "HostVal"]

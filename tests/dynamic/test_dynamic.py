@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qdeploy.compiler.frontends.dynamic import CaptureError, capture  # noqa: E402
+from qdeploy.compiler.frontends.ast_capture import capture  # noqa: E402
+from qdeploy.compiler.frontends.program import CaptureError  # noqa: E402
 from qdeploy.passes.dynamic import compile_dynamic, render_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
