@@ -37,11 +37,16 @@ import torch
 from ..errors import QDeployError
 from .hessian import _logits
 
-__all__ = ["weight_scale_exponent", "quantize_weight_pot", "quantize_act_pot", "weight_sensitivity", "act_sensitivity",
-           "measured_loss_increase"]
+__all__ = ["check_bits", "weight_scale_exponent", "quantize_weight_pot", "quantize_act_pot", "weight_sensitivity",
+           "act_sensitivity", "measured_loss_increase"]
 
 
-def _check_bits(bits: Iterable[int]) -> list[int]:
+def check_bits(bits: Iterable[int]) -> list[int]:
+    """Candidate bit widths sorted and without duplicates.
+
+    Raises:
+        QDeployError: an empty list, or a width outside 2..32.
+    """
     bits = [int(b) for b in bits]
     if not bits:
         raise QDeployError("the list of candidate bit widths is empty")
@@ -110,14 +115,14 @@ def weight_sensitivity(mean_trace: float, w: torch.Tensor, bits: Iterable[int]) 
         QDeployError: empty or out-of-range bit list.
     """
     return {b: float(mean_trace) * float(((quantize_weight_pot(w, b) - w.detach()) ** 2).sum())
-            for b in _check_bits(bits)}
+            for b in check_bits(bits)}
 
 
 def act_sensitivity(mean_trace: float, a: torch.Tensor, bits: Iterable[int],
                     signed: bool | None = None) -> dict[int, float]:
     """Omega(b) = mean_trace * ||Q_b(a) - a||^2 for activation samples ``a`` (N, ...), each b."""
     return {b: float(mean_trace) * float(((quantize_act_pot(a, b, signed)[0] - a.detach()) ** 2).sum())
-            for b in _check_bits(bits)}
+            for b in check_bits(bits)}
 
 
 @torch.no_grad()
@@ -140,7 +145,7 @@ def measured_loss_increase(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     """
     if what not in ("weight", "act"):
         raise QDeployError(f"measured_loss_increase: what must be 'weight' or 'act', got {what!r}")
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     mod = dict(model.named_modules())[layer]
     was = model.training
     model.eval()
