@@ -287,7 +287,8 @@ def capture_export(module, example_inputs, arg_names, filename="<unknown>", firs
     lifted constants become constants of the blocks; ``aten.conv2d``/``linear``/``batch_norm``
     (eval)/``max_pool2d``/``avg_pool2d`` with constant weights become the equivalent
     ``nn.Module`` calls and the other ATen ops keep their targets, so
-    :func:`~.fx_to_ir.block_to_ir` maps them like the fx-traced blocks of the ast path (DyCL, arXiv 2307.04963, section 3).
+    :func:`~.fx_to_ir.block_to_ir` maps them like the fx-traced blocks of the ast path (DyCL,
+    arXiv 2307.04963, section 3).
 
     Args:
         module: ``nn.Module`` in eval mode; example_inputs: tuple of batch-1 tensors;

@@ -1,4 +1,4 @@
-"""Issue 7: dynamic subgraph extraction (capture -> blocks + conditions -> compiled blocks, host
+"""Dynamic subgraph extraction (capture -> blocks + conditions -> compiled blocks, host
 control).  Every test model's compiled program equals eager PyTorch on random inputs taking
 different branches; plain ``torch.jit.trace`` does not."""
 from __future__ import annotations
