@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qdeploy.compiler.quantization.hessian import ggn_exact_traces, hutchinson_traces, weight_layers
+from qdeploy.compiler.quantization.hessian import ggn_exact_traces, weight_layers
+from qdeploy.compiler.quantization.hutchinson import hutchinson_traces
 
 
 def make(kind):
@@ -131,7 +132,7 @@ def main(argv=None):
 
     # --- the same probes, timed: PyHessian's HVP loop fed exactly the Rademacher vectors our
     # estimator draws (its generator and order), so the per-layer difference is numerical only
-    from qdeploy.compiler.quantization.hessian import _rademacher
+    from qdeploy.compiler.quantization.hutchinson import rademacher
     gen = torch.Generator().manual_seed(0)
     chunk = min(P, args.chunk)
     same = {n: [] for n in names}
@@ -140,7 +141,7 @@ def main(argv=None):
     done = 0
     while done < P:
         kk = min(chunk, P - done)
-        vs = {n: _rademacher((kk, *dict(model.named_modules())[n].weight.shape), gen) for n in names}
+        vs = {n: rademacher((kk, *dict(model.named_modules())[n].weight.shape), gen) for n in names}
         for j in range(kk):
             v = [vs[n][j] for n in names]
             Hv = hessian_vector_product(hc2.gradsH, hc2.params, v)

@@ -393,6 +393,7 @@ def search(recipe, out_dir, budgets=("bops=uniform:4",), **kwargs) -> dict:
     ``out_dir/search_report.json``, ``search_report.md``, ``pareto.png`` and ``models/*.onnx``;
     returns the report dict.  Raises QDeployError on bad settings.
     """
-    from .compiler.quantization.search import parse_budget, run_search
-    pts = [parse_budget(b) if isinstance(b, str) else dict(b) for b in budgets]
+    from .compiler.quantization.search import run_search
+    from .compiler.quantization.search_budget import parse_search_budget
+    pts = [parse_search_budget(b) if isinstance(b, str) else dict(b) for b in budgets]
     return run_search(recipe, Path(out_dir), budgets=pts, **kwargs)

@@ -1,6 +1,6 @@
 """Dynamic subgraph extraction and compilation (DyCL, Chen et al., ISSTA 2023, arXiv 2307.04963).
 
-``capture`` (:mod:`qdeploy.compiler.frontends.dynamic`) splits ``forward`` at its data-dependent
+``capture`` (:mod:`qdeploy.compiler.frontends.ast_capture`) splits ``forward`` at its data-dependent
 conditions into a control graph of straight-line blocks.  This module
 
 1. **extracts** each block into an IR graph whose inputs/outputs are the live tensors at its
@@ -31,8 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .compiler.errors import QDeployError
-from .compiler.frontends.dynamic import (BlockIR, BlockItem, CaptureError, ControlProgram, IfItem, block_to_ir,
-                                         capture, count_items)
+from .compiler.frontends.ast_capture import capture
+from .compiler.frontends.fx_to_ir import BlockIR, block_to_ir
+from .compiler.frontends.program import BlockItem, CaptureError, ControlProgram, IfItem, count_items
 from .passes.fold import dce
 from .runtime.artifact import publish, staging_dir, write_manifest
 from .runtime.dynamic.plan import BlockStep, ControlPlan, IfStep, ReturnStep
@@ -79,7 +80,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
 
     Args:
         module: ``nn.Module`` in eval mode (see the supported subset in
-            :mod:`qdeploy.compiler.frontends.dynamic`).
+            :mod:`qdeploy.compiler.frontends.ast_capture`).
         example_inputs: batch-1 example tensor(s) (shapes only).
         target: backend name (``reference``, ``tvm-llvm``, ``hls4ml``).
         out_dir: where block artifacts go (``<out_dir>/block<k>``); a temporary directory if None.
@@ -89,7 +90,7 @@ def compile_dynamic(module, example_inputs, target: str = "tvm-llvm", out_dir=No
             batch-1 entry for single-sample calls) unless the config sets them.
         capture_method: ``"auto"`` (``torch.export`` for ``torch.cond`` models without plain
             data-dependent ``if``, else ``ast``), ``"export"`` or ``"ast"``; see
-            :func:`~qdeploy.compiler.frontends.dynamic.capture`.  The report's ``capture``
+            :func:`~qdeploy.compiler.frontends.ast_capture.capture`.  The report's ``capture``
             says which path was used (``"torch.export"`` or ``"ast"``).
     Raises:
         CaptureError: unsupported dynamism, naming the source line.

@@ -358,7 +358,7 @@ class TvmBackend:
         run.raw = call_raw if epilogue is None else None
         run.tensors = call_tensors if epilogue is None else None
         run.tensors1 = call_tensors1 if (epilogue is None and fn1 is not None) else None
-        # for hosts that generate code around the library (runtime/dynamic.py): the raw VM
+        # for hosts that generate code around the library (runtime/dynamic/): the raw VM
         # entries, the backend tensor type and the converter of numpy/torch inputs
         run.entry = fn if epilogue is None else None
         run.entry1 = fn1 if epilogue is None else None

@@ -1,19 +1,20 @@
-"""Early-exit models on the PyTorch/Brevitas side (issue 6, model side).
+"""Early-exit models on the PyTorch/Brevitas side (the model side).
 
 * :class:`EarlyExitNet` -- a backbone cut into segments with one exit head after each cut; its
   ``forward`` returns a **list** of logits, one per exit, the last one being the backbone's own
   output (BranchyNet, Teerapittayanon et al., ICPR 2016, arXiv 1709.01686).
 * :func:`attach_exits` -- build one from an ``nn.Sequential`` backbone and heads at named points.
-* :func:`train_joint` -- train backbone and heads jointly on a weighted sum of per-exit
-  cross-entropy losses (BranchyNet's joint training).
 * :func:`export_early_exit` -- one QONNX file with one graph output per exit (``exit0``,
   ``exit1``, ...), which :func:`qdeploy.compiler.frontends.import_onnx` reads as a
   multi-output IR graph; :func:`qdeploy.passes.early_exit.split_exits` then cuts it into stages.
 
+Training (BranchyNet's joint training, :func:`~qdeploy.compiler.quantization.branchy.train_joint`)
+and float per-exit predictions are in :mod:`qdeploy.compiler.quantization.branchy`.
+
 Quantization-aware: the heads are ordinary (Brevitas) modules chosen by the caller, so they are
 quantized like the rest when built from ``QuantLinear``/``QuantConv2d`` with power-of-two
 quantizers (see ``examples/early_exit/model.py``).  Exits that return a Brevitas ``QuantTensor``
-are unwrapped to plain tensors for the loss.
+are unwrapped to plain tensors (:func:`plain_tensor`) for the export and the loss.
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from torch import nn
 
 from ..errors import ImportError_
 
-__all__ = ["EarlyExitNet", "attach_exits", "train_joint", "predict_exits", "export_early_exit"]
+__all__ = ["EarlyExitNet", "attach_exits", "plain_tensor", "export_early_exit"]
 
 
-def _plain(t):
+def plain_tensor(t):
+    """The plain tensor of an exit's output: a Brevitas ``QuantTensor``'s ``value``, any other
+    value unchanged."""
     return getattr(t, "value", t)
 
 
@@ -92,43 +95,6 @@ def attach_exits(backbone: nn.Sequential, heads: dict) -> EarlyExitNet:
     return EarlyExitNet(segments, hs, exit_names)
 
 
-def train_joint(model: nn.Module, data, weights=None, epochs: int = 30, seed: int = 0, lr: float = 1e-2,
-                batch_size: int = 64, verbose: bool = False, num_threads: int = 1) -> nn.Module:
-    """BranchyNet joint training: Adam + cosine schedule on ``sum_k weights[k] * CE(exit_k, y)``.
-
-    ``model(x)`` must return a list/tuple of logits (one per exit).  ``data = (x_train, y_train,
-    ...)``; ``weights`` default to all ones.  Seeded and deterministic (single thread by default,
-    global torch settings restored on return).
-    """
-    from ..quantization.qat import fine_tune
-    ce = nn.CrossEntropyLoss()
-
-    def joint_loss(outs, yb):
-        if not isinstance(outs, (list, tuple)):
-            raise ValueError("train_joint needs a model returning a list of per-exit logits")
-        w = weights if weights is not None else [1.0] * len(outs)
-        return sum(float(wk) * ce(_plain(o), yb) for wk, o in zip(w, outs))
-
-    def report(epoch, mean_loss):
-        if verbose:
-            print(f"epoch {epoch + 1:3d}/{epochs}  joint loss {mean_loss:.4f}", flush=True)
-
-    fine_tune(model, data[0], data[1], epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-              num_threads=num_threads, loss_fn=joint_loss, on_epoch=report)
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def predict_exits(model: nn.Module, x) -> list[np.ndarray]:
-    """Float logits of every exit (eval mode), float32 arrays."""
-    was = model.training
-    model.eval()
-    outs = model(torch.from_numpy(np.asarray(x, dtype=np.float32)))
-    model.train(was)
-    return [_plain(o).numpy().astype(np.float32) for o in outs]
-
-
 class _Unwrap(nn.Module):
     """Export wrapper: returns a tuple of plain tensors (one ONNX output per exit)."""
 
@@ -137,7 +103,7 @@ class _Unwrap(nn.Module):
         self.model = model
 
     def forward(self, x):
-        return tuple(_plain(o) for o in self.model(x))
+        return tuple(plain_tensor(o) for o in self.model(x))
 
 
 def export_early_exit(model: nn.Module, example_input, path, exit_names=None) -> Path:

@@ -25,19 +25,18 @@ A *recipe* is a callable (or ``"module:function"``, ``"path/file.py:function"``,
 Budgets: ``{kind: value}`` with kinds ``bops`` (bit operations per sample), ``size`` (weight bits)
 or any cost registered in :mod:`.ilp`; a value may be ``"uniform:B"``, the cost of the uniform
 B-bit allocation.  For each budget the uniform baseline is the largest uniform bit width that fits.
+
+This module is the driver; recipes are loaded and checked in :mod:`.search_recipe`, budgets parsed
+and resolved in :mod:`.search_budget` (:func:`~.search_budget.parse_search_budget`), and the report
+rendered by :mod:`.search_report`.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
-import os
 import shutil
-import sys
 import time
-from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,72 +44,14 @@ from torch import nn
 
 from ..errors import QDeployError
 from . import hessian, ilp, qat, sensitivity
+from .hutchinson import hutchinson_traces
+from .search_budget import budget_value, check_budget_kinds, check_uniform_bits, resolve_budget
+from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
+from .search_report import json_default, plot_pareto, render_markdown
 
-__all__ = ["load_recipe", "layer_specs", "compute_sensitivities", "parse_budget", "run_search",
-           "render_markdown", "plot_pareto"]
+__all__ = ["DEFAULT_BITS", "SENSITIVITY_MODES", "layer_specs", "compute_sensitivities", "check_ties", "run_search"]
 
 DEFAULT_BITS = tuple(range(2, 9))
-QAT_KEYS = ("epochs", "lr", "batch_size", "distill_alpha", "distill_temperature")
-
-
-# --------------------------------------------------------------------------- recipe
-
-
-def load_recipe(spec) -> tuple[Callable, dict]:
-    """``(recipe_callable, keyword_arguments)`` from a callable, ``module:function``, ``file.py:function``
-    or a YAML file (``recipe: module:function`` plus an optional ``args:`` mapping of keyword
-    arguments for that function).  Raises QDeployError when it cannot be loaded."""
-    if callable(spec):
-        return spec, {}
-    spec = str(spec)
-    p = Path(spec)
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-        if not p.is_file():
-            raise QDeployError(f"recipe file {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise QDeployError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict) or "recipe" not in data:
-            raise QDeployError(f"recipe file {p} must be a mapping with a 'recipe: module:function' key")
-        extra = sorted(set(data) - {"recipe", "args"})
-        if extra:
-            raise QDeployError(f"recipe file {p}: unknown key(s) {extra}; it takes 'recipe' and 'args' (keyword "
-                               "arguments of the recipe function); search settings are command-line options")
-        args = data.get("args") or {}
-        if not isinstance(args, dict):
-            raise QDeployError(f"recipe file {p}: 'args' must be a mapping of keyword arguments")
-        inner = str(data["recipe"])
-        if Path(inner.rsplit(":", 1)[0] if ":" in inner else inner).suffix in (".yaml", ".yml"):
-            raise QDeployError(f"recipe file {p}: 'recipe' must be module:function or path.py:function, "
-                               f"not another YAML file ({inner})")
-        fn, _ = load_recipe(inner)
-        return fn, args
-    if ":" not in spec:
-        raise QDeployError(f"recipe {spec!r}: expected module:function, path.py:function or a YAML file")
-    mod, fn = spec.rsplit(":", 1)
-    try:
-        if mod.endswith(".py") or os.sep in mod:
-            mp = Path(mod)
-            s = importlib.util.spec_from_file_location(f"_qdeploy_recipe_{mp.stem}", mp)
-            if not mp.is_file():
-                raise QDeployError(f"recipe file {mp} not found" + (" (it is a folder)" if mp.is_dir() else ""))
-            if s is None:
-                raise FileNotFoundError(mod)
-            m = importlib.util.module_from_spec(s)
-            sys.modules[s.name] = m
-            s.loader.exec_module(m)
-        else:
-            m = importlib.import_module(mod)
-        f = getattr(m, fn)
-    except AttributeError:
-        raise QDeployError(f"cannot load recipe {spec!r}: {mod} has no function {fn!r}") from None
-    except (ImportError, FileNotFoundError) as e:
-        raise QDeployError(f"cannot load recipe {spec!r}: {type(e).__name__}: {e}") from None
-    if not callable(f):
-        raise QDeployError(f"recipe {spec!r} is a {type(f).__name__}, not a function")
-    return f, {}
 
 
 # --------------------------------------------------------------------------- specs / sensitivities
@@ -207,86 +148,12 @@ def compute_sensitivities(model, specs, traces: hessian.TraceResult, x, y=None, 
     return out
 
 
-def parse_budget(text: str) -> dict:
-    """``"bops=1.5e6,size=uniform:4"`` -> ``{"bops": 1.5e6, "size": "uniform:4"}``.  Raises QDeployError."""
-    out = {}
-    for part in [p for p in str(text).split(",") if p.strip()]:
-        if "=" not in part:
-            raise QDeployError(f"budget {part!r}: expected kind=value, e.g. bops=1.2e6 or size=uniform:4")
-        k, v = (t.strip() for t in part.split("=", 1))
-        if k in out:
-            raise QDeployError(f"budget {text!r} names {k!r} twice (one value per kind in a budget point)")
-        out[k] = _budget_value(k, v)
-    if not out:
-        raise QDeployError("empty budget")
-    return out
+def check_ties(model, ties) -> list[list[str]]:
+    """The tie groups as lists, checked: every name is a weight layer (Linear/Conv) of ``model``.
 
-
-def _budget_value(k: str, v):
-    """A budget value checked: ``"uniform:B"`` (B a number) or a finite positive number."""
-    if isinstance(v, str) and v.strip().startswith("uniform:"):
-        v = v.strip()
-        try:
-            b = float(v.split(":", 1)[1])
-        except ValueError:
-            raise QDeployError(f"budget {k}={v}: uniform:B needs a number B (e.g. 4 or 3.5)") from None
-        if not math.isfinite(b):
-            raise QDeployError(f"budget {k}={v}: B must be a finite number")
-        return v
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise QDeployError(f"budget {k}={v!r}: {v!r} is not a number or uniform:B") from None
-    if not math.isfinite(x):
-        raise QDeployError(f"budget {k}={v}: must be a finite number")
-    if not x > 0:
-        raise QDeployError(f"budget {k}={v} must be positive")
-    return x
-
-
-def _uniform_bits(v) -> float | None:
-    """B of a ``"uniform:B"`` budget value, None for a plain number."""
-    return float(v.split(":", 1)[1]) if isinstance(v, str) and v.startswith("uniform:") else None
-
-
-def _resolve_budget(b: Mapping, specs, costs) -> dict:
-    out = {}
-    for k, v in b.items():
-        bits = _uniform_bits(v)
-        if bits is not None:
-            # uniform:B -- the cost of the uniform B-bit allocation; a fractional B interpolates
-            # linearly between the costs of its two neighbours (uniform:3.5 = midway 3 and 4 bits)
-            lo, t = int(math.floor(bits)), bits - math.floor(bits)
-
-            def ucost(b):
-                return ilp.total_cost(k, specs, {s.name: (b, b if s.a_bits else s.fixed_a_bits) for s in specs}, costs)
-            out[k] = ucost(lo) if t == 0 else (1 - t) * ucost(lo) + t * ucost(lo + 1)
-        else:
-            out[k] = float(v)
-    return out
-
-
-def _check_budget_kinds(budgets, costs) -> None:
-    """Raise QDeployError for a budget kind no cost function knows (listing every known kind)."""
-    from .hw_costs import ESTIMATOR_KINDS
-    known = sorted(set(ilp.COSTS) | set(ESTIMATOR_KINDS) | set(costs or {}))
-    for b in budgets:
-        for k in b:
-            if k not in known:
-                raise QDeployError(f"unknown budget {k!r}; known: {', '.join(known)}")
-
-
-def _check_uniform_bits(budgets, w_bits) -> None:
-    """``uniform:B`` must lie within the candidate weight bit widths (else the budget is meaningless)."""
-    lo, hi = min(w_bits), max(w_bits)
-    for b in budgets:
-        for k, v in b.items():
-            bits = _uniform_bits(v)
-            if bits is not None and not lo <= bits <= hi:
-                raise QDeployError(f"budget {k}={v}: B must be within the candidate bit widths {lo}..{hi}")
-
-
-def _check_ties(model, ties):
+    Raises:
+        QDeployError: a name that is not a module of the model, or a module without weights.
+    """
     mods = dict(model.named_modules())
     for g in ties or ():
         for n in g:
@@ -330,7 +197,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         trace_method: ``"auto"`` (default): exact Gauss-Newton traces when the float model is a
             piecewise-linear ``nn.Sequential`` with cross-entropy (there the Hessian block equals
             the GN block), else Hutchinson; or ``"hutchinson"`` / ``"ggn_exact"``
-            (:func:`qdeploy.compiler.quantization.hessian.hutchinson_traces`).
+            (:func:`qdeploy.compiler.quantization.hutchinson.hutchinson_traces`).
         sensitivity_mode: ``"hessian+measured"`` (default), ``"hessian"`` or ``"measured"``
             (:func:`compute_sensitivities`; the report prints Omega and the measured loss increase).
         qat_epochs, qat_lr: fine-tuning settings (override the recipe's ``qat``).
@@ -349,8 +216,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
 
     if sensitivity_mode not in SENSITIVITY_MODES:
         raise QDeployError(f"sensitivity mode {sensitivity_mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
-    _check_budget_kinds(budgets, costs)
-    budgets = [{k: _budget_value(k, v) for k, v in b.items()} for b in budgets]
+    check_budget_kinds(budgets, costs)
+    budgets = [{k: budget_value(k, v) for k, v in b.items()} for b in budgets]
     if not a_bits and a_bits is not None and not 2 <= int(act_bits_fixed) <= 32:
         raise QDeployError(f"act_bits_fixed must be an integer in 2..32, got {act_bits_fixed}")
     if int(qat_seeds) < 1:
@@ -381,11 +248,11 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     a_bits = w_bits if a_bits is None else tuple(sensitivity.check_bits(list(a_bits))) if a_bits else ()
     if not budgets:
         raise QDeployError("no budget given: pass at least one, e.g. --budget bops=uniform:4")
-    _check_uniform_bits(budgets, w_bits)
+    check_uniform_bits(budgets, w_bits)
     t_all = time.perf_counter()
     torch.manual_seed(seed)
     r = fn(**extra) if extra else fn()
-    _check_recipe_result(r)
+    check_recipe_result(r)
     model: nn.Module = r["model"]
     name = r.get("name", type(model).__name__)
     inp = {"bits": 8, "scale": 2.0 ** -4, "signed": False, **(r.get("input") or {})}
@@ -394,11 +261,11 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         qcfg["epochs"] = qat_epochs
     if qat_lr is not None:
         qcfg["lr"] = qat_lr
-    qcfg = _check_qat(qcfg)
-    ties = _check_ties(model, ties if ties is not None else r.get("ties", ()))
-    x_tr, y_tr = _xy(r, "train")
-    x_va, y_va = _xy(r, "val")
-    test = _xy(r, "test") if r.get("test") is not None else None
+    qcfg = check_qat_settings(qcfg)
+    ties = check_ties(model, ties if ties is not None else r.get("ties", ()))
+    x_tr, y_tr = recipe_xy(r, "train")
+    x_va, y_va = recipe_xy(r, "val")
+    test = recipe_xy(r, "test") if r.get("test") is not None else None
     for key, x in (("train", x_tr), ("val", x_va), ("test", None if test is None else test[0])):
         if x is None:
             continue
@@ -415,7 +282,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
     if hw:
         costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
                                    kinds=sorted(set(hw))), **(costs or {})}
-    resolved = [_resolve_budget(b, specs, costs) for b in budgets]
+    resolved = [resolve_budget(b, specs, costs) for b in budgets]
     new_parents = [d for d in out_final.parents if not d.exists()]  # removed again if the search fails
     out_dir = staging_dir(out_final)
     try:
@@ -425,7 +292,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                         disable=not progress, transient=True)
         with prog:
             task = prog.add_task(f"[{name}] Hessian traces (probes)", total=probes)
-            tr = hessian.hutchinson_traces(model, (x_tr[:ns], y_tr[:ns]), activations=[s.name for s in specs if s.a_bits],
+            tr = hutchinson_traces(model, (x_tr[:ns], y_tr[:ns]), activations=[s.name for s in specs if s.a_bits],
                                            tol=tol, max_probes=probes, batch_probes=batch_probes, seed=seed,
                                            progress=lambda d: prog.update(task, completed=d), method=trace_method)
             prog.remove_task(task)
@@ -494,7 +361,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                         break
                 # between two uniform points (e.g. uniform:3.5) the uniform that fits has fewer BOPs than
                 # the budget; the next width up (more BOPs than the budget) is trained too, for the
-                # "equal or larger BOPs" comparison of issue 4
+                # "equal or larger BOPs" comparison
                 above = None
                 tight = uni is not None and all(uni["allocation"]["costs"][k] >= b[k] * (1 - 1e-9) for k in b)
                 if not tight:
@@ -544,7 +411,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             "layers": layers, "budgets": results, "frontier": frontier, "uniform_points": uniform_pts,
             "seconds": time.perf_counter() - t_all,
         }
-        (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=_json))
+        (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=json_default))
         (out_dir / "search_report.md").write_text(render_markdown(report))
         plot_pareto(report, out_dir / "pareto.png")
         publish(out_dir, out_final)  # replaces an empty folder or (with force) an earlier search
@@ -558,249 +425,3 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                 break
         raise
 
-
-RECIPE_KEYS = ("model", "train", "val", "test", "input", "name", "qat", "ties", "trace_samples")
-
-
-def _check_recipe_result(r) -> None:
-    """One-line QDeployError for a recipe result that is not the documented dict."""
-    if not isinstance(r, Mapping):
-        raise QDeployError(f"the recipe returned {type(r).__name__}, expected a dict with model, train, val "
-                           "(optional test, input, name, qat, ties, trace_samples)")
-    for k in ("model", "train", "val"):
-        if k not in r:
-            raise QDeployError(f"recipe result lacks {k!r} (needs model, train, val; optional test, input)")
-    unknown = sorted(set(r) - set(RECIPE_KEYS))
-    if unknown:
-        raise QDeployError(f"recipe result has unknown key(s) {unknown}; known: {', '.join(RECIPE_KEYS)}")
-    if not isinstance(r["model"], nn.Module):
-        raise QDeployError(f"recipe 'model' is a {type(r['model']).__name__}, expected a torch nn.Module")
-    for k in ("qat", "input"):
-        if r.get(k) is not None and not isinstance(r[k], Mapping):
-            raise QDeployError(f"recipe {k!r} must be a mapping, got {type(r[k]).__name__}")
-
-
-def _xy(r, key: str):
-    """``(x, y)`` arrays of recipe field ``key``, checked: a pair, same length, integer labels."""
-    v = r[key]
-    if not isinstance(v, (tuple, list)) or len(v) != 2:
-        raise QDeployError(f"recipe {key!r} must be a pair (x, y), got {type(v).__name__}")
-    x, y = np.asarray(v[0]), np.asarray(v[1])
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
-        raise QDeployError(f"recipe {key!r}: x must be (N, ...) and y (N,) with the same N > 0, got x "
-                           f"{tuple(x.shape)} and y {tuple(y.shape)}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise QDeployError(f"recipe {key!r}: labels y must be integers, got {y.dtype}")
-    return x, y
-
-
-def _check_qat(q: Mapping) -> dict:
-    """The recipe's QAT settings with types and ranges checked (one-line QDeployError naming the key)."""
-    unknown = sorted(set(q) - set(QAT_KEYS))
-    if unknown:
-        raise QDeployError(f"recipe 'qat' has unknown key(s) {unknown}; known: {', '.join(QAT_KEYS)}")
-    out = dict(q)
-    for k, typ in (("epochs", int), ("batch_size", int), ("lr", float), ("distill_alpha", float),
-                   ("distill_temperature", float)):
-        if k not in out:
-            continue
-        v = out[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
-                (typ is int and float(v) != int(v)) or not math.isfinite(float(v)):
-            raise QDeployError(f"recipe 'qat': {k} must be {'an integer' if typ is int else 'a number'}, got {v!r}")
-        out[k] = typ(v)
-    if out["epochs"] < 0:
-        raise QDeployError(f"qat epochs must be >= 0, got {out['epochs']}")
-    if out["batch_size"] < 1:
-        raise QDeployError(f"recipe 'qat': batch_size must be >= 1, got {out['batch_size']}")
-    if not out["lr"] > 0:
-        raise QDeployError(f"recipe 'qat': lr must be > 0, got {out['lr']}")
-    da, dt = out.get("distill_alpha", 0.0), out.get("distill_temperature", 2.0)
-    if not (0.0 <= da <= 1.0 and dt > 0.0):
-        raise QDeployError(f"recipe 'qat': distill_alpha must be in [0, 1] and distill_temperature > 0, got "
-                           f"{da} and {dt}")
-    return out
-
-
-def _json(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, tuple):
-        return list(o)
-    return str(o)
-
-
-def accuracy_noise(a: dict, b: dict, key: str, n: int | None = None) -> float:
-    """One standard error (accuracy units) of the difference a[key] - b[key] of two allocations.
-
-    Paired over the evaluation samples when both carry ``<split>_correct`` (per sample, the fraction
-    of QAT seeds that classify it right): d_i = a_i - b_i, SE = std(d) / sqrt(n) -- the
-    evaluation-set sampling noise of a paired comparison, with the seed spread folded into each
-    d_i.  Otherwise the seeds' spread (std/sqrt(k) each) plus independent binomial errors
-    sqrt(p(1-p)/n) (an upper bound).  0 when nothing is known.
-    """
-    split = key.split("_")[0]
-    ca, cb = a.get(split + "_correct"), b.get(split + "_correct")
-    if ca is not None and cb is not None and len(ca) == len(cb) and len(ca) > 1:
-        d = np.asarray(ca, dtype=np.float64) - np.asarray(cb, dtype=np.float64)
-        return float(d.std(ddof=1) / math.sqrt(len(d)))
-    v = 0.0
-    for r in (a, b):
-        accs = r.get(key + "s") or []
-        if len(accs) > 1:
-            v += float(np.var(accs, ddof=1)) / len(accs)
-        if n:
-            p_ = r[key]
-            v += p_ * (1 - p_) / n
-    return math.sqrt(v)
-
-
-def _verdict(h, u, key, n) -> str:
-    d = h[key] - u[key]
-    se = accuracy_noise(h, u, key, n)
-    tag = "Hessian >= uniform" if d >= 0 else "uniform better"
-    if se > 0:
-        tag += f" ({d * 100:+.2f} points, {'within' if abs(d) <= 2 * se else 'beyond'} 2 standard errors = {2 * se * 100:.2f})"
-    return tag
-
-
-def _acc(r, key):
-    return "n/a" if r is None or key not in r else f"{r[key]:.4f}"
-
-
-def render_markdown(rep: dict) -> str:
-    """``search_report.md``: settings, per-layer table, Hessian vs uniform per budget, frontier."""
-    acc_key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
-    L = [f"# qdeploy search report: {rep['model']}", "",
-         "- float accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in rep["float_accuracy"].items()),
-         f"- candidate weight bits {rep['settings']['w_bits']}, activation bits {rep['settings']['a_bits']}, "
-         f"input {rep['settings']['input']}",
-         ("- Hessian traces: exact (Gauss-Newton block = Hessian block of a piecewise-linear network, "
-          "no probes; standard error 0), " if rep['trace'].get('method') == "ggn_exact" else
-          f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (cap {rep['settings']['probes_cap']}, "
-          f"tol {rep['settings']['tol']}, converged: {rep['trace']['converged']}), ")
-         + f"{rep['settings']['trace_samples']} samples, {rep['trace']['seconds']:.2f} s",
-         f"- QAT: {rep['settings']['qat']}, seed {rep['seed']}; total {rep['seconds']:.1f} s", "",
-         "## Layers", "",
-         "Trace = Tr(H) of the loss w.r.t. the layer's weights (± standard error); act trace = w.r.t. its input "
-         "activation (all samples). Chosen bits per budget as w/a.", "",
-         "| layer | kind | weights | trace | ± se | Tr/n | act trace | ± se | " +
-         " | ".join(f"budget {i}" for i in range(len(rep["budgets"]))) + " |",
-         "|---|---|---|---|---|---|---|---|" + "---|" * len(rep["budgets"])]
-    for li, r in enumerate(rep["layers"]):
-        L.append(f"| {r['name']} | {r['kind']} | {r['n_weights']} | {r['trace']:.4g} | {r['stderr']:.2g} | "
-                 f"{r['mean_trace']:.3g} | "
-                 + (f"{r['act_trace']:.4g} | {r['act_stderr']:.2g} | " if "act_trace" in r
-                    else "- (model input) | - | " if li == 0 else "- (not searched) | - | ")
-                 + " | ".join(f"{c[0]}/{c[1]}" for c in r["chosen"]) + " |")
-    mode = rep["settings"].get("sensitivity_mode", "hessian")
-    L += ["", "## Sensitivity per bit width", "",
-          f"Mode `{mode}`. Omega = Tr(H)/n * ||Q_b(T) - T||^2 (HAWQ-V3 Eq. 10; ~2x the loss increase under the "
-          "quadratic model); 2 dL = twice the measured loss increase of quantizing that tensor alone. "
-          + ("The ILP minimizes max(Omega, 2 dL): where 2 dL > Omega the second-order model under-estimates "
-             "(marked *)." if mode == "hessian+measured" else
-             "The ILP minimizes 2 dL." if mode == "measured" else "The ILP minimizes Omega."), ""]
-    wb = rep["settings"]["w_bits"]
-    L += ["| tensor | " + " | ".join(f"{b} bits" for b in wb) + " |", "|---|" + "---|" * len(wb)]
-    for r in rep["layers"]:
-        sd = r.get("sensitivity") or {}
-        for t, om_k, ml_k in (("W", "omega_w", "measured_w"), ("act", "omega_a", "measured_a")):
-            om, ml = sd.get(om_k), sd.get(ml_k)
-            if not om:
-                continue
-            cells = []
-            for b in wb:
-                o = om.get(str(b))
-                if o is None:
-                    cells.append("")
-                    continue
-                if ml is None:
-                    cells.append(f"{o:.2g}")
-                else:
-                    m2 = 2 * ml[str(b)]
-                    cells.append(f"{o:.2g} / {m2:.2g}" + ("*" if m2 > o else ""))
-            L.append(f"| {r['name']} {t} | " + " | ".join(cells) + " |")
-    L += ["", "## Hessian allocation vs uniform precision, per budget", "",
-          f"Accuracies are means over the {rep['settings'].get('qat_seeds', 1)} QAT seed(s). BOPs here are dense "
-          "(MACs x (w a + w + a + log2 fan-in) for w-bit weights and a-bit inputs, as the ILP budgets them); `qdeploy compile` reports BOPs "
-          "after the trained zero weights are removed (the pruned fraction f_p of arXiv 2103.05579 Eq. 1), "
-          "so its figure for the same QONNX model is lower. 'weight bits' = total weight storage in bits."]
-    if any(k not in ("bops", "size") for b in rep["budgets"] for k in b["budget_resolved"]):
-        L += ["", "FPGA budgets (LUT, FF, DSP, BRAM, latency) are estimator figures for the *float* model's weights "
-              "quantized to each width before QAT (the ILP needs them before training): the Dense/Conv rows per "
-              "layer plus the ReLU / requantization / pooling rows between two layers; before QAT they equal "
-              "`qdeploy estimate` on the exported model. QAT moves the weights: when a layer's max |w| falls "
-              "below a power of two its scale halves and its LUTs roughly double (seen on the digits models' first "
-              "layers), so check the chosen model with `qdeploy estimate`."]
-    L += ["",
-          "| budget | allocation | BOPs | weight bits | sensitivity | val acc | test acc | QONNX |",
-          "|---|---|---|---|---|---|---|---|"]
-    for i, b in enumerate(rep["budgets"]):
-        h, u = b["hessian"], b["uniform"]
-        bud = ", ".join(f"{k}={v}" for k, v in b["budget"].items())
-        hwk = [k for k in b["budget_resolved"] if k not in ("bops", "size")]
-        hwc = lambda c: "".join(f" ({k} {c[k]:.4g})" for k in hwk if k in c)  # estimator budgets, e.g. lut
-        L.append(f"| {i}: {bud} | Hessian ILP{hwc(h['costs'])} | {h['costs']['bops']:.4g} | {h['costs']['size']:.0f} | "
-                 f"{h['objective']:.3g} | {_acc(h, 'val_acc')} | {_acc(h, 'test_acc')} | {h.get('qonnx', '')} |")
-        if u:
-            ua = u["allocation"]
-            L.append(f"| {i} | uniform {u['bits']}-bit{hwc(ua['costs'])} | {ua['costs']['bops']:.4g} | {ua['costs']['size']:.0f} | "
-                     f"{ua['objective']:.3g} | {_acc(u, 'val_acc')} | {_acc(u, 'test_acc')} | {u.get('qonnx', '')} |")
-        else:
-            L.append(f"| {i} | uniform: none fits | | | | | | |")
-        ua2 = b.get("uniform_above")
-        if ua2:
-            c = ua2["allocation"]["costs"]
-            L.append(f"| {i} | uniform {ua2['bits']}-bit (above budget){hwc(c)} | {c['bops']:.4g} | {c['size']:.0f} | "
-                     f"{ua2['allocation']['objective']:.3g} | {_acc(ua2, 'val_acc')} | {_acc(ua2, 'test_acc')} | "
-                     f"{ua2.get('qonnx', '')} |")
-    n_ev = (rep.get("n_eval") or {}).get(acc_key.split("_")[0])
-    L += ["", f"Comparison ({acc_key}, mean of the QAT seeds; difference in points with twice its paired "
-              f"standard error over the {n_ev or '?'} evaluation samples):", ""]
-    for i, b in enumerate(rep["budgets"]):
-        h, u = b["hessian"], b["uniform"]
-        if u:
-            L.append(f"- budget {i}: Hessian {h[acc_key]:.4f} at {h['costs']['bops']:.4g} BOPs vs uniform "
-                     f"{u['bits']}-bit {u[acc_key]:.4f} at {u['allocation']['costs']['bops']:.4g} BOPs: "
-                     f"{_verdict(h, u, acc_key, n_ev)}")
-        ua2 = b.get("uniform_above")
-        if ua2:
-            L.append(f"  - vs uniform {ua2['bits']}-bit {ua2[acc_key]:.4f} at {ua2['allocation']['costs']['bops']:.4g} "
-                     f"BOPs (more than the budget): {_verdict(h, ua2, acc_key, n_ev)}")
-    for kind, pts in rep["frontier"].items():
-        L += ["", f"## Frontier: total sensitivity vs {kind} (ILP sweep, no QAT)", "", f"| {kind} | sensitivity |", "|---|---|"]
-        L += [f"| {p['cost']:.4g} | {p['objective']:.4g} |" for p in pts]
-    return "\n".join(L) + "\n"
-
-
-def plot_pareto(rep: dict, path) -> Path:
-    """``pareto.png``: sensitivity frontier vs BOPs (left) and accuracy after QAT vs BOPs (right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    acc_key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    fr = rep["frontier"].get("bops", [])
-    ax[0].plot([p["bops"] for p in fr], [p["objective"] for p in fr], "o-", ms=3, label="ILP frontier")
-    up = rep["uniform_points"]
-    ax[0].plot([p["bops"] for p in up], [p["objective"] for p in up], "s--", label="uniform")
-    for p in up:
-        ax[0].annotate(str(p["bits"]), (p["bops"], p["objective"]), fontsize=7)
-    ax[0].set(xscale="log", yscale="log", xlabel="BOPs / sample", ylabel="total sensitivity Σ Ω",
-              title=f"{rep['model']}: sensitivity frontier")
-    ax[0].legend()
-    hb = [(b["hessian"]["costs"]["bops"], b["hessian"][acc_key]) for b in rep["budgets"]]
-    ub = [(b["uniform"]["allocation"]["costs"]["bops"], b["uniform"][acc_key]) for b in rep["budgets"] if b["uniform"]]
-    ax[1].plot(*zip(*sorted(hb)), "o-", label="Hessian ILP + QAT")
-    if ub:
-        ax[1].plot(*zip(*sorted(set(ub))), "s--", label="uniform + QAT")
-    ax[1].axhline(rep["float_accuracy"].get(acc_key.replace("_acc", ""), np.nan), color="gray", lw=0.8, label="float")
-    ax[1].set(xscale="log", xlabel="BOPs / sample", ylabel=acc_key.replace("_", " "), title="accuracy after QAT")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -37,8 +37,8 @@ import torch
 from ..errors import QDeployError
 from .hessian import logits
 
-__all__ = ["weight_scale_exponent", "quantize_weight_pot", "quantize_act_pot", "weight_sensitivity", "act_sensitivity",
-           "measured_loss_increase"]
+__all__ = ["check_bits", "weight_scale_exponent", "quantize_weight_pot", "quantize_act_pot", "weight_sensitivity",
+           "act_sensitivity", "measured_loss_increase"]
 
 
 def check_bits(bits: Iterable[int]) -> list[int]:

@@ -1,4 +1,4 @@
-"""Digits mixed-precision search: Hessian-guided bit allocation vs uniform precision (issue 4).
+"""Digits mixed-precision search: Hessian-guided bit allocation vs uniform precision.
 
 Recipes (``module:function`` for ``qdeploy search``) returning a trained *float* model and its data:
 
@@ -76,7 +76,8 @@ def _row(r):
 
 
 def main(argv=None) -> int:
-    from qdeploy.compiler.quantization.search import accuracy_noise, run_search
+    from qdeploy.compiler.quantization.search import run_search
+    from qdeploy.compiler.quantization.search_report import accuracy_noise
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/search", type=Path)
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
             h, u, a = b["hessian"], b["uniform"], b.get("uniform_above")
             if u is None and a is None:
                 continue
-            # "above": the uniform with equal or larger BOPs (issue 4's criterion): the budget's own
+            # "above": the uniform with equal or larger BOPs (the comparison criterion): the budget's own
             # uniform when the budget is an integer uniform:B, else the next width up
             up = a or u
             if up is not None and h["bits"] == up["allocation"]["bits"]:
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     for m, (w, n, t) in per_model.items():
         print(f"{m}: Hessian >= uniform with equal or larger BOPs at {w} of {n} budgets where the ILP mixed "
               f"widths ({t} budget(s) where it chose the uniform allocation itself are not counted)")
-    print(f"\nHessian >= uniform with equal or larger BOPs (issue 4 criterion, test acc, mean of QAT seeds): "
+    print(f"\nHessian >= uniform with equal or larger BOPs (test acc, mean of QAT seeds): "
           f"{score['above'][0]}/{score['above'][1]} budgets; Hessian >= the uniform below a fractional budget: "
           f"{score['below'][0]}/{score['below'][1]}; Hessian vs that uniform within 2 paired standard errors "
           f"(points, over the test samples): {noise['within']}/{noise['n']}")

@@ -1,4 +1,4 @@
-"""Early exits end to end (issue 6): a BranchyNet-style quantized CNN on the bundled digits data.
+"""Early exits end to end: a BranchyNet-style quantized CNN on the bundled digits data.
 
 Trains the 3-exit CNN of ``model.py`` jointly (weighted per-exit losses), exports ONE QONNX graph
 with an output per exit, splits it into 3 stages and compiles every stage for each target (each
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model as M  # noqa: E402  (examples/early_exit/model.py)
 
 import qdeploy  # noqa: E402
-from qdeploy.compiler.frontends.early_exit import export_early_exit, predict_exits, train_joint  # noqa: E402
+from qdeploy.compiler.frontends.early_exit import export_early_exit  # noqa: E402
+from qdeploy.compiler.quantization.branchy import predict_exits, train_joint  # noqa: E402
 from qdeploy.early_exit import calibrate_gates, compile_early_exit, evaluate, exit_codes, render_report  # noqa: E402
 from qdeploy.runtime.multistage import make_gate  # noqa: E402
 

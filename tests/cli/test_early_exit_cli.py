@@ -1,4 +1,4 @@
-"""Issue 6: `qdeploy compile-early-exit` and `qdeploy run` on a multi-stage program (reference target)."""
+"""`qdeploy compile-early-exit` and `qdeploy run` on a multi-stage program (reference target)."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +15,8 @@ pytest.importorskip("brevitas")
 
 @pytest.fixture(scope="module")
 def branchy(tmp_path_factory):
-    from qdeploy.compiler.frontends.early_exit import export_early_exit, train_joint
+    from qdeploy.compiler.frontends.early_exit import export_early_exit
+    from qdeploy.compiler.quantization.branchy import train_joint
     spec = importlib.util.spec_from_file_location("ee_model_cli", REPO / "examples" / "early_exit" / "model.py")
     M = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(M)

@@ -1,4 +1,4 @@
-"""Issue 7: dynamic subgraph extraction (capture -> blocks + conditions -> compiled blocks, host
+"""Dynamic subgraph extraction (capture -> blocks + conditions -> compiled blocks, host
 control).  Every test model's compiled program equals eager PyTorch on random inputs taking
 different branches; plain ``torch.jit.trace`` does not."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qdeploy.compiler.frontends.dynamic import CaptureError, capture  # noqa: E402
+from qdeploy.compiler.frontends.ast_capture import capture  # noqa: E402
+from qdeploy.compiler.frontends.program import CaptureError  # noqa: E402
 from qdeploy.dynamic import compile_dynamic, render_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

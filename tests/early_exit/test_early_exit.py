@@ -1,4 +1,4 @@
-"""Issue 6: early-exit splitting, integer gating, calibration, MultiStageModel (reference, tvm-llvm;
+"""Early-exit splitting, integer gating, calibration, MultiStageModel (reference, tvm-llvm;
 hls4ml behind -m slow)."""
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def _example():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from qdeploy.compiler.frontends.early_exit import export_early_exit, predict_exits, train_joint
+    from qdeploy.compiler.frontends.early_exit import export_early_exit
+    from qdeploy.compiler.quantization.branchy import predict_exits, train_joint
     M = _example()
     x_tr, y_tr, x_te, y_te = M.load_data(images=True)
     xa, xv, ya, yv = M.split_validation(x_tr, y_tr)

@@ -6,7 +6,8 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from qdeploy.compiler.errors import QDeployError
-from qdeploy.compiler.quantization.hessian import hutchinson_traces, weight_layers
+from qdeploy.compiler.quantization.hessian import weight_layers
+from qdeploy.compiler.quantization.hutchinson import hutchinson_traces
 from qdeploy.compiler.quantization import sensitivity
 from qdeploy.compiler.quantization.sensitivity import (act_sensitivity, quantize_weight_pot,
                                                        weight_sensitivity)

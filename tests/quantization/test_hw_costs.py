@@ -1,4 +1,4 @@
-"""FPGA budgets (issue 5 item 4 / issue 4 item 2): per-layer LUT/DSP/latency costs from the hls4ml
+"""FPGA budgets: per-layer LUT/DSP/latency costs from the hls4ml
 estimator in the bit-allocation ILP -- the budget holds on the whole-model estimate, and the ILP
 equals brute force on an enumerable case."""
 import numpy as np
@@ -10,8 +10,10 @@ from qdeploy.backends.hls4ml.estimate import estimate
 from qdeploy.compiler.errors import QDeployError
 from qdeploy.compiler.ir import Const, FixedType, GraphBuilder
 from qdeploy.compiler.quantization import hw_costs, ilp, sensitivity
-from qdeploy.compiler.quantization.hessian import hutchinson_traces, layer_inputs
-from qdeploy.compiler.quantization.search import compute_sensitivities, layer_specs, parse_budget
+from qdeploy.compiler.quantization.hessian import layer_inputs
+from qdeploy.compiler.quantization.hutchinson import hutchinson_traces
+from qdeploy.compiler.quantization.search import compute_sensitivities, layer_specs
+from qdeploy.compiler.quantization.search_budget import parse_search_budget
 
 INP = {"bits": 6, "scale": 2.0 ** -4, "signed": False}
 
@@ -117,7 +119,7 @@ def test_dsp_budget_and_errors(tiny):
     bad = hw_costs.estimator_costs(m, sp, x, INP, {"part": "nope"}, kinds=("lut",))
     with pytest.raises(QDeployError, match="unknown FPGA part"):
         bad["lut"](sp[0], 4, sp[0].fixed_a_bits)
-    assert parse_budget("lut=5e4,latency_ns=uniform:3.5") == {"lut": 5e4, "latency_ns": "uniform:3.5"}
+    assert parse_search_budget("lut=5e4,latency_ns=uniform:3.5") == {"lut": 5e4, "latency_ns": "uniform:3.5"}
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from torch import nn
 
 from qdeploy.compiler.errors import QDeployError
 from qdeploy.compiler.quantization import ilp
-from qdeploy.compiler.quantization.hessian import hutchinson_traces
-from qdeploy.compiler.quantization.search import (_check_ties, compute_sensitivities, layer_specs,
-                                                   parse_budget)
+from qdeploy.compiler.quantization.hutchinson import hutchinson_traces
+from qdeploy.compiler.quantization.search import check_ties, compute_sensitivities, layer_specs
+from qdeploy.compiler.quantization.search_budget import parse_search_budget
 
 DIMS = [16, 64, 32, 32, 5]
 
@@ -111,14 +111,14 @@ def test_bad_settings_errors(jet):
     with pytest.raises(QDeployError, match="empty"):
         ilp.allocate(bad, {"x": {}}, {})
     with pytest.raises(QDeployError, match="has no weights"):
-        _check_ties(m, [["0", "1"]])  # module "1" is a ReLU
+        check_ties(m, [["0", "1"]])  # module "1" is a ReLU
     with pytest.raises(QDeployError, match="not a layer with weights"):
         ilp.allocate(specs, sens, {}, ties=[["0", "1"]])
     with pytest.raises(QDeployError, match="unknown budget"):
         ilp.allocate(specs, sens, {"luts": 1.0})
     with pytest.raises(QDeployError, match="kind=value"):
-        parse_budget("bops")
-    assert parse_budget("bops=1e6,size=uniform:4") == {"bops": 1e6, "size": "uniform:4"}
+        parse_search_budget("bops")
+    assert parse_search_budget("bops=1e6,size=uniform:4") == {"bops": 1e6, "size": "uniform:4"}
 
 
 def test_sixty_layers_fast():

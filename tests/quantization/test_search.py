@@ -161,7 +161,9 @@ def _bad_recipe(kind):
 def test_search_bad_recipes_budgets_and_output_folders(tmp_path):
     """Bad recipe results, budgets and bit options give one-line QDeployErrors before any training;
     a failed run (even with force) leaves an earlier search and an empty target folder as they were."""
-    from qdeploy.compiler.quantization.search import load_recipe, parse_budget, run_search
+    from qdeploy.compiler.quantization.search import run_search
+    from qdeploy.compiler.quantization.search_budget import parse_search_budget
+    from qdeploy.compiler.quantization.search_recipe import load_recipe
     common = dict(budgets=[{"bops": "uniform:4"}], probes=2, progress=False, export=False)
     for kind, msg in (("none", "returned NoneType"), ("unknown_key", "unknown key"), ("lr", "lr must be a number"),
                       ("lr_neg", "lr must be > 0"), ("batch0", "batch_size must be >= 1"),
@@ -173,7 +175,7 @@ def test_search_bad_recipes_budgets_and_output_folders(tmp_path):
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")], "staging folder left behind"
     for text, msg in (("bops=1e5,bops=2e5", "twice"), ("bops=inf", "finite"), ("bops=nan", "finite")):
         with pytest.raises(QDeployError, match=msg):
-            parse_budget(text)
+            parse_search_budget(text)
     with pytest.raises(QDeployError, match="not a number"):
         run_search(tiny_recipe, tmp_path / "bad", **{**common, "budgets": [{"bops": "abc"}]})
     for kw, msg in (({"probes": 0}, "probes must be >= 1"), ({"tol": float("nan")}, "tol must be a positive")):

@@ -6,7 +6,8 @@ from torch import nn
 
 import qdeploy
 from qdeploy.compiler.errors import QDeployError
-from qdeploy.compiler.quantization import hessian, qat, sensitivity
+from qdeploy.compiler.quantization import qat, sensitivity
+from qdeploy.compiler.quantization.hutchinson import hutchinson_traces
 from qdeploy.compiler.quantization.search import compute_sensitivities, layer_specs
 
 
@@ -48,7 +49,7 @@ def test_measured_loss_increase_restores_model_and_tracks_bits(digits_mlp):
 def test_hessian_plus_measured_is_the_max_of_both(digits_mlp):
     m, x, y = digits_mlp
     specs = layer_specs(m, x[:1], w_bits=[2, 3, 4, 8], a_bits=[2, 4, 8], input_bits=5)
-    tr = hessian.hutchinson_traces(m, (x, y), activations=[s.name for s in specs if s.a_bits], method="auto")
+    tr = hutchinson_traces(m, (x, y), activations=[s.name for s in specs if s.a_bits], method="auto")
     det = {}
     h = compute_sensitivities(m, specs, tr, x, y, mode="hessian")
     hm = compute_sensitivities(m, specs, tr, x, y, mode="hessian+measured", details=det)
@@ -118,7 +119,7 @@ def test_calibrated_low_bit_qat_model_compiles_bit_exact(digits_mlp, tmp_path):
 
 
 def test_accuracy_noise_is_paired_over_samples():
-    from qdeploy.compiler.quantization.search import _verdict, accuracy_noise
+    from qdeploy.compiler.quantization.search_report import accuracy_noise, comparison_verdict
     a = {"test_acc": 0.75, "test_accs": [0.75], "test_correct": [1, 1, 1, 0]}
     b = {"test_acc": 0.5, "test_accs": [0.5], "test_correct": [1, 0, 1, 0]}
     d = np.array([0, 1, 0, 0], dtype=float)
@@ -127,7 +128,7 @@ def test_accuracy_noise_is_paired_over_samples():
     # without per-sample records: independent binomial errors over n samples
     a2, b2 = {"test_acc": 0.75}, {"test_acc": 0.5}
     assert accuracy_noise(a2, b2, "test_acc", 4) == pytest.approx(np.sqrt(0.75 * 0.25 / 4 + 0.25 / 4))
-    assert "+25.00 points, within 2 standard errors" in _verdict(a, b, "test_acc", 4)
+    assert "+25.00 points, within 2 standard errors" in comparison_verdict(a, b, "test_acc", 4)
 
 
 def test_distillation_pulls_student_to_teacher_and_checks_args(digits_mlp):
