@@ -20,7 +20,7 @@ class QDeployError(Exception):
         return " ".join(str(msg).split())
 
 
-class ImportError_(QDeployError):
+class ModelImportError(QDeployError):
     """The model file or module could not be turned into IR (malformed file, unknown op...)."""
 
 
@@ -36,7 +36,7 @@ class CompileError(QDeployError):
     """A backend failed to emit or build the artifact."""
 
 
-class ReferenceError_(QDeployError):
+class FeedError(QDeployError):
     """Bad feed for the reference interpreter (wrong shape, NaN into a fixed-point input)."""
 
 

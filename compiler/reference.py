@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import ReferenceError_, UnsupportedError
+from .errors import FeedError, UnsupportedError
 from .ir.cost import value_bytes
 from .ir.graph import Graph, Node
 from .ir.ops import get as get_op
@@ -29,7 +29,7 @@ def run_node(n: Node, args: list, in_types: list, out_t):
         the output runtime array (int64 codes for a fixed-point ``out_t``, float32 otherwise).
     Raises:
         UnsupportedError: naming the node for an op without a registered kernel.
-        ReferenceError_: NaN into a ``Quantize`` from float.
+        FeedError: NaN into a ``Quantize`` from float.
     """
     spec = get_op(n.op)
     if spec is None:
@@ -42,32 +42,32 @@ def prepare_feeds(graph: Graph, inputs, codes: bool = False) -> dict[str, np.nda
     arrays: reals are cast into each fixed-point input type with that type's rounding/overflow.
 
     Raises:
-        ReferenceError_: wrong count or shape, or NaN fed to a fixed-point input.
+        FeedError: wrong count or shape, or NaN fed to a fixed-point input.
     """
     if isinstance(inputs, Mapping):
         feeds = dict(inputs)
     else:
         seq = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         if len(seq) != len(graph.inputs):
-            raise ReferenceError_(f"model takes {len(graph.inputs)} input(s), got {len(seq)}", graph.name)
+            raise FeedError(f"model takes {len(graph.inputs)} input(s), got {len(seq)}", graph.name)
         feeds = dict(zip(graph.inputs, seq))
     out = {}
     for name in graph.inputs:
         if name not in feeds:
-            raise ReferenceError_(f"missing input {name!r}", name)
+            raise FeedError(f"missing input {name!r}", name)
         v = graph.values[name]
         a = np.asarray(feeds[name])
         if a.shape[1:] != tuple(v.shape):
             if a.shape == tuple(v.shape):
                 a = a[None]
             else:
-                raise ReferenceError_(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})", name)
+                raise FeedError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})", name)
         if isinstance(v.dtype, FixedType):
             if codes:
                 out[name] = a.astype(np.int64)
             else:
                 if np.isnan(a).any():
-                    raise ReferenceError_(f"input {name!r} contains NaN", name)
+                    raise FeedError(f"input {name!r} contains NaN", name)
                 out[name] = v.dtype.quantize_real(a)
         else:
             out[name] = a.astype(np.float32)

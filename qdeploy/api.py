@@ -103,7 +103,7 @@ def load(model, example_input=None) -> Graph:
     ``module:function`` spec, or a torch/Brevitas ``nn.Module`` (needs ``example_input``).
 
     Raises:
-        QDeployError (ImportError_/UnsupportedError): naming the node at fault.
+        QDeployError (ModelImportError/UnsupportedError): naming the node at fault.
     """
     if isinstance(model, Graph):
         return model

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..errors import ImportError_, QDeployError
+from ..errors import ModelImportError, QDeployError
 from .export import export_qonnx
 from .qonnx import import_onnx
 
@@ -31,12 +31,12 @@ def _load_callable(spec: str):
 
     mod_name, _, fn_name = spec.rpartition(":")
     if not mod_name or not fn_name:
-        raise ImportError_(f"model spec {spec!r} is neither an .onnx file nor 'module:function'")
+        raise ModelImportError(f"model spec {spec!r} is neither an .onnx file nor 'module:function'")
     try:
         if mod_name.endswith(".py") or os.sep in mod_name:
             path = Path(mod_name)
             if not path.is_file():
-                raise ImportError_(f"model spec {spec!r}: file {mod_name!r} not found")
+                raise ModelImportError(f"model spec {spec!r}: file {mod_name!r} not found")
             folder = str(path.resolve().parent)
             added = folder not in sys.path
             if added:
@@ -55,10 +55,10 @@ def _load_callable(spec: str):
     except QDeployError:
         raise
     except Exception as e:
-        raise ImportError_(f"model spec {spec!r}: cannot import {mod_name!r}: {type(e).__name__}: {e}") from None
+        raise ModelImportError(f"model spec {spec!r}: cannot import {mod_name!r}: {type(e).__name__}: {e}") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise ImportError_(f"model spec {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+        raise ModelImportError(f"model spec {spec!r}: {mod_name!r} has no callable {fn_name!r}")
     return fn
 
 
@@ -70,7 +70,7 @@ def load_model(path_or_spec, *, name=None):
     (a batch-first tensor).  The module is exported with Brevitas (:func:`import_brevitas`).
 
     Raises:
-        ImportError_: file not found, unparsable model, bad spec, or a callable returning something
+        ModelImportError: file not found, unparsable model, bad spec, or a callable returning something
             else; plus everything :func:`import_onnx` / :func:`import_brevitas` raise.
     """
     if not isinstance(path_or_spec, (str, os.PathLike)):
@@ -82,13 +82,13 @@ def load_model(path_or_spec, *, name=None):
     try:
         res = fn()
     except Exception as e:
-        raise ImportError_(f"model spec {s!r}: calling {fn.__name__}() failed: {type(e).__name__}: {e}") from None
+        raise ModelImportError(f"model spec {s!r}: calling {fn.__name__}() failed: {type(e).__name__}: {e}") from None
     if isinstance(res, tuple) and len(res) == 2:
         module, example = res
     else:
         module, example = res, getattr(res, "example_input", None)
     if example is None:
-        raise ImportError_(f"model spec {s!r}: {fn.__name__}() must return (module, example_input) or a module "
+        raise ModelImportError(f"model spec {s!r}: {fn.__name__}() must return (module, example_input) or a module "
                            f"with an 'example_input' attribute")
     return import_brevitas(module, example, name=name)
 

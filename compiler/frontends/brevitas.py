@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ImportError_, QDeployError
+from ..errors import ModelImportError, QDeployError
 from ..ir.graph import Graph
 
 
@@ -42,14 +42,14 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
         The IR :class:`Graph` (see :func:`qdeploy.compiler.frontends.qonnx.import_onnx` for the
         layout conventions); ``meta["frontend"] = "brevitas"``, ``meta["source"]`` names the class.
     Raises:
-        ImportError_: the export failed (Brevitas/onnxoptimizer missing, untraceable module).
+        ModelImportError: the export failed (Brevitas/onnxoptimizer missing, untraceable module).
         UnsupportedError: the exported graph uses something the IR cannot express.
     """
     try:
         import torch
         from brevitas.export import export_qonnx
     except Exception as e:  # pragma: no cover - dependency problem
-        raise ImportError_(f"Brevitas export needs torch and brevitas: {type(e).__name__}: {e}") from None
+        raise ModelImportError(f"Brevitas export needs torch and brevitas: {type(e).__name__}: {e}") from None
     from .qonnx import import_onnx
 
     gname = name or type(module).__name__
@@ -63,7 +63,7 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
         except QDeployError:
             raise
         except Exception as e:
-            raise ImportError_(f"Brevitas export_qonnx of {gname} failed: {type(e).__name__}: {e}") from None
+            raise ModelImportError(f"Brevitas export_qonnx of {gname} failed: {type(e).__name__}: {e}") from None
         finally:
             module.train(was_training)
         g = import_onnx(path, name=gname)
@@ -89,7 +89,7 @@ def export_brevitas_qonnx(module, example_input, path, *, clean: bool = True,
     Returns:
         the path.
     Raises:
-        ImportError_: the Brevitas export failed.
+        ModelImportError: the Brevitas export failed.
     """
     import numpy as np
     import onnx
@@ -105,7 +105,7 @@ def export_brevitas_qonnx(module, example_input, path, *, clean: bool = True,
         with torch.no_grad(), _quiet():
             export_qonnx(module, args=x, export_path=str(path))
     except Exception as e:
-        raise ImportError_(f"Brevitas export_qonnx of {type(module).__name__} failed: {type(e).__name__}: {e}") from None
+        raise ModelImportError(f"Brevitas export_qonnx of {type(module).__name__} failed: {type(e).__name__}: {e}") from None
     proto = onnx.load(str(path))
     if clean:
         from qonnx.core.modelwrapper import ModelWrapper

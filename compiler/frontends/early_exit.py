@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ImportError_
+from ..errors import ModelImportError
 
 __all__ = ["EarlyExitNet", "attach_exits", "plain_tensor", "export_early_exit"]
 
@@ -112,7 +112,7 @@ def export_early_exit(model: nn.Module, example_input, path, exit_names=None) ->
     ``model.exit_names`` or ``exit0..``).
 
     Raises:
-        ImportError_: the Brevitas export failed or the exported graph has a different number of
+        ModelImportError: the Brevitas export failed or the exported graph has a different number of
             outputs than the model has exits.
     """
     from .brevitas import export_brevitas_qonnx
@@ -126,7 +126,7 @@ def export_early_exit(model: nn.Module, example_input, path, exit_names=None) ->
     def name_exits(proto):
         outs = list(proto.graph.output)
         if len(outs) != n_exits:
-            raise ImportError_(f"exported graph has {len(outs)} outputs but the model has {n_exits} exits")
+            raise ModelImportError(f"exported graph has {len(outs)} outputs but the model has {n_exits} exits")
         names = list(exit_names or getattr(model, "exit_names", None) or [f"exit{k}" for k in range(n_exits)])
         rename = {o.name: nm for o, nm in zip(outs, names)}
         for node in proto.graph.node:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import ImportError_, UnsupportedError, VerifyError
+from ..errors import ModelImportError, UnsupportedError, VerifyError
 from ..ir.graph import Const, Graph, GraphBuilder
 from ..ir.types import FLOAT32, FixedType, FloatType
 from .onnx_load import STD_DOMAINS
@@ -30,12 +30,12 @@ def check_quant_params(node, scale, zp, bw) -> None:
     """Values no QONNX ``Quant`` may have (activation or weight quantizer), naming the node."""
     if scale.size == 0 or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         bad = scale.ravel()[~(np.isfinite(scale.ravel()) & (scale.ravel() > 0))]
-        raise ImportError_(f"Quant scale must be positive and finite, got {bad[0] if bad.size else scale.ravel()}",
+        raise ModelImportError(f"Quant scale must be positive and finite, got {bad[0] if bad.size else scale.ravel()}",
                            node.name)
     if not np.all(np.isfinite(zp)):
-        raise ImportError_("Quant zero point is not finite", node.name)
+        raise ModelImportError("Quant zero point is not finite", node.name)
     if bw.size == 0 or not np.all(np.isfinite(bw)) or np.any(bw < 1):
-        raise ImportError_(f"Quant bit width {bw.ravel().tolist()[:4]} must be >= 1", node.name)
+        raise ModelImportError(f"Quant bit width {bw.ravel().tolist()[:4]} must be >= 1", node.name)
 
 
 def canonical_perm(rank: int) -> tuple[int, ...]:
@@ -127,13 +127,13 @@ class OnnxConverter:
         """The :class:`Entry` of activation ``t`` read by ``node``.
 
         Raises:
-            UnsupportedError: ``t`` is a constant.  ImportError_: nothing produces ``t``.
+            UnsupportedError: ``t`` is a constant.  ModelImportError: nothing produces ``t``.
         """
         if t not in self.env:
             if t in self.consts:
                 raise UnsupportedError(f"{node.op_type}: constant input {t!r} where an activation is expected",
                                        node.name)
-            raise ImportError_(f"{node.op_type}: input {t!r} is not produced by any node", node.name)
+            raise ModelImportError(f"{node.op_type}: input {t!r} is not produced by any node", node.name)
         return self.env[t]
 
     def onnx_shape(self, e: Entry) -> tuple[int, ...]:
@@ -246,7 +246,7 @@ class OnnxConverter:
                 raise UnsupportedError(f"graph output {o!r} is a constant", o)
             e = self.env.get(o)
             if e is None:
-                raise ImportError_(f"graph output {o!r} is not produced by any node", o)
+                raise ModelImportError(f"graph output {o!r} is not produced by any node", o)
             rank = len(self.b.values[e.value].shape)
             q = canonical_perm(rank)
             fake = onnx.helper.make_node("Identity", [o], [o], name=o)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import ImportError_, QDeployError, UnsupportedError
+from ..errors import ModelImportError, QDeployError, UnsupportedError
 
 #: Domains whose ``Quant`` / ``BipolarQuant`` nodes follow the QONNX definitions.
 QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas", "finn",
@@ -28,7 +28,7 @@ def load_proto(model) -> tuple[onnx.ModelProto, str]:
     """(a private copy of the ModelProto, source name) of a file path, bytes or ModelProto.
 
     Raises:
-        ImportError_: missing file, unparsable or empty (truncated) model.
+        ModelImportError: missing file, unparsable or empty (truncated) model.
     """
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
@@ -39,14 +39,14 @@ def load_proto(model) -> tuple[onnx.ModelProto, str]:
     else:
         path = Path(model)
         if not path.is_file():
-            raise ImportError_(f"model file {str(path)!r} not found")
+            raise ModelImportError(f"model file {str(path)!r} not found")
         data, source = path.read_bytes(), str(path)
     try:
         proto = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf DecodeError and friends
-        raise ImportError_(f"cannot parse ONNX model {source}: {type(e).__name__}: {e}") from None
+        raise ModelImportError(f"cannot parse ONNX model {source}: {type(e).__name__}: {e}") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
-        raise ImportError_(f"ONNX model {source} has no graph nodes (malformed or truncated file?)")
+        raise ModelImportError(f"ONNX model {source} has no graph nodes (malformed or truncated file?)")
     return proto, source
 
 
@@ -57,7 +57,7 @@ def prepare(proto: onnx.ModelProto):
 
     Raises:
         UnsupportedError: unknown op/domain or a dynamic non-batch input dimension (naming it).
-        ImportError_: structural problems (:func:`check_graph`) or a failed QONNX cleanup.
+        ModelImportError: structural problems (:func:`check_graph`) or a failed QONNX cleanup.
     """
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.fold_constants import FoldConstants
@@ -114,7 +114,7 @@ def prepare(proto: onnx.ModelProto):
     except QDeployError:
         raise
     except Exception as e:
-        raise ImportError_(f"QONNX cleanup (shape inference / constant folding) failed: {type(e).__name__}: {e}") from None
+        raise ModelImportError(f"QONNX cleanup (shape inference / constant folding) failed: {type(e).__name__}: {e}") from None
     return m
 
 
@@ -129,7 +129,7 @@ def check_graph(g) -> None:
             if not t:
                 continue
             if t not in avail and t not in producer:
-                raise ImportError_(f"{n.op_type} input {t!r} is not produced by any node, initializer or graph "
+                raise ModelImportError(f"{n.op_type} input {t!r} is not produced by any node, initializer or graph "
                                    f"input (missing initializer?)", n.name)
             consumers[t].append(n)
     # cycles: Kahn's algorithm over node-to-node edges
@@ -158,13 +158,13 @@ def check_graph(g) -> None:
                     ring.discard(k)
                     changed = True
         names = [n.name for n in g.node if id(n) in (ring or left)]
-        raise ImportError_(f"the graph has a cycle through nodes {', '.join(names)}", names[0])
+        raise ModelImportError(f"the graph has a cycle through nodes {', '.join(names)}", names[0])
 
     def finite(arr, what, node):
         a = np.asarray(arr)
         if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
             nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-            raise ImportError_(f"{what} has non-finite values ({nan} NaN, {inf} Inf of {a.size})", node)
+            raise ModelImportError(f"{what} has non-finite values ({nan} NaN, {inf} Inf of {a.size})", node)
 
     for t in g.initializer:
         if consumers.get(t.name):

@@ -3,7 +3,7 @@
 Pipeline
 --------
 1. Load (file path, bytes or ModelProto).  Unparsable / truncated files raise
-   :class:`ImportError_` with a one-line reason.
+   :class:`ModelImportError` with a one-line reason.
 2. Checks on the raw model: every node has a known domain and op (else
    :class:`UnsupportedError` naming the node); graph inputs have static shapes except the first
    (batch) dimension (else :class:`UnsupportedError` naming the input).
@@ -51,7 +51,7 @@ def import_onnx(model: "str | os.PathLike | bytes | onnx.ModelProto", *, name: s
         (ONNX ``[N, C, H, W]`` -> IR ``(H, W, C)``; ``[N, C, L]`` -> ``(L, C)``; ``[N, K]`` -> ``(K,)``).
         ``meta``: ``source``, ``frontend="qonnx"``, ``input_perms``, ``output_perms``, ``opset``.
     Raises:
-        ImportError_: missing, malformed or truncated file; QONNX cleanup failure.
+        ModelImportError: missing, malformed or truncated file; QONNX cleanup failure.
         UnsupportedError: an op, attribute or quantizer the IR cannot express, or a dynamic
             non-batch input dimension (the message names the ONNX node or input).
         VerifyError: the converted graph is inconsistent (names the node).

@@ -32,7 +32,7 @@ SATURATION_MODES = ("WRAP", "SAT", "SAT_ZERO", "SAT_SYM")
 MAX_WIDTH = 62
 
 
-class TypeError_(ValueError):
+class FixedTypeError(ValueError):
     """Raised for an invalid type description (bad width, unknown mode, unparsable string)."""
 
 
@@ -50,7 +50,7 @@ class FixedType:
             symmetric range of QONNX ``narrow=1`` signed quantizers).
 
     Raises:
-        TypeError_: on a width outside 1..62, an unknown mode, or ``SAT_SYM`` on an unsigned type.
+        FixedTypeError: on a width outside 1..62, an unknown mode, or ``SAT_SYM`` on an unsigned type.
     """
 
     width: int
@@ -61,15 +61,15 @@ class FixedType:
 
     def __post_init__(self):
         if not isinstance(self.width, (int, np.integer)) or not 1 <= int(self.width) <= MAX_WIDTH:
-            raise TypeError_(f"bit width {self.width} outside 1..{MAX_WIDTH}")
+            raise FixedTypeError(f"bit width {self.width} outside 1..{MAX_WIDTH}")
         if self.signed and self.width < 1:
-            raise TypeError_("signed type needs at least 1 bit")
+            raise FixedTypeError("signed type needs at least 1 bit")
         if self.rounding not in ROUNDING_MODES:
-            raise TypeError_(f"unknown rounding mode {self.rounding!r} (one of {ROUNDING_MODES})")
+            raise FixedTypeError(f"unknown rounding mode {self.rounding!r} (one of {ROUNDING_MODES})")
         if self.saturation not in SATURATION_MODES:
-            raise TypeError_(f"unknown saturation mode {self.saturation!r} (one of {SATURATION_MODES})")
+            raise FixedTypeError(f"unknown saturation mode {self.saturation!r} (one of {SATURATION_MODES})")
         if self.saturation == "SAT_SYM" and not self.signed:
-            raise TypeError_("SAT_SYM needs a signed type")
+            raise FixedTypeError("SAT_SYM needs a signed type")
         object.__setattr__(self, "width", int(self.width))
         object.__setattr__(self, "int_bits", int(self.int_bits))
         object.__setattr__(self, "signed", bool(self.signed))
@@ -199,22 +199,22 @@ def parse_type(text: str) -> DType:
     ``uint<4>`` or ``float32``.
 
     Raises:
-        TypeError_: when the text is not one of these forms.
+        FixedTypeError: when the text is not one of these forms.
     """
     text = text.strip()
     if text in ("float", "float32"):
         return FLOAT32
     m = _TYPE_RE.match(text)
     if not m:
-        raise TypeError_(f"cannot parse type {text!r}: expected e.g. fixed<8,3>, ufixed<6,0,RND_CONV,SAT>, int<8>, float32")
+        raise FixedTypeError(f"cannot parse type {text!r}: expected e.g. fixed<8,3>, ufixed<6,0,RND_CONV,SAT>, int<8>, float32")
     _, u, kind, w, i, q, o = m.groups()
     w = int(w)
     if kind == "int":
         if i is not None:
-            raise TypeError_(f"int type takes one parameter: {text!r}")
+            raise FixedTypeError(f"int type takes one parameter: {text!r}")
         i = w
     elif i is None:
-        raise TypeError_(f"fixed type needs <width,int_bits>: {text!r}")
+        raise FixedTypeError(f"fixed type needs <width,int_bits>: {text!r}")
     return FixedType(w, int(i), signed=(u == ""), rounding=q or "TRN", saturation=o or "WRAP")
 
 
@@ -236,7 +236,7 @@ def _round_up(floor, is_half, above_half, inexact, mode: str, odd):
         return (above_half | (is_half & ~neg)).astype(floor.dtype)
     if mode == "RND_CONV":  # half to even
         return (above_half | (is_half & odd)).astype(floor.dtype)
-    raise TypeError_(f"unknown rounding mode {mode}")
+    raise FixedTypeError(f"unknown rounding mode {mode}")
 
 
 def _overflow_int(q: np.ndarray, t: FixedType) -> np.ndarray:
@@ -303,11 +303,11 @@ def fixed_for_range(lo: int, hi: int, frac_bits: int) -> FixedType:
     """Exact (TRN, WRAP) fixed type holding every code in ``[lo, hi]`` at ``frac_bits``.
 
     Raises:
-        TypeError_: when more than 62 bits would be needed.
+        FixedTypeError: when more than 62 bits would be needed.
     """
     w, signed = bits_for_range(lo, hi)
     if w > MAX_WIDTH:
-        raise TypeError_(f"range [{lo}, {hi}] needs {w} bits, more than {MAX_WIDTH}")
+        raise FixedTypeError(f"range [{lo}, {hi}] needs {w} bits, more than {MAX_WIDTH}")
     return FixedType(w, w - frac_bits, signed)
 
 

@@ -107,7 +107,7 @@ def test_report_md_carries_the_estimate(tmp_path, rng):
 
 
 def test_nan_reaching_a_quantizer_names_the_node_and_sample():
-    from qdeploy.compiler.errors import ReferenceError_
+    from qdeploy.compiler.errors import FeedError
     from qdeploy.compiler.reference import execute
     b = GraphBuilder("q")
     x = b.input("x", (4,), FLOAT32)
@@ -115,7 +115,7 @@ def test_nan_reaching_a_quantizer_names_the_node_and_sample():
     g = b.build()
     a = np.zeros((3, 4), np.float32)
     a[2, 1] = np.nan
-    with pytest.raises(ReferenceError_) as ei:
+    with pytest.raises(FeedError) as ei:
         execute(g, {"x": a})
     msg = ei.value.one_line()
     assert "node 'in_q'" in msg and "sample(s) [2]" in msg and "NaN" in msg

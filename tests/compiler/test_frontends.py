@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qdeploy.compiler import reference as ref
-from qdeploy.compiler.errors import ImportError_, UnsupportedError
+from qdeploy.compiler.errors import ModelImportError, UnsupportedError
 from qdeploy.compiler.frontends import export_qonnx, import_onnx, load_model
 from qdeploy.compiler.ir import verify
 from qdeploy.compiler.ir.types import FixedType
@@ -321,9 +321,9 @@ def test_error_truncated_file(tmp_path):
     data = (REALCASES / "onnx-mnist-cnn" / "model.onnx").read_bytes()
     p = tmp_path / "trunc.onnx"
     p.write_bytes(data[: len(data) // 3])
-    msg = _err(p, ImportError_)
+    msg = _err(p, ModelImportError)
     assert "cannot parse ONNX model" in msg and "\n" not in msg
-    assert "not found" in _err(tmp_path / "missing.onnx", ImportError_)
+    assert "not found" in _err(tmp_path / "missing.onnx", ModelImportError)
 
 
 def test_error_bn_training_and_ceil_mode(rng):
@@ -384,7 +384,7 @@ def test_brevitas_and_load_model_spec(tmp_path):
     with torch.no_grad():
         want = module(x).detach().numpy()
     np.testing.assert_allclose(ref.run(g, x.numpy()), want, atol=1e-6, rtol=0)
-    with pytest.raises(ImportError_, match="neither an .onnx file"):
+    with pytest.raises(ModelImportError, match="neither an .onnx file"):
         load_model("no_colon_here")
 
 

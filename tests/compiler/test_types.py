@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qdeploy.compiler.ir.types import FixedType, TypeError_, exact_type_for_values, parse_type, requantize
+from qdeploy.compiler.ir.types import FixedType, FixedTypeError, exact_type_for_values, parse_type, requantize
 
 MODES = ["TRN", "TRN_ZERO", "RND", "RND_ZERO", "RND_INF", "RND_MIN_INF", "RND_CONV"]
 
@@ -54,11 +54,11 @@ def test_parse_and_print_roundtrip():
     assert t.hls() == "ap_fixed<16,6,AP_RND_CONV,AP_SAT>"
     assert parse_type("int<8>") == FixedType(8, 8, True)
     assert parse_type("uint<4>").max_code == 15
-    with pytest.raises(TypeError_):
+    with pytest.raises(FixedTypeError):
         parse_type("fixed<0,0>")
-    with pytest.raises(TypeError_):
+    with pytest.raises(FixedTypeError):
         parse_type("fixed<8>")
-    with pytest.raises(TypeError_):
+    with pytest.raises(FixedTypeError):
         FixedType(8, 0, False, "TRN", "SAT_SYM")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import ReferenceError_, VerifyError
+from ...errors import FeedError, VerifyError
 from ..types import FixedType, requantize
 from .spec import OpSpec, register
 
@@ -22,14 +22,14 @@ def _quantize_ref(node, args, in_types, out_t):
     """Fixed input: exact ap_fixed cast of the codes.  Float input: round and overflow the reals.
 
     Raises:
-        ReferenceError_: naming the node when a float input holds NaN (no fixed-point code).
+        FeedError: naming the node when a float input holds NaN (no fixed-point code).
     """
     t0 = in_types[0]
     if isinstance(t0, FixedType):
         return requantize(args[0], t0.frac_bits, out_t)
     if np.isnan(args[0]).any():
         bad = sorted({int(i) for i in np.argwhere(np.isnan(args[0]))[:, 0]})[:5]
-        raise ReferenceError_(f"NaN in the input of this quantizer (value {node.inputs[0]!r}, sample(s) {bad}): "
+        raise FeedError(f"NaN in the input of this quantizer (value {node.inputs[0]!r}, sample(s) {bad}): "
                               "fixed-point types have no NaN", node.name)
     return out_t.quantize_real(args[0])
 

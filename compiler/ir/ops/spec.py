@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ...errors import UnsupportedError, VerifyError
-from ..types import FixedType, FloatType, TypeError_
+from ..types import FixedType, FloatType, FixedTypeError
 
 
 def default_macs(node, graph) -> int:
@@ -113,7 +113,7 @@ def infer(node, inputs) -> tuple[tuple[int, ...], object]:
         return spec.infer(node, inputs)
     except (VerifyError, UnsupportedError):
         raise
-    except TypeError_ as e:
+    except FixedTypeError as e:
         raise VerifyError(str(e), node.name) from None
     except (KeyError, IndexError, ValueError) as e:
         raise VerifyError(f"{node.op}: invalid attributes or inputs ({type(e).__name__}: {e})", node.name) from None
