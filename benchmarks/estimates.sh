@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 validation in one command (not part of the test run):
+# Estimator validation in one command (not part of the test run):
 #   bash benchmarks/estimates.sh
 # FPGA estimate vs the published hls4ml jet tagger (../shared/refs/fpga_jet_tagger_vu9p.csv), then the
 # ASIC estimate vs the ECON-T encoder (../shared/refs/asic_econt.csv); both print side-by-side tables.

@@ -1,4 +1,4 @@
-"""Rematerialization benchmark (issue 8): Moccasin CP-SAT vs the Checkmate MILP (HiGHS) vs greedy.
+"""Rematerialization benchmark: Moccasin CP-SAT vs the Checkmate MILP (HiGHS) vs greedy.
 
 For every graph of :mod:`benchmarks.remat_graphs` and budgets of 90% and 80% of the
 no-remat peak (graph order), prints feasibility, compute overhead % and solve time of each

@@ -1,4 +1,4 @@
-"""Benchmark graphs for rematerialization (issue 8): our re-creations of the Checkmate inference
+"""Benchmark graphs for rematerialization: our re-creations of the Checkmate inference
 graphs (Keras layer graphs, one node per Keras layer, the Input layer excluded and edges from it
 not counted), their training graphs, and seeded random layered DAGs.
 

@@ -86,7 +86,7 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
     """Run a compiled artifact on INPUT and save its real-valued outputs."""
     from .api import load_array_file
     from .runtime import CompiledModel
-    if (artifact / "plan.json").is_file():  # issue 6: a multi-stage program (qdeploy compile-early-exit)
+    if (artifact / "plan.json").is_file():  # a multi-stage program (qdeploy compile-early-exit)
         _run_program(artifact, input, output)
         return
     try:
@@ -121,7 +121,7 @@ def _run_program(program: Path, input: Path, output: Path) -> None:
     typer.echo(f"wrote {output} {np.shape(pred)} (predicted class) and {exits_out} (exit index); exits {counts}")
 
 
-# --- early exit (issue 6) ----------------------------------------------------------------------
+# --- early exit ---------------------------------------------------------------------------------
 @app.command("compile-early-exit")
 def compile_early_exit_cmd(
         model: str = typer.Argument(..., help="QONNX/ONNX file (one output per exit) or module:function"),
@@ -251,7 +251,7 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
     typer.echo(est.get("note", ""))
 
 
-# --- search (issue 4: Hessian-guided mixed-precision search) ---------------------------------
+# --- search: Hessian-guided mixed-precision search -------------------------------------------
 @app.command("search")
 def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:function or YAML returning the float model and data"),
                out: Path = typer.Option(..., "-o", "--out", help="output directory for the report and QONNX models"),

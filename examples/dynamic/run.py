@@ -1,4 +1,4 @@
-"""Compile the dynamic test networks (issue 7) and print, per model: blocks, conditions,
+"""Compile the dynamic test networks and print, per model: blocks, conditions,
 compile time, consistency with eager PyTorch (ours vs plain torch.jit.trace) and latency.
 
     .venv/bin/python examples/dynamic/run.py [--target tvm-llvm] [--n 200]

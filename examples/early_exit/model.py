@@ -1,4 +1,4 @@
-"""BranchyNet-style quantized CNN on the bundled digits data (issue 6 example, model half).
+"""BranchyNet-style quantized CNN on the bundled digits data (example, model half).
 
 Backbone (Brevitas, power-of-two quantizers from ``examples/digits/models.py``)::
 

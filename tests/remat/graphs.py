@@ -1,4 +1,4 @@
-"""Small quantized IR graphs where rematerialization pays (issue 8 tests)."""
+"""Small quantized IR graphs where rematerialization pays."""
 from __future__ import annotations
 
 import numpy as np

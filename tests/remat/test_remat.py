@@ -1,4 +1,4 @@
-"""Issue 8: memory analysis, rematerialization solvers, rewrite exactness, errors, CLI."""
+"""Memory analysis, rematerialization solvers, rewrite exactness, errors, CLI."""
 from __future__ import annotations
 
 import json

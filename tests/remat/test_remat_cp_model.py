@@ -1,4 +1,4 @@
-"""Issue 8: the CP model's tightening (live-set cuts, no-gap, read copies), its complete warm
+"""The CP model's tightening (live-set cuts, no-gap, read copies), its complete warm
 start, the low-memory order, the lower-bound proof, timeouts and statelessness."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8: the remat section of report.md, and the estimator's cycles as the remat cost."""
+"""The remat section of report.md, and the estimator's cycles as the remat cost."""
 from __future__ import annotations
 
 import json
