@@ -107,32 +107,6 @@ def _wb(tr, n: Node, n_out: int):
     return w, np.broadcast_to(b.real(), (n_out,)).astype(np.float64), bt.hls()
 
 
-def _conv_like(tr, n: Node, wdata: np.ndarray, bdata, btype, wtype, strides, pads, src):
-    """Conv1D/Conv2D layer for channels-last input ``tr.vt(n.inputs[0])``; wdata (*k, C_in, C_out)."""
-    xin = tr.graph.value(n.inputs[0])
-    tout = tr.vt(n.output)
-    nd = wdata.ndim - 2
-    oshape = tr.graph.value(n.output).shape
-    if nd == 1:
-        d = {"class_name": "Conv1D", "data_format": "channels_last", "in_width": xin.shape[0],
-             "n_chan": xin.shape[1], "n_filt": wdata.shape[-1], "filt_width": wdata.shape[0],
-             "stride_width": strides[0], "dilation": 1, "out_width": oshape[0], "pad_left": pads[0],
-             "pad_right": pads[1]}
-    elif nd == 2:
-        d = {"class_name": "Conv2D", "data_format": "channels_last", "in_height": xin.shape[0],
-             "in_width": xin.shape[1], "n_chan": xin.shape[2], "n_filt": wdata.shape[-1],
-             "filt_height": wdata.shape[0], "filt_width": wdata.shape[1], "stride_height": strides[0],
-             "stride_width": strides[1], "dilation_height": 1, "dilation_width": 1,
-             "out_height": oshape[0], "out_width": oshape[1], "pad_top": pads[0], "pad_bottom": pads[2],
-             "pad_left": pads[1], "pad_right": pads[3]}
-    else:
-        raise UnsupportedError(f"{nd}-D convolution (hls4ml has Conv1D and Conv2D)", n.name)
-    d["weight_data"] = np.ascontiguousarray(wdata, dtype=np.float64)
-    d["bias_data"] = np.ascontiguousarray(bdata, dtype=np.float64)
-    prec = {"weight": wtype, "bias": btype, "accum": tout.hls(), "result": tout.hls()}
-    tr.bind(n.output, tr.layer(n, d, prec, [src]))
-
-
 @hls4ml_op("Dense", cost=Cost(mac_row, "registered"))
 def _dense(tr, n: Node):
     x = tr.graph.value(n.inputs[0])
@@ -148,7 +122,7 @@ def _dense(tr, n: Node):
         nd = len(x.shape) - 1
         wk = w.real().reshape((1,) * nd + w.shape)
         tr.note(f"Dense '{n.name}' on a rank-{len(x.shape)} tensor mapped to a pointwise Conv{nd}D")
-        _conv_like(tr, n, wk, b, bt, w.dtype.hls(), (1,) * nd, (0,) * (2 * nd), tr.src(n.inputs[0]))
+        tr.conv_layer(n, wk, b, bt, w.dtype.hls(), (1,) * nd, (0,) * (2 * nd), tr.src(n.inputs[0]))
         return
     raise UnsupportedError(f"Dense on a rank-{len(x.shape)} input", n.name)
 
@@ -173,7 +147,7 @@ def _conv(tr, n: Node):
         wr = full
         tr.note(f"grouped Conv '{n.name}' (groups={groups}) mapped to one convolution with a "
                 "block-diagonal kernel (exact zeros between groups)")
-    _conv_like(tr, n, wr, b, bt, w.dtype.hls(), strides, pads, tr.src(n.inputs[0]))
+    tr.conv_layer(n, wr, b, bt, w.dtype.hls(), strides, pads, tr.src(n.inputs[0]))
 
 
 # ----------------------------------------------------------------------------- activations, casts
@@ -355,25 +329,6 @@ def _transpose(tr, n: Node):
 
 
 # ----------------------------------------------------------------------------- pooling
-def _pool_dict(tr, n: Node, kind: str, in_shape, kernel, strides, pads, out_shape):
-    nd = len(kernel)
-    if tr.io_type == "io_stream" and tuple(strides) != tuple(kernel):
-        # nnet_pooling_stream.h asserts pool size == stride (aborts the C simulation otherwise)
-        raise UnsupportedError(f"pooling with strides {tuple(strides)} != kernel {tuple(kernel)} in io_stream "
-                               "(hls4ml's streaming pooling needs non-overlapping windows)", n.name)
-    if nd == 1:
-        return {"class_name": f"{kind}Pooling1D", "data_format": "channels_last", "n_in": in_shape[0],
-                "n_out": out_shape[0], "n_filt": in_shape[-1], "pool_width": kernel[0],
-                "stride_width": strides[0], "pad_left": pads[0], "pad_right": pads[1]}
-    if nd == 2:
-        return {"class_name": f"{kind}Pooling2D", "data_format": "channels_last", "in_height": in_shape[0],
-                "in_width": in_shape[1], "n_filt": in_shape[-1], "pool_height": kernel[0],
-                "pool_width": kernel[1], "stride_height": strides[0], "stride_width": strides[1],
-                "out_height": out_shape[0], "out_width": out_shape[1], "pad_top": pads[0],
-                "pad_bottom": pads[2], "pad_left": pads[1], "pad_right": pads[3]}
-    raise UnsupportedError(f"{nd}-D pooling (hls4ml has 1-D and 2-D)", n.name)
-
-
 def _maxpool_cost(ctx, node):
     size, ob = _out_bits(ctx, node)
     n = int(np.prod(node.attrs["kernel"]))  # A12: k-1 comparators+muxes per output, 2 LUT per bit
@@ -396,7 +351,7 @@ def _maxpool(tr, n: Node):
             raise UnsupportedError("MaxPool padding as large as the kernel (all-padding windows)", n.name)
         if tr.io_type == "io_stream":
             raise UnsupportedError("padded MaxPool in io_stream", n.name)
-    d = _pool_dict(tr, n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
+    d = tr.pool_dict(n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
     tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
 
@@ -445,7 +400,7 @@ def _avgpool(tr, n: Node):
     s, p = _rank_pads(n, len(k))
     if any(p):
         raise UnsupportedError("AvgPool with padding", n.name)
-    _avg(tr, n, lambda: _pool_dict(tr, n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
+    _avg(tr, n, lambda: tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
          int(np.prod(k)))
 
 

@@ -133,6 +133,62 @@ class Translator:
             self.bind(out_value, lay)
         return lay
 
+    def conv_layer(self, n: Node, wdata: np.ndarray, bdata, btype, wtype, strides, pads, src):
+        """Add a Conv1D/Conv2D layer (channels-last input ``n.inputs[0]``, kernel ``wdata`` of shape
+        (*k, C_in, C_out), bias reals ``bdata``; C++ types ``wtype``/``btype``; accumulator and result
+        the output's type) reading layer ``src``, and bind ``n.output`` to it.
+
+        Raises:
+            UnsupportedError: a kernel of rank other than 1 or 2.
+        """
+        xin = self.graph.value(n.inputs[0])
+        tout = self.vt(n.output)
+        nd = wdata.ndim - 2
+        oshape = self.graph.value(n.output).shape
+        if nd == 1:
+            d = {"class_name": "Conv1D", "data_format": "channels_last", "in_width": xin.shape[0],
+                 "n_chan": xin.shape[1], "n_filt": wdata.shape[-1], "filt_width": wdata.shape[0],
+                 "stride_width": strides[0], "dilation": 1, "out_width": oshape[0], "pad_left": pads[0],
+                 "pad_right": pads[1]}
+        elif nd == 2:
+            d = {"class_name": "Conv2D", "data_format": "channels_last", "in_height": xin.shape[0],
+                 "in_width": xin.shape[1], "n_chan": xin.shape[2], "n_filt": wdata.shape[-1],
+                 "filt_height": wdata.shape[0], "filt_width": wdata.shape[1], "stride_height": strides[0],
+                 "stride_width": strides[1], "dilation_height": 1, "dilation_width": 1,
+                 "out_height": oshape[0], "out_width": oshape[1], "pad_top": pads[0], "pad_bottom": pads[2],
+                 "pad_left": pads[1], "pad_right": pads[3]}
+        else:
+            raise UnsupportedError(f"{nd}-D convolution (hls4ml has Conv1D and Conv2D)", n.name)
+        d["weight_data"] = np.ascontiguousarray(wdata, dtype=np.float64)
+        d["bias_data"] = np.ascontiguousarray(bdata, dtype=np.float64)
+        prec = {"weight": wtype, "bias": btype, "accum": tout.hls(), "result": tout.hls()}
+        self.bind(n.output, self.layer(n, d, prec, [src]))
+
+    def pool_dict(self, n: Node, kind: str, in_shape, kernel, strides, pads, out_shape):
+        """hls4ml ``{kind}Pooling1D``/``2D`` layer dict (``kind``: ``"Max"`` or ``"Average"``) for
+        channels-last ``in_shape`` -> ``out_shape`` with ``kernel``, ``strides`` and ``pads`` (ONNX
+        order: begins then ends).
+
+        Raises:
+            UnsupportedError: rank other than 1 or 2, or overlapping windows in io_stream.
+        """
+        nd = len(kernel)
+        if self.io_type == "io_stream" and tuple(strides) != tuple(kernel):
+            # nnet_pooling_stream.h asserts pool size == stride (aborts the C simulation otherwise)
+            raise UnsupportedError(f"pooling with strides {tuple(strides)} != kernel {tuple(kernel)} in io_stream "
+                                   "(hls4ml's streaming pooling needs non-overlapping windows)", n.name)
+        if nd == 1:
+            return {"class_name": f"{kind}Pooling1D", "data_format": "channels_last", "n_in": in_shape[0],
+                    "n_out": out_shape[0], "n_filt": in_shape[-1], "pool_width": kernel[0],
+                    "stride_width": strides[0], "pad_left": pads[0], "pad_right": pads[1]}
+        if nd == 2:
+            return {"class_name": f"{kind}Pooling2D", "data_format": "channels_last", "in_height": in_shape[0],
+                    "in_width": in_shape[1], "n_filt": in_shape[-1], "pool_height": kernel[0],
+                    "pool_width": kernel[1], "stride_height": strides[0], "stride_width": strides[1],
+                    "out_height": out_shape[0], "out_width": out_shape[1], "pad_top": pads[0],
+                    "pad_bottom": pads[2], "pad_left": pads[1], "pad_right": pads[3]}
+        raise UnsupportedError(f"{nd}-D pooling (hls4ml has 1-D and 2-D)", n.name)
+
     # ------------------------------------------------------------------ driver
     def run(self) -> Translation:
         """Translate the whole graph (see :func:`translate`)."""
