@@ -1,4 +1,4 @@
-"""Issue 5: hls4ml FPGA and ASIC estimates -- monotonicity properties, errors, CLI JSON, reports."""
+"""hls4ml FPGA and ASIC estimates -- monotonicity properties, errors, CLI JSON, reports."""
 import json
 
 import numpy as np
