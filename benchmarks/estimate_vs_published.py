@@ -85,7 +85,8 @@ def qat_graph():
 def main() -> int:
     """Print ours vs published per row, the DSP count under each rule, the time of one estimate and
     the per-layer tables; returns 0."""
-    from qdeploy.backends.hls4ml.estimate import DSP_RULES, estimate, format_table
+    from qdeploy.backends.hls4ml.estimate import estimate, format_table
+    from qdeploy.backends.hls4ml.resources import DSP_RULES
 
     rows = list(csv.DictReader(open(REFS)))
     base = {"part": "xcvu9p", "clock_period": 5.0, "strategy": "Latency", "io_type": "io_parallel",

@@ -8,6 +8,10 @@ leave them out or print ``-``).  An estimate, not synthesis: its measured error 
 encoder is printed by ``benchmarks/asic_econt.py`` (``../shared/refs/asic_econt.csv``) and
 carried in every result's ``note`` (:data:`MEASURED_ERROR`).
 
+Layout: this module is the driver (options, the walk over the graph, totals); each op's cost is
+its entry in the table :data:`qdeploy.backends.asic.ops.ESTIMATE`; the cell library and the
+register model are in :mod:`.cells`.
+
 Architecture assumed (what HLS-for-ASIC flows such as Catapult produce for small on-detector
 networks, e.g. ECON-T, arXiv 2105.01683): fully spatial -- every multiply of every output
 position has its own multiplier, the whole network is combinational between an input and an
@@ -61,43 +65,21 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ...compiler.errors import QDeployError, UnsupportedError
 from ...compiler.ir.graph import Graph
+from ...compiler.ir.optable import Rejected
 from ...compiler.ir.types import FixedType
+from .cells import TMR_MODES, registers
+from .ops import ESTIMATE
 
-GE_AND2, GE_FA, GE_DFF = 1.33, 5.33, 5.67
-#: Majority voter (AOI222_X1 + INV_X1 of the Nangate 45 nm OCL, 2.394 + 0.532 um^2), B8.
-GE_MAJ3 = 3.67
-TMR_MODES = ("none", "registers")
 UM2_PER_GE = {65: 1.44, 45: 0.798, 28: 0.31}
-E_FA_FJ_45 = 3.1
-E_DFF_FJ_45 = 2.0
 ENERGY_SCALE = {65: 2.57, 45: 1.0, 28: 0.62}
 UTILIZATION = 0.70
-#: What ``benchmarks/asic_econt.py`` printed (ours / published, no calibration).
 #: What ``benchmarks/asic_econt.py`` printed (ours / published, no calibration).
 MEASURED_ERROR = ("gate-equivalent estimate, not synthesis; measured on the ECON-T encoder (65 nm, 40 MHz, "
                   "arXiv 2105.01683; no calibration): ours/published area 0.73x, power 0.70x, energy 0.69x with "
                   "tmr=none (default); area 0.91x, power 0.78x, energy 0.77x with tmr=registers (the reference "
                   "chip is triple-redundant); latency 1.00x (benchmarks/asic_econt.py)")
-SUPPORTED_OPS = ("Dense", "Conv", "Relu", "Quantize", "Sign", "Add", "Mul", "Affine", "Concat", "Reshape",
-                 "Transpose", "MaxPool", "AvgPool", "GlobalAvgPool")
-
-
-def _csd(codes):
-    x = np.abs(np.asarray(codes, dtype=np.int64))
-    xh = x >> 1
-    return np.bitwise_count(xh ^ (x + xh)).astype(np.int64)
-
-
-def _bitlen(codes):
-    a = np.abs(np.asarray(codes, dtype=np.int64))
-    out = np.zeros(a.shape, dtype=np.int64)
-    nz = a > 0
-    out[nz] = np.floor(np.log2(a[nz])).astype(np.int64) + 1
-    return out
 
 
 def _options(config):
@@ -121,91 +103,19 @@ def _options(config):
             "tmr": tmr}
 
 
-def _tree(terms: np.ndarray, pw: np.ndarray, cap: int) -> tuple[int, int]:
-    """(adder bits, depth) of balanced trees summing ``terms[j]`` values of ``pw[j]`` bits."""
-    left = terms.astype(np.int64).copy()
-    bits, lvl = 0, 0
-    while (left > 1).any():
-        lvl += 1
-        bits += int(np.sum((left // 2) * np.minimum(cap, pw + lvl)))
-        left = (left + 1) // 2
-    return bits, lvl
+def _cost(node):
+    """``fn(graph, node, opts) -> (ge, ff, e_fj, stages)`` of ``node``'s op (:data:`.ops.ESTIMATE`).
 
-
-def _mac(graph, node, opts):
-    x = graph.value(node.inputs[0])
-    w = node.params["weight"]
-    b = node.params.get("bias")
-    out = graph.value(node.output)
-    if not all(isinstance(t, FixedType) for t in (x.dtype, w.dtype, out.dtype)):
-        raise UnsupportedError(f"{node.op} on float data has no ASIC estimate (quantize it first)", node.name)
-    xb, wb, ab = x.dtype.width, w.dtype.width, out.dtype.width
-    codes = w.data.reshape(-1, w.shape[-1])
-    n_in, n_out = codes.shape
-    pos = int(np.prod(out.shape[:-1], dtype=np.int64)) if len(out.shape) > 1 else 1
-    zero = codes == 0
-    terms = np.count_nonzero(~zero, axis=0) + ((np.broadcast_to(b.data, (n_out,)) != 0).astype(np.int64)
-                                                if b is not None else 0)
-    if opts["weights"] == "programmable":
-        # every weight is a register: all products are general multipliers (zeros are not known)
-        n_mult = n_in * n_out
-        pp = xb * wb
-        mult_ge = n_mult * (pp * GE_AND2 + (xb - 1) * wb * GE_FA)
-        mult_e_bits = n_mult * pp
-        terms = np.full(n_out, n_in + (1 if b is not None else 0))
-        pw = np.full(n_out, min(ab, xb + wb))
-        w_ff = n_in * n_out * wb + (n_out * b.dtype.width if b is not None else 0)
-        t_mult = xb + wb
-    else:
-        d, bl = _csd(codes), _bitlen(codes)
-        adds = np.maximum(d - 1, 0) * (xb + bl + 1)
-        mult_ge = float(np.sum(adds)) * GE_FA
-        mult_e_bits = float(np.sum(adds))
-        pw = np.where(zero, 0, np.minimum(ab, xb + bl + 1)).max(axis=0)
-        w_ff = 0
-        dmax = int(d.max(initial=1))
-        t_mult = (math.ceil(math.log2(dmax)) if dmax > 1 else 0) * (xb + wb)
-    tree_bits, depth = _tree(terms, pw, ab)
-    ff = n_out * ab if node.output in graph.outputs else 0  # output register (B3)
-    ge_per_pos = mult_ge + tree_bits * GE_FA
-    reg_ge, reg_fj, n_ff = _registers(ff * pos, w_ff, opts)
-    ge = pos * ge_per_pos + reg_ge
-    e_fj = pos * (mult_e_bits + tree_bits) * E_FA_FJ_45 + reg_fj
-    stages = t_mult + depth * 2 + ab  # FA stages on the critical path (B7, ripple of the last add)
-    return ge, n_ff, e_fj, stages
-
-
-def _registers(clocked_bits: int, static_bits: int, opts: dict) -> tuple[float, float, int]:
-    """(GE, dynamic energy per inference in 45 nm fJ, physical flip-flops) of ``clocked_bits``
-    registers written every cycle and ``static_bits`` held ones (weights; clock-gated, B5).  With
-    ``tmr="registers"`` (B8) each bit is three flip-flops with three majority voters, all clocked."""
-    if opts.get("tmr") == "registers":
-        bits = clocked_bits + static_bits
-        return bits * 3 * (GE_DFF + GE_MAJ3), 3 * bits * E_DFF_FJ_45, 3 * bits
-    return (clocked_bits + static_bits) * GE_DFF, clocked_bits * E_DFF_FJ_45, clocked_bits + static_bits
-
-
-def _other(graph, node):
-    out = graph.value(node.output)
-    ob = out.dtype.width if isinstance(out.dtype, FixedType) else 32
-    size = out.size
-    if node.op in ("Reshape", "Transpose", "Concat", "Sign"):
-        return 0.0, 0.0, 0
-    if node.op == "Relu":
-        return size * ob * GE_AND2, size * ob * 0.3, 1
-    if node.op == "Quantize":
-        to = node.attrs["to"]
-        bits = (size * ob if to.rounding != "TRN" else 0) + (size * ob if to.saturation != "WRAP" else 0)
-        return bits * GE_FA, bits, ob if to.rounding != "TRN" else 1
-    if node.op in ("Add", "Affine"):
-        return size * ob * GE_FA, size * ob, ob
-    if node.op == "Mul":
-        return size * ob * ob * GE_AND2 * 5, size * ob * ob, 2 * ob
-    if node.op == "MaxPool":
-        n = int(np.prod(node.attrs["kernel"]))
-        return size * (n - 1) * ob * 2 * GE_FA, size * (n - 1) * ob, ob * math.ceil(math.log2(max(n, 2)))
-    n = int(np.prod(node.attrs["kernel"])) if node.op == "AvgPool" else int(np.prod(graph.value(node.inputs[0]).shape[:-1]))
-    return size * (n - 1) * ob * GE_FA, size * (n - 1) * ob, ob + math.ceil(math.log2(max(n, 2)))
+    Raises:
+        UnsupportedError: the op has no model (naming the node and the supported ops).
+    """
+    e = ESTIMATE.entry(node.op)
+    if e is None or isinstance(e, Rejected):
+        why = f" ({e.reason})" if e is not None else ""
+        supported = [op for op in ESTIMATE if not isinstance(ESTIMATE.entry(op), Rejected)]
+        raise UnsupportedError(f"op {node.op!r} has no ASIC estimate{why}; supported ops: {', '.join(supported)}",
+                               node.name)
+    return e
 
 
 def estimate(graph: Graph, config: dict | None = None) -> dict:
@@ -236,14 +146,7 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
             row["host"] = True
             layers.append(row)
             continue
-        if node.op not in SUPPORTED_OPS:
-            raise UnsupportedError(f"op {node.op!r} has no ASIC estimate; supported ops: {', '.join(SUPPORTED_OPS)}",
-                                   node.name)
-        if node.op in ("Dense", "Conv"):
-            ge, ff, e_fj, stages = _mac(graph, node, opts)
-        else:
-            ge, e_bits, stages = _other(graph, node)
-            ff, e_fj = 0, e_bits * E_FA_FJ_45
+        ge, ff, e_fj, stages = _cost(node)(graph, node, opts)
         delay = stages * 2 * fo4_ns
         row.update(ff=int(ff), ge=float(ge), latency_ns=round(delay, 3))
         row["area_mm2"] = ge * UM2_PER_GE[node_nm] / UTILIZATION * 1e-6
@@ -260,7 +163,7 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
     if dev:
         dev[-1]["latency_cycles"] = cycles
     total = {"lut": None, "dsp": None, "bram_18k": None}
-    in_ge, in_fj, in_ff = _registers(in_bits, 0, opts)
+    in_ge, in_fj, in_ff = registers(in_bits, 0, opts)
     total["ff"] = int(sum(r["ff"] for r in layers) + in_ff)
     total["ge"] = float(sum(r["ge"] for r in layers) + in_ge)
     total["area_mm2"] = total["ge"] * UM2_PER_GE[node_nm] / UTILIZATION * 1e-6

@@ -6,8 +6,8 @@ Pipeline (see :class:`Hls4mlBackend`):
 1. :func:`qdeploy.passes.partition` splits the graph; the float prologue (input ``Quantize`` /
    ``Sign`` of float inputs) and epilogue (float output scale, ``Softmax``) run on the host with
    the reference interpreter, only the fixed-point core becomes firmware.
-2. :mod:`.translate` maps each device node to hls4ml layer dicts with every precision taken from
-   our IR types; ``hls4ml.model.graph.ModelGraph.from_layer_list`` builds the model and
+2. :mod:`.translate` maps each device node to hls4ml layer dicts (the translator of its op in
+   :data:`.ops.TRANSLATE`) with every precision taken from our IR types; ``hls4ml.model.graph.ModelGraph.from_layer_list`` builds the model and
    ``write()`` writes ``out_dir/hls4ml_prj`` (weights embedded in the headers,
    ``WriteWeightsTxt=False``, so the directory is relocatable and is what a user hands to
    ``vitis_hls -f build_prj.tcl``).
@@ -36,6 +36,7 @@ from ...compiler.errors import CompileError, UnsupportedError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...passes.partition import partition, run_partitioned
+from .ops import TRANSLATE
 from .translate import MAX_IO_WIDTH, Translation, translate
 
 __all__ = ["Hls4mlBackend", "DEFAULTS"]
@@ -47,7 +48,10 @@ PRJ_DIR = "hls4ml_prj"
 #: hls4ml optimizers that change values of models built with explicit types; disabled (and
 #: restored) while we build:
 #: * ``vivado:merge_batch_norm_quantized_tanh`` replaces BatchNormalization -> binary_tanh by a
-#:   threshold layer with 0/1 outputs, wrong for negative scales (probe notes section 5b);
+#:   threshold layer with 0/1 outputs, wrong for negative scales (``MergeBatchNormAndQuantizedTanh``
+#:   in hls4ml 1.3.0 ``backends/vivado/passes/bn_quant.py``; its ``nnet::normalize_binary_tanh``,
+#:   ``templates/vivado/nnet_utils/nnet_batchnorm.h``, writes ``ap_uint<1>`` results of
+#:   ``x >= threshold[channel]`` whatever the sign of the scale);
 #: * ``remove_transpose_before_flatten`` drops a Transpose -> Flatten -> Dense transpose assuming it
 #:   is a channels-first conversion (wrong for other perms, and breaks a Transpose output);
 #: * ``remove_single_channel_transpose`` drops an input Transpose whenever the first axis is 1,
@@ -205,6 +209,18 @@ class Hls4mlBackend:
 
     def __init__(self, name: str = "hls4ml"):
         self.name = name
+
+    def supports(self, graph: Graph) -> bool:
+        """True when every node of ``graph``'s fixed-point device partition has a translator in
+        :data:`.ops.TRANSLATE` (float prologue/epilogue nodes run on the host and need none).
+        False when the graph cannot be partitioned (a float op inside the fixed-point core, or
+        no fixed-point core).  Attribute-level limits (a 3-D kernel, broadcasting, a padded
+        unsigned MaxPool) are only found by :meth:`emit`."""
+        try:
+            device = partition(graph).device
+        except UnsupportedError:
+            return False
+        return TRANSLATE.supports(device)
 
     # ------------------------------------------------------------------ emit
     def emit(self, graph: Graph, config: dict, out_dir) -> dict:

@@ -1,4 +1,4 @@
-"""Issue 5: hls4ml FPGA and ASIC estimates -- monotonicity properties, errors, CLI JSON, reports."""
+"""hls4ml FPGA and ASIC estimates -- monotonicity properties, errors, CLI JSON, reports."""
 import json
 
 import numpy as np
@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 import qdeploy
 from qdeploy.backends import asic
-from qdeploy.backends.hls4ml.estimate import (DSP_MIN_BITS, DSP_RULES, PARTS, TOTAL_KEYS, const_width, estimate,
-                                              resolve_part, valid_reuse_factors)
+from qdeploy.backends.hls4ml.estimate import TOTAL_KEYS, estimate
+from qdeploy.backends.hls4ml.resources import (DSP_MIN_BITS, DSP_RULES, PARTS, const_width, resolve_part,
+                                               valid_reuse_factors)
 from qdeploy.compiler.errors import QDeployError
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
 from qdeploy.compiler.ir.types import FixedType
@@ -311,7 +312,7 @@ def test_compile_report_carries_estimate(tmp_path, rng):
 
 def test_asic_tmr_triplicates_registers():
     """B8: with register TMR every flip-flop becomes three plus three voters, all clocked."""
-    from qdeploy.backends.asic.estimate import GE_DFF, GE_MAJ3
+    from qdeploy.backends.asic.cells import GE_DFF, GE_MAJ3
     g = mlp(_codes(32, 16, 6, 2), FixedType(8, 2), FixedType(6, 1))
     a = asic.estimate(g)["total"]
     b = asic.estimate(g, {"tmr": "registers"})["total"]

@@ -1,0 +1,181 @@
+"""FPGA estimate row of the multiply-accumulate layers (Dense, Conv) for the hls4ml estimator.
+
+Implements assumptions A1-A11 of :mod:`qdeploy.backends.hls4ml.estimate` (multipliers by
+constant weights, adder trees, reuse factor, Latency/Resource strategies, io_parallel/io_stream,
+timing and registers); the constants and DSP/CSD rules are in :mod:`.resources`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...compiler.errors import QDeployError, UnsupportedError
+from ...compiler.ir.types import FixedType
+from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
+                        csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, nearest_reuse_factors, t_add,
+                        valid_reuse_factors)
+
+
+def _rf_for(opts: dict, node) -> int:
+    rf = opts["reuse_factor"]
+    if isinstance(rf, dict):
+        rf = rf.get(node.name, rf.get("default", 1))
+    try:
+        rf = int(rf)
+    except (TypeError, ValueError):
+        raise QDeployError(f"reuse factor must be an integer, got {rf!r}", node.name) from None
+    if rf < 1:
+        raise QDeployError(f"reuse factor must be >= 1, got {rf}", node.name)
+    return rf
+
+
+
+def mac_row(ctx: EstimateContext, node) -> dict:
+    """Estimate row of a Dense or Conv ``node`` (A1-A11): ``lut``, ``ff``, ``dsp``, ``bram_18k``,
+    ``latency_cycles``, ``ii_cycles`` and a ``detail`` dict (operand widths, products that are
+    zero / a shift / on LUTs / on DSPs, adders).
+
+    Raises:
+        UnsupportedError: float input, weight or output (quantize it first).
+        QDeployError: a reuse factor hls4ml cannot implement for this layer (naming the nearest
+            legal ones) or larger than its number of multiplications.
+    """
+    graph, opts, part, period_eff = ctx.graph, ctx.opts, ctx.part, ctx.period_eff
+    x = graph.value(node.inputs[0])
+    w = node.params["weight"]
+    bias = node.params.get("bias")
+    out = graph.value(node.output)
+    if not (isinstance(x.dtype, FixedType) and isinstance(w.dtype, FixedType) and isinstance(out.dtype, FixedType)):
+        raise UnsupportedError(f"{node.op} on float data cannot be estimated for hls4ml (quantize it first)", node.name)
+    xb, wb = x.dtype.width, w.dtype.width
+    acc_t = opts["accum_type"] or out.dtype
+    ab = acc_t.width
+    rb = acc_t.width if opts["accum_type"] else out.dtype.width  # registered layer result
+    codes = w.data.reshape(-1, w.shape[-1])  # [n_in, n_out] (Conv: [kh*kw*Cin/g, Cout])
+    n_in, n_out = codes.shape
+    positions = int(np.prod(out.shape[:-1], dtype=np.int64)) if len(out.shape) > 1 else 1
+    rf = _rf_for(opts, node)
+    resource = opts["strategy"] == "Resource"
+    if resource:
+        valid = valid_reuse_factors(n_in, n_out)
+        if rf not in valid:
+            near = nearest_reuse_factors(valid, rf)
+            raise QDeployError(
+                f"reuse factor {rf} is not implementable by hls4ml's Resource strategy for this "
+                f"{n_in}x{n_out} layer (FPGABackend._validate_reuse_factor); nearest legal: "
+                f"{', '.join(map(str, near))}", node.name)
+    elif rf > n_in * n_out:
+        raise QDeployError(f"reuse factor {rf} exceeds the {n_in * n_out} multiplications of this layer; "
+                           f"largest legal: {n_in * n_out}", node.name)
+
+    digits = csd_digits(codes)
+    blen = bitlen(codes)
+    zero = codes == 0
+    shift = digits == 1  # A2: +-2**k (and, with A1, binary/ternary weights) -> free
+    mult = digits >= 2   # a real ``mul`` survives in the HLS IR (A3)
+    on_dsp_mask, cw = dsp_mask(codes, digits, xb, wb, opts["dsp_rule"])
+    on_lut = mult & ~on_dsp_mask
+    n_zero, n_free = int(zero.sum()), int(shift.sum())
+    n_dsp, n_lut = int(on_dsp_mask.sum()), int(on_lut.sum())
+    on_dsp = n_dsp > 0
+    # product bits that survive the cast to accum_t (A5: low fraction bits below accum_t's LSB drop)
+    drop = max(0, x.dtype.frac_bits + w.dtype.frac_bits - acc_t.frac_bits)
+    pbits = np.clip(xb + blen + 1 - drop, 1, ab)
+    # A4: a LUT multiplier by a constant is (CSD digits - 1) shift-and-add adders
+    lutmul = int(np.sum((digits[on_lut] - 1) * np.maximum(xb + blen[on_lut] + 1 - drop, 1)))
+    xs = xb + (0 if x.dtype.signed else 1)  # the DSP ports are signed: an unsigned operand needs a bit more
+    dsp_units = int(np.sum(dsps_per_mult_arr(xs, cw[on_dsp_mask], part["dsp_width"]))) if on_dsp else 0
+    add1_luts, sel_luts = 0, 0
+    terms = np.count_nonzero(~zero, axis=0) + (
+        (np.broadcast_to(bias.data, (n_out,)) != 0).astype(np.int64) if bias is not None else 0)
+    adders = int(np.sum(np.maximum(terms - 1, 0)))
+    # adder tree bits (A5): level l adds values of at most (widest product + l) bits, capped at accum_t
+    pw = np.where(zero, 0, pbits).max(axis=0) if n_in else np.zeros(n_out, dtype=np.int64)
+    left = terms.astype(np.int64).copy()
+    adder_bits = 0
+    lvl = 0
+    while (left > 1).any():
+        lvl += 1
+        adder_bits += int(np.sum((left // 2) * np.minimum(ab, pw + lvl)))
+        left = (left + 1) // 2
+    depth = int(max(math.ceil(math.log2(t)) if t > 1 else 0 for t in terms)) if n_out else 0
+
+    # ---- sharing (A7/A8/A9): units are divided by the reuse factor
+    share = rf
+    if resource:
+        block = math.ceil(n_in * n_out / rf)
+        if rf == 1:  # weights fully partitioned constants (no ROM pragma at RF 1): A2/A3 hold
+            dsp = dsp_units
+            mult_luts = add1_luts + lutmul + sel_luts
+        else:  # A8: weights come from a ROM -> block_factor general x * w multipliers, declared widths
+            lane_dsp = (max(xb, wb) if opts["dsp_rule"] == "csd_wider" else min(xb, wb)) >= DSP_MIN_BITS
+            ws = wb + (0 if w.dtype.signed else 1)
+            dsp = block * dsps_per_mult(xs, ws, part["dsp_width"]) if lane_dsp else 0
+            mult_luts = 0 if lane_dsp else math.ceil(block * LUT_PER_PP_BIT * xb * wb)
+        acc_luts = min(block, adders) * ab  # one accumulator adder per MAC lane
+        mux_luts = (block * xb) * math.ceil((rf - 1) / 3) if rf > 1 else 0
+        rom_bits = n_in * n_out * wb
+        depth_rom = rf
+        if depth_rom >= 64 and rom_bits >= 1024:
+            bram = math.ceil(block * wb / 36) * math.ceil(depth_rom / 512)
+            rom_luts = 0
+        else:
+            bram = 0
+            rom_luts = math.ceil(block * wb * math.ceil(depth_rom / 64)) if rf > 1 else 0
+        luts = ctx.lut_factor * (mult_luts + acc_luts) + mux_luts + rom_luts
+        mstages = 1 if (dsp or mult_luts) else 0
+        layer_cycles = rf + mstages + 2
+        ff = n_out * ab + n_out * out.dtype.width
+        ii = rf
+    else:
+        dsp = math.ceil(dsp_units / share)
+        mult_luts = math.ceil((add1_luts + lutmul + sel_luts) / share)
+        acc_luts = math.ceil(adder_bits / share)
+        n_units = math.ceil((n_dsp + n_lut) / share) + math.ceil(adders / share)
+        mux_luts = n_units * max(xb, ab) * math.ceil((share - 1) / 3) if share > 1 else 0
+        luts = ctx.lut_factor * (mult_luts + acc_luts) + mux_luts
+        bram = 0
+        rom_luts = 0
+        # ---- timing (A10)
+        if on_dsp:
+            t_mult = T_DSP_NS
+        elif n_lut:  # a balanced shift-and-add tree of (digits - 1) adders
+            t_mult = math.ceil(math.log2(int(digits[on_lut].max()))) * t_add(xb + wb)
+        else:
+            t_mult = 0.0
+        t_lvl = t_add(ab)
+        path = t_mult + depth * t_lvl
+        base = max(1, math.ceil(path / period_eff - 1e-9))
+        # ---- registers (A11)
+        ff = n_out * rb
+        for j in range(1, base):
+            tcut = j * period_eff
+            if tcut < t_mult:  # cut inside the multipliers
+                live_bits = 0 if on_dsp else int(np.sum(~zero)) * (xb + wb)
+                if on_dsp:  # DSP products stay in M/P registers; LUT-side products are registered
+                    live_bits = (n_free + n_lut) * (xb + wb)
+            else:
+                lvl = int((tcut - t_mult) // t_lvl)
+                live_bits = int(np.sum(np.ceil(terms / 2.0 ** lvl))) * ab
+            ff += live_bits
+        ff = math.ceil(HLS_FF_FACTOR * ff)
+        layer_cycles = base + (rf - 1)
+        ii = rf
+    if node.op == "Conv" or positions > 1:
+        # A9: one position per RF cycles (io_parallel) -- the kernel's multipliers serve all positions
+        ii = ii * positions
+        layer_cycles = layer_cycles + ii - rf
+        if opts["io_type"] == "io_stream" and len(x.shape) > 1:
+            # pixels arrive one per cycle: the layer cannot start a new sample faster
+            in_pix = int(np.prod(x.shape[:-1], dtype=np.int64))
+            if in_pix > ii:
+                layer_cycles += in_pix - ii
+                ii = in_pix
+    return {"lut": int(round(luts)), "ff": int(ff), "dsp": int(dsp), "bram_18k": int(bram),
+            "latency_cycles": int(layer_cycles), "ii_cycles": int(ii),
+            "detail": {"n_in": n_in, "n_out": n_out, "positions": positions, "reuse_factor": rf,
+                       "x_bits": xb, "w_bits": wb, "accum_bits": ab, "mults_zero": n_zero, "mults_shift": n_free,
+                       "mults_lut": n_lut, "mults_dsp": n_dsp, "dsp_rule": opts["dsp_rule"],
+                       "adders": adders, "adder_bits": adder_bits, "adder_tree_depth": depth}}
+
