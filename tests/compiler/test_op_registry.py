@@ -21,6 +21,10 @@ from qdeploy.passes.memory import node_macs
 #: Every backend/estimator op table, as ``"module:attribute"``.
 OP_TABLES = [
     "qdeploy.backends.tvm.ops:LOWERING",
+    "qdeploy.backends.hls4ml.ops:TRANSLATE",
+    "qdeploy.backends.hls4ml.ops:ESTIMATE",
+    "qdeploy.backends.asic.ops:ESTIMATE",
+    "qdeploy.compiler.frontends.export:EXPORTERS",
 ]
 
 
