@@ -7,7 +7,7 @@
 
 Ops are priced per op where the model distinguishes them, and otherwise by their *kind*
 (:data:`KIND_COSTS`): an op listed in :data:`OP_KINDS` without an entry of its own gets its
-kind's generic cost, so a new elementwise op needs no code here, only its kind.
+kind's generic cost, so a new elementwise op needs no code here: its kind is its ``OpSpec.kind``.
 """
 from __future__ import annotations
 
@@ -17,18 +17,16 @@ import numpy as np
 
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.optable import OpTable
+from ...compiler.ir.ops import REGISTRY
 from ...compiler.ir.types import FixedType
 from .cells import E_FA_FJ_45, GE_AND2, GE_FA, registers
 
 #: IR op -> ``fn(graph, node, opts) -> (ge, ff, e_fj, stages)``, or :class:`Rejected`.
 ESTIMATE = OpTable("asic estimate")
 
-#: IR op -> kind ("mac", "elementwise", "layout", "pool").  Local until the IR's op registry
-#: carries each op's kind; only ops without an entry of their own read it.
-OP_KINDS = {"Dense": "mac", "Conv": "mac", "Relu": "elementwise", "Quantize": "elementwise",
-            "Sign": "elementwise", "Add": "elementwise", "Mul": "elementwise", "Affine": "elementwise",
-            "Concat": "layout", "Reshape": "layout", "Transpose": "layout", "MaxPool": "pool",
-            "AvgPool": "pool", "GlobalAvgPool": "pool"}
+#: IR op -> kind ("mac", "elementwise", "layout", "pool"), from each op's ``OpSpec.kind``; only
+#: ops without an entry of their own read it.
+OP_KINDS = {name: spec.kind for name, spec in REGISTRY.items()}
 
 
 def _csd(codes):

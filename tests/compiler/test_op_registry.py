@@ -176,3 +176,11 @@ def test_an_op_declares_its_onnx_mapping_on_its_spec(monkeypatch):
     x = np.array([[1.5, -2.0, 0.25]], dtype=np.float32)
     assert np.array_equal(ref.run(g, x), -x)
     assert [n.op_type for n in export_qonnx(g).graph.node] == ["Neg", "Identity"]
+
+
+def test_every_op_declares_a_known_cost_kind():
+    """Estimators price ops without an entry of their own by ``OpSpec.kind``."""
+    from qdeploy.compiler.ir.ops import REGISTRY
+    bad = {n: s.kind for n, s in REGISTRY.items() if s.kind not in ("mac", "elementwise", "layout", "pool")}
+    assert not bad, bad
+    assert REGISTRY["Dense"].kind == "mac" and REGISTRY["Reshape"].kind == "layout"

@@ -94,7 +94,7 @@ def _dense_macs(node, graph) -> int:
 
 
 DENSE = register(OpSpec(
-    name="Dense", summary="y[..., n] = sum_k x[..., k] * weight[k, n] + bias[n]",
+    name="Dense", kind="mac", summary="y[..., n] = sum_k x[..., k] * weight[k, n] + bias[n]",
     infer=_dense_rule, reference=_linear_ref, params=("weight", "bias"), macs=_dense_macs))
 
 
@@ -128,7 +128,7 @@ def _conv_macs(node, graph) -> int:
 
 
 CONV = register(OpSpec(
-    name="Conv", summary="channels-last 1-D/2-D convolution, weight [*kernel, C_in/groups, C_out]",
+    name="Conv", kind="mac", summary="channels-last 1-D/2-D convolution, weight [*kernel, C_in/groups, C_out]",
     infer=_conv_rule, reference=_linear_ref, params=("weight", "bias"), macs=_conv_macs,
     attrs={"kernel": None, "strides": 1, "pads": 0, "groups": 1, "dilations": 1}))
 

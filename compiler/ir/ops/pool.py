@@ -52,7 +52,7 @@ def _maxpool_ref(node, args, in_types, out_t):
 
 POOL_ATTRS = {"kernel": None, "strides": 1, "pads": 0}
 
-MAXPOOL = register(OpSpec(name="MaxPool", summary="maximum over each window (padding holds the type's minimum)",
+MAXPOOL = register(OpSpec(name="MaxPool", kind="pool", summary="maximum over each window (padding holds the type's minimum)",
                           infer=_maxpool_rule, reference=_maxpool_ref, attrs=POOL_ATTRS, macs=_window_macs))
 
 
@@ -77,7 +77,7 @@ def _avgpool_ref(node, args, in_types, out_t):
     return (win.astype(np.float32).sum(axis=tuple(range(-nd, 0))) / np.float32(cnt)).astype(np.float32)
 
 
-AVGPOOL = register(OpSpec(name="AvgPool", summary="average over each window, floor(sum * 2**k / n) on codes",
+AVGPOOL = register(OpSpec(name="AvgPool", kind="pool", summary="average over each window, floor(sum * 2**k / n) on codes",
                           infer=_avgpool_rule, reference=_avgpool_ref, attrs=POOL_ATTRS, macs=_window_macs))
 
 
@@ -103,5 +103,5 @@ def _gap_macs(node, graph) -> int:
     return max(1, graph.values[node.inputs[0]].size)
 
 
-GLOBALAVGPOOL = register(OpSpec(name="GlobalAvgPool", summary="average over all spatial positions: (*spatial, C) -> (C,)",
+GLOBALAVGPOOL = register(OpSpec(name="GlobalAvgPool", kind="pool", summary="average over all spatial positions: (*spatial, C) -> (C,)",
                                 infer=_gap_rule, reference=_gap_ref, macs=_gap_macs))

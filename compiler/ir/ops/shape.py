@@ -39,7 +39,7 @@ def _concat_ref(node, args, in_types, out_t):
     return np.concatenate(parts, axis=axis)
 
 
-CONCAT = register(OpSpec(name="Concat", summary="join two or more activations along a per-sample axis",
+CONCAT = register(OpSpec(name="Concat", kind="layout", summary="join two or more activations along a per-sample axis",
                          infer=_concat_rule, reference=_concat_ref, arity=None, attrs={"axis": -1}))
 
 
@@ -55,7 +55,7 @@ def _reshape_ref(node, args, in_types, out_t):
     return args[0].reshape((args[0].shape[0], *node.attrs["shape"]))
 
 
-RESHAPE = register(OpSpec(name="Reshape", summary="row-major reshape of the per-sample tensor",
+RESHAPE = register(OpSpec(name="Reshape", kind="layout", summary="row-major reshape of the per-sample tensor",
                           infer=_reshape_rule, reference=_reshape_ref, attrs={"shape": None},
                           macs=lambda node, graph: 1))
 
@@ -72,5 +72,5 @@ def _transpose_ref(node, args, in_types, out_t):
     return np.transpose(args[0], (0, *(p + 1 for p in node.attrs["perm"])))
 
 
-TRANSPOSE = register(OpSpec(name="Transpose", summary="permute the per-sample axes",
+TRANSPOSE = register(OpSpec(name="Transpose", kind="layout", summary="permute the per-sample axes",
                             infer=_transpose_rule, reference=_transpose_ref, attrs={"perm": None}))

@@ -42,6 +42,9 @@ class OpSpec:
         params: names of the constant parameters the op reads from ``node.params``.
         macs: per-sample compute cost ``(node, graph) -> int`` (multiply-accumulates for
             Dense/Conv, window operations for pools, one per output element by default).
+        kind: cost class for estimators that price ops generically: ``"mac"`` (Dense/Conv),
+            ``"elementwise"`` (one result per input element: activations, quantizers, Add...),
+            ``"layout"`` (data movement only: Reshape, Transpose, Concat) or ``"pool"``.
         quantizes: True for ops that may turn float inputs into a fixed-point output
             (``Quantize``, ``Sign``); every other op with a fixed-point output needs fixed inputs.
         onnx_import: ONNX op type -> handler ``(converter, onnx_node) -> None`` for ONNX ops
@@ -60,6 +63,7 @@ class OpSpec:
     attrs: Mapping[str, Any] = field(default_factory=dict)
     params: tuple[str, ...] = ()
     macs: Callable = default_macs
+    kind: str = "elementwise"
     quantizes: bool = False
     onnx_import: Mapping[str, Callable] = field(default_factory=dict)
     onnx_export: Callable | None = None
