@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedError
 from ..ir.graph import Const, Graph
-from ..ir.ops import get as get_op
+from ..ir.ops import REGISTRY, get as get_op
 from ..ir.optable import OpTable
 from ..ir.types import FixedType
 
@@ -303,3 +303,7 @@ for _op, _fn in (("Quantize", _quantize), ("Sign", _sign), ("Dense", _dense), ("
                  ("Reshape", _reshape), ("Transpose", _transpose), ("MaxPool", _pool), ("AvgPool", _pool),
                  ("GlobalAvgPool", _global_avg_pool), ("Softmax", _softmax)):
     EXPORTERS.set(_op, _fn)
+# ops that declare their own export (``OpSpec.onnx_export``) need no entry above
+for _op, _spec in REGISTRY.items():
+    if _spec.onnx_export is not None and _op not in EXPORTERS:
+        EXPORTERS.set(_op, _spec.onnx_export)
