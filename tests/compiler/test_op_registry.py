@@ -76,7 +76,8 @@ def test_a_table_missing_an_op_fails_the_check():
 
 
 def test_registry_lists_the_builtin_ops():
-    assert set(OPS) == {"Quantize", "Sign", "Dense", "Conv", "Relu", "Add", "Mul", "Affine", "Concat", "Reshape",
+    # the ops every frontend relies on (a new op adds to these; none may disappear)
+    assert set(OPS) >= {"Quantize", "Sign", "Dense", "Conv", "Relu", "Add", "Mul", "Affine", "Concat", "Reshape",
                         "Transpose", "MaxPool", "AvgPool", "GlobalAvgPool", "Softmax"}
     assert OPS == all_ops()
     for name, spec in REGISTRY.items():
