@@ -149,7 +149,7 @@ def _check_model(model, tr: Translation) -> list[dict]:
             continue
         seen.add(name)
         want_cls = {"InputLayer": "Input"}.get(ours[name]["class_name"], ours[name]["class_name"])
-        if _cls(lay.class_name) != _cls(want_cls):
+        if _cls(lay.class_name) != _cls(want_cls) and lay.class_name != _hls4ml_class(want_cls):
             raise CompileError(f"hls4ml replaced layer {name!r} ({want_cls}) by {lay.class_name}")
         for var, want in tr.precisions[name].items():
             attr = f"{var}_t"
@@ -163,6 +163,14 @@ def _check_model(model, tr: Translation) -> list[dict]:
         if name not in seen and d["class_name"] not in _DROPPABLE + ("InputLayer",):
             raise CompileError(f"hls4ml dropped layer {name!r} ({d['class_name']})")
     return summary
+
+
+def _hls4ml_class(c: str) -> str | None:
+    """Name of the Python class hls4ml instantiates for layer dict class ``c`` (its
+    ``hls4ml.model.layers.layer_map``: e.g. ``LeakyReLU`` -> ``ParametrizedActivation``)."""
+    from hls4ml.model.layers import layer_map
+    cls = layer_map.get(c)
+    return cls.__name__ if cls is not None else None
 
 
 def _cls(c: str) -> str:
