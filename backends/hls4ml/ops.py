@@ -173,6 +173,18 @@ def _relu(tr, n: Node):
     tr.bind(out_value, lay)
 
 
+@hls4ml_op("LeakyRelu", cost=Cost(_relu_cost))
+def _leaky_relu(tr, n: Node):
+    """``nnet_activation.h`` ``leaky_relu``: ``x > 0 ? (res_T)x : (res_T)(alpha * x)`` with ``alpha``
+    of type ``param_T``.  ``alpha = 2**-shift`` is exact in ``ap_ufixed<shift+1,1>``, the product is
+    exact (ap_fixed multiplies at full precision) and ``res_T`` is the IR's exact output type, so
+    no step rounds."""
+    s = int(n.attrs["shift"])
+    d = {"class_name": "LeakyReLU", "activation": "LeakyReLU", "activ_param": 2.0 ** -s}
+    prec = {"param": f"ap_ufixed<{s + 1},1>", "result": tr.vt(n.output).hls()}
+    tr.bind(n.output, tr.layer(n, d, prec, [tr.src(n.inputs[0])]))
+
+
 def _quantize_cost(ctx, node):
     """A12: rounding other than TRN adds an adder, saturation other than WRAP a comparator+mux."""
     size, ob = _out_bits(ctx, node)

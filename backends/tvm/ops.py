@@ -75,6 +75,16 @@ def _relu(lw, n, ins, in_types, out_t):
     return lw.emit(op.maximum(ins[0], zero))
 
 
+@LOWERING.register("LeakyRelu")
+def _leaky_relu(lw, n, ins, in_types, out_t):
+    """Codes: ``x >= 0 ? x << shift : x`` (== the reference); float: ``x * 2**-shift`` below 0."""
+    s = int(n.attrs["shift"])
+    if isinstance(out_t, FixedType):
+        return lw.emit(op.where(op.greater_equal(ins[0], c64(0)), lw.lshift(ins[0], s, n), ins[0]))
+    x = lw.real(ins[0], in_types[0])
+    return lw.emit(op.where(op.greater_equal(x, cf(0.0)), x, op.multiply(x, cf(2.0 ** -s))))
+
+
 @LOWERING.register("Add", "Mul")
 def _binary(lw, n, ins, in_types, out_t):
     r = len(lw.g.values[n.output].shape)

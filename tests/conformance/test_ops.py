@@ -132,6 +132,28 @@ def _relu_unsigned(b, p, rng):
     return [b.add(p + "r", "Relu", [d])]
 
 
+def _leaky_relu(b, p, rng):
+    x = b.input(p + "x", (12,), T("fixed<7,3>"))
+    return [b.add(p + "lr", "LeakyRelu", [x], attrs={"shift": 3}),
+            b.add(p + "lr0", "LeakyRelu", [x], attrs={"shift": 0})]
+
+
+def _leaky_relu_map(b, p, rng):
+    # after a Conv (signed accumulator), then a Quantize that rounds the extra fraction bits away
+    x = b.input(p + "x", (4, 4, 2), T("ufixed<5,2>"))
+    c = b.add(p + "c", "Conv", [x], attrs={"kernel": (3, 3)}, params={"weight": W(rng, "fixed<4,1>", (3, 3, 2, 3))})
+    lr = b.add(p + "lr", "LeakyRelu", [c], attrs={"shift": 2})
+    return [b.add(p + "q", "Quantize", [lr], attrs={"to": T("fixed<6,3,RND_CONV,SAT>")})]
+
+
+def _leaky_relu_float(b, p, rng):
+    # float LeakyRelu in a float epilogue (host for hls4ml)
+    x = b.input(p + "x", (6,), T("fixed<6,2>"))
+    d = b.add(p + "d", "Dense", [x], params={"weight": W(rng, "fixed<4,1>", (6, 4))})
+    fd = b.add(p + "fd", "Dense", [d], params={"weight": Const(rng.standard_normal((4, 3)), FLOAT32)})
+    return [d, b.add(p + "lr", "LeakyRelu", [fd], attrs={"shift": 1})]
+
+
 def _add(b, p, rng):
     x = b.input(p + "x", (10,), T("fixed<8,2>"))
     y = b.input(p + "y", (10,), T("ufixed<6,4>"))
@@ -295,6 +317,9 @@ CASES = [
     Case("relu", "Relu", _relu),
     Case("relu_quantize", "Relu", _relu_quantize),
     Case("relu_unsigned", "Relu", _relu_unsigned),
+    Case("leaky_relu", "LeakyRelu", _leaky_relu),
+    Case("leaky_relu_map", "LeakyRelu", _leaky_relu_map),
+    Case("leaky_relu_float", "LeakyRelu", _leaky_relu_float),
     Case("add", "Add", _add),
     Case("add_map", "Add", _add_map),
     Case("add_broadcast", "Add", _add_broadcast, rejects=HLS),
