@@ -433,3 +433,30 @@ def test_conv1d_and_channel_softmax(rng):
     g = check(m, f32(rng.normal(size=(2, 3, 10))), atol=1e-6)
     assert g.value(g.inputs[0]).shape == (10, 3) and g.meta["input_perms"]["x"] == [0, 2, 1]
     assert ops(g) == ["Conv", "MaxPool", "Softmax"]
+
+
+def _leaky_model(alpha):
+    q1, i1 = quant_node("qin", "x", "a", 2.0 ** -4, 8)
+    q2, i2 = quant_node("qout", "b", "y", 2.0 ** -5, 6)
+    return mk([q1, helper.make_node("LeakyRelu", ["a"], ["b"], name="lrelu", alpha=alpha), q2], [5, 16],
+              {**i1, **i2})
+
+
+def test_leaky_relu_power_of_two_slope_matches_qonnx_exactly(rng, tmp_path):
+    """ONNX LeakyRelu(alpha=2**-3) between Quant nodes imports through the op's own OpSpec hook
+    and equals qonnx's executor bit for bit (ties included: inputs on the 2**-6 grid); the export
+    runs in qonnx with the same result."""
+    m = _leaky_model(0.125)
+    x = f32(rng.integers(-600, 600, size=(5, 16)) / 64.0)
+    g = import_onnx(m)
+    verify(g)
+    assert "LeakyRelu" in ops(g)
+    np.testing.assert_array_equal(run_ir(g, x), run_qonnx(m, x))
+    exported = export_qonnx(g, tmp_path / "lrelu.onnx")
+    got = np.concatenate([run_qonnx(exported, x[i:i + 1]) for i in range(len(x))])
+    np.testing.assert_array_equal(got, run_qonnx(m, x))
+
+
+def test_leaky_relu_other_slope_is_refused_naming_the_node():
+    msg = _err(_leaky_model(0.01))
+    assert "lrelu" in msg and "alpha=0.01" in msg and "power of two" in msg
