@@ -13,7 +13,7 @@ the values later stages read.  The program is the control plan of
 :class:`qdeploy.runtime.multistage.MultiStageModel`: run stage k, gate on exit k, continue with
 the undecided inputs.
 
-Cost of an exit = BOPs (:func:`qdeploy.report.layer_bops`) of every stage up to it; the
+Cost of an exit = BOPs (:func:`qdeploy.compiler.ir.cost.node_bops`) of every stage up to it; the
 calibration routines (:func:`calibrate`, :func:`evaluate_levels`) pick per-exit gate levels on a
 validation set for a target accuracy drop or a mean-cost budget.
 """
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..compiler.errors import QDeployError
+from ..compiler.ir.cost import node_bops
 from ..compiler.ir.graph import Graph
 from .partition import subgraph
 
@@ -75,9 +76,8 @@ def _ancestors(graph: Graph, value: str) -> set:
 
 
 def graph_bops(graph: Graph, node_names=None) -> float:
-    """Sum of :func:`qdeploy.report.layer_bops` over ``node_names`` (default: all nodes)."""
-    from ..report import layer_bops
-    return float(sum(layer_bops(graph, n) for n in graph.nodes if node_names is None or n.name in node_names))
+    """Sum of :func:`qdeploy.compiler.ir.cost.node_bops` over ``node_names`` (default: all nodes)."""
+    return float(sum(node_bops(graph, n) for n in graph.nodes if node_names is None or n.name in node_names))
 
 
 def split_exits(graph: Graph, exits=None) -> StagedProgram:

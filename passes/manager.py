@@ -40,13 +40,18 @@ class PassContext:
         notes: every note so far, in order (the manager also splits them per pass into
             :class:`PassRecord`).
         results: pass name -> the result that pass stored with :meth:`set_result`.
+        cost_models: named cost providers ``fn(graph, options) -> (node name -> cost, notes)``
+            that passes look up by name (e.g. the ``remat`` pass's ``cost: cycles``,
+            :func:`qdeploy.passes.remat.cost.resolve_costs`).  Passes import no backend; the user
+            layer supplies backend-priced models here (:func:`qdeploy.api.cost_models`).
     """
 
-    def __init__(self):
+    def __init__(self, cost_models: dict[str, Callable] | None = None):
         self.pass_name: str | None = None
         self.options: dict = {}
         self.notes: list[str] = []
         self.results: dict[str, Any] = {}
+        self.cost_models: dict[str, Callable] = dict(cost_models or {})
         self._token = None
 
     def note(self, text: str) -> None:
@@ -197,19 +202,23 @@ class PassManager:
             pass broke raises :class:`PassError` naming the pass.
         dump: optional callable ``dump(pass_name, graph)`` called after each pass (e.g.
             :func:`dump_to` a directory, to see the IR after each step).
+        cost_models: named cost providers given to the run's :class:`PassContext`
+            (``PassContext.cost_models``), e.g. ``{"cycles": cycle_costs}``.
 
     After :meth:`run`: ``records`` (one :class:`PassRecord` a pass) and ``context`` (the
     :class:`PassContext` of the run: notes and pass results such as ``results["remat"]``).
     """
 
     def __init__(self, pipeline: Sequence, verify_each: bool = True,
-                 dump: Callable[[str, Graph], None] | None = None):
+                 dump: Callable[[str, Graph], None] | None = None,
+                 cost_models: dict[str, Callable] | None = None):
         self.steps = normalize_pipeline(pipeline)
         self.pipeline = [(name, opts) for name, opts, _ in self.steps]
         self.verify_each = verify_each
         self.dump = dump
         self.records: list[PassRecord] = []
-        self.context = PassContext()
+        self.cost_models = dict(cost_models or {})
+        self.context = PassContext(self.cost_models)
 
     def describe(self) -> list[dict]:
         """The pipeline as data for the report (:func:`describe_pipeline`)."""
@@ -224,7 +233,7 @@ class PassManager:
                 :class:`Graph`; ``pass_name`` names it.
         """
         self.records = []
-        self.context = ctx = PassContext()
+        self.context = ctx = PassContext(self.cost_models)
         if self.verify_each and self.steps:
             try:
                 verify(graph)

@@ -221,7 +221,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             fraction of the unrematerialized peak (``0.8``); default: the config's ``memory_budget``
             (a number/string, or a mapping with ``budget`` and optional ``packing``, ``max_copies``,
             ``time_limit``, ``method``, ``cost``).  Adds the ``remat`` pass
-            (:func:`qdeploy.passes.remat.remat_pass`) at the end of the pipeline.
+            (:func:`qdeploy.passes.remat.remat_pass`) at the end of the pipeline; ``cost: cycles``
+            is priced by the provider :func:`cost_models` registers in the pass context.
     Returns:
         :class:`CompileResult`.
     Raises:
@@ -249,7 +250,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         pipeline = default_pipeline(cfg.get("input_type"), feeds_real, remat_opts)
     else:
         pipeline = [("remat", remat_opts)] if remat_opts is not None else []
-    pm = PassManager(pipeline)
+    pm = PassManager(pipeline, cost_models=cost_models())
     graph = pm.run(graph)
     remat_report = pm.context.results.get("remat")
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
@@ -315,6 +316,15 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CompileResult(out_dir, report, graph)
+
+
+def cost_models() -> dict:
+    """The named cost providers the user layer gives the passes (``PassContext.cost_models``):
+    ``{"cycles": qdeploy.backends.hls4ml.cycles.cycle_costs}`` (hls4ml estimator latency cycles,
+    the ``remat`` pass's ``cost: cycles``).  Passes import no backend; this is how a backend's cost
+    reaches them.  ``"macs"`` and ``"unit"`` are built into the passes."""
+    from .backends.hls4ml.cycles import cycle_costs
+    return {"cycles": cycle_costs}
 
 
 def remat_options(budget, cfg: dict) -> dict | None:

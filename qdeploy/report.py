@@ -1,37 +1,11 @@
 """Compile reports: per-layer types, parameters, bits and BOPs, exactness; JSON and Markdown."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from .compiler.ir.cost import node_bops, type_bits
 from .compiler.ir.graph import Graph
 from .compiler.ir.types import FixedType
-
-
-def _bits(t) -> int:
-    return t.width if isinstance(t, FixedType) else 32
-
-
-def layer_bops(graph: Graph, node) -> float:
-    """Bit operations of a Dense/Conv node per sample.
-
-    BOPs = P * m * n * ((1 - f_p) * b_a * b_w + b_a + b_w + log2 n) with n inputs per output
-    (K, or kh*kw*C_in/groups), m outputs per position, P output positions, activation bits b_a,
-    weight bits b_w (32 for float), and f_p the measured fraction of zero weights
-    (Baskin et al., arXiv 2103.05579 Eq. 1; ``../shared/refs/README.md``).  0 for other ops.
-    """
-    if node.op not in ("Dense", "Conv"):
-        return 0.0
-    w = node.params["weight"]
-    b_a = _bits(graph.value(node.inputs[0]).dtype)
-    b_w = _bits(w.dtype)
-    m = w.shape[-1]
-    n = int(np.prod(w.shape[:-1]))
-    fp = float(np.mean(w.data == 0)) if w.data.size else 0.0
-    out_shape = graph.value(node.output).shape
-    positions = int(np.prod(out_shape[:-1])) if len(out_shape) > 1 else 1
-    return float(positions * m * n * ((1 - fp) * b_a * b_w + b_a + b_w + math.log2(max(n, 1))))
 
 
 def layer_table(graph: Graph) -> list[dict]:
@@ -40,11 +14,11 @@ def layer_table(graph: Graph) -> list[dict]:
     for n in graph.nodes:
         v = graph.value(n.output)
         params = sum(c.data.size for c in n.params.values())
-        pbits = sum(c.data.size * _bits(c.dtype) for c in n.params.values())
+        pbits = sum(c.data.size * type_bits(c.dtype) for c in n.params.values())
         rows.append({"name": n.name, "op": n.op, "type": str(v.dtype), "shape": list(v.shape),
                      "params": int(params), "param_bits": int(pbits),
                      "weight_type": str(n.params["weight"].dtype) if "weight" in n.params else "",
-                     "bops": layer_bops(graph, n)})
+                     "bops": node_bops(graph, n)})
     return rows
 
 

@@ -5,7 +5,8 @@ Every module of the package is parsed (folders mapped to packages by pyproject's
 Checked: no module imports another module's ``_private`` names, the module import graph has no
 cycle, ``import qdeploy`` loads no torch / tvm / hls4ml, and the layer rules that hold today
 (``compiler/ir`` imports no torch/hls4ml/tvm; ``runtime`` imports neither ``compiler.frontends``
-nor ``passes``).
+nor ``passes``; ``passes`` imports neither the user layer -- ``api``, ``report``, ``cli`` -- nor
+``runtime`` nor ``backends``).
 """
 from __future__ import annotations
 
@@ -192,6 +193,15 @@ def test_ir_imports_no_torch_hls4ml_tvm(table):
 def test_runtime_imports_no_frontend_or_pass(table):
     bad = [f"{m}:{line} imports {t}" for m, t, line in _imports_under(table, "qdeploy.runtime")
            if t.startswith(("qdeploy.compiler.frontends", "qdeploy.passes"))]
+    assert not bad, "\n".join(bad)
+
+
+def test_passes_import_no_user_layer_runtime_or_backend(table):
+    """DESIGN.md: ``passes/`` holds Graph -> Graph passes and the analyses they call; backend costs
+    reach them through ``PassContext.cost_models``, never by import."""
+    banned = ("qdeploy.api", "qdeploy.report", "qdeploy.cli", "qdeploy.runtime", "qdeploy.backends")
+    bad = [f"{m}:{line} imports {t}" for m, t, line in _imports_under(table, "qdeploy.passes")
+           if t in banned or t.startswith(tuple(b + "." for b in banned))]
     assert not bad, "\n".join(bad)
 
 

@@ -1,4 +1,4 @@
-"""Storage cost of IR values: bits per element and bytes under a packing.
+"""IR costs: storage of values (bits per element, bytes under a packing) and the BOPs of a node.
 
 Packing of a ``W``-bit fixed-point element (parameter ``packing``):
 
@@ -14,19 +14,50 @@ Packing of a ``W``-bit fixed-point element (parameter ``packing``):
     8 bytes (int64 code) per element: how the reference interpreter and TVM lowering store it.
 
 float32 values take 4 bytes per element in every mode.  Per-op compute costs are
-``OpSpec.macs`` (:mod:`qdeploy.compiler.ir.ops`).
+``OpSpec.macs`` (:mod:`qdeploy.compiler.ir.ops`); bit operations of a Dense/Conv node are
+:func:`node_bops` (Baskin et al., arXiv 2103.05579 Eq. 1).
 """
 from __future__ import annotations
 
-from .graph import Value
+import math
+
+import numpy as np
+
+from .graph import Graph, Node, Value
 from .types import FixedType
 
 PACKINGS = ("byte", "container", "bit", "runtime")
 
 
+def type_bits(t) -> int:
+    """Bits per element of type ``t``: the fixed-point width, 32 for float."""
+    return t.width if isinstance(t, FixedType) else 32
+
+
 def element_bits(v: Value) -> int:
     """Bits per element of ``v``: the fixed-point width, 32 for float."""
-    return v.dtype.width if isinstance(v.dtype, FixedType) else 32
+    return type_bits(v.dtype)
+
+
+def node_bops(graph: Graph, node: Node) -> float:
+    """Bit operations of a Dense/Conv node per sample (unit: BOPs, one inference of one sample).
+
+    BOPs = P * m * n * ((1 - f_p) * b_a * b_w + b_a + b_w + log2 n) with n inputs per output
+    (K, or kh*kw*C_in/groups), m outputs per position, P output positions, activation bits b_a,
+    weight bits b_w (32 for float), and f_p the measured fraction of zero weights
+    (Baskin et al., arXiv 2103.05579 Eq. 1; ``../shared/refs/README.md``).  0 for other ops.
+    """
+    if node.op not in ("Dense", "Conv"):
+        return 0.0
+    w = node.params["weight"]
+    b_a = type_bits(graph.value(node.inputs[0]).dtype)
+    b_w = type_bits(w.dtype)
+    m = w.shape[-1]
+    n = int(np.prod(w.shape[:-1]))
+    fp = float(np.mean(w.data == 0)) if w.data.size else 0.0
+    out_shape = graph.value(node.output).shape
+    positions = int(np.prod(out_shape[:-1])) if len(out_shape) > 1 else 1
+    return float(positions * m * n * ((1 - fp) * b_a * b_w + b_a + b_w + math.log2(max(n, 1))))
 
 
 def value_bytes(v: Value, packing: str = "byte", batch: int = 1) -> int:

@@ -6,7 +6,7 @@ subject to any set of budgets sum_i sum_o cost_k(i, o) x_{i,o} <= B_k.  Unary co
 layer, which covers:
 
 * ``bops``: bit operations per sample, P*m*n*(b_a*b_w + b_a + b_w + log2 n) (Baskin et al.,
-  arXiv 2103.05579 Eq. 1, unpruned; the formula of ``qdeploy.report.layer_bops``);
+  arXiv 2103.05579 Eq. 1, unpruned; the formula of ``qdeploy.compiler.ir.cost.node_bops``);
 * ``size``: weight memory in bits, n_weights * b_w (biases are not counted);
 * any per-layer cost function ``fn(spec, w_bits, a_bits) -> float`` registered with
   :func:`register_cost` or passed in ``costs=`` -- the hook for LUT / DSP / latency figures of a

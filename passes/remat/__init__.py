@@ -20,7 +20,8 @@ The package, by concept:
   :class:`RematResult` holding a :class:`Schedule` (the order of node executions including
   recomputations, with the exact copy each execution reads);
 * :mod:`.rewrite`: a schedule -> an ordinary IR graph whose recomputations are explicit nodes;
-* :mod:`.cost`: the compute-cost models (MACs, hls4ml cycles);
+* :mod:`.cost`: the compute-cost models (MACs and units built in; others, like hls4ml cycles,
+  from providers in the pass context: :func:`resolve_costs`);
 * :mod:`.driver`: :func:`rematerialize` and the registered ``remat`` pass.
 
 Every peak quoted is the peak the reference interpreter measures when it runs the rewritten
@@ -28,7 +29,7 @@ graph (the memory model of :mod:`qdeploy.passes.memory`, tight liveness).
 """
 from __future__ import annotations
 
-from .cost import COST_MODELS, cycle_costs
+from .cost import BUILTIN_COST_MODELS, COST_MODELS, resolve_costs
 from .cp_sat import DEFAULT_TIGHTENINGS, TIGHTENINGS, cp_workers, live_cuts, solve_cp
 from .driver import REMAT_OPTIONS, remat_pass, rematerialize
 from .evaluate import Evaluation, RematResult, evaluate, make_result, prune
@@ -38,7 +39,7 @@ from .problem import (STATELESS_OPS, Problem, RematError, Schedule, assert_state
                       resolve_budget)
 from .rewrite import rewrite
 
-__all__ = ["COST_MODELS", "cycle_costs", "DEFAULT_TIGHTENINGS", "TIGHTENINGS", "cp_workers", "live_cuts", "solve_cp",
+__all__ = ["BUILTIN_COST_MODELS", "COST_MODELS", "resolve_costs", "DEFAULT_TIGHTENINGS", "TIGHTENINGS", "cp_workers", "live_cuts", "solve_cp",
            "REMAT_OPTIONS", "remat_pass", "rematerialize", "Evaluation", "RematResult", "evaluate", "make_result", "prune",
            "solve_greedy", "milp_size", "solve_milp", "STATELESS_OPS", "Problem", "RematError", "Schedule",
            "assert_stateless", "low_memory_order", "no_remat", "resolve_budget", "rewrite"]

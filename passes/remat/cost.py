@@ -1,47 +1,53 @@
-"""The compute-cost models the solvers minimize: MACs (:func:`qdeploy.passes.memory.node_costs`)
-or hls4ml estimator cycles (:func:`cycle_costs`)."""
+"""The compute-cost models the solvers minimize.
+
+Built in: ``"macs"`` and ``"unit"`` (:func:`qdeploy.passes.memory.node_costs`).  Any other name
+is a *cost provider* looked up in the active pass context
+(:attr:`qdeploy.passes.manager.PassContext.cost_models`): a function ``fn(graph, options) ->
+(node name -> cost, notes)``.  The passes import no backend; the user layer supplies providers --
+:func:`qdeploy.api.compile` registers ``"cycles"`` (hls4ml estimator latency cycles,
+:func:`qdeploy.backends.hls4ml.cycles.cycle_costs`), and a direct caller does::
+
+    with PassContext(cost_models={"cycles": cycle_costs}):
+        rematerialize(g, 0.9, cost="cycles")
+"""
 from __future__ import annotations
 
 from ...compiler.errors import QDeployError
 from ...compiler.ir.graph import Graph
+from ..manager import current_context
 from ..memory import node_costs
 
+#: Cost models the solvers know without a provider.
+BUILTIN_COST_MODELS = ("macs", "unit")
+#: Every cost model name the ``remat`` pass documents (``"cycles"`` needs a provider).
 COST_MODELS = ("macs", "cycles", "unit")
 
+_HOW = ("supply a provider fn(graph, options) -> (costs, notes) in the pass context, e.g. "
+        "`with PassContext(cost_models={'cycles': qdeploy.backends.hls4ml.cycles.cycle_costs}): ...` "
+        "(qdeploy.api.compile registers it)")
 
-def cycle_costs(graph: Graph, estimator: dict | None = None) -> tuple[dict[str, int], list[str]]:
-    """Per-node cost in clock cycles from the hls4ml estimator, MACs where it has no price.
 
-    Each node the estimator places on the device costs its ``latency_cycles`` from
-    :func:`qdeploy.backends.hls4ml.estimate.estimate` (``estimator``: its config: part,
-    clock_period, reuse_factor, strategy, io_type, ...), at least 1 (elementwise ops chained into
-    a neighbour's cycle are estimated at 0 cycles; a recomputation is never free).  Nodes it does
-    not price (host prologue/epilogue: float results, Softmax on the host) cost their MACs
-    (:func:`qdeploy.passes.memory.node_macs`); when the estimator refuses the graph (an op it does
-    not support, an illegal reuse factor) every node costs its MACs.  Mixed units only arise with
-    host nodes, which are float and off the device; the notes say which nodes fell back.
+def resolve_costs(graph: Graph, model: str, options: dict | None = None,
+                  providers: dict | None = None) -> tuple[dict, list[str]]:
+    """Per-node costs of ``graph`` under cost model ``model``: ``(node name -> cost, notes)``.
 
-    Returns:
-        (node name -> cost, notes).
+    ``"macs"``/``"unit"`` are built in; any other name is looked up in ``providers`` (default: the
+    active pass context's ``cost_models``) and called as ``provider(graph, options)``.
+
+    Raises:
+        QDeployError: ``model`` is a known name (``"cycles"``) with no provider supplied (the
+            message says how to supply one).
+        ValueError: an unknown cost model name.
     """
-    from ...backends.hls4ml.estimate import estimate
-    macs = node_costs(graph, "macs")
-    try:
-        est = estimate(graph, dict(estimator or {}))
-    except QDeployError as e:
-        return macs, [f"cost=cycles: the hls4ml estimator cannot price this graph ({e.one_line()}); "
-                      f"MACs used for every node"]
-    rows = {r["name"]: r for r in est.get("layers", [])}
-    costs, fallback = {}, []
-    for nd in graph.nodes:
-        r = rows.get(nd.name)
-        if r is None or r.get("host"):
-            costs[nd.name] = macs[nd.name]
-            fallback.append(nd.name)
-        else:
-            costs[nd.name] = max(1, int(r["latency_cycles"]))
-    notes = []
-    if fallback:
-        notes.append(f"cost=cycles: {len(fallback)} node(s) not priced by the hls4ml estimator cost their MACs "
-                     f"({', '.join(fallback)})")
-    return costs, notes
+    if model in BUILTIN_COST_MODELS:
+        return node_costs(graph, model), []
+    if providers is None:
+        providers = current_context().cost_models
+    fn = providers.get(model)
+    if fn is None:
+        if model in COST_MODELS:
+            raise QDeployError(f"cost model {model!r} has no provider in this pass context; {_HOW}")
+        known = sorted(set(COST_MODELS) | set(providers))
+        raise ValueError(f"unknown cost {model!r}; one of {', '.join(known)}")
+    costs, notes = fn(graph, options)
+    return dict(costs), list(notes or [])

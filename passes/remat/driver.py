@@ -8,8 +8,8 @@ import numpy as np
 from ...compiler.errors import QDeployError
 from ...compiler.ir.graph import Graph
 from ..manager import current_context, register_pass
-from ..memory import fmt_bytes, memory_profile, min_feasible_bytes, node_costs
-from .cost import COST_MODELS, cycle_costs
+from ..memory import fmt_bytes, memory_profile, min_feasible_bytes
+from .cost import resolve_costs
 from .cp_sat import solve_cp
 from .evaluate import evaluate
 from .greedy import solve_greedy
@@ -32,26 +32,27 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
         time_limit: solver seconds; on timeout the best schedule found is returned and the report
             says it is not proven optimal.
         method: ``cp-sat`` (Moccasin), ``milp`` (Checkmate/HiGHS) or ``greedy``.
-        cost: per-node compute cost the solver minimizes: ``"macs"`` (default) or ``"cycles"``
-            (hls4ml estimator latency cycles, MACs where it has no price: :func:`cycle_costs`), or
-            ``"unit"`` (1 per node execution); None means ``"macs"``.
+        cost: per-node compute cost the solver minimizes: ``"macs"`` (default), ``"unit"`` (1 per
+            node execution), or the name of a cost provider in the active pass context
+            (:attr:`qdeploy.passes.manager.PassContext.cost_models`, :func:`.cost.resolve_costs`):
+            ``"cycles"`` is hls4ml estimator latency cycles, MACs where it has no price
+            (:func:`qdeploy.backends.hls4ml.cycles.cycle_costs`), registered by
+            :func:`qdeploy.api.compile`; called directly, supply it with
+            ``with PassContext(cost_models={"cycles": cycle_costs}): ...``.  None means ``"macs"``.
         workers: CP-SAT search workers (default: the CPU count).
-        estimator: hls4ml estimator options for ``cost="cycles"`` (part, clock_period,
-            reuse_factor, strategy, io_type).
+        estimator: options given to the cost provider (for ``cost="cycles"``: the hls4ml
+            estimator's part, clock_period, reuse_factor, strategy, io_type).
     Returns:
         (new graph, report dict with peak before/after, overhead %, solve time, status).
     Raises:
         RematError: the budget is below the smallest feasible peak (stated in the message), or no
             schedule was found.
+        QDeployError: ``cost="cycles"`` with no provider in the pass context (the message says
+            how to supply one).
+        ValueError: an unknown cost model.
     """
     model = "macs" if cost is None else cost
-    if model not in COST_MODELS:
-        raise ValueError(f"unknown cost {model!r}; one of macs, cycles")
-    cost_notes = []
-    if model == "cycles":
-        costs, cost_notes = cycle_costs(graph, estimator)
-    else:
-        costs = node_costs(graph, model)
+    costs, cost_notes = resolve_costs(graph, model, estimator)
     p = Problem.from_graph(graph, packing, batch, model, costs=costs)
     base = evaluate(p, no_remat(p))
     assert base.peak == memory_profile(graph, packing, batch).peak
@@ -114,11 +115,14 @@ def remat_pass(graph: Graph, budget=None, **options) -> Graph:
     method, cost, ...).  Its report dict (peak before/after, overhead %, solve time, status,
     notes: what the compile report shows under "Memory") is the pass result in the pass context
     (``context.results["remat"]``); a one-line summary is its note.  Without a budget the graph is
-    returned unchanged and no result is set.
+    returned unchanged and no result is set.  ``cost`` stays data (a name): ``"macs"``/``"unit"``
+    are built in, ``"cycles"`` is the provider of the pass context's ``cost_models``
+    (:func:`qdeploy.api.compile` registers it).
 
     Raises:
         QDeployError: a bad budget or option (``"memory budget: ..."``).
         RematError: the budget cannot be met.
+        QDeployError: a cost model with no provider in the pass context.
     """
     if budget is None:
         return graph

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from ...compiler.errors import QDeployError, UnsupportedError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.ops import OPS
-from ..memory import node_costs, parse_memory_budget, value_bytes
-from .cost import cycle_costs
+from ..memory import parse_memory_budget, value_bytes
+from .cost import resolve_costs
 
 STATELESS_OPS = frozenset(OPS)
 
@@ -132,8 +132,9 @@ class Problem:
                    costs: dict | None = None) -> "Problem":
         """The instance of an IR graph: sizes in bytes (:func:`qdeploy.passes.memory.value_bytes`
         under ``packing``, ``batch`` samples), costs per ``cost_model``: ``macs``/``unit``
-        (:func:`qdeploy.passes.memory.node_costs`) or ``cycles`` (:func:`cycle_costs`, default
-        estimator options); ``costs`` (node name -> cost) overrides it.
+        (:func:`qdeploy.passes.memory.node_costs`) or a provider of the active pass context such as
+        ``cycles`` (:func:`.cost.resolve_costs`, default options); ``costs`` (node name -> cost)
+        overrides it.
 
         Raises:
             UnsupportedError: a node that is not stateless (:func:`assert_stateless`).
@@ -142,7 +143,7 @@ class Problem:
         idx = {nd.output: t for t, nd in enumerate(graph.nodes)}
         sidx = {x: k for k, x in enumerate(graph.inputs)}
         if costs is None:
-            costs = cycle_costs(graph)[0] if cost_model == "cycles" else node_costs(graph, cost_model)
+            costs = resolve_costs(graph, cost_model)[0]
         preds, spreds = [], []
         for nd in graph.nodes:
             ins = list(dict.fromkeys(nd.inputs))

@@ -7,7 +7,10 @@ import re
 import numpy as np
 import pytest
 
+from qdeploy.backends.hls4ml.cycles import cycle_costs
+from qdeploy.compiler.errors import QDeployError
 from qdeploy.compiler.reference import execute
+from qdeploy.passes import PassContext
 from qdeploy.passes import remat as R
 from qdeploy.passes.memory import node_costs
 
@@ -45,11 +48,12 @@ def test_report_md_not_needed_budget(tmp_path):
 @pytest.mark.parametrize("make", [skip_block, two_skips])
 def test_cycles_cost_gives_valid_schedule_within_budget(make):
     g = make(np.random.default_rng(7))
-    costs, notes = R.cycle_costs(g)
+    costs, notes = cycle_costs(g)
     assert set(costs) == {n.name for n in g.nodes} and all(c >= 1 for c in costs.values())
     macs = node_costs(g, "macs")
     assert costs != macs  # cycles, not MACs, for device nodes
-    g2, rep = R.rematerialize(g, 0.9, cost="cycles")
+    with PassContext(cost_models={"cycles": cycle_costs}):  # the documented way to supply it
+        g2, rep = R.rematerialize(g, 0.9, cost="cycles")
     assert rep["cost"] == "cycles" and rep["status"] == "optimal"
     assert rep["peak_after"] <= rep["budget_bytes"] < rep["peak_before"]
     # the schedule is valid: the rewritten graph is bit-identical and its measured peak is the predicted one
@@ -83,15 +87,46 @@ def test_cycles_cost_falls_back_to_macs_for_unpriced_nodes(monkeypatch):
                 r["host"] = True
         return est
     monkeypatch.setattr(E, "estimate", host_gap)
-    costs, notes = R.cycle_costs(g)
+    costs, notes = cycle_costs(g)
     assert costs["gap"] == macs["gap"] and "gap" in notes[0]
 
     def refuse(graph, config=None):
         raise UnsupportedError("op 'Foo' has no hls4ml estimate", "conv_a")
     monkeypatch.setattr(E, "estimate", refuse)
-    costs, notes = R.cycle_costs(g)
+    costs, notes = cycle_costs(g)
     assert costs == macs and "MACs used for every node" in notes[0]
-    _, rep = R.rematerialize(g, 0.9, cost="cycles")
+    with PassContext(cost_models={"cycles": cycle_costs}):
+        _, rep = R.rematerialize(g, 0.9, cost="cycles")
     assert rep["peak_after"] <= rep["budget_bytes"] and any("MACs used" in n for n in rep["notes"])
     with pytest.raises(ValueError, match="unknown cost"):
         R.rematerialize(g, 0.9, cost="flops")
+
+
+def test_cycles_cost_needs_a_provider_in_the_pass_context():
+    """Passes import no backend: without a ``cycles`` provider the remat pass says how to give one."""
+    g = skip_block(np.random.default_rng(7))
+    with pytest.raises(QDeployError, match="no provider.*cost_models"):
+        R.rematerialize(g, 0.9, cost="cycles")
+    with pytest.raises(QDeployError, match="no provider"):
+        R.Problem.from_graph(g, cost_model="cycles")
+    # a provider receives (graph, options) and its costs drive the solver
+    seen = {}
+
+    def flat(graph, options):
+        seen["options"] = options
+        return {n.name: 7 for n in graph.nodes}, ["flat costs"]
+    with PassContext(cost_models={"cycles": flat}):
+        _, rep = R.rematerialize(g, 0.9, cost="cycles", estimator={"part": "xcvu9p"})
+        assert seen["options"] == {"part": "xcvu9p"} and "flat costs" in rep["notes"]
+        assert R.Problem.from_graph(g, cost_model="cycles").costs == [7] * len(g.nodes)
+
+
+def test_compile_registers_cycles_for_the_remat_pass(tmp_path):
+    """``memory_budget: {cost: cycles}`` stays data in the pipeline; api.compile supplies the provider."""
+    import qdeploy.api as api
+    g = skip_block(np.random.default_rng(7))
+    res = api.compile(g, target="reference", out_dir=tmp_path / "a",
+                      config={"memory_budget": {"budget": 0.9, "cost": "cycles"}})
+    assert res.report["remat"]["cost"] == "cycles" and res.report["remat"]["peak_after"] <= 0.9 * res.report["remat"]["peak_before"]
+    assert {"name": "remat", "options": {"budget": 0.9, "cost": "cycles"}} in res.report["pipeline"]
+    assert res.report["exactness"]["bit_exact"]
