@@ -22,6 +22,7 @@ from .compiler.ir.types import FixedType
 from .compiler.reference import execute, prepare_feeds
 from .runtime.artifact import (check_out_dir, check_replaceable, file_hashes, publish, staging_dir, versions,
                                write_manifest)
+from .runtime.layout import manifest_layouts
 
 
 @dataclass
@@ -129,7 +130,7 @@ def load(model, example_input=None) -> Graph:
     raise QDeployError(f"cannot import a {type(model).__name__}: give a .onnx path, module:function, or nn.Module")
 
 
-def golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
+def golden_feeds(graph: Graph, golden, cfg: dict, layout=None) -> dict[str, np.ndarray]:
     """Golden inputs of ``graph`` as real-valued arrays in IR layout, keyed by input name.
 
     Args:
@@ -139,19 +140,25 @@ def golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
             ``cfg["golden"]["samples"]`` (default 64) random inputs drawn with ``cfg["golden"]["seed"]``
             (default 0): uniform codes over a fixed-point input's range, uniform [-1, 1) floats otherwise.
         cfg: the checked config (:func:`load_config`).
+        layout: the layout of user inputs: None/``"source"`` (``graph.meta['input_perms']``),
+            ``"channels-last"`` or the letters of either (never inferred from the shapes).
     Returns:
         ``{input name: array (n, *IR shape)}``.
     Raises:
-        QDeployError: an unreadable or ill-formed golden file.
+        QDeployError: an unreadable or ill-formed golden file, a bad ``layout``, or a shape that
+            does not match (stated in the user's layout).
     """
-    from .runtime.compiled import to_ir_layout
+    from .runtime.layout import channels_last_mode, graph_layouts, to_ir
 
     if golden is not None:
         if isinstance(golden, (str, os.PathLike)):
             golden = load_array_file(golden, graph.inputs)
         if not isinstance(golden, dict):
             golden = dict(zip(graph.inputs, golden if isinstance(golden, (list, tuple)) else [golden]))
-        return {k: to_ir_layout(graph, k, np.asarray(v)) for k, v in golden.items()}
+        ins, _ = graph_layouts(graph)
+        cl = channels_last_mode(layout, ins)
+        return {k: to_ir(k, v, graph.value(k).shape, ins[k], cl) if k in ins else np.asarray(v)
+                for k, v in golden.items()}
     g = cfg.get("golden", {}) or {}
     n, seed = int(g.get("samples", 64)), int(g.get("seed", 0))
     rng = np.random.default_rng(seed)
@@ -205,7 +212,7 @@ def _avgpool_notes(graph: Graph) -> list[str]:
 
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
             example_input=None, force: bool = False, optimize: bool = True,
-            memory_budget=None) -> CompileResult:
+            memory_budget=None, golden_layout=None) -> CompileResult:
     """Compile ``model`` for ``target`` into ``out_dir``.
 
     Args:
@@ -216,6 +223,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         golden: golden inputs (array, list, dict by input name, or .npy/.npz path; batch first,
             the source model's layout).  Default: ``golden.samples`` random inputs.  They also
             calibrate the input type of models without an input quantizer.
+        golden_layout: layout of ``golden``: None/``"source"`` or ``"channels-last"``
+            (:func:`golden_feeds`).  The manifest declares each input's and output's source
+            layout (``layout``) and IR layout (``ir_layout``).
         force: replace an existing ``out_dir``.
         memory_budget: peak activation memory budget: bytes (``"48KiB"``, 49152) or a
             fraction of the unrematerialized peak (``0.8``); default: the config's ``memory_budget``
@@ -244,7 +254,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         raise QDeployError(str(e)) from None
     t0 = time.perf_counter()
     graph = load(model, example_input)
-    feeds_real = golden_feeds(graph, golden, cfg)
+    feeds_real = golden_feeds(graph, golden, cfg, golden_layout)
     remat_opts = remat_options(memory_budget, cfg)
     if optimize:
         pipeline = default_pipeline(cfg.get("input_type"), feeds_real, remat_opts)
@@ -294,13 +304,16 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(render_markdown(report))
+        lays = manifest_layouts(graph)
         manifest = {
             "format": 1, "target": target, "versions": versions(), "config": cfg, "backend": info,
             "graph_digest": graph.digest(),
             "inputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
-                        "perm": (graph.meta.get("input_perms") or {}).get(v.name)} for v in graph.input_values()],
+                        "perm": (graph.meta.get("input_perms") or {}).get(v.name), **lays["inputs"][v.name]}
+                       for v in graph.input_values()],
             "outputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
-                         "perm": (graph.meta.get("output_perms") or {}).get(v.name)} for v in graph.output_values()],
+                         "perm": (graph.meta.get("output_perms") or {}).get(v.name), **lays["outputs"][v.name]}
+                        for v in graph.output_values()],
             "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact")},
             "hashes": file_hashes(tmp),
         }
@@ -384,10 +397,11 @@ def _compile_estimate(graph: Graph, cfg: dict) -> dict:
         return {"target": "hls4ml", "error": f"estimator failed: {type(e).__name__}: {e}"}
 
 
-def run(out_dir, *inputs):
-    """Load the artifact at ``out_dir`` and return its real-valued outputs on ``inputs``."""
+def run(out_dir, *inputs, layout=None):
+    """Load the artifact at ``out_dir`` and return its real-valued outputs on ``inputs``
+    (:meth:`qdeploy.runtime.CompiledModel.predict`, ``layout`` as there)."""
     from .runtime import CompiledModel
-    return CompiledModel.load(out_dir).predict(*inputs)
+    return CompiledModel.load(out_dir).predict(*inputs, layout=layout)
 
 
 # ---- Hessian-guided mixed-precision search ----

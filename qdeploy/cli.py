@@ -43,6 +43,9 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                 out: Path = typer.Option(..., "-o", "--out", help="artifact directory (must not exist)"),
                 config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config"),
                 golden: Optional[Path] = typer.Option(None, "--golden", help=".npy/.npz golden inputs"),
+                golden_layout: str = typer.Option("source", "--golden-layout",
+                                                  help="layout of --golden: 'source' (the model's: NCHW, NCL, NC) or "
+                                                       "'channels-last' (NHWC, NLC); never guessed from the shapes"),
                 force: bool = typer.Option(False, "--force",
                                            help="replace an existing artifact directory (only a qdeploy artifact)", metavar=""),
                 allow_inexact: bool = typer.Option(False, "--allow-inexact",
@@ -59,7 +62,7 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     from .report import exactness_sentence
     try:
         res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, golden_layout=golden_layout)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     ex = res.report["exactness"]
@@ -79,27 +82,55 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
         raise typer.Exit(1)
 
 
+LAYOUT_HELP = ("layout of the arrays: 'source' (the layout the artifact declares, the source model's: NCHW, NCL, "
+               "NC) or 'channels-last' (NHWC, NLC); never guessed from the shapes")
+
+
 @app.command("run")
 def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `qdeploy compile`"),
-            input: Path = typer.Option(..., "--input", "-i", help=".npy float32 input, batch first"),
-            output: Path = typer.Option(..., "--output", "-o", help=".npy to write (the model's real-valued outputs)")):
-    """Run a compiled artifact on INPUT and save its real-valued outputs."""
+            input: Path = typer.Option(..., "--input", "-i", help=".npy float32 input, batch first (.npz: one array "
+                                       "per input name)"),
+            output: Path = typer.Option(..., "--output", "-o", help=".npy to write (one output), or .npz (one array "
+                                        "per output name; needed when the model has several outputs)"),
+            layout: str = typer.Option("source", "--layout", help=LAYOUT_HELP + "; outputs are written in it too")):
+    """Run a compiled artifact on INPUT and save its real-valued outputs (every one of them)."""
     from .api import load_array_file
     from .runtime import CompiledModel
     if (artifact / "plan.json").is_file():  # a multi-stage program (qdeploy compile-early-exit)
+        if layout != "source":
+            _fail(QDeployError("--layout: a multi-stage program takes its inputs in the source layout only"))
         _run_program(artifact, input, output)
         return
     try:
         m = CompiledModel.load(artifact)
+        names = list(m.graph.outputs)
+        output = output_path(output, names)
         x = load_array_file(input, m.graph.inputs)
-        y = m.predict(x)
-        y = y[0] if isinstance(y, list) else y
-        output = output if output.suffix == ".npy" else output.with_name(output.name + ".npy")
+        y = m.predict(x, layout=layout)
+        ys = y if len(names) > 1 else [y]
         output.parent.mkdir(parents=True, exist_ok=True)
-        np.save(output, y)
+        if output.suffix == ".npz":
+            np.savez(output, **dict(zip(names, ys)))
+        else:
+            np.save(output, ys[0])
     except Exception as e:  # one line, never a library traceback
         _fail(e)
-    typer.echo(f"wrote {output} {np.shape(y)}")
+    typer.echo(f"wrote {output}: " + ", ".join(f"{n} {np.shape(a)}" for n, a in zip(names, ys)))
+
+
+def output_path(output: Path, names: list) -> Path:
+    """Where `qdeploy run` writes the outputs ``names``: ``.npy`` (one output) or ``.npz`` as
+    given; another name gets ``.npy`` appended for one output, ``.npz`` for several.
+
+    Raises:
+        QDeployError: a ``.npy`` path for a model with several outputs.
+    """
+    if output.suffix == ".npy" and len(names) > 1:
+        raise QDeployError(f"the model has {len(names)} outputs ({', '.join(names)}): a .npy file holds one array; "
+                           f"give an .npz output path (one array per output name)")
+    if output.suffix in (".npy", ".npz"):
+        return output
+    return output.with_name(output.name + (".npz" if len(names) > 1 else ".npy"))
 
 
 def _run_program(program: Path, input: Path, output: Path) -> None:
@@ -333,12 +364,13 @@ def golden_record(model_or_out: str = typer.Argument(..., help="artifact directo
                   input: Optional[Path] = typer.Option(None, "--input", "-i", help=".npy inputs (batch first)"),
                   config: Optional[Path] = typer.Option(None, "--config", "-c"),
                   samples: int = typer.Option(64, help="random inputs when no --input and no artifact inputs"),
-                  seed: int = typer.Option(0)):
+                  seed: int = typer.Option(0),
+                  layout: str = typer.Option("source", "--layout", help="layout of --input: " + LAYOUT_HELP)):
     """Store inputs and reference outputs (codes and reals), model hash and versions."""
     from .golden import record
     try:
         x = np.load(input) if input else None
-        s = record(model_or_out, out, inputs=x, config=config, samples=samples, seed=seed)
+        s = record(model_or_out, out, inputs=x, config=config, samples=samples, seed=seed, layout=layout)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     typer.echo(f"recorded {s['samples']} samples, outputs {', '.join(s['outputs'])} -> {out}")

@@ -31,7 +31,8 @@ def _sha(path) -> str:
         return ""
 
 
-def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, seed: int = 0) -> dict:
+def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, seed: int = 0,
+           layout=None) -> dict:
     """Record a golden file.
 
     Args:
@@ -41,13 +42,20 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
         out_file: ``.npz`` to write.
         inputs: real inputs, batch first, in the source model's layout (array or dict);
             default: the artifact's golden inputs or ``samples`` random ones.
+        layout: layout of ``inputs``: None/``"source"`` (the layout the artifact's manifest
+            declares, or the imported model's), ``"channels-last"``, or the letters of either.
+            Never inferred from the shapes.
     Returns:
         summary dict (samples, outputs, graph digest).
+    Raises:
+        QDeployError: a bad ``layout`` or an input shape that does not match it; an artifact
+            that declares no layout.
     """
     from .api import golden_feeds, load, load_config
     from .runtime.artifact import MANIFEST, read_manifest, versions
     from .passes import PassManager, default_pipeline
     from .runtime.compiled import user_feeds
+    from .runtime.layout import declared_layouts
 
     p = Path(str(model_or_out))
     source_hash = ""
@@ -59,13 +67,14 @@ def record(model_or_out, out_file, inputs=None, config=None, samples: int = 64, 
             feeds = {k: graph.value(k).dtype.quantize_real(v) if isinstance(graph.value(k).dtype, FixedType)
                      else v.astype(np.float32) for k, v in feeds_ir.items()}
         else:
-            feeds = user_feeds(graph, inputs)
+            man = read_manifest(p)
+            feeds = user_feeds(graph, inputs, layout, declared_layouts(man, graph, str(p))[0])
         source_hash = read_manifest(p).get("graph_digest", "")
     else:
         cfg = load_config(config)
         cfg.setdefault("golden", {"samples": samples, "seed": seed})
         graph = load(model_or_out if not isinstance(model_or_out, Path) else str(model_or_out))
-        calib = golden_feeds(graph, inputs, cfg)
+        calib = golden_feeds(graph, inputs, cfg, layout)
         graph = PassManager(default_pipeline(cfg.get("input_type"), calib)).run(graph)
         from .compiler.reference import prepare_feeds
         feeds = prepare_feeds(graph, {k: v for k, v in calib.items() if k in graph.inputs})

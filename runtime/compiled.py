@@ -10,30 +10,38 @@ from ..compiler.ir.graph import Graph
 from ..compiler.ir.types import FixedType
 from ..compiler.reference import prepare_feeds
 from .artifact import ArtifactError, read_manifest
+from .layout import Layout, channels_last_mode, declared_layouts, from_ir, graph_layouts, to_ir
 
 
-def to_ir_layout(graph: Graph, name: str, x: np.ndarray) -> np.ndarray:
-    """Permute a user array (the source model's layout, e.g. NCHW) into the IR's channels-last
-    layout using ``graph.meta['input_perms']``; arrays already in IR layout pass through."""
-    perm = (graph.meta.get("input_perms") or {}).get(name)
-    x = np.asarray(x)
-    v = graph.value(name)
-    if perm is not None and x.ndim == len(perm) and tuple(x.shape[1:]) != tuple(v.shape):
-        x = np.transpose(x, perm)
-    return x
+def to_ir_layout(graph: Graph, name: str, x: np.ndarray, channels_last: bool = False) -> np.ndarray:
+    """A user array of graph input ``name`` (batch first, in the source model's layout from
+    ``graph.meta['input_perms']``, or channels-last with ``channels_last``) -> IR layout.  The
+    layout is never inferred from the shape.
+
+    Raises:
+        QDeployError: a shape that does not match, stated in the user's layout.
+    """
+    ins, _ = graph_layouts(graph)
+    return to_ir(name, x, graph.value(name).shape, ins[name], channels_last)
 
 
-def from_ir_layout(graph: Graph, name: str, y: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_ir_layout` for outputs (``graph.meta['output_perms']``)."""
-    perm = (graph.meta.get("output_perms") or {}).get(name)
-    if perm is not None and y.ndim == len(perm):
-        y = np.transpose(y, perm)
-    return y
+def from_ir_layout(graph: Graph, name: str, y: np.ndarray, channels_last: bool = False) -> np.ndarray:
+    """Inverse of :func:`to_ir_layout` for graph output ``name`` (``graph.meta['output_perms']``)."""
+    _, outs = graph_layouts(graph)
+    return from_ir(y, outs[name], channels_last)
 
 
-def user_feeds(graph: Graph, inputs) -> dict[str, np.ndarray]:
-    """User inputs (one array, a list or a dict; batch first; source layout; real values) ->
-    runtime arrays of the IR graph inputs (int64 codes for fixed-point inputs)."""
+def user_feeds(graph: Graph, inputs, layout=None, layouts: dict[str, Layout] | None = None) -> dict[str, np.ndarray]:
+    """User inputs -> runtime arrays of the IR graph inputs (int64 codes for fixed-point inputs).
+
+    Args:
+        inputs: one array, a list in input order or a dict by input name; batch first; real values.
+        layout: ``None``/``"source"`` (the source model's layout), ``"channels-last"``, or the
+            axis letters of either (see :func:`qdeploy.runtime.layout.channels_last_mode`).
+        layouts: the inputs' declared layouts (default: from ``graph.meta``).
+    Raises:
+        QDeployError: wrong input count, a bad ``layout``, or a shape that does not match.
+    """
     if isinstance(inputs, dict):
         named = dict(inputs)
     else:
@@ -41,18 +49,28 @@ def user_feeds(graph: Graph, inputs) -> dict[str, np.ndarray]:
         named = dict(zip(graph.inputs, seq))
         if len(seq) != len(graph.inputs):
             raise QDeployError(f"model takes {len(graph.inputs)} input(s), got {len(seq)}", graph.name)
-    named = {k: to_ir_layout(graph, k, np.asarray(v)) for k, v in named.items()}
+    layouts = layouts if layouts is not None else graph_layouts(graph)[0]
+    cl = channels_last_mode(layout, layouts)
+    named = {k: to_ir(k, v, graph.value(k).shape, layouts[k], cl) if k in layouts else np.asarray(v)
+             for k, v in named.items()}
     return prepare_feeds(graph, named)
 
 
-def user_outputs(graph: Graph, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Runtime output arrays -> real values in the source layout (float64 for fixed types)."""
+def user_outputs(graph: Graph, arrays: dict[str, np.ndarray], channels_last: bool = False,
+                 layouts: dict[str, Layout] | None = None) -> list[np.ndarray]:
+    """Runtime output arrays -> real values (float64 for fixed types, float32 otherwise) in the
+    source layout (IR layout with ``channels_last``), in graph output order.
+
+    Args:
+        layouts: the outputs' declared layouts (default: from ``graph.meta``).
+    """
+    layouts = layouts if layouts is not None else graph_layouts(graph)[1]
     outs = []
     for o in graph.outputs:
         t = graph.value(o).dtype
         a = arrays[o]
         real = t.to_real(a) if isinstance(t, FixedType) else np.asarray(a, dtype=np.float32)
-        outs.append(from_ir_layout(graph, o, real))
+        outs.append(from_ir(real, layouts[o], channels_last))
     return outs
 
 
@@ -67,6 +85,8 @@ class CompiledModel:
         manifest: the parsed manifest (target, versions, config, inputs/outputs, hashes,
             exactness).
         graph: the compiled IR graph.
+        input_layouts / output_layouts: the declared :class:`~qdeploy.runtime.layout.Layout`
+            of each input / output by name (``manifest.json``'s ``layout`` fields).
     """
 
     def __init__(self, out_dir: Path, manifest: dict, graph: Graph, fn):
@@ -74,6 +94,7 @@ class CompiledModel:
         self.manifest = manifest
         self.graph = graph
         self._fn = fn
+        self.input_layouts, self.output_layouts = declared_layouts(manifest, graph, str(self.out_dir))
 
     @property
     def target(self) -> str:
@@ -85,6 +106,8 @@ class CompiledModel:
 
         Raises:
             ArtifactError: missing/invalid manifest or IR files.
+            QDeployError: an artifact that declares no layout for an input/output of rank >= 3
+                and whose IR does not record one either.
         """
         from ..backends import get_backend
 
@@ -102,13 +125,24 @@ class CompiledModel:
         """Runtime arrays in (codes for fixed inputs, IR layout), runtime arrays out."""
         return self._fn(feeds)
 
-    def predict(self, *inputs):
-        """Run the model on real-valued inputs (batch first, the source model's layout).
+    def predict(self, *inputs, layout=None):
+        """Run the model on real-valued inputs, batch first.
 
+        Args:
+            inputs: one array per model input (or a single dict by input name).
+            layout: ``None``/``"source"``: arrays in the layout the manifest declares (the source
+                model's: ``NCHW``, ``NCL``, ``NC`` for ONNX and PyTorch models), outputs likewise;
+                ``"channels-last"`` (or the IR letters, e.g. ``"NHWC"``): inputs and outputs in
+                the IR's channels-last layout.  Never inferred from the shapes.
         Returns:
             the real-valued output (float64 for fixed-point outputs, float32 for float ones),
-            or a list when the model has several outputs.
+            or a list in graph output order when the model has several outputs.
+        Raises:
+            QDeployError: a bad ``layout`` or an input shape that does not match, stated in the
+                user's layout (``expected (N, 4, 4, 4) in NCHW``).
         """
         x = inputs[0] if len(inputs) == 1 else list(inputs)
-        outs = user_outputs(self.graph, self.run_codes(user_feeds(self.graph, x)))
+        cl = channels_last_mode(layout, self.input_layouts)
+        feeds = user_feeds(self.graph, x, layout, self.input_layouts)
+        outs = user_outputs(self.graph, self.run_codes(feeds), cl, self.output_layouts)
         return outs[0] if len(outs) == 1 else outs
