@@ -36,6 +36,7 @@ from .compiler.frontends.fx_to_ir import BlockIR, block_to_ir
 from .compiler.frontends.program import BlockItem, CaptureError, ControlProgram, IfItem, count_items
 from .passes.fold import dce
 from .runtime.artifact import publish, staging_dir, write_manifest
+from .runtime.layout import manifest_layouts
 from .runtime.dynamic.plan import BlockStep, ControlPlan, IfStep, ReturnStep
 
 __all__ = ["extract", "compile_dynamic", "render_report", "control_plan", "CaptureError"]
@@ -150,7 +151,7 @@ def _build_program(prog, birs, backend, target, name, config, out, stage, t_capt
         write_manifest(d, {
             "format": 1, "target": target, "backend": info, "kind": "dynamic_block", "block": blk.id,
             "graph_digest": bir.graph.digest(), "inputs": list(bir.graph.inputs),
-            "outputs": list(bir.graph.outputs)})
+            "outputs": list(bir.graph.outputs), "layouts": manifest_layouts(bir.graph)})
         return fn, secs
 
     blks = prog.blocks()

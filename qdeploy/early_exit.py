@@ -82,7 +82,8 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
         for k, sg in enumerate(prog.stages):
             name = f"stage{k}"
             gold = {i: _real(graph, i, env[i]) for i in sg.inputs}
-            res = api.compile(sg, target=target, out_dir=tmp / name, config=cfg, golden=gold, optimize=False)
+            res = api.compile(sg, target=target, out_dir=tmp / name, config=cfg, golden=gold, optimize=False,
+                              golden_layout="channels-last")  # carried tensors: IR arrays
             est = (res.report.get("estimate") or {}).get("total") or {}
             ex = res.report["exactness"]
             stages_json.append({

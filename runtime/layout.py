@@ -93,8 +93,9 @@ def manifest_layouts(graph) -> dict:
 
 
 def declared_layouts(manifest: dict, graph, where: str = "artifact") -> tuple[dict[str, Layout], dict[str, Layout]]:
-    """The layouts an artifact declares: each manifest input/output entry's ``layout`` field;
-    for an artifact written before that field existed, the IR's ``input_perms`` /
+    """The layouts an artifact declares: each manifest input/output entry's ``layout`` field (or
+    a ``layouts`` mapping as :func:`manifest_layouts` returns it, for manifests whose inputs are
+    plain names); for an artifact written before that field existed, the IR's ``input_perms`` /
     ``output_perms`` meta; a rank <= 2 tensor (``NC``) has only one layout.
 
     Raises:
@@ -103,8 +104,9 @@ def declared_layouts(manifest: dict, graph, where: str = "artifact") -> tuple[di
     """
     meta_in, meta_out = graph_layouts(graph)
     recorded = (set((graph.meta.get("input_perms") or {})), set((graph.meta.get("output_perms") or {})))
-    entries = ({e.get("name"): e for e in manifest.get("inputs") or []},
-               {e.get("name"): e for e in manifest.get("outputs") or []})
+    lay = manifest.get("layouts") or {}
+    entries = tuple({**{e.get("name"): e for e in manifest.get(key) or [] if isinstance(e, dict)},
+                     **(lay.get(key) or {})} for key in ("inputs", "outputs"))
     result = ({}, {})
     for k, (names, meta) in enumerate(((graph.inputs, meta_in), (graph.outputs, meta_out))):
         for n in names:
