@@ -208,3 +208,19 @@ def test_run_writes_every_output(two_out, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and ".npz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "y2.npy").exists()
+
+
+def test_channels_last_golden_only_when_asked(square, tmp_path):
+    path, art, x, want = square
+    perm = (0, 2, 3, 1) if x.ndim == 4 else (0, 2, 1)
+    xcl = np.transpose(x, perm)
+    qdeploy.compile(str(path), "reference", tmp_path / "cl", golden=xcl, golden_layout="channels-last")
+    with np.load(art / "golden.npz") as a, np.load(tmp_path / "cl" / "golden.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+    np.save(tmp_path / "xcl.npy", xcl)
+    r = subprocess.run([sys.executable, "-m", "qdeploy.cli", "golden", "record", str(art), "-o", str(tmp_path / "g.npz"),
+                        "-i", str(tmp_path / "xcl.npy"), "--layout", "channels-last"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert qdeploy.golden.check(art, tmp_path / "g.npz").ok
