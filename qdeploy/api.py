@@ -331,7 +331,11 @@ def remat_options(budget, cfg: dict) -> dict | None:
     """Options of the ``remat`` pass from the ``memory_budget`` argument and the config's
     ``memory_budget`` (a number/string, or a mapping with ``budget`` and optional ``packing``,
     ``max_copies``, ``time_limit``, ``method``, ``cost``; other keys are ignored); the argument
-    overrides the config's budget.  None when no budget is set."""
+    overrides the config's budget.  None when no budget is set.
+
+    Raises:
+        QDeployError: a budget :func:`qdeploy.passes.memory.parse_memory_budget` cannot read.
+    """
     from .passes.remat import REMAT_OPTIONS
     opts = cfg.get("memory_budget")
     opts = dict(opts) if isinstance(opts, dict) else ({} if opts is None else {"budget": opts})
@@ -339,6 +343,11 @@ def remat_options(budget, cfg: dict) -> dict | None:
         opts["budget"] = budget
     if opts.get("budget") is None:
         return None
+    from .passes.memory import parse_memory_budget
+    try:  # a malformed budget is the user's argument, not a failure of the remat pass
+        parse_memory_budget(opts["budget"])
+    except ValueError as e:
+        raise QDeployError(f"memory budget: {e}") from None
     return {"budget": opts["budget"], **{k: opts[k] for k in REMAT_OPTIONS if k in opts}}
 
 
