@@ -99,3 +99,21 @@ def affine_float32_exact(xt: FixedType, scale, bias, max_codes: int = 1 << 16) -
         if np.any(np.abs(total) >= (1 << 62)) or not _fits_f32(total, e0):
             return False
     return True
+
+
+def float32_affine(x, scale=None, bias=None) -> np.ndarray:
+    """The float32 ``Affine`` of the reference interpreter (and of the source's Mul then Add):
+    ``float32(float32(x * scale) + bias)``, each op rounded; ``None`` skips that op.
+
+    Args:
+        x: reals (any shape, last axis channels), cast to float32 first.
+        scale, bias: scalars or per-channel ``[C]`` vectors, cast to float32.
+    Returns:
+        float32 array of ``x``'s shape (broadcast with the constants).
+    """
+    y = np.asarray(x, dtype=np.float32)
+    if scale is not None:
+        y = (y * np.asarray(scale, dtype=np.float32)).astype(np.float32)
+    if bias is not None:
+        y = (y + np.asarray(bias, dtype=np.float32)).astype(np.float32)
+    return y

@@ -71,3 +71,21 @@ def test_add_sub_constant_matches_source_float32(op, c, first):
     m = _model(op, c, first)
     g = import_onnx(m)
     np.testing.assert_array_equal(run_ir(g, ALL_CODES), run_qonnx(m, ALL_CODES))
+
+
+def _chain(cs):
+    q1, i1 = quant_node("q1", "x", "m0", 2.0 ** -4, 8)
+    q2, i2 = quant_node("q2", f"m{len(cs)}", "y", 2.0 ** -4, 8)
+    muls = [helper.make_node("Mul", [f"m{i}", f"c{i}"], [f"m{i + 1}"], name=f"mul{i}") for i in range(len(cs))]
+    return mk([q1, *muls, q2], [256, 1], {**i1, **i2, **{f"c{i}": f32(c) for i, c in enumerate(cs)}})
+
+
+@pytest.mark.parametrize("cs", [(0.1,), (0.1, 3.0), (0.1, 0.3), (0.375, 0.1)])
+def test_default_pipeline_keeps_source_float32_rounding(cs):
+    # merging Mul(0.1) -> Mul(3) into one float32 Mul(0.3f) rounds 2 codes differently after the Quant
+    from qdeploy.compiler import reference as ref
+    from qdeploy.passes import PassManager, default_pipeline
+
+    m = _chain(cs)
+    g = PassManager(default_pipeline()).run(import_onnx(m))
+    np.testing.assert_array_equal(ref.run(g, ALL_CODES), run_qonnx(m, ALL_CODES))
