@@ -273,25 +273,24 @@ def _div_scale(cv, node, e: Entry, vec: np.ndarray) -> np.ndarray:
     """The multiplier that stands for the source's float32 ``x / vec``: ``1 / vec`` when every
     divisor is a power of two (exact), else ``float32(1 / vec)`` where ``float32(x * r)`` is shown
     to equal ``float32(x / vec)`` for every input code (before, or else after, the Quant that alone
-    reads the quotient).  On a float input the reciprocal is used with a note.
+    reads the quotient).  On a float input, or one of more than 2**16 codes, the reciprocal is used
+    unverified, with a note.
 
     Raises:
-        UnsupportedError: a fixed-point input where the reciprocal product differs from the division.
+        UnsupportedError: an input where the reciprocal product provably differs from the division.
     """
     if all(is_pow2(abs(float(v))) for v in np.ravel(vec)):
         return 1.0 / vec
     d = np.asarray(vec, np.float32)
     r = (np.float32(1) / d).astype(np.float32)
     xt = cv.dtype(e)
-    if not isinstance(xt, FixedType):
+    n_codes = xt.max_code - xt.min_code + 1 if isinstance(xt, FixedType) else None
+    if n_codes is None or n_codes > 1 << 16:
         cv.b.meta.setdefault("notes", []).append(
             f"{node.name}: Div by a float32 constant that is not a power of two is computed as a multiplication "
-            f"by its float32 reciprocal (may differ from the source's x / c by 1 ulp)")
+            f"by its float32 reciprocal, unverified on this {'float' if n_codes is None else 'wide'} input "
+            f"(may differ from the source's x / c by 1 ulp)")
         return r.astype(np.float64)
-    n_codes = xt.max_code - xt.min_code + 1
-    if n_codes > 1 << 16:
-        raise UnsupportedError(f"Div by a float32 constant that is not a power of two on a {xt} input: cannot show "
-                               f"that x * (1/c) equals the source's x / c on its {n_codes} codes", node.name)
     x = xt.to_real(np.arange(xt.min_code, xt.max_code + 1)).astype(np.float32)[:, None]
     mul, div = x * r.reshape(-1), x / d.reshape(-1)
     same = mul == div

@@ -65,8 +65,6 @@ def affine_float32_exact(xt: FixedType, scale, bias, max_codes: int = 1 << 16) -
     """
     lo, hi = xt.min_code, xt.max_code
     big = max(abs(lo), abs(hi))
-    if big >= (1 << F32_SIGNIFICAND):  # the source's float32 input itself is already rounded
-        return False
     s = np.atleast_1d(np.asarray(1.0 if scale is None else scale, dtype=np.float64)).ravel()
     b = np.atleast_1d(np.asarray(0.0 if bias is None else bias, dtype=np.float64)).ravel()
     n = max(s.size, b.size)
@@ -78,6 +76,11 @@ def affine_float32_exact(xt: FixedType, scale, bias, max_codes: int = 1 << 16) -
         ms, es = dyadic_parts(sc)
         mb, eb = dyadic_parts(bc)
         ep = es - xt.frac_bits  # product = code * ms * 2**ep
+        if abs(ms) <= 1 and mb == 0 and (ms == 0 or (big.bit_length() - 1 + ep <= F32_MAX_EXP
+                                                      and ep >= F32_MIN_EXP)):
+            continue  # a power-of-two scale: exact on any float32 x (the source's x is one)
+        if big >= (1 << F32_SIGNIFICAND):  # wider than float32: the source's x is already rounded
+            return False
         bound_ok = big * abs(ms) < (1 << F32_SIGNIFICAND) and _fits_f32(np.array([big * ms, ms], np.int64), ep)
         if bound_ok and mb == 0:
             continue
