@@ -346,7 +346,7 @@ def fidelity_sentence(fid: dict) -> str:
         s += f", argmax agreement {fid['argmax_agreement']:.2%}"
     s += f" [{fid['source']}, {fid['time_s']:.2f} s]"
     if fid.get("inputs_rounded"):
-        s += f"; {fid['inputs_rounded']} golden input value(s) were rounded to the input type first"
+        s += f"; {fid['inputs_rounded']} golden input value(s) rounded to the artifact's input type first"
     return s + (": matches the source" if fid["ok"] else f": DIFFERS from the source; {fid['note']}")
 
 
