@@ -147,11 +147,7 @@ def golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
     from .runtime.compiled import to_ir_layout
 
     if golden is not None:
-        if isinstance(golden, (str, os.PathLike)):
-            golden = load_array_file(golden, graph.inputs)
-        if not isinstance(golden, dict):
-            golden = dict(zip(graph.inputs, golden if isinstance(golden, (list, tuple)) else [golden]))
-        return {k: to_ir_layout(graph, k, np.asarray(v)) for k, v in golden.items()}
+        return {k: to_ir_layout(graph, k, v) for k, v in golden_arrays(graph, golden).items()}
     g = cfg.get("golden", {}) or {}
     n, seed = int(g.get("samples", 64)), int(g.get("seed", 0))
     rng = np.random.default_rng(seed)
@@ -163,6 +159,20 @@ def golden_feeds(graph: Graph, golden, cfg: dict) -> dict[str, np.ndarray]:
         else:
             feeds[v.name] = rng.uniform(-1, 1, size=(n, *v.shape)).astype(np.float32)
     return feeds
+
+
+def golden_arrays(graph: Graph, golden) -> dict[str, np.ndarray]:
+    """User golden inputs (an array, a list in input order, a dict by input name, or a
+    ``.npy``/``.npz`` path) as ``{input name: array}``, unchanged (batch first, the user's layout).
+
+    Raises:
+        QDeployError: an unreadable or ill-formed golden file.
+    """
+    if isinstance(golden, (str, os.PathLike)):
+        golden = load_array_file(golden, graph.inputs)
+    if not isinstance(golden, dict):
+        golden = dict(zip(graph.inputs, golden if isinstance(golden, (list, tuple)) else [golden]))
+    return {k: np.asarray(v) for k, v in golden.items()}
 
 
 def load_array_file(path, names=()) -> "np.ndarray | dict":
@@ -230,6 +240,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     """
     from .backends import get_backend
     from .passes import PassManager, default_pipeline
+    from .fidelity import check_source
     from .report import compare_outputs, layer_table, render_markdown
 
     cfg = load_config(config)
@@ -243,8 +254,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     except ValueError as e:
         raise QDeployError(str(e)) from None
     t0 = time.perf_counter()
-    graph = load(model, example_input)
-    feeds_real = golden_feeds(graph, golden, cfg)
+    graph = graph_src = load(model, example_input)
+    feeds_real = feeds_src = golden_feeds(graph, golden, cfg)
     remat_opts = remat_options(memory_budget, cfg)
     if optimize:
         pipeline = default_pipeline(cfg.get("input_type"), feeds_real, remat_opts)
@@ -256,6 +267,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
     feeds = prepare_feeds(graph, feeds_real)
     ref = execute(graph, feeds, codes=True)
+    fidelity = check_source(model, graph_src, graph, feeds_src,
+                            None if golden is None else golden_arrays(graph_src, golden), ref)
 
     tmp = staging_dir(out_dir)
     try:
@@ -281,7 +294,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         rows = layer_table(graph)
         report = {
             "model": graph.name, "target": target, "source": str(graph.meta.get("source", "")),
-            "graph_digest": graph.digest(), "exactness": exact, "notes": notes, "host_nodes": host,
+            "graph_digest": graph.digest(), "exactness": exact, "fidelity": fidelity, "notes": notes, "host_nodes": host,
             "layers": rows,
             "totals": {"nodes": len(graph.nodes), "params": sum(r["params"] for r in rows),
                        "param_bits": sum(r["param_bits"] for r in rows), "bops": sum(r["bops"] for r in rows)},
