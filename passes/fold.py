@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..compiler.ir.float32 import float32_affine
 from ..compiler.ir.graph import Const, Graph, Node, rebuild
 from ..compiler.ir.types import FixedType, FloatType
 from .manager import current_context, register_pass
@@ -100,7 +101,12 @@ def fold_affine_chains(graph: Graph) -> Graph:
     constants into one Affine (``s = s1*s2``, ``t = t1*s2 + t2``), and drop identity Affines
     (scale 1, bias 0) and Reshapes to the same shape.  Chains merge left to right (the
     float32 rounding of each partial product is that of merging one pair at a time from the
-    chain's start).  Notes (pass context): one per rewrite."""
+    chain's start).  On a fixed-point input a merge is made only where it gives the unmerged
+    chain's float32 result on every input code (or after the ``Quantize`` that alone reads it):
+    ``float32(float32(x*s1)*s2)`` is not ``float32(x*float32(s1*s2))`` in general, and the unmerged
+    chain is what the source computes.  Notes (pass context): one per rewrite or merge kept apart."""
+    ctx_notes: set = set()
+
     def find(g: Graph) -> list[_Rewrite]:
         found = []
         for n in g.nodes:
@@ -114,6 +120,10 @@ def fold_affine_chains(graph: Graph) -> Graph:
                     continue
                 if (src is not None and src.op == "Affine" and _single_consumer(g, src.output) == n.name
                         and _is_float(src.params.get("scale")) and _is_float(src.params.get("bias"))):
+                    why = _merge_changes_result(g, src, n)
+                    if why:
+                        ctx_notes.add(f"kept {src.name} and {n.name} apart: {why}")
+                        continue
                     s1 = src.params["scale"].real() if "scale" in src.params else np.float64(1)
                     t1 = src.params["bias"].real() if "bias" in src.params else np.float64(0)
                     s2 = s.real() if s is not None else np.float64(1)
@@ -132,7 +142,46 @@ def fold_affine_chains(graph: Graph) -> Graph:
                 found.append(_bypass_rewrite(g, n, f"removed no-op reshape {n.name}"))
         return found
 
-    return _until_fixpoint(graph, find)
+    out = _until_fixpoint(graph, find)
+    ctx = current_context()
+    for text in sorted(ctx_notes):
+        ctx.note(text)
+    return out
+
+
+def _merge_changes_result(g: Graph, first: Node, second: Node, max_codes: int = 1 << 16) -> str | None:
+    """Why merging float Affines ``first`` -> ``second`` into one could change the result, or None.
+
+    None when ``first``'s input is float (unbounded: merged as before) or when, for every code of
+    its fixed-point input, the merged Affine's float32 output equals the chain's -- compared after
+    the ``Quantize`` that alone reads ``second`` where the raw values differ."""
+    xt = g.value(first.inputs[0]).dtype
+    if not isinstance(xt, FixedType):
+        return None
+    n_codes = xt.max_code - xt.min_code + 1
+    if n_codes > max_codes:
+        return f"the float32 rounding of the merged constants cannot be checked on {n_codes} input codes"
+
+    def real(node, role):
+        c = node.params.get(role)
+        return c.real() if c is not None else None
+
+    s1, t1, s2, t2 = real(first, "scale"), real(first, "bias"), real(second, "scale"), real(second, "bias")
+    x = xt.to_real(np.arange(xt.min_code, xt.max_code + 1))[:, None]
+    chain = float32_affine(float32_affine(x, s1, t1), s2, t2)
+    one = np.float64(1)
+    ms = (one if s1 is None else s1) * (one if s2 is None else s2)
+    mt = (0 if t1 is None else t1) * (one if s2 is None else s2) + (0 if t2 is None else t2)
+    merged = float32_affine(x, np.asarray(ms, np.float32), np.asarray(mt, np.float32))
+    if np.array_equal(chain, merged):
+        return None
+    cons = g.consumers(second.output)
+    if len(cons) == 1 and cons[0].op == "Quantize" and second.output not in g.outputs:
+        qt = cons[0].attrs["to"]
+        if np.array_equal(qt.quantize_real(chain), qt.quantize_real(merged)):
+            return None
+    return (f"the merged float32 constants round differently from the chain on "
+            f"{int(np.sum(np.any(chain != merged, axis=-1)))} of {n_codes} input codes")
 
 
 def _until_fixpoint(graph: Graph, find: Callable[[Graph], list[_Rewrite]]) -> Graph:

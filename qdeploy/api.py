@@ -151,14 +151,10 @@ def golden_feeds(graph: Graph, golden, cfg: dict, layout=None) -> dict[str, np.n
     from .runtime.layout import channels_last_mode, graph_layouts, to_ir
 
     if golden is not None:
-        if isinstance(golden, (str, os.PathLike)):
-            golden = load_array_file(golden, graph.inputs)
-        if not isinstance(golden, dict):
-            golden = dict(zip(graph.inputs, golden if isinstance(golden, (list, tuple)) else [golden]))
         ins, _ = graph_layouts(graph)
         cl = channels_last_mode(layout, ins)
         return {k: to_ir(k, v, graph.value(k).shape, ins[k], cl) if k in ins else np.asarray(v)
-                for k, v in golden.items()}
+                for k, v in golden_arrays(graph, golden).items()}
     g = cfg.get("golden", {}) or {}
     n, seed = int(g.get("samples", 64)), int(g.get("seed", 0))
     rng = np.random.default_rng(seed)
@@ -170,6 +166,20 @@ def golden_feeds(graph: Graph, golden, cfg: dict, layout=None) -> dict[str, np.n
         else:
             feeds[v.name] = rng.uniform(-1, 1, size=(n, *v.shape)).astype(np.float32)
     return feeds
+
+
+def golden_arrays(graph: Graph, golden) -> dict[str, np.ndarray]:
+    """User golden inputs (an array, a list in input order, a dict by input name, or a
+    ``.npy``/``.npz`` path) as ``{input name: array}``, unchanged (batch first, the user's layout).
+
+    Raises:
+        QDeployError: an unreadable or ill-formed golden file.
+    """
+    if isinstance(golden, (str, os.PathLike)):
+        golden = load_array_file(golden, graph.inputs)
+    if not isinstance(golden, dict):
+        golden = dict(zip(graph.inputs, golden if isinstance(golden, (list, tuple)) else [golden]))
+    return {k: np.asarray(v) for k, v in golden.items()}
 
 
 def load_array_file(path, names=()) -> "np.ndarray | dict":
@@ -240,6 +250,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     """
     from .backends import get_backend
     from .passes import PassManager, default_pipeline
+    from .fidelity import check_source
     from .report import compare_outputs, layer_table, render_markdown
 
     cfg = load_config(config)
@@ -253,8 +264,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     except ValueError as e:
         raise QDeployError(str(e)) from None
     t0 = time.perf_counter()
-    graph = load(model, example_input)
-    feeds_real = golden_feeds(graph, golden, cfg, golden_layout)
+    graph = graph_src = load(model, example_input)
+    feeds_real = feeds_src = golden_feeds(graph, golden, cfg, golden_layout)
     remat_opts = remat_options(memory_budget, cfg)
     if optimize:
         pipeline = default_pipeline(cfg.get("input_type"), feeds_real, remat_opts)
@@ -266,6 +277,12 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
     feeds = prepare_feeds(graph, feeds_real)
     ref = execute(graph, feeds, codes=True)
+    # the source sees the user's own arrays when they are in the source layout (as declared);
+    # channels-last golden arrays (golden_layout) are permuted back from the IR feeds
+    from .runtime.layout import channels_last_mode, graph_layouts
+    user_src = golden is not None and not channels_last_mode(golden_layout, graph_layouts(graph_src)[0])
+    fidelity = check_source(model, graph_src, graph, feeds_src,
+                            golden_arrays(graph_src, golden) if user_src else None, ref)
 
     tmp = staging_dir(out_dir)
     try:
@@ -291,7 +308,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         rows = layer_table(graph)
         report = {
             "model": graph.name, "target": target, "source": str(graph.meta.get("source", "")),
-            "graph_digest": graph.digest(), "exactness": exact, "notes": notes, "host_nodes": host,
+            "graph_digest": graph.digest(), "exactness": exact, "fidelity": fidelity, "notes": notes, "host_nodes": host,
             "layers": rows,
             "totals": {"nodes": len(graph.nodes), "params": sum(r["params"] for r in rows),
                        "param_bits": sum(r["param_bits"] for r in rows), "bops": sum(r["bops"] for r in rows)},
@@ -344,7 +361,11 @@ def remat_options(budget, cfg: dict) -> dict | None:
     """Options of the ``remat`` pass from the ``memory_budget`` argument and the config's
     ``memory_budget`` (a number/string, or a mapping with ``budget`` and optional ``packing``,
     ``max_copies``, ``time_limit``, ``method``, ``cost``; other keys are ignored); the argument
-    overrides the config's budget.  None when no budget is set."""
+    overrides the config's budget.  None when no budget is set.
+
+    Raises:
+        QDeployError: a budget :func:`qdeploy.passes.memory.parse_memory_budget` cannot read.
+    """
     from .passes.remat import REMAT_OPTIONS
     opts = cfg.get("memory_budget")
     opts = dict(opts) if isinstance(opts, dict) else ({} if opts is None else {"budget": opts})
@@ -352,6 +373,11 @@ def remat_options(budget, cfg: dict) -> dict | None:
         opts["budget"] = budget
     if opts.get("budget") is None:
         return None
+    from .passes.memory import parse_memory_budget
+    try:  # a malformed budget is the user's argument, not a failure of the remat pass
+        parse_memory_budget(opts["budget"])
+    except ValueError as e:
+        raise QDeployError(f"memory budget: {e}") from None
     return {"budget": opts["budget"], **{k: opts[k] for k in REMAT_OPTIONS if k in opts}}
 
 

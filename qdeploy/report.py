@@ -91,6 +91,10 @@ def render_markdown(report: dict) -> str:
     L += ["| output | type | mismatches | max abs error |", "|---|---|---|---|"]
     for o, r in ex["per_output"].items():
         L.append(f"| {o} | {r['type']} | {r['mismatches']} | {r['max_abs_error']:.3g} |")
+    fid = report.get("fidelity")
+    if fid is not None:
+        from .fidelity import fidelity_markdown
+        L += ["", *fidelity_markdown(fid)]
     if report.get("host_nodes"):
         L += ["", f"Run on the host (float, NumPy): {', '.join(report['host_nodes'])}"]
     L += ["", "## Layers", "", "| node | op | output type | shape | weight type | params | param bits | BOPs |",

@@ -21,6 +21,10 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REALCASE="${REALCASE:-${QDEPLOY_SHARED:-$HERE/../../../shared}/realcases/jsc-qkeras-3layer}"
+if [ -z "${MODEL:-}" ] && [ ! -f "$REALCASE/qkeras_jettagging.onnx" ]; then
+  echo "error: the default model (the jsc-qkeras-3layer realcase) is not at $REALCASE: set MODEL=your.onnx, or QDEPLOY_SHARED=/path/to/shared" >&2
+  exit 2
+fi
 MODEL="${MODEL:-$REALCASE/qkeras_jettagging.onnx}"
 INPUTS="${INPUTS-$REALCASE/synthetic_input_uniform_pm1_64x16.npy}"
 TARGET="${TARGET:-tvm-llvm}"

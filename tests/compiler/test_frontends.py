@@ -460,3 +460,11 @@ def test_leaky_relu_power_of_two_slope_matches_qonnx_exactly(rng, tmp_path):
 def test_leaky_relu_other_slope_is_refused_naming_the_node():
     msg = _err(_leaky_model(0.01))
     assert "lrelu" in msg and "alpha=0.01" in msg and "power of two" in msg
+
+
+def test_leaky_relu_with_zero_slope_is_a_relu(rng):
+    m = _leaky_model(0.0)
+    x = f32(rng.integers(-600, 600, size=(5, 16)) / 64.0)
+    g = import_onnx(m)
+    assert "Relu" in ops(g) and "LeakyRelu" not in ops(g)
+    np.testing.assert_array_equal(run_ir(g, x), run_qonnx(m, x))

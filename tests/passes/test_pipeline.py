@@ -90,6 +90,20 @@ def test_cli_error_names_the_failing_pass(tmp_path, rng):
     assert not (tmp_path / "b").exists()
 
 
+def test_cli_malformed_budget_is_an_argument_error_not_a_pass_failure(tmp_path, rng):
+    from typer.testing import CliRunner
+
+    from qdeploy.cli import app
+    from qdeploy.compiler.frontends.export import export_qonnx
+    export_qonnx(_mlp(rng), tmp_path / "m.onnx")
+    r = CliRunner().invoke(app, ["compile", str(tmp_path / "m.onnx"), "-t", "reference", "-o", str(tmp_path / "b"),
+                                 "--memory-budget", "abc"])
+    assert r.exit_code == 2, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: memory budget: bad memory budget 'abc'"), r.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_context_collects_notes_and_results_per_pass(rng, tmp_path):
     pm = PassManager(default_pipeline(), dump=dump_to(tmp_path / "ir"))
     g = pm.run(_mlp(rng))

@@ -55,10 +55,14 @@ def _reference(node, args, in_types, out_t):
 
 
 def _import_onnx(cv, node):
-    """ONNX ``LeakyRelu(alpha)`` (default 0.01, refused: not a power of two)."""
-    shift = slope_shift(cv.attr(node, "alpha", 0.01), node.name)
+    """ONNX ``LeakyRelu(alpha)`` (default 0.01, refused: not a power of two); ``alpha == 0`` is a
+    ``Relu``."""
+    alpha = cv.attr(node, "alpha", 0.01)
     src = cv.entry(node, node.input[0])
-    v = cv.add(node.name, "LeakyRelu", [src.value], {"shift": shift}, out=node.output[0])
+    if float(alpha) == 0.0:
+        v = cv.add(node.name, "Relu", [src.value], out=node.output[0])
+    else:
+        v = cv.add(node.name, "LeakyRelu", [src.value], {"shift": slope_shift(alpha, node.name)}, out=node.output[0])
     cv.bind(node.output[0], v, src.perm)
 
 

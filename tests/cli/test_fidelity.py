@@ -1,0 +1,102 @@
+"""Fidelity to the source: every compile of a QONNX/ONNX model runs the source model (qonnx's
+executor) on the golden inputs and compares it with the reference interpreter."""
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import qdeploy
+import qdeploy.api
+from qdeploy.cli import app
+from qdeploy.compiler.ir.graph import rebuild
+from qdeploy.fidelity import batch_plan, fidelity_sentence
+
+from ..conftest import REALCASES, needs_realcases
+
+BNN = REALCASES / "hls4ml-bnn-fc-1layer"
+TFC = REALCASES / "qonnx-zoo-tfc-mnist"
+
+
+def _tfc_inputs():
+    x = np.load(TFC / "mnist_test_digits_7210_0to255.npy").astype(np.float32) / 255.0
+    return x.reshape(-1, 1, 28, 28)
+
+
+@needs_realcases
+def test_realcase_cli_reports_fidelity_with_no_mismatch(tmp_path):
+    np.save(tmp_path / "x.npy", np.load(BNN / "input_pm1_8x3.npy"))
+    r = CliRunner().invoke(app, ["compile", str(BNN / "bnn_model_fc_1layer.onnx"), "-t", "reference",
+                                 "-o", str(tmp_path / "out"), "--golden", str(tmp_path / "x.npy")])
+    assert r.exit_code == 0, r.output
+    assert "fidelity vs source: 8 golden samples, 8 matching" in r.output and "matches the source" in r.output
+    fid = json.loads((tmp_path / "out" / "report.json").read_text())["fidelity"]
+    assert fid["checked"] and fid["ok"] and fid["samples"] == 8 and fid["mismatches"] == 0
+    assert fid["max_abs_error"] == 0.0 and fid["max_lsb_error"] == 0.0 and fid["argmax_agreement"] == 1.0
+    assert "## Fidelity to the source model" in (tmp_path / "out" / "report.md").read_text()
+
+
+@needs_realcases
+@pytest.mark.parametrize("golden", ["user", "random"])
+def test_realcase_tfc_fidelity(tmp_path, golden):
+    x = _tfc_inputs() if golden == "user" else None
+    res = qdeploy.compile(str(TFC / "TFC_1W2A.onnx"), "reference", tmp_path / "o", golden=x)
+    fid = res.report["fidelity"]
+    assert fid["checked"] and fid["ok"], fid
+    assert fid["samples"] == (4 if golden == "user" else 64) and fid["exact_matches"] == fid["samples"]
+    assert fid["argmax_agreement"] == 1.0
+
+
+@needs_realcases
+def test_jet_tagger_source_sees_the_artifacts_input_rounding(tmp_path):
+    # no input quantizer: random golden floats are rounded to the derived input type, and the
+    # source is fed the same rounded values (the report counts them)
+    res = qdeploy.compile(str(REALCASES / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx"), "reference",
+                          tmp_path / "o")
+    fid = res.report["fidelity"]
+    assert fid["ok"] and fid["inputs_rounded"] > 0 and fid["mode"] == "batched", fid
+    assert "rounded to the artifact's input type" in fidelity_sentence(fid)
+
+
+def _perturbing_load(real_load):
+    """``qdeploy.api.load`` whose graph has the weights of its first layer negated: what a
+    frontend bug looks like (reference and target agree, the source does not)."""
+    def load(model, example_input=None):
+        g = real_load(model, example_input)
+        nodes = list(g.nodes)
+        i = next(k for k, n in enumerate(nodes) if "weight" in n.params)
+        w = nodes[i].params["weight"]
+        data = -np.array(w.data, copy=True)  # every weight of the first layer negated
+        nodes[i] = nodes[i].replace(params={**nodes[i].params, "weight": type(w)(data, w.dtype)})
+        return rebuild(g, nodes)
+    return load
+
+
+@needs_realcases
+def test_reference_differing_from_source_fails_the_compile(tmp_path, monkeypatch):
+    monkeypatch.setattr(qdeploy.api, "load", _perturbing_load(qdeploy.api.load))
+    np.save(tmp_path / "x.npy", _tfc_inputs())
+    args = ["compile", str(TFC / "TFC_1W2A.onnx"), "-t", "reference", "-o", str(tmp_path / "out"),
+            "--golden", str(tmp_path / "x.npy")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output
+    assert "exactness vs reference: 4 golden samples, 0 mismatching" in r.output  # the target is fine
+    assert "outputs differ from the source model on" in r.output
+    assert "every difference fails" in r.output and "--allow-inexact" in r.output
+    fid = json.loads((tmp_path / "out" / "report.json").read_text())["fidelity"]
+    assert not fid["ok"] and fid["mismatches"] >= 1 and fid["max_abs_error"] > 0
+    r = CliRunner().invoke(app, args[:-2] + ["--golden", str(tmp_path / "x.npy"), "--force", "--allow-inexact"])
+    assert r.exit_code == 0, r.output
+    assert "DIFFERS from the source" in r.output
+
+
+def test_batch_plan_refuses_ops_that_mix_samples():
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1])
+    ok = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g", [x], [y]))
+    assert batch_plan(ok) == (True, "")
+    bad = helper.make_model(helper.make_graph([helper.make_node("Transpose", ["x"], ["y"], name="t", perm=[1, 0])],
+                                              "g", [x], [y]))
+    okb, why = batch_plan(bad)
+    assert not okb and "Transpose t moves the batch axis" in why
