@@ -109,6 +109,9 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
     from .api import load_array_file
     from .runtime import CompiledModel
     if (artifact / "plan.json").is_file():  # a multi-stage program (qdeploy compile-early-exit)
+        if plan_kind(artifact) == "dynamic":
+            _fail(QDeployError(f"{artifact} is a dynamic program (qdeploy.dynamic.compile_dynamic), which `qdeploy run` "
+                               "does not run: load it in Python with qdeploy.runtime.dynamic.DynamicModel.load(dir)"))
         if layout != "source":
             _fail(QDeployError("--layout: a multi-stage program takes its inputs in the source layout only"))
         _run_program(artifact, input, output)
@@ -128,6 +131,17 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     typer.echo(f"wrote {output}: " + ", ".join(f"{n} {np.shape(a)}" for n, a in zip(names, ys)))
+
+
+def plan_kind(program: Path) -> str | None:
+    """The ``kind`` of a multi-stage program's ``plan.json`` (``"early_exit"``, ``"dynamic"``), or
+    None when the file is unreadable (loading it then gives the detailed error)."""
+    import json
+    try:
+        plan = json.loads((program / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return plan.get("kind") if isinstance(plan, dict) else None
 
 
 def output_path(output: Path, names: list) -> Path:

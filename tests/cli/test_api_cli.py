@@ -140,3 +140,15 @@ def test_sigterm_during_compile_leaves_no_staging_directory(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 143, r.stderr[-500:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_on_a_dynamic_program_says_how_to_load_it(tmp_path):
+    prog = tmp_path / "dyn"
+    prog.mkdir()
+    (prog / "plan.json").write_text('{"format": 1, "kind": "dynamic", "target": "reference"}')
+    np.save(tmp_path / "x.npy", np.zeros((1, 4), np.float32))
+    r = _cli("run", str(prog), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = (r.stdout + r.stderr).strip().splitlines()
+    assert len(err) == 1 and "is a dynamic program" in err[0] and "DynamicModel.load" in err[0], err
+    assert not (tmp_path / "y.npy").exists()
