@@ -31,3 +31,17 @@ needs_realcases = pytest.mark.skipif(not REALCASES.is_dir(),
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def small_mlp(rng):
+    """A float-input Dense -> Relu -> Quantize graph (16 inputs, 8 outputs) with random
+    ``fixed<6,1>`` weights: the smallest model that exercises the default pipeline."""
+    from qdeploy.compiler.ir import FLOAT32, Const, GraphBuilder, parse_type
+    b = GraphBuilder("mlp")
+    x = b.input("x", (16,), FLOAT32)
+    w = Const(rng.integers(-32, 32, (16, 8)), parse_type("fixed<6,1>"))
+    h = b.add("fc1", "Dense", [x], params={"weight": w})
+    h = b.add("relu1", "Relu", [h])
+    h = b.add("q1", "Quantize", [h], attrs={"to": parse_type("ufixed<6,0,RND_CONV,SAT>")})
+    b.output(h)
+    return b.build()

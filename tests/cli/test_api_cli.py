@@ -7,22 +7,13 @@ import pytest
 
 import qdeploy
 from qdeploy.compiler.errors import QDeployError
-from qdeploy.compiler.ir import FLOAT32, Const, GraphBuilder, parse_type
+from qdeploy.compiler.ir import FLOAT32, GraphBuilder, parse_type
 
-
-def _graph(rng):
-    b = GraphBuilder("mlp")
-    x = b.input("x", (16,), FLOAT32)
-    w = Const(rng.integers(-32, 32, (16, 8)), parse_type("fixed<6,1>"))
-    h = b.add("fc1", "Dense", [x], params={"weight": w})
-    h = b.add("relu1", "Relu", [h])
-    h = b.add("q1", "Quantize", [h], attrs={"to": parse_type("ufixed<6,0,RND_CONV,SAT>")})
-    b.output(h)
-    return b.build()
+from tests.conftest import small_mlp
 
 
 def test_compile_reference_writes_complete_artifact(tmp_path, rng):
-    g = _graph(rng)
+    g = small_mlp(rng)
     x = np.round(rng.uniform(-1, 1, (32, 16)) * 256) / 256
     res = qdeploy.compile(g, "reference", tmp_path / "out", golden=x)
     out = tmp_path / "out"
@@ -52,7 +43,7 @@ def test_failed_compile_leaves_no_directory(tmp_path, rng, monkeypatch):
         raise RuntimeError("simulated build failure")
     monkeypatch.setattr(ReferenceBackend, "build", boom)
     with pytest.raises(QDeployError, match="simulated build failure"):
-        qdeploy.compile(_graph(rng), "reference", tmp_path / "out")
+        qdeploy.compile(small_mlp(rng), "reference", tmp_path / "out")
     assert (tmp_path / "marker").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
 
@@ -64,22 +55,22 @@ def test_interrupted_compile_leaves_no_staging_directory(tmp_path, rng, monkeypa
         raise KeyboardInterrupt  # Ctrl-C during the backend build
     monkeypatch.setattr(ReferenceBackend, "build", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        qdeploy.compile(_graph(rng), "reference", tmp_path / "out")
+        qdeploy.compile(small_mlp(rng), "reference", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither out/ nor a hidden .out.tmp-* folder
 
 
 def test_output_directory_under_a_file_or_empty_is_clear(tmp_path, rng):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(QDeployError, match="afile is a file"):
-        qdeploy.compile(_graph(rng), "reference", tmp_path / "afile" / "out")
+        qdeploy.compile(small_mlp(rng), "reference", tmp_path / "afile" / "out")
     with pytest.raises(QDeployError, match="output directory name is empty"):
-        qdeploy.compile(_graph(rng), "reference", "")
+        qdeploy.compile(small_mlp(rng), "reference", "")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 def test_unknown_target_is_clear(tmp_path, rng):
     with pytest.raises(QDeployError, match="unknown target 'fpga9000'"):
-        qdeploy.compile(_graph(rng), "fpga9000", tmp_path / "o")
+        qdeploy.compile(small_mlp(rng), "fpga9000", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -99,7 +90,7 @@ def test_cli_bad_file_exit_2_one_line(tmp_path):
 
 
 def test_report_md_carries_the_estimate(tmp_path, rng):
-    res = qdeploy.compile(_graph(rng), "reference", tmp_path / "out")
+    res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     est = res.report["estimate"]
     assert "## Estimate (hls4ml, Virtex UltraScale+ VU9P; no vendor tool)" in md

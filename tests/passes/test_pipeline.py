@@ -7,21 +7,12 @@ import pytest
 import qdeploy
 from qdeploy.compiler import reference as ref
 from qdeploy.compiler.errors import PassError, VerifyError
-from qdeploy.compiler.ir import FLOAT32, Const, GraphBuilder, parse_type
+from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
 from qdeploy.compiler.ir.types import FloatType
 from qdeploy.passes import (PassContext, PassManager, default_pipeline, describe_pipeline, dump_to, fold,
                             fold_affine_chains, get_pass, pass_names)
 
-
-def _mlp(rng):
-    b = GraphBuilder("mlp")
-    x = b.input("x", (16,), FLOAT32)
-    w = Const(rng.integers(-32, 32, (16, 8)), parse_type("fixed<6,1>"))
-    h = b.add("fc1", "Dense", [x], params={"weight": w})
-    h = b.add("relu1", "Relu", [h])
-    h = b.add("q1", "Quantize", [h], attrs={"to": parse_type("ufixed<6,0,RND_CONV,SAT>")})
-    b.output(h)
-    return b.build()
+from tests.conftest import small_mlp
 
 
 def test_registry_and_default_pipeline_are_data():
@@ -44,7 +35,7 @@ def test_registry_and_default_pipeline_are_data():
 
 def _bad_graph(rng):
     """A graph whose recorded output type contradicts the op's type rule (as a buggy pass would leave it)."""
-    g = _mlp(rng)
+    g = small_mlp(rng)
     v = g.values["relu1"]
     return g.with_(values={**g.values, "relu1": v.__class__(v.name, v.shape, parse_type("fixed<3,1>"))})
 
@@ -61,7 +52,7 @@ def test_a_pass_that_breaks_the_graph_is_named(rng):
     def breaker(graph):
         return bad
     with pytest.raises(PassError) as e:
-        PassManager(["dce", breaker, "infer_precision"]).run(_mlp(rng))
+        PassManager(["dce", breaker, "infer_precision"]).run(small_mlp(rng))
     assert e.value.pass_name == "breaker" and e.value.node == "relu1"
     assert e.value.one_line().startswith("pass breaker: node 'relu1': left an invalid graph: ")
 
@@ -70,7 +61,7 @@ def test_a_failing_pass_is_named_and_keeps_its_cause(rng):
     def explode(graph):
         raise KeyError("weight")
     with pytest.raises(PassError) as e:
-        PassManager(["dce", explode]).run(_mlp(rng))
+        PassManager(["dce", explode]).run(small_mlp(rng))
     assert e.value.one_line() == "pass explode: KeyError: 'weight'"
     assert isinstance(e.value.cause, KeyError)
 
@@ -80,7 +71,7 @@ def test_cli_error_names_the_failing_pass(tmp_path, rng):
 
     from qdeploy.cli import app
     from qdeploy.compiler.frontends.export import export_qonnx
-    export_qonnx(_mlp(rng), tmp_path / "m.onnx")
+    export_qonnx(small_mlp(rng), tmp_path / "m.onnx")
     r = CliRunner().invoke(app, ["compile", str(tmp_path / "m.onnx"), "-t", "reference", "-o", str(tmp_path / "b"),
                                  "--memory-budget", "64B"])
     assert r.exit_code == 2, r.output
@@ -95,7 +86,7 @@ def test_cli_malformed_budget_is_an_argument_error_not_a_pass_failure(tmp_path, 
 
     from qdeploy.cli import app
     from qdeploy.compiler.frontends.export import export_qonnx
-    export_qonnx(_mlp(rng), tmp_path / "m.onnx")
+    export_qonnx(small_mlp(rng), tmp_path / "m.onnx")
     r = CliRunner().invoke(app, ["compile", str(tmp_path / "m.onnx"), "-t", "reference", "-o", str(tmp_path / "b"),
                                  "--memory-budget", "abc"])
     assert r.exit_code == 2, r.output
@@ -106,7 +97,7 @@ def test_cli_malformed_budget_is_an_argument_error_not_a_pass_failure(tmp_path, 
 
 def test_context_collects_notes_and_results_per_pass(rng, tmp_path):
     pm = PassManager(default_pipeline(), dump=dump_to(tmp_path / "ir"))
-    g = pm.run(_mlp(rng))
+    g = pm.run(small_mlp(rng))
     rec = {r.name: r for r in pm.records}
     assert rec["quantize_inputs"].notes and rec["quantize_inputs"].notes[0].startswith("x: ")
     assert pm.context.notes == [n for r in pm.records for n in r.notes]
@@ -115,12 +106,12 @@ def test_context_collects_notes_and_results_per_pass(rng, tmp_path):
     assert (tmp_path / "ir" / "07_dce.txt").read_text() == str(g) + "\n"
     # a pass called outside a manager: notes go to the active context, or nowhere
     with PassContext() as ctx:
-        get_pass("quantize_inputs")(_mlp(rng))
+        get_pass("quantize_inputs")(small_mlp(rng))
     assert ctx.notes and ctx.notes[0].startswith("x: ")
 
 
 def test_compile_report_shows_the_pipeline_and_remat_runs_as_a_pass(tmp_path, rng):
-    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "a", memory_budget="1MiB")
+    res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "a", memory_budget="1MiB")
     names = [p["name"] for p in res.report["pipeline"]]
     assert names[-1] == "remat" and names[0] == "dce"
     assert res.report["pipeline"][-1]["options"] == {"budget": "1MiB"}
@@ -129,7 +120,7 @@ def test_compile_report_shows_the_pipeline_and_remat_runs_as_a_pass(tmp_path, rn
     md = (tmp_path / "a" / "report.md").read_text()
     assert "Pipeline: dce -> fold_batchnorm -> fold_affine_chains -> quantize_inputs(" in md
     assert "-> remat(budget='1MiB')" in md and "## Memory (rematerialization)" in md
-    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "b")
+    res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "b")
     assert [p["name"] for p in res.report["pipeline"]][-1] == "dce" and res.report["remat"] is None
 
 
@@ -178,13 +169,13 @@ def test_fixpoint_batches_rewrites_per_sweep_and_merges_chains_left_to_right(mon
 def test_config_memory_budget_becomes_the_remat_step(tmp_path, rng):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("memory_budget: {budget: 1.0, method: greedy, time_limit: 2, colour: blue}\n")
-    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "a", config=cfg)
+    res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "a", config=cfg)
     assert res.report["pipeline"][-1] == {"name": "remat", "options": {"budget": 1.0, "time_limit": 2,
                                                                        "method": "greedy"}}
     assert res.report["remat"]["method"] == "greedy" and res.report["remat"]["time_limit_s"] == 2
     # the argument overrides the config's budget, keeping its options
-    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "b", config=cfg, memory_budget="1MiB")
+    res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "b", config=cfg, memory_budget="1MiB")
     assert res.report["pipeline"][-1]["options"] == {"budget": "1MiB", "time_limit": 2, "method": "greedy"}
     # optimize=False: remat is the whole pipeline
-    res = qdeploy.compile(_mlp(rng), "reference", tmp_path / "c", config=cfg, optimize=False)
+    res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "c", config=cfg, optimize=False)
     assert [p["name"] for p in res.report["pipeline"]] == ["remat"]
