@@ -7,7 +7,7 @@ import qdeploy
 from qdeploy.compiler.ir import Graph
 from qdeploy.golden import check, record
 
-from .test_api_cli import _graph
+from tests.conftest import small_mlp
 
 
 def _cli(*args):
@@ -15,7 +15,7 @@ def _cli(*args):
 
 
 def test_golden_record_check_and_tamper(tmp_path, rng):
-    g = _graph(rng)
+    g = small_mlp(rng)
     x = np.round(rng.uniform(-1, 1, (40, 16)) * 256) / 256
     out = tmp_path / "art"
     qdeploy.compile(g, "reference", out, golden=x)
@@ -43,7 +43,7 @@ def test_golden_record_check_and_tamper(tmp_path, rng):
 
 
 def test_golden_tolerance_and_bad_file(tmp_path, rng):
-    g = _graph(rng)
+    g = small_mlp(rng)
     out = tmp_path / "art"
     qdeploy.compile(g, "reference", out)
     nogood = tmp_path / "x.npz"

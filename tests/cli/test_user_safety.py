@@ -10,7 +10,7 @@ import qdeploy
 from qdeploy.cli import app
 from qdeploy.compiler.errors import QDeployError
 
-from .test_api_cli import _graph
+from tests.conftest import small_mlp
 
 
 def _save_onnx_graph(tmp_path, rng):
@@ -18,12 +18,12 @@ def _save_onnx_graph(tmp_path, rng):
     from qdeploy.compiler.frontends import export_qonnx
     import onnx
     p = tmp_path / "m.onnx"
-    onnx.save(export_qonnx(_graph(rng)), str(p))
+    onnx.save(export_qonnx(small_mlp(rng)), str(p))
     return p
 
 
 def test_force_never_deletes_non_artifacts(tmp_path, rng, monkeypatch):
-    g = _graph(rng)
+    g = small_mlp(rng)
     keep = tmp_path / "mydata"
     keep.mkdir()
     (keep / "precious.txt").write_text("x")
@@ -50,7 +50,7 @@ def test_force_refuses_directory_holding_the_model(tmp_path, rng):
 
 
 def test_run_output_handling(tmp_path, rng):
-    g = _graph(rng)
+    g = small_mlp(rng)
     qdeploy.compile(g, "reference", tmp_path / "art")
     x = rng.uniform(-1, 1, (5, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -69,7 +69,7 @@ def test_run_output_handling(tmp_path, rng):
 
 
 def test_golden_check_rejects_npy_and_negative_tolerance(tmp_path, rng):
-    qdeploy.compile(_graph(rng), "reference", tmp_path / "art")
+    qdeploy.compile(small_mlp(rng), "reference", tmp_path / "art")
     np.save(tmp_path / "g.npy", np.zeros(3))
     r = CliRunner().invoke(app, ["golden", "check", str(tmp_path / "art"), str(tmp_path / "g.npy")])
     assert r.exit_code == 2 and "not a qdeploy golden file" in r.output
@@ -80,9 +80,9 @@ def test_golden_check_rejects_npy_and_negative_tolerance(tmp_path, rng):
 
 def test_config_unknown_key_and_bad_golden_samples(tmp_path, rng):
     with pytest.raises(QDeployError, match="unknown key.*'input_typ'"):
-        qdeploy.compile(_graph(rng), "reference", tmp_path / "a", config={"input_typ": "auto"})
+        qdeploy.compile(small_mlp(rng), "reference", tmp_path / "a", config={"input_typ": "auto"})
     with pytest.raises(QDeployError, match="golden.samples must be an integer >= 1"):
-        qdeploy.compile(_graph(rng), "reference", tmp_path / "a", config={"golden": {"samples": 0}})
+        qdeploy.compile(small_mlp(rng), "reference", tmp_path / "a", config={"golden": {"samples": 0}})
     assert not (tmp_path / "a").exists()
 
 
@@ -114,7 +114,7 @@ def test_force_refuses_foreign_manifest(tmp_path, rng):
     (other / "manifest.json").write_text('{"name": "browser extension", "version": "1"}')
     (other / "background.js").write_text("x")
     with pytest.raises(QDeployError, match="not a qdeploy artifact"):
-        qdeploy.compile(_graph(rng), "reference", other, force=True)
+        qdeploy.compile(small_mlp(rng), "reference", other, force=True)
     assert (other / "background.js").exists()
 
 
@@ -133,7 +133,7 @@ def test_model_spec_imports_siblings_and_cwd(tmp_path, monkeypatch):
 
 
 def test_tvm_rejects_nan_like_reference(tmp_path, rng):
-    g = _graph(rng)
+    g = small_mlp(rng)
     qdeploy.compile(g, "tvm-llvm", tmp_path / "t")
     x = rng.uniform(-1, 1, (2, 16)).astype(np.float32)
     x[1, 3] = np.nan
