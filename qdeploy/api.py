@@ -265,7 +265,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         raise QDeployError(str(e)) from None
     t0 = time.perf_counter()
     graph = graph_src = load(model, example_input)
-    feeds_real = feeds_src = golden_feeds(graph, golden, cfg, golden_layout)
+    user_arrays = None if golden is None else golden_arrays(graph, golden)  # a golden file is read once
+    feeds_real = feeds_src = golden_feeds(graph, user_arrays, cfg, golden_layout)
     remat_opts = remat_options(memory_budget, cfg)
     if optimize:
         pipeline = default_pipeline(cfg.get("input_type"), feeds_real, remat_opts)
@@ -281,8 +282,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     # channels-last golden arrays (golden_layout) are permuted back from the IR feeds
     from .runtime.layout import channels_last_mode, graph_layouts
     user_src = golden is not None and not channels_last_mode(golden_layout, graph_layouts(graph_src)[0])
-    fidelity = check_source(model, graph_src, graph, feeds_src,
-                            golden_arrays(graph_src, golden) if user_src else None, ref)
+    fidelity = check_source(model, graph_src, graph, feeds_src, user_arrays if user_src else None, ref)
 
     tmp = staging_dir(out_dir)
     try:
