@@ -447,3 +447,6 @@ def _softmax_cost(ctx, node):
 TRANSLATE.reject("Softmax", "float32 op: it runs on the host after the fixed-point core (hls4ml's softmax is "
                             "a lookup-table approximation, not bit-exact)")
 ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
+TRANSLATE.reject("MultiThreshold", "hls4ml has no thresholding layer, and this requantizer has no proven "
+                                   "multiply-and-shift form")
+ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")

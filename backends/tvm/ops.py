@@ -195,3 +195,6 @@ def _global_avg_pool(lw, n, ins, in_types, out_t):
 @LOWERING.register("Softmax")
 def _softmax(lw, n, ins, in_types, out_t):
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
+
+
+LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")

@@ -307,3 +307,5 @@ for _op, _fn in (("Quantize", _quantize), ("Sign", _sign), ("Dense", _dense), ("
 for _op, _spec in REGISTRY.items():
     if _spec.onnx_export is not None and _op not in EXPORTERS:
         EXPORTERS.set(_op, _spec.onnx_export)
+if "MultiThreshold" not in EXPORTERS:
+    EXPORTERS.reject("MultiThreshold", "QONNX export of threshold requantizers is not written yet")
