@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .train import _atomic_save, cache_dir, cache_key, fit
+from .train import atomic_save, cache_dir, cache_key, fit
 
 
 def float_mlp() -> nn.Module:
@@ -77,7 +77,7 @@ def quantized(name: str, make, x: np.ndarray, y: np.ndarray, activation: str = "
         quantize_static(str(fp), str(p), _Reader("x", x[:calib]), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=getattr(QuantType, activation),
                         calibrate_method=CalibrationMethod.MinMax)
-    _atomic_save(write, path)
+    atomic_save(write, path)
     fp.unlink(missing_ok=True)
     return path
 

@@ -120,18 +120,20 @@ def run_one(name: str, target: str, work: Path | None = None) -> Outcome:
     The ``reference`` target compiles the source itself (the Brevitas module or the ONNX file),
     as a user does; other targets compile a Brevitas module's graph imported once per process
     by the same ``qdeploy.api.load`` (a torch export costs seconds), and are then judged
-    against the module itself all the same."""
+    against the module itself all the same.  A module whose import fails is not exported again:
+    that error is every target's outcome."""
     import qdeploy.api as api
     from .registry import built
     t0 = time.perf_counter()
     b = built(name)
     model = b.model
-    if target != "reference" and b.example is not None:
-        model = imported(name)
-        if isinstance(model, Exception):
-            out = classify_error(model)
+    if b.example is not None:  # a module: an import error is the outcome of every target
+        g = imported(name)
+        if isinstance(g, Exception):
+            out = classify_error(g)
             out.seconds = time.perf_counter() - t0
             return out
+        model = b.model if target == "reference" else g
     with contextlib.ExitStack() as stack:
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qdeploy-corpus-")))

@@ -1,8 +1,8 @@
 """Brief training of corpus models (seconds each), cached by content hash.
 
 The cache lives in ``$QDEPLOY_CORPUS_CACHE`` or ``<tempdir>/qdeploy-corpus``; a key hashes the
-entry name, its settings, the source text of the corpus modules that define models and
-training, and the torch/brevitas/onnxruntime versions, so any change retrains.
+entry name, its settings, the source text of the corpus modules that define models and data,
+the training function, and the torch/brevitas/onnxruntime versions, so any change retrains.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("brevitas_models.py", "ort_models.py", "train.py", "data.py")
+_SOURCES = ("brevitas_models.py", "ort_models.py", "data.py")
 
 
 def cache_dir() -> Path:
@@ -25,7 +25,10 @@ def cache_dir() -> Path:
 
 
 def cache_key(*parts) -> str:
-    """A hex digest of ``parts`` (reprs), the corpus sources and the library versions."""
+    """A hex digest of ``parts`` (reprs), the model and data sources of the corpus, the source of
+    :func:`fit` and the library versions."""
+    import inspect
+
     import brevitas
     import onnxruntime
     import torch
@@ -34,11 +37,13 @@ def cache_key(*parts) -> str:
         h.update(repr(p).encode())
     for f in _SOURCES:
         h.update((_HERE / f).read_bytes())
+    h.update(inspect.getsource(fit).encode())
     h.update(f"{torch.__version__}|{brevitas.__version__}|{onnxruntime.__version__}".encode())
     return h.hexdigest()[:24]
 
 
-def _atomic_save(obj_writer, path: Path):
+def atomic_save(obj_writer, path: Path):
+    """Write ``path`` through ``obj_writer(tmp_path)`` and an atomic rename (parallel runs share the cache)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     obj_writer(tmp)
     os.replace(tmp, path)
@@ -76,7 +81,7 @@ def trained(name: str, make, x: np.ndarray, y: np.ndarray, steps: int = 80):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     fit(model, x, y, steps)
-    _atomic_save(lambda p: torch.save(model.state_dict(), p), path)
+    atomic_save(lambda p: torch.save(model.state_dict(), p), path)
     return model
 
 
