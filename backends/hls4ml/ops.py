@@ -42,6 +42,7 @@ from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops import avg_shift
 from ...compiler.ir.optable import OpTable
+from ...compiler.ir.shiftform import affine_constants, clamp_type, node_shift_form
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import mac_row
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
@@ -447,6 +448,42 @@ def _softmax_cost(ctx, node):
 TRANSLATE.reject("Softmax", "float32 op: it runs on the host after the fixed-point core (hls4ml's softmax is "
                             "a lookup-table approximation, not bit-exact)")
 ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
-TRANSLATE.reject("MultiThreshold", "hls4ml has no thresholding layer, and this requantizer has no proven "
-                                   "multiply-and-shift form")
-ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")
+
+
+# ----------------------------------------------------------------------------- threshold requantizer
+def _threshold_cost(ctx, node):
+    """A12 for a threshold unit: per output element ``T`` comparators of the input width (one LUT
+    per bit each) and an adder tree counting their ``T`` one-bit results (``T`` LUT bits), the
+    delay one comparator plus ``ceil(log2 T)`` adder levels of the count's width."""
+    size, _ = _out_bits(ctx, node)
+    xb = width(ctx.graph.value(node.inputs[0]).dtype)
+    n_t = int(node.params["thresholds"].shape[1])
+    cb = max(1, n_t.bit_length())
+    levels = math.ceil(math.log2(max(n_t, 2)))
+    return chained(ctx, size * n_t * (xb + 1), 0, t_add(xb) + levels * t_add(cb))
+
+
+@hls4ml_op("MultiThreshold", cost=Cost(_threshold_cost))
+def _multi_threshold(tr, n: Node):
+    """hls4ml has no thresholding layer: a MultiThreshold is translated through its proved
+    multiply-and-shift form (:func:`qdeploy.compiler.ir.shiftform.node_shift_form`, the same
+    search and proof as the ``requant_shift`` pass), as the pass's ``Affine`` + ``Quantize``
+    would be: a BatchNormalization ``(acc_t)(x * K 2**(F-S-Fo) + R 2**-(S+Fo))`` (exact: full-
+    precision product and sum into the exact accumulator type) and a linear cast into the TRN/SAT
+    output type (``floor(acc / 2**S)`` and the clamp).  Constants are capped at 53 bits (float64
+    transport).  A node without a form is refused with the reason."""
+    x = tr.graph.value(n.inputs[0])
+    xt = tr.fixed(x.dtype, n.name)
+    res = node_shift_form(n, xt, max_const_bits=53)
+    if res.form is None:
+        raise UnsupportedError(f"MultiThreshold without a multiply-and-shift form ({res.reason}); hls4ml has no "
+                               "thresholding layer", n.name)
+    f = res.form
+    c = x.shape[-1] if x.shape else 1
+    scale, bias = affine_constants(f, xt, c)
+    acc_t = fixed_for_range(*f.acc_range(), f.S + f.out.frac_bits)
+    mid = tr.bn_layer(n, x.size, c, scale.real(), bias.real(), scale.dtype.hls(), bias.dtype.hls(), acc_t,
+                      tr.src(n.inputs[0]), None, base=f"{n.name}_mul")
+    tr.bind(n.output, tr.layer(n, {"class_name": "Activation", "activation": "linear"},
+                               {"result": clamp_type(n.attrs["to"]).hls()}, [mid]))
+    tr.note(f"MultiThreshold '{n.name}' as multiply-and-shift: {f.k_bits}-bit multipliers, shift {f.S}")

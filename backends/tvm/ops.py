@@ -15,7 +15,7 @@ non-quantizer op with a fixed-point output.  An op TVM cannot lower exactly is d
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te
 
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.optable import OpTable
@@ -197,4 +197,25 @@ def _softmax(lw, n, ins, in_types, out_t):
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
 
 
-LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
+def _threshold_te(x, t, base, sign):
+    """TE: ``base[c] + sign[c] * sum_k int64(x[..., c] >= t[c, k])`` (``c`` the last axis; a
+    one-row / one-element parameter is shared by every channel)."""
+    def ch(idx, p):
+        return idx[-1] if int(p.shape[0]) > 1 else 0
+
+    n_t = int(t.shape[1])
+    if n_t == 0:
+        return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * 0, name="mt")
+    k = te.reduce_axis((0, n_t), name="k")
+    cnt = te.compute(x.shape, lambda *i: te.sum((x[i] >= t[ch(i, t), k]).astype(I64), axis=k), name="mt_count")
+    return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * cnt[i], name="mt")
+
+
+@LOWERING.register("MultiThreshold")
+def _multi_threshold(lw, n, ins, in_types, out_t):
+    """``base[c] + sign[c] * #{k : x[..., c] >= t[c, k]}`` (== the reference's ``searchsorted``
+    count) as one TE reduction over ``k``: the comparisons happen inside the sum's loop, so no
+    ``[batch, ..., C, T]`` intermediate exists at any batch size, fused or not."""
+    p = n.params
+    return lw.bb.emit_te(_threshold_te, ins[0], c64(p["thresholds"].data), c64(p["base"].data),
+                         c64(p["sign"].data), primfunc_name_hint="multi_threshold")

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .graph import Const
 from .types import MAX_WIDTH, FixedType, bits_for_range
 
 #: Magnitude bound of every intermediate of the vectorized search (int64 headroom).
@@ -369,3 +370,41 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
     if why is not None:  # the search and the proof disagree: never use an unproved form
         return SearchResult(None, f"candidate form failed the exact check ({why})")
     return SearchResult(form)
+
+
+# ----------------------------------------------------------------------------- IR helpers
+def clamp_type(to: FixedType) -> FixedType:
+    """The ``Quantize`` type of a form into MultiThreshold output type ``to``: ``to`` with TRN
+    rounding (the floor of the form) and SAT saturation (its clamp; ``SAT_SYM`` kept, which
+    clamps to the symmetric range).  Same width, binary point and signedness as ``to``, so
+    every output code of the op is one of its codes."""
+    return to.with_modes("TRN", "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT")
+
+
+def node_shift_form(node, in_type: FixedType, max_width: int = MAX_WIDTH,
+                    max_const_bits: int = MAX_WIDTH) -> SearchResult:
+    """:func:`find_shift_form` for MultiThreshold ``node`` whose input has type ``in_type``: the
+    range is every code of ``in_type``, the clamp :func:`clamp_type` of the node's ``to``."""
+    p = node.params
+    t = p["thresholds"].data
+    c = max(int(t.shape[0]), int(p["base"].shape[0]), int(p["sign"].shape[0]))
+    return find_shift_form(t, p["base"].data, p["sign"].data, c, in_type.min_code, in_type.max_code,
+                           clamp_type(node.attrs["to"]), max_width, max_const_bits)
+
+
+def affine_constants(form: ShiftForm, in_type: FixedType, channels: int):
+    """The fixed-point ``Affine`` constants of ``form`` for input type ``in_type`` and output
+    (``to``) fraction bits ``form.out.frac_bits``: ``scale = K * 2**(F_in - S - F_out)`` and
+    ``bias = R * 2**-(S + F_out)``, so that the Affine's codes (``S + F_out`` fraction bits) are
+    exactly ``x * K + R`` and a TRN/SAT ``Quantize`` into ``form.out`` is the form.
+
+    Returns:
+        ``(scale, bias)`` :class:`~qdeploy.compiler.ir.graph.Const` of shape ``[channels]``.
+    """
+    f_acc = form.S + form.out.frac_bits
+    k = np.broadcast_to(np.asarray(form.K, np.int64), (channels,))
+    r = np.broadcast_to(np.asarray(form.R, np.int64), (channels,))
+    wk, sk = bits_for_range(int(k.min()), int(k.max()))
+    wr, sr = bits_for_range(int(r.min()), int(r.max()))
+    f_k = f_acc - in_type.frac_bits
+    return Const(k, FixedType(wk, wk - f_k, sk)), Const(r, FixedType(wr, wr - f_acc, sr))
