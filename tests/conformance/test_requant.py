@@ -148,3 +148,25 @@ def test_constant_and_negative_channels_in_the_form():
     k = aff.params["scale"].data
     assert k[3] == 0 and k[1] < 0 and k[4] < 0 and k[0] > 0  # REQUANT: m = 0 and m < 0 channels
     assert isinstance(aff.params["bias"], Const)
+
+
+def test_fpga_estimate_prices_threshold_units_by_count():
+    """The hls4ml estimate row of a MultiThreshold: T comparators of the input width plus a
+    T-input count per output element -- so it grows linearly with T and dwarfs its
+    multiply-and-shift replacement's adder."""
+    from qdeploy.backends.hls4ml.estimate import estimate
+    from qdeploy.backends.hls4ml.resources import HLS_LUT_FACTOR
+
+    def mt_graph(n_t):
+        b = GraphBuilder(f"mt{n_t}")
+        x = b.input("x", (4,), T("int<10>"))
+        t = np.tile(np.arange(n_t) * 3 - 100, (4, 1))
+        b.output(b.add("mt", "MultiThreshold", [x], attrs={"to": T("int<9>")},
+                       params={"thresholds": Const(t, T("int<10>")), "base": Const(np.zeros(4), T("int<2>")),
+                               "sign": Const(np.ones(4), T("int<2>"))}))
+        return b.build()
+
+    rows = {n_t: next(r for r in estimate(mt_graph(n_t))["layers"] if r["name"] == "mt") for n_t in (15, 60)}
+    assert rows[15]["lut"] == round(HLS_LUT_FACTOR * 4 * 15 * 11)
+    assert rows[60]["lut"] == round(HLS_LUT_FACTOR * 4 * 60 * 11)
+    assert rows[60]["dsp"] == 0 and not rows[60]["host"]
