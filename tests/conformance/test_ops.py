@@ -352,6 +352,29 @@ def _requant_shifted(b, p, rng):
     return list(g.outputs)
 
 
+def _requant_fractional(b, p, rng):
+    """Fractional binary points: input fixed<12,8> (4 fraction bits), outputs fixed<6,2> (SAT_SYM)
+    and ufixed<5,1>; each as the threshold op and, after the pass, as Affine + Quantize."""
+    x = b.input(p + "x", (4, 3), T("fixed<12,8>"))
+    xt = b.values[x].dtype
+    chans = [(Fraction(3, 17), Fraction(1, 3), 2), (Fraction(-2, 51), Fraction(5, 2) + Fraction(1, 7), 0),
+             (Fraction(0), Fraction(-3, 4), 0)]
+    outs = []
+    for name, to in (("mt", T("fixed<6,2,RND_CONV,SAT_SYM>")), ("mtu", T("ufixed<5,1>"))):
+        prm = requant_params(xt.min_code, xt.max_code, chans, to, xt.frac_bits)
+        outs.append(b.add(p + name, "MultiThreshold", [x], attrs={"to": to}, params=prm))
+    sub = GraphBuilder("sub")
+    xs = sub.input(p + "xs", (4, 3), xt)
+    sub.output(*[sub.add(p + n.name[len(p):] + "_s", n.op, [xs], attrs=dict(n.attrs), params=dict(n.params))
+                 for n in b.nodes[-2:]])
+    g = requant_shift(sub.build())
+    assert "MultiThreshold" not in {n.op for n in g.nodes}
+    b.input(xs, (4, 3), xt)
+    for n in g.nodes:
+        b.add_node(n)
+    return outs + list(g.outputs)
+
+
 HLS = ("hls4ml",)
 CASES = [
     Case("quantize_down", "Quantize", _quantize_down),
@@ -400,6 +423,7 @@ CASES = [
     Case("multi_threshold", "MultiThreshold", _multi_threshold, rejects=HLS),
     Case("requant_threshold", "MultiThreshold", _requant_nodes),
     Case("requant_shifted", "Affine", _requant_shifted),
+    Case("requant_fractional", "MultiThreshold", _requant_fractional),
 ]
 CASE_IDS = [c.id for c in CASES]
 BY_ID = {c.id: c for c in CASES}

@@ -170,3 +170,20 @@ def test_fpga_estimate_prices_threshold_units_by_count():
     assert rows[15]["lut"] == round(HLS_LUT_FACTOR * 4 * 15 * 11)
     assert rows[60]["lut"] == round(HLS_LUT_FACTOR * 4 * 60 * 11)
     assert rows[60]["dsp"] == 0 and not rows[60]["host"]
+
+
+def test_fractional_binary_points_pass_equals_op_on_every_code():
+    """Input with 4 fraction bits, outputs with fraction bits (SAT_SYM and unsigned): the pass's
+    Affine + Quantize equal the thresholds on all 4096 input codes."""
+    from .test_ops import _requant_fractional
+
+    b = GraphBuilder("frac")
+    outs = _requant_fractional(b, "", np.random.default_rng(0))
+    b.output(*outs)
+    g = b.build()
+    xt = g.values["x"].dtype
+    codes = np.repeat(np.arange(xt.min_code, xt.max_code + 1)[:, None, None], 4, axis=1).repeat(3, axis=2)
+    got = ref.execute(g, {"x": codes, "xs": codes}, codes=True)
+    assert [g.producer(o).op for o in outs] == ["MultiThreshold", "MultiThreshold", "Quantize", "Quantize"]
+    assert np.array_equal(got[outs[0]], got[outs[2]]) and np.array_equal(got[outs[1]], got[outs[3]])
+    assert len(np.unique(got[outs[0]])) > 10  # really many levels
