@@ -170,6 +170,13 @@ def test_fpga_estimate_prices_threshold_units_by_count():
     assert rows[15]["lut"] == round(HLS_LUT_FACTOR * 4 * 15 * 11)
     assert rows[60]["lut"] == round(HLS_LUT_FACTOR * 4 * 60 * 11)
     assert rows[60]["dsp"] == 0 and not rows[60]["host"]
+    # the ASIC estimator's own entry (not the generic elementwise one): grows with T as well
+    from qdeploy.backends import asic
+    from qdeploy.backends.asic.cells import GE_FA
+
+    ge = {n_t: next(r for r in asic.estimate(mt_graph(n_t))["layers"] if r["name"] == "mt")["ge"]
+          for n_t in (15, 60)}
+    assert ge[60] > 3.5 * ge[15] and ge[15] >= 4 * 15 * 11 * GE_FA * 0.5
 
 
 def test_fractional_binary_points_pass_equals_op_on_every_code():
