@@ -319,7 +319,8 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
     for c, ch in enumerate(chans):
         vs = (ch.v0, ch.v0 + ch.sign * len(ch.steps))
         if min(vs) < out.min_code or max(vs) > out.max_code:
-            return SearchResult(None, f"channel {c}: output codes {min(vs)}..{max(vs)} outside the clamp range of {out}")
+            return SearchResult(None, f"channel {c}: output codes {min(vs)}..{max(vs)} outside the clamp range "
+                                      f"of {out}")
     moving = [c for c, ch in enumerate(chans) if ch.steps]
     amax = max(abs(lo), abs(hi), 1)
     levels = max(abs(out.min_code), abs(out.max_code)) + 2

@@ -42,7 +42,8 @@ def test_thresholds_not_exact_in_float32_are_refused_naming_the_node():
     x = b.input("x", (2,), parse_type("int<30>"))
     t = np.array([[(1 << 25) + 1, (1 << 26) + 3]] * 2)
     b.output(b.add("mt", "MultiThreshold", [x], attrs={"to": parse_type("int<3>")},
-                   params={"thresholds": Const(t, parse_type("int<30>")), "base": Const(np.zeros(2), parse_type("int<2>")),
+                   params={"thresholds": Const(t, parse_type("int<30>")),
+                           "base": Const(np.zeros(2), parse_type("int<2>")),
                            "sign": Const(np.ones(2), parse_type("int<2>"))}))
     with pytest.raises(UnsupportedError, match="node 'mt': MultiThreshold thresholds are not exact in float32"):
         export_qonnx(b.build())

@@ -322,7 +322,8 @@ def _multi_threshold(b, p, rng):
 #: a zero point; sign -1 channels and a constant channel (m = 0).
 REQUANT = [(Fraction(1, 37), Fraction(3, 7), 5), (Fraction(-3, 101), Fraction(-11, 5), -3),
            (Fraction(2, 7), Fraction(1, 3), 0), (Fraction(0), Fraction(9, 4), 1), (Fraction(-1, 13), Fraction(0), 20)]
-REQUANT_RELU = [(Fraction(1, 300), Fraction(1, 3), 2), (Fraction(-1, 77), Fraction(0), 0), (Fraction(0), Fraction(0), 0),
+REQUANT_RELU = [(Fraction(1, 300), Fraction(1, 3), 2), (Fraction(-1, 77), Fraction(0), 0),
+                (Fraction(0), Fraction(0), 0),
                 (Fraction(5, 1001), Fraction(-7, 2), 0), (Fraction(1, 3), Fraction(1, 5), -9)]
 
 
