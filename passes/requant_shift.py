@@ -40,8 +40,8 @@ def requant_shift(graph: Graph, max_width: int = MAX_WIDTH, max_const_bits: int 
     thresholding layer, and on TVM (CPU) one multiply, shift and clamp per element beat the
     ``T`` compares of the threshold count: measured on this project's 2-core build machine, a
     ``[8, 8, 32]`` 16-bit accumulator requantized to int8 (T = 255) at batch 256 took 78 ms as a
-    threshold count and 27 ms as multiply-and-shift (default TVM schedule; 197 ms vs 28 ms with
-    ``schedule: auto``).  The value keeps its name; its type becomes ``clamp_type(to)`` (the
+    threshold count and 27-30 ms as multiply-and-shift (default TVM schedule; 197-255 ms vs
+    20-28 ms with ``schedule: auto``); ``benchmarks/requant_tvm.py`` reruns it.  The value keeps its name; its type becomes ``clamp_type(to)`` (the
     same codes, only the rounding/saturation modes of the description change).
 
     Args:
