@@ -198,3 +198,21 @@ def test_fractional_binary_points_pass_equals_op_on_every_code():
     assert [g.producer(o).op for o in outs] == ["MultiThreshold", "MultiThreshold", "Quantize", "Quantize"]
     assert np.array_equal(got[outs[0]], got[outs[2]]) and np.array_equal(got[outs[1]], got[outs[3]])
     assert len(np.unique(got[outs[0]])) > 10  # really many levels
+
+
+def test_shared_row_thresholds_through_the_pass():
+    """One threshold row, base and sign for all channels ([1, T], [1]): the form is shared and the
+    Affine constants are broadcast to every channel; equal to the op on every input code."""
+    xt = T("int<11>")
+    b = GraphBuilder("shared")
+    x = b.input("x", (3,), xt)
+    prm = requant_params(xt.min_code, xt.max_code, [(Fraction(-2, 45), Fraction(1, 7), 3)], T("int<5>"), 0)
+    b.output(b.add("mt", "MultiThreshold", [x], attrs={"to": T("int<5>")}, params=prm))
+    g = b.build()
+    g2 = requant_shift(g)
+    aff = g2.nodes[0]
+    assert aff.op == "Affine" and aff.params["scale"].shape == (3,) and len(set(aff.params["scale"].data)) == 1
+    codes = np.repeat(np.arange(xt.min_code, xt.max_code + 1)[:, None], 3, axis=1)
+    want = np.array([requant(int(v), Fraction(-2, 45), Fraction(1, 7), 3, -16, 15) for v in codes[:, 0]])
+    got = ref.execute(g2, {"x": codes}, codes=True)["mt"]
+    assert np.array_equal(got, np.repeat(want[:, None], 3, axis=1))
