@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ModelImportError, QDeployError, UnsupportedError
+from .onnx_qdq import normalize_qdq
 
 #: Domains whose ``Quant`` / ``BipolarQuant`` nodes follow the QONNX definitions.
 QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas", "finn",
@@ -53,7 +54,7 @@ def load_proto(model) -> tuple[onnx.ModelProto, str]:
 def prepare(proto: onnx.ModelProto):
     """A qonnx ``ModelWrapper`` of ``proto`` ready for conversion.
 
-    Names nodes, checks domains/ops and input shapes, fixes the batch to 1, runs the QONNX cleanup.
+    Names nodes, rewrites ONNX QDQ nodes into QONNX ``Quant`` (:func:`.onnx_qdq.normalize_qdq`), checks domains/ops and input shapes, fixes the batch to 1, runs the QONNX cleanup.
 
     Raises:
         UnsupportedError: unknown op/domain or a dynamic non-batch input dimension (naming it).
@@ -74,6 +75,7 @@ def prepare(proto: onnx.ModelProto):
                 nm, k = f"{base}_{k}", k + 1
             n.name = nm
             used.add(nm)
+    normalize_qdq(proto)
     for n in g.node:
         if n.domain in STD_DOMAINS:
             if not onnx.defs.has(n.op_type):
