@@ -450,3 +450,6 @@ ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
 TRANSLATE.reject("MultiThreshold", "hls4ml has no thresholding layer, and this requantizer has no proven "
                                    "multiply-and-shift form")
 ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")
+TRANSLATE.reject("FloatQuant", "float32 minifloat quantizer: hls4ml has no minifloat rounding layer, so it runs on the "
+                               "host in the float prologue/epilogue (a FloatQuant between fixed-point layers is refused)")
+ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))

@@ -154,6 +154,18 @@ def _leaky_relu_float(b, p, rng):
     return [d, b.add(p + "lr", "LeakyRelu", [fd], attrs={"shift": 1})]
 
 
+def _float_quant(b, p, rng):
+    # FP8 e4m3 (power-of-two scale, saturating) then the lossless cast onto its fixed-point grid and a
+    # Dense on device; e5m2 with a non-power-of-two scale and inf on overflow as a float output
+    x = b.input(p + "x", (8,), FLOAT32)
+    e4 = b.add(p + "e4m3", "FloatQuant", [x], attrs={"exponent_bits": 4, "mantissa_bits": 3, "exponent_bias": 7,
+                                                     "scale": 0.5})
+    g = b.add(p + "grid", "Quantize", [e4], attrs={"to": T("fixed<19,9,RND_CONV,SAT>")})
+    e5 = b.add(p + "e5m2", "FloatQuant", [x], attrs={"exponent_bits": 5, "mantissa_bits": 2, "exponent_bias": 15,
+                                                     "scale": 0.0137, "saturation": False, "has_inf": True})
+    return [b.add(p + "d", "Dense", [g], params={"weight": W(rng, "fixed<4,1>", (8, 3))}), e4, e5]
+
+
 def _add(b, p, rng):
     x = b.input(p + "x", (10,), T("fixed<8,2>"))
     y = b.input(p + "y", (10,), T("ufixed<6,4>"))
@@ -320,6 +332,7 @@ CASES = [
     Case("leaky_relu", "LeakyRelu", _leaky_relu),
     Case("leaky_relu_map", "LeakyRelu", _leaky_relu_map),
     Case("leaky_relu_float", "LeakyRelu", _leaky_relu_float),
+    Case("float_quant", "FloatQuant", _float_quant),
     Case("add", "Add", _add),
     Case("add_map", "Add", _add_map),
     Case("add_broadcast", "Add", _add_broadcast, rejects=HLS),
