@@ -44,6 +44,7 @@ from ...compiler.ir.ops import avg_shift
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import mac_row
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
 
@@ -450,3 +451,6 @@ ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
 TRANSLATE.reject("MultiThreshold", "hls4ml has no thresholding layer, and this requantizer has no proven "
                                    "multiply-and-shift form")
 ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")
+
+for _op, (_fn, _cost) in _BATCH_A.items():
+    hls4ml_op(_op, cost=_cost)(_fn)

@@ -20,6 +20,7 @@ from tvm import relax
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .relax_util import F32, I64, c64, cf, check_shift, nn, op
 
 #: IR op name -> Relax lowering.
@@ -198,3 +199,6 @@ def _softmax(lw, n, ins, in_types, out_t):
 
 
 LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
+
+for _op, _fn in _BATCH_A.items():
+    LOWERING.set(_op, _fn)

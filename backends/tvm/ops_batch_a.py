@@ -1,0 +1,31 @@
+"""Relax lowerings of the ops of batch A (``Pad``, ...): registered into
+:data:`qdeploy.backends.tvm.ops.LOWERING` by that module (this one imports nothing from it, so
+the import graph keeps no cycle).
+
+Each entry has the signature of every ``LOWERING`` entry, ``f(lw, n, ins, in_types, out_t)``, and
+replicates the op's reference kernel step by step on int64 codes (float32 reals for float values).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...compiler.ir.types import FixedType
+from .relax_util import c64, nn, op
+
+
+def _pad(lw, n, ins, in_types, out_t):
+    """Codes: shift so that the pad code becomes 0, pad with 0, shift back (relax ``nn.pad`` takes a
+    float pad value; this keeps every int64 code exact).  Float: pad with the float32 value."""
+    rank = len(lw.g.values[n.inputs[0]].shape)
+    p = [int(v) for v in n.attrs["pads"]]
+    pw = [0, 0] + [v for i in range(rank) for v in (p[i], p[i + rank])]
+    if isinstance(out_t, FixedType):
+        c = int(n.attrs.get("code", 0))
+        y = lw.emit(op.subtract(ins[0], c64(c))) if c else ins[0]
+        y = lw.emit(nn.pad(y, pw, pad_value=0.0))
+        return lw.emit(op.add(y, c64(c))) if c else y
+    return lw.emit(nn.pad(ins[0], pw, pad_value=float(np.float32(n.attrs.get("value", 0.0)))))
+
+
+#: IR op -> Relax lowering (registered by :mod:`.ops`).
+ENTRIES = {"Pad": _pad}
