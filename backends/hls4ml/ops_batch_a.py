@@ -20,6 +20,7 @@ import numpy as np
 
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
+from ...compiler.ir.ops.clip import clip_bounds
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .resources import T_LUT_NS, Cost, width
 
@@ -94,5 +95,74 @@ def _pad(tr, n: Node):
         tr.bind(n.output, lay)
 
 
+# ----------------------------------------------------------------------------- Clip
+def _affine_layer(tr, n: Node, value: str, src: str, scale: int, off: int, tout: FixedType, base: str,
+                  out_value=None) -> str:
+    """BatchNormalization ``(tout)(x * scale + off * 2**-F)`` (``scale`` in {1, -1}, ``off`` a code at
+    ``tout``'s fraction bits F) over IR value ``value`` (layer ``src``); exact when ``tout`` holds the
+    result."""
+    v = tr.graph.value(value)
+    c = v.shape[-1] if v.shape else 1
+    return tr.bn_layer(n, v.size, c, np.full(c, float(scale)), np.full(c, off * tout.lsb),
+                       "ap_int<2>" if scale < 0 else BIT, fixed_for_range(off, off, tout.frac_bits).hls(), tout,
+                       src, out_value, base=base)
+
+
+def _relu_layer(tr, n: Node, src: str, tout: FixedType, base: str) -> str:
+    """``nnet_activation.h`` relu: ``x > 0 ? (res_T)x : 0`` (exact when ``res_T`` holds x)."""
+    return tr.layer(n, {"class_name": "Activation", "activation": "relu", "base": base}, {"result": tout.hls()}, [src])
+
+
+def clip_plan(xlo: int, xhi: int, lo, hi):
+    """Which bounds can change a value of an input with codes ``[xlo, xhi]`` (both at the output's
+    fraction bits): ``(lo or None, hi or None)``."""
+    return (lo if lo is not None and lo > xlo else None), (hi if hi is not None and hi < xhi else None)
+
+
+def _clip_cost(ctx, node):
+    """Up to three adders and two relus per element (A12: one LUT per bit each)."""
+    out = ctx.graph.value(node.output)
+    return _chained(ctx, 5 * out.size * width(out.dtype), 0, 3 * T_LUT_NS + 2 * T_LUT_NS)
+
+
+def _clip(tr, n: Node):
+    """``min(max(x, lo), hi)`` with relus and exact offsets (hls4ml has no clamp to arbitrary bounds):
+    ``a = x - lo``, ``r = relu(a)`` (= max(x, lo) - lo), ``b = (hi - lo) - r``, ``s = relu(b)``,
+    ``y = hi - s`` (= min(max(x, lo), hi)); with one bound only, its half.  Every intermediate type
+    is the exact range of its values, at the output's fraction bits F (the BatchNormalization result
+    is computed at full precision, ``nnet_batchnorm.h``)."""
+    t: FixedType = tr.vt(n.inputs[0])
+    tout = tr.vt(n.output)
+    F = tout.frac_bits
+    lo, hi = clip_bounds(n, F)
+    xlo, xhi = t.min_code << (F - t.frac_bits), t.max_code << (F - t.frac_bits)
+    lo, hi = clip_plan(xlo, xhi, lo, hi)
+    src, cur = tr.src(n.inputs[0]), n.inputs[0]
+    if lo is None and hi is None:
+        if tout == t:  # nothing to do (hls4ml would drop an identical-type cast)
+            tr.bind(n.output, src)
+            tr.result.node_layers[n.name] = []
+            return
+        tr.bind(n.output, tr.layer(n, {"class_name": "Activation", "activation": "linear"},
+                                   {"result": tout.hls()}, [src]))
+        return
+    if lo is not None:
+        ta = fixed_for_range(xlo - lo, xhi - lo, F)
+        src = _affine_layer(tr, n, cur, src, 1, -lo, ta, f"{n.name}_sublo")
+        rmax = max(xhi - lo, 0)
+        src = _relu_layer(tr, n, src, fixed_for_range(0, rmax, F), f"{n.name}_relulo")
+        if hi is None:
+            _affine_layer(tr, n, n.output, src, 1, lo, tout, f"{n.name}_addlo", n.output)
+            return
+        tb = fixed_for_range(hi - lo - rmax, hi - lo, F)
+        src = _affine_layer(tr, n, n.output, src, -1, hi - lo, tb, f"{n.name}_neg")
+    else:
+        tb = fixed_for_range(hi - xhi, hi - xlo, F)
+        src = _affine_layer(tr, n, cur, src, -1, hi, tb, f"{n.name}_neg")
+    src = _relu_layer(tr, n, src, fixed_for_range(0, max(tb.max_code, 0), F), f"{n.name}_reluhi")
+    _affine_layer(tr, n, n.output, src, -1, hi, tout, f"{n.name}_subhi", n.output)
+    tr.note(f"Clip '{n.name}' as relus between exact offsets (hls4ml has no clamp to arbitrary bounds)")
+
+
 #: IR op -> (translator, FPGA estimate Cost); registered by :mod:`.ops`.
-ENTRIES = {"Pad": (_pad, Cost(_pad_cost))}
+ENTRIES = {"Pad": (_pad, Cost(_pad_cost)), "Clip": (_clip, Cost(_clip_cost))}

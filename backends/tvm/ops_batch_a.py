@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...compiler.ir.types import FixedType
-from .relax_util import c64, nn, op
+from .relax_util import c64, cf, nn, op
 
 
 def _pad(lw, n, ins, in_types, out_t):
@@ -29,3 +29,27 @@ def _pad(lw, n, ins, in_types, out_t):
 
 #: IR op -> Relax lowering (registered by :mod:`.ops`).
 ENTRIES = {"Pad": _pad}
+
+
+def _clip(lw, n, ins, in_types, out_t):
+    """Codes: align to the output's fraction bits, then ``maximum``/``minimum`` with the bound codes
+    (== the reference); float: the same on float32 reals."""
+    fb = int(n.attrs.get("frac_bits", 0))
+    lo, hi = n.attrs.get("lo"), n.attrs.get("hi")
+    if isinstance(out_t, FixedType):
+        F = out_t.frac_bits
+        y = lw.lshift(ins[0], F - in_types[0].frac_bits, n)
+        if lo is not None:
+            y = lw.emit(op.maximum(y, c64(int(lo) << (F - fb))))
+        if hi is not None:
+            y = lw.emit(op.minimum(y, c64(int(hi) << (F - fb))))
+        return y
+    y = ins[0]
+    if lo is not None:
+        y = lw.emit(op.maximum(y, cf(np.ldexp(float(lo), -fb))))
+    if hi is not None:
+        y = lw.emit(op.minimum(y, cf(np.ldexp(float(hi), -fb))))
+    return y
+
+
+ENTRIES["Clip"] = _clip

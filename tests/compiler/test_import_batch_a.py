@@ -134,3 +134,57 @@ def test_pad_batch_axis_negative_and_other_modes_are_refused():
     m = _pad_model(0.0)
     m.graph.node[1].attribute[0].s = b"reflect"
     assert "mode 'reflect'" in refused(m)
+
+
+# ---------------------------------------------------------------------- Clip / HardTanh
+def _clip_model(lo, hi, opset=13, q_out=True):
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -4, 8)
+    inits = dict(i1)
+    if opset >= 11:
+        ins = ["a", "" if lo is None else "lo", "" if hi is None else "hi"]
+        while ins[-1] == "":
+            ins.pop()
+        clip = helper.make_node("Clip", ins, ["b" if q_out else "y"], name="clip")
+        inits.update({k: f32(v) for k, v in (("lo", lo), ("hi", hi)) if v is not None})
+    else:
+        kw = {k: v for k, v in (("min", lo), ("max", hi)) if v is not None}
+        clip = helper.make_node("Clip", ["a"], ["b" if q_out else "y"], name="clip", **kw)
+    nodes = [q1, clip]
+    if q_out:
+        q2, i2 = quant("qout", "b", "y", 2.0 ** -3, 6, mode="ROUND")
+        nodes.append(q2)
+        inits.update(i2)
+    return mk(nodes, [4, 3, 5], inits, opset=opset)
+
+
+@pytest.mark.parametrize("lo,hi,opset", [(-1.0, 1.0, 13), (0.0, 6.0, 13), (-2.5, None, 13), (None, 0.75, 13),
+                                         (-1.0, 1.0, 6), (-0.3, 0.7, 13), (-100.0, 100.0, 13)])
+def test_clip_matches_qonnx(rng, lo, hi, opset, tmp_path):
+    """Clip/HardTanh (ONNX Clip, min/max as inputs or, before opset 11, attributes) on a fixed-point
+    input, with bounds on and off the input grid and beyond its range: IR == qonnx exactly, both as a
+    graph output (the bound itself is output) and through a rounding Quant."""
+    x = grid(rng, (4, 3, 5), -3000, 3000, 8)
+    for q_out in (False, True):
+        m = _clip_model(lo, hi, opset, q_out)
+        g = exact(m, {"x": x})
+        if lo == -100.0:
+            assert "Clip" not in ops(g)  # neither bound can change a value
+    exported = export_qonnx(g, tmp_path / "clip.onnx")
+    got = np.concatenate([run_qonnx(exported, {"x": x[i:i + 1]}) for i in range(len(x))])
+    np.testing.assert_array_equal(got, run_qonnx(m, {"x": x}))
+
+
+def test_clip_off_grid_bound_keeps_the_bound_exactly(rng):
+    """A bound off the input grid is not rounded: the output type carries it (float32(0.7) needs 24
+    fraction bits), so inputs above it give exactly the source's float32(0.7)."""
+    g = import_onnx(_clip_model(-0.3, 0.7, q_out=False))
+    out = g.values[g.outputs[0]].dtype
+    assert out.frac_bits >= 24
+    y = run_ir(g, {"x": f32(np.full((1, 3, 5), 3.0))})
+    assert np.all(y == np.float32(0.7))
+
+
+def test_clip_min_above_max_is_refused():
+    from qdeploy.compiler.errors import VerifyError
+    with pytest.raises((UnsupportedError, VerifyError), match="'clip'.*above"):
+        import_onnx(_clip_model(1.0, -1.0))

@@ -44,10 +44,40 @@ def _pad_channel(b, p, rng):
     return [b.add(p + "pc", "Pad", [x], attrs={"pads": (0, 0, 1, 0, 0, 0)})]
 
 
+def _clip(b, p, rng):
+    x = b.input(p + "x", (3, 4, 2), T("fixed<7,3>"))  # codes -64..63, lsb 1/16
+    return [b.add(p + "both", "Clip", [x], attrs={"lo": -20, "hi": 37, "frac_bits": 4}),
+            b.add(p + "lo", "Clip", [x], attrs={"lo": 3, "hi": None, "frac_bits": 4}),
+            b.add(p + "hi", "Clip", [x], attrs={"lo": None, "hi": -5, "frac_bits": 4}),
+            # bounds off the input grid (1/64 steps): the output gets 6 fraction bits
+            b.add(p + "fine", "Clip", [x], attrs={"lo": -33, "hi": 101, "frac_bits": 6}),
+            # a bound beyond the input range has no effect
+            b.add(p + "wide", "Clip", [x], attrs={"lo": -1000, "hi": 2, "frac_bits": 0})]
+
+
+def _clip_unsigned_map(b, p, rng):
+    # ReLU6-like clip of a conv accumulator, then a rounding quantizer
+    x = b.input(p + "x", (5, 5, 2), T("ufixed<6,3>"))
+    c = b.add(p + "c", "Conv", [x], attrs={"kernel": (3, 3)}, params={"weight": W(rng, "fixed<4,1>", (3, 3, 2, 3))})
+    cl = b.add(p + "cl", "Clip", [c], attrs={"lo": 0, "hi": 6, "frac_bits": 0})
+    return [b.add(p + "q", "Quantize", [cl], attrs={"to": T("ufixed<5,3,RND_CONV,SAT>")})]
+
+
+def _clip_float(b, p, rng):
+    x = b.input(p + "x", (6,), T("fixed<6,2>"))
+    d = b.add(p + "d", "Dense", [x], params={"weight": W(rng, "fixed<4,1>", (6, 4))})
+    fd = b.add(p + "fd", "Dense", [d], params={"weight": Const(rng.standard_normal((4, 3)).astype(np.float32),
+                                                                parse_type("float32"))})
+    return [d, b.add(p + "cf", "Clip", [fd], attrs={"lo": -3, "hi": 5, "frac_bits": 2})]
+
+
 HLS = ("hls4ml",)
 CASES_A = [
     Case("pad2d", "Pad", _pad2d),
     Case("pad1d_conv", "Pad", _pad1d_conv),
     Case("pad_float", "Pad", _pad_float),
     Case("pad_channel", "Pad", _pad_channel, rejects=HLS),
+    Case("clip", "Clip", _clip),
+    Case("clip_unsigned_map", "Clip", _clip_unsigned_map),
+    Case("clip_float", "Clip", _clip_float),
 ]
