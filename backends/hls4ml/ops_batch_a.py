@@ -22,7 +22,7 @@ from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops.clip import clip_bounds
 from ...compiler.ir.types import FixedType, fixed_for_range
-from .resources import T_LUT_NS, Cost, width
+from .resources import T_LUT_NS, Cost, t_add, width
 
 #: C++ type of the unit scale of a BatchNormalization used as a pure offset.
 BIT = "ap_uint<1>"
@@ -164,5 +164,34 @@ def _clip(tr, n: Node):
     tr.note(f"Clip '{n.name}' as relus between exact offsets (hls4ml has no clamp to arbitrary bounds)")
 
 
+# ----------------------------------------------------------------------------- Sub / Max / Min
+_MERGE_OPS = {"Sub": "subtract", "Max": "maximum", "Min": "minimum"}
+
+
+def _merge_cost(ctx, node):
+    """A12: an adder (Sub) or a comparator and a mux (Max/Min) per output bit and element."""
+    out = ctx.graph.value(node.output)
+    per_bit = 1 if node.op == "Sub" else 2
+    return _chained(ctx, per_bit * out.size * width(out.dtype), 0, t_add(width(out.dtype)))
+
+
+def _merge(tr, n: Node):
+    """hls4ml ``Merge`` (``nnet_merge.h``): ``subtract`` is ``res = data1 - data2`` at full
+    precision; ``maximum``/``minimum`` compare the two ap_fixed values exactly and assign the chosen
+    one to ``res_T``.  ``res_T`` is the IR's exact output type, so nothing rounds.
+
+    Raises:
+        UnsupportedError: broadcasting operands (the Merge templates index ``ii % n_elem``, which is
+            not NumPy broadcasting).
+    """
+    a, b = (tr.graph.value(i) for i in n.inputs)
+    if a.shape != b.shape:
+        raise UnsupportedError(f"{n.op} with broadcasting ({a.shape} vs {b.shape}); hls4ml Merge needs equal shapes",
+                               n.name)
+    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": _MERGE_OPS[n.op]}, {"result": tr.vt(n.output).hls()},
+                               [tr.src(i) for i in n.inputs]))
+
+
 #: IR op -> (translator, FPGA estimate Cost); registered by :mod:`.ops`.
-ENTRIES = {"Pad": (_pad, Cost(_pad_cost)), "Clip": (_clip, Cost(_clip_cost))}
+ENTRIES = {"Pad": (_pad, Cost(_pad_cost)), "Clip": (_clip, Cost(_clip_cost)),
+           **{op: (_merge, Cost(_merge_cost)) for op in _MERGE_OPS}}

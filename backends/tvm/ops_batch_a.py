@@ -52,4 +52,20 @@ def _clip(lw, n, ins, in_types, out_t):
     return y
 
 
-ENTRIES["Clip"] = _clip
+_RELAX_BINARY = {"Sub": op.subtract, "Max": op.maximum, "Min": op.minimum}
+
+
+def _binary(lw, n, ins, in_types, out_t):
+    """``Sub``/``Max``/``Min``: per-sample broadcast (unit axes after the batch, as ``Add``), align
+    both codes to the output's fraction bits, apply (== the reference); float: on float32 reals."""
+    r = len(lw.g.values[n.output].shape)
+    a, b = (lw.bcast_rank(x, len(lw.g.values[i].shape), r) for x, i in zip(ins, n.inputs))
+    ta, tb = in_types
+    f = _RELAX_BINARY[n.op]
+    if isinstance(out_t, FixedType):
+        F = out_t.frac_bits
+        return lw.emit(f(lw.lshift(a, F - ta.frac_bits, n), lw.lshift(b, F - tb.frac_bits, n)))
+    return lw.emit(f(lw.real(a, ta), lw.real(b, tb)))
+
+
+ENTRIES.update({"Clip": _clip, "Sub": _binary, "Max": _binary, "Min": _binary})

@@ -53,8 +53,7 @@ def run_qonnx(model, feeds):
 
 def run_ir(g, feeds):
     """IR reference on ONNX-layout feeds; ONNX-layout output."""
-    xs = [np.transpose(feeds[i], g.meta["input_perms"][i]) for i in g.inputs]
-    y = ref.run(g, *xs) if len(xs) > 1 else ref.run(g, xs[0])
+    y = ref.run(g, {i: np.transpose(feeds[i], g.meta["input_perms"][i]) for i in g.inputs})
     return np.transpose(y, g.meta["output_perms"][g.outputs[0]])
 
 
@@ -188,3 +187,57 @@ def test_clip_min_above_max_is_refused():
     from qdeploy.compiler.errors import VerifyError
     with pytest.raises((UnsupportedError, VerifyError), match="'clip'.*above"):
         import_onnx(_clip_model(1.0, -1.0))
+
+
+# ---------------------------------------------------------------------- Sub / Max / Min
+def _two_input_model(op, const=None, n_act=2, opset=13):
+    """Two quantized activations (different grids and signedness) combined by ``op``, optionally
+    with a scalar constant as a further input, then a rounding Quant."""
+    q1, i1 = quant("qa", "x", "a", 2.0 ** -4, 8)
+    q2, i2 = quant("qb", "z", "b", 2.0 ** -2, 5, signed=0)
+    ins = ["a", "b"][:n_act] + (["c"] if const is not None else [])
+    body = helper.make_node(op, ins, ["r"], name="op")
+    q3, i3 = quant("qo", "r", "y", 2.0 ** -3, 8, mode="ROUND")
+    inits = {**i1, **i2, **i3}
+    if const is not None:
+        inits["c"] = f32(const)
+    shapes = {"x": [4, 3, 5, 5]} if n_act == 1 else {"x": [4, 3, 5, 5], "z": [4, 3, 5, 5]}
+    nodes = [q1, q2, body, q3] if n_act == 2 else [q1, body, q3]
+    return mk(nodes, shapes, inits, opset=opset)
+
+
+def _feeds2(rng, n_act=2):
+    f = {"x": grid(rng, (4, 3, 5, 5), -3000, 3000, 8)}
+    if n_act == 2:
+        f["z"] = grid(rng, (4, 3, 5, 5), -500, 5000, 6)
+    return f
+
+
+@pytest.mark.parametrize("op", ["Sub", "Max", "Min"])
+def test_binary_of_two_activations_matches_qonnx(rng, op, tmp_path):
+    """Sub/Max/Min of two quantized activations on different grids: IR == qonnx exactly, as one IR
+    node of that op; the QONNX export runs in qonnx with the same result."""
+    m = _two_input_model(op)
+    feeds = _feeds2(rng)
+    g = exact(m, feeds)
+    assert op in ops(g) and "Affine" not in ops(g)
+    exported = export_qonnx(g, tmp_path / "bin.onnx")
+    got = np.concatenate([run_qonnx(exported, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(4)])
+    np.testing.assert_array_equal(got, run_qonnx(m, feeds))
+
+
+@pytest.mark.parametrize("op,const,n_act", [("Sub", 0.75, 1), ("Max", 0.3, 1), ("Min", -1.25, 1),
+                                            ("Max", 1.5, 2), ("Min", 2.0, 2)])
+def test_binary_with_a_constant_matches_qonnx(rng, op, const, n_act):
+    """Activation minus a constant (an exact Affine), Max/Min with a scalar constant (a Clip, also
+    with a bound off the input grid), and three-input Max/Min (two activations and a constant)."""
+    m = _two_input_model(op, const, n_act)
+    g = exact(m, _feeds2(rng, n_act))
+    if op != "Sub":
+        assert "Clip" in ops(g)
+
+
+def test_max_with_a_per_channel_constant_is_refused():
+    m = _two_input_model("Max", np.array([0.0, 1.0, 2.0]).reshape(1, 3, 1, 1), 1)
+    msg = refused(m)
+    assert "'op'" in msg and "non-scalar constant" in msg

@@ -71,6 +71,33 @@ def _clip_float(b, p, rng):
     return [d, b.add(p + "cf", "Clip", [fd], attrs={"lo": -3, "hi": 5, "frac_bits": 2})]
 
 
+def _sub(b, p, rng):
+    x = b.input(p + "x", (10,), T("fixed<8,2>"))
+    y = b.input(p + "y", (10,), T("ufixed<6,4>"))
+    return [b.add(p + "s", "Sub", [x, y]), b.add(p + "s2", "Sub", [y, x])]
+
+
+def _minmax(b, p, rng):
+    x = b.input(p + "x", (3, 3, 4), T("fixed<7,3>"))
+    y = b.input(p + "y", (3, 3, 4), T("ufixed<5,1>"))
+    z = b.add(p + "z", "Quantize", [x], attrs={"to": T("fixed<4,2,RND_CONV,SAT>")})
+    return [b.add(p + "mx", "Max", [x, y]), b.add(p + "mn", "Min", [x, y]),
+            b.add(p + "mxz", "Max", [z, x]), b.add(p + "mnz", "Min", [y, z])]
+
+
+def _min_map(b, p, rng):
+    x = b.input(p + "x", (4, 4, 2), T("ufixed<5,2>"))
+    c = b.add(p + "c", "Conv", [x], attrs={"kernel": (3, 3)}, params={"weight": W(rng, "fixed<4,1>", (3, 3, 2, 2))})
+    r = b.add(p + "r", "Relu", [c])
+    return [b.add(p + "mn", "Min", [c, r])]
+
+
+def _minmax_broadcast(b, p, rng):
+    x = b.input(p + "x", (4, 6), T("fixed<8,1>"))
+    y = b.input(p + "y", (1, 6), T("fixed<6,4>"))
+    return [b.add(p + "mx", "Max", [x, y]), b.add(p + "s", "Sub", [x, y])]
+
+
 HLS = ("hls4ml",)
 CASES_A = [
     Case("pad2d", "Pad", _pad2d),
@@ -80,4 +107,8 @@ CASES_A = [
     Case("clip", "Clip", _clip),
     Case("clip_unsigned_map", "Clip", _clip_unsigned_map),
     Case("clip_float", "Clip", _clip_float),
+    Case("sub", "Sub", _sub),
+    Case("minmax", "Max", _minmax),
+    Case("min_map", "Min", _min_map),
+    Case("minmax_broadcast", "Max", _minmax_broadcast, rejects=HLS),
 ]

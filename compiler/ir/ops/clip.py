@@ -96,17 +96,17 @@ def bound_code(value: float, node: str, max_extra_bits: int = 32, f_in: int = 0)
                       f"output type than exactness allows)", node)
 
 
-def add_clip(cv, onnx_node, e, lo, hi, out):
-    """Add a ``Clip`` of entry ``e`` with float bounds ``lo``/``hi`` (None = absent) for ONNX node
+def add_clip(cv, onnx_node, value: str, lo, hi, out, name: str | None = None):
+    """Add a ``Clip`` (named ``name``, default the ONNX node's name) of IR value ``value`` with float bounds ``lo``/``hi`` (None = absent) for ONNX node
     ``onnx_node``; returns the IR value.  Bounds are kept exactly (see the module docstring); a bound
-    beyond the input type's range is dropped, and with no bound left no node is added (``e.value``
+    beyond the input type's range is dropped, and with no bound left no node is added (``value``
     is returned).
 
     Raises:
         UnsupportedError / VerifyError: naming the node for a bound that is NaN or needs more than
             32 fraction bits beyond the input's, or ``lo > hi``.
     """
-    t = cv.dtype(e)
+    t = cv.b.values[value].dtype
     f_in = t.frac_bits if isinstance(t, FixedType) else 0
     codes = {}
     for k, b in (("lo", lo), ("hi", hi)):
@@ -115,14 +115,14 @@ def add_clip(cv, onnx_node, e, lo, hi, out):
             b = None  # no effect on any input code: dropped (exactly equivalent)
         codes[k] = None if b is None else bound_code(b, onnx_node.name, f_in=f_in)
     if all(c is None for c in codes.values()):
-        return e.value  # no bound can change a value: no node
+        return value  # no bound can change a value: no node
     F = max([f_in] + [c[1] for c in codes.values() if c is not None])
     attrs = {"frac_bits": F}
     for k, c in codes.items():
         attrs[k] = None if c is None else c[0] << (F - c[1])
     if attrs["lo"] is not None and attrs["hi"] is not None and attrs["lo"] > attrs["hi"]:
         raise VerifyError(f"Clip min {lo!r} is above max {hi!r}", onnx_node.name)
-    return cv.add(onnx_node.name, "Clip", [e.value], attrs, out=out)
+    return cv.add(name or onnx_node.name, "Clip", [value], attrs, out=out)
 
 
 def _import_onnx(cv, node):
@@ -142,7 +142,7 @@ def _import_onnx(cv, node):
     if lo is None and hi is None:
         cv.env[node.output[0]] = e
         return
-    v = add_clip(cv, node, e, None if lo is None else float(lo), None if hi is None else float(hi), node.output[0])
+    v = add_clip(cv, node, e.value, None if lo is None else float(lo), None if hi is None else float(hi), node.output[0])
     cv.bind(node.output[0], v, e.perm)
 
 
