@@ -44,6 +44,7 @@ from ...compiler.ir.ops import avg_shift
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import mac_row
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
 
@@ -453,3 +454,6 @@ ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")
 TRANSLATE.reject("FloatQuant", "float32 minifloat quantizer: hls4ml has no minifloat rounding layer, so it runs on the "
                                "host in the float prologue/epilogue (a FloatQuant between fixed-point layers is refused)")
 ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))
+
+for _op, (_fn, _cost) in _BATCH_A.items():
+    hls4ml_op(_op, cost=_cost)(_fn)

@@ -20,6 +20,7 @@ from tvm import relax
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .relax_util import F32, I64, c64, cf, check_shift, nn, op
 
 #: IR op name -> Relax lowering.
@@ -235,3 +236,5 @@ def _float_quant(lw, n, ins, in_types, out_t):
     q = lw.emit(op.where(op.greater(q, mx), hi_v, op.where(op.less(q, op.negative(mx)), lo_v, q)))
     y = lw.emit(op.multiply(q, cf(p["scale"]))) if p["scale"] != 1.0 else q
     return lw.emit(op.where(op.isfinite(X), y, cf(np.nan)))
+for _op, _fn in _BATCH_A.items():
+    LOWERING.set(_op, _fn)

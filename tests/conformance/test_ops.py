@@ -17,6 +17,7 @@ from qdeploy.compiler.ir import Const, parse_type
 from qdeploy.compiler.ir.ops import OPS
 from qdeploy.compiler.ir.types import FLOAT32
 
+from .cases_batch_a import CASES_A
 from .conftest import Case, Wide, backend_params, compare, random_codes, random_feeds
 
 T = parse_type
@@ -357,7 +358,7 @@ CASES = [
     Case("gap1d", "GlobalAvgPool", _gap1d),
     Case("softmax", "Softmax", _softmax),
     Case("float_epilogue", "Dense", _float_epilogue),
-]
+] + CASES_A
 CASE_IDS = [c.id for c in CASES]
 BY_ID = {c.id: c for c in CASES}
 
