@@ -197,4 +197,14 @@ def _softmax(lw, n, ins, in_types, out_t):
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
 
 
+@LOWERING.register("Resize")
+def _resize(lw, n, ins, in_types, out_t):
+    """Nearest upsampling by integer factors: ``repeat`` along each spatial axis (== the reference)."""
+    y = ins[0]
+    for i, k in enumerate(int(v) for v in n.attrs["scales"]):
+        if k > 1:
+            y = lw.emit(op.repeat(y, k, axis=1 + i))
+    return y
+
+
 LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")

@@ -299,6 +299,20 @@ def _float_epilogue(b, p, rng):
     return [r, b.add(p + "fd", "Dense", [r], params={"weight": Const(rng.standard_normal((4, 3)), FLOAT32)})]
 
 
+def _resize2d(b, p, rng):
+    x = b.input(p + "x", (3, 4, 2), T("fixed<6,2>"))
+    r = b.add(p + "r", "Resize", [x], attrs={"scales": (2, 3)})
+    return [r, b.add(p + "r1", "Resize", [x], attrs={"scales": (1, 2)})]
+
+
+def _resize1d_map(b, p, rng):
+    # after a Conv (the accumulator type flows through unchanged), then a rounding Quantize
+    x = b.input(p + "x", (5, 2), T("ufixed<5,2>"))
+    c = b.add(p + "c", "Conv", [x], attrs={"kernel": (2,)}, params={"weight": W(rng, "fixed<4,1>", (2, 2, 3))})
+    r = b.add(p + "r", "Resize", [c], attrs={"scales": (4,)})
+    return [b.add(p + "q", "Quantize", [r], attrs={"to": T("fixed<6,3,RND_CONV,SAT>")})]
+
+
 HLS = ("hls4ml",)
 CASES = [
     Case("quantize_down", "Quantize", _quantize_down),
@@ -344,6 +358,8 @@ CASES = [
     Case("gap1d", "GlobalAvgPool", _gap1d),
     Case("softmax", "Softmax", _softmax),
     Case("float_epilogue", "Dense", _float_epilogue),
+    Case("resize2d", "Resize", _resize2d),
+    Case("resize1d_map", "Resize", _resize1d_map),
 ]
 CASE_IDS = [c.id for c in CASES]
 BY_ID = {c.id: c for c in CASES}
@@ -391,6 +407,38 @@ def test_op_exact(case, backend, batch, wide, run_cache):
     assert backend not in c.rejects or backend == "reference", \
         f"{backend} now compiles {case}: drop it from Case.rejects"
     bad = compare("ops", case, backend, comp.graph, got, want, outputs=outs[case])
+    assert not bad, "\n".join(bad)
+
+
+#: Cases also compiled for hls4ml with ``io_type="io_stream"`` (one more wide build): case id ->
+#: True when io_stream must be exact, False when it must refuse with an error naming a case node.
+STREAM_CASES = {"resize2d": True, "resize1d_map": True}
+STREAM_CONFIG = {"hls4ml": {"io_type": "io_stream"}}
+
+
+@pytest.fixture(scope="module")
+def wide_stream(compiled):
+    return Wide("ops_stream", [BY_ID[c] for c in STREAM_CASES], compiled, seed=7, config=STREAM_CONFIG)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", backend_params(("hls4ml",)))
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_op_exact_io_stream(case, backend, wide_stream, run_cache):
+    """hls4ml io_stream: exact, or refused naming a node of the case where STREAM_CASES says so."""
+    key = ("stream", 8)
+    if key not in run_cache:
+        rejected, comp, outs = wide_stream.get(backend)
+        feeds = random_feeds(comp.graph, np.random.default_rng(108), 8)
+        run_cache[key] = (rejected, comp, outs, comp(feeds), ref.execute(comp.graph, feeds, codes=True))
+    rejected, comp, outs, got, want = run_cache[key]
+    if case in rejected:
+        err = rejected[case]
+        assert not STREAM_CASES[case], f"io_stream unexpectedly rejects {case}: {err}"
+        assert isinstance(err, UnsupportedError) and err.node and err.node.startswith(f"{case}__"), err
+        return
+    assert STREAM_CASES[case], f"io_stream now compiles {case}: mark it exact in STREAM_CASES"
+    bad = compare("ops-stream", case, "hls4ml-stream", comp.graph, got, want, outputs=outs[case])
     assert not bad, "\n".join(bad)
 
 
