@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
-from .ops import chained, hls4ml_op
+from ...compiler.ir.ops.depth_space import permutation_plan
+from .ops import ESTIMATE, TRANSLATE, chained, hls4ml_op
 from .resources import Cost
 
 
@@ -53,3 +54,20 @@ def _resize(tr, n: Node):
     d = {"class_name": "Resize", "data_format": "channels_last", "algorithm": "nearest", "align_corners": False,
          "in_height": h, "in_width": w, "out_height": h * sh, "out_width": w * sw, "n_chan": c}
     tr.bind(n.output, tr.layer(n, d, {"result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
+
+
+@hls4ml_op("DepthToSpace", cost=Cost(wires))
+def _depth_to_space(tr, n: Node):
+    """``Reshape(mid) -> Transpose(perm) -> Reshape(out)`` of :func:`permutation_plan`: hls4ml's
+    ``nnet_transpose.h`` ``transpose`` is ``res[i] = data[transfer_idx(i)]`` for any rank (io_parallel)
+    and buffers the whole tensor before writing it in the new order (io_stream)."""
+    mid, perm, out = permutation_plan(n, tr.graph.value(n.inputs[0]).shape)
+    t = tr.vt(n.output).hls()
+    src = tr.layer(n, {"class_name": "Reshape", "target_shape": list(mid), "base": f"{n.name}_split"},
+                   {"result": t}, [tr.src(n.inputs[0])])
+    src = tr.layer(n, {"class_name": "Transpose", "perm": list(perm), "base": f"{n.name}_perm"}, {"result": t}, [src])
+    tr.bind(n.output, tr.layer(n, {"class_name": "Reshape", "target_shape": list(out)}, {"result": t}, [src]))
+
+
+TRANSLATE.set("SpaceToDepth", _depth_to_space)
+ESTIMATE.set("SpaceToDepth", Cost(wires))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from qdeploy.compiler.errors import UnsupportedError
+from qdeploy.compiler.errors import UnsupportedError, VerifyError
 from qdeploy.compiler.frontends import export_qonnx, import_onnx
 from qdeploy.compiler.ir import verify
 from qdeploy.compiler.ir.ops.resize import onnx_nearest_index
@@ -149,3 +149,46 @@ def test_torch_upsample_export_imports_as_exact_repetition(rng):
     with torch.no_grad():
         want = mod(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(run_ir(g, x), want)
+
+
+# ------------------------------------------------------------------------------ DepthToSpace
+@pytest.mark.parametrize("op,attrs,shape", [("DepthToSpace", {"blocksize": 2, "mode": "DCR"}, [2, 8, 2, 3]),
+                                            ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, [2, 8, 2, 3]),
+                                            ("DepthToSpace", {"blocksize": 2}, [2, 12, 3, 2]),
+                                            ("SpaceToDepth", {"blocksize": 2}, [2, 3, 4, 6])])
+def test_depth_space_matches_qonnx(rng, tmp_path, op, attrs, shape):
+    node = helper.make_node(op, ["a"], ["b"], name="ds", **attrs)
+    m = _between_quants(node, shape)
+    x = _grid(rng, tuple(shape))
+    g = _exact(m, x, op)
+    d = next(n for n in g.nodes if n.op == op)
+    assert d.attrs["block"] == 2 and d.attrs.get("mode", "DCR") == attrs.get("mode", "DCR")
+    exported = export_qonnx(g, tmp_path / "ds.onnx")
+    got = np.concatenate([run_qonnx(exported, x[i:i + 1]) for i in range(len(x))])
+    np.testing.assert_array_equal(got, run_qonnx(m, x))
+
+
+def test_depth_to_space_bad_channels_refused_naming_the_node():
+    node = helper.make_node("DepthToSpace", ["a"], ["b"], name="ds", blocksize=2)
+    with pytest.raises(VerifyError) as ei:
+        import_onnx(_between_quants(node, [1, 6, 2, 2]))
+    assert "node 'ds'" in str(ei.value) and "not a multiple of block**2" in str(ei.value)
+
+
+def test_torch_pixel_shuffle_export_is_exact(rng):
+    """PyTorch ``nn.PixelShuffle(2)`` (CRD order) and ``nn.PixelUnshuffle(2)`` import and equal the
+    modules themselves."""
+    import io
+
+    import torch
+
+    for mod, shape in ((torch.nn.PixelShuffle(2), (1, 8, 3, 2)), (torch.nn.PixelUnshuffle(2), (1, 2, 4, 6))):
+        buf = io.BytesIO()
+        torch.onnx.export(torch.nn.Sequential(mod).eval(), torch.zeros(*shape), buf, dynamo=False, opset_version=13)
+        g = import_onnx(buf.getvalue())
+        x = f32(rng.normal(size=shape))
+        with torch.no_grad():
+            want = mod(torch.from_numpy(x)).numpy()
+        np.testing.assert_array_equal(run_ir(g, x), want)
+        if isinstance(mod, torch.nn.PixelShuffle):  # exported as one DepthToSpace(mode=CRD)
+            assert [(n.op, n.attrs["mode"]) for n in g.nodes] == [("DepthToSpace", "CRD")]

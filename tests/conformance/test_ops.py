@@ -313,6 +313,19 @@ def _resize1d_map(b, p, rng):
     return [b.add(p + "q", "Quantize", [r], attrs={"to": T("fixed<6,3,RND_CONV,SAT>")})]
 
 
+def _depth_to_space(b, p, rng):
+    x = b.input(p + "x", (2, 3, 12), T("fixed<7,3>"))
+    return [b.add(p + "dcr", "DepthToSpace", [x], attrs={"block": 2, "mode": "DCR"}),
+            b.add(p + "crd", "DepthToSpace", [x], attrs={"block": 2, "mode": "CRD"})]
+
+
+def _space_to_depth(b, p, rng):
+    x = b.input(p + "x", (4, 6, 3), T("ufixed<5,1>"))
+    s2d = b.add(p + "s2d", "SpaceToDepth", [x], attrs={"block": 2})
+    r = b.add(p + "r", "Relu", [b.add(p + "d", "Dense", [s2d], params={"weight": W(rng, "fixed<3,1>", (12, 4))})])
+    return [s2d, r]
+
+
 HLS = ("hls4ml",)
 CASES = [
     Case("quantize_down", "Quantize", _quantize_down),
@@ -360,6 +373,8 @@ CASES = [
     Case("float_epilogue", "Dense", _float_epilogue),
     Case("resize2d", "Resize", _resize2d),
     Case("resize1d_map", "Resize", _resize1d_map),
+    Case("depth_to_space", "DepthToSpace", _depth_to_space),
+    Case("space_to_depth", "SpaceToDepth", _space_to_depth),
 ]
 CASE_IDS = [c.id for c in CASES]
 BY_ID = {c.id: c for c in CASES}
@@ -412,7 +427,7 @@ def test_op_exact(case, backend, batch, wide, run_cache):
 
 #: Cases also compiled for hls4ml with ``io_type="io_stream"`` (one more wide build): case id ->
 #: True when io_stream must be exact, False when it must refuse with an error naming a case node.
-STREAM_CASES = {"resize2d": True, "resize1d_map": True}
+STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, "space_to_depth": True}
 STREAM_CONFIG = {"hls4ml": {"io_type": "io_stream"}}
 
 
@@ -424,14 +439,20 @@ def wide_stream(compiled):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", backend_params(("hls4ml",)))
 @pytest.mark.parametrize("case", list(STREAM_CASES))
-def test_op_exact_io_stream(case, backend, wide_stream, run_cache):
-    """hls4ml io_stream: exact, or refused naming a node of the case where STREAM_CASES says so."""
+def test_op_exact_io_stream(case, backend, wide_stream, run_cache, capfd):
+    """hls4ml io_stream: exact, or refused naming a node of the case where STREAM_CASES says so; the
+    C simulation must not report a stream left with unread data (hls_stream.h prints "contains
+    leftover data" on stdout when a layer reads less than its producer wrote)."""
     key = ("stream", 8)
     if key not in run_cache:
         rejected, comp, outs = wide_stream.get(backend)
         feeds = random_feeds(comp.graph, np.random.default_rng(108), 8)
-        run_cache[key] = (rejected, comp, outs, comp(feeds), ref.execute(comp.graph, feeds, codes=True))
-    rejected, comp, outs, got, want = run_cache[key]
+        capfd.readouterr()
+        got = comp(feeds)
+        printed = capfd.readouterr().out
+        run_cache[key] = (rejected, comp, outs, got, ref.execute(comp.graph, feeds, codes=True), printed)
+    rejected, comp, outs, got, want, printed = run_cache[key]
+    assert "leftover" not in printed, printed[-2000:]
     if case in rejected:
         err = rejected[case]
         assert not STREAM_CASES[case], f"io_stream unexpectedly rejects {case}: {err}"
