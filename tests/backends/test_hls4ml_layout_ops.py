@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qdeploy.backends.hls4ml import Hls4mlBackend
-from qdeploy.backends.hls4ml.ops_layout import resize_index_ok
+from qdeploy.backends.hls4ml.translate import resize_index_ok
 from qdeploy.compiler.errors import UnsupportedError
 from qdeploy.compiler.ir import GraphBuilder, parse_type
 

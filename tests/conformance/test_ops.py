@@ -184,6 +184,23 @@ def _mul_broadcast(b, p, rng):
     return [b.add(p + "m", "Mul", [x, y])]
 
 
+def _se_broadcast(b, p, rng):
+    # squeeze-excitation style: a feature map times a per-channel gate, plus a (1, 1, C) offset
+    x = b.input(p + "x", (4, 5, 3), T("fixed<6,2>"))
+    g = b.add(p + "g", "GlobalAvgPool", [x])
+    gq = b.add(p + "gq", "Quantize", [g], attrs={"to": T("ufixed<4,1,RND,SAT>")})
+    y = b.input(p + "y", (1, 1, 3), T("fixed<5,3>"))
+    m = b.add(p + "m", "Mul", [x, gq])
+    return [m, b.add(p + "a", "Add", [y, x])]
+
+
+def _channel_broadcast(b, p, rng):
+    # (H, W, 1) + (H, W, C): a repetition along the channel axis, which hls4ml's Resize cannot do
+    x = b.input(p + "x", (3, 3, 1), T("fixed<6,2>"))
+    y = b.input(p + "y", (3, 3, 4), T("fixed<6,2>"))
+    return [b.add(p + "a", "Add", [x, y])]
+
+
 def _affine(b, p, rng):
     x = b.input(p + "x", (5, 4), T("fixed<8,1,RND_CONV,SAT>"))
     return [b.add(p + "af", "Affine", [x], params={"scale": W(rng, "fixed<7,2>", (4,)),
@@ -349,9 +366,11 @@ CASES = [
     Case("leaky_relu_float", "LeakyRelu", _leaky_relu_float),
     Case("add", "Add", _add),
     Case("add_map", "Add", _add_map),
-    Case("add_broadcast", "Add", _add_broadcast, rejects=HLS),
+    Case("add_broadcast", "Add", _add_broadcast),
     Case("mul", "Mul", _mul),
-    Case("mul_broadcast", "Mul", _mul_broadcast, rejects=HLS),
+    Case("mul_broadcast", "Mul", _mul_broadcast),
+    Case("se_broadcast", "Mul", _se_broadcast),
+    Case("channel_broadcast", "Add", _channel_broadcast, rejects=HLS),
     Case("affine", "Affine", _affine),
     Case("affine_scalar", "Affine", _affine_scalar),
     Case("concat", "Concat", _concat),
@@ -427,7 +446,8 @@ def test_op_exact(case, backend, batch, wide, run_cache):
 
 #: Cases also compiled for hls4ml with ``io_type="io_stream"`` (one more wide build): case id ->
 #: True when io_stream must be exact, False when it must refuse with an error naming a case node.
-STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, "space_to_depth": True}
+STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, "space_to_depth": True,
+                "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False}
 STREAM_CONFIG = {"hls4ml": {"io_type": "io_stream"}}
 
 
