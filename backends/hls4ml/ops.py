@@ -237,12 +237,11 @@ def _sign(tr, n: Node):
 
 # ----------------------------------------------------------------------------- arithmetic
 def _merge(tr, n: Node, op: str):
-    a, b = (tr.graph.value(i) for i in n.inputs)
-    if a.shape != b.shape:
-        raise UnsupportedError(f"{n.op} with broadcasting ({a.shape} vs {b.shape}); hls4ml Merge needs equal shapes",
-                               n.name)
-    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()},
-                               [tr.src(i) for i in n.inputs]))
+    """hls4ml Merge layers need equal shapes: a broadcast operand is first repeated to the output
+    shape (:meth:`~.translate.Translator.broadcast_to`, exact)."""
+    shape = tr.graph.value(n.output).shape
+    srcs = [tr.broadcast_to(n, i, shape) for i in n.inputs]
+    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()}, srcs))
 
 
 def _add_cost(ctx, node):
