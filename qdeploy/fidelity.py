@@ -1,6 +1,6 @@
-"""Fidelity to the source model: run the *source* (the user's QONNX/ONNX model, through qonnx's
-executor, onnxruntime underneath) on the golden inputs in its own layout and compare it with the
-reference interpreter's outputs.
+"""Fidelity to the source model: run the *source* (the user's QONNX/ONNX model through qonnx's
+executor, onnxruntime underneath; or the user's PyTorch/Brevitas module itself, in eval mode) on
+the golden inputs in its own layout and compare it with the reference interpreter's outputs.
 
 Reference-vs-target checks prove the backends agree with our interpreter; this check proves the
 interpreter (and therefore the import, the passes and the layout handling) agrees with what the
@@ -8,20 +8,24 @@ user trained.  :func:`check_source` is called by :func:`qdeploy.api.compile` on 
 dict is the report's ``fidelity`` section and :func:`fidelity_sentence` its one-line summary.
 
 The source is fed exactly the inputs the compiled model sees: the golden arrays in the source's
-layout (channels-first for ONNX), each value cast into the compiled input's fixed-point type when
-it has one (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds`
+layout (channels-first for ONNX and torch), each value cast into the compiled input's fixed-point
+type when it has one (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds`
 applies; the number of values that rounding changed is reported as ``inputs_rounded``).
 
-Comparison rules (per output, per sample):
+Comparison rules (per output value):
 
-* a fixed-point output is *exact* when our exact value, cast to the source output's float dtype,
-  equals the source value bit for bit; the error in output LSBs is ``|source - ours| / 2**-F``.
-* a float32 output (unquantized tail) is within tolerance when ``|source - ours| <=
-  FLOAT_RTOL * max(1, max |source|)`` (float32 sums in another order differ by a few ulps).
+* a fixed-point output *differs* when our exact value, cast to the source output's float dtype,
+  is not the source value bit for bit; the error in output LSBs is ``|source - ours| / 2**-F``.
+* a float32 output (unquantized tail) differs when ``|source - ours| > FLOAT_RTOL * max(1, max
+  |source|)`` (float32 sums in another order differ by a few ulps).
 
-Every difference fails the check (``ok`` False): the cases where our exact arithmetic and the
-source's float32 arithmetic legitimately differ (a tie float32 rounds the other way) are not yet
-told apart from real errors, and the report says so.
+Differences are explained only when there are some (the default path stays one source run): the
+source is re-evaluated in float64 (the module's ``.double()`` copy; for ONNX a float64 copy of the
+model, :mod:`qdeploy.source_run`).  A differing value that the float64 source reproduces is
+"float32 rounding in the source" (e.g. a float32 sum of products that rounds across a quantizer's
+rounding boundary while our integer arithmetic is exact); any other differing value is a real
+mismatch, and when the float64 run fails every difference stays unclassified.  Real mismatches
+and unclassified differences fail the check (``ok`` False); ties alone do not.
 """
 from __future__ import annotations
 
@@ -376,6 +380,9 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
     from .source_run import SourceRunError, is_torch_module
     if not enabled:
         return {"checked": False, "reason": "skipped (--no-source-check / source_check=False)"}
+    if isinstance(model, Graph):
+        return {"checked": False, "reason": "the model was given as an IR Graph (a stage of a multi-stage program, or "
+                                            "a graph built in Python): there is no source model to run"}
     if not (is_onnx_source(model) or is_torch_module(model)):
         return {"checked": False, "reason": f"source of type {type(model).__name__} is not run (only QONNX/ONNX "
                                             f"models and torch/Brevitas modules are)"}
