@@ -42,9 +42,9 @@ from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops import avg_shift
 from ...compiler.ir.optable import OpTable
-from ...compiler.ir.shiftform import affine_constants, clamp_type, node_shift_form
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import mac_row
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
 
@@ -237,12 +237,11 @@ def _sign(tr, n: Node):
 
 # ----------------------------------------------------------------------------- arithmetic
 def _merge(tr, n: Node, op: str):
-    a, b = (tr.graph.value(i) for i in n.inputs)
-    if a.shape != b.shape:
-        raise UnsupportedError(f"{n.op} with broadcasting ({a.shape} vs {b.shape}); hls4ml Merge needs equal shapes",
-                               n.name)
-    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()},
-                               [tr.src(i) for i in n.inputs]))
+    """hls4ml Merge layers need equal shapes: a broadcast operand is first repeated to the output
+    shape (:meth:`~.translate.Translator.broadcast_to`, exact)."""
+    shape = tr.graph.value(n.output).shape
+    srcs = [tr.broadcast_to(n, i, shape) for i in n.inputs]
+    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()}, srcs))
 
 
 def _add_cost(ctx, node):
@@ -448,42 +447,9 @@ def _softmax_cost(ctx, node):
 TRANSLATE.reject("Softmax", "float32 op: it runs on the host after the fixed-point core (hls4ml's softmax is "
                             "a lookup-table approximation, not bit-exact)")
 ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
+TRANSLATE.reject("FloatQuant", "float32 minifloat quantizer: hls4ml has no minifloat rounding layer, so it runs on the "
+                               "host in the float prologue/epilogue (a FloatQuant between fixed-point layers is refused)")
+ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))
 
-
-# ----------------------------------------------------------------------------- threshold requantizer
-def _threshold_cost(ctx, node):
-    """A12 for a threshold unit: per output element ``T`` comparators of the input width (one LUT
-    per bit each) and an adder tree counting their ``T`` one-bit results (``T`` LUT bits), the
-    delay one comparator plus ``ceil(log2 T)`` adder levels of the count's width."""
-    size, _ = _out_bits(ctx, node)
-    xb = width(ctx.graph.value(node.inputs[0]).dtype)
-    n_t = int(node.params["thresholds"].shape[1])
-    cb = max(1, n_t.bit_length())
-    levels = math.ceil(math.log2(max(n_t, 2)))
-    return chained(ctx, size * n_t * (xb + 1), 0, t_add(xb) + levels * t_add(cb))
-
-
-@hls4ml_op("MultiThreshold", cost=Cost(_threshold_cost))
-def _multi_threshold(tr, n: Node):
-    """hls4ml has no thresholding layer: a MultiThreshold is translated through its proved
-    multiply-and-shift form (:func:`qdeploy.compiler.ir.shiftform.node_shift_form`, the same
-    search and proof as the ``requant_shift`` pass), as the pass's ``Affine`` + ``Quantize``
-    would be: a BatchNormalization ``(acc_t)(x * K 2**(F-S-Fo) + R 2**-(S+Fo))`` (exact: full-
-    precision product and sum into the exact accumulator type) and a linear cast into the TRN/SAT
-    output type (``floor(acc / 2**S)`` and the clamp).  Constants are capped at 53 bits (float64
-    transport).  A node without a form is refused with the reason."""
-    x = tr.graph.value(n.inputs[0])
-    xt = tr.fixed(x.dtype, n.name)
-    res = node_shift_form(n, xt, max_const_bits=53)
-    if res.form is None:
-        raise UnsupportedError(f"MultiThreshold without a multiply-and-shift form ({res.reason}); hls4ml has no "
-                               "thresholding layer", n.name)
-    f = res.form
-    c = x.shape[-1] if x.shape else 1
-    scale, bias = affine_constants(f, xt, c)
-    acc_t = fixed_for_range(*f.acc_range(), f.S + f.out.frac_bits)
-    mid = tr.bn_layer(n, x.size, c, scale.real(), bias.real(), scale.dtype.hls(), bias.dtype.hls(), acc_t,
-                      tr.src(n.inputs[0]), None, base=f"{n.name}_mul")
-    tr.bind(n.output, tr.layer(n, {"class_name": "Activation", "activation": "linear"},
-                               {"result": clamp_type(n.attrs["to"]).hls()}, [mid]))
-    tr.note(f"MultiThreshold '{n.name}' as multiply-and-shift: {f.k_bits}-bit multipliers, shift {f.S}")
+for _op, (_fn, _cost) in _BATCH_A.items():
+    hls4ml_op(_op, cost=_cost)(_fn)

@@ -22,6 +22,7 @@ from ..ir.graph import Const, Graph
 from ..ir.ops import REGISTRY, get as get_op
 from ..ir.optable import OpTable
 from ..ir.types import FixedType
+from .onnx_finn import export_multithreshold
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 OPSET = 13
@@ -307,41 +308,5 @@ for _op, _fn in (("Quantize", _quantize), ("Sign", _sign), ("Dense", _dense), ("
 for _op, _spec in REGISTRY.items():
     if _spec.onnx_export is not None and _op not in EXPORTERS:
         EXPORTERS.set(_op, _spec.onnx_export)
-
-
-def _multi_threshold(ex, n, x):
-    """qonnx ``MultiThreshold`` (channels last: ``data_layout`` ``N..C``) counting the thresholds
-    reached -- on reals ``code * 2**-F``, the same comparisons as on codes -- then ``* sign +
-    base`` per channel, ``* 2**-F_out`` and an exact ``Quant`` into the output type (qonnx
-    ``multithreshold``: ``out = out_scale * #(v >= t) + out_bias``, thresholds ``[C or 1, T]``).
-
-    Raises:
-        UnsupportedError: naming the node for thresholds not exact in float32 (qonnx compares
-            float32 tensors) or a per-sample scalar input (qonnx needs a channel axis).
-    """
-    base = _out_base(n)
-    xv = ex.g.values[n.inputs[0]]
-    if not xv.shape:
-        raise UnsupportedError("MultiThreshold on a per-sample scalar (qonnx's MultiThreshold needs a channel axis)",
-                               n.name)
-    t = n.params["thresholds"]
-    treal = t.real()
-    if not np.array_equal(treal.astype(np.float32).astype(np.float64), treal):
-        raise UnsupportedError("MultiThreshold thresholds are not exact in float32 (qonnx compares float32)", n.name)
-    c = xv.shape[-1]
-    layout = "N" + "HWDEFG"[:len(xv.shape) - 1] + "C"
-    tn = ex.init(f"{n.name}_thresholds", treal.astype(np.float32))
-    bits = max(1, int(t.shape[1]).bit_length())
-    y = ex.node("MultiThreshold", [x[0], tn], f"{base}_count", domain=QONNX_DOMAIN, out_dtype=f"UINT{bits}",
-                data_layout=layout)
-    to = n.attrs["to"]
-    sign = np.broadcast_to(n.params["sign"].data, (c,)).astype(np.float32)
-    bias = np.broadcast_to(n.params["base"].data, (c,)).astype(np.float32)
-    y = ex.node("Mul", [y, ex.init(f"{n.name}_sign", sign)], f"{base}_signed")
-    y = ex.node("Add", [y, ex.init(f"{n.name}_base", bias)], f"{base}_code")
-    y = ex.node("Mul", [y, ex.init(f"{n.name}_lsb", np.float32(to.lsb))], f"{base}_real")
-    return ex.quant(y, to.with_modes("RND_CONV", "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT"), base, n.name)
-
-
 if "MultiThreshold" not in EXPORTERS:
-    EXPORTERS.set("MultiThreshold", _multi_threshold)
+    EXPORTERS.set("MultiThreshold", export_multithreshold)

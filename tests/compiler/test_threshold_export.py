@@ -9,7 +9,7 @@ from qdeploy.compiler import reference as ref
 from qdeploy.compiler.errors import UnsupportedError
 from qdeploy.compiler.frontends import export_qonnx
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
-from tests.conformance.test_ops import _multi_threshold, _requant_nodes
+from tests.conformance.cases_threshold import _multi_threshold, _requant_nodes
 
 
 def _qonnx_outputs(model, feeds: dict) -> dict:
@@ -37,7 +37,7 @@ def test_exported_multi_threshold_runs_in_qonnx_exactly(build, tmp_path):
             assert np.array_equal(got[o], g.values[o].dtype.to_real(want[o]).astype(np.float32)), o
 
 
-def test_thresholds_not_exact_in_float32_are_refused_naming_the_node():
+def test_thresholds_beyond_float32_are_refused_naming_the_node():
     b = GraphBuilder("wide")
     x = b.input("x", (2,), parse_type("int<30>"))
     t = np.array([[(1 << 25) + 1, (1 << 26) + 3]] * 2)
@@ -45,5 +45,5 @@ def test_thresholds_not_exact_in_float32_are_refused_naming_the_node():
                    params={"thresholds": Const(t, parse_type("int<30>")),
                            "base": Const(np.zeros(2), parse_type("int<2>")),
                            "sign": Const(np.ones(2), parse_type("int<2>"))}))
-    with pytest.raises(UnsupportedError, match="node 'mt': MultiThreshold thresholds are not exact in float32"):
+    with pytest.raises(UnsupportedError, match="node 'mt': MultiThreshold with codes of more than 24 bits"):
         export_qonnx(b.build())

@@ -20,7 +20,7 @@ from qdeploy.passes.requant_shift import requant_shift
 from tests.requant_oracle import requant, requant_params
 
 from .conftest import assert_exact, backend_params, compile_graph, emit_only, random_codes
-from .test_ops import REQUANT, REQUANT_RELU, _multi_threshold, _requant_nodes
+from .cases_threshold import REQUANT, REQUANT_RELU, _multi_threshold, _requant_nodes
 
 T = parse_type
 
@@ -186,7 +186,7 @@ def test_fpga_estimate_prices_threshold_units_by_count():
 def test_fractional_binary_points_pass_equals_op_on_every_code():
     """Input with 4 fraction bits, outputs with fraction bits (SAT_SYM and unsigned): the pass's
     Affine + Quantize equal the thresholds on all 4096 input codes."""
-    from .test_ops import _requant_fractional
+    from .cases_threshold import _requant_fractional
 
     b = GraphBuilder("frac")
     outs = _requant_fractional(b, "", np.random.default_rng(0))
