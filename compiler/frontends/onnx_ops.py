@@ -19,6 +19,7 @@ from ..ir.graph import Const
 from ..ir.ops import REGISTRY
 from ..ir.types import FLOAT32, FixedType
 from . import onnx_scaled as scaled
+from . import onnx_scaled_ops as scaled_ops
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
 
@@ -269,7 +270,7 @@ def _import_BatchNormalization(cv, node):
     e = cv.entry(node, node.input[0], scaled=True)
     scale, bias = _bn_params(cv, node)
     if e.scaled is not None:
-        scaled.batchnorm(cv, node, e, scale, bias)
+        scaled_ops.batchnorm(cv, node, e, scale, bias)
         return
     rank = len(e.perm)
     x = cv.layout(node, e, canonical_perm(rank))
@@ -287,7 +288,7 @@ def _unary(cv, node, op):
 def _import_Relu(cv, node):
     e = cv.entry(node, node.input[0], scaled=True)
     if e.scaled is not None:
-        scaled.relu(cv, node, e)
+        scaled_ops.relu(cv, node, e)
         return
     _unary(cv, node, "Relu")
 
@@ -295,7 +296,7 @@ def _import_Identity(cv, node):
     cv.env[node.output[0]] = cv.entry(node, node.input[0], scaled=True)
 
 def _import_binary(cv, node):
-    if not scaled.binary(cv, node):
+    if not scaled_ops.binary(cv, node):
         import_binary(cv, node)
 
 
@@ -310,7 +311,7 @@ def _pool(cv, node, op):
     strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
     if e.scaled is not None:
         attrs = {"kernel": kernel, "strides": strides, "pads": pads}
-        scaled.maxpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
+        scaled_ops.maxpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
         return
     if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
         raise UnsupportedError("AveragePool with padding (count_include_pad=0) is not supported", node.name)
