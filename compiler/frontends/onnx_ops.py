@@ -37,7 +37,9 @@ def _import_Quant(cv, node):
     mode = str(cv.attr(node, "rounding_mode", "ROUND")).upper()
     check_quant_params(node, scale, zp, bw)
     if e.scaled is not None or np.any(zp != 0) or not np.all(scale == scale.ravel()[0]) \
-            or not is_pow2(float(scale.ravel()[0])):  # no fixed-point type: integer codes + a pending scale
+            or not is_pow2(float(scale.ravel()[0])) or mode not in ROUNDING_MAP or (narrow and not signed) \
+            or (float(bw.ravel()[0]) == 1 and signed and float(scale.ravel()[0]) != 1.0):
+        # no fixed-point type (or no ap_fixed rounding mode): integer codes + a pending scale
         scaled.import_quant(cv, node, e, scale, zp, bw, signed, narrow, mode)
         return
     if scale.size != 1 and not np.all(scale == scale.ravel()[0]):

@@ -303,3 +303,22 @@ def test_refusals():
     # a zero point that is not an integer
     m = M()
     _refused(m.model([1, 4], m.quant("qz", "x", 0.02, 8, zp=0.5)), "qz", "not an integer")
+
+
+@pytest.mark.parametrize("kw", [dict(scale=0.25, bits=4, signed=0, narrow=1), dict(scale=0.125, bits=5, mode="CEIL"),
+                                dict(scale=0.0713, bits=3, mode="UP", zp=1.0), dict(scale=0.5, bits=1),
+                                dict(scale=0.0713, bits=6, signed=0, mode="HALF_DOWN", zp=9.0),
+                                dict(scale=0.0713, bits=6, mode="DOWN", narrow=1)],
+                         ids=["narrow_unsigned", "ceil", "up", "bipolar", "half_down", "down_narrow"])
+def test_quantizer_variants_after_a_layer(kw):
+    """Quantizers with no ap_fixed form (narrow unsigned, CEIL/UP/HALF_DOWN rounding, bipolar with
+    scale 0.5) on an integer accumulator: MultiThreshold, equal to the oracle."""
+    rng = np.random.default_rng(7)
+    m = M()
+    h = m.quant("qin", "x", 0.0311, 8)
+    w = m.wquant("w", rng.normal(0, 0.3, (8, 6)), 0.0029)
+    h = m.op("MatMul", [h, w], "mm")
+    y = m.quant("qout", h, kw.pop("scale"), kw.pop("bits"), **kw)
+    x = f32(rng.uniform(-3, 3, (300, 8)))
+    g, _ = compare(m.model([1, 8], y), x)
+    assert ops(g)[-2:] in (["MultiThreshold", "Affine"], ["Dense", "MultiThreshold"])
