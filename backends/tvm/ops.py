@@ -18,8 +18,10 @@ import numpy as np
 from tvm import relax
 
 from ...compiler.errors import UnsupportedError
+from ...compiler.ir.ops.depth_space import permutation_plan
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .relax_util import F32, I64, c64, cf, check_shift, nn, op
 
 #: IR op name -> Relax lowering.
@@ -197,4 +199,62 @@ def _softmax(lw, n, ins, in_types, out_t):
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
 
 
+@LOWERING.register("Resize")
+def _resize(lw, n, ins, in_types, out_t):
+    """Nearest upsampling by integer factors: ``repeat`` along each spatial axis (== the reference)."""
+    y = ins[0]
+    for i, k in enumerate(int(v) for v in n.attrs["scales"]):
+        if k > 1:
+            y = lw.emit(op.repeat(y, k, axis=1 + i))
+    return y
+
+
+@LOWERING.register("DepthToSpace", "SpaceToDepth")
+def _depth_space(lw, n, ins, in_types, out_t):
+    """``reshape -> permute_dims -> reshape`` of the op's :func:`permutation_plan` (== the reference)."""
+    mid, perm, out = permutation_plan(n, lw.g.values[n.inputs[0]].shape)
+    y = lw.emit(op.reshape(ins[0], (lw.n, *mid)))
+    y = lw.emit(op.permute_dims(y, [0, *(p + 1 for p in perm)]))
+    return lw.emit(op.reshape(y, (lw.n, *out)))
+
+
 LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
+
+
+@LOWERING.register("FloatQuant")
+def _float_quant(lw, n, ins, in_types, out_t):
+    """Minifloat rounding in float32, step for step the reference
+    (:func:`qdeploy.compiler.ir.ops.floatquant.minifloat_round`): exponent by exact comparisons,
+    power-of-two scalings, floor plus the half-to-even tie rule; only ``x / scale`` and ``q * scale``
+    round (single IEEE float32 operations, as in the reference)."""
+    from ...compiler.ir.ops.floatquant import format_params
+
+    p = format_params(n)
+    x = lw.real(ins[0], in_types[0])
+    X = lw.emit(op.divide(x, cf(p["scale"]))) if p["scale"] != 1.0 else x
+    a = lw.emit(op.abs(X))
+    M = p["M"]
+    up, down = cf(2.0 ** (M - p["e_min"])), cf(2.0 ** (p["e_min"] - M))
+    for k in range(p["e_min"] + 1, p["e_max"] + 1):
+        ge = lw.emit(op.greater_equal(a, cf(2.0 ** k)))
+        up = lw.emit(op.where(ge, cf(2.0 ** (M - k)), up))
+        down = lw.emit(op.where(ge, cf(2.0 ** (k - M)), down))
+    t = lw.emit(op.multiply(X, up))
+    r = lw.emit(op.floor(t))
+    d = lw.emit(op.subtract(t, r))
+    odd = lw.emit(op.not_equal(op.subtract(r, op.multiply(cf(2.0), op.floor(op.multiply(r, cf(0.5))))), cf(0.0)))
+    tie_up = op.logical_and(op.equal(d, cf(0.5)), odd)
+    r = lw.emit(op.where(op.logical_or(op.greater(d, cf(0.5)), tie_up), op.add(r, cf(1.0)), r))
+    q = lw.emit(op.multiply(r, down))
+    q = lw.emit(op.where(op.less(X, cf(0.0)), op.negative(op.abs(q)), q))
+    mx = cf(p["max"])
+    if p["saturation"]:
+        lo_v, hi_v = op.negative(mx), mx
+    else:
+        hi_v = cf(np.inf) if p["has_inf"] else cf(np.nan)
+        lo_v = op.negative(hi_v)
+    q = lw.emit(op.where(op.greater(q, mx), hi_v, op.where(op.less(q, op.negative(mx)), lo_v, q)))
+    y = lw.emit(op.multiply(q, cf(p["scale"]))) if p["scale"] != 1.0 else q
+    return lw.emit(op.where(op.isfinite(X), y, cf(np.nan)))
+for _op, _fn in _BATCH_A.items():
+    LOWERING.set(_op, _fn)
