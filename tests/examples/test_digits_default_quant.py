@@ -98,9 +98,11 @@ def test_default_quantizers_exact(dm, tmp_path, name, make, wq, out_quant):
     model = make(getattr(brevitas.quant, wq) if wq else None, out_quant)
     dm.train(model, (x_tr, y_tr), epochs=3, seed=0, verbose=False)
     model.eval()
-    res = api.compile(model, target="reference", out_dir=tmp_path / "out", golden=x_te[:32],
+    res = api.compile(model, target="reference", out_dir=tmp_path / "out", golden=x_te[:64],
                       example_input=torch.from_numpy(x_te[:1]))
     g = res.graph
+    fid = res.report["fidelity"]  # qdeploy's own source check (the module run on the golden images)
+    assert fid["checked"] and fid["ok"], fid
     assert "MultiThreshold" in [n.op for n in g.nodes]  # the scaled-integer path was taken
 
     # Brevitas forward with hooks: each layer's QuantTensor input and each QuantReLU's output
