@@ -302,6 +302,14 @@ def _import_binary(cv, node):
     if not scaled_ops.binary(cv, node):
         import_binary(cv, node)
 
+def _import_Pad(cv, node):
+    handler = REGISTRY["Pad"].onnx_import["Pad"]  # the Pad op's own importer, for plain values
+    e = cv.entry(node, node.input[0], scaled=True)
+    if e.scaled is not None:
+        scaled_ops.pad(cv, node, e, handler)
+    else:
+        handler(cv, node)
+
 
 # -------------------------------------------------------------- pooling
 def _pool(cv, node, op):
@@ -438,7 +446,7 @@ IMPORTERS: dict[str, Callable] = {
     "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
     "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
-    "Concat": _import_Concat, "Softmax": _import_Softmax,
+    "Concat": _import_Concat, "Pad": _import_Pad, "Softmax": _import_Softmax,
     "MultiThreshold": import_multithreshold, "TopK": import_topk,
 }
 

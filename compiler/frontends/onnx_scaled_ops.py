@@ -195,3 +195,32 @@ def output(cv, o: str, e, layout) -> str:
         note(cv, f"graph output {o!r} is float32 computed from the exact integer accumulator ({S.describe()}); the "
                   f"source computes it in float32 as well, so it may differ in the last bits")
     return v
+
+
+def pad(cv, node, e, handler) -> None:
+    """ONNX ``Pad`` of a scaled value: the plain ``Pad`` importer ``handler`` on the codes, the map
+    kept.  Exact when the pad constant is 0 and ``B == 0`` (a ``Quant``'s codes ``y - z``: code 0
+    is the real 0) and the map is per channel.
+
+    Raises:
+        UnsupportedError: naming the node for a non-zero pad constant, an offset ``B`` (the code 0
+            would not be the real 0), a pending ReLU or a map varying across positions."""
+    S = e.scaled
+    shape = cv.b.values[e.value].shape
+    P, B = channel(S.P, shape), channel(S.B, shape)
+    value = 0.0
+    if cv.opset < 11:
+        value = float(cv.attr(node, "value", 0.0))
+    elif len(node.input) > 2 and node.input[2]:
+        value = float(np.asarray(cv.const(node, node.input[2])).ravel()[0])
+    if S.relu or P is None or B is None or any(b != 0 for b in np.ravel(B)) or value != 0.0:
+        raise UnsupportedError(f"Pad of a scaled-integer value ({S.describe()}) with constant {value:g}: only 0 on "
+                               f"a value without offset (code 0 = real 0) is supported", node.name)
+    t = node.input[0]
+    saved = cv.env[t]
+    cv.env[t] = type(saved)(saved.value, saved.perm, saved.rowperm)  # the codes, as a plain value
+    try:
+        handler(cv, node)
+    finally:
+        cv.env[t] = saved
+    cv.env[node.output[0]].scaled = S.with_(P=P, B=B)

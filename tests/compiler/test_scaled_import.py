@@ -84,6 +84,10 @@ def eval64(model, x):
             y = i[0] + i[1]
         elif n.op_type == "Relu":
             y = np.maximum(i[0], 0)
+        elif n.op_type == "Pad":
+            p = [int(v) for v in i[1]]
+            r = len(p) // 2
+            y = np.pad(i[0], [(p[k], p[k + r]) for k in range(r)])
         elif n.op_type == "Flatten":
             y = i[0].reshape(len(i[0]), -1)
         elif n.op_type == "BatchNormalization":
@@ -322,3 +326,22 @@ def test_quantizer_variants_after_a_layer(kw):
     x = f32(rng.uniform(-3, 3, (300, 8)))
     g, _ = compare(m.model([1, 8], y), x)
     assert ops(g)[-2:] in (["MultiThreshold", "Affine"], ["Dense", "MultiThreshold"])
+
+
+def test_pad_of_zero_point_codes_then_conv():
+    """An explicit ONNX Pad (0) of a Quant output with zero point 5: the codes y - z pad with 0."""
+    rng = np.random.default_rng(8)
+    m = M()
+    h = m.quant("qin", "x", 0.0277, 8, signed=0, zp=5.0)
+    m.inits["pads"] = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    h = m.op("Pad", [h, "pads"], "pad")
+    w = m.wquant("w", rng.normal(0, 0.3, (3, 2, 3, 3)), 0.0031)
+    h = m.op("Conv", [h, w], "conv", kernel_shape=[3, 3])
+    y = m.quant("qout", h, 0.021, 8)
+    x = f32(rng.uniform(-1, 6, (60, 2, 5, 5)))
+    g, _ = compare(m.model([1, 2, 5, 5], y), x)
+    (p,) = [n for n in g.nodes if n.op == "Pad"]
+    assert p.attrs["code"] == 0
+    m.inits["cval"] = f32(0.5)
+    m.nodes[1] = helper.make_node("Pad", ["qin", "pads", "cval"], ["pad"], name="pad")
+    _refused(m.model([1, 2, 5, 5], y), "pad", "constant 0.5")
