@@ -345,3 +345,18 @@ def test_pad_of_zero_point_codes_then_conv():
     m.inits["cval"] = f32(0.5)
     m.nodes[1] = helper.make_node("Pad", ["qin", "pads", "cval"], ["pad"], name="pad")
     _refused(m.model([1, 2, 5, 5], y), "pad", "constant 0.5")
+
+
+def test_quant_output_epilogue_is_qonnx_float32_dequantization():
+    """A Quant output (per-channel scale, zero points) as a graph output: float32((y - z) * s) bit for
+    bit as qonnx's execute_onnx computes it, on every element."""
+    rng = np.random.default_rng(9)
+    m = M()
+    s = f32([0.0173, 0.0311, 0.0497]).reshape(1, 3, 1, 1)
+    y = m.quant("q", "x", s, 8, signed=0, zp=f32([3, 128, 0]).reshape(1, 3, 1, 1))
+    model = m.model([1, 3, 4, 4], y)
+    x = f32(rng.uniform(-3, 9, (100, 3, 4, 4)))
+    g, n_src = compare(model, x)
+    assert n_src == 0
+    np.testing.assert_array_equal(run_ir(g, x), run_qonnx(model, x))
+    assert ops(g) == ["Quantize", "MultiThreshold", "Affine"]
