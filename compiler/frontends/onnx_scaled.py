@@ -10,16 +10,17 @@ last axis, or the full per-sample array).  The real-number semantics of QONNX ``
 ``qonnx.custom_op.general.intquant``) are kept exactly:
 
 * a ``Quant`` becomes a ``MultiThreshold`` on the codes before it (:mod:`qdeploy.compiler.ir.requant`),
-  whose output codes are ``y - z`` (so the code 0 is the real 0, also for zero padding) with the
-  pending map ``P = s``, ``B = 0``;
+  whose output codes are ``y`` itself (e.g. ``uint8``) with the pending map ``P = s``, ``B = -z * s``
+  (the zero point is folded into the next layer's offset, Jacob et al., CVPR 2018, section 2.3;
+  zero padding of such a value pads with the code ``z``, an explicit IR ``Pad``);
 * ``MatMul``/``Gemm``/``Conv`` with ``Quant``'ed weights (integer codes ``W``, per-output-channel scale
   ``s_w``) are integer layers: ``acc = sum W * c`` and ``P' = P * s_w``, ``B' = s_w * (W^T B) + bias``;
 * ``BatchNormalization``, ``Add``/``Sub``/``Mul``/``Div`` by a constant fold into ``P``, ``B``; ``Relu``
   right before a ``Quant`` folds into its thresholds; ``MaxPool`` (``P > 0``), ``Reshape``, ``Flatten``,
   ``Transpose`` move the map along; an ``Add`` of two scaled values aligns power-of-two scale ratios;
-* a graph output gets a float32 ``Affine`` epilogue: ``float32(c * s)``, the dequantized ``Quant``
-  output as qonnx computes it (one rounding), or ``float32(c * P) + B`` after a float bias (not
-  bit-exact: the source sums in float32 too; noted).
+* a graph output gets a float32 epilogue: ``float32((y - z) * s)`` (an exact ``Affine`` adding ``-z``,
+  then a float32 one), the dequantized ``Quant`` output as qonnx computes it (one rounding), or
+  ``float32(c * P) + B`` after a float bias (not bit-exact: the source sums in float32 too; noted).
 
 Anything else on a scaled value is refused naming the node (:meth:`OnnxConverter.entry` calls
 :func:`materialize`).  Source of the thresholding idea: Umuroglu & Jahre, "Streamlined Deployment
@@ -250,7 +251,7 @@ def _quant_spec(cv, node, e, scale, zp, bw, signed, narrow, mode):
                                node.name)
     q = QuantSpec(tuple(Fraction(float(s)) for s in np.ravel(sv)), tuple(int(z) for z in np.ravel(zv)),
                   int(bw.ravel()[0]), signed, narrow, mode.upper())
-    return q, sv
+    return q, sv, zv
 
 
 def import_quant(cv, node, e, scale, zp, bw, signed: bool, narrow: bool, mode: str) -> None:
@@ -259,15 +260,15 @@ def import_quant(cv, node, e, scale, zp, bw, signed: bool, narrow: bool, mode: s
     On a fixed-point or scaled input the thresholds are accumulator codes
     (:func:`~qdeploy.compiler.ir.requant.multithreshold_params`); on a float32 input the value is cast
     first into a fixed-point grid fine enough for every float32 threshold
-    (:func:`~qdeploy.compiler.ir.requant.float_input_thresholds`).  The output codes are ``y - z``: a
+    (:func:`~qdeploy.compiler.ir.requant.float_input_thresholds`).  The output codes are ``y``: a
     plain fixed-point type when the scale is one power of two ``2**-F`` and ``z == 0``, else a scaled
-    value ``P = s``.
+    value ``P = s``, ``B = -z * s``.
 
     Raises:
         UnsupportedError: naming the node for a non-integer zero point, a scale varying along a
             non-channel axis, a map varying across positions, too wide a grid or quantizer.
     """
-    quant, sv = _quant_spec(cv, node, e, scale, zp, bw, signed, narrow, mode)
+    quant, sv, zv = _quant_spec(cv, node, e, scale, zp, bw, signed, narrow, mode)
     out = node.output[0]
     shape = cv.b.values[e.value].shape
     C = shape[-1] if shape else 1
@@ -298,7 +299,29 @@ def import_quant(cv, node, e, scale, zp, bw, signed: bool, narrow: bool, mode: s
     v = cv.add(node.name, "MultiThreshold", [x], {"to": p.out_type}, params, out=out)
     if p.dead:
         note(cv, f"{node.name}: channel(s) {list(p.dead)[:8]} have scale 0 before this Quant: constant outputs")
-    cv.bind(out, v, e.perm, e.rowperm, scaled=None if plain else Scaled(sv, 0))
+    cv.bind(out, v, e.perm, e.rowperm,
+            scaled=None if plain else Scaled(fractions_of(sv), -fractions_of(zv) * fractions_of(sv)))
+
+
+def zero_code(cv, node, x: str, S: Scaled, value=0) -> int:
+    """The code of IR value ``x`` whose real is ``value`` under map ``S`` (``code * 2**-F * P + B``):
+    one integer for every channel, inside the type's range (a zero point ``z``: the code ``z``).
+
+    Raises:
+        UnsupportedError: naming ``node`` when the channels disagree, the code is not an integer or
+            outside the type.
+    """
+    t = cv.b.values[x].dtype
+    shape = cv.b.values[x].shape
+    P, B = channel(S.P, shape), channel(S.B, shape)
+    lsb = Fraction(1, 1 << t.frac_bits) if t.frac_bits >= 0 else Fraction(1 << -t.frac_bits)
+    codes = {(frac(value) - b) / (p * lsb) if p != 0 else None for p, b in
+             zip(np.broadcast_to(P, shape[-1:] or (1,)), np.broadcast_to(B, shape[-1:] or (1,)))}
+    c = codes.pop() if len(codes) == 1 else None
+    if c is None or c.denominator != 1 or not t.min_code <= c <= t.max_code:
+        raise UnsupportedError(f"{node.op_type} pads a scaled-integer value ({S.describe()}) whose real {float(value):g} "
+                               f"is not one code of {t} in every channel", node.name)
+    return int(c)
 
 
 # ---------------------------------------------------------------------- linear layers
@@ -373,10 +396,12 @@ def dense(cv, node, e, codes, s_w, bias, out: str, alpha=Fraction(1)) -> None:
 
 def conv(cv, node, e, x_layout, codes, s_w, bias, attrs: dict, out: str, out_perm) -> None:
     """Integer ``Conv`` (channels-last weight codes ``[*k, I/g, O]``), as :func:`dense` per output
-    channel.  Zero padding holds the code 0, the real ``B[i]``: refused unless ``B == 0``.
+    channel.  Zero padding must hold the real 0: with an offset ``B`` (a zero point) the input is
+    first padded explicitly with the code of the real 0 (an IR ``Pad``, see :func:`zero_code`) and
+    the convolution runs unpadded.
 
     Raises:
-        UnsupportedError: as :func:`dense`, and for padding of a value with an offset.
+        UnsupportedError: as :func:`dense`, and for padding of a value whose real 0 is no single code.
     """
     x, S = _input(cv, node, e, x_layout)
     shape = cv.b.values[x].shape
@@ -386,8 +411,12 @@ def conv(cv, node, e, x_layout, codes, s_w, bias, attrs: dict, out: str, out_per
     cin, O, g = shape[-1], codes.shape[-1], int(attrs["groups"])
     Pi, Bi = list(np.broadcast_to(P, (cin,))), list(np.broadcast_to(B, (cin,)))
     if any(attrs["pads"]) and any(b != 0 for b in Bi):
-        raise UnsupportedError(f"{node.op_type} pads a value with an offset ({S.describe()}): the padding code 0 "
-                               f"would not be the real 0", node.name)
+        code = zero_code(cv, node, x, S, 0)
+        nd = len(attrs["kernel"])
+        p = tuple(attrs["pads"])
+        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": p[:nd] + (0,) + p[nd:] + (0,), "code": code},
+                   out=f"{out}__padded")
+        attrs = dict(attrs, pads=(0,) * len(p))
     ratio, p0 = _common_factor(Pi, node)
     il = codes.shape[-2]
     in_ch = (np.arange(O)[None, :] // (O // g)) * il + np.arange(il)[:, None]  # [I/g, O]

@@ -13,9 +13,9 @@ import numpy as np
 
 from ..errors import UnsupportedError
 from ..ir.graph import Const
-from ..ir.types import FLOAT32
+from ..ir.types import FLOAT32, FixedType
 from .onnx_scaled import (Scaled, channel, compact, fractions_of, int_const, is_pow2_frac, materialize, note,
-                          relayout, scaled_of)
+                          relayout, scaled_of, zero_code)
 
 
 # ---------------------------------------------------------------------- elementwise
@@ -162,13 +162,15 @@ def batchnorm(cv, node, e, g, h) -> None:
 
 # ---------------------------------------------------------------------- graph outputs
 def output(cv, o: str, e, layout) -> str:
-    """The float32 epilogue of scaled graph output ``o`` in IR layout ``layout``: ``Affine`` with
-    ``scale = float32(P)`` (and ``bias = float32(B)``), then ``Relu`` for a pending ReLU.
+    """The float32 epilogue of scaled graph output ``o`` in IR layout ``layout``.
 
-    ``float32(c * s)`` is exactly qonnx's dequantization ``(y - z) * s`` of a ``Quant`` output (one
-    float32 rounding of the exact real); with a bias (e.g. logits of a float-bias Linear) or a
-    scale that is not a float32 the output is the float32 evaluation of the exact map (the source's
-    own float32 sum may round differently): noted.
+    When ``B / P`` is a dyadic constant per channel (a ``Quant`` output: ``B / P = -z``), first an
+    exact fixed-point ``Affine`` adds it (``q - z``), then a float32 ``Affine`` multiplies by
+    ``float32(P)``: ``float32((q - z) * s)``, one rounding of the exact real, exactly qonnx's
+    dequantization of a ``Quant`` output.  Otherwise one float32 ``Affine`` (``scale = float32(P)``,
+    ``bias = float32(B)``; e.g. logits of a float-bias Linear): the float32 evaluation of the exact
+    map, which the source's own float32 sums may round differently (noted).  A pending ReLU becomes
+    a float ``Relu`` after it.
 
     Raises:
         UnsupportedError: a map varying across positions."""
@@ -180,31 +182,36 @@ def output(cv, o: str, e, layout) -> str:
     if P is None or B is None:
         raise UnsupportedError(f"graph output {o!r}: scale/offset vary across positions", o)
     Pf = np.asarray([float(p) for p in np.ravel(P)], dtype=np.float32).reshape(P.shape)
-    Bf = np.asarray([float(b) for b in np.ravel(B)], dtype=np.float32).reshape(B.shape)
-    params = {"scale": Const(Pf, FLOAT32)}
-    has_bias = any(b != 0 for b in np.ravel(B))
-    if has_bias:
-        params["bias"] = Const(Bf, FLOAT32)
     t = cv.b.values[x].dtype
-    exact = not has_bias and all(Fraction(float(pf)) == p for pf, p in zip(np.ravel(Pf), np.ravel(P))) \
-        and max(abs(t.min_code), abs(t.max_code)) < (1 << 24)
+    C = (shape[-1],) if shape else (1,)
+    shift = [b / p if p != 0 else None for p, b in zip(np.broadcast_to(P, C), np.broadcast_to(B, C))]
+    dyadic = all(v is not None and v.denominator & (v.denominator - 1) == 0 for v in shift)
+    params = {"scale": Const(Pf, FLOAT32)}
+    if any(b != 0 for b in np.ravel(B)) and dyadic:
+        off = np.asarray([float(v) for v in shift]) if len(set(shift)) > 1 else np.asarray(float(shift[0]))
+        x = cv.add(f"{o}__zero_point", "Affine", [x], {}, {"bias": Const.from_real(off)}, out=f"{o}__zero_point")
+        t = cv.b.values[x].dtype
+    elif any(b != 0 for b in np.ravel(B)):
+        params["bias"] = Const(np.asarray([float(b) for b in np.ravel(B)], dtype=np.float32).reshape(B.shape), FLOAT32)
+    exact = "bias" not in params and all(Fraction(float(pf)) == p for pf, p in zip(np.ravel(Pf), np.ravel(P))) \
+        and isinstance(t, FixedType) and max(abs(t.min_code), abs(t.max_code)) < (1 << 24)
     v = cv.add(f"{o}__dequant", "Affine", [x], {}, params, out=f"{o}__dequant")
     if S.relu:
         v = cv.add(f"{o}__relu", "Relu", [v], out=f"{o}__relu")
     if not exact:
         note(cv, f"graph output {o!r} is float32 computed from the exact integer accumulator ({S.describe()}); the "
-                  f"source computes it in float32 as well, so it may differ in the last bits")
+                 f"source computes it in float32 as well, so it may differ in the last bits")
     return v
 
 
 def pad(cv, node, e, handler) -> None:
-    """ONNX ``Pad`` of a scaled value: the plain ``Pad`` importer ``handler`` on the codes, the map
-    kept.  Exact when the pad constant is 0 and ``B == 0`` (a ``Quant``'s codes ``y - z``: code 0
-    is the real 0) and the map is per channel.
+    """ONNX ``Pad`` (constant) of a scaled value: the plain ``Pad`` importer ``handler`` on the codes,
+    padding with the code whose real is the constant (:func:`~.onnx_scaled.zero_code`: ``z`` for the
+    real 0 after a zero-point ``Quant``), the map kept.
 
     Raises:
-        UnsupportedError: naming the node for a non-zero pad constant, an offset ``B`` (the code 0
-            would not be the real 0), a pending ReLU or a map varying across positions."""
+        UnsupportedError: naming the node when that is no single in-range code, for a pending ReLU, or
+            a map varying across positions."""
     S = e.scaled
     shape = cv.b.values[e.value].shape
     P, B = channel(S.P, shape), channel(S.B, shape)
@@ -213,14 +220,32 @@ def pad(cv, node, e, handler) -> None:
         value = float(cv.attr(node, "value", 0.0))
     elif len(node.input) > 2 and node.input[2]:
         value = float(np.asarray(cv.const(node, node.input[2])).ravel()[0])
-    if S.relu or P is None or B is None or any(b != 0 for b in np.ravel(B)) or value != 0.0:
-        raise UnsupportedError(f"Pad of a scaled-integer value ({S.describe()}) with constant {value:g}: only 0 on "
-                               f"a value without offset (code 0 = real 0) is supported", node.name)
-    t = node.input[0]
-    saved = cv.env[t]
-    cv.env[t] = type(saved)(saved.value, saved.perm, saved.rowperm)  # the codes, as a plain value
+    if S.relu or P is None or B is None:
+        raise UnsupportedError(f"Pad of a scaled-integer value ({S.describe()}) with a pending ReLU or a map varying "
+                               f"across positions", node.name)
+    code = zero_code(cv, node, e.value, S, value)
+    t = cv.b.values[e.value].dtype
+    r0 = float(np.ldexp(float(code), -t.frac_bits))  # the IR real of that code: the plain importer pads with it
+    import onnx
+    n2 = onnx.NodeProto()
+    n2.CopyFrom(node)
+    if cv.opset < 11:
+        for a in n2.attribute:
+            if a.name == "value":
+                a.f = r0
+        if not any(a.name == "value" for a in n2.attribute):
+            n2.attribute.append(onnx.helper.make_attribute("value", r0))
+    else:
+        cname = f"{node.name}__pad_code"
+        cv.consts[cname] = np.asarray(r0, dtype=np.float64)
+        while len(n2.input) < 3:
+            n2.input.append("")
+        n2.input[2] = cname
+    inp = node.input[0]
+    saved = cv.env[inp]
+    cv.env[inp] = type(saved)(saved.value, saved.perm, saved.rowperm)  # the codes, as a plain value
     try:
-        handler(cv, node)
+        handler(cv, n2)
     finally:
-        cv.env[t] = saved
+        cv.env[inp] = saved
     cv.env[node.output[0]].scaled = S.with_(P=P, B=B)
