@@ -19,6 +19,7 @@ from ..ir.graph import Const
 from ..ir.ops import REGISTRY
 from ..ir.types import FLOAT32, FixedType
 from . import onnx_scaled as scaled
+from . import onnx_scaled_ops as scaled_ops
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
 from .onnx_finn import import_multithreshold, import_topk
@@ -37,7 +38,9 @@ def _import_Quant(cv, node):
     mode = str(cv.attr(node, "rounding_mode", "ROUND")).upper()
     check_quant_params(node, scale, zp, bw)
     if e.scaled is not None or np.any(zp != 0) or not np.all(scale == scale.ravel()[0]) \
-            or not is_pow2(float(scale.ravel()[0])):  # no fixed-point type: integer codes + a pending scale
+            or not is_pow2(float(scale.ravel()[0])) or mode not in ROUNDING_MAP or (narrow and not signed) \
+            or (float(bw.ravel()[0]) == 1 and signed and float(scale.ravel()[0]) != 1.0):
+        # no fixed-point type (or no ap_fixed rounding mode): integer codes + a pending scale
         scaled.import_quant(cv, node, e, scale, zp, bw, signed, narrow, mode)
         return
     if scale.size != 1 and not np.all(scale == scale.ravel()[0]):
@@ -270,7 +273,7 @@ def _import_BatchNormalization(cv, node):
     e = cv.entry(node, node.input[0], scaled=True)
     scale, bias = _bn_params(cv, node)
     if e.scaled is not None:
-        scaled.batchnorm(cv, node, e, scale, bias)
+        scaled_ops.batchnorm(cv, node, e, scale, bias)
         return
     rank = len(e.perm)
     x = cv.layout(node, e, canonical_perm(rank))
@@ -288,7 +291,7 @@ def _unary(cv, node, op):
 def _import_Relu(cv, node):
     e = cv.entry(node, node.input[0], scaled=True)
     if e.scaled is not None:
-        scaled.relu(cv, node, e)
+        scaled_ops.relu(cv, node, e)
         return
     _unary(cv, node, "Relu")
 
@@ -296,8 +299,16 @@ def _import_Identity(cv, node):
     cv.env[node.output[0]] = cv.entry(node, node.input[0], scaled=True)
 
 def _import_binary(cv, node):
-    if not scaled.binary(cv, node):
+    if not scaled_ops.binary(cv, node):
         import_binary(cv, node)
+
+def _import_Pad(cv, node):
+    handler = REGISTRY["Pad"].onnx_import["Pad"]  # the Pad op's own importer, for plain values
+    e = cv.entry(node, node.input[0], scaled=True)
+    if e.scaled is not None:
+        scaled_ops.pad(cv, node, e, handler)
+    else:
+        handler(cv, node)
 
 
 # -------------------------------------------------------------- pooling
@@ -311,7 +322,7 @@ def _pool(cv, node, op):
     strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
     if e.scaled is not None:
         attrs = {"kernel": kernel, "strides": strides, "pads": pads}
-        scaled.maxpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
+        scaled_ops.maxpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
         return
     if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
         raise UnsupportedError("AveragePool with padding (count_include_pad=0) is not supported", node.name)
@@ -435,7 +446,7 @@ IMPORTERS: dict[str, Callable] = {
     "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
     "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
-    "Concat": _import_Concat, "Softmax": _import_Softmax,
+    "Concat": _import_Concat, "Pad": _import_Pad, "Softmax": _import_Softmax,
     "MultiThreshold": import_multithreshold, "TopK": import_topk,
 }
 
