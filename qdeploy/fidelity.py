@@ -224,7 +224,7 @@ def run_onnx_source(model, inputs: dict) -> tuple[dict, str]:
     n = next(iter(inputs.values())).shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = ModelWrapper(proto).transform(InferShapes())
+        single = ModelWrapper(_batched_proto(proto, 1)).transform(InferShapes())  # a dynamic batch dim -> 1
 
         def one(i):
             r = execute_onnx(single, {k: v[i:i + 1] for k, v in inputs.items()})

@@ -97,6 +97,21 @@ def test_qdq_mlp_imports_and_matches_onnxruntime():
     assert np.array_equal(got, want)
 
 
+def test_dynamic_batch_qdq_model_compiles_with_a_source_check(tmp_path):
+    """torch/onnxruntime exports often declare a symbolic batch: the fidelity check must still run."""
+    import qdeploy
+
+    m = _mlp()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(m.SerializeToString())
+    x = np.random.default_rng(4).normal(0, 3, (32, 16)).astype(np.float32)
+    res = qdeploy.compile(str(path), "reference", tmp_path / "out", golden=x)
+    fid = res.report["fidelity"]
+    assert fid["checked"] and fid["ok"] and fid["samples"] == 32, fid
+    assert np.array_equal(res.load().predict(x), _ort(m, x))
+
+
 def test_qoperator_ops_are_refused_naming_the_node():
     inits = {"xs": np.float32(0.1), "xz": np.uint8(0), "w": np.ones((4, 4), np.uint8), "ws": np.float32(0.1),
              "wz": np.uint8(0), "ys": np.float32(0.1), "yz": np.uint8(0)}
