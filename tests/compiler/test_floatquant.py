@@ -143,3 +143,44 @@ def test_per_channel_minifloat_scale_is_refused():
             t.CopyFrom(numpy_helper.from_array(np.resize(np.float32([0.5, 0.25]), 8), "fq_x_s"))
     with pytest.raises(UnsupportedError, match="node 'fq_x'.*per-tensor"):
         import_onnx(m)
+
+
+def test_brevitas_fp8_e4m3_linear_imports_and_matches_the_module(tmp_path):
+    """Brevitas' OCP FP8 e4m3 quantizers (learned float scales) exported with export_qonnx: the
+    imported minifloat quantizer equals Brevitas' own quantized activations bit for bit."""
+    import warnings
+
+    import torch
+    import brevitas.nn as qnn
+    from brevitas.export import export_qonnx as brevitas_export
+    from brevitas.quant.float_quant_ocp import Fp8e4m3OCPActPerTensorFloat, Fp8e4m3OCPWeightPerTensorFloat
+
+    class Fp8Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = qnn.QuantIdentity(act_quant=Fp8e4m3OCPActPerTensorFloat, return_quant_tensor=True)
+            self.fc = qnn.QuantLinear(8, 4, bias=False, weight_quant=Fp8e4m3OCPWeightPerTensorFloat)
+
+        def forward(self, x):
+            return self.fc(self.inp(x))
+
+    torch.manual_seed(0)
+    m = Fp8Linear()
+    m.train()
+    for _ in range(3):  # calibrate the activation scale
+        m(torch.randn(16, 8) * 3)
+    m.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        brevitas_export(m, torch.randn(1, 8), str(tmp_path / "fp8.onnx"))
+    g = import_onnx(str(tmp_path / "fp8.onnx"))
+    fq = [n for n in g.nodes if n.op == "FloatQuant"]
+    assert len(fq) == 1 and fq[0].attrs["exponent_bits"] == 4 and fq[0].attrs["mantissa_bits"] == 3
+    x = np.random.default_rng(0).normal(0, 3, (256, 8)).astype(np.float32)
+    with torch.no_grad():
+        q_want = m.inp(torch.tensor(x)).value.numpy()
+        y_want = m(torch.tensor(x)).numpy()
+    q_got = ref.execute(g, x, keep=True)[fq[0].output]
+    assert np.array_equal(q_got, q_want)
+    assert len(np.unique(q_want)) > 50
+    np.testing.assert_allclose(ref.run(g, x), y_want, rtol=1e-5, atol=1e-6)  # float32 sums: order may differ
