@@ -36,6 +36,7 @@ from ...compiler.errors import CompileError, UnsupportedError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...passes.partition import partition, run_partitioned
+from . import ops_layout  # noqa: F401 - registers its ops in the .ops tables
 from .ops import TRANSLATE
 from .translate import MAX_IO_WIDTH, Translation, translate
 

@@ -44,6 +44,7 @@ from ...compiler.ir.ops import avg_shift
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import mac_row
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
 
@@ -236,12 +237,11 @@ def _sign(tr, n: Node):
 
 # ----------------------------------------------------------------------------- arithmetic
 def _merge(tr, n: Node, op: str):
-    a, b = (tr.graph.value(i) for i in n.inputs)
-    if a.shape != b.shape:
-        raise UnsupportedError(f"{n.op} with broadcasting ({a.shape} vs {b.shape}); hls4ml Merge needs equal shapes",
-                               n.name)
-    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()},
-                               [tr.src(i) for i in n.inputs]))
+    """hls4ml Merge layers need equal shapes: a broadcast operand is first repeated to the output
+    shape (:meth:`~.translate.Translator.broadcast_to`, exact)."""
+    shape = tr.graph.value(n.output).shape
+    srcs = [tr.broadcast_to(n, i, shape) for i in n.inputs]
+    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()}, srcs))
 
 
 def _add_cost(ctx, node):
@@ -456,3 +456,6 @@ ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))
 TRANSLATE.reject("TopK", "label select with float32 indices: it runs on the host in the float epilogue (hls4ml has "
                          "no top-k layer)")
 ESTIMATE.set("TopK", Cost(lambda ctx, node: {"host": True}, "standalone"))
+
+for _op, (_fn, _cost) in _BATCH_A.items():
+    hls4ml_op(_op, cost=_cost)(_fn)

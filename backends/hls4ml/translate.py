@@ -22,6 +22,15 @@ from ...compiler.ir.optable import Rejected
 from ...compiler.ir.types import FixedType
 from .ops import TRANSLATE
 
+def resize_index_ok(length: int, s: int) -> bool:
+    """True when hls4ml's io_parallel ``resize_nearest`` index ``(o * ratio) >> 16`` with
+    ``ratio = ((length << 16) // (s * length)) + 1`` (``nnet_image.h``) equals ``o // s`` for every
+    output index ``o < s * length``."""
+    new = s * length
+    ratio = ((length << 16) // new) + 1
+    return all(((o * ratio) >> 16) == o // s for o in range(new))
+
+
 #: Widest value the float64 C-simulation bridge carries exactly.
 MAX_IO_WIDTH = 53
 
@@ -188,6 +197,70 @@ class Translator:
                     "out_height": out_shape[0], "out_width": out_shape[1], "pad_top": pads[0],
                     "pad_bottom": pads[2], "pad_left": pads[1], "pad_right": pads[3]}
         raise UnsupportedError(f"{nd}-D pooling (hls4ml has 1-D and 2-D)", n.name)
+
+    def resize_layer(self, n: Node, in_shape, scales, src: str, t: str, base: str | None = None) -> str:
+        """An hls4ml ``Resize`` (nearest) layer repeating each element of the channels-last
+        ``in_shape`` (rank 2 or 3) ``scales[i]`` times along spatial axis ``i``, reading layer
+        ``src`` of C++ type ``t``; returns its name.
+
+        ``nnet_image.h`` (io_parallel) reads input ``(o * ratio) >> 16`` with ``ratio = ((L << 16) /
+        (s L)) + 1``; :func:`resize_index_ok` checks that this is ``o // s`` for every output.
+        ``nnet_image_stream.h`` (io_stream) writes each row ``s_h`` times, each pixel ``s_w`` times.
+
+        Raises:
+            UnsupportedError: naming ``n`` for another rank, or where the io_parallel index is not a
+                pure repetition.
+        """
+        if len(in_shape) == 2:
+            (w, c), (sh, sw), h = in_shape, (1, int(scales[0])), 1
+        elif len(in_shape) == 3:
+            (h, w, c), (sh, sw) = in_shape, (int(scales[0]), int(scales[1]))
+        else:
+            raise UnsupportedError(f"repeating a rank-{len(in_shape)} tensor (hls4ml Resize: 1-D and 2-D)", n.name)
+        if self.io_type == "io_parallel":
+            for length, k in ((h, sh), (w, sw)):
+                if not resize_index_ok(length, k):
+                    raise UnsupportedError(f"hls4ml io_parallel resize_nearest's fixed-point index (ratio "
+                                           f"(L << 16) / (s L) + 1) does not repeat each element {k} times on an "
+                                           f"axis of {length}", n.name)
+        d = {"class_name": "Resize", "data_format": "channels_last", "algorithm": "nearest", "align_corners": False,
+             "in_height": int(h), "in_width": int(w), "out_height": int(h * sh), "out_width": int(w * sw),
+             "n_chan": int(c)}
+        if base:
+            d["base"] = base
+        return self.layer(n, d, {"result": t}, [src])
+
+    def broadcast_to(self, n: Node, value: str, shape) -> str:
+        """The layer holding IR value ``value`` broadcast (NumPy rules, leading unit axes added) to
+        the channels-last ``shape`` of rank 2 or 3: the value itself when the shapes agree, else a
+        ``Reshape`` to the padded rank and a ``Resize`` repeating it along its unit spatial axes
+        (exact: codes are only copied).
+
+        Raises:
+            UnsupportedError: naming ``n`` for a broadcast along the channel axis, another rank, or a
+                repetition hls4ml's Resize cannot do exactly (:meth:`resize_layer`).
+        """
+        v = self.graph.value(value)
+        shape = tuple(int(d) for d in shape)
+        src = self.src(value)
+        if tuple(v.shape) == shape:
+            return src
+        padded = (1,) * (len(shape) - len(v.shape)) + tuple(v.shape)
+        if padded[-1] != shape[-1]:
+            raise UnsupportedError(f"{n.op} broadcasting {tuple(v.shape)} to {shape} along the channel axis: hls4ml "
+                                   "can only repeat along spatial axes (Resize)", n.name)
+        if len(shape) not in (2, 3):
+            raise UnsupportedError(f"{n.op} broadcasting to a rank-{len(shape)} tensor (hls4ml: spatial repetition "
+                                   "of rank-2/3 tensors only)", n.name)
+        t = v.dtype.hls()
+        stem = re.sub(r"[^0-9a-zA-Z_]", "_", value)
+        if padded != tuple(v.shape):
+            src = self.layer(n, {"class_name": "Reshape", "target_shape": list(padded), "base": f"{n.name}_{stem}_rank"},
+                             {"result": t}, [src])
+        self.note(f"{n.op} '{n.name}': operand {value!r} {tuple(v.shape)} repeated to {shape} with an hls4ml Resize "
+                  "(hls4ml merge layers need equal shapes)")
+        return self.resize_layer(n, padded, [b // a for a, b in zip(padded[:-1], shape[:-1])], src, t,
+                                 base=f"{n.name}_{stem}_repeat")
 
     # ------------------------------------------------------------------ driver
     def run(self) -> Translation:

@@ -18,8 +18,10 @@ import numpy as np
 from tvm import relax
 
 from ...compiler.errors import UnsupportedError
+from ...compiler.ir.ops.depth_space import permutation_plan
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .relax_util import F32, I64, c64, cf, check_shift, nn, op
 
 #: IR op name -> Relax lowering.
@@ -197,6 +199,25 @@ def _softmax(lw, n, ins, in_types, out_t):
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
 
 
+@LOWERING.register("Resize")
+def _resize(lw, n, ins, in_types, out_t):
+    """Nearest upsampling by integer factors: ``repeat`` along each spatial axis (== the reference)."""
+    y = ins[0]
+    for i, k in enumerate(int(v) for v in n.attrs["scales"]):
+        if k > 1:
+            y = lw.emit(op.repeat(y, k, axis=1 + i))
+    return y
+
+
+@LOWERING.register("DepthToSpace", "SpaceToDepth")
+def _depth_space(lw, n, ins, in_types, out_t):
+    """``reshape -> permute_dims -> reshape`` of the op's :func:`permutation_plan` (== the reference)."""
+    mid, perm, out = permutation_plan(n, lw.g.values[n.inputs[0]].shape)
+    y = lw.emit(op.reshape(ins[0], (lw.n, *mid)))
+    y = lw.emit(op.permute_dims(y, [0, *(p + 1 for p in perm)]))
+    return lw.emit(op.reshape(y, (lw.n, *out)))
+
+
 LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
 
 
@@ -252,3 +273,5 @@ def _topk(lw, n, ins, in_types, out_t):
     onehot = op.equal(op.expand_dims(r, -2), c64(np.arange(k).reshape(k, 1)))
     idx = lw.emit(op.sum(op.multiply(op.astype(onehot, I64), c64(np.arange(c))), axis=-1))
     return lw.emit(op.astype(idx, F32))
+for _op, _fn in _BATCH_A.items():
+    LOWERING.set(_op, _fn)
