@@ -233,7 +233,7 @@ def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, st
         inputs = {k: np.asarray(v, dtype=np.float64) for k, v in inputs.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = ModelWrapper(conv(proto)).transform(InferShapes())
+        single = ModelWrapper(conv(_batched_proto(proto, 1))).transform(InferShapes())  # a symbolic batch dim -> 1
 
         def one(i):
             r = run(single, {k: v[i:i + 1] for k, v in inputs.items()})

@@ -450,6 +450,9 @@ ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
 TRANSLATE.reject("FloatQuant", "float32 minifloat quantizer: hls4ml has no minifloat rounding layer, so it runs on the "
                                "host in the float prologue/epilogue (a FloatQuant between fixed-point layers is refused)")
 ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))
+TRANSLATE.reject("TopK", "label select with float32 indices: it runs on the host in the float epilogue (hls4ml has "
+                         "no top-k layer)")
+ESTIMATE.set("TopK", Cost(lambda ctx, node: {"host": True}, "standalone"))
 
 for _op, (_fn, _cost) in _BATCH_A.items():
     hls4ml_op(_op, cost=_cost)(_fn)

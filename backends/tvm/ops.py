@@ -277,5 +277,22 @@ def _float_quant(lw, n, ins, in_types, out_t):
     q = lw.emit(op.where(op.greater(q, mx), hi_v, op.where(op.less(q, op.negative(mx)), lo_v, q)))
     y = lw.emit(op.multiply(q, cf(p["scale"]))) if p["scale"] != 1.0 else q
     return lw.emit(op.where(op.isfinite(X), y, cf(np.nan)))
+
+
+@LOWERING.register("TopK")
+def _topk(lw, n, ins, in_types, out_t):
+    """Ranks by exact comparisons, as the reference (:func:`qdeploy.compiler.ir.ops.topk.ranks`):
+    no sort, so ties go to the lower index exactly as there."""
+    c = lw.g.values[n.inputs[0]].shape[-1]
+    k = int(n.attrs["k"])
+    x = ins[0] if isinstance(in_types[0], FixedType) else lw.real(ins[0], in_types[0])
+    a, b = lw.emit(op.expand_dims(x, -2)), lw.emit(op.expand_dims(x, -1))
+    before = op.greater(a, b) if n.attrs.get("largest", True) else op.less(a, b)
+    lower = relax.const(np.arange(c)[None, :] < np.arange(c)[:, None], "bool")
+    r = lw.emit(op.add(op.sum(op.astype(before, I64), axis=-1),
+                       op.sum(op.astype(op.logical_and(op.equal(a, b), lower), I64), axis=-1)))
+    onehot = op.equal(op.expand_dims(r, -2), c64(np.arange(k).reshape(k, 1)))
+    idx = lw.emit(op.sum(op.multiply(op.astype(onehot, I64), c64(np.arange(c))), axis=-1))
+    return lw.emit(op.astype(idx, F32))
 for _op, _fn in _BATCH_A.items():
     LOWERING.set(_op, _fn)

@@ -23,6 +23,7 @@ from . import onnx_scaled_ops as scaled_ops
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
 from .onnx_finn import import_multithreshold, import_topk
+from .onnx_minifloat import import_floatquant
 
 #: QONNX rounding_mode -> ap_fixed quantization mode.
 ROUNDING_MAP = {"ROUND": "RND_CONV", "HALF_EVEN": "RND_CONV", "FLOOR": "TRN", "ROUND_TO_ZERO": "TRN_ZERO",
@@ -447,7 +448,7 @@ IMPORTERS: dict[str, Callable] = {
     "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
     "Concat": _import_Concat, "Pad": _import_Pad, "Softmax": _import_Softmax,
-    "MultiThreshold": import_multithreshold, "TopK": import_topk,
+    "MultiThreshold": import_multithreshold, "TopK": import_topk, "FloatQuant": import_floatquant,
 }
 
 

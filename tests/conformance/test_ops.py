@@ -168,6 +168,15 @@ def _float_quant(b, p, rng):
     return [b.add(p + "d", "Dense", [g], params={"weight": W(rng, "fixed<4,1>", (8, 3))}), e4, e5]
 
 
+def _topk(b, p, rng):
+    # label select after a narrow Dense (many ties among 4-bit scores: lower index first), and on floats
+    x = b.input(p + "x", (6,), T("fixed<3,2>"))
+    d = b.add(p + "d", "Dense", [x], params={"weight": W(rng, "int<2>", (6, 9))})
+    f = b.add(p + "f", "Affine", [d], params={"scale": Const(np.float32(0.75), FLOAT32)})
+    return [d, b.add(p + "top3", "TopK", [d], attrs={"k": 3}), b.add(p + "low2", "TopK", [f], attrs={"k": 2,
+                                                                                               "largest": False})]
+
+
 def _add(b, p, rng):
     x = b.input(p + "x", (10,), T("fixed<8,2>"))
     y = b.input(p + "y", (10,), T("ufixed<6,4>"))
@@ -379,6 +388,7 @@ CASES = [
     Case("leaky_relu_map", "LeakyRelu", _leaky_relu_map),
     Case("leaky_relu_float", "LeakyRelu", _leaky_relu_float),
     Case("float_quant", "FloatQuant", _float_quant),
+    Case("topk", "TopK", _topk),
     Case("add", "Add", _add),
     Case("add_map", "Add", _add_map),
     Case("add_broadcast", "Add", _add_broadcast),
