@@ -41,6 +41,8 @@ import numpy as np
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops import avg_shift
+from ...compiler.ir.ops.kernels import dilate_kernel
+from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import mac_row
@@ -136,6 +138,12 @@ def _conv(tr, n: Node):
     groups = int(n.attrs.get("groups", 1))
     _, b, bt = _wb(tr, n, w.shape[-1])
     wr = w.real()
+    dil = conv_dilations(n, nd)
+    if any(d != 1 for d in dil):
+        # hls4ml convolutions have no dilation: the equivalent zero-inserted kernel, exact
+        wr = dilate_kernel(wr, dil)
+        tr.note(f"dilated Conv '{n.name}' (dilations={dil}) mapped to a convolution with the zero-inserted "
+                f"{'x'.join(map(str, wr.shape[:nd]))} kernel (exact; the zeros are counted by the estimate)")
     if groups > 1:
         # hls4ml convolutions have no groups: use the equivalent dense kernel, block-diagonal
         # over (C_in, C_out) with exact zeros off the diagonal blocks.

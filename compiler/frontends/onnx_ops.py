@@ -179,12 +179,20 @@ def _import_Gemm(cv, node):
     out, w, bias, bq = _absorb(cv, node, node.output[0], w, bias, not quant, bq, 0)
     _emit_dense(cv, node, e, bname + "__gemm" if quant else bname, w, bias, bq, out)
 
-def _spatial_attrs(cv, node, in_spatial, kernel):
+def _spatial_attrs(cv, node, in_spatial, kernel, dilated=False):
+    """(strides, pads) of a Conv/pool node (``auto_pad`` resolved on the dilated kernel extent);
+    ``dilations`` other than 1 are refused unless ``dilated`` (Conv)."""
     nd = len(kernel)
     strides = tuple(int(s) for s in cv.attr(node, "strides", [1] * nd))
     dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * nd))
-    if any(d != 1 for d in dil):
+    if any(d != 1 for d in dil) and not dilated:
         raise UnsupportedError(f"{node.op_type} dilations {dil} are not supported (only 1)", node.name)
+    if len(dil) != nd or any(d < 1 for d in dil):
+        raise UnsupportedError(f"{node.op_type} dilations {dil} must be {nd} factor(s) >= 1", node.name)
+    kernel = tuple(d * (k - 1) + 1 for d, k in zip(dil, kernel))
+    if any(d != 1 for d in dil) and str(cv.attr(node, "auto_pad", "NOTSET")) in ("SAME_UPPER", "SAME_LOWER"):
+        raise UnsupportedError(f"{node.op_type} with dilations {dil} and auto_pad SAME is not supported "
+                               "(onnxruntime, the reference executor, refuses it too): give explicit pads", node.name)
     if int(cv.attr(node, "ceil_mode", 0)):
         raise UnsupportedError(f"{node.op_type} with ceil_mode=1 is not supported", node.name)
     auto = str(cv.attr(node, "auto_pad", "NOTSET"))
@@ -218,7 +226,8 @@ def _import_Conv(cv, node):
         raise UnsupportedError(f"Conv kernel_shape {cv.attr(node, 'kernel_shape')} does not match weight {w.shape}",
                                node.name)
     in_spatial = cv.b.values[x].shape[:-1]
-    strides, pads = _spatial_attrs(cv, node, in_spatial, kernel)
+    strides, pads = _spatial_attrs(cv, node, in_spatial, kernel, dilated=True)
+    dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * len(kernel)))
     groups = int(cv.attr(node, "group", 1))
     w = w.transpose(*range(2, w.ndim), 1, 0)  # [*k, I/g, O]
     bias, bq = None, False
@@ -231,6 +240,8 @@ def _import_Conv(cv, node):
         params["bias"] = Const.from_real(bias) if (bq or isinstance(params["weight"].dtype, FixedType)) \
             else Const(bias.astype(np.float32), FLOAT32)
     attrs = {"kernel": kernel, "strides": strides, "pads": pads, "groups": groups}
+    if any(d != 1 for d in dil):
+        attrs["dilations"] = dil
     v = cv.add_fallback(node.name, "Conv", [x], attrs, params, ("bias",), out)
     cv.env[out] = Entry(v, canonical_perm(rank))
 

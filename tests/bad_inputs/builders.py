@@ -176,7 +176,7 @@ def _bn_training():
 
 def _conv_dilation():
     w = f32(np.random.default_rng(0).normal(size=(2, 3, 3, 3)))
-    return model([helper.make_node("Conv", ["x", "w"], ["y"], name="dil_conv", dilations=[2, 2])],
+    return model([helper.make_node("Conv", ["x", "w"], ["y"], name="dil_conv", dilations=[2, 2], auto_pad="SAME_UPPER")],
                  [1, 3, 8, 8], {"w": w})
 
 

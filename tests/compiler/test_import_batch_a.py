@@ -241,3 +241,35 @@ def test_max_with_a_per_channel_constant_is_refused():
     m = _two_input_model("Max", np.array([0.0, 1.0, 2.0]).reshape(1, 3, 1, 1), 1)
     msg = refused(m)
     assert "'op'" in msg and "non-scalar constant" in msg
+
+
+# ---------------------------------------------------------------------- dilated Conv
+@pytest.mark.parametrize("dil,auto_pad,group", [((2, 2), None, 1), ((1, 3), None, 2), ((2, 3), "VALID", 1)])
+def test_dilated_conv_matches_qonnx(rng, dil, auto_pad, group, tmp_path):
+    """Conv with ONNX ``dilations`` (explicit pads, groups, auto_pad VALID) with
+    quantized weights and a rounding output Quant: IR == qonnx (onnxruntime's convolution) exactly; the
+    export keeps the dilations."""
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
+    qw, iw = quant("qw", "wf", "w", 2.0 ** -2, 4)
+    q2, i2 = quant("qout", "c", "y", 2.0 ** -2, 8, mode="ROUND")
+    kw = dict(kernel_shape=[3, 2], dilations=list(dil), group=group)
+    if auto_pad:
+        kw["auto_pad"] = auto_pad
+    else:
+        kw["pads"] = [2, 1, 1, 2]
+    conv = helper.make_node("Conv", ["a", "w"], ["c"], name="dconv", **kw)
+    m = mk([q1, qw, conv, q2], [2, 4, 9, 10],
+           {**i1, **iw, **i2, "wf": f32(rng.uniform(-2, 2, size=(4, 4 // group, 3, 2)))})
+    x = grid(rng, (2, 4, 9, 10), -300, 300, 5)
+    g = exact(m, {"x": x})
+    assert tuple(g.node("dconv").attrs["dilations"]) == dil
+    exported = export_qonnx(g, tmp_path / "dconv.onnx")
+    got = np.concatenate([run_qonnx(exported, {"x": x[i:i + 1]}) for i in range(len(x))])
+    np.testing.assert_array_equal(got, run_qonnx(m, {"x": x}))
+
+
+def test_dilated_conv_with_auto_pad_same_is_refused(rng):
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="dsame", kernel_shape=[3, 3], dilations=[2, 2],
+                            auto_pad="SAME_UPPER")
+    msg = refused(mk([conv], [1, 2, 8, 8], {"w": f32(rng.normal(size=(2, 2, 3, 3)))}))
+    assert "'dsame'" in msg and "auto_pad SAME" in msg
