@@ -20,6 +20,7 @@ from ..ir.ops import REGISTRY
 from ..ir.types import FLOAT32, FixedType
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
+from .onnx_rounding import DIRECTED, quantize_directed
 
 #: QONNX rounding_mode -> ap_fixed quantization mode.
 ROUNDING_MAP = {"ROUND": "RND_CONV", "HALF_EVEN": "RND_CONV", "FLOOR": "TRN", "ROUND_TO_ZERO": "TRN_ZERO",
@@ -45,9 +46,9 @@ def _import_Quant(cv, node):
     if bw.size != 1 or float(bw.ravel()[0]) != int(bw.ravel()[0]) or not 1 <= int(bw.ravel()[0]) <= 32:
         raise UnsupportedError(f"Quant bit width {bw.ravel().tolist()} is not an integer in 1..32", node.name)
     w = int(bw.ravel()[0])
-    if mode not in ROUNDING_MAP:
+    if mode not in ROUNDING_MAP and mode not in DIRECTED:
         raise UnsupportedError(f"Quant rounding mode {mode!r} is not supported "
-                               f"(ROUND, FLOOR, ROUND_TO_ZERO/DOWN, HALF_UP, HALF_DOWN)", node.name)
+                               f"(ROUND/HALF_EVEN, FLOOR, CEIL, UP, DOWN/ROUND_TO_ZERO, HALF_UP, HALF_DOWN)", node.name)
     if narrow and not signed:
         raise UnsupportedError("narrow unsigned Quant (range [1, 2^b - 1]... excludes 0's neighbour) has no "
                                "fixed-point type: unsigned narrow range is not supported", node.name)
@@ -58,8 +59,11 @@ def _import_Quant(cv, node):
         v = cv.add(node.name, "Sign", [e.value], out=node.output[0])
     else:
         F = -int(round(math.log2(s)))
-        to = FixedType(w, w - F, signed, ROUNDING_MAP[mode], "SAT_SYM" if (signed and narrow) else "SAT")
-        v = cv.add(node.name, "Quantize", [e.value], {"to": to}, out=node.output[0])
+        to = FixedType(w, w - F, signed, ROUNDING_MAP.get(mode, "TRN"), "SAT_SYM" if (signed and narrow) else "SAT")
+        if mode in DIRECTED:  # no ap_fixed mode: exact composition (onnx_rounding)
+            v = quantize_directed(cv, node, e.value, mode, to, node.output[0])
+        else:
+            v = cv.add(node.name, "Quantize", [e.value], {"to": to}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, e.perm)
 
 def _import_BipolarQuant(cv, node):

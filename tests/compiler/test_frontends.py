@@ -303,7 +303,7 @@ def test_error_pool_dilation(rng):
     (dict(scale=0.25, bits=8, signed=0, narrow=1), "narrow unsigned"),
     (dict(scale=0.25, bits=8, zp=3.0), "zero point 3 is not 0"),
     (dict(scale=0.25, bits=40), "bit width"),
-    (dict(scale=0.25, bits=4, mode="CEIL"), "rounding mode 'CEIL'"),
+    (dict(scale=0.25, bits=4, mode="STOCHASTIC"), "rounding mode 'STOCHASTIC'"),
     (dict(scale=[0.25, 0.5, 0.25, 0.5], bits=4), "per-channel activation scale"),
 ])
 def test_error_activation_quant(kw, reason):

@@ -273,3 +273,42 @@ def test_dilated_conv_with_auto_pad_same_is_refused(rng):
                             auto_pad="SAME_UPPER")
     msg = refused(mk([conv], [1, 2, 8, 8], {"w": f32(rng.normal(size=(2, 2, 3, 3)))}))
     assert "'dsame'" in msg and "auto_pad SAME" in msg
+
+
+# ---------------------------------------------------------------------- Quant rounding modes
+MODES = ["ROUND", "HALF_EVEN", "FLOOR", "CEIL", "UP", "DOWN", "HALF_UP", "HALF_DOWN"]
+
+
+def rounding_model(mode, bits=4, signed=1, narrow=0, after_conv=False):
+    """An input Quant (float input) with ``mode``, or (``after_conv``) a Quant with ``mode`` that
+    drops fraction bits of a convolution's fixed-point output."""
+    if not after_conv:
+        q, i = quant("q", "x", "y", 2.0 ** -2, bits, signed=signed, narrow=narrow, mode=mode)
+        return mk([q], [6, 3, 4, 4], i)
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -4, 8)
+    qw, iw = quant("qw", "wf", "w", 2.0 ** -2, 4)
+    conv = helper.make_node("Conv", ["a", "w"], ["c"], name="conv", kernel_shape=[1, 1])
+    q2, i2 = quant("q", "c", "y", 2.0 ** -1, bits, signed=signed, narrow=narrow, mode=mode)
+    w = f32(np.array([0.75, -0.5, 0.25]).reshape(1, 3, 1, 1))
+    return mk([q1, qw, conv, q2], [6, 3, 4, 4], {**i1, **iw, **i2, "wf": w})
+
+
+def rounding_feeds(rng):
+    # on the 2**-5 grid: every tie (x.5), every fraction, negative and positive, beyond the range
+    return {"x": grid(rng, (6, 3, 4, 4), -400, 400, 5)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bits,signed,narrow", [(4, 1, 0), (5, 1, 1), (3, 0, 0)])
+def test_every_qonnx_rounding_mode_matches_qonnx(rng, mode, bits, signed, narrow):
+    """Every rounding mode qonnx's ``resolve_rounding_mode`` accepts, signed / narrow / unsigned, on a
+    float input and on a fixed-point convolution output: IR == qonnx exactly (CEIL and UP through
+    their exact compositions, see ``compiler/frontends/onnx_rounding.py``)."""
+    for after_conv in (False, True):
+        m = rounding_model(mode, bits, signed, narrow, after_conv)
+        g = exact(m, rounding_feeds(rng))
+        if after_conv:  # the Quant reads fixed-point codes
+            assert all(str(g.values[n.inputs[0]].dtype) != "float32" for n in g.nodes
+                       if n.name == "q" or n.name.startswith("q__"))
+        if mode in ("CEIL", "UP"):
+            assert "Affine" in ops(g)

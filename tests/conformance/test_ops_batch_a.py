@@ -56,3 +56,39 @@ def test_batch_a_exact(target, wides, runs):
     for cid, o in outs.items():
         bad += compare("opsA", cid, target, comp.graph, got, want, outputs=o)
     assert not bad, "\n".join(bad)
+
+
+def _directed_rounding_model():
+    """x -> Quant CEIL (float input, host prologue on hls4ml) -> 1x1 Conv -> Quant UP (signed) and
+    Quant CEIL (unsigned), concatenated: the exact CEIL/UP compositions on every target."""
+    from onnx import helper
+
+    from tests.compiler.test_import_batch_a import f32, mk, quant
+
+    q0, i0 = quant("q0", "x", "a", 2.0 ** -3, 6, mode="CEIL")
+    qw, iw = quant("qw", "wf", "w", 2.0 ** -3, 5)
+    conv = helper.make_node("Conv", ["a", "w"], ["c"], name="conv", kernel_shape=[1, 1])
+    qu, iu = quant("qu", "c", "u", 2.0 ** -1, 5, mode="UP")
+    qc, ic = quant("qc", "c", "v", 2.0 ** -1, 4, signed=0, mode="CEIL")
+    cat = helper.make_node("Concat", ["u", "v"], ["y"], name="cat", axis=1)
+    w = f32(np.array([[0.75, -0.5, 0.25], [-1.0, 0.5, 0.125]]).reshape(2, 3, 1, 1))
+    return mk([q0, qw, conv, qu, qc, cat], [16, 3, 4, 4], {**i0, **iw, **iu, **ic, "wf": w})
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("target", _params())
+def test_ceil_and_up_rounding_on_every_target(target, compiled):
+    """QONNX Quant CEIL / UP (no ap_fixed mode) imported as exact compositions: the reference equals
+    qonnx's executor, and every target equals the reference code for code."""
+    from qdeploy.compiler.frontends import import_onnx
+    from tests.compiler.test_import_batch_a import grid, run_ir, run_qonnx
+
+    m = _directed_rounding_model()
+    x = grid(np.random.default_rng(3), (16, 3, 4, 4), -900, 900, 6)
+    g = import_onnx(m)
+    np.testing.assert_array_equal(run_ir(g, {"x": x}), run_qonnx(m, {"x": x}))
+    backend = target.replace("-stream", "")
+    comp = compiled.get(backend, g, CONFIGS[target])
+    feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
+    bad = compare("opsA", "ceil_up_rounding", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
+    assert not bad, "\n".join(bad)
