@@ -20,11 +20,8 @@ from ..ir.ops import REGISTRY
 from ..ir.types import FLOAT32, FixedType
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
-from .onnx_rounding import DIRECTED, quantize_directed
+from .onnx_rounding import DIRECTED, ROUNDING_MAP, import_trunc, quantize_directed
 
-#: QONNX rounding_mode -> ap_fixed quantization mode.
-ROUNDING_MAP = {"ROUND": "RND_CONV", "HALF_EVEN": "RND_CONV", "FLOOR": "TRN", "ROUND_TO_ZERO": "TRN_ZERO",
-                "DOWN": "TRN_ZERO", "HALF_UP": "RND_INF", "HALF_DOWN": "RND_ZERO"}
 
 
 # -------------------------------------------------------------- quantizers
@@ -197,8 +194,6 @@ def _spatial_attrs(cv, node, in_spatial, kernel, dilated=False):
     if any(d != 1 for d in dil) and str(cv.attr(node, "auto_pad", "NOTSET")) in ("SAME_UPPER", "SAME_LOWER"):
         raise UnsupportedError(f"{node.op_type} with dilations {dil} and auto_pad SAME is not supported "
                                "(onnxruntime, the reference executor, refuses it too): give explicit pads", node.name)
-    if int(cv.attr(node, "ceil_mode", 0)):
-        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 is not supported", node.name)
     auto = str(cv.attr(node, "auto_pad", "NOTSET"))
     if auto in ("NOTSET", ""):
         pads = tuple(int(p) for p in cv.attr(node, "pads", [0] * 2 * nd))
@@ -214,6 +209,12 @@ def _spatial_attrs(cv, node, in_spatial, kernel, dilated=False):
         pads = tuple(begins + ends)
     else:
         raise UnsupportedError(f"{node.op_type} auto_pad {auto!r} is not supported", node.name)
+    if int(cv.attr(node, "ceil_mode", 0)) and any(
+            (L + pads[i] + pads[i + nd] - k) % s for i, (L, k, s) in enumerate(zip(in_spatial, kernel, strides))):
+        # ceil_mode only differs from floor mode when a last, partial window exists
+        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 and a partial last window is not supported "
+                               f"(input {tuple(in_spatial)}, kernel {kernel}, strides {strides}, pads {pads})",
+                               node.name)
     return strides, pads
 
 def _import_Conv(cv, node):
@@ -287,8 +288,17 @@ def _pool(cv, node, op):
     x = cv.layout(node, e, canonical_perm(rank))
     kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
     strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
-    if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
-        raise UnsupportedError("AveragePool with padding (count_include_pad=0) is not supported", node.name)
+    if node.op_type == "AveragePool" and any(pads):
+        if not int(cv.attr(node, "count_include_pad", 0)):
+            raise UnsupportedError("AveragePool with padding (count_include_pad=0: the divisor varies at the borders) "
+                                   "is not supported", node.name)
+        # count_include_pad=1: the pads are zeros counted in every window = a zero Pad, then no padding
+        nd = len(kernel)
+        fixed = isinstance(cv.b.values[x].dtype, FixedType)
+        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": (*pads[:nd], 0, *pads[nd:], 0),
+                                                      **({"code": 0} if fixed else {"value": 0.0})},
+                   out=f"{node.output[0]}__pad")
+        pads = (0,) * (2 * nd)
     v = cv.add(node.name, op, [x], {"kernel": kernel, "strides": strides, "pads": pads}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
@@ -303,6 +313,36 @@ def _import_GlobalAveragePool(cv, node):
     rank = len(e.perm)
     x = cv.layout(node, e, canonical_perm(rank))
     g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap")
+    c = cv.b.values[g].shape[-1]
+    v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
+
+def _import_ReduceMean(cv, node):
+    """ONNX ``ReduceMean`` over exactly the spatial axes (what ``AdaptiveAvgPool2d(1)`` and Brevitas
+    ``TruncAdaptiveAvgPool2d(1)`` export) -> ``GlobalAvgPool`` (+ a keepdims Reshape).
+
+    Raises:
+        UnsupportedError: naming the node for any other set of axes."""
+    e = cv.entry(node, node.input[0])
+    rank = len(e.perm)
+    if cv.opset >= 18:
+        axes = [int(a) for a in np.asarray(cv.const(node, node.input[1])).ravel()] \
+            if len(node.input) > 1 and node.input[1] else []
+    else:
+        axes = [int(a) for a in (cv.attr(node, "axes", []) or [])]
+    if not axes and int(cv.attr(node, "noop_with_empty_axes", 0)):
+        cv.env[node.output[0]] = e
+        return
+    axes = sorted({a % (rank + 1) for a in axes}) if axes else list(range(rank + 1))
+    if rank < 2 or axes != list(range(2, rank + 1)):
+        raise UnsupportedError(f"ReduceMean over axes {axes} of a rank-{rank + 1} tensor: only the spatial axes "
+                               f"{list(range(2, rank + 1))} (a global average pool) are supported", node.name)
+    x = cv.layout(node, e, canonical_perm(rank))
+    keep = int(cv.attr(node, "keepdims", 1))
+    g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap" if keep else node.output[0])
+    if not keep:
+        cv.env[node.output[0]] = Entry(g, (0,))
+        return
     c = cv.b.values[g].shape[-1]
     v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
@@ -399,12 +439,13 @@ def _import_Softmax(cv, node):
 
 #: ONNX op type -> import handler (built-in mappings; see :func:`importer_for`).
 IMPORTERS: dict[str, Callable] = {
-    "Quant": _import_Quant, "BipolarQuant": _import_BipolarQuant,
+    "Quant": _import_Quant, "BipolarQuant": _import_BipolarQuant, "Trunc": import_trunc,
     "MatMul": _import_MatMul, "Gemm": _import_Gemm, "Conv": _import_Conv,
     "BatchNormalization": _import_BatchNormalization,
     "Add": import_binary, "Sub": import_binary, "Mul": import_binary, "Div": import_binary,
     "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
     "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
+    "ReduceMean": _import_ReduceMean,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
     "Concat": _import_Concat, "Softmax": _import_Softmax,
 }
