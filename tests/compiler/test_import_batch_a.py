@@ -417,3 +417,41 @@ def test_reduce_mean_over_channels_is_refused():
     m = mk([helper.make_node("ReduceMean", ["x"], ["y"], name="rm_c", axes=[1])], [1, 3, 4, 4])
     msg = refused(m)
     assert "'rm_c'" in msg and "spatial axes" in msg
+
+
+def test_brevitas_model_with_hardtanh_and_relu6_exports_clip_and_matches(rng, tmp_path):
+    """nn.Hardtanh(-0.5, 0.75) and nn.ReLU6 between Brevitas power-of-two quantizers export as ONNX
+    Clip; the IR equals qonnx's executor and the Brevitas module itself."""
+    import onnx
+    import torch
+    import brevitas.nn as qnn
+    from brevitas.export import export_qonnx as brevitas_export
+    from brevitas.quant import Int8ActPerTensorFixedPoint
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q1 = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+            self.ht = torch.nn.Hardtanh(-0.5, 0.75)
+            self.q2 = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+            self.r6 = torch.nn.ReLU6()
+            self.q3 = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+
+        def forward(self, x):
+            return self.q3(self.r6(self.q2(self.ht(self.q1(x)) * 8.0)))
+
+    torch.manual_seed(0)
+    mod = M().eval()
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        mod(x)
+    brevitas_export(mod, x, str(tmp_path / "ht.onnx"))
+    m = onnx.load(str(tmp_path / "ht.onnx"))
+    assert [n.op_type for n in m.graph.node].count("Clip") == 2
+    xs = grid(rng, (4, 3, 5), -400, 400, 6)
+    name = m.graph.input[0].name
+    g = exact(m, {name: xs})
+    assert ops(g).count("Clip") == 2
+    with torch.no_grad():
+        want = mod(torch.from_numpy(xs)).numpy()
+    np.testing.assert_array_equal(run_ir(g, {name: xs}), want)

@@ -92,3 +92,45 @@ def test_ceil_and_up_rounding_on_every_target(target, compiled):
     feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
     bad = compare("opsA", "ceil_up_rounding", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
     assert not bad, "\n".join(bad)
+
+
+def _trunc_pool_model():
+    """Quant -> AveragePool 2x2/2 with count_include_pad=1 pads -> Trunc v2 (ROUND) -> ReduceMean over
+    H, W -> Trunc v2 (FLOOR): the imported Pad / AvgPool / GlobalAvgPool / Quantize chain on every
+    target (qonnx domain opset 2, as Brevitas exports)."""
+    from onnx import helper
+
+    from tests.compiler.test_import_batch_a import QD, f32, mk, quant
+
+    q0, i0 = quant("q0", "x", "a", 2.0 ** -3, 6)
+    ap = helper.make_node("AveragePool", ["a"], ["b"], name="ap", kernel_shape=[2, 2], strides=[2, 2],
+                          pads=[1, 1, 1, 1], count_include_pad=1)
+    t1 = helper.make_node("Trunc", ["b", "s1", "z", "bw8", "s0", "bw6"], ["c"], name="t1", domain=QD,
+                          rounding_mode="ROUND", signed=1, narrow=0)
+    rm = helper.make_node("ReduceMean", ["c"], ["d"], name="rm", axes=[2, 3], keepdims=1)
+    t2 = helper.make_node("Trunc", ["d", "s2", "z", "bw8", "s0", "bw6"], ["y"], name="t2", domain=QD,
+                          rounding_mode="FLOOR", signed=1, narrow=1)
+    m = mk([q0, ap, t1, rm, t2], [16, 3, 6, 6],
+           {**i0, "s0": f32(2.0 ** -3), "s1": f32(2.0 ** -5), "s2": f32(2.0 ** -7), "z": f32(0.0),
+            "bw8": f32(8.0), "bw6": f32(6.0)})
+    m.opset_import[1].version = 2
+    return m
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("target", _params())
+def test_trunc_avg_pool_chain_on_every_target(target, compiled):
+    """Padded AveragePool + Trunc + ReduceMean + Trunc: the reference equals qonnx's executor, and
+    every target equals the reference code for code."""
+    from qdeploy.compiler.frontends import import_onnx
+    from tests.compiler.test_import_batch_a import grid, run_ir, run_qonnx
+
+    m = _trunc_pool_model()
+    x = grid(np.random.default_rng(4), (16, 3, 6, 6), -300, 300, 5)
+    g = import_onnx(m)
+    np.testing.assert_array_equal(run_ir(g, {"x": x}), run_qonnx(m, {"x": x}))
+    backend = target.replace("-stream", "")
+    comp = compiled.get(backend, g, CONFIGS[target])
+    feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
+    bad = compare("opsA", "trunc_pool_chain", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
+    assert not bad, "\n".join(bad)
