@@ -134,3 +134,45 @@ def test_trunc_avg_pool_chain_on_every_target(target, compiled):
     feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
     bad = compare("opsA", "trunc_pool_chain", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
     assert not bad, "\n".join(bad)
+
+
+def _user_model():
+    """A small 'user' QONNX model using every batch-A import at once: Quant -> Pad (value 0.5) ->
+    dilated Conv -> Quant UP / Quant CEIL -> Clip -> Max -> Sub -> Quant."""
+    from onnx import helper
+
+    from tests.compiler.test_import_batch_a import f32, mk, quant
+
+    q0, i0 = quant("q0", "x", "a", 2.0 ** -4, 8)
+    pad = helper.make_node("Pad", ["a", "pads", "pv"], ["p"], name="pad", mode="constant")
+    qw, iw = quant("qw", "wf", "w", 2.0 ** -2, 4)
+    conv = helper.make_node("Conv", ["p", "w"], ["c"], name="dconv", kernel_shape=[3, 3], dilations=[2, 2])
+    qu, iu = quant("qu", "c", "u", 2.0 ** -2, 6, mode="UP")
+    qc, ic = quant("qc", "c", "v", 2.0 ** -2, 6, mode="CEIL")
+    clip = helper.make_node("Clip", ["u", "lo", "hi"], ["k"], name="clip")
+    mx = helper.make_node("Max", ["k", "v"], ["m"], name="max")
+    sub = helper.make_node("Sub", ["m", "k"], ["s"], name="sub")
+    qo, io = quant("qo", "s", "y", 2.0 ** -2, 8, mode="ROUND")
+    w = f32(np.random.default_rng(9).uniform(-2, 2, size=(3, 2, 3, 3)))
+    return mk([q0, pad, qw, conv, qu, qc, clip, mx, sub, qo], [1, 2, 8, 8],
+              {**i0, **iw, **iu, **ic, **io, "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pv": f32(0.5),
+               "wf": w, "lo": f32(-2.0), "hi": f32(3.5)})
+
+
+@pytest.mark.parametrize("target", backend_params(("tvm-llvm", "hls4ml")))
+def test_user_model_with_batch_a_ops_compiles_bit_exact(target, tmp_path):
+    """``qdeploy.compile`` (default pipeline, golden check, source-fidelity check against qonnx's
+    executor) of a model using every batch-A import: bit-exact on the target and against the source."""
+    import onnx
+
+    import qdeploy
+
+    p = tmp_path / "user.onnx"
+    onnx.save(_user_model(), p)
+    from tests.compiler.test_import_batch_a import grid
+    x = grid(np.random.default_rng(8), (24, 2, 8, 8), -2000, 2000, 6)
+    res = qdeploy.compile(str(p), target, tmp_path / "out", golden=x)
+    ex = res.report["exactness"]
+    assert ex["bit_exact"] and ex["samples"] == 24, ex
+    fid = res.report["fidelity"]
+    assert fid["checked"] and fid["ok"] and fid["mismatches"] == 0 and fid["exact_matches"] == 24, fid
