@@ -455,3 +455,13 @@ def test_brevitas_model_with_hardtanh_and_relu6_exports_clip_and_matches(rng, tm
     with torch.no_grad():
         want = mod(torch.from_numpy(xs)).numpy()
     np.testing.assert_array_equal(run_ir(g, {name: xs}), want)
+
+
+def test_clip_of_a_float_value_keeps_any_float32_bound(rng):
+    """Clip on an unquantized (float32) tensor with a tiny bound (2**-140 grid): exact float32 clip."""
+    m = mk([helper.make_node("Relu", ["x"], ["a"], name="relu"),
+            helper.make_node("Clip", ["a", "lo", "hi"], ["y"], name="clip")], [3, 7],
+           {"lo": f32(np.float32(1e-42)), "hi": f32(0.3)})
+    x = f32(rng.normal(size=(3, 7)))
+    x[0, :3] = [0.0, 1e-43, 0.3]
+    exact(m, {"x": x})
