@@ -288,11 +288,8 @@ def _pool(cv, node, op):
     x = cv.layout(node, e, canonical_perm(rank))
     kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
     strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
-    if node.op_type == "AveragePool" and any(pads):
-        if not int(cv.attr(node, "count_include_pad", 0)):
-            raise UnsupportedError("AveragePool with padding (count_include_pad=0: the divisor varies at the borders) "
-                                   "is not supported", node.name)
-        # count_include_pad=1: the pads are zeros counted in every window = a zero Pad, then no padding
+    if node.op_type == "AveragePool" and any(pads) and int(cv.attr(node, "count_include_pad", 0)):
+        # count_include_pad=0 is the IR AvgPool's own padding; count_include_pad=1: the pads are zeros counted in every window = a zero Pad, then no padding
         nd = len(kernel)
         fixed = isinstance(cv.b.values[x].dtype, FixedType)
         x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": (*pads[:nd], 0, *pads[nd:], 0),

@@ -193,7 +193,7 @@ def _no_outputs():
 
 def _avgpool_pad():
     return model([helper.make_node("AveragePool", ["x"], ["y"], name="avg_padded", kernel_shape=[2, 2],
-                                   pads=[1, 1, 1, 1])], [1, 3, 6, 6])
+                                   pads=[2, 2, 2, 2])], [1, 3, 6, 6])  # windows of padding only
 
 
 def _gemm_transA():

@@ -111,6 +111,15 @@ def _conv1d_dilated_grouped(b, p, rng):
                   params={"weight": W(rng, "fixed<4,1>", (3, 2, 4))})]
 
 
+def _avgpool_padded(b, p, rng):
+    # padding excluded from each window's count (ONNX count_include_pad=0): 1..9 elements per window
+    x = b.input(p + "x", (7, 6, 2), T("fixed<6,2>"))
+    y = b.input(p + "y", (9, 3), T("ufixed<5,1>"))
+    return [b.add(p + "ap3", "AvgPool", [x], attrs={"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 2)}),
+            b.add(p + "ap2", "AvgPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (1, 0, 0, 0)}),
+            b.add(p + "ap1", "AvgPool", [y], attrs={"kernel": (3,), "strides": (1,), "pads": (2, 1)})]
+
+
 HLS = ("hls4ml",)
 CASES_A = [
     Case("pad2d", "Pad", _pad2d),
@@ -125,5 +134,6 @@ CASES_A = [
     Case("min_map", "Min", _min_map),
     Case("minmax_broadcast", "Max", _minmax_broadcast, rejects=HLS),
     Case("conv_dilated", "Conv", _conv_dilated),
+    Case("avgpool_padded", "AvgPool", _avgpool_padded),
     Case("conv1d_dilated_grouped", "Conv", _conv1d_dilated_grouped),
 ]
