@@ -11,6 +11,8 @@ import math
 import numpy as np
 
 from ...compiler.errors import QDeployError, UnsupportedError
+from ...compiler.ir.ops.kernels import dilate_kernel
+from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.types import FixedType
 from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, nearest_reuse_factors, t_add,
@@ -52,7 +54,10 @@ def mac_row(ctx: EstimateContext, node) -> dict:
     acc_t = opts["accum_type"] or out.dtype
     ab = acc_t.width
     rb = acc_t.width if opts["accum_type"] else out.dtype.width  # registered layer result
-    codes = w.data.reshape(-1, w.shape[-1])  # [n_in, n_out] (Conv: [kh*kw*Cin/g, Cout])
+    wd = w.data
+    if node.op == "Conv":  # a dilated kernel is built zero-inserted (ops._conv): count its zeros
+        wd = dilate_kernel(wd, conv_dilations(node, wd.ndim - 2))
+    codes = wd.reshape(-1, w.shape[-1])  # [n_in, n_out] (Conv: [kh*kw*Cin/g, Cout])
     n_in, n_out = codes.shape
     positions = int(np.prod(out.shape[:-1], dtype=np.int64)) if len(out.shape) > 1 else 1
     rf = _rf_for(opts, node)

@@ -41,6 +41,9 @@ import numpy as np
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops import avg_shift
+from ...compiler.ir.ops.kernels import dilate_kernel
+from ...compiler.ir.ops.linear import conv_dilations
+from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import mac_row
@@ -136,6 +139,12 @@ def _conv(tr, n: Node):
     groups = int(n.attrs.get("groups", 1))
     _, b, bt = _wb(tr, n, w.shape[-1])
     wr = w.real()
+    dil = conv_dilations(n, nd)
+    if any(d != 1 for d in dil):
+        # hls4ml convolutions have no dilation: the equivalent zero-inserted kernel, exact
+        wr = dilate_kernel(wr, dil)
+        tr.note(f"dilated Conv '{n.name}' (dilations={dil}) mapped to a convolution with the zero-inserted "
+                f"{'x'.join(map(str, wr.shape[:nd]))} kernel (exact; the zeros are counted by the estimate)")
     if groups > 1:
         # hls4ml convolutions have no groups: use the equivalent dense kernel, block-diagonal
         # over (C_in, C_out) with exact zeros off the diagonal blocks.
@@ -367,15 +376,16 @@ def _maxpool(tr, n: Node):
     tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
 
-def _avg(tr, n: Node, make_dict, count: int):
-    """Average pooling of ``count`` elements per window, exact (see the module docstring)."""
+def _avg(tr, n: Node, make_dict, count: int, divisors=None):
+    """Average pooling of ``count`` elements per window (``divisors``: every window's own count when
+    padding is excluded from it), exact (see the module docstring)."""
     x = tr.graph.value(n.inputs[0])
     t: FixedType = x.dtype
     tout = tr.vt(n.output)
     k = avg_shift(count)
     src = tr.src(n.inputs[0])
     shift = 0
-    pow2 = count & (count - 1) == 0
+    pow2 = all(int(d) & (int(d) - 1) == 0 for d in np.unique(divisors if divisors is not None else count))
     if t.signed and not pow2 and t.min_code < 0:
         # shift codes to >= 0 so that hls4ml's truncating division is a floor
         shift = -t.min_code
@@ -410,10 +420,11 @@ def _avgpool(tr, n: Node):
     x = tr.graph.value(n.inputs[0])
     k = tuple(int(v) for v in n.attrs["kernel"])
     s, p = _rank_pads(n, len(k))
-    if any(p):
-        raise UnsupportedError("AvgPool with padding", n.name)
-    _avg(tr, n, lambda: tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
-         int(np.prod(k)))
+    if any(p) and tr.io_type == "io_stream":
+        raise UnsupportedError("padded AvgPool in io_stream (hls4ml's streaming pooling has no padding)", n.name)
+    # count_pad=False: nnet_pooling.h divides each window by its number of non-padding pixels
+    _avg(tr, n, lambda: {**tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
+                         "count_pad": False}, int(np.prod(k)), window_counts(n, x.shape) if any(p) else None)
 
 
 @hls4ml_op("GlobalAvgPool", cost=Cost(lambda ctx, node: _avg_cost(

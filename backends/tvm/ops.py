@@ -19,6 +19,8 @@ from tvm import relax, te
 
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.ops.depth_space import permutation_plan
+from ...compiler.ir.ops import avg_shift
+from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
@@ -171,15 +173,16 @@ def _pool(lw, n, ins, in_types, out_t):
                            layout=layout))
             return lw.emit(op.add(y, c64(lo))) if lo else y
         return lw.emit(mp(x, pool_size=k, strides=s, padding=p, layout=layout))
-    if any(p):
-        raise UnsupportedError("AvgPool with padding is not supported", n.name)
     cnt = int(np.prod(k))
+    per = window_counts(n, in_v.shape)[None, ..., None] if any(p) else None  # padding not counted
     if isinstance(out_t, FixedType):
         tot = lw.window_sum(x, n, I64, C)
-        return lw.avg_div(tot, cnt, n)
+        if per is None:
+            return lw.avg_div(tot, cnt, n)
+        return lw.emit(op.floor_divide(lw.lshift(tot, avg_shift(cnt), n), c64(per)))
     xr = lw.real(x, t0)
     tot = lw.window_sum(xr, n, F32, C)
-    return lw.emit(op.divide(tot, cf(np.float32(cnt))))
+    return lw.emit(op.divide(tot, cf(np.float32(cnt) if per is None else per.astype(np.float32))))
 
 
 @LOWERING.register("GlobalAvgPool")
