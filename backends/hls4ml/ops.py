@@ -43,7 +43,7 @@ from ...compiler.ir.graph import Node
 from ...compiler.ir.ops import avg_shift
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
-from .mac_cost import mac_row
+from .mac_cost import emits_depthwise, is_depthwise, mac_row
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
 
@@ -135,6 +135,17 @@ def _conv(tr, n: Node):
     groups = int(n.attrs.get("groups", 1))
     _, b, bt = _wb(tr, n, w.shape[-1])
     wr = w.real()
+    if is_depthwise(n):
+        # depthwise (groups == C_in == C_out): hls4ml's DepthwiseConv layers, one k-tap filter per
+        # channel, where hls4ml 1.3 allows it (emits_depthwise); else the block-diagonal dense
+        # kernel below, with a note.
+        if emits_depthwise(tr.graph, n, tr.strategy):
+            tr.depthwise_layer(n, wr, b, bt, w.dtype.hls(), strides, pads, tr.src(n.inputs[0]))
+            return
+        why = (f"hls4ml's DepthwiseConv does not support the {tr.strategy} strategy" if tr.strategy != "Latency" else
+               "hls4ml 1.3's DepthwiseConv1D and DepthwiseConv2D headers share an include guard and the model also "
+               "has a 2-D depthwise convolution")
+        tr.note(f"depthwise Conv '{n.name}': {why}; emitted as a dense convolution with a block-diagonal kernel")
     if groups > 1:
         # hls4ml convolutions have no groups: use the equivalent dense kernel, block-diagonal
         # over (C_in, C_out) with exact zeros off the diagonal blocks.

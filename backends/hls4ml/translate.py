@@ -63,14 +63,16 @@ class Translator:
     Attributes:
         graph: the fixed-point device graph being translated.
         io_type: hls4ml ``io_type`` (``"io_parallel"`` or ``"io_stream"``).
+        strategy: hls4ml ``Strategy`` of every layer (``"Latency"`` or ``"Resource"``).
         result: the :class:`Translation` being built.
         skip: names of nodes a translator already handled (e.g. a Quantize fused into a Relu);
             the driver does not call their translator.
     """
 
-    def __init__(self, graph: Graph, io_type: str):
+    def __init__(self, graph: Graph, io_type: str, strategy: str = "Latency"):
         self.graph = graph
         self.io_type = io_type
+        self.strategy = strategy
         self.result = Translation()
         self.skip: set[str] = set()
         self._used: set[str] = {"input", "output"}
@@ -169,6 +171,45 @@ class Translator:
         else:
             raise UnsupportedError(f"{nd}-D convolution (hls4ml has Conv1D and Conv2D)", n.name)
         d["weight_data"] = np.ascontiguousarray(wdata, dtype=np.float64)
+        d["bias_data"] = np.ascontiguousarray(bdata, dtype=np.float64)
+        prec = {"weight": wtype, "bias": btype, "accum": tout.hls(), "result": tout.hls()}
+        self.bind(n.output, self.layer(n, d, prec, [src]))
+
+    def depthwise_layer(self, n: Node, wdata: np.ndarray, bdata, btype, wtype, strides, pads, src):
+        """Add a DepthwiseConv1D/2D layer (depth multiplier 1) for the depthwise convolution ``n``:
+        ``wdata`` (*k, 1, C) is the IR kernel (one filter per channel), ``bdata`` the bias reals;
+        binds ``n.output``.
+
+        hls4ml 1.3 ``nnet_sepconv{1,2}d_latency.h`` ``depthwise_conv_*_latency_cl``: each product
+        ``data * weight`` is cast to ``accum_t``, the bias and the k products of a channel are summed in
+        ``accum_t`` and cast to ``res_T`` -- the same contract as ``Conv`` (``accum_t`` = result = the
+        IR's exact accumulator type), with ``weights[(kh * fw + kw) * C + c]`` (the kernel flattened
+        channels-last, as hls4ml's Keras converter passes ``depthwise_kernel`` (*k, C, 1)).
+
+        Raises:
+            UnsupportedError: a kernel of rank other than 1 or 2.
+        """
+        xin = self.graph.value(n.inputs[0])
+        tout = self.vt(n.output)
+        nd = wdata.ndim - 2
+        oshape = self.graph.value(n.output).shape
+        c = int(wdata.shape[-1])
+        if nd == 1:
+            d = {"class_name": "DepthwiseConv1D", "data_format": "channels_last", "in_width": xin.shape[0],
+                 "n_chan": c, "n_filt": c, "depth_multiplier": 1, "filt_width": wdata.shape[0],
+                 "stride_width": strides[0], "dilation": 1, "out_width": oshape[0], "pad_left": pads[0],
+                 "pad_right": pads[1]}
+        elif nd == 2:
+            d = {"class_name": "DepthwiseConv2D", "data_format": "channels_last", "in_height": xin.shape[0],
+                 "in_width": xin.shape[1], "n_chan": c, "n_filt": c, "depth_multiplier": 1,
+                 "filt_height": wdata.shape[0], "filt_width": wdata.shape[1], "stride_height": strides[0],
+                 "stride_width": strides[1], "dilation_height": 1, "dilation_width": 1,
+                 "out_height": oshape[0], "out_width": oshape[1], "pad_top": pads[0], "pad_bottom": pads[2],
+                 "pad_left": pads[1], "pad_right": pads[3]}
+        else:
+            raise UnsupportedError(f"{nd}-D depthwise convolution (hls4ml has DepthwiseConv1D and 2D)", n.name)
+        # (*k, 1, C) -> (*k, C, 1): hls4ml's depthwise kernel layout (depth multiplier last)
+        d["depthwise_data"] = np.ascontiguousarray(np.swapaxes(wdata, -1, -2), dtype=np.float64)
         d["bias_data"] = np.ascontiguousarray(bdata, dtype=np.float64)
         prec = {"weight": wtype, "bias": btype, "accum": tout.hls(), "result": tout.hls()}
         self.bind(n.output, self.layer(n, d, prec, [src]))
@@ -308,10 +349,12 @@ class Translator:
         return self.result
 
 
-def translate(device: Graph, io_type: str = "io_parallel") -> Translation:
-    """Map the fixed-point device graph to hls4ml layer dicts.
+def translate(device: Graph, io_type: str = "io_parallel", strategy: str = "Latency") -> Translation:
+    """Map the fixed-point device graph to hls4ml layer dicts (``strategy``: the hls4ml ``Strategy``
+    the model is built with; it decides, e.g., whether a depthwise convolution can use hls4ml's
+    DepthwiseConv layers).
 
     Raises:
         UnsupportedError: naming the node, for anything without an exact hls4ml mapping.
     """
-    return Translator(device, io_type).run()
+    return Translator(device, io_type, strategy).run()

@@ -102,6 +102,18 @@ def _conv2d_depthwise(b, p, rng):
                   params={"weight": W(rng, "fixed<4,2>", (2, 2, 1, 3))})]
 
 
+def _conv2d_depthwise_padded(b, p, rng):
+    x = b.input(p + "x", (5, 5, 4), T("fixed<6,2,RND_CONV,SAT>"))
+    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (3, 3), "groups": 4, "pads": (1, 1, 1, 1)},
+                  params={"weight": W(rng, "fixed<5,1>", (3, 3, 1, 4)), "bias": W(rng, "fixed<7,3>", (4,))})]
+
+
+def _conv1d_depthwise(b, p, rng):
+    x = b.input(p + "x", (9, 3), T("fixed<7,3>"))
+    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (3,), "groups": 3, "strides": (2,), "pads": (1, 1)},
+                  params={"weight": W(rng, "fixed<4,1>", (3, 1, 3)), "bias": W(rng, "fixed<6,2>", (3,))})]
+
+
 def _conv1d(b, p, rng):
     x = b.input(p + "x", (11, 3), T("fixed<6,2>"))
     return [b.add(p + "c", "Conv", [x], attrs={"kernel": (3,), "strides": (2,), "pads": (1, 2)},
@@ -357,6 +369,8 @@ CASES = [
     Case("conv2d", "Conv", _conv2d),
     Case("conv2d_grouped", "Conv", _conv2d_grouped),
     Case("conv2d_depthwise", "Conv", _conv2d_depthwise),
+    Case("conv2d_depthwise_padded", "Conv", _conv2d_depthwise_padded),
+    Case("conv1d_depthwise", "Conv", _conv1d_depthwise),
     Case("conv1d", "Conv", _conv1d),
     Case("relu", "Relu", _relu),
     Case("relu_quantize", "Relu", _relu_quantize),
@@ -447,7 +461,8 @@ def test_op_exact(case, backend, batch, wide, run_cache):
 #: Cases also compiled for hls4ml with ``io_type="io_stream"`` (one more wide build): case id ->
 #: True when io_stream must be exact, False when it must refuse with an error naming a case node.
 STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, "space_to_depth": True,
-                "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False}
+                "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False,
+                "conv2d_depthwise": True, "conv2d_depthwise_padded": True, "conv1d_depthwise": True}
 STREAM_CONFIG = {"hls4ml": {"io_type": "io_stream"}}
 
 
