@@ -363,16 +363,15 @@ def _maxpool(tr, n: Node):
     k = tuple(int(v) for v in n.attrs["kernel"])
     s, p = _rank_pads(n, len(k))
     t = x.dtype
+    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # hls4ml's streaming pooling needs stride == kernel
+        return
     if any(p):
         # hls4ml pads max pooling with the code whose top bit is set: the most negative value of
-        # a signed type but the LARGEST of an unsigned one.
-        if not t.signed:
-            raise UnsupportedError("padded MaxPool on an unsigned input: hls4ml pads with the top-bit-set code, "
-                                   "the largest unsigned value", n.name)
-        if any(pv >= kv for pv, kv in zip(p, k + k)):
-            raise UnsupportedError("MaxPool padding as large as the kernel (all-padding windows)", n.name)
-        if tr.io_type == "io_stream":
-            raise UnsupportedError("padded MaxPool in io_stream", n.name)
+        # a signed type but the LARGEST of an unsigned one; its streaming pooling has no padding.
+        if not t.signed or tr.io_type == "io_stream" or any(pv >= kv for pv, kv in zip(p, k + k)):
+            tr.maxpool_zero_padded(n, k, s, p, tr.src(n.inputs[0]))
+            return
     d = tr.pool_dict(n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
     tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
@@ -422,6 +421,9 @@ def _avgpool(tr, n: Node):
     s, p = _rank_pads(n, len(k))
     if any(p):
         raise UnsupportedError("AvgPool with padding", n.name)
+    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # the average of one element is the element
+        return
     _avg(tr, n, lambda: tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
          int(np.prod(k)))
 

@@ -19,7 +19,7 @@ import numpy as np
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Graph, Node
 from ...compiler.ir.optable import Rejected
-from ...compiler.ir.types import FixedType
+from ...compiler.ir.types import FixedType, fixed_for_range
 from .ops import TRANSLATE
 
 def resize_index_ok(length: int, s: int) -> bool:
@@ -213,6 +213,62 @@ class Translator:
         d["bias_data"] = np.ascontiguousarray(bdata, dtype=np.float64)
         prec = {"weight": wtype, "bias": btype, "accum": tout.hls(), "result": tout.hls()}
         self.bind(n.output, self.layer(n, d, prec, [src]))
+
+    def subsample_layer(self, n: Node, strides, src: str) -> None:
+        """A pooling ``n`` whose window is one element (kernel 1, any stride) is a subsampling
+        ``y[i] = x[i * s]``: emitted as a Conv1D/2D with a 1-wide identity kernel (weight 1 of type
+        ``ap_uint<1>`` from channel c to c, zero bias), stride ``strides``, accumulator and result
+        the output's type -- exact (one product ``x * 1`` per output) in io_parallel and io_stream,
+        where hls4ml's streaming pooling needs stride == kernel.  Binds ``n.output``."""
+        x = self.graph.value(n.inputs[0])
+        nd, c = len(x.shape) - 1, x.shape[-1]
+        eye = np.zeros((1,) * nd + (c, c))
+        eye[..., np.arange(c), np.arange(c)] = 1.0
+        self.note(f"{n.op} '{n.name}' (kernel 1, strides {tuple(strides)}) emitted as a subsampling 1x1 convolution "
+                  "with an identity kernel")
+        self.conv_layer(n, eye, np.zeros(c), "ap_uint<1>", "ap_uint<1>", tuple(strides), (0,) * (2 * nd), src)
+
+    def maxpool_zero_padded(self, n: Node, kernel, strides, pads, src: str) -> None:
+        """MaxPool ``n`` with explicit padding by the input type's smallest code (the IR's rule):
+        shift the codes to ``>= 0`` with a BatchNormalization (``+c``, exact) when the type is signed,
+        pad with an hls4ml ZeroPadding1D/2D layer (0 is then the smallest code), pool without
+        padding, and shift back (``-c``).  Exact in both io types, for unsigned inputs too (hls4ml's
+        own pooling pads with the top-bit-set code, the *largest* unsigned value).  Binds ``n.output``.
+
+        Raises:
+            UnsupportedError: from :meth:`pool_dict` (overlapping windows in io_stream).
+        """
+        x = self.graph.value(n.inputs[0])
+        t: FixedType = x.dtype
+        tout = self.vt(n.output)
+        nd, c = len(kernel), x.shape[-1]
+        shift = -t.min_code if t.min_code < 0 else 0
+        tpos = fixed_for_range(t.min_code + shift, t.max_code + shift, t.frac_bits)
+        if shift:
+            src = self.bn_layer(n, x.size, c, np.ones(c), np.full(c, shift * t.lsb), "ap_uint<1>",
+                                fixed_for_range(shift, shift, t.frac_bits).hls(), tpos, src, None,
+                                base=f"{n.name}_offset")
+        padded = tuple(x.shape[i] + pads[i] + pads[i + nd] for i in range(nd)) + (c,)
+        if nd == 1:
+            d = {"class_name": "ZeroPadding1D", "data_format": "channels_last", "in_width": x.shape[0],
+                 "out_width": padded[0], "n_chan": c, "pad_left": pads[0], "pad_right": pads[1]}
+        else:
+            d = {"class_name": "ZeroPadding2D", "data_format": "channels_last", "in_height": x.shape[0],
+                 "in_width": x.shape[1], "out_height": padded[0], "out_width": padded[1], "n_chan": c,
+                 "pad_top": pads[0], "pad_bottom": pads[2], "pad_left": pads[1], "pad_right": pads[3]}
+        src = self.layer(n, {**d, "base": f"{n.name}_pad"}, {"result": tpos.hls()}, [src])
+        oshape = self.graph.value(n.output).shape
+        d = self.pool_dict(n, "Max", padded, kernel, strides, (0,) * (2 * nd), oshape)
+        mid = tpos if shift else tout
+        lay = self.layer(n, d, {"accum": tpos.hls(), "result": mid.hls()}, [src])
+        self.note(f"padded MaxPool '{n.name}': explicit ZeroPadding of codes shifted by +{shift} (0 is the smallest), "
+                  "then an unpadded pool")
+        if not shift:
+            self.bind(n.output, lay)
+            return
+        self.bn_layer(n, self.graph.value(n.output).size, c, np.ones(c), np.full(c, -shift * t.lsb), "ap_uint<1>",
+                      fixed_for_range(-shift, -shift, t.frac_bits).hls(), tout, lay, n.output,
+                      base=f"{n.name}_unshift")
 
     def pool_dict(self, n: Node, kind: str, in_shape, kernel, strides, pads, out_shape):
         """hls4ml ``{kind}Pooling1D``/``2D`` layer dict (``kind``: ``"Max"`` or ``"Average"``) for

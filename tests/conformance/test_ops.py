@@ -289,6 +289,22 @@ def _maxpool_unsigned_padded(b, p, rng):
     return [b.add(p + "mp", "MaxPool", [x], attrs={"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)})]
 
 
+def _pool_subsample(b, p, rng):
+    # kernel 1: a subsampling (hls4ml io_stream pooling needs stride == kernel)
+    x = b.input(p + "x", (6, 7, 2), T("fixed<7,2>"))
+    y = b.input(p + "y", (9, 3), T("ufixed<5,2>"))
+    return [b.add(p + "mp", "MaxPool", [x], attrs={"kernel": (1, 1), "strides": (2, 2)}),
+            b.add(p + "ap", "AvgPool", [y], attrs={"kernel": (1,), "strides": (2,)})]
+
+
+def _maxpool_padded(b, p, rng):
+    # non-overlapping windows with explicit padding (TF "SAME"-like), signed 2-D and unsigned 1-D
+    x = b.input(p + "x", (5, 5, 3), T("fixed<6,2>"))
+    y = b.input(p + "y", (7, 2), T("ufixed<5,3>"))
+    return [b.add(p + "mp", "MaxPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 1, 1)}),
+            b.add(p + "mp1", "MaxPool", [y], attrs={"kernel": (2,), "strides": (2,), "pads": (1, 0)})]
+
+
 def _avgpool2d(b, p, rng):
     x = b.input(p + "x", (6, 6, 3), T("fixed<7,3,RND_CONV,SAT_SYM>"))
     return [b.add(p + "ap2", "AvgPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2)}),
@@ -397,7 +413,9 @@ CASES = [
     Case("maxpool2d", "MaxPool", _maxpool2d),
     Case("maxpool1d", "MaxPool", _maxpool1d),
     Case("maxpool_unsigned", "MaxPool", _maxpool_unsigned),
-    Case("maxpool_unsigned_padded", "MaxPool", _maxpool_unsigned_padded, rejects=HLS),
+    Case("maxpool_unsigned_padded", "MaxPool", _maxpool_unsigned_padded),
+    Case("pool_subsample", "MaxPool", _pool_subsample),
+    Case("maxpool_padded", "MaxPool", _maxpool_padded),
     Case("avgpool2d", "AvgPool", _avgpool2d),
     Case("avgpool1d", "AvgPool", _avgpool1d),
     Case("gap2d", "GlobalAvgPool", _gap2d),
@@ -462,7 +480,9 @@ def test_op_exact(case, backend, batch, wide, run_cache):
 #: True when io_stream must be exact, False when it must refuse with an error naming a case node.
 STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, "space_to_depth": True,
                 "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False,
-                "conv2d_depthwise": True, "conv2d_depthwise_padded": True, "conv1d_depthwise": True}
+                "conv2d_depthwise": True, "conv2d_depthwise_padded": True, "conv1d_depthwise": True,
+                "pool_subsample": True, "maxpool_padded": True, "maxpool_unsigned": False,
+                "maxpool_unsigned_padded": False, "maxpool2d": False, "avgpool1d": False}
 STREAM_CONFIG = {"hls4ml": {"io_type": "io_stream"}}
 
 
