@@ -217,4 +217,14 @@ def _depth_space(lw, n, ins, in_types, out_t):
     return lw.emit(op.reshape(y, (lw.n, *out)))
 
 
+@LOWERING.register("Lookup")
+def _lookup(lw, n, ins, in_types, out_t):
+    """``take(table, x - min_code)``: a gather of the constant table (== the reference)."""
+    tab = n.params["table"]
+    lo = in_types[0].min_code
+    idx = lw.emit(op.subtract(ins[0], c64(lo))) if lo else ins[0]
+    const = c64(tab.data) if isinstance(tab.dtype, FixedType) else cf(tab.data)
+    return lw.emit(op.take(const, idx, axis=0))
+
+
 LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")

@@ -371,6 +371,17 @@ def _space_to_depth(b, p, rng):
     return [s2d, r]
 
 
+def _lookup(b, p, rng):
+    # a 5-bit input's 32 codes -> float32 table (Sigmoid values) -> rounding Quantize; and a
+    # fixed-point table (a permutation-like map) straight to codes
+    x = b.input(p + "x", (4, 6), T("fixed<5,2>"))
+    sig = 1.0 / (1.0 + np.exp(-np.arange(-16, 16) / 8.0))
+    lt = b.add(p + "lt", "Lookup", [x], attrs={"fn": "Sigmoid"}, params={"table": Const(sig, FLOAT32)})
+    q = b.add(p + "q", "Quantize", [lt], attrs={"to": T("ufixed<6,0,RND_CONV,SAT>")})
+    tab = W(rng, "fixed<7,3>", (32,))
+    return [q, b.add(p + "lf", "Lookup", [x], attrs={"fn": "table"}, params={"table": tab})]
+
+
 HLS = ("hls4ml",)
 CASES = [
     Case("quantize_down", "Quantize", _quantize_down),
@@ -425,6 +436,7 @@ CASES = [
     Case("resize2d", "Resize", _resize2d),
     Case("resize1d_map", "Resize", _resize1d_map),
     Case("depth_to_space", "DepthToSpace", _depth_to_space),
+    Case("lookup", "Lookup", _lookup, rejects=HLS),
     Case("space_to_depth", "SpaceToDepth", _space_to_depth),
 ]
 CASE_IDS = [c.id for c in CASES]
