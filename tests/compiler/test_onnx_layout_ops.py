@@ -216,3 +216,23 @@ def test_sigmoid_on_a_float_input_is_refused_naming_the_node():
     m = mk([helper.make_node("Sigmoid", ["x"], ["b"], name="sig"), q2], [2, 4], i2)
     msg = _refused(m)
     assert "node 'sig'" in msg and "float input" in msg
+
+
+def test_compile_end_to_end_matches_the_source_on_tvm(tmp_path):
+    """Quant -> Resize -> DepthToSpace(CRD) -> Sigmoid -> Quant through ``qdeploy.compile`` for
+    tvm-llvm: the target equals the reference and the reference equals the source (qonnx's
+    executor) on every golden sample."""
+    from qdeploy import api
+
+    q1, i1 = quant_node("qin", "x", "a", 2.0 ** -4, 6)
+    q2, i2 = quant_node("qout", "d", "y", 2.0 ** -6, 7, signed=0)
+    nodes = [q1, helper.make_node("Resize", ["a", "", "sc"], ["b"], name="rs", mode="nearest",
+                                  coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("DepthToSpace", ["b"], ["c"], name="d2s", blocksize=2, mode="CRD"),
+             helper.make_node("Sigmoid", ["c"], ["d"], name="sig"), q2]
+    m = mk(nodes, [1, 8, 3, 2], {**i1, **i2, "sc": f32([1, 1, 2, 2])})
+    x = _grid(np.random.default_rng(3), (12, 8, 3, 2))
+    r = api.compile(m, target="tvm-llvm", out_dir=tmp_path / "out", golden=x)
+    assert r.report["exactness"]["bit_exact"] and r.report["exactness"]["samples"] == 12
+    fid = r.report["fidelity"]
+    assert fid["ok"] and fid["checked"] and fid["mismatches"] == 0 and fid["exact_matches"] == 12
