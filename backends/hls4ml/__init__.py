@@ -250,7 +250,7 @@ class Hls4mlBackend:
 
         opts = _options(config)
         part = partition(graph)
-        tr = translate(part.device, opts["io_type"])
+        tr = translate(part.device, opts["io_type"], opts["strategy"])
         prj = Path(out_dir) / PRJ_DIR
         model = _build_model(tr, opts, prj)
         _check_model(model, tr)

@@ -46,7 +46,7 @@ from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
-from .mac_cost import mac_row
+from .mac_cost import emits_depthwise, is_depthwise, mac_row
 from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
@@ -145,6 +145,17 @@ def _conv(tr, n: Node):
         wr = dilate_kernel(wr, dil)
         tr.note(f"dilated Conv '{n.name}' (dilations={dil}) mapped to a convolution with the zero-inserted "
                 f"{'x'.join(map(str, wr.shape[:nd]))} kernel (exact; the zeros are counted by the estimate)")
+    if is_depthwise(n):
+        # depthwise (groups == C_in == C_out): hls4ml's DepthwiseConv layers, one k-tap filter per
+        # channel, where hls4ml 1.3 allows it (emits_depthwise); else the block-diagonal dense
+        # kernel below, with a note.
+        if emits_depthwise(tr.graph, n, tr.strategy):
+            tr.depthwise_layer(n, wr, b, bt, w.dtype.hls(), strides, pads, tr.src(n.inputs[0]))
+            return
+        why = (f"hls4ml's DepthwiseConv does not support the {tr.strategy} strategy" if tr.strategy != "Latency" else
+               "hls4ml 1.3's DepthwiseConv1D and DepthwiseConv2D headers share an include guard and the model also "
+               "has a 2-D depthwise convolution")
+        tr.note(f"depthwise Conv '{n.name}': {why}; emitted as a dense convolution with a block-diagonal kernel")
     if groups > 1:
         # hls4ml convolutions have no groups: use the equivalent dense kernel, block-diagonal
         # over (C_in, C_out) with exact zeros off the diagonal blocks.
@@ -362,16 +373,15 @@ def _maxpool(tr, n: Node):
     k = tuple(int(v) for v in n.attrs["kernel"])
     s, p = _rank_pads(n, len(k))
     t = x.dtype
+    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # hls4ml's streaming pooling needs stride == kernel
+        return
     if any(p):
         # hls4ml pads max pooling with the code whose top bit is set: the most negative value of
-        # a signed type but the LARGEST of an unsigned one.
-        if not t.signed:
-            raise UnsupportedError("padded MaxPool on an unsigned input: hls4ml pads with the top-bit-set code, "
-                                   "the largest unsigned value", n.name)
-        if any(pv >= kv for pv, kv in zip(p, k + k)):
-            raise UnsupportedError("MaxPool padding as large as the kernel (all-padding windows)", n.name)
-        if tr.io_type == "io_stream":
-            raise UnsupportedError("padded MaxPool in io_stream", n.name)
+        # a signed type but the LARGEST of an unsigned one; its streaming pooling has no padding.
+        if not t.signed or tr.io_type == "io_stream" or any(pv >= kv for pv, kv in zip(p, k + k)):
+            tr.maxpool_zero_padded(n, k, s, p, tr.src(n.inputs[0]))
+            return
     d = tr.pool_dict(n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
     tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
@@ -422,6 +432,9 @@ def _avgpool(tr, n: Node):
     s, p = _rank_pads(n, len(k))
     if any(p) and tr.io_type == "io_stream":
         raise UnsupportedError("padded AvgPool in io_stream (hls4ml's streaming pooling has no padding)", n.name)
+    if not any(p) and all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # the average of one element is the element
+        return
     # count_pad=False: nnet_pooling.h divides each window by its number of non-padding pixels
     _avg(tr, n, lambda: {**tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
                          "count_pad": False}, int(np.prod(k)), window_counts(n, x.shape) if any(p) else None)
