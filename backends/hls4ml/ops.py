@@ -350,7 +350,20 @@ def _concat(tr, n: Node):
 
 @hls4ml_op("Reshape", cost=Cost(_free))
 def _reshape(tr, n: Node):
-    tr.bind(n.output, tr.layer(n, {"class_name": "Reshape", "target_shape": [int(s) for s in n.attrs["shape"]]},
+    shape = [int(s) for s in n.attrs["shape"]]
+    cls = "Reshape"
+    xin = tr.graph.value(n.inputs[0]).shape
+    if tr.io_type == "io_stream" and len(shape) == 1 and len(xin) > 1 and xin[-1] != shape[0] and \
+            any(c.op != "Dense" for c in tr.graph.consumers(n.output)):
+        # hls4ml 1.3 keeps a flatten in io_stream as an alias of its input stream (its ReshapeStream
+        # pass skips 1-D outputs, fpga/passes/repack_stream.py): only a Dense reads such a stream
+        # right.  An elementwise consumer reads words of the flat width from words of the input's
+        # last-axis width (nnet_activation_stream.h ``linear``: ``out_data[j] = in_data[j]`` for
+        # j < res_T::size), which gave wrong outputs and "Hls::stream contains leftover data".
+        # hls4ml's own Repack layer (``nnet::repack_stream``) re-packs the words exactly.
+        cls = "Repack"
+        tr.note(f"flatten '{n.name}' in io_stream feeds a non-Dense layer: emitted as an hls4ml Repack")
+    tr.bind(n.output, tr.layer(n, {"class_name": cls, "target_shape": shape},
                                {"result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
 
