@@ -311,4 +311,3 @@ def _lookup(lw, n, ins, in_types, out_t):
     return lw.emit(op.take(const, idx, axis=0, mode="clip"))  # in range by the type; clip: never out of bounds
 
 
-LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
