@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .early_exit import EarlyExitError, StagedProgram, split_exits
 from .fold import dce, fold_affine_chains, fold_batchnorm
+from .lookup import fold_lookup_quantize
 from .manager import (PASSES, PassContext, PassManager, PassRecord, current_context, describe_pipeline, dump_to,
                       get_pass, normalize_pipeline, note, pass_names, register_pass)
 from .memory import memory_profile, min_feasible_bytes, peak_memory, value_bytes
@@ -29,7 +30,7 @@ def default_pipeline(input_type=None, calibration=None, remat_options: dict | No
             ``max_copies``, ``time_limit``, ``method``, ``cost``), ``("remat", remat_options)``
             runs last.
     """
-    pipeline = ["dce", "fold_batchnorm", "fold_affine_chains",
+    pipeline = ["dce", "fold_batchnorm", "fold_affine_chains", "fold_lookup_quantize",
                 ("quantize_inputs", {"input_type": input_type, "calibration": calibration}),
                 "affine_to_fixed", "infer_precision", "requant_shift", "dce"]
     if remat_options is not None:
@@ -40,6 +41,7 @@ def default_pipeline(input_type=None, calibration=None, remat_options: dict | No
 __all__ = ["PASSES", "PassContext", "PassManager", "PassRecord", "current_context", "describe_pipeline", "dump_to",
            "get_pass", "normalize_pipeline", "note", "pass_names", "register_pass", "default_pipeline",
            "Partition", "partition", "run_partitioned", "dce", "fold_affine_chains", "fold_batchnorm",
+           "fold_lookup_quantize",
            "affine_to_fixed", "infer_precision", "input_type_for", "quantize_inputs",
            "EarlyExitError", "StagedProgram", "split_exits",
            "memory_profile", "min_feasible_bytes", "peak_memory", "value_bytes", "RematError", "remat_pass",
