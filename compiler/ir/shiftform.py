@@ -180,6 +180,24 @@ def prove(form: ShiftForm, thresholds, base, sign) -> str | None:
 
 
 # ----------------------------------------------------------------------------- search
+def _hull(pts: list, upper: bool) -> list:
+    """The upper (``upper``) or lower convex hull of points ``(x, y)`` sorted by ``x`` then ``y``
+    (Andrew's monotone chain, exact in Python ints).  ``max_i (y_i P - x_i K)`` over the points,
+    for any ``P, K > 0``, is attained on the upper hull (``min``: the lower hull), so the step
+    bounds of the other points never bind and are dropped (T thresholds -> a few vertices)."""
+    out: list = []
+    for p in pts:
+        while len(out) >= 2:
+            (ox, oy), (ax, ay) = out[-2], out[-1]
+            cross = (ax - ox) * (p[1] - oy) - (ay - oy) * (p[0] - ox)
+            if (cross >= 0) if upper else (cross <= 0):
+                out.pop()
+            else:
+                break
+        out.append(p)
+    return out
+
+
 def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
     """Padded arrays of the bounds ``L_i(K) = lvl_i * 2**S + a_i - b_i K`` (lower) and
     ``U_i(K) = lvl_i * 2**S + a_i - b_i K`` (upper) of the non-constant channels, each
@@ -192,8 +210,8 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
             v0, cmin, cmax = -ch.v0, -omax, -omin
         m = len(ch.steps)
         v1 = v0 + m
-        L = [(v0 + i + 1, 0, u) for i, u in enumerate(ch.steps)]
-        U = [(v0 + i + 1, -1, u - 1) for i, u in enumerate(ch.steps)]
+        L = [(lvl, 0, u) for u, lvl in _hull([(u, v0 + i + 1) for i, u in enumerate(ch.steps)], upper=True)]
+        U = [(lvl, -1, u) for u, lvl in _hull([(u - 1, v0 + i + 1) for i, u in enumerate(ch.steps)], upper=False)]
         if v0 > cmin:
             L.append((v0, 0, lo))
         U.append((v0 + 1, -1, lo))
