@@ -31,6 +31,7 @@ class Built:
         golden: ``(GOLDEN, *input shape)`` float32 test inputs in the source layout.
         example: the example input ``qdeploy.api.compile`` needs for a module (batch 1), else None.
         run_source: ``inputs -> list of (n, ...) arrays``: the source model's outputs, in order.
+        run_source64: the same in float64 (a ``.double()`` copy of the module), or None (ONNX).
         accuracy: top-1 test accuracy of the source (first head), a sanity figure for the table.
     """
 
@@ -39,6 +40,7 @@ class Built:
     example: object
     run_source: Callable
     accuracy: float
+    run_source64: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,17 @@ class Entry:
         return self.tags[0]
 
 
-def _torch_runner(module):
+def _torch_runner(module, double: bool = False):
+    import copy
+
     import torch
+    dtype = np.float64 if double else np.float32
+    if double:
+        module = copy.deepcopy(module).double().eval()
 
     def run(x):
         with torch.no_grad():
-            out = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            out = module(torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)))
         outs = out if isinstance(out, tuple) else (out,)
         return [o.detach().numpy() for o in outs]
     return run
@@ -74,7 +81,7 @@ def _brevitas(name, fn, kit: bm.Kit, data: str, steps: int = 80):
         run = _torch_runner(module)
         acc = float(np.mean(run(x_te)[0].argmax(1) == y_te))
         gold = np.ascontiguousarray(x_te[:GOLDEN])
-        return Built(module, gold, torch.from_numpy(gold[:1]), run, acc)
+        return Built(module, gold, torch.from_numpy(gold[:1]), run, acc, _torch_runner(module, double=True))
     return build
 
 

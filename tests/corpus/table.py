@@ -17,9 +17,9 @@ import time
 from collections import defaultdict
 
 from .registry import CORPUS
-from .runner import ERROR, EXACT, FAIL, TARGETS, Outcome, run_one
+from .runner import ERROR, EXACT, FAIL, TARGETS, TIES, Outcome, run_one
 
-SHORT = {EXACT: "exact", ERROR: "clear error", FAIL: "**FAIL**"}
+SHORT = {EXACT: "exact", TIES: "exact (f32 ties)", ERROR: "clear error", FAIL: "**FAIL**"}
 
 
 def run_matrix(names, targets, progress=None) -> dict[tuple[str, str], Outcome]:
@@ -41,7 +41,7 @@ def render(res: dict[tuple[str, str], Outcome], names, targets) -> str:
          "|---|---|---|" + "---|" * len(targets)]
     for n in names:
         L.append(f"| {n} | {fam[n]} | {tags[n]} | " + " | ".join(SHORT[res[n, t].kind] for t in targets) + " |")
-    L += ["", "## Family x target (exact / clear error / FAIL)", "",
+    L += ["", "## Family x target (exact / exact up to float32 ties of the source / clear error / FAIL)", "",
           "| family | models | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
     fams = list(dict.fromkeys(fam[n] for n in names))
     for f in fams:
@@ -51,17 +51,21 @@ def render(res: dict[tuple[str, str], Outcome], names, targets) -> str:
             c = defaultdict(int)
             for n in ms:
                 c[res[n, t].kind] += 1
-            cells.append(f"{c[EXACT]} / {c[ERROR]} / {c[FAIL]}")
+            cells.append(f"{c[EXACT]} / {c[TIES]} / {c[ERROR]} / {c[FAIL]}")
         L.append(f"| {f} | {len(ms)} | " + " | ".join(cells) + " |")
-    L += ["", "## Exact vs source, per target", "", "| target | exact | clear error | FAIL | exact rate |",
-          "|---|---|---|---|---|"]
+    L += ["", "## Exact vs source, per target", "",
+          "| target | exact | f32 ties | clear error | FAIL | exact rate | exact or ties rate |", "|---|---|---|---|---|---|---|"]
     for t in targets:
         ks = [res[n, t].kind for n in names]
-        L.append(f"| {t} | {ks.count(EXACT)} | {ks.count(ERROR)} | {ks.count(FAIL)} | "
-                 f"{ks.count(EXACT) / max(1, len(ks)):.0%} |")
+        m = max(1, len(ks))
+        L.append(f"| {t} | {ks.count(EXACT)} | {ks.count(TIES)} | {ks.count(ERROR)} | {ks.count(FAIL)} | "
+                 f"{ks.count(EXACT) / m:.0%} | {(ks.count(EXACT) + ks.count(TIES)) / m:.0%} |")
     fails = [(n, t) for n in names for t in targets if res[n, t].kind == FAIL]
     L += ["", "## FAIL rows (first error line)", ""]
     L += [f"- `{n}` on {t}: {res[n, t].detail}" for n, t in fails] or ["none"]
+    ties = [(n, t) for n in names for t in targets if res[n, t].kind == TIES]
+    L += ["", "## Exact up to float32 ties of the source", ""]
+    L += [f"- `{n}` on {t}: {res[n, t].detail}" for n, t in ties] or ["none"]
     errs = defaultdict(list)
     for n in names:
         for t in targets:
