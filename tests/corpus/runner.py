@@ -134,16 +134,17 @@ def imported(name: str):
         return e
 
 
-def run_one(name: str, target: str, work: Path | None = None) -> Outcome:
+def run_one(name: str, target: str, work: Path | None = None, from_module: bool = False) -> Outcome:
     """Build corpus entry ``name`` (cached), compile it for ``target`` into ``work`` (a temporary
     folder by default) and classify the outcome (see the module docstring).  Never raises for a
     model or compiler problem: that is the outcome.
 
-    The ``reference`` target compiles the source itself (the Brevitas module or the ONNX file),
-    as a user does; other targets compile a Brevitas module's graph imported once per process
-    by the same ``qdeploy.api.load`` (a torch export costs seconds), and are then judged
-    against the module itself all the same.  A module whose import fails is not exported again:
-    that error is every target's outcome."""
+    An ONNX source is compiled from its file.  A Brevitas module is imported once per process by
+    ``qdeploy.api.load`` (Brevitas' dynamo export takes seconds to tens of seconds per model) and
+    that graph is compiled; with ``from_module`` the module itself is compiled instead (the report
+    then holds qdeploy's own fidelity check against the module).  Either way the artifact is
+    judged against the module itself.  A module whose import fails is not exported again: that
+    error is every target's outcome."""
     import qdeploy.api as api
     from .registry import built
     t0 = time.perf_counter()
@@ -155,7 +156,7 @@ def run_one(name: str, target: str, work: Path | None = None) -> Outcome:
             out = classify_error(g)
             out.seconds = time.perf_counter() - t0
             return out
-        model = b.model if target == "reference" else g
+        model = b.model if from_module else g
     with contextlib.ExitStack() as stack:
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qdeploy-corpus-")))

@@ -2,7 +2,9 @@
 their source (tests/corpus/runner.py).
 
 Default run: every model on ``reference`` and ``tvm-llvm``, and a handful on ``hls4ml``.
-``-m slow``: hls4ml on every other model.  Outcomes: exact, exact up to float32 ties of the
+``-m slow``: hls4ml on every other model, and reference compiling each Brevitas module itself
+(the default run compiles the graph imported once from it: Brevitas' dynamo export is the
+slowest step; the artifact is judged against the module either way).  Outcomes: exact, exact up to float32 ties of the
 source (``ties``: the float64 source agrees with us), clear error, FAIL (runner.py).  Each case
 asserts that the outcome is not FAIL
 (unless listed in :data:`KNOWN_FAILURES` with the reason, and then that it still fails the
@@ -34,8 +36,8 @@ MUST_BE_EXACT = {f"pot_mlp_b{b}" for b in range(2, 9)}
 HLS4ML_DEFAULT = ("pot_mlp_b4", "pot_cnn2d_b4", "pot_cnn1d_b6", "pot_chw_trap_b6")
 
 
-def _check(name: str, target: str):
-    o = run_one(name, target)
+def _check(name: str, target: str, from_module: bool = False):
+    o = run_one(name, target, from_module=from_module)
     known = KNOWN_FAILURES.get((name, target))
     if o.kind == FAIL:
         assert known is not None, f"{name} on {target}: FAIL: {o.detail}"
@@ -60,6 +62,13 @@ def test_corpus_hls4ml_handful(name):
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in HLS4ML_DEFAULT])
 def test_corpus_hls4ml_all(name):
     _check(name, "hls4ml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [e.name for e in CORPUS if "ort-qdq" not in e.tags])
+def test_corpus_reference_compiling_the_module_itself(name):
+    """As the table does: ``compile(module)`` (a second Brevitas export), whose report checks the module."""
+    _check(name, "reference", from_module=True)
 
 
 def test_corpus_covers_the_families():
