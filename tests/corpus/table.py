@@ -22,15 +22,30 @@ from .runner import ERROR, EXACT, FAIL, TARGETS, TIES, Outcome, run_one
 SHORT = {EXACT: "exact", TIES: "exact (f32 ties)", ERROR: "clear error", FAIL: "**FAIL**"}
 
 
-def run_matrix(names, targets, progress=None) -> dict[tuple[str, str], Outcome]:
+def read_log(path) -> dict[tuple[str, str], Outcome]:
+    """The outcomes recorded in a progress log of an earlier run (its stderr lines
+    ``model target kind seconds detail``), to resume it."""
+    res = {}
+    for line in open(path):
+        f = line.rstrip("\n").split(None, 4)
+        if len(f) >= 4 and f[2] in SHORT and f[3].endswith("s"):
+            res[f[0], f[1]] = Outcome(f[2], f[4] if len(f) > 4 else "", float(f[3][:-1]))
+    return res
+
+
+def run_matrix(names, targets, progress=None, from_module: bool = True, done=None) -> dict[tuple[str, str], Outcome]:
     """``{(model, target): Outcome}`` for every pair (see :func:`tests.corpus.runner.run_one`);
-    the ``reference`` target compiles a Brevitas module itself (its report checks the module)."""
+    with ``from_module`` the ``reference`` target compiles a Brevitas module itself (its report
+    checks the module; a second export).  ``done``: outcomes already known (not run again)."""
     res = {}
     for n in names:
         for t in targets:
-            res[n, t] = o = run_one(n, t, from_module=t == "reference")
+            if done and (n, t) in done:
+                res[n, t] = o = done[n, t]
+            else:
+                res[n, t] = o = run_one(n, t, from_module=from_module and t == "reference")
             if progress:
-                progress(f"{n:34s} {t:9s} {o.kind:5s} {o.seconds:6.1f}s {o.detail[:160]}")
+                progress(f"{n:34s} {t:9s} {o.kind:5s} {o.seconds:6.1f}s {o.detail}")
     return res
 
 
@@ -94,12 +109,17 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--targets", default=",".join(TARGETS))
     ap.add_argument("-k", "--match", default="", help="only models whose name contains this")
     ap.add_argument("--json", help="also write the outcomes as JSON here")
+    ap.add_argument("--resume", action="append", default=[],
+                    help="a progress log (stderr) of an earlier run: its outcomes are kept, not run again")
+    ap.add_argument("--graph-only", action="store_true",
+                    help="reference too compiles the graph imported once (no second Brevitas export)")
     ap.add_argument("--doc", help="replace the generated part of this markdown file (after its marker line)")
     a = ap.parse_args(argv)
     targets = [t for t in a.targets.split(",") if t]
     names = [e.name for e in CORPUS if a.match in e.name]
     t0 = time.perf_counter()
-    res = run_matrix(names, targets, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    res = run_matrix(names, targets, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                     from_module=not a.graph_only, done={k: v for f in a.resume for k, v in read_log(f).items()})
     print(f"{len(names)} models x {len(targets)} targets, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     table = render(res, names, targets)
     print(table)
