@@ -19,7 +19,8 @@ from collections import defaultdict
 from .registry import CORPUS
 from .runner import ERROR, EXACT, FAIL, TARGETS, TIES, Outcome, run_one
 
-SHORT = {EXACT: "exact", TIES: "exact (f32 ties)", ERROR: "clear error", FAIL: "**FAIL**"}
+NOT_RUN = "not-run"
+SHORT = {EXACT: "exact", TIES: "exact (f32 ties)", ERROR: "clear error", FAIL: "**FAIL**", NOT_RUN: "not run"}
 
 
 def read_log(path) -> dict[tuple[str, str], Outcome]:
@@ -33,7 +34,8 @@ def read_log(path) -> dict[tuple[str, str], Outcome]:
     return res
 
 
-def run_matrix(names, targets, progress=None, from_module: bool = True, done=None) -> dict[tuple[str, str], Outcome]:
+def run_matrix(names, targets, progress=None, from_module: bool = True, done=None,
+               run: bool = True) -> dict[tuple[str, str], Outcome]:
     """``{(model, target): Outcome}`` for every pair (see :func:`tests.corpus.runner.run_one`);
     with ``from_module`` the ``reference`` target compiles a Brevitas module itself (its report
     checks the module; a second export).  ``done``: outcomes already known (not run again)."""
@@ -42,6 +44,9 @@ def run_matrix(names, targets, progress=None, from_module: bool = True, done=Non
         for t in targets:
             if done and (n, t) in done:
                 res[n, t] = o = done[n, t]
+            elif not run:
+                res[n, t] = Outcome(NOT_RUN)
+                continue
             else:
                 res[n, t] = o = run_one(n, t, from_module=from_module and t == "reference")
             if progress:
@@ -72,7 +77,7 @@ def render(res: dict[tuple[str, str], Outcome], names, targets) -> str:
     L += ["", "## Exact vs source, per target", "",
           "| target | exact | f32 ties | clear error | FAIL | exact rate | exact or ties rate |", "|---|---|---|---|---|---|---|"]
     for t in targets:
-        ks = [res[n, t].kind for n in names]
+        ks = [res[n, t].kind for n in names if res[n, t].kind != NOT_RUN]
         m = max(1, len(ks))
         L.append(f"| {t} | {ks.count(EXACT)} | {ks.count(TIES)} | {ks.count(ERROR)} | {ks.count(FAIL)} | "
                  f"{ks.count(EXACT) / m:.0%} | {(ks.count(EXACT) + ks.count(TIES)) / m:.0%} |")
@@ -111,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the outcomes as JSON here")
     ap.add_argument("--resume", action="append", default=[],
                     help="a progress log (stderr) of an earlier run: its outcomes are kept, not run again")
+    ap.add_argument("--logs-only", action="store_true", help="run nothing: render the --resume logs ('not run' elsewhere)")
     ap.add_argument("--graph-only", action="store_true",
                     help="reference too compiles the graph imported once (no second Brevitas export)")
     ap.add_argument("--doc", help="replace the generated part of this markdown file (after its marker line)")
@@ -119,7 +125,8 @@ def main(argv=None) -> int:
     names = [e.name for e in CORPUS if a.match in e.name]
     t0 = time.perf_counter()
     res = run_matrix(names, targets, progress=lambda s: print(s, file=sys.stderr, flush=True),
-                     from_module=not a.graph_only, done={k: v for f in a.resume for k, v in read_log(f).items()})
+                     from_module=not a.graph_only, done={k: v for f in a.resume for k, v in read_log(f).items()},
+                     run=not a.logs_only)
     print(f"{len(names)} models x {len(targets)} targets, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     table = render(res, names, targets)
     print(table)

@@ -35,8 +35,65 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {
        for t in ("reference", "tvm-llvm", "hls4ml")},
 }
 
-#: models exact on reference and tvm-llvm today: they must stay exact (not become an error).
-MUST_BE_EXACT = {f"pot_mlp_b{b}" for b in range(2, 9)}
+#: models exact on reference and tvm-llvm in the last table (docs/corpus.md): they must stay exact
+#: on those targets (not become an error or a FAIL).  The others: see KNOWN_FAILURES and the table.
+MUST_BE_EXACT = {
+    "float_bn_conv_relu_b8",
+    "float_chw_trap_b6",
+    "float_cnn1d_b3",
+    "float_cnn2d_b7",
+    "float_mlp1d_b5",
+    "float_mlp_b2",
+    "float_mlp_b4",
+    "float_residual_b8",
+    "float_two_heads_b6",
+    "ort_chw_trap_u8",
+    "ort_cnn1d_u8",
+    "ort_cnn2d_u8",
+    "ort_mlp_s8",
+    "ort_mlp_u8",
+    "perchannel_cnn1d_b4",
+    "perchannel_cnn2d_b3",
+    "perchannel_cnn2d_b7",
+    "perchannel_mlp1d_b5",
+    "perchannel_mlp_b2",
+    "perchannel_mlp_b8",
+    "pot_adaptive_avgpool_b6",
+    "pot_avgpool2_b6",
+    "pot_avgpool3_b6",
+    "pot_bn_before_ident_b6",
+    "pot_bn_conv_relu_b6",
+    "pot_bn_end_b6",
+    "pot_chw_trap_b6",
+    "pot_chw_trap_stride_b5",
+    "pot_cl_trap_1d_b6",
+    "pot_cnn1d_b6",
+    "pot_cnn2d_b4",
+    "pot_cnn2d_b8",
+    "pot_depthwise_b6",
+    "pot_mlp1d_b5",
+    "pot_mlp_b2",
+    "pot_mlp_b3",
+    "pot_mlp_b4",
+    "pot_mlp_b5",
+    "pot_mlp_b6",
+    "pot_mlp_b7",
+    "pot_mlp_b8",
+    "pot_mlp_float_bias_b6",
+    "pot_mlp_raw_logits_b6",
+    "pot_residual_b6",
+    "pot_trunc_adaptive_avgpool_b6",
+    "pot_trunc_avgpool_b6",
+    "pot_trunc_avgpool_round_b6",
+    "pot_two_heads_b6",
+    "pot_upsample_b6",
+    "zeropoint_cnn1d_b6",
+    "zeropoint_cnn2d_b4",
+    "zeropoint_cnn2d_b8",
+    "zeropoint_mlp1d_b3",
+    "zeropoint_mlp_b5",
+    "zeropoint_mlp_b7",
+}
 
 #: the hls4ml cases of the default run (C-simulation compiles take 10-20 s each)
 HLS4ML_DEFAULT = ("pot_mlp_b4", "pot_cnn2d_b4", "pot_cnn1d_b6", "pot_chw_trap_b6")
@@ -48,7 +105,7 @@ def _check(name: str, target: str, from_module: bool = False):
     if o.kind == FAIL:
         assert known is not None, f"{name} on {target}: FAIL: {o.detail}"
         assert known[0] in o.detail, f"{name} on {target} fails another way than known ({known[1]}): {o.detail}"
-    if name in MUST_BE_EXACT:
+    if name in MUST_BE_EXACT and target in ("reference", "tvm-llvm"):
         assert o.kind == EXACT, f"{name} on {target} was exact and is now {o.kind}: {o.detail}"
     return o
 
