@@ -103,7 +103,10 @@ def test_default_quantizers_exact(dm, tmp_path, name, make, wq, out_quant):
     g = res.graph
     fid = res.report["fidelity"]  # qdeploy's own source check (the module run on the golden images)
     assert fid["checked"] and fid["ok"], fid
-    assert "MultiThreshold" in [n.op for n in g.nodes]  # the scaled-integer path was taken
+    # the scaled-integer path was taken: MultiThreshold requantizers, most of them rewritten by the
+    # requant_shift pass into their proved multiply-and-shift form (Affine -> Quantize, same node name)
+    shifted = [t for p in res.report["passes"] if p["name"] == "requant_shift" for t in p["notes"]]
+    assert "MultiThreshold" in [n.op for n in g.nodes] or any("became multiply-and-shift" in t for t in shifted)
 
     # Brevitas forward with hooks: each layer's QuantTensor input and each QuantReLU's output
     seq = list(model)
@@ -119,7 +122,16 @@ def test_default_quantizers_exact(dm, tmp_path, name, make, wq, out_quant):
     env = reference.execute(g, {g.inputs[0]: np.transpose(x_te, perm)}, keep=True)
     got = np.transpose(env[g.outputs[0]], g.meta["output_perms"][g.outputs[0]])
     prod = {n.output: n for n in g.nodes}
-    mts = [n for n in g.nodes if n.op == "MultiThreshold" and prod[n.inputs[0]].op in ("Dense", "Conv")]
+
+    def requantizer(n) -> bool:
+        """A MultiThreshold after a Dense/Conv, or its requant_shift form (Affine '<name>_mul' -> Quantize)."""
+        if n.op == "MultiThreshold":
+            return prod[n.inputs[0]].op in ("Dense", "Conv")
+        a = prod.get(n.inputs[0]) if n.op == "Quantize" else None
+        return (a is not None and a.op == "Affine" and a.name.startswith(f"{n.name}_mul")
+                and prod[a.inputs[0]].op in ("Dense", "Conv"))
+
+    mts = [n for n in g.nodes if requantizer(n)]
     relus = [k for k, m in enumerate(seq) if isinstance(m, QuantReLU)]
     assert len(mts) == len(relus) + out_quant
     ties = 0
