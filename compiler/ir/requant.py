@@ -302,9 +302,15 @@ def f32_at_least(r: Fraction, strict: bool) -> Fraction:
 
 
 def float_input_thresholds(quant: QuantSpec, C: int, max_width: int = 62):
-    """Thresholds for a ``Quant`` on a float32 tensor ``x`` (per channel ``C``): every decision
-    ``x/s + z >= c`` is ``x >= t`` with ``t`` a float32 (:func:`f32_at_least`), and with ``F`` fraction
-    bits such that every ``t * 2**F`` is an integer, ``x >= t`` is ``floor(x * 2**F) >= t * 2**F``.
+    """Thresholds for a ``Quant`` on a float32 tensor ``x`` (per channel ``C``).
+
+    Each decision is ``x >= V`` (or ``x > V``) for an exact rational ``V``; on float32 inputs it is
+    ``x >= t`` with ``t`` the first float32 that passes (:func:`f32_at_least`).  With ``F`` fraction
+    bits such that every such ``t`` lies on the grid ``2**-F``, the first *grid point* ``g`` that
+    passes is ``<= t`` and no float32 lies in ``[g, t)``, so ``floor(x * 2**F) >= g * 2**F`` decides
+    exactly like the source for every float32 ``x``: the thresholds are those of the exact ``V``
+    (:func:`multithreshold_params` with ``P = 2**-F``, a regular ladder that a multiply-and-shift
+    form can follow), and only the grid's resolution comes from float32.
 
     Returns:
         ``(grid, params)``: ``grid`` the fixed type (``TRN``, ``SAT``) to cast ``x`` into first (its
@@ -314,32 +320,20 @@ def float_input_thresholds(quant: QuantSpec, C: int, max_width: int = 62):
         UnsupportedError: when the grid needs more than ``max_width`` bits.
     """
     check_quant(quant)
-    ts_all = []
-    for c in range(C):
-        row = []
-        for V, closed in quant.conditions(c):
-            row.append(f32_at_least(V, strict=not closed))
-        ts_all.append(row)
     F = 0
-    for row in ts_all:
-        for t in row:
+    conds = [quant.conditions(c) for c in range(C)]
+    for row in conds:
+        for V, closed in row:
+            t = f32_at_least(V, strict=not closed)
             if t != 0:
-                F = max(F, (t.denominator.bit_length() - 1))  # denominators of float32 are powers of two
-    codes = [[int(t * (1 << F)) for t in row] for row in ts_all]
-    lo = min(min(r) for r in codes) - 1
-    hi = max(max(r) for r in codes) + 1
+                F = max(F, t.denominator.bit_length() - 1)  # float32 denominators are powers of two
+    codes = [math.ceil(V * (1 << F)) if closed else math.floor(V * (1 << F)) + 1 for row in conds for V, closed in row]
+    lo, hi = min(codes) - 1, max(codes) + 1
     width, signed = bits_for_range(min(lo, 0), max(hi, 0))
     if width > max_width:
         raise UnsupportedError(f"a Quant on a float input needs a {width}-bit grid ({F} fraction bits) to compare "
                                f"the float32 input exactly with its thresholds (more than {max_width}; e.g. a "
                                f"threshold 'x > 0' of CEIL/UP rounding)")
     grid = FixedType(width, width - F, signed, "TRN", "SAT")
-    th = np.array([sorted(r) for r in codes], dtype=np.int64)
-    base = np.array([quant.qmin] * C, dtype=np.int64)
-    if C > 1 and np.all(th == th[0]):
-        th = th[:1]
-    if C > 1 and np.all(base == base[0]):
-        base = base[:1]
-    out_type = fixed_for_range(quant.qmin, quant.qmax, 0)
-    th_type = fixed_for_range(min(grid.min_code, int(th.min())), max(grid.max_code + 1, int(th.max())), F)
-    return grid, ThresholdParams(th, base, np.ones_like(base), out_type, th_type, ())
+    p = multithreshold_params(grid.min_code, grid.max_code, [Fraction(1, 1 << F)], [Fraction(0)], quant, False, F)
+    return grid, p
