@@ -315,17 +315,18 @@ def _import_Pad(cv, node):
 def _pool(cv, node, op):
     if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
         raise UnsupportedError("MaxPool with an Indices output is not supported", node.name)
-    e = cv.entry(node, node.input[0], scaled=node.op_type == "MaxPool")
+    e = cv.entry(node, node.input[0], scaled=True)
     rank = len(e.perm)
     x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
     kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
     strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
-    if e.scaled is not None:
-        attrs = {"kernel": kernel, "strides": strides, "pads": pads}
-        scaled_ops.maxpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
-        return
     if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
         raise UnsupportedError("AveragePool with padding (count_include_pad=0) is not supported", node.name)
+    if e.scaled is not None:
+        attrs = {"kernel": kernel, "strides": strides, "pads": pads}
+        pool = scaled_ops.maxpool if node.op_type == "MaxPool" else scaled_ops.avgpool
+        pool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
+        return
     v = cv.add(node.name, op, [x], {"kernel": kernel, "strides": strides, "pads": pads}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
@@ -336,9 +337,13 @@ def _import_AveragePool(cv, node):
     _pool(cv, node, "AvgPool")
 
 def _import_GlobalAveragePool(cv, node):
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
     rank = len(e.perm)
-    x = cv.layout(node, e, canonical_perm(rank))
+    x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
+    if e.scaled is not None:
+        attrs = {"kernel": cv.b.values[x].shape[:-1], "strides": (1,) * (rank - 1), "pads": (0,) * 2 * (rank - 1)}
+        scaled_ops.avgpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
+        return
     g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap")
     c = cv.b.values[g].shape[-1]
     v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])

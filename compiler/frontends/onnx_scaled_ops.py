@@ -56,6 +56,35 @@ def maxpool(cv, node, e, x, S, attrs, out, out_perm) -> None:
     cv.bind(out, v, out_perm, scaled=S.with_(P=P, B=B))
 
 
+def avgpool(cv, node, e, x, S, attrs, out, out_perm) -> None:
+    """``AveragePool``/``GlobalAveragePool`` of a scaled value as an exact integer window *sum* (a
+    depthwise ``Conv`` with weights 1) and ``P / n`` in the map (``n`` elements per window): exact
+    for any ``n``, where a fixed-point average truncates unless ``n`` is a power of two.  Padding
+    (``count_include_pad=1``) holds the real 0: an IR ``Pad`` with its code first.
+
+    Raises:
+        UnsupportedError: naming the node for a pending ReLU, a map varying across positions, or
+            padding whose real 0 is no single code."""
+    if S.relu:
+        materialize(cv, node, e)  # raises: the ReLU comes before the average
+    shape = cv.b.values[x].shape
+    P, B = channel(S.P, shape), channel(S.B, shape)
+    if P is None or B is None:
+        raise UnsupportedError(f"{node.op_type} of a scaled value whose scale/offset vary across positions", node.name)
+    kernel, pads = tuple(attrs["kernel"]), tuple(attrs["pads"])
+    nd = len(kernel)
+    if any(pads):
+        code = zero_code(cv, node, x, S, 0)
+        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": pads[:nd] + (0,) + pads[nd:] + (0,), "code": code},
+                   out=f"{out}__padded")
+    C = shape[-1]
+    w = np.ones(kernel + (1, C), dtype=np.int64)
+    v = cv.add(node.name, "Conv", [x], {"kernel": kernel, "strides": tuple(attrs["strides"]), "pads": (0,) * 2 * nd,
+                                        "groups": C}, {"weight": int_const(w)}, out=out)
+    n = int(np.prod(kernel))
+    cv.bind(out, v, out_perm, scaled=S.with_(P=P / n, B=B))
+
+
 def affine_const(cv, node, e, mul, add) -> None:
     """``x * mul + add`` (constants: scalars or IR channel vectors, exact Fractions) on a scaled
     value: folded into the map, no IR node."""

@@ -101,6 +101,17 @@ def eval64(model, x):
             for dy in range(k[0]):
                 for dx in range(k[1]):
                     y = np.maximum(y, i[0][:, :, dy:dy + st[0] * Ho:st[0], dx:dx + st[1] * Wo:st[1]])
+        elif n.op_type == "GlobalAveragePool":
+            y = i[0].mean(axis=(2, 3), keepdims=True)
+        elif n.op_type == "AveragePool":  # count_include_pad=1: zeros are counted
+            k, st, p = a["kernel_shape"], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0])
+            xp = np.pad(i[0], ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+            Ho, Wo = (xp.shape[2] - k[0]) // st[0] + 1, (xp.shape[3] - k[1]) // st[1] + 1
+            y = np.zeros(xp.shape[:2] + (Ho, Wo))
+            for dy in range(k[0]):
+                for dx in range(k[1]):
+                    y += xp[:, :, dy:dy + st[0] * Ho:st[0], dx:dx + st[1] * Wo:st[1]]
+            y = y / (k[0] * k[1])
         elif n.op_type == "Conv":
             p = a.get("pads", [0, 0, 0, 0])
             xp = np.pad(i[0], ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
@@ -364,3 +375,24 @@ def test_quant_output_epilogue_is_qonnx_float32_dequantization():
     assert n_src == 0
     np.testing.assert_array_equal(run_ir(g, x), run_qonnx(model, x))
     assert ops(g) == ["Quantize", "MultiThreshold", "Affine", "Affine"]
+
+
+def test_average_pools_as_exact_sums():
+    """AveragePool over 3x3 windows (9 elements, padded, count_include_pad=1) and GlobalAveragePool
+    over 3x3 (9) of zero-point codes: exact integer sums with 1/9 in the map (a fixed-point average
+    would truncate)."""
+    rng = np.random.default_rng(10)
+    m = M()
+    h = m.quant("qin", "x", 0.0311, 8, signed=0, zp=11.0)
+    w = m.wquant("w", rng.normal(0, 0.3, (4, 2, 1, 1)), 0.0029)
+    h = m.op("Conv", [h, w], "conv", kernel_shape=[1, 1])
+    h = m.quant("q1", h, 0.0173, 6, signed=0, zp=20.0)
+    h = m.op("AveragePool", [h], "ap", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], count_include_pad=1)
+    h = m.op("GlobalAveragePool", [h], "gap")
+    h = m.op("Flatten", [h], "flat")
+    w2 = m.wquant("w2", rng.normal(0, 0.3, (4, 3)), 0.0041)
+    h = m.op("MatMul", [h, w2], "fc")
+    y = m.quant("qout", h, 0.0057, 8)
+    x = f32(rng.uniform(-1, 8, (80, 2, 6, 6)))
+    g, _ = compare(m.model([1, 2, 6, 6], y), x)
+    assert "AvgPool" not in ops(g) and "GlobalAvgPool" not in ops(g) and ops(g).count("Pad") == 1
