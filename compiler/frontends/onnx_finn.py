@@ -13,7 +13,8 @@ Import
   is exact in the op's output type; any other ``out_scale`` / ``out_bias`` becomes the count followed
   by a float32 ``Affine`` (qonnx computes ``out_scale * count + out_bias`` in float32, and so does the
   Affine).
-* :func:`import_topk`: refused (the FINN label select is left to the host).
+* :func:`import_topk`: FINN's label select (``TopK`` indices) -> the IR ``TopK`` (float32 indices, on
+  the host for hls4ml).
 
 Export: :func:`export_multithreshold` writes the IR op back as a qonnx ``MultiThreshold`` (channels
 last, ``data_layout`` ``N...C``) so an imported FINN graph round-trips through qonnx's executor.
@@ -113,13 +114,38 @@ def import_multithreshold(cv, node) -> None:
 
 
 def import_topk(cv, node) -> None:
-    """FINN's label select (``TopK``): refused; the host takes the top-k of the graph's scores.
+    """ONNX ``TopK`` (FINN's label select) -> IR ``TopK`` (float32 indices, host epilogue on hls4ml).
+
+    Only the indices output may be used, ``sorted=1``, a constant ``K``; ties go to the lower index
+    (the ONNX rule).
 
     Raises:
-        UnsupportedError: always, naming the node.
+        UnsupportedError: the values output used, ``sorted=0``, a non-constant or out-of-range ``K``,
+            the batch axis; each naming the node.
     """
-    raise UnsupportedError("TopK (FINN label select) is not supported: remove it from the graph and take the "
-                           "top-k of the scores on the host (numpy.argsort)", node.name)
+    vals = node.output[0]
+    if vals and (vals in cv.graph_outputs or cv.consumers.get(vals)):
+        raise UnsupportedError("TopK values output is used: only the indices (label select) are supported",
+                               node.name)
+    if not int(cv.attr(node, "sorted", 1)):
+        raise UnsupportedError("TopK with sorted=0 (unspecified order) is not supported", node.name)
+    k = np.asarray(cv.const(node, node.input[1])).ravel()
+    if k.size != 1:
+        raise UnsupportedError(f"TopK K must be one value, got {k.tolist()}", node.name)
+    e = cv.entry(node, node.input[0])
+    if e.rowperm is not None:
+        raise UnsupportedError("TopK between a Flatten and a Dense", node.name)
+    rank = len(e.perm)
+    axis = int(cv.attr(node, "axis", -1))
+    axis = axis + rank + 1 if axis < 0 else axis
+    if axis == 0 or axis > rank:
+        raise UnsupportedError(f"TopK over axis {cv.attr(node, 'axis', -1)} (the batch or no axis)", node.name)
+    ax = axis - 1
+    q = e.perm if e.perm[-1] == ax else tuple(a for a in range(rank) if a != ax) + (ax,)
+    x = cv.layout(node, e, q)
+    v = cv.add(node.name, "TopK", [x], {"k": int(k[0]), "largest": bool(int(cv.attr(node, "largest", 1)))},
+               out=node.output[1])
+    cv.env[node.output[1]] = Entry(v, q)
 
 
 # ---------------------------------------------------------------- MultiThreshold export

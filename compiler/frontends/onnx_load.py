@@ -23,7 +23,7 @@ QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brev
 #: The standard ONNX domain, under both of its spellings.
 STD_DOMAINS = ("", "ai.onnx")
 #: QONNX custom ops the importer maps.
-QONNX_OPS = ("Quant", "BipolarQuant", "MultiThreshold")
+QONNX_OPS = ("Quant", "BipolarQuant", "Trunc", "MultiThreshold", "FloatQuant")
 
 
 def load_proto(model) -> tuple[onnx.ModelProto, str]:
@@ -113,7 +113,8 @@ def prepare(proto: onnx.ModelProto):
     try:
         m = ModelWrapper(proto)
         for t in (InferShapes(), GiveUniqueParameterTensors(),
-                  FoldConstants(exclude_op_types=["Quant", "BipolarQuant", "QuantizeLinear", "DequantizeLinear"]),
+                  FoldConstants(exclude_op_types=["Quant", "BipolarQuant", "FloatQuant", "QuantizeLinear",
+                                                   "DequantizeLinear"]),
                   RemoveUnusedTensors(), RemoveStaticGraphInputs()):
             m = m.transform(t)
     except QDeployError:

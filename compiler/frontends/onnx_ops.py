@@ -23,10 +23,11 @@ from . import onnx_scaled_ops as scaled_ops
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
 from .onnx_finn import import_multithreshold, import_topk
+from .onnx_minifloat import import_floatquant
+from .onnx_pool import (import_AveragePool, import_GlobalAveragePool, import_MaxPool, import_ReduceMean,
+                        spatial_attrs)
+from .onnx_rounding import DIRECTED, ROUNDING_MAP, import_trunc, quantize_directed
 
-#: QONNX rounding_mode -> ap_fixed quantization mode.
-ROUNDING_MAP = {"ROUND": "RND_CONV", "HALF_EVEN": "RND_CONV", "FLOOR": "TRN", "ROUND_TO_ZERO": "TRN_ZERO",
-                "DOWN": "TRN_ZERO", "HALF_UP": "RND_INF", "HALF_DOWN": "RND_ZERO"}
 
 
 # -------------------------------------------------------------- quantizers
@@ -38,38 +39,27 @@ def _import_Quant(cv, node):
     mode = str(cv.attr(node, "rounding_mode", "ROUND")).upper()
     check_quant_params(node, scale, zp, bw)
     if e.scaled is not None or np.any(zp != 0) or not np.all(scale == scale.ravel()[0]) \
-            or not is_pow2(float(scale.ravel()[0])) or mode not in ROUNDING_MAP or (narrow and not signed) \
+            or not is_pow2(float(scale.ravel()[0])) or (mode not in ROUNDING_MAP and mode not in DIRECTED) \
+            or (narrow and not signed) \
             or (float(bw.ravel()[0]) == 1 and signed and float(scale.ravel()[0]) != 1.0):
         # no fixed-point type (or no ap_fixed rounding mode): integer codes + a pending scale
         scaled.import_quant(cv, node, e, scale, zp, bw, signed, narrow, mode)
         return
-    if scale.size != 1 and not np.all(scale == scale.ravel()[0]):
-        raise UnsupportedError(f"Quant has a per-channel activation scale (shape {scale.shape}): only per-tensor "
-                               f"power-of-two scales map to a fixed-point type", node.name)
     s = float(scale.ravel()[0])
-    if not is_pow2(s):
-        raise UnsupportedError(f"Quant scale {s:.6g} is not a power of two: no exact fixed-point type", node.name)
-    if np.any(zp != 0):
-        raise UnsupportedError(f"Quant zero point {zp.ravel()[0]:g} is not 0: no exact fixed-point type", node.name)
     if bw.size != 1 or float(bw.ravel()[0]) != int(bw.ravel()[0]) or not 1 <= int(bw.ravel()[0]) <= 32:
         raise UnsupportedError(f"Quant bit width {bw.ravel().tolist()} is not an integer in 1..32", node.name)
     w = int(bw.ravel()[0])
-    if mode not in ROUNDING_MAP:
-        raise UnsupportedError(f"Quant rounding mode {mode!r} is not supported "
-                               f"(ROUND, FLOOR, ROUND_TO_ZERO/DOWN, HALF_UP, HALF_DOWN)", node.name)
-    if narrow and not signed:
-        raise UnsupportedError("narrow unsigned Quant (range [1, 2^b - 1]... excludes 0's neighbour) has no "
-                               "fixed-point type: unsigned narrow range is not supported", node.name)
-    if w == 1 and signed:  # QONNX: 1-bit signed Quant is bipolar (+-scale)
-        if s != 1.0:
-            raise UnsupportedError(f"1-bit signed Quant (bipolar) with scale {s:g}: only scale 1 is supported",
-                                   node.name)
+    if w == 1 and signed:  # QONNX: 1-bit signed Quant is bipolar (+-scale; scale 1 here, others go scaled)
         v = cv.add(node.name, "Sign", [e.value], out=node.output[0])
     else:
         F = -int(round(math.log2(s)))
-        to = FixedType(w, w - F, signed, ROUNDING_MAP[mode], "SAT_SYM" if (signed and narrow) else "SAT")
-        v = cv.add(node.name, "Quantize", [e.value], {"to": to}, out=node.output[0])
+        to = FixedType(w, w - F, signed, ROUNDING_MAP.get(mode, "TRN"), "SAT_SYM" if (signed and narrow) else "SAT")
+        if mode in DIRECTED:  # no ap_fixed mode: exact composition (onnx_rounding)
+            v = quantize_directed(cv, node, e.value, mode, to, node.output[0])
+        else:
+            v = cv.add(node.name, "Quantize", [e.value], {"to": to}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, e.perm)
+
 
 def _import_BipolarQuant(cv, node):
     e = cv.entry(node, node.input[0])
@@ -200,31 +190,6 @@ def _import_Gemm(cv, node):
     out, w, bias, bq = _absorb(cv, node, node.output[0], w, bias, not quant, bq, 0)
     _emit_dense(cv, node, e, bname + "__gemm" if quant else bname, w, bias, bq, out)
 
-def _spatial_attrs(cv, node, in_spatial, kernel):
-    nd = len(kernel)
-    strides = tuple(int(s) for s in cv.attr(node, "strides", [1] * nd))
-    dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * nd))
-    if any(d != 1 for d in dil):
-        raise UnsupportedError(f"{node.op_type} dilations {dil} are not supported (only 1)", node.name)
-    if int(cv.attr(node, "ceil_mode", 0)):
-        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 is not supported", node.name)
-    auto = str(cv.attr(node, "auto_pad", "NOTSET"))
-    if auto in ("NOTSET", ""):
-        pads = tuple(int(p) for p in cv.attr(node, "pads", [0] * 2 * nd))
-    elif auto == "VALID":
-        pads = (0,) * 2 * nd
-    elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for L, k, s in zip(in_spatial, kernel, strides):
-            total = max((-(-L // s) - 1) * s + k - L, 0)
-            small = total // 2
-            begins.append(small if auto == "SAME_UPPER" else total - small)
-            ends.append(total - small if auto == "SAME_UPPER" else small)
-        pads = tuple(begins + ends)
-    else:
-        raise UnsupportedError(f"{node.op_type} auto_pad {auto!r} is not supported", node.name)
-    return strides, pads
-
 def _import_Conv(cv, node):
     xname, wname = node.input[0], node.input[1]
     bname = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -241,7 +206,8 @@ def _import_Conv(cv, node):
         raise UnsupportedError(f"Conv kernel_shape {cv.attr(node, 'kernel_shape')} does not match weight {w.shape}",
                                node.name)
     in_spatial = cv.b.values[x].shape[:-1]
-    strides, pads = _spatial_attrs(cv, node, in_spatial, kernel)
+    strides, pads = spatial_attrs(cv, node, in_spatial, kernel, dilated=True)
+    dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * len(kernel)))
     groups = int(cv.attr(node, "group", 1))
     if scaled.wants_linear(cv, e, wname):
         codes, s_w = scaled.weight_codes(cv, node, wname, 0, (*range(2, w.ndim), 1, 0))
@@ -260,6 +226,8 @@ def _import_Conv(cv, node):
         params["bias"] = Const.from_real(bias) if (bq or isinstance(params["weight"].dtype, FixedType)) \
             else Const(bias.astype(np.float32), FLOAT32)
     attrs = {"kernel": kernel, "strides": strides, "pads": pads, "groups": groups}
+    if any(d != 1 for d in dil):
+        attrs["dilations"] = dil
     v = cv.add_fallback(node.name, "Conv", [x], attrs, params, ("bias",), out)
     cv.env[out] = Entry(v, canonical_perm(rank))
 
@@ -310,44 +278,6 @@ def _import_Pad(cv, node):
     else:
         handler(cv, node)
 
-
-# -------------------------------------------------------------- pooling
-def _pool(cv, node, op):
-    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
-        raise UnsupportedError("MaxPool with an Indices output is not supported", node.name)
-    e = cv.entry(node, node.input[0], scaled=True)
-    rank = len(e.perm)
-    x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
-    kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
-    strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
-    if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
-        raise UnsupportedError("AveragePool with padding (count_include_pad=0) is not supported", node.name)
-    if e.scaled is not None:
-        attrs = {"kernel": kernel, "strides": strides, "pads": pads}
-        pool = scaled_ops.maxpool if node.op_type == "MaxPool" else scaled_ops.avgpool
-        pool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
-        return
-    v = cv.add(node.name, op, [x], {"kernel": kernel, "strides": strides, "pads": pads}, out=node.output[0])
-    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
-
-def _import_MaxPool(cv, node):
-    _pool(cv, node, "MaxPool")
-
-def _import_AveragePool(cv, node):
-    _pool(cv, node, "AvgPool")
-
-def _import_GlobalAveragePool(cv, node):
-    e = cv.entry(node, node.input[0], scaled=True)
-    rank = len(e.perm)
-    x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
-    if e.scaled is not None:
-        attrs = {"kernel": cv.b.values[x].shape[:-1], "strides": (1,) * (rank - 1), "pads": (0,) * 2 * (rank - 1)}
-        scaled_ops.avgpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
-        return
-    g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap")
-    c = cv.b.values[g].shape[-1]
-    v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
-    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
 # -------------------------------------------------------------- shape ops
 def _reshape_to(cv, node, out_shape: tuple[int, ...]):
@@ -444,15 +374,16 @@ def _import_Softmax(cv, node):
 
 #: ONNX op type -> import handler (built-in mappings; see :func:`importer_for`).
 IMPORTERS: dict[str, Callable] = {
-    "Quant": _import_Quant, "BipolarQuant": _import_BipolarQuant,
+    "Quant": _import_Quant, "BipolarQuant": _import_BipolarQuant, "Trunc": import_trunc,
     "MatMul": _import_MatMul, "Gemm": _import_Gemm, "Conv": _import_Conv,
     "BatchNormalization": _import_BatchNormalization,
     "Add": _import_binary, "Sub": _import_binary, "Mul": _import_binary, "Div": _import_binary,
     "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
-    "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
+    "MaxPool": import_MaxPool, "AveragePool": import_AveragePool, "GlobalAveragePool": import_GlobalAveragePool,
+    "ReduceMean": import_ReduceMean,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
     "Concat": _import_Concat, "Pad": _import_Pad, "Softmax": _import_Softmax,
-    "MultiThreshold": import_multithreshold, "TopK": import_topk,
+    "MultiThreshold": import_multithreshold, "TopK": import_topk, "FloatQuant": import_floatquant,
 }
 
 

@@ -135,12 +135,35 @@ def test_annotated_weight_with_other_values_is_refused():
         import_onnx(m)
 
 
-def test_topk_label_select_is_refused():
-    rng = np.random.default_rng(0)
-    m = finn_mlp(rng)
-    k = numpy_helper.from_array(np.array([1], np.int64), "k")
-    m.graph.initializer.append(k)
+def _with_topk(m, k, use_values=False):
+    m.graph.initializer.append(numpy_helper.from_array(np.array([k], np.int64), "k"))
     m.graph.node.append(helper.make_node("TopK", ["y", "k"], ["vals", "idx"], name="label_select"))
-    m.graph.output[0].name = "idx"
-    with pytest.raises(UnsupportedError, match="node 'label_select'.*TopK"):
+    m.graph.output[0].name = "vals" if use_values else "idx"
+    if not use_values:
+        m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
+    return m
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_topk_label_select_matches_qonnx_ties_to_the_lower_index(k, tmp_path):
+    rng = np.random.default_rng(0)
+    m = _with_topk(finn_mlp(rng), k)
+    g = import_onnx(m)
+    assert g.nodes[-1].op == "TopK"
+    x = rng.integers(-128, 128, (64, 16)).astype(np.float32)
+    want = _qonnx(m, x)
+    scores = _qonnx(finn_mlp(np.random.default_rng(0)), x)
+    assert any(len(set(r)) < len(r) for r in scores)  # ties among the UINT3 scores
+    assert np.array_equal(ref.run(g, x), want)
+    import qdeploy
+    path = tmp_path / "finn_topk.onnx"
+    path.write_bytes(m.SerializeToString())
+    res = qdeploy.compile(str(path), "reference", tmp_path / "out", golden=x)  # tvm-llvm: after the merge
+    assert res.report["fidelity"]["ok"], res.report["fidelity"]
+    assert np.array_equal(res.load().predict(x), want)
+
+
+def test_topk_values_output_is_refused():
+    m = _with_topk(finn_mlp(np.random.default_rng(0)), 1, use_values=True)
+    with pytest.raises(UnsupportedError, match="node 'label_select'.*values output"):
         import_onnx(m)

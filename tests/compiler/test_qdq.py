@@ -98,6 +98,21 @@ def test_qdq_mlp_imports_and_matches_onnxruntime():
     assert np.array_equal(got, want)
 
 
+def test_dynamic_batch_qdq_model_compiles_with_a_source_check(tmp_path):
+    """torch/onnxruntime exports often declare a symbolic batch: the fidelity check must still run."""
+    import qdeploy
+
+    m = _mlp()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(m.SerializeToString())
+    x = np.random.default_rng(4).normal(0, 3, (32, 16)).astype(np.float32)
+    res = qdeploy.compile(str(path), "reference", tmp_path / "out", golden=x)
+    fid = res.report["fidelity"]
+    assert fid["checked"] and fid["ok"] and fid["samples"] == 32, fid
+    assert np.array_equal(res.load().predict(x), _ort(m, x))
+
+
 def test_qoperator_ops_are_refused_naming_the_node():
     inits = {"xs": np.float32(0.1), "xz": np.uint8(0), "w": np.ones((4, 4), np.uint8), "ws": np.float32(0.1),
              "wz": np.uint8(0), "ys": np.float32(0.1), "yz": np.uint8(0)}
@@ -122,3 +137,32 @@ def test_lonely_quantizelinear_is_refused():
              helper.make_node("Cast", ["q"], ["y"], name="cast", to=TensorProto.FLOAT)]
     with pytest.raises(UnsupportedError, match="node 'qq'.*feeds Cast"):
         import_onnx(_model(nodes, inits, [1, 4]))
+
+
+def test_int4_weights_and_uint4_activations_opset21():
+    """4-bit QDQ (opset 21): uint4 activations with an odd zero point, int4 per-channel weights."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-8, 8, size=(12, 6))
+    nodes, inits = _qdq("qin", "x", "xq", 2.0 ** -2, 7, np.uint8)
+    # re-type the activation pair as uint4 and the weight as int4 (onnx stores them packed)
+    inits["qin_z"] = helper.make_tensor("qin_z", TensorProto.UINT4, [], [7])
+    winit = helper.make_tensor("w", TensorProto.INT4, [12, 6], w.ravel().tolist())
+    wz = helper.make_tensor("w_z", TensorProto.INT4, [6], [0] * 6)
+    ws = (2.0 ** -rng.integers(2, 5, size=6)).astype(np.float32)
+    nodes.append(helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["wf"], name="wdq", axis=1))
+    nodes.append(helper.make_node("MatMul", ["xq", "wf"], ["y"], name="mm"))
+    g = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(inits["qin_s"], "qin_s"), inits["qin_z"], winit, wz,
+                           numpy_helper.from_array(ws, "w_s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    x = rng.normal(0, 2, (128, 12)).astype(np.float32)
+    x[:4] = (np.round(x[:4] * 4) + 0.5) / 4  # exact ties of x / s (odd zero point: rounding before the shift)
+    want = np.concatenate([_ort(m, x[i:i + 1]) for i in range(len(x))])
+    norm = onnx.ModelProto()
+    norm.CopyFrom(m)
+    normalize_qdq(norm)
+    got = np.concatenate([_qonnx(norm, x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(got, want)
+    assert [n.op_type for n in norm.graph.node].count("Quant") == 3  # 2 for the odd zero point, 1 weight
