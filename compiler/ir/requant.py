@@ -21,6 +21,7 @@ CVPR 2018, section 2.3).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -208,16 +209,44 @@ def _real_condition(V: Fraction, closed: bool, relu: bool):
     return V, closed
 
 
-def _code_threshold(V, closed, P: Fraction, B: Fraction, lo: int, hi: int) -> tuple[int, bool]:
-    """For ``u = a*P + B`` (``P != 0``): the threshold ``t`` of the condition ``u >= V`` (closed) or
-    ``u > V`` written as ``a >= t`` (when ``P > 0``: the condition) or as ``a >= t`` meaning *not*
-    the condition (``P < 0``).  Clipped to ``[lo, hi + 1]``.  Returns ``(t, is_negated)``."""
-    r = (V - B) / P
-    if P > 0:
-        t = math.ceil(r) if closed else math.floor(r) + 1
-    else:  # u >= V  <=>  a <= r ; not: a > r  <=> a >= floor(r) + 1 ;  u > V <=> a < r ; not: a >= ceil(r)
-        t = math.floor(r) + 1 if closed else math.ceil(r)
-    return min(max(t, lo), hi + 1), P < 0
+@functools.lru_cache(maxsize=64)
+def _steps(mode: str, qmin: int, qmax: int, bipolar: bool) -> tuple:
+    """``(h, closed)`` per condition ``q >= k``: ``round(f) >= k`` is ``f >= h/2`` (or ``>``)."""
+    if bipolar:
+        return ((0, True), (0, True))
+    return tuple((int(cc * 2), closed) for cc, closed in (step_condition(mode, k) for k in range(qmin + 1, qmax + 1)))
+
+
+def _channel_thresholds(quant: QuantSpec, c: int, p: Fraction, b: Fraction, relu: bool, lo: int, hi: int):
+    """The thresholds of channel ``c`` (``p != 0``), clipped to ``[lo, hi + 1]``.  For ``u = a*p + b``
+    and a condition ``u >= V`` (``u > V`` when open) with ``r = (V - b) / p``: when ``p > 0`` it is
+    ``a >= ceil(r)`` (open: ``a >= floor(r) + 1``); when ``p < 0`` its *negation* is ``a >= floor(r) + 1``
+    (open: ``a >= ceil(r)``), counted with sign -1.
+
+    In integer arithmetic: a condition's real is ``V = (h/2 - z) * s`` (``h`` its half-integer step,
+    :func:`step_condition`), so ``r = N / D`` with ``N = ((h - 2z) * sn * bd - 2 * bn * sd) * pd`` and
+    ``D = 2 * sd * bd * pn`` (numerators/denominators of the Fractions ``s``, ``b``, ``p``), and
+    ``ceil``/``floor`` of ``N / D`` are exact integer divisions (checked against brute force)."""
+    s, z = quant.channel(c)
+    sn, sd, pn, pd, bn, bd = s.numerator, s.denominator, p.numerator, p.denominator, b.numerator, b.denominator
+    D = 2 * sd * bd * pn
+    neg = D < 0
+    D = abs(D)
+    out = []
+    for h, closed in _steps(quant.rounding, quant.qmin, quant.qmax, quant.bipolar):
+        vnum = (h - 2 * z) * sn  # V = vnum / (2 sd)
+        if relu and (vnum < 0 or (vnum == 0 and closed)):  # max(0, u) always meets it
+            out.append(lo if p > 0 else hi + 1)
+            continue
+        N = (vnum * bd - 2 * bn * sd) * pd
+        if neg:
+            N = -N
+        if p > 0:
+            t = -((-N) // D) if closed else N // D + 1
+        else:
+            t = N // D + 1 if closed else -((-N) // D)
+        out.append(min(max(t, lo), hi + 1))
+    return out
 
 
 def multithreshold_params(lo: int, hi: int, P, B, quant: QuantSpec, relu: bool = False,
@@ -249,21 +278,15 @@ def multithreshold_params(lo: int, hi: int, P, B, quant: QuantSpec, relu: bool =
     T = quant.qmax - quant.qmin if not quant.bipolar else 2
     for c in range(C):
         p, b = P[c if len(P) > 1 else 0], B[c if len(B) > 1 else 0]
-        conds = [_real_condition(V, closed, relu) for V, closed in quant.conditions(c)]
         if p == 0:  # constant channel: count the conditions the constant u = B meets
+            conds = [_real_condition(V, closed, relu) for V, closed in quant.conditions(c)]
             dead.append(c)
             n = sum(1 for cd in conds if cd is None or (b > cd[0] if not cd[1] else b >= cd[0]))
             rows.append([lo] * n + [hi + 1] * (T - n))
             bases.append(quant.qmin)
             signs.append(1)
             continue
-        ts = []
-        for cd in conds:
-            if cd is None:  # always true
-                ts.append(lo if p > 0 else hi + 1)
-            else:
-                ts.append(_code_threshold(cd[0], cd[1], p, b, lo, hi)[0])
-        rows.append(sorted(ts))
+        rows.append(sorted(_channel_thresholds(quant, c, p, b, relu, lo, hi)))
         if p > 0:
             bases.append(quant.qmin)
             signs.append(1)
