@@ -105,7 +105,7 @@ def import_ReduceMean(cv, node):
 
     Raises:
         UnsupportedError: naming the node for any other set of axes."""
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
     rank = len(e.perm)
     if cv.opset >= 18:
         axes = [int(a) for a in np.asarray(cv.const(node, node.input[1])).ravel()] \
@@ -119,8 +119,19 @@ def import_ReduceMean(cv, node):
     if rank < 2 or axes != list(range(2, rank + 1)):
         raise UnsupportedError(f"ReduceMean over axes {axes} of a rank-{rank + 1} tensor: only the spatial axes "
                                f"{list(range(2, rank + 1))} (a global average pool) are supported", node.name)
-    x = cv.layout(node, e, canonical_perm(rank))
     keep = int(cv.attr(node, "keepdims", 1))
+    if e.scaled is not None:  # an exact window sum with 1/n in the map, as GlobalAveragePool
+        x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
+        attrs = {"kernel": cv.b.values[x].shape[:-1], "strides": (1,) * (rank - 1), "pads": (0,) * 2 * (rank - 1)}
+        out = node.output[0] if keep else f"{node.output[0]}__sum"
+        scaled_ops.avgpool(cv, node, e, x, S, attrs, out, canonical_perm(rank))
+        if not keep:
+            s = cv.env[out]
+            c = cv.b.values[s.value].shape[-1]
+            v = cv.add(f"{node.name}__squeeze", "Reshape", [s.value], {"shape": (c,)}, out=node.output[0])
+            cv.bind(node.output[0], v, (0,), scaled=scaled.reshaped(s.scaled, cv.b.values[s.value].shape, (c,)))
+        return
+    x = cv.layout(node, e, canonical_perm(rank))
     g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap" if keep else node.output[0])
     if not keep:
         cv.env[node.output[0]] = Entry(g, (0,))

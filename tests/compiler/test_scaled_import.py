@@ -103,6 +103,8 @@ def eval64(model, x):
                     y = np.maximum(y, i[0][:, :, dy:dy + st[0] * Ho:st[0], dx:dx + st[1] * Wo:st[1]])
         elif n.op_type == "GlobalAveragePool":
             y = i[0].mean(axis=(2, 3), keepdims=True)
+        elif n.op_type == "ReduceMean":
+            y = i[0].mean(axis=tuple(a["axes"]), keepdims=bool(a.get("keepdims", 1)))
         elif n.op_type == "AveragePool":  # count_include_pad=1: zeros are counted
             k, st, p = a["kernel_shape"], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0])
             xp = np.pad(i[0], ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
@@ -390,7 +392,8 @@ def test_quant_output_epilogue_is_qonnx_float32_dequantization():
     assert ops(g) == ["Quantize", "MultiThreshold", "Affine", "Affine"]
 
 
-def test_average_pools_as_exact_sums():
+@pytest.mark.parametrize("reduce_mean", [False, True], ids=["global_average_pool", "reduce_mean"])
+def test_average_pools_as_exact_sums(reduce_mean):
     """AveragePool over 3x3 windows (9 elements, padded, count_include_pad=1) and GlobalAveragePool
     over 3x3 (9) of zero-point codes: exact integer sums with 1/9 in the map (a fixed-point average
     would truncate)."""
@@ -401,8 +404,10 @@ def test_average_pools_as_exact_sums():
     h = m.op("Conv", [h, w], "conv", kernel_shape=[1, 1])
     h = m.quant("q1", h, 0.0173, 6, signed=0, zp=20.0)
     h = m.op("AveragePool", [h], "ap", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], count_include_pad=1)
-    h = m.op("GlobalAveragePool", [h], "gap")
-    h = m.op("Flatten", [h], "flat")
+    if reduce_mean:  # AdaptiveAvgPool2d(1) + flatten as torch exports it
+        h = m.op("ReduceMean", [h], "gap", axes=[2, 3], keepdims=0)
+    else:
+        h = m.op("Flatten", [m.op("GlobalAveragePool", [h], "gap")], "flat")
     w2 = m.wquant("w2", rng.normal(0, 0.3, (4, 3)), 0.0041)
     h = m.op("MatMul", [h, w2], "fc")
     y = m.quant("qout", h, 0.0057, 8)
