@@ -121,6 +121,8 @@ def binary(cv, node) -> bool:
         ea = ins[0] if ins[0] is not None else ins[1]
         cname = b if ins[0] is not None else a
         vec = cv.channel_vector(cv.consts[cname], ea)
+        if vec is not None and vec.ndim and ea.rowperm is not None:
+            vec = None  # per-element constants of a flattened tensor in the weights' row order: not mapped
         if vec is None:
             raise UnsupportedError(f"{op} with a constant of shape {np.shape(cv.consts[cname])} on a scaled value",
                                    node.name)
@@ -140,10 +142,12 @@ def binary(cv, node) -> bool:
     if op not in ("Add", "Sub"):
         raise UnsupportedError(f"{op} of two activations, one of them scaled-integer, is not supported", node.name)
     ea, eb = ins
+    if ea.rowperm is not None or eb.rowperm is not None:
+        raise UnsupportedError(f"{op} of a flattened scaled value feeding a MatMul/Gemm is not supported", node.name)
     Sa, Sb = scaled_of(cv, ea), scaled_of(cv, eb)
     if Sa is None or Sb is None or Sa.relu or Sb.relu:
         raise UnsupportedError(f"{op} of a scaled-integer value and a float (or pending ReLU) value", node.name)
-    xb, Sb = relayout(cv, node, eb, ea.perm) if eb.rowperm is None else (eb.value, Sb)
+    xb, Sb = relayout(cv, node, eb, ea.perm)
     shape = cv.b.values[ea.value].shape
     Pa, Pb = channel(Sa.P, shape), channel(Sb.P, shape)
     if Pa is None or Pb is None:
@@ -183,6 +187,8 @@ def batchnorm(cv, node, e, g, h) -> None:
     the float64 ``gamma / sqrt(var + eps)`` and ``beta - mean * g`` taken as exact rationals."""
     rank = len(e.perm)
     shp = (len(g),) + (1,) * (rank - 1)
+    if e.rowperm is not None:
+        raise UnsupportedError("BatchNormalization of a flattened scaled value feeding a MatMul/Gemm", node.name)
     gv, hv = cv.channel_vector(np.reshape(g, shp), e), cv.channel_vector(np.reshape(h, shp), e)
     affine_const(cv, node, e, gv, None)
     e2 = cv.env[node.output[0]]
