@@ -187,3 +187,17 @@ def test_float64_reevaluation_of_a_qdq_source():
     want = ref.run(import_onnx(m), x)
     assert np.array_equal(got.astype(np.float32), want)
     assert len(np.unique(want)) > 10
+
+
+@pytest.mark.parametrize("zp,zdtype", [(3, np.uint8), (-5, np.int8), (4, np.uint8), (-128, np.int8)])
+def test_non_power_of_two_scale_and_zero_points_import_exactly(zp, zdtype):
+    """Through the scaled-integer Quant path: the imported pair equals onnxruntime's Q -> DQ."""
+    nodes, inits = _qdq("q", "x", "y", 0.0123, zp, zdtype)
+    m = _model(nodes, inits, [1, 256])
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(0, 1, (3, 256)), rng.uniform(-3, 3, (3, 256))]).astype(np.float32)
+    g = import_onnx(m)
+    got = ref.run(g, x)
+    want = np.concatenate([_ort(m, x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(got, want), int((got != want).sum())
+    assert len(np.unique(want)) > 100
