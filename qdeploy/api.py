@@ -331,6 +331,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         fn = backend.load(tmp, info, graph)
         got = fn({k: v for k, v in feeds.items()})
         exact = compare_outputs(graph, ref, got)
+        if exact.get("fixed_mismatches"):  # name the first layer that differs (only on failure)
+            from .backends.divergence import localize
+            exact["divergence"] = localize(backend, graph, cfg, tmp, info, feeds)
         np.savez(tmp / "golden.npz", **{f"in:{k}": v for k, v in feeds_real.items()},
                  **{f"ref:{k}": v for k, v in ref.items()})
         notes = [n for r in pm.records for n in r.notes if r.name in ("quantize_inputs", "affine_to_fixed")]

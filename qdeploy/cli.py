@@ -95,8 +95,9 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     typer.echo(f"fidelity vs source: {fidelity_sentence(fid)}")
     failed = False
     if ex.get("fixed_mismatches", 0) and not allow_inexact:
-        typer.echo("error: fixed-point outputs differ from the reference (see report.md); "
-                   "--allow-inexact accepts this", err=True)
+        div = (ex.get("divergence") or {}).get("sentence")
+        typer.echo("error: fixed-point outputs differ from the reference" + (f"; {div}" if div else "")
+                   + " (see report.md); --allow-inexact accepts this", err=True)
         failed = True
     if failed:
         raise typer.Exit(1)

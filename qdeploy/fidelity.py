@@ -169,20 +169,32 @@ def batch_plan(proto, shapes=None) -> tuple[bool, str]:
     return True, ""
 
 
+def _carriers(proto) -> set:
+    """Names of the tensors that carry the batch axis: the non-constant graph inputs and every
+    output of a node reading one."""
+    inits = {i.name for i in proto.graph.initializer}
+    batch = {i.name for i in proto.graph.input if i.name not in inits}
+    for node in proto.graph.node:
+        if any(t in batch for t in node.input if t):
+            batch.update(o for o in node.output if o)
+    return batch
+
+
 def _batched_proto(proto, n: int):
-    """A copy of ``proto`` whose graph inputs/outputs and batch-carrying constant Reshape shapes
-    have batch ``n`` (value_info dropped: shapes are inferred again)."""
+    """A copy of the shape-inferred ``proto`` whose batch-carrying tensors (:func:`_carriers`:
+    graph inputs/outputs and value_info) and batch-carrying constant Reshape shapes have batch
+    ``n``; the other shapes are kept, so the copy needs no second shape inference."""
     import onnx
     from onnx import numpy_helper
     q = onnx.ModelProto()
     q.CopyFrom(proto)
+    carriers = _carriers(q)
     inits = {i.name: i for i in q.graph.initializer}
-    for t in list(q.graph.input) + list(q.graph.output):
-        if t.name not in inits and t.type.tensor_type.shape.dim:
+    for t in list(q.graph.input) + list(q.graph.output) + list(q.graph.value_info):
+        if t.name in carriers and t.type.tensor_type.shape.dim:
             t.type.tensor_type.shape.dim[0].dim_value = n
-    del q.graph.value_info[:]
     for k, node in enumerate(q.graph.node):
-        if node.op_type == "Reshape" and node.input[1] in inits and node.input[0] not in inits:
+        if node.op_type == "Reshape" and node.input[1] in inits and node.input[0] in carriers:
             shape = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).copy()
             if shape[0] in (0, 1):
                 shape[0] = n
@@ -241,7 +253,7 @@ def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, st
 
         ok, why = batch_plan(proto, single.get_tensor_shape) if n > 1 else (False, "one sample")
         if ok:
-            m = ModelWrapper(conv(_batched_proto(proto, n))).transform(InferShapes())
+            m = ModelWrapper(_batched_proto(single.model, n))  # shapes of the single run, batch n
             r = run(m, dict(inputs))
             res = {o: np.asarray(r[o]) for o in outs}
             first = one(0)

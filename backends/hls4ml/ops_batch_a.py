@@ -1,4 +1,5 @@
-"""hls4ml translations and FPGA estimate rows of the ops of batch A (``Pad``, ...).
+"""hls4ml translations and FPGA estimate rows of the ops of batch A (``Pad``, ``Clip``, ``Sub``, ``Max``,
+``Min``; the dilated ``Conv`` is handled by the Conv translator of :mod:`.ops`).
 
 :data:`ENTRIES` maps each IR op to ``(translator, Cost)``; :mod:`.ops` registers them into its
 ``TRANSLATE``/``ESTIMATE`` tables (this module imports nothing from it, so the import graph keeps
@@ -13,6 +14,9 @@ C++ semantics relied on (hls4ml 1.3.0, ``templates/vivado/nnet_utils``):
   precision (``ZeroPadding2D.initialize`` in ``hls4ml/model/layers.py``).
 * ``nnet_batchnorm.h``: ``res = (res_T)(x * scale + bias)`` at full precision, exact when ``res_T``
   holds the result (our exact IR types).
+* ``nnet_activation.h``: ``relu`` is ``x > 0 ? (res_T)x : 0``.
+* ``nnet_merge.h`` / ``nnet_merge_stream.h``: ``subtract`` is ``res = data1 - data2``; ``maximum`` /
+  ``minimum`` compare the operands and cast the chosen one to ``res_T``.
 """
 from __future__ import annotations
 
@@ -35,15 +39,21 @@ def _chained(ctx, lut: float, dsp: int, delay_ns: float) -> dict:
             "latency_cycles": 0, "ii_cycles": 1, "delay_ns": delay_ns}
 
 
-def _offset(tr, n: Node, value: str, src: str, t: FixedType, off: int, tout: FixedType, base: str,
-            out_value=None) -> str:
-    """A BatchNormalization adding ``off`` codes of ``t`` to each element of IR value ``value`` (layer
-    ``src``), with result type ``tout`` (exact when it holds every shifted code); binds
-    ``out_value`` when given.  Returns the layer."""
+def _affine_layer(tr, n: Node, value: str, src: str, scale: int, off: int, tout: FixedType, base: str,
+                  out_value=None) -> str:
+    """BatchNormalization ``(tout)(x * scale + off * 2**-F)`` (``scale`` in {1, -1}, ``off`` a code at
+    ``tout``'s fraction bits F) over IR value ``value`` (layer ``src``); exact when ``tout`` holds the
+    result."""
     v = tr.graph.value(value)
     c = v.shape[-1] if v.shape else 1
-    return tr.bn_layer(n, v.size, c, np.ones(c), np.full(c, off * t.lsb), BIT,
-                       fixed_for_range(off, off, t.frac_bits).hls(), tout, src, out_value, base=base)
+    return tr.bn_layer(n, v.size, c, np.full(c, float(scale)), np.full(c, off * tout.lsb),
+                       "ap_int<2>" if scale < 0 else BIT, fixed_for_range(off, off, tout.frac_bits).hls(), tout,
+                       src, out_value, base=base)
+
+
+def _relu_layer(tr, n: Node, src: str, tout: FixedType, base: str) -> str:
+    """``nnet_activation.h`` relu: ``x > 0 ? (res_T)x : 0`` (exact when ``res_T`` holds x)."""
+    return tr.layer(n, {"class_name": "Activation", "activation": "relu", "base": base}, {"result": tout.hls()}, [src])
 
 
 # ----------------------------------------------------------------------------- Pad
@@ -75,7 +85,7 @@ def _pad(tr, n: Node):
     src, tz = tr.src(n.inputs[0]), t
     if code:
         tz = fixed_for_range(t.min_code - code, t.max_code - code, t.frac_bits)
-        src = _offset(tr, n, n.inputs[0], src, t, -code, tz, f"{n.name}_offset")
+        src = _affine_layer(tr, n, n.inputs[0], src, 1, -code, tz, f"{n.name}_offset")
         tr.note(f"Pad '{n.name}' with code {code}: codes shifted by {-code} so that hls4ml's zero padding "
                 "pads the code, shifted back afterwards")
     out = tr.graph.value(n.output).shape
@@ -90,29 +100,12 @@ def _pad(tr, n: Node):
         d["base"] = f"{n.name}_zeropad"
     lay = tr.layer(n, d, {"result": tz.hls()}, [src])
     if code:
-        _offset(tr, n, n.output, lay, t, code, t, f"{n.name}_unshift", n.output)
+        _affine_layer(tr, n, n.output, lay, 1, code, t, f"{n.name}_unshift", n.output)
     else:
         tr.bind(n.output, lay)
 
 
 # ----------------------------------------------------------------------------- Clip
-def _affine_layer(tr, n: Node, value: str, src: str, scale: int, off: int, tout: FixedType, base: str,
-                  out_value=None) -> str:
-    """BatchNormalization ``(tout)(x * scale + off * 2**-F)`` (``scale`` in {1, -1}, ``off`` a code at
-    ``tout``'s fraction bits F) over IR value ``value`` (layer ``src``); exact when ``tout`` holds the
-    result."""
-    v = tr.graph.value(value)
-    c = v.shape[-1] if v.shape else 1
-    return tr.bn_layer(n, v.size, c, np.full(c, float(scale)), np.full(c, off * tout.lsb),
-                       "ap_int<2>" if scale < 0 else BIT, fixed_for_range(off, off, tout.frac_bits).hls(), tout,
-                       src, out_value, base=base)
-
-
-def _relu_layer(tr, n: Node, src: str, tout: FixedType, base: str) -> str:
-    """``nnet_activation.h`` relu: ``x > 0 ? (res_T)x : 0`` (exact when ``res_T`` holds x)."""
-    return tr.layer(n, {"class_name": "Activation", "activation": "relu", "base": base}, {"result": tout.hls()}, [src])
-
-
 def clip_plan(xlo: int, xhi: int, lo, hi):
     """Which bounds can change a value of an input with codes ``[xlo, xhi]`` (both at the output's
     fraction bits): ``(lo or None, hi or None)``."""

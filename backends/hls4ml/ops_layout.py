@@ -18,7 +18,7 @@ from __future__ import annotations
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops.depth_space import permutation_plan
 from .ops import ESTIMATE, TRANSLATE, chained, hls4ml_op
-from .resources import Cost
+from .resources import T_LUT_NS, Cost
 
 
 def wires(ctx, node) -> dict:
@@ -47,3 +47,20 @@ def _depth_to_space(tr, n: Node):
 
 TRANSLATE.set("SpaceToDepth", _depth_to_space)
 ESTIMATE.set("SpaceToDepth", Cost(wires))
+
+
+TRANSLATE.reject("Lookup", "hls4ml has no exact table layer: its sigmoid/tanh activations index fixed-range "
+                           "tables of their own (table_size over [-8, 8)), not one entry per input code")
+
+
+def _lookup_cost(ctx, node) -> dict:
+    """A fixed-point table as a ROM of 2**W entries per element: ceil(2**W / 64) LUT6 per output bit,
+    one LUT level of delay per 6 address bits (A12 style; a float-valued table is a host row, A14,
+    and never reaches this row)."""
+    out = ctx.graph.value(node.output)
+    w = ctx.graph.value(node.inputs[0]).dtype.width
+    lut = out.size * out.dtype.width * -(-(1 << w) // 64)
+    return chained(ctx, lut, 0, T_LUT_NS * max(1, -(-w // 6)))
+
+
+ESTIMATE.set("Lookup", Cost(_lookup_cost))

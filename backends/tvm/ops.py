@@ -15,10 +15,12 @@ non-quantizer op with a fixed-point output.  An op TVM cannot lower exactly is d
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te
 
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.ops.depth_space import permutation_plan
+from ...compiler.ir.ops import avg_shift
+from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
@@ -171,15 +173,16 @@ def _pool(lw, n, ins, in_types, out_t):
                            layout=layout))
             return lw.emit(op.add(y, c64(lo))) if lo else y
         return lw.emit(mp(x, pool_size=k, strides=s, padding=p, layout=layout))
-    if any(p):
-        raise UnsupportedError("AvgPool with padding is not supported", n.name)
     cnt = int(np.prod(k))
+    per = window_counts(n, in_v.shape)[None, ..., None] if any(p) else None  # padding not counted
     if isinstance(out_t, FixedType):
         tot = lw.window_sum(x, n, I64, C)
-        return lw.avg_div(tot, cnt, n)
+        if per is None:
+            return lw.avg_div(tot, cnt, n)
+        return lw.emit(op.floor_divide(lw.lshift(tot, avg_shift(cnt), n), c64(per)))
     xr = lw.real(x, t0)
     tot = lw.window_sum(xr, n, F32, C)
-    return lw.emit(op.divide(tot, cf(np.float32(cnt))))
+    return lw.emit(op.divide(tot, cf(np.float32(cnt) if per is None else per.astype(np.float32))))
 
 
 @LOWERING.register("GlobalAvgPool")
@@ -199,6 +202,30 @@ def _softmax(lw, n, ins, in_types, out_t):
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
 
 
+def _threshold_te(x, t, base, sign):
+    """TE: ``base[c] + sign[c] * sum_k int64(x[..., c] >= t[c, k])`` (``c`` the last axis; a
+    one-row / one-element parameter is shared by every channel)."""
+    def ch(idx, p):
+        return idx[-1] if int(p.shape[0]) > 1 else 0
+
+    n_t = int(t.shape[1])
+    if n_t == 0:
+        return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * 0, name="mt")
+    k = te.reduce_axis((0, n_t), name="k")
+    cnt = te.compute(x.shape, lambda *i: te.sum((x[i] >= t[ch(i, t), k]).astype(I64), axis=k), name="mt_count")
+    return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * cnt[i], name="mt")
+
+
+@LOWERING.register("MultiThreshold")
+def _multi_threshold(lw, n, ins, in_types, out_t):
+    """``base[c] + sign[c] * #{k : x[..., c] >= t[c, k]}`` (== the reference's ``searchsorted``
+    count) as one TE reduction over ``k``: the comparisons happen inside the sum's loop, so no
+    ``[batch, ..., C, T]`` intermediate exists at any batch size, fused or not."""
+    p = n.params
+    return lw.bb.emit_te(_threshold_te, ins[0], c64(p["thresholds"].data), c64(p["base"].data),
+                         c64(p["sign"].data), primfunc_name_hint="multi_threshold")
+
+
 @LOWERING.register("Resize")
 def _resize(lw, n, ins, in_types, out_t):
     """Nearest upsampling by integer factors: ``repeat`` along each spatial axis (== the reference)."""
@@ -216,9 +243,6 @@ def _depth_space(lw, n, ins, in_types, out_t):
     y = lw.emit(op.reshape(ins[0], (lw.n, *mid)))
     y = lw.emit(op.permute_dims(y, [0, *(p + 1 for p in perm)]))
     return lw.emit(op.reshape(y, (lw.n, *out)))
-
-
-LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
 
 
 @LOWERING.register("FloatQuant")
@@ -275,3 +299,16 @@ def _topk(lw, n, ins, in_types, out_t):
     return lw.emit(op.astype(idx, F32))
 for _op, _fn in _BATCH_A.items():
     LOWERING.set(_op, _fn)
+
+
+@LOWERING.register("Lookup")
+def _lookup(lw, n, ins, in_types, out_t):
+    """``take(table, x - min_code)``: a gather of the constant table (== the reference)."""
+    tab = n.params["table"]
+    lo = in_types[0].min_code
+    idx = lw.emit(op.subtract(ins[0], c64(lo))) if lo else ins[0]
+    const = c64(tab.data) if isinstance(tab.dtype, FixedType) else cf(tab.data)
+    return lw.emit(op.take(const, idx, axis=0, mode="clip"))  # in range by the type; clip: never out of bounds
+
+
+LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")

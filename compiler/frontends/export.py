@@ -229,6 +229,9 @@ def _conv(ex, n, x):
         ins.append(ex.const(n.params["bias"], f"{n.name}_bias", n.name))
     attrs = dict(kernel_shape=list(n.attrs["kernel"]), strides=list(n.attrs.get("strides", [1] * nd)),
                  pads=list(n.attrs.get("pads", [0] * 2 * nd)), group=int(n.attrs.get("groups", 1)))
+    d = n.attrs.get("dilations", 1)
+    if d != 1 and any(int(v) != 1 for v in d):
+        attrs["dilations"] = [int(v) for v in d]
     y = ex.node("Conv", ins, f"{base}_nchw_out", **attrs)
     return ex.channels_last(y, nd + 1, n.name, out=base)
 

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from ..errors import ModelImportError, UnsupportedError, VerifyError
 from ..ir.graph import Const, Graph, GraphBuilder
 from ..ir.types import FLOAT32, FixedType, FloatType
-from . import onnx_scaled
+from . import onnx_scaled, onnx_scaled_ops
 from .onnx_load import STD_DOMAINS
 
 # ops evaluated here when all their inputs are constants (Quant folding and the like)
@@ -262,7 +262,7 @@ class OnnxConverter:
             rank = len(self.b.values[e.value].shape)
             q = canonical_perm(rank)
             fake = onnx.helper.make_node("Identity", [o], [o], name=o)
-            v = onnx_scaled.output(self, o, e, q) if e.scaled is not None else self.layout(fake, e, q)
+            v = onnx_scaled_ops.output(self, o, e, q) if e.scaled is not None else self.layout(fake, e, q)
             final.append(v)
             output_perms[o] = [0] + [a + 1 for a in inv_perm(q)]
         self.b.meta["input_perms"] = input_perms

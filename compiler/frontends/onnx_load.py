@@ -23,7 +23,7 @@ QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brev
 #: The standard ONNX domain, under both of its spellings.
 STD_DOMAINS = ("", "ai.onnx")
 #: QONNX custom ops the importer maps.
-QONNX_OPS = ("Quant", "BipolarQuant", "MultiThreshold", "FloatQuant")
+QONNX_OPS = ("Quant", "BipolarQuant", "Trunc", "MultiThreshold", "FloatQuant")
 
 
 def load_proto(model) -> tuple[onnx.ModelProto, str]:

@@ -10,16 +10,17 @@ last axis, or the full per-sample array).  The real-number semantics of QONNX ``
 ``qonnx.custom_op.general.intquant``) are kept exactly:
 
 * a ``Quant`` becomes a ``MultiThreshold`` on the codes before it (:mod:`qdeploy.compiler.ir.requant`),
-  whose output codes are ``y - z`` (so the code 0 is the real 0, also for zero padding) with the
-  pending map ``P = s``, ``B = 0``;
+  whose output codes are ``y`` itself (e.g. ``uint8``) with the pending map ``P = s``, ``B = -z * s``
+  (the zero point is folded into the next layer's offset, Jacob et al., CVPR 2018, section 2.3;
+  zero padding of such a value pads with the code ``z``, an explicit IR ``Pad``);
 * ``MatMul``/``Gemm``/``Conv`` with ``Quant``'ed weights (integer codes ``W``, per-output-channel scale
   ``s_w``) are integer layers: ``acc = sum W * c`` and ``P' = P * s_w``, ``B' = s_w * (W^T B) + bias``;
 * ``BatchNormalization``, ``Add``/``Sub``/``Mul``/``Div`` by a constant fold into ``P``, ``B``; ``Relu``
   right before a ``Quant`` folds into its thresholds; ``MaxPool`` (``P > 0``), ``Reshape``, ``Flatten``,
   ``Transpose`` move the map along; an ``Add`` of two scaled values aligns power-of-two scale ratios;
-* a graph output gets a float32 ``Affine`` epilogue: ``float32(c * s)``, the dequantized ``Quant``
-  output as qonnx computes it (one rounding), or ``float32(c * P) + B`` after a float bias (not
-  bit-exact: the source sums in float32 too; noted).
+* a graph output gets a float32 epilogue: ``float32((y - z) * s)`` (an exact ``Affine`` adding ``-z``,
+  then a float32 one), the dequantized ``Quant`` output as qonnx computes it (one rounding), or
+  ``float32(c * P) + B`` after a float bias (not bit-exact: the source sums in float32 too; noted).
 
 Anything else on a scaled value is refused naming the node (:meth:`OnnxConverter.entry` calls
 :func:`materialize`).  Source of the thresholding idea: Umuroglu & Jahre, "Streamlined Deployment
@@ -34,7 +35,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from ..ir.graph import Const
 from ..ir.requant import QuantSpec, float_input_thresholds, frac, multithreshold_params
-from ..ir.types import FLOAT32, FixedType, fixed_for_range
+from ..ir.types import FixedType, fixed_for_range
 
 
 class Scaled:
@@ -49,7 +50,7 @@ class Scaled:
     __slots__ = ("P", "B", "relu")
 
     def __init__(self, P, B, relu: bool = False):
-        self.P, self.B, self.relu = _fr(P), _fr(B), bool(relu)
+        self.P, self.B, self.relu = fractions_of(P), fractions_of(B), bool(relu)
 
     def with_(self, **kw) -> "Scaled":
         d = {"P": self.P, "B": self.B, "relu": self.relu}
@@ -63,7 +64,7 @@ class Scaled:
         return f"scale {one(self.P)}, offset {one(self.B)}"
 
 
-def _fr(a) -> np.ndarray:
+def fractions_of(a) -> np.ndarray:
     arr = np.asarray(a, dtype=object)
     out = np.empty(arr.shape, dtype=object)
     for i, v in np.ndenumerate(arr):
@@ -113,7 +114,7 @@ def int_const(codes) -> Const:
     return Const(c, fixed_for_range(int(c.min(initial=0)), int(c.max(initial=0)), 0))
 
 
-def _note(cv, text: str) -> None:
+def note(cv, text: str) -> None:
     cv.b.meta.setdefault("notes", []).append(text)
 
 
@@ -250,7 +251,7 @@ def _quant_spec(cv, node, e, scale, zp, bw, signed, narrow, mode):
                                node.name)
     q = QuantSpec(tuple(Fraction(float(s)) for s in np.ravel(sv)), tuple(int(z) for z in np.ravel(zv)),
                   int(bw.ravel()[0]), signed, narrow, mode.upper())
-    return q, sv
+    return q, sv, zv
 
 
 def import_quant(cv, node, e, scale, zp, bw, signed: bool, narrow: bool, mode: str) -> None:
@@ -259,15 +260,15 @@ def import_quant(cv, node, e, scale, zp, bw, signed: bool, narrow: bool, mode: s
     On a fixed-point or scaled input the thresholds are accumulator codes
     (:func:`~qdeploy.compiler.ir.requant.multithreshold_params`); on a float32 input the value is cast
     first into a fixed-point grid fine enough for every float32 threshold
-    (:func:`~qdeploy.compiler.ir.requant.float_input_thresholds`).  The output codes are ``y - z``: a
+    (:func:`~qdeploy.compiler.ir.requant.float_input_thresholds`).  The output codes are ``y``: a
     plain fixed-point type when the scale is one power of two ``2**-F`` and ``z == 0``, else a scaled
-    value ``P = s``.
+    value ``P = s``, ``B = -z * s``.
 
     Raises:
         UnsupportedError: naming the node for a non-integer zero point, a scale varying along a
             non-channel axis, a map varying across positions, too wide a grid or quantizer.
     """
-    quant, sv = _quant_spec(cv, node, e, scale, zp, bw, signed, narrow, mode)
+    quant, sv, zv = _quant_spec(cv, node, e, scale, zp, bw, signed, narrow, mode)
     out = node.output[0]
     shape = cv.b.values[e.value].shape
     C = shape[-1] if shape else 1
@@ -297,8 +298,30 @@ def import_quant(cv, node, e, scale, zp, bw, signed: bool, narrow: bool, mode: s
               "sign": int_const(p.sign)}
     v = cv.add(node.name, "MultiThreshold", [x], {"to": p.out_type}, params, out=out)
     if p.dead:
-        _note(cv, f"{node.name}: channel(s) {list(p.dead)[:8]} have scale 0 before this Quant: constant outputs")
-    cv.bind(out, v, e.perm, e.rowperm, scaled=None if plain else Scaled(sv, 0))
+        note(cv, f"{node.name}: channel(s) {list(p.dead)[:8]} have scale 0 before this Quant: constant outputs")
+    cv.bind(out, v, e.perm, e.rowperm,
+            scaled=None if plain else Scaled(fractions_of(sv), -fractions_of(zv) * fractions_of(sv)))
+
+
+def zero_code(cv, node, x: str, S: Scaled, value=0) -> int:
+    """The code of IR value ``x`` whose real is ``value`` under map ``S`` (``code * 2**-F * P + B``):
+    one integer for every channel, inside the type's range (a zero point ``z``: the code ``z``).
+
+    Raises:
+        UnsupportedError: naming ``node`` when the channels disagree, the code is not an integer or
+            outside the type.
+    """
+    t = cv.b.values[x].dtype
+    shape = cv.b.values[x].shape
+    P, B = channel(S.P, shape), channel(S.B, shape)
+    lsb = Fraction(1, 1 << t.frac_bits) if t.frac_bits >= 0 else Fraction(1 << -t.frac_bits)
+    codes = {(frac(value) - b) / (p * lsb) if p != 0 else None for p, b in
+             zip(np.broadcast_to(P, shape[-1:] or (1,)), np.broadcast_to(B, shape[-1:] or (1,)))}
+    c = codes.pop() if len(codes) == 1 else None
+    if c is None or c.denominator != 1 or not t.min_code <= c <= t.max_code:
+        raise UnsupportedError(f"{node.op_type} pads a scaled-integer value ({S.describe()}) whose real {float(value):g} "
+                               f"is not one code of {t} in every channel", node.name)
+    return int(c)
 
 
 # ---------------------------------------------------------------------- linear layers
@@ -373,10 +396,12 @@ def dense(cv, node, e, codes, s_w, bias, out: str, alpha=Fraction(1)) -> None:
 
 def conv(cv, node, e, x_layout, codes, s_w, bias, attrs: dict, out: str, out_perm) -> None:
     """Integer ``Conv`` (channels-last weight codes ``[*k, I/g, O]``), as :func:`dense` per output
-    channel.  Zero padding holds the code 0, the real ``B[i]``: refused unless ``B == 0``.
+    channel.  Zero padding must hold the real 0: with an offset ``B`` (a zero point) the input is
+    first padded explicitly with the code of the real 0 (an IR ``Pad``, see :func:`zero_code`) and
+    the convolution runs unpadded.
 
     Raises:
-        UnsupportedError: as :func:`dense`, and for padding of a value with an offset.
+        UnsupportedError: as :func:`dense`, and for padding of a value whose real 0 is no single code.
     """
     x, S = _input(cv, node, e, x_layout)
     shape = cv.b.values[x].shape
@@ -386,8 +411,12 @@ def conv(cv, node, e, x_layout, codes, s_w, bias, attrs: dict, out: str, out_per
     cin, O, g = shape[-1], codes.shape[-1], int(attrs["groups"])
     Pi, Bi = list(np.broadcast_to(P, (cin,))), list(np.broadcast_to(B, (cin,)))
     if any(attrs["pads"]) and any(b != 0 for b in Bi):
-        raise UnsupportedError(f"{node.op_type} pads a value with an offset ({S.describe()}): the padding code 0 "
-                               f"would not be the real 0", node.name)
+        code = zero_code(cv, node, x, S, 0)
+        nd = len(attrs["kernel"])
+        p = tuple(attrs["pads"])
+        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": p[:nd] + (0,) + p[nd:] + (0,), "code": code},
+                   out=f"{out}__padded")
+        attrs = dict(attrs, pads=(0,) * len(p))
     ratio, p0 = _common_factor(Pi, node)
     il = codes.shape[-2]
     in_ch = (np.arange(O)[None, :] // (O // g)) * il + np.arange(il)[:, None]  # [I/g, O]
@@ -404,182 +433,3 @@ def conv(cv, node, e, x_layout, codes, s_w, bias, attrs: dict, out: str, out_per
         Bout.append(s_w[o] * off + (bias[o] if bias is not None else 0))
     v = cv.add(node.name, "Conv", [x], attrs, {"weight": int_const(W)}, out=out)
     cv.bind(out, v, out_perm, scaled=Scaled(np.array(Pout, dtype=object), np.array(Bout, dtype=object)))
-
-
-# ---------------------------------------------------------------------- elementwise
-def relu(cv, node, e) -> None:
-    """``Relu`` of a scaled value: pending (folded into the next ``Quant``'s thresholds, or a float
-    ReLU after a graph output's epilogue) when a ``Quant`` alone reads it or it is a graph output;
-    else a ``Relu`` on the codes when ``P > 0`` and ``B == 0``.
-
-    Raises:
-        UnsupportedError: naming the node otherwise (ReLU of ``c * P + B`` is not a map of codes).
-    """
-    out = node.output[0]
-    S = e.scaled
-    cons = cv.consumers.get(out, [])
-    shape = cv.b.values[e.value].shape
-    if out in cv.graph_outputs or (len(cons) == 1 and cons[0].op_type == "Quant" and cons[0].input[0] == out):
-        cv.bind(out, e.value, e.perm, e.rowperm, scaled=S.with_(relu=True))
-        return
-    if not S.relu and all(p > 0 for p in S.P.ravel()) and all(b == 0 for b in S.B.ravel()):
-        v = cv.add(node.name, "Relu", [e.value], out=out)
-        cv.bind(out, v, e.perm, e.rowperm, scaled=S)
-        return
-    raise UnsupportedError(f"Relu of a scaled-integer value with an offset or a negative scale ({S.describe()}) "
-                           f"that no Quant follows is not supported", node.name)
-
-
-def maxpool(cv, node, e, x, S, attrs, out, out_perm) -> None:
-    """``MaxPool`` on codes: commutes with ``c * P + B`` (and a pending ReLU) when every ``P > 0``.
-
-    Raises:
-        UnsupportedError: a channel with ``P <= 0`` or a map varying across positions."""
-    shape = cv.b.values[x].shape
-    P, B = channel(S.P, shape), channel(S.B, shape)
-    if P is None or B is None or any(p <= 0 for p in np.ravel(P)):
-        raise UnsupportedError(f"MaxPool of a scaled-integer value needs a positive per-channel scale "
-                               f"({S.describe()})", node.name)
-    v = cv.add(node.name, "MaxPool", [x], attrs, out=out)
-    cv.bind(out, v, out_perm, scaled=S.with_(P=P, B=B))
-
-
-def affine_const(cv, node, e, mul, add) -> None:
-    """``x * mul + add`` (constants: scalars or IR channel vectors, exact Fractions) on a scaled
-    value: folded into the map, no IR node."""
-    S = e.scaled
-    if S.relu:
-        materialize(cv, node, e)  # raises: ReLU then an affine op is not a map of codes
-    P, B = S.P, S.B
-    if mul is not None:
-        m = _fr(mul)
-        P, B = P * m, B * m
-    if add is not None:
-        B = B + _fr(add)
-    cv.bind(node.output[0], e.value, e.perm, e.rowperm, scaled=S.with_(P=P, B=B))
-
-
-def binary(cv, node) -> bool:
-    """``Add``/``Sub``/``Mul``/``Div`` where an input is a scaled value; False when none is (the
-    caller then uses the plain importer).
-
-    With a constant: folded into the map (``Div`` exactly, as a rational).  ``Add``/``Sub`` of two
-    activations: codes are aligned per channel by the power-of-two ratio of their scales (an integer
-    ``Affine``) and added; offsets add.
-
-    Raises:
-        UnsupportedError: naming the node for scales without a power-of-two ratio (both named), a
-            ``Mul``/``Div`` of two activations, a constant of another shape, a division by 0.
-    """
-    op = node.op_type
-    a, b = node.input[0], node.input[1]
-    ins = [cv.env.get(t) for t in (a, b)]
-    if not any(getattr(x, "scaled", None) is not None for x in ins):
-        return False
-    if cv.is_const(a) or cv.is_const(b):
-        ea = ins[0] if ins[0] is not None else ins[1]
-        cname = b if ins[0] is not None else a
-        vec = cv.channel_vector(cv.consts[cname], ea)
-        if vec is None:
-            raise UnsupportedError(f"{op} with a constant of shape {np.shape(cv.consts[cname])} on a scaled value",
-                                   node.name)
-        c = _fr(vec)
-        const_first = ins[0] is None
-        if op == "Add":
-            affine_const(cv, node, ea, None, c)
-        elif op == "Sub":
-            affine_const(cv, node, ea, -1 if const_first else None, c if const_first else -c)
-        elif op == "Mul":
-            affine_const(cv, node, ea, c, None)
-        elif op == "Div" and not const_first and all(x != 0 for x in c.ravel()):
-            affine_const(cv, node, ea, 1 / c, None)
-        else:
-            raise UnsupportedError(f"{op} of a constant and a scaled value (or by 0) is not supported", node.name)
-        return True
-    if op not in ("Add", "Sub"):
-        raise UnsupportedError(f"{op} of two activations, one of them scaled-integer, is not supported", node.name)
-    ea, eb = ins
-    Sa, Sb = scaled_of(cv, ea), scaled_of(cv, eb)
-    if Sa is None or Sb is None or Sa.relu or Sb.relu:
-        raise UnsupportedError(f"{op} of a scaled-integer value and a float (or pending ReLU) value", node.name)
-    xb, Sb = relayout(cv, node, eb, ea.perm) if eb.rowperm is None else (eb.value, Sb)
-    shape = cv.b.values[ea.value].shape
-    Pa, Pb = channel(Sa.P, shape), channel(Sb.P, shape)
-    if Pa is None or Pb is None:
-        raise UnsupportedError(f"{op}: scales vary across positions", node.name)
-    C = shape[-1] if shape else 1
-    pa, pb = np.broadcast_to(Pa, (C,)), np.broadcast_to(Pb, (C,))
-    base, ma, mb = [], [], []
-    for x, y in zip(pa, pb):
-        if x == 0 or y == 0:
-            raise UnsupportedError(f"{op} of a scaled value with a dead (scale 0) channel", node.name)
-        p0 = min(abs(x), abs(y))
-        rx, ry = x / p0, y / p0
-        if rx.denominator != 1 or ry.denominator != 1 or is_pow2_frac(abs(rx)) is None \
-                or is_pow2_frac(abs(ry)) is None:
-            raise UnsupportedError(f"{op} of scaled values with scales {float(x):.6g} and {float(y):.6g}: their ratio "
-                                   f"is not a power of two", node.name)
-        base.append(p0)
-        ma.append(int(rx))
-        mb.append(int(ry) * (-1 if op == "Sub" else 1))
-
-    def scaled_codes(v, m, tag):
-        if all(k == 1 for k in m):
-            return v
-        s = m[0] if all(k == m[0] for k in m) else np.asarray(m)
-        return cv.add(f"{node.name}__align_{tag}", "Affine", [v], {}, {"scale": int_const(s)},
-                      out=f"{node.output[0]}__align_{tag}")
-
-    va, vb = scaled_codes(ea.value, ma, "a"), scaled_codes(xb, mb, "b")
-    v = cv.add(node.name, "Add", [va, vb], out=node.output[0])
-    Bsum = Sa.B + (-Sb.B if op == "Sub" else Sb.B)
-    cv.bind(node.output[0], v, ea.perm, scaled=Scaled(np.array(base, dtype=object), compact(Bsum, shape)))
-    return True
-
-
-def batchnorm(cv, node, e, g, h) -> None:
-    """``BatchNormalization`` (eval) on a scaled value: ``P * g``, ``B * g + h`` with ``g``, ``h``
-    the float64 ``gamma / sqrt(var + eps)`` and ``beta - mean * g`` taken as exact rationals."""
-    rank = len(e.perm)
-    shp = (len(g),) + (1,) * (rank - 1)
-    gv, hv = cv.channel_vector(np.reshape(g, shp), e), cv.channel_vector(np.reshape(h, shp), e)
-    affine_const(cv, node, e, gv, None)
-    e2 = cv.env[node.output[0]]
-    affine_const(cv, node, e2, None, hv)
-
-
-# ---------------------------------------------------------------------- graph outputs
-def output(cv, o: str, e, layout) -> str:
-    """The float32 epilogue of scaled graph output ``o`` in IR layout ``layout``: ``Affine`` with
-    ``scale = float32(P)`` (and ``bias = float32(B)``), then ``Relu`` for a pending ReLU.
-
-    ``float32(c * s)`` is exactly qonnx's dequantization ``(y - z) * s`` of a ``Quant`` output (one
-    float32 rounding of the exact real); with a bias (e.g. logits of a float-bias Linear) or a
-    scale that is not a float32 the output is the float32 evaluation of the exact map (the source's
-    own float32 sum may round differently): noted.
-
-    Raises:
-        UnsupportedError: a map varying across positions."""
-    import onnx
-    fake = onnx.helper.make_node("Identity", [o], [o], name=o)
-    x, S = relayout(cv, fake, e, layout)
-    shape = cv.b.values[x].shape
-    P, B = channel(S.P, shape), channel(S.B, shape)
-    if P is None or B is None:
-        raise UnsupportedError(f"graph output {o!r}: scale/offset vary across positions", o)
-    Pf = np.asarray([float(p) for p in np.ravel(P)], dtype=np.float32).reshape(P.shape)
-    Bf = np.asarray([float(b) for b in np.ravel(B)], dtype=np.float32).reshape(B.shape)
-    params = {"scale": Const(Pf, FLOAT32)}
-    has_bias = any(b != 0 for b in np.ravel(B))
-    if has_bias:
-        params["bias"] = Const(Bf, FLOAT32)
-    t = cv.b.values[x].dtype
-    exact = not has_bias and all(Fraction(float(pf)) == p for pf, p in zip(np.ravel(Pf), np.ravel(P))) \
-        and max(abs(t.min_code), abs(t.max_code)) < (1 << 24)
-    v = cv.add(f"{o}__dequant", "Affine", [x], {}, params, out=f"{o}__dequant")
-    if S.relu:
-        v = cv.add(f"{o}__relu", "Relu", [v], out=f"{o}__relu")
-    if not exact:
-        _note(cv, f"graph output {o!r} is float32 computed from the exact integer accumulator ({S.describe()}); the "
-                  f"source computes it in float32 as well, so it may differ in the last bits")
-    return v

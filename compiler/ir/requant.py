@@ -13,8 +13,11 @@ threshold ``t_k`` is computed here in :class:`fractions.Fraction` arithmetic, wi
 (FINN's thresholding: Umuroglu & Jahre, "Streamlined Deployment for Quantized Neural Networks",
 arXiv 1709.04060, section 3; the FINN/qonnx ``MultiThreshold`` op).
 
-The returned codes are *centered*: ``q - z`` (so that the code 0 means the real 0, e.g. for
-zero padding), and the dequantized real is ``code * s``.
+The returned codes are the quantizer's integers ``q`` in ``[qmin, qmax]`` (e.g. ``uint8``: the
+output type is exactly that range, so a multiply-and-shift form can clamp to it), and the
+dequantized real is ``(q - z) * s``: the zero point stays in the consumer's offset (Jacob et al.,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
+CVPR 2018, section 2.3).
 """
 from __future__ import annotations
 
@@ -231,7 +234,7 @@ def multithreshold_params(lo: int, hi: int, P, B, quant: QuantSpec, relu: bool =
         out_frac: fraction bits of the output type (0: integer codes ``q - z``; ``F`` for a
             power-of-two scale ``2**-F`` with ``z == 0`` whose codes are plain fixed point).
     Returns:
-        :class:`ThresholdParams`; output code ``y = (q - z)``, i.e. ``base`` already includes ``-z``.
+        :class:`ThresholdParams`; output code ``y = q`` (the zero point is not subtracted).
     Raises:
         UnsupportedError: see :func:`check_quant`, or inconsistent channel counts.
     """
@@ -246,13 +249,12 @@ def multithreshold_params(lo: int, hi: int, P, B, quant: QuantSpec, relu: bool =
     T = quant.qmax - quant.qmin if not quant.bipolar else 2
     for c in range(C):
         p, b = P[c if len(P) > 1 else 0], B[c if len(B) > 1 else 0]
-        _, z = quant.channel(c)
         conds = [_real_condition(V, closed, relu) for V, closed in quant.conditions(c)]
         if p == 0:  # constant channel: count the conditions the constant u = B meets
             dead.append(c)
             n = sum(1 for cd in conds if cd is None or (b > cd[0] if not cd[1] else b >= cd[0]))
             rows.append([lo] * n + [hi + 1] * (T - n))
-            bases.append(quant.qmin - z)
+            bases.append(quant.qmin)
             signs.append(1)
             continue
         ts = []
@@ -263,18 +265,16 @@ def multithreshold_params(lo: int, hi: int, P, B, quant: QuantSpec, relu: bool =
                 ts.append(_code_threshold(cd[0], cd[1], p, b, lo, hi)[0])
         rows.append(sorted(ts))
         if p > 0:
-            bases.append(quant.qmin - z)
+            bases.append(quant.qmin)
             signs.append(1)
         else:
-            bases.append(quant.qmin + T - z)
+            bases.append(quant.qmin + T)
             signs.append(-1)
     th = np.array(rows, dtype=np.int64).reshape(C, T)
     base, sign = np.array(bases, dtype=np.int64), np.array(signs, dtype=np.int64)
     if C > 1 and np.all(th == th[0]) and np.all(base == base[0]) and np.all(sign == sign[0]):
         th, base, sign = th[:1], base[:1], sign[:1]
-    zs = [quant.channel(c)[1] for c in range(C)]
-    out_lo, out_hi = quant.qmin - max(zs), quant.qmax - min(zs)
-    out_type = fixed_for_range(out_lo, out_hi, out_frac)
+    out_type = fixed_for_range(quant.qmin, quant.qmax, out_frac)
     th_type = fixed_for_range(min(lo, int(th.min())), max(hi + 1, int(th.max())), frac_bits)
     return ThresholdParams(th, base, sign, out_type, th_type, tuple(dead))
 
@@ -335,12 +335,11 @@ def float_input_thresholds(quant: QuantSpec, C: int, max_width: int = 62):
                                f"threshold 'x > 0' of CEIL/UP rounding)")
     grid = FixedType(width, width - F, signed, "TRN", "SAT")
     th = np.array([sorted(r) for r in codes], dtype=np.int64)
-    base = np.array([quant.qmin - quant.channel(c)[1] for c in range(C)], dtype=np.int64)
+    base = np.array([quant.qmin] * C, dtype=np.int64)
     if C > 1 and np.all(th == th[0]):
         th = th[:1]
     if C > 1 and np.all(base == base[0]):
         base = base[:1]
-    zs = [quant.channel(c)[1] for c in range(C)]
-    out_type = fixed_for_range(quant.qmin - max(zs), quant.qmax - min(zs), 0)
+    out_type = fixed_for_range(quant.qmin, quant.qmax, 0)
     th_type = fixed_for_range(min(grid.min_code, int(th.min())), max(grid.max_code + 1, int(th.max())), F)
     return grid, ThresholdParams(th, base, np.ones_like(base), out_type, th_type, ())

@@ -241,3 +241,229 @@ def test_max_with_a_per_channel_constant_is_refused():
     m = _two_input_model("Max", np.array([0.0, 1.0, 2.0]).reshape(1, 3, 1, 1), 1)
     msg = refused(m)
     assert "'op'" in msg and "non-scalar constant" in msg
+
+
+# ---------------------------------------------------------------------- dilated Conv
+@pytest.mark.parametrize("dil,auto_pad,group", [((2, 2), None, 1), ((1, 3), None, 2), ((2, 3), "VALID", 1)])
+def test_dilated_conv_matches_qonnx(rng, dil, auto_pad, group, tmp_path):
+    """Conv with ONNX ``dilations`` (explicit pads, groups, auto_pad VALID) with
+    quantized weights and a rounding output Quant: IR == qonnx (onnxruntime's convolution) exactly; the
+    export keeps the dilations."""
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
+    qw, iw = quant("qw", "wf", "w", 2.0 ** -2, 4)
+    q2, i2 = quant("qout", "c", "y", 2.0 ** -2, 8, mode="ROUND")
+    kw = dict(kernel_shape=[3, 2], dilations=list(dil), group=group)
+    if auto_pad:
+        kw["auto_pad"] = auto_pad
+    else:
+        kw["pads"] = [2, 1, 1, 2]
+    conv = helper.make_node("Conv", ["a", "w"], ["c"], name="dconv", **kw)
+    m = mk([q1, qw, conv, q2], [2, 4, 9, 10],
+           {**i1, **iw, **i2, "wf": f32(rng.uniform(-2, 2, size=(4, 4 // group, 3, 2)))})
+    x = grid(rng, (2, 4, 9, 10), -300, 300, 5)
+    g = exact(m, {"x": x})
+    assert tuple(g.node("dconv").attrs["dilations"]) == dil
+    exported = export_qonnx(g, tmp_path / "dconv.onnx")
+    got = np.concatenate([run_qonnx(exported, {"x": x[i:i + 1]}) for i in range(len(x))])
+    np.testing.assert_array_equal(got, run_qonnx(m, {"x": x}))
+
+
+def test_dilated_conv_with_auto_pad_same_is_refused(rng):
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="dsame", kernel_shape=[3, 3], dilations=[2, 2],
+                            auto_pad="SAME_UPPER")
+    msg = refused(mk([conv], [1, 2, 8, 8], {"w": f32(rng.normal(size=(2, 2, 3, 3)))}))
+    assert "'dsame'" in msg and "auto_pad SAME" in msg
+
+
+# ---------------------------------------------------------------------- Quant rounding modes
+MODES = ["ROUND", "HALF_EVEN", "FLOOR", "CEIL", "UP", "DOWN", "HALF_UP", "HALF_DOWN"]
+
+
+def rounding_model(mode, bits=4, signed=1, narrow=0, after_conv=False):
+    """An input Quant (float input) with ``mode``, or (``after_conv``) a Quant with ``mode`` that
+    drops fraction bits of a convolution's fixed-point output."""
+    if not after_conv:
+        q, i = quant("q", "x", "y", 2.0 ** -2, bits, signed=signed, narrow=narrow, mode=mode)
+        return mk([q], [6, 3, 4, 4], i)
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -4, 8)
+    qw, iw = quant("qw", "wf", "w", 2.0 ** -2, 4)
+    conv = helper.make_node("Conv", ["a", "w"], ["c"], name="conv", kernel_shape=[1, 1])
+    q2, i2 = quant("q", "c", "y", 2.0 ** -1, bits, signed=signed, narrow=narrow, mode=mode)
+    w = f32(np.array([0.75, -0.5, 0.25]).reshape(1, 3, 1, 1))
+    return mk([q1, qw, conv, q2], [6, 3, 4, 4], {**i1, **iw, **i2, "wf": w})
+
+
+def rounding_feeds(rng):
+    # on the 2**-5 grid: every tie (x.5), every fraction, negative and positive, beyond the range
+    return {"x": grid(rng, (6, 3, 4, 4), -400, 400, 5)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bits,signed,narrow", [(4, 1, 0), (5, 1, 1), (3, 0, 0)])
+def test_every_qonnx_rounding_mode_matches_qonnx(rng, mode, bits, signed, narrow):
+    """Every rounding mode qonnx's ``resolve_rounding_mode`` accepts, signed / narrow / unsigned, on a
+    float input and on a fixed-point convolution output: IR == qonnx exactly (CEIL and UP through
+    their exact compositions, see ``compiler/frontends/onnx_rounding.py``)."""
+    for after_conv in (False, True):
+        m = rounding_model(mode, bits, signed, narrow, after_conv)
+        g = exact(m, rounding_feeds(rng))
+        if after_conv:  # the Quant reads fixed-point codes
+            assert all(str(g.values[n.inputs[0]].dtype) != "float32" for n in g.nodes
+                       if n.name == "q" or n.name.startswith("q__"))
+        if mode in ("CEIL", "UP"):
+            assert "Affine" in ops(g)
+
+
+# ---------------------------------------------------------------------- Trunc, padded AveragePool, ReduceMean
+def brevitas_trunc_pool_model(kernel=2, path=None):
+    """A Brevitas QuantIdentity (8-bit power-of-two scale) -> TruncAvgPool2d(kernel, stride=kernel) ->
+    TruncAdaptiveAvgPool2d(1), exported with ``export_qonnx`` (``AveragePool -> Trunc`` and
+    ``ReduceMean -> Trunc``).  Returns (onnx model, brevitas module, example input)."""
+    import onnx
+    import torch
+    import brevitas.nn as qnn
+    from brevitas.export import export_qonnx as brevitas_export
+    from brevitas.quant import Int8ActPerTensorFixedPoint
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True)
+            self.p = qnn.TruncAvgPool2d(kernel_size=kernel, stride=kernel)
+            self.g = qnn.TruncAdaptiveAvgPool2d(output_size=1)
+
+        def forward(self, x):
+            return self.g(self.p(self.q(x)))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        m(x)
+    brevitas_export(m, x, str(path))
+    return onnx.load(str(path)), m, x
+
+
+def test_brevitas_trunc_avg_pool_matches_qonnx(rng, tmp_path):
+    """Brevitas TruncAvgPool2d(2) + TruncAdaptiveAvgPool2d(1) (power-of-two window areas): the QONNX
+    export (AveragePool -> Trunc, ReduceMean -> Trunc, qonnx Trunc v2) imports as AvgPool /
+    GlobalAvgPool + exact Quantize and equals qonnx's executor bit for bit, ties included."""
+    m, _, _ = brevitas_trunc_pool_model(2, tmp_path / "trunc.onnx")
+    assert {"Trunc", "AveragePool", "ReduceMean"} <= {n.op_type for n in m.graph.node}
+    x = grid(rng, (1, 3, 8, 8), -120, 120, 4)
+    name = m.graph.input[0].name
+    for i in range(6):
+        g = exact(m, {name: grid(rng, (1, 3, 8, 8), -1200, 1200, 7 if i % 2 else 4)})
+    assert {"AvgPool", "GlobalAvgPool"} <= set(ops(g))
+
+
+def test_brevitas_trunc_avg_pool_of_area_9_is_refused(tmp_path):
+    """A 3x3 TruncAvgPool's Trunc has the scale s/9 (not a power of two): refused, naming the node."""
+    m, _, _ = brevitas_trunc_pool_model(3, tmp_path / "trunc3.onnx")
+    msg = refused(m)
+    assert "Trunc" in msg and "power of two" in msg
+    trunc = next(n.name for n in m.graph.node if n.op_type == "Trunc")
+    assert f"'{trunc}'" in msg
+
+
+@pytest.mark.parametrize("mode", ["FLOOR", "ROUND", "CEIL"])
+def test_trunc_v1_matches_qonnx(rng, mode):
+    """qonnx Trunc v1 (5 inputs, domain opset 1): R(round(x/s) / 2**(in_bw - out_bw)) * s."""
+    q, i = quant("qin", "x", "a", 2.0 ** -3, 8)
+    tr = helper.make_node("Trunc", ["a", "ts", "tz", "tin", "tout"], ["y"], name="trunc", domain=QD,
+                          rounding_mode=mode)
+    m = mk([q, tr], [4, 2, 3, 3], {**i, "ts": f32(2.0 ** -3), "tz": f32(0.0), "tin": f32(8.0), "tout": f32(5.0)})
+    exact(m, {"x": grid(rng, (4, 2, 3, 3), -2000, 2000, 6)})
+
+
+@pytest.mark.parametrize("count_include_pad,ceil_mode,pads,strides", [
+    (1, 0, [1, 1, 1, 1], [2, 2]), (1, 0, [0, 1, 1, 0], [1, 1]), (0, 1, [0, 0, 0, 0], [2, 2]),
+    (1, 1, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 0, 0, 1], [1, 1])])
+def test_padded_and_ceil_mode_avgpool_matches_qonnx(rng, count_include_pad, ceil_mode, pads, strides):
+    """AveragePool 2x2 with count_include_pad=1 pads (a zero Pad, then an unpadded pool), with
+    count_include_pad=0 pads (the IR AvgPool's own padding: each window divided by its count of
+    input elements, 1, 2 or 4 here) and ceil_mode where no partial window exists, then a rounding
+    Quant: IR == qonnx exactly."""
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
+    ap = helper.make_node("AveragePool", ["a"], ["b"], name="ap", kernel_shape=[2, 2], strides=strides, pads=pads,
+                          count_include_pad=count_include_pad, ceil_mode=ceil_mode)
+    q2, i2 = quant("qout", "b", "y", 2.0 ** -4, 8, mode="ROUND")
+    m = mk([q1, ap, q2], [2, 3, 6, 6], {**i1, **i2})
+    g = exact(m, {"x": grid(rng, (2, 3, 6, 6), -500, 500, 6)})
+    assert ("Pad" in ops(g)) == (any(pads) and count_include_pad == 1)
+
+
+def test_avgpool_padding_only_windows_and_partial_ceil_windows_are_refused():
+    for kw, why in ((dict(pads=[2, 2, 2, 2]), "windows of padding only"),
+                    (dict(strides=[2, 2], ceil_mode=1), "partial last window")):
+        m = mk([helper.make_node("AveragePool", ["x"], ["y"], name="ap", kernel_shape=[2, 2], **kw)], [1, 3, 5, 5])
+        msg = refused(m)
+        assert "'ap'" in msg and why in msg
+
+
+@pytest.mark.parametrize("opset,keepdims", [(13, 1), (13, 0), (18, 1)])
+def test_reduce_mean_over_spatial_axes_is_a_global_avg_pool(rng, opset, keepdims):
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
+    inits = dict(i1)
+    if opset >= 18:
+        rm = helper.make_node("ReduceMean", ["a", "axes"], ["y"], name="rm", keepdims=keepdims)
+        inits["axes"] = np.array([-1, 2], np.int64)
+    else:
+        rm = helper.make_node("ReduceMean", ["a"], ["y"], name="rm", axes=[2, 3], keepdims=keepdims)
+    m = mk([q1, rm], [2, 3, 4, 4], inits, opset=opset)
+    g = exact(m, {"x": grid(rng, (2, 3, 4, 4), -500, 500, 6)})
+    assert "GlobalAvgPool" in ops(g)
+
+
+def test_reduce_mean_over_channels_is_refused():
+    m = mk([helper.make_node("ReduceMean", ["x"], ["y"], name="rm_c", axes=[1])], [1, 3, 4, 4])
+    msg = refused(m)
+    assert "'rm_c'" in msg and "spatial axes" in msg
+
+
+def test_brevitas_model_with_hardtanh_and_relu6_exports_clip_and_matches(rng, tmp_path):
+    """nn.Hardtanh(-0.5, 0.75) and nn.ReLU6 between Brevitas power-of-two quantizers export as ONNX
+    Clip; the IR equals qonnx's executor and the Brevitas module itself."""
+    import onnx
+    import torch
+    import brevitas.nn as qnn
+    from brevitas.export import export_qonnx as brevitas_export
+    from brevitas.quant import Int8ActPerTensorFixedPoint
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q1 = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+            self.ht = torch.nn.Hardtanh(-0.5, 0.75)
+            self.q2 = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+            self.r6 = torch.nn.ReLU6()
+            self.q3 = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint)
+
+        def forward(self, x):
+            return self.q3(self.r6(self.q2(self.ht(self.q1(x)) * 8.0)))
+
+    torch.manual_seed(0)
+    mod = M().eval()
+    x = torch.randn(4, 3, 5)
+    with torch.no_grad():
+        mod(x)
+    brevitas_export(mod, x, str(tmp_path / "ht.onnx"))
+    m = onnx.load(str(tmp_path / "ht.onnx"))
+    assert [n.op_type for n in m.graph.node].count("Clip") == 2
+    xs = grid(rng, (4, 3, 5), -400, 400, 6)
+    name = m.graph.input[0].name
+    g = exact(m, {name: xs})
+    assert ops(g).count("Clip") == 2
+    with torch.no_grad():
+        want = mod(torch.from_numpy(xs)).numpy()
+    np.testing.assert_array_equal(run_ir(g, {name: xs}), want)
+
+
+def test_clip_of_a_float_value_keeps_any_float32_bound(rng):
+    """Clip on an unquantized (float32) tensor with a tiny bound (2**-140 grid): exact float32 clip."""
+    m = mk([helper.make_node("Relu", ["x"], ["a"], name="relu"),
+            helper.make_node("Clip", ["a", "lo", "hi"], ["y"], name="clip")], [3, 7],
+           {"lo": f32(np.float32(1e-42)), "hi": f32(0.3)})
+    x = f32(rng.normal(size=(3, 7)))
+    x[0, :3] = [0.0, 1e-43, 0.3]
+    exact(m, {"x": x})

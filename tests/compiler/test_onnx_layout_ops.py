@@ -192,3 +192,47 @@ def test_torch_pixel_shuffle_export_is_exact(rng):
         np.testing.assert_array_equal(run_ir(g, x), want)
         if isinstance(mod, torch.nn.PixelShuffle):  # exported as one DepthToSpace(mode=CRD)
             assert [(n.op, n.attrs["mode"]) for n in g.nodes] == [("DepthToSpace", "CRD")]
+
+
+# ------------------------------------------------------------------------------ Sigmoid / Tanh tables
+@pytest.mark.parametrize("fn,out_signed", [("Sigmoid", 0), ("Tanh", 1)])
+def test_sigmoid_tanh_on_codes_match_qonnx_exactly(tmp_path, fn, out_signed):
+    """Quant(8 bit, 2**-4) -> Sigmoid/Tanh -> Quant(8 bit, 2**-7): the IR ``Lookup`` holds the
+    source's own float32 value for each of the 256 input codes; every code (and every rounding
+    tie the output Quant meets) equals qonnx's executor, and so does the export."""
+    q1, i1 = quant_node("qin", "x", "a", 2.0 ** -4, 8)
+    q2, i2 = quant_node("qout", "b", "y", 2.0 ** -7, 8, signed=out_signed)
+    m = mk([q1, helper.make_node(fn, ["a"], ["b"], name="act"), q2], [256, 1], {**i1, **i2})
+    x = f32(np.arange(-128, 128).reshape(256, 1) / 16.0)  # every input code once
+    g = _exact(m, x, "Lookup")
+    lk = next(n for n in g.nodes if n.op == "Lookup")
+    assert lk.attrs["fn"] == fn and lk.params["table"].shape == (256,)
+    exported = export_qonnx(g, tmp_path / "act.onnx", batch=len(x))
+    np.testing.assert_array_equal(run_qonnx(exported, x), run_qonnx(m, x))
+
+
+def test_sigmoid_on_a_float_input_is_refused_naming_the_node():
+    q2, i2 = quant_node("qout", "b", "y", 2.0 ** -7, 8, signed=0)
+    m = mk([helper.make_node("Sigmoid", ["x"], ["b"], name="sig"), q2], [2, 4], i2)
+    msg = _refused(m)
+    assert "node 'sig'" in msg and "float input" in msg
+
+
+def test_compile_end_to_end_matches_the_source_on_tvm(tmp_path):
+    """Quant -> Resize -> DepthToSpace(CRD) -> Sigmoid -> Quant through ``qdeploy.compile`` for
+    tvm-llvm: the target equals the reference and the reference equals the source (qonnx's
+    executor) on every golden sample."""
+    from qdeploy import api
+
+    q1, i1 = quant_node("qin", "x", "a", 2.0 ** -4, 6)
+    q2, i2 = quant_node("qout", "d", "y", 2.0 ** -6, 7, signed=0)
+    nodes = [q1, helper.make_node("Resize", ["a", "", "sc"], ["b"], name="rs", mode="nearest",
+                                  coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("DepthToSpace", ["b"], ["c"], name="d2s", blocksize=2, mode="CRD"),
+             helper.make_node("Sigmoid", ["c"], ["d"], name="sig"), q2]
+    m = mk(nodes, [1, 8, 3, 2], {**i1, **i2, "sc": f32([1, 1, 2, 2])})
+    x = _grid(np.random.default_rng(3), (12, 8, 3, 2))
+    r = api.compile(m, target="tvm-llvm", out_dir=tmp_path / "out", golden=x)
+    assert r.report["exactness"]["bit_exact"] and r.report["exactness"]["samples"] == 12
+    fid = r.report["fidelity"]
+    assert fid["ok"] and fid["checked"] and fid["mismatches"] == 0 and fid["exact_matches"] == 12

@@ -98,6 +98,28 @@ def _minmax_broadcast(b, p, rng):
     return [b.add(p + "mx", "Max", [x, y]), b.add(p + "s", "Sub", [x, y])]
 
 
+def _conv_dilated(b, p, rng):
+    x = b.input(p + "x", (9, 8, 3), T("fixed<6,2,RND_CONV,SAT>"))
+    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (3, 2), "dilations": (2, 3), "strides": (1, 2),
+                                               "pads": (2, 1, 1, 0)},
+                  params={"weight": W(rng, "fixed<5,1>", (3, 2, 3, 4)), "bias": W(rng, "fixed<8,2>", (4,))})]
+
+
+def _conv1d_dilated_grouped(b, p, rng):
+    x = b.input(p + "x", (12, 4), T("ufixed<5,2>"))
+    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (3,), "dilations": (3,), "groups": 2, "pads": (3, 3)},
+                  params={"weight": W(rng, "fixed<4,1>", (3, 2, 4))})]
+
+
+def _avgpool_padded(b, p, rng):
+    # padding excluded from each window's count (ONNX count_include_pad=0): 1..9 elements per window
+    x = b.input(p + "x", (7, 6, 2), T("fixed<6,2>"))
+    y = b.input(p + "y", (9, 3), T("ufixed<5,1>"))
+    return [b.add(p + "ap3", "AvgPool", [x], attrs={"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 2)}),
+            b.add(p + "ap2", "AvgPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (1, 0, 0, 0)}),
+            b.add(p + "ap1", "AvgPool", [y], attrs={"kernel": (3,), "strides": (1,), "pads": (2, 1)})]
+
+
 HLS = ("hls4ml",)
 CASES_A = [
     Case("pad2d", "Pad", _pad2d),
@@ -111,4 +133,7 @@ CASES_A = [
     Case("minmax", "Max", _minmax),
     Case("min_map", "Min", _min_map),
     Case("minmax_broadcast", "Max", _minmax_broadcast, rejects=HLS),
+    Case("conv_dilated", "Conv", _conv_dilated),
+    Case("avgpool_padded", "AvgPool", _avgpool_padded),
+    Case("conv1d_dilated_grouped", "Conv", _conv1d_dilated_grouped),
 ]

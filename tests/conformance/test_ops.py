@@ -18,6 +18,7 @@ from qdeploy.compiler.ir.ops import OPS
 from qdeploy.compiler.ir.types import FLOAT32
 
 from .cases_batch_a import CASES_A
+from .cases_threshold import CASES_THRESHOLD
 from .conftest import Case, Wide, backend_params, compare, random_codes, random_feeds
 
 T = parse_type
@@ -101,6 +102,18 @@ def _conv2d_depthwise(b, p, rng):
     x = b.input(p + "x", (6, 6, 3), T("ufixed<5,2>"))
     return [b.add(p + "c", "Conv", [x], attrs={"kernel": (2, 2), "groups": 3, "strides": (1, 2)},
                   params={"weight": W(rng, "fixed<4,2>", (2, 2, 1, 3))})]
+
+
+def _conv2d_depthwise_padded(b, p, rng):
+    x = b.input(p + "x", (5, 5, 4), T("fixed<6,2,RND_CONV,SAT>"))
+    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (3, 3), "groups": 4, "pads": (1, 1, 1, 1)},
+                  params={"weight": W(rng, "fixed<5,1>", (3, 3, 1, 4)), "bias": W(rng, "fixed<7,3>", (4,))})]
+
+
+def _conv1d_depthwise(b, p, rng):
+    x = b.input(p + "x", (9, 3), T("fixed<7,3>"))
+    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (3,), "groups": 3, "strides": (2,), "pads": (1, 1)},
+                  params={"weight": W(rng, "fixed<4,1>", (3, 1, 3)), "bias": W(rng, "fixed<6,2>", (3,))})]
 
 
 def _conv1d(b, p, rng):
@@ -299,6 +312,22 @@ def _maxpool_unsigned_padded(b, p, rng):
     return [b.add(p + "mp", "MaxPool", [x], attrs={"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)})]
 
 
+def _pool_subsample(b, p, rng):
+    # kernel 1: a subsampling (hls4ml io_stream pooling needs stride == kernel)
+    x = b.input(p + "x", (6, 7, 2), T("fixed<7,2>"))
+    y = b.input(p + "y", (9, 3), T("ufixed<5,2>"))
+    return [b.add(p + "mp", "MaxPool", [x], attrs={"kernel": (1, 1), "strides": (2, 2)}),
+            b.add(p + "ap", "AvgPool", [y], attrs={"kernel": (1,), "strides": (2,)})]
+
+
+def _maxpool_padded(b, p, rng):
+    # non-overlapping windows with explicit padding (TF "SAME"-like), signed 2-D and unsigned 1-D
+    x = b.input(p + "x", (5, 5, 3), T("fixed<6,2>"))
+    y = b.input(p + "y", (7, 2), T("ufixed<5,3>"))
+    return [b.add(p + "mp", "MaxPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 1, 1)}),
+            b.add(p + "mp1", "MaxPool", [y], attrs={"kernel": (2,), "strides": (2,), "pads": (1, 0)})]
+
+
 def _avgpool2d(b, p, rng):
     x = b.input(p + "x", (6, 6, 3), T("fixed<7,3,RND_CONV,SAT_SYM>"))
     return [b.add(p + "ap2", "AvgPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2)}),
@@ -365,6 +394,17 @@ def _space_to_depth(b, p, rng):
     return [s2d, r]
 
 
+def _lookup(b, p, rng):
+    # a 5-bit input's 32 codes -> float32 table (Sigmoid values) -> rounding Quantize; and a
+    # fixed-point table (a permutation-like map) straight to codes
+    x = b.input(p + "x", (4, 6), T("fixed<5,2>"))
+    sig = 1.0 / (1.0 + np.exp(-np.arange(-16, 16) / 8.0))
+    lt = b.add(p + "lt", "Lookup", [x], attrs={"fn": "Sigmoid"}, params={"table": Const(sig, FLOAT32)})
+    q = b.add(p + "q", "Quantize", [lt], attrs={"to": T("ufixed<6,0,RND_CONV,SAT>")})
+    tab = W(rng, "fixed<7,3>", (32,))
+    return [q, b.add(p + "lf", "Lookup", [x], attrs={"fn": "table"}, params={"table": tab})]
+
+
 HLS = ("hls4ml",)
 CASES = [
     Case("quantize_down", "Quantize", _quantize_down),
@@ -379,6 +419,8 @@ CASES = [
     Case("conv2d", "Conv", _conv2d),
     Case("conv2d_grouped", "Conv", _conv2d_grouped),
     Case("conv2d_depthwise", "Conv", _conv2d_depthwise),
+    Case("conv2d_depthwise_padded", "Conv", _conv2d_depthwise_padded),
+    Case("conv1d_depthwise", "Conv", _conv1d_depthwise),
     Case("conv1d", "Conv", _conv1d),
     Case("relu", "Relu", _relu),
     Case("relu_quantize", "Relu", _relu_quantize),
@@ -407,7 +449,9 @@ CASES = [
     Case("maxpool2d", "MaxPool", _maxpool2d),
     Case("maxpool1d", "MaxPool", _maxpool1d),
     Case("maxpool_unsigned", "MaxPool", _maxpool_unsigned),
-    Case("maxpool_unsigned_padded", "MaxPool", _maxpool_unsigned_padded, rejects=HLS),
+    Case("maxpool_unsigned_padded", "MaxPool", _maxpool_unsigned_padded),
+    Case("pool_subsample", "MaxPool", _pool_subsample),
+    Case("maxpool_padded", "MaxPool", _maxpool_padded),
     Case("avgpool2d", "AvgPool", _avgpool2d),
     Case("avgpool1d", "AvgPool", _avgpool1d),
     Case("gap2d", "GlobalAvgPool", _gap2d),
@@ -417,8 +461,9 @@ CASES = [
     Case("resize2d", "Resize", _resize2d),
     Case("resize1d_map", "Resize", _resize1d_map),
     Case("depth_to_space", "DepthToSpace", _depth_to_space),
+    Case("lookup", "Lookup", _lookup, rejects=HLS),
     Case("space_to_depth", "SpaceToDepth", _space_to_depth),
-] + CASES_A
+] + CASES_A + CASES_THRESHOLD
 CASE_IDS = [c.id for c in CASES]
 BY_ID = {c.id: c for c in CASES}
 
@@ -471,7 +516,10 @@ def test_op_exact(case, backend, batch, wide, run_cache):
 #: Cases also compiled for hls4ml with ``io_type="io_stream"`` (one more wide build): case id ->
 #: True when io_stream must be exact, False when it must refuse with an error naming a case node.
 STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, "space_to_depth": True,
-                "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False}
+                "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False,
+                "conv2d_depthwise": True, "conv2d_depthwise_padded": True, "conv1d_depthwise": True,
+                "pool_subsample": True, "maxpool_padded": True, "maxpool_unsigned": False,
+                "maxpool_unsigned_padded": False, "maxpool2d": False, "avgpool1d": False}
 STREAM_CONFIG = {"hls4ml": {"io_type": "io_stream"}}
 
 

@@ -103,8 +103,8 @@ def add_clip(cv, onnx_node, value: str, lo, hi, out, name: str | None = None):
     is returned).
 
     Raises:
-        UnsupportedError / VerifyError: naming the node for a bound that is NaN or needs more than
-            32 fraction bits beyond the input's, or ``lo > hi``.
+        VerifyError: naming the node for a bound that is NaN, one that needs more than 32 fraction
+            bits beyond a fixed-point input's, or ``lo > hi``.
     """
     t = cv.b.values[value].dtype
     f_in = t.frac_bits if isinstance(t, FixedType) else 0
@@ -113,7 +113,8 @@ def add_clip(cv, onnx_node, value: str, lo, hi, out, name: str | None = None):
         if b is not None and (np.isinf(b) or (isinstance(t, FixedType) and (
                 b <= t.min_value if k == "lo" else b >= t.max_value))):
             b = None  # no effect on any input code: dropped (exactly equivalent)
-        codes[k] = None if b is None else bound_code(b, onnx_node.name, f_in=f_in)
+        # a float input keeps any float32 bound (<= 149 fraction bits); a fixed one at most 32 more bits
+        codes[k] = None if b is None else bound_code(b, onnx_node.name, 32 if isinstance(t, FixedType) else 160, f_in)
     if all(c is None for c in codes.values()):
         return value  # no bound can change a value: no node
     F = max([f_in] + [c[1] for c in codes.values() if c is not None])
