@@ -310,5 +310,3 @@ def _lookup(lw, n, ins, in_types, out_t):
     const = c64(tab.data) if isinstance(tab.dtype, FixedType) else cf(tab.data)
     return lw.emit(op.take(const, idx, axis=0, mode="clip"))  # in range by the type; clip: never out of bounds
 
-
-LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
