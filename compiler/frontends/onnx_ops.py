@@ -20,6 +20,7 @@ from ..ir.ops import REGISTRY
 from ..ir.types import FLOAT32, FixedType
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
+from .onnx_reduce import import_reduce_mean
 from .onnx_rounding import DIRECTED, ROUNDING_MAP, import_trunc, quantize_directed
 
 
@@ -314,36 +315,6 @@ def _import_GlobalAveragePool(cv, node):
     v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
-def _import_ReduceMean(cv, node):
-    """ONNX ``ReduceMean`` over exactly the spatial axes (what ``AdaptiveAvgPool2d(1)`` and Brevitas
-    ``TruncAdaptiveAvgPool2d(1)`` export) -> ``GlobalAvgPool`` (+ a keepdims Reshape).
-
-    Raises:
-        UnsupportedError: naming the node for any other set of axes."""
-    e = cv.entry(node, node.input[0])
-    rank = len(e.perm)
-    if cv.opset >= 18:
-        axes = [int(a) for a in np.asarray(cv.const(node, node.input[1])).ravel()] \
-            if len(node.input) > 1 and node.input[1] else []
-    else:
-        axes = [int(a) for a in (cv.attr(node, "axes", []) or [])]
-    if not axes and int(cv.attr(node, "noop_with_empty_axes", 0)):
-        cv.env[node.output[0]] = e
-        return
-    axes = sorted({a % (rank + 1) for a in axes}) if axes else list(range(rank + 1))
-    if rank < 2 or axes != list(range(2, rank + 1)):
-        raise UnsupportedError(f"ReduceMean over axes {axes} of a rank-{rank + 1} tensor: only the spatial axes "
-                               f"{list(range(2, rank + 1))} (a global average pool) are supported", node.name)
-    x = cv.layout(node, e, canonical_perm(rank))
-    keep = int(cv.attr(node, "keepdims", 1))
-    g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap" if keep else node.output[0])
-    if not keep:
-        cv.env[node.output[0]] = Entry(g, (0,))
-        return
-    c = cv.b.values[g].shape[-1]
-    v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
-    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
-
 # -------------------------------------------------------------- shape ops
 def _reshape_to(cv, node, out_shape: tuple[int, ...]):
     e = cv.entry(node, node.input[0])
@@ -442,7 +413,7 @@ IMPORTERS: dict[str, Callable] = {
     "Add": import_binary, "Sub": import_binary, "Mul": import_binary, "Div": import_binary,
     "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
     "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
-    "ReduceMean": _import_ReduceMean,
+    "ReduceMean": import_reduce_mean,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
     "Concat": _import_Concat, "Softmax": _import_Softmax,
 }
