@@ -227,3 +227,25 @@ def test_brevitas_model_with_batch_a_layers_compiles_bit_exact(target, tmp_path)
     want = np.asarray(getattr(want, "value", want)).reshape(12, -1)
     got = np.asarray(refmod.run(g, xi)).reshape(12, -1)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("target", ["hls4ml", "asic"])
+def test_estimates_price_every_batch_a_op(target, tmp_path):
+    """``qdeploy.estimate`` prices a model using every batch-A op (a row per layer, positive totals);
+    the hls4ml row of a dilated Conv counts the zero-inserted kernel's taps."""
+    import onnx
+
+    import qdeploy
+
+    p = tmp_path / "user.onnx"
+    onnx.save(_user_model(), p)
+    est = qdeploy.estimate(str(p), target)
+    names = " ".join(str(r.get("name", r.get("node", ""))) for r in est["layers"])
+    for node in ("pad", "dconv", "clip", "max", "sub"):
+        assert node in names, (node, names)
+    assert all(v >= 0 for v in est["total"].values() if isinstance(v, (int, float)))
+    if target == "hls4ml":
+        row = next(r for r in est["layers"] if "dconv" in str(r.get("name", r.get("node", ""))))
+        d = row["detail"]
+        # C_in x 5x5 taps of the zero-inserted kernel, of which (25 - 9) x C_in x C_out products are zeros
+        assert d["n_in"] == 2 * 5 * 5 and d["n_out"] == 3 and d["mults_zero"] >= (25 - 9) * 2 * 3, d
