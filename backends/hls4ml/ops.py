@@ -46,7 +46,7 @@ from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
-from .mac_cost import mac_row
+from .mac_cost import emits_depthwise, is_depthwise, mac_row
 from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
@@ -145,6 +145,17 @@ def _conv(tr, n: Node):
         wr = dilate_kernel(wr, dil)
         tr.note(f"dilated Conv '{n.name}' (dilations={dil}) mapped to a convolution with the zero-inserted "
                 f"{'x'.join(map(str, wr.shape[:nd]))} kernel (exact; the zeros are counted by the estimate)")
+    if is_depthwise(n):
+        # depthwise (groups == C_in == C_out): hls4ml's DepthwiseConv layers, one k-tap filter per
+        # channel, where hls4ml 1.3 allows it (emits_depthwise); else the block-diagonal dense
+        # kernel below, with a note.
+        if emits_depthwise(tr.graph, n, tr.strategy):
+            tr.depthwise_layer(n, wr, b, bt, w.dtype.hls(), strides, pads, tr.src(n.inputs[0]))
+            return
+        why = (f"hls4ml's DepthwiseConv does not support the {tr.strategy} strategy" if tr.strategy != "Latency" else
+               "hls4ml 1.3's DepthwiseConv1D and DepthwiseConv2D headers share an include guard and the model also "
+               "has a 2-D depthwise convolution")
+        tr.note(f"depthwise Conv '{n.name}': {why}; emitted as a dense convolution with a block-diagonal kernel")
     if groups > 1:
         # hls4ml convolutions have no groups: use the equivalent dense kernel, block-diagonal
         # over (C_in, C_out) with exact zeros off the diagonal blocks.
@@ -246,12 +257,11 @@ def _sign(tr, n: Node):
 
 # ----------------------------------------------------------------------------- arithmetic
 def _merge(tr, n: Node, op: str):
-    a, b = (tr.graph.value(i) for i in n.inputs)
-    if a.shape != b.shape:
-        raise UnsupportedError(f"{n.op} with broadcasting ({a.shape} vs {b.shape}); hls4ml Merge needs equal shapes",
-                               n.name)
-    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()},
-                               [tr.src(i) for i in n.inputs]))
+    """hls4ml Merge layers need equal shapes: a broadcast operand is first repeated to the output
+    shape (:meth:`~.translate.Translator.broadcast_to`, exact)."""
+    shape = tr.graph.value(n.output).shape
+    srcs = [tr.broadcast_to(n, i, shape) for i in n.inputs]
+    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()}, srcs))
 
 
 def _add_cost(ctx, node):
@@ -340,7 +350,20 @@ def _concat(tr, n: Node):
 
 @hls4ml_op("Reshape", cost=Cost(_free))
 def _reshape(tr, n: Node):
-    tr.bind(n.output, tr.layer(n, {"class_name": "Reshape", "target_shape": [int(s) for s in n.attrs["shape"]]},
+    shape = [int(s) for s in n.attrs["shape"]]
+    cls = "Reshape"
+    xin = tr.graph.value(n.inputs[0]).shape
+    if tr.io_type == "io_stream" and len(shape) == 1 and len(xin) > 1 and xin[-1] != shape[0] and \
+            any(c.op != "Dense" for c in tr.graph.consumers(n.output)):
+        # hls4ml 1.3 keeps a flatten in io_stream as an alias of its input stream (its ReshapeStream
+        # pass skips 1-D outputs, fpga/passes/repack_stream.py): only a Dense reads such a stream
+        # right.  An elementwise consumer reads words of the flat width from words of the input's
+        # last-axis width (nnet_activation_stream.h ``linear``: ``out_data[j] = in_data[j]`` for
+        # j < res_T::size), which gave wrong outputs and "Hls::stream contains leftover data".
+        # hls4ml's own Repack layer (``nnet::repack_stream``) re-packs the words exactly.
+        cls = "Repack"
+        tr.note(f"flatten '{n.name}' in io_stream feeds a non-Dense layer: emitted as an hls4ml Repack")
+    tr.bind(n.output, tr.layer(n, {"class_name": cls, "target_shape": shape},
                                {"result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
 
@@ -363,16 +386,15 @@ def _maxpool(tr, n: Node):
     k = tuple(int(v) for v in n.attrs["kernel"])
     s, p = _rank_pads(n, len(k))
     t = x.dtype
+    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # hls4ml's streaming pooling needs stride == kernel
+        return
     if any(p):
         # hls4ml pads max pooling with the code whose top bit is set: the most negative value of
-        # a signed type but the LARGEST of an unsigned one.
-        if not t.signed:
-            raise UnsupportedError("padded MaxPool on an unsigned input: hls4ml pads with the top-bit-set code, "
-                                   "the largest unsigned value", n.name)
-        if any(pv >= kv for pv, kv in zip(p, k + k)):
-            raise UnsupportedError("MaxPool padding as large as the kernel (all-padding windows)", n.name)
-        if tr.io_type == "io_stream":
-            raise UnsupportedError("padded MaxPool in io_stream", n.name)
+        # a signed type but the LARGEST of an unsigned one; its streaming pooling has no padding.
+        if not t.signed or tr.io_type == "io_stream" or any(pv >= kv for pv, kv in zip(p, k + k)):
+            tr.maxpool_zero_padded(n, k, s, p, tr.src(n.inputs[0]))
+            return
     d = tr.pool_dict(n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
     tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
@@ -423,6 +445,9 @@ def _avgpool(tr, n: Node):
     s, p = _rank_pads(n, len(k))
     if any(p) and tr.io_type == "io_stream":
         raise UnsupportedError("padded AvgPool in io_stream (hls4ml's streaming pooling has no padding)", n.name)
+    if not any(p) and all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # the average of one element is the element
+        return
     # count_pad=False: nnet_pooling.h divides each window by its number of non-padding pixels
     _avg(tr, n, lambda: {**tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
                          "count_pad": False}, int(np.prod(k)), window_counts(n, x.shape) if any(p) else None)
@@ -459,9 +484,12 @@ def _softmax_cost(ctx, node):
 TRANSLATE.reject("Softmax", "float32 op: it runs on the host after the fixed-point core (hls4ml's softmax is "
                             "a lookup-table approximation, not bit-exact)")
 ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
-TRANSLATE.reject("MultiThreshold", "hls4ml has no thresholding layer, and this requantizer has no proven "
-                                   "multiply-and-shift form")
-ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")
+TRANSLATE.reject("FloatQuant", "float32 minifloat quantizer: hls4ml has no minifloat rounding layer, so it runs on the "
+                               "host in the float prologue/epilogue (a FloatQuant between fixed-point layers is refused)")
+ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))
+TRANSLATE.reject("TopK", "label select with float32 indices: it runs on the host in the float epilogue (hls4ml has "
+                         "no top-k layer)")
+ESTIMATE.set("TopK", Cost(lambda ctx, node: {"host": True}, "standalone"))
 
 for _op, (_fn, _cost) in _BATCH_A.items():
     hls4ml_op(_op, cost=_cost)(_fn)

@@ -22,6 +22,7 @@ from ..ir.graph import Const, Graph
 from ..ir.ops import REGISTRY, get as get_op
 from ..ir.optable import OpTable
 from ..ir.types import FixedType
+from .onnx_finn import export_multithreshold
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 OPSET = 13
@@ -311,4 +312,4 @@ for _op, _spec in REGISTRY.items():
     if _spec.onnx_export is not None and _op not in EXPORTERS:
         EXPORTERS.set(_op, _spec.onnx_export)
 if "MultiThreshold" not in EXPORTERS:
-    EXPORTERS.reject("MultiThreshold", "QONNX export of threshold requantizers is not written yet")
+    EXPORTERS.set("MultiThreshold", export_multithreshold)

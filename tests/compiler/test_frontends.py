@@ -299,12 +299,12 @@ def test_error_pool_dilation(rng):
 
 
 @pytest.mark.parametrize("kw,reason", [
-    (dict(scale=0.0123, bits=8), "Quant scale 0.0123 is not a power of two"),
-    (dict(scale=0.25, bits=8, signed=0, narrow=1), "narrow unsigned"),
-    (dict(scale=0.25, bits=8, zp=3.0), "zero point 3 is not 0"),
+    # non-power-of-two scales, integer zero points, narrow unsigned ranges and CEIL/UP rounding are
+    # imported exactly as MultiThreshold requantizers: tests/compiler/test_scaled_import.py
+    (dict(scale=0.0123, bits=8, zp=0.5), "is not an integer"),
+    (dict(scale=0.0123, bits=20), "bit width 20 outside 1..16"),
     (dict(scale=0.25, bits=40), "bit width"),
     (dict(scale=0.25, bits=4, mode="STOCHASTIC"), "rounding mode 'STOCHASTIC'"),
-    (dict(scale=[0.25, 0.5, 0.25, 0.5], bits=4), "per-channel activation scale"),
 ])
 def test_error_activation_quant(kw, reason):
     qn, qi = quant_node("bad_q", "x", "y", **kw)
