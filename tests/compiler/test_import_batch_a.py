@@ -360,3 +360,14 @@ def test_clip_of_a_float_value_keeps_any_float32_bound(rng):
     x = f32(rng.normal(size=(3, 7)))
     x[0, :3] = [0.0, 1e-43, 0.3]
     exact(m, {"x": x})
+
+
+def test_pad_after_a_transpose_maps_onnx_axes_through_the_layout(rng):
+    """A Pad of a tensor whose IR layout differs from its ONNX axis order (after an ONNX Transpose):
+    the ONNX axes are mapped to IR axes through the layout, so the result equals qonnx's."""
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
+    tr = helper.make_node("Transpose", ["a"], ["t"], name="tr", perm=[0, 2, 3, 1])  # NCHW -> NHWC in ONNX
+    pad = helper.make_node("Pad", ["t", "pads", "val"], ["y"], name="pad", mode="constant")
+    m = mk([q1, tr, pad], [2, 3, 4, 5], {**i1, "pads": np.array([0, 1, 0, 2, 0, 0, 3, 0], np.int64),
+                                         "val": f32(-0.5)})
+    exact(m, {"x": grid(rng, (2, 3, 4, 5), -300, 300, 5)})
