@@ -78,12 +78,13 @@ def test_trunc_v1_matches_qonnx(rng, mode):
 
 @pytest.mark.parametrize("count_include_pad,ceil_mode,pads,strides", [
     (1, 0, [1, 1, 1, 1], [2, 2]), (1, 0, [0, 1, 1, 0], [1, 1]), (0, 1, [0, 0, 0, 0], [2, 2]),
-    (1, 1, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 0, 0, 1], [1, 1])])
+    (1, 1, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 0, 0, 1], [1, 1]),
+    (0, 1, [0, 0, 0, 0], [3, 3]), (1, 1, [1, 0, 0, 1], [3, 2]), (0, 1, [1, 1, 0, 0], [3, 3])])
 def test_padded_and_ceil_mode_avgpool_matches_qonnx(rng, count_include_pad, ceil_mode, pads, strides):
     """AveragePool 2x2 with count_include_pad=1 pads (a zero Pad, then an unpadded pool), with
     count_include_pad=0 pads (the IR AvgPool's own padding: each window divided by its count of
-    input elements, 1, 2 or 4 here) and ceil_mode where no partial window exists, then a rounding
-    Quant: IR == qonnx exactly."""
+    input elements, 1, 2 or 4 here) and ceil_mode (also with partial last windows: their overhang is
+    neither counted nor padded), then a rounding Quant: IR == qonnx exactly."""
     q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
     ap = helper.make_node("AveragePool", ["a"], ["b"], name="ap", kernel_shape=[2, 2], strides=strides, pads=pads,
                           count_include_pad=count_include_pad, ceil_mode=ceil_mode)
@@ -93,12 +94,20 @@ def test_padded_and_ceil_mode_avgpool_matches_qonnx(rng, count_include_pad, ceil
     assert ("Pad" in ops(g)) == (any(pads) and count_include_pad == 1)
 
 
-def test_avgpool_padding_only_windows_and_partial_ceil_windows_are_refused():
-    for kw, why in ((dict(pads=[2, 2, 2, 2]), "windows of padding only"),
-                    (dict(strides=[2, 2], ceil_mode=1), "partial last window")):
-        m = mk([helper.make_node("AveragePool", ["x"], ["y"], name="ap", kernel_shape=[2, 2], **kw)], [1, 3, 5, 5])
-        msg = refused(m)
-        assert "'ap'" in msg and why in msg
+@pytest.mark.parametrize("strides,pads", [([2, 2], [0, 0, 0, 0]), ([3, 2], [1, 0, 1, 1])])
+def test_ceil_mode_maxpool_with_partial_windows_matches_qonnx(rng, strides, pads):
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
+    mp = helper.make_node("MaxPool", ["a"], ["y"], name="mp", kernel_shape=[2, 2], strides=strides, pads=pads,
+                          ceil_mode=1)
+    m = mk([q1, mp], [2, 3, 6, 7], i1)
+    exact(m, {"x": grid(rng, (2, 3, 6, 7), -500, 500, 6)})
+
+
+def test_avgpool_padding_only_windows_are_refused():
+    m = mk([helper.make_node("AveragePool", ["x"], ["y"], name="ap", kernel_shape=[2, 2], pads=[2, 2, 2, 2])],
+           [1, 3, 5, 5])
+    msg = refused(m)
+    assert "'ap'" in msg and "windows of padding only" in msg
 
 
 @pytest.mark.parametrize("opset,keepdims", [(13, 1), (13, 0), (18, 1)])
