@@ -249,3 +249,40 @@ def test_estimates_price_every_batch_a_op(target, tmp_path):
         d = row["detail"]
         # C_in x 5x5 taps of the zero-inserted kernel, of which (25 - 9) x C_in x C_out products are zeros
         assert d["n_in"] == 2 * 5 * 5 and d["n_out"] == 3 and d["mults_zero"] >= (25 - 9) * 2 * 3, d
+
+
+def _ceil_pool_model():
+    """Quant -> MaxPool 2x2/2 ceil_mode (5x5 -> 3x3, partial windows) -> AveragePool 2x2/2 ceil_mode,
+    count_include_pad=0 (3x3 -> 2x2: windows of 4, 2, 2 and 1 elements) -> Quant."""
+    from onnx import helper
+
+    from tests.compiler.test_import_batch_a import mk, quant
+
+    q0, i0 = quant("q0", "x", "a", 2.0 ** -3, 6)
+    mp = helper.make_node("MaxPool", ["a"], ["b"], name="mp", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    ap = helper.make_node("AveragePool", ["b"], ["c"], name="ap", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    q1, i1 = quant("q1", "c", "y", 2.0 ** -4, 8, mode="ROUND")
+    return mk([q0, mp, ap, q1], [16, 3, 5, 5], {**i0, **i1})
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("target", _params())
+def test_ceil_mode_pools_on_every_target(target, compiled):
+    """ceil_mode pools with partial windows: the reference equals qonnx's executor and every target
+    equals the reference, except hls4ml io_stream, which refuses the padded average pool naming it."""
+    from qdeploy.compiler.frontends import import_onnx
+    from tests.compiler.test_import_batch_a import grid, run_ir, run_qonnx
+
+    m = _ceil_pool_model()
+    x = grid(np.random.default_rng(6), (16, 3, 5, 5), -300, 300, 5)
+    g = import_onnx(m)
+    np.testing.assert_array_equal(run_ir(g, {"x": x}), run_qonnx(m, {"x": x}))
+    backend = target.replace("-stream", "")
+    if target == "hls4ml-stream":
+        with pytest.raises(UnsupportedError, match="node 'ap'.*io_stream"):
+            compiled.get(backend, g, CONFIGS[target])
+        return
+    comp = compiled.get(backend, g, CONFIGS[target])
+    feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
+    bad = compare("opsA", "ceil_pools", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
+    assert not bad, "\n".join(bad)
