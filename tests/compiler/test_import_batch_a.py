@@ -371,3 +371,13 @@ def test_pad_after_a_transpose_maps_onnx_axes_through_the_layout(rng):
     m = mk([q1, tr, pad], [2, 3, 4, 5], {**i1, "pads": np.array([0, 1, 0, 2, 0, 0, 3, 0], np.int64),
                                          "val": f32(-0.5)})
     exact(m, {"x": grid(rng, (2, 3, 4, 5), -300, 300, 5)})
+
+
+def test_pad_opset10_attributes(rng):
+    """Before opset 11 ``pads`` and ``value`` are attributes."""
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -4, 8)
+    pad = helper.make_node("Pad", ["a"], ["y"], name="pad", mode="constant", pads=[0, 0, 2, 1, 0, 0, 0, 3],
+                           value=-1.25)
+    m = mk([q1, pad], [2, 3, 4, 5], i1, opset=10)
+    g = exact(m, {"x": grid(rng, (2, 3, 4, 5), -300, 300, 5)})
+    assert g.nodes[-1].attrs["code"] == -20
