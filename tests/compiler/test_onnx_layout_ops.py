@@ -236,3 +236,23 @@ def test_compile_end_to_end_matches_the_source_on_tvm(tmp_path):
     assert r.report["exactness"]["bit_exact"] and r.report["exactness"]["samples"] == 12
     fid = r.report["fidelity"]
     assert fid["ok"] and fid["checked"] and fid["mismatches"] == 0 and fid["exact_matches"] == 12
+
+
+def test_sigmoid_compiles_for_hls4ml_as_its_table_activation(tmp_path):
+    """Quant(8 bit, 2**-5) -> Sigmoid -> Quant(7 bit unsigned, 2**-7) through ``qdeploy.compile`` for
+    hls4ml: the pipeline folds the table and its Quant (fold_lookup_quantize), the firmware uses
+    hls4ml's sigmoid table, and every input code equals the source."""
+    from qdeploy import api
+
+    q1, i1 = quant_node("qin", "x", "a", 2.0 ** -5, 8)
+    q2, i2 = quant_node("qout", "b", "y", 2.0 ** -7, 7, signed=0)
+    m = mk([q1, helper.make_node("Sigmoid", ["a"], ["b"], name="sig"), q2], [1, 256], {**i1, **i2})
+    x = f32(np.arange(-128, 128).reshape(1, 256) / 32.0)
+    r = api.compile(m, target="hls4ml", out_dir=tmp_path / "out", golden=x)
+    assert r.report["exactness"]["bit_exact"] and r.report["fidelity"]["mismatches"] == 0
+    assert r.report["fidelity"]["checked"]
+    fold = [p for p in r.report["passes"] if p["name"] == "fold_lookup_quantize"]
+    assert fold and any("folded Quantize" in s for s in fold[0]["notes"])
+    import json
+    backend_notes = json.loads((tmp_path / "out" / "manifest.json").read_text())["backend"]["notes"]
+    assert any("sigmoid table" in s for s in backend_notes), backend_notes

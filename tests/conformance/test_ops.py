@@ -382,6 +382,21 @@ def _lookup(b, p, rng):
     return [q, b.add(p + "lf", "Lookup", [x], attrs={"fn": "table"}, params={"table": tab})]
 
 
+def _lookup_fixed(b, p, rng):
+    # folded Sigmoid/Tanh tables (the source's float32 values, rounded once): hls4ml's table
+    # activations where they reproduce every code
+    from qdeploy.compiler.ir.ops.lookup import source_values
+    outs = []
+    for fn, tin, tout in (("Sigmoid", "fixed<6,3>", "ufixed<7,0,RND_CONV,SAT>"),
+                          ("Tanh", "fixed<6,2>", "fixed<7,1,RND_CONV,SAT>")):
+        ti, to = T(tin), T(tout)
+        x = b.input(p + "x" + fn, (2, 5), ti)
+        real = ti.to_real(np.arange(ti.min_code, ti.max_code + 1)).astype(np.float32)
+        tab = Const(to.quantize_real(source_values(fn, real)), to)
+        outs.append(b.add(p + fn.lower(), "Lookup", [x], attrs={"fn": fn}, params={"table": tab}))
+    return outs
+
+
 HLS = ("hls4ml",)
 CASES = [
     Case("quantize_down", "Quantize", _quantize_down),
@@ -437,6 +452,7 @@ CASES = [
     Case("resize1d_map", "Resize", _resize1d_map),
     Case("depth_to_space", "DepthToSpace", _depth_to_space),
     Case("lookup", "Lookup", _lookup, rejects=HLS),
+    Case("lookup_fixed", "Lookup", _lookup_fixed),
     Case("space_to_depth", "SpaceToDepth", _space_to_depth),
 ]
 CASE_IDS = [c.id for c in CASES]
@@ -494,7 +510,8 @@ STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, 
                 "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False,
                 "conv2d_depthwise": True, "conv2d_depthwise_padded": True, "conv1d_depthwise": True,
                 "pool_subsample": True, "maxpool_padded": True, "maxpool_unsigned": False,
-                "maxpool_unsigned_padded": False, "maxpool2d": False, "avgpool1d": False}
+                "maxpool_unsigned_padded": False, "maxpool2d": False, "avgpool1d": False,
+                "lookup_fixed": True}
 STREAM_CONFIG = {"hls4ml": {"io_type": "io_stream"}}
 
 
