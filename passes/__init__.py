@@ -1,7 +1,8 @@
 """Graph -> Graph passes, the pass registry and the PassManager.
 
 ``default_pipeline`` is what ``qdeploy compile`` runs: dead-code elimination, batch-norm and
-constant folding, input quantization, exact float-affine conversion, precision inference, and,
+constant folding, input quantization, exact float-affine conversion, precision inference,
+threshold requantizers to proved multiply-and-shift form (``requant_shift``), and,
 when a memory budget is set, rematerialization.  Early-exit splitting and partitioning produce
 multi-stage plans, not graphs; they are functions, not registered passes.
 """
@@ -16,6 +17,7 @@ from .memory import memory_profile, min_feasible_bytes, peak_memory, value_bytes
 from .partition import Partition, partition, run_partitioned
 from .precision import affine_to_fixed, infer_precision, input_type_for, quantize_inputs
 from .remat import RematError, remat_pass, rematerialize
+from .requant_shift import requant_shift
 
 
 def default_pipeline(input_type=None, calibration=None, remat_options: dict | None = None) -> list:
@@ -30,7 +32,7 @@ def default_pipeline(input_type=None, calibration=None, remat_options: dict | No
     """
     pipeline = ["dce", "fold_batchnorm", "fold_affine_chains", "fold_lookup_quantize",
                 ("quantize_inputs", {"input_type": input_type, "calibration": calibration}),
-                "affine_to_fixed", "infer_precision", "dce"]
+                "affine_to_fixed", "infer_precision", "requant_shift", "dce"]
     if remat_options is not None:
         pipeline.append(("remat", dict(remat_options)))
     return pipeline
@@ -43,4 +45,4 @@ __all__ = ["PASSES", "PassContext", "PassManager", "PassRecord", "current_contex
            "affine_to_fixed", "infer_precision", "input_type_for", "quantize_inputs",
            "EarlyExitError", "StagedProgram", "split_exits",
            "memory_profile", "min_feasible_bytes", "peak_memory", "value_bytes", "RematError", "remat_pass",
-           "rematerialize"]
+           "rematerialize", "requant_shift"]

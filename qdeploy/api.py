@@ -25,6 +25,24 @@ from .runtime.artifact import (check_out_dir, check_replaceable, file_hashes, pu
 from .runtime.layout import manifest_layouts
 
 
+class SourceMismatchError(QDeployError):
+    """The reference interpreter's outputs differ from the source model's beyond float32 rounding
+    (:func:`qdeploy.fidelity.check_source`): the compile fails unless ``allow_inexact``.
+
+    Attributes:
+        fidelity: the fidelity dict (the report's ``fidelity`` section).
+    """
+
+    def __init__(self, fidelity: dict):
+        self.fidelity = fidelity
+        outs = [o for o, r in (fidelity.get("per_output") or {}).items()
+                if r.get("real_mismatches") or r.get("unclassified")]
+        where = f" (output{'s' if len(outs) > 1 else ''} {', '.join(outs)})" if outs else ""
+        super().__init__(f"outputs{where} differ from the source model on {fidelity.get('mismatches')} of "
+                         f"{fidelity.get('samples')} golden samples: {fidelity.get('note', '')}; "
+                         f"--allow-inexact (allow_inexact=True) keeps the artifact")
+
+
 @dataclass
 class CompileResult:
     """What :func:`compile` returns: the artifact directory, the report dict and the graph."""
@@ -222,7 +240,8 @@ def _avgpool_notes(graph: Graph) -> list[str]:
 
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
             example_input=None, force: bool = False, optimize: bool = True,
-            memory_budget=None, golden_layout=None) -> CompileResult:
+            memory_budget=None, golden_layout=None, allow_inexact: bool = False,
+            source_check: bool = True) -> CompileResult:
     """Compile ``model`` for ``target`` into ``out_dir``.
 
     Args:
@@ -243,9 +262,17 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             ``time_limit``, ``method``, ``cost``).  Adds the ``remat`` pass
             (:func:`qdeploy.passes.remat.remat_pass`) at the end of the pipeline; ``cost: cycles``
             is priced by the provider :func:`cost_models` registers in the pass context.
+        allow_inexact: keep (publish) the artifact even when the reference differs from the source
+            model by more than float32 rounding (real mismatches, or differences that could not be
+            classified; :func:`qdeploy.fidelity.check_source`); the report then says inexact.
+        source_check: run the source model (a QONNX/ONNX file through qonnx's executor, a
+            torch/Brevitas module itself, also when given as ``module:function``) on the golden
+            inputs and compare (default); False skips it (the report says "not checked").
     Returns:
         :class:`CompileResult`.
     Raises:
+        SourceMismatchError: the reference differs from the source model (see ``allow_inexact``);
+            nothing is written, the error carries the fidelity dict.
         QDeployError: bad model/config or a backend that cannot compile it; nothing is written.
     """
     from .backends import get_backend
@@ -264,6 +291,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     except ValueError as e:
         raise QDeployError(str(e)) from None
     t0 = time.perf_counter()
+    from .compiler.frontends import is_module_spec, resolve_module_spec
+    if is_module_spec(model):  # resolved once: the same module is exported and run as the source
+        model, example_input = resolve_module_spec(model)
     graph = graph_src = load(model, example_input)
     user_arrays = None if golden is None else golden_arrays(graph, golden)  # a golden file is read once
     feeds_real = feeds_src = golden_feeds(graph, user_arrays, cfg, golden_layout)
@@ -282,7 +312,12 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     # channels-last golden arrays (golden_layout) are permuted back from the IR feeds
     from .runtime.layout import channels_last_mode, graph_layouts
     user_src = golden is not None and not channels_last_mode(golden_layout, graph_layouts(graph_src)[0])
-    fidelity = check_source(model, graph_src, graph, feeds_src, user_arrays if user_src else None, ref)
+    fidelity = check_source(model, graph_src, graph, feeds_src, user_arrays if user_src else None, ref,
+                            enabled=source_check)
+    if fidelity.get("checked") and not fidelity["ok"]:
+        if not allow_inexact:
+            raise SourceMismatchError(fidelity)
+        fidelity["accepted_inexact"] = True
 
     tmp = staging_dir(out_dir)
     try:
@@ -296,6 +331,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         fn = backend.load(tmp, info, graph)
         got = fn({k: v for k, v in feeds.items()})
         exact = compare_outputs(graph, ref, got)
+        if exact.get("fixed_mismatches"):  # name the first layer that differs (only on failure)
+            from .backends.divergence import localize
+            exact["divergence"] = localize(backend, graph, cfg, tmp, info, feeds)
         np.savez(tmp / "golden.npz", **{f"in:{k}": v for k, v in feeds_real.items()},
                  **{f"ref:{k}": v for k, v in ref.items()})
         notes = [n for r in pm.records for n in r.notes if r.name in ("quantize_inputs", "affine_to_fixed")]
@@ -308,7 +346,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         rows = layer_table(graph)
         report = {
             "model": graph.name, "target": target, "source": str(graph.meta.get("source", "")),
-            "graph_digest": graph.digest(), "exactness": exact, "fidelity": fidelity, "notes": notes, "host_nodes": host,
+            "graph_digest": graph.digest(), "exactness": exact, "fidelity": fidelity,
+            "inexact": bool(fidelity.get("accepted_inexact")) or not exact.get("bit_exact", True),
+            "notes": notes, "host_nodes": host,
             "layers": rows,
             "totals": {"nodes": len(graph.nodes), "params": sum(r["params"] for r in rows),
                        "param_bits": sum(r["param_bits"] for r in rows), "bops": sum(r["bops"] for r in rows)},

@@ -49,23 +49,35 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                 force: bool = typer.Option(False, "--force",
                                            help="replace an existing artifact directory (only a qdeploy artifact)", metavar=""),
                 allow_inexact: bool = typer.Option(False, "--allow-inexact",
-                                                   help="exit 0 even when fixed-point outputs differ from the reference or the "
-                                                        "outputs differ from the source model", metavar=""),
+                                                   help="exit 0 and keep the artifact even when fixed-point outputs differ "
+                                                        "from the reference or the outputs differ from the source model by "
+                                                        "more than float32 rounding (the report says inexact)", metavar=""),
+                no_source_check: bool = typer.Option(False, "--no-source-check",
+                                                     help="do not run the source model on the golden inputs (the report "
+                                                          "says 'not checked'); for timing, or when it cannot run here",
+                                                     metavar=""),
                 memory_budget: Optional[str] = typer.Option(
                     None, "--memory-budget", help="peak activation memory budget: bytes (48KiB, 1.5MB, 49152) or a "
                     "fraction of the unrematerialized peak (0.8); recomputes tensors to fit (CP-SAT)")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
 
-    Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference, or the
-    reference differs from the source model (QONNX/ONNX, run by qonnx's executor), on the golden set
-    (unless --allow-inexact; the artifact is still written); 2 bad input or compile error.
+    Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference (the
+    artifact is still written), or the reference differs from the source model (QONNX/ONNX run by
+    qonnx's executor, a module:function's module itself) beyond float32 rounding (nothing is written
+    unless --allow-inexact); 2 bad input or compile error.
     """
+    from .api import SourceMismatchError
     from .api import compile as do_compile
     from .fidelity import fidelity_sentence
     from .report import exactness_sentence
     try:
         res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
-                         memory_budget=memory_budget, golden_layout=golden_layout)
+                         memory_budget=memory_budget, golden_layout=golden_layout, allow_inexact=allow_inexact,
+                         source_check=not no_source_check)
+    except SourceMismatchError as e:
+        typer.echo(f"fidelity vs source: {fidelity_sentence(e.fidelity)}")
+        typer.echo(f"error: {e.one_line()}; nothing was written", err=True)
+        raise typer.Exit(1)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     ex = res.report["exactness"]
@@ -83,12 +95,9 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     typer.echo(f"fidelity vs source: {fidelity_sentence(fid)}")
     failed = False
     if ex.get("fixed_mismatches", 0) and not allow_inexact:
-        typer.echo("error: fixed-point outputs differ from the reference (see report.md); "
-                   "--allow-inexact accepts this", err=True)
-        failed = True
-    if fid.get("checked") and not fid["ok"] and not allow_inexact:
-        typer.echo(f"error: outputs differ from the source model on {fid['mismatches']} of {fid['samples']} golden "
-                   f"samples: {fid.get('note', '')} (see report.md); --allow-inexact keeps the artifact", err=True)
+        div = (ex.get("divergence") or {}).get("sentence")
+        typer.echo("error: fixed-point outputs differ from the reference" + (f"; {div}" if div else "")
+                   + " (see report.md); --allow-inexact accepts this", err=True)
         failed = True
     if failed:
         raise typer.Exit(1)

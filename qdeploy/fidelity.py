@@ -1,6 +1,6 @@
-"""Fidelity to the source model: run the *source* (the user's QONNX/ONNX model, through qonnx's
-executor, onnxruntime underneath) on the golden inputs in its own layout and compare it with the
-reference interpreter's outputs.
+"""Fidelity to the source model: run the *source* (the user's QONNX/ONNX model through qonnx's
+executor, onnxruntime underneath; or the user's PyTorch/Brevitas module itself, in eval mode) on
+the golden inputs in its own layout and compare it with the reference interpreter's outputs.
 
 Reference-vs-target checks prove the backends agree with our interpreter; this check proves the
 interpreter (and therefore the import, the passes and the layout handling) agrees with what the
@@ -8,20 +8,24 @@ user trained.  :func:`check_source` is called by :func:`qdeploy.api.compile` on 
 dict is the report's ``fidelity`` section and :func:`fidelity_sentence` its one-line summary.
 
 The source is fed exactly the inputs the compiled model sees: the golden arrays in the source's
-layout (channels-first for ONNX), each value cast into the compiled input's fixed-point type when
-it has one (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds`
+layout (channels-first for ONNX and torch), each value cast into the compiled input's fixed-point
+type when it has one (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds`
 applies; the number of values that rounding changed is reported as ``inputs_rounded``).
 
-Comparison rules (per output, per sample):
+Comparison rules (per output value):
 
-* a fixed-point output is *exact* when our exact value, cast to the source output's float dtype,
-  equals the source value bit for bit; the error in output LSBs is ``|source - ours| / 2**-F``.
-* a float32 output (unquantized tail) is within tolerance when ``|source - ours| <=
-  FLOAT_RTOL * max(1, max |source|)`` (float32 sums in another order differ by a few ulps).
+* a fixed-point output *differs* when our exact value, cast to the source output's float dtype,
+  is not the source value bit for bit; the error in output LSBs is ``|source - ours| / 2**-F``.
+* a float32 output (unquantized tail) differs when ``|source - ours| > FLOAT_RTOL * max(1, max
+  |source|)`` (float32 sums in another order differ by a few ulps).
 
-Every difference fails the check (``ok`` False): the cases where our exact arithmetic and the
-source's float32 arithmetic legitimately differ (a tie float32 rounds the other way) are not yet
-told apart from real errors, and the report says so.
+Differences are explained only when there are some (the default path stays one source run): the
+source is re-evaluated in float64 (the module's ``.double()`` copy; for ONNX a float64 copy of the
+model, :mod:`qdeploy.source_run`).  A differing value that the float64 source reproduces is
+"float32 rounding in the source" (e.g. a float32 sum of products that rounds across a quantizer's
+rounding boundary while our integer arithmetic is exact); any other differing value is a real
+mismatch, and when the float64 run fails every difference stays unclassified.  Real mismatches
+and unclassified differences fail the check (``ok`` False); ties alone do not.
 """
 from __future__ import annotations
 
@@ -37,9 +41,6 @@ from .runtime.compiled import from_ir_layout
 
 FLOAT_RTOL = 1e-4
 """Relative tolerance of float (unquantized) outputs, relative to ``max(1, max |source|)``."""
-
-UNCLASSIFIED = ("differences are not classified yet (a float32 tie that the source rounds the other way is "
-                "not told apart from an error), so every difference fails")
 
 # ONNX/QONNX ops whose result for sample i depends on sample i only, given the attribute checks in
 # :func:`batch_plan`; a model made of these (batch fixed at 1) is run as one batch.
@@ -168,20 +169,32 @@ def batch_plan(proto, shapes=None) -> tuple[bool, str]:
     return True, ""
 
 
+def _carriers(proto) -> set:
+    """Names of the tensors that carry the batch axis: the non-constant graph inputs and every
+    output of a node reading one."""
+    inits = {i.name for i in proto.graph.initializer}
+    batch = {i.name for i in proto.graph.input if i.name not in inits}
+    for node in proto.graph.node:
+        if any(t in batch for t in node.input if t):
+            batch.update(o for o in node.output if o)
+    return batch
+
+
 def _batched_proto(proto, n: int):
-    """A copy of ``proto`` whose graph inputs/outputs and batch-carrying constant Reshape shapes
-    have batch ``n`` (value_info dropped: shapes are inferred again)."""
+    """A copy of the shape-inferred ``proto`` whose batch-carrying tensors (:func:`_carriers`:
+    graph inputs/outputs and value_info) and batch-carrying constant Reshape shapes have batch
+    ``n``; the other shapes are kept, so the copy needs no second shape inference."""
     import onnx
     from onnx import numpy_helper
     q = onnx.ModelProto()
     q.CopyFrom(proto)
+    carriers = _carriers(q)
     inits = {i.name: i for i in q.graph.initializer}
-    for t in list(q.graph.input) + list(q.graph.output):
-        if t.name not in inits and t.type.tensor_type.shape.dim:
+    for t in list(q.graph.input) + list(q.graph.output) + list(q.graph.value_info):
+        if t.name in carriers and t.type.tensor_type.shape.dim:
             t.type.tensor_type.shape.dim[0].dim_value = n
-    del q.graph.value_info[:]
     for k, node in enumerate(q.graph.node):
-        if node.op_type == "Reshape" and node.input[1] in inits and node.input[0] not in inits:
+        if node.op_type == "Reshape" and node.input[1] in inits and node.input[0] in carriers:
             shape = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).copy()
             if shape[0] in (0, 1):
                 shape[0] = n
@@ -202,11 +215,13 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.all(np.abs(a.astype(np.float64) - b.astype(np.float64)) <= tol))
 
 
-def run_onnx_source(model, inputs: dict) -> tuple[dict, str]:
+def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, str]:
     """Run a QONNX/ONNX model (path, bytes or ModelProto) with qonnx's ``execute_onnx``.
 
     Args:
         inputs: ``{graph input: (n, *source shape) array}``.
+        double: run a float64 copy instead (:func:`qdeploy.source_run.to_double`, executed by
+            :func:`qdeploy.source_run.execute_double`); inputs are cast to float64.
     Returns:
         ``({graph output: (n, ...) array}, mode)``; ``mode`` is ``"batched"`` (the model was shown to
         keep samples apart by :func:`batch_plan` and sample 0 run alone agreed) or
@@ -219,21 +234,27 @@ def run_onnx_source(model, inputs: dict) -> tuple[dict, str]:
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.infer_shapes import InferShapes
 
+    from .source_run import execute_double, to_double
+
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     outs = [o.name for o in proto.graph.output]
     n = next(iter(inputs.values())).shape[0]
+    conv = to_double if double else (lambda p: p)
+    run = execute_double if double else execute_onnx
+    if double:
+        inputs = {k: np.asarray(v, dtype=np.float64) for k, v in inputs.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        single = ModelWrapper(proto).transform(InferShapes())
+        single = ModelWrapper(conv(_batched_proto(proto, 1))).transform(InferShapes())  # a symbolic batch dim -> 1
 
         def one(i):
-            r = execute_onnx(single, {k: v[i:i + 1] for k, v in inputs.items()})
+            r = run(single, {k: v[i:i + 1] for k, v in inputs.items()})
             return {o: np.asarray(r[o]) for o in outs}
 
         ok, why = batch_plan(proto, single.get_tensor_shape) if n > 1 else (False, "one sample")
         if ok:
-            m = ModelWrapper(_batched_proto(proto, n)).transform(InferShapes())
-            r = execute_onnx(m, dict(inputs))
+            m = ModelWrapper(_batched_proto(single.model, n))  # shapes of the single run, batch n
+            r = run(m, dict(inputs))
             res = {o: np.asarray(r[o]) for o in outs}
             first = one(0)
             if all(res[o].shape[0] == n and _same(res[o][:1], first[o]) for o in outs):
@@ -243,84 +264,149 @@ def run_onnx_source(model, inputs: dict) -> tuple[dict, str]:
         return {o: np.concatenate([p[o] for p in per]) for o in outs}, f"per-sample: {why}"
 
 
-def compare_to_source(graph: Graph, ref: dict, source: dict) -> dict:
+def _our_outputs(graph: Graph, ref: dict, source: dict):
+    """``[(output, IR type, our real array in the source layout, source key)]``."""
+    res = []
+    for pos, o in enumerate(graph.outputs):
+        t = graph.value(o).dtype
+        a = np.asarray(ref[o])
+        ours = t.to_real(a) if isinstance(t, FixedType) else a.astype(np.float64)
+        res.append((o, t, from_ir_layout(graph, o, ours), o if o in source else list(source)[pos]))
+    return res
+
+
+def compare_to_source(graph: Graph, ref: dict, source: dict, source64: dict | None = None) -> dict:
     """Compare the reference interpreter's outputs with the source model's.
 
     Args:
         graph: the compiled graph; its outputs' types and ``meta['output_perms']``.
         ref: ``{output: (n, *IR shape)}`` reference runtime arrays (int64 codes for fixed types).
-        source: ``{output: (n, *source shape)}`` the source model's outputs.
+        source: ``{output: (n, *source shape)}`` the source model's outputs (float32).
+        source64: the same outputs of the source re-evaluated in float64, or None (not run or
+            failed): each differing value is then *classified* -- "float32 rounding in the source"
+            when the float64 value equals ours (fixed-point outputs: exactly; float outputs: within
+            the float tolerance), a real mismatch otherwise.  Without it every differing value is
+            unclassified.
     Returns:
-        ``{samples, exact_matches (samples with every output equal / within tolerance), mismatches,
-        max_abs_error, max_lsb_error (None without fixed-point outputs), argmax_agreement (fraction,
-        None when no output is a (n, k>1) score vector), float_rtol, per_output: {name: {type,
-        mismatches, max_abs_error, max_lsb_error, argmax_agreement}}, ok}``.
+        ``{samples, exact_matches (samples with every output equal / within tolerance), mismatches
+        (samples with a difference), differing_values, float32_rounding (differing values the float64
+        source explains), real_mismatches (values it does not), unclassified (values not classified),
+        real_mismatch_samples, max_abs_error, max_lsb_error (None without fixed-point outputs),
+        argmax_agreement (fraction, None when no output is a (n, k>1) score vector), float_rtol,
+        per_output: {name: {type, mismatches, differing_values, float32_rounding, real_mismatches,
+        max_abs_error, max_lsb_error, argmax_agreement}}, ok (no real or unclassified difference)}``.
     Raises:
         ValueError: an output missing from the source or of another shape (names it).
     """
-    per, bad, n = {}, None, 0
+    per, bad, real_s, n = {}, None, None, 0
     max_err, max_lsb, agree = 0.0, None, None
-    for pos, o in enumerate(graph.outputs):
-        t = graph.value(o).dtype
-        a = np.asarray(ref[o])
-        ours = t.to_real(a) if isinstance(t, FixedType) else a.astype(np.float64)
-        ours = from_ir_layout(graph, o, ours)
-        src_name = o if o in source else list(source)[pos]
-        s = np.asarray(source[src_name])
+    tot = {"differing_values": 0, "float32_rounding": 0, "real_mismatches": 0, "unclassified": 0}
+    for o, t, ours, key in _our_outputs(graph, ref, source):
+        s = np.asarray(source[key])
         if s.shape != ours.shape:
             raise ValueError(f"output {o!r}: source shape {s.shape} != compiled {ours.shape}")
         n = s.shape[0]
-        err = np.abs(s.astype(np.float64) - ours).reshape(n, -1)
+        err = np.abs(s.astype(np.float64) - ours)
         e = float(np.max(err, initial=0.0))
         row = {"type": str(t), "max_abs_error": e}
+        tol = FLOAT_RTOL * max(1.0, float(np.max(np.abs(s), initial=0.0)))
         if isinstance(t, FixedType):
             sd = s.dtype if s.dtype.kind == "f" else np.dtype(np.float64)
-            diff = (ours.astype(sd) != s.astype(sd)).reshape(n, -1).any(axis=1)
+            dmask = ours.astype(sd) != s.astype(sd)
             row["max_lsb_error"] = e / t.lsb
             max_lsb = max(max_lsb or 0.0, row["max_lsb_error"])
         else:
-            tol = FLOAT_RTOL * max(1.0, float(np.max(np.abs(s), initial=0.0)))
-            diff = (err > tol).any(axis=1)
+            dmask = err > tol
             row["max_lsb_error"] = None
+        if source64 is not None and dmask.any():
+            s64 = np.asarray(source64[key], dtype=np.float64).reshape(ours.shape)
+            agree64 = (s64 == ours) if isinstance(t, FixedType) else (np.abs(s64 - ours) <= tol)
+            tie = dmask & agree64
+            realm = dmask & ~agree64
+            unc = np.zeros_like(dmask)
+        else:
+            tie = np.zeros_like(dmask)
+            realm = np.zeros_like(dmask)
+            unc = dmask
         if s.ndim == 2 and s.shape[1] > 1:
             row["argmax_agreement"] = float(np.mean(s.argmax(1) == ours.argmax(1)))
             agree = row["argmax_agreement"] if agree is None else min(agree, row["argmax_agreement"])
         else:
             row["argmax_agreement"] = None
-        row["mismatches"] = int(diff.sum())
+        diff = dmask.reshape(n, -1).any(axis=1)
+        rs = (realm | unc).reshape(n, -1).any(axis=1)
+        counts = {"differing_values": int(dmask.sum()), "float32_rounding": int(tie.sum()),
+                  "real_mismatches": int(realm.sum()), "unclassified": int(unc.sum())}
+        row.update(mismatches=int(diff.sum()), **counts)
+        for k, v in counts.items():
+            tot[k] += v
         per[o] = row
         bad = diff if bad is None else (bad | diff)
+        real_s = rs if real_s is None else (real_s | rs)
         max_err = max(max_err, e)
     mism = int(bad.sum()) if bad is not None else 0
-    return {"samples": int(n), "exact_matches": int(n) - mism, "mismatches": mism, "max_abs_error": max_err,
-            "max_lsb_error": max_lsb, "argmax_agreement": agree, "float_rtol": FLOAT_RTOL, "per_output": per,
-            "ok": mism == 0}
+    return {"samples": int(n), "exact_matches": int(n) - mism, "mismatches": mism, **tot,
+            "real_mismatch_samples": int(real_s.sum()) if real_s is not None else 0,
+            "max_abs_error": max_err, "max_lsb_error": max_lsb, "argmax_agreement": agree,
+            "float_rtol": FLOAT_RTOL, "per_output": per,
+            "ok": tot["real_mismatches"] == 0 and tot["unclassified"] == 0}
 
 
-def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | None, ref: dict) -> dict:
+def _run_source(model, graph_src: Graph, inputs: dict, double: bool) -> tuple[dict, str, str]:
+    """``({source output: array}, mode, executor description)`` of ``model`` on ``inputs``
+    (float64 when ``double``).  Raises whatever the executor raises."""
+    from .source_run import run_torch_source
+    if is_onnx_source(model):
+        outs, mode = run_onnx_source(model, inputs, double=double)
+        return outs, mode, ("float64 copy through qonnx execute_node/int_quant" if double
+                            else "qonnx execute_onnx (onnxruntime)")
+    arrays = [inputs[k] for k in graph_src.inputs]
+    outs, mode = run_torch_source(model, arrays, double=double)
+    if len(outs) != len(graph_src.outputs):
+        from .source_run import SourceRunError
+        raise SourceRunError(f"the module returns {len(outs)} output tensor(s), the exported graph has "
+                             f"{len(graph_src.outputs)}; outputs are matched by position only when the counts agree")
+    return dict(zip(graph_src.outputs, outs)), mode, ("PyTorch module, eval(), .double() copy" if double
+                                                      else "PyTorch module itself, eval(), torch.no_grad()")
+
+
+def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | None, ref: dict,
+                 enabled: bool = True) -> dict:
     """The report's ``fidelity`` section: the source model run on the golden inputs vs ``ref``.
 
     Args:
-        model: what the user compiled (see :func:`qdeploy.api.load`); only QONNX/ONNX files and
-            ModelProtos are run today.
+        model: what the user compiled (see :func:`qdeploy.api.load`): QONNX/ONNX files and
+            ModelProtos run through qonnx's executor, a ``torch.nn.Module`` (Brevitas or plain) is
+            called itself (:func:`qdeploy.source_run.run_torch_source`); other sources are not run.
         graph_src, graph, feeds_ir, user: see :func:`source_inputs`.
         ref: the reference interpreter's outputs on the golden feeds (runtime arrays, IR layout).
+        enabled: False: the check is skipped at the user's request (``--no-source-check``).
     Returns:
-        ``{"checked": False, "reason": ...}`` when the source is not an ONNX model or the source
-        executor cannot run it; else :func:`compare_to_source`'s dict plus ``checked: True``,
-        ``source`` (the executor), ``mode`` (batched / per-sample), ``inputs_rounded``, ``time_s``
-        and, when ``ok`` is False, ``note`` (why every difference fails).
+        ``{"checked": False, "reason": ...}`` when skipped, when the source is neither an ONNX model
+        nor a module, or when it cannot be run; else :func:`compare_to_source`'s dict plus
+        ``checked: True``, ``source`` (the executor), ``mode`` (batched / per-sample),
+        ``inputs_rounded``, ``time_s``, ``classification`` (how differing values were classified,
+        or why they were not: only computed when some value differs) and, when ``ok`` is False,
+        ``note`` (why the differences fail).
     """
-    if not is_onnx_source(model):
-        return {"checked": False, "reason": f"source of type {type(model).__name__} is not run yet "
-                                            f"(only QONNX/ONNX models are)"}
+    from .source_run import SourceRunError, is_torch_module
+    if not enabled:
+        return {"checked": False, "reason": "skipped (--no-source-check / source_check=False)"}
+    if isinstance(model, Graph):
+        return {"checked": False, "reason": "the model was given as an IR Graph (a stage of a multi-stage program, or "
+                                            "a graph built in Python): there is no source model to run"}
+    if not (is_onnx_source(model) or is_torch_module(model)):
+        return {"checked": False, "reason": f"source of type {type(model).__name__} is not run (only QONNX/ONNX "
+                                            f"models and torch/Brevitas modules are)"}
     t0 = time.perf_counter()
     inputs, rounded = source_inputs(graph_src, graph, feeds_ir, user)
     try:
-        outs, mode = run_onnx_source(model, inputs)
+        outs, mode, src = _run_source(model, graph_src, inputs, False)
     except Exception as e:  # the source executor, not the compile, failed: say so, do not hide it
-        return {"checked": False, "reason": "qonnx execute_onnx failed on the source model: "
-                                            + " ".join(f"{type(e).__name__}: {e}".split())[:300]}
+        what = "qonnx execute_onnx" if is_onnx_source(model) else "the PyTorch module"
+        return {"checked": False, "reason": f"{what} failed on the golden inputs: "
+                                            + (str(e) if isinstance(e, SourceRunError) else
+                                               " ".join(f"{type(e).__name__}: {e}".split())[:300])}
     try:
         res = compare_to_source(graph, ref, outs)
     except ValueError as e:  # an output of another shape: nothing matches
@@ -328,11 +414,41 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
         res = {"samples": n, "exact_matches": 0, "mismatches": n, "max_abs_error": float("inf"),
                "max_lsb_error": None, "argmax_agreement": None, "float_rtol": FLOAT_RTOL, "per_output": {},
                "ok": False, "error": str(e)}
-    res.update({"checked": True, "source": "qonnx execute_onnx (onnxruntime)", "mode": mode,
-                "inputs_rounded": rounded, "time_s": time.perf_counter() - t0})
+    cls = "nothing to classify (no value differs)"
+    if res.get("differing_values"):
+        try:
+            outs64, _, src64 = _run_source(model, graph_src, inputs, True)
+            res = compare_to_source(graph, ref, outs, outs64)
+            cls = f"re-evaluated in float64 ({src64})"
+        except Exception as e:
+            why = str(e) if isinstance(e, SourceRunError) else " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            cls = f"not classified: the float64 re-evaluation of the source failed ({why})"
+    res.update({"checked": True, "source": src, "mode": mode, "inputs_rounded": rounded, "classification": cls,
+                "time_s": time.perf_counter() - t0})
     if not res["ok"]:
-        res["note"] = res.pop("error", None) or UNCLASSIFIED
+        res["note"] = res.pop("error", None) or _failure_note(res)
     return res
+
+
+def _failure_note(res: dict) -> str:
+    """Why a fidelity result fails: real mismatches, or differences that could not be classified."""
+    if res.get("unclassified"):
+        return f"{res['unclassified']} differing value(s) {res['classification']}, so every difference fails"
+    return (f"{res['real_mismatches']} value(s) in {res['real_mismatch_samples']} sample(s) differ from the source and "
+            f"its float64 re-evaluation too (real mismatches, not float32 rounding)")
+
+
+def tie_sentence(fid: dict) -> str:
+    """How the differing values were explained, e.g. ``"244 differing value(s): 244 float32 rounding in
+    the source (the float64 source agrees with ours), 0 real mismatch(es)"``; "" when none differs."""
+    d = fid.get("differing_values")
+    if not d:
+        return ""
+    s = f"{d} differing value(s): {fid['float32_rounding']} float32 rounding in the source (the float64 source " \
+        f"agrees with ours), {fid['real_mismatches']} real mismatch(es)"
+    if fid.get("unclassified"):
+        s += f", {fid['unclassified']} not classified"
+    return s
 
 
 def fidelity_sentence(fid: dict) -> str:
@@ -347,7 +463,13 @@ def fidelity_sentence(fid: dict) -> str:
     s += f" [{fid['source']}, {fid['time_s']:.2f} s]"
     if fid.get("inputs_rounded"):
         s += f"; {fid['inputs_rounded']} golden input value(s) rounded to the artifact's input type first"
-    return s + (": matches the source" if fid["ok"] else f": DIFFERS from the source; {fid['note']}")
+    ties = tie_sentence(fid)
+    if fid["ok"] and not ties:
+        return s + ": matches the source"
+    if fid["ok"]:
+        return s + f"; {ties}: only float32 ties, accepted"
+    inexact = "; INEXACT, accepted by --allow-inexact" if fid.get("accepted_inexact") else ""
+    return s + f": DIFFERS from the source; {fid['note']}" + (f" [{ties}]" if ties else "") + inexact
 
 
 def fidelity_markdown(fid: dict) -> list[str]:
@@ -355,10 +477,13 @@ def fidelity_markdown(fid: dict) -> list[str]:
     per-output table."""
     L = ["## Fidelity to the source model", "", fidelity_sentence(fid)]
     if fid.get("checked") and fid.get("per_output"):
-        L += ["", "| output | type | mismatches | max abs error | max LSB error | argmax agreement |",
-              "|---|---|---|---|---|---|"]
+        L += ["", f"Differences: {fid.get('classification', '')}.", "",
+              "| output | type | mismatching samples | differing values | float32 rounding | real mismatches "
+              "| max abs error | max LSB error | argmax agreement |", "|---|---|---|---|---|---|---|---|---|"]
         for o, r in fid["per_output"].items():
             lsb = "-" if r["max_lsb_error"] is None else f"{r['max_lsb_error']:.3g}"
             am = "-" if r["argmax_agreement"] is None else f"{r['argmax_agreement']:.2%}"
-            L.append(f"| {o} | {r['type']} | {r['mismatches']} | {r['max_abs_error']:.3g} | {lsb} | {am} |")
+            L.append(f"| {o} | {r['type']} | {r['mismatches']} | {r.get('differing_values', '-')} | "
+                     f"{r.get('float32_rounding', '-')} | {r.get('real_mismatches', '-')} | {r['max_abs_error']:.3g} | "
+                     f"{lsb} | {am} |")
     return L

@@ -73,7 +73,8 @@ def exactness_sentence(ex: dict) -> str:
                        f"exactness is observed, not guaranteed; use a tolerance in golden checks)")
     if ex.get("fixed_mismatches", ex["mismatches"]) == 0:
         return head + ": fixed-point outputs bit-exact; float outputs differ by float rounding (NOT bit-exact)"
-    return head + ": NOT bit-exact (measured error above)"
+    div = ex.get("divergence")
+    return head + ": NOT bit-exact (measured error above)" + (f"; {div['sentence']}" if div else "")
 
 
 def render_markdown(report: dict) -> str:

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import ctypes
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...passes.partition import partition, run_partitioned
 from . import ops_layout  # noqa: F401 - registers its ops in the .ops tables
+from . import ops_threshold  # noqa: F401 - registers MultiThreshold in the .ops tables
 from .ops import TRANSLATE
 from .translate import MAX_IO_WIDTH, Translation, translate
 
@@ -111,7 +113,9 @@ def _without_bad_optimizers():
                 flow.optimizers.insert(idx, opt)
 
 
-def _build_model(tr: Translation, opts: dict, prj: Path):
+def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False):
+    """The hls4ml ModelGraph of ``tr``; ``trace``: every layer saves its output (hls4ml's
+    ``Trace`` layer option and ``trace_output``, read back by :func:`_traced_run`)."""
     import hls4ml
     from hls4ml.model.graph import ModelGraph
 
@@ -122,12 +126,59 @@ def _build_model(tr: Translation, opts: dict, prj: Path):
     cfg["HLSConfig"] = {
         # 'Model' must exist; its precision is never used because every layer var is set below.
         "Model": {"Precision": "ap_fixed<16,6>", "ReuseFactor": opts["reuse_factor"], "Strategy": opts["strategy"]},
-        "LayerName": {name: {"Precision": dict(p)} for name, p in tr.precisions.items()},
+        "LayerName": {name: {"Precision": dict(p), **({"Trace": True} if trace else {})}
+                      for name, p in tr.precisions.items()},
     }
     with _without_bad_optimizers():
         model = ModelGraph.from_layer_list(cfg, copy.deepcopy(tr.layers), inputs=list(tr.inputs),
                                            outputs=list(tr.outputs))
+    if trace:
+        model.config.trace_output = True
     return model
+
+
+def _traced_run(model, so: Path, xs: list[np.ndarray]) -> dict:
+    """Run a traced C simulation (built from ``model`` written with ``trace_output``) on each
+    sample and collect every traced layer's output, as hls4ml 1.3's ``ModelGraph.trace`` does
+    (``allocate_trace_storage`` / ``collect_trace_output`` / ``free_trace_storage`` of
+    ``<project>_bridge.cpp``), but with our own g++ build.
+
+    Args:
+        xs: one ``(n, size)`` float64 array per model input.
+    Returns:
+        ``{layer name: (n, size) float64}``.
+    """
+    import numpy.ctypeslib as npc
+
+    class TraceData(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.c_void_p)]
+
+    lib = ctypes.CDLL(str(so.resolve()))
+    top = getattr(lib, f"{model.config.get_project_name()}_double")
+    outs = [int(np.prod(v.shape)) for v in model.get_output_variables()]
+    top.restype = None
+    top.argtypes = [npc.ndpointer(ctypes.c_double, flags="C_CONTIGUOUS")] * (len(xs) + len(outs))
+    sizes = {lay.name: int(np.prod(lay.get_output_variable().shape)) for lay in model.get_layers()
+             if lay.get_attr("function_cpp", None) and lay.get_attr("trace", False)}
+    n_traced = sum(len(lay.get_variables()) for lay in model.get_layers() if lay.name in sizes)
+    lib.collect_trace_output.argtypes = [ctypes.POINTER(TraceData)]
+    lib.allocate_trace_storage.argtypes = [ctypes.c_size_t]
+    data = (TraceData * n_traced)()
+    n = xs[0].shape[0]
+    res = {k: np.zeros((n, v)) for k, v in sizes.items()}
+    lib.allocate_trace_storage(ctypes.sizeof(ctypes.c_double))
+    try:
+        for i in range(n):
+            top(*[np.ascontiguousarray(x[i]) for x in xs], *[np.zeros(k) for k in outs])
+            lib.collect_trace_output(data)
+            for d in data:
+                name = d.name.decode()
+                if name in res:
+                    res[name][i] = np.ctypeslib.as_array(ctypes.cast(d.data, ctypes.POINTER(ctypes.c_double)),
+                                                         shape=(sizes[name],))
+    finally:
+        lib.free_trace_storage()
+    return res
 
 
 def _check_model(model, tr: Translation) -> list[dict]:
@@ -322,6 +373,39 @@ class Hls4mlBackend:
         bad = [r for r in res if r.returncode != 0]
         if bad:
             raise CompileError(f"g++ failed building the hls4ml C simulation in {prj}: {bad[0].stderr[-3000:]}")
+
+    # ------------------------------------------------------------------ localize
+    def localize(self, graph: Graph, config: dict, out_dir, info: dict, feeds: dict, ref_all: dict) -> dict:
+        """First device layer whose C-simulation outputs differ from the reference (called only
+        when the artifact differs): the same translation is rebuilt in a temporary directory with
+        every layer traced (hls4ml ``Trace: True``), compiled with the artifact's g++ flags and run
+        on the device inputs the reference computed; each traced layer is compared, through
+        ``value_layer`` (IR value -> hls4ml layer), with :func:`qdeploy.backends.divergence.first_divergence`.
+
+        Returns:
+            its dict plus ``how``.  Values whose layer hls4ml dropped (a no-op reshape) are
+            listed in ``not_observed``.
+        """
+        import tempfile
+
+        from ..divergence import first_divergence
+
+        opts = _options(config)
+        dev = partition(graph).device
+        tr = translate(dev, opts["io_type"])
+        with tempfile.TemporaryDirectory(prefix="qdeploy_trace_") as tmp:
+            prj = Path(tmp) / PRJ_DIR
+            with contextlib.redirect_stdout(io.StringIO()):
+                model = _build_model(tr, opts, prj, trace=True)
+                model.write()
+            so = prj / "firmware" / f"{opts['project_name']}-trace.so"
+            self._compile(prj, opts["project_name"], so)
+            xs = [v.dtype.to_real(np.asarray(ref_all[v.name])).reshape(-1, v.size) for v in dev.input_values()]
+            traced = _traced_run(model, so, xs)
+        got = {v: traced[lay] for v, lay in tr.value_layer.items() if lay in traced and v not in dev.inputs}
+        div = first_divergence(dev, ref_all, got, tr.node_layers, getattr(tr, "perms", None))
+        div["how"] = f"a traced hls4ml C simulation ({len(traced)} layers)"
+        return div
 
     # ------------------------------------------------------------------ load
     def load(self, out_dir, info: dict, graph: Graph):

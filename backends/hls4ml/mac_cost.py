@@ -11,6 +11,8 @@ import math
 import numpy as np
 
 from ...compiler.errors import QDeployError, UnsupportedError
+from ...compiler.ir.ops.kernels import dilate_kernel
+from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.types import FixedType
 from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, nearest_reuse_factors, t_add,
@@ -55,9 +57,12 @@ def emits_depthwise(graph, node, strategy: str) -> bool:
 def kernel_codes(graph, node, strategy: str) -> np.ndarray:
     """The ``[n_in, n_out]`` weight codes of the hls4ml layer emitted for Dense/Conv ``node``: the
     IR kernel, except that a grouped Conv hls4ml cannot take as a DepthwiseConv
-    (:func:`emits_depthwise`) is a dense kernel with exact zeros between the groups (that is what
-    the translation writes, and what the Resource strategy stores and multiplies)."""
+    (:func:`emits_depthwise`) is a dense kernel with exact zeros between the groups, and a dilated
+    kernel is zero-inserted (that is what the translation writes, and what the Resource strategy
+    stores and multiplies)."""
     w = node.params["weight"].data
+    if node.op == "Conv":  # a dilated kernel is emitted zero-inserted (ops._conv): count its zeros
+        w = dilate_kernel(w, conv_dilations(node, w.ndim - 2))
     g = int(node.attrs.get("groups", 1)) if node.op == "Conv" else 1
     if g == 1 or emits_depthwise(graph, node, strategy):
         return w.reshape(-1, w.shape[-1])

@@ -41,9 +41,13 @@ import numpy as np
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops import avg_shift
+from ...compiler.ir.ops.kernels import dilate_kernel
+from ...compiler.ir.ops.linear import conv_dilations
+from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
 from .mac_cost import emits_depthwise, is_depthwise, mac_row
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
 
@@ -135,6 +139,12 @@ def _conv(tr, n: Node):
     groups = int(n.attrs.get("groups", 1))
     _, b, bt = _wb(tr, n, w.shape[-1])
     wr = w.real()
+    dil = conv_dilations(n, nd)
+    if any(d != 1 for d in dil):
+        # hls4ml convolutions have no dilation: the equivalent zero-inserted kernel, exact
+        wr = dilate_kernel(wr, dil)
+        tr.note(f"dilated Conv '{n.name}' (dilations={dil}) mapped to a convolution with the zero-inserted "
+                f"{'x'.join(map(str, wr.shape[:nd]))} kernel (exact; the zeros are counted by the estimate)")
     if is_depthwise(n):
         # depthwise (groups == C_in == C_out): hls4ml's DepthwiseConv layers, one k-tap filter per
         # channel, where hls4ml 1.3 allows it (emits_depthwise); else the block-diagonal dense
@@ -340,7 +350,20 @@ def _concat(tr, n: Node):
 
 @hls4ml_op("Reshape", cost=Cost(_free))
 def _reshape(tr, n: Node):
-    tr.bind(n.output, tr.layer(n, {"class_name": "Reshape", "target_shape": [int(s) for s in n.attrs["shape"]]},
+    shape = [int(s) for s in n.attrs["shape"]]
+    cls = "Reshape"
+    xin = tr.graph.value(n.inputs[0]).shape
+    if tr.io_type == "io_stream" and len(shape) == 1 and len(xin) > 1 and xin[-1] != shape[0] and \
+            any(c.op != "Dense" for c in tr.graph.consumers(n.output)):
+        # hls4ml 1.3 keeps a flatten in io_stream as an alias of its input stream (its ReshapeStream
+        # pass skips 1-D outputs, fpga/passes/repack_stream.py): only a Dense reads such a stream
+        # right.  An elementwise consumer reads words of the flat width from words of the input's
+        # last-axis width (nnet_activation_stream.h ``linear``: ``out_data[j] = in_data[j]`` for
+        # j < res_T::size), which gave wrong outputs and "Hls::stream contains leftover data".
+        # hls4ml's own Repack layer (``nnet::repack_stream``) re-packs the words exactly.
+        cls = "Repack"
+        tr.note(f"flatten '{n.name}' in io_stream feeds a non-Dense layer: emitted as an hls4ml Repack")
+    tr.bind(n.output, tr.layer(n, {"class_name": cls, "target_shape": shape},
                                {"result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
 
@@ -376,15 +399,16 @@ def _maxpool(tr, n: Node):
     tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
 
-def _avg(tr, n: Node, make_dict, count: int):
-    """Average pooling of ``count`` elements per window, exact (see the module docstring)."""
+def _avg(tr, n: Node, make_dict, count: int, divisors=None):
+    """Average pooling of ``count`` elements per window (``divisors``: every window's own count when
+    padding is excluded from it), exact (see the module docstring)."""
     x = tr.graph.value(n.inputs[0])
     t: FixedType = x.dtype
     tout = tr.vt(n.output)
     k = avg_shift(count)
     src = tr.src(n.inputs[0])
     shift = 0
-    pow2 = count & (count - 1) == 0
+    pow2 = all(int(d) & (int(d) - 1) == 0 for d in np.unique(divisors if divisors is not None else count))
     if t.signed and not pow2 and t.min_code < 0:
         # shift codes to >= 0 so that hls4ml's truncating division is a floor
         shift = -t.min_code
@@ -419,13 +443,14 @@ def _avgpool(tr, n: Node):
     x = tr.graph.value(n.inputs[0])
     k = tuple(int(v) for v in n.attrs["kernel"])
     s, p = _rank_pads(n, len(k))
-    if any(p):
-        raise UnsupportedError("AvgPool with padding", n.name)
-    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+    if any(p) and tr.io_type == "io_stream":
+        raise UnsupportedError("padded AvgPool in io_stream (hls4ml's streaming pooling has no padding)", n.name)
+    if not any(p) and all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
         tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # the average of one element is the element
         return
-    _avg(tr, n, lambda: tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
-         int(np.prod(k)))
+    # count_pad=False: nnet_pooling.h divides each window by its number of non-padding pixels
+    _avg(tr, n, lambda: {**tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
+                         "count_pad": False}, int(np.prod(k)), window_counts(n, x.shape) if any(p) else None)
 
 
 @hls4ml_op("GlobalAvgPool", cost=Cost(lambda ctx, node: _avg_cost(
@@ -459,6 +484,12 @@ def _softmax_cost(ctx, node):
 TRANSLATE.reject("Softmax", "float32 op: it runs on the host after the fixed-point core (hls4ml's softmax is "
                             "a lookup-table approximation, not bit-exact)")
 ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
-TRANSLATE.reject("MultiThreshold", "hls4ml has no thresholding layer, and this requantizer has no proven "
-                                   "multiply-and-shift form")
-ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")
+TRANSLATE.reject("FloatQuant", "float32 minifloat quantizer: hls4ml has no minifloat rounding layer, so it runs on the "
+                               "host in the float prologue/epilogue (a FloatQuant between fixed-point layers is refused)")
+ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))
+TRANSLATE.reject("TopK", "label select with float32 indices: it runs on the host in the float epilogue (hls4ml has "
+                         "no top-k layer)")
+ESTIMATE.set("TopK", Cost(lambda ctx, node: {"host": True}, "standalone"))
+
+for _op, (_fn, _cost) in _BATCH_A.items():
+    hls4ml_op(_op, cost=_cost)(_fn)

@@ -267,6 +267,48 @@ class TvmBackend:
                                                   "opt_level": opt_level, "schedule": schedule,
                                                   "batch1_entry": b1}, indent=1))
 
+    # ------------------------------------------------------------------ localize
+    def localize(self, graph: Graph, config: dict, out_dir, info: dict, feeds: dict, ref_all: dict) -> dict:
+        """First node whose TVM outputs differ from the reference (called only when the artifact
+        differs): a debug variant of the library's graph whose outputs are *every* intermediate
+        value is lowered and compiled with the artifact's target, opt level and schedule, run on
+        the same inputs and compared in topological order
+        (:func:`qdeploy.backends.divergence.first_divergence`).  The debug build fuses less (each
+        value must be materialized), so a fault that exists only in a fused kernel shows as "every
+        intermediate value equals the reference"; the dict then says so.  The host epilogue runs the
+        reference itself and is not compared.
+        """
+        import tvm
+        from tvm import relax
+
+        from ...passes.partition import split_epilogue
+        from ..divergence import first_divergence
+        from .lower import lower
+
+        core, _ = split_epilogue(graph)
+        inner = [v for n in core.nodes for v in n.outputs]
+        debug = core.with_(outputs=inner)
+        tgt = tvm.target.Target(info.get("target") or resolve_target({}))
+        with tvm.transform.PassContext(opt_level=int(info.get("opt_level", 3))):
+            mod = lower(debug)
+            if info.get("schedule", "none") == "auto":
+                with tgt:
+                    mod = relax.get_pipeline("zero")(mod)
+                mod = schedule_cpu(mod)
+            ex = tvm.compile(mod, target=tgt)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        args = [_to_tvm(np.ascontiguousarray(feeds[i], dtype=np.int64 if isinstance(core.value(i).dtype, FixedType)
+                                             else np.float32)) for i in core.inputs]
+        res = vm["main"](*args)
+        got = {}
+        for k, v in enumerate(inner):
+            a = _from_tvm(res[k])
+            t = core.value(v).dtype
+            got[v] = t.to_real(np.asarray(a)) if isinstance(t, FixedType) else np.asarray(a)
+        div = first_divergence(core, ref_all, got)
+        div["how"] = f"a TVM debug build returning all {len(inner)} intermediate values"
+        return div
+
     # ------------------------------------------------------------------ load
     def load(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> Callable[[dict], dict]:
         """A callable running the compiled library.

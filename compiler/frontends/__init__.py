@@ -62,6 +62,39 @@ def _load_callable(spec: str):
     return fn
 
 
+def resolve_module_spec(spec: str):
+    """``(torch module, example_input)`` of a ``module:function`` spec (see :func:`load_model`):
+    the function is called once; callers that also need the module itself (the fidelity check
+    runs it) resolve the spec with this and hand the module on, so it is never built twice.
+
+    Raises:
+        ModelImportError: bad spec, import failure, the call failing, or no example input.
+    """
+    s = os.fspath(spec)
+    fn = _load_callable(s)
+    try:
+        res = fn()
+    except Exception as e:
+        raise ModelImportError(f"model spec {s!r}: calling {fn.__name__}() failed: {type(e).__name__}: {e}") from None
+    if isinstance(res, tuple) and len(res) == 2:
+        module, example = res
+    else:
+        module, example = res, getattr(res, "example_input", None)
+    if example is None:
+        raise ModelImportError(f"model spec {s!r}: {fn.__name__}() must return (module, example_input) or a module "
+                               f"with an 'example_input' attribute")
+    return module, example
+
+
+def is_module_spec(path_or_spec) -> bool:
+    """True when ``path_or_spec`` is a ``module:function`` spec string rather than a model file
+    (what :func:`load_model` would resolve with :func:`resolve_module_spec`)."""
+    if not isinstance(path_or_spec, (str, os.PathLike)):
+        return False
+    s = os.fspath(path_or_spec)
+    return not (s.lower().endswith(".onnx") or Path(s).is_file())
+
+
 def load_model(path_or_spec, *, name=None):
     """Load a model into the IR from a ``.onnx`` path or a ``module:function`` spec.
 
@@ -78,19 +111,8 @@ def load_model(path_or_spec, *, name=None):
     s = os.fspath(path_or_spec)
     if s.lower().endswith(".onnx") or Path(s).is_file():
         return import_onnx(s, name=name)
-    fn = _load_callable(s)
-    try:
-        res = fn()
-    except Exception as e:
-        raise ModelImportError(f"model spec {s!r}: calling {fn.__name__}() failed: {type(e).__name__}: {e}") from None
-    if isinstance(res, tuple) and len(res) == 2:
-        module, example = res
-    else:
-        module, example = res, getattr(res, "example_input", None)
-    if example is None:
-        raise ModelImportError(f"model spec {s!r}: {fn.__name__}() must return (module, example_input) or a module "
-                           f"with an 'example_input' attribute")
+    module, example = resolve_module_spec(s)
     return import_brevitas(module, example, name=name)
 
 
-__all__ = ["import_onnx", "import_brevitas", "export_qonnx", "load_model"]
+__all__ = ["import_onnx", "import_brevitas", "export_qonnx", "load_model", "resolve_module_spec", "is_module_spec"]

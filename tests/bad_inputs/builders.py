@@ -176,7 +176,7 @@ def _bn_training():
 
 def _conv_dilation():
     w = f32(np.random.default_rng(0).normal(size=(2, 3, 3, 3)))
-    return model([helper.make_node("Conv", ["x", "w"], ["y"], name="dil_conv", dilations=[2, 2])],
+    return model([helper.make_node("Conv", ["x", "w"], ["y"], name="dil_conv", dilations=[2, 2], auto_pad="SAME_UPPER")],
                  [1, 3, 8, 8], {"w": w})
 
 
@@ -193,7 +193,7 @@ def _no_outputs():
 
 def _avgpool_pad():
     return model([helper.make_node("AveragePool", ["x"], ["y"], name="avg_padded", kernel_shape=[2, 2],
-                                   pads=[1, 1, 1, 1])], [1, 3, 6, 6])
+                                   pads=[2, 2, 2, 2])], [1, 3, 6, 6])  # windows of padding only
 
 
 def _gemm_transA():
@@ -284,7 +284,8 @@ def cases() -> list[Case]:
         # --- unsupported ops / attributes
         _onnx_case("bn_training_mode", _bn_training, "bn_train", "training"),
         _onnx_case("conv_dilation", _conv_dilation, "dil_conv", "dilation", target="hls4ml"),
-        _onnx_case("maxpool_ceil", _single("MaxPool", "mp_ceil", [1, 3, 5, 5], kernel_shape=[2, 2], ceil_mode=1),
+        _onnx_case("maxpool_ceil", _single("MaxPool", "mp_ceil", [1, 3, 5, 5], kernel_shape=[2, 2], strides=[2, 2],
+                                                ceil_mode=1),
                    "mp_ceil", "ceil_mode"),
         _onnx_case("avgpool_padding", _avgpool_pad, "avg_padded", "padding"),
         _onnx_case("gemm_transA", _gemm_transA, "gemm_ta", "transA", target="tvm-llvm"),

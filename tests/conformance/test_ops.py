@@ -17,6 +17,8 @@ from qdeploy.compiler.ir import Const, parse_type
 from qdeploy.compiler.ir.ops import OPS
 from qdeploy.compiler.ir.types import FLOAT32
 
+from .cases_batch_a import CASES_A
+from .cases_threshold import CASES_THRESHOLD
 from .conftest import Case, Wide, backend_params, compare, random_codes, random_feeds
 
 T = parse_type
@@ -164,6 +166,27 @@ def _leaky_relu_float(b, p, rng):
     d = b.add(p + "d", "Dense", [x], params={"weight": W(rng, "fixed<4,1>", (6, 4))})
     fd = b.add(p + "fd", "Dense", [d], params={"weight": Const(rng.standard_normal((4, 3)), FLOAT32)})
     return [d, b.add(p + "lr", "LeakyRelu", [fd], attrs={"shift": 1})]
+
+
+def _float_quant(b, p, rng):
+    # FP8 e4m3 (power-of-two scale, saturating) then the lossless cast onto its fixed-point grid and a
+    # Dense on device; e5m2 with a non-power-of-two scale and inf on overflow as a float output
+    x = b.input(p + "x", (8,), FLOAT32)
+    e4 = b.add(p + "e4m3", "FloatQuant", [x], attrs={"exponent_bits": 4, "mantissa_bits": 3, "exponent_bias": 7,
+                                                     "scale": 0.5})
+    g = b.add(p + "grid", "Quantize", [e4], attrs={"to": T("fixed<19,9,RND_CONV,SAT>")})
+    e5 = b.add(p + "e5m2", "FloatQuant", [x], attrs={"exponent_bits": 5, "mantissa_bits": 2, "exponent_bias": 15,
+                                                     "scale": 0.0137, "saturation": False, "has_inf": True})
+    return [b.add(p + "d", "Dense", [g], params={"weight": W(rng, "fixed<4,1>", (8, 3))}), e4, e5]
+
+
+def _topk(b, p, rng):
+    # label select after a narrow Dense (many ties among 4-bit scores: lower index first), and on floats
+    x = b.input(p + "x", (6,), T("fixed<3,2>"))
+    d = b.add(p + "d", "Dense", [x], params={"weight": W(rng, "int<2>", (6, 9))})
+    f = b.add(p + "f", "Affine", [d], params={"scale": Const(np.float32(0.75), FLOAT32)})
+    return [d, b.add(p + "top3", "TopK", [d], attrs={"k": 3}), b.add(p + "low2", "TopK", [f], attrs={"k": 2,
+                                                                                               "largest": False})]
 
 
 def _add(b, p, rng):
@@ -420,6 +443,8 @@ CASES = [
     Case("leaky_relu", "LeakyRelu", _leaky_relu),
     Case("leaky_relu_map", "LeakyRelu", _leaky_relu_map),
     Case("leaky_relu_float", "LeakyRelu", _leaky_relu_float),
+    Case("float_quant", "FloatQuant", _float_quant),
+    Case("topk", "TopK", _topk),
     Case("add", "Add", _add),
     Case("add_map", "Add", _add_map),
     Case("add_broadcast", "Add", _add_broadcast),
@@ -454,7 +479,7 @@ CASES = [
     Case("lookup", "Lookup", _lookup, rejects=HLS),
     Case("lookup_fixed", "Lookup", _lookup_fixed),
     Case("space_to_depth", "SpaceToDepth", _space_to_depth),
-]
+] + CASES_A + CASES_THRESHOLD
 CASE_IDS = [c.id for c in CASES]
 BY_ID = {c.id: c for c in CASES}
 

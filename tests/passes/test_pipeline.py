@@ -24,7 +24,7 @@ def test_registry_and_default_pipeline_are_data():
     p = default_pipeline("auto", {"x": np.zeros((4, 16), np.float32)}, {"budget": 0.8})
     assert [e if isinstance(e, str) else e[0] for e in p] == [
         "dce", "fold_batchnorm", "fold_affine_chains", "fold_lookup_quantize", "quantize_inputs", "affine_to_fixed",
-        "infer_precision", "dce", "remat"]
+        "infer_precision", "requant_shift", "dce", "remat"]
     d = describe_pipeline(p)
     assert d[4] == {"name": "quantize_inputs", "options": {"input_type": "auto",
                                                           "calibration": {"x": "array[4, 16] float32"}}}
