@@ -1,4 +1,5 @@
-"""hls4ml translations of the data-movement ops added after :mod:`.ops` (``Resize``), declared with
+"""hls4ml translations of the ops added or reworked after :mod:`.ops` (``Resize``, ``DepthToSpace`` /
+``SpaceToDepth``, ``Lookup``, ``MaxPool``), declared with
 the same :func:`~.ops.hls4ml_op` decorator into the same tables (the package ``__init__`` imports
 this module, so the entries exist whenever :mod:`.ops` is importable).
 
@@ -15,6 +16,8 @@ C++ semantics relied on (hls4ml 1.3.0, ``templates/vivado/nnet_utils``):
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ...compiler.errors import UnsupportedError
@@ -22,7 +25,7 @@ from ...compiler.ir.graph import Node
 from ...compiler.ir.types import FixedType
 from ...compiler.ir.ops.depth_space import permutation_plan
 from .ops import ESTIMATE, TRANSLATE, chained, hls4ml_op
-from .resources import T_LUT_NS, Cost
+from .resources import T_LUT_NS, Cost, t_add
 
 
 def wires(ctx, node) -> dict:
@@ -138,3 +141,50 @@ def _lookup_cost(ctx, node) -> dict:
     return chained(ctx, lut, 0, T_LUT_NS * max(1, -(-w // 6)))
 
 
+
+
+# ----------------------------------------------------------------------------- MaxPool
+def _pads(n: Node, nd: int):
+    s = tuple(int(v) for v in n.attrs.get("strides", (1,) * nd))
+    p = tuple(int(v) for v in n.attrs.get("pads", (0,) * (2 * nd)))
+    return s, p
+
+
+def _maxpool_cost(ctx, node):
+    """A12: k-1 comparators+muxes per output (2 LUT per bit); the explicit zero-padding path adds
+    the two offset adders (+c before, -c after) per element of a signed input."""
+    out = ctx.graph.value(node.output)
+    size, ob = out.size, out.dtype.width
+    n = int(np.prod(node.attrs["kernel"]))
+    lut, delay = size * (n - 1) * 2 * ob, math.ceil(math.log2(max(n, 2))) * t_add(ob)
+    x = ctx.graph.value(node.inputs[0])
+    if _zero_padded(node, x.dtype, ctx.opts["io_type"]) and x.dtype.min_code < 0:
+        lut += (x.size + size) * ob
+        delay += 2 * t_add(ob)
+    return chained(ctx, lut, 0, delay)
+
+
+def _zero_padded(n: Node, t: FixedType, io_type: str) -> bool:
+    k = tuple(int(v) for v in n.attrs["kernel"])
+    _, p = _pads(n, len(k))
+    return any(p) and (not t.signed or io_type == "io_stream" or any(pv >= kv for pv, kv in zip(p, k + k)))
+
+
+@hls4ml_op("MaxPool", cost=Cost(_maxpool_cost))
+def _maxpool(tr, n: Node):
+    """hls4ml max pooling; kernel-1 pools in io_stream (stride != kernel, which hls4ml's streaming
+    pooling asserts against) as :meth:`~.translate.Translator.subsample_layer`; padding hls4ml does
+    not do exactly (unsigned input, io_stream, all-padding windows) as
+    :meth:`~.translate.Translator.maxpool_zero_padded`."""
+    x = tr.graph.value(n.inputs[0])
+    k = tuple(int(v) for v in n.attrs["kernel"])
+    s, p = _pads(n, len(k))
+    t = x.dtype
+    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and s != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))
+        return
+    if _zero_padded(n, t, tr.io_type):
+        tr.maxpool_zero_padded(n, k, s, p, tr.src(n.inputs[0]))
+        return
+    d = tr.pool_dict(n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
+    tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))

@@ -143,3 +143,22 @@ def test_table_entry_near_a_rounding_tie_is_refused(tmp_path):
     hls4ml's C++ rounding there, so the layer is refused, naming the node."""
     with pytest.raises(UnsupportedError, match="node 'sig'.*too close to a rounding boundary"):
         Hls4mlBackend().emit(_sigmoid_graph("fixed<8,1>", "ufixed<7,0,RND_CONV,SAT>"), {}, tmp_path / "p")
+
+
+def test_padded_maxpool_estimate_counts_the_offset_adders_where_they_are_emitted():
+    """A signed padded MaxPool is hls4ml's own padded pooling in io_parallel but the explicit
+    +c / ZeroPadding / -c form in io_stream: only there does the row price the two offset adders
+    (one per input and one per output element)."""
+    b = GraphBuilder("mp")
+    x = b.input("x", (5, 5, 3), parse_type("fixed<6,2>"))
+    b.output(b.add("mp", "MaxPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 1, 1)}))
+    g = b.build()
+    par = hls4ml_estimate(g, {"io_type": "io_parallel"})["layers"][0]
+    par_t = translate(g, "io_parallel")
+    st_t = translate(g, "io_stream")
+    assert [d["class_name"] for d in par_t.layers[1:]] == ["MaxPooling2D"]
+    assert [d["class_name"] for d in st_t.layers[1:]] == ["BatchNormalization", "ZeroPadding2D", "MaxPooling2D",
+                                                          "BatchNormalization"]
+    # io_stream rows also carry a FIFO term (A12): compare against a translation-independent bound
+    st = hls4ml_estimate(g, {"io_type": "io_stream"})["layers"][0]
+    assert st["lut"] - par["lut"] >= (75 + 27) * 6 * 0.5

@@ -118,9 +118,17 @@ def _lookup_fixed(b, p, rng):
     return outs
 
 
+def _conv2d_depthwise_dilated(b, p, rng):
+    # dilation (batch A: a zero-inserted kernel) on the depthwise layer
+    x = b.input(p + "x", (6, 6, 3), T("fixed<6,2>"))
+    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (2, 2), "groups": 3, "dilations": (2, 1), "pads": (1, 0, 1, 1)},
+                  params={"weight": W(rng, "fixed<4,1>", (2, 2, 1, 3)), "bias": W(rng, "fixed<6,2>", (3,))})]
+
+
 CASES_B = [
     Case("conv2d_depthwise_padded", "Conv", _conv2d_depthwise_padded),
     Case("conv1d_depthwise", "Conv", _conv1d_depthwise),
+    Case("conv2d_depthwise_dilated", "Conv", _conv2d_depthwise_dilated),
     Case("se_broadcast", "Mul", _se_broadcast),
     Case("channel_broadcast", "Add", _channel_broadcast, rejects=HLS),
     Case("pool_subsample", "MaxPool", _pool_subsample),
@@ -139,6 +147,7 @@ CASES_B = [
 STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, "space_to_depth": True,
                 "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False,
                 "conv2d_depthwise": True, "conv2d_depthwise_padded": True, "conv1d_depthwise": True,
+                "conv2d_depthwise_dilated": True,
                 "pool_subsample": True, "maxpool_padded": True, "maxpool_unsigned": False,
                 "maxpool_unsigned_padded": False, "maxpool2d": False, "avgpool1d": False,
                 "lookup_fixed": True}
