@@ -54,10 +54,39 @@ from .types import MAX_WIDTH, FixedType, bits_for_range
 _LIM = 1 << 60
 _BIG = 1 << 62
 
+#: Rounding of the form's final shift: ``TRN`` (floor) or ``RND_CONV`` (round half to even, the
+#: QONNX ``ROUND`` of a dyadic map: a floor form cannot place its alternating tie steps).
+FORM_ROUNDINGS = ("TRN", "RND_CONV")
+
+
+def level_bound(lvl, S: int, rounding: str = "TRN"):
+    """``T`` with ``form(x) >= lvl  <=>  x*K + R >= T`` (before the clamp) for ``K > 0``.
+
+    ``TRN``: ``lvl * 2**S``.  ``RND_CONV`` (S >= 1): ``round_half_even(y / 2**S) >= j`` iff
+    ``y > (j - 1/2) 2**S`` or ``y == (j - 1/2) 2**S`` with ``j`` even, i.e.
+    ``y >= (2j - 1) 2**(S-1) + (j mod 2)``; with ``S == 0`` the value is exact: ``T = lvl``.
+    Works on Python ints and int64 arrays (``lvl & 1`` is the parity for negative levels too).
+    """
+    if rounding == "TRN" or S == 0:
+        return lvl << S
+    return ((2 * lvl - 1) << (S - 1)) + (lvl & 1)
+
+
+def _shift_round(y, S: int, rounding: str):
+    """``floor(y / 2**S)`` (TRN) or round-half-even (RND_CONV) of integers ``y`` (int or int64 array)."""
+    q = y >> S
+    if rounding == "TRN" or S == 0:
+        return q
+    rem = y - (q << S)
+    half = 1 << (S - 1)
+    up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    return q + up
+
 
 @dataclass(frozen=True)
 class ShiftForm:
-    """``clamp(floor((x * K[c] + R[c]) / 2**S), out)`` per channel ``c`` (last axis).
+    """``clamp(rnd((x * K[c] + R[c]) / 2**S), out)`` per channel ``c`` (last axis), ``rnd`` the
+    floor (``out.rounding == "TRN"``) or round half to even (``"RND_CONV"``).
 
     Attributes:
         K: per-channel integer multipliers (length C; negative for non-increasing channels,
@@ -99,7 +128,7 @@ class ShiftForm:
         if self.acc_bits() > MAX_WIDTH:
             raise ValueError(f"accumulator of {self.acc_bits()} bits does not fit int64 arithmetic")
         x = np.asarray(x, dtype=np.int64)
-        y = np.right_shift(x * np.asarray(self.K, np.int64) + np.asarray(self.R, np.int64), self.S)
+        y = _shift_round(x * np.asarray(self.K, np.int64) + np.asarray(self.R, np.int64), self.S, self.out.rounding)
         return np.clip(y, self.out.min_code, self.out.max_code)
 
 
@@ -139,20 +168,24 @@ def channel_steps(thresholds: np.ndarray, base: np.ndarray, sign: np.ndarray, ch
 
 
 def _form_steps(k: int, r: int, S: int, out: FixedType, lo: int, hi: int, limit: int):
-    """(value at lo, direction, step list) of ``clamp(floor((x*k + r) / 2**S))`` on ``[lo, hi]``,
-    exact in Python ints; ``None`` when it has more than ``limit`` steps there."""
-    P = 1 << S
+    """(value at lo, direction, step list) of ``clamp(rnd((x*k + r) / 2**S))`` on ``[lo, hi]``
+    (``rnd`` per ``out.rounding``), exact in Python ints; ``None`` when it has more than ``limit``
+    steps there."""
+    rnd = out.rounding
 
     def g(x):
-        return min(max((x * k + r) >> S, out.min_code), out.max_code)
+        return min(max(int(_shift_round(x * k + r, S, rnd)), out.min_code), out.max_code)
+
+    def T(j):
+        return level_bound(j, S, rnd)
 
     v0, v1 = g(lo), g(hi)
     if abs(v1 - v0) > limit:
         return None
     if v1 > v0:  # k > 0: step to level j at ceil((j P - r) / k)
-        return v0, 1, tuple(max(lo, -((r - j * P) // k)) for j in range(v0 + 1, v1 + 1))
+        return v0, 1, tuple(max(lo, -((r - T(j)) // k)) for j in range(v0 + 1, v1 + 1))
     if v1 < v0:  # k < 0: step down to level j at floor((r - (j+1) P) / -k) + 1
-        return v0, -1, tuple(max(lo, (r - (j + 1) * P) // (-k) + 1) for j in range(v0 - 1, v1 - 1, -1))
+        return v0, -1, tuple(max(lo, (r - T(j + 1)) // (-k) + 1) for j in range(v0 - 1, v1 - 1, -1))
     return v0, 0, ()
 
 
@@ -180,7 +213,33 @@ def prove(form: ShiftForm, thresholds, base, sign) -> str | None:
 
 
 # ----------------------------------------------------------------------------- search
-def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
+def _hull(pts: list, upper: bool) -> list:
+    """The upper (``upper``) or lower convex hull of points ``(x, y)`` sorted by ``x`` then ``y``
+    (Andrew's monotone chain, exact in Python ints).  ``max_i (y_i P - x_i K)`` over the points,
+    for any ``P, K > 0``, is attained on the upper hull (``min``: the lower hull), so the step
+    bounds of the other points never bind and are dropped (T thresholds -> a few vertices)."""
+    out: list = []
+    for p in pts:
+        while len(out) >= 2:
+            (ox, oy), (ax, ay) = out[-2], out[-1]
+            cross = (ax - ox) * (p[1] - oy) - (ay - oy) * (p[0] - ox)
+            if (cross >= 0) if upper else (cross <= 0):
+                out.pop()
+            else:
+                break
+        out.append(p)
+    return out
+
+
+def _parity_hull(pts: list, upper: bool, split: bool) -> list:
+    """:func:`_hull`, taken separately over even and odd levels when ``split`` (the RND_CONV level
+    bound has a parity term, constant within each class, so the hull argument holds per class)."""
+    if not split:
+        return _hull(pts, upper)
+    return _hull([p for p in pts if p[1] % 2 == 0], upper) + _hull([p for p in pts if p[1] % 2], upper)
+
+
+def _constraints(chans, lo: int, hi: int, omin: int, omax: int, split: bool = False):
     """Padded arrays of the bounds ``L_i(K) = lvl_i * 2**S + a_i - b_i K`` (lower) and
     ``U_i(K) = lvl_i * 2**S + a_i - b_i K`` (upper) of the non-constant channels, each
     normalized to a non-decreasing step (mirrored when sign = -1)."""
@@ -192,8 +251,9 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
             v0, cmin, cmax = -ch.v0, -omax, -omin
         m = len(ch.steps)
         v1 = v0 + m
-        L = [(v0 + i + 1, 0, u) for i, u in enumerate(ch.steps)]
-        U = [(v0 + i + 1, -1, u - 1) for i, u in enumerate(ch.steps)]
+        L = [(lvl, 0, u) for u, lvl in _parity_hull([(u, v0 + i + 1) for i, u in enumerate(ch.steps)], True, split)]
+        U = [(lvl, -1, u) for u, lvl in _parity_hull([(u - 1, v0 + i + 1) for i, u in enumerate(ch.steps)], False,
+                                                      split)]
         if v0 > cmin:
             L.append((v0, 0, lo))
         U.append((v0 + 1, -1, lo))
@@ -215,20 +275,21 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
     return pad(rows_l, -_BIG), pad(rows_u, _BIG)
 
 
-def _psi(S: int, K: np.ndarray, cl, cu):
+def _psi(S: int, K: np.ndarray, cl, cu, rounding: str = "TRN"):
     """``max_i L_i(K) - min_i U_i(K)`` and the two bounds, per channel (``K``: ``[C', 1]``)."""
     lvl, a, b = cl
-    L = np.where(a == -_BIG, -_BIG, (lvl << S) + a - b * K).max(axis=1)
+    L = np.where(a == -_BIG, -_BIG, level_bound(lvl, S, rounding) + a - b * K).max(axis=1)
     lvl, a, b = cu
-    U = np.where(a == _BIG, _BIG, (lvl << S) + a - b * K).min(axis=1)
+    U = np.where(a == _BIG, _BIG, level_bound(lvl, S, rounding) + a - b * K).min(axis=1)
     return L - U, L, U
 
 
-def _brackets(S: int, chans, kmax: int):
+def _brackets(S: int, chans, kmax: int, slack: int = 0):
     """Per channel a necessary range ``[a, b]`` of ``K`` at shift ``S``: the first and last steps
     ``u_1``, ``u_m`` (``m >= 2``, ``d = u_m - u_1``) force ``(m-1) 2**S + 1 <= (d+1) K`` and, for
     ``d >= 2``, ``(d-1) K <= (m-1) 2**S - 1`` (their two step intervals must meet).  Clipped to
-    ``[1, kmax]``; ``a > b`` means no ``K`` at this shift."""
+    ``[1, kmax]``; ``a > b`` means no ``K`` at this shift.  ``slack`` widens both bounds (1 for
+    RND_CONV, whose level bounds are spaced ``2**S +- 1``)."""
     a = np.ones(len(chans), np.int64)
     b = np.full(len(chans), kmax, np.int64)
     for i, ch in enumerate(chans):
@@ -237,13 +298,13 @@ def _brackets(S: int, chans, kmax: int):
             continue
         d = ch.steps[-1] - ch.steps[0]
         n = (m - 1) << S
-        a[i] = min(max(1, -(-(n + 1) // (d + 1))), kmax + 1)
+        a[i] = min(max(1, -(-(n + 1 - slack) // (d + 1))), kmax + 1)
         if d >= 2:
-            b[i] = min(kmax, (n - 1) // (d - 1))
+            b[i] = min(kmax, (n - 1 + slack) // (d - 1))
     return a, b
 
 
-def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray):
+def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray, rounding: str = "TRN"):
     """Smallest feasible ``K`` in ``[a, b]`` per channel at shift ``S`` (0 where none) and its
     offset interval ``[L, U]``."""
     n = cl[0].shape[0]
@@ -256,16 +317,16 @@ def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray):
             break
         third = (b - a) // 3
         m1, m2 = a + third, b - third
-        p1 = _psi(S, m1[:, None], cl, cu)[0]
-        p2 = _psi(S, m2[:, None], cl, cu)[0]
+        p1 = _psi(S, m1[:, None], cl, cu, rounding)[0]
+        p2 = _psi(S, m2[:, None], cl, cu, rounding)[0]
         na = np.where(p1 > p2, m1 + 1, np.where(p1 == p2, m1, a))
         nb = np.where(p1 < p2, m2 - 1, np.where(p1 == p2, m2, b))
         a, b = np.where(wide, na, a), np.where(wide, nb, b)
     best = a.copy()
-    bestp = _psi(S, a[:, None], cl, cu)[0]
+    bestp = _psi(S, a[:, None], cl, cu, rounding)[0]
     for off in (1, 2):
         k = np.minimum(a + off, b)
-        p = _psi(S, k[:, None], cl, cu)[0]
+        p = _psi(S, k[:, None], cl, cu, rounding)[0]
         better = p < bestp
         best, bestp = np.where(better, k, best), np.where(better, p, bestp)
     ok = ok0 & (bestp <= 0)
@@ -276,11 +337,11 @@ def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray):
         if not open_.any():
             break
         mid = (lo_k + hi_k) // 2
-        feas = _psi(S, mid[:, None], cl, cu)[0] <= 0
+        feas = _psi(S, mid[:, None], cl, cu, rounding)[0] <= 0
         hi_k = np.where(open_ & feas, mid, hi_k)
         lo_k = np.where(open_ & ~feas, mid + 1, lo_k)
     K = np.where(ok, hi_k, 0)
-    _, L, U = _psi(S, np.maximum(K, 1)[:, None], cl, cu)
+    _, L, U = _psi(S, np.maximum(K, 1)[:, None], cl, cu, rounding)
     return ok, K, L, U
 
 
@@ -303,7 +364,8 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         channels: C, the length of the last axis.
         lo, hi: the input code range (e.g. the accumulator type's ``min_code``/``max_code``).
         out: the clamp type: its code range must contain every output code of the op (e.g. the
-            op's ``to`` with TRN rounding and SAT saturation).
+            op's ``to`` with SAT saturation); its rounding (``TRN`` or ``RND_CONV``) is the
+            form's rounding of ``(x * K + R) / 2**S``.
         max_width: cap on the bits of the ``x * K + R`` accumulator (default the IR's 62).
         max_const_bits: cap on the bits of ``K`` and of ``R`` (e.g. 53 where constants travel as
             float64).
@@ -312,6 +374,9 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         per channel) that :func:`prove` accepts, or ``form=None`` with the reason.
     """
     lo, hi = int(lo), int(hi)
+    rnd = out.rounding
+    if rnd not in FORM_ROUNDINGS:
+        raise ValueError(f"form rounding {rnd!r} is not one of {FORM_ROUNDINGS}")
     if lo > hi:
         raise ValueError(f"empty input range [{lo}, {hi}]")
     base, sign = np.asarray(base).reshape(-1), np.asarray(sign).reshape(-1)
@@ -329,16 +394,16 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
     K, R, S = [0] * channels, [0] * channels, 0
     if moving:
         sub = [chans[c] for c in moving]
-        cl, cu = _constraints(sub, lo, hi, out.min_code, out.max_code)
+        cl, cu = _constraints(sub, lo, hi, out.min_code, out.max_code, split=rnd != "TRN")
         found, bad = None, moving[0]
         ever = np.zeros(len(moving), bool)  # channels feasible at some shift tried
         for S in range(s_max + 1):  # smallest shift first (a form at S gives one at S+1 while 2K fits)
-            a, b = _brackets(S, sub, kmax)
+            a, b = _brackets(S, sub, kmax, slack=0 if rnd == "TRN" else 1)
             if (a > kmax).any():  # the lower bound only grows with S
                 if ever.all():
                     bad = moving[int(np.argmax(a > kmax))]
                 break
-            ok, kk, L, U = _solve(S, cl, cu, a, b)
+            ok, kk, L, U = _solve(S, cl, cu, a, b, rnd)
             if ok.all():
                 found = S
                 break
@@ -351,13 +416,14 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         for i, c in enumerate(moving):
             k, r = int(kk[i]), min(max(0, int(L[i])), int(U[i]))
             if chans[c].sign < 0:
-                k, r = -k, (1 << S) - 1 - r
+                # mirrored: -floor(y) = floor((2**S - 1 - y') / 2**S) form; -rhe(y) = rhe(-y)
+                k, r = -k, ((1 << S) - 1 - r) if rnd == "TRN" else -r
             K[c], R[c] = k, r
     for c, ch in enumerate(chans):
         if not ch.steps:  # constant on [lo, hi]: K = 0, floor(R / 2**S) == v0 (or clamps to it)
-            v, P = ch.v0, 1 << S
-            lo_r = v * P if v > out.min_code else -_BIG
-            hi_r = (v + 1) * P - 1 if v < out.max_code else _BIG
+            v = ch.v0
+            lo_r = level_bound(v, S, rnd) if v > out.min_code else -_BIG
+            hi_r = level_bound(v + 1, S, rnd) - 1 if v < out.max_code else _BIG
             R[c] = min(max(0, lo_r), hi_r)
     form = ShiftForm(tuple(K), tuple(R), S, out, lo, hi)
     if form.acc_bits() > max_width:
@@ -374,23 +440,31 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
 
 
 # ----------------------------------------------------------------------------- IR helpers
-def clamp_type(to: FixedType) -> FixedType:
-    """The ``Quantize`` type of a form into MultiThreshold output type ``to``: ``to`` with TRN
-    rounding (the floor of the form) and SAT saturation (its clamp; ``SAT_SYM`` kept, which
+def clamp_type(to: FixedType, rounding: str = "TRN") -> FixedType:
+    """The ``Quantize`` type of a form into MultiThreshold output type ``to``: ``to`` with the
+    form's rounding (TRN: floor, RND_CONV: half to even) and SAT saturation (its clamp; ``SAT_SYM`` kept, which
     clamps to the symmetric range).  Same width, binary point and signedness as ``to``, so
     every output code of the op is one of its codes."""
-    return to.with_modes("TRN", "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT")
+    return to.with_modes(rounding, "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT")
 
 
 def node_shift_form(node, in_type: FixedType, max_width: int = MAX_WIDTH,
                     max_const_bits: int = MAX_WIDTH) -> SearchResult:
     """:func:`find_shift_form` for MultiThreshold ``node`` whose input has type ``in_type``: the
-    range is every code of ``in_type``, the clamp :func:`clamp_type` of the node's ``to``."""
+    range is every code of ``in_type``, the clamp :func:`clamp_type` of the node's ``to``.  A floor
+    form is tried first, then a round-half-even one (a dyadic map under QONNX ``ROUND`` has tie
+    steps a floor form cannot place); the reason returned is the floor form's."""
     p = node.params
     t = p["thresholds"].data
     c = max(int(t.shape[0]), int(p["base"].shape[0]), int(p["sign"].shape[0]))
-    return find_shift_form(t, p["base"].data, p["sign"].data, c, in_type.min_code, in_type.max_code,
-                           clamp_type(node.attrs["to"]), max_width, max_const_bits)
+    first = None
+    for rnd in FORM_ROUNDINGS:
+        res = find_shift_form(t, p["base"].data, p["sign"].data, c, in_type.min_code, in_type.max_code,
+                              clamp_type(node.attrs["to"], rnd), max_width, max_const_bits)
+        if res.form is not None:
+            return res
+        first = first or res
+    return first
 
 
 def affine_constants(form: ShiftForm, in_type: FixedType, channels: int):

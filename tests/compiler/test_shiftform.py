@@ -237,3 +237,38 @@ def test_output_outside_clamp_type_is_refused():
     t = np.array([[0, 1]])
     res = find_shift_form(t, np.array([6]), np.array([1]), 1, -4, 4, parse_type("int<3>").with_modes("TRN", "SAT"))
     assert res.form is None and "outside the clamp range" in res.reason
+
+
+def test_dyadic_round_half_even_gets_a_rnd_conv_form():
+    """A dyadic requantizer under QONNX ROUND (e.g. power-of-two QDQ scales kept as per-channel
+    shifts) has exact ties whose steps alternate: no floor form, but a round-half-even form
+    (``Quantize`` with RND_CONV) exists and is exact on every code, also for a decreasing and a
+    constant channel."""
+    from qdeploy.compiler.ir.shiftform import clamp_type, node_shift_form
+
+    lo, hi = -2048, 2047
+    chans = [(Fraction(3, 8), Fraction(0), 0), (Fraction(-5, 16), Fraction(1, 2), 0), (Fraction(0), Fraction(3, 2), 0),
+             (Fraction(1, 64), Fraction(-1, 4), 0)]
+    to = parse_type("int<8>").with_modes("RND_CONV", "SAT")
+    tables = [requant_table(lo, hi, m, b, zp, -128, 127, rnd=_round_half_even) for m, b, zp in chans]
+    t, base, sign = thresholds_from_table(tables, lo, 255, -128, 127)
+    assert find_shift_form(t, base, sign, len(chans), lo, hi, clamp_type(to, "TRN")).form is None
+    res = find_shift_form(t, base, sign, len(chans), lo, hi, clamp_type(to, "RND_CONV"))
+    assert res.form is not None, res.reason
+    x = np.repeat(np.arange(lo, hi + 1)[:, None], len(chans), axis=1)
+    assert np.array_equal(res.form.apply(x), np.array(tables).T)
+    assert prove(res.form, t, base, sign) is None
+    # the node-level search falls back to RND_CONV by itself
+    in_t = parse_type("int<12>")
+    b = GraphBuilder("mt")
+    v = b.input("x", (len(chans),), in_t)
+    y = b.add("mt", "MultiThreshold", [v], attrs={"to": to},
+              params={"thresholds": Const(t, parse_type("fixed<14,14>")), "base": Const(base, parse_type("int<16>")),
+                      "sign": Const(sign, parse_type("int<2>"))})
+    b.output(y)
+    node = b.build().nodes[0]
+    got = node_shift_form(node, in_t)
+    assert got.form is not None and got.form.out.rounding == "RND_CONV"
+    # a wrong rounding choice is caught by the proof
+    bad = ShiftForm(got.form.K, got.form.R, got.form.S, clamp_type(to, "TRN"), lo, hi)
+    assert prove(bad, t, base, sign) is not None
