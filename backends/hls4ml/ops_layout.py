@@ -70,8 +70,8 @@ def hls4ml_table_codes(fn: str, t_in: FixedType, to: FixedType) -> tuple[int, np
     ``data * table_size / (2R)`` is the code), clamped to the table; entry ``i`` is the C++ function at
     ``2R (i - table_size / 2) / table_size`` -- ``1.0 / (1 + expf(-x))`` (sigmoid) or ``tanh(x)`` --
     cast to ``to``.  Returns ``(table_size, codes, ok)`` where ``ok[i]`` is False when the C++ value is
-    within ``2**-21`` (relative: 16 float32 ulps, far above a float32 libm's error) of a rounding boundary of ``to``, so
-    that no emulation here can vouch for the rounding.
+    within ``2**-21`` (relative: 16 float32 ulps, far above a float32 libm's error) of a rounding
+    boundary of ``to``, so that no emulation here can vouch for the rounding.
 
     Raises:
         UnsupportedError: (node-less; the caller names the node) an input type whose table would need
@@ -115,10 +115,9 @@ def _lookup(tr, n: Node):
     bad = np.flatnonzero((codes != tab.data) | ~ok)
     if bad.size:
         i = int(bad[0])
+        why = "" if codes[i] != tab.data[i] else " (too close to a rounding boundary to vouch for)"
         raise UnsupportedError(f"hls4ml's {fn} table (table_size {ts}) gives code {int(codes[i])} for input code "
-                               f"{t_in.min_code + i}, the source {int(tab.data[i])}"
-                               f"{'' if codes[i] != tab.data[i] else ' (too close to a rounding boundary to vouch for)'}"
-                               f": not exact", n.name)
+                               f"{t_in.min_code + i}, the source {int(tab.data[i])}{why}: not exact", n.name)
     name = TABLE_ACTIVATIONS[fn][0]
     tr.note(f"Lookup '{n.name}' ({fn}) as hls4ml's {name} table (table_size {ts}, table_t {to.hls()}): every input "
             "code checked against the source's table")
@@ -139,8 +138,6 @@ def _lookup_cost(ctx, node) -> dict:
     w = ctx.graph.value(node.inputs[0]).dtype.width
     lut = out.size * out.dtype.width * -(-(1 << w) // 64)
     return chained(ctx, lut, 0, T_LUT_NS * max(1, -(-w // 6)))
-
-
 
 
 # ----------------------------------------------------------------------------- MaxPool

@@ -121,7 +121,8 @@ def _lookup_fixed(b, p, rng):
 def _conv2d_depthwise_dilated(b, p, rng):
     # dilation (batch A: a zero-inserted kernel) on the depthwise layer
     x = b.input(p + "x", (6, 6, 3), T("fixed<6,2>"))
-    return [b.add(p + "c", "Conv", [x], attrs={"kernel": (2, 2), "groups": 3, "dilations": (2, 1), "pads": (1, 0, 1, 1)},
+    attrs = {"kernel": (2, 2), "groups": 3, "dilations": (2, 1), "pads": (1, 0, 1, 1)}
+    return [b.add(p + "c", "Conv", [x], attrs=attrs,
                   params={"weight": W(rng, "fixed<4,1>", (2, 2, 1, 3)), "bias": W(rng, "fixed<6,2>", (3,))})]
 
 
