@@ -239,6 +239,10 @@ def compile_early_exit_cmd(
             ev = evaluate(msm, gold, y)
         (Path(out) / "report.md").write_text(program_markdown(msm, ev))
     except Exception as e:  # one line, never a library traceback
+        from .api import SourceMismatchError
+        if isinstance(e, SourceMismatchError):  # a failed check (exit 1), not bad input
+            typer.echo(f"error: {e.one_line()}; nothing was written", err=True)
+            raise typer.Exit(1)
         if written:
             import shutil
             shutil.rmtree(out, ignore_errors=True)
@@ -248,6 +252,8 @@ def compile_early_exit_cmd(
                f"exits {', '.join(msm.exit_values())}")
     from .early_exit import gate_text
     typer.echo("gates: " + ", ".join(gate_text(g) for g in msm.gates))
+    from .fidelity import fidelity_sentence
+    typer.echo(f"fidelity vs source: {fidelity_sentence(msm.plan['meta'].get('fidelity') or {})}")
     if ev is not None:
         typer.echo(f"golden set: accuracy {ev['accuracy']:.4f}, exit distribution "
                    f"{' / '.join(f'{f:.1%}' for f in ev['exit_fraction'])}, mean BOPs {ev['mean_bops']:.4g} "
