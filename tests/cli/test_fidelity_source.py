@@ -250,3 +250,34 @@ def test_graph_source_says_why_it_is_not_checked(tmp_path, rng):
     res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "o")
     fid = res.report["fidelity"]
     assert not fid["checked"] and "IR Graph" in fid["reason"]
+
+
+@pytest.mark.parametrize("nd,group,stride,dil,pads", [(2, 1, 1, 1, [1, 1, 1, 1]), (2, 2, 2, 1, [0, 1, 2, 0]),
+                                                      (1, 1, 2, 2, [2, 1]), (1, 4, 1, 1, [0, 0])])
+def test_float64_conv_of_the_onnx_copy_matches_torch(nd, group, stride, dil, pads):
+    # onnxruntime has no float64 Conv on the CPU; the float64 source copy uses conv_double
+    from qdeploy.source_run import conv_double
+    rng = np.random.default_rng(nd * 10 + group)
+    x = rng.standard_normal((3, 4, *([9] * nd)))
+    w = rng.standard_normal((8, 4 // group, *([3] * nd)))
+    b = rng.standard_normal(8)
+    got = conv_double(x, w, b, pads=pads, strides=[stride] * nd, dilations=[dil] * nd, group=group)
+    xt = torch.nn.functional.pad(torch.tensor(x), [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])])
+    f = torch.nn.functional.conv2d if nd == 2 else torch.nn.functional.conv1d
+    want = f(xt, torch.tensor(w), torch.tensor(b), stride=stride, dilation=dil, groups=group).numpy()
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float64_copy_of_a_qonnx_cnn_runs(tmp_path):
+    # the classification of a CNN source needs its float64 copy to run (Conv, Relu, Quant, Gemm...)
+    from qdeploy.compiler.frontends.brevitas import export_brevitas_qonnx
+    from qdeploy.fidelity import run_onnx_source
+    m = _seeded(SmallCnn)
+    x = np.random.default_rng(3).uniform(-1, 1, (10, 1, 4, 4)).astype(np.float32)
+    p = export_brevitas_qonnx(m, x[:1], tmp_path / "cnn.onnx")
+    a, _ = run_onnx_source(p, {"global_in": x})
+    b, _ = run_onnx_source(p, {"global_in": x}, double=True)
+    (k,) = a
+    assert b[k].dtype == np.float64 and np.array_equal(a[k].astype(np.float64), b[k])
+    with torch.no_grad():
+        assert np.array_equal(a[k], m(torch.tensor(x)).numpy())
