@@ -5,11 +5,12 @@ exports them to QONNX, then compiles each model for each target with the check
 (``source_check=True``, the default) and without it (``--no-source-check``), interleaved, and keeps
 the best of ``--repeats`` runs of each.  The golden set is the digits test split (450 images), as
 in ``scripts/demo.sh``.  One warm-up compile per (model, target) first (it fills the hls4ml build
-cache, so both variants then measure the same cached build).  The reference is the compile without
+cache, so both variants then measure the same cached build; ``--fresh-cache`` gives every compile an
+empty cache instead, i.e. first-compile times with the g++ C-simulation build).  The reference is the compile without
 the check, measured in the same run; the team target is an overhead under 20%.
 
     .venv/bin/python benchmarks/fidelity_cost.py [--targets reference,tvm-llvm,hls4ml] [--repeats 3]
-        [--epochs 2] [--source onnx,module]
+        [--epochs 2] [--source onnx,module] [--fresh-cache]
 
 ``--source module`` also times compiles of the Brevitas module itself (the module is the source).
 """
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--source", default="onnx,module")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--fresh-cache", action="store_true",
+                    help="an empty hls4ml build cache for every compile (first-compile times: g++ runs each time)")
     args = ap.parse_args(argv)
 
     import models  # examples/digits/models.py
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
                 for target in args.targets.split(","):
                     def run(check, k=[0]):
                         k[0] += 1
+                        if args.fresh_cache:
+                            os.environ["QDEPLOY_CACHE"] = str(tmp / f"cache{k[0]}")
                         return qdeploy.compile(model, target, tmp / f"{name}-{src}-{target}-{k[0]}", golden=xte,
                                                example_input=example, source_check=check)
                     fid = run(True).report["fidelity"]  # warm-up (fills the hls4ml build cache)
