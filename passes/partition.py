@@ -14,8 +14,8 @@ class Partition:
     """Three graphs whose composition is the original.
 
     Attributes:
-        prologue: float ops on the inputs up to and including each input ``Quantize`` (host,
-            NumPy), or None.  Outputs: the device inputs.
+        prologue: float ops on the inputs up to and including each input ``Quantize`` (and a
+            ``MultiThreshold`` right after it) (host, NumPy), or None.  Outputs: the device inputs.
         device: the fixed-point core.  All of its inputs and outputs have fixed types.
         epilogue: float ops after the last fixed-point values (e.g. a float output scale,
             Softmax), run on the host, or None.
@@ -51,7 +51,10 @@ def partition(graph: Graph) -> Partition:
     """Split ``graph`` into host prologue / fixed-point device core / host epilogue.
 
     A node belongs to the prologue when it only reads graph inputs or prologue values and is a
-    float op or a ``Quantize`` of a float value; nodes with a float output that are not in the
+    float op or a ``Quantize`` of a float value, or when it is a ``MultiThreshold`` reading only
+    values the prologue computed (an input quantizer imported as a float32-exact grid ``Quantize``
+    followed by its thresholds, :func:`qdeploy.compiler.ir.requant.float_input_thresholds`: the
+    whole quantizer runs on the host, exactly); nodes with a float output that are not in the
     prologue form the epilogue; the rest is the device core.
 
     Raises:
@@ -64,6 +67,10 @@ def partition(graph: Graph) -> Partition:
         out_t = graph.value(n.output).dtype
         in_float = all(isinstance(graph.value(i).dtype, FloatType) for i in n.inputs)
         if all(i in pro_vals for i in n.inputs) and (isinstance(out_t, FloatType) or (n.op in ("Quantize", "Sign") and in_float)):
+            pro.append(n)
+            pro_vals.add(n.output)
+        elif n.op == "MultiThreshold" and all(i in pro_vals and i not in graph.inputs for i in n.inputs):
+            # the second half of an input quantizer: float -> exact fixed grid (Quantize) -> thresholds
             pro.append(n)
             pro_vals.add(n.output)
         elif isinstance(out_t, FloatType):

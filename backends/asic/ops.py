@@ -182,6 +182,19 @@ def _global_avgpool(graph, node, opts):
     return _adder_tree(graph, node, int(np.prod(graph.value(node.inputs[0]).shape[:-1])))
 
 
+@ESTIMATE.register("MultiThreshold")
+def _threshold(graph, node, opts):
+    """Per output element ``T`` comparators of the input width (a carry chain: one FA per bit,
+    B2) and a ``T``-input count (about ``T`` FAs); path: one comparator, then ``log2 T`` adder
+    levels."""
+    size, _ = _out_bits(graph, node)
+    xt = graph.value(node.inputs[0]).dtype
+    xb = xt.width if isinstance(xt, FixedType) else 32
+    n_t = int(node.params["thresholds"].shape[1])
+    fa = size * n_t * (xb + 1)
+    return fa * GE_FA, 0, fa * E_FA_FJ_45, xb + math.ceil(math.log2(max(n_t, 2)))
+
+
 ESTIMATE.reject("Softmax", "float32 op: it runs on the host (no fixed-point Softmax to price)")
 
 #: Generic cost per op kind, for ops of :data:`OP_KINDS` without an entry of their own.

@@ -37,6 +37,8 @@ from ...compiler.errors import CompileError, UnsupportedError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...passes.partition import partition, run_partitioned
+from . import ops_layout  # noqa: F401 - registers its ops in the .ops tables
+from . import ops_threshold  # noqa: F401 - registers MultiThreshold in the .ops tables
 from .ops import TRANSLATE
 from .translate import MAX_IO_WIDTH, Translation, translate
 
@@ -298,7 +300,7 @@ class Hls4mlBackend:
 
         opts = _options(config)
         part = partition(graph)
-        tr = translate(part.device, opts["io_type"])
+        tr = translate(part.device, opts["io_type"], opts["strategy"])
         prj = Path(out_dir) / PRJ_DIR
         model = _build_model(tr, opts, prj)
         _check_model(model, tr)

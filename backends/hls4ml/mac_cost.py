@@ -11,6 +11,8 @@ import math
 import numpy as np
 
 from ...compiler.errors import QDeployError, UnsupportedError
+from ...compiler.ir.ops.kernels import dilate_kernel
+from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.types import FixedType
 from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, nearest_reuse_factors, t_add,
@@ -29,6 +31,47 @@ def _rf_for(opts: dict, node) -> int:
         raise QDeployError(f"reuse factor must be >= 1, got {rf}", node.name)
     return rf
 
+
+
+def is_depthwise(node) -> bool:
+    """A Conv with groups == C_in == C_out (weight (*k, 1, C))."""
+    if node.op != "Conv":
+        return False
+    w = node.params["weight"]
+    g = int(node.attrs.get("groups", 1))
+    return g > 1 and w.shape[-2] == 1 and w.shape[-1] == g
+
+
+def emits_depthwise(graph, node, strategy: str) -> bool:
+    """True when the hls4ml translation of depthwise Conv ``node`` is a DepthwiseConv1D/2D layer
+    (one k-tap filter per channel) rather than a dense convolution with a block-diagonal kernel:
+    hls4ml 1.3's depthwise kernels assert on the Resource strategy (``nnet_sepconv{1,2}d.h``), and
+    ``nnet_sepconv1d_latency.h`` / ``nnet_sepconv2d_latency.h`` share the include guard
+    ``NNET_SEPARABLE_CONV2D_LATENCY_H_``, so a 1-D one is dense when the graph has a 2-D one."""
+    if not is_depthwise(node) or strategy != "Latency":
+        return False
+    nd = node.params["weight"].data.ndim - 2
+    return nd == 2 or not any(is_depthwise(m) and m.params["weight"].data.ndim == 4 for m in graph.nodes)
+
+
+def kernel_codes(graph, node, strategy: str) -> np.ndarray:
+    """The ``[n_in, n_out]`` weight codes of the hls4ml layer emitted for Dense/Conv ``node``: the
+    IR kernel, except that a grouped Conv hls4ml cannot take as a DepthwiseConv
+    (:func:`emits_depthwise`) is a dense kernel with exact zeros between the groups, and a dilated
+    kernel is zero-inserted (that is what the translation writes, and what the Resource strategy
+    stores and multiplies)."""
+    w = node.params["weight"].data
+    if node.op == "Conv":  # a dilated kernel is emitted zero-inserted (ops._conv): count its zeros
+        w = dilate_kernel(w, conv_dilations(node, w.ndim - 2))
+    g = int(node.attrs.get("groups", 1)) if node.op == "Conv" else 1
+    if g == 1 or emits_depthwise(graph, node, strategy):
+        return w.reshape(-1, w.shape[-1])
+    cin_g, cout = w.shape[-2], w.shape[-1]
+    cout_g = cout // g
+    full = np.zeros(w.shape[:-2] + (cin_g * g, cout), dtype=w.dtype)
+    for gi in range(g):
+        full[..., gi * cin_g:(gi + 1) * cin_g, gi * cout_g:(gi + 1) * cout_g] = w[..., gi * cout_g:(gi + 1) * cout_g]
+    return full.reshape(-1, cout)
 
 
 def mac_row(ctx: EstimateContext, node) -> dict:
@@ -52,7 +95,7 @@ def mac_row(ctx: EstimateContext, node) -> dict:
     acc_t = opts["accum_type"] or out.dtype
     ab = acc_t.width
     rb = acc_t.width if opts["accum_type"] else out.dtype.width  # registered layer result
-    codes = w.data.reshape(-1, w.shape[-1])  # [n_in, n_out] (Conv: [kh*kw*Cin/g, Cout])
+    codes = kernel_codes(graph, node, opts["strategy"])  # [n_in, n_out] of the emitted hls4ml layer
     n_in, n_out = codes.shape
     positions = int(np.prod(out.shape[:-1], dtype=np.int64)) if len(out.shape) > 1 else 1
     rf = _rf_for(opts, node)

@@ -41,9 +41,13 @@ import numpy as np
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.ops import avg_shift
+from ...compiler.ir.ops.kernels import dilate_kernel
+from ...compiler.ir.ops.linear import conv_dilations
+from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType, fixed_for_range
-from .mac_cost import mac_row
+from .mac_cost import emits_depthwise, is_depthwise, mac_row
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .resources import (DSP_MIN_BITS, LUT_PER_PP_BIT, T_DSP_NS, T_LUT_NS, Cost, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add, width)
 
@@ -135,6 +139,23 @@ def _conv(tr, n: Node):
     groups = int(n.attrs.get("groups", 1))
     _, b, bt = _wb(tr, n, w.shape[-1])
     wr = w.real()
+    dil = conv_dilations(n, nd)
+    if any(d != 1 for d in dil):
+        # hls4ml convolutions have no dilation: the equivalent zero-inserted kernel, exact
+        wr = dilate_kernel(wr, dil)
+        tr.note(f"dilated Conv '{n.name}' (dilations={dil}) mapped to a convolution with the zero-inserted "
+                f"{'x'.join(map(str, wr.shape[:nd]))} kernel (exact; the zeros are counted by the estimate)")
+    if is_depthwise(n):
+        # depthwise (groups == C_in == C_out): hls4ml's DepthwiseConv layers, one k-tap filter per
+        # channel, where hls4ml 1.3 allows it (emits_depthwise); else the block-diagonal dense
+        # kernel below, with a note.
+        if emits_depthwise(tr.graph, n, tr.strategy):
+            tr.depthwise_layer(n, wr, b, bt, w.dtype.hls(), strides, pads, tr.src(n.inputs[0]))
+            return
+        why = (f"hls4ml's DepthwiseConv does not support the {tr.strategy} strategy" if tr.strategy != "Latency" else
+               "hls4ml 1.3's DepthwiseConv1D and DepthwiseConv2D headers share an include guard and the model also "
+               "has a 2-D depthwise convolution")
+        tr.note(f"depthwise Conv '{n.name}': {why}; emitted as a dense convolution with a block-diagonal kernel")
     if groups > 1:
         # hls4ml convolutions have no groups: use the equivalent dense kernel, block-diagonal
         # over (C_in, C_out) with exact zeros off the diagonal blocks.
@@ -236,12 +257,11 @@ def _sign(tr, n: Node):
 
 # ----------------------------------------------------------------------------- arithmetic
 def _merge(tr, n: Node, op: str):
-    a, b = (tr.graph.value(i) for i in n.inputs)
-    if a.shape != b.shape:
-        raise UnsupportedError(f"{n.op} with broadcasting ({a.shape} vs {b.shape}); hls4ml Merge needs equal shapes",
-                               n.name)
-    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()},
-                               [tr.src(i) for i in n.inputs]))
+    """hls4ml Merge layers need equal shapes: a broadcast operand is first repeated to the output
+    shape (:meth:`~.translate.Translator.broadcast_to`, exact)."""
+    shape = tr.graph.value(n.output).shape
+    srcs = [tr.broadcast_to(n, i, shape) for i in n.inputs]
+    tr.bind(n.output, tr.layer(n, {"class_name": "Merge", "op": op}, {"result": tr.vt(n.output).hls()}, srcs))
 
 
 def _add_cost(ctx, node):
@@ -366,29 +386,29 @@ def _maxpool(tr, n: Node):
     k = tuple(int(v) for v in n.attrs["kernel"])
     s, p = _rank_pads(n, len(k))
     t = x.dtype
+    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # hls4ml's streaming pooling needs stride == kernel
+        return
     if any(p):
         # hls4ml pads max pooling with the code whose top bit is set: the most negative value of
-        # a signed type but the LARGEST of an unsigned one.
-        if not t.signed:
-            raise UnsupportedError("padded MaxPool on an unsigned input: hls4ml pads with the top-bit-set code, "
-                                   "the largest unsigned value", n.name)
-        if any(pv >= kv for pv, kv in zip(p, k + k)):
-            raise UnsupportedError("MaxPool padding as large as the kernel (all-padding windows)", n.name)
-        if tr.io_type == "io_stream":
-            raise UnsupportedError("padded MaxPool in io_stream", n.name)
+        # a signed type but the LARGEST of an unsigned one; its streaming pooling has no padding.
+        if not t.signed or tr.io_type == "io_stream" or any(pv >= kv for pv, kv in zip(p, k + k)):
+            tr.maxpool_zero_padded(n, k, s, p, tr.src(n.inputs[0]))
+            return
     d = tr.pool_dict(n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
     tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
 
 
-def _avg(tr, n: Node, make_dict, count: int):
-    """Average pooling of ``count`` elements per window, exact (see the module docstring)."""
+def _avg(tr, n: Node, make_dict, count: int, divisors=None):
+    """Average pooling of ``count`` elements per window (``divisors``: every window's own count when
+    padding is excluded from it), exact (see the module docstring)."""
     x = tr.graph.value(n.inputs[0])
     t: FixedType = x.dtype
     tout = tr.vt(n.output)
     k = avg_shift(count)
     src = tr.src(n.inputs[0])
     shift = 0
-    pow2 = count & (count - 1) == 0
+    pow2 = all(int(d) & (int(d) - 1) == 0 for d in np.unique(divisors if divisors is not None else count))
     if t.signed and not pow2 and t.min_code < 0:
         # shift codes to >= 0 so that hls4ml's truncating division is a floor
         shift = -t.min_code
@@ -423,10 +443,14 @@ def _avgpool(tr, n: Node):
     x = tr.graph.value(n.inputs[0])
     k = tuple(int(v) for v in n.attrs["kernel"])
     s, p = _rank_pads(n, len(k))
-    if any(p):
-        raise UnsupportedError("AvgPool with padding", n.name)
-    _avg(tr, n, lambda: tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
-         int(np.prod(k)))
+    if any(p) and tr.io_type == "io_stream":
+        raise UnsupportedError("padded AvgPool in io_stream (hls4ml's streaming pooling has no padding)", n.name)
+    if not any(p) and all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
+        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # the average of one element is the element
+        return
+    # count_pad=False: nnet_pooling.h divides each window by its number of non-padding pixels
+    _avg(tr, n, lambda: {**tr.pool_dict(n, "Average", x.shape, k, s, p, tr.graph.value(n.output).shape),
+                         "count_pad": False}, int(np.prod(k)), window_counts(n, x.shape) if any(p) else None)
 
 
 @hls4ml_op("GlobalAvgPool", cost=Cost(lambda ctx, node: _avg_cost(
@@ -460,6 +484,12 @@ def _softmax_cost(ctx, node):
 TRANSLATE.reject("Softmax", "float32 op: it runs on the host after the fixed-point core (hls4ml's softmax is "
                             "a lookup-table approximation, not bit-exact)")
 ESTIMATE.set("Softmax", Cost(_softmax_cost, "standalone"))
-TRANSLATE.reject("MultiThreshold", "hls4ml has no thresholding layer, and this requantizer has no proven "
-                                   "multiply-and-shift form")
-ESTIMATE.reject("MultiThreshold", "hls4ml has no thresholding layer")
+TRANSLATE.reject("FloatQuant", "float32 minifloat quantizer: hls4ml has no minifloat rounding layer, so it runs on the "
+                               "host in the float prologue/epilogue (a FloatQuant between fixed-point layers is refused)")
+ESTIMATE.set("FloatQuant", Cost(lambda ctx, node: {"host": True}, "standalone"))
+TRANSLATE.reject("TopK", "label select with float32 indices: it runs on the host in the float epilogue (hls4ml has "
+                         "no top-k layer)")
+ESTIMATE.set("TopK", Cost(lambda ctx, node: {"host": True}, "standalone"))
+
+for _op, (_fn, _cost) in _BATCH_A.items():
+    hls4ml_op(_op, cost=_cost)(_fn)

@@ -162,19 +162,19 @@ class RelaxLowering:
 
     def conv(self, x, w: np.ndarray, dtype, node: Node, groups: int):
         """Channels-last 1-D/2-D convolution of ``x`` by the constant ``w`` ([*kernel, C_in/groups,
-        C_out]) with the node's strides and pads, accumulating in ``dtype``."""
+        C_out]) with the node's strides, pads and (a Conv's) dilations, accumulating in ``dtype``."""
         nd = w.ndim - 2
         k = tuple(node.attrs["kernel"])
         s = tuple(int(v) for v in node.attrs.get("strides", (1,) * nd))
         p = tuple(int(v) for v in node.attrs.get("pads", (0,) * (2 * nd)))
-        if any(d != 1 for d in node.attrs.get("dilations", ())):
-            raise UnsupportedError("Conv dilation is not supported", node.name)
+        d = node.attrs.get("dilations", 1) if node.op == "Conv" else 1
+        d = (int(d),) * nd if isinstance(d, (int, np.integer)) else tuple(int(v) for v in d)
         wc = relax.const(np.ascontiguousarray(w.astype(dtype)), dtype)
         if nd == 2:
-            return self.emit(nn.conv2d(x, wc, strides=s, padding=p, groups=groups, data_layout="NHWC",
+            return self.emit(nn.conv2d(x, wc, strides=s, padding=p, dilation=d, groups=groups, data_layout="NHWC",
                                        kernel_layout="HWIO", out_dtype=dtype))
         if nd == 1:
-            return self.emit(nn.conv1d(x, wc, strides=s, padding=p, groups=groups, data_layout="NWC",
+            return self.emit(nn.conv1d(x, wc, strides=s, padding=p, dilation=d, groups=groups, data_layout="NWC",
                                        kernel_layout="WIO", out_dtype=dtype))
         raise UnsupportedError(f"{node.op} with a {len(k)}-D kernel (only 1-D and 2-D)", node.name)
 

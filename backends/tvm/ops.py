@@ -15,11 +15,15 @@ non-quantizer op with a fixed-point output.  An op TVM cannot lower exactly is d
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te
 
 from ...compiler.errors import UnsupportedError
+from ...compiler.ir.ops.depth_space import permutation_plan
+from ...compiler.ir.ops import avg_shift
+from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
+from .ops_batch_a import ENTRIES as _BATCH_A
 from .relax_util import F32, I64, c64, cf, check_shift, nn, op
 
 #: IR op name -> Relax lowering.
@@ -169,15 +173,16 @@ def _pool(lw, n, ins, in_types, out_t):
                            layout=layout))
             return lw.emit(op.add(y, c64(lo))) if lo else y
         return lw.emit(mp(x, pool_size=k, strides=s, padding=p, layout=layout))
-    if any(p):
-        raise UnsupportedError("AvgPool with padding is not supported", n.name)
     cnt = int(np.prod(k))
+    per = window_counts(n, in_v.shape)[None, ..., None] if any(p) else None  # padding not counted
     if isinstance(out_t, FixedType):
         tot = lw.window_sum(x, n, I64, C)
-        return lw.avg_div(tot, cnt, n)
+        if per is None:
+            return lw.avg_div(tot, cnt, n)
+        return lw.emit(op.floor_divide(lw.lshift(tot, avg_shift(cnt), n), c64(per)))
     xr = lw.real(x, t0)
     tot = lw.window_sum(xr, n, F32, C)
-    return lw.emit(op.divide(tot, cf(np.float32(cnt))))
+    return lw.emit(op.divide(tot, cf(np.float32(cnt) if per is None else per.astype(np.float32))))
 
 
 @LOWERING.register("GlobalAvgPool")
@@ -197,4 +202,112 @@ def _softmax(lw, n, ins, in_types, out_t):
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
 
 
-LOWERING.reject("MultiThreshold", "threshold requantizers are not lowered to TVM yet")
+def _threshold_te(x, t, base, sign):
+    """TE: ``base[c] + sign[c] * sum_k int64(x[..., c] >= t[c, k])`` (``c`` the last axis; a
+    one-row / one-element parameter is shared by every channel)."""
+    def ch(idx, p):
+        return idx[-1] if int(p.shape[0]) > 1 else 0
+
+    n_t = int(t.shape[1])
+    if n_t == 0:
+        return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * 0, name="mt")
+    k = te.reduce_axis((0, n_t), name="k")
+    cnt = te.compute(x.shape, lambda *i: te.sum((x[i] >= t[ch(i, t), k]).astype(I64), axis=k), name="mt_count")
+    return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * cnt[i], name="mt")
+
+
+@LOWERING.register("MultiThreshold")
+def _multi_threshold(lw, n, ins, in_types, out_t):
+    """``base[c] + sign[c] * #{k : x[..., c] >= t[c, k]}`` (== the reference's ``searchsorted``
+    count) as one TE reduction over ``k``: the comparisons happen inside the sum's loop, so no
+    ``[batch, ..., C, T]`` intermediate exists at any batch size, fused or not."""
+    p = n.params
+    return lw.bb.emit_te(_threshold_te, ins[0], c64(p["thresholds"].data), c64(p["base"].data),
+                         c64(p["sign"].data), primfunc_name_hint="multi_threshold")
+
+
+@LOWERING.register("Resize")
+def _resize(lw, n, ins, in_types, out_t):
+    """Nearest upsampling by integer factors: ``repeat`` along each spatial axis (== the reference)."""
+    y = ins[0]
+    for i, k in enumerate(int(v) for v in n.attrs["scales"]):
+        if k > 1:
+            y = lw.emit(op.repeat(y, k, axis=1 + i))
+    return y
+
+
+@LOWERING.register("DepthToSpace", "SpaceToDepth")
+def _depth_space(lw, n, ins, in_types, out_t):
+    """``reshape -> permute_dims -> reshape`` of the op's :func:`permutation_plan` (== the reference)."""
+    mid, perm, out = permutation_plan(n, lw.g.values[n.inputs[0]].shape)
+    y = lw.emit(op.reshape(ins[0], (lw.n, *mid)))
+    y = lw.emit(op.permute_dims(y, [0, *(p + 1 for p in perm)]))
+    return lw.emit(op.reshape(y, (lw.n, *out)))
+
+
+@LOWERING.register("FloatQuant")
+def _float_quant(lw, n, ins, in_types, out_t):
+    """Minifloat rounding in float32, step for step the reference
+    (:func:`qdeploy.compiler.ir.ops.floatquant.minifloat_round`): exponent by exact comparisons,
+    power-of-two scalings, floor plus the half-to-even tie rule; only ``x / scale`` and ``q * scale``
+    round (single IEEE float32 operations, as in the reference)."""
+    from ...compiler.ir.ops.floatquant import format_params
+
+    p = format_params(n)
+    x = lw.real(ins[0], in_types[0])
+    X = lw.emit(op.divide(x, cf(p["scale"]))) if p["scale"] != 1.0 else x
+    a = lw.emit(op.abs(X))
+    M = p["M"]
+    up, down = cf(2.0 ** (M - p["e_min"])), cf(2.0 ** (p["e_min"] - M))
+    for k in range(p["e_min"] + 1, p["e_max"] + 1):
+        ge = lw.emit(op.greater_equal(a, cf(2.0 ** k)))
+        up = lw.emit(op.where(ge, cf(2.0 ** (M - k)), up))
+        down = lw.emit(op.where(ge, cf(2.0 ** (k - M)), down))
+    t = lw.emit(op.multiply(X, up))
+    r = lw.emit(op.floor(t))
+    d = lw.emit(op.subtract(t, r))
+    odd = lw.emit(op.not_equal(op.subtract(r, op.multiply(cf(2.0), op.floor(op.multiply(r, cf(0.5))))), cf(0.0)))
+    tie_up = op.logical_and(op.equal(d, cf(0.5)), odd)
+    r = lw.emit(op.where(op.logical_or(op.greater(d, cf(0.5)), tie_up), op.add(r, cf(1.0)), r))
+    q = lw.emit(op.multiply(r, down))
+    q = lw.emit(op.where(op.less(X, cf(0.0)), op.negative(op.abs(q)), q))
+    mx = cf(p["max"])
+    if p["saturation"]:
+        lo_v, hi_v = op.negative(mx), mx
+    else:
+        hi_v = cf(np.inf) if p["has_inf"] else cf(np.nan)
+        lo_v = op.negative(hi_v)
+    q = lw.emit(op.where(op.greater(q, mx), hi_v, op.where(op.less(q, op.negative(mx)), lo_v, q)))
+    y = lw.emit(op.multiply(q, cf(p["scale"]))) if p["scale"] != 1.0 else q
+    return lw.emit(op.where(op.isfinite(X), y, cf(np.nan)))
+
+
+@LOWERING.register("TopK")
+def _topk(lw, n, ins, in_types, out_t):
+    """Ranks by exact comparisons, as the reference (:func:`qdeploy.compiler.ir.ops.topk.ranks`):
+    no sort, so ties go to the lower index exactly as there."""
+    c = lw.g.values[n.inputs[0]].shape[-1]
+    k = int(n.attrs["k"])
+    x = ins[0] if isinstance(in_types[0], FixedType) else lw.real(ins[0], in_types[0])
+    a, b = lw.emit(op.expand_dims(x, -2)), lw.emit(op.expand_dims(x, -1))
+    before = op.greater(a, b) if n.attrs.get("largest", True) else op.less(a, b)
+    lower = relax.const(np.arange(c)[None, :] < np.arange(c)[:, None], "bool")
+    r = lw.emit(op.add(op.sum(op.astype(before, I64), axis=-1),
+                       op.sum(op.astype(op.logical_and(op.equal(a, b), lower), I64), axis=-1)))
+    onehot = op.equal(op.expand_dims(r, -2), c64(np.arange(k).reshape(k, 1)))
+    idx = lw.emit(op.sum(op.multiply(op.astype(onehot, I64), c64(np.arange(c))), axis=-1))
+    return lw.emit(op.astype(idx, F32))
+for _op, _fn in _BATCH_A.items():
+    LOWERING.set(_op, _fn)
+
+
+@LOWERING.register("Lookup")
+def _lookup(lw, n, ins, in_types, out_t):
+    """``take(table, x - min_code)``: a gather of the constant table (== the reference)."""
+    tab = n.params["table"]
+    lo = in_types[0].min_code
+    idx = lw.emit(op.subtract(ins[0], c64(lo))) if lo else ins[0]
+    const = c64(tab.data) if isinstance(tab.dtype, FixedType) else cf(tab.data)
+    return lw.emit(op.take(const, idx, axis=0, mode="clip"))  # in range by the type; clip: never out of bounds
+
+

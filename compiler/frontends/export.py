@@ -22,6 +22,7 @@ from ..ir.graph import Const, Graph
 from ..ir.ops import REGISTRY, get as get_op
 from ..ir.optable import OpTable
 from ..ir.types import FixedType
+from .onnx_finn import export_multithreshold
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 OPSET = 13
@@ -228,6 +229,9 @@ def _conv(ex, n, x):
         ins.append(ex.const(n.params["bias"], f"{n.name}_bias", n.name))
     attrs = dict(kernel_shape=list(n.attrs["kernel"]), strides=list(n.attrs.get("strides", [1] * nd)),
                  pads=list(n.attrs.get("pads", [0] * 2 * nd)), group=int(n.attrs.get("groups", 1)))
+    d = n.attrs.get("dilations", 1)
+    if d != 1 and any(int(v) != 1 for v in d):
+        attrs["dilations"] = [int(v) for v in d]
     y = ex.node("Conv", ins, f"{base}_nchw_out", **attrs)
     return ex.channels_last(y, nd + 1, n.name, out=base)
 
@@ -308,4 +312,4 @@ for _op, _spec in REGISTRY.items():
     if _spec.onnx_export is not None and _op not in EXPORTERS:
         EXPORTERS.set(_op, _spec.onnx_export)
 if "MultiThreshold" not in EXPORTERS:
-    EXPORTERS.reject("MultiThreshold", "QONNX export of threshold requantizers is not written yet")
+    EXPORTERS.set("MultiThreshold", export_multithreshold)

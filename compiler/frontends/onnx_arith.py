@@ -88,8 +88,7 @@ def through_quant(cv, node, y: np.ndarray):
 
 
 def import_binary(cv, node):
-    """ONNX ``Add``/``Sub``/``Mul``/``Div``: of two activations (``Add``/``Mul`` nodes, ``Sub`` as an
-    ``Add`` of a negation), or of an activation and a scalar or per-channel constant (an
+    """ONNX ``Add``/``Sub``/``Mul``/``Div``: of two activations (IR ``Add``/``Sub``/``Mul`` nodes), or of an activation and a scalar or per-channel constant (an
     ``Affine``, see :func:`affine_by_constant`).
 
     Raises:
@@ -103,13 +102,8 @@ def import_binary(cv, node):
         ea, eb = cv.entry(node, a), cv.entry(node, b)
         xb = cv.layout(node, eb, ea.perm)
         xa = ea.value
-        if op == "Add" or op == "Mul":
+        if op in ("Add", "Mul", "Sub"):
             v = cv.add(node.name, op, [xa, xb], out=node.output[0])
-        elif op == "Sub":
-            neg = cv.add(f"{node.name}__neg", "Affine", [xb], {},
-                           {"scale": Const.from_real(-1.0) if isinstance(cv.b.values[xb].dtype, FixedType)
-                            else Const(np.float32(-1.0), FLOAT32)}, out=f"{node.output[0]}__neg")
-            v = cv.add(node.name, "Add", [xa, neg], out=node.output[0])
         else:
             raise UnsupportedError(f"{op} of two activations is not supported", node.name)
         cv.env[node.output[0]] = Entry(v, ea.perm)

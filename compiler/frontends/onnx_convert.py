@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from ..errors import ModelImportError, UnsupportedError, VerifyError
 from ..ir.graph import Const, Graph, GraphBuilder
 from ..ir.types import FLOAT32, FixedType, FloatType
+from . import onnx_scaled, onnx_scaled_ops
 from .onnx_load import STD_DOMAINS
 
 # ops evaluated here when all their inputs are constants (Quant folding and the like)
@@ -60,12 +61,13 @@ def is_pow2(s: float) -> bool:
 
 
 class Entry:
-    """An ONNX activation tensor in the IR: IR value name + layout (+ pending row permutation)."""
+    """An ONNX activation tensor in the IR: IR value name + layout (+ pending row permutation, +
+    for a scaled-integer value its pending exact affine map, an :class:`.onnx_scaled.Scaled`)."""
 
-    __slots__ = ("value", "perm", "rowperm")
+    __slots__ = ("value", "perm", "rowperm", "scaled")
 
-    def __init__(self, value: str, perm: tuple[int, ...], rowperm=None):
-        self.value, self.perm, self.rowperm = value, tuple(perm), rowperm
+    def __init__(self, value: str, perm: tuple[int, ...], rowperm=None, scaled=None):
+        self.value, self.perm, self.rowperm, self.scaled = value, tuple(perm), rowperm, scaled
 
 
 class OnnxConverter:
@@ -87,6 +89,7 @@ class OnnxConverter:
         self.opset = next((o.version for o in m.model.opset_import if o.domain in STD_DOMAINS), 13)
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in self.g.initializer}
         self.quantized: set[str] = set()  # constants produced by Quant/BipolarQuant (exact fixed reals)
+        self.qcodes: dict[str, tuple] = {}  # such constants as (integer codes y - z, scale broadcast to them)
         self.env: dict[str, Entry] = {}
         self.consumers: dict[str, list] = defaultdict(list)
         for n in self.g.node:
@@ -109,9 +112,10 @@ class OnnxConverter:
                 return v.decode() if isinstance(v, bytes) else v
         return default
 
-    def bind(self, t: str, value: str, perm, rowperm=None) -> None:
-        """Record that ONNX tensor ``t`` is IR value ``value`` in layout ``perm`` (an :class:`Entry`)."""
-        self.env[t] = Entry(value, perm, rowperm)
+    def bind(self, t: str, value: str, perm, rowperm=None, scaled=None) -> None:
+        """Record that ONNX tensor ``t`` is IR value ``value`` in layout ``perm`` (an :class:`Entry`),
+        with the pending affine map ``scaled`` of a scaled-integer value."""
+        self.env[t] = Entry(value, perm, rowperm, scaled)
 
     def is_const(self, t: str) -> bool:
         """True when ONNX tensor ``t`` is a (folded) constant."""
@@ -123,18 +127,26 @@ class OnnxConverter:
             raise UnsupportedError(f"{node.op_type} input {t!r} must be a constant", node.name)
         return self.consts[t]
 
-    def entry(self, node, t: str) -> Entry:
+    def entry(self, node, t: str, scaled: bool = False) -> Entry:
         """The :class:`Entry` of activation ``t`` read by ``node``.
 
+        A handler that understands scaled-integer values (:mod:`.onnx_scaled`) passes ``scaled=True``;
+        for any other, a scaled value is turned into a plain fixed-point one where that is exact
+        (:func:`.onnx_scaled.materialize`), else refused.
+
         Raises:
-            UnsupportedError: ``t`` is a constant.  ModelImportError: nothing produces ``t``.
+            UnsupportedError: ``t`` is a constant, or a scaled value ``node`` cannot read.
+            ModelImportError: nothing produces ``t``.
         """
         if t not in self.env:
             if t in self.consts:
                 raise UnsupportedError(f"{node.op_type}: constant input {t!r} where an activation is expected",
                                        node.name)
             raise ModelImportError(f"{node.op_type}: input {t!r} is not produced by any node", node.name)
-        return self.env[t]
+        e = self.env[t]
+        if e.scaled is not None and not scaled:
+            return onnx_scaled.materialize(self, node, e)
+        return e
 
     def onnx_shape(self, e: Entry) -> tuple[int, ...]:
         """Per-sample ONNX shape of an entry."""
@@ -250,7 +262,7 @@ class OnnxConverter:
             rank = len(self.b.values[e.value].shape)
             q = canonical_perm(rank)
             fake = onnx.helper.make_node("Identity", [o], [o], name=o)
-            v = self.layout(fake, e, q)
+            v = onnx_scaled_ops.output(self, o, e, q) if e.scaled is not None else self.layout(fake, e, q)
             final.append(v)
             output_perms[o] = [0] + [a + 1 for a in inv_perm(q)]
         self.b.meta["input_perms"] = input_perms
@@ -284,9 +296,15 @@ class OnnxConverter:
             check_quant_params(node, *(np.asarray(v, dtype=np.float64) for v in x[1:4]))
             y = int_quant(x[0], x[1], x[2], x[3], int(self.attr(node, "signed", 1)), int(self.attr(node, "narrow", 0)),
                           self.attr(node, "rounding_mode", "ROUND"))
+            qc = onnx_scaled.quant_codes(x[0], x[1], x[2], x[3], bool(int(self.attr(node, "signed", 1))),
+                                         bool(int(self.attr(node, "narrow", 0))), self.attr(node, "rounding_mode", "ROUND"))
+            if qc is not None:
+                self.qcodes[node.output[0]] = qc
             quant = True
         elif op == "BipolarQuant":
             y = np.where(x[0] >= 0, 1.0, -1.0).astype(x[0].dtype) * x[1]
+            codes = np.where(x[0] >= 0, 1, -1).astype(np.int64)
+            self.qcodes[node.output[0]] = (codes, np.broadcast_to(np.asarray(x[1], np.float64), codes.shape).copy())
             quant = True
         elif op == "Transpose":
             y = np.transpose(x[0], self.attr(node, "perm"))
@@ -308,6 +326,12 @@ class OnnxConverter:
         self.consts[node.output[0]] = np.asarray(y)
         if quant:
             self.quantized.add(node.output[0])
+        src = self.qcodes.get(node.input[0]) if op in ("Transpose", "Identity", "Cast", "Reshape", "Flatten") else None
+        if src is not None:  # the same layout op on the codes and on the broadcast scale
+            if op == "Transpose":
+                self.qcodes[node.output[0]] = tuple(np.transpose(a, self.attr(node, "perm")) for a in src)
+            else:
+                self.qcodes[node.output[0]] = tuple(a.reshape(np.asarray(y).shape) for a in src)
 
     # -------------------------------------------------------------- quantizers
 

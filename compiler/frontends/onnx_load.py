@@ -14,6 +14,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ModelImportError, QDeployError, UnsupportedError
+from .finn_annotations import normalize_finn
+from .onnx_qdq import normalize_qdq
 
 #: Domains whose ``Quant`` / ``BipolarQuant`` nodes follow the QONNX definitions.
 QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas", "finn",
@@ -21,7 +23,7 @@ QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brev
 #: The standard ONNX domain, under both of its spellings.
 STD_DOMAINS = ("", "ai.onnx")
 #: QONNX custom ops the importer maps.
-QONNX_OPS = ("Quant", "BipolarQuant")
+QONNX_OPS = ("Quant", "BipolarQuant", "Trunc", "MultiThreshold", "FloatQuant")
 
 
 def load_proto(model) -> tuple[onnx.ModelProto, str]:
@@ -53,7 +55,8 @@ def load_proto(model) -> tuple[onnx.ModelProto, str]:
 def prepare(proto: onnx.ModelProto):
     """A qonnx ``ModelWrapper`` of ``proto`` ready for conversion.
 
-    Names nodes, checks domains/ops and input shapes, fixes the batch to 1, runs the QONNX cleanup.
+    Names nodes, rewrites ONNX QDQ nodes into QONNX ``Quant`` (:func:`.onnx_qdq.normalize_qdq`) and integer
+    ``finn_datatype`` annotations into scale-1 quantizers (:func:`.finn_annotations.normalize_finn`), checks domains/ops and input shapes, fixes the batch to 1, runs the QONNX cleanup.
 
     Raises:
         UnsupportedError: unknown op/domain or a dynamic non-batch input dimension (naming it).
@@ -74,6 +77,8 @@ def prepare(proto: onnx.ModelProto):
                 nm, k = f"{base}_{k}", k + 1
             n.name = nm
             used.add(nm)
+    normalize_qdq(proto)
+    normalize_finn(proto)
     for n in g.node:
         if n.domain in STD_DOMAINS:
             if not onnx.defs.has(n.op_type):
@@ -108,7 +113,8 @@ def prepare(proto: onnx.ModelProto):
     try:
         m = ModelWrapper(proto)
         for t in (InferShapes(), GiveUniqueParameterTensors(),
-                  FoldConstants(exclude_op_types=["Quant", "BipolarQuant", "QuantizeLinear", "DequantizeLinear"]),
+                  FoldConstants(exclude_op_types=["Quant", "BipolarQuant", "FloatQuant", "QuantizeLinear",
+                                                   "DequantizeLinear"]),
                   RemoveUnusedTensors(), RemoveStaticGraphInputs()):
             m = m.transform(t)
     except QDeployError:

@@ -18,49 +18,46 @@ from ..errors import UnsupportedError
 from ..ir.graph import Const
 from ..ir.ops import REGISTRY
 from ..ir.types import FLOAT32, FixedType
+from . import onnx_scaled as scaled
+from . import onnx_scaled_ops as scaled_ops
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
+from .onnx_finn import import_multithreshold, import_topk
+from .onnx_minifloat import import_floatquant
+from .onnx_rounding import DIRECTED, ROUNDING_MAP, import_trunc, quantize_directed
 
-#: QONNX rounding_mode -> ap_fixed quantization mode.
-ROUNDING_MAP = {"ROUND": "RND_CONV", "HALF_EVEN": "RND_CONV", "FLOOR": "TRN", "ROUND_TO_ZERO": "TRN_ZERO",
-                "DOWN": "TRN_ZERO", "HALF_UP": "RND_INF", "HALF_DOWN": "RND_ZERO"}
 
 
 # -------------------------------------------------------------- quantizers
 def _import_Quant(cv, node):
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
     scale, zp, bw = (np.asarray(cv.const(node, t), dtype=np.float64) for t in node.input[1:4])
     signed = bool(int(cv.attr(node, "signed", 1)))
     narrow = bool(int(cv.attr(node, "narrow", 0)))
     mode = str(cv.attr(node, "rounding_mode", "ROUND")).upper()
     check_quant_params(node, scale, zp, bw)
-    if scale.size != 1 and not np.all(scale == scale.ravel()[0]):
-        raise UnsupportedError(f"Quant has a per-channel activation scale (shape {scale.shape}): only per-tensor "
-                               f"power-of-two scales map to a fixed-point type", node.name)
+    if e.scaled is not None or np.any(zp != 0) or not np.all(scale == scale.ravel()[0]) \
+            or not is_pow2(float(scale.ravel()[0])) or (mode not in ROUNDING_MAP and mode not in DIRECTED) \
+            or (narrow and not signed) \
+            or (float(bw.ravel()[0]) == 1 and signed and float(scale.ravel()[0]) != 1.0):
+        # no fixed-point type (or no ap_fixed rounding mode): integer codes + a pending scale
+        scaled.import_quant(cv, node, e, scale, zp, bw, signed, narrow, mode)
+        return
     s = float(scale.ravel()[0])
-    if not is_pow2(s):
-        raise UnsupportedError(f"Quant scale {s:.6g} is not a power of two: no exact fixed-point type", node.name)
-    if np.any(zp != 0):
-        raise UnsupportedError(f"Quant zero point {zp.ravel()[0]:g} is not 0: no exact fixed-point type", node.name)
     if bw.size != 1 or float(bw.ravel()[0]) != int(bw.ravel()[0]) or not 1 <= int(bw.ravel()[0]) <= 32:
         raise UnsupportedError(f"Quant bit width {bw.ravel().tolist()} is not an integer in 1..32", node.name)
     w = int(bw.ravel()[0])
-    if mode not in ROUNDING_MAP:
-        raise UnsupportedError(f"Quant rounding mode {mode!r} is not supported "
-                               f"(ROUND, FLOOR, ROUND_TO_ZERO/DOWN, HALF_UP, HALF_DOWN)", node.name)
-    if narrow and not signed:
-        raise UnsupportedError("narrow unsigned Quant (range [1, 2^b - 1]... excludes 0's neighbour) has no "
-                               "fixed-point type: unsigned narrow range is not supported", node.name)
-    if w == 1 and signed:  # QONNX: 1-bit signed Quant is bipolar (+-scale)
-        if s != 1.0:
-            raise UnsupportedError(f"1-bit signed Quant (bipolar) with scale {s:g}: only scale 1 is supported",
-                                   node.name)
+    if w == 1 and signed:  # QONNX: 1-bit signed Quant is bipolar (+-scale; scale 1 here, others go scaled)
         v = cv.add(node.name, "Sign", [e.value], out=node.output[0])
     else:
         F = -int(round(math.log2(s)))
-        to = FixedType(w, w - F, signed, ROUNDING_MAP[mode], "SAT_SYM" if (signed and narrow) else "SAT")
-        v = cv.add(node.name, "Quantize", [e.value], {"to": to}, out=node.output[0])
+        to = FixedType(w, w - F, signed, ROUNDING_MAP.get(mode, "TRN"), "SAT_SYM" if (signed and narrow) else "SAT")
+        if mode in DIRECTED:  # no ap_fixed mode: exact composition (onnx_rounding)
+            v = quantize_directed(cv, node, e.value, mode, to, node.output[0])
+        else:
+            v = cv.add(node.name, "Quantize", [e.value], {"to": to}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, e.perm)
+
 
 def _import_BipolarQuant(cv, node):
     e = cv.entry(node, node.input[0])
@@ -147,6 +144,11 @@ def _import_MatMul(cv, node):
     w = np.asarray(cv.consts[bname], dtype=np.float64)
     if w.ndim != 2:
         raise UnsupportedError(f"MatMul weight of shape {w.shape}: only 2-D [K, N] weights", node.name)
+    e = cv.entry(node, a, scaled=True)
+    if scaled.wants_linear(cv, e, bname):
+        codes, s_w = scaled.weight_codes(cv, node, bname, 1)
+        scaled.dense(cv, node, e, codes, s_w, None, node.output[0])
+        return
     e = cv.entry(node, a)
     out, w, bias, bq = _absorb(cv, node, node.output[0], w, None, bname not in cv.quantized, False, 0)
     _emit_dense(cv, node, e, bname, w, bias, bq, out)
@@ -173,20 +175,33 @@ def _import_Gemm(cv, node):
             raise UnsupportedError(f"Gemm C of shape {cv.consts[cname].shape} is not a bias vector", node.name)
         bias = bias * beta
         bq = cname in cv.quantized and (beta == 1.0 or is_pow2(abs(beta)))
+    e = cv.entry(node, a, scaled=True)
+    if scaled.wants_linear(cv, e, bname):
+        tb = bool(int(cv.attr(node, "transB", 0)))
+        codes, s_w = scaled.weight_codes(cv, node, bname, 0 if tb else 1, (1, 0) if tb else None)
+        b = scaled.bias_fractions(cv, cname, w.shape[1], node, scaled.frac(beta))
+        scaled.dense(cv, node, e, codes, s_w, b, node.output[0], scaled.frac(alpha))
+        return
     e = cv.entry(node, a)
     if quant:
         cv.quantized.add(bname + "__gemm")
     out, w, bias, bq = _absorb(cv, node, node.output[0], w, bias, not quant, bq, 0)
     _emit_dense(cv, node, e, bname + "__gemm" if quant else bname, w, bias, bq, out)
 
-def _spatial_attrs(cv, node, in_spatial, kernel):
+def _spatial_attrs(cv, node, in_spatial, kernel, dilated=False):
+    """(strides, pads) of a Conv/pool node (``auto_pad`` resolved on the dilated kernel extent);
+    ``dilations`` other than 1 are refused unless ``dilated`` (Conv)."""
     nd = len(kernel)
     strides = tuple(int(s) for s in cv.attr(node, "strides", [1] * nd))
     dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * nd))
-    if any(d != 1 for d in dil):
+    if any(d != 1 for d in dil) and not dilated:
         raise UnsupportedError(f"{node.op_type} dilations {dil} are not supported (only 1)", node.name)
-    if int(cv.attr(node, "ceil_mode", 0)):
-        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 is not supported", node.name)
+    if len(dil) != nd or any(d < 1 for d in dil):
+        raise UnsupportedError(f"{node.op_type} dilations {dil} must be {nd} factor(s) >= 1", node.name)
+    kernel = tuple(d * (k - 1) + 1 for d, k in zip(dil, kernel))
+    if any(d != 1 for d in dil) and str(cv.attr(node, "auto_pad", "NOTSET")) in ("SAME_UPPER", "SAME_LOWER"):
+        raise UnsupportedError(f"{node.op_type} with dilations {dil} and auto_pad SAME is not supported "
+                               "(onnxruntime, the reference executor, refuses it too): give explicit pads", node.name)
     auto = str(cv.attr(node, "auto_pad", "NOTSET"))
     if auto in ("NOTSET", ""):
         pads = tuple(int(p) for p in cv.attr(node, "pads", [0] * 2 * nd))
@@ -202,6 +217,12 @@ def _spatial_attrs(cv, node, in_spatial, kernel):
         pads = tuple(begins + ends)
     else:
         raise UnsupportedError(f"{node.op_type} auto_pad {auto!r} is not supported", node.name)
+    if int(cv.attr(node, "ceil_mode", 0)) and any(
+            (L + pads[i] + pads[i + nd] - k) % s for i, (L, k, s) in enumerate(zip(in_spatial, kernel, strides))):
+        # ceil_mode only differs from floor mode when a last, partial window exists
+        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 and a partial last window is not supported "
+                               f"(input {tuple(in_spatial)}, kernel {kernel}, strides {strides}, pads {pads})",
+                               node.name)
     return strides, pads
 
 def _import_Conv(cv, node):
@@ -209,17 +230,26 @@ def _import_Conv(cv, node):
     bname = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if not cv.is_const(wname):
         raise UnsupportedError("Conv weight must be a constant", node.name)
-    e = cv.entry(node, xname)
+    e = cv.entry(node, xname, scaled=True)
     rank = len(e.perm)
-    x = cv.layout(node, e, canonical_perm(rank))
     w = np.asarray(cv.consts[wname], dtype=np.float64)  # [O, I/g, *k]
+    if not scaled.wants_linear(cv, e, wname):
+        e = cv.entry(node, xname)
+    x = cv.layout(node, e, canonical_perm(rank))
     kernel = tuple(int(k) for k in w.shape[2:])
     if tuple(cv.attr(node, "kernel_shape", kernel)) != kernel:
         raise UnsupportedError(f"Conv kernel_shape {cv.attr(node, 'kernel_shape')} does not match weight {w.shape}",
                                node.name)
     in_spatial = cv.b.values[x].shape[:-1]
-    strides, pads = _spatial_attrs(cv, node, in_spatial, kernel)
+    strides, pads = _spatial_attrs(cv, node, in_spatial, kernel, dilated=True)
+    dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * len(kernel)))
     groups = int(cv.attr(node, "group", 1))
+    if scaled.wants_linear(cv, e, wname):
+        codes, s_w = scaled.weight_codes(cv, node, wname, 0, (*range(2, w.ndim), 1, 0))
+        b = scaled.bias_fractions(cv, bname, w.shape[0], node)
+        attrs = {"kernel": kernel, "strides": strides, "pads": pads, "groups": groups}
+        scaled.conv(cv, node, e, canonical_perm(rank), codes, s_w, b, attrs, node.output[0], canonical_perm(rank))
+        return
     w = w.transpose(*range(2, w.ndim), 1, 0)  # [*k, I/g, O]
     bias, bq = None, False
     if bname is not None:
@@ -231,6 +261,8 @@ def _import_Conv(cv, node):
         params["bias"] = Const.from_real(bias) if (bq or isinstance(params["weight"].dtype, FixedType)) \
             else Const(bias.astype(np.float32), FLOAT32)
     attrs = {"kernel": kernel, "strides": strides, "pads": pads, "groups": groups}
+    if any(d != 1 for d in dil):
+        attrs["dilations"] = dil
     v = cv.add_fallback(node.name, "Conv", [x], attrs, params, ("bias",), out)
     cv.env[out] = Entry(v, canonical_perm(rank))
 
@@ -241,10 +273,13 @@ def _import_BatchNormalization(cv, node):
                                "is not supported: export the model in eval mode", node.name)
     for t in node.input[1:5]:
         cv.const(node, t)
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
+    scale, bias = _bn_params(cv, node)
+    if e.scaled is not None:
+        scaled_ops.batchnorm(cv, node, e, scale, bias)
+        return
     rank = len(e.perm)
     x = cv.layout(node, e, canonical_perm(rank))
-    scale, bias = _bn_params(cv, node)
     params = {"scale": Const(scale.astype(np.float32), FLOAT32), "bias": Const(bias.astype(np.float32), FLOAT32)}
     v = cv.add(node.name, "Affine", [x], {}, params, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
@@ -257,23 +292,49 @@ def _unary(cv, node, op):
     cv.env[node.output[0]] = Entry(v, e.perm)
 
 def _import_Relu(cv, node):
+    e = cv.entry(node, node.input[0], scaled=True)
+    if e.scaled is not None:
+        scaled_ops.relu(cv, node, e)
+        return
     _unary(cv, node, "Relu")
 
 def _import_Identity(cv, node):
-    cv.env[node.output[0]] = cv.entry(node, node.input[0])
+    cv.env[node.output[0]] = cv.entry(node, node.input[0], scaled=True)
+
+def _import_binary(cv, node):
+    if not scaled_ops.binary(cv, node):
+        import_binary(cv, node)
+
+def _import_Pad(cv, node):
+    handler = REGISTRY["Pad"].onnx_import["Pad"]  # the Pad op's own importer, for plain values
+    e = cv.entry(node, node.input[0], scaled=True)
+    if e.scaled is not None:
+        scaled_ops.pad(cv, node, e, handler)
+    else:
+        handler(cv, node)
 
 
 # -------------------------------------------------------------- pooling
 def _pool(cv, node, op):
     if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
         raise UnsupportedError("MaxPool with an Indices output is not supported", node.name)
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=node.op_type == "MaxPool")
     rank = len(e.perm)
-    x = cv.layout(node, e, canonical_perm(rank))
+    x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
     kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
     strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
-    if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
-        raise UnsupportedError("AveragePool with padding (count_include_pad=0) is not supported", node.name)
+    if e.scaled is not None:
+        attrs = {"kernel": kernel, "strides": strides, "pads": pads}
+        scaled_ops.maxpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
+        return
+    if node.op_type == "AveragePool" and any(pads) and int(cv.attr(node, "count_include_pad", 0)):
+        # count_include_pad=0 is the IR AvgPool's own padding; count_include_pad=1: the pads are zeros counted in every window = a zero Pad, then no padding
+        nd = len(kernel)
+        fixed = isinstance(cv.b.values[x].dtype, FixedType)
+        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": (*pads[:nd], 0, *pads[nd:], 0),
+                                                      **({"code": 0} if fixed else {"value": 0.0})},
+                   out=f"{node.output[0]}__pad")
+        pads = (0,) * (2 * nd)
     v = cv.add(node.name, op, [x], {"kernel": kernel, "strides": strides, "pads": pads}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
@@ -292,9 +353,39 @@ def _import_GlobalAveragePool(cv, node):
     v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
+def _import_ReduceMean(cv, node):
+    """ONNX ``ReduceMean`` over exactly the spatial axes (what ``AdaptiveAvgPool2d(1)`` and Brevitas
+    ``TruncAdaptiveAvgPool2d(1)`` export) -> ``GlobalAvgPool`` (+ a keepdims Reshape).
+
+    Raises:
+        UnsupportedError: naming the node for any other set of axes."""
+    e = cv.entry(node, node.input[0])
+    rank = len(e.perm)
+    if cv.opset >= 18:
+        axes = [int(a) for a in np.asarray(cv.const(node, node.input[1])).ravel()] \
+            if len(node.input) > 1 and node.input[1] else []
+    else:
+        axes = [int(a) for a in (cv.attr(node, "axes", []) or [])]
+    if not axes and int(cv.attr(node, "noop_with_empty_axes", 0)):
+        cv.env[node.output[0]] = e
+        return
+    axes = sorted({a % (rank + 1) for a in axes}) if axes else list(range(rank + 1))
+    if rank < 2 or axes != list(range(2, rank + 1)):
+        raise UnsupportedError(f"ReduceMean over axes {axes} of a rank-{rank + 1} tensor: only the spatial axes "
+                               f"{list(range(2, rank + 1))} (a global average pool) are supported", node.name)
+    x = cv.layout(node, e, canonical_perm(rank))
+    keep = int(cv.attr(node, "keepdims", 1))
+    g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap" if keep else node.output[0])
+    if not keep:
+        cv.env[node.output[0]] = Entry(g, (0,))
+        return
+    c = cv.b.values[g].shape[-1]
+    v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
+    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
+
 # -------------------------------------------------------------- shape ops
 def _reshape_to(cv, node, out_shape: tuple[int, ...]):
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
     out = node.output[0]
     rank_in = len(e.perm)
     ident = tuple(range(rank_in))
@@ -304,14 +395,17 @@ def _reshape_to(cv, node, out_shape: tuple[int, ...]):
         idx = np.arange(int(np.prod(shp))).reshape(shp).transpose(e.perm).ravel()
         v = cv.add(node.name, "Reshape", [e.value], {"shape": out_shape}, out=out)
         rp = None if np.array_equal(idx, np.arange(idx.size)) else idx
-        cv.env[out] = Entry(v, (0,), rp)
+        cv.env[out] = Entry(v, (0,), rp, scaled.reshaped(e.scaled, cv.b.values[e.value].shape, out_shape))
         return
-    x = cv.layout(node, e, ident)
+    if e.scaled is not None and e.scaled.relu:
+        e = cv.entry(node, node.input[0])  # refused: a pending ReLU is read by a Quant only
+    x, S = scaled.relayout(cv, node, e, ident)
     v = cv.add(node.name, "Reshape", [x], {"shape": out_shape}, out=out)
-    cv.env[out] = Entry(v, tuple(range(len(out_shape))))
+    cv.env[out] = Entry(v, tuple(range(len(out_shape))), None,
+                        scaled.reshaped(S, cv.b.values[x].shape, out_shape) if e.scaled is not None else None)
 
 def _import_Reshape(cv, node):
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
     target = [int(t) for t in np.asarray(cv.const(node, node.input[1])).ravel()]
     full = (1, *cv.onnx_shape(e))
     if int(cv.attr(node, "allowzero", 0)) == 0:
@@ -325,7 +419,7 @@ def _import_Reshape(cv, node):
     _reshape_to(cv, node, tuple(new[1:]))
 
 def _import_Flatten(cv, node):
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
     shp = cv.onnx_shape(e)
     axis = int(cv.attr(node, "axis", 1))
     if axis < 0:
@@ -335,7 +429,7 @@ def _import_Flatten(cv, node):
     _reshape_to(cv, node, (int(np.prod(shp)),))
 
 def _import_Transpose(cv, node):
-    e = cv.entry(node, node.input[0])
+    e = cv.entry(node, node.input[0], scaled=True)
     rank = len(e.perm)
     P = [int(p) for p in cv.attr(node, "perm", list(range(rank, -1, -1)))]
     if len(P) != rank + 1 or P[0] != 0:
@@ -345,7 +439,7 @@ def _import_Transpose(cv, node):
         raise UnsupportedError("Transpose of a flattened tensor feeding a Dense", node.name)
     Pinv = inv_perm(Pp)
     q = tuple(Pinv[a] for a in e.perm)  # zero-cost: only the layout bookkeeping changes
-    cv.env[node.output[0]] = Entry(e.value, q)
+    cv.env[node.output[0]] = Entry(e.value, q, None, e.scaled)
 
 def _import_Concat(cv, node):
     if any(cv.is_const(t) for t in node.input):
@@ -384,14 +478,16 @@ def _import_Softmax(cv, node):
 
 #: ONNX op type -> import handler (built-in mappings; see :func:`importer_for`).
 IMPORTERS: dict[str, Callable] = {
-    "Quant": _import_Quant, "BipolarQuant": _import_BipolarQuant,
+    "Quant": _import_Quant, "BipolarQuant": _import_BipolarQuant, "Trunc": import_trunc,
     "MatMul": _import_MatMul, "Gemm": _import_Gemm, "Conv": _import_Conv,
     "BatchNormalization": _import_BatchNormalization,
-    "Add": import_binary, "Sub": import_binary, "Mul": import_binary, "Div": import_binary,
+    "Add": _import_binary, "Sub": _import_binary, "Mul": _import_binary, "Div": _import_binary,
     "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
     "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
+    "ReduceMean": _import_ReduceMean,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
-    "Concat": _import_Concat, "Softmax": _import_Softmax,
+    "Concat": _import_Concat, "Pad": _import_Pad, "Softmax": _import_Softmax,
+    "MultiThreshold": import_multithreshold, "TopK": import_topk, "FloatQuant": import_floatquant,
 }
 
 

@@ -51,7 +51,7 @@ def test_every_ir_op_is_implemented_or_rejected_with_a_reason(name):
 def test_one_hls4ml_entry_declares_translation_and_estimate():
     assert list(TRANSLATE) == list(ESTIMATE)
     assert isinstance(TRANSLATE.entry("Softmax"), Rejected)  # float: runs on the host
-    timings = {op: ESTIMATE.entry(op).timing for op in ESTIMATE}
+    timings = {op: ESTIMATE.entry(op).timing for op in ESTIMATE if not isinstance(ESTIMATE.entry(op), Rejected)}
     assert timings["Dense"] == timings["Conv"] == "registered"
     assert timings["Softmax"] == "standalone"
     assert timings["Relu"] == timings["Reshape"] == timings["MaxPool"] == "chained"

@@ -90,8 +90,8 @@ def test_unknown_op_and_dilation_rejected(rng):
     with pytest.raises(UnsupportedError, match="node 'weird'.*unknown op"):
         b.add("weird", "FancyOp", [x])
     w = Const(rng.integers(-2, 2, (3, 3, 1, 2)), parse_type("fixed<3,1>"))
-    with pytest.raises(UnsupportedError, match="node 'c'.*dilation"):
-        b.add("c", "Conv", [x], attrs={"kernel": (3, 3), "dilations": (2, 2)}, params={"weight": w})
+    with pytest.raises(VerifyError, match="node 'c'.*dilations"):  # (2, 2) is supported; 0 is not a factor
+        b.add("c", "Conv", [x], attrs={"kernel": (3, 3), "dilations": (0, 2)}, params={"weight": w})
 
 
 def test_avgpool_types_and_values(rng):

@@ -23,10 +23,10 @@ def test_registry_and_default_pipeline_are_data():
         get_pass("nope")
     p = default_pipeline("auto", {"x": np.zeros((4, 16), np.float32)}, {"budget": 0.8})
     assert [e if isinstance(e, str) else e[0] for e in p] == [
-        "dce", "fold_batchnorm", "fold_affine_chains", "quantize_inputs", "affine_to_fixed", "infer_precision", "dce",
-        "remat"]
+        "dce", "fold_batchnorm", "fold_affine_chains", "fold_lookup_quantize", "quantize_inputs", "affine_to_fixed",
+        "infer_precision", "requant_shift", "dce", "remat"]
     d = describe_pipeline(p)
-    assert d[3] == {"name": "quantize_inputs", "options": {"input_type": "auto",
+    assert d[4] == {"name": "quantize_inputs", "options": {"input_type": "auto",
                                                           "calibration": {"x": "array[4, 16] float32"}}}
     assert d[-1] == {"name": "remat", "options": {"budget": 0.8}}
     json.dumps(d)  # JSON-friendly
@@ -102,8 +102,8 @@ def test_context_collects_notes_and_results_per_pass(rng, tmp_path):
     assert rec["quantize_inputs"].notes and rec["quantize_inputs"].notes[0].startswith("x: ")
     assert pm.context.notes == [n for r in pm.records for n in r.notes]
     dumps = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert dumps[0] == "01_dce.txt" and dumps[-1] == "07_dce.txt" and len(dumps) == 7
-    assert (tmp_path / "ir" / "07_dce.txt").read_text() == str(g) + "\n"
+    assert dumps[0] == "01_dce.txt" and dumps[-1] == "09_dce.txt" and len(dumps) == 9
+    assert (tmp_path / "ir" / "09_dce.txt").read_text() == str(g) + "\n"
     # a pass called outside a manager: notes go to the active context, or nowhere
     with PassContext() as ctx:
         get_pass("quantize_inputs")(small_mlp(rng))
@@ -118,7 +118,7 @@ def test_compile_report_shows_the_pipeline_and_remat_runs_as_a_pass(tmp_path, rn
     assert [p["name"] for p in res.report["passes"]] == names
     assert res.report["remat"]["status"] == "not-needed"
     md = (tmp_path / "a" / "report.md").read_text()
-    assert "Pipeline: dce -> fold_batchnorm -> fold_affine_chains -> quantize_inputs(" in md
+    assert "Pipeline: dce -> fold_batchnorm -> fold_affine_chains -> fold_lookup_quantize -> quantize_inputs(" in md
     assert "-> remat(budget='1MiB')" in md and "## Memory (rematerialization)" in md
     res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "b")
     assert [p["name"] for p in res.report["pipeline"]][-1] == "dce" and res.report["remat"] is None

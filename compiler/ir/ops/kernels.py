@@ -62,6 +62,24 @@ def conv_nhwc(x, w, strides, pads, groups, pad_value=0):
     return np.concatenate(outs, axis=-1) if groups > 1 else outs[0]
 
 
+def dilate_kernel(w, dilations):
+    """Zero-inserted kernel equivalent to a dilated convolution.
+
+    Args:
+        w: weights ``(*kernel, C_in/groups, C_out)``.  dilations: one factor >= 1 per spatial axis.
+    Returns:
+        ``(*[d * (k - 1) + 1], C_in/groups, C_out)``: ``w`` at every ``d``-th tap, exact zeros between
+        (ONNX ``Conv`` ``dilations``: tap ``i`` reads input ``o * s + i * d - pad``).
+    """
+    nd = w.ndim - 2
+    d = tuple(int(v) for v in dilations)
+    if all(v == 1 for v in d):
+        return w
+    out = np.zeros(tuple(dd * (k - 1) + 1 for dd, k in zip(d, w.shape[:nd])) + w.shape[nd:], dtype=w.dtype)
+    out[tuple(slice(None, None, dd) for dd in d)] = w
+    return out
+
+
 def per_sample_broadcast(a, b):
     """Align two batch-first arrays whose per-sample ranks differ (numpy broadcasting of
     the per-sample shapes, the batch axis kept first)."""

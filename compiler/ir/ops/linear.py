@@ -12,7 +12,7 @@ import numpy as np
 
 from ...errors import UnsupportedError, VerifyError
 from ..types import FLOAT32, FixedType, fixed_for_range
-from .kernels import align, conv_nhwc, real_view
+from .kernels import align, conv_nhwc, dilate_kernel, real_view
 from .spec import OpSpec, all_fixed, code_range, conv_out_shape, register
 
 
@@ -54,9 +54,10 @@ def _linear_ref(node, args, in_types, out_t):
     strides = node.attrs.get("strides", (1,) * nd)
     pads = node.attrs.get("pads", (0,) * 2 * nd)
     groups = int(node.attrs.get("groups", 1))
+    wd = w.data if dense else dilate_kernel(w.data, conv_dilations(node, nd))
     if isinstance(out_t, FixedType):
         x = args[0]
-        acc = np.matmul(x, w.data) if dense else conv_nhwc(x, w.data, strides, pads, groups)
+        acc = np.matmul(x, wd) if dense else conv_nhwc(x, wd, strides, pads, groups)
         f = in_types[0].frac_bits + w.dtype.frac_bits
         acc = align(acc, f, out_t.frac_bits)
         if b is not None:
@@ -64,6 +65,8 @@ def _linear_ref(node, args, in_types, out_t):
         return acc
     x = real_view(args[0], in_types[0])
     wr = w.real().astype(np.float32)
+    if not dense:
+        wr = dilate_kernel(wr, conv_dilations(node, nd))
     y = np.matmul(x, wr) if dense else conv_nhwc(x, wr, strides, pads, groups).astype(np.float32)
     if b is not None:
         y = y + b.real().astype(np.float32)
@@ -98,21 +101,34 @@ DENSE = register(OpSpec(
     infer=_dense_rule, reference=_linear_ref, params=("weight", "bias"), macs=_dense_macs))
 
 
+def conv_dilations(node, nd: int) -> tuple[int, ...]:
+    """The ``dilations`` of a Conv node (one per spatial axis, default all 1).
+
+    Raises:
+        VerifyError: naming the node for a wrong count or a factor < 1.
+    """
+    d = node.attrs.get("dilations", 1)
+    d = (int(d),) * nd if isinstance(d, (int, np.integer)) else tuple(int(v) for v in d)
+    if len(d) != nd or any(v < 1 for v in d):
+        raise VerifyError(f"Conv dilations {d} must be {nd} factor(s) >= 1", node.name)
+    return d
+
+
 def _conv_rule(node, ins):
-    """Channels-last convolution; weight [*kernel, C_in/groups, C_out]; pads (begins..., ends...)."""
+    """Channels-last convolution; weight [*kernel, C_in/groups, C_out]; pads (begins..., ends...);
+    ``dilations`` (ONNX semantics: tap i of the kernel reads input ``o * stride + i * d - pad``)."""
     x = ins[0]
     w = node.params["weight"]
     bias = node.params.get("bias")
-    if any(d != 1 for d in node.attrs.get("dilations", ())):
-        raise UnsupportedError(f"Conv dilation {tuple(node.attrs['dilations'])} is not supported (only 1)", node.name)
     k = tuple(w.shape[:-2])
+    dil = conv_dilations(node, len(k))
     if tuple(node.attrs["kernel"]) != k:
         raise VerifyError(f"Conv kernel attribute {node.attrs['kernel']} does not match weight {w.shape}", node.name)
     g = int(node.attrs.get("groups", 1))
     cin = x.shape[-1]
     if cin % g or w.shape[-2] * g != cin or w.shape[-1] % g:
         raise VerifyError(f"Conv groups={g}: input channels {cin} / weight {w.shape} inconsistent", node.name)
-    spatial = conv_out_shape(node, x.shape)
+    spatial = conv_out_shape(node, x.shape, tuple(d * (kk - 1) + 1 for d, kk in zip(dil, k)))
     shape = (*spatial, w.shape[-1])
     if bias is not None and bias.shape not in ((w.shape[-1],), ()):
         raise VerifyError(f"Conv bias shape {bias.shape} does not match C_out={w.shape[-1]}", node.name)
@@ -128,7 +144,8 @@ def _conv_macs(node, graph) -> int:
 
 
 CONV = register(OpSpec(
-    name="Conv", kind="mac", summary="channels-last 1-D/2-D convolution, weight [*kernel, C_in/groups, C_out]",
+    name="Conv", kind="mac", summary="channels-last 1-D/2-D convolution, weight [*kernel, C_in/groups, C_out], "
+                                     "optionally dilated",
     infer=_conv_rule, reference=_linear_ref, params=("weight", "bias"), macs=_conv_macs,
     attrs={"kernel": None, "strides": 1, "pads": 0, "groups": 1, "dilations": 1}))
 

@@ -2,6 +2,7 @@
 
 Fixed-point averages over n elements get k = ceil(log2 n) more fraction bits and are
 floor(sum * 2**k / n): exact when n is a power of two, truncated (towards -inf) otherwise.
+``AvgPool`` padding is excluded from the count (ONNX ``count_include_pad=0``).
 """
 from __future__ import annotations
 
@@ -58,26 +59,40 @@ MAXPOOL = register(OpSpec(name="MaxPool", kind="pool", summary="maximum over eac
 
 def _avgpool_rule(node, ins):
     """Average over each window of n = prod(kernel) elements.  Fixed point: the result has
-    k = ceil(log2 n) more fraction bits and is floor(sum * 2**k / n) -- exact when n is a power
-    of two, truncated (rounded towards -inf) otherwise.  Padding is not supported."""
-    if any(int(p) for p in node.attrs.get("pads", ())):
-        raise UnsupportedError("AvgPool with padding is not supported", node.name)
+    k = ceil(log2 n) more fraction bits and is floor(sum * 2**k / n_w) -- exact when n_w is a power
+    of two, truncated (rounded towards -inf) otherwise.  Padding (``pads``) is *excluded* from the
+    average, as ONNX ``AveragePool`` with ``count_include_pad=0``: n_w is the number of input
+    elements in window w (ONNX's ``count_include_pad=1`` is imported as a zero ``Pad`` and an
+    unpadded pool)."""
+    k, nd, s, p = _window_args(node)
+    if any(pv >= kv for pv, kv in zip(p, k + k)):
+        raise UnsupportedError(f"AvgPool pads {p} as large as the kernel {k} (windows of padding only)", node.name)
     sp = conv_out_shape(node, ins[0].shape)
     n = int(np.prod(node.attrs["kernel"]))
     return (*sp, ins[0].shape[-1]), _avg_type(ins[0].dtype, n)
+
+
+def window_counts(node, in_shape) -> np.ndarray:
+    """Number of input (non-padding) elements in each window of a pool ``node`` over the
+    channels-last per-sample ``in_shape``: an int64 array of the output's spatial shape."""
+    k, nd, s, p = _window_args(node)
+    ones = np.ones((1, *in_shape[:-1], 1), dtype=np.int64)
+    return windows(ones, k, s, p, 0).sum(axis=tuple(range(-nd, 0)))[0, ..., 0]
 
 
 def _avgpool_ref(node, args, in_types, out_t):
     k, nd, s, p = _window_args(node)
     win = windows(args[0], k, s, p, 0)
     cnt = int(np.prod(k))
+    per = window_counts(node, args[0].shape[1:])[None, ..., None] if any(p) else cnt
     if isinstance(out_t, FixedType):
         tot = win.sum(axis=tuple(range(-nd, 0)))
-        return np.floor_divide(np.left_shift(tot, avg_shift(cnt)), cnt)
-    return (win.astype(np.float32).sum(axis=tuple(range(-nd, 0))) / np.float32(cnt)).astype(np.float32)
+        return np.floor_divide(np.left_shift(tot, avg_shift(cnt)), per)
+    return (win.astype(np.float32).sum(axis=tuple(range(-nd, 0))) / np.asarray(per, np.float32)).astype(np.float32)
 
 
-AVGPOOL = register(OpSpec(name="AvgPool", kind="pool", summary="average over each window, floor(sum * 2**k / n) on codes",
+AVGPOOL = register(OpSpec(name="AvgPool", kind="pool", summary="average over each window (padding not counted), "
+                                                                "floor(sum * 2**k / n) on codes",
                           infer=_avgpool_rule, reference=_avgpool_ref, attrs=POOL_ATTRS, macs=_window_macs))
 
 

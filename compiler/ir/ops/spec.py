@@ -144,16 +144,18 @@ def shift_range(lo: int, hi: int, s: int) -> tuple[int, int]:
     return lo << s, hi << s
 
 
-def conv_out_shape(node, in_shape):
+def conv_out_shape(node, in_shape, kernel=None):
     """Spatial output sizes of Conv/MaxPool/AvgPool: floor((L + p0 + p1 - k) / s) + 1.
 
     Args:
         node: reads ``kernel``, ``strides`` (default 1) and ``pads`` (begins..., ends...; default 0).
         in_shape: channels-last per-sample input shape ``(*spatial, C)``.
+        kernel: the (effective) kernel extent to use instead of ``node.attrs["kernel"]`` (a dilated
+            convolution's ``d * (k - 1) + 1``).
     Raises:
         VerifyError: naming the node for a rank, stride/pad length or kernel size mismatch.
     """
-    k = tuple(node.attrs["kernel"])
+    k = tuple(node.attrs["kernel"] if kernel is None else kernel)
     nd = len(k)
     s = tuple(node.attrs.get("strides", (1,) * nd))
     p = tuple(node.attrs.get("pads", (0,) * (2 * nd)))

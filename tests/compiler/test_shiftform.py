@@ -1,0 +1,274 @@
+"""Multiply-and-shift forms of MultiThreshold (compiler/ir/shiftform.py).
+
+Oracle: requantizers computed brute force in exact rational arithmetic (``fractions.Fraction``)
+for every input code; the thresholds handed to the search are read off that table (independent
+of the search's own algebra), and the form found is checked on every code of the range.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from qdeploy.compiler import reference as ref
+from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
+from qdeploy.compiler.ir.shiftform import ShiftForm, find_shift_form, prove
+
+
+def _round_half_even(q: Fraction) -> int:
+    fl = math.floor(q)
+    rem = q - fl
+    return fl + (1 if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and fl % 2) else 0)
+
+
+def _round_half_up(q: Fraction) -> int:
+    return math.floor(q + Fraction(1, 2))
+
+
+def requant_table(lo, hi, m: Fraction, b: Fraction, zp: int, omin: int, omax: int, rnd=_round_half_up) -> list[int]:
+    """clamp(rnd(x*m + b) + zp, omin, omax) for x = lo..hi (a Quant after an affine map)."""
+    return [min(max(rnd(x * m + b) + zp, omin), omax) for x in range(lo, hi + 1)]
+
+
+def thresholds_from_table(tables, lo, T, omin=-(1 << 40), omax=1 << 40):
+    """MultiThreshold (thresholds [C, T], base, sign) reproducing per-channel monotone tables on
+    lo..lo+len-1: a step of d levels at x gives d thresholds equal to x.  Unused slots are put at
+    ``lo`` (always reached; the base moves back accordingly) as far as ``[omin, omax]`` allows,
+    the rest above the range (never reached), so that ``base + sign * T`` stays in range."""
+    rows, base, sign = [], [], []
+    hi = lo + len(tables[0]) - 1
+    for vals in tables:
+        s = 1 if vals[-1] >= vals[0] else -1
+        steps = []
+        for i in range(1, len(vals)):
+            d = vals[i] - vals[i - 1]
+            assert d * s >= 0, "table is not monotone"
+            steps += [lo + i] * abs(d)
+        assert len(steps) <= T
+        room = (vals[0] - omin) if s > 0 else (omax - vals[0])
+        below = min(T - len(steps), room)
+        rows.append([lo] * below + steps + [hi + 6] * (T - len(steps) - below))
+        base.append(vals[0] - s * below)
+        sign.append(s)
+    return np.array(rows, np.int64), np.array(base), np.array(sign)
+
+
+def mt_reference(x, t, base, sign, out_t, in_t):
+    """The IR reference interpreter's MultiThreshold on codes ``x`` ([N, C])."""
+    b = GraphBuilder("mt")
+    v = b.input("x", (x.shape[-1],), in_t)
+    y = b.add("mt", "MultiThreshold", [v], attrs={"to": out_t},
+              params={"thresholds": Const(t, parse_type(f"fixed<{in_t.width + 2},{in_t.int_bits + 2}>")),
+                      "base": Const(base, parse_type("int<16>")), "sign": Const(sign, parse_type("int<2>"))})
+    b.output(y)
+    g = b.build()
+    return ref.execute(g, {"x": x}, codes=True)[y]
+
+
+CHANNELS = [  # (m, b, zp): requant multipliers, non-dyadic; sign -1; a constant channel (m = 0)
+    (Fraction(1, 37), Fraction(3, 7), 5),
+    (Fraction(-3, 101), Fraction(-11, 5), -3),
+    (Fraction(2, 7), Fraction(1, 3), 0),
+    (Fraction(0), Fraction(9, 4), 1),
+    (Fraction(1, 1000), Fraction(-1, 3), -100),
+    (Fraction(-1, 13), Fraction(0), 20),
+]
+
+
+@pytest.mark.parametrize("out", ["int<8>", "uint<4>", "int<6>"])
+def test_requantizer_form_exact_on_every_code(out):
+    lo, hi = -3000, 3000
+    out_t = parse_type(out).with_modes("TRN", "SAT")
+    tables = [requant_table(lo, hi, m, b, zp, out_t.min_code, out_t.max_code) for m, b, zp in CHANNELS]
+    t, base, sign = thresholds_from_table(tables, lo, out_t.max_code - out_t.min_code, out_t.min_code,
+                                         out_t.max_code)
+    res = find_shift_form(t, base, sign, len(CHANNELS), lo, hi, out_t)
+    assert res.form is not None, res.reason
+    f = res.form
+    x = np.repeat(np.arange(lo, hi + 1)[:, None], len(CHANNELS), axis=1)
+    want = np.array(tables).T
+    assert np.array_equal(f.apply(x), want)
+    in_t = parse_type("int<13>")
+    assert np.array_equal(mt_reference(x, t, base, sign, out_t, in_t), want)  # the op itself agrees
+    assert f.K[3] == 0  # the constant channel
+    assert f.K[1] < 0 and f.K[5] < 0 and f.K[0] > 0
+    assert prove(f, t, base, sign) is None
+
+
+def test_smallest_shift_is_found():
+    """S is minimal: no (K, R) with shift S - 1 reproduces the table (brute force over every K and
+    every R that can give the right value at ``hi``)."""
+    lo, hi = 0, 200
+    out_t = parse_type("uint<5>").with_modes("TRN", "SAT")
+    tables = [requant_table(lo, hi, Fraction(1, 13), Fraction(1, 3), 0, 0, 31)]
+    assert tables[0][-1] < 31
+    t, base, sign = thresholds_from_table(tables, lo, 31, 0, 31)
+    f = find_shift_form(t, base, sign, 1, lo, hi, out_t).form
+    assert f is not None and f.S >= 1
+    x = np.arange(lo, hi + 1)
+    want = np.array(tables[0])
+    assert np.array_equal(f.apply(x[:, None])[:, 0], want)
+    S = f.S - 1
+    P = 1 << S
+    assert S <= 10
+    for k in range(1, P):  # slope 1/13 < 1: K < 2**S
+        r = np.arange(want[-1] * P - hi * k, (want[-1] + 1) * P - hi * k)[:, None]  # h(hi) == want[-1]
+        same = np.all(np.clip((x * k + r) >> S, 0, 31) == want, axis=1)
+        assert not same.any(), (k, S)
+
+
+def test_duplicate_thresholds_and_broadcast_row():
+    """Jumps of two and three levels at one code (equal thresholds), one row shared by every
+    channel; and a function with two slopes, which no form has."""
+    lo, hi = -40, 40
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    vals = [min(max(_round_half_up(Fraction(5 * x, 2) + Fraction(1, 3)), -128), 127) for x in range(lo, hi + 1)]
+    t, base, sign = thresholds_from_table([vals], lo, 255, -128, 127)
+    inside = t[0][(t[0] > lo) & (t[0] <= hi)]
+    assert len(set(inside.tolist())) < len(inside)  # really has equal thresholds
+    f = find_shift_form(t, base, sign, 3, lo, hi, out_t).form
+    assert f is not None
+    x = np.repeat(np.arange(lo, hi + 1)[:, None], 3, axis=1)
+    assert np.array_equal(f.apply(x), np.repeat(np.array(vals)[:, None], 3, axis=1))
+    vals = [min(max(x // 4 if x < 0 else x // 2, -128), 127) for x in range(lo, hi + 1)]
+    t, base, sign = thresholds_from_table([vals], lo, 255, -128, 127)
+    res = find_shift_form(t, base, sign, 3, lo, hi, out_t)
+    assert res.form is None and res.reason.startswith("channel 0:")
+
+
+def test_round_half_even_ties_have_no_form():
+    """Round-half-to-even with exact ties (m = 1/1000, b = -1/2) makes step widths alternate
+    999 / 1001: no single multiplier fits (a floor form's widths differ by at most one)."""
+    lo, hi = -3000, 3000
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    tables = [requant_table(lo, hi, Fraction(1, 1000), Fraction(-1, 2), 0, -128, 127, rnd=_round_half_even)]
+    t, base, sign = thresholds_from_table(tables, lo, 255)
+    widths = set(np.diff(t[0][(t[0] > lo) & (t[0] <= hi)]).tolist())
+    assert {999, 1001} <= widths
+    res = find_shift_form(t, base, sign, 1, lo, hi, out_t)
+    assert res.form is None and res.reason.startswith("channel 0:")
+    # without exact ties (b = -1/3) round-half-even has a form
+    tables = [requant_table(lo, hi, Fraction(1, 1000), Fraction(-1, 3), 0, -128, 127, rnd=_round_half_even)]
+    t, base, sign = thresholds_from_table(tables, lo, 255)
+    assert find_shift_form(t, base, sign, 1, lo, hi, out_t).form is not None
+
+
+def test_irregular_thresholds_have_no_form():
+    """FINN-style arbitrary thresholds: no form; the reason names the channel."""
+    lo, hi = -500, 500
+    out_t = parse_type("uint<3>").with_modes("TRN", "SAT")
+    good = requant_table(lo, hi, Fraction(1, 90), Fraction(0), 3, 0, 7)
+    t, base, sign = thresholds_from_table([good, good], lo, 7)
+    t[1] = [-400, -390, -100, 0, 5, 300, 301]  # irregular gaps
+    res = find_shift_form(t, base, sign, 2, lo, hi, out_t)
+    assert res.form is None
+    assert res.reason.startswith("channel 1:")
+    # the regular channel alone does have one
+    assert find_shift_form(t[:1], base[:1], sign[:1], 1, lo, hi, out_t).form is not None
+
+
+def test_proof_rejects_a_wrong_form():
+    lo, hi = -200, 200
+    out_t = parse_type("int<4>").with_modes("TRN", "SAT")
+    tables = [requant_table(lo, hi, Fraction(1, 29), Fraction(1, 5), 0, -8, 7)]
+    t, base, sign = thresholds_from_table(tables, lo, 15)
+    f = find_shift_form(t, base, sign, 1, lo, hi, out_t).form
+    assert prove(f, t, base, sign) is None
+    x = np.arange(lo, hi + 1)[:, None]
+    for dk, dr in ((1, 0), (0, 1 << f.S), (-1, 0), (0, -(1 << f.S))):
+        bad = ShiftForm((f.K[0] + dk,), (f.R[0] + dr,), f.S, f.out, lo, hi)
+        differs = not np.array_equal(bad.apply(x)[:, 0], np.array(tables[0]))
+        assert (prove(bad, t, base, sign) is None) == (not differs)
+        if dr:
+            assert differs  # shifting the offset by one output level is always wrong here
+
+
+def test_wide_accumulator_range_proved_on_samples_against_fractions():
+    """A 20-bit accumulator range (too large to enumerate): the exact proof accepts the form and
+    random codes agree with the rational oracle."""
+    lo, hi = -(1 << 19), (1 << 19) - 1
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    ms = [(Fraction(1, 1531), Fraction(7, 3), -4), (Fraction(-5, 7777), Fraction(1, 3), 10)]
+    rng = np.random.default_rng(3)
+    tables_t, bases, signs = [], [], []
+    for m, b, zp in ms:  # thresholds: smallest x reaching each level (exact, by bisection on Fractions)
+        def y(x):
+            return min(max(_round_half_even(x * m + b) + zp, -128), 127)
+        s = 1 if m > 0 else -1
+        v0, v1 = y(lo), y(hi)
+        th = []
+        for j in range(1, abs(v1 - v0) + 1):
+            target = v0 + s * j
+            a, c = lo, hi
+            while a < c:
+                mid = (a + c) // 2
+                if (y(mid) >= target) if s > 0 else (y(mid) <= target):
+                    c = mid
+                else:
+                    a = mid + 1
+            th.append(a)
+        tables_t.append(th + [hi + 1] * (255 - len(th)))
+        bases.append(v0)
+        signs.append(s)
+    t = np.array(tables_t)
+    f = find_shift_form(t, np.array(bases), np.array(signs), 2, lo, hi, out_t).form
+    assert f is not None
+    xs = np.concatenate([rng.integers(lo, hi + 1, 4000), [lo, hi], t[:, :255].reshape(-1).clip(lo, hi),
+                         (t[:, :255].reshape(-1) - 1).clip(lo, hi)])
+    got = f.apply(np.repeat(xs[:, None], 2, axis=1))
+    for c, (m, b, zp) in enumerate(ms):
+        want = [min(max(_round_half_even(int(x) * m + b) + zp, -128), 127) for x in xs]
+        assert got[:, c].tolist() == want
+
+
+def test_width_cap_refuses_with_reason():
+    lo, hi = -3000, 3000
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    tables = [requant_table(lo, hi, Fraction(1, 37), Fraction(3, 7), 5, -128, 127)]
+    t, base, sign = thresholds_from_table(tables, lo, 255)
+    assert find_shift_form(t, base, sign, 1, lo, hi, out_t).form is not None
+    res = find_shift_form(t, base, sign, 1, lo, hi, out_t, max_width=16)
+    assert res.form is None and res.reason
+
+
+def test_output_outside_clamp_type_is_refused():
+    t = np.array([[0, 1]])
+    res = find_shift_form(t, np.array([6]), np.array([1]), 1, -4, 4, parse_type("int<3>").with_modes("TRN", "SAT"))
+    assert res.form is None and "outside the clamp range" in res.reason
+
+
+def test_dyadic_round_half_even_gets_a_rnd_conv_form():
+    """A dyadic requantizer under QONNX ROUND (e.g. power-of-two QDQ scales kept as per-channel
+    shifts) has exact ties whose steps alternate: no floor form, but a round-half-even form
+    (``Quantize`` with RND_CONV) exists and is exact on every code, also for a decreasing and a
+    constant channel."""
+    from qdeploy.compiler.ir.shiftform import clamp_type, node_shift_form
+
+    lo, hi = -2048, 2047
+    chans = [(Fraction(3, 8), Fraction(0), 0), (Fraction(-5, 16), Fraction(1, 2), 0), (Fraction(0), Fraction(3, 2), 0),
+             (Fraction(1, 64), Fraction(-1, 4), 0)]
+    to = parse_type("int<8>").with_modes("RND_CONV", "SAT")
+    tables = [requant_table(lo, hi, m, b, zp, -128, 127, rnd=_round_half_even) for m, b, zp in chans]
+    t, base, sign = thresholds_from_table(tables, lo, 255, -128, 127)
+    assert find_shift_form(t, base, sign, len(chans), lo, hi, clamp_type(to, "TRN")).form is None
+    res = find_shift_form(t, base, sign, len(chans), lo, hi, clamp_type(to, "RND_CONV"))
+    assert res.form is not None, res.reason
+    x = np.repeat(np.arange(lo, hi + 1)[:, None], len(chans), axis=1)
+    assert np.array_equal(res.form.apply(x), np.array(tables).T)
+    assert prove(res.form, t, base, sign) is None
+    # the node-level search falls back to RND_CONV by itself
+    in_t = parse_type("int<12>")
+    b = GraphBuilder("mt")
+    v = b.input("x", (len(chans),), in_t)
+    y = b.add("mt", "MultiThreshold", [v], attrs={"to": to},
+              params={"thresholds": Const(t, parse_type("fixed<14,14>")), "base": Const(base, parse_type("int<16>")),
+                      "sign": Const(sign, parse_type("int<2>"))})
+    b.output(y)
+    node = b.build().nodes[0]
+    got = node_shift_form(node, in_t)
+    assert got.form is not None and got.form.out.rounding == "RND_CONV"
+    # a wrong rounding choice is caught by the proof
+    bad = ShiftForm(got.form.K, got.form.R, got.form.S, clamp_type(to, "TRN"), lo, hi)
+    assert prove(bad, t, base, sign) is not None
