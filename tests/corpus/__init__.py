@@ -1,0 +1,1 @@
+"""The model corpus: real model families built by the tests (see docs/corpus.md)."""
