@@ -120,7 +120,9 @@ def run_torch_source(module, inputs: list[np.ndarray], double: bool = False) -> 
 # ---------------------------------------------------------------------------------- ONNX float64
 def to_double(proto):
     """A float64 copy of an ONNX ``ModelProto``: every float32 initializer, graph input/output,
-    value_info, ``Constant`` tensor and ``Cast(to=FLOAT)`` becomes float64.
+    value_info, ``Constant`` tensor and ``Cast(to=FLOAT)`` becomes float64; ONNX QDQ nodes are first
+    rewritten into the equivalent QONNX ``Quant`` nodes (:func:`~qdeploy.compiler.frontends.onnx_qdq.
+    normalize_qdq`), since QuantizeLinear / DequantizeLinear take no float64 scale.
 
     Raises:
         SourceRunError: a float tensor attribute this cannot convert (names the node).
@@ -131,6 +133,13 @@ def to_double(proto):
     q = onnx.ModelProto()
     q.CopyFrom(proto)
     g = q.graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
+        # ONNX QDQ takes no float64 scales: use the equivalent QONNX Quant form (run by int_quant in float64)
+        from .compiler.frontends.onnx_qdq import normalize_qdq
+
+        for k, n in enumerate(g.node):
+            n.name = n.name or f"{n.op_type}_{k}"
+        normalize_qdq(q)
     for i, t in enumerate(g.initializer):
         if t.data_type == TensorProto.FLOAT:
             a = numpy_helper.to_array(t).astype(np.float64)
