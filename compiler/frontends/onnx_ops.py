@@ -25,7 +25,8 @@ from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, i
 from .onnx_finn import import_multithreshold, import_topk
 from .onnx_minifloat import import_floatquant
 from .onnx_reduce import import_reduce_mean
-from .onnx_rounding import DIRECTED, ROUNDING_MAP, import_trunc, quantize_directed
+from .onnx_rounding import DIRECTED, ROUNDING_MAP, quantize_directed
+from .onnx_trunc_avg import import_trunc
 
 
 
