@@ -44,13 +44,26 @@ def spatial_attrs(cv, node, in_spatial, kernel, dilated=False):
         pads = tuple(begins + ends)
     else:
         raise UnsupportedError(f"{node.op_type} auto_pad {auto!r} is not supported", node.name)
-    if int(cv.attr(node, "ceil_mode", 0)) and any(
-            (L + pads[i] + pads[i + nd] - k) % s for i, (L, k, s) in enumerate(zip(in_spatial, kernel, strides))):
-        # ceil_mode only differs from floor mode when a last, partial window exists
-        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 and a partial last window is not supported "
-                               f"(input {tuple(in_spatial)}, kernel {kernel}, strides {strides}, pads {pads})",
-                               node.name)
     return strides, pads
+
+
+def ceil_extra(cv, node, in_spatial, kernel, strides, pads) -> tuple[int, ...]:
+    """Per spatial axis, how far the last window of a ``ceil_mode=1`` pool reaches past the end
+    padding (0 without ceil_mode).  The output size is onnxruntime's (``pool_attributes.h``):
+    ``ceil((L + p0 + p1 - k) / s) + 1``, minus one when the last window would start past the input
+    and the begin padding; the overhang holds nothing -- it is not counted by an average and never
+    wins a maximum -- which is exactly an extra end padding of the IR pools (MaxPool pads with the
+    smallest code, AvgPool excludes padding from its count)."""
+    if not int(cv.attr(node, "ceil_mode", 0)):
+        return (0,) * len(kernel)
+    nd, extra = len(kernel), []
+    for i, (L, k, s) in enumerate(zip(in_spatial, kernel, strides)):
+        span = L + pads[i] + pads[i + nd] - k
+        out = -(-span // s) + 1
+        if (out - 1) * s >= L + pads[i]:
+            out -= 1
+        extra.append(max((out - 1) * s + k - (L + pads[i] + pads[i + nd]), 0))
+    return tuple(extra)
 
 
 def _pool(cv, node, op):
@@ -60,23 +73,33 @@ def _pool(cv, node, op):
     rank = len(e.perm)
     x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
     kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
-    strides, pads = spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
+    in_spatial = cv.b.values[x].shape[:-1]
+    strides, pads = spatial_attrs(cv, node, in_spatial, kernel)
+    nd = len(kernel)
+    extra = ceil_extra(cv, node, in_spatial, kernel, strides, pads)
+    include = node.op_type == "AveragePool" and int(cv.attr(node, "count_include_pad", 0))
     if e.scaled is not None:
-        if node.op_type == "AveragePool" and any(pads) and not int(cv.attr(node, "count_include_pad", 0)):
+        if node.op_type == "AveragePool" and any(pads) and not include:
             raise UnsupportedError("AveragePool with padding excluded from the count (count_include_pad=0) of a "
                                    "scaled-integer value is not supported", node.name)
-        attrs = {"kernel": kernel, "strides": strides, "pads": pads}
+        if node.op_type == "AveragePool" and any(extra):
+            raise UnsupportedError("AveragePool with ceil_mode=1 and a partial last window on a scaled-integer value "
+                                   "is not supported", node.name)
+        attrs = {"kernel": kernel, "strides": strides, "pads": pads[:nd] + tuple(p + o for p, o in zip(pads[nd:], extra))}
         pool = scaled_ops.maxpool if node.op_type == "MaxPool" else scaled_ops.avgpool
         pool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
         return
-    if node.op_type == "AveragePool" and any(pads) and int(cv.attr(node, "count_include_pad", 0)):
-        # count_include_pad=0 is the IR AvgPool's own padding; count_include_pad=1: the pads are zeros counted in every window = a zero Pad, then no padding
-        nd = len(kernel)
-        fixed = isinstance(cv.b.values[x].dtype, FixedType)
-        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": (*pads[:nd], 0, *pads[nd:], 0),
-                                                      **({"code": 0} if fixed else {"value": 0.0})},
-                   out=f"{node.output[0]}__pad")
-        pads = (0,) * (2 * nd)
+    if not include:  # ceil_mode's overhang = more (uncounted / never maximal) end padding
+        pads = pads[:nd] + tuple(p + o for p, o in zip(pads[nd:], extra))
+    else:
+        # count_include_pad=0 is the IR AvgPool's own padding; count_include_pad=1: the pads are zeros
+        # counted in every window = a zero Pad, then a pool whose only padding is ceil_mode's uncounted overhang
+        if any(pads):
+            fixed = isinstance(cv.b.values[x].dtype, FixedType)
+            x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": (*pads[:nd], 0, *pads[nd:], 0),
+                                                          **({"code": 0} if fixed else {"value": 0.0})},
+                       out=f"{node.output[0]}__pad")
+        pads = (0,) * nd + extra
     v = cv.add(node.name, op, [x], {"kernel": kernel, "strides": strides, "pads": pads}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
