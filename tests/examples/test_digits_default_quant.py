@@ -184,12 +184,14 @@ def test_default_quantizers_exact(dm, tmp_path, name, make, wq, out_quant):
         assert any("float32" in t for t in res.report["notes"])
 
 
-TARGETS = [("mlp", "tvm-llvm"), ("mlp_logits", "tvm-llvm"), ("cnn", "tvm-llvm"), ("mlp_per_channel", "tvm-llvm"),
-           ("cnn_per_channel", "tvm-llvm"), ("cnn_zero_points", "tvm-llvm"), ("mlp", "hls4ml"),
-           ("cnn_per_channel", "hls4ml"), ("cnn_zero_points", "hls4ml")]
+_FAST = {("mlp", "hls4ml"), ("cnn_zero_points", "tvm-llvm"), ("cnn_per_channel", "tvm-llvm")}
+TARGETS = [pytest.param(n, t, id=f"{n}-{t}", marks=() if (n, t) in _FAST else pytest.mark.slow)
+           for n, t in (("mlp", "tvm-llvm"), ("mlp_logits", "tvm-llvm"), ("cnn", "tvm-llvm"),
+                        ("mlp_per_channel", "tvm-llvm"), ("cnn_per_channel", "tvm-llvm"), ("cnn_zero_points", "tvm-llvm"),
+                        ("mlp", "hls4ml"), ("cnn_per_channel", "hls4ml"), ("cnn_zero_points", "hls4ml"))]
 
 
-@pytest.mark.parametrize("name,target", TARGETS, ids=[f"{n}-{t}" for n, t in TARGETS])
+@pytest.mark.parametrize("name,target", TARGETS)
 def test_default_quantizers_on_targets(dm, tmp_path, name, target):
     """The same models built for TVM (llvm) and the hls4ml C simulation: the built artifact's outputs
     on all 450 test images equal the reference interpreter's bit for bit (and, through the test
