@@ -299,10 +299,6 @@ def _topk(lw, n, ins, in_types, out_t):
     return lw.emit(op.astype(idx, F32))
 
 
-for _op, _fn in _BATCH_A.items():
-    LOWERING.set(_op, _fn)
-
-
 @LOWERING.register("Lookup")
 def _lookup(lw, n, ins, in_types, out_t):
     """``take(table, x - min_code)``: a gather of the constant table (== the reference)."""
@@ -311,3 +307,7 @@ def _lookup(lw, n, ins, in_types, out_t):
     idx = lw.emit(op.subtract(ins[0], c64(lo))) if lo else ins[0]
     const = c64(tab.data) if isinstance(tab.dtype, FixedType) else cf(tab.data)
     return lw.emit(op.take(const, idx, axis=0, mode="clip"))  # in range by the type; clip: never out of bounds
+
+
+for _op, _fn in _BATCH_A.items():
+    LOWERING.set(_op, _fn)
