@@ -98,7 +98,9 @@ def _qonnx(model, x):
     return np.concatenate([execute_onnx(m, {"x": x[i:i + 1]})["y"] for i in range(len(x))])
 
 
-def test_minifloat_linear_layer_reference_and_tvm_match_qonnx(tmp_path):
+@pytest.mark.parametrize("target", ["tvm-llvm", "hls4ml"])
+def test_minifloat_linear_layer_reference_and_targets_match_qonnx(target, tmp_path):
+    """hls4ml: both FloatQuants run on the host (prologue / epilogue), the Dense on the device."""
     rng = np.random.default_rng(3)
     m = minifloat_linear(rng)
     g = import_onnx(m)
@@ -110,7 +112,7 @@ def test_minifloat_linear_layer_reference_and_tvm_match_qonnx(tmp_path):
     assert np.array_equal(ref.run(g, x), want)
     path = tmp_path / "mf.onnx"
     path.write_bytes(m.SerializeToString())
-    res = qdeploy.compile(str(path), "tvm-llvm", tmp_path / "tvm", golden=x)
+    res = qdeploy.compile(str(path), target, tmp_path / "out", golden=x)
     assert res.report["fidelity"]["ok"], res.report["fidelity"]
     assert np.array_equal(res.load().predict(x), want)
     back = _qonnx(export_qonnx(g), x)
