@@ -176,7 +176,7 @@ class _Qdq:
         return helper.make_node("Quant", ins, [out], name=name, domain=QONNX_DOMAIN, signed=int(signed), narrow=0,
                                 rounding_mode="ROUND")
 
-    def pair(self, q, i: int) -> list:
+    def pair(self, q) -> list:
         """Rewrite QuantizeLinear ``q`` and every DequantizeLinear reading it into Quant nodes."""
         s, z, bits, signed, axis, elem = self.params(q)
         if s.size > 1 or z.size > 1:
@@ -253,11 +253,11 @@ class _Qdq:
         if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in QDQ_DOMAINS for n in nodes):
             return
         out_nodes = []
-        for i, n in enumerate(nodes):
+        for n in nodes:
             if id(n) in self.drop:
                 continue
             if n.op_type == "QuantizeLinear" and n.domain in QDQ_DOMAINS:
-                out_nodes.extend(self.pair(n, i))
+                out_nodes.extend(self.pair(n))
             elif n.op_type == "DequantizeLinear" and n.domain in QDQ_DOMAINS:
                 t = n.input[0]
                 if t in self.inits or t in self.const_nodes:
