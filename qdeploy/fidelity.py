@@ -7,10 +7,15 @@ interpreter (and therefore the import, the passes and the layout handling) agree
 user trained.  :func:`check_source` is called by :func:`qdeploy.api.compile` on every compile; its
 dict is the report's ``fidelity`` section and :func:`fidelity_sentence` its one-line summary.
 
-The source is fed exactly the inputs the compiled model sees: the golden arrays in the source's
-layout (channels-first for ONNX and torch), each value cast into the compiled input's fixed-point
-type when it has one (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds`
-applies; the number of values that rounding changed is reported as ``inputs_rounded``).
+The source is fed the golden arrays in the source's layout (channels-first for ONNX and torch).
+Where the model or the user fixed the compiled input's fixed-point type, each value is cast into it
+first (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds` applies; the
+number of values that rounding changed is reported as ``inputs_rounded``): that rounding is the
+model's or the user's own.  Where the type is only hls4ml's default (a model without an input
+quantizer, no ``input_type`` given, calibration data with no exact type), the source gets the
+*unrounded* values, so any output that the guessed input rounding changes is a mismatch against
+the source (``inputs_rounded_by_default`` says how many input values that type rounds, and the
+failure note says to set ``input_type``): nothing the user did not choose is hidden.
 
 Comparison rules (per output value):
 
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 
 import numpy as np
 
@@ -39,20 +43,7 @@ from .compiler.ir.graph import Graph
 from .compiler.ir.types import FixedType
 from .runtime.compiled import from_ir_layout
 
-FLOAT_RTOL = 1e-4
-"""Relative tolerance of float (unquantized) outputs, relative to ``max(1, max |source|)``."""
-
-# ONNX/QONNX ops whose result for sample i depends on sample i only, given the attribute checks in
-# :func:`batch_plan`; a model made of these (batch fixed at 1) is run as one batch.
-_PER_SAMPLE_OPS = {
-    "Quant", "BipolarQuant", "Trunc", "Relu", "Sigmoid", "Tanh", "Clip", "Add", "Sub", "Mul", "Div", "Max",
-    "Min", "Neg", "Abs", "Floor", "Ceil", "Round", "Sign", "Exp", "Erf", "LeakyRelu", "HardSigmoid", "HardSwish",
-    "Identity", "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
-    "Reshape", "Flatten", "Transpose", "Softmax", "LogSoftmax", "Concat", "Gemm", "MatMul", "DepthToSpace",
-    "SpaceToDepth", "Cast", "QuantizeLinear", "DequantizeLinear", "FloatQuant", "MultiThreshold", "TopK",
-}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Clip", "BatchNormalization", "Quant", "BipolarQuant",
-                "Trunc", "LeakyRelu", "FloatQuant"}
+from .source_onnx import FLOAT_RTOL, batch_plan, run_onnx_source  # noqa: F401  (re-exported)
 
 
 def is_onnx_source(model) -> bool:
@@ -88,7 +79,7 @@ def input_casts(graph_src: Graph, graph: Graph) -> dict[str, FixedType]:
     return out
 
 
-def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | None) -> tuple[dict, int]:
+def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | None) -> tuple[dict, int, int]:
     """The golden inputs as the source model takes them.
 
     Args:
@@ -101,10 +92,13 @@ def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | N
             permuted back to the source layout).
     Returns:
         ``({input: (n, *source shape) float32 array}, number of input values the cast into the
-        compiled input type (:func:`input_casts`) changed)``.  Nothing is inferred from shapes.
+        compiled input type (:func:`input_casts`) changed and the source saw rounded, number of input
+        values the artifact rounds to a *default* input type (``graph.meta["default_input_types"]``)
+        while the source sees them unrounded)``.  Nothing is inferred from shapes.
     """
     perms = graph_src.meta.get("input_perms") or {}
-    out, rounded = {}, 0
+    guessed = graph.meta.get("default_input_types") or {}
+    out, rounded, by_default = {}, 0, 0
     for name in graph_src.inputs:
         x_ir = np.asarray(feeds_ir[name])
         perm = perms.get(name)
@@ -118,159 +112,13 @@ def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | N
         t = input_casts(graph_src, graph).get(name)
         if t is not None:
             q = t.to_real(t.quantize_real(x))
-            rounded += int(np.count_nonzero(q != x))
-            x = q
+            if name in guessed:
+                by_default += int(np.count_nonzero(q != x))
+            else:
+                rounded += int(np.count_nonzero(q != x))
+                x = q
         out[name] = np.asarray(x, dtype=np.float32)
-    return out, rounded
-
-
-def batch_plan(proto, shapes=None) -> tuple[bool, str]:
-    """Whether ``proto`` (batch fixed at 1 or dynamic) can be run on a whole batch at once with
-    the same per-sample results: every node an op of ``_PER_SAMPLE_OPS`` whose attributes keep
-    axis 0 apart (Transpose keeps axis 0, Concat/Softmax/Flatten axis >= 1, Gemm/MatMul with the
-    batch on the left operand only, constant Reshape shapes, elementwise constants of lower rank
-    than the batch operand or with leading dimension 1).  ``shapes``: tensor name -> shape or None
-    (e.g. a shape-inferred qonnx ``ModelWrapper.get_tensor_shape``); without it an elementwise
-    constant of rank >= 2 and leading dimension > 1 is taken as batch-broadcasting.  Returns
-    ``(ok, reason if not)``."""
-    from onnx import helper, numpy_helper
-    inits = {i.name: i for i in proto.graph.initializer}
-    batch = {i.name for i in proto.graph.input if i.name not in inits}
-    for n in proto.graph.node:
-        ins = [t for t in n.input if t]
-        carried = [t in batch for t in ins]
-        if not any(carried):
-            continue  # a constant computation (weight quantizers)
-        if n.op_type not in _PER_SAMPLE_OPS or n.domain not in ("", "ai.onnx", "qonnx.custom_op.general",
-                                                                 "onnx.brevitas", "finn.custom_op.general",
-                                                                 "com.microsoft"):
-            return False, f"node {n.name or n.op_type} ({n.op_type}) is not known to keep samples apart"
-        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        if n.op_type == "Transpose" and list(a.get("perm", [1]))[:1] != [0]:
-            return False, f"Transpose {n.name} moves the batch axis"
-        if n.op_type in ("Concat", "Softmax", "LogSoftmax", "Flatten") and int(a.get("axis", 1)) <= 0:
-            return False, f"{n.op_type} {n.name} acts on axis {a.get('axis')}"
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and int(a.get("axis", 1)) <= 0 and not all(
-                t in inits and len(inits[t].dims) == 0 for t in ins[1:]):
-            return False, f"{n.op_type} {n.name} has a per-axis scale on axis {a.get('axis')}"
-        layout = a.get("data_layout", b"")
-        if n.op_type == "MultiThreshold" and (layout.decode() if isinstance(layout, bytes) else str(layout))[:1] == "C":
-            return False, f"MultiThreshold {n.name} thresholds the batch axis"
-        if n.op_type == "TopK" and int(a.get("axis", -1)) not in [-1] + list(range(1, 16)):
-            return False, f"TopK {n.name} acts on axis {a.get('axis')}"
-        if n.op_type in ("Gemm", "MatMul") and (carried[1:] != [False] * (len(carried) - 1)
-                                                 or int(a.get("transA", 0))):
-            return False, f"{n.op_type} {n.name} mixes the batch axis"
-        if n.op_type == "Reshape":
-            if carried[1] or ins[1] not in inits or int(numpy_helper.to_array(inits[ins[1]])[0]) not in (0, 1, -1):
-                return False, f"Reshape {n.name} has a shape that is not a constant starting with the batch"
-        if n.op_type in _ELEMENTWISE:
-            shape = shapes(ins[carried.index(True)]) if shapes is not None else None
-            for t, c in zip(ins, carried):
-                if c or t not in inits or len(inits[t].dims) < 2 or inits[t].dims[0] == 1:
-                    continue
-                if shape is None or len(inits[t].dims) >= len(shape):
-                    return False, f"{n.op_type} {n.name} broadcasts a constant along the batch axis"
-        batch.update(o for o in n.output if o)
-    missing = [o.name for o in proto.graph.output if o.name not in batch]
-    if missing:
-        return False, f"output(s) {missing} do not carry the batch"
-    return True, ""
-
-
-def _carriers(proto) -> set:
-    """Names of the tensors that carry the batch axis: the non-constant graph inputs and every
-    output of a node reading one."""
-    inits = {i.name for i in proto.graph.initializer}
-    batch = {i.name for i in proto.graph.input if i.name not in inits}
-    for node in proto.graph.node:
-        if any(t in batch for t in node.input if t):
-            batch.update(o for o in node.output if o)
-    return batch
-
-
-def _batched_proto(proto, n: int):
-    """A copy of the shape-inferred ``proto`` whose batch-carrying tensors (:func:`_carriers`:
-    graph inputs/outputs and value_info) and batch-carrying constant Reshape shapes have batch
-    ``n``; the other shapes are kept, so the copy needs no second shape inference."""
-    import onnx
-    from onnx import numpy_helper
-    q = onnx.ModelProto()
-    q.CopyFrom(proto)
-    carriers = _carriers(q)
-    inits = {i.name: i for i in q.graph.initializer}
-    for t in list(q.graph.input) + list(q.graph.output) + list(q.graph.value_info):
-        if t.name in carriers and t.type.tensor_type.shape.dim:
-            t.type.tensor_type.shape.dim[0].dim_value = n
-    for k, node in enumerate(q.graph.node):
-        if node.op_type == "Reshape" and node.input[1] in inits and node.input[0] in carriers:
-            shape = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).copy()
-            if shape[0] in (0, 1):
-                shape[0] = n
-                name = f"{node.input[1]}__batch{k}"
-                q.graph.initializer.append(numpy_helper.from_array(shape, name))
-                node.input[1] = name
-    return q
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal, or (float results) within ``FLOAT_RTOL`` of the larger magnitude: onnxruntime may
-    pick another kernel for a batch, which reorders float sums."""
-    if a.shape != b.shape:
-        return False
-    if np.array_equal(a, b, equal_nan=True):
-        return True
-    tol = FLOAT_RTOL * max(1.0, float(np.max(np.abs(b), initial=0.0)))
-    return bool(np.all(np.abs(a.astype(np.float64) - b.astype(np.float64)) <= tol))
-
-
-def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, str]:
-    """Run a QONNX/ONNX model (path, bytes or ModelProto) with qonnx's ``execute_onnx``.
-
-    Args:
-        inputs: ``{graph input: (n, *source shape) array}``.
-        double: run a float64 copy instead (:func:`qdeploy.source_run.to_double`, executed by
-            :func:`qdeploy.source_run.execute_double`); inputs are cast to float64.
-    Returns:
-        ``({graph output: (n, ...) array}, mode)``; ``mode`` is ``"batched"`` (the model was shown to
-        keep samples apart by :func:`batch_plan` and sample 0 run alone agreed) or
-        ``"per-sample: <why>"``.
-    Raises:
-        whatever the executor raises (the caller reports it).
-    """
-    import onnx
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-    from qonnx.transformation.infer_shapes import InferShapes
-
-    from .source_run import execute_double, to_double
-
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
-    outs = [o.name for o in proto.graph.output]
-    n = next(iter(inputs.values())).shape[0]
-    conv = to_double if double else (lambda p: p)
-    run = execute_double if double else execute_onnx
-    if double:
-        inputs = {k: np.asarray(v, dtype=np.float64) for k, v in inputs.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        single = ModelWrapper(conv(_batched_proto(proto, 1))).transform(InferShapes())  # a symbolic batch dim -> 1
-
-        def one(i):
-            r = run(single, {k: v[i:i + 1] for k, v in inputs.items()})
-            return {o: np.asarray(r[o]) for o in outs}
-
-        ok, why = batch_plan(proto, single.get_tensor_shape) if n > 1 else (False, "one sample")
-        if ok:
-            m = ModelWrapper(_batched_proto(single.model, n))  # shapes of the single run, batch n
-            r = run(m, dict(inputs))
-            res = {o: np.asarray(r[o]) for o in outs}
-            first = one(0)
-            if all(res[o].shape[0] == n and _same(res[o][:1], first[o]) for o in outs):
-                return res, "batched"
-            why = "the batched run disagreed with sample 0 run alone"
-        per = [one(i) for i in range(n)]
-        return {o: np.concatenate([p[o] for p in per]) for o in outs}, f"per-sample: {why}"
+    return out, rounded, by_default
 
 
 def _our_outputs(graph: Graph, ref: dict, source: dict):
@@ -408,7 +256,7 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
         return {"checked": False, "reason": f"source of type {type(model).__name__} is not run (only QONNX/ONNX "
                                             f"models and torch/Brevitas modules are)"}
     t0 = time.perf_counter()
-    inputs, rounded = source_inputs(graph_src, graph, feeds_ir, user)
+    inputs, rounded, by_default = source_inputs(graph_src, graph, feeds_ir, user)
     try:
         outs, mode, src = _run_source(model, graph_src, inputs, False)
     except Exception as e:  # the source executor, not the compile, failed: say so, do not hide it
@@ -432,6 +280,9 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
         except Exception as e:
             why = str(e) if isinstance(e, SourceRunError) else " ".join(f"{type(e).__name__}: {e}".split())[:300]
             cls = f"not classified: the float64 re-evaluation of the source failed ({why})"
+    if by_default:
+        res["inputs_rounded_by_default"] = by_default
+        res["default_input_types"] = dict(graph.meta.get("default_input_types") or {})
     res.update({"checked": True, "source": src, "mode": mode, "inputs_rounded": rounded, "classification": cls,
                 "time_s": time.perf_counter() - t0})
     if not res["ok"]:
@@ -440,11 +291,19 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
 
 
 def _failure_note(res: dict) -> str:
-    """Why a fidelity result fails: real mismatches, or differences that could not be classified."""
+    """Why a fidelity result fails: real mismatches, or differences that could not be classified;
+    with the input type the artifact guessed when it rounded golden inputs."""
     if res.get("unclassified"):
-        return f"{res['unclassified']} differing value(s) {res['classification']}, so every difference fails"
-    return (f"{res['real_mismatches']} value(s) in {res['real_mismatch_samples']} sample(s) differ from the source and "
-            f"its float64 re-evaluation too (real mismatches, not float32 rounding)")
+        s = f"{res['unclassified']} differing value(s) {res['classification']}, so every difference fails"
+    else:
+        s = (f"{res['real_mismatches']} value(s) in {res['real_mismatch_samples']} sample(s) differ from the source "
+             f"and its float64 re-evaluation too (real mismatches, not float32 rounding)")
+    if res.get("inputs_rounded_by_default"):
+        types = ", ".join(f"{k}: {v}" for k, v in res.get("default_input_types", {}).items())
+        s += (f"; the artifact rounds {res['inputs_rounded_by_default']} golden input value(s) to a default input type "
+              f"({types}; the model has no input quantizer and no input_type was given): set input_type in the config "
+              f"(or --input-type) to the precision your inputs have, or accept with --allow-inexact")
+    return s
 
 
 def tie_sentence(fid: dict) -> str:
@@ -472,6 +331,9 @@ def fidelity_sentence(fid: dict) -> str:
     s += f" [{fid['source']}, {fid['time_s']:.2f} s]"
     if fid.get("inputs_rounded"):
         s += f"; {fid['inputs_rounded']} golden input value(s) rounded to the artifact's input type first"
+    if fid.get("inputs_rounded_by_default") and fid["ok"]:  # (a failure note says it, with the remedy)
+        s += (f"; the artifact rounds {fid['inputs_rounded_by_default']} golden input value(s) to its default input "
+              f"type (the source sees them unrounded)")
     ties = tie_sentence(fid)
     if fid["ok"] and not ties:
         return s + ": matches the source"

@@ -15,6 +15,13 @@ def round_half_up(q: Fraction) -> int:
     return math.floor(q + Fraction(1, 2))
 
 
+def round_half_even(q: Fraction) -> int:
+    """QONNX ``ROUND`` / NumPy ``round``: ties to the even neighbour."""
+    fl = math.floor(q)
+    rem = q - fl
+    return fl + (1 if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and fl % 2) else 0)
+
+
 def requant(x: int, m: Fraction, b: Fraction, zp: int, omin: int, omax: int, rnd=round_half_up) -> int:
     """clamp(rnd(x * m + b) + zp, omin, omax) for one integer code ``x``."""
     return min(max(rnd(x * m + b) + zp, omin), omax)
@@ -44,15 +51,16 @@ def channel_thresholds(lo: int, hi: int, fn, T: int, omin: int, omax: int):
     return [lo] * below + th + [hi + 1] * (T - len(th) - below), v0 - s * below, s
 
 
-def requant_params(lo: int, hi: int, channels, out_t, in_frac: int, T: int | None = None):
+def requant_params(lo: int, hi: int, channels, out_t, in_frac: int, T: int | None = None, rnd=round_half_up):
     """MultiThreshold params (``thresholds``, ``base``, ``sign`` Consts) for per-channel
     requantizers ``channels = [(m, b, zp), ...]`` (``m``, ``b`` Fractions in output codes per input
-    code) on input codes ``[lo, hi]`` with ``in_frac`` fraction bits, into ``out_t``."""
+    code) on input codes ``[lo, hi]`` with ``in_frac`` fraction bits, into ``out_t``, rounding with
+    ``rnd`` (half up by default)."""
     T = T if T is not None else out_t.max_code - out_t.min_code
     rows, base, sign = [], [], []
     for m, b, zp in channels:
         row, b0, s = channel_thresholds(lo, hi, lambda x, m=m, b=b, zp=zp: requant(x, m, b, zp, out_t.min_code,
-                                                                                  out_t.max_code),
+                                                                                  out_t.max_code, rnd),
                                         T, out_t.min_code, out_t.max_code)
         rows.append(row)
         base.append(b0)

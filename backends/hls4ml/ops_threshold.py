@@ -10,7 +10,7 @@ and proof as the ``requant_shift`` pass), i.e. as the pass's ``Affine`` + ``Quan
   and sums do not round) into the exact accumulator type ``x * K + R`` (``S + F_out`` fraction
   bits), with ``scale = K * 2**(F_in - S - F_out)`` and ``bias = R * 2**-(S + F_out)``;
 * ``nnet_activation.h`` ``linear``: ``res = (res_T)x`` into the output type with ``AP_TRN`` (the
-  floor of ``acc / 2**S``) and ``AP_SAT`` (the clamp).
+  floor of ``acc / 2**S``; ``AP_RND_CONV`` for a half-to-even form) and ``AP_SAT`` (the clamp).
 
 Layer constants travel as float64 (``scale_data``/``bias_data``, printed in decimal into the
 weight headers), exact up to 53 bits: the form is searched with that cap.  A node without a form
@@ -23,7 +23,7 @@ import math
 from ...compiler.errors import UnsupportedError
 from ...compiler.ir.graph import Node
 from ...compiler.ir.shiftform import affine_constants, clamp_type, node_shift_form
-from ...compiler.ir.types import fixed_for_range
+from ...compiler.ir.types import FixedType, fixed_for_range
 from .ops import chained, hls4ml_op
 from .resources import Cost, t_add, width
 
@@ -54,8 +54,11 @@ def _multi_threshold(tr, n: Node):
     c = x.shape[-1] if x.shape else 1
     scale, bias = affine_constants(f, xt, c)
     acc_t = fixed_for_range(*f.acc_range(), f.S + f.out.frac_bits)
+    if f.rounding != "TRN" and acc_t.width < f.S + 2:
+        # ap_fixed rounding reads the bit below the new LSB: it must lie inside the type (sign-extend)
+        acc_t = FixedType(f.S + 2, f.S + 2 - acc_t.frac_bits, True)
     mid = tr.bn_layer(n, x.size, c, scale.real(), bias.real(), scale.dtype.hls(), bias.dtype.hls(), acc_t,
                       tr.src(n.inputs[0]), None, base=f"{n.name}_mul")
     tr.bind(n.output, tr.layer(n, {"class_name": "Activation", "activation": "linear"},
-                               {"result": clamp_type(n.attrs["to"]).hls()}, [mid]))
+                               {"result": clamp_type(n.attrs["to"], f.rounding).hls()}, [mid]))
     tr.note(f"MultiThreshold '{n.name}' as multiply-and-shift: {f.k_bits}-bit multipliers, shift {f.S}")

@@ -4,6 +4,10 @@ A :class:`ShiftForm` is, per channel ``c`` (last axis), the map of input codes `
 
     ``g_c(x) = clamp(floor((x * K[c] + R[c]) / 2**S), out.min_code, out.max_code)``
 
+or the same with round-half-to-even instead of the floor (tried when no floor form exists: an
+exactly dyadic requantizer whose ties round to even has steps of alternating widths, which no
+floor form has; ``tau(j)`` below is then the smallest accumulator that rounds to ``j`` or more).
+
 with integers ``K[c]`` (multiplier), ``R[c]`` (offset) and one shift ``S`` shared by every channel.
 :func:`find_shift_form` looks for one that equals a MultiThreshold ``f_c(x) = base[c] + sign[c] *
 #{k : x >= t[c, k]}`` for EVERY code ``x`` in the input range ``[lo, hi]``; :func:`prove` is the
@@ -25,6 +29,8 @@ steps ``u_1 <= ... <= u_m`` in ``(lo, hi]`` (level ``v0 + i`` starts at ``u_i``)
 * the start value is right: ``R <= (v0+1) P - lo K - 1``, and ``R >= v0 P - lo K`` unless
   ``v0 == omin`` (the clamp lifts anything below);
 * no step beyond the last: ``R <= (v1+1) P - hi K - 1`` unless ``v1 = v0 + m == omax``.
+
+(for round half to even, ``j P`` becomes ``tau(j)`` throughout).
 
 So for a given ``(S, K)`` the feasible offsets are one integer interval ``[max L_i(K), min
 U_i(K)]`` whose bounds are affine in ``K``; ``psi(K) = max L_i(K) - min U_i(K)`` is convex, its
@@ -57,7 +63,8 @@ _BIG = 1 << 62
 
 @dataclass(frozen=True)
 class ShiftForm:
-    """``clamp(floor((x * K[c] + R[c]) / 2**S), out)`` per channel ``c`` (last axis).
+    """``clamp(rnd((x * K[c] + R[c]) / 2**S), out)`` per channel ``c`` (last axis), ``rnd`` the
+    floor (``rounding="TRN"``) or round-half-to-even (``"RND_CONV"``).
 
     Attributes:
         K: per-channel integer multipliers (length C; negative for non-increasing channels,
@@ -67,6 +74,7 @@ class ShiftForm:
         out: the clamp range, as the fixed-point type whose ``min_code``/``max_code`` bound the
             result (its codes are the MultiThreshold's output codes).
         lo, hi: the input code range the form was proved equal on.
+        rounding: ``"TRN"`` (floor) or ``"RND_CONV"`` (half to even): the ``Quantize`` mode.
     """
 
     K: tuple
@@ -75,6 +83,7 @@ class ShiftForm:
     out: FixedType
     lo: int
     hi: int
+    rounding: str = "TRN"
 
     @property
     def k_bits(self) -> int:
@@ -99,8 +108,35 @@ class ShiftForm:
         if self.acc_bits() > MAX_WIDTH:
             raise ValueError(f"accumulator of {self.acc_bits()} bits does not fit int64 arithmetic")
         x = np.asarray(x, dtype=np.int64)
-        y = np.right_shift(x * np.asarray(self.K, np.int64) + np.asarray(self.R, np.int64), self.S)
+        a = x * np.asarray(self.K, np.int64) + np.asarray(self.R, np.int64)
+        y = np.right_shift(a, self.S)
+        if self.rounding == "RND_CONV" and self.S > 0:
+            rem = a - np.left_shift(y, self.S)
+            half = np.int64(1) << np.int64(self.S - 1)
+            y = y + ((rem > half) | ((rem == half) & ((y & 1) == 1)))
         return np.clip(y, self.out.min_code, self.out.max_code)
+
+
+#: Rounding modes a form may use (the ``Quantize`` after the ``Affine``).
+ROUNDINGS = ("TRN", "RND_CONV")
+
+
+def tau(level, S: int, rounding: str):
+    """The smallest accumulator ``a`` with ``rnd(a / 2**S) >= level`` (ints or int64 arrays):
+    ``level * 2**S`` for the floor; for half-to-even ``level * 2**S - 2**(S-1)`` plus one when
+    ``level`` is odd (the tie ``level - 1/2`` rounds up to ``level`` only when it is even)."""
+    if rounding == "TRN" or S == 0:
+        return level << S
+    return (level << S) - (1 << (S - 1)) + (level & 1)
+
+
+def _rnd(a: int, S: int, rounding: str) -> int:
+    """``rnd(a / 2**S)`` of a Python int."""
+    q = a >> S
+    if rounding == "RND_CONV" and S > 0:
+        rem, half = a - (q << S), 1 << (S - 1)
+        q += 1 if rem > half or (rem == half and q & 1) else 0
+    return q
 
 
 # ----------------------------------------------------------------------------- channel data
@@ -138,21 +174,19 @@ def channel_steps(thresholds: np.ndarray, base: np.ndarray, sign: np.ndarray, ch
     return out
 
 
-def _form_steps(k: int, r: int, S: int, out: FixedType, lo: int, hi: int, limit: int):
-    """(value at lo, direction, step list) of ``clamp(floor((x*k + r) / 2**S))`` on ``[lo, hi]``,
+def _form_steps(k: int, r: int, S: int, out: FixedType, lo: int, hi: int, limit: int, rounding: str = "TRN"):
+    """(value at lo, direction, step list) of ``clamp(rnd((x*k + r) / 2**S))`` on ``[lo, hi]``,
     exact in Python ints; ``None`` when it has more than ``limit`` steps there."""
-    P = 1 << S
-
     def g(x):
-        return min(max((x * k + r) >> S, out.min_code), out.max_code)
+        return min(max(_rnd(x * k + r, S, rounding), out.min_code), out.max_code)
 
     v0, v1 = g(lo), g(hi)
     if abs(v1 - v0) > limit:
         return None
-    if v1 > v0:  # k > 0: step to level j at ceil((j P - r) / k)
-        return v0, 1, tuple(max(lo, -((r - j * P) // k)) for j in range(v0 + 1, v1 + 1))
-    if v1 < v0:  # k < 0: step down to level j at floor((r - (j+1) P) / -k) + 1
-        return v0, -1, tuple(max(lo, (r - (j + 1) * P) // (-k) + 1) for j in range(v0 - 1, v1 - 1, -1))
+    if v1 > v0:  # k > 0: step up to level j at ceil((tau(j) - r) / k)
+        return v0, 1, tuple(max(lo, -((r - tau(j, S, rounding)) // k)) for j in range(v0 + 1, v1 + 1))
+    if v1 < v0:  # k < 0: step down to level j (g <= j, i.e. not g >= j+1) at floor((r - tau(j+1)) / -k) + 1
+        return v0, -1, tuple(max(lo, (r - tau(j + 1, S, rounding)) // (-k) + 1) for j in range(v0 - 1, v1 - 1, -1))
     return v0, 0, ()
 
 
@@ -168,7 +202,7 @@ def prove(form: ShiftForm, thresholds, base, sign) -> str | None:
     """
     chans = channel_steps(thresholds, base, sign, len(form.K), form.lo, form.hi)
     for c, (ch, k, r) in enumerate(zip(chans, form.K, form.R)):
-        got = _form_steps(int(k), int(r), form.S, form.out, form.lo, form.hi, len(ch.steps))
+        got = _form_steps(int(k), int(r), form.S, form.out, form.lo, form.hi, len(ch.steps), form.rounding)
         if got is None:
             return f"channel {c}: the form has more steps than the thresholds"
         v0, d, steps = got
@@ -180,6 +214,24 @@ def prove(form: ShiftForm, thresholds, base, sign) -> str | None:
 
 
 # ----------------------------------------------------------------------------- search
+def _hull(pts: list, upper: bool) -> list:
+    """The upper (``upper``) or lower convex hull of points ``(x, y)`` sorted by ``x`` then ``y``
+    (Andrew's monotone chain, exact in Python ints).  ``max_i (y_i P - x_i K)`` over the points,
+    for any ``P, K > 0``, is attained on the upper hull (``min``: the lower hull), so the step
+    bounds of the other points never bind and are dropped (T thresholds -> a few vertices)."""
+    out: list = []
+    for p in pts:
+        while len(out) >= 2:
+            (ox, oy), (ax, ay) = out[-2], out[-1]
+            cross = (ax - ox) * (p[1] - oy) - (ay - oy) * (p[0] - ox)
+            if (cross >= 0) if upper else (cross <= 0):
+                out.pop()
+            else:
+                break
+        out.append(p)
+    return out
+
+
 def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
     """Padded arrays of the bounds ``L_i(K) = lvl_i * 2**S + a_i - b_i K`` (lower) and
     ``U_i(K) = lvl_i * 2**S + a_i - b_i K`` (upper) of the non-constant channels, each
@@ -192,8 +244,8 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
             v0, cmin, cmax = -ch.v0, -omax, -omin
         m = len(ch.steps)
         v1 = v0 + m
-        L = [(v0 + i + 1, 0, u) for i, u in enumerate(ch.steps)]
-        U = [(v0 + i + 1, -1, u - 1) for i, u in enumerate(ch.steps)]
+        L = [(lvl, 0, u) for u, lvl in _hull([(u, v0 + i + 1) for i, u in enumerate(ch.steps)], upper=True)]
+        U = [(lvl, -1, u) for u, lvl in _hull([(u - 1, v0 + i + 1) for i, u in enumerate(ch.steps)], upper=False)]
         if v0 > cmin:
             L.append((v0, 0, lo))
         U.append((v0 + 1, -1, lo))
@@ -215,20 +267,20 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
     return pad(rows_l, -_BIG), pad(rows_u, _BIG)
 
 
-def _psi(S: int, K: np.ndarray, cl, cu):
+def _psi(S: int, K: np.ndarray, cl, cu, rounding: str = "TRN"):
     """``max_i L_i(K) - min_i U_i(K)`` and the two bounds, per channel (``K``: ``[C', 1]``)."""
     lvl, a, b = cl
-    L = np.where(a == -_BIG, -_BIG, (lvl << S) + a - b * K).max(axis=1)
+    L = np.where(a == -_BIG, -_BIG, tau(lvl, S, rounding) + a - b * K).max(axis=1)
     lvl, a, b = cu
-    U = np.where(a == _BIG, _BIG, (lvl << S) + a - b * K).min(axis=1)
+    U = np.where(a == _BIG, _BIG, tau(lvl, S, rounding) + a - b * K).min(axis=1)
     return L - U, L, U
 
 
-def _brackets(S: int, chans, kmax: int):
+def _brackets(S: int, chans, kmax: int, rounding: str = "TRN"):
     """Per channel a necessary range ``[a, b]`` of ``K`` at shift ``S``: the first and last steps
-    ``u_1``, ``u_m`` (``m >= 2``, ``d = u_m - u_1``) force ``(m-1) 2**S + 1 <= (d+1) K`` and, for
-    ``d >= 2``, ``(d-1) K <= (m-1) 2**S - 1`` (their two step intervals must meet).  Clipped to
-    ``[1, kmax]``; ``a > b`` means no ``K`` at this shift."""
+    ``u_1``, ``u_m`` (``m >= 2``, ``d = u_m - u_1``, ``n = tau(v0+m) - tau(v0+1)``, about
+    ``(m-1) 2**S``) force ``n + 1 <= (d+1) K`` and, for ``d >= 2``, ``(d-1) K <= n - 1`` (their
+    two step intervals must meet).  Clipped to ``[1, kmax]``; ``a > b``: no ``K`` at this shift."""
     a = np.ones(len(chans), np.int64)
     b = np.full(len(chans), kmax, np.int64)
     for i, ch in enumerate(chans):
@@ -236,14 +288,15 @@ def _brackets(S: int, chans, kmax: int):
         if m < 2:
             continue
         d = ch.steps[-1] - ch.steps[0]
-        n = (m - 1) << S
+        v0 = ch.v0 if ch.sign > 0 else -ch.v0
+        n = tau(v0 + m, S, rounding) - tau(v0 + 1, S, rounding)
         a[i] = min(max(1, -(-(n + 1) // (d + 1))), kmax + 1)
         if d >= 2:
             b[i] = min(kmax, (n - 1) // (d - 1))
     return a, b
 
 
-def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray):
+def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray, rounding: str = "TRN"):
     """Smallest feasible ``K`` in ``[a, b]`` per channel at shift ``S`` (0 where none) and its
     offset interval ``[L, U]``."""
     n = cl[0].shape[0]
@@ -256,16 +309,16 @@ def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray):
             break
         third = (b - a) // 3
         m1, m2 = a + third, b - third
-        p1 = _psi(S, m1[:, None], cl, cu)[0]
-        p2 = _psi(S, m2[:, None], cl, cu)[0]
+        p1 = _psi(S, m1[:, None], cl, cu, rounding)[0]
+        p2 = _psi(S, m2[:, None], cl, cu, rounding)[0]
         na = np.where(p1 > p2, m1 + 1, np.where(p1 == p2, m1, a))
         nb = np.where(p1 < p2, m2 - 1, np.where(p1 == p2, m2, b))
         a, b = np.where(wide, na, a), np.where(wide, nb, b)
     best = a.copy()
-    bestp = _psi(S, a[:, None], cl, cu)[0]
+    bestp = _psi(S, a[:, None], cl, cu, rounding)[0]
     for off in (1, 2):
         k = np.minimum(a + off, b)
-        p = _psi(S, k[:, None], cl, cu)[0]
+        p = _psi(S, k[:, None], cl, cu, rounding)[0]
         better = p < bestp
         best, bestp = np.where(better, k, best), np.where(better, p, bestp)
     ok = ok0 & (bestp <= 0)
@@ -276,11 +329,11 @@ def _solve(S: int, cl, cu, a: np.ndarray, b: np.ndarray):
         if not open_.any():
             break
         mid = (lo_k + hi_k) // 2
-        feas = _psi(S, mid[:, None], cl, cu)[0] <= 0
+        feas = _psi(S, mid[:, None], cl, cu, rounding)[0] <= 0
         hi_k = np.where(open_ & feas, mid, hi_k)
         lo_k = np.where(open_ & ~feas, mid + 1, lo_k)
     K = np.where(ok, hi_k, 0)
-    _, L, U = _psi(S, np.maximum(K, 1)[:, None], cl, cu)
+    _, L, U = _psi(S, np.maximum(K, 1)[:, None], cl, cu, rounding)
     return ok, K, L, U
 
 
@@ -321,11 +374,25 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         if min(vs) < out.min_code or max(vs) > out.max_code:
             return SearchResult(None, f"channel {c}: output codes {min(vs)}..{max(vs)} outside the clamp range "
                                       f"of {out}")
-    moving = [c for c, ch in enumerate(chans) if ch.steps]
     amax = max(abs(lo), abs(hi), 1)
     levels = max(abs(out.min_code), abs(out.max_code)) + 2
     s_max = max(0, min(max_width, (_LIM // levels).bit_length() - 1))
     kmax = max(1, min(_LIM // amax, (1 << max_const_bits) - 1))
+    reasons = []
+    for rounding in ROUNDINGS:  # the floor first (no rounding adder), then half to even
+        res = _search(chans, thresholds, base, sign, lo, hi, out, s_max, kmax, max_width, max_const_bits, rounding)
+        if res.form is not None:
+            return res
+        reasons.append(res.reason)
+    return SearchResult(None, f"{reasons[0]}; with round-half-to-even: {reasons[1]}" if reasons[1] != reasons[0]
+                        else reasons[0])
+
+
+def _search(chans, thresholds, base, sign, lo, hi, out, s_max, kmax, max_width, max_const_bits,
+            rounding) -> SearchResult:
+    """:func:`find_shift_form` for one rounding mode."""
+    channels = len(chans)
+    moving = [c for c, ch in enumerate(chans) if ch.steps]
     K, R, S = [0] * channels, [0] * channels, 0
     if moving:
         sub = [chans[c] for c in moving]
@@ -333,12 +400,12 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         found, bad = None, moving[0]
         ever = np.zeros(len(moving), bool)  # channels feasible at some shift tried
         for S in range(s_max + 1):  # smallest shift first (a form at S gives one at S+1 while 2K fits)
-            a, b = _brackets(S, sub, kmax)
+            a, b = _brackets(S, sub, kmax, rounding)
             if (a > kmax).any():  # the lower bound only grows with S
                 if ever.all():
                     bad = moving[int(np.argmax(a > kmax))]
                 break
-            ok, kk, L, U = _solve(S, cl, cu, a, b)
+            ok, kk, L, U = _solve(S, cl, cu, a, b, rounding)
             if ok.all():
                 found = S
                 break
@@ -350,16 +417,16 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
                                       f"bits and a multiplier below 2**{kmax.bit_length()}")
         for i, c in enumerate(moving):
             k, r = int(kk[i]), min(max(0, int(L[i])), int(U[i]))
-            if chans[c].sign < 0:
-                k, r = -k, (1 << S) - 1 - r
+            if chans[c].sign < 0:  # mirrored: -floor(a / P) = floor((-a + P - 1) / P); -rne(a / P) = rne(-a / P)
+                k, r = -k, ((1 << S) - 1 - r if rounding == "TRN" else -r)
             K[c], R[c] = k, r
     for c, ch in enumerate(chans):
-        if not ch.steps:  # constant on [lo, hi]: K = 0, floor(R / 2**S) == v0 (or clamps to it)
-            v, P = ch.v0, 1 << S
-            lo_r = v * P if v > out.min_code else -_BIG
-            hi_r = (v + 1) * P - 1 if v < out.max_code else _BIG
+        if not ch.steps:  # constant on [lo, hi]: K = 0, rnd(R / 2**S) == v0 (or clamps to it)
+            v = ch.v0
+            lo_r = tau(v, S, rounding) if v > out.min_code else -_BIG
+            hi_r = tau(v + 1, S, rounding) - 1 if v < out.max_code else _BIG
             R[c] = min(max(0, lo_r), hi_r)
-    form = ShiftForm(tuple(K), tuple(R), S, out, lo, hi)
+    form = ShiftForm(tuple(K), tuple(R), S, out, lo, hi, rounding)
     if form.acc_bits() > max_width:
         return SearchResult(None, f"the form needs a {form.acc_bits()}-bit accumulator (shift {S}), more than "
                                   f"{max_width}")
@@ -374,12 +441,12 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
 
 
 # ----------------------------------------------------------------------------- IR helpers
-def clamp_type(to: FixedType) -> FixedType:
-    """The ``Quantize`` type of a form into MultiThreshold output type ``to``: ``to`` with TRN
-    rounding (the floor of the form) and SAT saturation (its clamp; ``SAT_SYM`` kept, which
-    clamps to the symmetric range).  Same width, binary point and signedness as ``to``, so
-    every output code of the op is one of its codes."""
-    return to.with_modes("TRN", "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT")
+def clamp_type(to: FixedType, rounding: str = "TRN") -> FixedType:
+    """The ``Quantize`` type of a form into MultiThreshold output type ``to``: ``to`` with the
+    form's ``rounding`` (TRN: the floor; RND_CONV: half to even) and SAT saturation (its clamp;
+    ``SAT_SYM`` kept, which clamps to the symmetric range).  Same width, binary point and
+    signedness as ``to``, so every output code of the op is one of its codes."""
+    return to.with_modes(rounding, "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT")
 
 
 def node_shift_form(node, in_type: FixedType, max_width: int = MAX_WIDTH,

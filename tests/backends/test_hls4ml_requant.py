@@ -42,10 +42,32 @@ def test_input_quantizer_thresholds_run_on_the_host_other_thresholds_on_the_devi
     assert [n.name for n in partition(b.build()).device.nodes] == ["mt"]
 
 
-def test_brevitas_default_scales_mlp_is_exact_on_hls4ml(tmp_path):
+def _export(module, shape, path):
+    """Calibrate ``module``'s activation scales on random data (training mode), export it to QONNX."""
     import torch
-    import brevitas.nn as qnn
     from brevitas.export import export_qonnx
+
+    module.train()
+    with torch.no_grad():
+        for _ in range(3):
+            module(torch.randn(32, *shape))
+    module.eval()
+    export_qonnx(module, torch.randn(1, *shape), str(path))
+    return path
+
+
+def _check(rep):
+    assert rep["exactness"]["bit_exact"] and rep["exactness"]["mismatches"] == 0
+    assert rep["fidelity"]["checked"] and rep["fidelity"]["ok"] and rep["fidelity"]["real_mismatches"] == 0
+    notes = [n for p in rep["passes"] if p["name"] == "requant_shift" for n in p["notes"]]
+    m = re.match(r"requant_shift: (\d+) of (\d+) MultiThreshold nodes became multiply-and-shift", notes[0])
+    assert m and int(m.group(1)) >= 1  # the hidden layers' requantizers (the input one may stay on the host)
+    return int(m.group(1))
+
+
+def test_brevitas_default_scales_mlp_is_exact_on_hls4ml(tmp_path):
+    import brevitas.nn as qnn
+    import torch
 
     torch.manual_seed(0)
 
@@ -60,18 +82,31 @@ def test_brevitas_default_scales_mlp_is_exact_on_hls4ml(tmp_path):
         def forward(self, x):
             return self.fc2(self.r1(self.fc1(self.inp(x))))
 
-    m = M()
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):  # calibrate the activation scales (non-power-of-two floats)
-            m(torch.randn(64, 16))
-    m.eval()
-    path = tmp_path / "mlp.onnx"
-    export_qonnx(m, torch.randn(1, 16), str(path))
-    res = qdeploy.compile(str(path), "hls4ml", tmp_path / "out")
-    rep = res.report
-    assert rep["exactness"]["bit_exact"] and rep["exactness"]["mismatches"] == 0
-    assert rep["fidelity"]["ok"] and rep["fidelity"]["real_mismatches"] == 0 and rep["fidelity"]["checked"]
-    notes = [n for p in rep["passes"] if p["name"] == "requant_shift" for n in p["notes"]]
-    m = re.match(r"requant_shift: (\d+) of (\d+) MultiThreshold nodes became multiply-and-shift", notes[0])
-    assert m and int(m.group(1)) >= 1  # the hidden layer's requantizer (the input one may stay on the host)
+    path = _export(M(), (16,), tmp_path / "mlp.onnx")
+    _check(qdeploy.compile(str(path), "hls4ml", tmp_path / "out").report)
+
+
+def test_brevitas_default_scales_cnn_with_batchnorm_is_exact_on_hls4ml_io_stream(tmp_path):
+    """Conv + float bias + BatchNorm + ReLU requantizers, default float scales, io_stream."""
+    import brevitas.nn as qnn
+    import torch
+
+    torch.manual_seed(0)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = qnn.QuantIdentity(return_quant_tensor=True)
+            self.c1 = qnn.QuantConv2d(2, 4, 3, bias=True)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.r1 = qnn.QuantReLU(return_quant_tensor=True)
+            self.c2 = qnn.QuantConv2d(4, 3, 3, bias=False, return_quant_tensor=True)
+            self.r2 = qnn.QuantReLU(return_quant_tensor=True)
+            self.fc = qnn.QuantLinear(3 * 4 * 4, 5, bias=True)
+
+        def forward(self, x):
+            return self.fc(self.r2(self.c2(self.r1(self.bn(self.c1(self.inp(x)))))).flatten(1))
+
+    path = _export(M(), (2, 8, 8), tmp_path / "cnn.onnx")
+    res = qdeploy.compile(str(path), "hls4ml", tmp_path / "out", config={"hls4ml": {"io_type": "io_stream"}})
+    assert _check(res.report) >= 2

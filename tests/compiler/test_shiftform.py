@@ -237,3 +237,47 @@ def test_output_outside_clamp_type_is_refused():
     t = np.array([[0, 1]])
     res = find_shift_form(t, np.array([6]), np.array([1]), 1, -4, 4, parse_type("int<3>").with_modes("TRN", "SAT"))
     assert res.form is None and "outside the clamp range" in res.reason
+
+
+def test_dyadic_requantizer_with_ties_gets_a_round_half_even_form():
+    """m = 3/32, b = 1/4 (a power-of-two requantizer): x*m + b hits exact .5 ties, which round half
+    to even alternate up and down, so the step widths alternate and no floor form exists; the
+    half-to-even form does (and the proof checks it on every code).  The zero point must be added
+    before rounding (QONNX Quant) or be even."""
+    lo, hi = -2000, 2000
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    chans = [(Fraction(3, 32), Fraction(1, 4), 0), (Fraction(-5, 64), Fraction(0), 4), (Fraction(0), Fraction(1, 2), 0)]
+    tables = [requant_table(lo, hi, m, b, zp, -128, 127, rnd=_round_half_even) for m, b, zp in chans]
+    t, base, sign = thresholds_from_table(tables, lo, 255, -128, 127)
+    x0 = np.arange(lo, hi + 1)
+    assert any((x * Fraction(3, 32) + Fraction(1, 4)).denominator == 2 for x in range(lo, hi + 1))  # real ties
+    res = find_shift_form(t, base, sign, 3, lo, hi, out_t)
+    assert res.form is not None, res.reason
+    f = res.form
+    assert f.rounding == "RND_CONV" and f.K[2] == 0 and f.K[1] < 0
+    x = np.repeat(x0[:, None], 3, axis=1)
+    assert np.array_equal(f.apply(x), np.array(tables).T)
+    # an odd zero point added AFTER rounding (ONNX QuantizeLinear) sends ties to odd: no form
+    odd = [requant_table(lo, hi, Fraction(-5, 64), Fraction(0), 3, -128, 127, rnd=_round_half_even)]
+    to, bo, so = thresholds_from_table(odd, lo, 255, -128, 127)
+    assert find_shift_form(to, bo, so, 1, lo, hi, out_t).form is None
+    # the same thresholds shifted by one code at a single tie are no form of either kind
+    t2 = t.copy()
+    i = int(np.argmax((t2[0] > lo) & (t2[0] < hi)))
+    t2[0, i] -= 1
+    assert find_shift_form(t2, base, sign, 3, lo, hi, out_t).form is None
+
+
+def test_floor_forms_are_preferred_and_prove_checks_the_rounding():
+    """A requantizer without ties gets a floor (TRN) form; the same K, R, S read as half-to-even is
+    a different function there, and prove says so."""
+    lo, hi = -3000, 3000
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    tables = [requant_table(lo, hi, Fraction(1, 37), Fraction(3, 7), 5, -128, 127)]
+    t, base, sign = thresholds_from_table(tables, lo, 255, -128, 127)
+    f = find_shift_form(t, base, sign, 1, lo, hi, out_t).form
+    assert f.rounding == "TRN"
+    g = ShiftForm(f.K, f.R, f.S, f.out, lo, hi, "RND_CONV")
+    x = np.arange(lo, hi + 1)[:, None]
+    assert not np.array_equal(g.apply(x), f.apply(x))
+    assert prove(g, t, base, sign) is not None

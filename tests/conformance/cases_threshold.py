@@ -9,7 +9,7 @@ import numpy as np
 
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
 from qdeploy.passes.requant_shift import requant_shift
-from tests.requant_oracle import requant_params
+from tests.requant_oracle import requant_params, round_half_even
 
 from .conftest import Case, random_codes
 
@@ -94,10 +94,35 @@ def _requant_fractional(b, p, rng):
     return outs + list(g.outputs)
 
 
+#: Power-of-two requantizers rounding half to even, with exact ties (no floor form; a RND_CONV one).
+REQUANT_RNE = [(Fraction(3, 32), Fraction(1, 4), 0), (Fraction(-5, 64), Fraction(0), 4),
+               (Fraction(0), Fraction(1, 2), 0), (Fraction(1, 8), Fraction(-3, 2), -2)]
+
+
+def _requant_rne(b, p, rng):
+    """QONNX ``ROUND`` (half to even) requantizers with power-of-two multipliers: the op, and the
+    pass's Affine + Quantize(RND_CONV) form on a second input."""
+    xt = T("int<11>")
+    to = T("int<7>")
+    prm = requant_params(xt.min_code, xt.max_code, REQUANT_RNE, to, 0, rnd=round_half_even)
+    x = b.input(p + "x", (2, 4), xt)
+    y = b.add(p + "mt", "MultiThreshold", [x], attrs={"to": to}, params=prm)
+    sub = GraphBuilder("sub")
+    xs = sub.input(p + "xs", (2, 4), xt)
+    sub.output(sub.add(p + "mts", "MultiThreshold", [xs], attrs={"to": to}, params=prm))
+    g = requant_shift(sub.build())
+    assert [n.op for n in g.nodes] == ["Affine", "Quantize"] and g.nodes[1].attrs["to"].rounding == "RND_CONV"
+    b.input(xs, (2, 4), xt)
+    for n in g.nodes:
+        b.add_node(n)
+    return [y, *g.outputs]
+
+
 HLS = ("hls4ml",)
 CASES_THRESHOLD = [
     Case("multi_threshold", "MultiThreshold", _multi_threshold, rejects=HLS),
     Case("requant_threshold", "MultiThreshold", _requant_nodes),
     Case("requant_shifted", "Affine", _requant_shifted),
     Case("requant_fractional", "MultiThreshold", _requant_fractional),
+    Case("requant_rne", "MultiThreshold", _requant_rne),
 ]

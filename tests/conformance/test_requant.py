@@ -216,3 +216,22 @@ def test_shared_row_thresholds_through_the_pass():
     want = np.array([requant(int(v), Fraction(-2, 45), Fraction(1, 7), 3, -16, 15) for v in codes[:, 0]])
     got = ref.execute(g2, {"x": codes}, codes=True)["mt"]
     assert np.array_equal(got, np.repeat(want[:, None], 3, axis=1))
+
+
+def test_round_half_even_form_equals_the_op_and_the_rational_oracle_on_every_code():
+    from tests.requant_oracle import round_half_even
+
+    from .cases_threshold import REQUANT_RNE, _requant_rne
+
+    b = GraphBuilder("rne")
+    outs = _requant_rne(b, "", np.random.default_rng(0))
+    b.output(*outs)
+    g = b.build()
+    xt = g.values["x"].dtype
+    codes = np.repeat(np.arange(xt.min_code, xt.max_code + 1)[:, None, None], 2, axis=1).repeat(4, axis=2)
+    got = ref.execute(g, {"x": codes, "xs": codes}, codes=True)
+    assert g.producer(outs[1]).op == "Quantize"
+    assert np.array_equal(got[outs[0]], got[outs[1]])
+    want = np.array([[requant(int(v), m, bb, zp, -64, 63, round_half_even) for (m, bb, zp) in REQUANT_RNE]
+                     for v in codes[:, 0, 0]])
+    assert np.array_equal(got[outs[1]][:, 0, :], want)

@@ -102,8 +102,8 @@ def test_context_collects_notes_and_results_per_pass(rng, tmp_path):
     assert rec["quantize_inputs"].notes and rec["quantize_inputs"].notes[0].startswith("x: ")
     assert pm.context.notes == [n for r in pm.records for n in r.notes]
     dumps = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert dumps[0] == "01_dce.txt" and dumps[-1] == "08_dce.txt" and len(dumps) == 8
-    assert (tmp_path / "ir" / "08_dce.txt").read_text() == str(g) + "\n"
+    assert dumps[0] == "01_dce.txt" and dumps[-1] == "09_dce.txt" and len(dumps) == 9
+    assert (tmp_path / "ir" / "09_dce.txt").read_text() == str(g) + "\n"
     # a pass called outside a manager: notes go to the active context, or nowhere
     with PassContext() as ctx:
         get_pass("quantize_inputs")(small_mlp(rng))
