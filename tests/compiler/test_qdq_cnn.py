@@ -12,9 +12,9 @@ must show a near-tie.
 ``test_pow2_qdq_cnn_is_exact_on_every_target`` rounds every scale of the quantized model up to a
 power of two (symmetric activations: zero points 0) and requantizes the integer initializers onto
 them, so the model is fixed-point; onnxruntime's float32 arithmetic is then exact as well (each
-sum has < 24 significant bits) and every target must match it bit for bit -- except hls4ml with
-per-channel weight scales, which refuses the per-channel round-half-even shifts (no multiply-and-shift
-form for their alternating thresholds), naming the node.
+sum has < 24 significant bits) and every target must match it bit for bit (with per-channel weight
+scales each requantization is a per-channel round-half-even shift: on hls4ml through rq-core's
+half-even multiply-and-shift form).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import pytest
 from onnx import numpy_helper
 
 import qdeploy
-from qdeploy.compiler.errors import UnsupportedError
 
 TARGETS = ["reference", "tvm-llvm", "hls4ml"]
 
@@ -224,13 +223,6 @@ def test_pow2_qdq_cnn_is_exact_on_every_target(cnn, target, per_channel, tmp_pat
     model = cnn["pow2" if per_channel else "pow2_pt"]
     want = _ort(onnx.load(str(model)), x)
     assert (want.argmax(1) == cnn["y"]).mean() > 0.8  # a trained, working classifier
-    if per_channel and target == "hls4ml":
-        # per-channel power-of-two weight scales: the importer keeps them out of the weights, so each
-        # requantization is a per-channel shift with round-half-even, whose thresholds alternate
-        # (ties go to even) and have no multiply-and-shift form: hls4ml refuses, naming the node
-        with pytest.raises(UnsupportedError, match="node '.*QuantizeLinear'.*multiply-and-shift"):
-            qdeploy.compile(str(model), target, tmp_path / "out", golden=x)
-        return
     res = qdeploy.compile(str(model), target, tmp_path / "out", golden=x)
     assert res.report["fidelity"]["ok"], res.report["fidelity"]
     ops = [n.op for n in res.graph.nodes]
