@@ -58,12 +58,17 @@ def quantize_inputs(graph: Graph, input_type: FixedType | str | None = None,
             derive it from ``calibration`` (:func:`input_type_for`).
         calibration: input name -> batch-first float array.
 
-    Notes (pass context): for each quantized input, why its type was chosen.
+    Notes (pass context): for each quantized input, why its type was chosen.  The returned graph's
+    ``meta["default_input_types"]`` names the inputs whose type is hls4ml's default (neither the
+    model nor the user gave one, and no exact type exists for the calibration data): the fidelity
+    check then feeds the source the *unrounded* inputs, so what that rounding changes is measured
+    against the source instead of hidden (:func:`qdeploy.fidelity.source_inputs`).
     """
     ctx = current_context()
     nodes = list(graph.nodes)
     new_nodes: list[Node] = []
     rename = {}
+    guessed = []
     for name in graph.inputs:
         v = graph.value(name)
         if not isinstance(v.dtype, FloatType) or not graph.is_quantized() or not _feeds_fixed(graph, name):
@@ -74,6 +79,8 @@ def quantize_inputs(graph: Graph, input_type: FixedType | str | None = None,
             t, why = input_type, "input type set by the user"
         else:
             t, why = input_type_for((calibration or {}).get(name))
+            if t == DEFAULT_INPUT_TYPE and not why.startswith("input type"):
+                guessed.append(name)
         qn = f"{name}_quant"
         new_nodes.append(Node(qn, "Quantize", (name,), (qn,), {"to": t}))
         rename[name] = qn
@@ -82,7 +89,10 @@ def quantize_inputs(graph: Graph, input_type: FixedType | str | None = None,
         return graph
     nodes = [n.replace(inputs=tuple(rename.get(i, i) for i in n.inputs)) for n in nodes]
     outputs = [rename.get(o, o) for o in graph.outputs]
-    return rebuild(graph, new_nodes + nodes, outputs=outputs)
+    out = rebuild(graph, new_nodes + nodes, outputs=outputs)
+    if guessed:
+        out = out.with_(meta={**dict(out.meta), "default_input_types": {n: str(DEFAULT_INPUT_TYPE) for n in guessed}})
+    return out
 
 
 def _float_affine_eval(x_real32: np.ndarray, s: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -241,7 +241,7 @@ def _avgpool_notes(graph: Graph) -> list[str]:
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
             example_input=None, force: bool = False, optimize: bool = True,
             memory_budget=None, golden_layout=None, allow_inexact: bool = False,
-            source_check: bool = True) -> CompileResult:
+            source_check: bool = True, input_type=None) -> CompileResult:
     """Compile ``model`` for ``target`` into ``out_dir``.
 
     Args:
@@ -268,6 +268,11 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         source_check: run the source model (a QONNX/ONNX file through qonnx's executor, a
             torch/Brevitas module itself, also when given as ``module:function``) on the golden
             inputs and compare (default); False skips it (the report says "not checked").
+        input_type: fixed-point type of float model inputs that feed quantized layers (e.g.
+            ``"fixed<16,6,RND_CONV,SAT>"``), overriding the config's ``input_type``.  Without one,
+            the narrowest type that holds the golden inputs exactly is used, else hls4ml's
+            default ``fixed<16,6>``, and then the source check compares against the source on the
+            unrounded inputs (a guessed rounding is never hidden).
     Returns:
         :class:`CompileResult`.
     Raises:
@@ -281,6 +286,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     from .report import compare_outputs, layer_table, render_markdown
 
     cfg = load_config(config)
+    if input_type is not None:
+        cfg = _check_config({**cfg, "input_type": str(input_type)}, "input_type")
     out_dir = check_out_dir(out_dir)
     if out_dir.exists() and not force:
         raise QDeployError(f"output directory {out_dir} exists (use --force / force=True to replace it)")

@@ -58,7 +58,10 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                                                      metavar=""),
                 memory_budget: Optional[str] = typer.Option(
                     None, "--memory-budget", help="peak activation memory budget: bytes (48KiB, 1.5MB, 49152) or a "
-                    "fraction of the unrematerialized peak (0.8); recomputes tensors to fit (CP-SAT)")):
+                    "fraction of the unrematerialized peak (0.8); recomputes tensors to fit (CP-SAT)"),
+                input_type: Optional[str] = typer.Option(
+                    None, "--input-type", help="fixed-point type of float model inputs (e.g. fixed<16,6,RND_CONV,SAT>) "
+                    "when the model has no input quantizer; overrides the config's input_type")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
 
     Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference (the
@@ -73,7 +76,7 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     try:
         res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
                          memory_budget=memory_budget, golden_layout=golden_layout, allow_inexact=allow_inexact,
-                         source_check=not no_source_check)
+                         source_check=not no_source_check, input_type=input_type)
     except SourceMismatchError as e:
         typer.echo(f"fidelity vs source: {fidelity_sentence(e.fidelity)}")
         typer.echo(f"error: {e.one_line()}; nothing was written", err=True)

@@ -7,10 +7,15 @@ interpreter (and therefore the import, the passes and the layout handling) agree
 user trained.  :func:`check_source` is called by :func:`qdeploy.api.compile` on every compile; its
 dict is the report's ``fidelity`` section and :func:`fidelity_sentence` its one-line summary.
 
-The source is fed exactly the inputs the compiled model sees: the golden arrays in the source's
-layout (channels-first for ONNX and torch), each value cast into the compiled input's fixed-point
-type when it has one (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds`
-applies; the number of values that rounding changed is reported as ``inputs_rounded``).
+The source is fed the golden arrays in the source's layout (channels-first for ONNX and torch).
+Where the model or the user fixed the compiled input's fixed-point type, each value is cast into it
+first (the same elementwise rounding :func:`qdeploy.compiler.reference.prepare_feeds` applies; the
+number of values that rounding changed is reported as ``inputs_rounded``): that rounding is the
+model's or the user's own.  Where the type is only hls4ml's default (a model without an input
+quantizer, no ``input_type`` given, calibration data with no exact type), the source gets the
+*unrounded* values, so any output that the guessed input rounding changes is a mismatch against
+the source (``inputs_rounded_by_default`` says how many input values that type rounds, and the
+failure note says to set ``input_type``): nothing the user did not choose is hidden.
 
 Comparison rules (per output value):
 
@@ -88,7 +93,7 @@ def input_casts(graph_src: Graph, graph: Graph) -> dict[str, FixedType]:
     return out
 
 
-def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | None) -> tuple[dict, int]:
+def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | None) -> tuple[dict, int, int]:
     """The golden inputs as the source model takes them.
 
     Args:
@@ -101,10 +106,13 @@ def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | N
             permuted back to the source layout).
     Returns:
         ``({input: (n, *source shape) float32 array}, number of input values the cast into the
-        compiled input type (:func:`input_casts`) changed)``.  Nothing is inferred from shapes.
+        compiled input type (:func:`input_casts`) changed and the source saw rounded, number of input
+        values the artifact rounds to a *default* input type (``graph.meta["default_input_types"]``)
+        while the source sees them unrounded)``.  Nothing is inferred from shapes.
     """
     perms = graph_src.meta.get("input_perms") or {}
-    out, rounded = {}, 0
+    guessed = graph.meta.get("default_input_types") or {}
+    out, rounded, by_default = {}, 0, 0
     for name in graph_src.inputs:
         x_ir = np.asarray(feeds_ir[name])
         perm = perms.get(name)
@@ -118,10 +126,13 @@ def source_inputs(graph_src: Graph, graph: Graph, feeds_ir: dict, user: dict | N
         t = input_casts(graph_src, graph).get(name)
         if t is not None:
             q = t.to_real(t.quantize_real(x))
-            rounded += int(np.count_nonzero(q != x))
-            x = q
+            if name in guessed:
+                by_default += int(np.count_nonzero(q != x))
+            else:
+                rounded += int(np.count_nonzero(q != x))
+                x = q
         out[name] = np.asarray(x, dtype=np.float32)
-    return out, rounded
+    return out, rounded, by_default
 
 
 def batch_plan(proto, shapes=None) -> tuple[bool, str]:
@@ -399,7 +410,7 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
         return {"checked": False, "reason": f"source of type {type(model).__name__} is not run (only QONNX/ONNX "
                                             f"models and torch/Brevitas modules are)"}
     t0 = time.perf_counter()
-    inputs, rounded = source_inputs(graph_src, graph, feeds_ir, user)
+    inputs, rounded, by_default = source_inputs(graph_src, graph, feeds_ir, user)
     try:
         outs, mode, src = _run_source(model, graph_src, inputs, False)
     except Exception as e:  # the source executor, not the compile, failed: say so, do not hide it
@@ -423,6 +434,9 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
         except Exception as e:
             why = str(e) if isinstance(e, SourceRunError) else " ".join(f"{type(e).__name__}: {e}".split())[:300]
             cls = f"not classified: the float64 re-evaluation of the source failed ({why})"
+    if by_default:
+        res["inputs_rounded_by_default"] = by_default
+        res["default_input_types"] = dict(graph.meta.get("default_input_types") or {})
     res.update({"checked": True, "source": src, "mode": mode, "inputs_rounded": rounded, "classification": cls,
                 "time_s": time.perf_counter() - t0})
     if not res["ok"]:
@@ -431,11 +445,19 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
 
 
 def _failure_note(res: dict) -> str:
-    """Why a fidelity result fails: real mismatches, or differences that could not be classified."""
+    """Why a fidelity result fails: real mismatches, or differences that could not be classified;
+    with the input type the artifact guessed when it rounded golden inputs."""
     if res.get("unclassified"):
-        return f"{res['unclassified']} differing value(s) {res['classification']}, so every difference fails"
-    return (f"{res['real_mismatches']} value(s) in {res['real_mismatch_samples']} sample(s) differ from the source and "
-            f"its float64 re-evaluation too (real mismatches, not float32 rounding)")
+        s = f"{res['unclassified']} differing value(s) {res['classification']}, so every difference fails"
+    else:
+        s = (f"{res['real_mismatches']} value(s) in {res['real_mismatch_samples']} sample(s) differ from the source "
+             f"and its float64 re-evaluation too (real mismatches, not float32 rounding)")
+    if res.get("inputs_rounded_by_default"):
+        types = ", ".join(f"{k}: {v}" for k, v in res.get("default_input_types", {}).items())
+        s += (f"; the artifact rounds {res['inputs_rounded_by_default']} golden input value(s) to a default input type "
+              f"({types}; the model has no input quantizer and no input_type was given): set input_type in the config "
+              f"(or --input-type) to the precision your inputs have, or accept with --allow-inexact")
+    return s
 
 
 def tie_sentence(fid: dict) -> str:
@@ -463,6 +485,9 @@ def fidelity_sentence(fid: dict) -> str:
     s += f" [{fid['source']}, {fid['time_s']:.2f} s]"
     if fid.get("inputs_rounded"):
         s += f"; {fid['inputs_rounded']} golden input value(s) rounded to the artifact's input type first"
+    if fid.get("inputs_rounded_by_default") and fid["ok"]:  # (a failure note says it, with the remedy)
+        s += (f"; the artifact rounds {fid['inputs_rounded_by_default']} golden input value(s) to its default input "
+              f"type (the source sees them unrounded)")
     ties = tie_sentence(fid)
     if fid["ok"] and not ties:
         return s + ": matches the source"

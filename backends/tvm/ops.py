@@ -309,3 +309,5 @@ def _lookup(lw, n, ins, in_types, out_t):
     idx = lw.emit(op.subtract(ins[0], c64(lo))) if lo else ins[0]
     const = c64(tab.data) if isinstance(tab.dtype, FixedType) else cf(tab.data)
     return lw.emit(op.take(const, idx, axis=0, mode="clip"))  # in range by the type; clip: never out of bounds
+
+

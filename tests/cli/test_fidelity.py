@@ -48,14 +48,29 @@ def test_realcase_tfc_fidelity(tmp_path, golden):
 
 
 @needs_realcases
-def test_jet_tagger_source_sees_the_artifacts_input_rounding(tmp_path):
-    # no input quantizer: random golden floats are rounded to the derived input type, and the
-    # source is fed the same rounded values (the report counts them)
-    res = qdeploy.compile(str(REALCASES / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx"), "reference",
-                          tmp_path / "o")
+def test_jet_tagger_default_input_rounding_is_measured_not_hidden(tmp_path):
+    # no input quantizer, no input_type, random float golden inputs: the artifact rounds them to
+    # hls4ml's default fixed<16,6>; the source runs on the unrounded inputs, so the outputs that
+    # rounding changes are mismatches and the compile says to set input_type (it used to feed the
+    # source the rounded inputs and report "matches the source")
+    onnx_path = str(REALCASES / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx")
+    with pytest.raises(qdeploy.api.SourceMismatchError) as ei:
+        qdeploy.compile(onnx_path, "reference", tmp_path / "o")
+    fid = ei.value.fidelity
+    assert fid["inputs_rounded_by_default"] > 0 and fid["real_mismatches"] > 0, fid
+    assert "input_type" in ei.value.one_line() and "fixed<16,6" in ei.value.one_line()
+    assert not (tmp_path / "o").exists()
+    # the same rounding chosen by the user: the source sees the user's rounding (it is theirs)
+    res = qdeploy.compile(onnx_path, "reference", tmp_path / "u", input_type="fixed<16,6,RND_CONV,SAT>")
     fid = res.report["fidelity"]
-    assert fid["ok"] and fid["inputs_rounded"] > 0 and fid["mode"] == "batched", fid
+    assert fid["ok"] and fid["inputs_rounded"] > 0 and not fid.get("inputs_rounded_by_default"), fid
     assert "rounded to the artifact's input type" in fidelity_sentence(fid)
+    # and on the CLI
+    r = CliRunner().invoke(app, ["compile", onnx_path, "-t", "reference", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "--input-type" in r.output, r.output
+    r = CliRunner().invoke(app, ["compile", onnx_path, "-t", "reference", "-o", str(tmp_path / "c"),
+                                 "--input-type", "fixed<16,6,RND_CONV,SAT>"])
+    assert r.exit_code == 0, r.output
 
 
 def _perturbing_load(real_load):
