@@ -25,14 +25,16 @@ def _fresh(graph: Graph, taken: set, base: str) -> str:
 def requant_shift(graph: Graph, max_width: int = MAX_WIDTH, max_const_bits: int = MAX_CONST_BITS) -> Graph:
     """Rewrite every ``MultiThreshold`` that has a proved multiply-and-shift form into
     ``Affine`` (fixed-point ``scale = K * 2**(F_in - S - F_out)``, ``bias = R * 2**-(S + F_out)``,
-    per channel) followed by ``Quantize`` into the op's ``to`` type with the form's rounding (TRN, or
-    RND_CONV for round-half-even maps) and SAT saturation
+    per channel) followed by ``Quantize`` into the op's ``to`` type with TRN rounding (or RND_CONV,
+    for a form that rounds half to even) and SAT saturation
     (:func:`~qdeploy.compiler.ir.shiftform.clamp_type`).
 
-    The form ``clamp(floor((x * K + R) / 2**S))`` is searched and proved equal to the thresholds
+    The form ``clamp(rnd((x * K + R) / 2**S))`` (``rnd`` the floor or, when no floor form exists,
+    round half to even: an exactly dyadic requantizer with ties, e.g. power-of-two scales with
+    QONNX ``ROUND``) is searched and proved equal to the thresholds
     on EVERY code of the input's type by :func:`qdeploy.compiler.ir.shiftform.node_shift_form`
     (exact integer arithmetic, the clamp included), so the rewrite is bit-exact by construction;
-    a node without a form (irregular steps, or a form wider than the caps)
+    a node without a form (irregular steps, round-half-even ties, or a form wider than the caps)
     is kept as it is and a note says why.  Method: the integer-only requantization of Jacob et
     al., CVPR 2018, section 2.2 (multiplier and shift), proved against the thresholds of
     Umuroglu & Jahre, arXiv 1709.04060, section 3.
@@ -71,13 +73,14 @@ def requant_shift(graph: Graph, max_width: int = MAX_WIDTH, max_const_bits: int 
         scale, bias = affine_constants(f, xt, c)
         acc = _fresh(graph, taken, f"{n.name}_mul")
         nodes.append(Node(acc, "Affine", n.inputs, (acc,), {}, {"scale": scale, "bias": bias}))
-        nodes.append(Node(n.name, "Quantize", (acc,), n.outputs, {"to": clamp_type(n.attrs["to"], f.out.rounding)}))
+        nodes.append(Node(n.name, "Quantize", (acc,), n.outputs, {"to": clamp_type(n.attrs["to"], f.rounding)}))
         done += 1
-        shapes.append((f.k_bits, f.S))
+        shapes.append((f.k_bits, f.S, f.rounding))
     if not total:
         return graph
     ctx = current_context()
-    detail = ", ".join(f"{k} bits, S={s}" for k, s in sorted(set(shapes)))
+    detail = ", ".join(f"{k} bits, S={s}" + (", round half to even" if r == "RND_CONV" else "")
+                       for k, s, r in sorted(set(shapes)))
     ctx.note(f"requant_shift: {done} of {total} MultiThreshold nodes became multiply-and-shift"
              + (f" ({detail})" if detail else ""))
     for line in kept:

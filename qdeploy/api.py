@@ -354,7 +354,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         report = {
             "model": graph.name, "target": target, "source": str(graph.meta.get("source", "")),
             "graph_digest": graph.digest(), "exactness": exact, "fidelity": fidelity,
-            "inexact": bool(fidelity.get("accepted_inexact")) or not exact.get("bit_exact", True),
+            "inexact": bool(fidelity.get("accepted_inexact") or exact.get("fixed_mismatches")),
             "notes": notes, "host_nodes": host,
             "layers": rows,
             "totals": {"nodes": len(graph.nodes), "params": sum(r["params"] for r in rows),

@@ -210,7 +210,10 @@ def compile_early_exit_cmd(
         labels: Optional[Path] = typer.Option(None, "--labels",
                                               help=".npy labels of the golden inputs: the report adds the exit "
                                                    "distribution and accuracy on them"),
-        force: bool = typer.Option(False, "--force", help="replace an existing multi-stage program directory", metavar="")):
+        force: bool = typer.Option(False, "--force", help="replace an existing multi-stage program directory", metavar=""),
+        allow_inexact: bool = typer.Option(False, "--allow-inexact", help="keep the program even when its exits differ "
+                                           "from the source model beyond float32 rounding", metavar=""),
+        no_source_check: bool = typer.Option(False, "--no-source-check", help="do not run the source model", metavar="")):
     """Split an early-exit MODEL at its exits, compile each stage for a target, write plan.json and report.md.
 
     Run it with `qdeploy run OUT -i x.npy -o pred.npy` (or qdeploy.runtime.multistage.MultiStageModel).
@@ -231,7 +234,8 @@ def compile_early_exit_cmd(
         y = np.load(labels, allow_pickle=False) if labels is not None else None
         if y is not None and gold is None:
             raise QDeployError("--labels needs --golden (the inputs they label)")
-        msm = compile_early_exit(model, target, out, exits=ex_list, golden=gold, config=config, force=force)
+        msm = compile_early_exit(model, target, out, exits=ex_list, golden=gold, config=config, force=force,
+                                 allow_inexact=allow_inexact, source_check=not no_source_check)
         written = True  # from here on a failure must not leave a program with the wrong gates behind
         msm = msm.with_gates(gates_from_thresholds(msm, gate, ts))
         msm.save_plan()
@@ -242,6 +246,10 @@ def compile_early_exit_cmd(
             ev = evaluate(msm, gold, y)
         (Path(out) / "report.md").write_text(program_markdown(msm, ev))
     except Exception as e:  # one line, never a library traceback
+        from .api import SourceMismatchError
+        if isinstance(e, SourceMismatchError):  # a failed check (exit 1), not bad input
+            typer.echo(f"error: {e.one_line()}; nothing was written", err=True)
+            raise typer.Exit(1)
         if written:
             import shutil
             shutil.rmtree(out, ignore_errors=True)
@@ -251,6 +259,8 @@ def compile_early_exit_cmd(
                f"exits {', '.join(msm.exit_values())}")
     from .early_exit import gate_text
     typer.echo("gates: " + ", ".join(gate_text(g) for g in msm.gates))
+    from .fidelity import fidelity_sentence
+    typer.echo(f"fidelity vs source: {fidelity_sentence(msm.plan['meta'].get('fidelity') or {})}")
     if ev is not None:
         typer.echo(f"golden set: accuracy {ev['accuracy']:.4f}, exit distribution "
                    f"{' / '.join(f'{f:.1%}' for f in ev['exit_fraction'])}, mean BOPs {ev['mean_bops']:.4g} "

@@ -36,7 +36,8 @@ def _real(graph, name, codes):
 
 
 def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, gates=None, config=None,
-                       example_input=None, force: bool = False):
+                       example_input=None, force: bool = False, allow_inexact: bool = False,
+                       source_check: bool = True):
     """Compile an early-exit model into a multi-stage program directory.
 
     Args:
@@ -50,9 +51,15 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
         gates: one gate dict per exit (:func:`qdeploy.runtime.multistage.make_gate`); default
             "never" for the early exits (the program then equals the unsplit model) and
             "always" for the last.
+        allow_inexact, source_check: as for :func:`qdeploy.api.compile`: the whole (unsplit)
+            program's exits are compared with the source model (QONNX/ONNX or torch module) on the
+            golden inputs (:func:`qdeploy.fidelity.check_source`); the result is the plan's
+            ``meta.fidelity``.
     Returns:
         the loaded :class:`~qdeploy.runtime.multistage.MultiStageModel`.
     Raises:
+        SourceMismatchError: the program differs from the source beyond float32 rounding (unless
+            ``allow_inexact``); nothing is written.
         QDeployError: import/compile errors, :class:`~qdeploy.passes.early_exit.EarlyExitError`
             for exits that cannot be identified or ordered.
     """
@@ -69,12 +76,23 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
     if out_dir.exists():
         check_replaceable(out_dir, model, is_ours=lambda d: (d / "plan.json").is_file(),
                           kind="a multi-stage program (no plan.json)")
-    graph = api.load(model, example_input)
-    feeds_real = api.golden_feeds(graph, golden, cfg)
+    from .compiler.frontends import is_module_spec, resolve_module_spec
+    from .fidelity import check_source
+    if is_module_spec(model):  # resolved once: the module exported is the module run as the source
+        model, example_input = resolve_module_spec(model)
+    graph = graph_src = api.load(model, example_input)
+    user = None if golden is None else api.golden_arrays(graph_src, golden)
+    feeds_real = feeds_src = api.golden_feeds(graph, user, cfg)
     graph = PassManager(default_pipeline(cfg.get("input_type"), feeds_real)).run(graph)
     prog = split_exits(graph, exits)
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
     env = execute(graph, feeds_real, keep=True)
+    fidelity = check_source(model, graph_src, graph, feeds_src, user, {o: env[o] for o in graph.outputs},
+                            enabled=source_check)
+    if fidelity.get("checked") and not fidelity["ok"]:
+        if not allow_inexact:
+            raise api.SourceMismatchError(fidelity)
+        fidelity["accepted_inexact"] = True
     tmp = staging_dir(out_dir)
     try:
         stages_json, steps = [], []
@@ -99,7 +117,7 @@ def compile_early_exit(model, target: str, out_dir, *, exits=None, golden=None, 
         plan = {"format": PLAN_FORMAT, "kind": "early_exit", "target": target, "inputs": list(graph.inputs),
                 "exits": prog.exits, "stages": stages_json, "steps": steps,
                 "meta": {"model": graph.name, "final_only_bops": prog.final_only_bops,
-                         "graph_digest": graph.digest()}}
+                         "graph_digest": graph.digest(), "fidelity": fidelity}}
         (tmp / "ir").mkdir()
         graph.save(str(tmp / "ir" / "program"))
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
@@ -224,12 +242,14 @@ def program_markdown(msm, evaluation: dict | None = None) -> str:
     """``report.md`` of a multi-stage program directory: stages (outputs, carried tensors, cost,
     estimated latency, exactness against the reference), the exits and their gates, and with
     ``evaluation`` (:func:`evaluate`) the exit distribution and accuracy."""
+    from .fidelity import fidelity_sentence
     plan = msm.plan
     meta = plan.get("meta", {})
     L = [f"# qdeploy early-exit program: {meta.get('model', '?')} -> {plan.get('target', '?')}", "",
          f"- IR digest: `{meta.get('graph_digest', '')}`, {len(plan['stages'])} stages, exits "
          f"{', '.join(msm.exit_values())}",
-         f"- BOPs per sample of the final exit alone (unsplit model): {meta.get('final_only_bops', 0):.4g}", "",
+         f"- BOPs per sample of the final exit alone (unsplit model): {meta.get('final_only_bops', 0):.4g}",
+         f"- fidelity vs source (whole program): {fidelity_sentence(meta.get('fidelity') or {})}", "",
          "## Stages", "",
          "| stage | outputs | carried to later stages | BOPs | cumulative BOPs | est. latency (cycles / ns) | "
          "exactness vs reference |", "|---|---|---|---|---|---|---|"]

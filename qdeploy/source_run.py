@@ -120,7 +120,9 @@ def run_torch_source(module, inputs: list[np.ndarray], double: bool = False) -> 
 # ---------------------------------------------------------------------------------- ONNX float64
 def to_double(proto):
     """A float64 copy of an ONNX ``ModelProto``: every float32 initializer, graph input/output,
-    value_info, ``Constant`` tensor and ``Cast(to=FLOAT)`` becomes float64.
+    value_info, ``Constant`` tensor and ``Cast(to=FLOAT)`` becomes float64; ONNX QDQ nodes are first
+    rewritten into the equivalent QONNX ``Quant`` nodes (:func:`~qdeploy.compiler.frontends.onnx_qdq.
+    normalize_qdq`), since QuantizeLinear / DequantizeLinear take no float64 scale.
 
     Raises:
         SourceRunError: a float tensor attribute this cannot convert (names the node).
@@ -131,6 +133,13 @@ def to_double(proto):
     q = onnx.ModelProto()
     q.CopyFrom(proto)
     g = q.graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node):
+        # ONNX QDQ takes no float64 scales: use the equivalent QONNX Quant form (run by int_quant in float64)
+        from .compiler.frontends.onnx_qdq import normalize_qdq
+
+        for k, n in enumerate(g.node):
+            n.name = n.name or f"{n.op_type}_{k}"
+        normalize_qdq(q)
     for i, t in enumerate(g.initializer):
         if t.data_type == TensorProto.FLOAT:
             a = numpy_helper.to_array(t).astype(np.float64)
@@ -153,8 +162,9 @@ def execute_double(model, inputs: dict) -> dict:
     """Execute a :func:`to_double` model (a shape-inferred qonnx ``ModelWrapper``) in float64.
 
     Standard ops run through qonnx ``execute_node`` (onnxruntime, one single-node model each,
-    with every float tensor declared float64); ``Quant`` is qonnx's ``int_quant`` in float64; any
-    other custom op runs through qonnx and its result is cast to float64.
+    with every float tensor declared float64), except ``Conv``, which onnxruntime's CPU provider
+    implements for float32 only: :func:`conv_double`; ``Quant`` is qonnx's ``int_quant`` in float64;
+    any other custom op runs through qonnx and its result is cast to float64.
 
     Args:
         inputs: ``{graph input: array}`` (cast to float64).
@@ -176,7 +186,8 @@ def execute_double(model, inputs: dict) -> dict:
     for vi in list(g.value_info) + list(g.output):  # execute_node compares shapes with preallocated buffers
         if vi.name not in ctx:
             ctx[vi.name] = np.zeros([d.dim_value for d in vi.type.tensor_type.shape.dim], np.float64)
-    opset = model.model.opset_import[0].version
+    opset = next((o.version for o in model.model.opset_import if o.domain in ("", "ai.onnx")),
+                 model.model.opset_import[0].version)
     for n in g.node:
         try:
             if n.op_type in ("Quant", "IntQuant") and n.domain in QUANT_DOMAINS:
@@ -186,6 +197,9 @@ def execute_double(model, inputs: dict) -> dict:
                 x, s, z, b = (np.asarray(ctx[i], dtype=np.float64) for i in n.input[:4])
                 ctx[n.output[0]] = np.asarray(int_quant(x, s, z, b, int(a.get("signed", 1)), int(a.get("narrow", 0)),
                                                         mode), dtype=np.float64)
+            elif n.op_type == "Conv" and n.domain in ("", "ai.onnx"):
+                a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+                ctx[n.output[0]] = conv_double(*(np.asarray(ctx[i], dtype=np.float64) for i in n.input if i), **a)
             else:
                 execute_node(n, ctx, g, opset)
                 if n.domain not in ("", "ai.onnx"):
@@ -195,3 +209,44 @@ def execute_double(model, inputs: dict) -> dict:
             raise SourceRunError(f"float64 copy failed at node {n.name or n.op_type} ({n.op_type}): "
                                  + " ".join(f"{type(e).__name__}: {e}".split())[:200]) from None
     return {o.name: np.asarray(ctx[o.name]) for o in g.output}
+
+
+def conv_double(x, w, b=None, *, pads=None, strides=None, dilations=None, group=1, auto_pad=b"NOTSET",
+                kernel_shape=None):
+    """ONNX ``Conv`` (https://onnx.ai/onnx/operators/onnx__Conv.html) in float64 with NumPy: a sum
+    over the kernel taps of strided slices of the zero-padded input, each a ``tensordot`` over the
+    group's input channels.
+
+    Args:
+        x: ``(N, C, *spatial)``; w: ``(M, C/group, *kernel)``; b: ``(M,)`` or None.
+        pads: ONNX order (all begins, then all ends); strides, dilations: per spatial axis.
+    Returns:
+        ``(N, M, *out)`` float64.
+    Raises:
+        SourceRunError: ``auto_pad`` other than NOTSET.
+    """
+    ap = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if ap not in ("NOTSET", ""):
+        raise SourceRunError(f"Conv auto_pad={ap} in the float64 copy")
+    nd = x.ndim - 2
+    pads = list(pads or [0] * 2 * nd)
+    strides = list(strides or [1] * nd)
+    dil = list(dilations or [1] * nd)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    k = w.shape[2:]
+    out_sp = [(xp.shape[2 + i] - dil[i] * (k[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    m, cg = w.shape[0], w.shape[1]
+    mg = m // group
+    y = np.zeros((x.shape[0], m, *out_sp))
+    for gi in range(group):
+        xs = xp[:, gi * cg:(gi + 1) * cg]
+        ws = w[gi * mg:(gi + 1) * mg]
+        for tap in np.ndindex(*k):
+            sl = tuple(slice(tap[i] * dil[i], tap[i] * dil[i] + strides[i] * (out_sp[i] - 1) + 1, strides[i])
+                       for i in range(nd))
+            patch = xs[(slice(None), slice(None)) + sl]  # (N, cg, *out)
+            y[:, gi * mg:(gi + 1) * mg] += np.moveaxis(np.tensordot(patch, ws[(slice(None), slice(None)) + tap],
+                                                                    axes=([1], [1])), -1, 1)
+    if b is not None:
+        y += b.reshape(1, m, *([1] * nd))
+    return y

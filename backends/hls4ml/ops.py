@@ -374,31 +374,6 @@ def _transpose(tr, n: Node):
 
 
 # ----------------------------------------------------------------------------- pooling
-def _maxpool_cost(ctx, node):
-    size, ob = _out_bits(ctx, node)
-    n = int(np.prod(node.attrs["kernel"]))  # A12: k-1 comparators+muxes per output, 2 LUT per bit
-    return chained(ctx, size * (n - 1) * 2 * ob, 0, math.ceil(math.log2(max(n, 2))) * t_add(ob))
-
-
-@hls4ml_op("MaxPool", cost=Cost(_maxpool_cost))
-def _maxpool(tr, n: Node):
-    x = tr.graph.value(n.inputs[0])
-    k = tuple(int(v) for v in n.attrs["kernel"])
-    s, p = _rank_pads(n, len(k))
-    t = x.dtype
-    if all(kv == 1 for kv in k) and tr.io_type == "io_stream" and tuple(s) != k:
-        tr.subsample_layer(n, s, tr.src(n.inputs[0]))  # hls4ml's streaming pooling needs stride == kernel
-        return
-    if any(p):
-        # hls4ml pads max pooling with the code whose top bit is set: the most negative value of
-        # a signed type but the LARGEST of an unsigned one; its streaming pooling has no padding.
-        if not t.signed or tr.io_type == "io_stream" or any(pv >= kv for pv, kv in zip(p, k + k)):
-            tr.maxpool_zero_padded(n, k, s, p, tr.src(n.inputs[0]))
-            return
-    d = tr.pool_dict(n, "Max", x.shape, k, s, p, tr.graph.value(n.output).shape)
-    tr.bind(n.output, tr.layer(n, d, {"accum": t.hls(), "result": tr.vt(n.output).hls()}, [tr.src(n.inputs[0])]))
-
-
 def _avg(tr, n: Node, make_dict, count: int, divisors=None):
     """Average pooling of ``count`` elements per window (``divisors``: every window's own count when
     padding is excluded from it), exact (see the module docstring)."""

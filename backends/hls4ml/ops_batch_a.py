@@ -140,19 +140,24 @@ def _clip(tr, n: Node):
                                    {"result": tout.hls()}, [src]))
         return
     if lo is not None:
-        ta = fixed_for_range(xlo - lo, xhi - lo, F)
-        src = _affine_layer(tr, n, cur, src, 1, -lo, ta, f"{n.name}_sublo")
+        if lo:  # (a zero lower bound is a relu of x itself)
+            src = _affine_layer(tr, n, cur, src, 1, -lo, fixed_for_range(xlo - lo, xhi - lo, F), f"{n.name}_sublo")
         rmax = max(xhi - lo, 0)
-        src = _relu_layer(tr, n, src, fixed_for_range(0, rmax, F), f"{n.name}_relulo")
         if hi is None:
-            _affine_layer(tr, n, n.output, src, 1, lo, tout, f"{n.name}_addlo", n.output)
+            if lo:
+                src = _relu_layer(tr, n, src, fixed_for_range(0, rmax, F), f"{n.name}_relulo")
+                _affine_layer(tr, n, n.output, src, 1, lo, tout, f"{n.name}_addlo", n.output)
+            else:
+                tr.bind(n.output, _relu_layer(tr, n, src, tout, n.name))
+            tr.note(f"Clip '{n.name}' as a relu between exact offsets")
             return
-        tb = fixed_for_range(hi - lo - rmax, hi - lo, F)
-        src = _affine_layer(tr, n, n.output, src, -1, hi - lo, tb, f"{n.name}_neg")
+        src = _relu_layer(tr, n, src, fixed_for_range(0, rmax, F), f"{n.name}_relulo")
+        bmin, bmax = hi - lo - rmax, hi - lo
+        src = _affine_layer(tr, n, n.output, src, -1, hi - lo, fixed_for_range(bmin, bmax, F), f"{n.name}_neg")
     else:
-        tb = fixed_for_range(hi - xhi, hi - xlo, F)
-        src = _affine_layer(tr, n, cur, src, -1, hi, tb, f"{n.name}_neg")
-    src = _relu_layer(tr, n, src, fixed_for_range(0, max(tb.max_code, 0), F), f"{n.name}_reluhi")
+        bmin, bmax = hi - xhi, hi - xlo
+        src = _affine_layer(tr, n, cur, src, -1, hi, fixed_for_range(bmin, bmax, F), f"{n.name}_neg")
+    src = _relu_layer(tr, n, src, fixed_for_range(0, max(bmax, 0), F), f"{n.name}_reluhi")
     _affine_layer(tr, n, n.output, src, -1, hi, tout, f"{n.name}_subhi", n.output)
     tr.note(f"Clip '{n.name}' as relus between exact offsets (hls4ml has no clamp to arbitrary bounds)")
 

@@ -54,11 +54,11 @@ def _multi_threshold(tr, n: Node):
     c = x.shape[-1] if x.shape else 1
     scale, bias = affine_constants(f, xt, c)
     acc_t = fixed_for_range(*f.acc_range(), f.S + f.out.frac_bits)
-    if f.out.rounding != "TRN" and acc_t.width < f.S + 2:
+    if f.rounding != "TRN" and acc_t.width < f.S + 2:
         # ap_fixed rounding reads the bit below the new LSB: it must lie inside the type (sign-extend)
         acc_t = FixedType(f.S + 2, f.S + 2 - acc_t.frac_bits, True)
     mid = tr.bn_layer(n, x.size, c, scale.real(), bias.real(), scale.dtype.hls(), bias.dtype.hls(), acc_t,
                       tr.src(n.inputs[0]), None, base=f"{n.name}_mul")
     tr.bind(n.output, tr.layer(n, {"class_name": "Activation", "activation": "linear"},
-                               {"result": clamp_type(n.attrs["to"], f.out.rounding).hls()}, [mid]))
+                               {"result": clamp_type(n.attrs["to"], f.rounding).hls()}, [mid]))
     tr.note(f"MultiThreshold '{n.name}' as multiply-and-shift: {f.k_bits}-bit multipliers, shift {f.S}")

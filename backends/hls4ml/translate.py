@@ -352,8 +352,8 @@ class Translator:
         t = v.dtype.hls()
         stem = re.sub(r"[^0-9a-zA-Z_]", "_", value)
         if padded != tuple(v.shape):
-            src = self.layer(n, {"class_name": "Reshape", "target_shape": list(padded), "base": f"{n.name}_{stem}_rank"},
-                             {"result": t}, [src])
+            d = {"class_name": "Reshape", "target_shape": list(padded), "base": f"{n.name}_{stem}_rank"}
+            src = self.layer(n, d, {"result": t}, [src])
         self.note(f"{n.op} '{n.name}': operand {value!r} {tuple(v.shape)} repeated to {shape} with an hls4ml Resize "
                   "(hls4ml merge layers need equal shapes)")
         return self.resize_layer(n, padded, [b // a for a, b in zip(padded[:-1], shape[:-1])], src, t,

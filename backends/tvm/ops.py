@@ -297,8 +297,6 @@ def _topk(lw, n, ins, in_types, out_t):
     onehot = op.equal(op.expand_dims(r, -2), c64(np.arange(k).reshape(k, 1)))
     idx = lw.emit(op.sum(op.multiply(op.astype(onehot, I64), c64(np.arange(c))), axis=-1))
     return lw.emit(op.astype(idx, F32))
-for _op, _fn in _BATCH_A.items():
-    LOWERING.set(_op, _fn)
 
 
 @LOWERING.register("Lookup")
@@ -311,3 +309,5 @@ def _lookup(lw, n, ins, in_types, out_t):
     return lw.emit(op.take(const, idx, axis=0, mode="clip"))  # in range by the type; clip: never out of bounds
 
 
+for _op, _fn in _BATCH_A.items():
+    LOWERING.set(_op, _fn)

@@ -24,6 +24,8 @@ from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
 from .onnx_finn import import_multithreshold, import_topk
 from .onnx_minifloat import import_floatquant
+from .onnx_pool import (import_AveragePool, import_GlobalAveragePool, import_MaxPool, import_ReduceMean,
+                        spatial_attrs)
 from .onnx_rounding import DIRECTED, ROUNDING_MAP, import_trunc, quantize_directed
 
 
@@ -188,43 +190,6 @@ def _import_Gemm(cv, node):
     out, w, bias, bq = _absorb(cv, node, node.output[0], w, bias, not quant, bq, 0)
     _emit_dense(cv, node, e, bname + "__gemm" if quant else bname, w, bias, bq, out)
 
-def _spatial_attrs(cv, node, in_spatial, kernel, dilated=False):
-    """(strides, pads) of a Conv/pool node (``auto_pad`` resolved on the dilated kernel extent);
-    ``dilations`` other than 1 are refused unless ``dilated`` (Conv)."""
-    nd = len(kernel)
-    strides = tuple(int(s) for s in cv.attr(node, "strides", [1] * nd))
-    dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * nd))
-    if any(d != 1 for d in dil) and not dilated:
-        raise UnsupportedError(f"{node.op_type} dilations {dil} are not supported (only 1)", node.name)
-    if len(dil) != nd or any(d < 1 for d in dil):
-        raise UnsupportedError(f"{node.op_type} dilations {dil} must be {nd} factor(s) >= 1", node.name)
-    kernel = tuple(d * (k - 1) + 1 for d, k in zip(dil, kernel))
-    if any(d != 1 for d in dil) and str(cv.attr(node, "auto_pad", "NOTSET")) in ("SAME_UPPER", "SAME_LOWER"):
-        raise UnsupportedError(f"{node.op_type} with dilations {dil} and auto_pad SAME is not supported "
-                               "(onnxruntime, the reference executor, refuses it too): give explicit pads", node.name)
-    auto = str(cv.attr(node, "auto_pad", "NOTSET"))
-    if auto in ("NOTSET", ""):
-        pads = tuple(int(p) for p in cv.attr(node, "pads", [0] * 2 * nd))
-    elif auto == "VALID":
-        pads = (0,) * 2 * nd
-    elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for L, k, s in zip(in_spatial, kernel, strides):
-            total = max((-(-L // s) - 1) * s + k - L, 0)
-            small = total // 2
-            begins.append(small if auto == "SAME_UPPER" else total - small)
-            ends.append(total - small if auto == "SAME_UPPER" else small)
-        pads = tuple(begins + ends)
-    else:
-        raise UnsupportedError(f"{node.op_type} auto_pad {auto!r} is not supported", node.name)
-    if int(cv.attr(node, "ceil_mode", 0)) and any(
-            (L + pads[i] + pads[i + nd] - k) % s for i, (L, k, s) in enumerate(zip(in_spatial, kernel, strides))):
-        # ceil_mode only differs from floor mode when a last, partial window exists
-        raise UnsupportedError(f"{node.op_type} with ceil_mode=1 and a partial last window is not supported "
-                               f"(input {tuple(in_spatial)}, kernel {kernel}, strides {strides}, pads {pads})",
-                               node.name)
-    return strides, pads
-
 def _import_Conv(cv, node):
     xname, wname = node.input[0], node.input[1]
     bname = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -241,7 +206,7 @@ def _import_Conv(cv, node):
         raise UnsupportedError(f"Conv kernel_shape {cv.attr(node, 'kernel_shape')} does not match weight {w.shape}",
                                node.name)
     in_spatial = cv.b.values[x].shape[:-1]
-    strides, pads = _spatial_attrs(cv, node, in_spatial, kernel, dilated=True)
+    strides, pads = spatial_attrs(cv, node, in_spatial, kernel, dilated=True)
     dil = tuple(int(d) for d in cv.attr(node, "dilations", [1] * len(kernel)))
     groups = int(cv.attr(node, "group", 1))
     if scaled.wants_linear(cv, e, wname):
@@ -313,75 +278,6 @@ def _import_Pad(cv, node):
     else:
         handler(cv, node)
 
-
-# -------------------------------------------------------------- pooling
-def _pool(cv, node, op):
-    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
-        raise UnsupportedError("MaxPool with an Indices output is not supported", node.name)
-    e = cv.entry(node, node.input[0], scaled=node.op_type == "MaxPool")
-    rank = len(e.perm)
-    x, S = scaled.relayout(cv, node, e, canonical_perm(rank))
-    kernel = tuple(int(k) for k in cv.attr(node, "kernel_shape"))
-    strides, pads = _spatial_attrs(cv, node, cv.b.values[x].shape[:-1], kernel)
-    if e.scaled is not None:
-        attrs = {"kernel": kernel, "strides": strides, "pads": pads}
-        scaled_ops.maxpool(cv, node, e, x, S, attrs, node.output[0], canonical_perm(rank))
-        return
-    if node.op_type == "AveragePool" and any(pads) and int(cv.attr(node, "count_include_pad", 0)):
-        # count_include_pad=0 is the IR AvgPool's own padding; count_include_pad=1: the pads are zeros counted in every window = a zero Pad, then no padding
-        nd = len(kernel)
-        fixed = isinstance(cv.b.values[x].dtype, FixedType)
-        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": (*pads[:nd], 0, *pads[nd:], 0),
-                                                      **({"code": 0} if fixed else {"value": 0.0})},
-                   out=f"{node.output[0]}__pad")
-        pads = (0,) * (2 * nd)
-    v = cv.add(node.name, op, [x], {"kernel": kernel, "strides": strides, "pads": pads}, out=node.output[0])
-    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
-
-def _import_MaxPool(cv, node):
-    _pool(cv, node, "MaxPool")
-
-def _import_AveragePool(cv, node):
-    _pool(cv, node, "AvgPool")
-
-def _import_GlobalAveragePool(cv, node):
-    e = cv.entry(node, node.input[0])
-    rank = len(e.perm)
-    x = cv.layout(node, e, canonical_perm(rank))
-    g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap")
-    c = cv.b.values[g].shape[-1]
-    v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
-    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
-
-def _import_ReduceMean(cv, node):
-    """ONNX ``ReduceMean`` over exactly the spatial axes (what ``AdaptiveAvgPool2d(1)`` and Brevitas
-    ``TruncAdaptiveAvgPool2d(1)`` export) -> ``GlobalAvgPool`` (+ a keepdims Reshape).
-
-    Raises:
-        UnsupportedError: naming the node for any other set of axes."""
-    e = cv.entry(node, node.input[0])
-    rank = len(e.perm)
-    if cv.opset >= 18:
-        axes = [int(a) for a in np.asarray(cv.const(node, node.input[1])).ravel()] \
-            if len(node.input) > 1 and node.input[1] else []
-    else:
-        axes = [int(a) for a in (cv.attr(node, "axes", []) or [])]
-    if not axes and int(cv.attr(node, "noop_with_empty_axes", 0)):
-        cv.env[node.output[0]] = e
-        return
-    axes = sorted({a % (rank + 1) for a in axes}) if axes else list(range(rank + 1))
-    if rank < 2 or axes != list(range(2, rank + 1)):
-        raise UnsupportedError(f"ReduceMean over axes {axes} of a rank-{rank + 1} tensor: only the spatial axes "
-                               f"{list(range(2, rank + 1))} (a global average pool) are supported", node.name)
-    x = cv.layout(node, e, canonical_perm(rank))
-    keep = int(cv.attr(node, "keepdims", 1))
-    g = cv.add(node.name, "GlobalAvgPool", [x], out=f"{node.output[0]}__gap" if keep else node.output[0])
-    if not keep:
-        cv.env[node.output[0]] = Entry(g, (0,))
-        return
-    c = cv.b.values[g].shape[-1]
-    v = cv.add(f"{node.name}__keepdims", "Reshape", [g], {"shape": (1,) * (rank - 1) + (c,)}, out=node.output[0])
-    cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
 # -------------------------------------------------------------- shape ops
 def _reshape_to(cv, node, out_shape: tuple[int, ...]):
@@ -483,8 +379,8 @@ IMPORTERS: dict[str, Callable] = {
     "BatchNormalization": _import_BatchNormalization,
     "Add": _import_binary, "Sub": _import_binary, "Mul": _import_binary, "Div": _import_binary,
     "Relu": _import_Relu, "Identity": _import_Identity, "Dropout": _import_Identity,
-    "MaxPool": _import_MaxPool, "AveragePool": _import_AveragePool, "GlobalAveragePool": _import_GlobalAveragePool,
-    "ReduceMean": _import_ReduceMean,
+    "MaxPool": import_MaxPool, "AveragePool": import_AveragePool, "GlobalAveragePool": import_GlobalAveragePool,
+    "ReduceMean": import_ReduceMean,
     "Reshape": _import_Reshape, "Flatten": _import_Flatten, "Transpose": _import_Transpose,
     "Concat": _import_Concat, "Pad": _import_Pad, "Softmax": _import_Softmax,
     "MultiThreshold": import_multithreshold, "TopK": import_topk, "FloatQuant": import_floatquant,

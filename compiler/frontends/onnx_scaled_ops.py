@@ -56,6 +56,35 @@ def maxpool(cv, node, e, x, S, attrs, out, out_perm) -> None:
     cv.bind(out, v, out_perm, scaled=S.with_(P=P, B=B))
 
 
+def avgpool(cv, node, e, x, S, attrs, out, out_perm) -> None:
+    """``AveragePool``/``GlobalAveragePool`` of a scaled value as an exact integer window *sum* (a
+    depthwise ``Conv`` with weights 1) and ``P / n`` in the map (``n`` elements per window): exact
+    for any ``n``, where a fixed-point average truncates unless ``n`` is a power of two.  Padding
+    (``count_include_pad=1``) holds the real 0: an IR ``Pad`` with its code first.
+
+    Raises:
+        UnsupportedError: naming the node for a pending ReLU, a map varying across positions, or
+            padding whose real 0 is no single code."""
+    if S.relu:
+        materialize(cv, node, e)  # raises: the ReLU comes before the average
+    shape = cv.b.values[x].shape
+    P, B = channel(S.P, shape), channel(S.B, shape)
+    if P is None or B is None:
+        raise UnsupportedError(f"{node.op_type} of a scaled value whose scale/offset vary across positions", node.name)
+    kernel, pads = tuple(attrs["kernel"]), tuple(attrs["pads"])
+    nd = len(kernel)
+    if any(pads):
+        code = zero_code(cv, node, x, S, 0)
+        x = cv.add(f"{node.name}__pad", "Pad", [x], {"pads": pads[:nd] + (0,) + pads[nd:] + (0,), "code": code},
+                   out=f"{out}__padded")
+    C = shape[-1]
+    w = np.ones(kernel + (1, C), dtype=np.int64)
+    v = cv.add(node.name, "Conv", [x], {"kernel": kernel, "strides": tuple(attrs["strides"]), "pads": (0,) * 2 * nd,
+                                        "groups": C}, {"weight": int_const(w)}, out=out)
+    n = int(np.prod(kernel))
+    cv.bind(out, v, out_perm, scaled=S.with_(P=P / n, B=B))
+
+
 def affine_const(cv, node, e, mul, add) -> None:
     """``x * mul + add`` (constants: scalars or IR channel vectors, exact Fractions) on a scaled
     value: folded into the map, no IR node."""
@@ -92,6 +121,8 @@ def binary(cv, node) -> bool:
         ea = ins[0] if ins[0] is not None else ins[1]
         cname = b if ins[0] is not None else a
         vec = cv.channel_vector(cv.consts[cname], ea)
+        if vec is not None and vec.ndim and ea.rowperm is not None:
+            vec = None  # per-element constants of a flattened tensor in the weights' row order: not mapped
         if vec is None:
             raise UnsupportedError(f"{op} with a constant of shape {np.shape(cv.consts[cname])} on a scaled value",
                                    node.name)
@@ -111,10 +142,12 @@ def binary(cv, node) -> bool:
     if op not in ("Add", "Sub"):
         raise UnsupportedError(f"{op} of two activations, one of them scaled-integer, is not supported", node.name)
     ea, eb = ins
+    if ea.rowperm is not None or eb.rowperm is not None:
+        raise UnsupportedError(f"{op} of a flattened scaled value feeding a MatMul/Gemm is not supported", node.name)
     Sa, Sb = scaled_of(cv, ea), scaled_of(cv, eb)
     if Sa is None or Sb is None or Sa.relu or Sb.relu:
         raise UnsupportedError(f"{op} of a scaled-integer value and a float (or pending ReLU) value", node.name)
-    xb, Sb = relayout(cv, node, eb, ea.perm) if eb.rowperm is None else (eb.value, Sb)
+    xb, Sb = relayout(cv, node, eb, ea.perm)
     shape = cv.b.values[ea.value].shape
     Pa, Pb = channel(Sa.P, shape), channel(Sb.P, shape)
     if Pa is None or Pb is None:
@@ -154,6 +187,8 @@ def batchnorm(cv, node, e, g, h) -> None:
     the float64 ``gamma / sqrt(var + eps)`` and ``beta - mean * g`` taken as exact rationals."""
     rank = len(e.perm)
     shp = (len(g),) + (1,) * (rank - 1)
+    if e.rowperm is not None:
+        raise UnsupportedError("BatchNormalization of a flattened scaled value feeding a MatMul/Gemm", node.name)
     gv, hv = cv.channel_vector(np.reshape(g, shp), e), cv.channel_vector(np.reshape(h, shp), e)
     affine_const(cv, node, e, gv, None)
     e2 = cv.env[node.output[0]]

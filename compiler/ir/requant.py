@@ -21,6 +21,7 @@ CVPR 2018, section 2.3).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -208,16 +209,44 @@ def _real_condition(V: Fraction, closed: bool, relu: bool):
     return V, closed
 
 
-def _code_threshold(V, closed, P: Fraction, B: Fraction, lo: int, hi: int) -> tuple[int, bool]:
-    """For ``u = a*P + B`` (``P != 0``): the threshold ``t`` of the condition ``u >= V`` (closed) or
-    ``u > V`` written as ``a >= t`` (when ``P > 0``: the condition) or as ``a >= t`` meaning *not*
-    the condition (``P < 0``).  Clipped to ``[lo, hi + 1]``.  Returns ``(t, is_negated)``."""
-    r = (V - B) / P
-    if P > 0:
-        t = math.ceil(r) if closed else math.floor(r) + 1
-    else:  # u >= V  <=>  a <= r ; not: a > r  <=> a >= floor(r) + 1 ;  u > V <=> a < r ; not: a >= ceil(r)
-        t = math.floor(r) + 1 if closed else math.ceil(r)
-    return min(max(t, lo), hi + 1), P < 0
+@functools.lru_cache(maxsize=64)
+def _steps(mode: str, qmin: int, qmax: int, bipolar: bool) -> tuple:
+    """``(h, closed)`` per condition ``q >= k``: ``round(f) >= k`` is ``f >= h/2`` (or ``>``)."""
+    if bipolar:
+        return ((0, True), (0, True))
+    return tuple((int(cc * 2), closed) for cc, closed in (step_condition(mode, k) for k in range(qmin + 1, qmax + 1)))
+
+
+def _channel_thresholds(quant: QuantSpec, c: int, p: Fraction, b: Fraction, relu: bool, lo: int, hi: int):
+    """The thresholds of channel ``c`` (``p != 0``), clipped to ``[lo, hi + 1]``.  For ``u = a*p + b``
+    and a condition ``u >= V`` (``u > V`` when open) with ``r = (V - b) / p``: when ``p > 0`` it is
+    ``a >= ceil(r)`` (open: ``a >= floor(r) + 1``); when ``p < 0`` its *negation* is ``a >= floor(r) + 1``
+    (open: ``a >= ceil(r)``), counted with sign -1.
+
+    In integer arithmetic: a condition's real is ``V = (h/2 - z) * s`` (``h`` its half-integer step,
+    :func:`step_condition`), so ``r = N / D`` with ``N = ((h - 2z) * sn * bd - 2 * bn * sd) * pd`` and
+    ``D = 2 * sd * bd * pn`` (numerators/denominators of the Fractions ``s``, ``b``, ``p``), and
+    ``ceil``/``floor`` of ``N / D`` are exact integer divisions (checked against brute force)."""
+    s, z = quant.channel(c)
+    sn, sd, pn, pd, bn, bd = s.numerator, s.denominator, p.numerator, p.denominator, b.numerator, b.denominator
+    D = 2 * sd * bd * pn
+    neg = D < 0
+    D = abs(D)
+    out = []
+    for h, closed in _steps(quant.rounding, quant.qmin, quant.qmax, quant.bipolar):
+        vnum = (h - 2 * z) * sn  # V = vnum / (2 sd)
+        if relu and (vnum < 0 or (vnum == 0 and closed)):  # max(0, u) always meets it
+            out.append(lo if p > 0 else hi + 1)
+            continue
+        N = (vnum * bd - 2 * bn * sd) * pd
+        if neg:
+            N = -N
+        if p > 0:
+            t = -((-N) // D) if closed else N // D + 1
+        else:
+            t = N // D + 1 if closed else -((-N) // D)
+        out.append(min(max(t, lo), hi + 1))
+    return out
 
 
 def multithreshold_params(lo: int, hi: int, P, B, quant: QuantSpec, relu: bool = False,
@@ -249,21 +278,15 @@ def multithreshold_params(lo: int, hi: int, P, B, quant: QuantSpec, relu: bool =
     T = quant.qmax - quant.qmin if not quant.bipolar else 2
     for c in range(C):
         p, b = P[c if len(P) > 1 else 0], B[c if len(B) > 1 else 0]
-        conds = [_real_condition(V, closed, relu) for V, closed in quant.conditions(c)]
         if p == 0:  # constant channel: count the conditions the constant u = B meets
+            conds = [_real_condition(V, closed, relu) for V, closed in quant.conditions(c)]
             dead.append(c)
             n = sum(1 for cd in conds if cd is None or (b > cd[0] if not cd[1] else b >= cd[0]))
             rows.append([lo] * n + [hi + 1] * (T - n))
             bases.append(quant.qmin)
             signs.append(1)
             continue
-        ts = []
-        for cd in conds:
-            if cd is None:  # always true
-                ts.append(lo if p > 0 else hi + 1)
-            else:
-                ts.append(_code_threshold(cd[0], cd[1], p, b, lo, hi)[0])
-        rows.append(sorted(ts))
+        rows.append(sorted(_channel_thresholds(quant, c, p, b, relu, lo, hi)))
         if p > 0:
             bases.append(quant.qmin)
             signs.append(1)
@@ -302,9 +325,15 @@ def f32_at_least(r: Fraction, strict: bool) -> Fraction:
 
 
 def float_input_thresholds(quant: QuantSpec, C: int, max_width: int = 62):
-    """Thresholds for a ``Quant`` on a float32 tensor ``x`` (per channel ``C``): every decision
-    ``x/s + z >= c`` is ``x >= t`` with ``t`` a float32 (:func:`f32_at_least`), and with ``F`` fraction
-    bits such that every ``t * 2**F`` is an integer, ``x >= t`` is ``floor(x * 2**F) >= t * 2**F``.
+    """Thresholds for a ``Quant`` on a float32 tensor ``x`` (per channel ``C``).
+
+    Each decision is ``x >= V`` (or ``x > V``) for an exact rational ``V``; on float32 inputs it is
+    ``x >= t`` with ``t`` the first float32 that passes (:func:`f32_at_least`).  With ``F`` fraction
+    bits such that every such ``t`` lies on the grid ``2**-F``, the first *grid point* ``g`` that
+    passes is ``<= t`` and no float32 lies in ``[g, t)``, so ``floor(x * 2**F) >= g * 2**F`` decides
+    exactly like the source for every float32 ``x``: the thresholds are those of the exact ``V``
+    (:func:`multithreshold_params` with ``P = 2**-F``, a regular ladder that a multiply-and-shift
+    form can follow), and only the grid's resolution comes from float32.
 
     Returns:
         ``(grid, params)``: ``grid`` the fixed type (``TRN``, ``SAT``) to cast ``x`` into first (its
@@ -314,32 +343,20 @@ def float_input_thresholds(quant: QuantSpec, C: int, max_width: int = 62):
         UnsupportedError: when the grid needs more than ``max_width`` bits.
     """
     check_quant(quant)
-    ts_all = []
-    for c in range(C):
-        row = []
-        for V, closed in quant.conditions(c):
-            row.append(f32_at_least(V, strict=not closed))
-        ts_all.append(row)
     F = 0
-    for row in ts_all:
-        for t in row:
+    conds = [quant.conditions(c) for c in range(C)]
+    for row in conds:
+        for V, closed in row:
+            t = f32_at_least(V, strict=not closed)
             if t != 0:
-                F = max(F, (t.denominator.bit_length() - 1))  # denominators of float32 are powers of two
-    codes = [[int(t * (1 << F)) for t in row] for row in ts_all]
-    lo = min(min(r) for r in codes) - 1
-    hi = max(max(r) for r in codes) + 1
+                F = max(F, t.denominator.bit_length() - 1)  # float32 denominators are powers of two
+    codes = [math.ceil(V * (1 << F)) if closed else math.floor(V * (1 << F)) + 1 for row in conds for V, closed in row]
+    lo, hi = min(codes) - 1, max(codes) + 1
     width, signed = bits_for_range(min(lo, 0), max(hi, 0))
     if width > max_width:
         raise UnsupportedError(f"a Quant on a float input needs a {width}-bit grid ({F} fraction bits) to compare "
                                f"the float32 input exactly with its thresholds (more than {max_width}; e.g. a "
                                f"threshold 'x > 0' of CEIL/UP rounding)")
     grid = FixedType(width, width - F, signed, "TRN", "SAT")
-    th = np.array([sorted(r) for r in codes], dtype=np.int64)
-    base = np.array([quant.qmin] * C, dtype=np.int64)
-    if C > 1 and np.all(th == th[0]):
-        th = th[:1]
-    if C > 1 and np.all(base == base[0]):
-        base = base[:1]
-    out_type = fixed_for_range(quant.qmin, quant.qmax, 0)
-    th_type = fixed_for_range(min(grid.min_code, int(th.min())), max(grid.max_code + 1, int(th.max())), F)
-    return grid, ThresholdParams(th, base, np.ones_like(base), out_type, th_type, ())
+    p = multithreshold_params(grid.min_code, grid.max_code, [Fraction(1, 1 << F)], [Fraction(0)], quant, False, F)
+    return grid, p

@@ -4,6 +4,10 @@ A :class:`ShiftForm` is, per channel ``c`` (last axis), the map of input codes `
 
     ``g_c(x) = clamp(floor((x * K[c] + R[c]) / 2**S), out.min_code, out.max_code)``
 
+or the same with round-half-to-even instead of the floor (tried when no floor form exists: an
+exactly dyadic requantizer whose ties round to even has steps of alternating widths, which no
+floor form has; ``tau(j)`` below is then the smallest accumulator that rounds to ``j`` or more).
+
 with integers ``K[c]`` (multiplier), ``R[c]`` (offset) and one shift ``S`` shared by every channel.
 :func:`find_shift_form` looks for one that equals a MultiThreshold ``f_c(x) = base[c] + sign[c] *
 #{k : x >= t[c, k]}`` for EVERY code ``x`` in the input range ``[lo, hi]``; :func:`prove` is the
@@ -25,6 +29,8 @@ steps ``u_1 <= ... <= u_m`` in ``(lo, hi]`` (level ``v0 + i`` starts at ``u_i``)
 * the start value is right: ``R <= (v0+1) P - lo K - 1``, and ``R >= v0 P - lo K`` unless
   ``v0 == omin`` (the clamp lifts anything below);
 * no step beyond the last: ``R <= (v1+1) P - hi K - 1`` unless ``v1 = v0 + m == omax``.
+
+(for round half to even, ``j P`` becomes ``tau(j)`` throughout).
 
 So for a given ``(S, K)`` the feasible offsets are one integer interval ``[max L_i(K), min
 U_i(K)]`` whose bounds are affine in ``K``; ``psi(K) = max L_i(K) - min U_i(K)`` is convex, its
@@ -54,39 +60,11 @@ from .types import MAX_WIDTH, FixedType, bits_for_range
 _LIM = 1 << 60
 _BIG = 1 << 62
 
-#: Rounding of the form's final shift: ``TRN`` (floor) or ``RND_CONV`` (round half to even, the
-#: QONNX ``ROUND`` of a dyadic map: a floor form cannot place its alternating tie steps).
-FORM_ROUNDINGS = ("TRN", "RND_CONV")
-
-
-def level_bound(lvl, S: int, rounding: str = "TRN"):
-    """``T`` with ``form(x) >= lvl  <=>  x*K + R >= T`` (before the clamp) for ``K > 0``.
-
-    ``TRN``: ``lvl * 2**S``.  ``RND_CONV`` (S >= 1): ``round_half_even(y / 2**S) >= j`` iff
-    ``y > (j - 1/2) 2**S`` or ``y == (j - 1/2) 2**S`` with ``j`` even, i.e.
-    ``y >= (2j - 1) 2**(S-1) + (j mod 2)``; with ``S == 0`` the value is exact: ``T = lvl``.
-    Works on Python ints and int64 arrays (``lvl & 1`` is the parity for negative levels too).
-    """
-    if rounding == "TRN" or S == 0:
-        return lvl << S
-    return ((2 * lvl - 1) << (S - 1)) + (lvl & 1)
-
-
-def _shift_round(y, S: int, rounding: str):
-    """``floor(y / 2**S)`` (TRN) or round-half-even (RND_CONV) of integers ``y`` (int or int64 array)."""
-    q = y >> S
-    if rounding == "TRN" or S == 0:
-        return q
-    rem = y - (q << S)
-    half = 1 << (S - 1)
-    up = (rem > half) | ((rem == half) & ((q & 1) == 1))
-    return q + up
-
 
 @dataclass(frozen=True)
 class ShiftForm:
     """``clamp(rnd((x * K[c] + R[c]) / 2**S), out)`` per channel ``c`` (last axis), ``rnd`` the
-    floor (``out.rounding == "TRN"``) or round half to even (``"RND_CONV"``).
+    floor (``rounding="TRN"``) or round-half-to-even (``"RND_CONV"``).
 
     Attributes:
         K: per-channel integer multipliers (length C; negative for non-increasing channels,
@@ -96,6 +74,7 @@ class ShiftForm:
         out: the clamp range, as the fixed-point type whose ``min_code``/``max_code`` bound the
             result (its codes are the MultiThreshold's output codes).
         lo, hi: the input code range the form was proved equal on.
+        rounding: ``"TRN"`` (floor) or ``"RND_CONV"`` (half to even): the ``Quantize`` mode.
     """
 
     K: tuple
@@ -104,6 +83,7 @@ class ShiftForm:
     out: FixedType
     lo: int
     hi: int
+    rounding: str = "TRN"
 
     @property
     def k_bits(self) -> int:
@@ -128,8 +108,35 @@ class ShiftForm:
         if self.acc_bits() > MAX_WIDTH:
             raise ValueError(f"accumulator of {self.acc_bits()} bits does not fit int64 arithmetic")
         x = np.asarray(x, dtype=np.int64)
-        y = _shift_round(x * np.asarray(self.K, np.int64) + np.asarray(self.R, np.int64), self.S, self.out.rounding)
+        a = x * np.asarray(self.K, np.int64) + np.asarray(self.R, np.int64)
+        y = np.right_shift(a, self.S)
+        if self.rounding == "RND_CONV" and self.S > 0:
+            rem = a - np.left_shift(y, self.S)
+            half = np.int64(1) << np.int64(self.S - 1)
+            y = y + ((rem > half) | ((rem == half) & ((y & 1) == 1)))
         return np.clip(y, self.out.min_code, self.out.max_code)
+
+
+#: Rounding modes a form may use (the ``Quantize`` after the ``Affine``).
+ROUNDINGS = ("TRN", "RND_CONV")
+
+
+def tau(level, S: int, rounding: str):
+    """The smallest accumulator ``a`` with ``rnd(a / 2**S) >= level`` (ints or int64 arrays):
+    ``level * 2**S`` for the floor; for half-to-even ``level * 2**S - 2**(S-1)`` plus one when
+    ``level`` is odd (the tie ``level - 1/2`` rounds up to ``level`` only when it is even)."""
+    if rounding == "TRN" or S == 0:
+        return level << S
+    return (level << S) - (1 << (S - 1)) + (level & 1)
+
+
+def _rnd(a: int, S: int, rounding: str) -> int:
+    """``rnd(a / 2**S)`` of a Python int."""
+    q = a >> S
+    if rounding == "RND_CONV" and S > 0:
+        rem, half = a - (q << S), 1 << (S - 1)
+        q += 1 if rem > half or (rem == half and q & 1) else 0
+    return q
 
 
 # ----------------------------------------------------------------------------- channel data
@@ -167,25 +174,19 @@ def channel_steps(thresholds: np.ndarray, base: np.ndarray, sign: np.ndarray, ch
     return out
 
 
-def _form_steps(k: int, r: int, S: int, out: FixedType, lo: int, hi: int, limit: int):
-    """(value at lo, direction, step list) of ``clamp(rnd((x*k + r) / 2**S))`` on ``[lo, hi]``
-    (``rnd`` per ``out.rounding``), exact in Python ints; ``None`` when it has more than ``limit``
-    steps there."""
-    rnd = out.rounding
-
+def _form_steps(k: int, r: int, S: int, out: FixedType, lo: int, hi: int, limit: int, rounding: str = "TRN"):
+    """(value at lo, direction, step list) of ``clamp(rnd((x*k + r) / 2**S))`` on ``[lo, hi]``,
+    exact in Python ints; ``None`` when it has more than ``limit`` steps there."""
     def g(x):
-        return min(max(int(_shift_round(x * k + r, S, rnd)), out.min_code), out.max_code)
-
-    def T(j):
-        return level_bound(j, S, rnd)
+        return min(max(_rnd(x * k + r, S, rounding), out.min_code), out.max_code)
 
     v0, v1 = g(lo), g(hi)
     if abs(v1 - v0) > limit:
         return None
-    if v1 > v0:  # k > 0: step to level j at ceil((j P - r) / k)
-        return v0, 1, tuple(max(lo, -((r - T(j)) // k)) for j in range(v0 + 1, v1 + 1))
-    if v1 < v0:  # k < 0: step down to level j at floor((r - (j+1) P) / -k) + 1
-        return v0, -1, tuple(max(lo, (r - T(j + 1)) // (-k) + 1) for j in range(v0 - 1, v1 - 1, -1))
+    if v1 > v0:  # k > 0: step up to level j at ceil((tau(j) - r) / k)
+        return v0, 1, tuple(max(lo, -((r - tau(j, S, rounding)) // k)) for j in range(v0 + 1, v1 + 1))
+    if v1 < v0:  # k < 0: step down to level j (g <= j, i.e. not g >= j+1) at floor((r - tau(j+1)) / -k) + 1
+        return v0, -1, tuple(max(lo, (r - tau(j + 1, S, rounding)) // (-k) + 1) for j in range(v0 - 1, v1 - 1, -1))
     return v0, 0, ()
 
 
@@ -201,7 +202,7 @@ def prove(form: ShiftForm, thresholds, base, sign) -> str | None:
     """
     chans = channel_steps(thresholds, base, sign, len(form.K), form.lo, form.hi)
     for c, (ch, k, r) in enumerate(zip(chans, form.K, form.R)):
-        got = _form_steps(int(k), int(r), form.S, form.out, form.lo, form.hi, len(ch.steps))
+        got = _form_steps(int(k), int(r), form.S, form.out, form.lo, form.hi, len(ch.steps), form.rounding)
         if got is None:
             return f"channel {c}: the form has more steps than the thresholds"
         v0, d, steps = got
@@ -231,15 +232,15 @@ def _hull(pts: list, upper: bool) -> list:
     return out
 
 
-def _parity_hull(pts: list, upper: bool, split: bool) -> list:
-    """:func:`_hull`, taken separately over even and odd levels when ``split`` (the RND_CONV level
-    bound has a parity term, constant within each class, so the hull argument holds per class)."""
-    if not split:
-        return _hull(pts, upper)
+def _parity_hulls(pts: list, upper: bool) -> list:
+    """:func:`_hull` of the even-level and of the odd-level points separately: the half-to-even
+    bound ``tau(level)`` adds ``level & 1`` to ``level * 2**S - 2**(S-1)``, a term constant within
+    each parity class only, so the hull argument holds per class (for the floor the union is
+    merely a few points more than one hull)."""
     return _hull([p for p in pts if p[1] % 2 == 0], upper) + _hull([p for p in pts if p[1] % 2], upper)
 
 
-def _constraints(chans, lo: int, hi: int, omin: int, omax: int, split: bool = False):
+def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
     """Padded arrays of the bounds ``L_i(K) = lvl_i * 2**S + a_i - b_i K`` (lower) and
     ``U_i(K) = lvl_i * 2**S + a_i - b_i K`` (upper) of the non-constant channels, each
     normalized to a non-decreasing step (mirrored when sign = -1)."""
@@ -251,9 +252,8 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int, split: bool = Fa
             v0, cmin, cmax = -ch.v0, -omax, -omin
         m = len(ch.steps)
         v1 = v0 + m
-        L = [(lvl, 0, u) for u, lvl in _parity_hull([(u, v0 + i + 1) for i, u in enumerate(ch.steps)], True, split)]
-        U = [(lvl, -1, u) for u, lvl in _parity_hull([(u - 1, v0 + i + 1) for i, u in enumerate(ch.steps)], False,
-                                                      split)]
+        L = [(lvl, 0, u) for u, lvl in _parity_hulls([(u, v0 + i + 1) for i, u in enumerate(ch.steps)], True)]
+        U = [(lvl, -1, u) for u, lvl in _parity_hulls([(u - 1, v0 + i + 1) for i, u in enumerate(ch.steps)], False)]
         if v0 > cmin:
             L.append((v0, 0, lo))
         U.append((v0 + 1, -1, lo))
@@ -278,18 +278,17 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int, split: bool = Fa
 def _psi(S: int, K: np.ndarray, cl, cu, rounding: str = "TRN"):
     """``max_i L_i(K) - min_i U_i(K)`` and the two bounds, per channel (``K``: ``[C', 1]``)."""
     lvl, a, b = cl
-    L = np.where(a == -_BIG, -_BIG, level_bound(lvl, S, rounding) + a - b * K).max(axis=1)
+    L = np.where(a == -_BIG, -_BIG, tau(lvl, S, rounding) + a - b * K).max(axis=1)
     lvl, a, b = cu
-    U = np.where(a == _BIG, _BIG, level_bound(lvl, S, rounding) + a - b * K).min(axis=1)
+    U = np.where(a == _BIG, _BIG, tau(lvl, S, rounding) + a - b * K).min(axis=1)
     return L - U, L, U
 
 
-def _brackets(S: int, chans, kmax: int, slack: int = 0):
+def _brackets(S: int, chans, kmax: int, rounding: str = "TRN"):
     """Per channel a necessary range ``[a, b]`` of ``K`` at shift ``S``: the first and last steps
-    ``u_1``, ``u_m`` (``m >= 2``, ``d = u_m - u_1``) force ``(m-1) 2**S + 1 <= (d+1) K`` and, for
-    ``d >= 2``, ``(d-1) K <= (m-1) 2**S - 1`` (their two step intervals must meet).  Clipped to
-    ``[1, kmax]``; ``a > b`` means no ``K`` at this shift.  ``slack`` widens both bounds (1 for
-    RND_CONV, whose level bounds are spaced ``2**S +- 1``)."""
+    ``u_1``, ``u_m`` (``m >= 2``, ``d = u_m - u_1``, ``n = tau(v0+m) - tau(v0+1)``, about
+    ``(m-1) 2**S``) force ``n + 1 <= (d+1) K`` and, for ``d >= 2``, ``(d-1) K <= n - 1`` (their
+    two step intervals must meet).  Clipped to ``[1, kmax]``; ``a > b``: no ``K`` at this shift."""
     a = np.ones(len(chans), np.int64)
     b = np.full(len(chans), kmax, np.int64)
     for i, ch in enumerate(chans):
@@ -297,10 +296,11 @@ def _brackets(S: int, chans, kmax: int, slack: int = 0):
         if m < 2:
             continue
         d = ch.steps[-1] - ch.steps[0]
-        n = (m - 1) << S
-        a[i] = min(max(1, -(-(n + 1 - slack) // (d + 1))), kmax + 1)
+        v0 = ch.v0 if ch.sign > 0 else -ch.v0
+        n = tau(v0 + m, S, rounding) - tau(v0 + 1, S, rounding)
+        a[i] = min(max(1, -(-(n + 1) // (d + 1))), kmax + 1)
         if d >= 2:
-            b[i] = min(kmax, (n - 1 + slack) // (d - 1))
+            b[i] = min(kmax, (n - 1) // (d - 1))
     return a, b
 
 
@@ -364,8 +364,7 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         channels: C, the length of the last axis.
         lo, hi: the input code range (e.g. the accumulator type's ``min_code``/``max_code``).
         out: the clamp type: its code range must contain every output code of the op (e.g. the
-            op's ``to`` with SAT saturation); its rounding (``TRN`` or ``RND_CONV``) is the
-            form's rounding of ``(x * K + R) / 2**S``.
+            op's ``to`` with TRN rounding and SAT saturation).
         max_width: cap on the bits of the ``x * K + R`` accumulator (default the IR's 62).
         max_const_bits: cap on the bits of ``K`` and of ``R`` (e.g. 53 where constants travel as
             float64).
@@ -374,9 +373,6 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         per channel) that :func:`prove` accepts, or ``form=None`` with the reason.
     """
     lo, hi = int(lo), int(hi)
-    rnd = out.rounding
-    if rnd not in FORM_ROUNDINGS:
-        raise ValueError(f"form rounding {rnd!r} is not one of {FORM_ROUNDINGS}")
     if lo > hi:
         raise ValueError(f"empty input range [{lo}, {hi}]")
     base, sign = np.asarray(base).reshape(-1), np.asarray(sign).reshape(-1)
@@ -386,24 +382,38 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
         if min(vs) < out.min_code or max(vs) > out.max_code:
             return SearchResult(None, f"channel {c}: output codes {min(vs)}..{max(vs)} outside the clamp range "
                                       f"of {out}")
-    moving = [c for c, ch in enumerate(chans) if ch.steps]
     amax = max(abs(lo), abs(hi), 1)
     levels = max(abs(out.min_code), abs(out.max_code)) + 2
     s_max = max(0, min(max_width, (_LIM // levels).bit_length() - 1))
     kmax = max(1, min(_LIM // amax, (1 << max_const_bits) - 1))
+    reasons = []
+    for rounding in ROUNDINGS:  # the floor first (no rounding adder), then half to even
+        res = _search(chans, thresholds, base, sign, lo, hi, out, s_max, kmax, max_width, max_const_bits, rounding)
+        if res.form is not None:
+            return res
+        reasons.append(res.reason)
+    return SearchResult(None, f"{reasons[0]}; with round-half-to-even: {reasons[1]}" if reasons[1] != reasons[0]
+                        else reasons[0])
+
+
+def _search(chans, thresholds, base, sign, lo, hi, out, s_max, kmax, max_width, max_const_bits,
+            rounding) -> SearchResult:
+    """:func:`find_shift_form` for one rounding mode."""
+    channels = len(chans)
+    moving = [c for c, ch in enumerate(chans) if ch.steps]
     K, R, S = [0] * channels, [0] * channels, 0
     if moving:
         sub = [chans[c] for c in moving]
-        cl, cu = _constraints(sub, lo, hi, out.min_code, out.max_code, split=rnd != "TRN")
+        cl, cu = _constraints(sub, lo, hi, out.min_code, out.max_code)
         found, bad = None, moving[0]
         ever = np.zeros(len(moving), bool)  # channels feasible at some shift tried
         for S in range(s_max + 1):  # smallest shift first (a form at S gives one at S+1 while 2K fits)
-            a, b = _brackets(S, sub, kmax, slack=0 if rnd == "TRN" else 1)
+            a, b = _brackets(S, sub, kmax, rounding)
             if (a > kmax).any():  # the lower bound only grows with S
                 if ever.all():
                     bad = moving[int(np.argmax(a > kmax))]
                 break
-            ok, kk, L, U = _solve(S, cl, cu, a, b, rnd)
+            ok, kk, L, U = _solve(S, cl, cu, a, b, rounding)
             if ok.all():
                 found = S
                 break
@@ -415,17 +425,16 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
                                       f"bits and a multiplier below 2**{kmax.bit_length()}")
         for i, c in enumerate(moving):
             k, r = int(kk[i]), min(max(0, int(L[i])), int(U[i]))
-            if chans[c].sign < 0:
-                # mirrored: -floor(y) = floor((2**S - 1 - y') / 2**S) form; -rhe(y) = rhe(-y)
-                k, r = -k, ((1 << S) - 1 - r) if rnd == "TRN" else -r
+            if chans[c].sign < 0:  # mirrored: -floor(a / P) = floor((-a + P - 1) / P); -rne(a / P) = rne(-a / P)
+                k, r = -k, ((1 << S) - 1 - r if rounding == "TRN" else -r)
             K[c], R[c] = k, r
     for c, ch in enumerate(chans):
-        if not ch.steps:  # constant on [lo, hi]: K = 0, floor(R / 2**S) == v0 (or clamps to it)
+        if not ch.steps:  # constant on [lo, hi]: K = 0, rnd(R / 2**S) == v0 (or clamps to it)
             v = ch.v0
-            lo_r = level_bound(v, S, rnd) if v > out.min_code else -_BIG
-            hi_r = level_bound(v + 1, S, rnd) - 1 if v < out.max_code else _BIG
+            lo_r = tau(v, S, rounding) if v > out.min_code else -_BIG
+            hi_r = tau(v + 1, S, rounding) - 1 if v < out.max_code else _BIG
             R[c] = min(max(0, lo_r), hi_r)
-    form = ShiftForm(tuple(K), tuple(R), S, out, lo, hi)
+    form = ShiftForm(tuple(K), tuple(R), S, out, lo, hi, rounding)
     if form.acc_bits() > max_width:
         return SearchResult(None, f"the form needs a {form.acc_bits()}-bit accumulator (shift {S}), more than "
                                   f"{max_width}")
@@ -442,29 +451,21 @@ def find_shift_form(thresholds, base, sign, channels: int, lo: int, hi: int, out
 # ----------------------------------------------------------------------------- IR helpers
 def clamp_type(to: FixedType, rounding: str = "TRN") -> FixedType:
     """The ``Quantize`` type of a form into MultiThreshold output type ``to``: ``to`` with the
-    form's rounding (TRN: floor, RND_CONV: half to even) and SAT saturation (its clamp; ``SAT_SYM`` kept, which
-    clamps to the symmetric range).  Same width, binary point and signedness as ``to``, so
-    every output code of the op is one of its codes."""
+    form's ``rounding`` (TRN: the floor; RND_CONV: half to even) and SAT saturation (its clamp;
+    ``SAT_SYM`` kept, which clamps to the symmetric range).  Same width, binary point and
+    signedness as ``to``, so every output code of the op is one of its codes."""
     return to.with_modes(rounding, "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT")
 
 
 def node_shift_form(node, in_type: FixedType, max_width: int = MAX_WIDTH,
                     max_const_bits: int = MAX_WIDTH) -> SearchResult:
     """:func:`find_shift_form` for MultiThreshold ``node`` whose input has type ``in_type``: the
-    range is every code of ``in_type``, the clamp :func:`clamp_type` of the node's ``to``.  A floor
-    form is tried first, then a round-half-even one (a dyadic map under QONNX ``ROUND`` has tie
-    steps a floor form cannot place); the reason returned is the floor form's."""
+    range is every code of ``in_type``, the clamp :func:`clamp_type` of the node's ``to``."""
     p = node.params
     t = p["thresholds"].data
     c = max(int(t.shape[0]), int(p["base"].shape[0]), int(p["sign"].shape[0]))
-    first = None
-    for rnd in FORM_ROUNDINGS:
-        res = find_shift_form(t, p["base"].data, p["sign"].data, c, in_type.min_code, in_type.max_code,
-                              clamp_type(node.attrs["to"], rnd), max_width, max_const_bits)
-        if res.form is not None:
-            return res
-        first = first or res
-    return first
+    return find_shift_form(t, p["base"].data, p["sign"].data, c, in_type.min_code, in_type.max_code,
+                           clamp_type(node.attrs["to"]), max_width, max_const_bits)
 
 
 def affine_constants(form: ShiftForm, in_type: FixedType, channels: int):

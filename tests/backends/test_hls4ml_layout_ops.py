@@ -106,3 +106,59 @@ def test_depthwise_1d_beside_2d_falls_back_to_dense_with_a_note():
     cls = {d["name"]: d["class_name"] for d in tr.layers}
     assert cls[tr.value_layer["a_dw"]] == "Conv1D" and cls[tr.value_layer["b_dw"]] == "DepthwiseConv2D"
     assert any("'a_dw'" in s and "include guard" in s for s in tr.notes)
+
+
+# ------------------------------------------------------------------------------ Lookup tables
+def _sigmoid_graph(tin="fixed<8,3>", tout="ufixed<7,0,RND_CONV,SAT>", tamper=False):
+    from qdeploy.compiler.ir.ops.lookup import source_values
+    ti, to = parse_type(tin), parse_type(tout)
+    real = ti.to_real(np.arange(ti.min_code, ti.max_code + 1)).astype(np.float32)
+    codes = to.quantize_real(source_values("Sigmoid", real))
+    if tamper:
+        codes[5] += 1
+    b = GraphBuilder("sig")
+    x = b.input("x", (ti.max_code - ti.min_code + 1,), ti)
+    b.output(b.add("sig", "Lookup", [x], attrs={"fn": "Sigmoid"}, params={"table": Const(codes, to)}))
+    return b.build()
+
+
+def test_sigmoid_table_uses_the_computed_table_size_and_is_exact(tmp_path):
+    """fixed<8,3> has 5 fraction bits: hls4ml's sigmoid needs table_size 16 * 2**5 = 512 (not its
+    default 1024) for one entry per code; the generated firmware says so and every code is exact."""
+    g = _sigmoid_graph()
+    comp = compile_graph("hls4ml", g, tmp_path / "p")
+    params = (tmp_path / "p" / "hls4ml_prj" / "firmware" / "parameters.h").read_text()
+    assert "table_size = 512" in params
+    x = np.arange(-128, 128, dtype=np.int64)[None, :]  # every input code
+    np.testing.assert_array_equal(comp({"x": x})["sig"], ref.execute(g, {"x": x}, codes=True)["sig"])
+
+
+def test_table_hls4ml_would_compute_differently_is_refused(tmp_path):
+    with pytest.raises(UnsupportedError, match="node 'sig'.*input code -123"):
+        Hls4mlBackend().emit(_sigmoid_graph(tamper=True), {}, tmp_path / "p")
+
+
+def test_table_entry_near_a_rounding_tie_is_refused(tmp_path):
+    """sigmoid(-1/128) * 128 is within a float32 ulp of the tie 63.5: no emulation can vouch for
+    hls4ml's C++ rounding there, so the layer is refused, naming the node."""
+    with pytest.raises(UnsupportedError, match="node 'sig'.*too close to a rounding boundary"):
+        Hls4mlBackend().emit(_sigmoid_graph("fixed<8,1>", "ufixed<7,0,RND_CONV,SAT>"), {}, tmp_path / "p")
+
+
+def test_padded_maxpool_estimate_counts_the_offset_adders_where_they_are_emitted():
+    """A signed padded MaxPool is hls4ml's own padded pooling in io_parallel but the explicit
+    +c / ZeroPadding / -c form in io_stream: only there does the row price the two offset adders
+    (one per input and one per output element)."""
+    b = GraphBuilder("mp")
+    x = b.input("x", (5, 5, 3), parse_type("fixed<6,2>"))
+    b.output(b.add("mp", "MaxPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 1, 1)}))
+    g = b.build()
+    par = hls4ml_estimate(g, {"io_type": "io_parallel"})["layers"][0]
+    par_t = translate(g, "io_parallel")
+    st_t = translate(g, "io_stream")
+    assert [d["class_name"] for d in par_t.layers[1:]] == ["MaxPooling2D"]
+    assert [d["class_name"] for d in st_t.layers[1:]] == ["BatchNormalization", "ZeroPadding2D", "MaxPooling2D",
+                                                          "BatchNormalization"]
+    # io_stream rows also carry a FIFO term (A12): compare against a translation-independent bound
+    st = hls4ml_estimate(g, {"io_type": "io_stream"})["layers"][0]
+    assert st["lut"] - par["lut"] >= (75 + 27) * 6 * 0.5

@@ -283,9 +283,9 @@ def cases() -> list[Case]:
         # --- unsupported ops / attributes
         _onnx_case("bn_training_mode", _bn_training, "bn_train", "training"),
         _onnx_case("conv_dilation", _conv_dilation, "dil_conv", "dilation", target="hls4ml"),
-        _onnx_case("maxpool_ceil", _single("MaxPool", "mp_ceil", [1, 3, 5, 5], kernel_shape=[2, 2], strides=[2, 2],
-                                                ceil_mode=1),
-                   "mp_ceil", "ceil_mode"),
+        _onnx_case("maxpool_indices", lambda: model([helper.make_node("MaxPool", ["x"], ["y", "idx"], name="mp_idx",
+                                                                      kernel_shape=[2, 2])], [1, 3, 5, 5]),
+                   "mp_idx", "Indices"),
         _onnx_case("avgpool_padding", _avgpool_pad, "avg_padded", "padding"),
         _onnx_case("gemm_transA", _gemm_transA, "gemm_ta", "transA", target="tvm-llvm"),
         # --- target limits

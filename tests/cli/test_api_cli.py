@@ -126,7 +126,8 @@ def test_sigterm_during_compile_leaves_no_staging_directory(tmp_path):
         "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
         "ReferenceBackend.build = build\n"
         "from qdeploy.cli import main\n"
-        f"sys.argv = ['qdeploy', 'compile', {str(model)!r}, '-t', 'reference', '-o', {str(tmp_path / 'out')!r}]\n"
+        f"sys.argv = ['qdeploy', 'compile', {str(model)!r}, '-t', 'reference', '-o', {str(tmp_path / 'out')!r}, "
+        "'--input-type', 'fixed<16,6,RND_CONV,SAT>']\n"
         "main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 143, r.stderr[-500:]

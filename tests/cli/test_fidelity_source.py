@@ -15,8 +15,7 @@ import qdeploy
 import qdeploy.api
 from qdeploy.api import SourceMismatchError
 from qdeploy.cli import app
-
-from .test_fidelity import _perturbing_load
+from qdeploy.compiler.ir.graph import rebuild
 
 brevitas = pytest.importorskip("brevitas")
 from brevitas.core.scaling import ScalingImplType  # noqa: E402
@@ -85,6 +84,19 @@ class WideDot(nn.Module):
         return self.o(self.fc(self.q(x)))
 
 
+def negated_first_layer(real_load):
+    """``qdeploy.api.load`` whose graph has the weights of its first weighted layer negated: what a
+    frontend bug looks like (reference and target agree, the source does not)."""
+    def load(model, example_input=None):
+        g = real_load(model, example_input)
+        nodes = list(g.nodes)
+        i = next(k for k, n in enumerate(nodes) if "weight" in n.params)
+        w = nodes[i].params["weight"]
+        nodes[i] = nodes[i].replace(params={**nodes[i].params, "weight": type(w)(-np.array(w.data), w.dtype)})
+        return rebuild(g, nodes)
+    return load
+
+
 def _seeded(cls, seed=0):
     torch.manual_seed(seed)
     m = cls()
@@ -114,7 +126,7 @@ def test_brevitas_module_is_run_as_the_source(tmp_path):
 def test_brevitas_source_mismatch_fails_and_names_the_output(tmp_path, monkeypatch):
     m = _seeded(SmallCnn)
     x = np.random.default_rng(1).uniform(-1, 1, (8, 1, 4, 4)).astype(np.float32)
-    monkeypatch.setattr(qdeploy.api, "load", _perturbing_load(qdeploy.api.load))
+    monkeypatch.setattr(qdeploy.api, "load", negated_first_layer(qdeploy.api.load))
     with pytest.raises(SourceMismatchError) as ei:
         qdeploy.compile(m, "reference", tmp_path / "o", example_input=torch.tensor(x[:1]), golden=x)
     fid = ei.value.fidelity
@@ -250,3 +262,34 @@ def test_graph_source_says_why_it_is_not_checked(tmp_path, rng):
     res = qdeploy.compile(small_mlp(rng), "reference", tmp_path / "o")
     fid = res.report["fidelity"]
     assert not fid["checked"] and "IR Graph" in fid["reason"]
+
+
+@pytest.mark.parametrize("nd,group,stride,dil,pads", [(2, 1, 1, 1, [1, 1, 1, 1]), (2, 2, 2, 1, [0, 1, 2, 0]),
+                                                      (1, 1, 2, 2, [2, 1]), (1, 4, 1, 1, [0, 0])])
+def test_float64_conv_of_the_onnx_copy_matches_torch(nd, group, stride, dil, pads):
+    # onnxruntime has no float64 Conv on the CPU; the float64 source copy uses conv_double
+    from qdeploy.source_run import conv_double
+    rng = np.random.default_rng(nd * 10 + group)
+    x = rng.standard_normal((3, 4, *([9] * nd)))
+    w = rng.standard_normal((8, 4 // group, *([3] * nd)))
+    b = rng.standard_normal(8)
+    got = conv_double(x, w, b, pads=pads, strides=[stride] * nd, dilations=[dil] * nd, group=group)
+    xt = torch.nn.functional.pad(torch.tensor(x), [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])])
+    f = torch.nn.functional.conv2d if nd == 2 else torch.nn.functional.conv1d
+    want = f(xt, torch.tensor(w), torch.tensor(b), stride=stride, dilation=dil, groups=group).numpy()
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float64_copy_of_a_qonnx_cnn_runs(tmp_path):
+    # the classification of a CNN source needs its float64 copy to run (Conv, Relu, Quant, Gemm...)
+    from qdeploy.compiler.frontends.brevitas import export_brevitas_qonnx
+    from qdeploy.fidelity import run_onnx_source
+    m = _seeded(SmallCnn)
+    x = np.random.default_rng(3).uniform(-1, 1, (10, 1, 4, 4)).astype(np.float32)
+    p = export_brevitas_qonnx(m, x[:1], tmp_path / "cnn.onnx")
+    a, _ = run_onnx_source(p, {"global_in": x})
+    b, _ = run_onnx_source(p, {"global_in": x}, double=True)
+    (k,) = a
+    assert b[k].dtype == np.float64 and np.array_equal(a[k].astype(np.float64), b[k])
+    with torch.no_grad():
+        assert np.array_equal(a[k], m(torch.tensor(x)).numpy())

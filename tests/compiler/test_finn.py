@@ -93,6 +93,34 @@ def test_finn_mlp_matches_qonnx_and_round_trips(out_scale, out_bias, exact):
     assert np.array_equal(back, want)
 
 
+def test_finn_mlp_with_arbitrary_thresholds_is_refused_by_hls4ml_naming_the_node(tmp_path):
+    """hls4ml has no thresholding layer: a MultiThreshold goes through a proved multiply-and-shift
+    form, which random FINN thresholds do not have -> a one-line refusal naming the node."""
+    import qdeploy
+
+    m = finn_mlp(np.random.default_rng(0))
+    path = tmp_path / "finn_mlp.onnx"
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(UnsupportedError, match="node 'mt1'.*multiply-and-shift"):
+        qdeploy.compile(str(path), "hls4ml", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["reference", "tvm-llvm"])
+def test_finn_mlp_compiles_exactly(target, tmp_path):
+    import qdeploy
+
+    rng = np.random.default_rng(0)
+    m = finn_mlp(rng, -0.25, 1.5)
+    path = tmp_path / "finn_mlp.onnx"
+    path.write_bytes(m.SerializeToString())
+    x = rng.integers(-128, 128, (64, 16)).astype(np.float32)
+    want = _qonnx(m, x)
+    res = qdeploy.compile(str(path), target, tmp_path / "out", golden=x)
+    assert res.report["fidelity"]["ok"], res.report["fidelity"]
+    assert np.array_equal(res.load().predict(x), want)
+
+
 def _single(thr, shape, attrs, dt="INT4"):
     n, t = _mt("mt", "x", "y", thr, QD, out_dtype="UINT4", **attrs)
     return _wrap([n], t, shape, {"x": dt})
@@ -158,7 +186,7 @@ def test_topk_label_select_matches_qonnx_ties_to_the_lower_index(k, tmp_path):
     import qdeploy
     path = tmp_path / "finn_topk.onnx"
     path.write_bytes(m.SerializeToString())
-    res = qdeploy.compile(str(path), "reference", tmp_path / "out", golden=x)  # tvm-llvm: after the merge
+    res = qdeploy.compile(str(path), "tvm-llvm", tmp_path / "out", golden=x)
     assert res.report["fidelity"]["ok"], res.report["fidelity"]
     assert np.array_equal(res.load().predict(x), want)
 

@@ -314,113 +314,6 @@ def test_every_qonnx_rounding_mode_matches_qonnx(rng, mode, bits, signed, narrow
             assert "Affine" in ops(g)
 
 
-# ---------------------------------------------------------------------- Trunc, padded AveragePool, ReduceMean
-def brevitas_trunc_pool_model(kernel=2, path=None):
-    """A Brevitas QuantIdentity (8-bit power-of-two scale) -> TruncAvgPool2d(kernel, stride=kernel) ->
-    TruncAdaptiveAvgPool2d(1), exported with ``export_qonnx`` (``AveragePool -> Trunc`` and
-    ``ReduceMean -> Trunc``).  Returns (onnx model, brevitas module, example input)."""
-    import onnx
-    import torch
-    import brevitas.nn as qnn
-    from brevitas.export import export_qonnx as brevitas_export
-    from brevitas.quant import Int8ActPerTensorFixedPoint
-
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True)
-            self.p = qnn.TruncAvgPool2d(kernel_size=kernel, stride=kernel)
-            self.g = qnn.TruncAdaptiveAvgPool2d(output_size=1)
-
-        def forward(self, x):
-            return self.g(self.p(self.q(x)))
-
-    torch.manual_seed(0)
-    m = M().eval()
-    x = torch.randn(1, 3, 8, 8)
-    with torch.no_grad():
-        m(x)
-    brevitas_export(m, x, str(path))
-    return onnx.load(str(path)), m, x
-
-
-def test_brevitas_trunc_avg_pool_matches_qonnx(rng, tmp_path):
-    """Brevitas TruncAvgPool2d(2) + TruncAdaptiveAvgPool2d(1) (power-of-two window areas): the QONNX
-    export (AveragePool -> Trunc, ReduceMean -> Trunc, qonnx Trunc v2) imports as AvgPool /
-    GlobalAvgPool + exact Quantize and equals qonnx's executor bit for bit, ties included."""
-    m, _, _ = brevitas_trunc_pool_model(2, tmp_path / "trunc.onnx")
-    assert {"Trunc", "AveragePool", "ReduceMean"} <= {n.op_type for n in m.graph.node}
-    x = grid(rng, (1, 3, 8, 8), -120, 120, 4)
-    name = m.graph.input[0].name
-    for i in range(6):
-        g = exact(m, {name: grid(rng, (1, 3, 8, 8), -1200, 1200, 7 if i % 2 else 4)})
-    assert {"AvgPool", "GlobalAvgPool"} <= set(ops(g))
-
-
-def test_brevitas_trunc_avg_pool_of_area_9_is_refused(tmp_path):
-    """A 3x3 TruncAvgPool's Trunc has the scale s/9 (not a power of two): refused, naming the node."""
-    m, _, _ = brevitas_trunc_pool_model(3, tmp_path / "trunc3.onnx")
-    msg = refused(m)
-    assert "Trunc" in msg and "power of two" in msg
-    trunc = next(n.name for n in m.graph.node if n.op_type == "Trunc")
-    assert f"'{trunc}'" in msg
-
-
-@pytest.mark.parametrize("mode", ["FLOOR", "ROUND", "CEIL"])
-def test_trunc_v1_matches_qonnx(rng, mode):
-    """qonnx Trunc v1 (5 inputs, domain opset 1): R(round(x/s) / 2**(in_bw - out_bw)) * s."""
-    q, i = quant("qin", "x", "a", 2.0 ** -3, 8)
-    tr = helper.make_node("Trunc", ["a", "ts", "tz", "tin", "tout"], ["y"], name="trunc", domain=QD,
-                          rounding_mode=mode)
-    m = mk([q, tr], [4, 2, 3, 3], {**i, "ts": f32(2.0 ** -3), "tz": f32(0.0), "tin": f32(8.0), "tout": f32(5.0)})
-    exact(m, {"x": grid(rng, (4, 2, 3, 3), -2000, 2000, 6)})
-
-
-@pytest.mark.parametrize("count_include_pad,ceil_mode,pads,strides", [
-    (1, 0, [1, 1, 1, 1], [2, 2]), (1, 0, [0, 1, 1, 0], [1, 1]), (0, 1, [0, 0, 0, 0], [2, 2]),
-    (1, 1, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 1, 1, 1], [2, 2]), (0, 0, [1, 0, 0, 1], [1, 1])])
-def test_padded_and_ceil_mode_avgpool_matches_qonnx(rng, count_include_pad, ceil_mode, pads, strides):
-    """AveragePool 2x2 with count_include_pad=1 pads (a zero Pad, then an unpadded pool), with
-    count_include_pad=0 pads (the IR AvgPool's own padding: each window divided by its count of
-    input elements, 1, 2 or 4 here) and ceil_mode where no partial window exists, then a rounding
-    Quant: IR == qonnx exactly."""
-    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
-    ap = helper.make_node("AveragePool", ["a"], ["b"], name="ap", kernel_shape=[2, 2], strides=strides, pads=pads,
-                          count_include_pad=count_include_pad, ceil_mode=ceil_mode)
-    q2, i2 = quant("qout", "b", "y", 2.0 ** -4, 8, mode="ROUND")
-    m = mk([q1, ap, q2], [2, 3, 6, 6], {**i1, **i2})
-    g = exact(m, {"x": grid(rng, (2, 3, 6, 6), -500, 500, 6)})
-    assert ("Pad" in ops(g)) == (any(pads) and count_include_pad == 1)
-
-
-def test_avgpool_padding_only_windows_and_partial_ceil_windows_are_refused():
-    for kw, why in ((dict(pads=[2, 2, 2, 2]), "windows of padding only"),
-                    (dict(strides=[2, 2], ceil_mode=1), "partial last window")):
-        m = mk([helper.make_node("AveragePool", ["x"], ["y"], name="ap", kernel_shape=[2, 2], **kw)], [1, 3, 5, 5])
-        msg = refused(m)
-        assert "'ap'" in msg and why in msg
-
-
-@pytest.mark.parametrize("opset,keepdims", [(13, 1), (13, 0), (18, 1)])
-def test_reduce_mean_over_spatial_axes_is_a_global_avg_pool(rng, opset, keepdims):
-    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
-    inits = dict(i1)
-    if opset >= 18:
-        rm = helper.make_node("ReduceMean", ["a", "axes"], ["y"], name="rm", keepdims=keepdims)
-        inits["axes"] = np.array([-1, 2], np.int64)
-    else:
-        rm = helper.make_node("ReduceMean", ["a"], ["y"], name="rm", axes=[2, 3], keepdims=keepdims)
-    m = mk([q1, rm], [2, 3, 4, 4], inits, opset=opset)
-    g = exact(m, {"x": grid(rng, (2, 3, 4, 4), -500, 500, 6)})
-    assert "GlobalAvgPool" in ops(g)
-
-
-def test_reduce_mean_over_channels_is_refused():
-    m = mk([helper.make_node("ReduceMean", ["x"], ["y"], name="rm_c", axes=[1])], [1, 3, 4, 4])
-    msg = refused(m)
-    assert "'rm_c'" in msg and "spatial axes" in msg
-
-
 def test_brevitas_model_with_hardtanh_and_relu6_exports_clip_and_matches(rng, tmp_path):
     """nn.Hardtanh(-0.5, 0.75) and nn.ReLU6 between Brevitas power-of-two quantizers export as ONNX
     Clip; the IR equals qonnx's executor and the Brevitas module itself."""
@@ -467,3 +360,24 @@ def test_clip_of_a_float_value_keeps_any_float32_bound(rng):
     x = f32(rng.normal(size=(3, 7)))
     x[0, :3] = [0.0, 1e-43, 0.3]
     exact(m, {"x": x})
+
+
+def test_pad_after_a_transpose_maps_onnx_axes_through_the_layout(rng):
+    """A Pad of a tensor whose IR layout differs from its ONNX axis order (after an ONNX Transpose):
+    the ONNX axes are mapped to IR axes through the layout, so the result equals qonnx's."""
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -3, 6)
+    tr = helper.make_node("Transpose", ["a"], ["t"], name="tr", perm=[0, 2, 3, 1])  # NCHW -> NHWC in ONNX
+    pad = helper.make_node("Pad", ["t", "pads", "val"], ["y"], name="pad", mode="constant")
+    m = mk([q1, tr, pad], [2, 3, 4, 5], {**i1, "pads": np.array([0, 1, 0, 2, 0, 0, 3, 0], np.int64),
+                                         "val": f32(-0.5)})
+    exact(m, {"x": grid(rng, (2, 3, 4, 5), -300, 300, 5)})
+
+
+def test_pad_opset10_attributes(rng):
+    """Before opset 11 ``pads`` and ``value`` are attributes."""
+    q1, i1 = quant("qin", "x", "a", 2.0 ** -4, 8)
+    pad = helper.make_node("Pad", ["a"], ["y"], name="pad", mode="constant", pads=[0, 0, 2, 1, 0, 0, 0, 3],
+                           value=-1.25)
+    m = mk([q1, pad], [2, 3, 4, 5], i1, opset=10)
+    g = exact(m, {"x": grid(rng, (2, 3, 4, 5), -300, 300, 5)})
+    assert g.nodes[-1].attrs["code"] == -20

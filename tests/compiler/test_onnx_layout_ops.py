@@ -236,3 +236,43 @@ def test_compile_end_to_end_matches_the_source_on_tvm(tmp_path):
     assert r.report["exactness"]["bit_exact"] and r.report["exactness"]["samples"] == 12
     fid = r.report["fidelity"]
     assert fid["ok"] and fid["checked"] and fid["mismatches"] == 0 and fid["exact_matches"] == 12
+
+
+def test_sigmoid_compiles_for_hls4ml_as_its_table_activation(tmp_path):
+    """Quant(8 bit, 2**-5) -> Sigmoid -> Quant(7 bit unsigned, 2**-7) through ``qdeploy.compile`` for
+    hls4ml: the pipeline folds the table and its Quant (fold_lookup_quantize), the firmware uses
+    hls4ml's sigmoid table, and every input code equals the source."""
+    from qdeploy import api
+
+    q1, i1 = quant_node("qin", "x", "a", 2.0 ** -5, 8)
+    q2, i2 = quant_node("qout", "b", "y", 2.0 ** -7, 7, signed=0)
+    m = mk([q1, helper.make_node("Sigmoid", ["a"], ["b"], name="sig"), q2], [1, 256], {**i1, **i2})
+    x = f32(np.arange(-128, 128).reshape(1, 256) / 32.0)
+    r = api.compile(m, target="hls4ml", out_dir=tmp_path / "out", golden=x)
+    assert r.report["exactness"]["bit_exact"] and r.report["fidelity"]["mismatches"] == 0
+    assert r.report["fidelity"]["checked"]
+    fold = [p for p in r.report["passes"] if p["name"] == "fold_lookup_quantize"]
+    assert fold and any("folded Quantize" in s for s in fold[0]["notes"])
+    import json
+    backend_notes = json.loads((tmp_path / "out" / "manifest.json").read_text())["backend"]["notes"]
+    assert any("sigmoid table" in s for s in backend_notes), backend_notes
+
+
+# ------------------------------------------------------------------------------ broadcast Mul (hls4ml)
+@pytest.mark.parametrize("io_type", ["io_parallel", "io_stream"])
+def test_squeeze_excitation_mul_compiles_for_hls4ml(tmp_path, io_type):
+    """x * Quant(Relu(GlobalAveragePool(x))): an [H, W, C] x [1, 1, C] Mul, which hls4ml's Merge
+    cannot broadcast, compiles (the gate is repeated by an exact Resize) and equals the source."""
+    from qdeploy import api
+
+    q1, i1 = quant_node("qin", "x", "a", 2.0 ** -4, 8)
+    q2, i2 = quant_node("qg", "g", "gq", 2.0 ** -4, 5, signed=0)
+    q3, i3 = quant_node("qout", "m", "y", 2.0 ** -4, 8)
+    nodes = [q1, helper.make_node("GlobalAveragePool", ["a"], ["g0"], name="gap"),
+             helper.make_node("Relu", ["g0"], ["g"], name="relu"), q2,
+             helper.make_node("Mul", ["a", "gq"], ["m"], name="se_mul"), q3]
+    m = mk(nodes, [1, 3, 4, 4], {**i1, **i2, **i3})
+    x = _grid(np.random.default_rng(4), (10, 3, 4, 4))
+    r = api.compile(m, target="hls4ml", out_dir=tmp_path / "out", golden=x, config={"hls4ml": {"io_type": io_type}})
+    assert r.report["exactness"]["bit_exact"] and r.report["exactness"]["samples"] == 10
+    assert r.report["fidelity"]["checked"] and r.report["fidelity"]["mismatches"] == 0

@@ -166,3 +166,38 @@ def test_int4_weights_and_uint4_activations_opset21():
     got = np.concatenate([_qonnx(norm, x[i:i + 1]) for i in range(len(x))])
     assert np.array_equal(got, want)
     assert [n.op_type for n in norm.graph.node].count("Quant") == 3  # 2 for the odd zero point, 1 weight
+
+
+def test_float64_reevaluation_of_a_qdq_source():
+    """The fidelity check's float64 re-run of the source handles QDQ (via the QONNX Quant form):
+    with non-power-of-two scales and an odd zero point it agrees with the exact reference."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    from qdeploy.source_run import execute_double, to_double
+
+    m = _mlp(zp_act=3)
+    for t in m.graph.initializer:
+        if t.name in ("qin_s", "qout_s"):
+            t.CopyFrom(numpy_helper.from_array(np.float32(0.0123 if t.name == "qin_s" else 0.37), t.name))
+    x = np.random.default_rng(6).normal(0, 1, (64, 16)).astype(np.float32)
+    d = ModelWrapper(to_double(m)).transform(InferShapes())
+    got = np.concatenate([execute_double(d, {"x": x[i:i + 1]})["y"] for i in range(len(x))])
+    assert got.dtype == np.float64
+    want = ref.run(import_onnx(m), x)
+    assert np.array_equal(got.astype(np.float32), want)
+    assert len(np.unique(want)) > 10
+
+
+@pytest.mark.parametrize("zp,zdtype", [(3, np.uint8), (-5, np.int8), (4, np.uint8), (-128, np.int8)])
+def test_non_power_of_two_scale_and_zero_points_import_exactly(zp, zdtype):
+    """Through the scaled-integer Quant path: the imported pair equals onnxruntime's Q -> DQ."""
+    nodes, inits = _qdq("q", "x", "y", 0.0123, zp, zdtype)
+    m = _model(nodes, inits, [1, 256])
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(0, 1, (3, 256)), rng.uniform(-3, 3, (3, 256))]).astype(np.float32)
+    g = import_onnx(m)
+    got = ref.run(g, x)
+    want = np.concatenate([_ort(m, x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(got, want), int((got != want).sum())
+    assert len(np.unique(want)) > 100

@@ -101,6 +101,19 @@ def eval64(model, x):
             for dy in range(k[0]):
                 for dx in range(k[1]):
                     y = np.maximum(y, i[0][:, :, dy:dy + st[0] * Ho:st[0], dx:dx + st[1] * Wo:st[1]])
+        elif n.op_type == "GlobalAveragePool":
+            y = i[0].mean(axis=(2, 3), keepdims=True)
+        elif n.op_type == "ReduceMean":
+            y = i[0].mean(axis=tuple(a["axes"]), keepdims=bool(a.get("keepdims", 1)))
+        elif n.op_type == "AveragePool":  # count_include_pad=1: zeros are counted
+            k, st, p = a["kernel_shape"], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0])
+            xp = np.pad(i[0], ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+            Ho, Wo = (xp.shape[2] - k[0]) // st[0] + 1, (xp.shape[3] - k[1]) // st[1] + 1
+            y = np.zeros(xp.shape[:2] + (Ho, Wo))
+            for dy in range(k[0]):
+                for dx in range(k[1]):
+                    y += xp[:, :, dy:dy + st[0] * Ho:st[0], dx:dx + st[1] * Wo:st[1]]
+            y = y / (k[0] * k[1])
         elif n.op_type == "Conv":
             p = a.get("pads", [0, 0, 0, 0])
             xp = np.pad(i[0], ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
@@ -152,7 +165,9 @@ def ops(g):
     return [n.op for n in g.nodes]
 
 
-def test_mlp_float_scales_zero_points_per_channel_weights():
+def _mlp_model():
+    """Float input scale with a zero point, per-channel weight scales (MatMul [1, N] and Gemm [N, 1]),
+    a float bias Add, ReLU + unsigned Quant, an output Quant with zero point 7."""
     rng = np.random.default_rng(0)
     m = M()
     h = m.quant("qin", "x", 0.0311, 8, zp=-3.0)
@@ -164,8 +179,12 @@ def test_mlp_float_scales_zero_points_per_channel_weights():
     w2 = m.wquant("w2", rng.normal(0, 0.3, (6, 12)), f32(rng.uniform(0.002, 0.004, (6, 1))))
     h = m.op("Gemm", [h, w2, m.const("b2", rng.normal(0, 0.2, 6))], "gemm2", transB=1)
     y = m.quant("qout", h, 0.0419, 8, signed=0, zp=7.0)
-    x = f32(rng.uniform(-3, 3, (200, 16)))
-    g, n_src = compare(m.model([1, 16], y), x)
+    return m.model([1, 16], y), f32(rng.uniform(-3, 3, (200, 16)))
+
+
+def test_mlp_float_scales_zero_points_per_channel_weights():
+    model, x = _mlp_model()
+    g, n_src = compare(model, x)
     # the last Affines: q - z (exact, fixed point), then float32 * s (the output epilogue)
     assert ops(g) == ["Quantize", "MultiThreshold", "Dense", "MultiThreshold", "Dense", "MultiThreshold", "Affine",
                       "Affine"]
@@ -176,7 +195,9 @@ def test_mlp_float_scales_zero_points_per_channel_weights():
     assert g.value(last.output).dtype == FixedType(8, 8, False)  # codes q in [0, 255]; z = 7 is in the map
 
 
-def test_cnn_bn_negative_gamma_zero_point_padding_per_channel_act():
+def _cnn_model():
+    """A zero point before a padded Conv, per-channel weight scales, BN with a negative gamma, ReLU,
+    MaxPool, a per-channel activation scale (power-of-two ratios) with zero points, Flatten, MatMul."""
     rng = np.random.default_rng(1)
     m = M()
     h = m.quant("qin", "x", 0.0277, 8, zp=5.0)  # a zero point before a padded conv: code 0 is the real 0
@@ -197,7 +218,12 @@ def test_cnn_bn_negative_gamma_zero_point_padding_per_channel_act():
     h = m.op("MatMul", [h, w3], "fc")
     y = m.quant("qout", h, 0.013, 8)
     x = f32(rng.uniform(-2, 2, (100, 3, 6, 6)))
-    g, _ = compare(m.model([1, 3, 6, 6], y), x)
+    return m.model([1, 3, 6, 6], y), x
+
+
+def test_cnn_bn_negative_gamma_zero_point_padding_per_channel_act():
+    model, x = _cnn_model()
+    g, _ = compare(model, x)
     mts = [n for n in g.nodes if n.op == "MultiThreshold"]
     assert len(mts) == 4
     assert set(mts[1].params["sign"].data.tolist()) == {-1, 1}  # the negative batch-norm gamma
@@ -364,3 +390,41 @@ def test_quant_output_epilogue_is_qonnx_float32_dequantization():
     assert n_src == 0
     np.testing.assert_array_equal(run_ir(g, x), run_qonnx(model, x))
     assert ops(g) == ["Quantize", "MultiThreshold", "Affine", "Affine"]
+
+
+@pytest.mark.parametrize("reduce_mean", [False, True], ids=["global_average_pool", "reduce_mean"])
+def test_average_pools_as_exact_sums(reduce_mean):
+    """AveragePool over 3x3 windows (9 elements, padded, count_include_pad=1) and GlobalAveragePool
+    over 3x3 (9) of zero-point codes: exact integer sums with 1/9 in the map (a fixed-point average
+    would truncate)."""
+    rng = np.random.default_rng(10)
+    m = M()
+    h = m.quant("qin", "x", 0.0311, 8, signed=0, zp=11.0)
+    w = m.wquant("w", rng.normal(0, 0.3, (4, 2, 1, 1)), 0.0029)
+    h = m.op("Conv", [h, w], "conv", kernel_shape=[1, 1])
+    h = m.quant("q1", h, 0.0173, 6, signed=0, zp=20.0)
+    h = m.op("AveragePool", [h], "ap", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], count_include_pad=1)
+    if reduce_mean:  # AdaptiveAvgPool2d(1) + flatten as torch exports it
+        h = m.op("ReduceMean", [h], "gap", axes=[2, 3], keepdims=0)
+    else:
+        h = m.op("Flatten", [m.op("GlobalAveragePool", [h], "gap")], "flat")
+    w2 = m.wquant("w2", rng.normal(0, 0.3, (4, 3)), 0.0041)
+    h = m.op("MatMul", [h, w2], "fc")
+    y = m.quant("qout", h, 0.0057, 8)
+    x = f32(rng.uniform(-1, 8, (80, 2, 6, 6)))
+    g, _ = compare(m.model([1, 2, 6, 6], y), x)
+    assert "AvgPool" not in ops(g) and "GlobalAvgPool" not in ops(g) and ops(g).count("Pad") == 1
+
+
+@pytest.mark.parametrize("target", ["tvm-llvm", "hls4ml"])
+@pytest.mark.parametrize("build", [_mlp_model, _cnn_model], ids=["mlp", "cnn"])
+def test_scaled_models_on_targets(tmp_path, build, target):
+    """The MLP and CNN above compiled for TVM and the hls4ml C simulation: the built outputs equal
+    the reference on every golden input (the compile's own check), and the source check passes."""
+    from qdeploy import api
+    model, x = build()
+    res = api.compile(model, target=target, out_dir=tmp_path / "out", golden=x[:64])
+    ex = res.report["exactness"]
+    assert ex["bit_exact"] and ex["mismatches"] == 0 and ex["samples"] == 64
+    assert res.report["fidelity"]["checked"] and res.report["fidelity"]["ok"]
+    np.testing.assert_array_equal(np.asarray(res.load().predict(x[:64])), eval64(model, x[:64]).astype(np.float32))

@@ -239,56 +239,69 @@ def test_output_outside_clamp_type_is_refused():
     assert res.form is None and "outside the clamp range" in res.reason
 
 
-def test_dyadic_round_half_even_gets_a_rnd_conv_form():
-    """A dyadic requantizer under QONNX ROUND (e.g. power-of-two QDQ scales kept as per-channel
-    shifts) has exact ties whose steps alternate: no floor form, but a round-half-even form
-    (``Quantize`` with RND_CONV) exists and is exact on every code, also for a decreasing and a
-    constant channel."""
-    from qdeploy.compiler.ir.shiftform import clamp_type, node_shift_form
-
-    lo, hi = -2048, 2047
-    chans = [(Fraction(3, 8), Fraction(0), 0), (Fraction(-5, 16), Fraction(1, 2), 0), (Fraction(0), Fraction(3, 2), 0),
-             (Fraction(1, 64), Fraction(-1, 4), 0)]
-    to = parse_type("int<8>").with_modes("RND_CONV", "SAT")
+def test_dyadic_requantizer_with_ties_gets_a_round_half_even_form():
+    """m = 3/32, b = 1/4 (a power-of-two requantizer): x*m + b hits exact .5 ties, which round half
+    to even alternate up and down, so the step widths alternate and no floor form exists; the
+    half-to-even form does (and the proof checks it on every code).  The zero point must be added
+    before rounding (QONNX Quant) or be even."""
+    lo, hi = -2000, 2000
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    chans = [(Fraction(3, 32), Fraction(1, 4), 0), (Fraction(-5, 64), Fraction(0), 4), (Fraction(0), Fraction(1, 2), 0)]
     tables = [requant_table(lo, hi, m, b, zp, -128, 127, rnd=_round_half_even) for m, b, zp in chans]
     t, base, sign = thresholds_from_table(tables, lo, 255, -128, 127)
-    assert find_shift_form(t, base, sign, len(chans), lo, hi, clamp_type(to, "TRN")).form is None
-    res = find_shift_form(t, base, sign, len(chans), lo, hi, clamp_type(to, "RND_CONV"))
+    x0 = np.arange(lo, hi + 1)
+    assert any((x * Fraction(3, 32) + Fraction(1, 4)).denominator == 2 for x in range(lo, hi + 1))  # real ties
+    res = find_shift_form(t, base, sign, 3, lo, hi, out_t)
     assert res.form is not None, res.reason
-    x = np.repeat(np.arange(lo, hi + 1)[:, None], len(chans), axis=1)
-    assert np.array_equal(res.form.apply(x), np.array(tables).T)
-    assert prove(res.form, t, base, sign) is None
-    # the node-level search falls back to RND_CONV by itself
-    in_t = parse_type("int<12>")
-    b = GraphBuilder("mt")
-    v = b.input("x", (len(chans),), in_t)
-    y = b.add("mt", "MultiThreshold", [v], attrs={"to": to},
-              params={"thresholds": Const(t, parse_type("fixed<14,14>")), "base": Const(base, parse_type("int<16>")),
-                      "sign": Const(sign, parse_type("int<2>"))})
-    b.output(y)
-    node = b.build().nodes[0]
-    got = node_shift_form(node, in_t)
-    assert got.form is not None and got.form.out.rounding == "RND_CONV"
-    # a wrong rounding choice is caught by the proof
-    bad = ShiftForm(got.form.K, got.form.R, got.form.S, clamp_type(to, "TRN"), lo, hi)
-    assert prove(bad, t, base, sign) is not None
-
-
-def test_odd_zero_point_after_rounding_and_a_moved_tie_have_no_form():
-    """An odd zero point added AFTER rounding (ONNX QuantizeLinear) sends ties to odd, and one tie
-    step moved by a code breaks the pattern: no form with either rounding."""
-    from qdeploy.compiler.ir.shiftform import clamp_type
-
-    lo, hi = -2000, 2000
-    to = parse_type("int<8>")
+    f = res.form
+    assert f.rounding == "RND_CONV" and f.K[2] == 0 and f.K[1] < 0
+    x = np.repeat(x0[:, None], 3, axis=1)
+    assert np.array_equal(f.apply(x), np.array(tables).T)
+    # an odd zero point added AFTER rounding (ONNX QuantizeLinear) sends ties to odd: no form
     odd = [requant_table(lo, hi, Fraction(-5, 64), Fraction(0), 3, -128, 127, rnd=_round_half_even)]
-    t, base, sign = thresholds_from_table(odd, lo, 255, -128, 127)
-    even = [requant_table(lo, hi, Fraction(-5, 64), Fraction(0), 4, -128, 127, rnd=_round_half_even)]
-    te, be, se = thresholds_from_table(even, lo, 255, -128, 127)
-    assert find_shift_form(te, be, se, 1, lo, hi, clamp_type(to, "RND_CONV")).form is not None
-    moved = te.copy()
-    i = int(np.argmax((moved[0] > lo + 1) & (moved[0] < hi)))
-    moved[0, i] -= 1
-    for rnd in ("TRN", "RND_CONV"):
-        assert find_shift_form(t, base, sign, 1, lo, hi, clamp_type(to, rnd)).form is None
-        assert find_shift_form(moved, be, se, 1, lo, hi, clamp_type(to, rnd)).form is None
+    to, bo, so = thresholds_from_table(odd, lo, 255, -128, 127)
+    assert find_shift_form(to, bo, so, 1, lo, hi, out_t).form is None
+    # the same thresholds shifted by one code at a single tie are no form of either kind
+    t2 = t.copy()
+    i = int(np.argmax((t2[0] > lo) & (t2[0] < hi)))
+    t2[0, i] -= 1
+    assert find_shift_form(t2, base, sign, 3, lo, hi, out_t).form is None
+
+
+def test_floor_forms_are_preferred_and_prove_checks_the_rounding():
+    """A requantizer without ties gets a floor (TRN) form; the same K, R, S read as half-to-even is
+    a different function there, and prove says so."""
+    lo, hi = -3000, 3000
+    out_t = parse_type("int<8>").with_modes("TRN", "SAT")
+    tables = [requant_table(lo, hi, Fraction(1, 37), Fraction(3, 7), 5, -128, 127)]
+    t, base, sign = thresholds_from_table(tables, lo, 255, -128, 127)
+    f = find_shift_form(t, base, sign, 1, lo, hi, out_t).form
+    assert f.rounding == "TRN"
+    g = ShiftForm(f.K, f.R, f.S, f.out, lo, hi, "RND_CONV")
+    x = np.arange(lo, hi + 1)[:, None]
+    assert not np.array_equal(g.apply(x), f.apply(x))
+    assert prove(g, t, base, sign) is not None
+
+
+def test_every_dyadic_round_half_even_requantizer_has_a_form():
+    """Random exactly dyadic requantizers (m = a / 2**k, b = c / 2**j, even zero point) under round
+    half to even: a form always exists (K = m 2**S, R = (b + zp) 2**S for S large enough), so the
+    search must find one -- with the step bounds reduced to the convex hull of each level parity
+    (one hull over all levels misses bounds that the odd-level +1 makes binding: ``known`` failed
+    that way) -- and it equals the oracle on every code."""
+    rng = np.random.default_rng(1)
+    lo, hi = -600, 600
+    out = parse_type("int<6>").with_modes("TRN", "SAT")
+    x = np.repeat(np.arange(lo, hi + 1)[:, None], 3, axis=1)
+    known = [(Fraction(-27, 32), Fraction(-7, 2), 2), (Fraction(-9, 128), Fraction(2), -2),
+             (Fraction(1, 2), Fraction(-7, 4), -2)]
+    for trial in range(21):
+        chans = known if trial == 0 else [
+            (Fraction(int(rng.integers(-40, 41)), 2 ** int(rng.integers(3, 9))),
+             Fraction(int(rng.integers(-16, 17)), 2 ** int(rng.integers(0, 4))), 2 * int(rng.integers(-3, 4)))
+            for _ in range(3)]
+        tabs = [requant_table(lo, hi, m, b, zp, -32, 31, rnd=_round_half_even) for m, b, zp in chans]
+        t, base, sign = thresholds_from_table(tabs, lo, 63, -32, 31)
+        res = find_shift_form(t, base, sign, 3, lo, hi, out)
+        assert res.form is not None, (chans, res.reason)
+        assert np.array_equal(res.form.apply(x), np.array(tabs).T), chans

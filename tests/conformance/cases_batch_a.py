@@ -52,7 +52,8 @@ def _clip(b, p, rng):
             # bounds off the input grid (1/64 steps): the output gets 6 fraction bits
             b.add(p + "fine", "Clip", [x], attrs={"lo": -33, "hi": 101, "frac_bits": 6}),
             # a bound beyond the input range has no effect
-            b.add(p + "wide", "Clip", [x], attrs={"lo": -1000, "hi": 2, "frac_bits": 0})]
+            b.add(p + "wide", "Clip", [x], attrs={"lo": -1000, "hi": 2, "frac_bits": 0}),
+            b.add(p + "relu", "Clip", [x], attrs={"lo": 0, "hi": None, "frac_bits": 0})]
 
 
 def _clip_unsigned_map(b, p, rng):

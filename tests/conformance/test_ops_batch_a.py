@@ -227,3 +227,62 @@ def test_brevitas_model_with_batch_a_layers_compiles_bit_exact(target, tmp_path)
     want = np.asarray(getattr(want, "value", want)).reshape(12, -1)
     got = np.asarray(refmod.run(g, xi)).reshape(12, -1)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("target", ["hls4ml", "asic"])
+def test_estimates_price_every_batch_a_op(target, tmp_path):
+    """``qdeploy.estimate`` prices a model using every batch-A op (a row per layer, positive totals);
+    the hls4ml row of a dilated Conv counts the zero-inserted kernel's taps."""
+    import onnx
+
+    import qdeploy
+
+    p = tmp_path / "user.onnx"
+    onnx.save(_user_model(), p)
+    est = qdeploy.estimate(str(p), target)
+    names = " ".join(str(r.get("name", r.get("node", ""))) for r in est["layers"])
+    for node in ("pad", "dconv", "clip", "max", "sub"):
+        assert node in names, (node, names)
+    assert all(v >= 0 for v in est["total"].values() if isinstance(v, (int, float)))
+    if target == "hls4ml":
+        row = next(r for r in est["layers"] if "dconv" in str(r.get("name", r.get("node", ""))))
+        d = row["detail"]
+        # C_in x 5x5 taps of the zero-inserted kernel, of which (25 - 9) x C_in x C_out products are zeros
+        assert d["n_in"] == 2 * 5 * 5 and d["n_out"] == 3 and d["mults_zero"] >= (25 - 9) * 2 * 3, d
+
+
+def _ceil_pool_model():
+    """Quant -> MaxPool 2x2/2 ceil_mode (5x5 -> 3x3, partial windows) -> AveragePool 2x2/2 ceil_mode,
+    count_include_pad=0 (3x3 -> 2x2: windows of 4, 2, 2 and 1 elements) -> Quant."""
+    from onnx import helper
+
+    from tests.compiler.test_import_batch_a import mk, quant
+
+    q0, i0 = quant("q0", "x", "a", 2.0 ** -3, 6)
+    mp = helper.make_node("MaxPool", ["a"], ["b"], name="mp", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    ap = helper.make_node("AveragePool", ["b"], ["c"], name="ap", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    q1, i1 = quant("q1", "c", "y", 2.0 ** -4, 8, mode="ROUND")
+    return mk([q0, mp, ap, q1], [16, 3, 5, 5], {**i0, **i1})
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("target", _params())
+def test_ceil_mode_pools_on_every_target(target, compiled):
+    """ceil_mode pools with partial windows: the reference equals qonnx's executor and every target
+    equals the reference, except hls4ml io_stream, which refuses the padded average pool naming it."""
+    from qdeploy.compiler.frontends import import_onnx
+    from tests.compiler.test_import_batch_a import grid, run_ir, run_qonnx
+
+    m = _ceil_pool_model()
+    x = grid(np.random.default_rng(6), (16, 3, 5, 5), -300, 300, 5)
+    g = import_onnx(m)
+    np.testing.assert_array_equal(run_ir(g, {"x": x}), run_qonnx(m, {"x": x}))
+    backend = target.replace("-stream", "")
+    if target == "hls4ml-stream":
+        with pytest.raises(UnsupportedError, match="node 'ap'.*io_stream"):
+            compiled.get(backend, g, CONFIGS[target])
+        return
+    comp = compiled.get(backend, g, CONFIGS[target])
+    feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
+    bad = compare("opsA", "ceil_pools", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
+    assert not bad, "\n".join(bad)

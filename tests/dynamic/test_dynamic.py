@@ -148,6 +148,7 @@ def test_report_counts(compiled):
     assert all("compile_seconds" in b for b in r["per_block"])
     text = render_report(r)
     assert "3 conditions" in text and "sigmoid" in text
+    assert not r["fidelity"]["checked"] and "fidelity vs source: NOT checked: compile_dynamic takes no golden" in text
     bd = compiled("blockdrop", "reference").report
     assert len(bd["removed_from_device"]) == 2  # blocks that only index the keep mask stay on the host
 

@@ -246,3 +246,11 @@ def test_hls4ml_stages_match_reference(trained, programs, tmp_path):
         rp, re_ = ref.with_gates(gates).predict(trained["x_te"])
         np.testing.assert_array_equal(p, rp)
         np.testing.assert_array_equal(e, re_)
+
+
+def test_program_exits_are_checked_against_the_source(programs, trained):
+    # the unsplit program's exits vs the QONNX source run by qonnx's executor on the golden set
+    fid = programs["reference"].plan["meta"]["fidelity"]
+    assert fid["checked"] and fid["ok"] and fid["samples"] == len(trained["xv"]), fid
+    assert len(fid["per_output"]) == len(programs["reference"].exit_values()) >= 2
+    assert fid["real_mismatches"] == 0 and fid["source"].startswith("qonnx execute_onnx")

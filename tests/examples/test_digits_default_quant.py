@@ -84,20 +84,30 @@ CASES = [("mlp", _mlp, None, True), ("mlp_logits", _mlp, None, False), ("cnn", _
          ("cnn_per_channel", _cnn, "Int8WeightPerChannelFloat", False)]
 
 
+_TRAINED: dict = {}
+
+
+def _trained(dm, name):
+    """(model trained 3 epochs in eval mode, x_test [450, ...]) of case ``name``, trained once."""
+    if name not in _TRAINED:
+        import brevitas.quant
+        _, make, wq, out_quant = next(c for c in CASES if c[0] == name)
+        x_tr, y_tr, x_te, _ = dm.load_data(seed=0, images=name.startswith("cnn"))
+        model = make(getattr(brevitas.quant, wq) if wq else None, out_quant)
+        dm.train(model, (x_tr, y_tr), epochs=3, seed=0, verbose=False)
+        _TRAINED[name] = (model.eval(), x_te)
+    return _TRAINED[name]
+
+
 @pytest.mark.parametrize("name,make,wq,out_quant", CASES, ids=[c[0] for c in CASES])
 def test_default_quantizers_exact(dm, tmp_path, name, make, wq, out_quant):
-    import brevitas.quant
     import torch
     from brevitas.nn import QuantConv2d, QuantLinear, QuantReLU
     from qdeploy import api
     from qdeploy.compiler import reference
 
-    images = name.startswith("cnn")
-    x_tr, y_tr, x_te, _ = dm.load_data(seed=0, images=images)
+    model, x_te = _trained(dm, name)
     assert len(x_te) == 450
-    model = make(getattr(brevitas.quant, wq) if wq else None, out_quant)
-    dm.train(model, (x_tr, y_tr), epochs=3, seed=0, verbose=False)
-    model.eval()
     res = api.compile(model, target="reference", out_dir=tmp_path / "out", golden=x_te[:64],
                       example_input=torch.from_numpy(x_te[:1]))
     g = res.graph
@@ -156,3 +166,34 @@ def test_default_quantizers_exact(dm, tmp_path, name, make, wq, out_quant):
     else:
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
         assert any("float32" in t for t in res.report["notes"])
+
+
+TARGETS = [("mlp", "tvm-llvm"), ("mlp_logits", "tvm-llvm"), ("cnn", "tvm-llvm"), ("mlp_per_channel", "tvm-llvm"),
+           ("cnn_per_channel", "tvm-llvm"), ("mlp", "hls4ml"), ("cnn_per_channel", "hls4ml")]
+
+
+@pytest.mark.parametrize("name,target", TARGETS, ids=[f"{n}-{t}" for n, t in TARGETS])
+def test_default_quantizers_on_targets(dm, tmp_path, name, target):
+    """The same models built for TVM (llvm) and the hls4ml C simulation: the built artifact's outputs
+    on all 450 test images equal the reference interpreter's bit for bit (and, through the test
+    above, the real-number semantics)."""
+    import torch
+    from qdeploy import api
+    from qdeploy.compiler import reference
+
+    model, x_te = _trained(dm, name)
+    res = api.compile(model, target=target, out_dir=tmp_path / "out", golden=x_te[:64],
+                      example_input=torch.from_numpy(x_te[:1]))
+    assert res.report["exactness"]["bit_exact"] and res.report["fidelity"]["ok"]
+    g = res.graph
+    assert "MultiThreshold" in [n.op for n in g.nodes] or any(
+        "requant_shift" in t for p in res.report["passes"] for t in p["notes"])
+    got = np.asarray(res.load().predict(x_te))
+    (perm,) = g.meta["input_perms"].values()
+    want = np.asarray(reference.run(g, np.transpose(x_te, perm)))
+    want = np.transpose(want, g.meta["output_perms"][g.outputs[0]])
+    np.testing.assert_array_equal(got, want)
+    with torch.no_grad():
+        out = model(torch.from_numpy(x_te))
+    brev = getattr(out, "value", out).numpy()
+    assert np.array_equal(got.argmax(1), brev.argmax(1))  # same class as Brevitas on every image

@@ -89,13 +89,24 @@ def _import_onnx(cv, node):
 
 
 def _export_onnx(ex, n, x):
-    """Back to the source op (``fn``) when the table is its float32 result; a fixed-point table
-    has no single ONNX op."""
+    """Back to the source op ``fn``: a float32 table as ``fn`` itself, a fixed-point table (a folded
+    ``Lookup -> Quantize``) as ``fn`` followed by a ``Quant`` into the table's type -- after checking
+    that this is the table (the source's values, rounded by that Quant, for every input code);
+    anything else is refused naming the node."""
     fn = n.attrs.get("fn")
-    if fn not in FUNCTIONS or isinstance(n.params["table"].dtype, FixedType):
-        raise UnsupportedError(f"QONNX export of a Lookup table (fn={fn!r}) is only written for float32 "
-                               f"{'/'.join(FUNCTIONS)} tables", n.name)
-    return ex.node(fn, x, n.output + "__ir")
+    tab = n.params["table"]
+    if fn not in FUNCTIONS:
+        raise UnsupportedError(f"QONNX export of a Lookup table of {fn!r}: only {'/'.join(FUNCTIONS)} tables map "
+                               "back to an ONNX op", n.name)
+    base = n.output + "__ir"
+    if not isinstance(tab.dtype, FixedType):
+        return ex.node(fn, x, base)
+    t_in = ex.g.values[n.inputs[0]].dtype
+    real = t_in.to_real(np.arange(t_in.min_code, t_in.max_code + 1, dtype=np.int64)).astype(np.float32)
+    if not np.array_equal(tab.dtype.quantize_real(source_values(fn, real)), tab.data):
+        raise UnsupportedError(f"QONNX export: this Lookup table is not {fn} rounded to {tab.dtype}", n.name)
+    y = ex.node(fn, x, f"{base}_{fn.lower()}")
+    return ex.quant(y, tab.dtype, base, n.name)
 
 
 LOOKUP = register(OpSpec(
