@@ -20,10 +20,10 @@ _PER_SAMPLE_OPS = {
     "Min", "Neg", "Abs", "Floor", "Ceil", "Round", "Sign", "Exp", "Erf", "LeakyRelu", "HardSigmoid", "HardSwish",
     "Identity", "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
     "Reshape", "Flatten", "Transpose", "Softmax", "LogSoftmax", "Concat", "Gemm", "MatMul", "DepthToSpace",
-    "SpaceToDepth", "Cast",
+    "SpaceToDepth", "Cast", "QuantizeLinear", "DequantizeLinear", "FloatQuant", "MultiThreshold", "TopK",
 }
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Clip", "BatchNormalization", "Quant", "BipolarQuant",
-                "Trunc", "LeakyRelu"}
+                "Trunc", "LeakyRelu", "FloatQuant"}
 
 
 def batch_plan(proto, shapes=None) -> tuple[bool, str]:
@@ -44,13 +44,22 @@ def batch_plan(proto, shapes=None) -> tuple[bool, str]:
         if not any(carried):
             continue  # a constant computation (weight quantizers)
         if n.op_type not in _PER_SAMPLE_OPS or n.domain not in ("", "ai.onnx", "qonnx.custom_op.general",
-                                                                 "onnx.brevitas", "finn.custom_op.general"):
+                                                                 "onnx.brevitas", "finn.custom_op.general",
+                                                                 "com.microsoft"):
             return False, f"node {n.name or n.op_type} ({n.op_type}) is not known to keep samples apart"
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
         if n.op_type == "Transpose" and list(a.get("perm", [1]))[:1] != [0]:
             return False, f"Transpose {n.name} moves the batch axis"
         if n.op_type in ("Concat", "Softmax", "LogSoftmax", "Flatten") and int(a.get("axis", 1)) <= 0:
             return False, f"{n.op_type} {n.name} acts on axis {a.get('axis')}"
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and int(a.get("axis", 1)) <= 0 and not all(
+                t in inits and len(inits[t].dims) == 0 for t in ins[1:]):
+            return False, f"{n.op_type} {n.name} has a per-axis scale on axis {a.get('axis')}"
+        layout = a.get("data_layout", b"")
+        if n.op_type == "MultiThreshold" and (layout.decode() if isinstance(layout, bytes) else str(layout))[:1] == "C":
+            return False, f"MultiThreshold {n.name} thresholds the batch axis"
+        if n.op_type == "TopK" and int(a.get("axis", -1)) not in [-1] + list(range(1, 16)):
+            return False, f"TopK {n.name} acts on axis {a.get('axis')}"
         if n.op_type in ("Gemm", "MatMul") and (carried[1:] != [False] * (len(carried) - 1)
                                                  or int(a.get("transA", 0))):
             return False, f"{n.op_type} {n.name} mixes the batch axis"

@@ -392,7 +392,7 @@ class Hls4mlBackend:
 
         opts = _options(config)
         dev = partition(graph).device
-        tr = translate(dev, opts["io_type"])
+        tr = translate(dev, opts["io_type"], opts["strategy"])  # the same translation as emit
         with tempfile.TemporaryDirectory(prefix="qdeploy_trace_") as tmp:
             prj = Path(tmp) / PRJ_DIR
             with contextlib.redirect_stdout(io.StringIO()):

@@ -39,7 +39,17 @@ def _resize(tr, n: Node):
     tr.bind(n.output, tr.resize_layer(n, x.shape, n.attrs["scales"], tr.src(n.inputs[0]), tr.vt(n.output).hls()))
 
 
-@hls4ml_op("DepthToSpace", cost=Cost(wires))
+def _permute_cost(ctx, node) -> dict:
+    """Wires in io_parallel; in io_stream hls4ml's ``transpose`` buffers the whole tensor in a
+    completely partitioned array (``nnet_transpose_stream.h``): one register per output bit."""
+    r = wires(ctx, node)
+    if ctx.opts["io_type"] == "io_stream":
+        out = ctx.graph.value(node.output)
+        r["ff"] = out.size * out.dtype.width
+    return r
+
+
+@hls4ml_op("DepthToSpace", cost=Cost(_permute_cost))
 def _depth_to_space(tr, n: Node):
     """``Reshape(mid) -> Transpose(perm) -> Reshape(out)`` of :func:`permutation_plan`: hls4ml's
     ``nnet_transpose.h`` ``transpose`` is ``res[i] = data[transfer_idx(i)]`` for any rank (io_parallel)
@@ -53,7 +63,7 @@ def _depth_to_space(tr, n: Node):
 
 
 TRANSLATE.set("SpaceToDepth", _depth_to_space)
-ESTIMATE.set("SpaceToDepth", Cost(wires))
+ESTIMATE.set("SpaceToDepth", Cost(_permute_cost))
 
 
 #: hls4ml 1.3 table activations: IR Lookup ``fn`` -> (hls4ml activation, half-range R of the

@@ -80,7 +80,7 @@ def normalize_finn(proto: onnx.ModelProto) -> None:
         names.add(nm)
         return nm
 
-    def quantizer(t: str, spec, where: str) -> str:
+    def quantizer(t: str, spec) -> str:
         out = fresh(f"{t}__finn_dt")
         if spec == "bipolar":
             s = fresh(f"{out}_scale")
@@ -101,7 +101,7 @@ def normalize_finn(proto: onnx.ModelProto) -> None:
     for inp in g.input:
         spec = integer_quant_spec(ann.get(inp.name, "FLOAT32"))
         if spec is not None and inp.name not in inits:
-            rename[inp.name] = quantizer(inp.name, spec, inp.name)
+            rename[inp.name] = quantizer(inp.name, spec)
     for n in g.node:
         if n.op_type not in WEIGHT_OPS or len(n.input) < 2:
             continue
@@ -120,7 +120,7 @@ def normalize_finn(proto: onnx.ModelProto) -> None:
         if not ok:
             raise ModelImportError(f"{n.op_type} weight {w!r} is annotated {ann[w]} but holds other values "
                                    f"(e.g. {vals.ravel()[:3].tolist()})", n.name)
-        rename[w] = quantizer(w, spec, n.name)
+        rename[w] = quantizer(w, spec)
     if not rename:
         return
     for n in g.node:

@@ -26,7 +26,8 @@ from .onnx_finn import import_multithreshold, import_topk
 from .onnx_minifloat import import_floatquant
 from .onnx_pool import (import_AveragePool, import_GlobalAveragePool, import_MaxPool, import_ReduceMean,
                         spatial_attrs)
-from .onnx_rounding import DIRECTED, ROUNDING_MAP, import_trunc, quantize_directed
+from .onnx_rounding import DIRECTED, ROUNDING_MAP, quantize_directed
+from .onnx_trunc_avg import import_trunc
 
 
 

@@ -35,6 +35,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import ModelImportError, UnsupportedError
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
+#: domains of QuantizeLinear / DequantizeLinear: ONNX, and onnxruntime's contrib ops (same semantics;
+#: ``quantize_static(..., extra_options={"UseQDQContribOps": True})``, 16-bit QDQ before opset 21)
+QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 #: ONNX integer element type -> (bit width, signed) of QuantizeLinear / DequantizeLinear codes.
 INT_TYPES = {
@@ -147,7 +150,7 @@ class _Qdq:
         if s.size > 1 and z.size > 1 and s.shape != z.shape:
             raise ModelImportError(f"{op} scale shape {s.shape} and zero point shape {z.shape} differ", node.name)
         axis = int(self.attr(node, "axis", 1))
-        if s.size > 1 and (s.ndim != 1 or self.opset < 13):
+        if s.size > 1 and (s.ndim != 1 or (self.opset < 13 and node.domain != "com.microsoft")):
             raise UnsupportedError(f"{op} scale of shape {s.shape}: only scalars or 1-D per-axis scales "
                                    f"(opset >= 13)", node.name)
         return s, z, bits, signed, axis, elem
@@ -173,10 +176,10 @@ class _Qdq:
         return helper.make_node("Quant", ins, [out], name=name, domain=QONNX_DOMAIN, signed=int(signed), narrow=0,
                                 rounding_mode="ROUND")
 
-    def pair(self, q, i: int) -> list:
+    def pair(self, q) -> list:
         """Rewrite QuantizeLinear ``q`` and every DequantizeLinear reading it into Quant nodes."""
         s, z, bits, signed, axis, elem = self.params(q)
-        if s.size > 1:
+        if s.size > 1 or z.size > 1:
             raise UnsupportedError(f"QuantizeLinear with a per-axis scale (axis={axis}, {s.size} channels) on an "
                                    f"activation is not supported: only per-tensor activation scales", q.name)
         y = q.output[0]
@@ -247,15 +250,15 @@ class _Qdq:
         for n in nodes:
             if n.op_type in QOPERATOR_OPS:
                 raise UnsupportedError(f"{n.op_type}: {_QOP_HINT}", n.name)
-        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in nodes):
+        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in QDQ_DOMAINS for n in nodes):
             return
         out_nodes = []
-        for i, n in enumerate(nodes):
+        for n in nodes:
             if id(n) in self.drop:
                 continue
-            if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx"):
-                out_nodes.extend(self.pair(n, i))
-            elif n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx"):
+            if n.op_type == "QuantizeLinear" and n.domain in QDQ_DOMAINS:
+                out_nodes.extend(self.pair(n))
+            elif n.op_type == "DequantizeLinear" and n.domain in QDQ_DOMAINS:
                 t = n.input[0]
                 if t in self.inits or t in self.const_nodes:
                     out_nodes.extend(self.dequant_init(n))

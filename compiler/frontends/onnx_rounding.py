@@ -58,7 +58,8 @@ def quantize_directed(cv, node, x: str, mode: str, to: FixedType, out: str) -> s
     return cv.add(node.name, "Quantize", [ceil], {"to": to.with_modes("TRN")}, out=out)
 
 
-def _domain_version(cv, domain: str) -> int:
+def domain_version(cv, domain: str) -> int:
+    """The model's opset version of ``domain`` (1 when it declares none)."""
     for o in cv.m.model.opset_import:
         if o.domain == domain:
             return int(o.version)
@@ -91,7 +92,7 @@ def import_trunc(cv, node):
             power of two, a non-zero zero point, an input count that does not fit the version, or an
             unsupported rounding mode.
     """
-    version = _domain_version(cv, node.domain)
+    version = domain_version(cv, node.domain)
     want = 5 if version < 2 else 6
     if len(node.input) != want:
         raise UnsupportedError(f"Trunc (qonnx v{min(version, 2)}) needs {want} inputs, got {len(node.input)}",

@@ -65,6 +65,7 @@ class Scaled:
 
 
 def fractions_of(a) -> np.ndarray:
+    """``a`` (scalar or array of floats, ints or Fractions) as an object array of exact Fractions."""
     arr = np.asarray(a, dtype=object)
     out = np.empty(arr.shape, dtype=object)
     for i, v in np.ndenumerate(arr):
@@ -115,6 +116,7 @@ def int_const(codes) -> Const:
 
 
 def note(cv, text: str) -> None:
+    """Add a converter note (the compile report's notes)."""
     cv.b.meta.setdefault("notes", []).append(text)
 
 

@@ -232,6 +232,14 @@ def _hull(pts: list, upper: bool) -> list:
     return out
 
 
+def _parity_hulls(pts: list, upper: bool) -> list:
+    """:func:`_hull` of the even-level and of the odd-level points separately: the half-to-even
+    bound ``tau(level)`` adds ``level & 1`` to ``level * 2**S - 2**(S-1)``, a term constant within
+    each parity class only, so the hull argument holds per class (for the floor the union is
+    merely a few points more than one hull)."""
+    return _hull([p for p in pts if p[1] % 2 == 0], upper) + _hull([p for p in pts if p[1] % 2], upper)
+
+
 def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
     """Padded arrays of the bounds ``L_i(K) = lvl_i * 2**S + a_i - b_i K`` (lower) and
     ``U_i(K) = lvl_i * 2**S + a_i - b_i K`` (upper) of the non-constant channels, each
@@ -244,8 +252,8 @@ def _constraints(chans, lo: int, hi: int, omin: int, omax: int):
             v0, cmin, cmax = -ch.v0, -omax, -omin
         m = len(ch.steps)
         v1 = v0 + m
-        L = [(lvl, 0, u) for u, lvl in _hull([(u, v0 + i + 1) for i, u in enumerate(ch.steps)], upper=True)]
-        U = [(lvl, -1, u) for u, lvl in _hull([(u - 1, v0 + i + 1) for i, u in enumerate(ch.steps)], upper=False)]
+        L = [(lvl, 0, u) for u, lvl in _parity_hulls([(u, v0 + i + 1) for i, u in enumerate(ch.steps)], True)]
+        U = [(lvl, -1, u) for u, lvl in _parity_hulls([(u - 1, v0 + i + 1) for i, u in enumerate(ch.steps)], False)]
         if v0 > cmin:
             L.append((v0, 0, lo))
         U.append((v0 + 1, -1, lo))

@@ -75,8 +75,8 @@ def test_io_stream_flatten_into_a_quantizer_is_exact(cnn, tmp_path, capfd):
 
 def _without_repack(real):
     """``translate`` as on main before the fix: the flatten stays a plain Reshape in io_stream."""
-    def tr(device, io_type="io_parallel"):
-        t = real(device, io_type)
+    def tr(device, *args, **kw):
+        t = real(device, *args, **kw)
         for d in t.layers:
             if d["class_name"] == "Repack":
                 d["class_name"] = "Reshape"
@@ -122,9 +122,9 @@ def test_hls4ml_localization_names_a_corrupted_conv(cnn, tmp_path, monkeypatch):
     real = hls_pkg.translate
     seen = {}
 
-    def tr(device, io_type="io_parallel"):
+    def tr(device, *args, **kw):
         g, seen["node"] = _corrupt_first("Conv", device)
-        return real(g, io_type)
+        return real(g, *args, **kw)
     monkeypatch.setattr(hls_pkg, "translate", tr)
     res = _compile(m, x, tmp_path / "o", io="io_parallel")
     first = res.report["exactness"]["divergence"]["first"]

@@ -162,3 +162,14 @@ def test_padded_maxpool_estimate_counts_the_offset_adders_where_they_are_emitted
     # io_stream rows also carry a FIFO term (A12): compare against a translation-independent bound
     st = hls4ml_estimate(g, {"io_type": "io_stream"})["layers"][0]
     assert st["lut"] - par["lut"] >= (75 + 27) * 6 * 0.5
+
+
+def test_depth_to_space_estimate_buffers_the_tensor_only_in_io_stream():
+    b = GraphBuilder("d2s")
+    x = b.input("x", (2, 3, 8), parse_type("fixed<6,2>"))
+    b.output(b.add("d2s", "DepthToSpace", [x], attrs={"block": 2, "mode": "CRD"}))
+    g = b.build()
+    par = hls4ml_estimate(g, {"io_type": "io_parallel"})["layers"][0]
+    st = hls4ml_estimate(g, {"io_type": "io_stream"})["layers"][0]
+    assert par["ff"] == 0 and par["lut"] == 0
+    assert st["ff"] == 48 * 6  # every element of the (4, 6, 2) output, 6 bits each

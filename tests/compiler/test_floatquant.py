@@ -98,7 +98,9 @@ def _qonnx(model, x):
     return np.concatenate([execute_onnx(m, {"x": x[i:i + 1]})["y"] for i in range(len(x))])
 
 
-def test_minifloat_linear_layer_reference_and_tvm_match_qonnx(tmp_path):
+@pytest.mark.parametrize("target", ["tvm-llvm", "hls4ml"])
+def test_minifloat_linear_layer_reference_and_targets_match_qonnx(target, tmp_path):
+    """hls4ml: both FloatQuants run on the host (prologue / epilogue), the Dense on the device."""
     rng = np.random.default_rng(3)
     m = minifloat_linear(rng)
     g = import_onnx(m)
@@ -110,7 +112,7 @@ def test_minifloat_linear_layer_reference_and_tvm_match_qonnx(tmp_path):
     assert np.array_equal(ref.run(g, x), want)
     path = tmp_path / "mf.onnx"
     path.write_bytes(m.SerializeToString())
-    res = qdeploy.compile(str(path), "tvm-llvm", tmp_path / "tvm", golden=x)
+    res = qdeploy.compile(str(path), target, tmp_path / "out", golden=x)
     assert res.report["fidelity"]["ok"], res.report["fidelity"]
     assert np.array_equal(res.load().predict(x), want)
     back = _qonnx(export_qonnx(g), x)
@@ -145,7 +147,8 @@ def test_per_channel_minifloat_scale_is_refused():
         import_onnx(m)
 
 
-def test_brevitas_fp8_e4m3_linear_imports_and_matches_the_module(tmp_path):
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_brevitas_fp8_e4m3_linear_imports_and_matches_the_module(per_channel, tmp_path):
     """Brevitas' OCP FP8 e4m3 quantizers (learned float scales) exported with export_qonnx: the
     imported minifloat quantizer equals Brevitas' own quantized activations bit for bit."""
     import warnings
@@ -153,13 +156,16 @@ def test_brevitas_fp8_e4m3_linear_imports_and_matches_the_module(tmp_path):
     import torch
     import brevitas.nn as qnn
     from brevitas.export import export_qonnx as brevitas_export
-    from brevitas.quant.float_quant_ocp import Fp8e4m3OCPActPerTensorFloat, Fp8e4m3OCPWeightPerTensorFloat
+    from brevitas.quant.float_quant_ocp import (Fp8e4m3OCPActPerTensorFloat, Fp8e4m3OCPWeightPerChannelFloat,
+                                                Fp8e4m3OCPWeightPerTensorFloat)
+
+    wq = Fp8e4m3OCPWeightPerChannelFloat if per_channel else Fp8e4m3OCPWeightPerTensorFloat
 
     class Fp8Linear(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.inp = qnn.QuantIdentity(act_quant=Fp8e4m3OCPActPerTensorFloat, return_quant_tensor=True)
-            self.fc = qnn.QuantLinear(8, 4, bias=False, weight_quant=Fp8e4m3OCPWeightPerTensorFloat)
+            self.fc = qnn.QuantLinear(8, 4, bias=False, weight_quant=wq)
 
         def forward(self, x):
             return self.fc(self.inp(x))
@@ -184,3 +190,5 @@ def test_brevitas_fp8_e4m3_linear_imports_and_matches_the_module(tmp_path):
     assert np.array_equal(q_got, q_want)
     assert len(np.unique(q_want)) > 50
     np.testing.assert_allclose(ref.run(g, x), y_want, rtol=1e-5, atol=1e-6)  # float32 sums: order may differ
+    w_ir = [n for n in g.nodes if n.op == "Dense"][0].params["weight"].real()
+    assert np.array_equal(w_ir.T.astype(np.float32), m.fc.quant_weight().value.detach().numpy())  # FP8 weights

@@ -57,13 +57,50 @@ def test_brevitas_trunc_avg_pool_matches_qonnx(rng, tmp_path):
     assert {"AvgPool", "GlobalAvgPool"} <= set(ops(g))
 
 
-def test_brevitas_trunc_avg_pool_of_area_9_is_refused(tmp_path):
-    """A 3x3 TruncAvgPool's Trunc has the scale s/9 (not a power of two): refused, naming the node."""
-    m, _, _ = brevitas_trunc_pool_model(3, tmp_path / "trunc3.onnx")
-    msg = refused(m)
-    assert "Trunc" in msg and "power of two" in msg
-    trunc = next(n.name for n in m.graph.node if n.op_type == "Trunc")
-    assert f"'{trunc}'" in msg
+def brevitas_trunc_pool_requant_model(kernel, size, path, adaptive=False, out_quant=True):
+    """QuantIdentity -> TruncAvgPool2d(kernel) (or TruncAdaptiveAvgPool2d(1)) -> QuantIdentity (or none)."""
+    import onnx
+    import torch
+    import brevitas.nn as qnn
+    from brevitas.export import export_qonnx as brevitas_export
+    from brevitas.quant import Int8ActPerTensorFixedPoint
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint, return_quant_tensor=True)
+            self.p = qnn.TruncAdaptiveAvgPool2d(output_size=1) if adaptive else \
+                qnn.TruncAvgPool2d(kernel_size=kernel, stride=kernel)
+            self.o = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint) if out_quant else None
+
+        def forward(self, x):
+            y = self.p(self.q(x))
+            return self.o(y) if self.o is not None else y
+
+    torch.manual_seed(0)
+    m = M().eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        m(x)
+    brevitas_export(m, x, str(path))
+    return onnx.load(str(path)), m
+
+
+@pytest.mark.parametrize("kernel,size,adaptive,out_quant", [(3, 6, False, True), (3, 9, False, False),
+                                                            (None, 5, True, True), (None, 7, True, False)])
+def test_brevitas_trunc_avg_pool_of_other_areas_matches_qonnx(rng, tmp_path, kernel, size, adaptive, out_quant):
+    """A TruncAvgPool2d(3) / TruncAdaptiveAvgPool2d over 5x5 or 7x7 (window areas 9, 25, 49): the Trunc
+    scale s/n is not a power of two: after checking that the source's float32 round(avg / scale) gives
+    back every window sum, its integers q are the exact window sums shifted by 2**t (a ones depthwise
+    Conv and a Quantize) with the pending scale out_scale; a following QuantIdentity requantizes them
+    exactly (a MultiThreshold), a graph output is dequantized in float32 as qonnx does.  IR == qonnx
+    exactly."""
+    m, _ = brevitas_trunc_pool_requant_model(kernel, size, tmp_path / "t.onnx", adaptive, out_quant)
+    name = m.graph.input[0].name
+    for i in range(4):
+        g = exact(m, {name: grid(rng, (1, 3, size, size), -1200, 1200, 7 if i % 2 else 4)})
+    assert "Conv" in ops(g)  # the exact window sums
+    assert ("MultiThreshold" in ops(g)) == out_quant  # the requantizing QuantIdentity
 
 
 @pytest.mark.parametrize("mode", ["FLOOR", "ROUND", "CEIL"])

@@ -201,3 +201,18 @@ def test_non_power_of_two_scale_and_zero_points_import_exactly(zp, zdtype):
     want = np.concatenate([_ort(m, x[i:i + 1]) for i in range(len(x))])
     assert np.array_equal(got, want), int((got != want).sum())
     assert len(np.unique(want)) > 100
+
+
+def test_onnxruntime_contrib_qdq_int16():
+    """com.microsoft QuantizeLinear/DequantizeLinear (16-bit QDQ before opset 21): same semantics."""
+    nodes, inits = _qdq("q", "x", "y", 2.0 ** -6, -3, np.int16)
+    for n in nodes:
+        n.domain = "com.microsoft"
+    m = _model(nodes, inits, [1, 64], extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.normal(0, 300, (2, 64)), (np.arange(-64, 64).reshape(2, 64) + 0.5) / 64]
+                       ).astype(np.float32)
+    got = ref.run(import_onnx(m), x)
+    want = np.concatenate([_ort(m, x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(got, want)
+    assert want.max() == 2.0 ** -6 * (32767 + 3) and want.min() == 2.0 ** -6 * (-32768 + 3)  # saturated

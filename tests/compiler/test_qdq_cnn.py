@@ -12,7 +12,9 @@ must show a near-tie.
 ``test_pow2_qdq_cnn_is_exact_on_every_target`` rounds every scale of the quantized model up to a
 power of two (symmetric activations: zero points 0) and requantizes the integer initializers onto
 them, so the model is fixed-point; onnxruntime's float32 arithmetic is then exact as well (each
-sum has < 24 significant bits) and every target must match it bit for bit.
+sum has < 24 significant bits) and every target must match it bit for bit (with per-channel weight
+scales each requantization is a per-channel round-half-even shift: on hls4ml through rq-core's
+half-even multiply-and-shift form).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def _train_cnn():
     return net, x, d.target
 
 
-def _quantize(net, x, path_fp32, path_int8, symmetric: bool):
+def _quantize(net, x, path_fp32, path_int8, symmetric: bool, per_channel: bool = True):
     import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -61,7 +63,7 @@ def _quantize(net, x, path_fp32, path_int8, symmetric: bool):
         def get_next(self):
             return next(self.it, None)
 
-    quantize_static(str(path_fp32), str(path_int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(path_fp32), str(path_int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options={"ActivationSymmetric": symmetric})
     return onnx.load(str(path_int8))
@@ -181,11 +183,12 @@ def cnn(tmp_path_factory):
     net, x, y = _train_cnn()
     raw = _quantize(net, x, d / "fp32.onnx", d / "int8.onnx", symmetric=False)
     sym = _quantize(net, x, d / "fp32.onnx", d / "int8_sym.onnx", symmetric=True)
-    p2 = pow2_qdq(sym)
-    onnx.save(p2, str(d / "int8_pow2.onnx"))
+    onnx.save(pow2_qdq(sym), str(d / "int8_pow2.onnx"))
+    pt = _quantize(net, x, d / "fp32.onnx", d / "int8_sym_pt.onnx", symmetric=True, per_channel=False)
+    onnx.save(pow2_qdq(pt), str(d / "int8_pow2_pt.onnx"))
     xt = x[:900]  # 900 digits (the calibration used 200 of them): enough to meet a near-tie or two
     exact, tie = exact_qdq_cnn(raw, xt)
-    return {"dir": d, "x": x[1400:1464], "y": y[1400:1464], "pow2": d / "int8_pow2.onnx", "raw": d / "int8.onnx",
+    return {"dir": d, "x": x[1400:1464], "y": y[1400:1464], "pow2": d / "int8_pow2.onnx", "pow2_pt": d / "int8_pow2_pt.onnx", "raw": d / "int8.onnx",
             "xt": xt, "yt": y[:900], "exact": exact, "tie": tie}
 
 
@@ -213,12 +216,14 @@ def test_quantize_static_cnn(cnn, target, tmp_path):
           f"(relative distance to the tie {cnn['tie'][bad].tolist()}); {fid['mismatches']} from qonnx's executor")
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("target", TARGETS)
-def test_pow2_qdq_cnn_is_exact_on_every_target(cnn, target, tmp_path):
+def test_pow2_qdq_cnn_is_exact_on_every_target(cnn, target, per_channel, tmp_path):
     x = cnn["x"]
-    want = _ort(onnx.load(str(cnn["pow2"])), x)
+    model = cnn["pow2" if per_channel else "pow2_pt"]
+    want = _ort(onnx.load(str(model)), x)
     assert (want.argmax(1) == cnn["y"]).mean() > 0.8  # a trained, working classifier
-    res = qdeploy.compile(str(cnn["pow2"]), target, tmp_path / "out", golden=x)
+    res = qdeploy.compile(str(model), target, tmp_path / "out", golden=x)
     assert res.report["fidelity"]["ok"], res.report["fidelity"]
     ops = [n.op for n in res.graph.nodes]
     assert ops.count("Conv") == 2 and ops.count("Dense") == 1

@@ -281,3 +281,27 @@ def test_floor_forms_are_preferred_and_prove_checks_the_rounding():
     x = np.arange(lo, hi + 1)[:, None]
     assert not np.array_equal(g.apply(x), f.apply(x))
     assert prove(g, t, base, sign) is not None
+
+
+def test_every_dyadic_round_half_even_requantizer_has_a_form():
+    """Random exactly dyadic requantizers (m = a / 2**k, b = c / 2**j, even zero point) under round
+    half to even: a form always exists (K = m 2**S, R = (b + zp) 2**S for S large enough), so the
+    search must find one -- with the step bounds reduced to the convex hull of each level parity
+    (one hull over all levels misses bounds that the odd-level +1 makes binding: ``known`` failed
+    that way) -- and it equals the oracle on every code."""
+    rng = np.random.default_rng(1)
+    lo, hi = -600, 600
+    out = parse_type("int<6>").with_modes("TRN", "SAT")
+    x = np.repeat(np.arange(lo, hi + 1)[:, None], 3, axis=1)
+    known = [(Fraction(-27, 32), Fraction(-7, 2), 2), (Fraction(-9, 128), Fraction(2), -2),
+             (Fraction(1, 2), Fraction(-7, 4), -2)]
+    for trial in range(21):
+        chans = known if trial == 0 else [
+            (Fraction(int(rng.integers(-40, 41)), 2 ** int(rng.integers(3, 9))),
+             Fraction(int(rng.integers(-16, 17)), 2 ** int(rng.integers(0, 4))), 2 * int(rng.integers(-3, 4)))
+            for _ in range(3)]
+        tabs = [requant_table(lo, hi, m, b, zp, -32, 31, rnd=_round_half_even) for m, b, zp in chans]
+        t, base, sign = thresholds_from_table(tabs, lo, 63, -32, 31)
+        res = find_shift_form(t, base, sign, 3, lo, hi, out)
+        assert res.form is not None, (chans, res.reason)
+        assert np.array_equal(res.form.apply(x), np.array(tabs).T), chans

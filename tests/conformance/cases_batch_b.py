@@ -57,6 +57,15 @@ def _pool_subsample(b, p, rng):
             b.add(p + "ap", "AvgPool", [y], attrs={"kernel": (1,), "strides": (2,)})]
 
 
+def _pool_ragged(b, p, rng):
+    # non-overlapping windows that leave the last row/column unread (floor): checked in io_stream
+    # too, where the unread pixels must not be left in the stream
+    x = b.input(p + "x", (5, 5, 2), T("fixed<6,2>"))
+    y = b.input(p + "y", (7, 3), T("ufixed<5,2>"))
+    return [b.add(p + "mp", "MaxPool", [x], attrs={"kernel": (2, 2), "strides": (2, 2)}),
+            b.add(p + "ap", "AvgPool", [y], attrs={"kernel": (2,), "strides": (2,)})]
+
+
 def _maxpool_padded(b, p, rng):
     # non-overlapping windows with explicit padding (TF "SAME"-like), signed 2-D and unsigned 1-D
     x = b.input(p + "x", (5, 5, 3), T("fixed<6,2>"))
@@ -134,6 +143,7 @@ CASES_B = [
     Case("channel_broadcast", "Add", _channel_broadcast, rejects=HLS),
     Case("pool_subsample", "MaxPool", _pool_subsample),
     Case("maxpool_padded", "MaxPool", _maxpool_padded),
+    Case("pool_ragged", "MaxPool", _pool_ragged),
     Case("resize2d", "Resize", _resize2d),
     Case("resize1d_map", "Resize", _resize1d_map),
     Case("depth_to_space", "DepthToSpace", _depth_to_space),
@@ -149,6 +159,6 @@ STREAM_CASES = {"resize2d": True, "resize1d_map": True, "depth_to_space": True, 
                 "add_broadcast": True, "mul_broadcast": True, "se_broadcast": True, "channel_broadcast": False,
                 "conv2d_depthwise": True, "conv2d_depthwise_padded": True, "conv1d_depthwise": True,
                 "conv2d_depthwise_dilated": True,
-                "pool_subsample": True, "maxpool_padded": True, "maxpool_unsigned": False,
+                "pool_subsample": True, "maxpool_padded": True, "pool_ragged": True, "maxpool_unsigned": False,
                 "maxpool_unsigned_padded": False, "maxpool2d": False, "avgpool1d": False,
                 "lookup_fixed": True}

@@ -286,3 +286,27 @@ def test_ceil_mode_pools_on_every_target(target, compiled):
     feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
     bad = compare("opsA", "ceil_pools", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("target", _params())
+def test_trunc_avg_pool_of_area_9_on_every_target(target, compiled, tmp_path_factory):
+    """Brevitas TruncAvgPool2d(3) -> QuantIdentity: the Trunc's non-power-of-two scale becomes a
+    MultiThreshold (tests/compiler/test_import_batch_a_pool.py); the reference equals qonnx's
+    executor and every target the reference."""
+    from qdeploy.compiler.frontends import import_onnx
+    from tests.compiler.test_import_batch_a import grid, run_ir, run_qonnx
+    from tests.compiler.test_import_batch_a_pool import brevitas_trunc_pool_requant_model
+
+    m, _ = brevitas_trunc_pool_requant_model(3, 6, tmp_path_factory.mktemp("t9") / "t9.onnx")
+    name = m.graph.input[0].name
+    xs = [grid(np.random.default_rng(i), (1, 3, 6, 6), -1200, 1200, 6) for i in range(8)]
+    g = import_onnx(m)
+    for x in xs:
+        np.testing.assert_array_equal(run_ir(g, {name: x}), run_qonnx(m, {name: x}))
+    backend = target.replace("-stream", "")
+    comp = compiled.get(backend, g, CONFIGS[target])
+    x = np.concatenate(xs)
+    feeds = {g.inputs[0]: np.transpose(x, g.meta["input_perms"][g.inputs[0]])}
+    bad = compare("opsA", "trunc_avg9", target, g, comp(feeds), ref.execute(g, feeds, codes=True))
+    assert not bad, "\n".join(bad)

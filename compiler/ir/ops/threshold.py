@@ -9,8 +9,9 @@ requantizer: any monotone map from an integer accumulator to quantized output co
 ``Quant`` with an arbitrary float scale and zero point after an affine map, a folded batch norm,
 a ReLU) is exactly the count of thresholds the accumulator reaches.  The thresholds are computed
 at compile time in exact rational arithmetic, so the op is exact with respect to the real-number
-semantics of the source ops (see :mod:`qdeploy.compiler.ir.requant` for how they are
-derived and how a multiply-and-shift form is proved equal).
+semantics of the source ops (:mod:`qdeploy.compiler.ir.requant` derives them;
+:mod:`qdeploy.compiler.ir.shiftform` proves a multiply-and-shift form equal, which the
+``requant_shift`` pass then emits).
 
 Operands (channels-last; the channel axis is the last one):
 
