@@ -214,6 +214,8 @@ def _import_Conv(cv, node):
         codes, s_w = scaled.weight_codes(cv, node, wname, 0, (*range(2, w.ndim), 1, 0))
         b = scaled.bias_fractions(cv, bname, w.shape[0], node)
         attrs = {"kernel": kernel, "strides": strides, "pads": pads, "groups": groups}
+        if any(d != 1 for d in dil):
+            attrs["dilations"] = dil
         scaled.conv(cv, node, e, canonical_perm(rank), codes, s_w, b, attrs, node.output[0], canonical_perm(rank))
         return
     w = w.transpose(*range(2, w.ndim), 1, 0)  # [*k, I/g, O]
