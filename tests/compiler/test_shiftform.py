@@ -15,6 +15,7 @@ import pytest
 from qdeploy.compiler import reference as ref
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type
 from qdeploy.compiler.ir.shiftform import ShiftForm, find_shift_form, prove
+from tests.requant_oracle import channel_thresholds
 
 
 def _round_half_even(q: Fraction) -> int:
@@ -194,22 +195,10 @@ def test_wide_accumulator_range_proved_on_samples_against_fractions():
     rng = np.random.default_rng(3)
     tables_t, bases, signs = [], [], []
     for m, b, zp in ms:  # thresholds: smallest x reaching each level (exact, by bisection on Fractions)
-        def y(x):
+        def y(x, m=m, b=b, zp=zp):
             return min(max(_round_half_even(x * m + b) + zp, -128), 127)
-        s = 1 if m > 0 else -1
-        v0, v1 = y(lo), y(hi)
-        th = []
-        for j in range(1, abs(v1 - v0) + 1):
-            target = v0 + s * j
-            a, c = lo, hi
-            while a < c:
-                mid = (a + c) // 2
-                if (y(mid) >= target) if s > 0 else (y(mid) <= target):
-                    c = mid
-                else:
-                    a = mid + 1
-            th.append(a)
-        tables_t.append(th + [hi + 1] * (255 - len(th)))
+        row, v0, s = channel_thresholds(lo, hi, y, 255, -128, 127)
+        tables_t.append(row)
         bases.append(v0)
         signs.append(s)
     t = np.array(tables_t)
