@@ -24,16 +24,20 @@ from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
-from .relax_util import F32, I64, c64, cf, check_shift, nn, op
+from .intplan import linear_plan
+from .relax_util import F32, I64, accepts_narrow, c64, cf, check_shift, cint, dtype_of, nn, op
 
 #: IR op name -> Relax lowering.
 LOWERING = OpTable("tvm")
 
 
 @LOWERING.register("Quantize")
+@accepts_narrow
 def _quantize(lw, n, ins, in_types, out_t):
+    """Fixed input: :meth:`~.lower.RelaxLowering.requantize` (int32 where proved exact);
+    float input: :meth:`~.lower.RelaxLowering.quantize_real` (float64, int64 codes)."""
     if isinstance(in_types[0], FixedType):
-        return lw.requantize(ins[0], in_types[0].frac_bits, out_t, n)
+        return lw.requantize(ins[0], in_types[0].frac_bits, out_t, n, in_t=in_types[0])
     return lw.quantize_real(ins[0], out_t, n)
 
 
@@ -44,23 +48,34 @@ def _sign(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Dense", "Conv")
+@accepts_narrow
 def _linear(lw, n, ins, in_types, out_t):
+    """Quantized: matmul/conv on codes, in the dtypes :func:`.intplan.linear_plan` proves exact
+    (int8/int16 operands, int32 accumulation and epilogue where the bounds allow, int64 else),
+    then the alignment shift and the aligned bias (== the reference).  Float: float32."""
     w = n.params["weight"]
     b = n.params.get("bias")
     groups = int(n.attrs.get("groups", 1))
     dense = n.op == "Dense"
     if isinstance(out_t, FixedType):
-        if dense:
-            acc = lw.emit(op.matmul(ins[0], relax.const(np.ascontiguousarray(w.data), I64), out_dtype=I64))
-        else:
-            acc = lw.conv(ins[0], w.data, I64, n, groups)
         f = in_types[0].frac_bits + w.dtype.frac_bits
-        acc = lw.lshift(acc, out_t.frac_bits - f, n)
+        s = out_t.frac_bits - f
+        check_shift(s, n, "aligning binary points")
+        bias = None
         if b is not None:
             bf = b.dtype.frac_bits
             check_shift(out_t.frac_bits - bf, n, "aligning the bias")
             bias = np.left_shift(b.data, out_t.frac_bits - bf)  # same wrap as the reference
-            acc = lw.emit(op.add(acc, c64(bias)))
+        plan = linear_plan(in_types[0], w.data, s, bias)
+        x = lw.cast(ins[0], plan.in_dtype)
+        if dense:
+            wc = relax.const(np.ascontiguousarray(w.data.astype(plan.in_dtype)), plan.in_dtype)
+            acc = lw.emit(op.matmul(x, wc, out_dtype=plan.acc_dtype))
+        else:
+            acc = lw.conv(x, w.data, plan.acc_dtype, n, groups, w_dtype=plan.in_dtype)
+        acc = lw.lshift(lw.cast(acc, plan.epi_dtype), s, n)
+        if bias is not None:
+            acc = lw.emit(op.add(acc, cint(bias, plan.epi_dtype)))
         return acc
     x = lw.real(ins[0], in_types[0])
     wr = w.real().astype(np.float32)
@@ -74,8 +89,10 @@ def _linear(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Relu")
+@accepts_narrow
 def _relu(lw, n, ins, in_types, out_t):
-    zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
+    """``max(x, 0)`` in ``x``'s own dtype (codes of any width, or float32)."""
+    zero = cint(0, dtype_of(ins[0])) if isinstance(in_types[0], FixedType) else cf(0.0)
     return lw.emit(op.maximum(ins[0], zero))
 
 
@@ -138,11 +155,13 @@ def _concat(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Reshape")
+@accepts_narrow
 def _reshape(lw, n, ins, in_types, out_t):
     return lw.emit(op.reshape(ins[0], (lw.n, *(int(s) for s in n.attrs["shape"]))))
 
 
 @LOWERING.register("Transpose")
+@accepts_narrow
 def _transpose(lw, n, ins, in_types, out_t):
     return lw.emit(op.permute_dims(ins[0], [0, *(int(p) + 1 for p in n.attrs["perm"])]))
 

@@ -1,0 +1,148 @@
+"""Integer widths for the TVM lowering, proved from the IR's exact types (no TVM import).
+
+The reference interpreter computes every fixed-point value in int64.  The lowering keeps its
+results bit for bit while computing in narrower integers wherever a bound proves that nothing
+can overflow (issue #15, item 1):
+
+* a value of IR type ``t`` holds codes in ``[t.min_code, t.max_code]`` (the IR's type rules
+  are exact, :mod:`qdeploy.compiler.ir.ops.spec`), so it can be *stored* in the narrowest
+  signed integer dtype holding that range (:func:`storage_dtype`): int8, int16, int32 or int64;
+* a ``Dense``/``Conv`` accumulator is bounded per output channel by interval arithmetic over
+  the actual constant weights (:func:`dot_bounds`, the same bound as the IR's type rule in
+  :mod:`qdeploy.compiler.ir.ops.linear`); it accumulates in int32 when every partial sum
+  provably fits (:func:`linear_plan`), else in int64 exactly as before;
+* elementwise requantization runs in int32 when the input range, shifted, and the target type's
+  constants fit (:func:`requant_dtype`).
+
+Why every *partial* sum is covered: a partial sum over a subset of the reduction terms lies
+between the sum of the subset's minima and the sum of its maxima; every term's minimum is
+``<= 0 <=`` its maximum when 0 is in the input range, so the partial sums lie within the full
+``[lo, hi]``.  :func:`linear_plan` therefore always widens the input range to include 0 (the
+zero padding of a convolution needs it anyway).
+
+All bounds are exact Python integers (NumPy object arrays where int64 could overflow).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...compiler.ir.types import FixedType
+
+#: (bits, dtype) of the signed integer dtypes the lowering uses, narrowest first.
+INT_DTYPES = ((8, "int8"), (16, "int16"), (32, "int32"), (64, "int64"))
+
+
+def int_dtype(lo: int, hi: int) -> str:
+    """The narrowest signed integer dtype holding every integer in ``[lo, hi]``.
+
+    Raises:
+        ValueError: when not even int64 holds the range (callers keep int64 wrap-around
+            semantics themselves, as the reference does, and never ask then).
+    """
+    lo, hi = int(lo), int(hi)
+    for bits, name in INT_DTYPES:
+        if -(1 << (bits - 1)) <= lo and hi <= (1 << (bits - 1)) - 1:
+            return name
+    raise ValueError(f"range [{lo}, {hi}] does not fit int64")
+
+
+def fits(lo: int, hi: int, dtype: str) -> bool:
+    """True when every integer in ``[lo, hi]`` is representable in signed ``dtype``."""
+    bits = dict((d, b) for b, d in INT_DTYPES)[dtype]
+    return -(1 << (bits - 1)) <= int(lo) and int(hi) <= (1 << (bits - 1)) - 1
+
+
+def bits_of(dtype: str) -> int:
+    """Bit width of one of :data:`INT_DTYPES`' dtypes."""
+    return dict((d, b) for b, d in INT_DTYPES)[dtype]
+
+
+def storage_dtype(t: FixedType) -> str:
+    """Dtype holding every code of fixed-point type ``t`` (IR widths are at most 62 bits)."""
+    return int_dtype(t.min_code, t.max_code)
+
+
+def dot_bounds(w_codes: np.ndarray, x_lo: int, x_hi: int):
+    """Exact per-output-channel ``(lo, hi)`` of ``sum_k w[k, n] * x_k`` for ``x_k`` in
+    ``[x_lo, x_hi]``; ``w_codes`` is ``[..., N]`` (a Dense ``[K, N]`` or a channels-last
+    convolution kernel ``[*kernel, C_in/groups, C_out]``: the reduction runs over every axis but
+    the last).  Returns two object arrays of Python ints, shape ``[N]``."""
+    w = np.asarray(w_codes).astype(object).reshape(-1, np.shape(w_codes)[-1])
+    a, b = w * int(x_lo), w * int(x_hi)
+    return np.minimum(a, b).sum(axis=0), np.maximum(a, b).sum(axis=0)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """Dtypes of one quantized ``Dense``/``Conv`` (see :func:`linear_plan`).
+
+    Attributes:
+        in_dtype: dtype of the input codes and of the weight constant fed to the matmul/conv.
+        acc_dtype: accumulation dtype (``out_dtype`` of the matmul/conv: products are formed
+            in it too, TVM casts both operands first).
+        epi_dtype: dtype of the epilogue (alignment shift and bias add), ``acc_dtype`` or int64.
+        acc_range: proved ``(lo, hi)`` of every partial sum.
+        out_range: proved ``(lo, hi)`` of the shifted, biased result.
+    """
+
+    in_dtype: str
+    acc_dtype: str
+    epi_dtype: str
+    acc_range: tuple
+    out_range: tuple
+
+
+def linear_plan(x_t: FixedType, w_codes: np.ndarray, shift: int, bias_aligned) -> LinearPlan:
+    """Narrowest exact dtypes for a quantized ``Dense``/``Conv``.
+
+    Args:
+        x_t: the input's fixed-point type (codes in ``[x_t.min_code, x_t.max_code]``).
+        w_codes: weight codes ``[..., N]`` (reduction over all axes but the last).
+        shift: left shift aligning the accumulator to the output's binary point (``>= 0``).
+        bias_aligned: the bias codes already shifted to the output's binary point (int64, with
+            the reference's wrap-around), shape ``[N]``, or ``None``.
+    Returns:
+        A :class:`LinearPlan`: int32 accumulation when the proved range of every partial sum
+        fits int32 (else int64, the reference's own arithmetic); the inputs in the narrowest dtype
+        holding both the input type's and the weights' codes; the epilogue in the accumulator's
+        dtype when the shifted, biased range fits it too.
+    """
+    x_lo, x_hi = min(int(x_t.min_code), 0), max(int(x_t.max_code), 0)
+    lo, hi = dot_bounds(w_codes, x_lo, x_hi)
+    a_lo, a_hi = int(min(lo, default=0)), int(max(hi, default=0))
+    acc = "int32" if fits(a_lo, a_hi, "int32") else "int64"
+    w = np.asarray(w_codes)
+    w_lo, w_hi = int(w.min(initial=0)), int(w.max(initial=0))
+    ind = int_dtype(min(x_lo, w_lo), max(x_hi, w_hi))
+    if bits_of(ind) > bits_of(acc):  # pragma: no cover - products fit acc, so operands do
+        ind = acc
+    o_lo, o_hi = lo * (1 << shift), hi * (1 << shift)
+    if bias_aligned is not None:
+        bb = np.asarray(bias_aligned).astype(object).reshape(-1)
+        if bb.shape[0] == o_lo.shape[0]:
+            o_lo, o_hi = o_lo + bb, o_hi + bb
+        else:
+            o_lo, o_hi = o_lo + min(bb), o_hi + max(bb)
+    out_range = (int(min(min(o_lo, default=0), 0)), int(max(max(o_hi, default=0), 0)))
+    epi = acc if acc == "int32" and fits(*out_range, "int32") else "int64"
+    return LinearPlan(ind, acc, epi, (a_lo, a_hi), out_range)
+
+
+def requant_dtype(in_t: FixedType, shift: int, t: FixedType) -> str:
+    """Dtype in which :meth:`~.lower.RelaxLowering.requantize` of codes of type ``in_t`` into
+    ``t`` (``shift = frac_in - t.frac_bits``) is exact: int32 when the input codes, left-shifted
+    when ``shift < 0``, the rounding constants (``2**shift``) and the overflow constants of ``t``
+    (``2**t.width`` for ``WRAP``) all fit int32, else int64."""
+    lo, hi = int(in_t.min_code), int(in_t.max_code)
+    if shift < 0:
+        lo, hi = lo << -shift, hi << -shift
+    if not fits(lo, hi, "int32") or shift > 30:
+        return "int64"
+    if t.width > 30 or not fits(t.min_code, t.max_code, "int32"):
+        return "int64"
+    # the rounding bit: fl + 1 must fit (fl <= hi >> shift <= hi)
+    if not fits(lo, hi + 1, "int32"):
+        return "int64"
+    return "int32"
