@@ -5,12 +5,16 @@ results bit for bit while computing in narrower integers wherever a bound proves
 can overflow (issue #15, item 1):
 
 * a value of IR type ``t`` holds codes in ``[t.min_code, t.max_code]`` (the IR's type rules
-  are exact, :mod:`qdeploy.compiler.ir.ops.spec`), so it can be *stored* in the narrowest
-  signed integer dtype holding that range (:func:`storage_dtype`): int8, int16, int32 or int64;
+  are exact, :mod:`qdeploy.compiler.ir.ops.spec`), so casting it to any dtype holding that range
+  is exact (:func:`storage_dtype`: the narrowest of int8, int16, int32, int64);
 * a ``Dense``/``Conv`` accumulator is bounded per output channel by interval arithmetic over
   the actual constant weights (:func:`dot_bounds`, the same bound as the IR's type rule in
   :mod:`qdeploy.compiler.ir.ops.linear`); it accumulates in int32 when every partial sum
-  provably fits (:func:`linear_plan`), else in int64 exactly as before;
+  provably fits (:func:`linear_plan`), else in int64 exactly as before.  Its operands (input
+  codes and weight constant) are given in the accumulator's dtype: measured on the jet tagger
+  (AVX-512 host, ``schedule: auto``, batch 256) int8 operands were 1.6x *slower* than int32 ones
+  (113-122 vs 74-79 us per call, interleaved runs): the loop schedule vectorizes over output channels and broadcasts one
+  input code per reduction step, and an int8 code costs a sign extension there;
 * elementwise requantization runs in int32 when the input range, shifted, and the target type's
   constants fit (:func:`requant_dtype`).
 
@@ -79,7 +83,10 @@ class LinearPlan:
     """Dtypes of one quantized ``Dense``/``Conv`` (see :func:`linear_plan`).
 
     Attributes:
-        in_dtype: dtype of the input codes and of the weight constant fed to the matmul/conv.
+        in_dtype: dtype of the input codes and of the weight constant fed to the matmul/conv
+            (the accumulator's, see the module docstring).
+        narrow_dtype: the narrowest dtype holding both the input's and the weights' codes
+            (informative: what int8/int16 operands would be).
         acc_dtype: accumulation dtype (``out_dtype`` of the matmul/conv: products are formed
             in it too, TVM casts both operands first).
         epi_dtype: dtype of the epilogue (alignment shift and bias add), ``acc_dtype`` or int64.
@@ -88,6 +95,7 @@ class LinearPlan:
     """
 
     in_dtype: str
+    narrow_dtype: str
     acc_dtype: str
     epi_dtype: str
     acc_range: tuple
@@ -105,9 +113,8 @@ def linear_plan(x_t: FixedType, w_codes: np.ndarray, shift: int, bias_aligned) -
             the reference's wrap-around), shape ``[N]``, or ``None``.
     Returns:
         A :class:`LinearPlan`: int32 accumulation when the proved range of every partial sum
-        fits int32 (else int64, the reference's own arithmetic); the inputs in the narrowest dtype
-        holding both the input type's and the weights' codes; the epilogue in the accumulator's
-        dtype when the shifted, biased range fits it too.
+        fits int32 (else int64, the reference's own arithmetic), operands in the accumulator's
+        dtype, the epilogue in the accumulator's dtype when the shifted, biased range fits it too.
     """
     x_lo, x_hi = min(int(x_t.min_code), 0), max(int(x_t.max_code), 0)
     lo, hi = dot_bounds(w_codes, x_lo, x_hi)
@@ -115,9 +122,7 @@ def linear_plan(x_t: FixedType, w_codes: np.ndarray, shift: int, bias_aligned) -
     acc = "int32" if fits(a_lo, a_hi, "int32") else "int64"
     w = np.asarray(w_codes)
     w_lo, w_hi = int(w.min(initial=0)), int(w.max(initial=0))
-    ind = int_dtype(min(x_lo, w_lo), max(x_hi, w_hi))
-    if bits_of(ind) > bits_of(acc):  # pragma: no cover - products fit acc, so operands do
-        ind = acc
+    narrow = int_dtype(min(x_lo, w_lo), max(x_hi, w_hi))
     o_lo, o_hi = lo * (1 << shift), hi * (1 << shift)
     if bias_aligned is not None:
         bb = np.asarray(bias_aligned).astype(object).reshape(-1)
@@ -127,7 +132,7 @@ def linear_plan(x_t: FixedType, w_codes: np.ndarray, shift: int, bias_aligned) -
             o_lo, o_hi = o_lo + min(bb), o_hi + max(bb)
     out_range = (int(min(min(o_lo, default=0), 0)), int(max(max(o_hi, default=0), 0)))
     epi = acc if acc == "int32" and fits(*out_range, "int32") else "int64"
-    return LinearPlan(ind, acc, epi, (a_lo, a_hi), out_range)
+    return LinearPlan(acc, narrow, acc, epi, (a_lo, a_hi), out_range)
 
 
 def requant_dtype(in_t: FixedType, shift: int, t: FixedType) -> str:

@@ -10,9 +10,9 @@ Every fixed-point op is lowered to exact integer arithmetic replicating the refe
 interpreter op by op (including its wrap-around on int64 overflow), so the codes agree bit for
 bit.  The function's parameters and results are int64 codes (the backend contract); inside,
 ops whose entries are marked :func:`~.relax_util.accepts_narrow` compute in the narrower dtypes
-that :mod:`.intplan` proves exact from the IR's types (int8/int16 operands and int32
-accumulators for ``Dense``/``Conv``, int32 requantization), every other entry receives int64
-codes (:meth:`RelaxLowering.cast`, one cast per value and dtype).  Narrowing a value is exact
+that :mod:`.intplan` proves exact from the IR's types (int32 operands, accumulators and
+epilogues for ``Dense``/``Conv`` whose bounds fit, int32 requantization and ``MaxPool``), every
+other entry receives int64 codes (:meth:`RelaxLowering.cast`, one cast per value and dtype).  Narrowing a value is exact
 because its codes lie in its IR type's range; graph inputs are int64 codes that must lie in
 their type's range too (``CompiledModel`` quantizes reals into it; the loader's ``run`` checks
 code feeds).  Float->fixed ``Quantize`` is done in float64 exactly like

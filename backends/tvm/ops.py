@@ -6,7 +6,9 @@ Each entry is ``f(lw, n, ins, in_types, out_t) -> relax.Expr`` where ``lw`` is t
 ``window_sum``, ``avg_div`` are exact replicas of the reference interpreter's integer steps),
 ``n`` the node, ``ins`` its input expressions, ``in_types`` their IR dtypes and ``out_t`` the
 output dtype.  Fixed-point values are int64 codes, float values float32, batch first; every
-fixed-point entry must agree with the op's reference kernel bit for bit.
+fixed-point entry must agree with the op's reference kernel bit for bit.  An entry marked
+``@accepts_narrow`` receives codes in whatever integer dtype their producer computed them
+(int32 where :mod:`.intplan` proved it exact) and may return any integer dtype.
 
 The driver (:meth:`~.lower.RelaxLowering.node`) has already refused float inputs to a
 non-quantizer op with a fixed-point output.  An op TVM cannot lower exactly is declared with
@@ -24,7 +26,7 @@ from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
-from .intplan import linear_plan
+from .intplan import fits, linear_plan
 from .relax_util import F32, I64, accepts_narrow, c64, cf, check_shift, cint, dtype_of, nn, op
 
 #: IR op name -> Relax lowering.
@@ -51,8 +53,8 @@ def _sign(lw, n, ins, in_types, out_t):
 @accepts_narrow
 def _linear(lw, n, ins, in_types, out_t):
     """Quantized: matmul/conv on codes, in the dtypes :func:`.intplan.linear_plan` proves exact
-    (int8/int16 operands, int32 accumulation and epilogue where the bounds allow, int64 else),
-    then the alignment shift and the aligned bias (== the reference).  Float: float32."""
+    (int32 operands, accumulation and epilogue where the bounds allow, int64 else), then the
+    alignment shift and the aligned bias (== the reference).  Float: float32."""
     w = n.params["weight"]
     b = n.params.get("bias")
     groups = int(n.attrs.get("groups", 1))
@@ -167,9 +169,17 @@ def _transpose(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("MaxPool", "AvgPool")
+@accepts_narrow
 def _pool(lw, n, ins, in_types, out_t):
+    """Codes: ``MaxPool`` in the input's dtype when the shifted codes ``x - min_code`` fit it
+    (else int64), padding with the type's min code; ``AvgPool`` window sums in int64, then the
+    reference's ``floor(sum * 2**k / count)``.  Float: float32."""
     x = ins[0]
     in_v = lw.g.values[n.inputs[0]]
+    if isinstance(in_v.dtype, FixedType):
+        t_in = in_v.dtype
+        keep = n.op == "MaxPool" and fits(0, t_in.max_code - t_in.min_code, dtype_of(x))
+        x = x if keep else lw.cast(x, I64)
     k = tuple(int(v) for v in n.attrs["kernel"])
     nd = len(k)
     if nd not in (1, 2) or len(in_v.shape) != nd + 1:
@@ -183,14 +193,14 @@ def _pool(lw, n, ins, in_types, out_t):
     if n.op == "MaxPool":
         if isinstance(t0, FixedType):
             # pad with the type's min code: shift codes so that it becomes 0, pad with 0 explicitly
-            lo = t0.min_code
-            y = lw.emit(op.subtract(x, c64(lo))) if lo else x
+            lo, dt = t0.min_code, dtype_of(x)
+            y = lw.emit(op.subtract(x, cint(lo, dt))) if lo else x
             if any(p):
                 pw = [0, 0] + [v for i in range(nd) for v in (p[i], p[i + nd])] + [0, 0]
                 y = lw.emit(nn.pad(y, pw, pad_value=0.0))
             y = lw.emit(mp(y, pool_size=k, strides=s, padding=(0,) * (2 * nd) if nd == 2 else (0, 0),
                            layout=layout))
-            return lw.emit(op.add(y, c64(lo))) if lo else y
+            return lw.emit(op.add(y, cint(lo, dt))) if lo else y
         return lw.emit(mp(x, pool_size=k, strides=s, padding=p, layout=layout))
     cnt = int(np.prod(k))
     per = window_counts(n, in_v.shape)[None, ..., None] if any(p) else None  # padding not counted

@@ -1,6 +1,6 @@
 """TVM lowering in narrow integers (issue #15, item 1): a quantized Dense/Conv whose accumulator
-provably fits int32 runs on int8/int16 operands with int32 accumulation; one whose bound needs
-more accumulates in int64.  Both are checked in the lowered Relax module (the dtypes of the
+provably fits int32 runs in int32 (operands, accumulation, epilogue); one whose bound needs more
+accumulates in int64.  Both are checked in the lowered Relax module (the dtypes of the
 ``matmul``/``conv2d`` calls and of the compiled TIR buffers) and bit for bit against the reference
 interpreter, on inputs that drive every accumulator to its extremes; the int32/int64 boundary of
 the proof is checked against a brute-force bound computed with Python integers."""
@@ -68,7 +68,8 @@ def _check_exact(graph, fn, feeds):
 
 
 def _narrow_graph(rng):
-    """int8 Dense (K=64) -> Quantize -> int8 Conv 3x3 (pads), all accumulators < 2**31."""
+    """8-bit Dense (K=64) -> Quantize -> 8-bit Conv 3x3 (pads) -> Quantize -> padded MaxPool,
+    all accumulators < 2**31."""
     b = GraphBuilder("narrow")
     x = b.input("x", (64,), T("fixed<8,3>"))
     d = b.add("d", "Dense", [x], params={"weight": Const(rng.integers(-128, 128, (64, 36)), T("fixed<8,1>")),
@@ -77,6 +78,8 @@ def _narrow_graph(rng):
     r = b.add("r", "Reshape", [q], attrs={"shape": (6, 6, 1)})
     c = b.add("c", "Conv", [r], attrs={"kernel": (3, 3), "pads": (1, 1, 1, 1)},
               params={"weight": Const(rng.integers(-128, 128, (3, 3, 1, 4)), T("fixed<8,0>"))})
+    q2 = b.add("q2", "Quantize", [c], attrs={"to": T("fixed<6,5,RND,SAT>")})
+    b.output(b.add("mp", "MaxPool", [q2], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 1, 1)}))
     b.output(c)
     b.output(d)
     return b.build()
@@ -92,23 +95,27 @@ def _wide_graph(rng):
     return b.build()
 
 
-def test_narrow_dense_conv_use_int8_int32_and_are_exact(tmp_path):
+def test_narrow_dense_conv_run_in_int32_and_are_exact(tmp_path):
     rng = np.random.default_rng(0)
     g = _narrow_graph(rng)
     mod = lower(g)
     (mm, mm_in, mm_out), = _calls(mod, "matmul")
-    assert mm_in == ["int8", "int8"] and mm_out == "int32"
+    assert mm_in == ["int32", "int32"] and mm_out == "int32"
     (cv, cv_in, cv_out), = _calls(mod, "nn.conv2d")
-    assert cv_in == ["int8", "int8"] and cv_out == "int32"
+    assert cv_in == ["int32", "int32"] and cv_out == "int32"
+    (mp, mp_in, mp_out), = _calls(mod, "nn.max_pool2d")
+    assert mp_in == ["int32"] and mp_out == "int32"
     # the requantization between them runs in int32 too, and no op computes in int64 but the
     # casts of the results at the boundary (the backend contract: int64 codes out)
     assert {d for _, _, d in _calls(mod, "right_shift")} == {"int32"}
     wide = [c.op.name for c, _, out in _calls(mod) if out == "int64"]
     assert wide == ["relax.astype"] * len(g.outputs), wide
-    # the compiled library's TIR really multiplies int8 buffers into int32
-    ex_mod = relax.transform.LegalizeOps()(mod)
-    tir = ex_mod.script()
-    assert '"int8"' in tir and "T.Cast(\"int32\"" in tir
+    # the legalized TIR's matmul/conv kernels really read and accumulate int32 buffers
+    tir = relax.transform.LegalizeOps()(mod)
+    kernels = {gv.name_hint: f for gv, f in tir.functions.items() if gv.name_hint in ("matmul", "conv2d")}
+    assert set(kernels) == {"matmul", "conv2d"}
+    for name, f in kernels.items():
+        assert {str(p.dtype) for p in f.params} == {"int32"}, name
     fn = _build(g, tmp_path)
     want = _check_exact(g, fn, _extreme_feeds(g, rng, 64))
     assert np.abs(want["d"]).max() > 127  # the Dense result itself is wider than its int8 operands
@@ -119,7 +126,7 @@ def test_wide_dense_accumulates_in_int64_and_is_exact(tmp_path):
     g = _wide_graph(rng)
     mod = lower(g)
     (mm, mm_in, mm_out), = _calls(mod, "matmul")
-    assert mm_in == ["int16", "int16"] and mm_out == "int64"
+    assert mm_in == ["int64", "int64"] and mm_out == "int64"
     fn = _build(g, tmp_path)
     want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
     # the int64 accumulator was needed: real sums outside int32 occurred and came out exact
@@ -149,7 +156,7 @@ def test_int32_boundary_matches_brute_force(k, expect):
     lo, hi = _brute_bound(x_t, w)
     assert plan.acc_range == (lo, hi)
     assert plan.acc_dtype == expect == ("int32" if I32[0] <= lo and hi <= I32[1] else "int64")
-    assert plan.in_dtype == "int8"
+    assert (plan.in_dtype, plan.narrow_dtype) == (expect, "int8")
 
 
 def test_plan_bias_and_shift_widen_only_the_epilogue():
@@ -190,3 +197,19 @@ def test_every_int32_requant_exact_brute_force(tmp_path):
     fn = _build(g, tmp_path)
     feeds = {"x": np.arange(x_t.min_code, x_t.max_code + 1, dtype=np.int64)[None]}
     _check_exact(g, fn, feeds)
+
+
+def test_codes_outside_the_input_type_are_refused(tmp_path):
+    """The library narrows codes by the input's type: a code feed outside it is refused with the
+    input's name instead of being computed differently from the reference."""
+    b = GraphBuilder("bad")
+    x = b.input("x", (4,), T("fixed<8,3>"))
+    b.output(b.add("d", "Dense", [x], params={"weight": Const(np.ones((4, 2), dtype=np.int64), T("int<2>"))}))
+    g = b.build()
+    fn = _build(g, tmp_path)
+    ok = {"x": np.array([[-128, 127, 0, 5]], dtype=np.int64)}
+    np.testing.assert_array_equal(fn(ok)["d"], ref.execute(g, ok, codes=True)["d"])
+    with pytest.raises(ValueError, match=r"input 'x' has codes outside its type fixed<8,3>"):
+        fn({"x": np.array([[1 << 40, 0, 0, 0]], dtype=np.int64)})
+    with pytest.raises(ValueError, match="outside its type"):
+        fn({"x": np.array([[-129, 0, 0, 0]], dtype=np.int64)})
