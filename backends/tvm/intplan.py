@@ -89,7 +89,8 @@ class LinearPlan:
             (informative: what int8/int16 operands would be).
         acc_dtype: accumulation dtype (``out_dtype`` of the matmul/conv: products are formed
             in it too, TVM casts both operands first).
-        epi_dtype: dtype of the epilogue (alignment shift and bias add), ``acc_dtype`` or int64.
+        epi_dtype: dtype of the epilogue (alignment shift and bias add), ``acc_dtype`` or int64
+            (int32 only when the shifted accumulator *and* the biased result fit it).
         acc_range: proved ``(lo, hi)`` of every partial sum.
         out_range: proved ``(lo, hi)`` of the shifted, biased result.
     """
@@ -124,6 +125,7 @@ def linear_plan(x_t: FixedType, w_codes: np.ndarray, shift: int, bias_aligned) -
     w_lo, w_hi = int(w.min(initial=0)), int(w.max(initial=0))
     narrow = int_dtype(min(x_lo, w_lo), max(x_hi, w_hi))
     o_lo, o_hi = lo * (1 << shift), hi * (1 << shift)
+    shifted_ok = fits(min(o_lo, default=0), max(o_hi, default=0), "int32")  # before the bias, too
     if bias_aligned is not None:
         bb = np.asarray(bias_aligned).astype(object).reshape(-1)
         if bb.shape[0] == o_lo.shape[0]:
@@ -131,7 +133,7 @@ def linear_plan(x_t: FixedType, w_codes: np.ndarray, shift: int, bias_aligned) -
         else:
             o_lo, o_hi = o_lo + min(bb), o_hi + max(bb)
     out_range = (int(min(min(o_lo, default=0), 0)), int(max(max(o_hi, default=0), 0)))
-    epi = acc if acc == "int32" and fits(*out_range, "int32") else "int64"
+    epi = acc if acc == "int32" and shifted_ok and fits(*out_range, "int32") else "int64"
     return LinearPlan(acc, narrow, acc, epi, (a_lo, a_hi), out_range)
 
 
@@ -151,3 +153,24 @@ def requant_dtype(in_t: FixedType, shift: int, t: FixedType) -> str:
     if not fits(lo, hi + 1, "int32"):
         return "int64"
     return "int32"
+
+
+def binary_dtype(op_name: str, ta: FixedType, tb: FixedType, frac_out: int) -> str:
+    """Dtype in which ``Add`` (both operands left-shifted to ``frac_out`` fraction bits, then
+    added) or ``Mul`` (codes multiplied) of codes of types ``ta``, ``tb`` is exact: int32 when
+    every operand, shifted operand and result bound fits int32, else int64 (also for a negative
+    alignment shift, which the lowering refuses itself)."""
+    if op_name == "Add":
+        sa, sb = frac_out - ta.frac_bits, frac_out - tb.frac_bits
+        if sa < 0 or sb < 0 or sa > 31 or sb > 31:
+            return "int64"
+        lo_a, hi_a = ta.min_code << sa, ta.max_code << sa
+        lo_b, hi_b = tb.min_code << sb, tb.max_code << sb
+        ok = fits(lo_a, hi_a, "int32") and fits(lo_b, hi_b, "int32") and fits(lo_a + lo_b, hi_a + hi_b, "int32")
+    elif op_name == "Mul":
+        corners = [p * q for p in (ta.min_code, ta.max_code) for q in (tb.min_code, tb.max_code)]
+        ok = fits(ta.min_code, ta.max_code, "int32") and fits(tb.min_code, tb.max_code, "int32") and \
+            fits(min(corners), max(corners), "int32")
+    else:
+        raise ValueError(op_name)
+    return "int32" if ok else "int64"

@@ -26,7 +26,7 @@ from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
-from .intplan import fits, linear_plan
+from .intplan import binary_dtype, fits, linear_plan
 from .relax_util import F32, I64, accepts_narrow, c64, cf, check_shift, cint, dtype_of, nn, op
 
 #: IR op name -> Relax lowering.
@@ -109,10 +109,17 @@ def _leaky_relu(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Add", "Mul")
+@accepts_narrow
 def _binary(lw, n, ins, in_types, out_t):
+    """Codes: align both operands to the output's fraction bits and add, or multiply (== the
+    reference), in int32 where :func:`.intplan.binary_dtype` proves it exact, else int64;
+    per-sample broadcast (unit axes after the batch).  Float: on float32 reals."""
     r = len(lw.g.values[n.output].shape)
-    a, bb = (lw.bcast_rank(x, len(lw.g.values[i].shape), r) for x, i in zip(ins, n.inputs))
     ta, tb = in_types
+    if isinstance(out_t, FixedType):
+        dt = binary_dtype(n.op, ta, tb, out_t.frac_bits)
+        ins = [lw.cast(x, dt) for x in ins]
+    a, bb = (lw.bcast_rank(x, len(lw.g.values[i].shape), r) for x, i in zip(ins, n.inputs))
     if isinstance(out_t, FixedType):
         if n.op == "Add":
             F = out_t.frac_bits

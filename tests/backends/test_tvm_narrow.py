@@ -167,6 +167,12 @@ def test_plan_bias_and_shift_widen_only_the_epilogue():
     assert (near.acc_dtype, near.epi_dtype) == ("int32", "int32")
     over = linear_plan(x_t, w, 0, np.array([(1 << 31) - 25500], dtype=np.int64))
     assert (over.acc_dtype, over.epi_dtype) == ("int32", "int64")
+    # the shifted accumulator alone overflows int32, though the bias brings the sum back inside
+    u_t, wu = T("ufixed<8,3>"), np.array([[100]], dtype=np.int64)  # sums in [0, 25500]
+    back = linear_plan(u_t, wu, 17, np.array([-(1 << 31)], dtype=np.int64))
+    assert 25500 << 17 > I32[1] and I32[0] <= (25500 << 17) - (1 << 31) <= I32[1]
+    assert (back.acc_dtype, back.epi_dtype) == ("int32", "int64")
+    assert linear_plan(u_t, wu, 16, np.array([-(1 << 31)], dtype=np.int64)).epi_dtype == "int32"
     shifted = linear_plan(x_t, w, 17, None)  # 25500 * 2**17 > 2**31
     assert (shifted.acc_dtype, shifted.epi_dtype) == ("int32", "int64")
 
@@ -213,3 +219,23 @@ def test_codes_outside_the_input_type_are_refused(tmp_path):
         fn({"x": np.array([[1 << 40, 0, 0, 0]], dtype=np.int64)})
     with pytest.raises(ValueError, match="outside its type"):
         fn({"x": np.array([[-129, 0, 0, 0]], dtype=np.int64)})
+
+
+def test_add_mul_int32_where_proved_int64_else(tmp_path):
+    rng = np.random.default_rng(3)
+    b = GraphBuilder("binary")
+    x = b.input("x", (4, 8), T("fixed<12,4>"))
+    y = b.input("y", (8,), T("fixed<10,6>"))
+    u = b.input("u", (8,), T("fixed<30,10>"))
+    v = b.input("v", (8,), T("fixed<30,2>"))
+    for name, op_, ins in [("add", "Add", [x, y]), ("mul", "Mul", [x, y]),
+                           ("add_wide", "Add", [u, v]), ("mul_wide", "Mul", [u, v])]:
+        b.output(b.add(name, op_, ins))
+    g = b.build()
+    mod = lower(g)
+    adds = sorted(d for _, _, d in _calls(mod, "add"))
+    muls = sorted(d for _, _, d in _calls(mod, "multiply"))
+    assert adds == ["int32", "int64"] and muls == ["int32", "int64"], (adds, muls)
+    fn = _build(g, tmp_path)
+    want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
+    assert np.abs(want["add_wide"]).max() > I32[1] and np.abs(want["mul_wide"]).max() > I32[1]
