@@ -174,3 +174,29 @@ def binary_dtype(op_name: str, ta: FixedType, tb: FixedType, frac_out: int) -> s
     else:
         raise ValueError(op_name)
     return "int32" if ok else "int64"
+
+
+def affine_dtype(x_t: FixedType, scale_codes, shift: int, bias_aligned) -> str:
+    """Dtype in which ``Affine`` on codes (``x * scale``, left shift by ``shift``, ``+ bias``
+    already aligned) is exact: int32 when the input, the scale constants, the product bound, the
+    shifted bound and the biased bound all fit int32, else int64 (also for a negative shift,
+    which the lowering refuses itself).  ``scale_codes``/``bias_aligned`` may be ``None``."""
+    if shift < 0 or shift > 31:
+        return "int64"
+    lo, hi = int(x_t.min_code), int(x_t.max_code)
+    steps = [(lo, hi)]
+    if scale_codes is not None:
+        sc = np.asarray(scale_codes)
+        s_lo, s_hi = int(sc.min()), int(sc.max())
+        steps.append((s_lo, s_hi))
+        corners = [p * q for p in (lo, hi) for q in (s_lo, s_hi)]
+        lo, hi = min(corners), max(corners)
+        steps.append((lo, hi))
+    lo, hi = lo << shift, hi << shift
+    steps.append((lo, hi))
+    if bias_aligned is not None:
+        bb = np.asarray(bias_aligned)
+        steps.append((int(bb.min()), int(bb.max())))
+        lo, hi = lo + int(bb.min()), hi + int(bb.max())
+        steps.append((lo, hi))
+    return "int32" if all(fits(a, b, "int32") for a, b in steps) else "int64"

@@ -26,7 +26,7 @@ from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
-from .intplan import binary_dtype, fits, linear_plan
+from .intplan import affine_dtype, binary_dtype, fits, linear_plan
 from .relax_util import F32, I64, accepts_narrow, c64, cf, check_shift, cint, dtype_of, nn, op
 
 #: IR op name -> Relax lowering.
@@ -44,9 +44,11 @@ def _quantize(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Sign")
+@accepts_narrow
 def _sign(lw, n, ins, in_types, out_t):
-    zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
-    return lw.emit(op.where(op.greater_equal(ins[0], zero), c64(1), c64(-1)))
+    """``x >= 0 ? 1 : -1``, compared in ``x``'s own dtype; codes out in int32."""
+    zero = cint(0, dtype_of(ins[0])) if isinstance(in_types[0], FixedType) else cf(0.0)
+    return lw.emit(op.where(op.greater_equal(ins[0], zero), cint(1, "int32"), cint(-1, "int32")))
 
 
 @LOWERING.register("Dense", "Conv")
@@ -130,19 +132,25 @@ def _binary(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Affine")
+@accepts_narrow
 def _affine(lw, n, ins, in_types, out_t):
+    """Codes: ``x * scale``, aligned to the output's fraction bits, ``+ bias`` (== the reference),
+    in int32 where :func:`.intplan.affine_dtype` proves it exact, else int64.  Float: float32."""
     s = n.params.get("scale")
     b = n.params.get("bias")
     if isinstance(out_t, FixedType):
-        y = ins[0]
-        f = in_types[0].frac_bits
-        if s is not None:
-            y = lw.emit(op.multiply(y, c64(s.data)))
-            f += s.dtype.frac_bits
-        y = lw.lshift(y, out_t.frac_bits - f, n)
+        f = in_types[0].frac_bits + (s.dtype.frac_bits if s is not None else 0)
+        bias = None
         if b is not None:
             check_shift(out_t.frac_bits - b.dtype.frac_bits, n, "aligning the bias")
-            y = lw.emit(op.add(y, c64(np.left_shift(b.data, out_t.frac_bits - b.dtype.frac_bits))))
+            bias = np.left_shift(b.data, out_t.frac_bits - b.dtype.frac_bits)  # the reference's wrap
+        dt = affine_dtype(in_types[0], s.data if s is not None else None, out_t.frac_bits - f, bias)
+        y = lw.cast(ins[0], dt)
+        if s is not None:
+            y = lw.emit(op.multiply(y, cint(s.data, dt)))
+        y = lw.lshift(y, out_t.frac_bits - f, n)
+        if bias is not None:
+            y = lw.emit(op.add(y, cint(bias, dt)))
         return y
     y = lw.real(ins[0], in_types[0])
     if s is not None:

@@ -239,3 +239,25 @@ def test_add_mul_int32_where_proved_int64_else(tmp_path):
     fn = _build(g, tmp_path)
     want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
     assert np.abs(want["add_wide"]).max() > I32[1] and np.abs(want["mul_wide"]).max() > I32[1]
+
+
+def test_affine_sign_int32_where_proved_int64_else(tmp_path):
+    rng = np.random.default_rng(4)
+    b = GraphBuilder("affine")
+    x = b.input("x", (8,), T("fixed<12,4>"))
+    u = b.input("u", (8,), T("fixed<30,4>"))
+    sc = Const(rng.integers(-128, 128, (8,)), T("fixed<8,2>"))
+    bias = Const(rng.integers(-512, 512, (8,)), T("fixed<10,8>"))
+    a32 = b.add("a32", "Affine", [x], params={"scale": sc, "bias": bias})
+    b.output(a32)
+    b.output(b.add("a64", "Affine", [u], params={"scale": sc, "bias": bias}))
+    b.output(b.add("sgn", "Sign", [a32]))
+    g = b.build()
+    mod = lower(g)
+    assert sorted(d for _, _, d in _calls(mod, "multiply")) == ["int32", "int64"]
+    (w, w_in, w_out), = _calls(mod, "where")
+    assert w_out == "int32"
+    fn = _build(g, tmp_path)
+    want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
+    assert np.abs(want["a64"]).max() > I32[1]
+    assert set(np.unique(want["sgn"])) == {-1, 1}
