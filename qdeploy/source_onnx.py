@@ -170,7 +170,7 @@ def run_standard(proto, inputs: dict, outs: list, n: int) -> tuple[dict, str] | 
         return None
 
 
-def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, str]:
+def run_onnx_source(model, inputs: dict, double: bool = False, executor: bool = False) -> tuple:
     """Run a QONNX/ONNX model (path, bytes or ModelProto) as its source: with its ``Quant`` nodes
     rewritten into standard ops and run by one onnxruntime session (:func:`run_standard`; the
     same values as qonnx's executor), else with qonnx's ``execute_onnx``.
@@ -179,6 +179,7 @@ def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, st
         inputs: ``{graph input: (n, *source shape) array}``.
         double: run a float64 copy instead (:func:`qdeploy.source_run.to_double`, executed by
             :func:`qdeploy.source_run.execute_double`); inputs are cast to float64.
+        executor: also return a description of what ran the model (a third element).
     Returns:
         ``({graph output: (n, ...) array}, mode)``; ``mode`` is ``"batched"`` (the model was shown to
         keep samples apart by :func:`batch_plan`, and, when a Reshape shape had to be rewritten for
@@ -187,11 +188,6 @@ def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, st
         whatever the executor raises (the caller reports it).
     """
     import onnx
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-    from qonnx.transformation.infer_shapes import InferShapes
-
-    from .source_run import execute_double, to_double
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     outs = [o.name for o in proto.graph.output]
@@ -199,7 +195,19 @@ def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, st
     if not double:
         fast = run_standard(proto, inputs, outs, n)
         if fast is not None:
-            return fast
+            return (*fast, "onnxruntime, one session (QONNX Quant as standard ops)") if executor else fast
+    how = "float64 copy through qonnx execute_node/int_quant" if double else "qonnx execute_onnx (onnxruntime)"
+    res = _run_qonnx(proto, inputs, outs, n, double)
+    return (*res, how) if executor else res
+
+
+def _run_qonnx(proto, inputs: dict, outs: list, n: int, double: bool) -> tuple[dict, str]:
+    """:func:`run_onnx_source` through qonnx's executor (or the float64 one)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    from .source_run import execute_double, to_double
     conv = to_double if double else (lambda p: p)
     run = execute_double if double else execute_onnx
     if double:

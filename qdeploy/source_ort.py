@@ -46,7 +46,6 @@ def _quant_nodes(node, consts, uid):
     """The standard ONNX nodes (and new initializers) computing QONNX ``Quant`` ``node`` exactly as
     qonnx's ``int_quant`` does; None when its bit width is not a constant scalar integer."""
     from onnx import helper, numpy_helper
-    from qonnx.custom_op.general.intquant import max_int, min_int
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     mode = a.get("rounding_mode", b"ROUND")
     mode = (mode.decode() if isinstance(mode, bytes) else str(mode)).upper()
@@ -73,8 +72,11 @@ def _quant_nodes(node, consts, uid):
     if bits == 1 and signed:
         y = op("Where", [op("GreaterOrEqual", [y, c("zero", 0.0)], "ge"), c("one", 1.0), c("mone", -1.0)], "bip")
     else:
-        y = op("Min", [y, c("max", max_int(signed, narrow, bits))], "min")
-        y = op("Max", [y, c("min", min_int(signed, narrow, bits))], "max")
+        # qonnx min_int / max_int
+        qmin = -(1 << (bits - 1)) + int(narrow) if signed else 0
+        qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1 - int(narrow)
+        y = op("Min", [y, c("max", qmax)], "min")
+        y = op("Max", [y, c("min", qmin)], "max")
         if mode in ("ROUND", "HALF_EVEN"):
             y = op("Round", [y], "round")
         elif mode in ("CEIL", "FLOOR"):
