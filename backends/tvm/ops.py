@@ -247,8 +247,9 @@ def _softmax(lw, n, ins, in_types, out_t):
 
 
 def _threshold_te(x, t, base, sign):
-    """TE: ``base[c] + sign[c] * sum_k int64(x[..., c] >= t[c, k])`` (``c`` the last axis; a
-    one-row / one-element parameter is shared by every channel)."""
+    """TE: ``base[c] + sign[c] * sum_k (x[..., c] >= t[c, k])`` (``c`` the last axis; a
+    one-row / one-element parameter is shared by every channel), compared in the dtype of ``x``
+    and ``t``, counted in the dtype of ``base`` and ``sign``."""
     def ch(idx, p):
         return idx[-1] if int(p.shape[0]) > 1 else 0
 
@@ -256,18 +257,28 @@ def _threshold_te(x, t, base, sign):
     if n_t == 0:
         return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * 0, name="mt")
     k = te.reduce_axis((0, n_t), name="k")
-    cnt = te.compute(x.shape, lambda *i: te.sum((x[i] >= t[ch(i, t), k]).astype(I64), axis=k), name="mt_count")
+    cnt = te.compute(x.shape, lambda *i: te.sum((x[i] >= t[ch(i, t), k]).astype(base.dtype), axis=k), name="mt_count")
     return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * cnt[i], name="mt")
 
 
 @LOWERING.register("MultiThreshold")
+@accepts_narrow
 def _multi_threshold(lw, n, ins, in_types, out_t):
     """``base[c] + sign[c] * #{k : x[..., c] >= t[c, k]}`` (== the reference's ``searchsorted``
     count) as one TE reduction over ``k``: the comparisons happen inside the sum's loop, so no
-    ``[batch, ..., C, T]`` intermediate exists at any batch size, fused or not."""
+    ``[batch, ..., C, T]`` intermediate exists at any batch size, fused or not.
+
+    Thresholds are clipped to ``[min_code, max_code + 1]`` of the input type (every comparison
+    with an input code is unchanged), so the comparisons run in int32 whenever the input type
+    fits it; the count and the output run in int32 when the output type fits it."""
     p = n.params
-    return lw.bb.emit_te(_threshold_te, ins[0], c64(p["thresholds"].data), c64(p["base"].data),
-                         c64(p["sign"].data), primfunc_name_hint="multi_threshold")
+    x_t = in_types[0]
+    lo, hi = int(x_t.min_code), int(x_t.max_code)
+    cmp_dt = "int32" if fits(lo, hi + 1, "int32") else I64
+    out_dt = "int32" if fits(out_t.min_code, out_t.max_code, "int32") else I64
+    t = np.clip(p["thresholds"].data, lo, hi + 1) if cmp_dt != I64 else p["thresholds"].data
+    return lw.bb.emit_te(_threshold_te, lw.cast(ins[0], cmp_dt), cint(t, cmp_dt), cint(p["base"].data, out_dt),
+                         cint(p["sign"].data, out_dt), primfunc_name_hint="multi_threshold")
 
 
 @LOWERING.register("Resize")

@@ -261,3 +261,27 @@ def test_affine_sign_int32_where_proved_int64_else(tmp_path):
     want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
     assert np.abs(want["a64"]).max() > I32[1]
     assert set(np.unique(want["sgn"])) == {-1, 1}
+
+
+def test_multithreshold_int32_with_out_of_range_thresholds(tmp_path):
+    """Thresholds below the input's min code (always reached) and above its max code (never
+    reached) are clipped for the int32 comparison; every input code gives the reference's count."""
+    x_t = T("int<10>")
+    b = GraphBuilder("mt")
+    x = b.input("x", (1024, 3), x_t)
+    th = np.array([[-5000, -512, 0, 511, 9000], [-600, -3, 7, 512, 1 << 40], [-(1 << 40), 1, 2, 3, 4]])
+    b.output(b.add("mt", "MultiThreshold", [x], attrs={"to": T("int<5>")},
+                   params={"thresholds": Const(th, T("int<42>")), "base": Const(np.array([0, 5, -2]), T("int<5>")),
+                           "sign": Const(np.array([1, -1, 1]), T("int<2>"))}))
+    g = b.build()
+    mod = lower(g)
+    fns = [f for gv, f in mod.functions.items() if gv.name_hint == "multi_threshold"]
+    assert len(fns) == 1 and {str(p.dtype) for p in fns[0].params} == {"int32"}
+    fn = _build(g, tmp_path)
+    codes = np.arange(x_t.min_code, x_t.max_code + 1, dtype=np.int64)
+    feeds = {"x": np.repeat(codes[None, :, None], 3, axis=2)}
+    want = _check_exact(g, fn, feeds)
+    # an independent count: brute force over the unclipped thresholds
+    brute = np.array([[[b0 + s0 * sum(int(v >= t) for t in row) for row, b0, s0 in zip(th, [0, 5, -2], [1, -1, 1])]
+                       for v in codes]])
+    np.testing.assert_array_equal(want["mt"], brute)
