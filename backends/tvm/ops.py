@@ -161,11 +161,17 @@ def _affine(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Concat")
+@accepts_narrow
 def _concat(lw, n, ins, in_types, out_t):
+    """Codes: each part aligned to the output's fraction bits (== the reference), in int32 when
+    every aligned part's bound fits it, else int64.  Float: float32 reals."""
     axis = int(n.attrs.get("axis", -1))
     axis = axis + 1 if axis >= 0 else axis
     if isinstance(out_t, FixedType):
-        parts = [lw.lshift(x, out_t.frac_bits - t.frac_bits, n) for x, t in zip(ins, in_types)]
+        sh = [out_t.frac_bits - t.frac_bits for t in in_types]
+        ok = all(0 <= k <= 31 and fits(t.min_code << k, t.max_code << k, "int32") for k, t in zip(sh, in_types))
+        dt = "int32" if ok else I64
+        parts = [lw.lshift(lw.cast(x, dt), k, n) for x, k in zip(ins, sh)]
     else:
         parts = [lw.real(x, t) for x, t in zip(ins, in_types)]
     return lw.emit(op.concat(parts, axis=axis))
@@ -282,6 +288,7 @@ def _multi_threshold(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Resize")
+@accepts_narrow
 def _resize(lw, n, ins, in_types, out_t):
     """Nearest upsampling by integer factors: ``repeat`` along each spatial axis (== the reference)."""
     y = ins[0]
@@ -292,6 +299,7 @@ def _resize(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("DepthToSpace", "SpaceToDepth")
+@accepts_narrow
 def _depth_space(lw, n, ins, in_types, out_t):
     """``reshape -> permute_dims -> reshape`` of the op's :func:`permutation_plan` (== the reference)."""
     mid, perm, out = permutation_plan(n, lw.g.values[n.inputs[0]].shape)

@@ -231,14 +231,17 @@ def test_add_mul_int32_where_proved_int64_else(tmp_path):
     for name, op_, ins in [("add", "Add", [x, y]), ("mul", "Mul", [x, y]),
                            ("add_wide", "Add", [u, v]), ("mul_wide", "Mul", [u, v])]:
         b.output(b.add(name, op_, ins))
+    b.output(b.add("cat", "Concat", [y, y], attrs={"axis": 0}))
+    b.output(b.add("cat_wide", "Concat", [u, v], attrs={"axis": 0}))  # v shifted by 8: 37 bits
     g = b.build()
     mod = lower(g)
     adds = sorted(d for _, _, d in _calls(mod, "add"))
     muls = sorted(d for _, _, d in _calls(mod, "multiply"))
     assert adds == ["int32", "int64"] and muls == ["int32", "int64"], (adds, muls)
+    assert sorted(d for _, _, d in _calls(mod, "concat")) == ["int32", "int64"]
     fn = _build(g, tmp_path)
     want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
-    assert np.abs(want["add_wide"]).max() > I32[1] and np.abs(want["mul_wide"]).max() > I32[1]
+    assert min(np.abs(want[k]).max() for k in ("add_wide", "mul_wide", "cat_wide")) > I32[1]
 
 
 def test_affine_sign_int32_where_proved_int64_else(tmp_path):
