@@ -1,11 +1,11 @@
 """Narrow integer lowering on TVM (issue #15, item 1): the jet tagger (real QONNX, 16-64-32-32-5,
-6-bit) compiled by this checkout and by a baseline git ref (default: the merge-base of
+6-bit; ``--model tfc``: the binarized TFC_1W1A MNIST MLP) compiled by this checkout and by a baseline git ref (default: the merge-base of
 ``HEAD`` and ``main``, the int64-everywhere lowering), for ``tvm: {schedule: none}`` (default) and ``{schedule: auto}``,
 timed interleaved (best of ``--reps`` rounds, each round ``--iters`` calls per library in turn) at
 batch 1 and 256, through ``CompiledModel.predict`` and the raw VM call of the library; every
 library's outputs are checked equal to the reference first.
 
-    .venv/bin/python benchmarks/tvm_narrow_int.py [--base main] [--reps 7] [--iters 200]
+    .venv/bin/python benchmarks/tvm_narrow_int.py [--model jet|tfc] [--base REF] [--reps 7] [--iters 200]
 
 Prints the load (``uptime``) before and after, microseconds per call, and new/base ratios.  The
 baseline is built in a subprocess from ``git archive <base>`` (its own ``qdeploy`` package), so the
@@ -24,24 +24,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT.parent / "shared" / "realcases" / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx"
-GOLDEN = MODEL.parent / "synthetic_input_uniform_pm1_64x16.npy"
+REAL = ROOT.parent / "shared" / "realcases"
+#: model name -> (QONNX file, golden inputs: the benchmark's inputs are rows of it)
+MODELS = {
+    "jet": (REAL / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx",
+            REAL / "jsc-qkeras-3layer" / "synthetic_input_uniform_pm1_64x16.npy"),
+    "tfc": (REAL / "qonnx-zoo-tfc-mnist" / "TFC_1W1A.onnx",
+            REAL / "qonnx-zoo-tfc-mnist" / "mnist_test_digits_7210_0to255.npy"),
+}
 SCHEDULES = ("none", "auto")
 
 
-def _build_all(out: Path) -> None:
-    """Compile the jet tagger for every schedule into ``out/<schedule>`` with the importable qdeploy."""
+def _build_all(out: Path, model: str = "jet") -> None:
+    """Compile ``model`` for every schedule into ``out/<schedule>`` with the importable qdeploy."""
     import numpy as np
 
     import qdeploy
 
-    x = np.load(GOLDEN)
+    onnx, golden = MODELS[model]
+    x = np.load(golden).astype(np.float32)
     for s in SCHEDULES:
-        qdeploy.compile(str(MODEL), target="tvm-llvm", out_dir=out / s, golden=x, force=True,
+        qdeploy.compile(str(onnx), target="tvm-llvm", out_dir=out / s, golden=x, force=True,
                         config={"tvm": {"schedule": s}})
 
 
-def _build_base(ref: str, out: Path) -> None:
+def _build_base(ref: str, out: Path, model: str = "jet") -> None:
     """Build the baseline artifacts from ``git archive ref`` in a subprocess whose editable
     ``qdeploy`` mapping points at the extracted tree."""
     src = out / "src"
@@ -54,7 +61,7 @@ def _build_base(ref: str, out: Path) -> None:
         f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
         "import qdeploy, tvm_narrow_int as b\n"
         f"assert qdeploy.__file__.startswith({str(src)!r}), qdeploy.__file__\n"
-        f"b._build_all(__import__('pathlib').Path({str(out)!r}))\n")
+        f"b._build_all(__import__('pathlib').Path({str(out)!r}), {model!r})\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(out))
 
 
@@ -63,6 +70,7 @@ def main() -> None:
     ap.add_argument("--base", default=None, help="git ref of the baseline lowering (default: merge-base of HEAD and main)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--model", choices=sorted(MODELS), default="jet")
     a = ap.parse_args()
     if a.base is None:
         a.base = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
@@ -76,10 +84,11 @@ def main() -> None:
 
     print("load before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(f"baseline: {a.base}")
-    print(f"threads: TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', '(unset)')}; model {MODEL.name}")
+    print(f"threads: TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', '(unset)')}; model {MODELS[a.model][0].name}")
     tmp = Path(tempfile.mkdtemp(prefix="qd_narrow_"))
-    _build_base(a.base, tmp / "base")
-    _build_all(tmp / "new")
+    _build_base(a.base, tmp / "base", a.model)
+    _build_all(tmp / "new", a.model)
+    golden = np.load(MODELS[a.model][1]).astype(np.float32)
     rng = np.random.default_rng(0)
     libs = {}
     for ver in ("base", "new"):
@@ -90,7 +99,7 @@ def main() -> None:
             libs[(ver, s)] = (m, vm["main"])
     results = {}
     for batch in (1, 256):
-        x = rng.uniform(-1, 1, (batch, 16)).astype(np.float32)
+        x = golden[rng.integers(0, len(golden), batch)]
         m0 = libs[("new", "none")][0]
         feeds = user_feeds(m0.graph, x)
         args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[i])) for i in m0.graph.inputs]

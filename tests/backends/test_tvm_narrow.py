@@ -288,3 +288,25 @@ def test_multithreshold_int32_with_out_of_range_thresholds(tmp_path):
     brute = np.array([[[b0 + s0 * sum(int(v >= t) for t in row) for row, b0, s0 in zip(th, [0, 5, -2], [1, -1, 1])]
                        for v in codes]])
     np.testing.assert_array_equal(want["mt"], brute)
+
+
+def test_pad_clip_sub_int32_where_proved_int64_else(tmp_path):
+    rng = np.random.default_rng(5)
+    b = GraphBuilder("batch_a")
+    x = b.input("x", (4, 5, 3), T("fixed<12,4>"))
+    u = b.input("u", (6,), T("fixed<32,8>"))
+    v = b.input("v", (6,), T("fixed<32,8>"))
+    b.output(b.add("pad", "Pad", [x], attrs={"pads": (1, 0, 0, 0, 2, 0), "code": -2048}))
+    b.output(b.add("clip", "Clip", [x], attrs={"lo": -300, "hi": 999, "frac_bits": 8}))
+    b.output(b.add("sub", "Sub", [x, x]))
+    b.output(b.add("pad_w", "Pad", [u], attrs={"pads": (1, 1), "code": 5}))
+    b.output(b.add("clip_w", "Clip", [u], attrs={"lo": -3, "hi": None, "frac_bits": 26}))  # u << 2
+    b.output(b.add("sub_w", "Sub", [u, v]))
+    g = b.build()
+    mod = lower(g)
+    assert sorted(d for _, _, d in _calls(mod, "nn.pad")) == ["int32", "int64"]
+    assert sorted(d for _, _, d in _calls(mod, "maximum")) == ["int32", "int64"]
+    assert sorted(d for _, _, d in _calls(mod, "subtract")) == ["int32", "int32", "int64", "int64"]
+    fn = _build(g, tmp_path)
+    want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
+    assert np.abs(want["sub_w"]).max() > I32[1]
