@@ -58,11 +58,6 @@ def fits(lo: int, hi: int, dtype: str) -> bool:
     return -(1 << (bits - 1)) <= int(lo) and int(hi) <= (1 << (bits - 1)) - 1
 
 
-def bits_of(dtype: str) -> int:
-    """Bit width of one of :data:`INT_DTYPES`' dtypes."""
-    return dict((d, b) for b, d in INT_DTYPES)[dtype]
-
-
 def storage_dtype(t: FixedType) -> str:
     """Dtype holding every code of fixed-point type ``t`` (IR widths are at most 62 bits)."""
     return int_dtype(t.min_code, t.max_code)

@@ -42,7 +42,7 @@ from ...compiler.ir.ops import avg_shift, get as get_op
 from ...compiler.ir.types import FixedType
 from .ops import LOWERING
 from .intplan import requant_dtype
-from .relax_util import F32, F64, I64, c64, cf, check_shift, cint, dtype_of, nn, op
+from .relax_util import F32, F64, I64, cf, check_shift, cint, dtype_of, nn, op
 
 
 class RelaxLowering:
@@ -238,10 +238,11 @@ class RelaxLowering:
         return lower_op(self, n, ins, in_types, out_t)
 
     def avg_div(self, tot, cnt: int, n: Node):
-        """floor(tot * 2**k / cnt), k = avg_shift(cnt) (== reference)."""
+        """floor(tot * 2**k / cnt), k = avg_shift(cnt) (== reference), in ``tot``'s dtype (the
+        caller proves ``tot * 2**k`` fits it)."""
         y = self.lshift(tot, avg_shift(cnt), n)
         if cnt > 1:
-            y = self.emit(op.floor_divide(y, c64(cnt)))
+            y = self.emit(op.floor_divide(y, cint(cnt, dtype_of(y))))
         return y
 
     # ------------------------------------------------------------ driver

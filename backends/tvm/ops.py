@@ -199,8 +199,11 @@ def _pool(lw, n, ins, in_types, out_t):
     in_v = lw.g.values[n.inputs[0]]
     if isinstance(in_v.dtype, FixedType):
         t_in = in_v.dtype
-        keep = n.op == "MaxPool" and fits(0, t_in.max_code - t_in.min_code, dtype_of(x))
-        x = x if keep else lw.cast(x, I64)
+        if n.op == "MaxPool":
+            keep = fits(0, t_in.max_code - t_in.min_code, dtype_of(x))
+            x = x if keep else lw.cast(x, I64)
+        else:  # window sums, times 2**k
+            x = lw.cast(x, _sum_dtype(t_in, int(np.prod([int(v) for v in n.attrs["kernel"]]))))
     k = tuple(int(v) for v in n.attrs["kernel"])
     nd = len(k)
     if nd not in (1, 2) or len(in_v.shape) != nd + 1:
@@ -226,23 +229,34 @@ def _pool(lw, n, ins, in_types, out_t):
     cnt = int(np.prod(k))
     per = window_counts(n, in_v.shape)[None, ..., None] if any(p) else None  # padding not counted
     if isinstance(out_t, FixedType):
-        tot = lw.window_sum(x, n, I64, C)
+        dt = dtype_of(x)
+        tot = lw.window_sum(x, n, dt, C)
         if per is None:
             return lw.avg_div(tot, cnt, n)
-        return lw.emit(op.floor_divide(lw.lshift(tot, avg_shift(cnt), n), c64(per)))
+        return lw.emit(op.floor_divide(lw.lshift(tot, avg_shift(cnt), n), cint(per, dt)))
     xr = lw.real(x, t0)
     tot = lw.window_sum(xr, n, F32, C)
     return lw.emit(op.divide(tot, cf(np.float32(cnt) if per is None else per.astype(np.float32))))
 
 
+def _sum_dtype(t: FixedType, cnt: int) -> str:
+    """int32 when a sum of ``cnt`` codes of ``t`` (every partial sum), times ``2**avg_shift(cnt)``,
+    fits int32; else int64."""
+    k = avg_shift(cnt)
+    return "int32" if fits(min(t.min_code, 0) * cnt << k, max(t.max_code, 0) * cnt << k, "int32") else I64
+
+
 @LOWERING.register("GlobalAvgPool")
+@accepts_narrow
 def _global_avg_pool(lw, n, ins, in_types, out_t):
+    """Codes: ``floor(sum * 2**k / count)`` (== the reference), in int32 when the scaled sum's
+    bound fits it (:func:`_sum_dtype`), else int64.  Float: float32 mean."""
     in_v = lw.g.values[n.inputs[0]]
     rank = len(in_v.shape) + 1
     axes = list(range(1, rank - 1))
     cnt = int(np.prod(in_v.shape[:-1]))
     if isinstance(out_t, FixedType):
-        tot = lw.emit(op.sum(ins[0], axis=axes))
+        tot = lw.emit(op.sum(lw.cast(ins[0], _sum_dtype(in_types[0], cnt)), axis=axes))
         return lw.avg_div(tot, cnt, n)
     return lw.emit(op.mean(lw.real(ins[0], in_types[0]), axis=axes))
 

@@ -310,3 +310,19 @@ def test_pad_clip_sub_int32_where_proved_int64_else(tmp_path):
     fn = _build(g, tmp_path)
     want = _check_exact(g, fn, _extreme_feeds(g, rng, 16))
     assert np.abs(want["sub_w"]).max() > I32[1]
+
+
+def test_avg_pools_int32_where_proved_int64_else(tmp_path):
+    rng = np.random.default_rng(6)
+    b = GraphBuilder("pools")
+    x = b.input("x", (5, 5, 3), T("fixed<8,3>"))
+    u = b.input("u", (4, 4, 2), T("fixed<30,4>"))
+    b.output(b.add("gap", "GlobalAvgPool", [x]))
+    b.output(b.add("ap", "AvgPool", [x], attrs={"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}))
+    b.output(b.add("gap_w", "GlobalAvgPool", [u]))
+    g = b.build()
+    mod = lower(g)
+    assert sorted(d for _, _, d in _calls(mod, "sum")) == ["int32", "int64"]
+    assert sorted(d for _, _, d in _calls(mod, "floor_divide")) == ["int32", "int32", "int64"]
+    fn = _build(g, tmp_path)
+    _check_exact(g, fn, _extreme_feeds(g, rng, 16))
