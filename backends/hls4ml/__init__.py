@@ -345,6 +345,8 @@ class Hls4mlBackend:
         summary = _check_model(model, tr)  # writing applies the remaining flows: check again
         _check_reuse_factors(model, tr, rfs)
         adjusted = adjusted_sentence(rfs)
+        weight_files = {lay.name: [f for f in (f"firmware/weights/{w.name}.h" for w in lay.get_weights())
+                                   if (prj / f).is_file()] for lay in model.get_layers()}
         dev = part.device
         return {
             "hls4ml_version": hls4ml.__version__,
@@ -362,6 +364,7 @@ class Hls4mlBackend:
             "layers": summary,
             "notes": tr.notes + ([adjusted] if adjusted else []),
             "reuse_factors": rfs,
+            "weight_files": {k: v for k, v in weight_files.items() if v},
             "so": None,
         }
 
