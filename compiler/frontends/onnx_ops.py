@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from ..ir.graph import Const
 from ..ir.ops import REGISTRY
+from ..ir.requant import MAX_BITS
 from ..ir.types import FLOAT32, FixedType
 from . import onnx_scaled as scaled
 from . import onnx_scaled_ops as scaled_ops
@@ -257,16 +258,18 @@ def _import_BatchNormalization(cv, node):
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
 
 def _feeds_quant(cv, node) -> bool:
-    """True when BatchNormalization ``node``'s output is read by one QONNX ``Quant`` alone, directly or
-    through one ``Relu`` read by that Quant alone (Conv -> BN -> QuantReLU): the BN then folds into
-    the Quant's exact requantizer (:func:`.onnx_scaled.import_quant`, a ``MultiThreshold``)."""
+    """True when BatchNormalization ``node``'s output is read by one QONNX ``Quant`` alone (of at most
+    :data:`~qdeploy.compiler.ir.requant.MAX_BITS` bits), directly or through one ``Relu`` read by that
+    Quant alone (Conv -> BN -> QuantReLU): the BN then folds into the Quant's exact requantizer
+    (:func:`.onnx_scaled.import_quant`, a ``MultiThreshold``)."""
     out = node.output[0]
     for _ in range(2):
         cons = cv.consumers.get(out, [])
         if out in cv.graph_outputs or len(cons) != 1 or cons[0].input[0] != out:
             return False
         if cons[0].op_type == "Quant":
-            return True
+            bw = cv.consts.get(cons[0].input[3]) if len(cons[0].input) > 3 else None
+            return bw is not None and np.size(bw) == 1 and 1 <= float(np.ravel(bw)[0]) <= MAX_BITS
         if cons[0].op_type != "Relu":
             return False
         out = cons[0].output[0]

@@ -26,7 +26,7 @@ from qdeploy.compiler.ir import GraphBuilder
 from qdeploy.compiler.reference import execute
 from qdeploy.compiler.reference import run as ref_run
 
-from .test_scaled_import import M, eval64, f32, ops, run_ir, run_qonnx
+from .test_scaled_import import M, eval64, f32, ops, run_ir
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -205,15 +205,20 @@ def _rne(a: int, s: int) -> int:
     return q
 
 
-def test_bn_without_a_following_quant_stays_float():
-    """A BN on an integer layer read by something else than a Quant (here the graph output) is not
-    routed to a requantizer: it stays the float32 Affine of the source's float output."""
+@pytest.mark.parametrize("reader", ["output", "quant20"])
+def test_bn_without_a_narrow_following_quant_stays_float(reader):
+    """A BN on an integer layer read by something else than a Quant (the graph output), or by a Quant
+    wider than a MultiThreshold takes (20 bits > requant.MAX_BITS), is not routed to a requantizer:
+    it stays the float32 Affine of before (the source's float32 BN), within float32 rounding."""
     m = M()
     h = m.quant("qin", "x", 2.0 ** -3, 8)
     w = m.wquant("w", f32([[7, -5, 3, 6], [3, 7, -8, 1]]) * 0.25, 0.25, bits=4)
     h = m.op("MatMul", [h, w], "mm")
     y = m.op("BatchNormalization", [h] + [m.const(f"bn_{k}", v) for k, v in _BN.items()], "bn")
-    g = import_onnx(m.model([1, 2], y))
-    assert ops(g)[-1] == "Affine" and str(g.value(g.outputs[0]).dtype) == "float32"
+    if reader == "quant20":
+        y = m.quant("q20", y, 2.0 ** -8, 20)
+    model = m.model([1, 2], y)
+    g = import_onnx(model)
+    assert "MultiThreshold" not in ops(g) and str(g.value("bn").dtype) == "float32"
     x = f32(np.random.default_rng(3).uniform(-8, 8, (64, 2)))
-    np.testing.assert_allclose(ref_run(g, x), run_qonnx(m.model([1, 2], y), x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ref_run(g, x), run_qonnx_batch(model, x), rtol=1e-6, atol=2.0 ** -8)
