@@ -4,6 +4,7 @@ Each compile costs a few seconds, so several ops are batched into each model (mu
 graphs); builds are cached by source hash in ``~/.cache/qdeploy/hls4ml``.
 """
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -123,11 +124,41 @@ f = Hls4mlBackend().load({str(moved)!r}, info, g)
 out = f(ref.prepare_feeds(g, np.load({str(tmp_path / 'x.npy')!r})))
 np.savez({str(tmp_path / 'out.npz')!r}, **out)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    weights = Path(d) / "hls4ml_prj" / "firmware" / "weights"
+    hidden = weights.with_name("weights_hidden")
+    weights.rename(hidden)  # the moved copy must read its own weight files, not the original's
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        hidden.rename(weights)
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(tmp_path / "out.npz") as z:
         for k in g.outputs:
             assert np.array_equal(z[k], want[k]), k
+
+
+def test_build_cache_ignores_weight_values(mlp_artifact, tmp_path):
+    """The C simulation loads weights from firmware/weights/*.txt: a model with the same layers and
+    types but other weight values reuses the cached library, and computes with its own weights."""
+    g, d, info, X, want = mlp_artifact
+    rng = np.random.default_rng(11)
+    nodes = []
+    for n in g.nodes:
+        if n.op == "Dense":
+            w = n.params["weight"]
+            n = n.replace(params={**n.params, "weight": Const(w.data[rng.permutation(w.data.shape[0])], w.dtype)})
+        nodes.append(n)
+    g2 = g.with_(nodes=nodes)
+    assert g2.digest() != g.digest()
+    be = Hls4mlBackend()
+    info2 = be.emit(g2, {}, tmp_path)
+    be.build(tmp_path, info2)
+    assert info2["build_cached"] and info2["source_hash"] == info["source_hash"]
+    feeds = ref.prepare_feeds(g2, X)
+    out = be.load(tmp_path, info2, g2)(feeds)
+    want2 = ref.execute(g2, feeds, codes=True)
+    assert all(np.array_equal(out[k], want2[k]) for k in g2.outputs)
+    assert any(not np.array_equal(want2[k], want[k]) for k in g2.outputs)
 
 
 def test_build_cache_hit(mlp_artifact, tmp_path):
