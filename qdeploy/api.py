@@ -497,10 +497,15 @@ def _big_design_warnings(est: dict, cfg: dict) -> list[str]:
 
 
 def _compile_estimate(graph: Graph, cfg: dict) -> dict:
-    """The hls4ml FPGA estimate for a compile report (with the config's hls4ml options)."""
+    """The estimate for a compile report: hls4ml FPGA resources with the config's hls4ml options, or,
+    for hls4ml's Catapult backend (ASIC firmware), area/power/energy with the config's ``asic``
+    options (:mod:`qdeploy.backends.asic`; the hls4ml clock period unless ``asic`` sets one)."""
     from .backends.hls4ml.estimate import estimate as est
     h = dict(cfg.get("hls4ml") or {})
     opts = {k: h[k] for k in ("part", "clock_period", "reuse_factor", "strategy", "io_type") if k in h}
+    if h.get("backend") == "Catapult":
+        from .backends.asic import estimate as est
+        opts = {**({"clock_period": h["clock_period"]} if "clock_period" in h else {}), **dict(cfg.get("asic") or {})}
     try:
         return est(graph, opts)
     except QDeployError as e:

@@ -50,6 +50,13 @@ __all__ = ["Hls4mlBackend", "DEFAULTS"]
 DEFAULTS = {"backend": "Vitis", "part": "xcvu9p-flga2104-2L-e", "clock_period": 5, "io_type": "io_parallel",
             "strategy": "Latency", "reuse_factor": 1, "project_name": "myproject"}
 PRJ_DIR = "hls4ml_prj"
+#: hls4ml backends qdeploy writes projects for: Vitis / Vivado HLS (FPGA, ap_fixed types) and Catapult
+#: (Siemens Catapult HLS, ASIC firmware with Algorithmic C ac_fixed types, hls4ml's ``tech='asic'``).
+#: hls4ml 1.3's ``CatapultBackend.create_initial_config`` takes no ``write_weights_txt`` (the
+#: TypeError an earlier probe saw, from ``hls4ml.utils.config.create_config``): the writer options
+#: are set in the config dict instead.  Its C simulation builds with g++ (the AC headers ship with
+#: hls4ml) and is checked against the reference like the others.
+BACKENDS = ("Vitis", "Vivado", "Catapult")
 #: hls4ml optimizers that change values of models built with explicit types; disabled (and
 #: restored) while we build:
 #: * ``vivado:merge_batch_norm_quantized_tanh`` replaces BatchNormalization -> binary_tanh by a
@@ -82,8 +89,8 @@ def _options(config: dict | None) -> dict:
     if unknown:
         raise CompileError(f"unknown hls4ml option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **user}
-    if opts["backend"] not in ("Vitis", "Vivado"):
-        raise CompileError(f"hls4ml backend must be 'Vitis' or 'Vivado', got {opts['backend']!r}")
+    if opts["backend"] not in BACKENDS:
+        raise CompileError(f"hls4ml backend must be one of {', '.join(map(repr, BACKENDS))}, got {opts['backend']!r}")
     if opts["io_type"] not in ("io_parallel", "io_stream"):
         raise CompileError(f"hls4ml io_type must be 'io_parallel' or 'io_stream', got {opts['io_type']!r}")
     if opts["strategy"] not in ("Latency", "Resource"):
@@ -100,7 +107,8 @@ def _options(config: dict | None) -> dict:
         raise CompileError(f"hls4ml clock_period must be a number of ns, got {opts['clock_period']!r}") from None
     if not opts["clock_period"] > 0:
         raise CompileError(f"hls4ml clock_period must be a positive number of ns, got {opts['clock_period']}")
-    opts["part"] = full_part(opts["part"])
+    if opts["backend"] != "Catapult":  # Catapult builds ASIC firmware (tech asic): no FPGA part
+        opts["part"] = full_part(opts["part"])
     return opts
 
 
@@ -130,10 +138,14 @@ def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False, la
     import hls4ml
     from hls4ml.model.graph import ModelGraph
 
+    extra = {"write_weights_txt": True}
+    if opts["backend"] == "Catapult":  # CatapultBackend.create_initial_config takes no writer options
+        extra = {"tech": "asic"}
     cfg = hls4ml.utils.config.create_config(output_dir=str(prj), project_name=opts["project_name"],
                                             backend=opts["backend"], part=opts["part"],
-                                            clock_period=opts["clock_period"], io_type=opts["io_type"],
-                                            write_weights_txt=True)
+                                            clock_period=opts["clock_period"], io_type=opts["io_type"], **extra)
+    if opts["backend"] == "Catapult":
+        cfg["WriterConfig"] = {"Namespace": None, "WriteWeightsTxt": True, "WriteTar": False}
     rf = opts["reuse_factor"]
     default_rf = rf.get("default", 1) if isinstance(rf, dict) else rf
     layer_rf = layer_rf or {}
@@ -460,6 +472,9 @@ class Hls4mlBackend:
     def _compile(prj: Path, project: str, so: Path) -> None:
         cxx = os.environ.get("CXX", "g++")
         inc = ["-Ifirmware/ap_types/", "-Ifirmware/", "-I."]
+        if (prj / "firmware" / "ac_types").is_dir():  # Catapult: Algorithmic C types (its build_lib.sh flags)
+            inc = ["-Ifirmware/ac_types/include", "-Ifirmware/ac_math/include", "-Ifirmware/ac_simutils/include",
+                   "-Ifirmware/nnet_utils", "-Ifirmware/", "-I."]
         for name, text in WEIGHTS_DIR_SRC.items():
             if not (prj / name).is_file():
                 (prj / name).write_text(text)

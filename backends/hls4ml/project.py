@@ -105,14 +105,19 @@ def write_readme(prj: Path, info: dict, tb: dict, golden: str) -> None:
     lines = [
         f"# {name}: hls4ml {info.get('hls4ml_version', '')} project written by qdeploy",
         "",
-        f"Backend {info.get('backend')}, part `{info.get('part')}`, clock period {info.get('clock_period')} ns, "
+        f"Backend {info.get('backend')}, " + ("ASIC (tech asic)" if info.get("backend") == "Catapult" else
+                                              f"part `{info.get('part')}`") + f", clock period {info.get('clock_period')} ns, "
         f"`{info.get('io_type')}`, strategy {info.get('strategy')}, reuse factor {info.get('reuse_factor')}.",
         "",
         "## Run it",
         "",
         "```",
-        'vitis_hls -f build_prj.tcl "csim=1 synth=0 cosim=0"     # C simulation on tb_data/ (no license needed)',
-        'vitis_hls -f build_prj.tcl "csim=1 synth=1 cosim=1"     # + synthesis and RTL co-simulation',
+        *({"Catapult": ["catapult -product ultra -shell -f build_prj.tcl -eval 'set ::argv \"csim=1 synth=1\"'"
+                        "   # Siemens Catapult HLS (hls4ml CatapultBackend.build)"],
+           "Vivado": ['vivado_hls -f build_prj.tcl "csim=1 synth=0 cosim=0"    # C simulation on tb_data/',
+                      'vivado_hls -f build_prj.tcl "csim=1 synth=1 cosim=1"    # + synthesis and RTL co-simulation']}
+          .get(info.get("backend"), ['vitis_hls -f build_prj.tcl "csim=1 synth=0 cosim=0"     # C simulation on tb_data/',
+                                     'vitis_hls -f build_prj.tcl "csim=1 synth=1 cosim=1"     # + synthesis and RTL co-simulation'])),
         "```",
         "",
         "Without Vitis: `g++ -O1 -std=c++17 -Ifirmware -Ifirmware/ap_types '-DWEIGHTS_DIR=\"firmware/weights\"' "

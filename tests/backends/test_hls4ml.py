@@ -18,7 +18,7 @@ if shutil.which("g++") is None:
 
 from qdeploy.backends.hls4ml import Hls4mlBackend  # noqa: E402
 from qdeploy.compiler import reference as ref  # noqa: E402
-from qdeploy.compiler.errors import UnsupportedError  # noqa: E402
+from qdeploy.compiler.errors import CompileError, UnsupportedError  # noqa: E402
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type  # noqa: E402
 from qdeploy.compiler.ir.graph import Graph  # noqa: E402
 from qdeploy.compiler.ir.types import FixedType, FloatType  # noqa: E402
@@ -347,3 +347,24 @@ def test_cnn_stream_vivado_latency(tmp_path):
     g = conv2d_net(rng, stream=True)
     compile_and_check(g, rng.normal(0, 1.5, (20, 8, 8, 4)).astype(np.float32), tmp_path,
                       {"hls4ml": {"backend": "Vivado", "io_type": "io_stream"}})
+
+
+def test_catapult_asic_backend(tmp_path):
+    """hls4ml's Catapult backend (ASIC firmware, Algorithmic C ac_fixed types): its C simulation,
+    built with g++ from the AC headers hls4ml ships, equals the reference bit for bit (the MLP:
+    Dense, ReLU, quantizers, a wide accumulator, host prologue/epilogue)."""
+    rng = np.random.default_rng(5)
+    g = mlp(rng)
+    info, _ = compile_and_check(g, rng.normal(0, 4, (100, 12)).astype(np.float32), tmp_path,
+                                {"hls4ml": {"backend": "Catapult"}})
+    prj = tmp_path / "hls4ml_prj"
+    assert info["backend"] == "Catapult" and (prj / "firmware" / "ac_types").is_dir()
+    assert "ac_fixed" in (prj / "firmware" / "defines.h").read_text()
+
+
+def test_catapult_refuses_a_layer_whose_types_it_changes(cnn_graph, tmp_path):
+    """Catapult's optimizers re-type a MaxPool accumulator (hls4ml 1.3): refused naming the layer,
+    never built with types other than the reference's."""
+    g, _ = cnn_graph
+    with pytest.raises(CompileError, match="hls4ml changed precision accum of layer 'mp'"):
+        Hls4mlBackend().emit(g, {"hls4ml": {"backend": "Catapult"}}, tmp_path)

@@ -89,3 +89,17 @@ def test_progress_stages_and_a_warning_before_building_an_oversized_io_parallel_
     qdeploy.compile(str(JSC), "hls4ml", tmp_path / "b", golden=x, config={"hls4ml": {"part": "vu9p"}},
                     progress=seen.append)
     assert not any(s.startswith("WARNING:") for s in seen)
+
+
+@needs_realcases
+def test_catapult_jet_tagger_compiles_exactly_with_an_asic_estimate(tmp_path):
+    import qdeploy
+    x = np.load(REALCASES / "jsc-qkeras-3layer" / "synthetic_input_uniform_pm1_64x16.npy").astype(np.float32)
+    res = qdeploy.compile(str(JSC), "hls4ml", tmp_path / "a", golden=x,
+                          config={"hls4ml": {"backend": "Catapult", "clock_period": 10}, "asic": {"node_nm": 45}})
+    rep = res.report
+    assert rep["exactness"]["bit_exact"] and rep["exactness"]["samples"] == 64
+    est = rep["estimate"]
+    assert est["total"]["area_mm2"] > 0 and est["total"]["energy_nj"] > 0 and est["config"]["node_nm"] == 45
+    readme = (tmp_path / "a" / "hls4ml_prj" / "README.md").read_text()
+    assert "catapult -product ultra" in readme
