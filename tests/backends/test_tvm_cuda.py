@@ -2,7 +2,7 @@
 nvcc, and the artifact says whether it ran.
 
 The nvcc check is honest in both directions: it needs nvcc (PATH, ``$CUDA_HOME/bin``, or pip's
-``nvidia-cuda-nvcc``) and FAILS naming what to install when there is none -- never a skip; on a
+``nvidia-cuda-nvcc``, ``QDEPLOY_CUDA=1 scripts/setup.sh``) and FAILS naming what to install when there is none -- never a skip; on a
 machine that deliberately has no CUDA toolkit deselect it with ``-m "not nvcc"``.  A stand-in
 ``nvcc`` that exits 0 does not pass: the output must be a CUDA ELF (``e_machine`` 190) for the
 requested SM, holding every ``__global__`` kernel of the source.
@@ -67,8 +67,8 @@ def find_nvcc() -> str | None:
     """nvcc from PATH, ``$CUDA_HOME``/``$CUDA_PATH``, or the pip wheel ``nvidia-cuda-nvcc-cu1x``."""
     cands = [shutil.which("nvcc")]
     cands += [os.path.join(os.environ[k], "bin", "nvcc") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
-    for sp in sys.path:
-        cands += glob.glob(os.path.join(sp, "nvidia", "cuda_nvcc", "bin", "nvcc"))
+    for sp in sys.path:  # CUDA 12 wheels: nvidia/cuda_nvcc/bin; CUDA 13: nvidia/cu13/bin
+        cands += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "bin", "nvcc")))
     return next((c for c in cands if c and os.access(c, os.X_OK)), None)
 
 
@@ -122,8 +122,8 @@ def test_embedded_cuda_source_compiles_with_nvcc(artifact, tmp_path, arch):
     """The CUDA source the library embeds compiles with nvcc for sm_80 and sm_90 into a CUDA ELF
     for that SM holding every kernel."""
     nvcc = find_nvcc()
-    assert nvcc, ("no nvcc found (PATH, CUDA_HOME, pip nvidia-cuda-nvcc-cu12): the tvm-cuda source check cannot run; "
-                  "install the CUDA toolkit or `pip install nvidia-cuda-nvcc-cu12`, or deselect with -m 'not nvcc'")
+    assert nvcc, ("no nvcc found (PATH, CUDA_HOME, pip nvidia-cuda-nvcc): the tvm-cuda source check cannot run; "
+                  "install the CUDA toolkit or run QDEPLOY_CUDA=1 scripts/setup.sh, or deselect with -m 'not nvcc'")
     ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
     assert ver.returncode == 0 and "Cuda compilation tools" in ver.stdout, f"{nvcc} is not NVIDIA's nvcc: {ver.stdout}"
     _, d, _ = artifact
