@@ -8,9 +8,11 @@ and the reference interpreter for the values.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -145,3 +147,22 @@ def test_cross_compiled_aarch64_artifact(tmp_path, rng):
     m = CompiledModel.load(tmp_path / "a")
     with pytest.raises(CompileError, match="cross-compiled.*aarch64"):
         m.run_codes({"x": rng.integers(-128, 128, (2, 32))})
+
+
+def test_cli_target_flags(tmp_path, rng):
+    """``qdeploy compile --mtriple/--mcpu`` reach the manifest; a missing cross compiler is one
+    error line naming it (exit 2, nothing written)."""
+    from tests.bad_inputs.builders import model as onnx_model, qmlp, save
+
+    nodes, inits = qmlp()
+    model = save(onnx_model(nodes, (1, 4), inits), tmp_path / "m.onnx")
+    cli = [sys.executable, "-m", "qdeploy.cli", "compile", str(model), "-t", "tvm-llvm", "--no-source-check"]
+    r = subprocess.run([*cli, "-o", str(tmp_path / "n"), "--mcpu", "native"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    man = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    assert man["backend"]["target"]["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{tmp_path / 'empty'}"}
+    r = subprocess.run([*cli, "-o", str(tmp_path / "x"), "--mtriple", "aarch64-linux-gnu"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "aarch64-linux-gnu-g++" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
