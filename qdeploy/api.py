@@ -61,7 +61,8 @@ def load_config(config) -> dict:
 
     Keys (all optional): ``input_type`` (e.g. ``"fixed<16,6,RND_CONV,SAT>"`` or ``"auto"``),
     ``golden`` (``{samples: 64, seed: 0}``), ``hls4ml`` (backend, part, clock_period [ns],
-    io_type, strategy, reuse_factor), ``tvm`` (target).
+    io_type, strategy, reuse_factor), ``tvm`` (target, mcpu, mtriple, arch, ...: see
+    :mod:`qdeploy.backends.tvm.target`).
 
     Raises:
         QDeployError: unreadable file or not a mapping.
@@ -246,7 +247,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
 
     Args:
         model: see :func:`load`.
-        target: ``hls4ml``, ``tvm-llvm`` or ``reference``.
+        target: ``hls4ml``, ``tvm-llvm``, ``tvm-cuda`` or ``reference``.  An artifact that cannot
+            run here (cross-compiled, or ``tvm-cuda`` without a GPU) is built but not run: its
+            exactness is "not checked" (``exactness.not_run`` says why).
         out_dir: artifact directory; must not exist unless ``force``.
         config: dict or YAML path (:func:`load_config`).
         golden: golden inputs (array, list, dict by input name, or .npy/.npz path; batch first,
