@@ -61,7 +61,8 @@ def load_config(config) -> dict:
 
     Keys (all optional): ``input_type`` (e.g. ``"fixed<16,6,RND_CONV,SAT>"`` or ``"auto"``),
     ``golden`` (``{samples: 64, seed: 0}``), ``hls4ml`` (backend, part, clock_period [ns],
-    io_type, strategy, reuse_factor), ``tvm`` (target).
+    io_type, strategy, reuse_factor), ``tvm`` (target, mcpu, mtriple, arch, ...: see
+    :mod:`qdeploy.backends.tvm.target`).
 
     Raises:
         QDeployError: unreadable file or not a mapping.
@@ -246,7 +247,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
 
     Args:
         model: see :func:`load`.
-        target: ``hls4ml``, ``tvm-llvm`` or ``reference``.
+        target: ``hls4ml``, ``tvm-llvm``, ``tvm-cuda`` or ``reference``.  An artifact that cannot
+            run here (cross-compiled, or ``tvm-cuda`` without a GPU) is built but not run: its
+            exactness is "not checked" (``exactness.not_run`` says why).
         out_dir: artifact directory; must not exist unless ``force``.
         config: dict or YAML path (:func:`load_config`).
         golden: golden inputs (array, list, dict by input name, or .npy/.npz path; batch first,
@@ -287,7 +290,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     from .backends import get_backend
     from .passes import PassManager, default_pipeline
     from .fidelity import check_source
-    from .report import compare_outputs, layer_table, render_markdown
+    from .report import compare_outputs, layer_table, not_run_exactness, render_markdown
 
     cfg = load_config(config)
     if input_type is not None:
@@ -351,9 +354,12 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         backend.build(tmp, info)
         t_build = time.perf_counter() - t1
         say("checking the artifact against the reference")
-        fn = backend.load(tmp, info, graph)
-        got = fn({k: v for k, v in feeds.items()})
-        exact = compare_outputs(graph, ref, got)
+        if info.get("not_run_here"):  # cross-compiled, or a GPU library without a GPU here
+            exact = not_run_exactness(graph, ref, info["not_run_here"])
+        else:
+            fn = backend.load(tmp, info, graph)
+            got = fn({k: v for k, v in feeds.items()})
+            exact = compare_outputs(graph, ref, got)
         if exact.get("fixed_mismatches"):  # name the first layer that differs (only on failure)
             from .backends.divergence import localize
             exact["divergence"] = localize(backend, graph, cfg, tmp, info, feeds)
@@ -401,7 +407,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             "outputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
                          "perm": (graph.meta.get("output_perms") or {}).get(v.name), **lays["outputs"][v.name]}
                         for v in graph.output_values()],
-            "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact")},
+            "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact", "not_run")
+                          if k in exact},
             "hashes": file_hashes(tmp),
         }
         write_manifest(tmp, manifest)
