@@ -302,7 +302,8 @@ class TvmBackend:
             array ``(N, *shape)`` (codes for fixed-point inputs, reals for float ones);
             ``outputs`` maps every graph output name to an ``(N, *shape)`` numpy array, int64
             codes or float32.  ``f`` raises ``KeyError`` for a missing input and ``ValueError``
-            for a wrong shape.
+            for a wrong shape or for codes outside a fixed-point input's type (the library
+            computes in dtypes proved from the types; the raw entries do not check).
         Raises:
             CompileError: when no library has been built or it cannot be loaded.
         """
@@ -342,6 +343,10 @@ class TvmBackend:
         outs = list(g.outputs)
 
         dts = [np.int64 if isinstance(v.dtype, FixedType) else np.float32 for _, v in ins]
+        # the library narrows codes to dtypes proved from the IR types (lower.py): codes outside
+        # an input's type would not compute like the reference, so refuse them here
+        code_ranges = {name: (v.dtype.min_code, v.dtype.max_code, v.dtype) for name, v in ins
+                       if isinstance(v.dtype, FixedType)}
 
         n_out = len(outs)
         to_tvm = _to_tvm
@@ -375,6 +380,11 @@ class TvmBackend:
                     raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
                 if name in quantized_in and np.isnan(a).any():
                     raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
+                if name in code_ranges and a.size:
+                    lo, hi, t = code_ranges[name]
+                    if a.min() < lo or a.max() > hi:
+                        raise ValueError(f"input {name!r} has codes outside its type {t} "
+                                         f"[{lo}, {hi}]: [{a.min()}, {a.max()}]")
                 arrays.append(a)
             env = dict(zip(outs, call_raw(arrays)))
             if epilogue is not None:
