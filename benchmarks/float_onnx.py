@@ -13,10 +13,11 @@ Nodes whose inputs are all constants (the weight quantizers) are folded first wi
 executor (``FoldConstantsFiltered``; ``Shape`` nodes excluded, so the batch stays free).  The batch
 dimension of the graph inputs and outputs is then made symbolic (``N``), stale ``value_info`` is
 dropped, and a ``Reshape`` of a batch-carrying tensor to a constant shape that starts with 1 gets
-0 there (ONNX: copy the input's dimension), so one model runs any batch size.  ``Trunc`` and other
+-1 there (0, "copy the input's dimension", when the shape has a -1 already), so one model runs any
+batch size.  ``Trunc`` and other
 QONNX ops are refused (``NotImplementedError`` naming the node).
 
-The opset is raised to 13 (``Round`` needs 11, ``GreaterOrEqual`` 12); a model whose ops change
+The opset is raised to at least 13 (``Round`` needs 11, ``GreaterOrEqual`` 12); a model whose ops change
 meaning between its opset and 13 would show as "outputs differ" in the benchmark's check.
 """
 from __future__ import annotations
@@ -110,9 +111,12 @@ def float_equivalent(path):
         if n.op_type == "Reshape" and n.input[0] not in inits and n.input[1] in inits:
             shape = _const(model, n.input[1])
             if shape is not None and shape.size and int(shape.reshape(-1)[0]) == 1:
-                s = shape.astype(np.int64).copy()
-                s.reshape(-1)[0] = 0
+                s = shape.astype(np.int64).copy().reshape(-1)
+                s[0] = 0 if (s == -1).any() else -1
                 model.set_initializer(n.input[1], s)
+                for at in n.attribute:  # 0 must mean "copy the input's dimension"
+                    if at.name == "allowzero":
+                        at.i = 0
     proto = model.model
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes)
@@ -132,10 +136,11 @@ def float_equivalent(path):
     for o in proto.graph.output:
         if o.type.tensor_type.elem_type == 0:
             o.type.tensor_type.elem_type = TensorProto.FLOAT
+    std = max([13] + [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")])
     keep = [helper.make_opsetid(op.domain, op.version) for op in proto.opset_import
             if op.domain not in ("", "ai.onnx") + _QONNX_DOMAINS]
     del proto.opset_import[:]
-    proto.opset_import.extend(keep + [helper.make_opsetid("", 13)])
+    proto.opset_import.extend(keep + [helper.make_opsetid("", std)])
     proto.ir_version = max(proto.ir_version, 7)  # opset 13 needs IR >= 7
     onnx.checker.check_model(proto)
     return proto

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tvm-config", default="{}", help="JSON of tvm: options, e.g. '{\"schedule\": \"auto\"}'")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per timing loop (0.2; --quick 0.03)")
     a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")  # brevitas/qonnx/torch chatter; the checks are printed below
     threads = [int(t) for t in a.threads.split(",")]
     batches = [int(b) for b in a.batches.split(",")]
     os.environ.setdefault("TVM_NUM_THREADS", str(max(threads)))
