@@ -22,7 +22,8 @@ with TVM's ``runtime.config_threadpool``; the thread count TVM reports is printe
 (``uptime``) is printed before and after: the machine is shared, timings are noisy.
 
 Printed ratios: ``predict/ORT`` and ``raw/ORT`` (below 1: qdeploy faster), and the thin path's
-overhead ``predict - raw`` in microseconds.
+overhead ``predict - raw`` in microseconds of wall time; then the same overhead in CPU time
+(``time.process_time``, 1 thread), which other processes' load disturbs far less.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class Row:
     ort: dict[int, float] = field(default_factory=dict)
     predict: dict[int, float] = field(default_factory=dict)
     raw: dict[int, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU microseconds per call at 1 thread
 
 
 def _uptime() -> str:
@@ -129,15 +131,15 @@ def mnist_case(batches, rng) -> Case:
     return Case("ONNX-zoo MNIST CNN (float)", d / "model.onnx", {b: _batch_of(pool, b, rng) for b in batches}, pool)
 
 
-def _per_call(f, min_time: float) -> float:
-    """Mean seconds per call of ``f`` over a loop of at least ``min_time`` seconds."""
+def _per_call(f, min_time: float, clock=time.perf_counter) -> float:
+    """Mean seconds per call of ``f`` over a loop of at least ``min_time`` seconds of ``clock``."""
     f()
     reps, t = 1, 0.0
     while True:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(reps):
             f()
-        t = time.perf_counter() - t0
+        t = clock() - t0
         if t >= min_time:
             return t / reps
         reps = max(reps * 2, int(reps * min_time / max(t, 1e-9) * 1.2))
@@ -218,6 +220,10 @@ class Bench:
                         us = _per_call(f, self.min_time) * 1e6
                         d = getattr(row, key)
                         d[t] = min(d.get(t, float("inf")), us)
+                    if t == 1:  # the thin path's cost in CPU time: robust to other processes' load
+                        for key, f in (("predict", lambda: m.predict(x)), ("raw", raw)):
+                            us = _per_call(f, self.min_time, time.process_time) * 1e6
+                            row.cpu[key] = min(row.cpu.get(key, float("inf")), us)
         self.out(f"# TVM threads (runtime.NumThreads) per setting: {seen}")
         return [it[0] for it in self.items]
 
@@ -231,6 +237,12 @@ def report(rows: list[Row], threads, out=print) -> None:
             o, p, r = row.ort[t], row.predict[t], row.raw[t]
             out(f"{row.case:<28} {row.batch:>5} {t:>3} {o:>9.1f} {p:>10.1f} {r:>9.1f} {p / o:>10.2f}x "
                 f"{r / o:>7.2f}x {p - r:>11.1f}")
+    if any(r.cpu for r in rows):
+        out("# predict's overhead over the bare library call in CPU time (time.process_time, 1 thread, best of rounds):")
+        for row in rows:
+            if row.cpu:
+                p, r = row.cpu["predict"], row.cpu["raw"]
+                out(f"#   {row.case:<28} batch {row.batch:>4}: predict {p:8.1f} us, raw {r:8.1f} us, overhead {p - r:7.1f} us")
     out("# output check (qdeploy predict vs onnxruntime on the float-equivalent model):")
     for row in rows:
         out(f"#   {row.case}, batch {row.batch}: {row.check}")
@@ -254,7 +266,8 @@ def main(argv=None) -> int:
     min_time = a.min_time if a.min_time is not None else (0.03 if a.quick else 0.2)
     print(f"# {_uptime()}")
     print(f"# rounds {rounds}, loops >= {min_time * 1e3:.0f} ms, threads {threads}, batches {batches}, "
-          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, tvm config {a.tvm_config}")
+          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, tvm config {a.tvm_config}; onnxruntime: default "
+          f"graph optimizations, float-equivalent model with folded weights")
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="qd_tvm_ort_"))
     makers = {"jet": lambda: jet_case(batches, rng), "tfc": lambda: tfc_case(batches, rng),

@@ -55,8 +55,10 @@ def test_harness_one_round(tmp_path):
     assert [(r.batch, r.check) for r in rows] == [(1, "outputs equal (bit for bit)"), (6, "outputs equal (bit for bit)")]
     for r in rows:
         assert all(0 < d[1] < 1e6 for d in (r.ort, r.predict, r.raw))
+        assert 0 < r.cpu["raw"] < 1e6 and 0 < r.cpu["predict"] < 1e6
     table = [ln for ln in lines if ln.startswith("tiny conv")]
     assert len(table) == 2
     for ln, r in zip(table, rows):  # the printed ratios are the measured ones
         assert f"{r.predict[1] / r.ort[1]:.2f}x" in ln and f"{r.raw[1] / r.ort[1]:.2f}x" in ln
     assert any("thin predict True" in ln for ln in lines)
+    assert sum("overhead" in ln and "tiny conv" in ln for ln in lines) == 2  # the CPU-time overhead lines
