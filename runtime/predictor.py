@@ -33,6 +33,11 @@ __all__ = ["Predictor", "BUFFER_LIMIT_BYTES"]
 BUFFER_LIMIT_BYTES = 16 << 20
 
 
+def _has_nan(a: np.ndarray) -> bool:
+    """Whether ``a`` holds a NaN (integer and boolean arrays hold none)."""
+    return a.dtype.kind not in "biu" and bool(np.isnan(a).any())
+
+
 class _Input:
     """One model input's precomputed plan (see :class:`Predictor`)."""
 
@@ -183,18 +188,18 @@ class Predictor:
         lock = None
         if n * self._sample_bytes <= BUFFER_LIMIT_BYTES:
             lock, tensors, bufs = fast.buffers(n)
-            if bufs is None or not lock.acquire(blocking=False):
+            if bufs is None or not lock.acquire(False):
                 lock = None
         if lock is None:
             tensors = bufs = [np.empty((n, *s), d) for s, d in zip(fast.input_shapes, self._dtypes)]
         try:
             for a, spec, buf in zip(views, self._ins, bufs):
                 if spec.quantize is not None:
-                    if np.isnan(a).any():
+                    if _has_nan(a):
                         return self._general(inputs, layout)
                     a = spec.quantize(a)
-                np.copyto(buf, a, casting="unsafe")
-                if spec.nan_check and spec.quantize is None and np.isnan(buf).any():
+                buf[...] = a  # one pass: transpose, cast (as astype: unsafe casting), copy
+                if spec.nan_check and spec.quantize is None and _has_nan(buf):
                     return self._general(inputs, layout)
             res = fast(tensors, n == 1, bufs if lock is not None else ())
         finally:
@@ -202,6 +207,6 @@ class Predictor:
                 lock.release()
         outs = []
         for r, (to_real, inv) in zip(res, self._outs):
-            r = to_real(r) if to_real is not None else np.asarray(r, dtype=np.float32)
+            r = to_real(r) if to_real is not None else (r if r.dtype == np.float32 else r.astype(np.float32))
             outs.append(r if cl or inv is None else r.transpose(inv))
         return outs[0] if len(outs) == 1 else outs
