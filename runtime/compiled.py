@@ -148,6 +148,10 @@ class CompiledModel:
         Raises:
             QDeployError: a bad ``layout`` or an input shape that does not match, stated in the
                 user's layout (``expected (N, 4, 4, 4) in NCHW``).
+
+        For backends with a positional library call (TVM) this takes the thin path of
+        :class:`~qdeploy.runtime.predictor.Predictor` (the same results and errors, less work per
+        call); :attr:`predictor` ``.raw_call`` measures what it adds over the bare library call.
         """
         return self._predictor(inputs, layout)
 

@@ -185,6 +185,8 @@ class Predictor:
                 return self._general(inputs, layout)
             perm = spec.perm[cl]
             views.append(a if perm is None else a.transpose(perm))
+        if not n:  # an empty batch: the general path's behaviour, whatever it is
+            return self._general(inputs, layout)
         lock = None
         if n * self._sample_bytes <= BUFFER_LIMIT_BYTES:
             lock, tensors, bufs = fast.buffers(n)
