@@ -325,6 +325,21 @@ class Hls4mlBackend:
             "so": None,
         }
 
+    def finalize(self, out_dir, info: dict, graph: Graph, feeds: dict, final_dir, golden: str) -> None:
+        """Make the staged project (``out_dir``, published later as ``final_dir``) ready to take to
+        Vitis HLS (:mod:`.project`): ``tb_data/`` from the golden ``feeds`` (IR feeds, codes),
+        ``OutputDir`` = the final project folder, ``README.md``; sets ``info['tb_data']``.
+        ``golden``: where the golden inputs came from, in words."""
+        from ...compiler.reference import execute
+        from .project import exact_results_log, point_output_dir, write_readme, write_tb_data
+        prj = Path(out_dir) / info["project_dir"]
+        tb = write_tb_data(prj, info, graph, execute(graph, feeds, codes=True, keep=True))
+        tb["golden"] = golden
+        tb["exact_log"] = exact_results_log(prj, info["project_name"])
+        point_output_dir(prj, Path(final_dir) / info["project_dir"])
+        write_readme(prj, info, tb, golden)
+        info["tb_data"] = tb
+
     # ------------------------------------------------------------------ build
     def build(self, out_dir, info: dict) -> None:
         """Compile the C simulation; sets ``info['so']`` (path relative to ``out_dir``) and

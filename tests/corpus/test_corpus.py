@@ -27,12 +27,6 @@ NAMES = [e.name for e in CORPUS]
 #: (model, target) -> (a substring of the FAIL detail, why it fails / where it is tracked).
 #: A listed case may also pass (fixed by a merged branch): then delete its line.
 KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {
-    # 2-bit ShiftedUint8ActPerTensorFloat (zero-point) MLP, input scale 1/3: the reference differs from
-    # the Brevitas module by 1-3 output LSBs on 18 of 32 golden digits, and the module in float64
-    # agrees with the module in float32 (not a float32 tie): an import/requantization bug (rq-front's
-    # scaled-integer MultiThreshold path); the 3..8-bit zero-point models are exact.
-    **{("zeropoint_mlp_b2", t): ("samples differ from the", "zero-point 2-bit requantizer differs from Brevitas")
-       for t in ("reference", "tvm-llvm", "hls4ml")},
 }
 
 #: models exact on reference and tvm-llvm in the last table (docs/corpus.md): they must stay exact
@@ -88,6 +82,7 @@ MUST_BE_EXACT = {
     "pot_two_heads_b6",
     "pot_upsample_b6",
     "zeropoint_cnn1d_b6",
+    "zeropoint_mlp_b2",
     "zeropoint_cnn2d_b4",
     "zeropoint_cnn2d_b8",
     "zeropoint_mlp1d_b3",
