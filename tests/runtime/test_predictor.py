@@ -49,6 +49,18 @@ def test_thin_path_is_taken_and_matches_qonnx(square):
             assert np.array_equal(g, w) and np.array_equal(g, r)
 
 
+def test_fresh_arrays_beyond_the_buffer_limit(square, monkeypatch):
+    """Batches over ``BUFFER_LIMIT_BYTES`` (here: every batch) get fresh input arrays each call."""
+    from qdeploy.runtime import predictor
+
+    _, x, m, ref = square
+    monkeypatch.setattr(predictor, "BUFFER_LIMIT_BYTES", 0)
+    for xb in (x[:1], x):
+        assert all(np.array_equal(g, w) for g, w in zip(m.predict(xb), ref.predict(xb)))
+    with pytest.raises(ValueError, match="no bare library call"):
+        ref.predictor.raw_call(x)
+
+
 def test_channels_last_dict_and_list_inputs(square):
     _, x, m, ref = square
     xcl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
