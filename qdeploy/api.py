@@ -370,6 +370,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
                         "notes": r.notes} for r in pm.records],
             "timing_s": {"total": time.perf_counter() - t0, "backend_build": t_build},
             "estimate": _compile_estimate(graph, cfg),  # FPGA estimate in every report
+            "backend": {k: v for k, v in info.items() if k != "layers"},  # what the target built (settings, ports)
             "remat": remat_report,  # peak before/after, overhead %, solve time (None: no budget)
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-QUANT_DOMAINS = ("qonnx.custom_op.general", "onnx.brevitas")
+QUANT_DOMAINS = ("qonnx.custom_op.general", "onnx.brevitas", "finn.custom_op.general")  # older exports: finn
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 _ROUNDING = ("ROUND", "HALF_EVEN", "CEIL", "FLOOR", "UP", "DOWN", "HALF_UP", "HALF_DOWN")
@@ -44,7 +44,8 @@ def _const(proto):
 
 def _quant_nodes(node, consts, uid):
     """The standard ONNX nodes (and new initializers) computing QONNX ``Quant`` ``node`` exactly as
-    qonnx's ``int_quant`` does; None when its bit width is not a constant scalar integer."""
+    qonnx's ``int_quant`` does; None when its bit width is not a constant scalar integer or its
+    scale / zero point are not float32 constants."""
     from onnx import helper, numpy_helper
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     mode = a.get("rounding_mode", b"ROUND")
@@ -52,6 +53,8 @@ def _quant_nodes(node, consts, uid):
     x, s, z, bw = node.input[:4]
     if bw not in consts or s not in consts or z not in consts or mode not in _ROUNDING:
         return None
+    if consts[s].dtype != np.float32 or consts[z].dtype != np.float32:
+        return None  # e.g. an int64 zero point: NumPy then computes in float64 (qonnx's executor decides)
     b = np.asarray(consts[bw], dtype=np.float64).ravel()
     if b.size != 1 or b[0] != int(b[0]) or not 1 <= b[0] <= 32:
         return None
