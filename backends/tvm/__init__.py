@@ -23,6 +23,7 @@ from ...compiler.errors import CompileError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
+from .fastcall import FastCall
 from .schedule import SCHEDULES, schedule_cpu
 from .target import cross_compiler, library_target, not_run_reason, resolve_target
 
@@ -109,8 +110,10 @@ class TvmBackend:
     ``"auto"``: fuse first (``relax.get_pipeline("zero")``) and apply the fixed loop schedule of
     :func:`.schedule.schedule_cpu` -- reductions reordered and vectorized over the contiguous
     output axis; same accumulation order per output element, so int64 codes stay bit-exact),
-    ``batch1_entry`` (default false: also compile a static batch-1 entry, used by
-    ``run.tensors1``; the dynamic runtime calls it for single samples).
+    ``batch1_entry`` (default true: also compile a static batch-1 entry ``main_b1``, which
+    ``CompiledModel.predict`` and ``run.tensors1`` call for a batch of one -- no symbolic-shape
+    dispatch in the VM; the dynamic runtime calls it for single samples; false builds ``main``
+    only).
     """
 
     def __init__(self, name: str = "tvm-llvm"):
@@ -175,7 +178,7 @@ class TvmBackend:
             "files": files,
             "host_nodes": host_nodes,
         }
-        if opts.get("batch1_entry"):
+        if opts.get("batch1_entry", True):
             info["batch1_entry"] = True
         cc = cross_compiler(target, opts)
         if cc:
@@ -404,4 +407,9 @@ class TvmBackend:
         run.to_tensor = to_tvm
         run.input_names = [name for name, _ in ins]
         run.output_names = outs
+        # the thin positional path of CompiledModel.predict (runtime/predictor.py)
+        run.fast = FastCall(fn, fn1, [v.shape for _, v in ins], dts, outs, list(full.outputs), epilogue,
+                            to_tensor=to_tvm, from_tensor=_from_tvm, tensor_type=tensor_type,
+                            empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()))
+        run.fast_nan_check = [name in quantized_in for name, _ in ins]
         return run
