@@ -4,6 +4,7 @@ Each compile costs a few seconds, so several ops are batched into each model (mu
 graphs); builds are cached by source hash in ``~/.cache/qdeploy/hls4ml``.
 """
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ if shutil.which("g++") is None:
 
 from qdeploy.backends.hls4ml import Hls4mlBackend  # noqa: E402
 from qdeploy.compiler import reference as ref  # noqa: E402
-from qdeploy.compiler.errors import UnsupportedError  # noqa: E402
+from qdeploy.compiler.errors import CompileError, UnsupportedError  # noqa: E402
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type  # noqa: E402
 from qdeploy.compiler.ir.graph import Graph  # noqa: E402
 from qdeploy.compiler.ir.types import FixedType, FloatType  # noqa: E402
@@ -123,11 +124,41 @@ f = Hls4mlBackend().load({str(moved)!r}, info, g)
 out = f(ref.prepare_feeds(g, np.load({str(tmp_path / 'x.npy')!r})))
 np.savez({str(tmp_path / 'out.npz')!r}, **out)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    weights = Path(d) / "hls4ml_prj" / "firmware" / "weights"
+    hidden = weights.with_name("weights_hidden")
+    weights.rename(hidden)  # the moved copy must read its own weight files, not the original's
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        hidden.rename(weights)
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(tmp_path / "out.npz") as z:
         for k in g.outputs:
             assert np.array_equal(z[k], want[k]), k
+
+
+def test_build_cache_ignores_weight_values(mlp_artifact, tmp_path):
+    """The C simulation loads weights from firmware/weights/*.txt: a model with the same layers and
+    types but other weight values reuses the cached library, and computes with its own weights."""
+    g, d, info, X, want = mlp_artifact
+    rng = np.random.default_rng(11)
+    nodes = []
+    for n in g.nodes:
+        if n.op == "Dense":
+            w = n.params["weight"]
+            n = n.replace(params={**n.params, "weight": Const(w.data[rng.permutation(w.data.shape[0])], w.dtype)})
+        nodes.append(n)
+    g2 = g.with_(nodes=nodes)
+    assert g2.digest() != g.digest()
+    be = Hls4mlBackend()
+    info2 = be.emit(g2, {}, tmp_path)
+    be.build(tmp_path, info2)
+    assert info2["build_cached"] and info2["source_hash"] == info["source_hash"]
+    feeds = ref.prepare_feeds(g2, X)
+    out = be.load(tmp_path, info2, g2)(feeds)
+    want2 = ref.execute(g2, feeds, codes=True)
+    assert all(np.array_equal(out[k], want2[k]) for k in g2.outputs)
+    assert any(not np.array_equal(want2[k], want[k]) for k in g2.outputs)
 
 
 def test_build_cache_hit(mlp_artifact, tmp_path):
@@ -316,3 +347,45 @@ def test_cnn_stream_vivado_latency(tmp_path):
     g = conv2d_net(rng, stream=True)
     compile_and_check(g, rng.normal(0, 1.5, (20, 8, 8, 4)).astype(np.float32), tmp_path,
                       {"hls4ml": {"backend": "Vivado", "io_type": "io_stream"}})
+
+
+def test_catapult_asic_backend(tmp_path):
+    """hls4ml's Catapult backend (ASIC firmware, Algorithmic C ac_fixed types): its C simulation,
+    built with g++ from the AC headers hls4ml ships, equals the reference bit for bit (the MLP:
+    Dense, ReLU, quantizers, a wide accumulator, host prologue/epilogue)."""
+    rng = np.random.default_rng(5)
+    g = mlp(rng)
+    info, _ = compile_and_check(g, rng.normal(0, 4, (100, 12)).astype(np.float32), tmp_path,
+                                {"hls4ml": {"backend": "Catapult"}})
+    prj = tmp_path / "hls4ml_prj"
+    assert info["backend"] == "Catapult" and (prj / "firmware" / "ac_types").is_dir()
+    assert "ac_fixed" in (prj / "firmware" / "defines.h").read_text()
+
+
+def test_catapult_refuses_a_layer_whose_types_it_changes(cnn_graph, tmp_path):
+    """Catapult's optimizers re-type pooling accumulators (hls4ml 1.3): a wider max-pool accumulator
+    is accepted (the maximum of exactly held values is the same), an average pool's is refused
+    naming the layer, never built with types other than the reference's."""
+    g, _ = cnn_graph
+    with pytest.raises(CompileError, match="hls4ml changed precision accum of layer 'ap3'"):
+        Hls4mlBackend().emit(g, {"hls4ml": {"backend": "Catapult"}}, tmp_path)
+
+
+def test_catapult_conv_maxpool(tmp_path):
+    """Conv2D -> ReLU/quantize -> max pooling (its accumulator widened by Catapult: accepted) ->
+    flatten -> dense, the digits-CNN pattern, on Catapult: the C simulation equals the reference."""
+    rng = np.random.default_rng(12)
+    b = GraphBuilder("cmp")
+    x = b.input("x", (8, 8, 1), T("ufixed<5,1,RND_CONV,SAT>"))
+    c = b.add("c1", "Conv", [x], attrs={"kernel": (3, 3), "strides": (1, 1), "pads": (1, 1, 1, 1)},
+              params={"weight": _c(rng, -16, 16, (3, 3, 1, 6), "fixed<6,1>"), "bias": _c(rng, -8, 8, 6, "fixed<5,0>")})
+    h = b.add("r1", "Relu", [c])
+    q = b.add("q1", "Quantize", [h], attrs={"to": T("ufixed<6,2,RND_CONV,SAT>")})
+    mp = b.add("mp", "MaxPool", [q], attrs={"kernel": (2, 2), "strides": (2, 2)})          # (4,4,6)
+    fl = b.add("fl", "Reshape", [mp], attrs={"shape": (96,)})
+    fc = b.add("fc", "Dense", [fl], params={"weight": _c(rng, -16, 16, (96, 10), "fixed<6,1>")})
+    b.output(fc)
+    g = b.build()
+    X = rng.uniform(0, 1, (30, 8, 8, 1)).astype(np.float32)
+    info, _ = compile_and_check(g, X, tmp_path, {"hls4ml": {"backend": "Catapult"}})
+    assert info["backend"] == "Catapult"

@@ -39,10 +39,17 @@ def test_project_testbench_reproduces_golden_outputs(tmp_path, io_type):
     assert res.report["exactness"]["bit_exact"]
     dev = qdeploy.CompiledModel.load(out).manifest["backend"]["device_outputs"][0]
     assert dev["shape"] == [5]
+    md = (out / "report.md").read_text()
+    assert "## hls4ml project" in md and f"`{io_type}`" in md and "| out | " + dev["layer"] in md
+    weights = sorted(p.name for p in (prj / "firmware" / "weights").glob("w*.h"))
+    assert weights and all(f"`{w}`" in md for w in weights)  # every weight header is mapped to its IR node
+    assert "Testbench data (`tb_data/`): 40 samples" in md
     readme = (prj / "README.md").read_text()
     assert dev["layer"] in readme and "csim=1" in readme and "40 samples, from the golden inputs" in readme
     # build and run the project's own testbench (what vitis_hls csim does, with g++)
-    r = subprocess.run(["g++", "-O0", "-std=c++17", "-w", "-Ifirmware", "-Ifirmware/ap_types", "myproject_test.cpp",
+    assert "-DWEIGHTS_DIR" in readme
+    r = subprocess.run(["g++", "-O0", "-std=c++17", "-w", "-Ifirmware", "-Ifirmware/ap_types",
+                        '-DWEIGHTS_DIR="firmware/weights"', "myproject_test.cpp",
                         "firmware/myproject.cpp", "-o", "tb"], cwd=prj, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run(["./tb"], cwd=prj, capture_output=True, text=True, timeout=120)

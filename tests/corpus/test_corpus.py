@@ -43,12 +43,14 @@ MUST_BE_EXACT = {
     "float_two_heads_b6",
     "ort_chw_trap_u8",
     "ort_cnn1d_u8",
+    "ort_cnn2d_bn_gap_s8",
     "ort_cnn2d_u8",
     "ort_mlp_s8",
     "ort_mlp_u8",
     "perchannel_cnn1d_b4",
     "perchannel_cnn2d_b3",
     "perchannel_cnn2d_b7",
+    "perchannel_depthwise_b6",
     "perchannel_mlp1d_b5",
     "perchannel_mlp_b2",
     "perchannel_mlp_b8",
@@ -91,7 +93,8 @@ MUST_BE_EXACT = {
 }
 
 #: the hls4ml cases of the default run (C-simulation compiles take 10-20 s each)
-HLS4ML_DEFAULT = ("pot_mlp_b4", "pot_cnn2d_b4", "pot_cnn1d_b6", "pot_chw_trap_b6")
+HLS4ML_DEFAULT = ("pot_mlp_b4", "pot_cnn2d_b4", "pot_cnn1d_b6", "pot_chw_trap_b6",
+                  "pot_bn_conv_relu_b6")  # Conv -> BN -> QuantReLU: the BN folds into a MultiThreshold
 
 
 def _check(name: str, target: str, from_module: bool = False):
