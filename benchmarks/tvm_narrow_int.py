@@ -1,16 +1,17 @@
 """Narrow integer lowering on TVM (issue #15, item 1): the jet tagger (real QONNX, 16-64-32-32-5,
-6-bit; ``--model tfc``: the binarized TFC_1W1A MNIST MLP) compiled by this checkout and by a baseline git ref (default: the merge-base of
-``HEAD`` and ``main``, the int64-everywhere lowering), for ``tvm: {schedule: none}`` (default) and ``{schedule: auto}``,
-timed interleaved (best of ``--reps`` rounds, each round ``--iters`` calls per library in turn) at
-batch 1 and 256, through ``CompiledModel.predict`` and the raw VM call of the library; every
-library's outputs are checked equal to the reference first.
+6-bit; ``--model tfc``: the binarized TFC_1W1A MNIST MLP) compiled by this checkout and by a
+baseline that differs only in the lowering's files (taken from ``--base``, default
+:data:`INT64_LOWERING`, the int64-everywhere lowering), for ``tvm: {schedule: none}`` (default)
+and ``{schedule: auto}``, timed interleaved (best of ``--reps`` rounds, each round ``--iters``
+calls per library in turn) at batch 1 and 256, through ``CompiledModel.predict`` and the raw VM
+call of the library; every library's outputs are checked equal to each other and the reference.
 
     .venv/bin/python benchmarks/tvm_narrow_int.py [--model jet|tfc] [--base REF] [--reps 7] [--iters 200]
 
 Prints the load (``uptime``) before and after, microseconds per call, and new/base ratios.  The
-baseline is built in a subprocess from ``git archive <base>`` (its own ``qdeploy`` package), so the
-two lowerings never share a process; both libraries follow the same int64-codes-in/out contract
-and are loaded by this checkout's runtime.
+baseline is built in a subprocess with its own ``qdeploy`` tree, so the two lowerings never share
+a process; both libraries follow the same int64-codes-in/out contract and are loaded by this
+checkout's runtime.
 """
 from __future__ import annotations
 
@@ -48,13 +49,26 @@ def _build_all(out: Path, model: str = "jet") -> None:
                         config={"tvm": {"schedule": s}})
 
 
+#: the lowering's files: the baseline takes these from ``--base`` and everything else from HEAD
+LOWERING_FILES = ("backends/tvm/lower.py", "backends/tvm/ops.py", "backends/tvm/ops_batch_a.py",
+                  "backends/tvm/relax_util.py")
+#: last main commit whose TVM lowering computed in int64 everywhere
+INT64_LOWERING = "f5c166c"
+
+
 def _build_base(ref: str, out: Path, model: str = "jet") -> None:
-    """Build the baseline artifacts from ``git archive ref`` in a subprocess whose editable
-    ``qdeploy`` mapping points at the extracted tree."""
+    """Build the baseline artifacts in a subprocess whose editable ``qdeploy`` mapping points at
+    ``git archive HEAD`` with the lowering's files (:data:`LOWERING_FILES`) taken from ``ref`` and
+    ``backends/tvm/intplan.py`` removed: only the lowering differs (target defaults, schedule and
+    runtime are HEAD's in both builds)."""
     src = out / "src"
     src.mkdir(parents=True)
-    arch = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+    arch = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=arch, check=True)
+    for f in LOWERING_FILES:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{f}"], check=True, capture_output=True).stdout
+        (src / f).write_bytes(text)
+    (src / "backends" / "tvm" / "intplan.py").unlink(missing_ok=True)
     code = (
         "import sys, __editable___qdeploy_0_1_0_finder as f\n"
         f"f.MAPPING.update({{k: v.replace({str(ROOT)!r}, {str(src)!r}) for k, v in f.MAPPING.items()}})\n"
@@ -67,14 +81,11 @@ def _build_base(ref: str, out: Path, model: str = "jet") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", default=None, help="git ref of the baseline lowering (default: merge-base of HEAD and main)")
+    ap.add_argument("--base", default=INT64_LOWERING, help="git ref whose lowering files the baseline uses")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--model", choices=sorted(MODELS), default="jet")
     a = ap.parse_args()
-    if a.base is None:
-        a.base = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
-                                capture_output=True, text=True).stdout.strip()
     import numpy as np
     import tvm
     from tvm import relax
