@@ -73,7 +73,7 @@ def requant_shift(graph: Graph, max_width: int = MAX_WIDTH, max_const_bits: int 
         scale, bias = affine_constants(f, xt, c)
         acc = _fresh(graph, taken, f"{n.name}_mul")
         nodes.append(Node(acc, "Affine", n.inputs, (acc,), {}, {"scale": scale, "bias": bias}))
-        nodes.append(Node(n.name, "Quantize", (acc,), n.outputs, {"to": clamp_type(n.attrs["to"], f.rounding)}))
+        nodes.append(Node(n.name, "Quantize", (acc,), n.outputs, {"to": clamp_type(f.out, f.rounding)}))
         done += 1
         shapes.append((f.k_bits, f.S, f.rounding))
     if not total:

@@ -341,6 +341,12 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         if exact.get("fixed_mismatches"):  # name the first layer that differs (only on failure)
             from .backends.divergence import localize
             exact["divergence"] = localize(backend, graph, cfg, tmp, info, feeds)
+        if hasattr(backend, "finalize"):  # e.g. hls4ml: testbench data, final paths, project README
+            g = cfg.get("golden", {}) or {}
+            backend.finalize(tmp, info, graph, feeds, Path(out_dir).resolve(),
+                             "from the golden inputs given to the compile" if golden is not None else
+                             f"random (no golden inputs were given: seed {int(g.get('seed', 0))}, uniform codes over a "
+                             f"fixed-point input's range, uniform [-1, 1) for a float input)")
         np.savez(tmp / "golden.npz", **{f"in:{k}": v for k, v in feeds_real.items()},
                  **{f"ref:{k}": v for k, v in ref.items()})
         notes = [n for r in pm.records for n in r.notes if r.name in ("quantize_inputs", "affine_to_fixed")]
@@ -364,6 +370,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
                         "notes": r.notes} for r in pm.records],
             "timing_s": {"total": time.perf_counter() - t0, "backend_build": t_build},
             "estimate": _compile_estimate(graph, cfg),  # FPGA estimate in every report
+            "backend": {k: v for k, v in info.items() if k != "layers"},  # what the target built (settings, ports)
             "remat": remat_report,  # peak before/after, overhead %, solve time (None: no budget)
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))

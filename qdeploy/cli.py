@@ -61,7 +61,16 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                     "fraction of the unrematerialized peak (0.8); recomputes tensors to fit (CP-SAT)"),
                 input_type: Optional[str] = typer.Option(
                     None, "--input-type", help="fixed-point type of float model inputs (e.g. fixed<16,6,RND_CONV,SAT>) "
-                    "when the model has no input quantizer; overrides the config's input_type")):
+                    "when the model has no input quantizer; overrides the config's input_type"),
+                part: Optional[str] = typer.Option(None, "--part", help="hls4ml: FPGA part (xcvu9p-flga2104-2L-e, or "
+                                                   "vu9p, vu13p, ku115, u250, zcu102, pynq-z2); overrides the config"),
+                clock_period: Optional[float] = typer.Option(None, "--clock-period", help="hls4ml: clock period in ns"),
+                io_type: Optional[str] = typer.Option(None, "--io-type", help="hls4ml: io_parallel or io_stream"),
+                strategy: Optional[str] = typer.Option(None, "--strategy", help="hls4ml: Latency or Resource"),
+                reuse_factor: Optional[int] = typer.Option(
+                    None, "--reuse-factor", help="hls4ml: reuse factor of every Dense/Conv layer (per layer: "
+                    "hls4ml.reuse_factor {node: rf} in the config); one hls4ml cannot build becomes the closest it "
+                    "can, reported")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
 
     Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference (the
@@ -74,6 +83,13 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     from .fidelity import fidelity_sentence
     from .report import exactness_sentence
     try:
+        flags = {k: v for k, v in (("part", part), ("clock_period", clock_period), ("io_type", io_type),
+                                   ("strategy", strategy), ("reuse_factor", reuse_factor)) if v is not None}
+        if flags:  # the flags override the same keys of the config's hls4ml section
+            from .api import load_config
+            cfg = load_config(config)
+            cfg["hls4ml"] = {**(cfg.get("hls4ml") or {}), **flags}
+            config = cfg
         res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
                          memory_budget=memory_budget, golden_layout=golden_layout, allow_inexact=allow_inexact,
                          source_check=not no_source_check, input_type=input_type)
@@ -88,6 +104,8 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                f"({res.report['totals']['nodes']} nodes, {res.report['totals']['bops']:.4g} BOPs/sample)")
     for note in res.report.get("notes", []):
         typer.echo(f"note: {note}")
+    for w in (res.report.get("estimate") or {}).get("warnings") or []:
+        typer.echo(f"WARNING (estimate): {w}")
     rm = res.report.get("remat")
     if rm:
         typer.echo(f"memory: peak {rm['peak_before']} B -> {rm['peak_after']} B (budget {rm['budget_bytes']} B, "
@@ -324,9 +342,6 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
     if util:
         typer.echo(f"utilization of {est.get('part', {}).get('name', part) if isinstance(est.get('part'), dict) else part}: "
                    + ", ".join(f"{k.upper()} {v:.1f}%" for k, v in util.items()))
-        over = [k.upper() for k, v in util.items() if v > 100]
-        if over:
-            typer.echo(f"WARNING: the design does not fit the part ({', '.join(over)} over 100%)")
     typer.echo(est.get("note", ""))
 
 

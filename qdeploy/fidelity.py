@@ -214,9 +214,7 @@ def _run_source(model, graph_src: Graph, inputs: dict, double: bool) -> tuple[di
     (float64 when ``double``).  Raises whatever the executor raises."""
     from .source_run import run_torch_source
     if is_onnx_source(model):
-        outs, mode = run_onnx_source(model, inputs, double=double)
-        return outs, mode, ("float64 copy through qonnx execute_node/int_quant" if double
-                            else "qonnx execute_onnx (onnxruntime)")
+        return run_onnx_source(model, inputs, double=double, executor=True)
     arrays = [inputs[k] for k in graph_src.inputs]
     outs, mode = run_torch_source(model, arrays, double=double)
     if len(outs) != len(graph_src.outputs):
@@ -233,7 +231,8 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
 
     Args:
         model: what the user compiled (see :func:`qdeploy.api.load`): QONNX/ONNX files and
-            ModelProtos run through qonnx's executor, a ``torch.nn.Module`` (Brevitas or plain) is
+            ModelProtos run as :func:`qdeploy.source_onnx.run_onnx_source` runs them (one onnxruntime
+            session, else qonnx's executor), a ``torch.nn.Module`` (Brevitas or plain) is
             called itself (:func:`qdeploy.source_run.run_torch_source`); other sources are not run.
         graph_src, graph, feeds_ir, user: see :func:`source_inputs`.
         ref: the reference interpreter's outputs on the golden feeds (runtime arrays, IR layout).
@@ -260,7 +259,7 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
     try:
         outs, mode, src = _run_source(model, graph_src, inputs, False)
     except Exception as e:  # the source executor, not the compile, failed: say so, do not hide it
-        what = "qonnx execute_onnx" if is_onnx_source(model) else "the PyTorch module"
+        what = "the ONNX source (onnxruntime / qonnx execute_onnx)" if is_onnx_source(model) else "the PyTorch module"
         return {"checked": False, "reason": f"{what} failed on the golden inputs: "
                                             + (str(e) if isinstance(e, SourceRunError) else
                                                " ".join(f"{type(e).__name__}: {e}".split())[:300])}

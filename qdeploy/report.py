@@ -117,6 +117,8 @@ def render_markdown(report: dict) -> str:
             L += ["", f"{est['note']}"]
     elif isinstance(est, dict) and est.get("error"):
         L += ["", "## Estimate", "", f"not available: {est['error']}"]
+    if report.get("target") == "hls4ml" and isinstance(report.get("backend"), dict):
+        L += ["", *hls4ml_markdown(report["backend"], est if isinstance(est, dict) else {})]
     L += ["", "## Passes", ""]
     if report.get("pipeline") is not None:
         L += [f"Pipeline: {pipeline_text(report['pipeline'])}", ""]
@@ -127,6 +129,46 @@ def render_markdown(report: dict) -> str:
     if report.get("remat"):  # only when a memory budget was given
         L += [""] + remat_markdown(report["remat"])
     return "\n".join(L) + "\n"
+
+
+def hls4ml_markdown(info: dict, est: dict) -> list[str]:
+    """The ``## hls4ml project`` section of ``report.md``: the settings hls4ml was given, warnings
+    (reuse factors adjusted, a design over its part), the ports of the top function, and per IR
+    node the hls4ml layer(s), weight headers, reuse factor and its estimate row with the share of
+    the part (LUT/FF/DSP %), then where the testbench data came from."""
+    part = est.get("part") if isinstance(est.get("part"), dict) else {}
+    L = ["## hls4ml project", "",
+         f"`{info.get('project_dir', 'hls4ml_prj')}/` (hls4ml {info.get('hls4ml_version', '?')}, backend "
+         f"{info.get('backend')}): part `{info.get('part')}`, clock period {info.get('clock_period')} ns, "
+         f"`{info.get('io_type')}`, strategy {info.get('strategy')}, reuse factor {info.get('reuse_factor')}.", ""]
+    for w in est.get("warnings") or []:
+        L.append(f"- **WARNING**: {w}")
+    L += ["", "| port | hls4ml layer | IR value | type | shape | layout |", "|---|---|---|---|---|---|"]
+    for kind, key in (("in", "device_inputs"), ("out", "device_outputs")):
+        for d in info.get(key) or []:
+            L.append(f"| {kind} | {d['layer']} | {d['value']} | `{d['type']}` | {d['shape']} | channels-last |")
+    rows = {r["name"]: r for r in est.get("layers") or []}
+    rfs = info.get("reuse_factors") or {}
+    files = info.get("weight_files") or {}
+    L += ["", "| IR node | hls4ml layer(s) | weight headers | RF | LUT | FF | DSP | BRAM18K | latency (cycles) | II | "
+              "LUT / FF / DSP % of part |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for node, layers in (info.get("node_layers") or {}).items():
+        r = rows.get(node, {})
+        rf = rfs.get(node)
+        rf_s = "" if rf is None else (f"{rf['requested']} -> {rf['used']}" if rf["requested"] != rf["used"]
+                                      else str(rf["used"]))
+        pct = " / ".join(f"{100.0 * r.get(k, 0) / part[k]:.2f}" for k in ("lut", "ff", "dsp")) \
+            if r and all(part.get(k) for k in ("lut", "ff", "dsp")) else ""
+        wf = ", ".join(f"`{f.rsplit('/', 1)[-1]}`" for lay in layers for f in files.get(lay, []))
+        L.append(f"| {node} | {', '.join(layers) or '(no layer of its own: fused or a no-op)'} | {wf} | {rf_s} | {r.get('lut', '')} | "
+                 f"{r.get('ff', '')} | {r.get('dsp', '')} | {r.get('bram_18k', '')} | {r.get('latency_cycles', '')} | "
+                 f"{r.get('ii_cycles', '')} | {pct} |")
+    tb = info.get("tb_data")
+    if tb:
+        L += ["", f"Testbench data (`tb_data/`): {tb['samples']} samples, {tb.get('golden', '')}"
+              + ("" if tb.get("float32_exact", True) else "; some values need more than float32 (rounded by the "
+                                                         "testbench's atof)") + "."]
+    return L
 
 
 def pipeline_text(pipeline: list[dict]) -> str:

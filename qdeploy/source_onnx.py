@@ -1,5 +1,6 @@
-"""Running a QONNX/ONNX *source* model for the fidelity check (:mod:`qdeploy.fidelity`) with qonnx's
-executor (onnxruntime underneath, one single-node session per standard op), on a whole golden batch
+"""Running a QONNX/ONNX *source* model for the fidelity check (:mod:`qdeploy.fidelity`) in one
+onnxruntime session where its only custom op is QONNX ``Quant`` (:mod:`qdeploy.source_ort`), else with
+qonnx's executor (onnxruntime underneath, one single-node session per standard op), on a whole golden batch
 at once where the model provably keeps samples apart (:func:`batch_plan`), else sample by sample;
 optionally on a float64 copy (:func:`qdeploy.source_run.to_double`) to classify differences.
 """
@@ -21,9 +22,10 @@ _PER_SAMPLE_OPS = {
     "Identity", "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
     "Reshape", "Flatten", "Transpose", "Softmax", "LogSoftmax", "Concat", "Gemm", "MatMul", "DepthToSpace",
     "SpaceToDepth", "Cast", "QuantizeLinear", "DequantizeLinear", "FloatQuant", "MultiThreshold", "TopK",
+    "Where", "GreaterOrEqual",
 }
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Clip", "BatchNormalization", "Quant", "BipolarQuant",
-                "Trunc", "LeakyRelu", "FloatQuant"}
+                "Trunc", "LeakyRelu", "FloatQuant", "Where", "GreaterOrEqual"}
 
 
 def batch_plan(proto, shapes=None) -> tuple[bool, str]:
@@ -130,13 +132,54 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.all(np.abs(a.astype(np.float64) - b.astype(np.float64)) <= tol))
 
 
-def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, str]:
-    """Run a QONNX/ONNX model (path, bytes or ModelProto) with qonnx's ``execute_onnx``.
+def run_standard(proto, inputs: dict, outs: list, n: int) -> tuple[dict, str] | None:
+    """``run_onnx_source`` through one onnxruntime session of the model with its ``Quant`` nodes
+    as standard ops (:mod:`qdeploy.source_ort`: the same float32 values as qonnx's executor), whole
+    batch at once under the same :func:`batch_plan` rule; None when the model has other custom ops
+    or onnxruntime cannot run it (the caller then uses qonnx's executor)."""
+    import onnx
+
+    from .source_ort import session, standard_proto, symbolic_batch
+    std = standard_proto(proto)
+    if std is None:
+        return None
+    try:
+        why = "one sample"
+        if n > 1:
+            inf = onnx.shape_inference.infer_shapes(std)
+            shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                      for v in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output)}
+            ok, why = batch_plan(std, shapes.get)
+            sb = symbolic_batch(std, _carriers(std)) if ok else None
+            if ok and sb is None:
+                why = "a Reshape with allowzero=1"
+            if sb is not None:
+                sess = session(sb[0])
+                res = dict(zip(outs, sess.run(outs, dict(inputs))))
+                if all(res[o].shape[0] == n for o in outs):
+                    if not sb[1]:
+                        return res, "batched"
+                    first = dict(zip(outs, sess.run(outs, {k: v[:1] for k, v in inputs.items()})))
+                    if all(_same(res[o][:1], first[o]) for o in outs):
+                        return res, "batched"
+                why = "the batched run disagreed with sample 0 run alone"
+        sess = session(std)
+        per = [dict(zip(outs, sess.run(outs, {k: v[i:i + 1] for k, v in inputs.items()}))) for i in range(n)]
+        return {o: np.concatenate([p[o] for p in per]) for o in outs}, f"per-sample: {why}"
+    except Exception:  # onnxruntime refused the rewritten graph: qonnx's executor decides
+        return None
+
+
+def run_onnx_source(model, inputs: dict, double: bool = False, executor: bool = False) -> tuple:
+    """Run a QONNX/ONNX model (path, bytes or ModelProto) as its source: with its ``Quant`` nodes
+    rewritten into standard ops and run by one onnxruntime session (:func:`run_standard`; the
+    same values as qonnx's executor), else with qonnx's ``execute_onnx``.
 
     Args:
         inputs: ``{graph input: (n, *source shape) array}``.
         double: run a float64 copy instead (:func:`qdeploy.source_run.to_double`, executed by
             :func:`qdeploy.source_run.execute_double`); inputs are cast to float64.
+        executor: also return a description of what ran the model (a third element).
     Returns:
         ``({graph output: (n, ...) array}, mode)``; ``mode`` is ``"batched"`` (the model was shown to
         keep samples apart by :func:`batch_plan`, and, when a Reshape shape had to be rewritten for
@@ -145,15 +188,26 @@ def run_onnx_source(model, inputs: dict, double: bool = False) -> tuple[dict, st
         whatever the executor raises (the caller reports it).
     """
     import onnx
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+    outs = [o.name for o in proto.graph.output]
+    n = next(iter(inputs.values())).shape[0]
+    if not double:
+        fast = run_standard(proto, inputs, outs, n)
+        if fast is not None:
+            return (*fast, "onnxruntime, one session (QONNX Quant as standard ops)") if executor else fast
+    how = "float64 copy through qonnx execute_node/int_quant" if double else "qonnx execute_onnx (onnxruntime)"
+    res = _run_qonnx(proto, inputs, outs, n, double)
+    return (*res, how) if executor else res
+
+
+def _run_qonnx(proto, inputs: dict, outs: list, n: int, double: bool) -> tuple[dict, str]:
+    """:func:`run_onnx_source` through qonnx's executor (or the float64 one)."""
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.infer_shapes import InferShapes
 
     from .source_run import execute_double, to_double
-
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
-    outs = [o.name for o in proto.graph.output]
-    n = next(iter(inputs.values())).shape[0]
     conv = to_double if double else (lambda p: p)
     run = execute_double if double else execute_onnx
     if double:

@@ -40,6 +40,8 @@ from ...passes.partition import partition, run_partitioned
 from . import ops_layout  # noqa: F401 - registers its ops in the .ops tables
 from . import ops_threshold  # noqa: F401 - registers MultiThreshold in the .ops tables
 from .ops import TRANSLATE
+from .mac_cost import layer_reuse_factors
+from .settings import adjusted_sentence, full_part, requested_reuse_factor
 from .translate import MAX_IO_WIDTH, Translation, translate
 
 __all__ = ["Hls4mlBackend", "DEFAULTS"]
@@ -86,10 +88,19 @@ def _options(config: dict | None) -> dict:
         raise CompileError(f"hls4ml io_type must be 'io_parallel' or 'io_stream', got {opts['io_type']!r}")
     if opts["strategy"] not in ("Latency", "Resource"):
         raise CompileError(f"hls4ml strategy must be 'Latency' or 'Resource', got {opts['strategy']!r}")
-    opts["reuse_factor"] = int(opts["reuse_factor"])
-    opts["clock_period"] = float(opts["clock_period"])
-    if opts["reuse_factor"] < 1:
-        raise CompileError("hls4ml reuse_factor must be >= 1")
+    if isinstance(opts["reuse_factor"], dict):
+        opts["reuse_factor"] = dict(opts["reuse_factor"])
+        for k in opts["reuse_factor"]:
+            requested_reuse_factor(opts["reuse_factor"], k)
+    else:
+        opts["reuse_factor"] = requested_reuse_factor(opts["reuse_factor"], "model")
+    try:
+        opts["clock_period"] = float(opts["clock_period"])
+    except (TypeError, ValueError):
+        raise CompileError(f"hls4ml clock_period must be a number of ns, got {opts['clock_period']!r}") from None
+    if not opts["clock_period"] > 0:
+        raise CompileError(f"hls4ml clock_period must be a positive number of ns, got {opts['clock_period']}")
+    opts["part"] = full_part(opts["part"])
     return opts
 
 
@@ -113,7 +124,7 @@ def _without_bad_optimizers():
                 flow.optimizers.insert(idx, opt)
 
 
-def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False):
+def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False, layer_rf: dict | None = None):
     """The hls4ml ModelGraph of ``tr``; ``trace``: every layer saves its output (hls4ml's
     ``Trace`` layer option and ``trace_output``, read back by :func:`_traced_run`)."""
     import hls4ml
@@ -123,10 +134,14 @@ def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False):
                                             backend=opts["backend"], part=opts["part"],
                                             clock_period=opts["clock_period"], io_type=opts["io_type"],
                                             write_weights_txt=False)
+    rf = opts["reuse_factor"]
+    default_rf = rf.get("default", 1) if isinstance(rf, dict) else rf
+    layer_rf = layer_rf or {}
     cfg["HLSConfig"] = {
         # 'Model' must exist; its precision is never used because every layer var is set below.
-        "Model": {"Precision": "ap_fixed<16,6>", "ReuseFactor": opts["reuse_factor"], "Strategy": opts["strategy"]},
-        "LayerName": {name: {"Precision": dict(p), **({"Trace": True} if trace else {})}
+        "Model": {"Precision": "ap_fixed<16,6>", "ReuseFactor": default_rf, "Strategy": opts["strategy"]},
+        "LayerName": {name: {"Precision": dict(p), **({"Trace": True} if trace else {}),
+                             **({"ReuseFactor": layer_rf[name]} if name in layer_rf else {})}
                       for name, p in tr.precisions.items()},
     }
     with _without_bad_optimizers():
@@ -135,6 +150,26 @@ def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False):
     if trace:
         model.config.trace_output = True
     return model
+
+
+def _check_reuse_factors(model, tr: Translation, rfs: dict) -> None:
+    """hls4ml must build every Dense/Conv layer with the reuse factor qdeploy computed
+    (:func:`.settings.closest_reuse_factor`); a layer it changed means the two legalizations
+    disagree, and the estimate would describe another design.
+
+    Raises:
+        CompileError: naming the node, both values.
+    """
+    layers = {lay.name: lay for lay in model.get_layers()}
+    for node, r in rfs.items():
+        for name in tr.node_layers.get(node, []):
+            lay = layers.get(name)
+            if lay is None or lay.get_attr("reuse_factor") is None:
+                continue
+            if int(lay.get_attr("reuse_factor")) != r["used"]:
+                raise CompileError(f"hls4ml built layer {name!r} with reuse factor {lay.get_attr('reuse_factor')}, "
+                                   f"qdeploy computed {r['used']} (asked: {r['requested']}): the legalizations "
+                                   f"disagree", node)
 
 
 def _traced_run(model, so: Path, xs: list[np.ndarray]) -> dict:
@@ -301,11 +336,17 @@ class Hls4mlBackend:
         opts = _options(config)
         part = partition(graph)
         tr = translate(part.device, opts["io_type"], opts["strategy"])
+        rfs = layer_reuse_factors(part.device, opts["strategy"], opts["reuse_factor"])
+        layer_rf = {lay: r["used"] for node, r in rfs.items() for lay in tr.node_layers.get(node, [])}
         prj = Path(out_dir) / PRJ_DIR
-        model = _build_model(tr, opts, prj)
+        model = _build_model(tr, opts, prj, layer_rf=layer_rf)
         _check_model(model, tr)
         model.write()
         summary = _check_model(model, tr)  # writing applies the remaining flows: check again
+        _check_reuse_factors(model, tr, rfs)
+        adjusted = adjusted_sentence(rfs)
+        weight_files = {lay.name: [f for f in (f"firmware/weights/{w.name}.h" for w in lay.get_weights())
+                                   if (prj / f).is_file()] for lay in model.get_layers()}
         dev = part.device
         return {
             "hls4ml_version": hls4ml.__version__,
@@ -321,9 +362,26 @@ class Hls4mlBackend:
             "hls_outputs": list(tr.outputs),
             "node_layers": tr.node_layers,
             "layers": summary,
-            "notes": tr.notes,
+            "notes": tr.notes + ([adjusted] if adjusted else []),
+            "reuse_factors": rfs,
+            "weight_files": {k: v for k, v in weight_files.items() if v},
             "so": None,
         }
+
+    def finalize(self, out_dir, info: dict, graph: Graph, feeds: dict, final_dir, golden: str) -> None:
+        """Make the staged project (``out_dir``, published later as ``final_dir``) ready to take to
+        Vitis HLS (:mod:`.project`): ``tb_data/`` from the golden ``feeds`` (IR feeds, codes),
+        ``OutputDir`` = the final project folder, ``README.md``; sets ``info['tb_data']``.
+        ``golden``: where the golden inputs came from, in words."""
+        from ...compiler.reference import execute
+        from .project import exact_results_log, point_output_dir, write_readme, write_tb_data
+        prj = Path(out_dir) / info["project_dir"]
+        tb = write_tb_data(prj, info, graph, execute(graph, feeds, codes=True, keep=True))
+        tb["golden"] = golden
+        tb["exact_log"] = exact_results_log(prj, info["project_name"])
+        point_output_dir(prj, Path(final_dir) / info["project_dir"])
+        write_readme(prj, info, tb, golden)
+        info["tb_data"] = tb
 
     # ------------------------------------------------------------------ build
     def build(self, out_dir, info: dict) -> None:
@@ -393,10 +451,12 @@ class Hls4mlBackend:
         opts = _options(config)
         dev = partition(graph).device
         tr = translate(dev, opts["io_type"], opts["strategy"])  # the same translation as emit
+        rfs = layer_reuse_factors(dev, opts["strategy"], opts["reuse_factor"])
+        layer_rf = {lay: r["used"] for node, r in rfs.items() for lay in tr.node_layers.get(node, [])}
         with tempfile.TemporaryDirectory(prefix="qdeploy_trace_") as tmp:
             prj = Path(tmp) / PRJ_DIR
             with contextlib.redirect_stdout(io.StringIO()):
-                model = _build_model(tr, opts, prj, trace=True)
+                model = _build_model(tr, opts, prj, trace=True, layer_rf=layer_rf)
                 model.write()
             so = prj / "firmware" / f"{opts['project_name']}-trace.so"
             self._compile(prj, opts["project_name"], so)

@@ -158,6 +158,7 @@ from ...compiler.ir.optable import Rejected
 from ...compiler.ir.types import FixedType, parse_type
 from .ops import ESTIMATE
 from .resources import CLOCK_UNCERTAINTY, DSP_RULES, Cost, EstimateContext, layer_row, resolve_part
+from .settings import adjusted_sentence
 
 #: What ``benchmarks/estimate_vs_published.py`` printed (ours / published Vivado HLS 2019.2 post-HLS).
 MEASURED_ERROR = ("analytic estimate, not synthesis; measured on the hls4ml jet tagger (xcvu9p, 200 MHz, "
@@ -224,9 +225,13 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
     "layers": [per node, same keys + op, host, detail], "note": MEASURED_ERROR}``: LUT/FF/DSP/
     BRAM_18K are counts, latency in clock cycles and ns (cycles x ``clock_period``), II in cycles.
 
+    ``reuse_factors``: per Dense/Conv node the reuse factor asked for and the one hls4ml builds
+    (:func:`.settings.closest_reuse_factor`, the same as the compile's); ``warnings``: a line
+    for adjusted reuse factors and one when the total exceeds the part.
+
     Raises:
-        QDeployError: unknown part (the message lists the known ones), a reuse factor hls4ml
-            cannot implement for a layer (naming the nearest legal ones), a bad strategy /
+        QDeployError: unknown part (the message lists the known ones), a reuse factor that is
+            not an integer >= 1, a bad strategy /
             io_type / dsp_rule / clock period (listing the accepted values); UnsupportedError: an
             op with no model (naming the node and the supported ops) or a float Dense/Conv.
     """
@@ -276,9 +281,16 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
     total["ii_cycles"] = int(max([r["ii_cycles"] for r in layers if not r["host"]] or [1]))
     total["utilization_pct"] = {k: round(100.0 * total[k] / part[k], 2) for k in ("lut", "ff", "dsp", "bram_18k")}
     cfg_out = {k: (str(v) if isinstance(v, FixedType) else v) for k, v in opts.items()}
+    rfs = {r["name"]: {"requested": r["detail"]["reuse_factor_requested"], "used": r["detail"]["reuse_factor"],
+                       "n_in": r["detail"]["n_in"], "n_out": r["detail"]["n_out"]}
+           for r in layers if "reuse_factor_requested" in (r.get("detail") or {})}
+    warnings = [w for w in (adjusted_sentence(rfs),) if w]
+    over = [f"{k.upper()} {v:.1f}%" for k, v in total["utilization_pct"].items() if v > 100.0]
+    if over:
+        warnings.append(f"the design exceeds the part {part['name']}: {', '.join(over)} of its capacity")
     return {"target": "hls4ml", "estimate": True,
             "part": {"key": key, **{k: v for k, v in part.items() if k != "aliases"}},
-            "config": cfg_out, "total": total, "layers": layers,
+            "config": cfg_out, "total": total, "layers": layers, "reuse_factors": rfs, "warnings": warnings,
             "note": MEASURED_ERROR}
 
 
@@ -286,16 +298,21 @@ def format_table(est: dict) -> str:
     """A plain-text per-layer table of an hls4ml or ASIC estimate (one row per node, then TOTAL).
 
     Columns are the estimate keys present in ``est["total"]`` whose total is not ``None`` (so
-    an ASIC table has no LUT/DSP/BRAM columns); any other ``None`` cell prints as ``-``."""
+    an ASIC table has no LUT/DSP/BRAM columns), then ``rf`` (the reuse factor built; ``4->3`` when
+    hls4ml cannot build the one asked for); any other ``None`` cell prints as ``-``.  The
+    estimate's ``warnings`` follow as ``WARNING:`` lines."""
     keys = [k for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles",
                         "area_mm2", "power_mw", "energy_nj") if est["total"].get(k) is not None]
-    hdr = ["node", "op"] + keys
+    rfs = est.get("reuse_factors") or {}
+    rf_col = (lambda n: (f"{rfs[n]['requested']}->{rfs[n]['used']}" if rfs[n]["requested"] != rfs[n]["used"]
+                         else str(rfs[n]["used"])) if n in rfs else "") if rfs else None
+    hdr = ["node", "op"] + keys + (["rf"] if rf_col else [])
     rows = [[r["name"], r["op"] + (" (host)" if r.get("host") else "")] + [_fmt(r.get(k, 0)) for k in keys]
-            for r in est["layers"]]
-    rows.append(["TOTAL", ""] + [_fmt(est["total"][k]) for k in keys])
+            + ([rf_col(r["name"])] if rf_col else []) for r in est["layers"]]
+    rows.append(["TOTAL", ""] + [_fmt(est["total"][k]) for k in keys] + ([""] if rf_col else []))
     w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w[i]) if i < 2 else str(c).rjust(w[i]) for i, c in enumerate(cells))
-    return "\n".join([line(hdr)] + [line(r) for r in rows])
+    return "\n".join([line(hdr)] + [line(r) for r in rows] + [f"WARNING: {m}" for m in est.get("warnings") or []])
 
 
 def _fmt(v):

@@ -10,26 +10,14 @@ import math
 
 import numpy as np
 
-from ...compiler.errors import QDeployError, UnsupportedError
+from ...compiler.errors import UnsupportedError
 from ...compiler.ir.ops.kernels import dilate_kernel
 from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.types import FixedType
 from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
-                        csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, nearest_reuse_factors, t_add,
-                        valid_reuse_factors)
+                        csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add)
+from .settings import check_reuse_factor_keys, closest_reuse_factor, requested_reuse_factor
 
-
-def _rf_for(opts: dict, node) -> int:
-    rf = opts["reuse_factor"]
-    if isinstance(rf, dict):
-        rf = rf.get(node.name, rf.get("default", 1))
-    try:
-        rf = int(rf)
-    except (TypeError, ValueError):
-        raise QDeployError(f"reuse factor must be an integer, got {rf!r}", node.name) from None
-    if rf < 1:
-        raise QDeployError(f"reuse factor must be >= 1, got {rf}", node.name)
-    return rf
 
 
 
@@ -74,6 +62,22 @@ def kernel_codes(graph, node, strategy: str) -> np.ndarray:
     return full.reshape(-1, cout)
 
 
+def layer_reuse_factors(graph, strategy: str, reuse_factor) -> dict:
+    """``{node: {"requested", "used", "n_in", "n_out"}}`` for every Dense/Conv node of ``graph``
+    (the hls4ml layer's kernel size from :func:`kernel_codes`; legalized by :func:`.settings.closest_reuse_factor`)."""
+    names = [n.name for n in graph.nodes if n.op in ("Dense", "Conv")]
+    check_reuse_factor_keys(reuse_factor, names)
+    out = {}
+    for n in graph.nodes:
+        if n.op not in ("Dense", "Conv"):
+            continue
+        n_in, n_out = kernel_codes(graph, n, strategy).shape
+        req = requested_reuse_factor(reuse_factor, n.name)
+        out[n.name] = {"requested": req, "used": closest_reuse_factor(n_in, n_out, req, strategy),
+                       "n_in": int(n_in), "n_out": int(n_out)}
+    return out
+
+
 def mac_row(ctx: EstimateContext, node) -> dict:
     """Estimate row of a Dense or Conv ``node`` (A1-A11): ``lut``, ``ff``, ``dsp``, ``bram_18k``,
     ``latency_cycles``, ``ii_cycles`` and a ``detail`` dict (operand widths, products that are
@@ -81,8 +85,9 @@ def mac_row(ctx: EstimateContext, node) -> dict:
 
     Raises:
         UnsupportedError: float input, weight or output (quantize it first).
-        QDeployError: a reuse factor hls4ml cannot implement for this layer (naming the nearest
-            legal ones) or larger than its number of multiplications.
+        QDeployError: a reuse factor that is not an integer >= 1 (one hls4ml cannot implement is
+            replaced by the one it builds, :func:`.settings.closest_reuse_factor`; the detail keeps
+            both).
     """
     graph, opts, part, period_eff = ctx.graph, ctx.opts, ctx.part, ctx.period_eff
     x = graph.value(node.inputs[0])
@@ -98,19 +103,9 @@ def mac_row(ctx: EstimateContext, node) -> dict:
     codes = kernel_codes(graph, node, opts["strategy"])  # [n_in, n_out] of the emitted hls4ml layer
     n_in, n_out = codes.shape
     positions = int(np.prod(out.shape[:-1], dtype=np.int64)) if len(out.shape) > 1 else 1
-    rf = _rf_for(opts, node)
+    rf_req = requested_reuse_factor(opts["reuse_factor"], node.name)
     resource = opts["strategy"] == "Resource"
-    if resource:
-        valid = valid_reuse_factors(n_in, n_out)
-        if rf not in valid:
-            near = nearest_reuse_factors(valid, rf)
-            raise QDeployError(
-                f"reuse factor {rf} is not implementable by hls4ml's Resource strategy for this "
-                f"{n_in}x{n_out} layer (FPGABackend._validate_reuse_factor); nearest legal: "
-                f"{', '.join(map(str, near))}", node.name)
-    elif rf > n_in * n_out:
-        raise QDeployError(f"reuse factor {rf} exceeds the {n_in * n_out} multiplications of this layer; "
-                           f"largest legal: {n_in * n_out}", node.name)
+    rf = closest_reuse_factor(n_in, n_out, rf_req, opts["strategy"])  # what hls4ml builds (settings.py)
 
     digits = csd_digits(codes)
     blen = bitlen(codes)
@@ -218,6 +213,7 @@ def mac_row(ctx: EstimateContext, node) -> dict:
     return {"lut": int(round(luts)), "ff": int(ff), "dsp": int(dsp), "bram_18k": int(bram),
             "latency_cycles": int(layer_cycles), "ii_cycles": int(ii),
             "detail": {"n_in": n_in, "n_out": n_out, "positions": positions, "reuse_factor": rf,
+                       "reuse_factor_requested": rf_req,
                        "x_bits": xb, "w_bits": wb, "accum_bits": ab, "mults_zero": n_zero, "mults_shift": n_free,
                        "mults_lut": n_lut, "mults_dsp": n_dsp, "dsp_rule": opts["dsp_rule"],
                        "adders": adders, "adder_bits": adder_bits, "adder_tree_depth": depth}}

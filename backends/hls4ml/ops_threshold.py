@@ -60,5 +60,5 @@ def _multi_threshold(tr, n: Node):
     mid = tr.bn_layer(n, x.size, c, scale.real(), bias.real(), scale.dtype.hls(), bias.dtype.hls(), acc_t,
                       tr.src(n.inputs[0]), None, base=f"{n.name}_mul")
     tr.bind(n.output, tr.layer(n, {"class_name": "Activation", "activation": "linear"},
-                               {"result": clamp_type(n.attrs["to"], f.rounding).hls()}, [mid]))
+                               {"result": clamp_type(f.out, f.rounding).hls()}, [mid]))
     tr.note(f"MultiThreshold '{n.name}' as multiply-and-shift: {f.k_bits}-bit multipliers, shift {f.S}")

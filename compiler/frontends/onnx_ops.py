@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import UnsupportedError
 from ..ir.graph import Const
 from ..ir.ops import REGISTRY
+from ..ir.requant import MAX_BITS
 from ..ir.types import FLOAT32, FixedType
 from . import onnx_scaled as scaled
 from . import onnx_scaled_ops as scaled_ops
@@ -243,6 +244,10 @@ def _import_BatchNormalization(cv, node):
         cv.const(node, t)
     e = cv.entry(node, node.input[0], scaled=True)
     scale, bias = _bn_params(cv, node)
+    if e.scaled is None and e.rowperm is None and isinstance(cv.dtype(e), FixedType) and _feeds_quant(cv, node):
+        # an integer (fixed-point) value: the identity map, so that the BN folds exactly into the next
+        # Quant's MultiThreshold, as on the scaled-integer path (a float32 Affine would stay in the datapath)
+        e = Entry(e.value, e.perm, None, scaled.Scaled(1, 0))
     if e.scaled is not None:
         scaled_ops.batchnorm(cv, node, e, scale, bias)
         return
@@ -251,6 +256,24 @@ def _import_BatchNormalization(cv, node):
     params = {"scale": Const(scale.astype(np.float32), FLOAT32), "bias": Const(bias.astype(np.float32), FLOAT32)}
     v = cv.add(node.name, "Affine", [x], {}, params, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, canonical_perm(rank))
+
+def _feeds_quant(cv, node) -> bool:
+    """True when BatchNormalization ``node``'s output is read by one QONNX ``Quant`` alone (of at most
+    :data:`~qdeploy.compiler.ir.requant.MAX_BITS` bits), directly or through one ``Relu`` read by that
+    Quant alone (Conv -> BN -> QuantReLU): the BN then folds into the Quant's exact requantizer
+    (:func:`.onnx_scaled.import_quant`, a ``MultiThreshold``)."""
+    out = node.output[0]
+    for _ in range(2):
+        cons = cv.consumers.get(out, [])
+        if out in cv.graph_outputs or len(cons) != 1 or cons[0].input[0] != out:
+            return False
+        if cons[0].op_type == "Quant":
+            bw = cv.consts.get(cons[0].input[3]) if len(cons[0].input) > 3 else None
+            return bw is not None and np.size(bw) == 1 and 1 <= float(np.ravel(bw)[0]) <= MAX_BITS
+        if cons[0].op_type != "Relu":
+            return False
+        out = cons[0].output[0]
+    return False
 
 def _unary(cv, node, op):
     e = cv.entry(node, node.input[0])

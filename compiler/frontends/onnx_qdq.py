@@ -7,12 +7,13 @@ importer's ``Quant`` path handles QDQ models (``onnxruntime.quantization.quantiz
 * ``QuantizeLinear(x, s, z) -> DequantizeLinear(., s, z)`` (the same ``s`` and ``z``): one QONNX
   ``Quant(x, s, z, bits)`` (signed per the zero point's type, ``narrow=0``, ``rounding_mode=ROUND``,
   i.e. half to even, which is QuantizeLinear's rounding).  ONNX's QuantizeLinear computes
-  ``sat(round(x / s) + z)``; QONNX's Quant computes ``clamp(round(x / s + z)) - z``.  Round half to
-  even commutes with adding an *even* integer, so the two agree for every ``x`` when ``z`` is even.
-  For an odd ``z`` they differ exactly at ties (``x / s = k + 1/2``), so the rewrite is two
-  quantizers: ``Quant(x, s, 0, bits + 1)`` (the rounding, with the zero point 0) then
-  ``Quant(., s, z, bits)`` (an exact integer shift and the saturation), which is QuantizeLinear for
-  every ``x``.
+  ``sat(round(x / s) + z)``; QONNX's Quant computes ``clamp(round(x / s + z)) - z``.  In real
+  arithmetic the two agree for an even ``z`` (round half to even commutes with adding an even
+  integer) and differ at ties for an odd one; in the float32 arithmetic both sources use, the sum
+  ``x / s + z`` is itself rounded, so they can differ for any ``z != 0``.  So with ``z != 0`` the
+  rewrite is two quantizers: ``Quant(x, s, 0, bits + 1)`` (the rounding of the float32 quotient,
+  with the zero point 0) then ``Quant(., s, z, bits)`` (an exact integer shift and the saturation),
+  which is QuantizeLinear for every float32 ``x``.
 * ``DequantizeLinear(w, s, z)`` of an integer initializer ``w`` (int8 per-channel weights, int32
   biases): the float32 initializer ``float32((w - z) * s)``, exactly what onnxruntime computes, and,
   when a QONNX ``Quant(., s, 0, bits)`` reproduces every element of it bit for bit, wrapped in that
@@ -199,7 +200,7 @@ class _Qdq:
             self.drop.add(id(d))
             zi = int(z.ravel()[0])
             base = q.name if len(users) == 1 else f"{q.name}__{k}"
-            if zi % 2 == 0:
+            if zi == 0:
                 new.append(self.quant(base, q.input[0], d.output[0], s, z, bits, signed))
             else:  # round with zero point 0 (one more bit holds round(x/s) in [lo - z, hi - z]), then shift
                 mid = self.fresh(f"{base}__round")

@@ -15,7 +15,8 @@ last axis, or the full per-sample array).  The real-number semantics of QONNX ``
   zero padding of such a value pads with the code ``z``, an explicit IR ``Pad``);
 * ``MatMul``/``Gemm``/``Conv`` with ``Quant``'ed weights (integer codes ``W``, per-output-channel scale
   ``s_w``) are integer layers: ``acc = sum W * c`` and ``P' = P * s_w``, ``B' = s_w * (W^T B) + bias``;
-* ``BatchNormalization``, ``Add``/``Sub``/``Mul``/``Div`` by a constant fold into ``P``, ``B``; ``Relu``
+* ``BatchNormalization``, ``Add``/``Sub``/``Mul``/``Div`` by a constant fold into ``P``, ``B`` (a BN on a
+  plain fixed-point value that a ``Quant`` reads, directly or through a ``Relu``, too: identity map first); ``Relu``
   right before a ``Quant`` folds into its thresholds; ``MaxPool`` (``P > 0``), ``Reshape``, ``Flatten``,
   ``Transpose`` move the map along; an ``Add`` of two scaled values aligns power-of-two scale ratios;
 * a graph output gets a float32 epilogue: ``float32((y - z) * s)`` (an exact ``Affine`` adding ``-z``,

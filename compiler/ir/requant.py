@@ -154,6 +154,30 @@ class QuantSpec:
             return 1 if f >= 0 else -1
         return min(max(round_rational(f, self.rounding), self.qmin), self.qmax)
 
+    def quantize_f32(self, x, c: int = 0) -> int:
+        """The integer ``q`` the float32 source computes for the float32 input ``x`` in channel ``c``:
+        ``y = float32(float32(x / s) + z)`` (Brevitas ``IntQuant.forward``: ``x / scale`` then
+        ``+ zero_point`` on float32 tensors; qonnx's ``int_quant`` computes the same), then ``y``
+        rounded with the rounding mode as qonnx's ``resolve_rounding_mode`` does it (exactly, except
+        HALF_UP / HALF_DOWN, whose ``|y| +- 0.5`` is a float32 sum there too) and clamped (bipolar:
+        ``+1`` where ``y >= 0``)."""
+        s, z = self.channel(c)
+        with np.errstate(over="ignore", under="ignore"):
+            y = np.float32(np.float32(x) / np.float32(float(s)))
+            if z:
+                y = np.float32(y + np.float32(z))
+        if not np.isfinite(y):
+            return self.qmax if y > 0 else self.qmin
+        if self.bipolar:
+            return 1 if y >= 0 else -1
+        if self.rounding in ("HALF_UP", "HALF_DOWN"):  # qonnx: sign(y) * floor(|y| + 0.5) in float32
+            a = np.float32(abs(y) + np.float32(0.5 if self.rounding == "HALF_UP" else -0.5))
+            r = math.floor(a) if self.rounding == "HALF_UP" else math.ceil(a)
+            q = r if y >= 0 else -r
+        else:
+            q = round_rational(Fraction(float(y)), self.rounding)
+        return min(max(q, self.qmin), self.qmax)
+
     def conditions(self, c: int) -> list[tuple[Fraction, bool]]:
         """``q >= qmin + 1 + j`` for ``j = 0 .. qmax - qmin - 1`` as conditions ``v >= V`` /
         ``v > V`` on the real input ``v``: a list of ``(V, closed)``."""
@@ -324,39 +348,105 @@ def f32_at_least(r: Fraction, strict: bool) -> Fraction:
     return Fraction(float(x))
 
 
-def float_input_thresholds(quant: QuantSpec, C: int, max_width: int = 62):
-    """Thresholds for a ``Quant`` on a float32 tensor ``x`` (per channel ``C``).
+def _f32_order(x) -> int:
+    """float32 ``x`` -> an integer that orders like the value (``-0.0`` and ``0.0`` -> 0)."""
+    u = int(np.float32(x).view(np.uint32))
+    return -(u & 0x7FFFFFFF) if u & 0x80000000 else u
 
-    Each decision is ``x >= V`` (or ``x > V``) for an exact rational ``V``; on float32 inputs it is
-    ``x >= t`` with ``t`` the first float32 that passes (:func:`f32_at_least`).  With ``F`` fraction
-    bits such that every such ``t`` lies on the grid ``2**-F``, the first *grid point* ``g`` that
-    passes is ``<= t`` and no float32 lies in ``[g, t)``, so ``floor(x * 2**F) >= g * 2**F`` decides
-    exactly like the source for every float32 ``x``: the thresholds are those of the exact ``V``
-    (:func:`multithreshold_params` with ``P = 2**-F``, a regular ladder that a multiply-and-shift
-    form can follow), and only the grid's resolution comes from float32.
+
+def _f32_of_order(o: int):
+    """Inverse of :func:`_f32_order` (``0`` -> ``0.0``)."""
+    u = o if o >= 0 else (-o) | 0x80000000
+    return np.uint32(u).view(np.float32)
+
+
+_F32_MAX_ORDER = _f32_order(np.finfo(np.float32).max)
+
+
+def f32_first_passing(passes, start) -> Fraction | None:
+    """The smallest finite float32 ``x`` with ``passes(x)`` for a predicate that is monotone
+    (false, then true) over the float32 values, searched from ``start`` (a float32 near the
+    answer: exponential search for a bracket, then bisection on the float32 order); ``None`` when
+    even the largest finite float32 fails.  The lowest finite float32 when all pass."""
+    o = _f32_order(start)
+    if passes(_f32_of_order(o)):
+        hi, step = o, 1
+        while True:
+            lo = max(hi - step, -_F32_MAX_ORDER)
+            if not passes(_f32_of_order(lo)):
+                break
+            if lo == -_F32_MAX_ORDER:
+                return Fraction(float(_f32_of_order(lo)))
+            hi, step = lo, step * 2
+    else:
+        lo, step = o, 1
+        while True:
+            hi = min(lo + step, _F32_MAX_ORDER)
+            if passes(_f32_of_order(hi)):
+                break
+            if hi == _F32_MAX_ORDER:
+                return None
+            lo, step = hi, step * 2
+    while hi - lo > 1:  # passes(hi), not passes(lo)
+        mid = (lo + hi) // 2
+        if passes(_f32_of_order(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return Fraction(float(_f32_of_order(hi)))
+
+
+def float_input_thresholds(quant: QuantSpec, C: int, max_width: int = 62):
+    """Thresholds for a ``Quant`` on a float32 tensor ``x`` (per channel ``C``) that decide exactly
+    like the float32 source.
+
+    The source (Brevitas, qonnx's executor, onnxruntime) computes ``x / s`` and ``+ z`` in float32
+    before rounding (:meth:`QuantSpec.quantize_f32`); for an ``x`` whose exact quotient lies within
+    a float32 rounding of a tie, that differs from the real-number ``Quant`` (``x = 0.5`` with
+    ``s = float32(1/3)``: exact ``1.49999995`` rounds to 1, float32 ``1.5`` rounds to 2), and on
+    data with few distinct values (pixels ``k/16``) it differs on every such input.  So each
+    threshold is the first float32 ``t_k`` whose float32 code is ``>= k`` (found by search on the
+    float32 order, :func:`f32_first_passing`; the code is non-decreasing in ``x`` because every
+    float32 operation is correctly rounded and so monotone).  With ``F`` fraction bits such that
+    every ``t_k`` lies on the grid ``2**-F``, ``floor(x * 2**F) >= t_k * 2**F`` holds exactly when
+    ``x >= t_k`` for every float32 ``x``: casting ``x`` into that grid and comparing integer codes
+    reproduces the source for every float32 input.
 
     Returns:
         ``(grid, params)``: ``grid`` the fixed type (``TRN``, ``SAT``) to cast ``x`` into first (its
         range reaches one code past every threshold, so saturation changes no decision), and the
-        :class:`ThresholdParams` on its codes.
+        :class:`ThresholdParams` on its codes (output codes ``q``, fraction bits 0).
     Raises:
-        UnsupportedError: when the grid needs more than ``max_width`` bits.
+        UnsupportedError: when the grid needs more than ``max_width`` bits, or a threshold lies at
+            the end of the float32 range.
     """
     check_quant(quant)
-    F = 0
-    conds = [quant.conditions(c) for c in range(C)]
-    for row in conds:
-        for V, closed in row:
-            t = f32_at_least(V, strict=not closed)
-            if t != 0:
-                F = max(F, t.denominator.bit_length() - 1)  # float32 denominators are powers of two
-    codes = [math.ceil(V * (1 << F)) if closed else math.floor(V * (1 << F)) + 1 for row in conds for V, closed in row]
-    lo, hi = min(codes) - 1, max(codes) + 1
+    T = quant.qmax - quant.qmin if not quant.bipolar else 2
+    rows = []
+    for c in range(C):
+        conds = quant.conditions(c)
+        row = []
+        for j in range(T):
+            k = quant.qmin + 1 + j
+            t = f32_first_passing(lambda x, k=k: quant.quantize_f32(x, c) >= k, np.float32(float(conds[j][0])))
+            if t is None or t == Fraction(float(-np.finfo(np.float32).max)):
+                raise UnsupportedError(f"a Quant on a float input has a threshold at the end of the float32 range "
+                                       f"(channel {c}, code {k})")
+            row.append(t)
+        rows.append(row)
+    F = max([t.denominator.bit_length() - 1 for row in rows for t in row if t != 0] + [0])
+    codes = [[int(t * (1 << F)) for t in row] for row in rows]
+    lo, hi = min(min(r) for r in codes) - 1, max(max(r) for r in codes) + 1
     width, signed = bits_for_range(min(lo, 0), max(hi, 0))
     if width > max_width:
         raise UnsupportedError(f"a Quant on a float input needs a {width}-bit grid ({F} fraction bits) to compare "
                                f"the float32 input exactly with its thresholds (more than {max_width}; e.g. a "
                                f"threshold 'x > 0' of CEIL/UP rounding)")
     grid = FixedType(width, width - F, signed, "TRN", "SAT")
-    p = multithreshold_params(grid.min_code, grid.max_code, [Fraction(1, 1 << F)], [Fraction(0)], quant, False, F)
-    return grid, p
+    th = np.array(codes, dtype=np.int64).reshape(C, T)
+    base = np.full(C, quant.qmin, dtype=np.int64)
+    sign = np.ones(C, dtype=np.int64)
+    if C > 1 and np.all(th == th[0]):
+        th, base, sign = th[:1], base[:1], sign[:1]
+    th_type = fixed_for_range(min(grid.min_code, int(th.min())), max(grid.max_code + 1, int(th.max())), F)
+    return grid, ThresholdParams(th, base, sign, fixed_for_range(quant.qmin, quant.qmax, 0), th_type, ())

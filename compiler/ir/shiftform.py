@@ -457,15 +457,28 @@ def clamp_type(to: FixedType, rounding: str = "TRN") -> FixedType:
     return to.with_modes(rounding, "SAT_SYM" if to.saturation == "SAT_SYM" else "SAT")
 
 
+def node_clamp_type(node) -> FixedType:
+    """:func:`clamp_type` of MultiThreshold ``node``'s ``to``, SAT_SYM when ``to`` is signed and no
+    output level (``base``, ``base + sign * T`` per channel) is its most negative code: a narrow
+    signed Quant (QONNX ``narrow=1``), whose staircase a SAT clamp would continue one level too far."""
+    to, p = node.attrs["to"], node.params
+    base, sign = (np.asarray(p[k].data, dtype=np.int64).reshape(-1) for k in ("base", "sign"))
+    low = min(int(base.min()), int((base + sign * int(p["thresholds"].shape[1])).min()))
+    return clamp_type(to).with_modes(None, "SAT_SYM") if to.signed and to.width > 1 and low > to.min_code \
+        else clamp_type(to)
+
+
 def node_shift_form(node, in_type: FixedType, max_width: int = MAX_WIDTH,
                     max_const_bits: int = MAX_WIDTH) -> SearchResult:
     """:func:`find_shift_form` for MultiThreshold ``node`` whose input has type ``in_type``: the
-    range is every code of ``in_type``, the clamp :func:`clamp_type` of the node's ``to``."""
+    range is every code of ``in_type``, the clamp :func:`node_clamp_type` (the node's ``to`` with
+    TRN rounding and SAT, or SAT_SYM for a narrow signed output).  A caller's ``Quantize`` type is
+    ``clamp_type(form.out, form.rounding)``."""
     p = node.params
     t = p["thresholds"].data
     c = max(int(t.shape[0]), int(p["base"].shape[0]), int(p["sign"].shape[0]))
     return find_shift_form(t, p["base"].data, p["sign"].data, c, in_type.min_code, in_type.max_code,
-                           clamp_type(node.attrs["to"]), max_width, max_const_bits)
+                           node_clamp_type(node), max_width, max_const_bits)
 
 
 def affine_constants(form: ShiftForm, in_type: FixedType, channels: int):

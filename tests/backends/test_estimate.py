@@ -208,10 +208,16 @@ def test_errors_unknown_part_illegal_rf_unsupported_op():
     g = mlp(_codes(16, 64, 6, 0), FixedType(8, 2), FixedType(6, 1))
     with pytest.raises(QDeployError, match="unknown FPGA part 'xc9999'.*xcvu9p.*xc7z020"):
         estimate(g, {"part": "xc9999"})
-    with pytest.raises(QDeployError, match=r"node 'fc'.*reuse factor 7.*nearest legal: 4, 8"):
-        estimate(g, {"strategy": "Resource", "reuse_factor": 7})
-    with pytest.raises(QDeployError, match=r"node 'fc'.*largest legal: 1024"):
-        estimate(g, {"reuse_factor": 5000})
+    # a reuse factor hls4ml cannot build becomes the one it builds (its own closest rule), reported
+    from hls4ml.backends import get_backend
+    be = get_backend("Vivado")
+    r = estimate(g, {"strategy": "Resource", "reuse_factor": 7})
+    assert r["reuse_factors"]["fc"]["requested"] == 7
+    assert r["reuse_factors"]["fc"]["used"] == be.get_closest_reuse_factor(be.get_valid_reuse_factors(16, 64), 7) == 8
+    assert any("fc 7 -> 8" in w for w in r["warnings"])
+    assert estimate(g, {"reuse_factor": 5000})["reuse_factors"]["fc"]["used"] == 1024
+    with pytest.raises(QDeployError, match=r"node 'fc'.*reuse factor must be an integer >= 1"):
+        estimate(g, {"reuse_factor": {"fc": 0}})
     bad = g.with_(nodes=[n.replace(op="Gelu") if n.name == "relu" else n for n in g.nodes])
     with pytest.raises(QDeployError, match=r"node 'relu'.*'Gelu'.*supported ops: Dense, Conv"):
         estimate(bad)
@@ -275,9 +281,9 @@ def test_cli_zero_settings_are_errors_and_overfull_parts_warn():
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
     small = run(app, ["estimate", str(JSC), "--part", "pynq-z2"])
     assert small.exit_code == 0 and "utilization of PYNQ-Z2" in small.output
-    assert "WARNING: the design does not fit the part (LUT over 100%)" in small.output
+    assert "WARNING: the design exceeds the part PYNQ-Z2 (Zynq-7000 Z-7020): LUT" in small.output
     big = run(app, ["estimate", str(JSC), "--part", "vu9p"])
-    assert "utilization of" in big.output and "does not fit" not in big.output
+    assert "utilization of" in big.output and "exceeds the part" not in big.output
 
 
 @pytest.mark.skipif(not JSC.exists(), reason="needs ../shared/realcases")
@@ -285,7 +291,8 @@ def test_cli_errors_are_one_line():
     from typer.testing import CliRunner
     from qdeploy.cli import app
     res = CliRunner().invoke(app, ["estimate", str(JSC), "--strategy", "Resource", "--reuse-factor", "7"])
-    assert res.exit_code == 2 and "nearest legal: 4, 8" in res.output and "MatMul_0" in res.output
+    assert res.exit_code == 0 and "WARNING: reuse factor adjusted to what hls4ml can build" in res.output
+    assert "MatMul_0 7 -> 8" in res.output
     res = CliRunner().invoke(app, ["estimate", str(JSC), "--part", "nope"])
     assert res.exit_code == 2 and "known parts" in res.output
 

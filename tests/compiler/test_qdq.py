@@ -50,7 +50,8 @@ def _qdq(name, x, out, scale, zp, zdtype):
 @pytest.mark.parametrize("zp,zdtype", [(0, np.uint8), (3, np.uint8), (4, np.uint8), (-5, np.int8), (0, np.int8),
                                        (7, np.uint16), (-3, np.int16)])
 def test_pair_rewrite_matches_onnxruntime_at_ties(zp, zdtype):
-    """QuantizeLinear rounds x/s before adding z; the rewrite must too, also for odd z at exact ties."""
+    """QuantizeLinear rounds x/s before adding z; the rewrite must too, for any z != 0 (odd z at exact
+    ties; any z where the float32 sum x/s + z rounds)."""
     nodes, inits = _qdq("q", "x", "y", 0.25, zp, zdtype)
     m = _model(nodes, inits, [1, 64], opset=21 if np.dtype(zdtype).itemsize == 2 else 13)  # 16-bit: opset 21
     k = np.arange(-40, 40, dtype=np.float32)
@@ -66,7 +67,7 @@ def test_pair_rewrite_matches_onnxruntime_at_ties(zp, zdtype):
         assert not any(n.op_type.endswith("Linear") for n in norm.graph.node)
         got = _qonnx(norm, x)
         assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]
-    assert len([n for n in norm.graph.node if n.op_type == "Quant"]) == (2 if zp % 2 else 1)
+    assert len([n for n in norm.graph.node if n.op_type == "Quant"]) == (2 if zp else 1)
 
 
 def _mlp(zp_act=0):
@@ -189,18 +190,23 @@ def test_float64_reevaluation_of_a_qdq_source():
     assert len(np.unique(want)) > 10
 
 
-@pytest.mark.parametrize("zp,zdtype", [(3, np.uint8), (-5, np.int8), (4, np.uint8), (-128, np.int8)])
-def test_non_power_of_two_scale_and_zero_points_import_exactly(zp, zdtype):
-    """Through the scaled-integer Quant path: the imported pair equals onnxruntime's Q -> DQ."""
-    nodes, inits = _qdq("q", "x", "y", 0.0123, zp, zdtype)
+@pytest.mark.parametrize("scale", [0.0123, 1 / 3])
+@pytest.mark.parametrize("zp,zdtype", [(3, np.uint8), (-5, np.int8), (4, np.uint8), (-128, np.int8), (0, np.int8)])
+def test_non_power_of_two_scale_and_zero_points_import_exactly(zp, zdtype, scale):
+    """Through the scaled-integer Quant path: the imported pair equals onnxruntime's Q -> DQ, also on
+    inputs whose float32 quotient x / s is a tie the exact quotient is not (pixels k/16 with
+    s = float32(1/3): 0.5 / s is 1.49999995 exactly, 1.5 in float32, and onnxruntime rounds the
+    float32 value)."""
+    nodes, inits = _qdq("q", "x", "y", scale, zp, zdtype)
     m = _model(nodes, inits, [1, 256])
     rng = np.random.default_rng(7)
-    x = np.concatenate([rng.normal(0, 1, (3, 256)), rng.uniform(-3, 3, (3, 256))]).astype(np.float32)
+    pixels = (np.arange(256) % 49 - 16).astype(np.float32).reshape(1, 256) / 16
+    x = np.concatenate([rng.normal(0, 1, (3, 256)), rng.uniform(-3, 3, (3, 256)), pixels]).astype(np.float32)
     g = import_onnx(m)
     got = ref.run(g, x)
     want = np.concatenate([_ort(m, x[i:i + 1]) for i in range(len(x))])
     assert np.array_equal(got, want), int((got != want).sum())
-    assert len(np.unique(want)) > 100
+    assert len(np.unique(want)) > (100 if scale < 0.1 else 8)
 
 
 def test_onnxruntime_contrib_qdq_int16():

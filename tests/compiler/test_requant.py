@@ -125,24 +125,35 @@ def test_f32_at_least():
     assert f32_at_least(one, True) == Fraction(float(np.nextafter(np.float32(1), np.float32(2))))
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_float_input_thresholds_match_brute_force(seed):
-    """float32 inputs, including every float32 neighbour of each real threshold."""
+@pytest.mark.parametrize("mode", ["ROUND", "FLOOR", "HALF_UP", "DOWN", "HALF_DOWN", "UP", "CEIL"])
+def test_float_input_thresholds_match_qonnx_float32(mode):
+    """float32 inputs, including every float32 neighbour of each real threshold, decided exactly like
+    qonnx's own ``int_quant`` executor (float32 ``x / s + z`` then its rounding function): the source's
+    arithmetic, not the real-number quotient."""
+    from qonnx.custom_op.general.intquant import int_quant
+    seed = ["ROUND", "FLOOR", "HALF_UP", "DOWN", "HALF_DOWN", "UP", "CEIL"].index(mode)
     rng = np.random.default_rng(seed)
-    scale = tuple(Fraction(float(np.float32(v))) for v in rng.uniform(0.003, 0.2, size=2))
-    quant = QuantSpec(scale, (3, 0), 8, False, False, ["ROUND", "FLOOR", "HALF_UP", "DOWN"][seed])
+    s32 = rng.uniform(0.003, 0.2, size=2).astype(np.float32)
+    s32[0] = np.float32(1 / 3)  # float32 ties: x = 0.5 -> 1.5 in float32, 1.49999995 exactly
+    scale = tuple(Fraction(float(v)) for v in s32)
+    zp = (3, 0) if mode not in ("CEIL", "UP") else (3, 1)
+    quant = QuantSpec(scale, zp, 8, False, False, mode)
     grid, p = float_input_thresholds(quant, 2)
-    xs = [np.float32(v) for v in rng.uniform(-1, 60, size=400)]
+    xs = [np.float32(v) for v in rng.uniform(-1, 60, size=400)] + [np.float32(k / 16) for k in range(-16, 64)]
     for c in range(2):
-        for V, _ in quant.conditions(c)[::17]:
+        for V, _ in quant.conditions(c)[::7]:
             x0 = np.float32(float(V))
-            xs += [x0, np.nextafter(x0, np.float32(-1)), np.nextafter(x0, np.float32(100))]
+            xs += [x0, np.nextafter(x0, np.float32(-1)), np.nextafter(x0, np.float32(100)),
+                   np.nextafter(np.nextafter(x0, np.float32(100)), np.float32(100))]
     x = np.array(xs, dtype=np.float32)
     codes = grid.quantize_real(x)
     got = _mt(p, np.stack([codes, codes], 1))
     for c in range(2):
-        want = [quant.quantize(Fraction(float(v)), c) for v in x]
+        deq = int_quant(x, s32[c], np.float32(zp[c]), np.float32(8), 0, 0, mode)  # float32 (q - z) * s
+        want = np.round(deq.astype(np.float64) / np.float64(s32[c])).astype(np.int64) + zp[c]
         np.testing.assert_array_equal(got[:, c], want)
+    if mode == "ROUND":  # inputs where float32 and the real quotient round apart (corpus zeropoint_mlp_b2) are covered
+        assert any(quant.quantize(Fraction(float(v)), 0) != quant.quantize_f32(v, 0) for v in x)
 
 
 def test_float_input_open_threshold_at_zero_is_refused():

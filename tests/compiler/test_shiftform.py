@@ -294,3 +294,30 @@ def test_every_dyadic_round_half_even_requantizer_has_a_form():
         res = find_shift_form(t, base, sign, 3, lo, hi, out)
         assert res.form is not None, (chans, res.reason)
         assert np.array_equal(res.form.apply(x), np.array(tabs).T), chans
+
+
+def test_narrow_signed_output_clamps_symmetrically():
+    """A narrow signed 4-bit requantizer (QONNX ``narrow=1``: codes -7..7) whose staircase goes on
+    below -7 inside the input range: with a SAT clamp (-8..7) no form exists (it would output -8);
+    :func:`node_clamp_type` sees that no level reaches -8 and clamps with SAT_SYM, and the form found
+    equals the Fraction table on every code."""
+    from qdeploy.compiler.ir import Node
+    from qdeploy.compiler.ir.shiftform import node_clamp_type, node_shift_form
+    lo, hi = -400, 400
+    chans = [(Fraction(1, 19), Fraction(2, 7), 0), (Fraction(-3, 41), Fraction(-1, 5), 0)]
+    tables = [requant_table(lo, hi, m, b, zp, -7, 7, rnd=_round_half_even) for m, b, zp in chans]
+    t, base, sign = thresholds_from_table(tables, lo, 14, -7, 7)
+    to = parse_type("int<4>")
+    assert find_shift_form(t, base, sign, 2, lo, hi, to.with_modes("TRN", "SAT")).form is None
+    node = Node("mt", "MultiThreshold", ("x",), ("y",), {"to": to},
+                {"thresholds": Const(t, parse_type("int<12>")), "base": Const(base, parse_type("int<5>")),
+                 "sign": Const(sign, parse_type("int<2>"))})
+    assert node_clamp_type(node).saturation == "SAT_SYM"
+    f = node_shift_form(node, parse_type("int<10>").with_modes("TRN", "SAT")).form
+    assert f is not None and f.out.min_code == -7
+    x = np.repeat(np.arange(-512, 512)[:, None], 2, axis=1)
+    full = [requant_table(-512, 511, m, b, zp, -7, 7, rnd=_round_half_even) for m, b, zp in chans]
+    assert np.array_equal(f.apply(x), np.array(full).T)
+    # a level at -8 (not narrow): SAT kept
+    node8 = node.replace(params={**node.params, "base": Const(base - 1, parse_type("int<5>"))})
+    assert node_clamp_type(node8).saturation == "SAT"

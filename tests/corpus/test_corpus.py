@@ -27,12 +27,6 @@ NAMES = [e.name for e in CORPUS]
 #: (model, target) -> (a substring of the FAIL detail, why it fails / where it is tracked).
 #: A listed case may also pass (fixed by a merged branch): then delete its line.
 KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {
-    # 2-bit ShiftedUint8ActPerTensorFloat (zero-point) MLP, input scale 1/3: the reference differs from
-    # the Brevitas module by 1-3 output LSBs on 18 of 32 golden digits, and the module in float64
-    # agrees with the module in float32 (not a float32 tie): an import/requantization bug (rq-front's
-    # scaled-integer MultiThreshold path); the 3..8-bit zero-point models are exact.
-    **{("zeropoint_mlp_b2", t): ("samples differ from the", "zero-point 2-bit requantizer differs from Brevitas")
-       for t in ("reference", "tvm-llvm", "hls4ml")},
 }
 
 #: models exact on reference and tvm-llvm in the last table (docs/corpus.md): they must stay exact
@@ -49,12 +43,14 @@ MUST_BE_EXACT = {
     "float_two_heads_b6",
     "ort_chw_trap_u8",
     "ort_cnn1d_u8",
+    "ort_cnn2d_bn_gap_s8",
     "ort_cnn2d_u8",
     "ort_mlp_s8",
     "ort_mlp_u8",
     "perchannel_cnn1d_b4",
     "perchannel_cnn2d_b3",
     "perchannel_cnn2d_b7",
+    "perchannel_depthwise_b6",
     "perchannel_mlp1d_b5",
     "perchannel_mlp_b2",
     "perchannel_mlp_b8",
@@ -88,6 +84,7 @@ MUST_BE_EXACT = {
     "pot_two_heads_b6",
     "pot_upsample_b6",
     "zeropoint_cnn1d_b6",
+    "zeropoint_mlp_b2",
     "zeropoint_cnn2d_b4",
     "zeropoint_cnn2d_b8",
     "zeropoint_mlp1d_b3",
@@ -96,7 +93,8 @@ MUST_BE_EXACT = {
 }
 
 #: the hls4ml cases of the default run (C-simulation compiles take 10-20 s each)
-HLS4ML_DEFAULT = ("pot_mlp_b4", "pot_cnn2d_b4", "pot_cnn1d_b6", "pot_chw_trap_b6")
+HLS4ML_DEFAULT = ("pot_mlp_b4", "pot_cnn2d_b4", "pot_cnn1d_b6", "pot_chw_trap_b6",
+                  "pot_bn_conv_relu_b6")  # Conv -> BN -> QuantReLU: the BN folds into a MultiThreshold
 
 
 def _check(name: str, target: str, from_module: bool = False):

@@ -1,0 +1,74 @@
+"""One hls4ml configuration for compile and estimate: CLI flags on compile, per-layer reuse
+factors keyed by IR node name, and reuse factors legalized the way hls4ml does it, identical in
+the written project, the manifest and the estimate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from qdeploy.backends.hls4ml.settings import closest_reuse_factor, full_part
+from qdeploy.cli import app
+from tests.conftest import REALCASES, needs_realcases
+
+pytest.importorskip("hls4ml")
+
+JSC = REALCASES / "jsc-qkeras-3layer" / "qkeras_jettagging.onnx"
+
+
+def test_closest_reuse_factor_is_hls4mls():
+    from hls4ml.backends import get_backend
+    be = get_backend("Vitis")
+    for n_in, n_out in ((16, 64), (64, 32), (32, 5), (9, 8), (7, 3), (27, 16)):
+        valid = be.get_valid_reuse_factors(n_in, n_out)
+        for rf in range(1, n_in * n_out + 3):
+            want = rf if rf in valid else be.get_closest_reuse_factor(valid, rf)
+            assert closest_reuse_factor(n_in, n_out, rf, "Resource") == want, (n_in, n_out, rf)
+        assert closest_reuse_factor(n_in, n_out, n_in * n_out + 5, "Latency") == n_in * n_out
+
+
+def test_short_part_names_become_full_part_numbers():
+    assert full_part("vu9p") == full_part("xcvu9p") == "xcvu9p-flga2104-2L-e"
+    assert full_part("pynq-z2") == "xc7z020clg400-1"
+    assert full_part("xcvu13p-fsga2577-1-e") == "xcvu13p-fsga2577-1-e"  # a full part number is kept
+
+
+@needs_realcases
+def test_compile_flags_and_per_layer_reuse_factors_agree_with_estimate(tmp_path):
+    x = np.load(REALCASES / "jsc-qkeras-3layer" / "synthetic_input_uniform_pm1_64x16.npy").astype(np.float32)[:16]
+    np.save(tmp_path / "x.npy", x)
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({"hls4ml": {"reuse_factor": {"MatMul_1": 5, "default": 1}}}))
+    out = tmp_path / "art"
+    r = CliRunner().invoke(app, ["compile", str(JSC), "-t", "hls4ml", "-o", str(out), "--golden", str(tmp_path / "x.npy"),
+                                 "-c", str(cfg), "--strategy", "Resource", "--part", "vu9p", "--clock-period", "4",
+                                 "--reuse-factor", "7"])
+    assert r.exit_code == 0, r.output
+    assert "MatMul_0 7 -> 8" in r.output  # the flag overrides the config's reuse_factor mapping
+    man = json.loads((out / "manifest.json").read_text())["backend"]
+    rep = json.loads((out / "report.json").read_text())
+    assert man["part"] == "xcvu9p-flga2104-2L-e" and man["clock_period"] == 4.0 and man["strategy"] == "Resource"
+    assert man["reuse_factors"] == rep["estimate"]["reuse_factors"]
+    assert man["reuse_factors"]["MatMul_0"] == {"requested": 7, "used": 8, "n_in": 16, "n_out": 64}
+    hcfg = yaml.safe_load((out / "hls4ml_prj" / "hls4ml_config.yml").read_text())["HLSConfig"]["LayerName"]
+    used = {v["used"] for v in man["reuse_factors"].values()}
+    assert {c["ReuseFactor"] for c in hcfg.values() if "ReuseFactor" in c} == used
+    assert rep["exactness"]["bit_exact"]
+
+    # per-layer mapping from the config alone (no flag): only the named node changes
+    out2 = tmp_path / "art2"
+    r = CliRunner().invoke(app, ["compile", str(JSC), "-t", "hls4ml", "-o", str(out2), "--golden", str(tmp_path / "x.npy"),
+                                 "-c", str(cfg), "--strategy", "Resource"])
+    assert r.exit_code == 0, r.output
+    rfs = json.loads((out2 / "manifest.json").read_text())["backend"]["reuse_factors"]
+    assert rfs["MatMul_1"]["requested"] == 5 and rfs["MatMul_0"]["requested"] == 1
+    assert rfs["MatMul_1"]["used"] == closest_reuse_factor(64, 32, 5, "Resource")
+
+    # a mapping naming a node that does not exist is an error, not ignored
+    cfg.write_text(yaml.safe_dump({"hls4ml": {"reuse_factor": {"fc9": 2}}}))
+    r = CliRunner().invoke(app, ["compile", str(JSC), "-t", "hls4ml", "-o", str(tmp_path / "art3"), "-c", str(cfg),
+                                 "--golden", str(tmp_path / "x.npy")])
+    assert r.exit_code == 2 and "unknown node(s) ['fc9']" in r.output and not (tmp_path / "art3").exists()
