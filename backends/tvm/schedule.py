@@ -6,7 +6,9 @@ dlight's CPU rules cover only GEMV and row reductions.  :func:`schedule_cpu` app
 rule per block, no search:
 
 * elementwise intermediates are inlined into their consumer (``compute_inline``), so a fused
-  ``conv -> scale -> add -> relu`` keeps one epilogue block;
+  ``conv -> scale -> add -> relu`` keeps one epilogue block -- unless the consumer's expression
+  would exceed ``MAX_INLINED_CHARS`` (a value read k times is copied k times: chains of selects
+  grow exponentially);
 * a reduction block (convolution, matmul, pooling, threshold compare-and-count) whose innermost
   *spatial* loop is the output's contiguous axis (NHWC channels, the matmul's output features)
   gets its reduction loops moved outside that axis, which is vectorized; the next spatial loop
@@ -48,6 +50,9 @@ DEFAULT_SCHEDULE = "auto"
 #: Default ``min_parallel_work``: element operations a call must have before its loop nest
 #: wakes the thread pool (a wake-up costs 1-15 us on a loaded 2-core machine, measured).
 MIN_PARALLEL_WORK = 1 << 14
+#: An elementwise value is inlined into its consumer only while the consumer's body stays
+#: below this many characters of TIR text (inlining copies the value into every read).
+MAX_INLINED_CHARS = 6000
 
 
 def _int(e):
@@ -159,7 +164,8 @@ def _schedule_reduction(sch, block, kinds, lanes: int, tile: int, parallel: bool
     for i in inner:
         sch.unroll(i)
     try:  # before decompose_reduction: vectorize needs the block to still be a reduction
-        _vectorize(sch, last, lanes)
+        if not _has_bool(sch, block):
+            _vectorize(sch, last, lanes)
     except Exception as e:  # noqa: BLE001
         _debug(e)
     names = {name}
@@ -174,7 +180,7 @@ def _schedule_reduction(sch, block, kinds, lanes: int, tile: int, parallel: bool
                 trial = sch.copy()
                 trial.reverse_compute_at(c, outer)
                 cl = trial.get_loops(trial.get_sblock(cname))
-                if len(cl) > 1:
+                if len(cl) > 1 and not _has_bool(trial, trial.get_sblock(cname)):
                     _vectorize(trial, cl[-1], lanes)
                 sch = trial
                 names.add(cname)
@@ -226,20 +232,26 @@ def _schedule_func(func, lanes: int, tile: int, parallel: bool, min_work: int):
             if not cons or any(_is_reduction(sch, c) for c in cons):
                 continue
             try:
-                sch.compute_inline(b)
-                changed = True
-                break
+                trial = sch.copy()
+                trial.compute_inline(b)
             except Exception:  # noqa: BLE001 - not inlinable: keep the block
                 continue
+            # a value read several times is copied into each read: a chain of such values
+            # (e.g. FloatQuant's 64 selects) grows exponentially -- keep it materialized
+            if any(len(str(trial.get(c).body)) > MAX_INLINED_CHARS for c in cons):
+                continue
+            sch = trial
+            changed = True
+            break
     done: set[str] = set()
     # 2. reductions (and the epilogue reading each accumulator)
     for b in sch.get_child_blocks(root):
         kinds = _kinds(sch, b)
         if kinds is None or not any(k == "R" for _, k in kinds):
             continue
+        n_par = len(pars)
         try:
             trial = sch.copy()
-            n_par = len(pars)
             res = _schedule_reduction(trial, b, kinds, lanes, tile, parallel, min_work, pars)
             if res is not None:
                 sch, names = res
@@ -257,6 +269,7 @@ def _schedule_func(func, lanes: int, tile: int, parallel: bool, min_work: int):
         kinds = _kinds(sch, b)
         if kinds is None or any(k == "R" for _, k in kinds):
             continue
+        n_par = len(pars)
         try:
             trial = sch.copy()
             loops = [lp for lp, _ in kinds]
@@ -267,7 +280,9 @@ def _schedule_func(func, lanes: int, tile: int, parallel: bool, min_work: int):
             lead = loops[:k]
             work = _prod(trial, static)
             inner = trial.fuse(*static) if len(static) > 1 else (static[0] if static else None)
-            if inner is not None:
+            if inner is not None and _has_bool(trial, b):
+                lead, work = [*lead, inner], 1
+            elif inner is not None:
                 outer = _vectorize(trial, inner, lanes)
                 if outer is not None:
                     lead = [*lead, outer]
@@ -275,7 +290,6 @@ def _schedule_func(func, lanes: int, tile: int, parallel: bool, min_work: int):
                 elif _int(trial.get(inner).extent) is not None and _int(trial.get(inner).extent) > 64:
                     lead = [*lead, inner]
                     work = 1
-            n_par = len(pars)
             if parallel and lead:
                 _parallel(trial, lead, work, min_work, pars)
             sch = trial
@@ -324,6 +338,15 @@ def _has_root(func) -> bool:
     from tvm.s_tir import SBlockRealize
     body = func.body
     return isinstance(body, SBlockRealize) and body.block.name_hint == "root"
+
+
+def _has_bool(sch, block) -> bool:
+    """True when the block reads or writes a bool tensor (not a 0-d flag): TVM 0.27's LLVM
+    codegen emits invalid IR for vectorized bool loads (``and <8 x i8>, <8 x i1>``), so such
+    blocks stay scalar."""
+    blk = sch.get(block)
+    return any(str(getattr(r.source, "dtype", "")) == "bool" and len(r.region) > 0
+               for r in list(blk.reads) + list(blk.writes))
 
 
 def _is_reduction(sch, block) -> bool:

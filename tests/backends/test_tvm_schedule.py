@@ -145,3 +145,17 @@ def test_tuning_is_refused_with_one_line(tmp_path):
         TvmBackend().emit(g, {"tvm": {"tune": {"trials": 8}}}, tmp_path)
     assert "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_float_quant_select_chain_compiles_exact(tmp_path):
+    """FloatQuant lowers to a chain of ~64 selects whose values are each read several times:
+    inlining them all copies every value into every read (exponential TIR, a build that never
+    ends) and leaves bool intermediates whose vectorized loads TVM's LLVM codegen rejects.  The
+    schedule keeps such values materialized and bool blocks scalar; the build is exact."""
+    from tests.conformance.test_ops import BY_ID
+
+    g = BY_ID["float_quant"].graph(seed=3)
+    _, run = _build(g, tmp_path, "auto")
+    for batch in (1, 6):
+        feeds = _feeds(g, np.random.default_rng(20 + batch), batch)
+        _assert_exact(g, run(feeds), ref.execute(g, feeds, codes=True))
