@@ -26,6 +26,7 @@ TARGETS: dict[str, str] = {
     "reference": "qdeploy.backends.reference:ReferenceBackend",
     "hls4ml": "qdeploy.backends.hls4ml:Hls4mlBackend",
     "tvm-llvm": "qdeploy.backends.tvm:TvmBackend",
+    "tvm-cuda": "qdeploy.backends.tvm.cuda:CudaBackend",
 }
 
 

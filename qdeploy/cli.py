@@ -5,6 +5,8 @@ error (one line on stderr naming the node and the reason).
 """
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from pathlib import Path
 from typing import Optional
@@ -39,7 +41,7 @@ def _fail(e: Exception) -> None:
 
 @app.command("compile")
 def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or module:function returning a Brevitas model"),
-                target: str = typer.Option("hls4ml", "--target", "-t", help="hls4ml, tvm-llvm or reference"),
+                target: str = typer.Option("hls4ml", "--target", "-t", help="hls4ml, tvm-llvm, tvm-cuda or reference"),
                 out: Path = typer.Option(..., "-o", "--out", help="artifact directory (must not exist)"),
                 config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config"),
                 golden: Optional[Path] = typer.Option(None, "--golden", help=".npy/.npz golden inputs"),
@@ -70,7 +72,16 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                 reuse_factor: Optional[int] = typer.Option(
                     None, "--reuse-factor", help="hls4ml: reuse factor of every Dense/Conv layer (per layer: "
                     "hls4ml.reuse_factor {node: rf} in the config); one hls4ml cannot build becomes the closest it "
-                    "can, reported")):
+                    "can, reported"),
+                mcpu: Optional[str] = typer.Option(
+                    None, "--mcpu", help="tvm-llvm/tvm-cuda: CPU of the (host) code: x86-64 (default on x86-64: runs on "
+                    "any x86-64), native (this machine's CPU), or an LLVM CPU name; overrides the config's tvm.mcpu"),
+                mtriple: Optional[str] = typer.Option(
+                    None, "--mtriple", help="tvm-llvm: LLVM triple to cross-compile for, e.g. aarch64-linux-gnu (needs "
+                    "aarch64-linux-gnu-g++; the artifact is then not run here); overrides the config's tvm.mtriple"),
+                cuda_arch: Optional[str] = typer.Option(
+                    None, "--cuda-arch", help="tvm-cuda: GPU architecture, sm_80 (default) or sm_90 (any sm_XY); "
+                    "overrides the config's tvm.arch")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
 
     Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference (the
@@ -90,9 +101,16 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
             cfg = load_config(config)
             cfg["hls4ml"] = {**(cfg.get("hls4ml") or {}), **flags}
             config = cfg
-        res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
-                         memory_budget=memory_budget, golden_layout=golden_layout, allow_inexact=allow_inexact,
-                         source_check=not no_source_check, input_type=input_type)
+        tvm_flags = {k: v for k, v in (("mcpu", mcpu), ("mtriple", mtriple), ("arch", cuda_arch)) if v is not None}
+        if tvm_flags:  # likewise for the tvm section
+            from .api import load_config
+            cfg = load_config(config)
+            cfg["tvm"] = {**(cfg.get("tvm") or {}), **tvm_flags}
+            config = cfg
+        with _progress() as progress:
+            res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
+                             memory_budget=memory_budget, golden_layout=golden_layout, allow_inexact=allow_inexact,
+                             source_check=not no_source_check, input_type=input_type, progress=progress)
     except SourceMismatchError as e:
         typer.echo(f"fidelity vs source: {fidelity_sentence(e.fidelity)}")
         typer.echo(f"error: {e.one_line()}; nothing was written", err=True)
@@ -122,6 +140,32 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
         failed = True
     if failed:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _progress():
+    """A ``progress(stage)`` callback for :func:`qdeploy.api.compile`: on a terminal, a rich spinner on
+    stderr naming the stage and the seconds elapsed; ``WARNING:`` lines are printed (stderr) as
+    they come, terminal or not."""
+    import sys
+    import time as _time
+    from rich.console import Console
+    console = Console(stderr=True)
+    t0 = _time.perf_counter()
+    if not console.is_terminal:
+        def say(stage):
+            if stage.startswith("WARNING:"):
+                typer.echo(stage, err=True)
+        yield say
+        return
+    with console.status("compiling") as status:
+        def say(stage):
+            if stage.startswith("WARNING:"):
+                console.print(stage, markup=False, highlight=False)
+            else:
+                status.update(f"{stage} ({_time.perf_counter() - t0:.0f} s)")
+        yield say
+    sys.stderr.flush()
 
 
 LAYOUT_HELP = ("layout of the arrays: 'source' (the layout the artifact declares, the source model's: NCHW, NCL, "

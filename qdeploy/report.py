@@ -62,8 +62,20 @@ def compare_outputs(graph: Graph, ref: dict, got: dict) -> dict:
             "max_abs_error": max_err, "bit_exact": mism == 0, "float_outputs": float_outs, "per_output": per}
 
 
+def not_run_exactness(graph: Graph, ref: dict, why: str) -> dict:
+    """The exactness dict for an artifact that was built but could not run on this machine
+    (a cross-compiled library, a GPU library without a GPU): the keys of :func:`compare_outputs`,
+    with ``bit_exact`` and ``mismatches`` None (unknown, not zero) and ``not_run`` = ``why``."""
+    n = int(np.asarray(ref[graph.outputs[0]]).shape[0]) if graph.outputs else 0
+    return {"samples": n, "mismatches": None, "fixed_mismatches": 0, "max_abs_error": None,
+            "bit_exact": None, "float_outputs": [], "per_output": {}, "not_run": why}
+
+
 def exactness_sentence(ex: dict) -> str:
-    """One honest sentence about an exactness dict from :func:`compare_outputs`."""
+    """One honest sentence about an exactness dict from :func:`compare_outputs` (or
+    :func:`not_run_exactness`)."""
+    if ex.get("not_run"):
+        return f"NOT CHECKED: the artifact was built but not run here ({ex['not_run']})"
     head = f"{ex['samples']} golden samples, {ex['mismatches']} mismatching, max abs error {ex['max_abs_error']:.3g}"
     floats = ex.get("float_outputs") or []
     if ex["bit_exact"] and not floats:
@@ -139,7 +151,8 @@ def hls4ml_markdown(info: dict, est: dict) -> list[str]:
     part = est.get("part") if isinstance(est.get("part"), dict) else {}
     L = ["## hls4ml project", "",
          f"`{info.get('project_dir', 'hls4ml_prj')}/` (hls4ml {info.get('hls4ml_version', '?')}, backend "
-         f"{info.get('backend')}): part `{info.get('part')}`, clock period {info.get('clock_period')} ns, "
+         f"{info.get('backend')}): " + ("ASIC (Catapult, tech asic)" if info.get("backend") == "Catapult" else
+                                        f"part `{info.get('part')}`") + f", clock period {info.get('clock_period')} ns, "
          f"`{info.get('io_type')}`, strategy {info.get('strategy')}, reuse factor {info.get('reuse_factor')}.", ""]
     for w in est.get("warnings") or []:
         L.append(f"- **WARNING**: {w}")

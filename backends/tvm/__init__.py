@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,9 @@ from ...compiler.errors import CompileError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
+from .fastcall import FastCall
 from .schedule import DEFAULT_SCHEDULE, MIN_PARALLEL_WORK, SCHEDULES, schedule_cpu
+from .target import cross_compiler, library_target, not_run_reason, resolve_target
 
 BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
 
@@ -34,46 +37,6 @@ EPILOGUE_STEM = "host_epilogue"
 FULL_STEM = "full_model"
 SCRIPT_FILE = "model.relax.txt"
 BUILD_FILE = "tvm_build.json"
-
-
-def resolve_target(opts: dict) -> dict:
-    """The TVM target (JSON dict form, TVM 0.27 no longer parses ``"llvm -mcpu=..."``) for
-    config ``tvm:`` options.
-
-    Args:
-        opts: ``{"target": "llvm" (default) or a target dict, "mcpu": "auto" (default) |
-            "generic" | <cpu name>}``.  ``auto`` asks LLVM for the host CPU
-            (``tvm.target.codegen.llvm_get_system_cpu``) and uses it when LLVM accepts it for
-            the host triple; ``generic`` (or ``None``) sets no ``mcpu``.
-    Returns:
-        e.g. ``{"kind": "llvm", "mcpu": "znver4"}``; a dict ``target`` is returned unchanged.
-    Raises:
-        CompileError: for a target kind other than ``llvm`` or an ``mcpu`` LLVM does not know.
-    """
-    import tvm
-
-    target = opts.get("target", "llvm")
-    if isinstance(target, dict):
-        return dict(target)
-    if str(target).strip() != "llvm":
-        raise CompileError(f"tvm target {target!r} is not supported (only 'llvm' or a target dict)")
-    mcpu = opts.get("mcpu", "auto")
-    cg = tvm.target.codegen
-    if mcpu in (None, "", "generic"):
-        return {"kind": "llvm"}
-    try:
-        triple = cg.llvm_get_system_triple()
-        if mcpu == "auto":
-            mcpu = cg.llvm_get_system_cpu()
-            if not mcpu or mcpu == "generic" or not cg.llvm_is_valid_cpu(mcpu, triple):
-                return {"kind": "llvm"}
-        elif not cg.llvm_is_valid_cpu(str(mcpu), triple):
-            raise CompileError(f"LLVM does not know CPU {mcpu!r} (config tvm.mcpu)")
-    except CompileError:
-        raise
-    except Exception:  # pragma: no cover - depends on the LLVM build
-        return {"kind": "llvm"}
-    return {"kind": "llvm", "mcpu": str(mcpu)}
 
 
 def _scheduled(mod, tgt, info: dict):
@@ -192,8 +155,9 @@ class TvmBackend:
     Runtime arrays follow the backend contract: int64 codes for fixed-point values, float32 for
     float values, batch first; one library serves every batch size.
 
-    Config (``config["tvm"]``, all optional): ``target`` (default ``"llvm"``), ``mcpu``
-    (``"auto"``: the host CPU; ``"generic"``: none), ``opt_level`` (0..3, default 3),
+    Config (``config["tvm"]``, all optional): ``target``, ``mcpu``, ``mtriple``, ``mattr``, ``cc``
+    (see :mod:`.target`: portable x86-64 by default, ``mcpu: native`` for this machine's CPU, an
+    ``mtriple`` of another architecture cross-compiles), ``opt_level`` (0..3, default 3),
     ``schedule`` (``"auto"`` (default): fuse first (``relax.get_pipeline("zero")``) and apply
     the fixed loop schedule of :func:`.schedule.schedule_cpu` -- reductions reordered and
     vectorized over the contiguous output axis, epilogues fused into the reduction's loop,
@@ -203,8 +167,10 @@ class TvmBackend:
     ``parallel`` (default true: use the thread pool in ``"auto"``), ``min_parallel_work``
     (default :data:`.schedule.MIN_PARALLEL_WORK`: element operations a call needs before a
     loop nest runs in parallel; 0 = always),
-    ``batch1_entry`` (default false: also compile a static batch-1 entry, used by
-    ``run.tensors1``; the dynamic runtime calls it for single samples).
+    ``batch1_entry`` (default true: also compile a static batch-1 entry ``main_b1``, which
+    ``CompiledModel.predict`` and ``run.tensors1`` call for a batch of one -- no symbolic-shape
+    dispatch in the VM; the dynamic runtime calls it for single samples; false builds ``main``
+    only).
     """
 
     def __init__(self, name: str = "tvm-llvm"):
@@ -224,7 +190,9 @@ class TvmBackend:
 
         Returns:
             info dict: ``tvm_version``, ``target`` (TVM target dict, e.g. ``{"kind": "llvm",
-            "mcpu": "znver4"}``), ``opt_level``, ``files``, ``graph_digest``.
+            "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64"}``), ``opt_level``, ``files``,
+            ``graph_digest``; for a cross-compiled target also ``cross_compiler`` and
+            ``not_run_here`` (why the library cannot run on this machine).
         Raises:
             UnsupportedError: naming the node for anything without an exact lowering.
         """
@@ -246,6 +214,7 @@ class TvmBackend:
         # Quantized graphs: trailing float ops (output scale, softmax) run on the host in NumPy
         # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
         # the rest.  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
+        target = resolve_target(opts)  # raises CompileError (e.g. a missing cross compiler) first
         core, epilogue = split_epilogue(graph)
         mod = lower(core)  # raises UnsupportedError before anything is written
         core.save(str(out / GRAPH_STEM))
@@ -263,7 +232,7 @@ class TvmBackend:
             pass
         info = {
             "tvm_version": tvm.__version__,
-            "target": resolve_target(opts),
+            "target": target,
             "opt_level": int(opts.get("opt_level", 3)),
             "schedule": schedule,
             **par,
@@ -271,8 +240,12 @@ class TvmBackend:
             "files": files,
             "host_nodes": host_nodes,
         }
-        if opts.get("batch1_entry"):
+        if opts.get("batch1_entry", True):
             info["batch1_entry"] = True
+        cc = cross_compiler(target, opts)
+        if cc:
+            info["cross_compiler"] = cc
+            info["not_run_here"] = not_run_reason(target)
         return info
 
     # ------------------------------------------------------------------ build
@@ -311,7 +284,14 @@ class TvmBackend:
             tgt = tvm.target.Target(target)
             with tvm.transform.PassContext(opt_level=opt_level):
                 ex = tvm.compile(_scheduled(mod, tgt, {"schedule": schedule, **par}), target=tgt)
-            ex.export_library(str(out / lib_name))
+            cc = cross_compiler(target, {"cc": info.get("cross_compiler")})
+            if cc:
+                from tvm.support.cc import cross_compiler as _fcompile
+
+                ex.export_library(str(out / lib_name), fcompile=_fcompile(cc))
+            else:
+                ex.export_library(str(out / lib_name))
+            info["library_target"] = library_target(ex)
         except Exception as e:
             raise CompileError(f"TVM build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
         info["library"] = lib_name
@@ -322,6 +302,8 @@ class TvmBackend:
                 files.append(f)
         info["files"] = files
         (out / BUILD_FILE).write_text(json.dumps({"library": lib_name, "target": target,
+                                                  "library_target": info["library_target"],
+                                                  "not_run_here": info.get("not_run_here"),
                                                   "opt_level": opt_level, "schedule": schedule, **par,
                                                   "batch1_entry": b1}, indent=1))
 
@@ -380,7 +362,8 @@ class TvmBackend:
             array ``(N, *shape)`` (codes for fixed-point inputs, reals for float ones);
             ``outputs`` maps every graph output name to an ``(N, *shape)`` numpy array, int64
             codes or float32.  ``f`` raises ``KeyError`` for a missing input and ``ValueError``
-            for a wrong shape.
+            for a wrong shape or for codes outside a fixed-point input's type (the library
+            computes in dtypes proved from the types; the raw entries do not check).
         Raises:
             CompileError: when no library has been built or it cannot be loaded.
         """
@@ -393,6 +376,14 @@ class TvmBackend:
             lib_name = json.loads((out / BUILD_FILE).read_text())["library"]
         if not lib_name or not (out / lib_name).exists():
             raise CompileError(f"no TVM library in {out} (run build first)")
+        why_not = (info or {}).get("not_run_here")
+        if why_not is None and (out / BUILD_FILE).exists():
+            why_not = json.loads((out / BUILD_FILE).read_text()).get("not_run_here")
+        if why_not:
+            def not_here(feeds):
+                raise CompileError(f"{lib_name} was cross-compiled ({why_not}); copy the artifact to such a "
+                                   f"machine to run it")
+            return not_here
         g = Graph.load(str(out / GRAPH_STEM))  # the library's graph (the core when split)
         epilogue = Graph.load(str(out / EPILOGUE_STEM)) if (out / f"{EPILOGUE_STEM}.json").exists() else None
         full = graph if graph is not None else (Graph.load(str(out / FULL_STEM)) if epilogue is not None else g)
@@ -401,11 +392,20 @@ class TvmBackend:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str((out / lib_name).resolve())), tvm.cpu())
         except Exception as e:
             raise CompileError(f"cannot load TVM library {lib_name}: {e}") from e
-        fn = vm["main"]
         b1 = (info or {}).get("batch1_entry")
         if b1 is None and (out / BUILD_FILE).exists():
             b1 = json.loads((out / BUILD_FILE).read_text()).get("batch1_entry", False)
-        fn1 = vm[BATCH1_ENTRY] if b1 else None
+        # a TVM VirtualMachine is not re-entrant: two threads calling it at once corrupt its
+        # register file (wrong outputs or a crash), so every entry takes the same lock
+        vm_lock = threading.Lock()
+
+        def _locked(f):
+            def call(*args):
+                with vm_lock:
+                    return f(*args)
+            return call
+        fn = _locked(vm["main"])
+        fn1 = _locked(vm[BATCH1_ENTRY]) if b1 else None
         ins = [(name, g.values[name]) for name in g.inputs]
         # float inputs cast to fixed point inside the library: NaN has no code (the reference
         # raises); compiled code cannot raise, so check here
@@ -413,6 +413,10 @@ class TvmBackend:
         outs = list(g.outputs)
 
         dts = [np.int64 if isinstance(v.dtype, FixedType) else np.float32 for _, v in ins]
+        # the library narrows codes to dtypes proved from the IR types (lower.py): codes outside
+        # an input's type would not compute like the reference, so refuse them here
+        code_ranges = {name: (v.dtype.min_code, v.dtype.max_code, v.dtype) for name, v in ins
+                       if isinstance(v.dtype, FixedType)}
 
         n_out = len(outs)
         to_tvm = _to_tvm
@@ -446,6 +450,11 @@ class TvmBackend:
                     raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
                 if name in quantized_in and np.isnan(a).any():
                     raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
+                if name in code_ranges and a.size:
+                    lo, hi, t = code_ranges[name]
+                    if a.min() < lo or a.max() > hi:
+                        raise ValueError(f"input {name!r} has codes outside its type {t} "
+                                         f"[{lo}, {hi}]: [{a.min()}, {a.max()}]")
                 arrays.append(a)
             env = dict(zip(outs, call_raw(arrays)))
             if epilogue is not None:
@@ -465,4 +474,9 @@ class TvmBackend:
         run.to_tensor = to_tvm
         run.input_names = [name for name, _ in ins]
         run.output_names = outs
+        # the thin positional path of CompiledModel.predict (runtime/predictor.py)
+        run.fast = FastCall(fn, fn1, [v.shape for _, v in ins], dts, outs, list(full.outputs), epilogue,
+                            to_tensor=to_tvm, from_tensor=_from_tvm, tensor_type=tensor_type,
+                            empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()))
+        run.fast_nan_check = [name in quantized_in for name, _ in ins]
         return run

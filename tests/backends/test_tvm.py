@@ -308,6 +308,7 @@ def test_generic_cpu_target(tmp_path, rng):
     b.output(b.add("q", "Quantize", [h], attrs={"to": T("fixed<6,4,RND_INF,SAT>")}))
     g = b.build()
     info, run = _compile(g, tmp_path, {"tvm": {"mcpu": "generic", "opt_level": 2}})
-    assert info["target"] == {"kind": "llvm"} and info["opt_level"] == 2
+    assert info["target"]["kind"] == "llvm" and info["target"]["mcpu"] == "generic" and info["opt_level"] == 2
+    assert info["library_target"]["cpu"] == "generic"
     feeds = _feeds(g, rng, 5)
     _assert_exact(g, run(feeds), ref.execute(g, feeds, codes=True))

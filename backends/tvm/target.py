@@ -1,0 +1,217 @@
+"""Target selection for the TVM backends: which CPU (or GPU) a library is compiled for, the cross
+compiler that links it, and whether it can run on the machine that builds it.
+
+CPU (``tvm-llvm``), config ``tvm:`` keys:
+
+* ``mcpu``: ``"x86-64"`` by default on an x86-64 build machine -- LLVM's baseline x86-64 (SSE2, no
+  AVX), so an artifact runs on any x86-64 CPU -- and ``"generic"`` on other machines; ``"native"``
+  (alias ``"auto"``) asks LLVM for the build machine's CPU
+  (``tvm.target.codegen.llvm_get_system_cpu``, e.g. ``"znver4"``): faster code that may not run on
+  an older CPU.  Any other name must be a CPU LLVM knows for the triple
+  (``llvm_is_valid_cpu``).  TVM itself would turn ``mcpu: native`` into generic code with only a
+  log line (TOOLCHAIN.md), so ``native`` is resolved here and never passed on.
+* ``mtriple``: the LLVM target triple (default: the build machine's, ``llvm_get_system_triple``).
+  A triple for another architecture (e.g. ``aarch64-linux-gnu``) cross-compiles: the library is
+  linked with the C++ cross compiler ``cc`` (default ``<arch>-linux-gnu-g++``, Debian's
+  ``g++-aarch64-linux-gnu`` for aarch64), which must be on ``PATH``.
+* ``mattr``: LLVM feature list (e.g. ``["+neon"]``), passed on unchanged.
+* ``target``: ``"llvm"`` (default) or a TVM target dict (``{kind: llvm, mtriple: ..., mcpu: ...}``);
+  its keys are resolved the same way, and a key given both there and at top level must agree.
+
+The resolved target is recorded in the manifest (``backend.target``) with the attributes LLVM
+actually compiled for (``backend.library_target``: triple, CPU, features, read from the compiled
+module's LLVM IR).
+
+GPU (``tvm-cuda``): :func:`resolve_cuda_target` -- ``arch`` (``sm_80`` default, ``sm_90``, any
+``sm_XY``) and a host CPU target resolved as above.
+
+Sources: TVM 0.27 target JSON form and ``tvm.support.cc.cross_compiler``
+(https://tvm.apache.org/docs/reference/api/python/target.html); LLVM CPU names
+(``llc -mtriple=x86_64 -mcpu=help``).
+"""
+from __future__ import annotations
+
+import shutil
+
+from ...compiler.errors import CompileError
+
+__all__ = ["resolve_target", "resolve_cuda_target", "triple_arch", "host_arch", "cross_compiler",
+           "not_run_reason", "library_target"]
+
+#: Debian cross compiler (package g++-<arch>-linux-gnu) per triple architecture
+CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++", "arm": "arm-linux-gnueabihf-g++",
+             "riscv64": "riscv64-linux-gnu-g++"}
+_ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x86-64": "x86_64"}
+_NATIVE = ("native", "auto")
+_TARGET_KEYS = ("mcpu", "mtriple", "mattr")
+
+
+def triple_arch(triple: str) -> str:
+    """The architecture field of an LLVM triple, normalized: ``"aarch64-linux-gnu"`` ->
+    ``"aarch64"``, ``"arm64-apple-darwin"`` -> ``"aarch64"``, ``"armv7a-linux-gnueabihf"`` ->
+    ``"arm"``."""
+    a = str(triple).split("-")[0].lower()
+    a = _ARCH_ALIASES.get(a, a)
+    return "arm" if a.startswith("arm") and a != "aarch64" else a
+
+
+def host_arch() -> str:
+    """The build machine's architecture as LLVM names it (``llvm_get_system_triple``)."""
+    import tvm
+
+    return triple_arch(tvm.target.codegen.llvm_get_system_triple())
+
+
+def _baseline_cpu(arch: str) -> str:
+    """LLVM's portable CPU for ``arch``: ``x86-64`` (SSE2 only) on x86-64, else ``generic``."""
+    return "x86-64" if arch == "x86_64" else "generic"
+
+
+def resolve_target(opts: dict) -> dict:
+    """The TVM LLVM target dict for config ``tvm:`` options ``opts`` (keys in the module docstring).
+
+    Args:
+        opts: the ``tvm`` config mapping (``target``, ``mcpu``, ``mtriple``, ``mattr``, ``cc``).
+    Returns:
+        a JSON-able dict with ``kind``, ``mtriple`` and ``mcpu`` always set, e.g.
+        ``{"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64"}`` (default on
+        x86-64), ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic"}``.
+    Raises:
+        CompileError: a target kind other than llvm, conflicting keys, ``native`` when
+            cross-compiling or when LLVM cannot name the host CPU, a CPU LLVM does not know for
+            the triple, or a cross compiler that is not installed (:func:`cross_compiler`).
+    """
+    import tvm
+
+    target = opts.get("target", "llvm")
+    if isinstance(target, dict):
+        t = dict(target)
+        if t.get("kind", "llvm") != "llvm":
+            raise CompileError(f"tvm.target kind {t.get('kind')!r} is not a CPU target (use target tvm-cuda "
+                               f"for CUDA); tvm-llvm takes kind 'llvm'")
+        t["kind"] = "llvm"
+    elif str(target).strip() == "llvm":
+        t = {"kind": "llvm"}
+    else:
+        raise CompileError(f"tvm target {target!r} is not supported (only 'llvm' or a target dict)")
+    for k in _TARGET_KEYS:
+        if opts.get(k) is not None:
+            if t.get(k) is not None and t[k] != opts[k]:
+                raise CompileError(f"tvm.{k} = {opts[k]!r} conflicts with tvm.target.{k} = {t[k]!r}")
+            t[k] = opts[k]
+    cg = tvm.target.codegen
+    host_triple = cg.llvm_get_system_triple()
+    triple = str(t.get("mtriple") or host_triple)
+    arch = triple_arch(triple)
+    cross = arch != triple_arch(host_triple)
+    mcpu = t.get("mcpu")
+    if mcpu in (None, ""):
+        mcpu = _baseline_cpu(arch)
+    elif str(mcpu) in _NATIVE:
+        if cross:
+            raise CompileError(f"tvm.mcpu {mcpu!r} names this build machine's CPU; it cannot be used when "
+                               f"cross-compiling for {triple}: give a CPU name for {arch} or leave mcpu out")
+        mcpu = cg.llvm_get_system_cpu()
+        if not mcpu or mcpu == "generic" or not cg.llvm_is_valid_cpu(mcpu, triple):
+            raise CompileError(f"tvm.mcpu 'native': LLVM cannot name this machine's CPU (got {mcpu!r}); "
+                               f"give a CPU name or leave mcpu out for the portable {_baseline_cpu(arch)}")
+    mcpu = str(mcpu)
+    if not cg.llvm_is_valid_cpu(mcpu, triple):
+        raise CompileError(f"LLVM does not know CPU {mcpu!r} for {triple} (config tvm.mcpu)")
+    t["mtriple"] = triple
+    t["mcpu"] = mcpu
+    if cross:
+        cross_compiler(t, opts)  # fail now, before anything is written, when it is missing
+    return t
+
+
+def cross_compiler(target: dict, opts: dict | None = None) -> str | None:
+    """The C++ compiler that links a library for ``target`` on this machine: None for the build
+    machine's architecture (TVM's default, ``g++``), else ``opts["cc"]`` or Debian's
+    ``<arch>-linux-gnu-g++`` (:data:`CROSS_CXX`).
+
+    Raises:
+        CompileError: the compiler is not on ``PATH`` (the message names it and its package).
+    """
+    triple = str(target.get("mtriple") or "")
+    arch = triple_arch(triple) if triple else host_arch()
+    if arch == host_arch():
+        return None
+    cc = (opts or {}).get("cc") or CROSS_CXX.get(arch) or f"{triple}-g++"
+    if shutil.which(cc) is None:
+        pkg = f"g++-{cc[:-len('-g++')]}" if cc.endswith("-g++") else cc
+        raise CompileError(f"cross-compiling for {triple} needs the C++ cross compiler {cc!r}, which is not on "
+                           f"PATH: install it (Debian: apt-get install {pkg}; or QDEPLOY_CROSS={arch} "
+                           f"scripts/setup.sh), or name another one with tvm.cc")
+    return cc
+
+
+def not_run_reason(target: dict) -> str | None:
+    """Why a library for LLVM ``target`` cannot run on this machine (another architecture), or
+    None when it can."""
+    triple = str(target.get("mtriple") or "")
+    if triple and triple_arch(triple) != host_arch():
+        return f"a library for {triple} cannot run on this {host_arch()} machine"
+    return None
+
+
+def library_target(module) -> dict:
+    """What LLVM compiled the host code of ``module`` (a ``tvm.compile`` result) for, read from its
+    LLVM IR: ``{"triple", "cpu", "features"}`` (``cpu`` and ``features`` as the function attributes
+    ``"target-cpu"`` / ``"target-features"`` say; one value each, ``""`` when absent, or a sorted
+    list when functions differ).  Empty when no LLVM module is found."""
+    import re
+
+    def find(m):
+        if m.kind == "llvm":
+            return m
+        for i in m.imports:
+            r = find(i)
+            if r is not None:
+                return r
+        return None
+
+    llvm = find(getattr(module, "mod", module))
+    if llvm is None:
+        return {}
+    ll = llvm.inspect_source("ll")
+
+    def one(vals):
+        vals = sorted(set(vals))
+        return "" if not vals else vals[0] if len(vals) == 1 else vals
+
+    triple = re.findall(r'^target triple = "([^"]*)"', ll, re.M)
+    return {"triple": triple[0] if triple else "",
+            "cpu": one(re.findall(r'"target-cpu"="([^"]*)"', ll)),
+            "features": one(re.findall(r'"target-features"="([^"]*)"', ll))}
+
+
+def resolve_cuda_target(opts: dict) -> tuple[dict, dict]:
+    """The CUDA target and its host target for config ``tvm:`` options of the ``tvm-cuda`` target.
+
+    Args:
+        opts: ``arch`` (``"sm_80"`` default; ``"sm_XY"``), plus the host CPU keys of
+            :func:`resolve_target` (``mcpu``, ...; default portable x86-64).  A ``target`` dict, if
+            given, must have kind ``cuda``; its ``arch`` counts as ``opts["arch"]``.
+    Returns:
+        ``({"kind": "cuda", "arch": "sm_80"}, host_target_dict)``.
+    Raises:
+        CompileError: a malformed arch, a non-cuda target dict, or a host target that is not this
+            machine's architecture (the host code must run where the GPU is driven).
+    """
+    t = opts.get("target")
+    arch = opts.get("arch")
+    if t is not None and t != "cuda":
+        if not isinstance(t, dict) or t.get("kind") != "cuda":
+            raise CompileError(f"tvm-cuda: tvm.target must be 'cuda' or a dict with kind 'cuda', got {t!r}")
+        if arch is not None and t.get("arch") not in (None, arch):
+            raise CompileError(f"tvm.arch = {arch!r} conflicts with tvm.target.arch = {t['arch']!r}")
+        arch = arch or t.get("arch")
+    arch = str(arch or "sm_80")
+    if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit() and len(arch) >= 5):
+        raise CompileError(f"tvm-cuda: tvm.arch must look like sm_80 or sm_90, got {arch!r}")
+    host = resolve_target({k: v for k, v in opts.items() if k in ("mcpu", "mattr", "mtriple")})
+    if not_run_reason(host):
+        raise CompileError(f"tvm-cuda: the host target {host['mtriple']} must be this machine's architecture "
+                           f"({host_arch()})")
+    return {"kind": "cuda", "arch": arch}, host
