@@ -96,6 +96,8 @@ class CudaBackend(TvmBackend):
         info = super().emit(graph, {**(config or {}), "tvm": cpu_opts}, out_dir)
         info.update({"target": cuda, "target_host": host, "schedule": "dlight",
                      "not_run_here": cuda_device_reason()})
+        for k in ("parallel", "min_parallel_work"):  # CPU schedule options (tvm-llvm's "auto")
+            info.pop(k, None)
         return info
 
     def build(self, out_dir, info: dict) -> None:
