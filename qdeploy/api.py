@@ -242,7 +242,7 @@ def _avgpool_notes(graph: Graph) -> list[str]:
 def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, golden=None,
             example_input=None, force: bool = False, optimize: bool = True,
             memory_budget=None, golden_layout=None, allow_inexact: bool = False,
-            source_check: bool = True, input_type=None) -> CompileResult:
+            source_check: bool = True, input_type=None, progress=None) -> CompileResult:
     """Compile ``model`` for ``target`` into ``out_dir``.
 
     Args:
@@ -276,6 +276,10 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             the narrowest type that holds the golden inputs exactly is used, else hls4ml's
             default ``fixed<16,6>``, and then the source check compares against the source on the
             unrounded inputs (a guessed rounding is never hidden).
+        progress: optional ``callable(stage: str)`` told each stage as it starts (importing,
+            optimizing, checking the source, emitting, building, checking the target, writing), and
+            ``"WARNING: ..."`` lines worth seeing before a long build (an io_parallel hls4ml design the
+            estimate finds larger than its part); the CLI shows them with rich.
     Returns:
         :class:`CompileResult`.
     Raises:
@@ -301,6 +305,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     except ValueError as e:
         raise QDeployError(str(e)) from None
     t0 = time.perf_counter()
+    say = progress or (lambda stage: None)
+    say("importing the model")
     from .compiler.frontends import is_module_spec, resolve_module_spec
     if is_module_spec(model):  # resolved once: the same module is exported and run as the source
         model, example_input = resolve_module_spec(model)
@@ -313,6 +319,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     else:
         pipeline = [("remat", remat_opts)] if remat_opts is not None else []
     pm = PassManager(pipeline, cost_models=cost_models())
+    say("optimizing (passes)")
     graph = pm.run(graph)
     remat_report = pm.context.results.get("remat")
     feeds_real = {k: v for k, v in feeds_real.items() if k in graph.inputs}
@@ -322,6 +329,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     # channels-last golden arrays (golden_layout) are permuted back from the IR feeds
     from .runtime.layout import channels_last_mode, graph_layouts
     user_src = golden is not None and not channels_last_mode(golden_layout, graph_layouts(graph_src)[0])
+    if source_check:
+        say("running the source model on the golden inputs")
     fidelity = check_source(model, graph_src, graph, feeds_src, user_arrays if user_src else None, ref,
                             enabled=source_check)
     if fidelity.get("checked") and not fidelity["ok"]:
@@ -335,9 +344,16 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         graph.save(str(tmp / "ir" / "model"))
         (tmp / "ir" / "model.txt").write_text(str(graph) + "\n")
         t1 = time.perf_counter()
+        estimate = _compile_estimate(graph, cfg)  # FPGA estimate in every report (and a warning before a long build)
+        if target == "hls4ml":
+            for w in _big_design_warnings(estimate, cfg):
+                say(f"WARNING: {w}")
+        say(f"emitting the {target} artifact")
         info = backend.emit(graph, cfg, tmp) or {}
+        say(f"building ({'g++ C simulation' if target == 'hls4ml' else target})")
         backend.build(tmp, info)
         t_build = time.perf_counter() - t1
+        say("checking the artifact against the reference")
         if info.get("not_run_here"):  # cross-compiled, or a GPU library without a GPU here
             exact = not_run_exactness(graph, ref, info["not_run_here"])
         else:
@@ -375,7 +391,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             "passes": [{"name": r.name, "ms": r.ms, "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
                         "notes": r.notes} for r in pm.records],
             "timing_s": {"total": time.perf_counter() - t0, "backend_build": t_build},
-            "estimate": _compile_estimate(graph, cfg),  # FPGA estimate in every report
+            "estimate": estimate,
             "backend": {k: v for k, v in info.items() if k != "layers"},  # what the target built (settings, ports)
             "remat": remat_report,  # peak before/after, overhead %, solve time (None: no budget)
         }
@@ -471,11 +487,32 @@ def estimate(model, target: str = "hls4ml", config=None, input_type=None) -> dic
     return est(graph, dict(config or {}))
 
 
+#: An io_parallel design whose estimate exceeds this share of the part's LUTs gets a warning before
+#: its build: hls4ml unrolls every layer, and g++ and the vendor tool take minutes to hours on it.
+BIG_DESIGN_LUT_PCT = 100.0
+
+
+def _big_design_warnings(est: dict, cfg: dict) -> list[str]:
+    """One line when an io_parallel hls4ml design is estimated over :data:`BIG_DESIGN_LUT_PCT` of its
+    part's LUTs (suggesting io_stream), else nothing."""
+    h = cfg.get("hls4ml") or {}
+    pct = ((est or {}).get("total") or {}).get("utilization_pct", {}).get("lut")
+    if h.get("io_type", "io_parallel") != "io_parallel" or pct is None or pct <= BIG_DESIGN_LUT_PCT:
+        return []
+    return [f"the io_parallel design is estimated at {pct:.0f}% of the part's LUTs: the C simulation build and "
+            f"synthesis will be slow and it will not fit; consider --io-type io_stream (or a larger --reuse-factor)"]
+
+
 def _compile_estimate(graph: Graph, cfg: dict) -> dict:
-    """The hls4ml FPGA estimate for a compile report (with the config's hls4ml options)."""
+    """The estimate for a compile report: hls4ml FPGA resources with the config's hls4ml options, or,
+    for hls4ml's Catapult backend (ASIC firmware), area/power/energy with the config's ``asic``
+    options (:mod:`qdeploy.backends.asic`; the hls4ml clock period unless ``asic`` sets one)."""
     from .backends.hls4ml.estimate import estimate as est
     h = dict(cfg.get("hls4ml") or {})
     opts = {k: h[k] for k in ("part", "clock_period", "reuse_factor", "strategy", "io_type") if k in h}
+    if h.get("backend") == "Catapult":
+        from .backends.asic import estimate as est
+        opts = {**({"clock_period": h["clock_period"]} if "clock_period" in h else {}), **dict(cfg.get("asic") or {})}
     try:
         return est(graph, opts)
     except QDeployError as e:

@@ -5,6 +5,8 @@ error (one line on stderr naming the node and the reason).
 """
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from pathlib import Path
 from typing import Optional
@@ -105,9 +107,10 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
             cfg = load_config(config)
             cfg["tvm"] = {**(cfg.get("tvm") or {}), **tvm_flags}
             config = cfg
-        res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
-                         memory_budget=memory_budget, golden_layout=golden_layout, allow_inexact=allow_inexact,
-                         source_check=not no_source_check, input_type=input_type)
+        with _progress() as progress:
+            res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
+                             memory_budget=memory_budget, golden_layout=golden_layout, allow_inexact=allow_inexact,
+                             source_check=not no_source_check, input_type=input_type, progress=progress)
     except SourceMismatchError as e:
         typer.echo(f"fidelity vs source: {fidelity_sentence(e.fidelity)}")
         typer.echo(f"error: {e.one_line()}; nothing was written", err=True)
@@ -137,6 +140,32 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
         failed = True
     if failed:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _progress():
+    """A ``progress(stage)`` callback for :func:`qdeploy.api.compile`: on a terminal, a rich spinner on
+    stderr naming the stage and the seconds elapsed; ``WARNING:`` lines are printed (stderr) as
+    they come, terminal or not."""
+    import sys
+    import time as _time
+    from rich.console import Console
+    console = Console(stderr=True)
+    t0 = _time.perf_counter()
+    if not console.is_terminal:
+        def say(stage):
+            if stage.startswith("WARNING:"):
+                typer.echo(stage, err=True)
+        yield say
+        return
+    with console.status("compiling") as status:
+        def say(stage):
+            if stage.startswith("WARNING:"):
+                console.print(stage, markup=False, highlight=False)
+            else:
+                status.update(f"{stage} ({_time.perf_counter() - t0:.0f} s)")
+        yield say
+    sys.stderr.flush()
 
 
 LAYOUT_HELP = ("layout of the arrays: 'source' (the layout the artifact declares, the source model's: NCHW, NCL, "

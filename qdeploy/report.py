@@ -151,7 +151,8 @@ def hls4ml_markdown(info: dict, est: dict) -> list[str]:
     part = est.get("part") if isinstance(est.get("part"), dict) else {}
     L = ["## hls4ml project", "",
          f"`{info.get('project_dir', 'hls4ml_prj')}/` (hls4ml {info.get('hls4ml_version', '?')}, backend "
-         f"{info.get('backend')}): part `{info.get('part')}`, clock period {info.get('clock_period')} ns, "
+         f"{info.get('backend')}): " + ("ASIC (Catapult, tech asic)" if info.get("backend") == "Catapult" else
+                                        f"part `{info.get('part')}`") + f", clock period {info.get('clock_period')} ns, "
          f"`{info.get('io_type')}`, strategy {info.get('strategy')}, reuse factor {info.get('reuse_factor')}.", ""]
     for w in est.get("warnings") or []:
         L.append(f"- **WARNING**: {w}")

@@ -11,6 +11,7 @@ from ..compiler.ir.types import FixedType
 from ..compiler.reference import prepare_feeds
 from .artifact import ArtifactError, read_manifest
 from .layout import Layout, channels_last_mode, declared_layouts, from_ir, graph_layouts, to_ir
+from .predictor import Predictor
 
 
 def to_ir_layout(graph: Graph, name: str, x: np.ndarray, channels_last: bool = False) -> np.ndarray:
@@ -95,6 +96,7 @@ class CompiledModel:
         self.graph = graph
         self._fn = fn
         self.input_layouts, self.output_layouts = declared_layouts(manifest, graph, str(self.out_dir))
+        self._predictor = Predictor(graph, self.input_layouts, self.output_layouts, fn, self._predict_general)
 
     @property
     def target(self) -> str:
@@ -121,6 +123,12 @@ class CompiledModel:
         fn = backend.load(out_dir, manifest.get("backend", {}), graph)
         return cls(out_dir, manifest, graph, fn)
 
+    @property
+    def predictor(self) -> Predictor:
+        """The :class:`~qdeploy.runtime.predictor.Predictor` behind :meth:`predict` (its
+        ``thin`` flag, and ``raw_call`` for measuring the overhead over the bare library call)."""
+        return self._predictor
+
     def run_codes(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runtime arrays in (codes for fixed inputs, IR layout), runtime arrays out."""
         return self._fn(feeds)
@@ -140,7 +148,17 @@ class CompiledModel:
         Raises:
             QDeployError: a bad ``layout`` or an input shape that does not match, stated in the
                 user's layout (``expected (N, 4, 4, 4) in NCHW``).
+
+        For backends with a positional library call (TVM) this takes the thin path of
+        :class:`~qdeploy.runtime.predictor.Predictor` (the same results and errors, less work per
+        call); :attr:`predictor` ``.raw_call`` measures what it adds over the bare library call.
         """
+        return self._predictor(inputs, layout)
+
+    def _predict_general(self, inputs: tuple, layout=None):
+        """The general path of :meth:`predict` (any backend, any input; raises its errors): the
+        thin path (:class:`~qdeploy.runtime.predictor.Predictor`) hands every case it does not
+        handle to this."""
         x = inputs[0] if len(inputs) == 1 else list(inputs)
         cl = channels_last_mode(layout, self.input_layouts)
         feeds = user_feeds(self.graph, x, layout, self.input_layouts)

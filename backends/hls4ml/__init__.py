@@ -50,6 +50,13 @@ __all__ = ["Hls4mlBackend", "DEFAULTS"]
 DEFAULTS = {"backend": "Vitis", "part": "xcvu9p-flga2104-2L-e", "clock_period": 5, "io_type": "io_parallel",
             "strategy": "Latency", "reuse_factor": 1, "project_name": "myproject"}
 PRJ_DIR = "hls4ml_prj"
+#: hls4ml backends qdeploy writes projects for: Vitis / Vivado HLS (FPGA, ap_fixed types) and Catapult
+#: (Siemens Catapult HLS, ASIC firmware with Algorithmic C ac_fixed types, hls4ml's ``tech='asic'``).
+#: hls4ml 1.3's ``CatapultBackend.create_initial_config`` takes no ``write_weights_txt`` (the
+#: TypeError an earlier probe saw, from ``hls4ml.utils.config.create_config``): the writer options
+#: are set in the config dict instead.  Its C simulation builds with g++ (the AC headers ship with
+#: hls4ml) and is checked against the reference like the others.
+BACKENDS = ("Vitis", "Vivado", "Catapult")
 #: hls4ml optimizers that change values of models built with explicit types; disabled (and
 #: restored) while we build:
 #: * ``vivado:merge_batch_norm_quantized_tanh`` replaces BatchNormalization -> binary_tanh by a
@@ -82,8 +89,8 @@ def _options(config: dict | None) -> dict:
     if unknown:
         raise CompileError(f"unknown hls4ml option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **user}
-    if opts["backend"] not in ("Vitis", "Vivado"):
-        raise CompileError(f"hls4ml backend must be 'Vitis' or 'Vivado', got {opts['backend']!r}")
+    if opts["backend"] not in BACKENDS:
+        raise CompileError(f"hls4ml backend must be one of {', '.join(map(repr, BACKENDS))}, got {opts['backend']!r}")
     if opts["io_type"] not in ("io_parallel", "io_stream"):
         raise CompileError(f"hls4ml io_type must be 'io_parallel' or 'io_stream', got {opts['io_type']!r}")
     if opts["strategy"] not in ("Latency", "Resource"):
@@ -100,7 +107,8 @@ def _options(config: dict | None) -> dict:
         raise CompileError(f"hls4ml clock_period must be a number of ns, got {opts['clock_period']!r}") from None
     if not opts["clock_period"] > 0:
         raise CompileError(f"hls4ml clock_period must be a positive number of ns, got {opts['clock_period']}")
-    opts["part"] = full_part(opts["part"])
+    if opts["backend"] != "Catapult":  # Catapult builds ASIC firmware (tech asic): no FPGA part
+        opts["part"] = full_part(opts["part"])
     return opts
 
 
@@ -130,10 +138,14 @@ def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False, la
     import hls4ml
     from hls4ml.model.graph import ModelGraph
 
+    extra = {"write_weights_txt": True}
+    if opts["backend"] == "Catapult":  # CatapultBackend.create_initial_config takes no writer options
+        extra = {"tech": "asic"}
     cfg = hls4ml.utils.config.create_config(output_dir=str(prj), project_name=opts["project_name"],
                                             backend=opts["backend"], part=opts["part"],
-                                            clock_period=opts["clock_period"], io_type=opts["io_type"],
-                                            write_weights_txt=False)
+                                            clock_period=opts["clock_period"], io_type=opts["io_type"], **extra)
+    if opts["backend"] == "Catapult":
+        cfg["WriterConfig"] = {"Namespace": None, "WriteWeightsTxt": True, "WriteTar": False}
     rf = opts["reuse_factor"]
     default_rf = rf.get("default", 1) if isinstance(rf, dict) else rf
     layer_rf = layer_rf or {}
@@ -189,6 +201,7 @@ def _traced_run(model, so: Path, xs: list[np.ndarray]) -> dict:
         _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.c_void_p)]
 
     lib = ctypes.CDLL(str(so.resolve()))
+    _set_weights_dir(lib, so)
     top = getattr(lib, f"{model.config.get_project_name()}_double")
     outs = [int(np.prod(v.shape)) for v in model.get_output_variables()]
     top.restype = None
@@ -281,16 +294,53 @@ def _norm(t: str) -> str:
         return t
 
 
+#: The C simulation reads the weights from ``firmware/weights/*.txt`` at its first call (hls4ml's
+#: ``write_weights_txt``: g++ then compiles no weight values, 4-21x faster on real models) from a
+#: folder set at load time (:data:`WEIGHTS_DIR_SRC`), so the library stays relocatable and one build
+#: serves every model with the same layers and types (the build cache key leaves the values out).
+WEIGHTS_DIR_H = "qdeploy_weights_dir.h"
+WEIGHTS_DIR_CPP = "qdeploy_weights_dir.cpp"
+WEIGHTS_DIR_SRC = {
+    WEIGHTS_DIR_H: "#ifndef QDEPLOY_WEIGHTS_DIR_H_\n#define QDEPLOY_WEIGHTS_DIR_H_\n"
+                   "// qdeploy: where the C simulation library reads firmware/weights/*.txt (set when it is loaded)\n"
+                   "extern \"C\" const char *qdeploy_weights_dir(void);\n#endif\n",
+    WEIGHTS_DIR_CPP: "#include <string>\nstatic std::string qdeploy_dir = \"firmware/weights\";\n"
+                     "extern \"C\" const char *qdeploy_weights_dir(void) { return qdeploy_dir.c_str(); }\n"
+                     "extern \"C\" void qdeploy_set_weights_dir(const char *d) { qdeploy_dir = d; }\n",
+}
+WEIGHTS_FLAGS = ["-DWEIGHTS_DIR=qdeploy_weights_dir()", "-include", WEIGHTS_DIR_H]
+
+
 def _src_hash(prj: Path, project: str) -> str:
+    """Build cache key of the C simulation: hls4ml version, flags and every source g++ reads,
+    with the weight *values* left out (the library loads them from the ``.txt`` files: in each
+    weight header only the declaration before ``#else`` is compiled)."""
+    import re
+
     import hls4ml
 
-    h = hashlib.sha256(f"hls4ml {hls4ml.__version__} {' '.join(CXXFLAGS)}".encode())
-    files = [prj / f"{project}_bridge.cpp"] + sorted((prj / "firmware").rglob("*"))
+    h = hashlib.sha256(f"hls4ml {hls4ml.__version__} {' '.join(CXXFLAGS + WEIGHTS_FLAGS)} txt".encode())
+    files = [prj / f"{project}_bridge.cpp", prj / WEIGHTS_DIR_H, prj / WEIGHTS_DIR_CPP] + sorted((prj / "firmware").rglob("*"))
     for f in files:
         if f.is_file() and f.suffix in (".cpp", ".h", ".hpp") and "ap_types" not in f.parts:
             h.update(str(f.relative_to(prj)).encode())
-            h.update(f.read_bytes())
+            data = f.read_bytes()
+            if f.parent.name == "weights" and b"#ifndef __SYNTHESIS__" in data:
+                data = re.sub(rb"#else\n.*?#endif", b"", data, count=1, flags=re.S)
+            h.update(data)
     return h.hexdigest()[:20]
+
+
+def _set_weights_dir(lib, so: Path) -> None:
+    """Point the loaded C simulation ``lib`` (built from ``<prj>/firmware``) at ``<prj>/firmware/weights``
+    (a library built by an older qdeploy has no such function: its weights are compiled in)."""
+    try:
+        fn = lib.qdeploy_set_weights_dir
+    except AttributeError:
+        return
+    fn.argtypes = [ctypes.c_char_p]
+    fn.restype = None
+    fn(str((so.parent / "weights").resolve()).encode())
 
 
 class Hls4mlBackend:
@@ -344,6 +394,12 @@ class Hls4mlBackend:
         model.write()
         summary = _check_model(model, tr)  # writing applies the remaining flows: check again
         _check_reuse_factors(model, tr, rfs)
+        for name, text in WEIGHTS_DIR_SRC.items():
+            (prj / name).write_text(text)
+        missing = [f"{w.name}.txt" for lay in model.get_layers() for w in lay.get_weights()
+                   if not (prj / "firmware" / "weights" / f"{w.name}.txt").is_file()]
+        if missing:
+            raise CompileError(f"hls4ml wrote no weight file(s) {missing[:4]} for the C simulation to load")
         adjusted = adjusted_sentence(rfs)
         weight_files = {lay.name: [f for f in (f"firmware/weights/{w.name}.h" for w in lay.get_weights())
                                    if (prj / f).is_file()] for lay in model.get_layers()}
@@ -415,18 +471,25 @@ class Hls4mlBackend:
     @staticmethod
     def _compile(prj: Path, project: str, so: Path) -> None:
         cxx = os.environ.get("CXX", "g++")
-        inc = ["-Ifirmware/ap_types/", "-Ifirmware/"]
-        jobs = [[cxx, *CXXFLAGS, *inc, "-c", f"firmware/{project}.cpp", "-o", f"{project}.o"],
-                [cxx, *CXXFLAGS, *inc, "-c", f"{project}_bridge.cpp", "-o", f"{project}_bridge.o"]]
+        inc = ["-Ifirmware/ap_types/", "-Ifirmware/", "-I."]
+        if (prj / "firmware" / "ac_types").is_dir():  # Catapult: Algorithmic C types (its build_lib.sh flags)
+            inc = ["-Ifirmware/ac_types/include", "-Ifirmware/ac_math/include", "-Ifirmware/ac_simutils/include",
+                   "-Ifirmware/nnet_utils", "-Ifirmware/", "-I."]
+        for name, text in WEIGHTS_DIR_SRC.items():
+            if not (prj / name).is_file():
+                (prj / name).write_text(text)
+        objs = [f"{project}.o", f"{project}_bridge.o", "qdeploy_weights_dir.o"]
+        jobs = [[cxx, *CXXFLAGS, *WEIGHTS_FLAGS, *inc, "-c", src, "-o", o]
+                for src, o in zip([f"firmware/{project}.cpp", f"{project}_bridge.cpp", WEIGHTS_DIR_CPP], objs)]
 
         def run(cmd):
             return subprocess.run(cmd, cwd=prj, capture_output=True, text=True)
 
-        with ThreadPoolExecutor(2) as ex:
+        with ThreadPoolExecutor(max(1, min(3, os.cpu_count() or 1))) as ex:
             res = list(ex.map(run, jobs))
-        res.append(run([cxx, *CXXFLAGS, "-shared", f"{project}.o", f"{project}_bridge.o", "-o",
-                        str(so.relative_to(prj))]) if all(r.returncode == 0 for r in res) else res[-1])
-        for f in (f"{project}.o", f"{project}_bridge.o"):
+        res.append(run([cxx, *CXXFLAGS, "-shared", *objs, "-o", str(so.relative_to(prj))])
+                   if all(r.returncode == 0 for r in res) else res[-1])
+        for f in objs:
             (prj / f).unlink(missing_ok=True)
         bad = [r for r in res if r.returncode != 0]
         if bad:
@@ -496,6 +559,7 @@ class _CSim:
         if not so.is_file():
             raise CompileError(f"compiled C simulation {so} not found (was the directory moved without it?)")
         self.lib = ctypes.CDLL(str(so.resolve()))
+        _set_weights_dir(self.lib, so)
         self.fn = getattr(self.lib, f"{project}_double")
         self.fn.restype = None
         hls_out = info["hls_outputs"]

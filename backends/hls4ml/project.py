@@ -105,18 +105,24 @@ def write_readme(prj: Path, info: dict, tb: dict, golden: str) -> None:
     lines = [
         f"# {name}: hls4ml {info.get('hls4ml_version', '')} project written by qdeploy",
         "",
-        f"Backend {info.get('backend')}, part `{info.get('part')}`, clock period {info.get('clock_period')} ns, "
+        f"Backend {info.get('backend')}, " + ("ASIC (tech asic)" if info.get("backend") == "Catapult" else
+                                              f"part `{info.get('part')}`") + f", clock period {info.get('clock_period')} ns, "
         f"`{info.get('io_type')}`, strategy {info.get('strategy')}, reuse factor {info.get('reuse_factor')}.",
         "",
         "## Run it",
         "",
         "```",
-        'vitis_hls -f build_prj.tcl "csim=1 synth=0 cosim=0"     # C simulation on tb_data/ (no license needed)',
-        'vitis_hls -f build_prj.tcl "csim=1 synth=1 cosim=1"     # + synthesis and RTL co-simulation',
+        *({"Catapult": ["catapult -product ultra -shell -f build_prj.tcl -eval 'set ::argv \"csim=1 synth=1\"'"
+                        "   # Siemens Catapult HLS (hls4ml CatapultBackend.build)"],
+           "Vivado": ['vivado_hls -f build_prj.tcl "csim=1 synth=0 cosim=0"    # C simulation on tb_data/',
+                      'vivado_hls -f build_prj.tcl "csim=1 synth=1 cosim=1"    # + synthesis and RTL co-simulation']}
+          .get(info.get("backend"), ['vitis_hls -f build_prj.tcl "csim=1 synth=0 cosim=0"     # C simulation on tb_data/',
+                                     'vitis_hls -f build_prj.tcl "csim=1 synth=1 cosim=1"     # + synthesis and RTL co-simulation'])),
         "```",
         "",
-        "Without Vitis: `g++ -O1 -std=c++17 -Ifirmware -Ifirmware/ap_types myproject_test.cpp "
-        f"firmware/{name}.cpp -o tb && ./tb` (from this folder) writes `tb_data/csim_results.log`, one line "
+        "Without Vitis: `g++ -O1 -std=c++17 -Ifirmware -Ifirmware/ap_types '-DWEIGHTS_DIR=\"firmware/weights\"' "
+        f"myproject_test.cpp firmware/{name}.cpp -o tb && ./tb` (from this folder; the C simulation reads the "
+        "weights from `firmware/weights/*.txt`) writes `tb_data/csim_results.log`, one line "
         "per output per sample; it equals `tb_data/tb_output_predictions.dat` value for value"
         + (" (qdeploy set the results file to 17 significant digits: hls4ml's default 6 rounds them)."
            if tb.get("exact_log") else "."),
@@ -141,6 +147,9 @@ def write_readme(prj: Path, info: dict, tb: dict, golden: str) -> None:
         f"Host epilogue: {', '.join(host.get('epilogue', [])) or 'nothing'}.",
         "",
         f"`hls4ml_config.yml` names this folder as `OutputDir`; if you move the folder, update it there.",
+        "",
+        f"`{'qdeploy_weights_dir.h'}` / `{'qdeploy_weights_dir.cpp'}`: only for qdeploy's own C-simulation library "
+        "(it reads the weight `.txt` files from wherever the artifact lies); Vitis HLS does not use them.",
         "",
     ]
     (prj / "README.md").write_text("\n".join(lines))

@@ -23,6 +23,7 @@ from ...compiler.errors import CompileError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
+from .fastcall import FastCall
 from .schedule import SCHEDULES, schedule_cpu
 from .target import cross_compiler, library_target, not_run_reason, resolve_target
 
@@ -109,8 +110,10 @@ class TvmBackend:
     ``"auto"``: fuse first (``relax.get_pipeline("zero")``) and apply the fixed loop schedule of
     :func:`.schedule.schedule_cpu` -- reductions reordered and vectorized over the contiguous
     output axis; same accumulation order per output element, so int64 codes stay bit-exact),
-    ``batch1_entry`` (default false: also compile a static batch-1 entry, used by
-    ``run.tensors1``; the dynamic runtime calls it for single samples).
+    ``batch1_entry`` (default true: also compile a static batch-1 entry ``main_b1``, which
+    ``CompiledModel.predict`` and ``run.tensors1`` call for a batch of one -- no symbolic-shape
+    dispatch in the VM; the dynamic runtime calls it for single samples; false builds ``main``
+    only).
     """
 
     def __init__(self, name: str = "tvm-llvm"):
@@ -175,7 +178,7 @@ class TvmBackend:
             "files": files,
             "host_nodes": host_nodes,
         }
-        if opts.get("batch1_entry"):
+        if opts.get("batch1_entry", True):
             info["batch1_entry"] = True
         cc = cross_compiler(target, opts)
         if cc:
@@ -302,7 +305,8 @@ class TvmBackend:
             array ``(N, *shape)`` (codes for fixed-point inputs, reals for float ones);
             ``outputs`` maps every graph output name to an ``(N, *shape)`` numpy array, int64
             codes or float32.  ``f`` raises ``KeyError`` for a missing input and ``ValueError``
-            for a wrong shape.
+            for a wrong shape or for codes outside a fixed-point input's type (the library
+            computes in dtypes proved from the types; the raw entries do not check).
         Raises:
             CompileError: when no library has been built or it cannot be loaded.
         """
@@ -342,6 +346,10 @@ class TvmBackend:
         outs = list(g.outputs)
 
         dts = [np.int64 if isinstance(v.dtype, FixedType) else np.float32 for _, v in ins]
+        # the library narrows codes to dtypes proved from the IR types (lower.py): codes outside
+        # an input's type would not compute like the reference, so refuse them here
+        code_ranges = {name: (v.dtype.min_code, v.dtype.max_code, v.dtype) for name, v in ins
+                       if isinstance(v.dtype, FixedType)}
 
         n_out = len(outs)
         to_tvm = _to_tvm
@@ -375,6 +383,11 @@ class TvmBackend:
                     raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
                 if name in quantized_in and np.isnan(a).any():
                     raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
+                if name in code_ranges and a.size:
+                    lo, hi, t = code_ranges[name]
+                    if a.min() < lo or a.max() > hi:
+                        raise ValueError(f"input {name!r} has codes outside its type {t} "
+                                         f"[{lo}, {hi}]: [{a.min()}, {a.max()}]")
                 arrays.append(a)
             env = dict(zip(outs, call_raw(arrays)))
             if epilogue is not None:
@@ -394,4 +407,9 @@ class TvmBackend:
         run.to_tensor = to_tvm
         run.input_names = [name for name, _ in ins]
         run.output_names = outs
+        # the thin positional path of CompiledModel.predict (runtime/predictor.py)
+        run.fast = FastCall(fn, fn1, [v.shape for _, v in ins], dts, outs, list(full.outputs), epilogue,
+                            to_tensor=to_tvm, from_tensor=_from_tvm, tensor_type=tensor_type,
+                            empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()))
+        run.fast_nan_check = [name in quantized_in for name, _ in ins]
         return run

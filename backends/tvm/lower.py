@@ -6,9 +6,16 @@ Runtime representation (identical to :mod:`qdeploy.compiler.reference`):
 * a float value is a ``float32`` tensor ``[n, *S]``;
 * ``n`` is a symbolic batch dimension, so one compiled library runs any batch size.
 
-Every fixed-point op is lowered to exact int64 arithmetic replicating the reference
+Every fixed-point op is lowered to exact integer arithmetic replicating the reference
 interpreter op by op (including its wrap-around on int64 overflow), so the codes agree bit for
-bit.  Float->fixed ``Quantize`` is done in float64 exactly like
+bit.  The function's parameters and results are int64 codes (the backend contract); inside,
+ops whose entries are marked :func:`~.relax_util.accepts_narrow` compute in the narrower dtypes
+that :mod:`.intplan` proves exact from the IR's types (int32 operands, accumulators and
+epilogues for ``Dense``/``Conv`` whose bounds fit, int32 requantization and ``MaxPool``), every
+other entry receives int64 codes (:meth:`RelaxLowering.cast`, one cast per value and dtype).  Narrowing a value is exact
+because its codes lie in its IR type's range; graph inputs are int64 codes that must lie in
+their type's range too (``CompiledModel`` quantizes reals into it; the loader's ``run`` checks
+code feeds).  Float->fixed ``Quantize`` is done in float64 exactly like
 :meth:`~qdeploy.compiler.ir.types.FixedType.quantize_real`.  Float (unquantized) ops run in
 float32 and agree with the reference only to float rounding (different summation order).
 
@@ -34,7 +41,8 @@ from ...compiler.ir.graph import Graph, Node
 from ...compiler.ir.ops import avg_shift, get as get_op
 from ...compiler.ir.types import FixedType
 from .ops import LOWERING
-from .relax_util import F32, F64, I64, c64, cf, check_shift, nn, op
+from .intplan import requant_dtype
+from .relax_util import F32, F64, I64, c64, cf, check_shift, cint, dtype_of, nn, op
 
 
 class RelaxLowering:
@@ -53,18 +61,32 @@ class RelaxLowering:
         self.bb = bb if bb is not None else relax.BlockBuilder()
         self.n = tirx.Var("n", "int64") if batch is None else tirx.IntImm("int64", int(batch))
         self.env: dict[str, relax.Expr] = {}
+        self._casts: dict = {}
 
     # ------------------------------------------------------------ helpers
     def emit(self, e):
         """Bind Relax expression ``e`` in the current dataflow block; returns the bound variable."""
         return self.bb.emit(e)
 
+    def cast(self, x, dtype: str):
+        """``x`` as ``dtype``: ``x`` itself when it has that dtype, else one ``astype`` binding
+        per (value, dtype) for the whole function.  Exact only for values whose codes fit
+        ``dtype`` (the callers prove it from the IR types, :mod:`.intplan`)."""
+        if dtype_of(x) == dtype:
+            return x
+        key = (x, dtype)
+        hit = self._casts.get(key)
+        if hit is None:
+            hit = self._casts[key] = self.emit(op.astype(x, dtype))
+        return hit
+
     def lshift(self, x, s: int, node: Node):
-        """x * 2**s for int64 codes (numpy left_shift semantics: wraps mod 2**64)."""
+        """x * 2**s for integer codes in ``x``'s dtype (numpy left_shift semantics for int64:
+        wraps mod 2**64; narrower dtypes are used only where no overflow is proved)."""
         if s == 0:
             return x
         check_shift(s, node, "aligning binary points")
-        return self.emit(op.left_shift(x, c64(s)))
+        return self.emit(op.left_shift(x, cint(s, dtype_of(x))))
 
     def real(self, x, t):
         """float32 real view of a runtime value of type ``t`` (== reference ``_real``)."""
@@ -95,35 +117,43 @@ class RelaxLowering:
         raise ValueError(mode)
 
     def overflow_int(self, q, t: FixedType):
-        """ap_fixed overflow handling of int64 codes ``q`` into ``t`` (== types._overflow_int)."""
+        """ap_fixed overflow handling of integer codes ``q`` into ``t`` (== types._overflow_int),
+        in ``q``'s dtype (int64, or int32 where :func:`.intplan.requant_dtype` proved it exact)."""
+        dt = dtype_of(q)
         lo, hi = t.min_code, t.max_code
         if t.saturation in ("SAT", "SAT_SYM"):
-            return self.emit(op.minimum(op.maximum(q, c64(lo)), c64(hi)))
+            return self.emit(op.minimum(op.maximum(q, cint(lo, dt)), cint(hi, dt)))
         if t.saturation == "SAT_ZERO":
-            bad = op.logical_or(op.less(q, c64(lo)), op.greater(q, c64(hi)))
-            return self.emit(op.where(bad, c64(0), q))
+            bad = op.logical_or(op.less(q, cint(lo, dt)), op.greater(q, cint(hi, dt)))
+            return self.emit(op.where(bad, cint(0, dt), q))
         mod = 1 << t.width
-        q = self.emit(op.bitwise_and(q, c64(mod - 1)))
+        q = self.emit(op.bitwise_and(q, cint(mod - 1, dt)))
         if t.signed:
-            q = self.emit(op.where(op.greater_equal(q, c64(mod >> 1)), op.subtract(q, c64(mod)), q))
+            q = self.emit(op.where(op.greater_equal(q, cint(mod >> 1, dt)), op.subtract(q, cint(mod, dt)), q))
         return q
 
-    def requantize(self, x, frac_in: int, t: FixedType, node: Node):
-        """Exact ap_fixed cast of int64 codes (== types.requantize)."""
+    def requantize(self, x, frac_in: int, t: FixedType, node: Node, in_t: FixedType | None = None):
+        """Exact ap_fixed cast of integer codes (== types.requantize).
+
+        Computed in int32 when ``in_t`` (the input's IR type) is given and
+        :func:`.intplan.requant_dtype` proves every intermediate fits, else in int64 (``x`` is
+        cast as needed).  Returns codes in that dtype."""
         shift = frac_in - t.frac_bits
+        dt = requant_dtype(in_t, shift, t) if in_t is not None else I64
+        x = self.cast(x, dt)
         if shift <= 0:
             q = self.lshift(x, -shift, node)
         else:
             check_shift(shift, node, "requantization")
-            fl = self.emit(op.right_shift(x, c64(shift)))  # arithmetic shift == floor
+            fl = self.emit(op.right_shift(x, cint(shift, dt)))  # arithmetic shift == floor
             q = fl
             if t.rounding != "TRN":
-                rem = self.emit(op.bitwise_and(x, c64((1 << shift) - 1)))
-                half = c64(1 << (shift - 1))
+                rem = self.emit(op.bitwise_and(x, cint((1 << shift) - 1, dt)))
+                half = cint(1 << (shift - 1), dt)
                 up = self._round_up(t.rounding, op.equal(rem, half), op.greater(rem, half),
-                                    op.not_equal(rem, c64(0)), op.less(fl, c64(0)),
-                                    op.equal(op.bitwise_and(fl, c64(1)), c64(1)))
-                q = self.emit(op.add(fl, op.astype(self.emit(up), I64)))
+                                    op.not_equal(rem, cint(0, dt)), op.less(fl, cint(0, dt)),
+                                    op.equal(op.bitwise_and(fl, cint(1, dt)), cint(1, dt)))
+                q = self.emit(op.add(fl, op.astype(self.emit(up), dt)))
         return self.overflow_int(q, t)
 
     def quantize_real(self, x, t: FixedType, node: Node):
@@ -160,16 +190,19 @@ class RelaxLowering:
             return x
         return self.emit(op.expand_dims(x, list(range(1, 1 + rank_to - rank_from))))
 
-    def conv(self, x, w: np.ndarray, dtype, node: Node, groups: int):
+    def conv(self, x, w: np.ndarray, dtype, node: Node, groups: int, w_dtype: str | None = None):
         """Channels-last 1-D/2-D convolution of ``x`` by the constant ``w`` ([*kernel, C_in/groups,
-        C_out]) with the node's strides, pads and (a Conv's) dilations, accumulating in ``dtype``."""
+        C_out]) with the node's strides, pads and (a Conv's) dilations, accumulating in ``dtype``
+        (TVM casts both operands to it before multiplying); the weight constant is stored as
+        ``w_dtype`` (default ``dtype``; its codes must fit)."""
         nd = w.ndim - 2
         k = tuple(node.attrs["kernel"])
         s = tuple(int(v) for v in node.attrs.get("strides", (1,) * nd))
         p = tuple(int(v) for v in node.attrs.get("pads", (0,) * (2 * nd)))
         d = node.attrs.get("dilations", 1) if node.op == "Conv" else 1
         d = (int(d),) * nd if isinstance(d, (int, np.integer)) else tuple(int(v) for v in d)
-        wc = relax.const(np.ascontiguousarray(w.astype(dtype)), dtype)
+        w_dtype = w_dtype or dtype
+        wc = relax.const(np.ascontiguousarray(w.astype(w_dtype)), w_dtype)
         if nd == 2:
             return self.emit(nn.conv2d(x, wc, strides=s, padding=p, dilation=d, groups=groups, data_layout="NHWC",
                                        kernel_layout="HWIO", out_dtype=dtype))
@@ -194,8 +227,10 @@ class RelaxLowering:
         """
         lower_op = LOWERING.lookup(n)
         g = self.g
-        ins = [self.env[i] for i in n.inputs]
         in_types = [g.values[i].dtype for i in n.inputs]
+        ins = [self.env[i] for i in n.inputs]
+        if not getattr(lower_op, "accepts_narrow", False):  # int64 codes, as the entry expects
+            ins = [self.cast(x, I64) if isinstance(t, FixedType) else x for x, t in zip(ins, in_types)]
         out_t = g.values[n.output].dtype
         if isinstance(out_t, FixedType) and not get_op(n.op).quantizes and \
                 not all(isinstance(t, FixedType) for t in in_types):
@@ -225,7 +260,9 @@ class RelaxLowering:
             with self.bb.dataflow():
                 for n in g.nodes:
                     self.env[n.output] = self.node(n)
-                outs = self.bb.emit_output(relax.Tuple([self.env[o] for o in g.outputs]))
+                res = [self.cast(self.env[o], I64) if isinstance(g.values[o].dtype, FixedType) else self.env[o]
+                       for o in g.outputs]  # the contract: int64 codes out
+                outs = self.bb.emit_output(relax.Tuple(res))
             self.bb.emit_func_output(outs)
         return self.bb.get()
 

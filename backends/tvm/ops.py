@@ -6,7 +6,9 @@ Each entry is ``f(lw, n, ins, in_types, out_t) -> relax.Expr`` where ``lw`` is t
 ``window_sum``, ``avg_div`` are exact replicas of the reference interpreter's integer steps),
 ``n`` the node, ``ins`` its input expressions, ``in_types`` their IR dtypes and ``out_t`` the
 output dtype.  Fixed-point values are int64 codes, float values float32, batch first; every
-fixed-point entry must agree with the op's reference kernel bit for bit.
+fixed-point entry must agree with the op's reference kernel bit for bit.  An entry marked
+``@accepts_narrow`` receives codes in whatever integer dtype their producer computed them
+(int32 where :mod:`.intplan` proved it exact) and may return any integer dtype.
 
 The driver (:meth:`~.lower.RelaxLowering.node`) has already refused float inputs to a
 non-quantizer op with a fixed-point output.  An op TVM cannot lower exactly is declared with
@@ -24,43 +26,60 @@ from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
-from .relax_util import F32, I64, c64, cf, check_shift, nn, op
+from .intplan import affine_dtype, binary_dtype, fits, linear_plan
+from .relax_util import F32, I64, accepts_narrow, c64, cf, check_shift, cint, dtype_of, nn, op
 
 #: IR op name -> Relax lowering.
 LOWERING = OpTable("tvm")
 
 
 @LOWERING.register("Quantize")
+@accepts_narrow
 def _quantize(lw, n, ins, in_types, out_t):
+    """Fixed input: :meth:`~.lower.RelaxLowering.requantize` (int32 where proved exact);
+    float input: :meth:`~.lower.RelaxLowering.quantize_real` (float64, int64 codes)."""
     if isinstance(in_types[0], FixedType):
-        return lw.requantize(ins[0], in_types[0].frac_bits, out_t, n)
+        return lw.requantize(ins[0], in_types[0].frac_bits, out_t, n, in_t=in_types[0])
     return lw.quantize_real(ins[0], out_t, n)
 
 
 @LOWERING.register("Sign")
+@accepts_narrow
 def _sign(lw, n, ins, in_types, out_t):
-    zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
-    return lw.emit(op.where(op.greater_equal(ins[0], zero), c64(1), c64(-1)))
+    """``x >= 0 ? 1 : -1``, compared in ``x``'s own dtype; codes out in int32."""
+    zero = cint(0, dtype_of(ins[0])) if isinstance(in_types[0], FixedType) else cf(0.0)
+    return lw.emit(op.where(op.greater_equal(ins[0], zero), cint(1, "int32"), cint(-1, "int32")))
 
 
 @LOWERING.register("Dense", "Conv")
+@accepts_narrow
 def _linear(lw, n, ins, in_types, out_t):
+    """Quantized: matmul/conv on codes, in the dtypes :func:`.intplan.linear_plan` proves exact
+    (int32 operands, accumulation and epilogue where the bounds allow, int64 else), then the
+    alignment shift and the aligned bias (== the reference).  Float: float32."""
     w = n.params["weight"]
     b = n.params.get("bias")
     groups = int(n.attrs.get("groups", 1))
     dense = n.op == "Dense"
     if isinstance(out_t, FixedType):
-        if dense:
-            acc = lw.emit(op.matmul(ins[0], relax.const(np.ascontiguousarray(w.data), I64), out_dtype=I64))
-        else:
-            acc = lw.conv(ins[0], w.data, I64, n, groups)
         f = in_types[0].frac_bits + w.dtype.frac_bits
-        acc = lw.lshift(acc, out_t.frac_bits - f, n)
+        s = out_t.frac_bits - f
+        check_shift(s, n, "aligning binary points")
+        bias = None
         if b is not None:
             bf = b.dtype.frac_bits
             check_shift(out_t.frac_bits - bf, n, "aligning the bias")
             bias = np.left_shift(b.data, out_t.frac_bits - bf)  # same wrap as the reference
-            acc = lw.emit(op.add(acc, c64(bias)))
+        plan = linear_plan(in_types[0], w.data, s, bias)
+        x = lw.cast(ins[0], plan.in_dtype)
+        if dense:
+            wc = relax.const(np.ascontiguousarray(w.data.astype(plan.in_dtype)), plan.in_dtype)
+            acc = lw.emit(op.matmul(x, wc, out_dtype=plan.acc_dtype))
+        else:
+            acc = lw.conv(x, w.data, plan.acc_dtype, n, groups, w_dtype=plan.in_dtype)
+        acc = lw.lshift(lw.cast(acc, plan.epi_dtype), s, n)
+        if bias is not None:
+            acc = lw.emit(op.add(acc, cint(bias, plan.epi_dtype)))
         return acc
     x = lw.real(ins[0], in_types[0])
     wr = w.real().astype(np.float32)
@@ -74,8 +93,10 @@ def _linear(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Relu")
+@accepts_narrow
 def _relu(lw, n, ins, in_types, out_t):
-    zero = c64(0) if isinstance(in_types[0], FixedType) else cf(0.0)
+    """``max(x, 0)`` in ``x``'s own dtype (codes of any width, or float32)."""
+    zero = cint(0, dtype_of(ins[0])) if isinstance(in_types[0], FixedType) else cf(0.0)
     return lw.emit(op.maximum(ins[0], zero))
 
 
@@ -90,10 +111,17 @@ def _leaky_relu(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Add", "Mul")
+@accepts_narrow
 def _binary(lw, n, ins, in_types, out_t):
+    """Codes: align both operands to the output's fraction bits and add, or multiply (== the
+    reference), in int32 where :func:`.intplan.binary_dtype` proves it exact, else int64;
+    per-sample broadcast (unit axes after the batch).  Float: on float32 reals."""
     r = len(lw.g.values[n.output].shape)
-    a, bb = (lw.bcast_rank(x, len(lw.g.values[i].shape), r) for x, i in zip(ins, n.inputs))
     ta, tb = in_types
+    if isinstance(out_t, FixedType):
+        dt = binary_dtype(n.op, ta, tb, out_t.frac_bits)
+        ins = [lw.cast(x, dt) for x in ins]
+    a, bb = (lw.bcast_rank(x, len(lw.g.values[i].shape), r) for x, i in zip(ins, n.inputs))
     if isinstance(out_t, FixedType):
         if n.op == "Add":
             F = out_t.frac_bits
@@ -104,19 +132,25 @@ def _binary(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Affine")
+@accepts_narrow
 def _affine(lw, n, ins, in_types, out_t):
+    """Codes: ``x * scale``, aligned to the output's fraction bits, ``+ bias`` (== the reference),
+    in int32 where :func:`.intplan.affine_dtype` proves it exact, else int64.  Float: float32."""
     s = n.params.get("scale")
     b = n.params.get("bias")
     if isinstance(out_t, FixedType):
-        y = ins[0]
-        f = in_types[0].frac_bits
-        if s is not None:
-            y = lw.emit(op.multiply(y, c64(s.data)))
-            f += s.dtype.frac_bits
-        y = lw.lshift(y, out_t.frac_bits - f, n)
+        f = in_types[0].frac_bits + (s.dtype.frac_bits if s is not None else 0)
+        bias = None
         if b is not None:
             check_shift(out_t.frac_bits - b.dtype.frac_bits, n, "aligning the bias")
-            y = lw.emit(op.add(y, c64(np.left_shift(b.data, out_t.frac_bits - b.dtype.frac_bits))))
+            bias = np.left_shift(b.data, out_t.frac_bits - b.dtype.frac_bits)  # the reference's wrap
+        dt = affine_dtype(in_types[0], s.data if s is not None else None, out_t.frac_bits - f, bias)
+        y = lw.cast(ins[0], dt)
+        if s is not None:
+            y = lw.emit(op.multiply(y, cint(s.data, dt)))
+        y = lw.lshift(y, out_t.frac_bits - f, n)
+        if bias is not None:
+            y = lw.emit(op.add(y, cint(bias, dt)))
         return y
     y = lw.real(ins[0], in_types[0])
     if s is not None:
@@ -127,30 +161,46 @@ def _affine(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Concat")
+@accepts_narrow
 def _concat(lw, n, ins, in_types, out_t):
+    """Codes: each part aligned to the output's fraction bits (== the reference), in int32 when
+    every aligned part's bound fits it, else int64.  Float: float32 reals."""
     axis = int(n.attrs.get("axis", -1))
     axis = axis + 1 if axis >= 0 else axis
     if isinstance(out_t, FixedType):
-        parts = [lw.lshift(x, out_t.frac_bits - t.frac_bits, n) for x, t in zip(ins, in_types)]
+        sh = [out_t.frac_bits - t.frac_bits for t in in_types]
+        ok = all(0 <= k <= 31 and fits(t.min_code << k, t.max_code << k, "int32") for k, t in zip(sh, in_types))
+        dt = "int32" if ok else I64
+        parts = [lw.lshift(lw.cast(x, dt), k, n) for x, k in zip(ins, sh)]
     else:
         parts = [lw.real(x, t) for x, t in zip(ins, in_types)]
     return lw.emit(op.concat(parts, axis=axis))
 
 
 @LOWERING.register("Reshape")
+@accepts_narrow
 def _reshape(lw, n, ins, in_types, out_t):
     return lw.emit(op.reshape(ins[0], (lw.n, *(int(s) for s in n.attrs["shape"]))))
 
 
 @LOWERING.register("Transpose")
+@accepts_narrow
 def _transpose(lw, n, ins, in_types, out_t):
     return lw.emit(op.permute_dims(ins[0], [0, *(int(p) + 1 for p in n.attrs["perm"])]))
 
 
 @LOWERING.register("MaxPool", "AvgPool")
+@accepts_narrow
 def _pool(lw, n, ins, in_types, out_t):
+    """Codes: ``MaxPool`` in the input's dtype when the shifted codes ``x - min_code`` fit it
+    (else int64), padding with the type's min code; ``AvgPool`` window sums in int64, then the
+    reference's ``floor(sum * 2**k / count)``.  Float: float32."""
     x = ins[0]
     in_v = lw.g.values[n.inputs[0]]
+    if isinstance(in_v.dtype, FixedType):
+        t_in = in_v.dtype
+        keep = n.op == "MaxPool" and fits(0, t_in.max_code - t_in.min_code, dtype_of(x))
+        x = x if keep else lw.cast(x, I64)
     k = tuple(int(v) for v in n.attrs["kernel"])
     nd = len(k)
     if nd not in (1, 2) or len(in_v.shape) != nd + 1:
@@ -164,14 +214,14 @@ def _pool(lw, n, ins, in_types, out_t):
     if n.op == "MaxPool":
         if isinstance(t0, FixedType):
             # pad with the type's min code: shift codes so that it becomes 0, pad with 0 explicitly
-            lo = t0.min_code
-            y = lw.emit(op.subtract(x, c64(lo))) if lo else x
+            lo, dt = t0.min_code, dtype_of(x)
+            y = lw.emit(op.subtract(x, cint(lo, dt))) if lo else x
             if any(p):
                 pw = [0, 0] + [v for i in range(nd) for v in (p[i], p[i + nd])] + [0, 0]
                 y = lw.emit(nn.pad(y, pw, pad_value=0.0))
             y = lw.emit(mp(y, pool_size=k, strides=s, padding=(0,) * (2 * nd) if nd == 2 else (0, 0),
                            layout=layout))
-            return lw.emit(op.add(y, c64(lo))) if lo else y
+            return lw.emit(op.add(y, cint(lo, dt))) if lo else y
         return lw.emit(mp(x, pool_size=k, strides=s, padding=p, layout=layout))
     cnt = int(np.prod(k))
     per = window_counts(n, in_v.shape)[None, ..., None] if any(p) else None  # padding not counted
@@ -203,8 +253,9 @@ def _softmax(lw, n, ins, in_types, out_t):
 
 
 def _threshold_te(x, t, base, sign):
-    """TE: ``base[c] + sign[c] * sum_k int64(x[..., c] >= t[c, k])`` (``c`` the last axis; a
-    one-row / one-element parameter is shared by every channel)."""
+    """TE: ``base[c] + sign[c] * sum_k (x[..., c] >= t[c, k])`` (``c`` the last axis; a
+    one-row / one-element parameter is shared by every channel), compared in the dtype of ``x``
+    and ``t``, counted in the dtype of ``base`` and ``sign``."""
     def ch(idx, p):
         return idx[-1] if int(p.shape[0]) > 1 else 0
 
@@ -212,21 +263,32 @@ def _threshold_te(x, t, base, sign):
     if n_t == 0:
         return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * 0, name="mt")
     k = te.reduce_axis((0, n_t), name="k")
-    cnt = te.compute(x.shape, lambda *i: te.sum((x[i] >= t[ch(i, t), k]).astype(I64), axis=k), name="mt_count")
+    cnt = te.compute(x.shape, lambda *i: te.sum((x[i] >= t[ch(i, t), k]).astype(base.dtype), axis=k), name="mt_count")
     return te.compute(x.shape, lambda *i: base[ch(i, base)] + sign[ch(i, sign)] * cnt[i], name="mt")
 
 
 @LOWERING.register("MultiThreshold")
+@accepts_narrow
 def _multi_threshold(lw, n, ins, in_types, out_t):
     """``base[c] + sign[c] * #{k : x[..., c] >= t[c, k]}`` (== the reference's ``searchsorted``
     count) as one TE reduction over ``k``: the comparisons happen inside the sum's loop, so no
-    ``[batch, ..., C, T]`` intermediate exists at any batch size, fused or not."""
+    ``[batch, ..., C, T]`` intermediate exists at any batch size, fused or not.
+
+    Thresholds are clipped to ``[min_code, max_code + 1]`` of the input type (every comparison
+    with an input code is unchanged), so the comparisons run in int32 whenever the input type
+    fits it; the count and the output run in int32 when the output type fits it."""
     p = n.params
-    return lw.bb.emit_te(_threshold_te, ins[0], c64(p["thresholds"].data), c64(p["base"].data),
-                         c64(p["sign"].data), primfunc_name_hint="multi_threshold")
+    x_t = in_types[0]
+    lo, hi = int(x_t.min_code), int(x_t.max_code)
+    cmp_dt = "int32" if fits(lo, hi + 1, "int32") else I64
+    out_dt = "int32" if fits(out_t.min_code, out_t.max_code, "int32") else I64
+    t = np.clip(p["thresholds"].data, lo, hi + 1) if cmp_dt != I64 else p["thresholds"].data
+    return lw.bb.emit_te(_threshold_te, lw.cast(ins[0], cmp_dt), cint(t, cmp_dt), cint(p["base"].data, out_dt),
+                         cint(p["sign"].data, out_dt), primfunc_name_hint="multi_threshold")
 
 
 @LOWERING.register("Resize")
+@accepts_narrow
 def _resize(lw, n, ins, in_types, out_t):
     """Nearest upsampling by integer factors: ``repeat`` along each spatial axis (== the reference)."""
     y = ins[0]
@@ -237,6 +299,7 @@ def _resize(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("DepthToSpace", "SpaceToDepth")
+@accepts_narrow
 def _depth_space(lw, n, ins, in_types, out_t):
     """``reshape -> permute_dims -> reshape`` of the op's :func:`permutation_plan` (== the reference)."""
     mid, perm, out = permutation_plan(n, lw.g.values[n.inputs[0]].shape)

@@ -33,3 +33,22 @@ def check_shift(s: int, node: Node, what: str) -> None:
     if s < 0 or s > MAX_SHIFT:
         raise UnsupportedError(f"{what} needs a shift by {s} bits (only 0..{MAX_SHIFT} can be lowered exactly)",
                                node.name)
+
+
+def cint(v, dtype: str) -> relax.Expr:
+    """Integer constant of ``dtype`` (``v`` must fit it; the callers prove that)."""
+    return relax.const(np.asarray(v, dtype=dtype), dtype)
+
+
+def dtype_of(x) -> str:
+    """The element dtype of a Relax tensor expression (``"int8"``, ``"int64"``, ``"float32"``...)."""
+    return str(x.ty.dtype)
+
+
+def accepts_narrow(fn):
+    """Mark an op-table entry as taking fixed-point inputs in *any* integer dtype (int8..int64:
+    each value is stored in whatever dtype its producer computed it in) and returning codes in an
+    integer dtype of its choice; unmarked entries receive int64 codes (the driver casts).  The
+    lowering casts graph outputs back to int64."""
+    fn.accepts_narrow = True
+    return fn

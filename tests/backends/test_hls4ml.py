@@ -4,6 +4,7 @@ Each compile costs a few seconds, so several ops are batched into each model (mu
 graphs); builds are cached by source hash in ``~/.cache/qdeploy/hls4ml``.
 """
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ if shutil.which("g++") is None:
 
 from qdeploy.backends.hls4ml import Hls4mlBackend  # noqa: E402
 from qdeploy.compiler import reference as ref  # noqa: E402
-from qdeploy.compiler.errors import UnsupportedError  # noqa: E402
+from qdeploy.compiler.errors import CompileError, UnsupportedError  # noqa: E402
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type  # noqa: E402
 from qdeploy.compiler.ir.graph import Graph  # noqa: E402
 from qdeploy.compiler.ir.types import FixedType, FloatType  # noqa: E402
@@ -123,11 +124,41 @@ f = Hls4mlBackend().load({str(moved)!r}, info, g)
 out = f(ref.prepare_feeds(g, np.load({str(tmp_path / 'x.npy')!r})))
 np.savez({str(tmp_path / 'out.npz')!r}, **out)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    weights = Path(d) / "hls4ml_prj" / "firmware" / "weights"
+    hidden = weights.with_name("weights_hidden")
+    weights.rename(hidden)  # the moved copy must read its own weight files, not the original's
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        hidden.rename(weights)
     assert r.returncode == 0, r.stderr[-2000:]
     with np.load(tmp_path / "out.npz") as z:
         for k in g.outputs:
             assert np.array_equal(z[k], want[k]), k
+
+
+def test_build_cache_ignores_weight_values(mlp_artifact, tmp_path):
+    """The C simulation loads weights from firmware/weights/*.txt: a model with the same layers and
+    types but other weight values reuses the cached library, and computes with its own weights."""
+    g, d, info, X, want = mlp_artifact
+    rng = np.random.default_rng(11)
+    nodes = []
+    for n in g.nodes:
+        if n.op == "Dense":
+            w = n.params["weight"]
+            n = n.replace(params={**n.params, "weight": Const(w.data[rng.permutation(w.data.shape[0])], w.dtype)})
+        nodes.append(n)
+    g2 = g.with_(nodes=nodes)
+    assert g2.digest() != g.digest()
+    be = Hls4mlBackend()
+    info2 = be.emit(g2, {}, tmp_path)
+    be.build(tmp_path, info2)
+    assert info2["build_cached"] and info2["source_hash"] == info["source_hash"]
+    feeds = ref.prepare_feeds(g2, X)
+    out = be.load(tmp_path, info2, g2)(feeds)
+    want2 = ref.execute(g2, feeds, codes=True)
+    assert all(np.array_equal(out[k], want2[k]) for k in g2.outputs)
+    assert any(not np.array_equal(want2[k], want[k]) for k in g2.outputs)
 
 
 def test_build_cache_hit(mlp_artifact, tmp_path):
@@ -316,3 +347,24 @@ def test_cnn_stream_vivado_latency(tmp_path):
     g = conv2d_net(rng, stream=True)
     compile_and_check(g, rng.normal(0, 1.5, (20, 8, 8, 4)).astype(np.float32), tmp_path,
                       {"hls4ml": {"backend": "Vivado", "io_type": "io_stream"}})
+
+
+def test_catapult_asic_backend(tmp_path):
+    """hls4ml's Catapult backend (ASIC firmware, Algorithmic C ac_fixed types): its C simulation,
+    built with g++ from the AC headers hls4ml ships, equals the reference bit for bit (the MLP:
+    Dense, ReLU, quantizers, a wide accumulator, host prologue/epilogue)."""
+    rng = np.random.default_rng(5)
+    g = mlp(rng)
+    info, _ = compile_and_check(g, rng.normal(0, 4, (100, 12)).astype(np.float32), tmp_path,
+                                {"hls4ml": {"backend": "Catapult"}})
+    prj = tmp_path / "hls4ml_prj"
+    assert info["backend"] == "Catapult" and (prj / "firmware" / "ac_types").is_dir()
+    assert "ac_fixed" in (prj / "firmware" / "defines.h").read_text()
+
+
+def test_catapult_refuses_a_layer_whose_types_it_changes(cnn_graph, tmp_path):
+    """Catapult's optimizers re-type a MaxPool accumulator (hls4ml 1.3): refused naming the layer,
+    never built with types other than the reference's."""
+    g, _ = cnn_graph
+    with pytest.raises(CompileError, match="hls4ml changed precision accum of layer 'mp'"):
+        Hls4mlBackend().emit(g, {"hls4ml": {"backend": "Catapult"}}, tmp_path)

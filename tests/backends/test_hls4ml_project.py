@@ -47,7 +47,9 @@ def test_project_testbench_reproduces_golden_outputs(tmp_path, io_type):
     readme = (prj / "README.md").read_text()
     assert dev["layer"] in readme and "csim=1" in readme and "40 samples, from the golden inputs" in readme
     # build and run the project's own testbench (what vitis_hls csim does, with g++)
-    r = subprocess.run(["g++", "-O0", "-std=c++17", "-w", "-Ifirmware", "-Ifirmware/ap_types", "myproject_test.cpp",
+    assert "-DWEIGHTS_DIR" in readme
+    r = subprocess.run(["g++", "-O0", "-std=c++17", "-w", "-Ifirmware", "-Ifirmware/ap_types",
+                        '-DWEIGHTS_DIR="firmware/weights"', "myproject_test.cpp",
                         "firmware/myproject.cpp", "-o", "tb"], cwd=prj, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run(["./tb"], cwd=prj, capture_output=True, text=True, timeout=120)

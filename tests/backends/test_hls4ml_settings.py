@@ -72,3 +72,34 @@ def test_compile_flags_and_per_layer_reuse_factors_agree_with_estimate(tmp_path)
     r = CliRunner().invoke(app, ["compile", str(JSC), "-t", "hls4ml", "-o", str(tmp_path / "art3"), "-c", str(cfg),
                                  "--golden", str(tmp_path / "x.npy")])
     assert r.exit_code == 2 and "unknown node(s) ['fc9']" in r.output and not (tmp_path / "art3").exists()
+
+
+@needs_realcases
+def test_progress_stages_and_a_warning_before_building_an_oversized_io_parallel_design(tmp_path):
+    import qdeploy
+    x = np.load(REALCASES / "jsc-qkeras-3layer" / "synthetic_input_uniform_pm1_64x16.npy").astype(np.float32)[:8]
+    seen = []
+    qdeploy.compile(str(JSC), "hls4ml", tmp_path / "a", golden=x, config={"hls4ml": {"part": "pynq-z2"}},
+                    progress=seen.append)
+    warn = [i for i, s in enumerate(seen) if s.startswith("WARNING:") and "io_stream" in s]
+    build = [i for i, s in enumerate(seen) if s.startswith("building")]
+    assert warn and build and warn[0] < build[0], seen
+    assert seen[0] == "importing the model" and any(s.startswith("running the source") for s in seen)
+    seen.clear()  # the same design on a large part: no warning
+    qdeploy.compile(str(JSC), "hls4ml", tmp_path / "b", golden=x, config={"hls4ml": {"part": "vu9p"}},
+                    progress=seen.append)
+    assert not any(s.startswith("WARNING:") for s in seen)
+
+
+@needs_realcases
+def test_catapult_jet_tagger_compiles_exactly_with_an_asic_estimate(tmp_path):
+    import qdeploy
+    x = np.load(REALCASES / "jsc-qkeras-3layer" / "synthetic_input_uniform_pm1_64x16.npy").astype(np.float32)
+    res = qdeploy.compile(str(JSC), "hls4ml", tmp_path / "a", golden=x,
+                          config={"hls4ml": {"backend": "Catapult", "clock_period": 10}, "asic": {"node_nm": 45}})
+    rep = res.report
+    assert rep["exactness"]["bit_exact"] and rep["exactness"]["samples"] == 64
+    est = rep["estimate"]
+    assert est["total"]["area_mm2"] > 0 and est["total"]["energy_nj"] > 0 and est["config"]["node_nm"] == 45
+    readme = (tmp_path / "a" / "hls4ml_prj" / "README.md").read_text()
+    assert "catapult -product ultra" in readme

@@ -442,3 +442,22 @@ def test_conv3d_reference_names_node():
     feeds = random_feeds(g, np.random.default_rng(0), 2)
     with pytest.raises(UnsupportedError, match="conv3d__c"):
         ref.execute(g, feeds, codes=True)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", backend_params(("tvm-llvm",)))
+def test_tvm_static_batch1_entry_exact(backend, wide):
+    """The TVM library's static batch-1 entry ``main_b1`` (built by default; ``predict`` calls it
+    for a batch of one through the thin path's positional call, host epilogue included) is exact
+    on every accepted case, like ``main``."""
+    rejected, comp, outs = wide.get(backend)
+    fast = comp.fn.fast
+    assert fast.entry1 is not None
+    feeds = random_feeds(comp.graph, np.random.default_rng(101), 1)
+    arrays = [np.ascontiguousarray(feeds[n], dtype=d) for n, d in zip(comp.fn.input_names, fast.input_dtypes)]
+    res = fast(arrays, batch1=True)
+    got = {o: (np.asarray(r, dtype=np.int64) if np.issubdtype(np.asarray(r).dtype, np.integer) else r)
+           for o, r in zip(fast.outputs, res)}  # predict dequantizes codes of any integer dtype
+    want = ref.execute(comp.graph, feeds, codes=True)
+    bad = [b for case, o in outs.items() for b in compare("ops_b1", case, backend, comp.graph, got, want, outputs=o)]
+    assert not bad, "\n".join(bad[:20])
