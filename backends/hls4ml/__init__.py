@@ -257,12 +257,32 @@ def _check_model(model, tr: Translation) -> list[dict]:
             if t is None:
                 continue
             got = str(t.precision)
-            if _norm(got) != _norm(want):
+            if _norm(got) != _norm(want) and not (var == "accum" and _max_pool(lay) and _holds(t.precision, want)):
                 raise CompileError(f"hls4ml changed precision {var} of layer {name!r}: {want} -> {got}")
     for name, d in ours.items():
         if name not in seen and d["class_name"] not in _DROPPABLE + ("InputLayer",):
             raise CompileError(f"hls4ml dropped layer {name!r} ({d['class_name']})")
     return summary
+
+
+def _max_pool(lay) -> bool:
+    """A max-pooling layer (its accumulator only holds one of the input values)."""
+    return "Pooling" in lay.class_name and str(lay.get_attr("pool_op", "")).lower() == "max"
+
+
+def _holds(prec, want: str) -> bool:
+    """hls4ml precision ``prec`` represents every value of our fixed type ``want``
+    (``ap_[u]fixed<W,I,...>``): at least as many integer and fraction bits, and signed if ``want`` is.
+    (Catapult's optimizers widen a max-pool accumulator; the maximum of exactly held values is the same.)"""
+    import re
+    m = re.match(r"\s*ap_(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)", want)
+    if m is None or not all(hasattr(prec, a) for a in ("width", "integer", "signed")):
+        return False
+    w_signed, w_width, w_int = m.group(1) != "u", int(m.group(2)), int(m.group(3))
+    p_int_mag = prec.integer - (1 if prec.signed else 0)
+    w_int_mag = w_int - (1 if w_signed else 0)
+    return (prec.signed or not w_signed) and p_int_mag >= w_int_mag and \
+        prec.width - prec.integer >= w_width - w_int
 
 
 def _hls4ml_class(c: str) -> str | None:

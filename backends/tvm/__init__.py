@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -334,11 +335,20 @@ class TvmBackend:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str((out / lib_name).resolve())), tvm.cpu())
         except Exception as e:
             raise CompileError(f"cannot load TVM library {lib_name}: {e}") from e
-        fn = vm["main"]
         b1 = (info or {}).get("batch1_entry")
         if b1 is None and (out / BUILD_FILE).exists():
             b1 = json.loads((out / BUILD_FILE).read_text()).get("batch1_entry", False)
-        fn1 = vm[BATCH1_ENTRY] if b1 else None
+        # a TVM VirtualMachine is not re-entrant: two threads calling it at once corrupt its
+        # register file (wrong outputs or a crash), so every entry takes the same lock
+        vm_lock = threading.Lock()
+
+        def _locked(f):
+            def call(*args):
+                with vm_lock:
+                    return f(*args)
+            return call
+        fn = _locked(vm["main"])
+        fn1 = _locked(vm[BATCH1_ENTRY]) if b1 else None
         ins = [(name, g.values[name]) for name in g.inputs]
         # float inputs cast to fixed point inside the library: NaN has no code (the reference
         # raises); compiled code cannot raise, so check here

@@ -363,8 +363,29 @@ def test_catapult_asic_backend(tmp_path):
 
 
 def test_catapult_refuses_a_layer_whose_types_it_changes(cnn_graph, tmp_path):
-    """Catapult's optimizers re-type a MaxPool accumulator (hls4ml 1.3): refused naming the layer,
-    never built with types other than the reference's."""
+    """Catapult's optimizers re-type pooling accumulators (hls4ml 1.3): a wider max-pool accumulator
+    is accepted (the maximum of exactly held values is the same), an average pool's is refused
+    naming the layer, never built with types other than the reference's."""
     g, _ = cnn_graph
-    with pytest.raises(CompileError, match="hls4ml changed precision accum of layer 'mp'"):
+    with pytest.raises(CompileError, match="hls4ml changed precision accum of layer 'ap3'"):
         Hls4mlBackend().emit(g, {"hls4ml": {"backend": "Catapult"}}, tmp_path)
+
+
+def test_catapult_conv_maxpool(tmp_path):
+    """Conv2D -> ReLU/quantize -> max pooling (its accumulator widened by Catapult: accepted) ->
+    flatten -> dense, the digits-CNN pattern, on Catapult: the C simulation equals the reference."""
+    rng = np.random.default_rng(12)
+    b = GraphBuilder("cmp")
+    x = b.input("x", (8, 8, 1), T("ufixed<5,1,RND_CONV,SAT>"))
+    c = b.add("c1", "Conv", [x], attrs={"kernel": (3, 3), "strides": (1, 1), "pads": (1, 1, 1, 1)},
+              params={"weight": _c(rng, -16, 16, (3, 3, 1, 6), "fixed<6,1>"), "bias": _c(rng, -8, 8, 6, "fixed<5,0>")})
+    h = b.add("r1", "Relu", [c])
+    q = b.add("q1", "Quantize", [h], attrs={"to": T("ufixed<6,2,RND_CONV,SAT>")})
+    mp = b.add("mp", "MaxPool", [q], attrs={"kernel": (2, 2), "strides": (2, 2)})          # (4,4,6)
+    fl = b.add("fl", "Reshape", [mp], attrs={"shape": (96,)})
+    fc = b.add("fc", "Dense", [fl], params={"weight": _c(rng, -16, 16, (96, 10), "fixed<6,1>")})
+    b.output(fc)
+    g = b.build()
+    X = rng.uniform(0, 1, (30, 8, 8, 1)).astype(np.float32)
+    info, _ = compile_and_check(g, X, tmp_path, {"hls4ml": {"backend": "Catapult"}})
+    assert info["backend"] == "Catapult"
