@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -178,6 +179,7 @@ class CudaBackend(TvmBackend):
         except Exception as e:
             raise CompileError(f"cannot load TVM CUDA library {lib_name}: {e}") from e
         fn = vm["main"]
+        vm_lock = threading.Lock()
         ins = [(n, g.values[n], np.int64 if isinstance(g.values[n].dtype, FixedType) else np.float32) for n in g.inputs]
         quantized_in = {i for i in g.inputs if any(c.op == "Quantize" for c in g.consumers(i))}
         outs = list(g.outputs)
@@ -193,7 +195,8 @@ class CudaBackend(TvmBackend):
                 if name in quantized_in and np.isnan(a).any():
                     raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
                 args.append(tvm.runtime.tensor(a, device=dev))
-            res = fn(*args)
+            with vm_lock:  # a TVM VirtualMachine is not re-entrant (see TvmBackend.load)
+                res = fn(*args)
             res = [res] if isinstance(res, tvm.runtime.Tensor) else [res[i] for i in range(len(outs))]
             env = {o: r.numpy() for o, r in zip(outs, res)}
             if epilogue is not None:
