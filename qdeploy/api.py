@@ -373,6 +373,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
                  **{f"ref:{k}": v for k, v in ref.items()})
         notes = [n for r in pm.records for n in r.notes if r.name in ("quantize_inputs", "affine_to_fixed")]
         notes += list(graph.meta.get("notes", []))
+        notes += [n for n in info.get("notes", []) if n.startswith("reuse factor adjusted")]
         notes += _avgpool_notes(graph)
         host = info.get("host_nodes", [])
         if isinstance(host, dict):  # {"prologue": [...], "epilogue": [...]}
@@ -510,9 +511,10 @@ def _compile_estimate(graph: Graph, cfg: dict) -> dict:
     from .backends.hls4ml.estimate import estimate as est
     h = dict(cfg.get("hls4ml") or {})
     opts = {k: h[k] for k in ("part", "clock_period", "reuse_factor", "strategy", "io_type") if k in h}
-    if h.get("backend") == "Catapult":
+    if h.get("backend") == "Catapult":  # the project's clock (hls4ml default 5 ns) unless asic sets one
         from .backends.asic import estimate as est
-        opts = {**({"clock_period": h["clock_period"]} if "clock_period" in h else {}), **dict(cfg.get("asic") or {})}
+        from .backends.hls4ml import DEFAULTS
+        opts = {"clock_period": float(h.get("clock_period", DEFAULTS["clock_period"])), **dict(cfg.get("asic") or {})}
     try:
         return est(graph, opts)
     except QDeployError as e:

@@ -123,7 +123,8 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     for note in res.report.get("notes", []):
         typer.echo(f"note: {note}")
     for w in (res.report.get("estimate") or {}).get("warnings") or []:
-        typer.echo(f"WARNING (estimate): {w}")
+        if w not in res.report.get("notes", []):
+            typer.echo(f"WARNING (estimate): {w}")
     rm = res.report.get("remat")
     if rm:
         typer.echo(f"memory: peak {rm['peak_before']} B -> {rm['peak_after']} B (budget {rm['budget_bytes']} B, "
@@ -357,23 +358,33 @@ def inspect_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, module:f
 @app.command("estimate")
 def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or module:function"),
                  target: str = typer.Option("hls4ml", "--target", "-t", help="hls4ml or asic"),
-                 part: str = typer.Option("xcvu9p", "--part", help="FPGA part (hls4ml): vu9p, vu13p, ku115, u250, zcu102, pynq-z2"),
-                 clock_period: float = typer.Option(None, "--clock-period", help="ns (hls4ml default 5, asic default 25)"),
-                 reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor"),
-                 strategy: str = typer.Option("Latency", "--strategy", help="Latency or Resource"),
-                 io_type: str = typer.Option("io_parallel", "--io-type", help="io_parallel or io_stream"),
-                 node_nm: int = typer.Option(65, "--node", help="ASIC technology node: 65, 45 or 28 nm"),
+                 part: Optional[str] = typer.Option(None, "--part", help="FPGA part (hls4ml; default xcvu9p): vu9p, vu13p, "
+                                                    "ku115, u250, zcu102, pynq-z2"),
+                 clock_period: Optional[float] = typer.Option(None, "--clock-period", help="ns (hls4ml default 5, asic default 25)"),
+                 reuse_factor: Optional[int] = typer.Option(None, "--reuse-factor", help="hls4ml reuse factor (default 1; "
+                                                            "per layer: hls4ml.reuse_factor in --config)"),
+                 strategy: Optional[str] = typer.Option(None, "--strategy", help="Latency (default) or Resource"),
+                 io_type: Optional[str] = typer.Option(None, "--io-type", help="io_parallel (default) or io_stream"),
+                 node_nm: Optional[int] = typer.Option(None, "--node", help="ASIC technology node: 65 (default), 45 or 28 nm"),
                  input_type: Optional[str] = typer.Option(None, "--input-type", help="type of float inputs"),
+                 config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config: its hls4ml (or asic) "
+                                                       "section and input_type, as for compile; flags given override it"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object (total, layers)", metavar="")):
     """Estimate resources and latency (hls4ml) or area/power/energy (asic) without vendor tools."""
     import json as _json
-    from .api import estimate
+    from .api import estimate, load_config
     try:
-        if target == "asic":
-            cfg = {"node_nm": node_nm, "clock_period": clock_period}
+        file_cfg = load_config(config) if config else {}
+        if input_type is None and file_cfg.get("input_type") not in (None, "auto"):
+            input_type = file_cfg["input_type"]
+        if target == "asic":  # flags given override the config's asic section; the estimator has the defaults
+            cfg = {**dict(file_cfg.get("asic") or {}),
+                   **{k: v for k, v in (("node_nm", node_nm), ("clock_period", clock_period)) if v is not None}}
         else:
-            cfg = {"part": part, "clock_period": clock_period, "reuse_factor": reuse_factor, "strategy": strategy,
-                   "io_type": io_type}
+            flags = {"part": part, "clock_period": clock_period, "reuse_factor": reuse_factor, "strategy": strategy,
+                     "io_type": io_type}
+            h = {k: v for k, v in dict(file_cfg.get("hls4ml") or {}).items() if k in flags}
+            cfg = {**h, **{k: v for k, v in flags.items() if v is not None}}
         est = estimate(model, target=target, config=cfg, input_type=input_type)
     except Exception as e:  # one line, never a library traceback
         _fail(e)

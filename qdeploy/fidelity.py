@@ -270,7 +270,9 @@ def check_source(model, graph_src: Graph, graph: Graph, feeds_ir: dict, user: di
         res = {"samples": n, "exact_matches": 0, "mismatches": n, "max_abs_error": float("inf"),
                "max_lsb_error": None, "argmax_agreement": None, "float_rtol": FLOAT_RTOL, "per_output": {},
                "ok": False, "error": str(e)}
-    cls = "nothing to classify (no value differs)"
+    cls = ("nothing to classify (no value differs)" if not res.get("max_abs_error") else
+           f"nothing to classify (float outputs within the float tolerance: {FLOAT_RTOL:g} x max(1, max |output|); "
+           f"fixed-point outputs identical)")
     if res.get("differing_values"):
         try:
             outs64, _, src64 = _run_source(model, graph_src, inputs, True)

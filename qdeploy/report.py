@@ -120,6 +120,9 @@ def render_markdown(report: dict) -> str:
         t = est["total"]
         part = est.get("part", "")
         part = part.get("name", part.get("key", "")) if isinstance(part, dict) else part
+        if not part and (est.get("config") or {}).get("node_nm"):  # ASIC: the technology node and clock
+            c = est["config"]
+            part = f"{c['node_nm']} nm" + (f", clock period {c['clock_period']} ns" if c.get("clock_period") else "")
         L += ["", f"## Estimate ({est.get('target', 'hls4ml')}, {part}; no vendor tool)", ""]
         keys = [k for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles",
                             "area_mm2", "power_mw", "energy_nj") if t.get(k) is not None]
@@ -153,13 +156,17 @@ def hls4ml_markdown(info: dict, est: dict) -> list[str]:
          f"`{info.get('project_dir', 'hls4ml_prj')}/` (hls4ml {info.get('hls4ml_version', '?')}, backend "
          f"{info.get('backend')}): " + ("ASIC (Catapult, tech asic)" if info.get("backend") == "Catapult" else
                                         f"part `{info.get('part')}`") + f", clock period {info.get('clock_period')} ns, "
-         f"`{info.get('io_type')}`, strategy {info.get('strategy')}, reuse factor {info.get('reuse_factor')}.", ""]
+         f"`{info.get('io_type')}`, strategy {info.get('strategy')}, reuse factor "
+         + (", ".join(f"{k}: {v}" for k, v in info["reuse_factor"].items()) if isinstance(info.get("reuse_factor"), dict)
+            else str(info.get("reuse_factor"))) + ".", ""]
     for w in est.get("warnings") or []:
         L.append(f"- **WARNING**: {w}")
-    L += ["", "| port | hls4ml layer | IR value | type | shape | layout |", "|---|---|---|---|---|---|"]
+    L += ["", "| port | argument | hls4ml layer | IR value | type | shape | layout |", "|---|---|---|---|---|---|---|"]
     for kind, key in (("in", "device_inputs"), ("out", "device_outputs")):
         for d in info.get(key) or []:
-            L.append(f"| {kind} | {d['layer']} | {d['value']} | `{d['type']}` | {d['shape']} | channels-last |")
+            L.append(f"| {kind} | {d.get('port', d['layer'])} | {d['layer']} | {d['value']} | `{d['type']}` | {d['shape']} | "
+                     + ("hls::stream, channels innermost" if info.get("io_type") == "io_stream" else "channels-last")
+                     + " |")
     rows = {r["name"]: r for r in est.get("layers") or []}
     rfs = info.get("reuse_factors") or {}
     files = info.get("weight_files") or {}

@@ -423,6 +423,11 @@ class Hls4mlBackend:
         adjusted = adjusted_sentence(rfs)
         weight_files = {lay.name: [f for f in (f"firmware/weights/{w.name}.h" for w in lay.get_weights())
                                    if (prj / f).is_file()] for lay in model.get_layers()}
+        by_name = {lay.name: lay for lay in model.get_layers()}
+
+        def port(layer):  # the top function's argument: the layer's output variable
+            var = by_name[layer].get_output_variable() if layer in by_name else None
+            return var.name if var is not None else layer
         dev = part.device
         return {
             "hls4ml_version": hls4ml.__version__,
@@ -431,10 +436,10 @@ class Hls4mlBackend:
             "host_nodes": {"prologue": [n.name for n in part.prologue.nodes] if part.prologue else [],
                            "epilogue": [n.name for n in part.epilogue.nodes] if part.epilogue else []},
             "device_nodes": [n.name for n in dev.nodes],
-            "device_inputs": [{"value": v.name, "layer": tr.value_layer[v.name], "shape": list(v.shape),
-                               "type": str(v.dtype)} for v in dev.input_values()],
-            "device_outputs": [{"value": v.name, "layer": tr.value_layer[v.name], "shape": list(v.shape),
-                                "type": str(v.dtype)} for v in dev.output_values()],
+            "device_inputs": [{"value": v.name, "layer": tr.value_layer[v.name], "port": port(tr.value_layer[v.name]),
+                               "shape": list(v.shape), "type": str(v.dtype)} for v in dev.input_values()],
+            "device_outputs": [{"value": v.name, "layer": tr.value_layer[v.name], "port": port(tr.value_layer[v.name]),
+                                "shape": list(v.shape), "type": str(v.dtype)} for v in dev.output_values()],
             "hls_outputs": list(tr.outputs),
             "node_layers": tr.node_layers,
             "layers": summary,

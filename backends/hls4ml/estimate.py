@@ -140,8 +140,9 @@ Other layers
       reads), a sum, one inverse lookup, n 18x18 multiplies (DSP), 3 cycles.  The qdeploy hls4ml
       backend runs float Softmax on the host, so it is counted only with
       ``config["softmax_on_device"]``.
-  A14. Float-typed nodes (host prologue/epilogue, e.g. the input ``Quantize`` of a float input)
-      cost nothing on the FPGA and are listed with ``"host": true``.
+  A14. Float-typed nodes (host prologue/epilogue, e.g. the input ``Quantize`` of a float input) and
+      every node of the host prologue (:func:`qdeploy.passes.partition.partition`: an input
+      quantizer's MultiThreshold too) cost nothing on the FPGA and are listed with ``"host": true``.
 
 Config keys (all optional): ``part`` (default ``xcvu9p``), ``clock_period`` (ns, 5),
 ``reuse_factor`` (1; int or ``{node_name: int}``), ``strategy`` (``Latency``|``Resource``),
@@ -200,6 +201,18 @@ def _options(config: dict | None) -> dict:
     return opts
 
 
+def _prologue_nodes(graph: Graph) -> set:
+    """Names of the nodes the hls4ml backend runs on the host before the firmware
+    (:func:`qdeploy.passes.partition.partition`'s prologue: float ops and input quantizers, including a
+    ``MultiThreshold`` on a float input's exact grid); empty when the graph cannot be partitioned."""
+    from ...passes.partition import partition
+    try:
+        p = partition(graph)
+    except Exception:  # the estimate still prices what it can; the compile reports the partition error
+        return set()
+    return {n.name for n in p.prologue.nodes} if p.prologue is not None else set()
+
+
 def _cost(node) -> Cost:
     """The FPGA estimate entry of ``node``'s op.
 
@@ -243,7 +256,11 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
     layers = []
     pending_delay = 0.0  # chained elementwise delay (A10)
     stream = opts["io_type"] == "io_stream"
+    prologue = _prologue_nodes(graph)
     for node in graph.nodes:
+        if node.name in prologue:  # the input quantizer the host runs (A14), e.g. a float-exact MultiThreshold
+            layers.append(layer_row(node, host=True))
+            continue
         cost = _cost(node)
         if cost.timing == "standalone":  # priced by its row alone, whatever its types (Softmax, A13)
             layers.append(layer_row(node, **cost.row(ctx, node)))

@@ -99,8 +99,10 @@ def write_readme(prj: Path, info: dict, tb: dict, golden: str) -> None:
     rows = []
     for kind, key in (("in", "device_inputs"), ("out", "device_outputs")):
         for d in info.get(key, []):
-            rows.append(f"| {kind} | `{d['layer']}` | `{d['value']}` | `{d['type']}` | {d['shape']} | "
-                        f"channels-last (C order of the shape) |")
+            rows.append(f"| {kind} | `{d.get('port', d['layer'])}` | `{d['layer']}` | `{d['value']}` | `{d['type']}` | "
+                        f"{d['shape']} | " + ("stream of pixels, channels innermost (`hls::stream`)"
+                                              if info.get("io_type") == "io_stream" else
+                                              "array, channels-last (C order of the shape)") + " |")
     host = info.get("host_nodes") or {}
     lines = [
         f"# {name}: hls4ml {info.get('hls4ml_version', '')} project written by qdeploy",
@@ -120,8 +122,13 @@ def write_readme(prj: Path, info: dict, tb: dict, golden: str) -> None:
                                      'vitis_hls -f build_prj.tcl "csim=1 synth=1 cosim=1"     # + synthesis and RTL co-simulation'])),
         "```",
         "",
-        "Without Vitis: `g++ -O1 -std=c++17 -Ifirmware -Ifirmware/ap_types '-DWEIGHTS_DIR=\"firmware/weights\"' "
-        f"myproject_test.cpp firmware/{name}.cpp -o tb && ./tb` (from this folder; the C simulation reads the "
+        "Without the vendor tool: "
+        + (f"`g++ -O1 -std=c++17 -Ifirmware -Ifirmware/ac_types/include -Ifirmware/ac_math/include "
+           f"-Ifirmware/ac_simutils/include -Ifirmware/nnet_utils {name}_test.cpp firmware/{name}.cpp -o tb && "
+           f"./tb firmware/weights {TB_INPUT} {TB_OUTPUT}`" if info.get("backend") == "Catapult" else
+           f"`g++ -O1 -std=c++17 -Ifirmware -Ifirmware/ap_types '-DWEIGHTS_DIR=\"firmware/weights\"' "
+           f"{name}_test.cpp firmware/{name}.cpp -o tb && ./tb`")
+        + " (from this folder; the C simulation reads the "
         "weights from `firmware/weights/*.txt`) writes `tb_data/csim_results.log`, one line "
         "per output per sample; it equals `tb_data/tb_output_predictions.dat` value for value"
         + (" (qdeploy set the results file to 17 significant digits: hls4ml's default 6 rounds them)."
@@ -129,8 +136,8 @@ def write_readme(prj: Path, info: dict, tb: dict, golden: str) -> None:
         "",
         "## Ports (top function arguments, in order)",
         "",
-        "| dir | hls4ml layer | qdeploy IR value | type | shape | layout |",
-        "|---|---|---|---|---|---|",
+        "| dir | argument | hls4ml layer | qdeploy IR value | type | shape | layout |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         "## Testbench data",
@@ -149,7 +156,7 @@ def write_readme(prj: Path, info: dict, tb: dict, golden: str) -> None:
         f"`hls4ml_config.yml` names this folder as `OutputDir`; if you move the folder, update it there.",
         "",
         f"`{'qdeploy_weights_dir.h'}` / `{'qdeploy_weights_dir.cpp'}`: only for qdeploy's own C-simulation library "
-        "(it reads the weight `.txt` files from wherever the artifact lies); Vitis HLS does not use them.",
+        "(it reads the weight `.txt` files from wherever the artifact lies); the HLS tool does not use them.",
         "",
     ]
     (prj / "README.md").write_text("\n".join(lines))

@@ -36,8 +36,8 @@ def full_part(part: str) -> str:
         QDeployError: an unknown short name (the message lists the known parts).
     """
     p = str(part).strip()
-    if "-" in p and p.lower().startswith("xc") and len(p.split("-")) >= 3:  # e.g. xcvu9p-flga2104-2L-e
-        return p
+    if "-" in p and p.lower().startswith("xc"):  # a full part number (xcvu9p-flga2104-2L-e, xc7a35tcpg236-1)
+        return p  # hls4ml takes any; the estimate says when it does not know the device
     key, _ = resolve_part(p)
     return FULL_PARTS[key]
 

@@ -25,18 +25,69 @@ from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
 from .fastcall import FastCall
-from .schedule import SCHEDULES, schedule_cpu
+from .schedule import DEFAULT_SCHEDULE, MIN_PARALLEL_WORK, SCHEDULES, schedule_cpu
 from .target import cross_compiler, library_target, not_run_reason, resolve_target
 
 BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
 
-__all__ = ["TvmBackend", "resolve_target"]
+__all__ = ["TvmBackend", "resolve_target", "default_threads"]
 
 GRAPH_STEM = "model"
 EPILOGUE_STEM = "host_epilogue"
 FULL_STEM = "full_model"
 SCRIPT_FILE = "model.relax.txt"
 BUILD_FILE = "tvm_build.json"
+
+
+def _scheduled(mod, tgt, info: dict):
+    """``mod`` ready for ``tvm.compile`` under the schedule options of ``info`` (call inside
+    the build's ``PassContext``): unchanged for ``schedule: "none"``; for ``"auto"`` fused by
+    ``relax.get_pipeline("zero")`` (legalize, FuseOps, FuseTIR) and scheduled by
+    :func:`.schedule.schedule_cpu` with ``parallel`` / ``min_parallel_work``."""
+    if str(info.get("schedule", "none")) == "none":
+        return mod
+    from tvm import relax
+
+    with tgt:
+        mod = relax.get_pipeline("zero")(mod)
+    return schedule_cpu(mod, parallel=bool(info.get("parallel", True)),
+                        min_parallel_work=int(info.get("min_parallel_work", MIN_PARALLEL_WORK)))
+
+
+def _parallel_opts(opts: dict) -> dict:
+    """The validated ``parallel`` / ``min_parallel_work`` options of config ``tvm:``."""
+    par = opts.get("parallel", True)
+    if not isinstance(par, bool):
+        raise CompileError(f"tvm.parallel must be true or false, got {par!r}")
+    mpw = opts.get("min_parallel_work", MIN_PARALLEL_WORK)
+    if isinstance(mpw, bool) or not isinstance(mpw, int) or mpw < 0:
+        raise CompileError(f"tvm.min_parallel_work must be an integer >= 0 (element operations), got {mpw!r}")
+    return {"parallel": par, "min_parallel_work": mpw}
+
+
+def default_threads() -> int:
+    """Size TVM's runtime thread pool (the ``T.parallel`` loops of the default schedule) to the
+    CPUs this process may run on, unless the user chose: ``TVM_NUM_THREADS`` (or
+    ``OMP_NUM_THREADS``, which TVM also reads) set in the environment is left alone.  TVM's own
+    default is half the hardware threads on x86 (it assumes hyper-threading), i.e. one thread
+    on a 2-vCPU machine.  Sets ``TVM_NUM_THREADS`` in ``os.environ``; TVM reads it when its
+    pool is created (the first parallel call in the process), so a pool that already exists
+    keeps its size.
+
+    Returns:
+        the thread count TVM will use (``runtime.NumThreads``).
+    """
+    import os
+
+    import tvm
+
+    if not os.environ.get("TVM_NUM_THREADS") and not os.environ.get("OMP_NUM_THREADS"):
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            n = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(max(1, n))
+    return int(tvm.get_global_func("runtime.NumThreads")())
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
@@ -107,10 +158,15 @@ class TvmBackend:
     Config (``config["tvm"]``, all optional): ``target``, ``mcpu``, ``mtriple``, ``mattr``, ``cc``
     (see :mod:`.target`: portable x86-64 by default, ``mcpu: native`` for this machine's CPU, an
     ``mtriple`` of another architecture cross-compiles), ``opt_level`` (0..3, default 3),
-    ``schedule`` (``"none"`` (default): TVM's default CPU pipeline, naive loop nests;
-    ``"auto"``: fuse first (``relax.get_pipeline("zero")``) and apply the fixed loop schedule of
-    :func:`.schedule.schedule_cpu` -- reductions reordered and vectorized over the contiguous
-    output axis; same accumulation order per output element, so int64 codes stay bit-exact),
+    ``schedule`` (``"auto"`` (default): fuse first (``relax.get_pipeline("zero")``) and apply
+    the fixed loop schedule of :func:`.schedule.schedule_cpu` -- reductions reordered and
+    vectorized over the contiguous output axis, epilogues fused into the reduction's loop,
+    leading spatial loops run on TVM's thread pool (``TVM_NUM_THREADS`` at run time) when a
+    call has enough work; same accumulation order per output element, so int64 codes stay
+    bit-exact; ``"none"``: TVM's default CPU pipeline, naive single-threaded loop nests),
+    ``parallel`` (default true: use the thread pool in ``"auto"``), ``min_parallel_work``
+    (default :data:`.schedule.MIN_PARALLEL_WORK`: element operations a call needs before a
+    loop nest runs in parallel; 0 = always),
     ``batch1_entry`` (default true: also compile a static batch-1 entry ``main_b1``, which
     ``CompiledModel.predict`` and ``run.tensors1`` call for a batch of one -- no symbolic-shape
     dispatch in the VM; the dynamic runtime calls it for single samples; false builds ``main``
@@ -148,6 +204,13 @@ class TvmBackend:
 
         out = Path(out_dir)
         opts = dict((config or {}).get("tvm") or {})
+        if "tune" in opts:
+            raise CompileError("tvm.tune: meta-schedule tuning is not implemented yet (issue #15); remove the option "
+                               "to build with the default untuned schedule")
+        schedule = str(opts.get("schedule", DEFAULT_SCHEDULE))
+        if schedule not in SCHEDULES:
+            raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        par = _parallel_opts(opts) if schedule != "none" else {}
         # Quantized graphs: trailing float ops (output scale, softmax) run on the host in NumPy
         # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
         # the rest.  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
@@ -167,14 +230,12 @@ class TvmBackend:
             files.append(SCRIPT_FILE)
         except Exception:  # pragma: no cover - printing is best effort
             pass
-        schedule = str(opts.get("schedule", "none"))
-        if schedule not in SCHEDULES:
-            raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         info = {
             "tvm_version": tvm.__version__,
             "target": target,
             "opt_level": int(opts.get("opt_level", 3)),
             "schedule": schedule,
+            **par,
             "graph_digest": graph.digest(),
             "files": files,
             "host_nodes": host_nodes,
@@ -211,7 +272,10 @@ class TvmBackend:
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         b1 = bool(info.get("batch1_entry"))
-        sched_key = ("" if schedule == "none" else f"|{schedule}") + ("|b1" if b1 else "")  # unchanged names for existing builds
+        par = _parallel_opts(info) if schedule != "none" else {}
+        # unchanged names for existing "none" builds; "auto2": the parallel schedule
+        sched_key = ("" if schedule == "none" else f"|{schedule}2|{par['parallel']}|{par['min_parallel_work']}") + \
+            ("|b1" if b1 else "")
         key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}{sched_key}".encode()).hexdigest()[:16]
         lib_name = f"lib_{key}.so"
         t0 = time.perf_counter()
@@ -219,13 +283,7 @@ class TvmBackend:
             mod = lower(graph, batch1_entry=b1)
             tgt = tvm.target.Target(target)
             with tvm.transform.PassContext(opt_level=opt_level):
-                if schedule == "auto":
-                    from tvm import relax as _relax
-
-                    with tgt:
-                        mod = _relax.get_pipeline("zero")(mod)
-                    mod = schedule_cpu(mod)
-                ex = tvm.compile(mod, target=tgt)
+                ex = tvm.compile(_scheduled(mod, tgt, {"schedule": schedule, **par}), target=tgt)
             cc = cross_compiler(target, {"cc": info.get("cross_compiler")})
             if cc:
                 from tvm.support.cc import cross_compiler as _fcompile
@@ -246,7 +304,7 @@ class TvmBackend:
         (out / BUILD_FILE).write_text(json.dumps({"library": lib_name, "target": target,
                                                   "library_target": info["library_target"],
                                                   "not_run_here": info.get("not_run_here"),
-                                                  "opt_level": opt_level, "schedule": schedule,
+                                                  "opt_level": opt_level, "schedule": schedule, **par,
                                                   "batch1_entry": b1}, indent=1))
 
     # ------------------------------------------------------------------ localize
@@ -272,12 +330,7 @@ class TvmBackend:
         debug = core.with_(outputs=inner)
         tgt = tvm.target.Target(info.get("target") or resolve_target({}))
         with tvm.transform.PassContext(opt_level=int(info.get("opt_level", 3))):
-            mod = lower(debug)
-            if info.get("schedule", "none") == "auto":
-                with tgt:
-                    mod = relax.get_pipeline("zero")(mod)
-                mod = schedule_cpu(mod)
-            ex = tvm.compile(mod, target=tgt)
+            ex = tvm.compile(_scheduled(lower(debug), tgt, info), target=tgt)
         vm = relax.VirtualMachine(ex, tvm.cpu())
         args = [_to_tvm(np.ascontiguousarray(feeds[i], dtype=np.int64 if isinstance(core.value(i).dtype, FixedType)
                                              else np.float32)) for i in core.inputs]
@@ -301,6 +354,9 @@ class TvmBackend:
                 has no ``library``).
             graph: the IR graph (defaults to the saved ``model.json``); gives input/output
                 names, shapes and types.
+        The process's TVM thread pool is sized by :func:`default_threads` (all available CPUs
+        unless ``TVM_NUM_THREADS`` is set).
+
         Returns:
             ``f(feeds) -> outputs``: ``feeds`` maps every graph input name to a batch-first
             array ``(N, *shape)`` (codes for fixed-point inputs, reals for float ones);
@@ -331,6 +387,7 @@ class TvmBackend:
         g = Graph.load(str(out / GRAPH_STEM))  # the library's graph (the core when split)
         epilogue = Graph.load(str(out / EPILOGUE_STEM)) if (out / f"{EPILOGUE_STEM}.json").exists() else None
         full = graph if graph is not None else (Graph.load(str(out / FULL_STEM)) if epilogue is not None else g)
+        default_threads()
         try:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str((out / lib_name).resolve())), tvm.cpu())
         except Exception as e:

@@ -1,10 +1,12 @@
 """The ``tvm-cuda`` target: the same Relax lowering as ``tvm-llvm``, compiled for an NVIDIA GPU.
 
 Build: ``tvm.compile`` with target ``{"kind": "cuda", "arch": "sm_80"}`` (config ``tvm.arch``:
-``sm_80`` default, ``sm_90``, any ``sm_XY``) and a portable x86-64 host target (:mod:`.target`).
-TVM's default CUDA pipeline (``tvm.relax.backend.cuda.pipeline``) fuses (``FuseOps``/``FuseTIR``)
-and schedules every kernel with the DLight GPU rules ``dl.gpu.Matmul``, ``GEMV``, ``Reduction``,
-``GeneralReduction`` and ``Fallback`` (``tvm.s_tir.dlight``), no tuning.  This needs no GPU and no
+``sm_80`` default, ``sm_90``, any ``sm_XY``) and a portable x86-64 host target (:mod:`.target`),
+through TVM's default CUDA pipeline (``tvm.relax.backend.cuda.pipeline``: fusion with
+``FuseOps``/``FuseTIR``, every kernel scheduled with the DLight GPU rules ``dl.gpu.Matmul``,
+``GEMV``, ``Reduction``, ``GeneralReduction``, ``Fallback`` from ``tvm.s_tir.dlight``, no tuning)
+-- with the rules applied per kernel so that one rule failing on a kernel falls through to the
+next (:func:`cuda_pipeline`).  This needs no GPU and no
 CUDA toolkit: the library embeds the generated CUDA C source (also written to ``model.cu``), which
 TVM's CUDA runtime compiles for the device when the library is loaded (NVRTC from ``cuda-python``,
 or ``nvcc`` with ``TVM_CUDA_COMPILE_MODE=nvcc``; TVM 0.27 ``tvm.support.nvcc``).
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -96,6 +99,8 @@ class CudaBackend(TvmBackend):
         info = super().emit(graph, {**(config or {}), "tvm": cpu_opts}, out_dir)
         info.update({"target": cuda, "target_host": host, "schedule": "dlight",
                      "not_run_here": cuda_device_reason()})
+        for k in ("parallel", "min_parallel_work"):  # CPU schedule options (tvm-llvm's "auto")
+            info.pop(k, None)
         return info
 
     def build(self, out_dir, info: dict) -> None:
@@ -122,7 +127,7 @@ class CudaBackend(TvmBackend):
             mod = lower(graph)
             tgt = tvm.target.Target(cuda, host=host)
             with tvm.transform.PassContext(opt_level=opt_level):
-                ex = tvm.compile(mod, target=tgt)  # default CUDA pipeline: FuseOps/FuseTIR + DLight
+                ex = tvm.compile(mod, target=tgt, relax_pipeline=cuda_pipeline(tgt))
             ex.export_library(str(out / lib_name))
         except Exception as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
@@ -176,6 +181,7 @@ class CudaBackend(TvmBackend):
         except Exception as e:
             raise CompileError(f"cannot load TVM CUDA library {lib_name}: {e}") from e
         fn = vm["main"]
+        vm_lock = threading.Lock()
         ins = [(n, g.values[n], np.int64 if isinstance(g.values[n].dtype, FixedType) else np.float32) for n in g.inputs]
         quantized_in = {i for i in g.inputs if any(c.op == "Quantize" for c in g.consumers(i))}
         outs = list(g.outputs)
@@ -191,7 +197,8 @@ class CudaBackend(TvmBackend):
                 if name in quantized_in and np.isnan(a).any():
                     raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
                 args.append(tvm.runtime.tensor(a, device=dev))
-            res = fn(*args)
+            with vm_lock:  # a TVM VirtualMachine is not re-entrant (see TvmBackend.load)
+                res = fn(*args)
             res = [res] if isinstance(res, tvm.runtime.Tensor) else [res[i] for i in range(len(outs))]
             env = {o: r.numpy() for o, r in zip(outs, res)}
             if epilogue is not None:
@@ -201,6 +208,52 @@ class CudaBackend(TvmBackend):
         run.input_names = [n for n, _, _ in ins]
         run.output_names = outs
         return run
+
+
+def cuda_pipeline(target):
+    """TVM 0.27's default CUDA Relax pipeline (``relax.backend.cuda.pipeline``: library dispatch,
+    ``LegalizeOps``, ``FuseOps``/``FuseTIR``, DLight, dataflow lowering, finalization) with one
+    change: the DLight rules are tried per kernel in order (``gpu.Matmul``, ``GEMV``, ``Reduction``,
+    ``GeneralReduction``, ``Fallback``) and a rule that *raises* on a kernel is skipped like one that
+    does not match -- TVM's ``ApplyDefaultSchedule`` stops the whole build there (its GEMV rule
+    asserts on a reduction without reduction loops in the Lookup/TopK kernels).  A kernel no rule
+    schedules keeps no thread binding and TVM's ``VerifyMemory`` then fails the build."""
+    import tvm
+    from tvm import s_tir, tirx
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+    @tvm.transform.module_pass(opt_level=0, name="QdeployDLight")
+    def schedule(mod, _ctx):
+        updated = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or int(func.attrs.get("tirx.is_scheduled", 0) if func.attrs else 0):
+                continue
+            for rule in rules:
+                try:
+                    space = rule.apply(func, target, False)
+                except Exception:  # noqa: BLE001 - a rule that cannot handle this kernel
+                    continue
+                if space is None:
+                    continue
+                sch = space if isinstance(space, s_tir.Schedule) else space[0]
+                updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                break
+        for gv, func in updated.items():
+            mod[gv] = func
+        return mod
+
+    legalize = [p for p in cuda.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"] + [schedule]
+
+    @tvm.transform.module_pass(opt_level=0, name="QdeployCudaPipeline")
+    def pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
+                                            + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
+
+    return pipeline
 
 
 def _select_cuda_compiler() -> None:

@@ -396,3 +396,33 @@ def test_unsigned_data_needs_one_more_dsp_port_bit():
     unsigned = mlp(np.array([[300]]), FixedType(27, 8, False), FixedType(24, 20), relu=False)
     viv = {"dsp_rule": "vivado"}  # the constant at its narrowed 10 bits
     assert estimate(signed, viv)["total"]["dsp"] == 1 and estimate(unsigned, viv)["total"]["dsp"] == 2
+
+
+def test_host_input_quantizer_costs_nothing(tmp_path):
+    """A non-power-of-two input Quant on a float input becomes a grid Quantize + MultiThreshold that
+    the hls4ml backend runs on the host (partition prologue): the estimate lists both as host rows
+    with no LUTs (it once priced the MultiThreshold at ~1.5M LUTs and warned the design did not fit)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import qdeploy.api as api
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.float32(1 / 3), "s"), numpy_helper.from_array(np.float32(0), "z"),
+             numpy_helper.from_array(np.float32(8), "b8"), numpy_helper.from_array(np.float32(0.125), "ws"),
+             numpy_helper.from_array(rng.integers(-8, 8, (16, 4)).astype(np.float32) * 0.125, "w")]
+    nodes = [helper.make_node("Quant", ["x", "s", "z", "b8"], ["xq"], name="qin", domain="qonnx.custom_op.general",
+                              signed=1, narrow=0, rounding_mode="ROUND"),
+             helper.make_node("Quant", ["w", "ws", "z", "b8"], ["wq"], name="qw", domain="qonnx.custom_op.general",
+                              signed=1, narrow=0, rounding_mode="ROUND"),
+             helper.make_node("MatMul", ["xq", "wq"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)])
+    onnx.save(m, tmp_path / "m.onnx")
+    est = api.estimate(str(tmp_path / "m.onnx"), "hls4ml")
+    rows = {r["name"]: r for r in est["layers"]}
+    mt = [r for r in est["layers"] if r["op"] == "MultiThreshold"]
+    assert mt and all(r["host"] and r["lut"] == 0 for r in mt)
+    assert est["total"]["lut"] == sum(r["lut"] for r in est["layers"] if not r["host"])
+    assert est["total"]["utilization_pct"]["lut"] < 5 and not est["warnings"]
+    assert rows

@@ -40,7 +40,9 @@ def test_project_testbench_reproduces_golden_outputs(tmp_path, io_type):
     dev = qdeploy.CompiledModel.load(out).manifest["backend"]["device_outputs"][0]
     assert dev["shape"] == [5]
     md = (out / "report.md").read_text()
-    assert "## hls4ml project" in md and f"`{io_type}`" in md and "| out | " + dev["layer"] in md
+    assert "## hls4ml project" in md and f"`{io_type}`" in md and f"| out | {dev['port']} | {dev['layer']} |" in md
+    top = (prj / "firmware" / "myproject.h").read_text()
+    assert dev["port"] in top  # the argument name of the top function
     weights = sorted(p.name for p in (prj / "firmware" / "weights").glob("w*.h"))
     assert weights and all(f"`{w}`" in md for w in weights)  # every weight header is mapped to its IR node
     assert "Testbench data (`tb_data/`): 40 samples" in md

@@ -66,6 +66,10 @@ def test_compile_flags_and_per_layer_reuse_factors_agree_with_estimate(tmp_path)
     rfs = json.loads((out2 / "manifest.json").read_text())["backend"]["reuse_factors"]
     assert rfs["MatMul_1"]["requested"] == 5 and rfs["MatMul_0"]["requested"] == 1
     assert rfs["MatMul_1"]["used"] == closest_reuse_factor(64, 32, 5, "Resource")
+    # qdeploy estimate reads the same config file and reports the same per-layer reuse factors
+    r = CliRunner().invoke(app, ["estimate", str(JSC), "-c", str(cfg), "--strategy", "Resource", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["reuse_factors"] == rfs
 
     # a mapping naming a node that does not exist is an error, not ignored
     cfg.write_text(yaml.safe_dump({"hls4ml": {"reuse_factor": {"fc9": 2}}}))
@@ -103,3 +107,23 @@ def test_catapult_jet_tagger_compiles_exactly_with_an_asic_estimate(tmp_path):
     assert est["total"]["area_mm2"] > 0 and est["total"]["energy_nj"] > 0 and est["config"]["node_nm"] == 45
     readme = (tmp_path / "a" / "hls4ml_prj" / "README.md").read_text()
     assert "catapult -product ultra" in readme
+
+
+@needs_realcases
+def test_catapult_project_readme_testbench_command_works(tmp_path):
+    """The Catapult project's README gives the g++ command of its own (Catapult) testbench, which
+    takes the weights folder and the tb_data files as arguments; it reproduces the expected outputs."""
+    import re
+    import subprocess
+    import qdeploy
+    x = np.load(REALCASES / "jsc-qkeras-3layer" / "synthetic_input_uniform_pm1_64x16.npy").astype(np.float32)[:12]
+    res = qdeploy.compile(str(JSC), "hls4ml", tmp_path / "a", golden=x, config={"hls4ml": {"backend": "Catapult"}})
+    assert res.report["estimate"]["config"]["clock_period"] == 5.0  # the project's clock, not the ASIC default
+    prj = tmp_path / "a" / "hls4ml_prj"
+    cmd = re.search(r"Without the vendor tool: `([^`]*)`", (prj / "README.md").read_text()).group(1)
+    assert "ac_types" in cmd
+    r = subprocess.run(cmd.replace("-O1", "-O0"), shell=True, cwd=prj, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    got = [[float(v) for v in ln.split()] for ln in (prj / "tb_data/csim_results.log").read_text().splitlines() if ln.strip()]
+    want = [[float(v) for v in ln.split()] for ln in (prj / "tb_data/tb_output_predictions.dat").read_text().splitlines()]
+    assert got == want and len(got) == 12

@@ -67,3 +67,95 @@ def test_unknown_schedule_is_rejected(tmp_path):
     g = _float_graph(np.random.default_rng(14))
     with pytest.raises(CompileError, match="schedule"):
         TvmBackend().emit(g, {"tvm": {"schedule": "fast"}}, tmp_path)
+
+
+def test_auto_is_the_default_and_none_stays_selectable(tmp_path):
+    g = _conv_graph(np.random.default_rng(15))
+    be = TvmBackend()
+    feeds = _feeds(g, np.random.default_rng(4), 3)
+    want = ref.execute(g, feeds, codes=True)
+    for name, cfg, sched in (("dflt", {}, "auto"), ("none", {"tvm": {"schedule": "none"}}, "none")):
+        d = tmp_path / name
+        d.mkdir()
+        info = be.emit(g, cfg, d)
+        assert info["schedule"] == sched
+        assert ("parallel" in info) == (sched == "auto")
+        be.build(d, info)
+        _assert_exact(g, be.load(d, info, g)(feeds), want)
+    assert (tmp_path / "dflt").joinpath("tvm_build.json").read_text() != (tmp_path / "none").joinpath("tvm_build.json").read_text()
+
+
+@pytest.mark.parametrize("bad", [{"parallel": "yes"}, {"min_parallel_work": -1}, {"min_parallel_work": 1.5}])
+def test_bad_parallel_options_are_rejected(tmp_path, bad):
+    g = _float_graph(np.random.default_rng(16))
+    with pytest.raises(CompileError, match=f"tvm.{next(iter(bad))}"):
+        TvmBackend().emit(g, {"tvm": bad}, tmp_path)
+
+
+def _scheduled_funcs(graph, **kw):
+    """{name: (PrimFunc before scheduling, TVMScript after)} of the fused module of ``graph``."""
+    from tvm import relax, tirx
+
+    from qdeploy.passes.partition import split_epilogue
+
+    core, _ = split_epilogue(graph)
+    with tvm.target.Target({"kind": "llvm"}):
+        fused = relax.get_pipeline("zero")(lower(core))
+    before = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
+    after = schedule_cpu(fused, **kw)
+    return {gv.name_hint: (before[gv.name_hint], f.script()) for gv, f in after.functions_items()
+            if isinstance(f, tirx.PrimFunc)}
+
+
+def test_every_lowered_op_is_parallel_and_vectorized():
+    """Every op family the lowering emits (all conformance cases TVM accepts, merged into one
+    graph: Dense/matmul, conv1d/2d incl. depthwise, grouped and dilated, pools, elementwise,
+    threshold compare-and-count, transpose, pads, ...) gets a parallel and a vectorized loop;
+    reshape-pattern functions are left alone (Relax turns them into zero-copy views) and the
+    parallel loops over the symbolic batch sit behind the run-time work branch."""
+    from tvm import relax
+
+    from tests.conformance.conftest import merge_cases
+    from tests.conformance.test_ops import CASES
+
+    cases = [c for c in CASES if "tvm-llvm" not in c.rejects]
+    g, _ = merge_cases("sched_cover", cases, seed=7)
+    funcs = _scheduled_funcs(g)
+    assert len(funcs) > 40
+    bad, views = [], 0
+    for name, (orig, script) in funcs.items():
+        if relax.analysis.has_reshape_pattern(orig):
+            views += 1
+            assert "T.parallel" not in script and "tirx.is_scheduled" not in script, name
+            continue
+        if "T.parallel" not in script or "T.vectorized" not in script:
+            bad.append(name)
+        elif "T.parallel(n" in script:
+            assert "if n" in script, f"{name}: parallel over the batch without the work branch"
+    assert views > 0
+    assert not bad, f"not parallel+vectorized: {bad}"
+    # without threads: no parallel loop anywhere
+    assert not any("T.parallel" in s for _, s in _scheduled_funcs(g, parallel=False).values())
+
+
+def test_tuning_is_refused_with_one_line(tmp_path):
+    """Meta-schedule tuning is not implemented: asking for it is an error, not a silent untuned build."""
+    g = _float_graph(np.random.default_rng(17))
+    with pytest.raises(CompileError, match="tvm.tune") as e:
+        TvmBackend().emit(g, {"tvm": {"tune": {"trials": 8}}}, tmp_path)
+    assert "\n" not in str(e.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_float_quant_select_chain_compiles_exact(tmp_path):
+    """FloatQuant lowers to a chain of ~64 selects whose values are each read several times:
+    inlining them all copies every value into every read (exponential TIR, a build that never
+    ends) and leaves bool intermediates whose vectorized loads TVM's LLVM codegen rejects.  The
+    schedule keeps such values materialized and bool blocks scalar; the build is exact."""
+    from tests.conformance.test_ops import BY_ID
+
+    g = BY_ID["float_quant"].graph(seed=3)
+    _, run = _build(g, tmp_path, "auto")
+    for batch in (1, 6):
+        feeds = _feeds(g, np.random.default_rng(20 + batch), batch)
+        _assert_exact(g, run(feeds), ref.execute(g, feeds, codes=True))

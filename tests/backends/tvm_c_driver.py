@@ -17,7 +17,6 @@ A kernel name the library does not export, or any binding the plan does not know
 """
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -246,5 +245,5 @@ def read_outputs(path: Path, layout) -> dict:
         n = int(np.prod(shape)) * np.dtype(dt).itemsize
         out[name] = np.frombuffer(raw[off:off + n], dtype=dt).reshape(shape)
         off += n
-    assert off == len(raw), struct.pack("<q", off)
+    assert off == len(raw), f"driver wrote {len(raw)} bytes, expected {off}"
     return out

@@ -21,8 +21,8 @@ from onnx import numpy_helper
 
 from qdeploy import api
 from qdeploy.compiler.frontends import import_onnx
-from qdeploy.compiler.ir.shiftform import node_shift_form
 from qdeploy.compiler.ir import GraphBuilder
+from qdeploy.compiler.ir.shiftform import node_shift_form
 from qdeploy.compiler.reference import execute
 from qdeploy.compiler.reference import run as ref_run
 
@@ -39,8 +39,9 @@ def _dense_bn_model():
     """x [1, 2] -> Quant (8 bit, 2**-3) -> MatMul (8-bit weights, 2**-7) -> BN (non-dyadic) -> Quant
     (16 bit, 2**-10): every scale a power of two, so the integer layer is plain fixed point.  The
     inputs are all 256 x 256 pairs of input codes (65,536 samples); with weight codes like (127, 1)
-    every sample gives another accumulator value (65,536 per channel), and the 16-bit output makes
-    float32 ties of the source frequent enough to be seen."""
+    they reach 23,953..32,641 distinct accumulator values per channel (every integer of the range
+    for (127, 1)), and the 16-bit output makes float32 ties of the source frequent enough to be seen
+    (90 of the 262,144 values)."""
     m = M()
     h = m.quant("qin", "x", 2.0 ** -3, 8)
     w = m.wquant("w", f32([[127, -101, 89, 1], [1, 3, -7, 113]]) * 2.0 ** -7, 2.0 ** -7, bits=8)
@@ -106,7 +107,7 @@ def compare(model, x, max_source_mismatch):
 def test_dense_bn_quant_is_exact_and_differs_from_onnxruntime_only_on_ties():
     """Import: no float op is left; the IR equals the float64 oracle on all 65,536 inputs x 4
     channels; the float32 source (onnxruntime) differs only where its float32 BN rounds across a
-    quantization step (counted: > 0 here, a handful per mille at most)."""
+    quantization step (counted: > 0 here, at most 5 per mille)."""
     model, x = _dense_bn_model()
     g, n_src = compare(model, x, max_source_mismatch=0.005)
     assert ops(g) == ["Quantize", "Dense", "MultiThreshold"]
