@@ -149,6 +149,30 @@ def _from_tvm(t) -> np.ndarray:
         return np.asarray(t.numpy())
 
 
+def feed_array(feeds: dict, name: str, v, dt, quantized: bool) -> np.ndarray:
+    """Input ``name`` (IR value ``v``) of ``feeds`` as the C-contiguous ``dt`` array a library takes.
+
+    Raises:
+        KeyError: the input is missing.
+        ValueError: a shape other than ``(N, *v.shape)``; NaN in an input the library quantizes
+            (compiled code cannot raise; the reference does); integer codes outside a fixed-point
+            input's type (the library narrows by that type, :mod:`.intplan`, so it would compute
+            them differently from the reference).
+    """
+    if name not in feeds:
+        raise KeyError(f"missing input {name!r}")
+    a = np.ascontiguousarray(np.asarray(feeds[name]), dtype=dt)
+    if a.shape[1:] != tuple(v.shape):
+        raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
+    if quantized and np.isnan(a).any():
+        raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
+    if isinstance(v.dtype, FixedType) and a.size:
+        lo, hi = v.dtype.min_code, v.dtype.max_code
+        if a.min() < lo or a.max() > hi:
+            raise ValueError(f"input {name!r} has codes outside its type {v.dtype} [{lo}, {hi}]: [{a.min()}, {a.max()}]")
+    return a
+
+
 class TvmBackend:
     """Compile an IR graph with TVM (Relax, LLVM CPU target).
 
@@ -413,10 +437,8 @@ class TvmBackend:
         outs = list(g.outputs)
 
         dts = [np.int64 if isinstance(v.dtype, FixedType) else np.float32 for _, v in ins]
-        # the library narrows codes to dtypes proved from the IR types (lower.py): codes outside
-        # an input's type would not compute like the reference, so refuse them here
-        code_ranges = {name: (v.dtype.min_code, v.dtype.max_code, v.dtype) for name, v in ins
-                       if isinstance(v.dtype, FixedType)}
+        # feed_array refuses codes outside an input's type: the library narrows codes to dtypes
+        # proved from the IR types (intplan.py) and would not compute them like the reference
 
         n_out = len(outs)
         to_tvm = _to_tvm
@@ -443,19 +465,7 @@ class TvmBackend:
         def run(feeds: dict) -> dict:
             arrays = []
             for (name, v), dt in zip(ins, dts):
-                if name not in feeds:
-                    raise KeyError(f"missing input {name!r}")
-                a = np.ascontiguousarray(np.asarray(feeds[name]), dtype=dt)
-                if a.shape[1:] != tuple(v.shape):
-                    raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
-                if name in quantized_in and np.isnan(a).any():
-                    raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
-                if name in code_ranges and a.size:
-                    lo, hi, t = code_ranges[name]
-                    if a.min() < lo or a.max() > hi:
-                        raise ValueError(f"input {name!r} has codes outside its type {t} "
-                                         f"[{lo}, {hi}]: [{a.min()}, {a.max()}]")
-                arrays.append(a)
+                arrays.append(feed_array(feeds, name, v, dt, name in quantized_in))
             env = dict(zip(outs, call_raw(arrays)))
             if epilogue is not None:
                 env.update(execute(epilogue, {i: env[i] for i in epilogue.inputs}, codes=True))

@@ -34,8 +34,8 @@ from ...compiler.errors import CompileError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
-from . import BUILD_FILE, EPILOGUE_STEM, FULL_STEM, GRAPH_STEM, TvmBackend
-from .target import library_target, resolve_cuda_target
+from . import BUILD_FILE, EPILOGUE_STEM, FULL_STEM, GRAPH_STEM, TvmBackend, feed_array
+from .target import find_module, library_target, resolve_cuda_target
 
 __all__ = ["CudaBackend", "CUDA_SOURCE", "cuda_device_reason"]
 
@@ -58,16 +58,7 @@ def cuda_device_reason() -> str | None:
 
 def _cuda_source(module) -> str:
     """The CUDA C source embedded in a compiled module ('' when it has no CUDA module)."""
-    def find(m):
-        if m.kind == "cuda":
-            return m
-        for i in m.imports:
-            r = find(i)
-            if r is not None:
-                return r
-        return None
-
-    c = find(getattr(module, "mod", module))
+    c = find_module(module, "cuda")
     return c.inspect_source("cuda") if c is not None else ""
 
 
@@ -189,13 +180,7 @@ class CudaBackend(TvmBackend):
         def run(feeds: dict) -> dict:
             args = []
             for name, v, dt in ins:
-                if name not in feeds:
-                    raise KeyError(f"missing input {name!r}")
-                a = np.ascontiguousarray(np.asarray(feeds[name]), dtype=dt)
-                if a.shape[1:] != tuple(v.shape):
-                    raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
-                if name in quantized_in and np.isnan(a).any():
-                    raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
+                a = feed_array(feeds, name, v, dt, name in quantized_in)
                 args.append(tvm.runtime.tensor(a, device=dev))
             with vm_lock:  # a TVM VirtualMachine is not re-entrant (see TvmBackend.load)
                 res = fn(*args)

@@ -155,6 +155,20 @@ def not_run_reason(target: dict) -> str | None:
     return None
 
 
+def find_module(module, kind: str):
+    """The first runtime module of ``kind`` (``"llvm"``, ``"cuda"``) in a compiled module (an
+    executable's ``mod``, or a module) and its imports, depth first; None when there is none."""
+    def find(m):
+        if m.kind == kind:
+            return m
+        for i in m.imports:
+            r = find(i)
+            if r is not None:
+                return r
+        return None
+    return find(getattr(module, "mod", module))
+
+
 def library_target(module) -> dict:
     """What LLVM compiled the host code of ``module`` (a ``tvm.compile`` result) for, read from its
     LLVM IR: ``{"triple", "cpu", "features"}`` (``cpu`` and ``features`` as the function attributes
@@ -162,16 +176,7 @@ def library_target(module) -> dict:
     list when functions differ).  Empty when no LLVM module is found."""
     import re
 
-    def find(m):
-        if m.kind == "llvm":
-            return m
-        for i in m.imports:
-            r = find(i)
-            if r is not None:
-                return r
-        return None
-
-    llvm = find(getattr(module, "mod", module))
+    llvm = find_module(module, "llvm")
     if llvm is None:
         return {}
     ll = llvm.inspect_source("ll")
