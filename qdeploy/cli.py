@@ -94,18 +94,17 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
     from .fidelity import fidelity_sentence
     from .report import exactness_sentence
     try:
-        flags = {k: v for k, v in (("part", part), ("clock_period", clock_period), ("io_type", io_type),
-                                   ("strategy", strategy), ("reuse_factor", reuse_factor)) if v is not None}
-        if flags:  # the flags override the same keys of the config's hls4ml section
+        # flags override the same keys of the config's hls4ml / tvm section
+        sections = {"hls4ml": (("part", part), ("clock_period", clock_period), ("io_type", io_type),
+                               ("strategy", strategy), ("reuse_factor", reuse_factor)),
+                    "tvm": (("mcpu", mcpu), ("mtriple", mtriple), ("arch", cuda_arch))}
+        given = {sec: {k: v for k, v in pairs if v is not None} for sec, pairs in sections.items()}
+        if any(given.values()):
             from .api import load_config
             cfg = load_config(config)
-            cfg["hls4ml"] = {**(cfg.get("hls4ml") or {}), **flags}
-            config = cfg
-        tvm_flags = {k: v for k, v in (("mcpu", mcpu), ("mtriple", mtriple), ("arch", cuda_arch)) if v is not None}
-        if tvm_flags:  # likewise for the tvm section
-            from .api import load_config
-            cfg = load_config(config)
-            cfg["tvm"] = {**(cfg.get("tvm") or {}), **tvm_flags}
+            for sec, flags in given.items():
+                if flags:
+                    cfg[sec] = {**(cfg.get(sec) or {}), **flags}
             config = cfg
         with _progress() as progress:
             res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
