@@ -46,7 +46,7 @@ from torch import fx, nn
 from ..errors import QDeployError, UnsupportedError
 from .qat_layers import act_quantizer, fold_bn_into, input_quantizer, quant_weight_layer
 
-__all__ = ["trace", "input_layers", "required_ties", "build_qat_graph_model", "plain"]
+__all__ = ["trace", "input_layers", "required_ties", "merge_ties", "build_qat_graph_model", "plain"]
 
 WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # modules that keep a quantized tensor on its grid (Brevitas passes QuantTensors through them)
@@ -218,11 +218,11 @@ def required_ties(model: nn.Module) -> list[list[str]]:
                         g.append(s.target)
             if len(g) > 1:
                 groups.append(g)
-    return _merge(groups)
+    return merge_ties(groups)
 
 
-def _merge(groups: list[list[str]]) -> list[list[str]]:
-    """Union of overlapping groups, each in first-appearance order."""
+def merge_ties(groups) -> list[list[str]]:
+    """Union of overlapping tie groups (lists of layer names), each in first-appearance order."""
     out: list[list[str]] = []
     for g in groups:
         g = list(dict.fromkeys(g))
