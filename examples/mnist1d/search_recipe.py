@@ -98,8 +98,11 @@ class ResCNN(nn.Module):
         return self.fc(torch.flatten(h, 1))
 
 
-FLOAT_TRAIN = {"mlp": {"epochs": 60, "lr": 3e-3}, "cnn": {"epochs": 60, "lr": 1e-2},
-               "rescnn": {"epochs": 60, "lr": 1e-2}}
+# float training: Adam + cosine, batch 100; epochs and lr chosen on the validation split among
+# {30, 100, 200} x {1e-2, 3e-3} (val/test accuracy at these settings: MLP 0.664/0.656,
+# CNN 0.898/0.895, residual CNN 0.940/0.952; published MLP 68%, CNN 94%)
+FLOAT_TRAIN = {"mlp": {"epochs": 200, "lr": 1e-2}, "cnn": {"epochs": 200, "lr": 1e-2},
+               "rescnn": {"epochs": 200, "lr": 1e-2}}
 QAT = {"epochs": 15, "lr": 2e-3, "batch_size": 100}
 
 
@@ -116,7 +119,7 @@ def _recipe(kind: str, seed: int = 0, epochs: int | None = None, qat_epochs: int
     qat.fine_tune(model, x_fit, y_fit, epochs=ft["epochs"] if epochs is None else epochs, lr=ft["lr"],
                   batch_size=100, seed=seed)
     return {"name": f"mnist1d_{kind}", "model": model, "train": (x_fit, y_fit), "val": (x_val, y_val),
-            "test": (x_te, y_te), "input": INPUT,
+            "test": (x_te, y_te), "input": INPUT, "trace_samples": min(1000, len(x_fit)),
             "qat": {**QAT, **({"epochs": qat_epochs} if qat_epochs is not None else {})}}
 
 
