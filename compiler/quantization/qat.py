@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import QDeployError, UnsupportedError
 from .hessian import logits
 from .qat_fx import build_qat_graph_model
-from .qat_layers import fold_bn_into, input_quantizer, weight_kwargs
+from .qat_layers import fold_bn_into, input_quantizer, is_chain, weight_kwargs
 
 __all__ = ["input_quantizer", "fold_batchnorm", "build_qat_model", "fine_tune", "accuracy", "predict",
            "export_qonnx"]
@@ -71,7 +71,7 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
 
     Args:
         float_model: ``nn.Sequential`` (see module docstring); not modified.  Any other module
-            goes to :func:`.qat_fx.build_qat_graph_model` (``torch.fx`` rewrite: residual adds,
+            (or a Sequential holding other children, e.g. a residual block) goes to :func:`.qat_fx.build_qat_graph_model` (``torch.fx`` rewrite: residual adds,
             branches, concatenation; same quantizers, weight layers keep their names).
         bits: {weight layer name: (w_bits, a_bits)}; a_bits of the first layer is ignored (its
             input is the model input, quantized by ``input_bits``/``input_scale``).
@@ -89,7 +89,7 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
     from brevitas.nn import QuantConv1d, QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
     from brevitas.quant import Uint8ActPerTensorFixedPoint
 
-    if not isinstance(float_model, nn.Sequential):
+    if not is_chain(float_model):
         return build_qat_graph_model(float_model, bits, input_bits=input_bits, input_scale=input_scale,
                                      input_signed=input_signed, default_act_bits=default_act_bits,
                                      calibration_x=calibration_x)

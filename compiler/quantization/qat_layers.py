@@ -15,7 +15,19 @@ from torch import nn
 
 from ..errors import QDeployError
 
-__all__ = ["input_quantizer", "weight_kwargs", "fold_bn_into", "quant_weight_layer", "act_quantizer"]
+__all__ = ["CHAIN_TYPES", "is_chain", "input_quantizer", "weight_kwargs", "fold_bn_into", "quant_weight_layer", "act_quantizer"]
+
+
+# the children an ``nn.Sequential`` may hold for the chain builder of :mod:`.qat`
+CHAIN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout,
+               nn.Identity, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def is_chain(model: nn.Module) -> bool:
+    """Whether ``model`` is an ``nn.Sequential`` of :data:`CHAIN_TYPES` only (the chain builder's
+    input); any other module (a residual block inside a Sequential included) goes through
+    :mod:`.qat_fx`."""
+    return isinstance(model, nn.Sequential) and all(isinstance(m, CHAIN_TYPES) for m in model.children())
 
 
 def input_quantizer(bits: int, scale: float, signed: bool = False):

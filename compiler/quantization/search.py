@@ -46,6 +46,7 @@ from torch import nn
 from ..errors import QDeployError
 from . import hessian, ilp, qat, qat_fx, sensitivity
 from .hutchinson import hutchinson_traces
+from .qat_layers import is_chain
 from .search_budget import budget_value, check_budget_kinds, check_uniform_bits, resolve_budget
 from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
 from .search_report import json_default, plot_pareto, render_markdown
@@ -86,7 +87,7 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
         for h in hooks:
             h.remove()
     wl = hessian.weight_layers(model)
-    first = {wl[0][0]} if isinstance(model, nn.Sequential) and wl else set(qat_fx.input_layers(model))
+    first = {wl[0][0]} if is_chain(model) and wl else set(qat_fx.input_layers(model))
     specs = []
     for n, m in wl:
         _, oshape = shapes[n]
@@ -174,7 +175,7 @@ def check_ties(model, ties) -> list[list[str]]:
             if not isinstance(mods[n], hessian.WEIGHT_TYPES):
                 raise QDeployError(f"tie names layer {n!r} ({type(mods[n]).__name__}), which has no weights")
     out = [list(g) for g in ties or ()]
-    if not isinstance(model, nn.Sequential):
+    if not is_chain(model):
         out = qat_fx.merge_ties(out + qat_fx.required_ties(model))
     return out
 

@@ -180,3 +180,25 @@ def test_search_residual_cnn_end_to_end_compiles_to_all_targets(tmp_path):
         res = qdeploy.compile(str(onnx_path), target=target, out_dir=tmp_path / target, golden=x_val)
         assert res.report["exactness"]["bit_exact"], target
         assert res.report["exactness"]["samples"] == 32 and res.report["fidelity"]["real_mismatches"] == 0, target
+
+
+def test_sequential_holding_a_residual_block_goes_through_fx():
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c = nn.Conv1d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(x + self.c(x))
+
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), Block(4), nn.Flatten(), nn.Linear(32, 3))
+    x = (np.round(np.random.default_rng(1).normal(size=(64, 1, 8)) * 16) / 16).astype(np.float32)
+    bits = {"0": (8, 8), "2.c": (8, 8), "4": (8, 8)}
+    assert sorted(bits) == sorted(n for n, _ in hessian.weight_layers(m))
+    specs = {s.name: s for s in layer_specs(m, x[:1], a_bits=(4, 8))}
+    assert specs["0"].a_bits == () and specs["2.c"].a_bits == (4, 8)
+    q = qat.build_qat_model(m, bits, input_bits=8, input_scale=2.0 ** -4, input_signed=True, calibration_x=x)
+    assert not isinstance(q, nn.Sequential) and type(dict(q.named_modules())["2.c"]).__name__ == "QuantConv1d"
+    pf, pq = qat.predict(m, x), qat.predict(q, x)
+    assert np.max(np.abs(pf - pq)) < 0.05 * np.max(np.abs(pf))
