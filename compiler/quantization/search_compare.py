@@ -34,7 +34,8 @@ from .search_budget import budget_value, check_budget_kinds, check_uniform_bits,
 from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
 from .search_report import accuracy_noise
 
-__all__ = ["ROWS", "random_sensitivities", "uniform_at_or_above", "compare_allocations", "render_comparison"]
+__all__ = ["ROWS", "random_sensitivities", "uniform_at_or_above", "compare_allocations", "render_comparison",
+           "plot_comparison"]
 
 ROWS = ("hessian", "trace", "random", "uniform")
 
@@ -198,3 +199,27 @@ def render_comparison(rep: dict, key: str = "test_acc") -> str:
     lines.append("")
     lines.append("`*`: the difference exceeds 2 paired standard errors (over the evaluation samples).")
     return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rep: dict, path, key: str = "test_acc"):
+    """PNG of accuracy ``key`` after QAT vs BOPs per sample for the four rows (error bars: one
+    standard deviation over the QAT seeds) with the float accuracy as a line.  Returns ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row, style in zip(ROWS, ("o-", "^-", "x:", "s--")):
+        pts = sorted({(b["rows"][row]["costs"]["bops"], b["rows"][row][key], float(np.std(b["rows"][row][key + "s"])))
+                      for b in rep["budgets"] if key in b["rows"][row]})
+        if pts:
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, fmt=style, ms=4, capsize=2, label=row)
+    ax.axhline(rep["float_accuracy"].get(key.split("_")[0], np.nan), color="gray", lw=0.8, label="float")
+    ax.set(xscale="log", xlabel="BOPs / sample", ylabel=key.replace("_", " "), title=f"{rep['model']}: after QAT")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -9,7 +9,8 @@ fine-tuned with several QAT seeds, test accuracy with 2 paired standard errors
 ``--modes``: ``w`` = weights-only search with 8-bit activations, ``wa`` = weights and activations
 searched.  Budgets are BOPs of uniform B-bit models (fractional: between two uniform points).
 Settings (float training, QAT epochs/lr) are those of ``search_recipe.py``, chosen on the validation
-split; the test split is only reported.  Writes ``<out>/comparison.md`` and ``<out>/comparison.json``.
+split; the test split is only reported.  Writes ``<out>/comparison.md``, ``<out>/comparison.json`` and
+one accuracy-vs-BOPs plot per model and mode (``<out>/<model>_<mode>.png``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_recipe  # noqa: E402  (examples/mnist1d/search_recipe.py)
 
-from qdeploy.compiler.quantization.search_compare import compare_allocations, render_comparison  # noqa: E402
+from qdeploy.compiler.quantization.search_compare import (compare_allocations, plot_comparison,  # noqa: E402
+                                                          render_comparison)
 from qdeploy.compiler.quantization.search_report import accuracy_noise, json_default  # noqa: E402
 
 
@@ -56,8 +58,9 @@ def main(argv=None) -> int:
             reports.append(rep)
             table = render_comparison(rep)
             print(f"\n[{kind} / {mode}] {time.time() - t0:.0f} s\n{table}", flush=True)
+            png = plot_comparison(rep, args.out / f"{kind}_{mode}.png")
             md += [f"## {kind}, {'weights only (8-bit activations)' if mode == 'w' else 'weights + activations'}",
-                   "", table]
+                   "", table, f"![{kind} {mode}]({png.name})", ""]
             w = sum(1 for b in rep["budgets"]
                     if b["rows"]["hessian"]["test_acc"] - b["rows"]["uniform"]["test_acc"]
                     > 2 * accuracy_noise(b["rows"]["hessian"], b["rows"]["uniform"], "test_acc"))

@@ -62,3 +62,12 @@ def test_compare_allocations_tiny_mnist1d_mlp():
         assert r["bits"]["0"][1] == 8  # the first layer reads the 8-bit model input
     md = render_comparison(rep)
     assert md.count("\n| uniform:2.5 |") == 4 and "uniform 3-bit" in md
+
+
+def test_plot_comparison_writes_a_png(tmp_path):
+    from qdeploy.compiler.quantization.search_compare import plot_comparison
+    row = {"costs": {"bops": 1e5}, "test_acc": 0.5, "test_accs": [0.4, 0.6]}
+    rep = {"model": "m", "float_accuracy": {"test": 0.9},
+           "budgets": [{"rows": {r: {**row, "costs": {"bops": 1e5 * (1 + i)}} for i, r in enumerate(ROWS)}}]}
+    p = plot_comparison(rep, tmp_path / "c.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
