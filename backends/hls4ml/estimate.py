@@ -112,9 +112,9 @@ Reuse factor, strategies, I/O
       depth >= 64 and the ROM has >= 1024 bits, else LUTs (64 x 1 LUTRAM per LUT).
   A9. io_parallel Conv (``nnet_conv*_latency.h``): one output position per ``RF`` cycles
       (ParallelizationFactor 1), so the multipliers of one kernel are shared by all positions;
-      II = positions * RF.  io_stream: layers are connected by FIFOs (depth 1 for flat tensors,
-      one row for feature maps; SRL/LUTRAM: 1 LUT per 32 bits x depth), +1 cycle per layer
-      (FIFO), and a Conv reads its input pixel by pixel (II >= input pixels).
+      II = positions * RF.  io_stream: a Conv reads its input pixel by pixel (II >= input
+      pixels); the rest of the streaming architecture (per-pixel layers, line buffers, FIFOs,
+      BRAM, dataflow latency) is A15-A19 in :mod:`.stream`.
 Timing (Virtex UltraScale+ -2 speed grade, DS923 orders of magnitude; assumptions, not cited
 measurements)
   A10. The usable period is ``clock_period * (1 - 0.125)`` (hls4ml's default ClockUncertainty
@@ -160,6 +160,7 @@ from ...compiler.ir.types import FixedType, parse_type
 from .ops import ESTIMATE
 from .resources import CLOCK_UNCERTAINTY, DSP_RULES, Cost, EstimateContext, layer_row, resolve_part
 from .settings import adjusted_sentence
+from .stream import NO_LAYER_OPS, dataflow_latency, fifo_cost, pixels, stream_elementwise, window_buffers
 
 #: What ``benchmarks/estimate_vs_published.py`` printed (ours / published Vivado HLS 2019.2 post-HLS).
 MEASURED_ERROR = ("analytic estimate, not synthesis; measured on the hls4ml jet tagger (xcvu9p, 200 MHz, "
@@ -228,6 +229,59 @@ def _cost(node) -> Cost:
     return e
 
 
+def _absorbed(graph: Graph, node) -> bool:
+    """A Quantize hls4ml implements as the result type of the layer before it (A15/A17: no process
+    and no FIFO of its own): its input comes from a node with no other consumer."""
+    if node.op != "Quantize":
+        return False
+    prod = graph.producer(node.inputs[0])
+    return prod is not None and prod.op not in NO_LAYER_OPS and len(graph.consumers(node.inputs[0])) == 1
+
+
+def _stream_row(ctx: EstimateContext, node, cost: Cost, r: dict) -> dict:
+    """The io_stream version of an estimate row (A15-A16): elementwise ops and pools priced per
+    pixel, Conv and pools with their line buffer and window registers."""
+    graph = ctx.graph
+    out = graph.value(node.output)
+    x = graph.value(node.inputs[0]) if node.inputs else None
+    if node.op in NO_LAYER_OPS:
+        return {**r, "lut": 0, "ff": 0, "dsp": 0, "latency_cycles": 0, "ii_cycles": 1}
+    if cost.timing == "chained":
+        r = stream_elementwise(r, out.shape, x.shape if x is not None else None)
+        if _absorbed(graph, node):  # part of the previous layer's process
+            r["ff"], r["latency_cycles"], r["ii_cycles"] = 0, 0, 1
+    if "kernel" in node.attrs and node.op in ("Conv", "MaxPool", "AvgPool") and len(x.shape) > 1:
+        buf = window_buffers(node.attrs["kernel"], x.shape, x.dtype.width)
+        r["ff"] += buf["ff"] + (out.shape[-1] * out.dtype.width if node.op == "Conv" else 0)
+        r["detail"] = {**(r.get("detail") or {}), "line_buffer_bits": buf["line_bits"],
+                       "window_bits": buf["window_bits"]}
+    elif node.op == "Dense":  # nnet_dense_stream.h: input and output vectors in partitioned arrays
+        r["ff"] += x.size * x.dtype.width + out.size * out.dtype.width
+    return r
+
+
+def _add_fifos(ctx: EstimateContext, layers: list[dict]) -> int:
+    """Add the FIFO after every io_stream layer whose output feeds another device layer (A17) to
+    that layer's row; returns the number of FIFO stages."""
+    graph = ctx.graph
+    rows = {r["name"]: r for r in layers}
+    n = 0
+    for node in graph.nodes:
+        r = rows[node.name]
+        if r["host"] or node.op in NO_LAYER_OPS:
+            continue
+        cons = [c for c in graph.consumers(node.output) if not rows[c.name]["host"]]
+        if not cons or (len(cons) == 1 and _absorbed(graph, cons[0])):
+            continue
+        out = graph.value(node.output)
+        f = fifo_cost(out.shape[-1] if out.shape else 1, out.dtype.width, pixels(out.shape))
+        for k in ("lut", "ff", "bram_18k"):
+            r[k] += f[k]
+        r["detail"] = {**(r.get("detail") or {}), "fifo": f}
+        n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------- driver
 def estimate(graph: Graph, config: dict | None = None) -> dict:
     """FPGA estimate of ``graph`` compiled by the hls4ml backend with ``config``.
@@ -285,17 +339,17 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
             if is_last and pending_delay > 0:
                 r["latency_cycles"] = max(1, math.ceil(pending_delay / period_eff))
                 pending_delay = 0.0
-        if stream and r["latency_cycles"] > 0 or (stream and cost.timing == "registered"):
-            out = graph.value(node.output)
-            depth = 1 if len(out.shape) <= 1 else out.shape[-2] if len(out.shape) > 1 else 1
-            r["lut"] += math.ceil(out.dtype.width * out.shape[-1] * depth / 32)
-            r["latency_cycles"] += 1
+        if stream:
+            r = _stream_row(ctx, node, cost, r)
         layers.append(layer_row(node, **r))
+    n_fifos = _add_fifos(ctx, layers) if stream else 0
     for r in layers:
         r["latency_ns"] = round(r["latency_cycles"] * period, 3)
     total = {k: int(sum(r[k] for r in layers)) for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles")}
-    total["latency_ns"] = round(total["latency_cycles"] * period, 3)
     total["ii_cycles"] = int(max([r["ii_cycles"] for r in layers if not r["host"]] or [1]))
+    if stream:  # A19: the layers overlap in a dataflow pipeline
+        total["latency_cycles"], total["ii_cycles"] = dataflow_latency([r for r in layers if not r["host"]], n_fifos)
+    total["latency_ns"] = round(total["latency_cycles"] * period, 3)
     total["utilization_pct"] = {k: round(100.0 * total[k] / part[k], 2) for k in ("lut", "ff", "dsp", "bram_18k")}
     cfg_out = {k: (str(v) if isinstance(v, FixedType) else v) for k, v in opts.items()}
     rfs = {r["name"]: {"requested": r["detail"]["reuse_factor_requested"], "used": r["detail"]["reuse_factor"],
