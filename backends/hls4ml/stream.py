@@ -16,13 +16,15 @@ A15. Every io_stream layer is a dataflow process that reads one *pixel* (all cha
 A16. ``conv_2d_buffer_cl`` / ``pooling2d_buffer_cl`` (``nnet_conv_stream.h``,
      ``nnet_pooling_stream.h``) keep ``K_h - 1`` rows in ``ap_shift_reg<T, in_width>
      line_buffer[K_h - 1][n_chan]`` and the window in ``kernel_data[K_h * K_w * n_chan]``:
-     both are counted as registers (FF, one per bit), as Vivado HLS reports them before logic
-     synthesis maps a shift register to SRLs (the reports: a 3x3 conv over 32x32x3 16-bit data has
-     3,799 FF, of which 2 x 32 x 3 x 16 = 3,072 line-buffer and 432 window bits).  1-D layers keep
-     only the window.  The layer's output pixel is registered too (``C_out x bits``), and a
-     streaming Dense (``nnet_dense_stream.h``) copies its whole input and output vector into
-     completely partitioned arrays (``n_in x bits + n_out x bits`` FF).  This register model was
-     chosen after reading the reports' conv rows (no fitted constant).
+     both are counted as registers (FF, one per bit), as the post-HLS reports count them (UG902
+     says an ``ap_shift_reg`` becomes an SRL, but that mapping happens in logic synthesis; the
+     reports: a 3x3 conv over 32x32x3 16-bit data has 3,799 FF, of which 2 x 32 x 3 x 16 = 3,072
+     are line-buffer and 432 window bits; counted as SRL LUTs instead, the six conv rows' FF came
+     out at 0.35-0.64 of the reports, as FF at 0.72-1.65).  1-D layers keep only the window.  The
+     layer's output pixel is registered too (``C_out x bits``), and a streaming Dense
+     (``nnet_dense_stream.h``) copies its whole input and output vector into completely
+     partitioned arrays (``n_in x bits + n_out x bits`` FF).  This accounting was chosen after
+     reading the reports' conv rows (no fitted constant).
 A17. Layers are connected by ``hls::stream`` FIFOs of depth = pixels of the tensor
      (``StreamVariableConverter.convert``: ``depth = prod(shape) // shape[-1]``,
      ``backends/fpga/fpga_types.py``).  Vivado HLS builds one FIFO per channel (the reports list
@@ -92,15 +94,15 @@ def pixels(shape) -> int:
 
 
 def window_buffers(kernel, in_shape, bits: int) -> dict:
-    """Line buffer and window of a streaming Conv / pool over ``in_shape`` (A16): ``{"ff",
+    """Line buffer and window of a streaming Conv / pool over ``in_shape`` (A16): ``{"lut", "ff",
     "line_bits", "window_bits"}`` -- ``K_h - 1`` shift registers of ``in_width`` words per channel
     (2-D only) and ``prod(kernel) * C`` window registers, all counted as registers (FF) the way
-    Vivado HLS reports an ``ap_shift_reg`` before logic synthesis turns it into SRLs."""
+    the post-HLS reports count them; ``lut`` is 0."""
     c = in_shape[-1]
     k = tuple(int(v) for v in kernel)
     win = int(np.prod(k)) * c * bits
     line = max(k[0] - 1, 0) * c * bits * in_shape[1] if len(k) == 2 and len(in_shape) == 3 else 0
-    return {"ff": win + line, "line_bits": line, "window_bits": win}
+    return {"lut": 0, "ff": win + line, "line_bits": line, "window_bits": win}
 
 
 def stream_elementwise(row: dict, out_shape, in_shape) -> dict:
