@@ -108,8 +108,9 @@ Reuse factor, strategies, I/O
       ``dense_resource`` runs ``RF`` iterations of ``block_factor = ceil(n_in*n_out/RF)``
       multiply-accumulates (accumulation is sequential, no adder tree); latency = RF + multiplier
       stages + 2 (init, cast); weights live in a ROM of depth RF and width
-      ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``): BRAM_18K (512 x 36) when
-      depth >= 64 and the ROM has >= 1024 bits, else LUTs (64 x 1 LUTRAM per LUT).
+      ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``): BRAM_18K when depth >= 64 and
+      the ROM has >= 1024 bits, packed by the cheapest RAMB18 aspect ratio (A18, so the count
+      grows with the weight width and the number of weights), else LUTs (64 x 1 LUTRAM per LUT).
   A9. io_parallel Conv (``nnet_conv*_latency.h``): one output position per ``RF`` cycles
       (ParallelizationFactor 1), so the multipliers of one kernel are shared by all positions;
       II = positions * RF.  io_stream: a Conv reads its input pixel by pixel (II >= input

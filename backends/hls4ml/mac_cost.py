@@ -17,6 +17,7 @@ from ...compiler.ir.types import FixedType
 from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add)
 from .settings import check_reuse_factor_keys, closest_reuse_factor, requested_reuse_factor
+from .stream import bram18_count
 
 
 
@@ -156,7 +157,7 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         rom_bits = n_in * n_out * wb
         depth_rom = rf
         if depth_rom >= 64 and rom_bits >= 1024:
-            bram = math.ceil(block * wb / 36) * math.ceil(depth_rom / 512)
+            bram = bram18_count(block * wb, depth_rom)  # A18: cheapest RAMB18 aspect ratio
             rom_luts = 0
         else:
             bram = 0
