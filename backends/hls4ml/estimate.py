@@ -12,8 +12,10 @@ delays, totals); each op's row is its ``cost`` entry in the table
 capacities, the calibrated constants and the DSP/CSD/reuse-factor rules are in :mod:`.resources`.
 
 This is a *model*, not synthesis.  Its error against published Vivado HLS results is measured
-by ``benchmarks/estimate_vs_published.py`` (``../shared/refs/fpga_jet_tagger_vu9p.csv``); read
-that before trusting a number.  Every assumption, with its source:
+by ``benchmarks/estimate_vs_published.py`` (``benchmarks/refs/hls4ml_published.csv``: the jet
+tagger MLP, io_parallel, and the hls4ml tutorial's SVHN CNN, io_stream, with every ratio); read
+that before trusting a number.  Every assumption, with its source (A15-A19, the io_stream
+architecture, are in :mod:`.stream`):
 
 Multipliers (Dense/Conv, one product per weight and input)
   A1. hls4ml picks the product implementation from the *types* only
@@ -142,6 +144,13 @@ Other layers
       reads), a sum, one inverse lookup, n 18x18 multiplies (DSP), 3 cycles.  The qdeploy hls4ml
       backend runs float Softmax on the host, so it is counted only with
       ``config["softmax_on_device"]``.
+  A20. io_stream designs: post-HLS LUTs per modelled bit are ``HLS_LUT_FACTORS[rule] x
+      STREAM_LUT_SCALE`` (1.369), fitted on one row only, the 16-bit SVHN CNN total (hls4ml tutorial,
+      Vivado HLS 2020.1, xcu250); the same scale is used with every DSP rule.  Before it, every
+      layer of that design came out at 0.69-0.80 of the report, the ReLU included, so the
+      difference is per modelled bit, not per layer kind; our io_stream rows are all Vivado HLS
+      2020.1 and the io_parallel rows 2019.2, so this scale may be the tool version rather than
+      the io type: the references cannot tell the two apart.
   A14. Float-typed nodes (host prologue/epilogue, e.g. the input ``Quantize`` of a float input) and
       every node of the host prologue (:func:`qdeploy.passes.partition.partition`: an input
       quantizer's MultiThreshold too) cost nothing on the FPGA and are listed with ``"host": true``.
@@ -333,7 +342,7 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
             continue
         r = cost.row(ctx, node)
         if cost.timing == "registered":
-            if pending_delay:
+            if pending_delay and not stream:  # io_stream: every layer is its own process (A15)
                 # chained elementwise ops before this layer may push it over a cycle boundary
                 extra = math.ceil(pending_delay / period_eff) if pending_delay > period_eff else 0
                 r["latency_cycles"] += extra
