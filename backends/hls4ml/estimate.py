@@ -126,7 +126,9 @@ measurements)
       adder-tree levels (depth ``ceil(log2 terms)``), registered at its output: cycles =
       ``ceil(path / usable period)``.  Relu/Quantize/Affine are chained into the next layer's
       first cycle (0 cycles of their own) unless they end the graph.
-  A11. Registers (FF): every Dense/Conv/Softmax output is registered (n_out x width); each
+  A11. Registers (FF): every Dense/Conv/Softmax output is registered (n_out x width; an
+      io_parallel Conv or multi-position Dense holds all ``positions x n_out`` results, computed one
+      position per cycle, in its partitioned output array); each
       additional cycle inside a layer adds one register cut placed ASAP by the delay model
       (live partial sums x accum width; products still inside a DSP use its internal M/P
       registers, not fabric FFs).  Dense/Conv FFs are scaled by ``HLS_FF_FACTOR`` = 0.603,

@@ -211,6 +211,11 @@ def mac_row(ctx: EstimateContext, node) -> dict:
             if in_pix > ii:
                 layer_cycles += in_pix - ii
                 ii = in_pix
+        elif opts["io_type"] == "io_parallel" and positions > 1:
+            # A11: the io_parallel result is one completely partitioned array; the positions
+            # computed in earlier cycles are held in registers until the last one is done
+            extra = (positions - 1) * n_out * rb
+            ff += extra if resource else math.ceil(HLS_FF_FACTOR * extra)
     return {"lut": int(round(luts)), "ff": int(ff), "dsp": int(dsp), "bram_18k": int(bram),
             "latency_cycles": int(layer_cycles), "ii_cycles": int(ii),
             "detail": {"n_in": n_in, "n_out": n_out, "positions": positions, "reuse_factor": rf,

@@ -140,3 +140,18 @@ def test_over_capacity_warning_in_report_markdown():
     assert "**WARNING**: the design exceeds the part PYNQ-Z2" in md
     ok = estimate(conv_graph(8, 8, 1, 1, 4), {"part": "vu9p", "io_type": "io_parallel"})
     assert "exceeds the part" not in "\n".join(hls4ml_markdown(info, ok))
+
+
+@SETTINGS
+@given(st.integers(4, 14), st.integers(4, 14), st.integers(1, 4), st.integers(1, 6))
+def test_parallel_conv_holds_every_position_in_registers(h, w, c, f):
+    """io_parallel Conv computes one position per cycle into one partitioned output array: its registers
+    grow with the number of output positions (HLS_FF_FACTOR of positions x C_out x result bits, at least)."""
+    from qdeploy.backends.hls4ml.resources import HLS_FF_FACTOR
+    g = conv_graph(h, w, c, f, 8)
+    r = row(estimate(g, PAR), "conv")
+    out = g.value(g.nodes[0].output)
+    pos = (h - 2) * (w - 2)
+    assert r["ff"] >= HLS_FF_FACTOR * pos * f * out.dtype.width
+    small = row(estimate(conv_graph(4, 4, c, f, 8), PAR), "conv")
+    assert r["ff"] >= small["ff"]
