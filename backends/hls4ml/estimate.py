@@ -110,9 +110,12 @@ Reuse factor, strategies, I/O
       ``dense_resource`` runs ``RF`` iterations of ``block_factor = ceil(n_in*n_out/RF)``
       multiply-accumulates (accumulation is sequential, no adder tree); latency = RF + multiplier
       stages + 2 (init, cast); weights live in a ROM of depth RF and width
-      ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``): BRAM_18K when depth >= 64 and
-      the ROM has >= 1024 bits, packed by the cheapest RAMB18 aspect ratio (A18, so the count
-      grows with the weight width and the number of weights), else LUTs (64 x 1 LUTRAM per LUT).
+      ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``), bound to ``ROM_nP_BRAM``: BRAM_18K
+      whatever its depth, packed by the cheapest RAMB18 aspect ratio (A18, so the count grows with
+      the weight width and the number of weights; a public Vivado HLS 2019.1 report of an hls4ml
+      io_stream CNN shows 7/10/12/20 BRAM_18K for 240/360/432/720-bit-wide ROMs of depth
+      18/15/15/16, exactly this packing), except a ROM under 1024 bits, which stays in LUTs (that
+      report: a 432-bit conv ROM used no BRAM; 64 x 1 LUTRAM per LUT).
   A9. io_parallel Conv (``nnet_conv*_latency.h``): one output position per ``RF`` cycles
       (ParallelizationFactor 1), so the multipliers of one kernel are shared by all positions;
       II = positions * RF.  io_stream: a Conv reads its input pixel by pixel (II >= input
@@ -173,7 +176,8 @@ from ...compiler.ir.types import FixedType, parse_type
 from .ops import ESTIMATE
 from .resources import CLOCK_UNCERTAINTY, DSP_RULES, Cost, EstimateContext, layer_row, resolve_part
 from .settings import adjusted_sentence
-from .stream import NO_LAYER_OPS, dataflow_latency, fifo_cost, pixels, stream_elementwise, window_buffers
+from .stream import (NO_LAYER_OPS, addr_bits, dataflow_latency, fifo_cost, padded_shape, pixels, stream_elementwise,
+                     window_buffers)
 
 #: What ``benchmarks/estimate_vs_published.py`` printed (ours / published Vivado HLS 2019.2 post-HLS).
 MEASURED_ERROR = ("analytic estimate, not synthesis; measured against published post-HLS reports "
@@ -267,11 +271,19 @@ def _stream_row(ctx: EstimateContext, node, cost: Cost, r: dict) -> dict:
         if _absorbed(graph, node):  # part of the previous layer's process
             r["ff"], r["latency_cycles"], r["ii_cycles"] = 0, 0, 1
     if "kernel" in node.attrs and node.op in ("Conv", "MaxPool", "AvgPool") and len(x.shape) > 1:
-        buf = window_buffers(node.attrs["kernel"], x.shape, x.dtype.width)
+        pads = node.attrs.get("pads") if node.op == "Conv" else None
+        shape = padded_shape(x.shape, pads)
+        buf = window_buffers(node.attrs["kernel"], shape, x.dtype.width)
         r["lut"] += int(buf["lut"])
         r["ff"] += buf["ff"] + (out.shape[-1] * out.dtype.width if node.op == "Conv" else 0)
         r["detail"] = {**(r.get("detail") or {}), "line_buffer_bits": buf["line_bits"],
                        "window_bits": buf["window_bits"]}
+        if tuple(shape) != tuple(x.shape):  # A16: hls4ml's zeropad2d_cl layer and its FIFO
+            f = fifo_cost(shape[-1], x.dtype.width, pixels(shape))
+            r["lut"] += f["lut"] + shape[-1] * x.dtype.width
+            r["ff"] += f["ff"] + 2 * addr_bits(pixels(shape))
+            r["bram_18k"] += f["bram_18k"]
+            r["detail"]["zero_pad_fifo"] = f
     elif node.op == "Dense":  # nnet_dense_stream.h: input and output vectors in partitioned arrays
         r["ff"] += x.size * x.dtype.width + out.size * out.dtype.width
     return r

@@ -156,7 +156,7 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         mux_luts = (block * xb) * math.ceil((rf - 1) / 3) if rf > 1 else 0
         rom_bits = n_in * n_out * wb
         depth_rom = rf
-        if depth_rom >= 64 and rom_bits >= 1024:
+        if rf > 1 and rom_bits >= 1024:  # ROM_nP_BRAM: block RAM whatever its depth (A8)
             bram = bram18_count(block * wb, depth_rom)  # A18: cheapest RAMB18 aspect ratio
             rom_luts = 0
         else:

@@ -16,15 +16,20 @@ A15. Every io_stream layer is a dataflow process that reads one *pixel* (all cha
 A16. ``conv_2d_buffer_cl`` / ``pooling2d_buffer_cl`` (``nnet_conv_stream.h``,
      ``nnet_pooling_stream.h``) keep ``K_h - 1`` rows in ``ap_shift_reg<T, in_width>
      line_buffer[K_h - 1][n_chan]`` and the window in ``kernel_data[K_h * K_w * n_chan]``:
-     both are counted as registers (FF, one per bit), as the post-HLS reports count them (UG902
-     says an ``ap_shift_reg`` becomes an SRL, but that mapping happens in logic synthesis; the
-     reports: a 3x3 conv over 32x32x3 16-bit data has 3,799 FF, of which 2 x 32 x 3 x 16 = 3,072
-     are line-buffer and 432 window bits; counted as SRL LUTs instead, the six conv rows' FF came
-     out at 0.35-0.64 of the reports, as FF at 0.72-1.65).  1-D layers keep only the window.  The
-     layer's output pixel is registered too (``C_out x bits``), and a streaming Dense
+     a line buffer at most :data:`SRL_MAX_DEPTH` words wide is counted as registers (FF, one per
+     bit) and a wider one as SRL storage (UG902: an ``ap_shift_reg`` "is implemented as an SRL";
+     one LUT per bit per 32 words, UG574); the window is registers.  Evidence, not a fitted
+     constant: the hls4ml tutorial's Vivado HLS 2020.1 SVHN report has 3,799 FF in a 3x3 conv over
+     32x32x3 16-bit data, of which 2 x 32 x 3 x 16 = 3,072 would be line buffer (counted as SRL
+     LUTs its six conv rows' FF came out at 0.35-0.64 of the report, as FF at 0.72-1.65), while a
+     public Vivado HLS 2019.1 report of an io_stream CNN with 514-, 258- and 130-wide rows shows
+     1,274 FF for a conv whose line buffer alone is 16,448 bits.  1-D layers keep only the window.
+     The layer's output pixel is registered too (``C_out x bits``), and a streaming Dense
      (``nnet_dense_stream.h``) copies its whole input and output vector into completely
-     partitioned arrays (``n_in x bits + n_out x bits`` FF).  This accounting was chosen after
-     reading the reports' conv rows (no fitted constant).
+     partitioned arrays (``n_in x bits + n_out x bits`` FF).  A padded Conv reads a zero-padding
+     layer (hls4ml inserts ``zeropad2d_cl`` before a padded io_stream Conv,
+     ``nnet_padding_stream.h``): a select per input bit and one more FIFO of the padded size; its
+     line buffer spans the padded width.
 A17. Layers are connected by ``hls::stream`` FIFOs of depth = pixels of the tensor
      (``StreamVariableConverter.convert``: ``depth = prod(shape) // shape[-1]``,
      ``backends/fpga/fpga_types.py``).  Vivado HLS builds one FIFO per channel (the reports list
@@ -94,15 +99,31 @@ def pixels(shape) -> int:
 
 
 def window_buffers(kernel, in_shape, bits: int) -> dict:
-    """Line buffer and window of a streaming Conv / pool over ``in_shape`` (A16): ``{"lut", "ff",
-    "line_bits", "window_bits"}`` -- ``K_h - 1`` shift registers of ``in_width`` words per channel
-    (2-D only) and ``prod(kernel) * C`` window registers, all counted as registers (FF) the way
-    the post-HLS reports count them; ``lut`` is 0."""
+    """Line buffer and window of a streaming Conv / pool over ``in_shape`` (A16, the padded input
+    of a padded Conv): ``{"lut", "ff", "line_bits", "window_bits"}`` -- ``K_h - 1`` shift
+    registers of ``in_width`` words per channel (2-D only; registers when ``in_width <=``
+    :data:`SRL_MAX_DEPTH`, else SRL storage, one LUT per bit per 32 words) and ``prod(kernel) * C``
+    window registers."""
     c = in_shape[-1]
     k = tuple(int(v) for v in kernel)
     win = int(np.prod(k)) * c * bits
-    line = max(k[0] - 1, 0) * c * bits * in_shape[1] if len(k) == 2 and len(in_shape) == 3 else 0
-    return {"lut": 0, "ff": win + line, "line_bits": line, "window_bits": win}
+    lines = max(k[0] - 1, 0) if len(k) == 2 and len(in_shape) == 3 else 0
+    width = int(in_shape[1]) if lines else 0
+    line = lines * c * bits * width
+    if width <= SRL_MAX_DEPTH:
+        return {"lut": 0, "ff": win + line, "line_bits": line, "window_bits": win}
+    return {"lut": lines * c * bits * math.ceil(width / 32), "ff": win, "line_bits": line, "window_bits": win}
+
+
+def padded_shape(shape, pads) -> tuple:
+    """Shape of a channels-last 2-D tensor after ``pads = (top, left, bottom, right)`` (ONNX order
+    ``(x1_begin, x2_begin, x1_end, x2_end)``), or ``shape`` for another rank."""
+    if isinstance(pads, int):
+        pads = (pads,) * 4
+    if len(shape) != 3 or not pads or not any(pads):
+        return tuple(shape)
+    t, l, b, r = (int(p) for p in pads)
+    return (shape[0] + t + b, shape[1] + l + r, shape[2])
 
 
 def stream_elementwise(row: dict, out_shape, in_shape) -> dict:
