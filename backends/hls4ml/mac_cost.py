@@ -17,7 +17,7 @@ from ...compiler.ir.types import FixedType
 from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add)
 from .settings import check_reuse_factor_keys, closest_reuse_factor, requested_reuse_factor
-from .stream import bram18_count
+from .stream import bram18_count, padded_shape, pixels
 
 
 
@@ -166,6 +166,9 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         mstages = 1 if (dsp or mult_luts) else 0
         layer_cycles = rf + mstages + 2
         ff = n_out * ab + n_out * out.dtype.width
+        if rf > 1:  # A11: the II=1 MAC loop registers each lane's selected input, weight word and partial sum
+            lane_dsp_used = dsp > 0
+            ff += block * (xb + wb + ab + (0 if lane_dsp_used else xb + wb))
         ii = rf
     else:
         dsp = math.ceil(dsp_units / share)
@@ -207,8 +210,13 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         layer_cycles = layer_cycles + ii - rf
         if opts["io_type"] == "io_stream" and len(x.shape) > 1:
             # pixels arrive one per cycle: the layer cannot start a new sample faster
-            in_pix = int(np.prod(x.shape[:-1], dtype=np.int64))
-            if in_pix > ii:
+            in_pix = pixels(padded_shape(x.shape, node.attrs.get("pads")) if node.op == "Conv" else x.shape)
+            if resource and node.op == "Conv":
+                # nnet_conv_stream.h pipelines the pixel loop only for the Latency strategy: with
+                # Resource each (padded) input pixel waits for the whole RF-cycle MAC loop
+                ii = in_pix * (rf + mstages + 2)
+                layer_cycles = ii
+            elif in_pix > ii:
                 layer_cycles += in_pix - ii
                 ii = in_pix
         elif opts["io_type"] == "io_parallel" and positions > 1:

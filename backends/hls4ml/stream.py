@@ -21,9 +21,11 @@ A16. ``conv_2d_buffer_cl`` / ``pooling2d_buffer_cl`` (``nnet_conv_stream.h``,
      one LUT per bit per 32 words, UG574); the window is registers.  Evidence, not a fitted
      constant: the hls4ml tutorial's Vivado HLS 2020.1 SVHN report has 3,799 FF in a 3x3 conv over
      32x32x3 16-bit data, of which 2 x 32 x 3 x 16 = 3,072 would be line buffer (counted as SRL
-     LUTs its six conv rows' FF came out at 0.35-0.64 of the report, as FF at 0.72-1.65), while a
-     public Vivado HLS 2019.1 report of an io_stream CNN with 514-, 258- and 130-wide rows shows
-     1,274 FF for a conv whose line buffer alone is 16,448 bits.  1-D layers keep only the window.
+     LUTs its six conv rows' FF came out at 0.35-0.64 of the report, as FF at 0.72-1.65), and a
+     public Vivado HLS 2019.1 report of an io_stream CNN (rows 18, 10 and 6 words wide) agrees
+     (its 2x2 pool over 16-wide 8-channel 6-bit rows: 1,171 FF for 768 line-buffer and 192 window
+     bits).  No reference row is wider than 32 words, so the SRL side is UG902's word, untested.
+     1-D layers keep only the window.
      The layer's output pixel is registered too (``C_out x bits``), and a streaming Dense
      (``nnet_dense_stream.h``) copies its whole input and output vector into completely
      partitioned arrays (``n_in x bits + n_out x bits`` FF).  A padded Conv reads a zero-padding

@@ -377,28 +377,40 @@ def test_fpga_note_states_the_measured_error():
     import csv
     b = _bench("estimate_vs_published")
     svhn = _bench("hls4ml_svhn")
+    pynq_g, pynq_layers, pynq_rf = _bench("hls4ml_pynq_cnn").pynq_cnn_graph()
     rows = list(csv.DictReader(open(b.REFS)))
     jet = {"16-bit PTQ": (b.ptq_graph(16), "fixed<16,6>"), "14-bit PTQ": (b.ptq_graph(14), "fixed<14,6>"),
            "6-bit QAT (QKeras)": (b.qat_graph(), "fixed<16,6>")}
     cfg = {"part": "xcvu9p", "clock_period": 5.0, "reuse_factor": 1, "softmax_on_device": True}
     scfg = {"part": "xcu250", "clock_period": 5.0, "io_type": "io_stream", "softmax_on_device": True,
             "accum_type": "fixed<16,6>"}
-    rat = {"LUT": [], "FF": [], "DSP": [], "stream LUT": [], "stream FF": []}
-    note = None
+    pcfg = {"part": "pynq-z2", "clock_period": 5.0, "io_type": "io_stream", "strategy": "Resource",
+            "softmax_on_device": True, "accum_type": "fixed<14,6>", "reuse_factor": pynq_rf}
+    rat = {"LUT": [], "FF": [], "DSP": [], "stream LUT": [], "stream FF": [], "resource LUT": [], "resource FF": []}
+    note, hits, cache = None, 0, {}
     for r in rows:
-        if r["scope"] != "design":
-            continue
         if r["family"] == "jet_tagger_mlp":
             g, acc = jet[r["design"]]
-            est = estimate(g, {**cfg, "accum_type": acc})
+            key, cfg_r, layers = r["design"], {**cfg, "accum_type": acc}, None
             keys = (("LUT", "lut"), ("FF", "ff"), ("DSP", "dsp"))
-        else:
-            est = estimate(svhn.svhn_graph(r["design"])[0], scfg)
+        elif r["family"] == "svhn_cnn_stream":
+            g, layers = svhn.svhn_graph(r["design"])
+            key, cfg_r = r["design"], scfg
             keys = (("stream LUT", "lut"), ("stream FF", "ff"))
-        for k, col in keys:
-            rat[k].append(f"{est['total'][col] / float(r[col]):.2f}")
+        else:
+            g, layers, key, cfg_r = pynq_g, pynq_layers, "pynq", pcfg
+            keys = (("resource LUT", "lut"), ("resource FF", "ff"))
+        if key not in cache:
+            cache[key] = estimate(g, cfg_r)
+        est = cache[key]
+        ours = b._ours_for(est, layers, r["scope"])
+        hits += abs(ours["lut"] / float(r["lut"]) - 1) <= 0.25 and abs(ours["ff"] / float(r["ff"]) - 1) <= 0.25
+        if r["scope"] == "design":
+            for k, col in keys:
+                rat[k].append(f"{est['total'][col] / float(r[col]):.2f}")
         note = est["note"]
-    assert len(rat["LUT"]) == 3 and len(rat["stream LUT"]) == 2
+    assert f"{hits} of {len(rows)} reference rows within 25% on LUT and FF" in note, (hits, note)
+    assert len(rat["LUT"]) == 3 and len(rat["stream LUT"]) == 2 and len(rat["resource LUT"]) == 1
     for k, v in rat.items():
         assert f"{k} {'/'.join(v)}" in note, (k, v, note)
 
