@@ -291,7 +291,7 @@ def _stream_row(ctx: EstimateContext, node, cost: Cost, r: dict) -> dict:
                 r[k] += zp[k]
             r["detail"]["zero_pad"] = zp
     elif node.op == "Dense":  # nnet_dense_stream.h: input and output vectors in partitioned arrays
-        r["ff"] += x.size * x.dtype.width + out.size * out.dtype.width
+        r["ff"] += x.shape[-1] * x.dtype.width + out.shape[-1] * out.dtype.width
     return r
 
 

@@ -59,7 +59,8 @@ import numpy as np
 
 #: Deepest FIFO kept in shift registers (an SRLC32E holds 32 words per LUT, UG574); deeper -> BRAM_18K (A17).
 SRL_MAX_DEPTH = 32
-#: (width, depth) configurations of one BRAM_18K (UG573 Table 1-? "RAMB18E2 port aspect ratios").
+#: (width, depth) configurations of one BRAM_18K: the RAMB18E2 port aspect ratios (UG573, UltraScale
+#: Architecture Memory Resources; the 7-series RAMB18E1 has the same ones, UG473).
 BRAM18_SHAPES = ((36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384))
 #: Ops hls4ml's io_stream implements without a layer of their own (no FIFO after them): a flatten
 #: keeps its input stream (``ReshapeStream`` skips 1-D outputs, ``fpga/passes/repack_stream.py``).

@@ -158,3 +158,24 @@ def test_parallel_conv_holds_every_position_in_registers(h, w, c, f):
     assert r["ff"] >= HLS_FF_FACTOR * pos * f * out.dtype.width
     small = row(estimate(conv_graph(4, 4, c, f, 8), PAR), "conv")
     assert r["ff"] >= small["ff"]
+
+
+def test_padded_stream_conv_reads_a_zero_padding_layer():
+    """hls4ml puts a zeropad2d_cl layer (and its FIFO) in front of a padded io_stream Conv; the line
+    buffer spans the padded width.  With the Resource strategy the pixel loop is not pipelined
+    (nnet_conv_stream.h pipelines it for Latency only): every padded pixel waits for the RF-cycle MAC loop."""
+    rng = np.random.default_rng(1)
+    t = FixedType(8, 2)
+    b = GraphBuilder("p")
+    x = b.input("x", (20, 12, 3), t)
+    b.output(b.add("conv", "Conv", [x], attrs={"kernel": (3, 3), "pads": (1, 1, 1, 1)},
+                   params={"weight": Const(rng.integers(-100, 100, (3, 3, 3, 4)), t)}))
+    g = b.build()
+    lat = row(estimate(g, STREAM), "conv")
+    d = lat["detail"]
+    assert d["zero_pad"]["fifo"]["depth"] == 22 * 14
+    assert d["line_buffer_bits"] == 2 * 14 * 3 * 8
+    assert "zero_pad" not in (row(estimate(g, PAR), "conv")["detail"] or {})
+    res = row(estimate(g, {**STREAM, "strategy": "Resource", "reuse_factor": 9}), "conv")
+    assert res["detail"]["reuse_factor"] == 9
+    assert res["ii_cycles"] >= 22 * 14 * 9 > lat["ii_cycles"]
