@@ -156,9 +156,11 @@ Other layers
       STREAM_LUT_SCALE`` (1.369), fitted on one row only, the 16-bit SVHN CNN total (hls4ml tutorial,
       Vivado HLS 2020.1, xcu250); the same scale is used with every DSP rule.  Before it, every
       layer of that design came out at 0.69-0.80 of the report, the ReLU included, so the
-      difference is per modelled bit, not per layer kind; our io_stream rows are all Vivado HLS
-      2020.1 and the io_parallel rows 2019.2, so this scale may be the tool version rather than
-      the io type: the references cannot tell the two apart.
+      difference is per modelled bit, not per layer kind.  The SVHN rows are Vivado HLS 2020.1 and
+      the jet tagger's 2019.2, so the scale could be the tool version rather than the io type; the
+      uncalibrated PYNQ-Z2 io_stream family (Vivado HLS 2019.1) cannot tell: its Resource-strategy
+      LUTs are mostly input muxes the scale does not touch (its three larger convs: 0.85/1.06/1.01
+      of the report with the scale, 0.81/1.00/0.80 without).
   A14. Float-typed nodes (host prologue/epilogue, e.g. the input ``Quantize`` of a float input) and
       every node of the host prologue (:func:`qdeploy.passes.partition.partition`: an input
       quantizer's MultiThreshold too) cost nothing on the FPGA and are listed with ``"host": true``.
