@@ -201,10 +201,11 @@ def main() -> int:
               f"{fmt(o['latency_cycles']):>8}{fmt(pub['latency_cycles']):>8}  {'yes' if ok else 'NO'}")
     print(f"\nwithin 25% on both LUT and FF: {hits} of {len(rows)} rows")
     print("Known differences (not fitted away):\n"
-          "  * pools: we model hls4ml 1.3's LineBuffer pooling (a line buffer of in_width x C words, counted as FF);\n"
+          "  * SVHN pools: we model hls4ml 1.3's LineBuffer pooling (a line buffer of in_width x C words, counted as FF);\n"
           "    the 2021 report's pool FF (2,008 at 30x30x16, 16 b) has no room for the 7,680-bit line buffer, so that\n"
           "    design was most likely built with another pooling implementation (hls4ml also has an 'Encoded' one): the\n"
-          "    pool rows and the pruned total's FF are not like-for-like.\n"
+          "    pool rows and the pruned total's FF are not like-for-like (the PYNQ report's pools are LineBuffer ones\n"
+          "    per its parameters.h, and there our pool FF is 0.84 of the report).\n"
           "  * SVHN weights are stand-ins (lecun_uniform, 50% pruned; hls4ml_svhn.py): the DSP/LUT split of each\n"
           "    conv/dense layer depends on the weight values.\n"
           "  * pynq total: its hls4ml (2021) put a repack_stream layer after the flatten (6,831 LUT, 6,065 FF) that\n"
