@@ -152,13 +152,13 @@ def main() -> int:
     jet_base = {"part": "xcvu9p", "clock_period": 5.0, "strategy": "Latency", "io_type": "io_parallel",
                 "reuse_factor": 1, "softmax_on_device": True}
     svhn_base = {"part": "xcu250", "clock_period": 5.0, "strategy": "Latency", "io_type": "io_stream",
-                 "reuse_factor": 1, "softmax_on_device": True, "accum_type": "fixed<16,6>"}
+                 "reuse_factor": 1, "softmax_on_device": True, "accum_type": "fixed<16,6>", "casts": "result_type"}
     jet = {"16-bit PTQ": (ptq_graph(16), "fixed<16,6>"), "14-bit PTQ": (ptq_graph(14), "fixed<14,6>"),
            "6-bit QAT (QKeras)": (qat_graph(), "fixed<16,6>")}
     svhn = {v: svhn_graph(v) for v in ("pruned", "qkeras6")}
     pynq = pynq_cnn_graph()
     pynq_base = {"part": "pynq-z2", "clock_period": 5.0, "strategy": "Resource", "io_type": "io_stream",
-                 "softmax_on_device": True, "accum_type": "fixed<14,6>"}
+                 "softmax_on_device": True, "accum_type": "fixed<14,6>", "casts": "result_type"}
     ests, cache = {}, {}
     print(f"hls4ml estimate vs published post-HLS results ({REFS.name}); ratio = ours / published")
     print("calibrated rows (one per family): jet16 (HLS_LUT_FACTORS, HLS_FF_FACTOR), svhn16 (STREAM_LUT_SCALE, LUT only),\n"

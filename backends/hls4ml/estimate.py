@@ -168,7 +168,8 @@ Other layers
 Config keys (all optional): ``part`` (default ``xcvu9p``), ``clock_period`` (ns, 5),
 ``reuse_factor`` (1; int or ``{node_name: int}``), ``strategy`` (``Latency``|``Resource``),
 ``io_type`` (``io_parallel``|``io_stream``), ``accum_type`` (type string or None),
-``softmax_on_device`` (False), ``dsp_rule`` (``vivado`` | ``hls4ml_weight`` | ``csd_wider``, A3).
+``softmax_on_device`` (False), ``dsp_rule`` (``vivado`` | ``hls4ml_weight`` | ``csd_wider``, A3),
+``casts`` (``layer`` | ``result_type``, :data:`CASTS`: whether an io_stream cast is a layer of its own).
 """
 from __future__ import annotations
 
@@ -196,6 +197,11 @@ MEASURED_ERROR = ("analytic estimate, not synthesis; measured against published 
                   "0.50, resource FF 0.54 (design; it has hls4ml 0.6's repack layer and deep FIFOs we under-price), "
                   "DSP and BRAM exact in every layer row; 11 of 25 reference rows within 25% on LUT and FF")
 
+#: How a Quantize between layers is built in io_stream (A17): ``layer`` (default) -- its own linear
+#: layer, as the qdeploy translation emits it unless it follows a ReLU; ``result_type`` -- the
+#: previous layer's result type, as hls4ml's Keras/QONNX converters build it (the published designs).
+CASTS = ("layer", "result_type")
+
 TOTAL_KEYS = ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles")
 
 
@@ -208,7 +214,9 @@ def _options(config: dict | None) -> dict:
             "reuse_factor": given("reuse_factor", 1), "strategy": str(cfg.get("strategy") or "Latency"),
             "io_type": str(cfg.get("io_type") or "io_parallel"), "accum_type": cfg.get("accum_type"),
             "softmax_on_device": bool(cfg.get("softmax_on_device", False)),
-            "dsp_rule": str(cfg.get("dsp_rule") or DSP_RULES[0])}
+            "dsp_rule": str(cfg.get("dsp_rule") or DSP_RULES[0]), "casts": str(cfg.get("casts") or CASTS[0])}
+    if opts["casts"] not in CASTS:
+        raise QDeployError(f"casts must be one of {', '.join(CASTS)}, got {opts['casts']!r}")
     if opts["dsp_rule"] not in DSP_RULES:
         raise QDeployError(f"dsp_rule must be one of {', '.join(DSP_RULES)}, got {opts['dsp_rule']!r}")
     if opts["strategy"].lower() not in ("latency", "resource"):
@@ -256,13 +264,19 @@ def _cost(node) -> Cost:
     return e
 
 
-def _absorbed(graph: Graph, node) -> bool:
-    """A Quantize hls4ml implements as the result type of the layer before it (A15/A17: no process
-    and no FIFO of its own): its input comes from a node with no other consumer."""
+def _absorbed(graph: Graph, node, casts: str) -> bool:
+    """True for a Quantize that is no io_stream layer of its own (A17: no process, no FIFO): an
+    identity cast; a cast the qdeploy translation fuses into the ReLU before it (``ops._relu``);
+    and, with ``casts="result_type"`` (hls4ml's own converters), any cast whose input has no other
+    consumer, which becomes the previous layer's result type."""
     if node.op != "Quantize":
         return False
+    if graph.value(node.inputs[0]).dtype == graph.value(node.output).dtype:
+        return True
     prod = graph.producer(node.inputs[0])
-    return prod is not None and prod.op not in NO_LAYER_OPS and len(graph.consumers(node.inputs[0])) == 1
+    if prod is None or prod.op in NO_LAYER_OPS or len(graph.consumers(node.inputs[0])) != 1:
+        return False
+    return casts == "result_type" or (prod.op == "Relu" and node.inputs[0] not in graph.outputs)
 
 
 def _stream_row(ctx: EstimateContext, node, cost: Cost, r: dict) -> dict:
@@ -275,7 +289,7 @@ def _stream_row(ctx: EstimateContext, node, cost: Cost, r: dict) -> dict:
         return {**r, "lut": 0, "ff": 0, "dsp": 0, "latency_cycles": 0, "ii_cycles": 1}
     if cost.timing == "chained":
         r = stream_elementwise(r, out.shape, x.shape if x is not None else None)
-        if _absorbed(graph, node):  # part of the previous layer's process
+        if _absorbed(graph, node, ctx.opts["casts"]):  # part of the previous layer's process
             r["ff"], r["latency_cycles"], r["ii_cycles"] = 0, 0, 1
     if "kernel" in node.attrs and node.op in ("Conv", "MaxPool", "AvgPool") and len(x.shape) > 1:
         pads = node.attrs.get("pads") if node.op == "Conv" else None
@@ -308,7 +322,7 @@ def _add_fifos(ctx: EstimateContext, layers: list[dict]) -> int:
         if r["host"] or node.op in NO_LAYER_OPS:
             continue
         cons = [c for c in graph.consumers(node.output) if not rows[c.name]["host"]]
-        if not cons or (len(cons) == 1 and _absorbed(graph, cons[0])):
+        if not cons or (len(cons) == 1 and _absorbed(graph, cons[0], ctx.opts["casts"])):
             continue
         out = graph.value(node.output)
         f = fifo_cost(out.shape[-1] if out.shape else 1, out.dtype.width, pixels(out.shape))

@@ -383,9 +383,9 @@ def test_fpga_note_states_the_measured_error():
            "6-bit QAT (QKeras)": (b.qat_graph(), "fixed<16,6>")}
     cfg = {"part": "xcvu9p", "clock_period": 5.0, "reuse_factor": 1, "softmax_on_device": True}
     scfg = {"part": "xcu250", "clock_period": 5.0, "io_type": "io_stream", "softmax_on_device": True,
-            "accum_type": "fixed<16,6>"}
+            "accum_type": "fixed<16,6>", "casts": "result_type"}
     pcfg = {"part": "pynq-z2", "clock_period": 5.0, "io_type": "io_stream", "strategy": "Resource",
-            "softmax_on_device": True, "accum_type": "fixed<14,6>", "reuse_factor": pynq_rf}
+            "softmax_on_device": True, "accum_type": "fixed<14,6>", "reuse_factor": pynq_rf, "casts": "result_type"}
     rat = {"LUT": [], "FF": [], "DSP": [], "stream LUT": [], "stream FF": [], "resource LUT": [], "resource FF": []}
     note, hits, cache = None, 0, {}
     for r in rows:

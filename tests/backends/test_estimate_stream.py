@@ -179,3 +179,31 @@ def test_padded_stream_conv_reads_a_zero_padding_layer():
     res = row(estimate(g, {**STREAM, "strategy": "Resource", "reuse_factor": 9}), "conv")
     assert res["detail"]["reuse_factor"] == 9
     assert res["ii_cycles"] >= 22 * 14 * 9 > lat["ii_cycles"]
+
+
+def test_cast_is_a_stream_layer_unless_built_into_the_result_type():
+    """qdeploy's translation emits a Quantize after a Conv as a linear layer of its own, so in io_stream it
+    is one more process and FIFO (casts="layer", the default); hls4ml's converters make it the conv's
+    result type (casts="result_type").  A cast after a ReLU is fused either way (ops._relu)."""
+    import pytest
+    from qdeploy.compiler.errors import QDeployError
+    rng = np.random.default_rng(2)
+    t = FixedType(8, 2)
+    b = GraphBuilder("q")
+    x = b.input("x", (16, 16, 2), t)
+    y = b.add("conv", "Conv", [x], attrs={"kernel": (3, 3)},
+              params={"weight": Const(rng.integers(-100, 100, (3, 3, 2, 4)), t)})
+    y = b.add("cast", "Quantize", [y], attrs={"to": FixedType(8, 4)})
+    y = b.add("relu", "Relu", [y])
+    y = b.add("relu_cast", "Quantize", [y], attrs={"to": FixedType(6, 3, False)})
+    b.output(b.add("pool", "MaxPool", [y], attrs={"kernel": (2, 2), "strides": (2, 2)}))
+    g = b.build()
+    own, fused = estimate(g, STREAM), estimate(g, {**STREAM, "casts": "result_type"})
+    assert (row(own, "conv").get("detail") or {}).get("fifo") is not None
+    assert (row(fused, "conv").get("detail") or {}).get("fifo") is None
+    for est in (own, fused):
+        assert (row(est, "relu").get("detail") or {}).get("fifo") is None  # fused into the relu layer
+        assert row(est, "relu_cast")["detail"]["fifo"]["depth"] == 14 * 14
+    assert own["total"]["bram_18k"] == fused["total"]["bram_18k"] + 4  # 4 channels x 196 deep, 8 bits
+    with pytest.raises(QDeployError, match="casts"):
+        estimate(g, {**STREAM, "casts": "fused"})
