@@ -32,7 +32,10 @@ A16. ``conv_2d_buffer_cl`` / ``pooling2d_buffer_cl`` (``nnet_conv_stream.h``,
      layer (hls4ml inserts ``zeropad2d_cl`` before a padded io_stream Conv,
      ``nnet_padding_stream.h``): a select per input bit and one more FIFO of the padded size; its
      line buffer spans the padded width.
-A17. Layers are connected by ``hls::stream`` FIFOs of depth = pixels of the tensor
+A17. Every layer whose output feeds another device layer writes it to a FIFO (a flatten is no
+     layer; whether a Quantize is a layer of its own is the estimator's ``casts`` option,
+     :data:`qdeploy.backends.hls4ml.estimate.CASTS`).  Layers are connected by ``hls::stream``
+     FIFOs of depth = pixels of the tensor
      (``StreamVariableConverter.convert``: ``depth = prod(shape) // shape[-1]``,
      ``backends/fpga/fpga_types.py``).  Vivado HLS builds one FIFO per channel (the reports list
      ``layerN_out_V_data_<c>_V``).  A FIFO deeper than :data:`SRL_MAX_DEPTH` goes to BRAM_18K (in
