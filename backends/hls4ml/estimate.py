@@ -287,6 +287,8 @@ def _stream_row(ctx: EstimateContext, node, cost: Cost, r: dict) -> dict:
     x = graph.value(node.inputs[0]) if node.inputs else None
     if node.op in NO_LAYER_OPS:
         return {**r, "lut": 0, "ff": 0, "dsp": 0, "latency_cycles": 0, "ii_cycles": 1}
+    if r.pop("stream_priced", False):  # the op's own row already describes its io_stream process
+        return r
     if cost.timing == "chained":
         r = stream_elementwise(r, out.shape, x.shape if x is not None else None)
         if _absorbed(graph, node, ctx.opts["casts"]):  # part of the previous layer's process
