@@ -35,9 +35,10 @@ A16. ``conv_2d_buffer_cl`` / ``pooling2d_buffer_cl`` (``nnet_conv_stream.h``,
 A17. Every layer whose output feeds another device layer writes it to a FIFO (a flatten is no
      layer; whether a Quantize is a layer of its own is the estimator's ``casts`` option,
      :data:`qdeploy.backends.hls4ml.estimate.CASTS`).  Layers are connected by ``hls::stream``
-     FIFOs of depth = pixels of the tensor
-     (``StreamVariableConverter.convert``: ``depth = prod(shape) // shape[-1]``,
-     ``backends/fpga/fpga_types.py``).  Vivado HLS builds one FIFO per channel (the reports list
+     FIFOs of depth = pixels of the tensor (``StreamVariableConverter.convert``: ``depth =
+     prod(shape) // shape[-1]``, ``backends/fpga/fpga_types.py``), hls4ml's default "most
+     conservative possible depth" (hls4ml docs, I/O Types; its optional FIFO depth optimization,
+     which needs co-simulation, is not modelled).  Vivado HLS builds one FIFO per channel (the reports list
      ``layerN_out_V_data_<c>_V``).  A FIFO deeper than :data:`SRL_MAX_DEPTH` goes to BRAM_18K (in
      the reports depth 16 is an SRL FIFO, depth >= 36 a BRAM one; we put the boundary at the
      SRLC32E depth), packed by :func:`bram18_count`; else its data is SRL storage (one LUT per bit
