@@ -339,7 +339,10 @@ def _add_fifos(ctx: EstimateContext, layers: list[dict]) -> int:
 def estimate(graph: Graph, config: dict | None = None) -> dict:
     """FPGA estimate of ``graph`` compiled by the hls4ml backend with ``config``.
 
-    See the module docstring for every assumption (A1-A14) and its source.  Returns
+    See the module docstring for every assumption (A1-A14, A20; the io_stream architecture A15-A19
+    in :mod:`.stream`) and its source.  In io_stream a row also holds, in ``detail``, the FIFO
+    after the layer (``fifo``: depth, kind, LUT/FF/BRAM_18K, included in the row) and a Conv's
+    ``line_buffer_bits`` / ``window_bits`` / ``zero_pad``.  Returns
     ``{"target": "hls4ml", "estimate": True, "part": {...capacities...}, "config": {...},
     "total": {lut, ff, dsp, bram_18k, latency_cycles, latency_ns, ii_cycles, utilization_pct},
     "layers": [per node, same keys + op, host, detail], "note": MEASURED_ERROR}``: LUT/FF/DSP/
