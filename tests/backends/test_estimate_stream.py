@@ -207,3 +207,18 @@ def test_cast_is_a_stream_layer_unless_built_into_the_result_type():
     assert own["total"]["bram_18k"] == fused["total"]["bram_18k"] + 4  # 4 channels x 196 deep, 8 bits
     with pytest.raises(QDeployError, match="casts"):
         estimate(g, {**STREAM, "casts": "fused"})
+
+
+def test_over_capacity_warning_in_the_estimate_section_of_any_compile(tmp_path):
+    """report.md's Estimate section (every target, here the reference interpreter) shows the share of
+    the part and a WARNING line when the hls4ml estimate exceeds it."""
+    import qdeploy
+    rng = np.random.default_rng(3)
+    b = GraphBuilder("big")
+    x = b.input("x", (64,), FixedType(16, 6))
+    w = Const(rng.integers(-30000, 30000, (64, 64)), FixedType(16, 6))
+    b.output(b.add("fc", "Dense", [x], params={"weight": w}))
+    qdeploy.compile(b.build(), "reference", tmp_path / "o", config={"hls4ml": {"part": "pynq-z2"}})
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "Share of the part: LUT" in md
+    assert "- **WARNING**: the design exceeds the part PYNQ-Z2 (Zynq-7000 Z-7020): " in md and "DSP" in md
