@@ -101,6 +101,10 @@ def render_markdown(report: dict) -> str:
     ex = report["exactness"]
     L += ["", "## Exactness against the reference interpreter", "",
           exactness_sentence(ex), ""]
+    if ex.get("variants"):
+        L += ["Libraries checked (each one this machine can run): " + ", ".join(
+            f"{n} ({'bit-exact' if ok else 'NOT identical'})" for n, ok in ex["variants"].items())
+            + (f"; shown below: {ex['variant']}" if ex.get("variant") else ""), ""]
     L += ["| output | type | mismatches | max abs error |", "|---|---|---|---|"]
     for o, r in ex["per_output"].items():
         L.append(f"| {o} | {r['type']} | {r['mismatches']} | {r['max_abs_error']:.3g} |")
