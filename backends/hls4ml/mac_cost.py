@@ -167,8 +167,7 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         layer_cycles = rf + mstages + 2
         ff = n_out * ab + n_out * out.dtype.width
         if rf > 1:  # A11: the II=1 MAC loop registers each lane's selected input, weight word and partial sum
-            lane_dsp_used = dsp > 0
-            ff += block * (xb + wb + ab + (0 if lane_dsp_used else xb + wb))
+            ff += block * (xb + wb + ab + (0 if dsp > 0 else xb + wb))
         ii = rf
     else:
         dsp = math.ceil(dsp_units / share)
