@@ -259,7 +259,11 @@ class TvmBackend:
 
     Config (``config["tvm"]``, all optional): ``target``, ``mcpu``, ``mtriple``, ``mattr``, ``cc``
     (see :mod:`.target`: portable x86-64 by default, ``mcpu: native`` for this machine's CPU, an
-    ``mtriple`` of another architecture cross-compiles), ``opt_level`` (0..3, default 3),
+    ``mtriple`` of another architecture cross-compiles), ``cpu_variants`` (``auto`` default: one
+    more library for this machine's x86-64 psABI level beside the portable one, picked at load
+    time from the CPU flags; ``none``; or a list of levels --
+    :func:`.target.resolve_cpu_variants`), ``exec_mode`` (``compiled`` default: the Relax VM
+    functions compiled to C; ``bytecode``: TVM's VM interpreter), ``opt_level`` (0..3, default 3),
     ``schedule`` (``"auto"`` (default): fuse first (``relax.get_pipeline("zero")``) and apply
     the fixed loop schedule of :func:`.schedule.schedule_cpu` -- reductions reordered and
     vectorized over the contiguous output axis, epilogues fused into the reduction's loop,
