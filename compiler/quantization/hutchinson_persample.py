@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import QDeployError
 from .hessian import layer_inputs, logits
 
-__all__ = ["per_sample_supported", "PerSamplePasses"]
+__all__ = ["per_sample_supported", "PerSamplePasses", "conv_patches", "rademacher", "check_rel_se", "MAX_ELEMS"]
 
 _TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 MAX_ELEMS = 1 << 22  # float entries of the largest per-sample temporary (unfolded input) x samples per forward: 16 MiB
@@ -56,11 +56,19 @@ def per_sample_supported(mods: dict, layers: Sequence[str]) -> tuple[bool, str]:
     return True, ""
 
 
+_BITS = torch.arange(62, dtype=torch.int64)
+
+
 def rademacher(shape, gen) -> torch.Tensor:
-    return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+    """Float32 tensor of ``shape`` with independent +-1 entries: 62 random bits per draw of
+    ``gen`` (``randint`` over [0, 2**62) keeps 62 uniform independent low bits), unpacked."""
+    n = int(np.prod(shape))
+    words = torch.randint(0, 1 << 62, ((n + 61) // 62,), generator=gen, dtype=torch.int64)
+    bits = (words.unsqueeze(1) >> _BITS).bitwise_and_(1).reshape(-1)[:n]
+    return bits.reshape(shape).to(torch.float32).mul_(2).sub_(1)
 
 
-def _unfold(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def conv_patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, C_in, *S) -> (N, groups, C_in/groups * prod(kernel), L) patches of ``m``'s convolution, in
     the weight's (channel, kernel...) order; built from strided slices of the zero-padded input
     (``torch.nn.functional.unfold`` is far slower on CPU for many small images)."""
@@ -83,8 +91,8 @@ def _perturbation(m: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     if isinstance(m, nn.Linear):
         s = (x * b.reshape(n, *([1] * (x.dim() - 2)), -1)).sum(-1, keepdim=True)  # (N, ..., 1)
         return s * a.reshape(n, *([1] * (x.dim() - 2)), -1)
-    u = _unfold(m, x)  # (N, G, K, L)
-    s = torch.einsum("ngk,ngkl->ngl", b.reshape(n, m.groups, -1), u)  # (N, G, L)
+    u = conv_patches(m, x)  # (N, G, K, L)
+    s = torch.einsum("nk,ngkl->ngl", b, u)  # (N, G, L): b spans one group's (C_in/groups, kernel) block
     s = s.repeat_interleave(m.out_channels // m.groups, dim=1)  # (N, C_out, L): each channel's group
     return (s * a.unsqueeze(-1)).reshape(out_shape)
 
@@ -122,7 +130,7 @@ class PerSamplePasses:
             ins = layer_inputs(model, x[:1], self.layers)
             for nme in self.layers:
                 m = mods[nme]
-                per = max(per, int(np.prod(_unfold(m, ins[nme]).shape)) if not isinstance(m, nn.Linear)
+                per = max(per, int(np.prod(conv_patches(m, ins[nme]).shape)) if not isinstance(m, nn.Linear)
                           else int(ins[nme].numel()))
         step = max(1, MAX_ELEMS // per)  # samples per forward
         if self.total <= step:  # small data: all of it in one forward, several passes stacked (one graph)
