@@ -70,19 +70,16 @@ def rademacher(shape, gen) -> torch.Tensor:
 
 def conv_patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, C_in, *S) -> (N, groups, C_in/groups * prod(kernel), L) patches of ``m``'s convolution, in
-    the weight's (channel, kernel...) order; built from strided slices of the zero-padded input
-    (``torch.nn.functional.unfold`` is far slower on CPU for many small images)."""
-    nd = x.dim() - 2
-    ks, st, dl, pd = (tuple(v) for v in (m.kernel_size, m.stride, m.dilation, m.padding))
-    xp = nn.functional.pad(x, [p for q in reversed(pd) for p in (q, q)]) if any(pd) else x
-    out = [(xp.shape[2 + d] - dl[d] * (ks[d] - 1) - 1) // st[d] + 1 for d in range(nd)]
-    sl = []
-    for off in np.ndindex(*ks):
-        idx = tuple(slice(o * dl[d], o * dl[d] + st[d] * (out[d] - 1) + 1, st[d]) for d, o in enumerate(off))
-        sl.append(xp[(slice(None), slice(None)) + idx])
-    u = torch.stack(sl, dim=2)  # (N, C, K, *out)
-    n = x.shape[0]
-    return u.reshape(n, m.groups, -1, int(np.prod(out)))
+    the weight's (channel, kernel...) order: a depthwise convolution of ``x`` with one-hot kernels
+    (same stride, padding, dilation), whose backward is again a convolution (``nn.functional.unfold``
+    and strided slices were far slower on CPU, in the double backward most of all)."""
+    ks = tuple(m.kernel_size)
+    k = int(np.prod(ks))
+    c = x.shape[1]
+    eye = torch.eye(k, dtype=x.dtype).reshape(k, 1, *ks).repeat(c, 1, *([1] * len(ks)))  # (C*K, 1, *ks)
+    conv = nn.functional.conv1d if isinstance(m, nn.Conv1d) else nn.functional.conv2d
+    u = conv(x, eye, None, m.stride, m.padding, m.dilation, c)  # (N, C*K, *out): channel c*K + k
+    return u.reshape(x.shape[0], m.groups, -1, int(np.prod(u.shape[2:])))
 
 
 def _perturbation(m: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_shape) -> torch.Tensor:
