@@ -9,13 +9,16 @@ from .compiler.ir.types import FixedType
 
 
 def layer_table(graph: Graph) -> list[dict]:
-    """One row a node: name, op, output type and shape, parameter count and bits, BOPs."""
+    """One row a node: name, PyTorch/Brevitas module (``""`` when the source records none), op,
+    output type and shape, parameter count and bits, BOPs."""
+    mods = graph.meta.get("modules") or {}
     rows = []
     for n in graph.nodes:
         v = graph.value(n.output)
         params = sum(c.data.size for c in n.params.values())
         pbits = sum(c.data.size * type_bits(c.dtype) for c in n.params.values())
-        rows.append({"name": n.name, "op": n.op, "type": str(v.dtype), "shape": list(v.shape),
+        rows.append({"name": n.name, "module": mods.get(n.name, ""), "op": n.op, "type": str(v.dtype),
+                     "shape": list(v.shape),
                      "params": int(params), "param_bits": int(pbits),
                      "weight_type": str(n.params["weight"].dtype) if "weight" in n.params else "",
                      "bops": node_bops(graph, n)})
@@ -101,6 +104,10 @@ def render_markdown(report: dict) -> str:
     ex = report["exactness"]
     L += ["", "## Exactness against the reference interpreter", "",
           exactness_sentence(ex), ""]
+    if ex.get("variants"):
+        L += ["Libraries checked (each one this machine can run): " + ", ".join(
+            f"{n} ({'identical to the reference' if ok else 'DIFFERS'})" for n, ok in ex["variants"].items())
+            + (f"; shown below: {ex['variant']}" if ex.get("variant") else ""), ""]
     L += ["| output | type | mismatches | max abs error |", "|---|---|---|---|"]
     for o, r in ex["per_output"].items():
         L.append(f"| {o} | {r['type']} | {r['mismatches']} | {r['max_abs_error']:.3g} |")
@@ -110,11 +117,17 @@ def render_markdown(report: dict) -> str:
         L += ["", *fidelity_markdown(fid)]
     if report.get("host_nodes"):
         L += ["", f"Run on the host (float, NumPy): {', '.join(report['host_nodes'])}"]
-    L += ["", "## Layers", "", "| node | op | output type | shape | weight type | params | param bits | BOPs |",
-          "|---|---|---|---|---|---|---|---|"]
+    with_mod = any(r.get("module") for r in report["layers"])
+    mh, ms = ("module | ", "---|") if with_mod else ("", "")
+    L += ["", "## Layers", "", f"| node | {mh}op | output type | shape | weight type | params | param bits | BOPs |",
+          f"|---|{ms}---|---|---|---|---|---|---|"]
     for r in report["layers"]:
-        L.append(f"| {r['name']} | {r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
+        mc = f"{r.get('module', '')} | " if with_mod else ""
+        L.append(f"| {r['name']} | {mc}{r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
                  f"{r['param_bits']} | {r['bops']:.4g} |")
+    if with_mod:
+        L += ["", "Module: the PyTorch/Brevitas module each node came from (torch's export metadata); per-layer "
+              "settings such as `hls4ml.reuse_factor` accept it in place of the node name."]
     est = report.get("estimate")
     if isinstance(est, dict) and isinstance(est.get("total"), dict):
         t = est["total"]

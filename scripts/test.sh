@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 # the Ray extra (pip install qdeploy[ray]) too, so the QAT fan-out's Ray test runs (QDEPLOY_RAY= skips it)
 export QDEPLOY_CROSS="${QDEPLOY_CROSS-aarch64}" QDEPLOY_CUDA="${QDEPLOY_CUDA-1}" QDEPLOY_RAY="${QDEPLOY_RAY-1}"
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"
