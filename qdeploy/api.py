@@ -290,7 +290,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     from .backends import get_backend
     from .passes import PassManager, default_pipeline
     from .fidelity import check_source
-    from .report import compare_outputs, layer_table, not_run_exactness, render_markdown
+    from .report import (check_static_batches, compare_outputs, layer_table, not_run_exactness, render_markdown,
+                         static_batch_sizes)
 
     cfg = load_config(config)
     if input_type is not None:
@@ -351,7 +352,9 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         say(f"emitting the {target} artifact")
         info = backend.emit(graph, cfg, tmp) or {}
         say(f"building ({'g++ C simulation' if target == 'hls4ml' else target})")
-        backend.build(tmp, info)
+        from .backends.progress import reporting
+        with reporting(say):  # long backend steps (a TVM tuning) report progress
+            backend.build(tmp, info)
         t_build = time.perf_counter() - t1
         say("checking the artifact against the reference")
         if info.get("not_run_here"):  # cross-compiled, or a GPU library without a GPU here
@@ -360,6 +363,7 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             fn = backend.load(tmp, info, graph)
             got = fn({k: v for k, v in feeds.items()})
             exact = compare_outputs(graph, ref, got)
+            check_static_batches(exact, graph, fn, feeds, static_batch_sizes(info))
         if exact.get("fixed_mismatches"):  # name the first layer that differs (only on failure)
             from .backends.divergence import localize
             exact["divergence"] = localize(backend, graph, cfg, tmp, info, feeds)
@@ -408,8 +412,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             "outputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
                          "perm": (graph.meta.get("output_perms") or {}).get(v.name), **lays["outputs"][v.name]}
                         for v in graph.output_values()],
-            "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact", "not_run")
-                          if k in exact},
+            "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact", "not_run",
+                                                "static_batches") if k in exact},
             "hashes": file_hashes(tmp),
         }
         write_manifest(tmp, manifest)

@@ -27,6 +27,8 @@ from ...compiler.reference import execute
 from .fastcall import FastCall
 from .schedule import DEFAULT_SCHEDULE, MIN_PARALLEL_WORK, SCHEDULES, schedule_cpu
 from .target import cross_compiler, library_target, not_run_reason, resolve_target
+from ..progress import report
+from .tune import TUNE_DIR, apply_records, ensure_records, static_batches, tune_options
 
 BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
 
@@ -39,17 +41,19 @@ SCRIPT_FILE = "model.relax.txt"
 BUILD_FILE = "tvm_build.json"
 
 
-def _scheduled(mod, tgt, info: dict):
+def _scheduled(mod, tgt, info: dict, fused: bool = False):
     """``mod`` ready for ``tvm.compile`` under the schedule options of ``info`` (call inside
     the build's ``PassContext``): unchanged for ``schedule: "none"``; for ``"auto"`` fused by
-    ``relax.get_pipeline("zero")`` (legalize, FuseOps, FuseTIR) and scheduled by
-    :func:`.schedule.schedule_cpu` with ``parallel`` / ``min_parallel_work``."""
+    ``relax.get_pipeline("zero")`` (legalize, FuseOps, FuseTIR; skipped when ``fused``, e.g. by
+    :func:`.tune.apply_records`) and scheduled by :func:`.schedule.schedule_cpu` with
+    ``parallel`` / ``min_parallel_work`` (kernels already scheduled are left alone)."""
     if str(info.get("schedule", "none")) == "none":
         return mod
     from tvm import relax
 
-    with tgt:
-        mod = relax.get_pipeline("zero")(mod)
+    if not fused:
+        with tgt:
+            mod = relax.get_pipeline("zero")(mod)
     return schedule_cpu(mod, parallel=bool(info.get("parallel", True)),
                         min_parallel_work=int(info.get("min_parallel_work", MIN_PARALLEL_WORK)))
 
@@ -194,7 +198,8 @@ class TvmBackend:
     ``batch1_entry`` (default true: also compile a static batch-1 entry ``main_b1``, which
     ``CompiledModel.predict`` and ``run.tensors1`` call for a batch of one -- no symbolic-shape
     dispatch in the VM; the dynamic runtime calls it for single samples; false builds ``main``
-    only).
+    only), ``tune`` (optional meta-schedule tuning of a static entry at one batch size, default
+    256, with its records stored in the artifact: see :mod:`.tune`).
     """
 
     def __init__(self, name: str = "tvm-llvm"):
@@ -228,9 +233,6 @@ class TvmBackend:
 
         out = Path(out_dir)
         opts = dict((config or {}).get("tvm") or {})
-        if "tune" in opts:
-            raise CompileError("tvm.tune: meta-schedule tuning is not implemented yet (issue #15); remove the option "
-                               "to build with the default untuned schedule")
         schedule = str(opts.get("schedule", DEFAULT_SCHEDULE))
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -239,6 +241,7 @@ class TvmBackend:
         # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
         # the rest.  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
         target = resolve_target(opts)  # raises CompileError (e.g. a missing cross compiler) first
+        tune = tune_options(opts, target, cross=bool(cross_compiler(target, opts)))
         core, epilogue = split_epilogue(graph)
         mod = lower(core)  # raises UnsupportedError before anything is written
         core.save(str(out / GRAPH_STEM))
@@ -266,6 +269,8 @@ class TvmBackend:
         }
         if opts.get("batch1_entry", True):
             info["batch1_entry"] = True
+        if tune:
+            info["tune"] = tune
         cc = cross_compiler(target, opts)
         if cc:
             info["cross_compiler"] = cc
@@ -296,18 +301,28 @@ class TvmBackend:
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         b1 = bool(info.get("batch1_entry"))
+        tune = info.get("tune")
+        if tune:  # tune now, or take the artifact's / a log's records (no trial)
+            tune = info["tune"] = ensure_records(out, graph, target, tune, default_threads(), say=report)
         par = _parallel_opts(info) if schedule != "none" else {}
         # unchanged names for existing "none" builds; "auto2": the parallel schedule
         sched_key = ("" if schedule == "none" else f"|{schedule}2|{par['parallel']}|{par['min_parallel_work']}") + \
-            ("|b1" if b1 else "")
+            ("|b1" if b1 else "") + (f"|tune{tune['batch']}|{tune['records_digest']}" if tune else "")
         key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}{sched_key}".encode()).hexdigest()[:16]
         lib_name = f"lib_{key}.so"
         t0 = time.perf_counter()
         try:
-            mod = lower(graph, batch1_entry=b1)
+            mod = lower(graph, batch1_entry=b1, static_batches=static_batches(tune))
             tgt = tvm.target.Target(target)
             with tvm.transform.PassContext(opt_level=opt_level):
-                ex = tvm.compile(_scheduled(mod, tgt, {"schedule": schedule, **par}), target=tgt)
+                if tune:  # fused, with the recorded schedules applied to the tuned kernels
+                    mod, applied, tune["kernels_digest"] = apply_records(mod, tgt, out / TUNE_DIR)
+                    if not applied:
+                        raise CompileError(f"tvm.tune: none of the tuning records in {tune.get('log') or TUNE_DIR} "
+                                           f"matches a kernel of this model at batch {tune['batch']} (records of "
+                                           f"another model?)")
+                    tune["kernels_applied"] = len(applied)
+                ex = tvm.compile(_scheduled(mod, tgt, {"schedule": schedule, **par}, fused=bool(tune)), target=tgt)
             cc = cross_compiler(target, {"cc": info.get("cross_compiler")})
             if cc:
                 from tvm.support.cc import cross_compiler as _fcompile
@@ -316,6 +331,8 @@ class TvmBackend:
             else:
                 ex.export_library(str(out / lib_name))
             info["library_target"] = library_target(ex)
+        except CompileError:
+            raise
         except Exception as e:
             raise CompileError(f"TVM build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
         info["library"] = lib_name
@@ -329,7 +346,7 @@ class TvmBackend:
                                                   "library_target": info["library_target"],
                                                   "not_run_here": info.get("not_run_here"),
                                                   "opt_level": opt_level, "schedule": schedule, **par,
-                                                  "batch1_entry": b1}, indent=1))
+                                                  "batch1_entry": b1, "tune": tune}, indent=1))
 
     # ------------------------------------------------------------------ localize
     def localize(self, graph: Graph, config: dict, out_dir, info: dict, feeds: dict, ref_all: dict) -> dict:
@@ -428,8 +445,15 @@ class TvmBackend:
                 with vm_lock:
                     return f(*args)
             return call
+        tune = (info or {}).get("tune")
+        if tune is None and (out / BUILD_FILE).exists():
+            tune = json.loads((out / BUILD_FILE).read_text()).get("tune")
         fn = _locked(vm["main"])
         fn1 = _locked(vm[BATCH1_ENTRY]) if b1 else None
+        # static entries by batch size: the tuned one (main_b<B>), and main_b1
+        static = {int(tune["batch"]): _locked(vm[f"main_b{int(tune['batch'])}"])} if tune else {}
+        if fn1 is not None:
+            static.setdefault(1, fn1)
         ins = [(name, g.values[name]) for name in g.inputs]
         # float inputs cast to fixed point inside the library: NaN has no code (the reference
         # raises); compiled code cannot raise, so check here
@@ -448,8 +472,10 @@ class TvmBackend:
             """Run the library on positional inputs (``g.inputs`` order, of the right dtype and
             shape; not checked), each a TVM tensor (passed as is, e.g. an earlier call's output),
             a numpy array or a torch CPU tensor (shared zero-copy when 64-byte aligned); returns
-            the output TVM tensors (fresh per call)."""
-            res = fn(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
+            the output TVM tensors (fresh per call).  A batch size with a static entry (the tuned
+            batch) runs that entry."""
+            f = static.get(arrays[0].shape[0], fn) if static and arrays else fn
+            res = f(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
             return [res[0]] if n_out == 1 else [res[i] for i in range(n_out)]
 
         def call_tensors1(arrays):
@@ -487,6 +513,7 @@ class TvmBackend:
         # the thin positional path of CompiledModel.predict (runtime/predictor.py)
         run.fast = FastCall(fn, fn1, [v.shape for _, v in ins], dts, outs, list(full.outputs), epilogue,
                             to_tensor=to_tvm, from_tensor=_from_tvm, tensor_type=tensor_type,
-                            empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()))
+                            empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()),
+                            static={b: f for b, f in static.items() if b != 1})
         run.fast_nan_check = [name in quantized_in for name, _ in ins]
         return run
