@@ -450,9 +450,9 @@ class TvmBackend:
             tune = json.loads((out / BUILD_FILE).read_text()).get("tune")
         fn = _locked(vm["main"])
         fn1 = _locked(vm[BATCH1_ENTRY]) if b1 else None
-        # static entries by batch size: the tuned one (main_b<B>), and main_b1
+        # a tuned library: its static entries by batch size (main_b<B>, and main_b1)
         static = {int(tune["batch"]): _locked(vm[f"main_b{int(tune['batch'])}"])} if tune else {}
-        if fn1 is not None:
+        if static and fn1 is not None:
             static.setdefault(1, fn1)
         ins = [(name, g.values[name]) for name in g.inputs]
         # float inputs cast to fixed point inside the library: NaN has no code (the reference

@@ -197,8 +197,10 @@ def _light_tensor_intrin():
     """While active, ``import tvm.s_tir.tensor_intrin`` (done by every ``TuneContext``) yields a
     package without the eager imports of its ``__init__`` (68-129 s of TVMScript for CUDA, Metal,
     ...); its x86 intrinsics (VNNI / AVX-512 dot products, 0.8 s) are registered so the x86
-    schedule rules find them.  A module imported for real before stays; the stub is removed on
-    exit so later code (e.g. CUDA's dlight rules) imports the real package."""
+    schedule rules find them.  A package imported for real before stays.  On exit the stub
+    package is removed so later code (e.g. CUDA's dlight rules) imports the real one; its
+    submodules stay imported (an intrinsic registers once per process: importing ``x86`` again
+    would fail), and the real package's ``__init__`` then reuses them."""
     name = "tvm.s_tir.tensor_intrin"
     if name in sys.modules:
         yield
@@ -216,8 +218,7 @@ def _light_tensor_intrin():
         yield
     finally:
         if getattr(sys.modules.get(name), "__qdeploy_stub__", False):
-            for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-                del sys.modules[k]
+            del sys.modules[name]
             if getattr(tvm.s_tir, "tensor_intrin", None) is stub:
                 delattr(tvm.s_tir, "tensor_intrin")
 

@@ -168,6 +168,20 @@ def test_static_entry_check_catches_a_wrong_entry():
     assert exact2["bit_exact"] and exact2["static_batches"]["7"]["bit_exact"]
 
 
+def test_light_tensor_intrin_twice_in_one_process():
+    """Two tunings in one process: the second stub must not register the x86 intrinsics again
+    (TVM refuses a second registration), and the stub never outlives the tuning."""
+    import sys
+
+    from tvm.s_tir import TensorIntrin
+
+    for _ in range(2):
+        with tune_mod._light_tensor_intrin():
+            assert TensorIntrin.get("dot_16x4_vnni") is not None
+        mod = sys.modules.get("tvm.s_tir.tensor_intrin")
+        assert mod is None or not getattr(mod, "__qdeploy_stub__", False)
+
+
 # ---------------------------------------------------------------------------- a real tuning
 @pytest.mark.slow
 def test_tuned_library_exact_and_records_rebuild_it(tmp_path):
