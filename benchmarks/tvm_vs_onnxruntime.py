@@ -193,7 +193,8 @@ class Bench:
                 sessions[t] = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
             in_name = sessions[self.threads[0]].get_inputs()[0].name
             out(f"# {c.name}: {c.path.name}, compiled in {time.perf_counter() - t0:.1f} s, target "
-                f"{json.dumps(info.get('target'))}, schedule {info.get('schedule')}, batch-1 entry "
+                f"{json.dumps(info.get('target'))}, library run: {m.library_variant}, exec mode {info.get('exec_mode', 'bytecode')}, "
+                f"schedule {info.get('schedule')}, batch-1 entry "
                 f"{bool(info.get('batch1_entry'))}, host ops {info.get('host_nodes') or 'none'}, thin predict "
                 f"{m.predictor.thin}")
             for b, x in c.inputs.items():

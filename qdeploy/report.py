@@ -10,13 +10,16 @@ from .compiler.reference import execute
 
 
 def layer_table(graph: Graph) -> list[dict]:
-    """One row a node: name, op, output type and shape, parameter count and bits, BOPs."""
+    """One row a node: name, PyTorch/Brevitas module (``""`` when the source records none), op,
+    output type and shape, parameter count and bits, BOPs."""
+    mods = graph.meta.get("modules") or {}
     rows = []
     for n in graph.nodes:
         v = graph.value(n.output)
         params = sum(c.data.size for c in n.params.values())
         pbits = sum(c.data.size * type_bits(c.dtype) for c in n.params.values())
-        rows.append({"name": n.name, "op": n.op, "type": str(v.dtype), "shape": list(v.shape),
+        rows.append({"name": n.name, "module": mods.get(n.name, ""), "op": n.op, "type": str(v.dtype),
+                     "shape": list(v.shape),
                      "params": int(params), "param_bits": int(pbits),
                      "weight_type": str(n.params["weight"].dtype) if "weight" in n.params else "",
                      "bops": node_bops(graph, n)})
@@ -63,11 +66,17 @@ def compare_outputs(graph: Graph, ref: dict, got: dict) -> dict:
             "max_abs_error": max_err, "bit_exact": mism == 0, "float_outputs": float_outs, "per_output": per}
 
 
-def static_batch_sizes(info: dict) -> list[int]:
-    """Batch sizes with their own static library entry that the golden check must also run
-    (a tuned TVM library's ``main_b<B>``: ``info["tune"]["batch"]``); ``[]`` for other artifacts."""
+def static_batch_sizes(info: dict, library: str | None = None) -> list[int]:
+    """Batch sizes with their own static library entry that the golden check must also run:
+    a tuned TVM library's ``main_b<B>`` (``info["tune"]["batch"]``), when ``library`` (the CPU
+    name of one of the artifact's libraries, as ``load_all`` gives it; None: the only one) is the
+    tuned one (``info["tune"]["target"]["mcpu"]``); ``[]`` otherwise and for other artifacts."""
     tune = (info or {}).get("tune")
-    return [int(tune["batch"])] if isinstance(tune, dict) and tune.get("batch") else []
+    if not isinstance(tune, dict) or not tune.get("batch"):
+        return []
+    if library is not None and (tune.get("target") or {}).get("mcpu") != library:
+        return []
+    return [int(tune["batch"])]
 
 
 def check_static_batches(exact: dict, graph: Graph, fn, feeds: dict, sizes) -> dict:
@@ -145,6 +154,10 @@ def render_markdown(report: dict) -> str:
     ex = report["exactness"]
     L += ["", "## Exactness against the reference interpreter", "",
           exactness_sentence(ex), ""]
+    if ex.get("variants"):
+        L += ["Libraries checked (each one this machine can run): " + ", ".join(
+            f"{n} ({'bit-exact' if ok else 'NOT identical'})" for n, ok in ex["variants"].items())
+            + (f"; shown below: {ex['variant']}" if ex.get("variant") else ""), ""]
     L += ["| output | type | mismatches | max abs error |", "|---|---|---|---|"]
     for o, r in ex["per_output"].items():
         L.append(f"| {o} | {r['type']} | {r['mismatches']} | {r['max_abs_error']:.3g} |")
@@ -154,11 +167,17 @@ def render_markdown(report: dict) -> str:
         L += ["", *fidelity_markdown(fid)]
     if report.get("host_nodes"):
         L += ["", f"Run on the host (float, NumPy): {', '.join(report['host_nodes'])}"]
-    L += ["", "## Layers", "", "| node | op | output type | shape | weight type | params | param bits | BOPs |",
-          "|---|---|---|---|---|---|---|---|"]
+    with_mod = any(r.get("module") for r in report["layers"])
+    mh, ms = ("module | ", "---|") if with_mod else ("", "")
+    L += ["", "## Layers", "", f"| node | {mh}op | output type | shape | weight type | params | param bits | BOPs |",
+          f"|---|{ms}---|---|---|---|---|---|---|"]
     for r in report["layers"]:
-        L.append(f"| {r['name']} | {r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
+        mc = f"{r.get('module', '')} | " if with_mod else ""
+        L.append(f"| {r['name']} | {mc}{r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
                  f"{r['param_bits']} | {r['bops']:.4g} |")
+    if with_mod:
+        L += ["", "Module: the PyTorch/Brevitas module each node came from (torch's export metadata); per-layer "
+              "settings such as `hls4ml.reuse_factor` accept it in place of the node name."]
     est = report.get("estimate")
     if isinstance(est, dict) and isinstance(est.get("total"), dict):
         t = est["total"]
@@ -204,6 +223,8 @@ def tune_markdown(t: dict) -> list[str]:
             + f": static entry `main_b{t.get('batch')}`, called for batches of exactly that size; other sizes run "
               f"the untuned `main`",
             f"- {how}",
+            f"- tuned library: the one built for CPU `{(t.get('target') or {}).get('mcpu')}` (the one this machine "
+            f"loads); the artifact's other libraries, if any, are untuned",
             f"- kernels scheduled from the records: {t.get('kernels_applied')}; records `{t.get('records')}/` "
             f"(digest {t.get('records_digest')}): a rebuild applies them without tuning"]
 

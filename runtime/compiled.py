@@ -124,6 +124,14 @@ class CompiledModel:
         return cls(out_dir, manifest, graph, fn)
 
     @property
+    def library_variant(self) -> str | None:
+        """Which compiled library this process runs: for a TVM CPU artifact, the ``mcpu`` of the
+        library loaded (the portable one, e.g. ``"x86-64"``, or the highest CPU variant this
+        machine can run, e.g. ``"x86-64-v4"``; ``$QDEPLOY_TVM_VARIANT`` forces one); None for
+        targets with a single library."""
+        return getattr(self._fn, "variant", None)
+
+    @property
     def predictor(self) -> Predictor:
         """The :class:`~qdeploy.runtime.predictor.Predictor` behind :meth:`predict` (its
         ``thin`` flag, and ``raw_call`` for measuring the overhead over the bare library call)."""

@@ -99,6 +99,65 @@ class Predictor:
             inv = tuple(lay.ir.index(a) for a in lay.source)
             self._outs.append((t.to_real if isinstance(t, FixedType) else None,
                                None if inv == tuple(range(len(inv))) else inv))
+        self._one = self._make_one()
+
+    def _make_one(self):
+        """The batch-1 path of a model with one input and one output in the source layout:
+        ``one(a) -> output`` or None (``a`` is not a plain numeric array of one sample: the
+        caller takes the other paths).  The same steps as :meth:`__call__` -- transpose,
+        quantize or cast into the reusable batch-1 buffer, NaN refused through the general path,
+        the static batch-1 entry, the epilogue chain, the output conversion -- with everything
+        looked up once here.  None when the library or model does not qualify."""
+        fast = self._fast
+        if fast is None or len(self._ins) != 1 or len(self._outs) != 1 or self._sample_bytes > BUFFER_LIMIT_BYTES:
+            return None
+        run1 = fast.one()
+        if run1 is None:
+            return None
+        spec = self._ins[0]
+        cl = self._mode(None)
+        want, perm, quantize = spec.want[cl], spec.perm[cl], spec.quantize
+        want1 = (1,) + want
+        nan_after = spec.nan_check and quantize is None
+        to_real, inv = self._outs[0]
+        back = None if cl else inv
+        lock, tensors, bufs = fast.buffers(1)
+        if bufs is None:  # pragma: no cover - numpy < 2.1
+            return None
+        buf = bufs[0]
+        isnan, add_reduce, f32 = np.isnan, np.add.reduce, np.float32
+
+        def one(a):
+            if type(a) is not np.ndarray or a.dtype.kind not in "biuf":
+                return None
+            shp = a.shape
+            if shp != want1:
+                if shp != want:
+                    return None
+                a = a[None]
+            if perm is not None:
+                a = a.transpose(perm)
+            if not lock.acquire(False):
+                return None
+            try:
+                if quantize is not None:
+                    if a.dtype.kind == "f" and isnan(a).any():
+                        return None
+                    a = quantize(a)
+                buf[...] = a
+                if nan_after:
+                    s = add_reduce(buf, None)  # NaN in, NaN out (+inf and -inf too: then the general path decides)
+                    if s != s:
+                        return None
+                r = run1(tensors, bufs)
+            finally:
+                lock.release()
+            if to_real is not None:
+                r = to_real(r)
+            elif r.dtype != f32:
+                r = r.astype(f32)
+            return r if back is None else r.transpose(back)
+        return one
 
     @property
     def thin(self) -> bool:
@@ -161,6 +220,11 @@ class Predictor:
         fast = self._fast
         if fast is None:
             return self._general(inputs, layout)
+        one = self._one
+        if one is not None and layout is None and len(inputs) == 1:
+            r = one(inputs[0])
+            if r is not None:
+                return r
         x = inputs[0] if len(inputs) == 1 else inputs
         if type(x) is np.ndarray:
             seq = (x,)

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 # variable to "" to skip the install (those tests then fail naming what is missing)
 export QDEPLOY_CROSS="${QDEPLOY_CROSS-aarch64}" QDEPLOY_CUDA="${QDEPLOY_CUDA-1}"
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

@@ -11,6 +11,12 @@ settings.load_profile("qdeploy")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# tvm-llvm artifacts hold the portable x86-64 library plus one per faster CPU level (default
+# "auto": this machine's level), each built and checked by every compile.  The suite builds the
+# portable one only, unless the caller chose (QDEPLOY_TVM_CPU_VARIANTS=auto runs it with the
+# variants); tests/backends/test_tvm_variants.py covers the default.
+os.environ.setdefault("QDEPLOY_TVM_CPU_VARIANTS", "none")
+
 
 def _find_shared() -> Path:
     """The team's shared/ folder: see benchmarks/_shared.py (one finder for tests and benchmarks)."""

@@ -16,6 +16,7 @@ from ...compiler.ir.ops.linear import conv_dilations
 from ...compiler.ir.types import FixedType
 from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, EstimateContext, bitlen,
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add)
+from ...compiler.ir.modules import node_keyed
 from .settings import check_reuse_factor_keys, closest_reuse_factor, requested_reuse_factor
 
 
@@ -66,7 +67,8 @@ def layer_reuse_factors(graph, strategy: str, reuse_factor) -> dict:
     """``{node: {"requested", "used", "n_in", "n_out"}}`` for every Dense/Conv node of ``graph``
     (the hls4ml layer's kernel size from :func:`kernel_codes`; legalized by :func:`.settings.closest_reuse_factor`)."""
     names = [n.name for n in graph.nodes if n.op in ("Dense", "Conv")]
-    check_reuse_factor_keys(reuse_factor, names)
+    reuse_factor = node_keyed(reuse_factor, graph, names)  # PyTorch module names -> IR node names
+    check_reuse_factor_keys(reuse_factor, names, graph)
     out = {}
     for n in graph.nodes:
         if n.op not in ("Dense", "Conv"):
@@ -103,7 +105,10 @@ def mac_row(ctx: EstimateContext, node) -> dict:
     codes = kernel_codes(graph, node, opts["strategy"])  # [n_in, n_out] of the emitted hls4ml layer
     n_in, n_out = codes.shape
     positions = int(np.prod(out.shape[:-1], dtype=np.int64)) if len(out.shape) > 1 else 1
-    rf_req = requested_reuse_factor(opts["reuse_factor"], node.name)
+    names = [n.name for n in graph.nodes if n.op in ("Dense", "Conv")]
+    rf_map = node_keyed(opts["reuse_factor"], graph, names)  # PyTorch module names -> IR node names
+    check_reuse_factor_keys(rf_map, names, graph)  # a misspelt layer is an error, never ignored
+    rf_req = requested_reuse_factor(rf_map, node.name)
     resource = opts["strategy"] == "Resource"
     rf = closest_reuse_factor(n_in, n_out, rf_req, opts["strategy"])  # what hls4ml builds (settings.py)
 

@@ -26,8 +26,10 @@ from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
 from .fastcall import FastCall
 from .schedule import DEFAULT_SCHEDULE, MIN_PARALLEL_WORK, SCHEDULES, schedule_cpu
-from .target import cross_compiler, library_target, not_run_reason, resolve_target
 from ..progress import report
+from . import target as _target
+from .target import (X86_LEVELS, cross_compiler, library_target, not_run_reason, resolve_cpu_variants,
+                     resolve_target, variant_runs_here)
 from .tune import TUNE_DIR, apply_records, ensure_records, static_batches, tune_options
 
 BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
@@ -177,6 +179,97 @@ def feed_array(feeds: dict, name: str, v, dt, quantized: bool) -> np.ndarray:
     return a
 
 
+def _build_library(out: Path, graph: Graph, target: dict, opt_level: int, schedule: str, par: dict, b1: bool,
+                   exec_mode: str, cc: str | None, tune: dict | None = None) -> tuple[str, dict]:
+    """Compile ``graph`` for one LLVM ``target`` into ``out/lib_<hash>.so``.
+
+    ``tune``: the tuning dict (:mod:`.tune`, records in ``out/tune/``) when this library is the
+    tuned one: it gets the static entry ``main_b<batch>`` and the recorded schedules
+    (``kernels_applied`` and ``kernels_digest`` are set in ``tune``).
+
+    ``exec_mode``: Relax VM ``"bytecode"`` (interpreted) or ``"compiled"`` (the VM functions are
+    generated as C code and linked into the library: less per-call dispatch; ``relax.build``'s
+    ``exec_mode``).  Returns ``(file name, library_target(...))``.
+
+    Raises:
+        CompileError: when TVM fails to compile or export.
+    """
+    import tvm
+    from tvm import relax
+
+    from .lower import lower
+
+    # unchanged names for existing "none"/bytecode builds; "auto2": the parallel schedule
+    sched_key = ("" if schedule == "none" else f"|{schedule}2|{par['parallel']}|{par['min_parallel_work']}") + \
+        ("|b1" if b1 else "") + ("" if exec_mode == "bytecode" else f"|{exec_mode}") + \
+        (f"|tune{tune['batch']}|{tune['records_digest']}" if tune else "")
+    key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}"
+                         f"{sched_key}".encode()).hexdigest()[:16]
+    lib_name = f"lib_{key}.so"
+    try:
+        mod = lower(graph, batch1_entry=b1, static_batches=static_batches(tune))
+        tgt = tvm.target.Target(target)
+        with tvm.transform.PassContext(opt_level=opt_level):
+            if tune:  # fused, with the recorded schedules applied to the tuned kernels
+                mod, applied, tune["kernels_digest"] = apply_records(mod, tgt, out / TUNE_DIR)
+                if not applied:
+                    raise CompileError(f"tvm.tune: none of the tuning records in {tune.get('log') or TUNE_DIR} "
+                                       f"matches a kernel of this model at batch {tune['batch']} (records of "
+                                       f"another model?)")
+                tune["kernels_applied"] = len(applied)
+            ex = relax.build(_scheduled(mod, tgt, {"schedule": schedule, **par}, fused=bool(tune)), target=tgt,
+                             exec_mode=exec_mode)
+        if cc:
+            from tvm.support.cc import cross_compiler as _fcompile
+
+            ex.export_library(str(out / lib_name), fcompile=_fcompile(cc))
+        else:
+            ex.export_library(str(out / lib_name))
+        return lib_name, library_target(ex)
+    except CompileError:
+        raise
+    except Exception as e:
+        raise CompileError(f"TVM build failed ({target.get('mcpu')}): {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+
+
+def _build_meta(out: Path, info: dict | None) -> dict:
+    """What :meth:`TvmBackend.build` recorded: ``tvm_build.json`` overlaid with ``info``."""
+    meta = json.loads((out / BUILD_FILE).read_text()) if (out / BUILD_FILE).exists() else {}
+    meta.update({k: v for k, v in (info or {}).items() if v is not None})
+    return meta
+
+
+def _choose_library(meta: dict, variant: str | None) -> tuple[str | None, str]:
+    """``(library file, mcpu)`` to load: ``variant`` (or ``$QDEPLOY_TVM_VARIANT``) when given,
+    else the highest CPU variant that runs here, else the portable library.
+
+    Raises:
+        CompileError: a forced variant that the artifact does not have or this CPU cannot run.
+    """
+    import os
+
+    base = str((meta.get("target") or {}).get("mcpu", ""))
+    variants = list(meta.get("cpu_variants") or ())
+    want = variant or os.environ.get("QDEPLOY_TVM_VARIANT") or None
+    if want:
+        if want == base:
+            return meta.get("library"), base
+        for v in variants:
+            if v["mcpu"] == want:
+                if not variant_runs_here(v):
+                    missing = sorted(set(v.get("requires", ())) - set(_target.host_cpu_flags() or ()))
+                    raise CompileError(f"TVM library variant {want} cannot run on this CPU (missing CPU flags: "
+                                       f"{', '.join(missing) or 'not an x86-64 Linux host'})")
+                return v["library"], want
+        raise CompileError(f"this artifact has no TVM library for CPU {want!r} (it has: "
+                           f"{', '.join([base] + [v['mcpu'] for v in variants])}; QDEPLOY_TVM_VARIANT / variant)")
+    for v in reversed(variants):
+        if variant_runs_here(v):
+            return v["library"], v["mcpu"]
+    return meta.get("library"), base
+
+
 class TvmBackend:
     """Compile an IR graph with TVM (Relax, LLVM CPU target).
 
@@ -185,7 +278,11 @@ class TvmBackend:
 
     Config (``config["tvm"]``, all optional): ``target``, ``mcpu``, ``mtriple``, ``mattr``, ``cc``
     (see :mod:`.target`: portable x86-64 by default, ``mcpu: native`` for this machine's CPU, an
-    ``mtriple`` of another architecture cross-compiles), ``opt_level`` (0..3, default 3),
+    ``mtriple`` of another architecture cross-compiles), ``cpu_variants`` (``auto`` default: one
+    more library for this machine's x86-64 psABI level beside the portable one, picked at load
+    time from the CPU flags; ``none``; or a list of levels --
+    :func:`.target.resolve_cpu_variants`), ``exec_mode`` (``compiled`` default: the Relax VM
+    functions compiled to C; ``bytecode``: TVM's VM interpreter), ``opt_level`` (0..3, default 3),
     ``schedule`` (``"auto"`` (default): fuse first (``relax.get_pipeline("zero")``) and apply
     the fixed loop schedule of :func:`.schedule.schedule_cpu` -- reductions reordered and
     vectorized over the contiguous output axis, epilogues fused into the reduction's loop,
@@ -241,7 +338,11 @@ class TvmBackend:
         # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
         # the rest.  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
         target = resolve_target(opts)  # raises CompileError (e.g. a missing cross compiler) first
-        tune = tune_options(opts, target, cross=bool(cross_compiler(target, opts)))
+        levels = resolve_cpu_variants(opts, target)
+        # a tuning is for the library this machine runs: its highest CPU variant, else the portable one
+        here = [lv for lv in levels if variant_runs_here({"mcpu": lv, "requires": list(X86_LEVELS[lv])})]
+        tune = tune_options(opts, {**target, "mcpu": here[-1]} if here else target,
+                            cross=bool(cross_compiler(target, opts)))
         core, epilogue = split_epilogue(graph)
         mod = lower(core)  # raises UnsupportedError before anything is written
         core.save(str(out / GRAPH_STEM))
@@ -269,6 +370,12 @@ class TvmBackend:
         }
         if opts.get("batch1_entry", True):
             info["batch1_entry"] = True
+        exec_mode = opts.get("exec_mode", "compiled")
+        if exec_mode not in ("compiled", "bytecode"):
+            raise CompileError(f"tvm.exec_mode must be 'compiled' or 'bytecode', got {exec_mode!r}")
+        info["exec_mode"] = exec_mode
+        if levels:
+            info["cpu_variant_levels"] = levels
         if tune:
             info["tune"] = tune
         cc = cross_compiler(target, opts)
@@ -279,19 +386,19 @@ class TvmBackend:
 
     # ------------------------------------------------------------------ build
     def build(self, out_dir, info: dict) -> None:
-        """Compile the graph saved by :meth:`emit` into ``lib_<hash>.so``.
+        """Compile the graph saved by :meth:`emit` into ``lib_<hash>.so`` (the portable library for
+        ``info["target"]``) and one more library per CPU variant (``info["cpu_variant_levels"]``,
+        x86-64 psABI levels, :func:`.target.resolve_cpu_variants`).
 
-        Adds ``library`` (file name) and ``build_seconds`` to ``info`` (and to ``files``) and
-        writes them to ``tvm_build.json`` too, so :meth:`load` works from the directory alone.
+        Adds ``library`` (file name), ``library_target``, ``cpu_variants`` (``[{"mcpu", "library",
+        "requires" (cpuinfo flags), "library_target"}]``, when any) and ``build_seconds`` to
+        ``info`` (and the files to ``files``) and writes them to ``tvm_build.json`` too, so
+        :meth:`load` works from the directory alone.
 
         Raises:
             CompileError: when TVM fails to compile or export.
         """
         import time
-
-        import tvm
-
-        from .lower import lower
 
         out = Path(out_dir)
         graph = Graph.load(str(out / GRAPH_STEM))
@@ -303,50 +410,37 @@ class TvmBackend:
         b1 = bool(info.get("batch1_entry"))
         tune = info.get("tune")
         if tune:  # tune now, or take the artifact's / a log's records (no trial)
-            tune = info["tune"] = ensure_records(out, graph, target, tune, default_threads(), say=report)
+            tune = info["tune"] = ensure_records(out, graph, tune["target"], tune, default_threads(), say=report)
         par = _parallel_opts(info) if schedule != "none" else {}
-        # unchanged names for existing "none" builds; "auto2": the parallel schedule
-        sched_key = ("" if schedule == "none" else f"|{schedule}2|{par['parallel']}|{par['min_parallel_work']}") + \
-            ("|b1" if b1 else "") + (f"|tune{tune['batch']}|{tune['records_digest']}" if tune else "")
-        key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}{sched_key}".encode()).hexdigest()[:16]
-        lib_name = f"lib_{key}.so"
+        exec_mode = str(info.get("exec_mode", "bytecode"))
+        cc = cross_compiler(target, {"cc": info.get("cross_compiler")})
         t0 = time.perf_counter()
-        try:
-            mod = lower(graph, batch1_entry=b1, static_batches=static_batches(tune))
-            tgt = tvm.target.Target(target)
-            with tvm.transform.PassContext(opt_level=opt_level):
-                if tune:  # fused, with the recorded schedules applied to the tuned kernels
-                    mod, applied, tune["kernels_digest"] = apply_records(mod, tgt, out / TUNE_DIR)
-                    if not applied:
-                        raise CompileError(f"tvm.tune: none of the tuning records in {tune.get('log') or TUNE_DIR} "
-                                           f"matches a kernel of this model at batch {tune['batch']} (records of "
-                                           f"another model?)")
-                    tune["kernels_applied"] = len(applied)
-                ex = tvm.compile(_scheduled(mod, tgt, {"schedule": schedule, **par}, fused=bool(tune)), target=tgt)
-            cc = cross_compiler(target, {"cc": info.get("cross_compiler")})
-            if cc:
-                from tvm.support.cc import cross_compiler as _fcompile
 
-                ex.export_library(str(out / lib_name), fcompile=_fcompile(cc))
-            else:
-                ex.export_library(str(out / lib_name))
-            info["library_target"] = library_target(ex)
-        except CompileError:
-            raise
-        except Exception as e:
-            raise CompileError(f"TVM build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+        def lib_tune(t: dict):  # the records go into the one library built for the tuned target
+            return tune if tune and tune["target"] == t else None
+        lib_name, lib_target = _build_library(out, graph, target, opt_level, schedule, par, b1, exec_mode, cc,
+                                              lib_tune(target))
+        variants = []
+        for level in info.get("cpu_variant_levels", []):
+            vt = {**target, "mcpu": level}
+            v_lib, v_target = _build_library(out, graph, vt, opt_level, schedule, par, b1, exec_mode, cc, lib_tune(vt))
+            variants.append({"mcpu": level, "library": v_lib, "requires": list(X86_LEVELS[level]),
+                             "library_target": v_target})
         info["library"] = lib_name
+        info["library_target"] = lib_target
+        if variants:
+            info["cpu_variants"] = variants
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
         files = list(info.get("files", []))
-        for f in (lib_name, BUILD_FILE):
+        for f in [lib_name] + [v["library"] for v in variants] + [BUILD_FILE]:
             if f not in files:
                 files.append(f)
         info["files"] = files
         (out / BUILD_FILE).write_text(json.dumps({"library": lib_name, "target": target,
-                                                  "library_target": info["library_target"],
+                                                  "library_target": lib_target, "cpu_variants": variants,
                                                   "not_run_here": info.get("not_run_here"),
                                                   "opt_level": opt_level, "schedule": schedule, **par,
-                                                  "batch1_entry": b1, "tune": tune}, indent=1))
+                                                  "batch1_entry": b1, "exec_mode": exec_mode, "tune": tune}, indent=1))
 
     # ------------------------------------------------------------------ localize
     def localize(self, graph: Graph, config: dict, out_dir, info: dict, feeds: dict, ref_all: dict) -> dict:
@@ -386,7 +480,16 @@ class TvmBackend:
         return div
 
     # ------------------------------------------------------------------ load
-    def load(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> Callable[[dict], dict]:
+    def load_all(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> list:
+        """``[(mcpu, f)]``: :meth:`load` of the portable library and of every CPU variant that runs
+        on this machine (the compile checks each against the reference)."""
+        meta = _build_meta(Path(out_dir), info)
+        names = [str((meta.get("target") or {}).get("mcpu", ""))]
+        names += [v["mcpu"] for v in meta.get("cpu_variants") or () if variant_runs_here(v)]
+        return [(n, self.load(out_dir, info, graph, variant=n)) for n in names]
+
+    def load(self, out_dir, info: dict | None = None, graph: Graph | None = None,
+             variant: str | None = None) -> Callable[[dict], dict]:
         """A callable running the compiled library.
 
         Args:
@@ -395,6 +498,11 @@ class TvmBackend:
                 has no ``library``).
             graph: the IR graph (defaults to the saved ``model.json``); gives input/output
                 names, shapes and types.
+            variant: the CPU (``mcpu``) whose library to run: the portable one's or a CPU
+                variant's.  Default: the environment variable ``QDEPLOY_TVM_VARIANT`` if set,
+                else the highest variant whose required CPU flags this machine has
+                (:func:`.target.variant_runs_here`), else the portable library.  The returned
+                callable's ``variant`` attribute names the one loaded.
         The process's TVM thread pool is sized by :func:`default_threads` (all available CPUs
         unless ``TVM_NUM_THREADS`` is set).
 
@@ -406,20 +514,18 @@ class TvmBackend:
             for a wrong shape or for codes outside a fixed-point input's type (the library
             computes in dtypes proved from the types; the raw entries do not check).
         Raises:
-            CompileError: when no library has been built or it cannot be loaded.
+            CompileError: when no library has been built or it cannot be loaded, or a forced
+                variant is unknown or cannot run on this CPU.
         """
         import tvm
         from tvm import relax
 
         out = Path(out_dir)
-        lib_name = (info or {}).get("library")
-        if not lib_name and (out / BUILD_FILE).exists():
-            lib_name = json.loads((out / BUILD_FILE).read_text())["library"]
+        meta = _build_meta(out, info)
+        lib_name, chosen = _choose_library(meta, variant)
         if not lib_name or not (out / lib_name).exists():
             raise CompileError(f"no TVM library in {out} (run build first)")
-        why_not = (info or {}).get("not_run_here")
-        if why_not is None and (out / BUILD_FILE).exists():
-            why_not = json.loads((out / BUILD_FILE).read_text()).get("not_run_here")
+        why_not = meta.get("not_run_here")
         if why_not:
             def not_here(feeds):
                 raise CompileError(f"{lib_name} was cross-compiled ({why_not}); copy the artifact to such a "
@@ -433,9 +539,7 @@ class TvmBackend:
             vm = relax.VirtualMachine(tvm.runtime.load_module(str((out / lib_name).resolve())), tvm.cpu())
         except Exception as e:
             raise CompileError(f"cannot load TVM library {lib_name}: {e}") from e
-        b1 = (info or {}).get("batch1_entry")
-        if b1 is None and (out / BUILD_FILE).exists():
-            b1 = json.loads((out / BUILD_FILE).read_text()).get("batch1_entry", False)
+        b1 = meta.get("batch1_entry", False)
         # a TVM VirtualMachine is not re-entrant: two threads calling it at once corrupt its
         # register file (wrong outputs or a crash), so every entry takes the same lock
         vm_lock = threading.Lock()
@@ -445,9 +549,9 @@ class TvmBackend:
                 with vm_lock:
                     return f(*args)
             return call
-        tune = (info or {}).get("tune")
-        if tune is None and (out / BUILD_FILE).exists():
-            tune = json.loads((out / BUILD_FILE).read_text()).get("tune")
+        tune = meta.get("tune")
+        if tune and (tune.get("target") or meta.get("target") or {}).get("mcpu") != chosen:
+            tune = None  # the records went into another of the artifact's libraries
         fn = _locked(vm["main"])
         fn1 = _locked(vm[BATCH1_ENTRY]) if b1 else None
         # a tuned library: its static entries by batch size (main_b<B>, and main_b1)
@@ -516,4 +620,5 @@ class TvmBackend:
                             empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()),
                             static={b: f for b, f in static.items() if b != 1})
         run.fast_nan_check = [name in quantized_in for name, _ in ins]
+        run.variant = chosen
         return run

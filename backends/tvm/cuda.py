@@ -94,9 +94,13 @@ class CudaBackend(TvmBackend):
         info = super().emit(graph, {**(config or {}), "tvm": cpu_opts}, out_dir)
         info.update({"target": cuda, "target_host": host, "schedule": "dlight",
                      "not_run_here": cuda_device_reason()})
-        for k in ("parallel", "min_parallel_work"):  # CPU schedule options (tvm-llvm's "auto")
+        for k in ("parallel", "min_parallel_work", "exec_mode", "cpu_variant_levels"):  # tvm-llvm CPU options
             info.pop(k, None)
         return info
+
+    def load_all(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> list:
+        """``[(None, load(...))]``: a tvm-cuda artifact holds one library."""
+        return [(None, self.load(out_dir, info, graph))]
 
     def build(self, out_dir, info: dict) -> None:
         """Compile the saved graph into ``lib_<hash>.so`` (host code + embedded CUDA source) and

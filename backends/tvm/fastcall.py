@@ -14,8 +14,10 @@ it has turned the user's arrays into IR-layout runtime arrays
   tensors each call, so the views stay valid), copied only when an output shares memory with a
   reused input buffer;
 * the host epilogue (trailing float ops that run in NumPy so the artifact stays bit-exact) as a
-  precomputed list of the ops' reference kernels -- the same ``OpSpec.reference`` calls
-  :func:`qdeploy.compiler.reference.execute` makes, without its per-call bookkeeping.
+  precomputed list of kernels: :func:`.host_kernels.fast_kernel`'s (bit-identical to the
+  reference's, with the per-node constants converted once) where it has one, else the same
+  ``OpSpec.reference`` calls :func:`qdeploy.compiler.reference.execute` makes, without its
+  per-call bookkeeping.
 
 DLPack: https://dmlc.github.io/dlpack/latest/ ; TVM's CPU allocator aligns to 64 bytes
 (``kAllocAlignment``), which ``tvm.runtime.from_dlpack`` requires of imported arrays.
@@ -30,6 +32,7 @@ import numpy as np
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.ops import get as get_op
 from ...compiler.ir.types import FixedType
+from .host_kernels import fast_kernel
 
 __all__ = ["FastCall", "epilogue_plan"]
 
@@ -48,9 +51,13 @@ def epilogue_plan(epilogue: Graph) -> Callable[[dict], dict]:
     """
     steps = []
     for n in epilogue.nodes:
-        spec = get_op(n.op)
-        steps.append((spec.reference, n, list(n.inputs), [epilogue.values[i].dtype for i in n.inputs],
-                      epilogue.values[n.output].dtype, n.output))
+        in_types = [epilogue.values[i].dtype for i in n.inputs]
+        out_t = epilogue.values[n.output].dtype
+        fast = fast_kernel(n, in_types, out_t)  # the same bits, less work per call (host_kernels.py)
+        if fast is None:
+            ref = get_op(n.op).reference
+            fast = (lambda r, node, it, ot: lambda args: r(node, args, it, ot))(ref, n, in_types, out_t)
+        steps.append((fast, list(n.inputs), n.output))
     fixed_in = [i for i in epilogue.inputs if isinstance(epilogue.values[i].dtype, FixedType)]
     float_in = [i for i in epilogue.inputs if i not in fixed_in]
     outs = list(epilogue.outputs)
@@ -63,10 +70,16 @@ def epilogue_plan(epilogue: Graph) -> Callable[[dict], dict]:
         for i in float_in:
             if env[i].dtype != np.float32:
                 env[i] = env[i].astype(np.float32)
-        for kernel, node, ins, in_types, out_t, out in steps:
-            env[out] = kernel(node, [env[i] for i in ins], in_types, out_t)
+        for kernel, ins, out in steps:
+            env[out] = kernel([env[i] for i in ins])
         return {o: env[o] for o in outs}
 
+    # a chain (one input, each node reading the one before, one output): the kernels in order,
+    # for FastCall.one's single-array path
+    chain = len(epilogue.inputs) == 1 and len(outs) == 1 and bool(steps) and outs[0] == steps[-1][2] and \
+        all(ins == [epilogue.inputs[0] if k == 0 else steps[k - 1][2]] for k, (_, ins, _) in enumerate(steps))
+    run.chain = [k for k, _, _ in steps] if chain else None
+    run.chain_int64 = bool(fixed_in)
     return run
 
 
@@ -134,6 +147,32 @@ class FastCall:
         if n == 1 and self.entry1 is not None:
             return self.entry1
         return self.static.get(n, self.entry) if self.static else self.entry
+
+    def one(self) -> Callable | None:
+        """``f(tensors, reused) -> array``: the batch-1 call of a library with one output whose
+        epilogue (if any) is a chain of single-input ops -- :meth:`__call__` for
+        ``batch1=True`` with its one result, in fewer steps.  None for other libraries."""
+        if len(self.core_outputs) != 1 or len(self.outputs) != 1 or self.entry1 is None:
+            return None
+        ep = self._epilogue
+        chain = [] if ep is None else ep.chain
+        if chain is None:
+            return None
+        to_int64 = ep is not None and ep.chain_int64
+        entry1, from_t, may_share, i64 = self.entry1, self._from_tensor, np.may_share_memory, np.int64
+
+        def run(tensors, reused):
+            g = from_t(entry1(*tensors)[0])
+            for r in reused:
+                if may_share(g, r):
+                    g = g.copy()
+                    break
+            if to_int64 and g.dtype != i64:
+                g = g.astype(i64)
+            for k in chain:
+                g = k([g])
+            return g
+        return run
 
     def __call__(self, arrays: list, batch1: bool = False, reused: Sequence[np.ndarray] = (),
                  batch: int | None = None) -> list:

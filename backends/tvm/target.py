@@ -36,7 +36,8 @@ import shutil
 from ...compiler.errors import CompileError
 
 __all__ = ["resolve_target", "resolve_cuda_target", "triple_arch", "host_arch", "cross_compiler",
-           "not_run_reason", "library_target"]
+           "not_run_reason", "library_target", "X86_LEVELS", "host_cpu_flags", "host_x86_level",
+           "resolve_cpu_variants", "variant_runs_here"]
 
 #: Debian cross compiler (package g++-<arch>-linux-gnu) per triple architecture
 CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++", "arm": "arm-linux-gnueabihf-g++",
@@ -65,6 +66,105 @@ def host_arch() -> str:
 def _baseline_cpu(arch: str) -> str:
     """LLVM's portable CPU for ``arch``: ``x86-64`` (SSE2 only) on x86-64, else ``generic``."""
     return "x86-64" if arch == "x86_64" else "generic"
+
+
+#: The x86-64 psABI micro-architecture levels (System V AMD64 psABI, section 3.1.1 "Processor
+#: Architecture", table "Micro-Architecture Levels"; the same levels glibc's ``glibc-hwcaps``
+#: library directories select at load time) as the CPU flags Linux prints in ``/proc/cpuinfo``
+#: that a CPU must have to run code compiled with LLVM ``-mcpu=<level>`` (``pni`` is SSE3,
+#: ``abm`` LZCNT, ``lahf_lm`` LAHF/SAHF in 64-bit mode).
+_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
+_V3 = _V2 + ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")
+_V4 = _V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+X86_LEVELS = {"x86-64-v2": _V2, "x86-64-v3": _V3, "x86-64-v4": _V4}
+#: environment variable: the CPU variants built beside the portable library when the config
+#: does not say (``tvm.cpu_variants``): ``none``, ``auto`` or a comma-separated list of levels
+VARIANTS_ENV = "QDEPLOY_TVM_CPU_VARIANTS"
+
+
+def host_cpu_flags() -> frozenset | None:
+    """The CPU flags of this machine as ``/proc/cpuinfo`` lists them (the first processor's
+    ``flags`` line: what the CPU has *and* the kernel / hypervisor lets programs use), or None
+    where there is no such file (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def host_x86_level() -> str | None:
+    """The highest x86-64 psABI level (:data:`X86_LEVELS`) this machine runs, or None (not x86-64,
+    no ``/proc/cpuinfo``, or only the baseline)."""
+    if host_arch() != "x86_64":
+        return None
+    flags = host_cpu_flags()
+    if flags is None:
+        return None
+    best = None
+    for level, need in X86_LEVELS.items():
+        if set(need) <= flags:
+            best = level
+    return best
+
+
+def variant_runs_here(variant: dict) -> bool:
+    """Whether a CPU variant of a library (``{"mcpu": level, "requires": [flags], ...}``) can run on
+    this machine: an x86-64 host whose ``/proc/cpuinfo`` flags include every required flag."""
+    if host_arch() != "x86_64":
+        return False
+    flags = host_cpu_flags()
+    return flags is not None and set(variant.get("requires", ())) <= flags
+
+
+def resolve_cpu_variants(opts: dict, target: dict) -> list[str]:
+    """The x86-64 levels built as faster variants beside the portable library ``target``.
+
+    ``tvm.cpu_variants`` (else the environment variable ``QDEPLOY_TVM_CPU_VARIANTS``, else
+    ``auto``): ``auto`` -- the build machine's own level (:func:`host_x86_level`) when it is above
+    the baseline, and only when ``target`` is the portable x86-64 default (an explicit ``mcpu``,
+    a cross-compile or a non-x86 host build one library); ``none`` or ``[]`` -- no variant; a
+    list of levels (``x86-64-v2`` / ``-v3`` / ``-v4``) -- those.  At load time the artifact runs
+    the highest variant the machine's CPU flags allow, else the portable library
+    (``runtime/``; ``QDEPLOY_TVM_VARIANT`` forces one).
+
+    Returns:
+        level names, lowest first (no duplicates).
+    Raises:
+        CompileError: a name that is not an x86-64 psABI level, or variants for a target that is
+            not x86-64.
+    """
+    v = opts.get("cpu_variants")
+    src = "tvm.cpu_variants"
+    if v is None:
+        import os
+
+        v = os.environ.get(VARIANTS_ENV, "auto").strip() or "auto"
+        src = VARIANTS_ENV
+        if "," in v:
+            v = [x.strip() for x in v.split(",") if x.strip()]
+    if v in ("none", "", None) or v == []:
+        return []
+    x86 = triple_arch(str(target.get("mtriple", ""))) == "x86_64"
+    if v == "auto":
+        if not x86 or target.get("mcpu") != "x86-64" or not_run_reason(target):
+            return []
+        lvl = host_x86_level()
+        return [lvl] if lvl else []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise CompileError(f"{src} must be 'auto', 'none' or a list of x86-64 levels, got {v!r}")
+    bad = [x for x in v if x not in X86_LEVELS]
+    if bad:
+        raise CompileError(f"{src}: {bad[0]!r} is not an x86-64 psABI level (one of {', '.join(X86_LEVELS)}; "
+                           f"'auto' or 'none')")
+    if not x86:
+        raise CompileError(f"{src}: CPU variants are x86-64 levels, but the target is {target.get('mtriple')}")
+    return [lvl for lvl in X86_LEVELS if lvl in v and lvl != target.get("mcpu")]
 
 
 def resolve_target(opts: dict) -> dict:

@@ -87,12 +87,13 @@ def tune_options(opts: dict, target: dict, cross: bool = False) -> dict | None:
     """The validated ``tune`` options of config ``tvm:``, or None when there are none.
 
     Args:
-        opts: the ``tvm:`` section.  target: the resolved TVM target dict.
+        opts: the ``tvm:`` section.  target: the TVM target dict of the library to tune (of an
+            artifact with CPU variants: the one this machine runs).
         cross: the library is cross-compiled (cannot run here, so cannot be measured).
     Returns:
-        ``{"trials", "batch", "batch_default", "seed", "trials_per_iter"}`` for a tuning, or
-        ``{"log", "batch", "batch_default", "seed"}`` to apply stored records (``log``: the
-        resolved records directory; ``batch`` from its ``tune.json`` unless given).
+        ``{"trials", "batch", "batch_default", "seed", "trials_per_iter", "target"}`` for a
+        tuning, or ``{"log", "batch", "batch_default", "seed", "target"}`` to apply stored records
+        (``log``: the resolved records directory; ``batch`` from its ``tune.json`` unless given).
     Raises:
         CompileError: naming the option: not a mapping, an unknown key, a count that is not a
             positive integer, both or neither of ``trials`` and ``log``, records that are missing
@@ -131,12 +132,13 @@ def tune_options(opts: dict, target: dict, cross: bool = False) -> dict | None:
                                f"this compile builds for {json.dumps(target)} (tune again, or build for that target)")
         if "trials_per_iter" in t:
             raise CompileError("tvm.tune.trials_per_iter: only with trials (log applies stored records)")
-        return {"log": str(d), "batch": int(t.get("batch", meta.get("batch"))), "batch_default": False, "seed": seed}
+        return {"log": str(d), "batch": int(t.get("batch", meta.get("batch"))), "batch_default": False, "seed": seed,
+                "target": target}
     trials = _int_opt(t, "trials", None, 1)
     check_tuning_deps()
     per = _int_opt(t, "trials_per_iter", min(DEFAULT_TRIALS_PER_ITER, trials), 1)
     return {"trials": trials, "batch": batch, "batch_default": "batch" not in t, "seed": seed,
-            "trials_per_iter": min(per, trials)}
+            "trials_per_iter": min(per, trials), "target": target}
 
 
 #: apache-tvm-ffi releases whose JSON writer segfaults on TIR (the tuning records): 0.1.15.post2,

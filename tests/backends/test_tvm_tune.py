@@ -96,7 +96,7 @@ def test_log_without_batch_needs_one(tmp_path):
 def test_default_batch_is_recorded_as_default():
     got = tune_mod.tune_options({"tune": {"trials": 40}}, X86)
     assert got == {"trials": 40, "batch": tune_mod.DEFAULT_BATCH, "batch_default": True, "seed": 0,
-                   "trials_per_iter": 16}
+                   "trials_per_iter": 16, "target": X86}
     assert tune_mod.tune_options({"tune": {"trials": 5, "batch": 7}}, X86)["trials_per_iter"] == 5
 
 

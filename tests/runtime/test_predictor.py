@@ -161,3 +161,61 @@ def test_concurrent_callers_get_their_own_results(square):
     for t in threads:
         t.join()
     assert not bad
+
+
+def test_single_io_batch1_path(tmp_path):
+    """One input, one output: the batch-1 path (``Predictor._one``) is taken and equals qonnx's
+    executor and the general path for a batch of one and for one sample without the batch axis,
+    with the NCHW -> NHWC transpose on the way in and back; NaN is refused as by the general path;
+    larger batches and channels-last inputs take the other paths with the same results."""
+    d = tmp_path
+    model = conv_model((1, 4, 4, 4))
+    path = d / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = (np.random.default_rng(3).integers(-64, 64, (5, 4, 4, 4)) / 16).astype(np.float32)
+    qdeploy.compile(str(path), "tvm-llvm", d / "tvm", golden=x)
+    qdeploy.compile(str(path), "reference", d / "ref", golden=x)
+    m, ref = CompiledModel.load(d / "tvm"), CompiledModel.load(d / "ref")
+    assert m.predictor._one is not None
+    for xb in (x[:1], x[2], x, x[1:2].astype(np.float64)):
+        got = m.predict(xb)
+        assert got.shape == ref.predict(xb).shape and np.array_equal(got, ref.predict(xb))
+        assert np.array_equal(got, run_qonnx(model, xb if xb.ndim == 4 else xb[None])[0])
+    xcl = np.ascontiguousarray(x[:1].transpose(0, 2, 3, 1))
+    assert np.array_equal(m.predict(xcl, layout="NHWC"), ref.predict(xcl, layout="NHWC"))
+    nan = x[:1].copy()
+    nan[0, 1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        m.predict(nan)
+    first = m.predict(x[:1])
+    keep = first.copy()
+    m.predict(x[1:2])
+    assert np.array_equal(first, keep)  # the returned array is not the reused buffer
+
+
+def test_single_io_with_host_softmax_chain(tmp_path):
+    """A float input quantized in the library, Dense, then an Affine -> Softmax chain on the host:
+    the batch-1 path's result equals the reference interpreter's, bit for bit."""
+    from qdeploy.compiler import reference as refi
+
+    rng = np.random.default_rng(2)
+    b = GraphBuilder("chain")
+    xi = b.input("x", (6,), FLOAT32)
+    q = b.add("q", "Quantize", [xi], attrs={"to": parse_type("fixed<8,3,RND_CONV,SAT>")})
+    d = b.add("d", "Dense", [q], params={"weight": Const(rng.integers(-32, 32, (6, 5)), parse_type("fixed<6,1>"))})
+    a = b.add("s", "Affine", [d], params={"scale": Const(np.float32([0.37]), FLOAT32)})
+    b.output(b.add("sm", "Softmax", [a]))
+    g = b.build()
+    x = rng.normal(0, 2, (9, 6)).astype(np.float32)
+    qdeploy.compile(g, "tvm-llvm", tmp_path / "c", golden=x)
+    m = CompiledModel.load(tmp_path / "c")
+    assert m.manifest["backend"]["host_nodes"] == ["s", "sm"] and m.predictor._one is not None
+    want = refi.execute(g, {"x": x})[g.outputs[0]]
+    for i in range(len(x)):
+        got = m.predict(x[i:i + 1])
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want[i:i + 1].view(np.uint32))
+    assert np.array_equal(m.predict(x), want)
+    nan = x[:1].copy()
+    nan[0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        m.predict(nan)
