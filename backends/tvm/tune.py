@@ -14,7 +14,13 @@ Config ``tvm: {tune: {...}}`` (CLI ``--tune N``, ``--tune-batch B``, ``--tune-lo
 * ``trials_per_iter`` -- candidates measured per search iteration (default 16, at most
   ``trials``);
 * ``log`` -- instead of ``trials``: the tuning records of an earlier tuned compile (its artifact
-  directory, or that artifact's ``tune/`` directory), applied without tuning again.
+  directory, or that artifact's ``tune/`` directory), applied without tuning again; refused when
+  they were tuned for another batch or CPU target.
+
+An artifact with CPU variants (``tvm.cpu_variants``) is tuned for the library this machine loads
+(the highest variant it can run, else the portable one): measurements only mean something for
+the code that runs them.  Only that library gets the static entry and the recorded schedules
+(``tune.target`` in the manifest); the others are built untuned, as without ``tune``.
 
 The records (meta-schedule's JSON database: ``database_workload.json`` -- the tuned kernels --
 and ``database_tuning_record.json`` -- the measured schedules) and ``tune.json`` (batch, seed,

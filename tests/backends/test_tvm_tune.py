@@ -100,6 +100,21 @@ def test_default_batch_is_recorded_as_default():
     assert tune_mod.tune_options({"tune": {"trials": 5, "batch": 7}}, X86)["trials_per_iter"] == 5
 
 
+def test_tuned_library_is_the_one_this_machine_loads(tmp_path):
+    """With CPU variants, the tuning is for the highest variant that runs here (what load picks);
+    without, for the portable library."""
+    from qdeploy.backends.tvm.target import X86_LEVELS, variant_runs_here
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    info = TvmBackend().emit(_mlp(), {"tvm": {"tune": {"trials": 8}}}, tmp_path / "a")
+    here = [lv for lv in info.get("cpu_variant_levels", [])
+            if variant_runs_here({"mcpu": lv, "requires": list(X86_LEVELS[lv])})]
+    assert info["tune"]["target"] == ({**info["target"], "mcpu": here[-1]} if here else info["target"])
+    info = TvmBackend().emit(_mlp(), {"tvm": {"tune": {"trials": 8}, "cpu_variants": "none"}}, tmp_path / "b")
+    assert info["tune"]["target"] == info["target"] and "cpu_variant_levels" not in info
+
+
 def test_targets_that_cannot_be_tuned_here(tmp_path):
     with pytest.raises(CompileError, match="cross-compiled library cannot be measured"):
         tune_mod.tune_options({"tune": {"trials": 8}}, {**X86, "mtriple": "aarch64-linux-gnu"}, cross=True)
