@@ -156,7 +156,7 @@ def render_markdown(report: dict) -> str:
           exactness_sentence(ex), ""]
     if ex.get("variants"):
         L += ["Libraries checked (each one this machine can run): " + ", ".join(
-            f"{n} ({'bit-exact' if ok else 'NOT identical'})" for n, ok in ex["variants"].items())
+            f"{n} ({'identical to the reference' if ok else 'DIFFERS'})" for n, ok in ex["variants"].items())
             + (f"; shown below: {ex['variant']}" if ex.get("variant") else ""), ""]
     L += ["| output | type | mismatches | max abs error |", "|---|---|---|---|"]
     for o, r in ex["per_output"].items():
