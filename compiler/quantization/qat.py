@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import QDeployError, UnsupportedError
 from .hessian import logits
 from .qat_fx import build_qat_graph_model
-from .qat_layers import fold_bn_into, input_quantizer, is_chain, weight_kwargs
+from .qat_layers import fold_bn_into, input_quantizer, is_chain, quant_weight_layer, weight_kwargs
 
 __all__ = ["input_quantizer", "fold_batchnorm", "build_qat_model", "fine_tune", "accuracy", "predict",
            "export_qonnx"]
@@ -86,7 +86,7 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
         UnsupportedError: a layer type or topology outside the supported set (names the layer).
         QDeployError: a weight layer missing from ``bits``.
     """
-    from brevitas.nn import QuantConv1d, QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+    from brevitas.nn import QuantIdentity, QuantReLU
     from brevitas.quant import Uint8ActPerTensorFixedPoint
 
     if not is_chain(float_model):
@@ -120,20 +120,7 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             if not quantized:
                 raise UnsupportedError("weight layer not fed by a ReLU or the input (add a ReLU)", node=name)
-            wb = bits[name][0]
-            if isinstance(m, nn.Linear):
-                q = QuantLinear(m.in_features, m.out_features, **weight_kwargs(wb))
-            else:
-                cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantConv1d
-                q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                        dilation=m.dilation, groups=m.groups, **weight_kwargs(wb))
-            with torch.no_grad():
-                q.weight.copy_(m.weight)
-                if m.bias is not None:
-                    q.bias.copy_(m.bias)
-                else:
-                    q.bias.zero_()
-            out[name] = q
+            out[name] = quant_weight_layer(m, bits[name][0])
             quantized = False
         elif isinstance(m, nn.ReLU):
             nxt = next((n for n, mm in items[idx + 1:] if n in wnames), None)
