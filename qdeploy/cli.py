@@ -81,7 +81,16 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                     "aarch64-linux-gnu-g++; the artifact is then not run here); overrides the config's tvm.mtriple"),
                 cuda_arch: Optional[str] = typer.Option(
                     None, "--cuda-arch", help="tvm-cuda: GPU architecture, sm_80 (default) or sm_90 (any sm_XY); "
-                    "overrides the config's tvm.arch")):
+                    "overrides the config's tvm.arch"),
+                tune: Optional[int] = typer.Option(
+                    None, "--tune", min=1, help="tvm-llvm: meta-schedule tuning with N trials of a static entry at "
+                    "--tune-batch (records stored in the artifact's tune/); the config's tvm.tune.trials"),
+                tune_batch: Optional[int] = typer.Option(
+                    None, "--tune-batch", min=1, help="tvm-llvm: the batch size --tune tunes for (default 256, "
+                    "recorded); predict calls the tuned entry for batches of exactly that size; tvm.tune.batch"),
+                tune_log: Optional[Path] = typer.Option(
+                    None, "--tune-log", help="tvm-llvm: apply the tuning records of an earlier tuned artifact "
+                    "(its directory or its tune/) instead of tuning; tvm.tune.log")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
 
     Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference (the
@@ -99,12 +108,23 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                                ("strategy", strategy), ("reuse_factor", reuse_factor)),
                     "tvm": (("mcpu", mcpu), ("mtriple", mtriple), ("arch", cuda_arch))}
         given = {sec: {k: v for k, v in pairs if v is not None} for sec, pairs in sections.items()}
-        if any(given.values()):
+        tune_given = {k: v for k, v in (("trials", tune), ("batch", tune_batch),
+                                        ("log", None if tune_log is None else str(tune_log))) if v is not None}
+        if tune_given and target != "tvm-llvm":
+            raise QDeployError(f"--tune/--tune-batch/--tune-log: meta-schedule tuning is for --target tvm-llvm, "
+                               f"not {target}")
+        if any(given.values()) or tune_given:
             from .api import load_config
             cfg = load_config(config)
             for sec, flags in given.items():
                 if flags:
                     cfg[sec] = {**(cfg.get(sec) or {}), **flags}
+            if tune_given:  # a config tune that is not a mapping is refused by the backend
+                tvm_cfg = dict(cfg.get("tvm") or {})
+                old = tvm_cfg.get("tune")
+                tvm_cfg["tune"] = {**(old if isinstance(old, dict) else {}), **tune_given} if old is None or \
+                    isinstance(old, dict) else old
+                cfg["tvm"] = tvm_cfg
             config = cfg
         with _progress() as progress:
             res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,

@@ -9,7 +9,8 @@ A *recipe* is a callable (or ``"module:function"``, ``"path/file.py:function"``,
 ``recipe: <one of those>`` and optional ``args:``, keyword arguments for it) returning a dict:
 
 =================  ===========================================================================
-``model``          trained float ``nn.Sequential`` (Linear/Conv, ReLU, pooling, Flatten, Dropout, BN)
+``model``          trained float ``nn.Sequential`` (Linear/Conv, ReLU, pooling, Flatten, Dropout, BN),
+                   or any ``torch.fx``-traceable module of those plus adds/concatenations (:mod:`.qat_fx`)
 ``train``          ``(x, y)`` arrays: fine-tuning data and Hessian data
 ``val``            ``(x, y)``: accuracy reported per allocation
 ``test``           ``(x, y)`` optional: accuracy reported per allocation (the comparison figure)
@@ -43,8 +44,9 @@ import torch
 from torch import nn
 
 from ..errors import QDeployError
-from . import hessian, ilp, qat, sensitivity
+from . import hessian, ilp, qat, qat_fx, sensitivity
 from .hutchinson import hutchinson_traces
+from .qat_layers import is_chain
 from .search_budget import budget_value, check_budget_kinds, check_uniform_bits, resolve_budget
 from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
 from .search_report import json_default, plot_pareto, render_markdown
@@ -62,9 +64,13 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
                 input_bits: int = 8, fixed_act_bits: int = 8) -> list[ilp.LayerSpec]:
     """One :class:`~.ilp.LayerSpec` per weight layer, shapes measured on ``example_input`` (batch first).
 
-    The first layer's input is the model input (fixed at ``input_bits``); every other layer's input
-    activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
+    The layers that read the model input (an ``nn.Sequential``'s first layer; for any other module
+    those :func:`.qat_fx.input_layers` finds) have their input fixed at ``input_bits``; every other
+    layer's input activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
     ``fixed_act_bits``, default 8: a weights-only search with one uniform activation width).
+
+    Raises:
+        QDeployError: bad bit lists, or a non-Sequential model ``torch.fx`` cannot trace.
     """
     w_bits = tuple(sensitivity.check_bits(w_bits))
     a_bits = tuple(sensitivity.check_bits(a_bits)) if a_bits else ()
@@ -80,8 +86,10 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
         model.train(was)
         for h in hooks:
             h.remove()
+    wl = hessian.weight_layers(model)
+    first = {wl[0][0]} if is_chain(model) and wl else set(qat_fx.input_layers(model))
     specs = []
-    for i, (n, m) in enumerate(hessian.weight_layers(model)):
+    for n, m in wl:
         _, oshape = shapes[n]
         if isinstance(m, nn.Linear):
             n_in, n_out, pos, kind = m.in_features, m.out_features, int(np.prod(oshape[1:-1])) or 1, "dense"
@@ -90,7 +98,8 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
             n_out, pos, kind = m.out_channels, int(np.prod(oshape[2:])), "conv"
         specs.append(ilp.LayerSpec(name=n, n_in=int(n_in), n_out=int(n_out), positions=int(pos),
                                    n_weights=int(m.weight.numel()), w_bits=w_bits,
-                                   a_bits=a_bits if i > 0 else (), fixed_a_bits=int(input_bits) if i == 0 else int(fixed_act_bits),
+                                   a_bits=a_bits if n not in first else (),
+                                   fixed_a_bits=int(input_bits) if n in first else int(fixed_act_bits),
                                    kind=kind))
     return specs
 
@@ -151,6 +160,10 @@ def compute_sensitivities(model, specs, traces: hessian.TraceResult, x, y=None, 
 def check_ties(model, ties) -> list[list[str]]:
     """The tie groups as lists, checked: every name is a weight layer (Linear/Conv) of ``model``.
 
+    For a model that is not an ``nn.Sequential`` the ties its QAT model imposes
+    (:func:`.qat_fx.required_ties`: layers sharing an input quantizer, layers joined by an add) are
+    merged in, so every allocation the ILP returns can be built.
+
     Raises:
         QDeployError: a name that is not a module of the model, or a module without weights.
     """
@@ -161,7 +174,10 @@ def check_ties(model, ties) -> list[list[str]]:
                 raise QDeployError(f"tie names {n!r}, which is not a module of the model")
             if not isinstance(mods[n], hessian.WEIGHT_TYPES):
                 raise QDeployError(f"tie names layer {n!r} ({type(mods[n]).__name__}), which has no weights")
-    return [list(g) for g in ties or ()]
+    out = [list(g) for g in ties or ()]
+    if not is_chain(model):
+        out = qat_fx.merge_ties(out + qat_fx.required_ties(model))
+    return out
 
 
 # --------------------------------------------------------------------------- driver
