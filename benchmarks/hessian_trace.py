@@ -270,6 +270,13 @@ def main(argv=None):
                   f"   {pse:14.2%}")
     print(f"  max per-layer relative difference of the early-stopped per-sample estimates vs PyHessian("
           f"{args.ref_probes}): {worst_ref:.2%} (target < 5%)")
+    # time to the same standard error: PyHessian's se falls as 1/sqrt(probes), so reaching ours on
+    # every layer takes P * max_layer (se_PyHessian(P) / se_ours)^2 probes (extrapolated from its P-probe run)
+    for blk, label in ((False, "row sums"), (True, "blockwise")):
+        r = res_ps[blk]
+        need = max(P * (np.asarray(per[n]).std(ddof=1) / np.sqrt(P) / r.weights[n].stderr) ** 2 for n in names)
+        print(f"  same standard error as ours ({label}): PyHessian needs ~{need:.0f} probes, ~{t_ph * need / P:.1f} s "
+              f"(extrapolated from its {P}-probe run) = {t_ph * need / P / t_ps[blk]:.1f}x ours")
     return 0
 
 

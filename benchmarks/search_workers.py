@@ -61,7 +61,9 @@ def main(argv=None):
                 qat[w].append(fo["seconds"])
                 results.setdefault(w, summary(rep))
                 print(f"  search {dt:.1f} s, QAT {fo['seconds']:.1f} s ({fo['jobs']} jobs, engine {fo['engine']}, "
-                      f"{fo['workers']} worker(s))", flush=True)
+                      f"{fo['workers']} worker(s)); jobs' CPU {fo['job_cpu_seconds']:.1f} s, jobs' wall "
+                      f"{fo['job_seconds']:.1f} s (CPU / wall {fo['job_cpu_seconds'] / fo['job_seconds']:.2f}: below 1, "
+                      "the jobs waited for a core)", flush=True)
     same = results[1] == results[2]
     print(f"digits {args.model}, {len(budgets)} budgets, {args.seeds} seeds, {args.epochs} epochs, best of "
           f"{args.rounds}: serial search {min(times[1]):.1f} s (QAT {min(qat[1]):.1f} s), 2 workers "

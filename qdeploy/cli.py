@@ -439,7 +439,7 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                strategy: str = typer.Option("Latency", "--strategy", help="hls4ml strategy for estimator budgets"),
                no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar=""),
                force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar=""),
-               workers: str = typer.Option("auto", "--workers", help="processes for the QAT fine-tunes (independent jobs): 'auto' = one per CPU (at most one per job), N = N worker processes, 1 = in this process"),
+               workers: Optional[str] = typer.Option(None, "--workers", help="processes for the QAT fine-tunes (independent jobs): 'auto' = one per CPU (at most one per job), N = N worker processes, 1 = in this process (default: $QDEPLOY_QAT_WORKERS, else auto)"),
                ray: Optional[str] = typer.Option(None, "--ray", help="run the QAT jobs on Ray: 'auto' (the running cluster), 'local' (start one with --workers CPUs) or a cluster address; needs pip install 'qdeploy[ray]'")):
     """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
 
@@ -476,7 +476,7 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                         estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
                         qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity,
-                        force=force, workers=workers if workers == "auto" else _workers_opt(workers), ray=ray)
+                        force=force, workers=workers if workers in (None, "auto") else _workers_opt(workers), ray=ray)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"

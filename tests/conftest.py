@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 # variants); tests/backends/test_tvm_variants.py covers the default.
 os.environ.setdefault("QDEPLOY_TVM_CPU_VARIANTS", "none")
 
+# `qdeploy search` runs its QAT jobs on one worker process per CPU by default ("auto"); worker start-up
+# (a fresh interpreter importing torch and Brevitas) costs more than the suite's tiny searches, so the
+# suite runs them in-process unless the caller chose; tests/quantization/test_fanout.py sets the
+# engines it checks explicitly.
+os.environ.setdefault("QDEPLOY_QAT_WORKERS", "1")
+
 
 def _find_shared() -> Path:
     """The team's shared/ folder: see benchmarks/_shared.py (one finder for tests and benchmarks)."""

@@ -83,8 +83,10 @@ def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str
 
     Returns:
         the results, and ``info`` = ``{"engine": "serial" | "local" | "ray", "workers", "ray_address",
-        "jobs", "retried": [{"job", "reason"}], "failed": [], "seconds"}`` (``workers``: processes for
-        the local engines, the cluster's CPUs for Ray).
+        "jobs", "retried": [{"job", "reason"}], "failed": [], "seconds", "job_seconds", "job_cpu_seconds"}``
+        (``workers``: processes for the local engines, the cluster's CPUs for Ray; ``seconds``: wall
+        time of the fan-out; ``job_seconds`` / ``job_cpu_seconds``: the successful jobs' wall / CPU
+        seconds summed).
 
     Raises:
         QDeployError: a job failed twice (raised after all other jobs ran), the context cannot be
@@ -119,7 +121,9 @@ def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str
     finally:
         tr.close()
     info = {"engine": engine, "workers": nw, "ray_address": address, "jobs": len(jobs),
-            "retried": tr.retried, "failed": tr.failed, "seconds": time.perf_counter() - t0}
+            "retried": tr.retried, "failed": tr.failed, "seconds": time.perf_counter() - t0,
+            "job_seconds": sum(r.seconds for r in tr.results.values()),
+            "job_cpu_seconds": sum(r.cpu_seconds for r in tr.results.values())}
     if tr.failed:
         raise QDeployError(f"QAT fan-out ({engine}): {len(tr.failed)} of {len(jobs)} jobs failed twice (the other "
                            "jobs finished): " + "; ".join(f"{f['job']}: {f['reason']}" for f in tr.failed))

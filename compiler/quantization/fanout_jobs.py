@@ -86,12 +86,14 @@ class QatJob:
 class JobResult:
     """Outcome of one job: per evaluation sample whether the QAT model classifies it right
     (``val_ok`` (N_val,) bool, ``test_ok`` (N_test,) bool or None), the job's wall time in seconds, the
-    exported QONNX bytes (seed index 0 with export on, else None), and which attempt (0, 1) succeeded."""
+    exported QONNX bytes (seed index 0 with export on, else None), which attempt (0, 1) succeeded, and
+    the CPU seconds of the process that ran it (``time.process_time``) during the job."""
 
     val_ok: np.ndarray
     test_ok: np.ndarray | None
     seconds: float
     onnx: bytes | None = None
+    cpu_seconds: float = 0.0
     attempt: int = 0
     worker: str = ""
 
@@ -109,7 +111,7 @@ def run_job(ctx: QatContext, job: QatJob, attempt: int = 0, in_worker: bool = Fa
     prev_t, prev_d = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         bits = dict(job.bits)
         seed = int(ctx.seed) + int(job.k)
@@ -134,7 +136,7 @@ def run_job(ctx: QatContext, job: QatJob, attempt: int = 0, in_worker: bool = Fa
         torch.set_num_threads(prev_t)
         torch.use_deterministic_algorithms(prev_d)
     return JobResult(val_ok=val_ok, test_ok=test_ok, seconds=time.perf_counter() - t0, onnx=onnx, attempt=attempt,
-                     worker=f"pid {os.getpid()}")
+                     worker=f"pid {os.getpid()}", cpu_seconds=time.process_time() - c0)
 
 
 def dumps_context(ctx: QatContext) -> bytes:

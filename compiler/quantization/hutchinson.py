@@ -12,7 +12,13 @@ PyHessian, Yao et al., arXiv 1912.07145, Alg. 1).  With a *joint* probe v over a
 because the cross terms v_i^T H_ij v_j (i != j) have zero mean; with *block* probes (HAWQ-V2) each
 layer gets its own HVP, fewer variance terms, L times the cost.
 
-The HVP is reverse-over-reverse in ``torch.func`` by default (``grad(loss)`` linearized once per
+Two estimators (``estimator``): ``"per_sample"`` (:mod:`.hutchinson_persample`, the default for
+networks whose traced layers are plain Linear/Conv1d/Conv2d) gives every *sample* its own probe in
+each pass, which removes most of the variance of one joint probe at the cost of about one
+forward and two backward passes over the data; ``"joint"`` is PyHessian's estimator below.  Both
+can stop early on the standard error (``rel_se``).
+
+For the joint estimator, the HVP is reverse-over-reverse in ``torch.func`` (``grad(loss)`` linearized once per
 batch with ``vjp``, each probe one ``vjp`` of it; H is symmetric, so that is H v), or
 forward-over-reverse (``hvp="fwd"``: ``jvp`` of ``grad(loss)``); both are batched over probes
 with ``vmap``.  The model runs in eval mode (batch-norm uses its running statistics,

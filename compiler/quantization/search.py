@@ -190,7 +190,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                trace_method: str = "auto", sensitivity_mode: str = "hessian+measured",
                qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
                export: bool = True, check_import: bool = True, act_bits_fixed: int = 8,
-               estimator: Mapping | None = None, force: bool = False, workers: int | str | None = "auto",
+               estimator: Mapping | None = None, force: bool = False, workers: int | str | None = None,
                ray: str | None = None) -> dict:
     """Run the whole search and write the report; returns the report dict (also in search_report.json).
 
@@ -226,9 +226,10 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         export: write the chosen models as QONNX; check_import: import each into the IR.
         force: replace an earlier search output in ``out_dir`` (never a folder of anything else).
         workers: processes for the (allocation x seed) QAT fine-tunes, which are independent jobs
-            (:mod:`.fanout`): ``"auto"`` (the default): one per CPU this process may use, at most one
-            per job (one: they run in this process); an integer N: N spawned worker processes
-            (1: in this process, one after the other).  Results are identical whatever runs them.
+            (:mod:`.fanout`): ``"auto"``: one per CPU this process may use, at most one per job (one:
+            they run in this process); an integer N: N worker processes (1: in this process, one
+            after the other).  None (the default): the environment variable ``QDEPLOY_QAT_WORKERS``
+            when set (the test suite sets 1), else ``"auto"``.  Results are identical whatever runs them.
         ray: run the QAT jobs as Ray tasks instead: ``"auto"`` (the Ray this process started, else the
             running cluster), ``"local"`` (a local Ray with ``workers`` CPUs) or a cluster address;
             needs ``pip install qdeploy[ray]``.  The report's ``qat_fanout`` says what ran (engine,
@@ -249,8 +250,16 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         raise QDeployError(f"qat_seeds must be >= 1, got {qat_seeds}")
     if qat_epochs is not None and int(qat_epochs) < 0:
         raise QDeployError(f"qat_epochs must be >= 0, got {qat_epochs}")
+    from .fanout import resolve_workers
+    if workers is None:
+        import os
+        workers = os.environ.get("QDEPLOY_QAT_WORKERS") or "auto"
+        try:
+            resolve_workers(workers, 1)
+        except QDeployError:
+            raise QDeployError(f"environment variable QDEPLOY_QAT_WORKERS={workers!r}: expected a positive integer "
+                               "or 'auto'") from None
     if ray is None:
-        from .fanout import resolve_workers
         resolve_workers(workers, 1)  # a bad setting fails here, before the traces
     from ...runtime.artifact import check_out_dir, check_replaceable, publish, staging_dir
 
