@@ -93,7 +93,7 @@ def _options(config: dict | None) -> dict:
         raise CompileError(f"hls4ml backend must be one of {', '.join(map(repr, BACKENDS))}, got {opts['backend']!r}")
     if opts["io_type"] not in ("io_parallel", "io_stream"):
         raise CompileError(f"hls4ml io_type must be 'io_parallel' or 'io_stream', got {opts['io_type']!r}")
-    if opts["strategy"] not in ("Latency", "Resource"):
+    if opts["strategy"] not in ("Latency", "Resource", "distributed_arithmetic"):
         raise CompileError(f"hls4ml strategy must be 'Latency' or 'Resource', got {opts['strategy']!r}")
     if isinstance(opts["reuse_factor"], dict):
         opts["reuse_factor"] = dict(opts["reuse_factor"])
