@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/tvm_vs_onnxruntime.py [--rounds 4] [--quick] [--threads 1,2]
         [--batches 1,256] [--models jet,tfc,digits,mnist] [--tvm-config '{"schedule": "auto"}']
+        [--baseline-config '{"mcpu": "native"}'] [--tune-logs ARTIFACT,ARTIFACT]
+
+Tuned builds (issue #15): ``--tvm-config '{"tune": {"trials": 64, "batch": 256}, "mcpu": "native"}'
+--baseline-config '{"mcpu": "native"}'`` measures the tuned and the untuned library of every model
+in the same interleaved rounds; ``--tune-logs`` reuses the records of earlier tuned artifacts (the
+``artifact ...`` path each tuned model's line prints) instead of tuning again.
 
 Models (each at batch 1 and 256): the hls4ml jet tagger (QONNX, ``../shared/realcases``), TFC
 1W1A MNIST (QONNX model zoo), the digits QAT CNN (``examples/digits``: Brevitas QAT, trained here
@@ -165,9 +171,14 @@ class Bench:
         tvm_config: ``tvm:`` options for ``qdeploy.compile`` (may be empty).
         min_time: seconds each timing loop runs at least.
         out: the print function.
+        baseline: ``tvm:`` options of a second build of every model, measured in the same
+            interleaved rounds (rows marked ``[base]``), e.g. the untuned build beside a tuned one.
+        tune_logs: per case (in order), a tuned artifact whose records ``tvm.tune.log`` applies
+            instead of the config's ``tune`` (no tuning in the benchmark run).
     """
 
-    def __init__(self, cases, work: Path, threads, tvm_config: dict, min_time: float, out=print):
+    def __init__(self, cases, work: Path, threads, tvm_config: dict, min_time: float, out=print,
+                 baseline: dict | None = None, tune_logs=()):
         import onnxruntime as ort
 
         import qdeploy
@@ -177,13 +188,24 @@ class Bench:
 
         self.out, self.min_time, self.threads = out, min_time, list(threads)
         self.items = []
-        for i, c in enumerate(cases):
-            d = work / f"m{i}"
-            config = {"tvm": dict(tvm_config)} if tvm_config else None
+        builds = [(i, c, "", tvm_config) for i, c in enumerate(cases)]
+        if baseline is not None:
+            builds += [(i, c, " [base]", baseline) for i, c in enumerate(cases)]
+        for i, c, tag, tcfg in sorted(builds, key=lambda b: b[0]):
+            d = work / f"m{i}{'_base' if tag else ''}"
+            tcfg = dict(tcfg)
+            if not tag and i < len(tune_logs) and tune_logs[i]:
+                tcfg["tune"] = {"log": tune_logs[i]}
+            config = {"tvm": tcfg} if tcfg else None
             t0 = time.perf_counter()
             qdeploy.compile(str(c.path), target="tvm-llvm", out_dir=d, golden=c.golden, config=config, force=True)
             m = CompiledModel.load(d)
             info = m.manifest.get("backend", {})
+            tune = info.get("tune")
+            if tune:
+                out(f"# {c.name}{tag}: tuned for batch {tune['batch']} ({tune['source']}: {tune['trials_run']} trials "
+                    f"run now, {tune.get('kernels_applied')} kernels from the records, library {tune['target'].get('mcpu')}), "
+                    f"artifact {d}")
             proto = float_equivalent(c.path)
             sessions = {}
             for t in self.threads:
@@ -192,12 +214,13 @@ class Bench:
                 so.log_severity_level = 3
                 sessions[t] = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
             in_name = sessions[self.threads[0]].get_inputs()[0].name
-            out(f"# {c.name}: {c.path.name}, compiled in {time.perf_counter() - t0:.1f} s, target "
-                f"{json.dumps(info.get('target'))}, schedule {info.get('schedule')}, batch-1 entry "
+            out(f"# {c.name}{tag}: {c.path.name}, compiled in {time.perf_counter() - t0:.1f} s, target "
+                f"{json.dumps(info.get('target'))}, library run: {m.library_variant}, exec mode {info.get('exec_mode', 'bytecode')}, "
+                f"schedule {info.get('schedule')}, batch-1 entry "
                 f"{bool(info.get('batch1_entry'))}, host ops {info.get('host_nodes') or 'none'}, thin predict "
                 f"{m.predictor.thin}")
             for b, x in c.inputs.items():
-                row = Row(c.name, b, _compare(m.predict(x), sessions[self.threads[0]].run(None, {in_name: x})[0]))
+                row = Row(c.name + tag, b, _compare(m.predict(x), sessions[self.threads[0]].run(None, {in_name: x})[0]))
                 raw = m.predictor.raw_call(x)
                 self.items.append((row, m, x, raw, sessions, in_name))
 
@@ -243,6 +266,13 @@ def report(rows: list[Row], threads, out=print) -> None:
             if row.cpu:
                 p, r = row.cpu["predict"], row.cpu["raw"]
                 out(f"#   {row.case:<28} batch {row.batch:>4}: predict {p:8.1f} us, raw {r:8.1f} us, overhead {p - r:7.1f} us")
+    by = {(r.case, r.batch): r for r in rows}
+    pairs = [(r, by[(r.case + " [base]", r.batch)]) for r in rows if (r.case + " [base]", r.batch) in by]
+    if pairs:
+        out("# this build against the [base] build, same rounds (below 1: this build faster):")
+        for r, b in pairs:
+            out(f"#   {r.case:<28} batch {r.batch:>4}: " + ", ".join(
+                f"{t} thr predict {r.predict[t] / b.predict[t]:.2f}x raw {r.raw[t] / b.raw[t]:.2f}x" for t in threads))
     out("# output check (qdeploy predict vs onnxruntime on the float-equivalent model):")
     for row in rows:
         out(f"#   {row.case}, batch {row.batch}: {row.check}")
@@ -257,6 +287,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="jet,tfc,digits,mnist", help="subset of jet,tfc,digits,mnist")
     ap.add_argument("--tvm-config", default="{}", help="JSON of tvm: options, e.g. '{\"schedule\": \"auto\"}'")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per timing loop (0.2; --quick 0.03)")
+    ap.add_argument("--baseline-config", default=None,
+                    help="JSON of tvm: options of a second build per model measured in the same rounds ([base] rows), "
+                         "e.g. '{\"mcpu\": \"native\"}' beside a tuned --tvm-config")
+    ap.add_argument("--tune-logs", default="", help="comma-separated tuned artifacts, one per --models entry (empty: "
+                    "none), whose records tvm.tune.log applies instead of tuning again")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")  # brevitas/qonnx/torch chatter; the checks are printed below
     threads = [int(t) for t in a.threads.split(",")]
@@ -266,7 +301,8 @@ def main(argv=None) -> int:
     min_time = a.min_time if a.min_time is not None else (0.03 if a.quick else 0.2)
     print(f"# {_uptime()}")
     print(f"# rounds {rounds}, loops >= {min_time * 1e3:.0f} ms, threads {threads}, batches {batches}, "
-          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, tvm config {a.tvm_config}; onnxruntime: default "
+          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, tvm config {a.tvm_config}, baseline config "
+          f"{a.baseline_config}, tune logs {a.tune_logs or 'none'}; onnxruntime: default "
           f"graph optimizations, float-equivalent model with folded weights")
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="qd_tvm_ort_"))
@@ -274,7 +310,9 @@ def main(argv=None) -> int:
               "digits": lambda: digits_case(batches, rng, work, 1 if a.quick else 5),
               "mnist": lambda: mnist_case(batches, rng)}
     cases = [makers[k]() for k in a.models.split(",")]
-    bench = Bench(cases, work, threads, json.loads(a.tvm_config), min_time)
+    bench = Bench(cases, work, threads, json.loads(a.tvm_config), min_time,
+                  baseline=None if a.baseline_config is None else json.loads(a.baseline_config),
+                  tune_logs=a.tune_logs.split(",") if a.tune_logs else ())
     rows = bench.measure(rounds)
     report(rows, threads)
     print(f"# {_uptime()}")

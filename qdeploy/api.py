@@ -290,7 +290,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
     from .backends import get_backend
     from .passes import PassManager, default_pipeline
     from .fidelity import check_source
-    from .report import compare_outputs, layer_table, not_run_exactness, render_markdown
+    from .report import (check_static_batches, compare_outputs, layer_table, not_run_exactness, render_markdown,
+                         static_batch_sizes)
 
     cfg = load_config(config)
     if input_type is not None:
@@ -351,23 +352,29 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
         say(f"emitting the {target} artifact")
         info = backend.emit(graph, cfg, tmp) or {}
         say(f"building ({'g++ C simulation' if target == 'hls4ml' else target})")
-        backend.build(tmp, info)
+        from .backends.progress import reporting
+        with reporting(say):  # long backend steps (a TVM tuning) report progress
+            backend.build(tmp, info)
         t_build = time.perf_counter() - t1
         say("checking the artifact against the reference")
         if info.get("not_run_here"):  # cross-compiled, or a GPU library without a GPU here
             exact = not_run_exactness(graph, ref, info["not_run_here"])
         else:
             # every library the artifact holds that runs here (a TVM CPU artifact: the portable one
-            # and its faster CPU variants) is checked; the first that differs is reported
+            # and its faster CPU variants) is checked; the first that differs is reported.  A tuned
+            # TVM library's static entry (main_b<B>) is checked too, on the golden inputs cycled to B
             fns = backend.load_all(tmp, info, graph) if hasattr(backend, "load_all") else \
                 [(None, backend.load(tmp, info, graph))]
             per = {}
             for name, fn in fns:
                 e = compare_outputs(graph, ref, fn({k: v for k, v in feeds.items()}))
-                per[name] = e
+                per[name] = check_static_batches(e, graph, fn, feeds, static_batch_sizes(info, name))
             bad = [n for n, e in per.items() if e.get("fixed_mismatches")]
             worst = bad[0] if bad else max(per, key=lambda n: float(per[n].get("max_abs_error") or 0.0))
             exact = dict(per[worst])
+            static = [e["static_batches"] for e in per.values() if e.get("static_batches")]
+            if static and "static_batches" not in exact:
+                exact["static_batches"] = static[0]
             if len(per) > 1 or fns[0][0] is not None:
                 exact["variants"] = {n: bool(e.get("bit_exact")) for n, e in per.items()}
                 if bad:
@@ -420,8 +427,8 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             "outputs": [{"name": v.name, "shape": list(v.shape), "type": str(v.dtype),
                          "perm": (graph.meta.get("output_perms") or {}).get(v.name), **lays["outputs"][v.name]}
                         for v in graph.output_values()],
-            "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact", "not_run", "variants")
-                          if k in exact},
+            "exactness": {k: exact[k] for k in ("samples", "mismatches", "max_abs_error", "bit_exact", "not_run", "variants",
+                                                "static_batches") if k in exact},
             "hashes": file_hashes(tmp),
         }
         write_manifest(tmp, manifest)

@@ -81,7 +81,16 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                     "aarch64-linux-gnu-g++; the artifact is then not run here); overrides the config's tvm.mtriple"),
                 cuda_arch: Optional[str] = typer.Option(
                     None, "--cuda-arch", help="tvm-cuda: GPU architecture, sm_80 (default) or sm_90 (any sm_XY); "
-                    "overrides the config's tvm.arch")):
+                    "overrides the config's tvm.arch"),
+                tune: Optional[int] = typer.Option(
+                    None, "--tune", min=1, help="tvm-llvm: meta-schedule tuning with N trials of a static entry at "
+                    "--tune-batch (records stored in the artifact's tune/); the config's tvm.tune.trials"),
+                tune_batch: Optional[int] = typer.Option(
+                    None, "--tune-batch", min=1, help="tvm-llvm: the batch size --tune tunes for (default 256, "
+                    "recorded); predict calls the tuned entry for batches of exactly that size; tvm.tune.batch"),
+                tune_log: Optional[Path] = typer.Option(
+                    None, "--tune-log", help="tvm-llvm: apply the tuning records of an earlier tuned artifact "
+                    "(its directory or its tune/) instead of tuning; tvm.tune.log")):
     """Compile MODEL for a target; writes the artifact, manifest.json, report.json and report.md.
 
     Exit status: 0 success; 1 the artifact's fixed-point outputs differ from the reference (the
@@ -99,12 +108,23 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                                ("strategy", strategy), ("reuse_factor", reuse_factor)),
                     "tvm": (("mcpu", mcpu), ("mtriple", mtriple), ("arch", cuda_arch))}
         given = {sec: {k: v for k, v in pairs if v is not None} for sec, pairs in sections.items()}
-        if any(given.values()):
+        tune_given = {k: v for k, v in (("trials", tune), ("batch", tune_batch),
+                                        ("log", None if tune_log is None else str(tune_log))) if v is not None}
+        if tune_given and target != "tvm-llvm":
+            raise QDeployError(f"--tune/--tune-batch/--tune-log: meta-schedule tuning is for --target tvm-llvm, "
+                               f"not {target}")
+        if any(given.values()) or tune_given:
             from .api import load_config
             cfg = load_config(config)
             for sec, flags in given.items():
                 if flags:
                     cfg[sec] = {**(cfg.get(sec) or {}), **flags}
+            if tune_given:  # a config tune that is not a mapping is refused by the backend
+                tvm_cfg = dict(cfg.get("tvm") or {})
+                old = tvm_cfg.get("tune")
+                tvm_cfg["tune"] = {**(old if isinstance(old, dict) else {}), **tune_given} if old is None or \
+                    isinstance(old, dict) else old
+                cfg["tvm"] = tvm_cfg
             config = cfg
         with _progress() as progress:
             res = do_compile(model, target=target, out_dir=out, config=config, golden=golden, force=force,
@@ -418,7 +438,9 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor for estimator budgets"),
                strategy: str = typer.Option("Latency", "--strategy", help="hls4ml strategy for estimator budgets"),
                no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar=""),
-               force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar="")):
+               force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar=""),
+               workers: str = typer.Option("auto", "--workers", help="processes for the QAT fine-tunes (independent jobs): 'auto' = one per CPU (at most one per job), N = N worker processes, 1 = in this process"),
+               ray: Optional[str] = typer.Option(None, "--ray", help="run the QAT jobs on Ray: 'auto' (the running cluster), 'local' (start one with --workers CPUs) or a cluster address; needs pip install 'qdeploy[ray]'")):
     """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
 
     Budget kinds: bops, size (weight bits), and through the hls4ml estimator lut, ff, dsp, bram_18k,
@@ -454,7 +476,7 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                         estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
                         qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity,
-                        force=force)
+                        force=force, workers=workers if workers == "auto" else _workers_opt(workers), ray=ray)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
@@ -467,7 +489,20 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
             line += (f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs"
                      f"{hwc(u['allocation']['costs'])}, {key} {u[key]:.4f}")
         typer.echo(line)
+    fo = rep.get("qat_fanout") or {}
+    if fo:
+        typer.echo(f"QAT: {fo['jobs']} jobs on {fo['engine']} ({fo['workers']} worker(s)), {fo['seconds']:.1f} s"
+                   + (f", {len(fo['retried'])} retried: " + "; ".join(f"{r['job']} ({r['reason']})" for r in fo["retried"])
+                      if fo["retried"] else ""))
     typer.echo(f"wrote {out / 'search_report.md'}, search_report.json, pareto.png, models/")
+
+
+def _workers_opt(text: str) -> int:
+    """``--workers`` as an int (>= 1 checked by the search); a non-integer is a one-line error."""
+    try:
+        return int(text)
+    except ValueError:
+        raise QDeployError(f"--workers {text!r}: expected a positive integer or 'auto'") from None
 # --- end search --------------------------------------------------------------------------------
 
 

@@ -132,7 +132,10 @@ def _build_program(prog, birs, backend, target, name, config, out, stage, t_capt
     blocks, per_block = {}, []
     config = dict(config or {})
     if target == "tvm-llvm":
-        config["tvm"] = {"schedule": "auto", "batch1_entry": True, **dict(config.get("tvm") or {})}
+        # one library per block: the program's end-to-end check runs the libraries it loads, so
+        # CPU variants (tvm-llvm's default "auto") would go unchecked; a user may still ask for them
+        config["tvm"] = {"schedule": "auto", "batch1_entry": True, "cpu_variants": "none",
+                         **dict(config.get("tvm") or {})}
 
     def build_one(blk):
         bir = birs[blk.id]

@@ -6,16 +6,20 @@ import numpy as np
 from .compiler.ir.cost import node_bops, type_bits
 from .compiler.ir.graph import Graph
 from .compiler.ir.types import FixedType
+from .compiler.reference import execute
 
 
 def layer_table(graph: Graph) -> list[dict]:
-    """One row a node: name, op, output type and shape, parameter count and bits, BOPs."""
+    """One row a node: name, PyTorch/Brevitas module (``""`` when the source records none), op,
+    output type and shape, parameter count and bits, BOPs."""
+    mods = graph.meta.get("modules") or {}
     rows = []
     for n in graph.nodes:
         v = graph.value(n.output)
         params = sum(c.data.size for c in n.params.values())
         pbits = sum(c.data.size * type_bits(c.dtype) for c in n.params.values())
-        rows.append({"name": n.name, "op": n.op, "type": str(v.dtype), "shape": list(v.shape),
+        rows.append({"name": n.name, "module": mods.get(n.name, ""), "op": n.op, "type": str(v.dtype),
+                     "shape": list(v.shape),
                      "params": int(params), "param_bits": int(pbits),
                      "weight_type": str(n.params["weight"].dtype) if "weight" in n.params else "",
                      "bops": node_bops(graph, n)})
@@ -62,6 +66,52 @@ def compare_outputs(graph: Graph, ref: dict, got: dict) -> dict:
             "max_abs_error": max_err, "bit_exact": mism == 0, "float_outputs": float_outs, "per_output": per}
 
 
+def static_batch_sizes(info: dict, library: str | None = None) -> list[int]:
+    """Batch sizes with their own static library entry that the golden check must also run:
+    a tuned TVM library's ``main_b<B>`` (``info["tune"]["batch"]``), when ``library`` (the CPU
+    name of one of the artifact's libraries, as ``load_all`` gives it; None: the only one) is the
+    tuned one (``info["tune"]["target"]["mcpu"]``); ``[]`` otherwise and for other artifacts."""
+    tune = (info or {}).get("tune")
+    if not isinstance(tune, dict) or not tune.get("batch"):
+        return []
+    if library is not None and (tune.get("target") or {}).get("mcpu") != library:
+        return []
+    return [int(tune["batch"])]
+
+
+def check_static_batches(exact: dict, graph: Graph, fn, feeds: dict, sizes) -> dict:
+    """Add the check of each static entry in ``sizes`` to ``exact`` (from :func:`compare_outputs`).
+
+    The golden inputs are cycled to ``B`` rows (row ``i`` is golden row ``i mod N``), run through
+    ``fn`` (which calls the library's static entry for a batch of ``B``) and compared with the
+    reference interpreter run on the same ``B`` rows.  ``exact["static_batches"][str(B)]`` gets
+    ``{samples, mismatches, fixed_mismatches, max_abs_error, bit_exact}``; mismatches there are
+    added to ``exact``'s ``mismatches`` / ``fixed_mismatches`` and clear ``bit_exact``, so a wrong
+    static entry fails the compile like a wrong golden output.  A size equal to the golden batch
+    was already run by the golden check and is skipped.
+
+    Args:
+        exact: the golden check's dict (updated in place and returned).
+        graph: the compiled IR graph.  fn: the backend's loaded ``fn(feeds) -> outputs``.
+        feeds: the golden runtime feeds ``{input: (N, ...)}``.  sizes: batch sizes.
+    """
+    n = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+    for b in sizes:
+        if n == 0 or b == n:
+            continue
+        idx = np.arange(b) % n
+        fb = {k: np.ascontiguousarray(v[idx]) for k, v in feeds.items()}
+        sub = compare_outputs(graph, execute(graph, fb, codes=True), fn(fb))
+        exact.setdefault("static_batches", {})[str(b)] = {k: sub[k] for k in ("samples", "mismatches",
+                                                                              "fixed_mismatches", "max_abs_error",
+                                                                              "bit_exact")}
+        exact["mismatches"] += sub["mismatches"]
+        exact["fixed_mismatches"] = exact.get("fixed_mismatches", 0) + sub["fixed_mismatches"]
+        exact["max_abs_error"] = max(exact["max_abs_error"], sub["max_abs_error"])
+        exact["bit_exact"] = bool(exact["bit_exact"] and sub["bit_exact"])
+    return exact
+
+
 def not_run_exactness(graph: Graph, ref: dict, why: str) -> dict:
     """The exactness dict for an artifact that was built but could not run on this machine
     (a cross-compiled library, a GPU library without a GPU): the keys of :func:`compare_outputs`,
@@ -77,6 +127,9 @@ def exactness_sentence(ex: dict) -> str:
     if ex.get("not_run"):
         return f"NOT CHECKED: the artifact was built but not run here ({ex['not_run']})"
     head = f"{ex['samples']} golden samples, {ex['mismatches']} mismatching, max abs error {ex['max_abs_error']:.3g}"
+    for b, s in (ex.get("static_batches") or {}).items():
+        head += (f" (including the static batch-{b} entry on the golden inputs cycled to {s['samples']} rows: "
+                 f"{s['mismatches']} mismatching)")
     floats = ex.get("float_outputs") or []
     if ex["bit_exact"] and not floats:
         return head + ": bit-exact"
@@ -103,7 +156,7 @@ def render_markdown(report: dict) -> str:
           exactness_sentence(ex), ""]
     if ex.get("variants"):
         L += ["Libraries checked (each one this machine can run): " + ", ".join(
-            f"{n} ({'bit-exact' if ok else 'NOT identical'})" for n, ok in ex["variants"].items())
+            f"{n} ({'identical to the reference' if ok else 'DIFFERS'})" for n, ok in ex["variants"].items())
             + (f"; shown below: {ex['variant']}" if ex.get("variant") else ""), ""]
     L += ["| output | type | mismatches | max abs error |", "|---|---|---|---|"]
     for o, r in ex["per_output"].items():
@@ -114,11 +167,17 @@ def render_markdown(report: dict) -> str:
         L += ["", *fidelity_markdown(fid)]
     if report.get("host_nodes"):
         L += ["", f"Run on the host (float, NumPy): {', '.join(report['host_nodes'])}"]
-    L += ["", "## Layers", "", "| node | op | output type | shape | weight type | params | param bits | BOPs |",
-          "|---|---|---|---|---|---|---|---|"]
+    with_mod = any(r.get("module") for r in report["layers"])
+    mh, ms = ("module | ", "---|") if with_mod else ("", "")
+    L += ["", "## Layers", "", f"| node | {mh}op | output type | shape | weight type | params | param bits | BOPs |",
+          f"|---|{ms}---|---|---|---|---|---|---|"]
     for r in report["layers"]:
-        L.append(f"| {r['name']} | {r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
+        mc = f"{r.get('module', '')} | " if with_mod else ""
+        L.append(f"| {r['name']} | {mc}{r['op']} | {r['type']} | {r['shape']} | {r['weight_type']} | {r['params']} | "
                  f"{r['param_bits']} | {r['bops']:.4g} |")
+    if with_mod:
+        L += ["", "Module: the PyTorch/Brevitas module each node came from (torch's export metadata); per-layer "
+              "settings such as `hls4ml.reuse_factor` accept it in place of the node name."]
     est = report.get("estimate")
     if isinstance(est, dict) and isinstance(est.get("total"), dict):
         t = est["total"]
@@ -132,10 +191,17 @@ def render_markdown(report: dict) -> str:
                             "area_mm2", "power_mw", "energy_nj") if t.get(k) is not None]
         L += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
               "| " + " | ".join(f"{t[k]:.4g}" if isinstance(t[k], float) else str(t[k]) for k in keys) + " |"]
+        util = t.get("utilization_pct")
+        if util:
+            L += ["", "Share of the part: " + ", ".join(f"{k.upper()} {v:.1f}%" for k, v in util.items())]
+        if report.get("target") != "hls4ml":  # an hls4ml compile lists them in its project section
+            L += [f"- **WARNING**: {w}" for w in est.get("warnings") or []]
         if est.get("note"):
             L += ["", f"{est['note']}"]
     elif isinstance(est, dict) and est.get("error"):
         L += ["", "## Estimate", "", f"not available: {est['error']}"]
+    if isinstance(report.get("backend"), dict) and isinstance(report["backend"].get("tune"), dict):
+        L += ["", *tune_markdown(report["backend"]["tune"])]
     if report.get("target") == "hls4ml" and isinstance(report.get("backend"), dict):
         L += ["", *hls4ml_markdown(report["backend"], est if isinstance(est, dict) else {})]
     L += ["", "## Passes", ""]
@@ -148,6 +214,24 @@ def render_markdown(report: dict) -> str:
     if report.get("remat"):  # only when a memory budget was given
         L += [""] + remat_markdown(report["remat"])
     return "\n".join(L) + "\n"
+
+
+def tune_markdown(t: dict) -> list[str]:
+    """The "TVM tuning" section of ``report.md`` from the manifest's ``backend.tune`` dict."""
+    how = {"tuned": f"tuned now: {t.get('trials_run')} trials run (asked {t.get('trials')}, seed {t.get('seed')}, "
+                    f"{t.get('trials_per_iter')} per iteration, {t.get('threads')} TVM thread(s), "
+                    f"{t.get('kernels')} kernel(s), {t.get('tune_seconds')} s)",
+           "log": f"records applied from {t.get('log')}: 0 trials run",
+           "artifact": "records already in the artifact applied (rebuild): 0 trials run"}.get(t.get("source"), "?")
+    return ["## TVM tuning (meta-schedule)", "",
+            f"- tuned batch: {t.get('batch')}" + (" (the default; set tvm.tune.batch)" if t.get("batch_default") else "")
+            + f": static entry `main_b{t.get('batch')}`, called for batches of exactly that size; other sizes run "
+              f"the untuned `main`",
+            f"- {how}",
+            f"- tuned library: the one built for CPU `{(t.get('target') or {}).get('mcpu')}` (the one this machine "
+            f"loads); the artifact's other libraries, if any, are untuned",
+            f"- kernels scheduled from the records: {t.get('kernels_applied')}; records `{t.get('records')}/` "
+            f"(digest {t.get('records_digest')}): a rebuild applies them without tuning"]
 
 
 def hls4ml_markdown(info: dict, est: dict) -> list[str]:

@@ -68,7 +68,7 @@ class Predictor:
             each input / output (the manifest's, never inferred).
         fn: the backend's loaded callable; its ``fast`` attribute (a positional call such as
             :class:`qdeploy.backends.tvm.fastcall.FastCall`, with ``input_dtypes``,
-            ``buffers(n)`` and ``__call__(arrays, batch1, reused)``) enables the thin path, and
+            ``buffers(n)`` and ``__call__(arrays, batch1, reused, batch=n)``) enables the thin path, and
             ``fn.fast_nan_check`` flags the float inputs that the library quantizes (NaN has no
             code there, so NaN is refused before the call, as the general path does).
         general: ``general(inputs, layout)``, the general path; called for everything the thin
@@ -168,7 +168,8 @@ class Predictor:
         """The bare library call that :meth:`__call__` makes for ``inputs``, for measuring the
         thin path's overhead: the inputs are converted once (as :meth:`__call__` converts them)
         into library tensors, and the returned function only calls the VM entry (``main_b1`` for a
-        batch of one when the library has it, else ``main``) on them -- no epilogue, no output
+        batch of one when the library has it, a tuned library's ``main_b<B>`` for its batch, else
+        ``main``) on them -- no epilogue, no output
         conversion.
 
         Raises:
@@ -193,7 +194,9 @@ class Predictor:
             buf = np.empty(a.shape, dt)
             np.copyto(buf, a, casting="unsafe")
             tensors.append(fast.to_tensor(buf))
-        entry = fast.entry1 if tensors[0].shape[0] == 1 and fast.entry1 is not None else fast.entry
+        n = tensors[0].shape[0]
+        entry = fast.entry_for(n) if hasattr(fast, "entry_for") else \
+            (fast.entry1 if n == 1 and fast.entry1 is not None else fast.entry)
         return lambda: entry(*tensors)
 
     def _mode(self, layout) -> bool:
@@ -267,7 +270,7 @@ class Predictor:
                 buf[...] = a  # one pass: transpose, cast (as astype: unsafe casting), copy
                 if spec.nan_check and spec.quantize is None and _has_nan(buf):
                     return self._general(inputs, layout)
-            res = fast(tensors, n == 1, bufs if lock is not None else ())
+            res = fast(tensors, n == 1, bufs if lock is not None else (), batch=n)
         finally:
             if lock is not None:
                 lock.release()

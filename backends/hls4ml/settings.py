@@ -63,17 +63,21 @@ def requested_reuse_factor(reuse_factor, node_name: str) -> int:
     return v
 
 
-def check_reuse_factor_keys(reuse_factor, node_names) -> None:
-    """A per-node ``reuse_factor`` mapping may only name existing nodes (and ``default``).
+def check_reuse_factor_keys(reuse_factor, node_names, graph=None) -> None:
+    """A per-node ``reuse_factor`` mapping may only name existing nodes (and ``default``); module
+    names have been mapped to node names before (:func:`qdeploy.compiler.ir.modules.node_keyed`).
 
     Raises:
-        QDeployError: listing the unknown names and some known ones.
+        QDeployError: listing the unknown names and some known ones (node names, and the
+            PyTorch module names of those nodes when the graph records them).
     """
     if isinstance(reuse_factor, dict):
         unknown = sorted(set(reuse_factor) - set(node_names) - {"default"})
         if unknown:
+            mods = (graph.meta.get("modules") or {}) if graph is not None else {}
+            known = sorted({mods[n] for n in node_names if n in mods})
             raise QDeployError(f"reuse_factor names unknown node(s) {unknown}; nodes with weights: "
-                               f"{sorted(node_names)[:12]}")
+                               f"{sorted(node_names)[:12]}" + (f"; their modules: {known[:12]}" if known else ""))
 
 
 def closest_reuse_factor(n_in: int, n_out: int, rf: int, strategy: str) -> int:

@@ -26,9 +26,11 @@ from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
 from .fastcall import FastCall
 from .schedule import DEFAULT_SCHEDULE, MIN_PARALLEL_WORK, SCHEDULES, schedule_cpu
+from ..progress import report
 from . import target as _target
 from .target import (X86_LEVELS, cross_compiler, library_target, not_run_reason, resolve_cpu_variants,
                      resolve_target, variant_runs_here)
+from .tune import TUNE_DIR, apply_records, ensure_records, static_batches, tune_options
 
 BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
 
@@ -41,17 +43,19 @@ SCRIPT_FILE = "model.relax.txt"
 BUILD_FILE = "tvm_build.json"
 
 
-def _scheduled(mod, tgt, info: dict):
+def _scheduled(mod, tgt, info: dict, fused: bool = False):
     """``mod`` ready for ``tvm.compile`` under the schedule options of ``info`` (call inside
     the build's ``PassContext``): unchanged for ``schedule: "none"``; for ``"auto"`` fused by
-    ``relax.get_pipeline("zero")`` (legalize, FuseOps, FuseTIR) and scheduled by
-    :func:`.schedule.schedule_cpu` with ``parallel`` / ``min_parallel_work``."""
+    ``relax.get_pipeline("zero")`` (legalize, FuseOps, FuseTIR; skipped when ``fused``, e.g. by
+    :func:`.tune.apply_records`) and scheduled by :func:`.schedule.schedule_cpu` with
+    ``parallel`` / ``min_parallel_work`` (kernels already scheduled are left alone)."""
     if str(info.get("schedule", "none")) == "none":
         return mod
     from tvm import relax
 
-    with tgt:
-        mod = relax.get_pipeline("zero")(mod)
+    if not fused:
+        with tgt:
+            mod = relax.get_pipeline("zero")(mod)
     return schedule_cpu(mod, parallel=bool(info.get("parallel", True)),
                         min_parallel_work=int(info.get("min_parallel_work", MIN_PARALLEL_WORK)))
 
@@ -176,8 +180,12 @@ def feed_array(feeds: dict, name: str, v, dt, quantized: bool) -> np.ndarray:
 
 
 def _build_library(out: Path, graph: Graph, target: dict, opt_level: int, schedule: str, par: dict, b1: bool,
-                   exec_mode: str, cc: str | None) -> tuple[str, dict]:
+                   exec_mode: str, cc: str | None, tune: dict | None = None) -> tuple[str, dict]:
     """Compile ``graph`` for one LLVM ``target`` into ``out/lib_<hash>.so``.
+
+    ``tune``: the tuning dict (:mod:`.tune`, records in ``out/tune/``) when this library is the
+    tuned one: it gets the static entry ``main_b<batch>`` and the recorded schedules
+    (``kernels_applied`` and ``kernels_digest`` are set in ``tune``).
 
     ``exec_mode``: Relax VM ``"bytecode"`` (interpreted) or ``"compiled"`` (the VM functions are
     generated as C code and linked into the library: less per-call dispatch; ``relax.build``'s
@@ -193,15 +201,24 @@ def _build_library(out: Path, graph: Graph, target: dict, opt_level: int, schedu
 
     # unchanged names for existing "none"/bytecode builds; "auto2": the parallel schedule
     sched_key = ("" if schedule == "none" else f"|{schedule}2|{par['parallel']}|{par['min_parallel_work']}") + \
-        ("|b1" if b1 else "") + ("" if exec_mode == "bytecode" else f"|{exec_mode}")
+        ("|b1" if b1 else "") + ("" if exec_mode == "bytecode" else f"|{exec_mode}") + \
+        (f"|tune{tune['batch']}|{tune['records_digest']}" if tune else "")
     key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}"
                          f"{sched_key}".encode()).hexdigest()[:16]
     lib_name = f"lib_{key}.so"
     try:
-        mod = lower(graph, batch1_entry=b1)
+        mod = lower(graph, batch1_entry=b1, static_batches=static_batches(tune))
         tgt = tvm.target.Target(target)
         with tvm.transform.PassContext(opt_level=opt_level):
-            ex = relax.build(_scheduled(mod, tgt, {"schedule": schedule, **par}), target=tgt, exec_mode=exec_mode)
+            if tune:  # fused, with the recorded schedules applied to the tuned kernels
+                mod, applied, tune["kernels_digest"] = apply_records(mod, tgt, out / TUNE_DIR)
+                if not applied:
+                    raise CompileError(f"tvm.tune: none of the tuning records in {tune.get('log') or TUNE_DIR} "
+                                       f"matches a kernel of this model at batch {tune['batch']} (records of "
+                                       f"another model?)")
+                tune["kernels_applied"] = len(applied)
+            ex = relax.build(_scheduled(mod, tgt, {"schedule": schedule, **par}, fused=bool(tune)), target=tgt,
+                             exec_mode=exec_mode)
         if cc:
             from tvm.support.cc import cross_compiler as _fcompile
 
@@ -209,6 +226,8 @@ def _build_library(out: Path, graph: Graph, target: dict, opt_level: int, schedu
         else:
             ex.export_library(str(out / lib_name))
         return lib_name, library_target(ex)
+    except CompileError:
+        raise
     except Exception as e:
         raise CompileError(f"TVM build failed ({target.get('mcpu')}): {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
@@ -259,7 +278,11 @@ class TvmBackend:
 
     Config (``config["tvm"]``, all optional): ``target``, ``mcpu``, ``mtriple``, ``mattr``, ``cc``
     (see :mod:`.target`: portable x86-64 by default, ``mcpu: native`` for this machine's CPU, an
-    ``mtriple`` of another architecture cross-compiles), ``opt_level`` (0..3, default 3),
+    ``mtriple`` of another architecture cross-compiles), ``cpu_variants`` (``auto`` default: one
+    more library for this machine's x86-64 psABI level beside the portable one, picked at load
+    time from the CPU flags; ``none``; or a list of levels --
+    :func:`.target.resolve_cpu_variants`), ``exec_mode`` (``compiled`` default: the Relax VM
+    functions compiled to C; ``bytecode``: TVM's VM interpreter), ``opt_level`` (0..3, default 3),
     ``schedule`` (``"auto"`` (default): fuse first (``relax.get_pipeline("zero")``) and apply
     the fixed loop schedule of :func:`.schedule.schedule_cpu` -- reductions reordered and
     vectorized over the contiguous output axis, epilogues fused into the reduction's loop,
@@ -272,7 +295,8 @@ class TvmBackend:
     ``batch1_entry`` (default true: also compile a static batch-1 entry ``main_b1``, which
     ``CompiledModel.predict`` and ``run.tensors1`` call for a batch of one -- no symbolic-shape
     dispatch in the VM; the dynamic runtime calls it for single samples; false builds ``main``
-    only).
+    only), ``tune`` (optional meta-schedule tuning of a static entry at one batch size, default
+    256, with its records stored in the artifact: see :mod:`.tune`).
     """
 
     def __init__(self, name: str = "tvm-llvm"):
@@ -306,9 +330,6 @@ class TvmBackend:
 
         out = Path(out_dir)
         opts = dict((config or {}).get("tvm") or {})
-        if "tune" in opts:
-            raise CompileError("tvm.tune: meta-schedule tuning is not implemented yet (issue #15); remove the option "
-                               "to build with the default untuned schedule")
         schedule = str(opts.get("schedule", DEFAULT_SCHEDULE))
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -317,6 +338,11 @@ class TvmBackend:
         # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
         # the rest.  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
         target = resolve_target(opts)  # raises CompileError (e.g. a missing cross compiler) first
+        levels = resolve_cpu_variants(opts, target)
+        # a tuning is for the library this machine runs: its highest CPU variant, else the portable one
+        here = [lv for lv in levels if variant_runs_here({"mcpu": lv, "requires": list(X86_LEVELS[lv])})]
+        tune = tune_options(opts, {**target, "mcpu": here[-1]} if here else target,
+                            cross=bool(cross_compiler(target, opts)))
         core, epilogue = split_epilogue(graph)
         mod = lower(core)  # raises UnsupportedError before anything is written
         core.save(str(out / GRAPH_STEM))
@@ -348,9 +374,10 @@ class TvmBackend:
         if exec_mode not in ("compiled", "bytecode"):
             raise CompileError(f"tvm.exec_mode must be 'compiled' or 'bytecode', got {exec_mode!r}")
         info["exec_mode"] = exec_mode
-        levels = resolve_cpu_variants(opts, target)
         if levels:
             info["cpu_variant_levels"] = levels
+        if tune:
+            info["tune"] = tune
         cc = cross_compiler(target, opts)
         if cc:
             info["cross_compiler"] = cc
@@ -381,15 +408,22 @@ class TvmBackend:
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         b1 = bool(info.get("batch1_entry"))
+        tune = info.get("tune")
+        if tune:  # tune now, or take the artifact's / a log's records (no trial)
+            tune = info["tune"] = ensure_records(out, graph, tune["target"], tune, default_threads(), say=report)
         par = _parallel_opts(info) if schedule != "none" else {}
         exec_mode = str(info.get("exec_mode", "bytecode"))
         cc = cross_compiler(target, {"cc": info.get("cross_compiler")})
         t0 = time.perf_counter()
-        lib_name, lib_target = _build_library(out, graph, target, opt_level, schedule, par, b1, exec_mode, cc)
+
+        def lib_tune(t: dict):  # the records go into the one library built for the tuned target
+            return tune if tune and tune["target"] == t else None
+        lib_name, lib_target = _build_library(out, graph, target, opt_level, schedule, par, b1, exec_mode, cc,
+                                              lib_tune(target))
         variants = []
         for level in info.get("cpu_variant_levels", []):
             vt = {**target, "mcpu": level}
-            v_lib, v_target = _build_library(out, graph, vt, opt_level, schedule, par, b1, exec_mode, cc)
+            v_lib, v_target = _build_library(out, graph, vt, opt_level, schedule, par, b1, exec_mode, cc, lib_tune(vt))
             variants.append({"mcpu": level, "library": v_lib, "requires": list(X86_LEVELS[level]),
                              "library_target": v_target})
         info["library"] = lib_name
@@ -406,7 +440,7 @@ class TvmBackend:
                                                   "library_target": lib_target, "cpu_variants": variants,
                                                   "not_run_here": info.get("not_run_here"),
                                                   "opt_level": opt_level, "schedule": schedule, **par,
-                                                  "batch1_entry": b1, "exec_mode": exec_mode}, indent=1))
+                                                  "batch1_entry": b1, "exec_mode": exec_mode, "tune": tune}, indent=1))
 
     # ------------------------------------------------------------------ localize
     def localize(self, graph: Graph, config: dict, out_dir, info: dict, feeds: dict, ref_all: dict) -> dict:
@@ -515,8 +549,15 @@ class TvmBackend:
                 with vm_lock:
                     return f(*args)
             return call
+        tune = meta.get("tune")
+        if tune and (tune.get("target") or meta.get("target") or {}).get("mcpu") != chosen:
+            tune = None  # the records went into another of the artifact's libraries
         fn = _locked(vm["main"])
         fn1 = _locked(vm[BATCH1_ENTRY]) if b1 else None
+        # a tuned library: its static entries by batch size (main_b<B>, and main_b1)
+        static = {int(tune["batch"]): _locked(vm[f"main_b{int(tune['batch'])}"])} if tune else {}
+        if static and fn1 is not None:
+            static.setdefault(1, fn1)
         ins = [(name, g.values[name]) for name in g.inputs]
         # float inputs cast to fixed point inside the library: NaN has no code (the reference
         # raises); compiled code cannot raise, so check here
@@ -535,8 +576,10 @@ class TvmBackend:
             """Run the library on positional inputs (``g.inputs`` order, of the right dtype and
             shape; not checked), each a TVM tensor (passed as is, e.g. an earlier call's output),
             a numpy array or a torch CPU tensor (shared zero-copy when 64-byte aligned); returns
-            the output TVM tensors (fresh per call)."""
-            res = fn(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
+            the output TVM tensors (fresh per call).  A batch size with a static entry (the tuned
+            batch) runs that entry."""
+            f = static.get(arrays[0].shape[0], fn) if static and arrays else fn
+            res = f(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
             return [res[0]] if n_out == 1 else [res[i] for i in range(n_out)]
 
         def call_tensors1(arrays):
@@ -574,7 +617,8 @@ class TvmBackend:
         # the thin positional path of CompiledModel.predict (runtime/predictor.py)
         run.fast = FastCall(fn, fn1, [v.shape for _, v in ins], dts, outs, list(full.outputs), epilogue,
                             to_tensor=to_tvm, from_tensor=_from_tvm, tensor_type=tensor_type,
-                            empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()))
+                            empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()),
+                            static={b: f for b, f in static.items() if b != 1})
         run.fast_nan_check = [name in quantized_in for name, _ in ins]
         run.variant = chosen
         return run

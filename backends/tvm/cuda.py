@@ -78,10 +78,14 @@ class CudaBackend(TvmBackend):
         target, ``schedule`` ``"dlight"`` and ``not_run_here`` set when no CUDA device exists.
 
         Raises:
-            CompileError: a bad ``arch``/host target, or a ``schedule`` other than ``dlight``.
+            CompileError: a bad ``arch``/host target, a ``schedule`` other than ``dlight``, or
+                ``tune`` (CPU only).
             UnsupportedError: naming the node, as for ``tvm-llvm``.
         """
         opts = dict((config or {}).get("tvm") or {})
+        if "tune" in opts:
+            raise CompileError("tvm-cuda: tvm.tune (meta-schedule tuning) is implemented for the tvm-llvm CPU target "
+                               "only; remove it (the GPU library uses TVM's default DLight schedules)")
         cuda, host = resolve_cuda_target(opts)
         schedule = opts.pop("schedule", "dlight")
         if schedule != "dlight":

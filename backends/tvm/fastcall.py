@@ -5,7 +5,8 @@ it has turned the user's arrays into IR-layout runtime arrays
 (:class:`qdeploy.runtime.predictor.Predictor`).  Per call it does only:
 
 * the VM call, through the static batch-1 entry ``main_b1`` when the library has one and the
-  batch is 1 (no symbolic-shape dispatch in the VM), else ``main``;
+  batch is 1 (no symbolic-shape dispatch in the VM), the static entry of a tuned library's batch
+  (``main_b<B>``, :mod:`.tune`) when the batch is ``B``, else ``main``;
 * inputs passed as TVM tensors that the caller filled in place (:meth:`FastCall.buffers`:
   64-byte aligned tensors allocated once per batch size, with writable NumPy views of the same
   memory), or numpy / torch arrays shared zero-copy through DLPack when aligned;
@@ -99,11 +100,13 @@ class FastCall:
         from_tensor: converter of a TVM tensor to a NumPy array (a zero-copy DLPack view).
         tensor_type: the TVM tensor class (inputs of that type are passed as they are).
         empty: ``empty(shape, dtype) -> TVM tensor`` allocating (aligned) CPU memory.
+        static: ``{batch size: VM entry}`` of static entries other than ``main_b1`` (the tuned
+            batch's ``main_b<B>``), called when a call's batch has one.
     """
 
     def __init__(self, entry, entry1, input_shapes: Sequence[tuple], input_dtypes: Sequence,
                  core_outputs: Sequence[str], outputs: Sequence[str], epilogue: Graph | None,
-                 to_tensor, from_tensor, tensor_type, empty):
+                 to_tensor, from_tensor, tensor_type, empty, static: dict | None = None):
         self.entry = entry
         self.entry1 = entry1
         self.input_shapes = [tuple(s) for s in input_shapes]
@@ -115,6 +118,7 @@ class FastCall:
         self._from_tensor = from_tensor
         self._tensor_type = tensor_type
         self._empty = empty
+        self.static = dict(static or {})
         self._bufs: dict[int, tuple] = {}
         self._bufs_lock = threading.Lock()
 
@@ -136,6 +140,13 @@ class FastCall:
                     self._bufs.pop(next(iter(self._bufs)))
                 self._bufs[n] = b
         return b
+
+    def entry_for(self, n: int):
+        """The VM entry a batch of ``n`` runs: a static entry of that size if there is one
+        (``main_b1`` for 1, the tuned ``main_b<B>``), else the symbolic ``main``."""
+        if n == 1 and self.entry1 is not None:
+            return self.entry1
+        return self.static.get(n, self.entry) if self.static else self.entry
 
     def one(self) -> Callable | None:
         """``f(tensors, reused) -> array``: the batch-1 call of a library with one output whose
@@ -163,13 +174,16 @@ class FastCall:
             return g
         return run
 
-    def __call__(self, arrays: list, batch1: bool = False, reused: Sequence[np.ndarray] = ()) -> list:
+    def __call__(self, arrays: list, batch1: bool = False, reused: Sequence[np.ndarray] = (),
+                 batch: int | None = None) -> list:
         """Run the library on positional inputs and return the model's outputs.
 
         Args:
             arrays: one per library input, ``(N, *input_shapes[i])`` of ``input_dtypes[i]``
                 (not checked): TVM tensors, or C-contiguous numpy arrays / torch CPU tensors.
             batch1: ``N == 1`` and the static batch-1 entry may be used.
+            batch: ``N``, when the caller knows it: a static entry of that size is used
+                (:meth:`entry_for`); None: ``batch1`` decides between ``main_b1`` and ``main``.
             reused: the NumPy views of reused input buffers among ``arrays``: an output that
                 shares memory with one of them is copied.
         Returns:
@@ -179,7 +193,10 @@ class FastCall:
         """
         tt = self._tensor_type
         args = [a if isinstance(a, tt) else self.to_tensor(a) for a in arrays]
-        fn = self.entry1 if batch1 and self.entry1 is not None else self.entry
+        if batch is not None:
+            fn = self.entry_for(batch)
+        else:
+            fn = self.entry1 if batch1 and self.entry1 is not None else self.entry
         res = fn(*args)
         got = [self._from_tensor(res[i]) for i in range(len(self.core_outputs))]
         if reused:

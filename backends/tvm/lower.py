@@ -277,21 +277,32 @@ def _ident(name: str) -> str:
 BATCH1_ENTRY = "main_b1"
 
 
-def lower(graph: Graph, batch1_entry: bool = False) -> tvm.IRModule:
+def static_entry(batch: int) -> str:
+    """Name of the static entry for batch size ``batch`` (``main_b1``, ``main_b256``, ...)."""
+    return f"main_b{int(batch)}"
+
+
+def lower(graph: Graph, batch1_entry: bool = False, static_batches=()) -> tvm.IRModule:
     """The Relax module for ``graph``.
 
     ``main`` takes one tensor per graph input (``[n, *shape]``, int64 codes or float32, in
     ``graph.inputs`` order) and returns a tuple with one tensor per graph output.  With
     ``batch1_entry`` the module also has ``main_b1``: the same graph with the batch fixed to 1
-    (static shapes: cheaper VM calls and fully static loop nests for the scheduler).
+    (static shapes: cheaper VM calls and fully static loop nests for the scheduler).  Each size
+    ``B`` in ``static_batches`` adds such a static entry :func:`static_entry` (``main_bB``, e.g. the
+    batch a meta-schedule tuning ran at, :mod:`.tune`); ``1`` there is the same ``main_b1``.
 
     Raises:
         UnsupportedError: naming the node for an op or attribute without exact lowering
             (3-D convolutions/pools, shifts by more than 62 bits, AvgPool with padding,
             float inputs to an op with fixed-point output).
+        ValueError: a static batch size below 1.
     """
+    batches = sorted({int(b) for b in static_batches} | ({1} if batch1_entry else set()))
+    if batches and batches[0] < 1:
+        raise ValueError(f"static batch sizes must be >= 1, got {batches[0]}")
     lw = RelaxLowering(graph)
-    if not batch1_entry:
-        return lw.run()
-    lw.run()
-    return RelaxLowering(graph, bb=lw.bb, batch=1).run(BATCH1_ENTRY)
+    mod = lw.run()
+    for b in batches:
+        mod = RelaxLowering(graph, bb=lw.bb, batch=b).run(static_entry(b))
+    return mod

@@ -38,6 +38,7 @@ from ..ir.graph import Graph
 from .onnx_convert import OnnxConverter
 from .onnx_load import load_proto, prepare
 from .onnx_ops import importer_for
+from .torch_names import module_names
 
 
 def import_onnx(model: "str | os.PathLike | bytes | onnx.ModelProto", *, name: str | None = None) -> Graph:
@@ -49,7 +50,9 @@ def import_onnx(model: "str | os.PathLike | bytes | onnx.ModelProto", *, name: s
     Returns:
         A verified :class:`Graph`; activations are channels-last with the batch dim dropped
         (ONNX ``[N, C, H, W]`` -> IR ``(H, W, C)``; ``[N, C, L]`` -> ``(L, C)``; ``[N, K]`` -> ``(K,)``).
-        ``meta``: ``source``, ``frontend="qonnx"``, ``input_perms``, ``output_perms``, ``opset``.
+        ``meta``: ``source``, ``frontend="qonnx"``, ``input_perms``, ``output_perms``, ``opset``,
+        and ``modules`` (``{node name: PyTorch module name}``) when the file carries torch's
+        export metadata (:mod:`.torch_names`).
     Raises:
         ModelImportError: missing, malformed or truncated file; QONNX cleanup failure.
         UnsupportedError: an op, attribute or quantizer the IR cannot express, or a dynamic
@@ -58,5 +61,8 @@ def import_onnx(model: "str | os.PathLike | bytes | onnx.ModelProto", *, name: s
     """
     proto, source = load_proto(model)
     gname = name or proto.graph.name or (Path(source).stem if source != "<ModelProto>" else "model")
+    modules = module_names(proto)  # before the clean-up, which may drop node metadata
     wrapper = prepare(proto)
-    return OnnxConverter(wrapper, gname, source, importer_for).run()
+    g = OnnxConverter(wrapper, gname, source, importer_for).run()
+    mods = {n.name: modules[n.name] for n in g.nodes if n.name in modules}
+    return g.with_(meta={**g.meta, "modules": mods}) if mods else g

@@ -138,15 +138,6 @@ def test_every_lowered_op_is_parallel_and_vectorized():
     assert not any("T.parallel" in s for _, s in _scheduled_funcs(g, parallel=False).values())
 
 
-def test_tuning_is_refused_with_one_line(tmp_path):
-    """Meta-schedule tuning is not implemented: asking for it is an error, not a silent untuned build."""
-    g = _float_graph(np.random.default_rng(17))
-    with pytest.raises(CompileError, match="tvm.tune") as e:
-        TvmBackend().emit(g, {"tvm": {"tune": {"trials": 8}}}, tmp_path)
-    assert "\n" not in str(e.value)
-    assert not any(tmp_path.iterdir())
-
-
 def test_float_quant_select_chain_compiles_exact(tmp_path):
     """FloatQuant lowers to a chain of ~64 selects whose values are each read several times:
     inlining them all copies every value into every read (exponential TIR, a build that never

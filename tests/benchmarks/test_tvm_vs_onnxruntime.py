@@ -62,3 +62,22 @@ def test_harness_one_round(tmp_path):
         assert f"{r.predict[1] / r.ort[1]:.2f}x" in ln and f"{r.raw[1] / r.ort[1]:.2f}x" in ln
     assert any("thin predict True" in ln for ln in lines)
     assert sum("overhead" in ln and "tiny conv" in ln for ln in lines) == 2  # the CPU-time overhead lines
+
+
+def test_harness_baseline_rows(tmp_path):
+    """--baseline-config: every model is built a second time, measured in the same rounds, and the
+    summary gives this build against the [base] one."""
+    bench = _load()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(conv_model((1, 4, 4, 4)).SerializeToString())
+    pool = (np.random.default_rng(1).integers(-64, 64, (3, 4, 4, 4)) / 16).astype(np.float32)
+    case = bench.Case("tiny conv", path, {3: pool}, pool)
+    lines = []
+    b = bench.Bench([case], tmp_path / "work", [1], {"schedule": "none"}, min_time=0.001, out=lines.append,
+                    baseline={})
+    rows = b.measure(rounds=1)
+    bench.report(rows, [1], out=lines.append)
+    assert [r.case for r in rows] == ["tiny conv", "tiny conv [base]"]
+    assert all(r.check == "outputs equal (bit for bit)" for r in rows)
+    assert (tmp_path / "work" / "m0").is_dir() and (tmp_path / "work" / "m0_base").is_dir()
+    assert any(ln.startswith("#   tiny conv") and "predict" in ln and "x raw" in ln for ln in lines)

@@ -97,6 +97,12 @@ def compile_graph(backend: str, graph, out_dir, config=None) -> Compiled:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     be = get_backend(backend)
+    mcpu = os.environ.get("QDEPLOY_CONFORMANCE_TVM_MCPU")
+    if backend == "tvm-llvm" and mcpu:
+        # run the suite on one CPU level's code (e.g. x86-64-v4, the library a default artifact
+        # loads on an AVX-512 machine) instead of the portable x86-64 library the suite builds
+        config = dict(config or {})
+        config["tvm"] = {**dict(config.get("tvm") or {}), "mcpu": mcpu}
     t0 = time.perf_counter()
     info = be.emit(graph, dict(config or {}), out_dir)
     json.dumps(info, default=str)  # manifest-able (contract)
