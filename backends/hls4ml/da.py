@@ -70,11 +70,11 @@ def check_da(device: Graph, backend: str, io_type: str, rfs: dict) -> None:
         UnsupportedError: one line naming the option or the node and what is wrong.
     """
     if backend not in DA_BACKENDS:
-        raise UnsupportedError(f"hls4ml strategy {DA!r} exists only for the {' and '.join(DA_BACKENDS)} backends "
-                               f"(hls4ml 1.3), not {backend!r}", "hls4ml.backend")
+        raise UnsupportedError(f"hls4ml.backend {backend!r}: strategy {DA!r} exists only for the "
+                               f"{' and '.join(DA_BACKENDS)} backends (hls4ml 1.3)")
     if io_type != "io_parallel":
-        raise UnsupportedError(f"hls4ml strategy {DA!r} is supported by qdeploy with io_parallel only "
-                               f"(io_stream is not yet verified bit-exact), got {io_type!r}", "hls4ml.io_type")
+        raise UnsupportedError(f"hls4ml.io_type {io_type!r}: strategy {DA!r} is built by qdeploy with io_parallel "
+                               f"only (io_stream is not yet verified bit-exact)")
     for n in device.nodes:
         if n.op == "Conv" or (n.op == "Dense" and len(device.value(n.inputs[0]).shape) != 1):
             raise UnsupportedError(f"{n.op} layers on feature maps are not built with strategy {DA!r} by qdeploy yet "
