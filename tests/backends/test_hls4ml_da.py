@@ -97,12 +97,10 @@ def test_da_refuses_conv_catapult_and_reuse_factors_naming_the_layer():
 
 def test_compile_refuses_da_on_catapult_before_writing(tmp_path):
     import qdeploy
-    x = np.random.default_rng(0).uniform(-1, 1, (4, 12)).astype(np.float32)
     with pytest.raises(QDeployError) as e:
         qdeploy.compile(mlp(), "hls4ml", tmp_path / "a", golden=None,
                         config={"hls4ml": {**DA, "backend": "Catapult"}}, source_check=False)
     assert "Catapult" in str(e.value) and not (tmp_path / "a").exists()
-    del x
 
 
 @pytest.mark.slow
