@@ -68,7 +68,7 @@ def compile_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, or modul
                                                    "vu9p, vu13p, ku115, u250, zcu102, pynq-z2); overrides the config"),
                 clock_period: Optional[float] = typer.Option(None, "--clock-period", help="hls4ml: clock period in ns"),
                 io_type: Optional[str] = typer.Option(None, "--io-type", help="hls4ml: io_parallel or io_stream"),
-                strategy: Optional[str] = typer.Option(None, "--strategy", help="hls4ml: Latency or Resource"),
+                strategy: Optional[str] = typer.Option(None, "--strategy", help="hls4ml: Latency, Resource or distributed_arithmetic (da4ml; Vitis/Vivado, io_parallel Dense, RF 1)"),
                 reuse_factor: Optional[int] = typer.Option(
                     None, "--reuse-factor", help="hls4ml: reuse factor of every Dense/Conv layer (per layer: "
                     "hls4ml.reuse_factor {node: rf} in the config); one hls4ml cannot build becomes the closest it "
@@ -382,7 +382,7 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
                  clock_period: Optional[float] = typer.Option(None, "--clock-period", help="ns (hls4ml default 5, asic default 25)"),
                  reuse_factor: Optional[int] = typer.Option(None, "--reuse-factor", help="hls4ml reuse factor (default 1; "
                                                             "per layer: hls4ml.reuse_factor in --config)"),
-                 strategy: Optional[str] = typer.Option(None, "--strategy", help="Latency (default) or Resource"),
+                 strategy: Optional[str] = typer.Option(None, "--strategy", help="Latency (default), Resource or distributed_arithmetic (da4ml adder graphs, 0 DSP)"),
                  io_type: Optional[str] = typer.Option(None, "--io-type", help="io_parallel (default) or io_stream"),
                  node_nm: Optional[int] = typer.Option(None, "--node", help="ASIC technology node: 65 (default), 45 or 28 nm"),
                  input_type: Optional[str] = typer.Option(None, "--input-type", help="type of float inputs"),

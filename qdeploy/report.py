@@ -258,8 +258,9 @@ def hls4ml_markdown(info: dict, est: dict) -> list[str]:
     rows = {r["name"]: r for r in est.get("layers") or []}
     rfs = info.get("reuse_factors") or {}
     files = info.get("weight_files") or {}
-    L += ["", "| IR node | hls4ml layer(s) | weight headers | RF | LUT | FF | DSP | BRAM18K | latency (cycles) | II | "
-              "LUT / FF / DSP % of part |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    strat = info.get("layer_strategy") or {}  # hls4ml layer -> the strategy hls4ml built it with
+    L += ["", "| IR node | hls4ml layer(s) | weight headers | RF | strategy | LUT | FF | DSP | BRAM18K | latency (cycles) | II | "
+              "LUT / FF / DSP % of part |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for node, layers in (info.get("node_layers") or {}).items():
         r = rows.get(node, {})
         rf = rfs.get(node)
@@ -268,7 +269,8 @@ def hls4ml_markdown(info: dict, est: dict) -> list[str]:
         pct = " / ".join(f"{100.0 * r.get(k, 0) / part[k]:.2f}" for k in ("lut", "ff", "dsp")) \
             if r and all(part.get(k) for k in ("lut", "ff", "dsp")) else ""
         wf = ", ".join(f"`{f.rsplit('/', 1)[-1]}`" for lay in layers for f in files.get(lay, []))
-        L.append(f"| {node} | {', '.join(layers) or '(no layer of its own: fused or a no-op)'} | {wf} | {rf_s} | {r.get('lut', '')} | "
+        st = ", ".join(sorted({strat[lay] for lay in layers if lay in strat}))
+        L.append(f"| {node} | {', '.join(layers) or '(no layer of its own: fused or a no-op)'} | {wf} | {rf_s} | {st} | {r.get('lut', '')} | "
                  f"{r.get('ff', '')} | {r.get('dsp', '')} | {r.get('bram_18k', '')} | {r.get('latency_cycles', '')} | "
                  f"{r.get('ii_cycles', '')} | {pct} |")
     tb = info.get("tb_data")

@@ -10,8 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.qdeploy-installed
 # QDEPLOY_RAY=1 also installs the Ray extra (QAT fan-out on Ray; scripts/test.sh sets it so CI runs the Ray tests)
-# tune: meta-schedule tuning of tvm-llvm libraries (tvm.tune, --tune)
-extras="test,tune${QDEPLOY_RAY:+,ray}"
+# tune: meta-schedule tuning of tvm-llvm libraries (tvm.tune, --tune); da: hls4ml's distributed_arithmetic strategy (da4ml)
+extras="test,tune,da${QDEPLOY_RAY:+,ray}"
 want=$( (cat pyproject.toml setup.py scripts/setup.sh; echo "$extras") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true

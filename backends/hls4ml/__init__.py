@@ -39,6 +39,7 @@ from ...compiler.ir.types import FixedType
 from ...passes.partition import partition, run_partitioned
 from . import ops_layout  # noqa: F401 - registers its ops in the .ops tables
 from . import ops_threshold  # noqa: F401 - registers MultiThreshold in the .ops tables
+from .da import DA, check_da, is_da
 from .ops import TRANSLATE
 from .mac_cost import layer_reuse_factors
 from .settings import adjusted_sentence, full_part, requested_reuse_factor
@@ -93,8 +94,10 @@ def _options(config: dict | None) -> dict:
         raise CompileError(f"hls4ml backend must be one of {', '.join(map(repr, BACKENDS))}, got {opts['backend']!r}")
     if opts["io_type"] not in ("io_parallel", "io_stream"):
         raise CompileError(f"hls4ml io_type must be 'io_parallel' or 'io_stream', got {opts['io_type']!r}")
-    if opts["strategy"] not in ("Latency", "Resource"):
-        raise CompileError(f"hls4ml strategy must be 'Latency' or 'Resource', got {opts['strategy']!r}")
+    if is_da(opts["strategy"]):
+        opts["strategy"] = DA
+    if opts["strategy"] not in ("Latency", "Resource", DA):
+        raise CompileError(f"hls4ml strategy must be 'Latency', 'Resource' or {DA!r}, got {opts['strategy']!r}")
     if isinstance(opts["reuse_factor"], dict):
         opts["reuse_factor"] = dict(opts["reuse_factor"])
         for k in opts["reuse_factor"]:
@@ -242,7 +245,9 @@ def _check_model(model, tr: Translation) -> list[dict]:
         name = lay.name
         types = {k: str(v.precision) for k, v in lay.types.items()}
         summary.append({"name": name, "class": lay.class_name, "types": types,
-                        "reuse_factor": lay.get_attr("reuse_factor"), "strategy": lay.get_attr("strategy")})
+                        "reuse_factor": lay.get_attr("reuse_factor"), "strategy": lay.get_attr("strategy"),
+                        **({"da_kernel_cost": float(lay.get_attr("da_kernel_cost"))}
+                           if lay.get_attr("da_kernel_cost") is not None else {})})
         if name not in ours:
             if lay.class_name not in _INSERTABLE:
                 raise CompileError(f"hls4ml inserted an unexpected layer {name!r} ({lay.class_name})")
@@ -368,7 +373,7 @@ class Hls4mlBackend:
 
     Config (all optional), section ``hls4ml``: ``backend`` ("Vitis" | "Vivado"), ``part``,
     ``clock_period`` (ns), ``io_type`` ("io_parallel" | "io_stream"), ``strategy``
-    ("Latency" | "Resource"), ``reuse_factor`` (int), ``project_name``; defaults in
+    ("Latency" | "Resource" | "distributed_arithmetic", :mod:`.da`), ``reuse_factor`` (int), ``project_name``; defaults in
     :data:`DEFAULTS`.
     """
 
@@ -405,8 +410,10 @@ class Hls4mlBackend:
 
         opts = _options(config)
         part = partition(graph)
-        tr = translate(part.device, opts["io_type"], opts["strategy"])
         rfs = layer_reuse_factors(part.device, opts["strategy"], opts["reuse_factor"])
+        if opts["strategy"] == DA:  # before translating: a refused layer is named, nothing is written
+            check_da(part.device, opts["backend"], opts["io_type"], rfs)
+        tr = translate(part.device, opts["io_type"], opts["strategy"])
         layer_rf = {lay: r["used"] for node, r in rfs.items() for lay in tr.node_layers.get(node, [])}
         prj = Path(out_dir) / PRJ_DIR
         model = _build_model(tr, opts, prj, layer_rf=layer_rf)
@@ -443,6 +450,7 @@ class Hls4mlBackend:
             "hls_outputs": list(tr.outputs),
             "node_layers": tr.node_layers,
             "layers": summary,
+            "layer_strategy": {d["name"]: d["strategy"] for d in summary if d.get("strategy")},
             "notes": tr.notes + ([adjusted] if adjusted else []),
             "reuse_factors": rfs,
             "weight_files": {k: v for k, v in weight_files.items() if v},

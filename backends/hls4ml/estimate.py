@@ -179,6 +179,7 @@ from ...compiler.errors import QDeployError, UnsupportedError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.optable import Rejected
 from ...compiler.ir.types import FixedType, parse_type
+from .da import da_estimate, is_da
 from .ops import ESTIMATE
 from .resources import CLOCK_UNCERTAINTY, DSP_RULES, Cost, EstimateContext, layer_row, resolve_part
 from .settings import adjusted_sentence
@@ -220,7 +221,7 @@ def _options(config: dict | None) -> dict:
     if opts["dsp_rule"] not in DSP_RULES:
         raise QDeployError(f"dsp_rule must be one of {', '.join(DSP_RULES)}, got {opts['dsp_rule']!r}")
     if opts["strategy"].lower() not in ("latency", "resource"):
-        raise QDeployError(f"hls4ml strategy must be Latency or Resource, got {opts['strategy']!r}")
+        raise QDeployError(f"hls4ml strategy must be Latency, Resource or distributed_arithmetic, got {opts['strategy']!r}")
     opts["strategy"] = "Latency" if opts["strategy"].lower() == "latency" else "Resource"
     if opts["io_type"] not in ("io_parallel", "io_stream"):
         raise QDeployError(f"hls4ml io_type must be io_parallel or io_stream, got {opts['io_type']!r}")
@@ -358,6 +359,8 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
             io_type / dsp_rule / clock period (listing the accepted values); UnsupportedError: an
             op with no model (naming the node and the supported ops) or a float Dense/Conv.
     """
+    if is_da((config or {}).get("strategy")):  # its own rule, in .da (Dense rows from da4ml's cost)
+        return da_estimate(graph, config, estimate)
     opts = _options(config)
     key, part = resolve_part(opts["part"])
     period = opts["clock_period"]
