@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Estimator validation in one command (not part of the test run):
 #   bash benchmarks/estimates.sh
-# FPGA estimate vs the published hls4ml jet tagger (../shared/refs/fpga_jet_tagger_vu9p.csv), then the
+# FPGA estimate vs published hls4ml synthesis reports (benchmarks/refs/hls4ml_published.csv: jet tagger,
+# SVHN CNN io_stream, PYNQ-Z2 CNN Resource), then the
 # ASIC estimate vs the ECON-T encoder (../shared/refs/asic_econt.csv); both print side-by-side tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,15 @@
 """Hutchinson per-layer Hessian traces: qdeploy vs PyHessian 0.1 (arXiv 1912.07145; autograd double
 backward, one probe at a time), same model, data and probe count, measured in one run.  Ours: the
-default ``hvp="autograd"`` (double backward, probe loop, as PyHessian) and the ``torch.func`` modes
-(``rev``/``fwd``, vmapped over probe chunks), plus the exact traces of piecewise-linear nets.
+default estimator for Linear/Conv nets, *per-sample probes* (``estimator="per_sample"``: one
+independent Kronecker-Rademacher probe per sample and pass, see
+``compiler/quantization/hutchinson_persample.py``) with early stop on the standard error (``--rel-se``,
+cap ``--probes`` passes), its blockwise variant and the same pass count without early stop; the
+joint estimator (PyHessian's) with ``hvp="autograd"`` (double backward, probe loop, as PyHessian) and
+the ``torch.func`` modes (``rev``/``fwd``, vmapped over probe chunks); and the exact traces of
+piecewise-linear nets.  The per-sample rows print, per layer, the relative standard error, the
+difference to a ``--ref-probes`` PyHessian reference and to the exact traces (``ggn_exact``: these
+ReLU nets have Hessian block = Gauss-Newton block), beside PyHessian's own relative standard error at
+``--probes`` probes.
 
 Printed: wall time of each and their ratio (PyHessian / ours; team target >= 3x), and per layer the
 relative difference of the traces.  Two comparisons:
@@ -22,7 +30,7 @@ sample (no probes).  Printed: its time (both modes, best of 3 after a warm-up) v
 at ``--probes`` and at ``--ref-probes`` (a long run, near truth), each beside PyHessian's standard
 error, so whether a difference is sampling noise can be read off (|diff|/se).
 
-    python benchmarks/hessian_trace.py [--model mlp|cnn|jet] [--probes 200] [--samples 1024] [--ref-probes 2000]
+    python benchmarks/hessian_trace.py [--model mlp|cnn|jet] [--probes 200] [--samples 1024] [--ref-probes 2000] [--rel-se 0.02]
 """
 import argparse
 import time
@@ -54,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=50, help="probes per vmap chunk (ours)")
     ap.add_argument("--ref-probes", type=int, default=2000, help="probes of the long PyHessian reference run")
+    ap.add_argument("--rel-se", type=float, default=0.02,
+                    help="early stop of ours (per-sample probes): every layer's standard error <= this x |trace|")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -90,6 +100,19 @@ def main(argv=None):
         if mode == "autograd":  # the default
             ours = res
     t_ours = t_modes["autograd"]
+
+    # --- ours, per-sample probes (the default estimator), early stop on the standard error; joint
+    # row sums and blockwise (t-Hessian diagonal); then the same pass count without early stop
+    t_ps, res_ps = {}, {}
+    for blk in (False, True):
+        hutchinson_traces(model, (x, y), max_probes=2, tol=0.0, estimator="per_sample", blockwise=blk)
+        t0 = time.perf_counter()
+        res_ps[blk] = hutchinson_traces(model, (x, y), max_probes=P, tol=0.0, rel_se=args.rel_se, seed=0,
+                                        estimator="per_sample", blockwise=blk)
+        t_ps[blk] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ps_full = hutchinson_traces(model, (x, y), max_probes=P, tol=0.0, seed=0, estimator="per_sample")
+    t_ps_full = time.perf_counter() - t0
 
     # --- PyHessian: its trace() (total), timed; and its loop split per layer
     t0 = time.perf_counter()
@@ -218,6 +241,35 @@ def main(argv=None):
               f"{cols[0][3]:5.2f}   {cols[1][0]:9.4g} ± {cols[1][1]:<8.2g} {cols[1][2]:7.2%}  {cols[1][3]:5.2f}")
     print(f"  max per-layer relative difference: vs PyHessian({P}) {w1:.2%}, "
           f"vs PyHessian({args.ref_probes}) {w2:.2%} (target < 5%)")
+
+    print(f"per-sample probes (estimator='per_sample', the default for Linear/Conv nets): one independent "
+          f"Kronecker-Rademacher probe per sample and pass; early stop when every layer's se <= {args.rel_se:.0%} "
+          f"of its trace (cap {P} passes)")
+    for blk, label in ((False, "row sums (default)"), (True, "blockwise")):
+        r = res_ps[blk]
+        print(f"  ours per-sample, {label:18}: {t_ps[blk]:.3f} s, {r.probes} passes, converged {r.converged}; "
+              f"PyHessian trace({P}) / ours = {t_ph / t_ps[blk]:.2f}x (target >= 3x)")
+    print(f"  ours per-sample, {P} passes, no early stop: {t_ps_full:.3f} s; PyHessian trace({P}) / ours = "
+          f"{t_ph / t_ps_full:.2f}x (the same count of passes; each pass is one probe per sample)")
+    print(f"  per layer:  layer   estimate ± se (rel se)              vs PyHessian({args.ref_probes}) rel diff  "
+          f"|d|/se_comb   vs ggn_exact rel diff   PyHessian({P}) rel se")
+    worst_ref = 0.0
+    for blk, label in ((False, "rows"), (True, "block")):
+        r = res_ps[blk]
+        for n in names:
+            a = r.weights[n]
+            s_ = np.asarray(ref[n])
+            b, bse = s_.mean(), s_.std(ddof=1) / np.sqrt(len(s_))
+            p_ = np.asarray(per[n])
+            pse = p_.std(ddof=1) / np.sqrt(len(p_)) / abs(p_.mean())
+            e = exact.weights[n].trace
+            rd = abs(a.trace - b) / abs(b)
+            worst_ref = max(worst_ref, rd)
+            print(f"  {label:>10}{n:>5}   {a.trace:9.4g} ± {a.stderr:<8.2g} ({a.stderr / abs(a.trace):6.2%})   "
+                  f"{rd:14.2%}   {abs(a.trace - b) / np.hypot(a.stderr, bse):10.2f}   {abs(a.trace - e) / abs(e):14.2%}"
+                  f"   {pse:14.2%}")
+    print(f"  max per-layer relative difference of the early-stopped per-sample estimates vs PyHessian("
+          f"{args.ref_probes}): {worst_ref:.2%} (target < 5%)")
     return 0
 
 

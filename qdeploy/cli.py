@@ -438,7 +438,9 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor for estimator budgets"),
                strategy: str = typer.Option("Latency", "--strategy", help="hls4ml strategy for estimator budgets"),
                no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar=""),
-               force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar="")):
+               force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar=""),
+               workers: str = typer.Option("auto", "--workers", help="processes for the QAT fine-tunes (independent jobs): 'auto' = one per CPU (at most one per job), N = N worker processes, 1 = in this process"),
+               ray: Optional[str] = typer.Option(None, "--ray", help="run the QAT jobs on Ray: 'auto' (the running cluster), 'local' (start one with --workers CPUs) or a cluster address; needs pip install 'qdeploy[ray]'")):
     """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
 
     Budget kinds: bops, size (weight bits), and through the hls4ml estimator lut, ff, dsp, bram_18k,
@@ -474,7 +476,7 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                         estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
                         qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity,
-                        force=force)
+                        force=force, workers=workers if workers == "auto" else _workers_opt(workers), ray=ray)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
@@ -487,7 +489,20 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
             line += (f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs"
                      f"{hwc(u['allocation']['costs'])}, {key} {u[key]:.4f}")
         typer.echo(line)
+    fo = rep.get("qat_fanout") or {}
+    if fo:
+        typer.echo(f"QAT: {fo['jobs']} jobs on {fo['engine']} ({fo['workers']} worker(s)), {fo['seconds']:.1f} s"
+                   + (f", {len(fo['retried'])} retried: " + "; ".join(f"{r['job']} ({r['reason']})" for r in fo["retried"])
+                      if fo["retried"] else ""))
     typer.echo(f"wrote {out / 'search_report.md'}, search_report.json, pareto.png, models/")
+
+
+def _workers_opt(text: str) -> int:
+    """``--workers`` as an int (>= 1 checked by the search); a non-integer is a one-line error."""
+    try:
+        return int(text)
+    except ValueError:
+        raise QDeployError(f"--workers {text!r}: expected a positive integer or 'auto'") from None
 # --- end search --------------------------------------------------------------------------------
 
 

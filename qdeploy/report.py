@@ -191,6 +191,11 @@ def render_markdown(report: dict) -> str:
                             "area_mm2", "power_mw", "energy_nj") if t.get(k) is not None]
         L += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
               "| " + " | ".join(f"{t[k]:.4g}" if isinstance(t[k], float) else str(t[k]) for k in keys) + " |"]
+        util = t.get("utilization_pct")
+        if util:
+            L += ["", "Share of the part: " + ", ".join(f"{k.upper()} {v:.1f}%" for k, v in util.items())]
+        if report.get("target") != "hls4ml":  # an hls4ml compile lists them in its project section
+            L += [f"- **WARNING**: {w}" for w in est.get("warnings") or []]
         if est.get("note"):
             L += ["", f"{est['note']}"]
     elif isinstance(est, dict) and est.get("error"):

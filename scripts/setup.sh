@@ -9,11 +9,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.qdeploy-installed
-want=$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+# QDEPLOY_RAY=1 also installs the Ray extra (QAT fan-out on Ray; scripts/test.sh sets it so CI runs the Ray tests)
+# tune: meta-schedule tuning of tvm-llvm libraries (tvm.tune, --tune)
+extras="test,tune${QDEPLOY_RAY:+,ray}"
+want=$( (cat pyproject.toml setup.py scripts/setup.sh; echo "$extras") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test,tune]"   # tune: meta-schedule tuning (tvm.tune, --tune)
+  .venv/bin/python -m pip install -q -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
 

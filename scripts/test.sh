@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 # the default suite also checks the aarch64 cross build (Debian's cross g++, installed by apt when
 # missing) and compiles the tvm-cuda source with nvcc (PyPI's when none is on PATH); set either
 # variable to "" to skip the install (those tests then fail naming what is missing)
-export QDEPLOY_CROSS="${QDEPLOY_CROSS-aarch64}" QDEPLOY_CUDA="${QDEPLOY_CUDA-1}"
+# the Ray extra (pip install qdeploy[ray]) too, so the QAT fan-out's Ray test runs (QDEPLOY_RAY= skips it)
+export QDEPLOY_CROSS="${QDEPLOY_CROSS-aarch64}" QDEPLOY_CUDA="${QDEPLOY_CUDA-1}" QDEPLOY_RAY="${QDEPLOY_RAY-1}"
 bash scripts/setup.sh
 exec .venv/bin/python -m pytest -q --durations=25 "$@"

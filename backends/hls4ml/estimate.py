@@ -12,8 +12,10 @@ delays, totals); each op's row is its ``cost`` entry in the table
 capacities, the calibrated constants and the DSP/CSD/reuse-factor rules are in :mod:`.resources`.
 
 This is a *model*, not synthesis.  Its error against published Vivado HLS results is measured
-by ``benchmarks/estimate_vs_published.py`` (``../shared/refs/fpga_jet_tagger_vu9p.csv``); read
-that before trusting a number.  Every assumption, with its source:
+by ``benchmarks/estimate_vs_published.py`` (``benchmarks/refs/hls4ml_published.csv``: the jet
+tagger MLP, io_parallel, and the hls4ml tutorial's SVHN CNN, io_stream, with every ratio); read
+that before trusting a number.  Every assumption, with its source (A15-A19, the io_stream
+architecture, are in :mod:`.stream`):
 
 Multipliers (Dense/Conv, one product per weight and input)
   A1. hls4ml picks the product implementation from the *types* only
@@ -80,8 +82,8 @@ Accumulation
       ``HLS_LUT_FACTORS[rule]`` (below).  ``accum_t`` is the IR's exact accumulator type (what the
       qdeploy hls4ml backend emits) unless ``config["accum_type"]`` overrides it (stock hls4ml
       uses its ``Model`` precision, ``ap_fixed<16,6>`` by default).
-  A6. ``HLS_LUT_FACTORS[rule]`` post-HLS LUTs per modelled adder bit: 1.285 with the default
-      ``csd_wider`` rule (0.933 ``vivado``, 1.469 ``hls4ml_weight``).  Fitted to the 16-bit PTQ
+  A6. ``HLS_LUT_FACTORS[rule]`` post-HLS LUTs per modelled adder bit: 1.248 with the default
+      ``csd_wider`` rule (0.913 ``vivado``, 1.421 ``hls4ml_weight``).  Fitted to the 16-bit PTQ
       row of ``fpga_jet_tagger_vu9p.csv`` only, with that A3 rule in place (the other rows are
       predictions).  Reports from
       place-and-route are usually lower (refs README).  Adder widths follow the value range:
@@ -108,13 +110,17 @@ Reuse factor, strategies, I/O
       ``dense_resource`` runs ``RF`` iterations of ``block_factor = ceil(n_in*n_out/RF)``
       multiply-accumulates (accumulation is sequential, no adder tree); latency = RF + multiplier
       stages + 2 (init, cast); weights live in a ROM of depth RF and width
-      ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``): BRAM_18K (512 x 36) when
-      depth >= 64 and the ROM has >= 1024 bits, else LUTs (64 x 1 LUTRAM per LUT).
+      ``block_factor * w_bits`` (``ARRAY_RESHAPE block factor``), bound to ``ROM_nP_BRAM``: BRAM_18K
+      whatever its depth, packed by the cheapest RAMB18 aspect ratio (A18, so the count grows with
+      the weight width and the number of weights; a public Vivado HLS 2019.1 report of an hls4ml
+      io_stream CNN shows 7/10/12/20 BRAM_18K for 240/360/432/720-bit-wide ROMs of depth
+      18/15/15/16, exactly this packing), except a ROM under 1024 bits, which stays in LUTs (that
+      report: a 432-bit conv ROM used no BRAM; 64 x 1 LUTRAM per LUT).
   A9. io_parallel Conv (``nnet_conv*_latency.h``): one output position per ``RF`` cycles
       (ParallelizationFactor 1), so the multipliers of one kernel are shared by all positions;
-      II = positions * RF.  io_stream: layers are connected by FIFOs (depth 1 for flat tensors,
-      one row for feature maps; SRL/LUTRAM: 1 LUT per 32 bits x depth), +1 cycle per layer
-      (FIFO), and a Conv reads its input pixel by pixel (II >= input pixels).
+      II = positions * RF.  io_stream: a Conv reads its input pixel by pixel (II >= input
+      pixels); the rest of the streaming architecture (per-pixel layers, line buffers, FIFOs,
+      BRAM, dataflow latency) is A15-A19 in :mod:`.stream`.
 Timing (Virtex UltraScale+ -2 speed grade, DS923 orders of magnitude; assumptions, not cited
 measurements)
   A10. The usable period is ``clock_period * (1 - 0.125)`` (hls4ml's default ClockUncertainty
@@ -123,15 +129,21 @@ measurements)
       adder-tree levels (depth ``ceil(log2 terms)``), registered at its output: cycles =
       ``ceil(path / usable period)``.  Relu/Quantize/Affine are chained into the next layer's
       first cycle (0 cycles of their own) unless they end the graph.
-  A11. Registers (FF): every Dense/Conv/Softmax output is registered (n_out x width); each
+  A11. Registers (FF): every Dense/Conv/Softmax output is registered (n_out x width; an
+      io_parallel Conv or multi-position Dense holds all ``positions x n_out`` results, computed one
+      position per cycle, in its partitioned output array); each
       additional cycle inside a layer adds one register cut placed ASAP by the delay model
       (live partial sums x accum width; products still inside a DSP use its internal M/P
       registers, not fabric FFs).  Dense/Conv FFs are scaled by ``HLS_FF_FACTOR`` = 0.603,
       fitted to the same 16-bit PTQ row (where Vivado really places the cut is not modelled).
+      Resource strategy with RF > 1 (not scaled): the II=1 MAC loop registers, per lane, the
+      input its RF:1 mux selected, the weight word read from the ROM and the partial sum, plus
+      the product when it is not inside a DSP.
 Other layers
-  A12. Relu: one LUT per output bit (sign gates the value).  Quantize: a rounding mode other than
-      TRN adds an adder of the output width; a saturation mode other than WRAP adds a
-      comparator+mux (one LUT per output bit each).  Add/Affine: an adder per element (Affine
+  A12. Relu: ``x > 0 ? x : 0`` is a comparator over the input and a select of the output (one LUT
+      per input bit plus one per output bit).  Quantize: a rounding mode other than TRN adds an
+      adder of the output width; a saturation mode other than WRAP adds a comparator of the
+      input and a select of the output (one LUT per bit each).  Add/Affine: an adder per element (Affine
       scale multipliers follow A2-A4).  MaxPool: ``k-1`` comparators+muxes per output
       (2 LUT per bit).  AvgPool/GlobalAvgPool: an adder tree per output.  Reshape, Transpose,
       Concat: wires.
@@ -140,6 +152,15 @@ Other layers
       reads), a sum, one inverse lookup, n 18x18 multiplies (DSP), 3 cycles.  The qdeploy hls4ml
       backend runs float Softmax on the host, so it is counted only with
       ``config["softmax_on_device"]``.
+  A20. io_stream designs: post-HLS LUTs per modelled bit are ``HLS_LUT_FACTORS[rule] x
+      STREAM_LUT_SCALE`` (1.369), fitted on one row only, the 16-bit SVHN CNN total (hls4ml tutorial,
+      Vivado HLS 2020.1, xcu250); the same scale is used with every DSP rule.  Before it, every
+      layer of that design came out at 0.69-0.80 of the report, the ReLU included, so the
+      difference is per modelled bit, not per layer kind.  The SVHN rows are Vivado HLS 2020.1 and
+      the jet tagger's 2019.2, so the scale could be the tool version rather than the io type; the
+      uncalibrated PYNQ-Z2 io_stream family (Vivado HLS 2019.1) cannot tell: its Resource-strategy
+      LUTs are mostly input muxes the scale does not touch (its three larger convs: 0.85/1.06/1.01
+      of the report with the scale, 0.81/1.00/0.80 without).
   A14. Float-typed nodes (host prologue/epilogue, e.g. the input ``Quantize`` of a float input) and
       every node of the host prologue (:func:`qdeploy.passes.partition.partition`: an input
       quantizer's MultiThreshold too) cost nothing on the FPGA and are listed with ``"host": true``.
@@ -147,7 +168,8 @@ Other layers
 Config keys (all optional): ``part`` (default ``xcvu9p``), ``clock_period`` (ns, 5),
 ``reuse_factor`` (1; int or ``{node_name: int}``), ``strategy`` (``Latency``|``Resource``),
 ``io_type`` (``io_parallel``|``io_stream``), ``accum_type`` (type string or None),
-``softmax_on_device`` (False), ``dsp_rule`` (``vivado`` | ``hls4ml_weight`` | ``csd_wider``, A3).
+``softmax_on_device`` (False), ``dsp_rule`` (``vivado`` | ``hls4ml_weight`` | ``csd_wider``, A3),
+``casts`` (``layer`` | ``result_type``, :data:`CASTS`: whether an io_stream cast is a layer of its own).
 """
 from __future__ import annotations
 
@@ -160,13 +182,25 @@ from ...compiler.ir.types import FixedType, parse_type
 from .ops import ESTIMATE
 from .resources import CLOCK_UNCERTAINTY, DSP_RULES, Cost, EstimateContext, layer_row, resolve_part
 from .settings import adjusted_sentence
+from .stream import (NO_LAYER_OPS, addr_bits, dataflow_latency, fifo_cost, padded_shape, pixels, stream_elementwise,
+                     window_buffers)
 
 #: What ``benchmarks/estimate_vs_published.py`` printed (ours / published Vivado HLS 2019.2 post-HLS).
-MEASURED_ERROR = ("analytic estimate, not synthesis; measured on the hls4ml jet tagger (xcvu9p, 200 MHz, "
-                  "arXiv 2103.05579 Table 1; LUT/FF factors fitted on the 16-bit row only; DSP rule 'csd_wider', "
-                  "no fitted constant but picked among three rules on this reference): "
-                  "ours/published LUT 1.00/0.93/1.15, FF 1.00/1.04/1.00, DSP 1.19/1.30/1.21 (16/14/6-bit), latency "
-                  "+1/+1/0 cycles (benchmarks/estimate_vs_published.py)")
+MEASURED_ERROR = ("analytic estimate, not synthesis; measured against published post-HLS reports "
+                  "(benchmarks/estimate_vs_published.py, benchmarks/refs/hls4ml_published.csv): hls4ml jet tagger, "
+                  "io_parallel (xcvu9p, 200 MHz, arXiv 2103.05579 Table 1; LUT/FF factors fitted on the 16-bit row only; "
+                  "DSP rule 'csd_wider' picked among three rules on this reference): ours/published "
+                  "LUT 1.00/0.93/1.21, FF 1.00/1.04/1.00, DSP 1.19/1.30/1.21 (16/14/6-bit), latency +1/+1/0 cycles; "
+                  "hls4ml tutorial SVHN CNN, io_stream (xcu250, stand-in weights; io_stream LUT scale fitted on the "
+                  "16-bit design total): stream LUT 1.00/1.13, stream FF 1.31/0.96 (16-bit pruned / 6-bit QKeras "
+                  "designs); a public PYNQ-Z2 CNN, io_stream Resource (xc7z020, nothing fitted on it): resource LUT "
+                  "0.50, resource FF 0.54 (design; it has hls4ml 0.6's repack layer and deep FIFOs we under-price), "
+                  "DSP and BRAM exact in every layer row; 11 of 25 reference rows within 25% on LUT and FF")
+
+#: How a Quantize between layers is built in io_stream (A17): ``layer`` (default) -- its own linear
+#: layer, as the qdeploy translation emits it unless it follows a ReLU; ``result_type`` -- the
+#: previous layer's result type, as hls4ml's Keras/QONNX converters build it (the published designs).
+CASTS = ("layer", "result_type")
 
 TOTAL_KEYS = ("lut", "ff", "dsp", "bram_18k", "latency_cycles", "latency_ns", "ii_cycles")
 
@@ -180,7 +214,9 @@ def _options(config: dict | None) -> dict:
             "reuse_factor": given("reuse_factor", 1), "strategy": str(cfg.get("strategy") or "Latency"),
             "io_type": str(cfg.get("io_type") or "io_parallel"), "accum_type": cfg.get("accum_type"),
             "softmax_on_device": bool(cfg.get("softmax_on_device", False)),
-            "dsp_rule": str(cfg.get("dsp_rule") or DSP_RULES[0])}
+            "dsp_rule": str(cfg.get("dsp_rule") or DSP_RULES[0]), "casts": str(cfg.get("casts") or CASTS[0])}
+    if opts["casts"] not in CASTS:
+        raise QDeployError(f"casts must be one of {', '.join(CASTS)}, got {opts['casts']!r}")
     if opts["dsp_rule"] not in DSP_RULES:
         raise QDeployError(f"dsp_rule must be one of {', '.join(DSP_RULES)}, got {opts['dsp_rule']!r}")
     if opts["strategy"].lower() not in ("latency", "resource"):
@@ -228,11 +264,85 @@ def _cost(node) -> Cost:
     return e
 
 
+def _absorbed(graph: Graph, node, casts: str) -> bool:
+    """True for a Quantize that is no io_stream layer of its own (A17: no process, no FIFO): an
+    identity cast; a cast the qdeploy translation fuses into the ReLU before it (``ops._relu``);
+    and, with ``casts="result_type"`` (hls4ml's own converters), any cast whose input has no other
+    consumer, which becomes the previous layer's result type."""
+    if node.op != "Quantize":
+        return False
+    if graph.value(node.inputs[0]).dtype == graph.value(node.output).dtype:
+        return True
+    prod = graph.producer(node.inputs[0])
+    if prod is None or prod.op in NO_LAYER_OPS or len(graph.consumers(node.inputs[0])) != 1:
+        return False
+    return casts == "result_type" or (prod.op == "Relu" and node.inputs[0] not in graph.outputs)
+
+
+def _stream_row(ctx: EstimateContext, node, cost: Cost, r: dict) -> dict:
+    """The io_stream version of an estimate row (A15-A16): elementwise ops and pools priced per
+    pixel, Conv and pools with their line buffer and window registers."""
+    graph = ctx.graph
+    out = graph.value(node.output)
+    x = graph.value(node.inputs[0]) if node.inputs else None
+    if node.op in NO_LAYER_OPS:
+        return {**r, "lut": 0, "ff": 0, "dsp": 0, "latency_cycles": 0, "ii_cycles": 1}
+    if r.pop("stream_priced", False):  # the op's own row already describes its io_stream process
+        return r
+    if cost.timing == "chained":
+        r = stream_elementwise(r, out.shape, x.shape if x is not None else None)
+        if _absorbed(graph, node, ctx.opts["casts"]):  # part of the previous layer's process
+            r["ff"], r["latency_cycles"], r["ii_cycles"] = 0, 0, 1
+    if "kernel" in node.attrs and node.op in ("Conv", "MaxPool", "AvgPool") and len(x.shape) > 1:
+        pads = node.attrs.get("pads") if node.op == "Conv" else None
+        shape = padded_shape(x.shape, pads)
+        buf = window_buffers(node.attrs["kernel"], shape, x.dtype.width)
+        r["lut"] += int(buf["lut"])
+        r["ff"] += buf["ff"] + (out.shape[-1] * out.dtype.width if node.op == "Conv" else 0)
+        r["detail"] = {**(r.get("detail") or {}), "line_buffer_bits": buf["line_bits"],
+                       "window_bits": buf["window_bits"]}
+        if tuple(shape) != tuple(x.shape):  # A16: hls4ml's zeropad2d_cl layer and its FIFO
+            f = fifo_cost(shape[-1], x.dtype.width, pixels(shape))
+            zp = {"lut": f["lut"] + shape[-1] * x.dtype.width, "ff": f["ff"] + 2 * addr_bits(pixels(shape)),
+                  "bram_18k": f["bram_18k"], "fifo": f}
+            for k in ("lut", "ff", "bram_18k"):
+                r[k] += zp[k]
+            r["detail"]["zero_pad"] = zp
+    elif node.op == "Dense":  # nnet_dense_stream.h: input and output vectors in partitioned arrays
+        r["ff"] += x.shape[-1] * x.dtype.width + out.shape[-1] * out.dtype.width
+    return r
+
+
+def _add_fifos(ctx: EstimateContext, layers: list[dict]) -> int:
+    """Add the FIFO after every io_stream layer whose output feeds another device layer (A17) to
+    that layer's row; returns the number of FIFO stages."""
+    graph = ctx.graph
+    rows = {r["name"]: r for r in layers}
+    n = 0
+    for node in graph.nodes:
+        r = rows[node.name]
+        if r["host"] or node.op in NO_LAYER_OPS:
+            continue
+        cons = [c for c in graph.consumers(node.output) if not rows[c.name]["host"]]
+        if not cons or (len(cons) == 1 and _absorbed(graph, cons[0], ctx.opts["casts"])):
+            continue
+        out = graph.value(node.output)
+        f = fifo_cost(out.shape[-1] if out.shape else 1, out.dtype.width, pixels(out.shape))
+        for k in ("lut", "ff", "bram_18k"):
+            r[k] += f[k]
+        r["detail"] = {**(r.get("detail") or {}), "fifo": f}
+        n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------- driver
 def estimate(graph: Graph, config: dict | None = None) -> dict:
     """FPGA estimate of ``graph`` compiled by the hls4ml backend with ``config``.
 
-    See the module docstring for every assumption (A1-A14) and its source.  Returns
+    See the module docstring for every assumption (A1-A14, A20; the io_stream architecture A15-A19
+    in :mod:`.stream`) and its source.  In io_stream a row also holds, in ``detail``, the FIFO
+    after the layer (``fifo``: depth, kind, LUT/FF/BRAM_18K, included in the row) and a Conv's
+    ``line_buffer_bits`` / ``window_bits`` / ``zero_pad``.  Returns
     ``{"target": "hls4ml", "estimate": True, "part": {...capacities...}, "config": {...},
     "total": {lut, ff, dsp, bram_18k, latency_cycles, latency_ns, ii_cycles, utilization_pct},
     "layers": [per node, same keys + op, host, detail], "note": MEASURED_ERROR}``: LUT/FF/DSP/
@@ -273,7 +383,7 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
             continue
         r = cost.row(ctx, node)
         if cost.timing == "registered":
-            if pending_delay:
+            if pending_delay and not stream:  # io_stream: every layer is its own process (A15)
                 # chained elementwise ops before this layer may push it over a cycle boundary
                 extra = math.ceil(pending_delay / period_eff) if pending_delay > period_eff else 0
                 r["latency_cycles"] += extra
@@ -285,17 +395,17 @@ def estimate(graph: Graph, config: dict | None = None) -> dict:
             if is_last and pending_delay > 0:
                 r["latency_cycles"] = max(1, math.ceil(pending_delay / period_eff))
                 pending_delay = 0.0
-        if stream and r["latency_cycles"] > 0 or (stream and cost.timing == "registered"):
-            out = graph.value(node.output)
-            depth = 1 if len(out.shape) <= 1 else out.shape[-2] if len(out.shape) > 1 else 1
-            r["lut"] += math.ceil(out.dtype.width * out.shape[-1] * depth / 32)
-            r["latency_cycles"] += 1
+        if stream:
+            r = _stream_row(ctx, node, cost, r)
         layers.append(layer_row(node, **r))
+    n_fifos = _add_fifos(ctx, layers) if stream else 0
     for r in layers:
         r["latency_ns"] = round(r["latency_cycles"] * period, 3)
     total = {k: int(sum(r[k] for r in layers)) for k in ("lut", "ff", "dsp", "bram_18k", "latency_cycles")}
-    total["latency_ns"] = round(total["latency_cycles"] * period, 3)
     total["ii_cycles"] = int(max([r["ii_cycles"] for r in layers if not r["host"]] or [1]))
+    if stream:  # A19: the layers overlap in a dataflow pipeline
+        total["latency_cycles"], total["ii_cycles"] = dataflow_latency([r for r in layers if not r["host"]], n_fifos)
+    total["latency_ns"] = round(total["latency_cycles"] * period, 3)
     total["utilization_pct"] = {k: round(100.0 * total[k] / part[k], 2) for k in ("lut", "ff", "dsp", "bram_18k")}
     cfg_out = {k: (str(v) if isinstance(v, FixedType) else v) for k, v in opts.items()}
     rfs = {r["name"]: {"requested": r["detail"]["reuse_factor_requested"], "used": r["detail"]["reuse_factor"],

@@ -18,6 +18,7 @@ from .resources import (DSP_MIN_BITS, HLS_FF_FACTOR, LUT_PER_PP_BIT, T_DSP_NS, E
                         csd_digits, dsp_mask, dsps_per_mult, dsps_per_mult_arr, t_add)
 from ...compiler.ir.modules import node_keyed
 from .settings import check_reuse_factor_keys, closest_reuse_factor, requested_reuse_factor
+from .stream import bram18_count, padded_shape, pixels
 
 
 
@@ -160,8 +161,8 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         mux_luts = (block * xb) * math.ceil((rf - 1) / 3) if rf > 1 else 0
         rom_bits = n_in * n_out * wb
         depth_rom = rf
-        if depth_rom >= 64 and rom_bits >= 1024:
-            bram = math.ceil(block * wb / 36) * math.ceil(depth_rom / 512)
+        if rf > 1 and rom_bits >= 1024:  # ROM_nP_BRAM: block RAM whatever its depth (A8)
+            bram = bram18_count(block * wb, depth_rom)  # A18: cheapest RAMB18 aspect ratio
             rom_luts = 0
         else:
             bram = 0
@@ -170,6 +171,8 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         mstages = 1 if (dsp or mult_luts) else 0
         layer_cycles = rf + mstages + 2
         ff = n_out * ab + n_out * out.dtype.width
+        if rf > 1:  # A11: the II=1 MAC loop registers each lane's selected input, weight word and partial sum
+            ff += block * (xb + wb + ab + (0 if dsp > 0 else xb + wb))
         ii = rf
     else:
         dsp = math.ceil(dsp_units / share)
@@ -211,10 +214,20 @@ def mac_row(ctx: EstimateContext, node) -> dict:
         layer_cycles = layer_cycles + ii - rf
         if opts["io_type"] == "io_stream" and len(x.shape) > 1:
             # pixels arrive one per cycle: the layer cannot start a new sample faster
-            in_pix = int(np.prod(x.shape[:-1], dtype=np.int64))
-            if in_pix > ii:
+            in_pix = pixels(padded_shape(x.shape, node.attrs.get("pads")) if node.op == "Conv" else x.shape)
+            if resource and node.op == "Conv":
+                # nnet_conv_stream.h pipelines the pixel loop only for the Latency strategy: with
+                # Resource each (padded) input pixel waits for the whole RF-cycle MAC loop
+                ii = in_pix * (rf + mstages + 2)
+                layer_cycles = ii
+            elif in_pix > ii:
                 layer_cycles += in_pix - ii
                 ii = in_pix
+        elif opts["io_type"] == "io_parallel" and positions > 1:
+            # A11: the io_parallel result is one completely partitioned array; the positions
+            # computed in earlier cycles are held in registers until the last one is done
+            extra = (positions - 1) * n_out * rb
+            ff += extra if resource else math.ceil(HLS_FF_FACTOR * extra)
     return {"lut": int(round(luts)), "ff": int(ff), "dsp": int(dsp), "bram_18k": int(bram),
             "latency_cycles": int(layer_cycles), "ii_cycles": int(ii),
             "detail": {"n_in": n_in, "n_out": n_out, "positions": positions, "reuse_factor": rf,

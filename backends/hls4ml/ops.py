@@ -173,8 +173,11 @@ def _conv(tr, n: Node):
 
 # ----------------------------------------------------------------------------- activations, casts
 def _relu_cost(ctx, node):
+    """A12: ``x > 0 ? x : 0`` is a comparison of the input (one LUT per input bit) and a select
+    of the output (one LUT per output bit)."""
     size, ob = _out_bits(ctx, node)
-    return chained(ctx, size * ob, 0, T_LUT_NS)  # A12: one LUT per output bit
+    ib = width(ctx.graph.value(node.inputs[0]).dtype)
+    return chained(ctx, size * (ib + ob), 0, 2 * T_LUT_NS)
 
 
 @hls4ml_op("Relu", cost=Cost(_relu_cost))
@@ -215,8 +218,8 @@ def _quantize_cost(ctx, node):
     if isinstance(src, FixedType) and src.frac_bits > to.frac_bits and to.rounding != "TRN":
         lut += size * ob
         t += t_add(ob)
-    if to.saturation != "WRAP":
-        lut += size * ob
+    if to.saturation != "WRAP":  # compare the input against the range, select the output
+        lut += size * (width(src) + ob)
         t += T_LUT_NS
     return chained(ctx, lut, 0, t)
 

@@ -46,6 +46,7 @@ def _permute_cost(ctx, node) -> dict:
     if ctx.opts["io_type"] == "io_stream":
         out = ctx.graph.value(node.output)
         r["ff"] = out.size * out.dtype.width
+        r["stream_priced"] = True  # already the io_stream process (not one pixel of logic, A15)
     return r
 
 

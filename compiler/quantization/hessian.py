@@ -66,6 +66,7 @@ class TraceResult:
     probes: int
     seconds: float
     converged: bool
+    estimator: str = ""  # Hutchinson: "per_sample" or "joint" (hutchinson.py); exact traces: ""
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

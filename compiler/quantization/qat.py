@@ -19,6 +19,8 @@ Supported float models: ``nn.Sequential`` of Linear / Conv1d / Conv2d, ReLU, Max
 (exported as is), Flatten, Dropout (kept: off in eval/export) and BatchNorm1d/2d right after a
 Linear/Conv (folded into it first).  Every weight layer after the first must be fed by a ReLU
 (possibly through pooling/flatten/dropout), whose quantizer carries that layer's activation bits.
+Any other ``nn.Module`` (residual adds, branches, concatenation) is rewritten with ``torch.fx`` by
+:mod:`.qat_fx`, which also gives the bit ties such a model imposes (:func:`.qat_fx.required_ties`).
 """
 from __future__ import annotations
 
@@ -33,29 +35,13 @@ from torch import nn
 
 from ..errors import QDeployError, UnsupportedError
 from .hessian import logits
+from .qat_fx import build_qat_graph_model
+from .qat_layers import fold_bn_into, input_quantizer, is_chain, weight_kwargs
 
 __all__ = ["input_quantizer", "fold_batchnorm", "build_qat_model", "fine_tune", "accuracy", "predict",
            "export_qonnx"]
 
 _PASS = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-
-
-def input_quantizer(bits: int, scale: float, signed: bool = False):
-    """A Brevitas activation quantizer class with a *constant* power-of-two ``scale``.
-
-    Fixed-point quantizers use scale = scaling_init / 2**(bits - signed), so scaling_init is set
-    to ``scale * 2**(bits - signed)``.  Raises QDeployError when ``scale`` is not a power of two.
-    """
-    from brevitas.core.scaling import ScalingImplType
-    from brevitas.quant import Int8ActPerTensorFixedPoint, Uint8ActPerTensorFixedPoint
-
-    m, _ = np.frexp(float(scale))
-    if scale <= 0 or m != 0.5:
-        raise QDeployError(f"input scale {scale} is not a power of two (needed for exact fixed point)")
-    base = Int8ActPerTensorFixedPoint if signed else Uint8ActPerTensorFixedPoint
-    return type(f"InputQuant{'S' if signed else 'U'}{bits}", (base,), {
-        "bit_width": int(bits), "scaling_impl_type": ScalingImplType.CONST,
-        "scaling_init": float(scale) * 2.0 ** (int(bits) - (1 if signed else 0))})
 
 
 def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
@@ -67,17 +53,7 @@ def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
         name, m = items[i]
         nxt = items[i + 1][1] if i + 1 < len(items) else None
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m = copy.deepcopy(m)
-            bn = nxt
-            g = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
-            b = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
-            s = g / torch.sqrt(bn.running_var + bn.eps)
-            with torch.no_grad():
-                m.weight.mul_(s.reshape(-1, *([1] * (m.weight.dim() - 1))))
-                b0 = m.bias.detach() if m.bias is not None else torch.zeros_like(s)
-                if m.bias is None:
-                    m.bias = nn.Parameter(torch.zeros_like(s))
-                m.bias.copy_((b0 - bn.running_mean) * s + b)
+            m = fold_bn_into(m, nxt)
             out[name] = m
             i += 2
             continue
@@ -88,26 +64,23 @@ def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(out)
 
 
-def _wkw(bits: int) -> dict:
-    from brevitas.quant import Int8WeightPerTensorFixedPoint, Int16Bias
-    return dict(weight_quant=Int8WeightPerTensorFixedPoint, weight_bit_width=int(bits), bias=True,
-                bias_quant=Int16Bias, return_quant_tensor=False)
-
-
 def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bits: int = 8,
                     input_scale: float = 2.0 ** -4, input_signed: bool = False,
-                    default_act_bits: int = 8, calibration_x=None) -> nn.Sequential:
+                    default_act_bits: int = 8, calibration_x=None) -> nn.Module:
     """Brevitas model with per-layer bits, initialized from ``float_model``'s weights.
 
     Args:
-        float_model: ``nn.Sequential`` (see module docstring); not modified.
+        float_model: ``nn.Sequential`` (see module docstring); not modified.  Any other module
+            (or a Sequential holding other children, e.g. a residual block) goes to :func:`.qat_fx.build_qat_graph_model` (``torch.fx`` rewrite: residual adds,
+            branches, concatenation; same quantizers, weight layers keep their names).
         bits: {weight layer name: (w_bits, a_bits)}; a_bits of the first layer is ignored (its
             input is the model input, quantized by ``input_bits``/``input_scale``).
         input_bits, input_scale, input_signed: the model input's fixed-point format.
         default_act_bits: bits of a ReLU that feeds no weight layer.
 
     Returns:
-        ``nn.Sequential`` named ``input_quant`` followed by the float model's child names, in eval mode.
+        ``nn.Sequential`` named ``input_quant`` followed by the float model's child names, in eval mode
+        (for a non-Sequential model: the ``fx.GraphModule`` of :func:`.qat_fx.build_qat_graph_model`).
 
     Raises:
         UnsupportedError: a layer type or topology outside the supported set (names the layer).
@@ -116,8 +89,10 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
     from brevitas.nn import QuantConv1d, QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
     from brevitas.quant import Uint8ActPerTensorFixedPoint
 
-    if not isinstance(float_model, nn.Sequential):
-        raise UnsupportedError(f"QAT builder takes an nn.Sequential, got {type(float_model).__name__}")
+    if not is_chain(float_model):
+        return build_qat_graph_model(float_model, bits, input_bits=input_bits, input_scale=input_scale,
+                                     input_signed=input_signed, default_act_bits=default_act_bits,
+                                     calibration_x=calibration_x)
     fm = fold_batchnorm(float_model)
     items = list(fm.named_children())
     wnames = [n for n, m in items if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
@@ -147,11 +122,11 @@ def build_qat_model(float_model: nn.Module, bits: Mapping[str, tuple], input_bit
                 raise UnsupportedError("weight layer not fed by a ReLU or the input (add a ReLU)", node=name)
             wb = bits[name][0]
             if isinstance(m, nn.Linear):
-                q = QuantLinear(m.in_features, m.out_features, **_wkw(wb))
+                q = QuantLinear(m.in_features, m.out_features, **weight_kwargs(wb))
             else:
                 cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantConv1d
                 q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                        dilation=m.dilation, groups=m.groups, **_wkw(wb))
+                        dilation=m.dilation, groups=m.groups, **weight_kwargs(wb))
             with torch.no_grad():
                 q.weight.copy_(m.weight)
                 if m.bias is not None:

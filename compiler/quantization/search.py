@@ -9,7 +9,8 @@ A *recipe* is a callable (or ``"module:function"``, ``"path/file.py:function"``,
 ``recipe: <one of those>`` and optional ``args:``, keyword arguments for it) returning a dict:
 
 =================  ===========================================================================
-``model``          trained float ``nn.Sequential`` (Linear/Conv, ReLU, pooling, Flatten, Dropout, BN)
+``model``          trained float ``nn.Sequential`` (Linear/Conv, ReLU, pooling, Flatten, Dropout, BN),
+                   or any ``torch.fx``-traceable module of those plus adds/concatenations (:mod:`.qat_fx`)
 ``train``          ``(x, y)`` arrays: fine-tuning data and Hessian data
 ``val``            ``(x, y)``: accuracy reported per allocation
 ``test``           ``(x, y)`` optional: accuracy reported per allocation (the comparison figure)
@@ -43,8 +44,9 @@ import torch
 from torch import nn
 
 from ..errors import QDeployError
-from . import hessian, ilp, qat, sensitivity
+from . import hessian, ilp, qat, qat_fx, sensitivity
 from .hutchinson import hutchinson_traces
+from .qat_layers import is_chain
 from .search_budget import budget_value, check_budget_kinds, check_uniform_bits, resolve_budget
 from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
 from .search_report import json_default, plot_pareto, render_markdown
@@ -62,9 +64,13 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
                 input_bits: int = 8, fixed_act_bits: int = 8) -> list[ilp.LayerSpec]:
     """One :class:`~.ilp.LayerSpec` per weight layer, shapes measured on ``example_input`` (batch first).
 
-    The first layer's input is the model input (fixed at ``input_bits``); every other layer's input
-    activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
+    The layers that read the model input (an ``nn.Sequential``'s first layer; for any other module
+    those :func:`.qat_fx.input_layers` finds) have their input fixed at ``input_bits``; every other
+    layer's input activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
     ``fixed_act_bits``, default 8: a weights-only search with one uniform activation width).
+
+    Raises:
+        QDeployError: bad bit lists, or a non-Sequential model ``torch.fx`` cannot trace.
     """
     w_bits = tuple(sensitivity.check_bits(w_bits))
     a_bits = tuple(sensitivity.check_bits(a_bits)) if a_bits else ()
@@ -80,8 +86,10 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
         model.train(was)
         for h in hooks:
             h.remove()
+    wl = hessian.weight_layers(model)
+    first = {wl[0][0]} if is_chain(model) and wl else set(qat_fx.input_layers(model))
     specs = []
-    for i, (n, m) in enumerate(hessian.weight_layers(model)):
+    for n, m in wl:
         _, oshape = shapes[n]
         if isinstance(m, nn.Linear):
             n_in, n_out, pos, kind = m.in_features, m.out_features, int(np.prod(oshape[1:-1])) or 1, "dense"
@@ -90,7 +98,8 @@ def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEF
             n_out, pos, kind = m.out_channels, int(np.prod(oshape[2:])), "conv"
         specs.append(ilp.LayerSpec(name=n, n_in=int(n_in), n_out=int(n_out), positions=int(pos),
                                    n_weights=int(m.weight.numel()), w_bits=w_bits,
-                                   a_bits=a_bits if i > 0 else (), fixed_a_bits=int(input_bits) if i == 0 else int(fixed_act_bits),
+                                   a_bits=a_bits if n not in first else (),
+                                   fixed_a_bits=int(input_bits) if n in first else int(fixed_act_bits),
                                    kind=kind))
     return specs
 
@@ -151,6 +160,10 @@ def compute_sensitivities(model, specs, traces: hessian.TraceResult, x, y=None, 
 def check_ties(model, ties) -> list[list[str]]:
     """The tie groups as lists, checked: every name is a weight layer (Linear/Conv) of ``model``.
 
+    For a model that is not an ``nn.Sequential`` the ties its QAT model imposes
+    (:func:`.qat_fx.required_ties`: layers sharing an input quantizer, layers joined by an add) are
+    merged in, so every allocation the ILP returns can be built.
+
     Raises:
         QDeployError: a name that is not a module of the model, or a module without weights.
     """
@@ -161,7 +174,10 @@ def check_ties(model, ties) -> list[list[str]]:
                 raise QDeployError(f"tie names {n!r}, which is not a module of the model")
             if not isinstance(mods[n], hessian.WEIGHT_TYPES):
                 raise QDeployError(f"tie names layer {n!r} ({type(mods[n]).__name__}), which has no weights")
-    return [list(g) for g in ties or ()]
+    out = [list(g) for g in ties or ()]
+    if not is_chain(model):
+        out = qat_fx.merge_ties(out + qat_fx.required_ties(model))
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -174,7 +190,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                trace_method: str = "auto", sensitivity_mode: str = "hessian+measured",
                qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
                export: bool = True, check_import: bool = True, act_bits_fixed: int = 8,
-               estimator: Mapping | None = None, force: bool = False) -> dict:
+               estimator: Mapping | None = None, force: bool = False, workers: int | str | None = "auto",
+               ray: str | None = None) -> dict:
     """Run the whole search and write the report; returns the report dict (also in search_report.json).
 
     Args:
@@ -208,6 +225,14 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         progress: show rich progress bars.
         export: write the chosen models as QONNX; check_import: import each into the IR.
         force: replace an earlier search output in ``out_dir`` (never a folder of anything else).
+        workers: processes for the (allocation x seed) QAT fine-tunes, which are independent jobs
+            (:mod:`.fanout`): ``"auto"`` (the default): one per CPU this process may use, at most one
+            per job (one: they run in this process); an integer N: N spawned worker processes
+            (1: in this process, one after the other).  Results are identical whatever runs them.
+        ray: run the QAT jobs as Ray tasks instead: ``"auto"`` (the Ray this process started, else the
+            running cluster), ``"local"`` (a local Ray with ``workers`` CPUs) or a cluster address;
+            needs ``pip install qdeploy[ray]``.  The report's ``qat_fanout`` says what ran (engine,
+            workers, retried / failed jobs).
 
     Raises:
         QDeployError: bad recipe, budgets, bit lists or ties (one-line message).
@@ -224,6 +249,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         raise QDeployError(f"qat_seeds must be >= 1, got {qat_seeds}")
     if qat_epochs is not None and int(qat_epochs) < 0:
         raise QDeployError(f"qat_epochs must be >= 0, got {qat_epochs}")
+    if ray is None:
+        from .fanout import resolve_workers
+        resolve_workers(workers, 1)  # a bad setting fails here, before the traces
     from ...runtime.artifact import check_out_dir, check_replaceable, publish, staging_dir
 
     out_final = check_out_dir(out_dir)
@@ -303,77 +331,89 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             if test is not None:
                 float_acc["test"] = qat.accuracy(model, *test)
 
-            cache: dict = {}
+            # the (allocation x seed) fine-tunes are independent jobs: plan every allocation first
+            # (ILP only), then run the jobs on the chosen engine (.fanout), then assemble the rows
+            first_tag: dict = {}  # allocation key -> tag of its first occurrence (later ones: same_as)
 
-            def train_eval(bits: dict, tag: str) -> dict:
-                key = tuple(sorted(bits.items()))
-                if key in cache:
-                    return {**cache[key], "same_as": cache[key]["tag"]}
-                accs = {"val": [], "test": []}
-                corr: dict = {}  # per evaluation sample: fraction of the QAT seeds that classify it right
-                t0 = time.perf_counter()
-                for k in range(qat_seeds):
-                    torch.manual_seed(seed + k)
-                    qk = qat.build_qat_model(model, bits, input_bits=inp["bits"], input_scale=inp["scale"],
-                                             input_signed=inp["signed"], calibration_x=x_tr[:ns])
-                    qat.fine_tune(qk, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
-                                  seed=seed + k, progress=prog if progress else None,
-                                  description=f"[{name}] QAT {tag} seed {seed + k}",
-                                  teacher=model if qcfg.get("distill_alpha", 0.0) > 0 else None,
-                                  distill_alpha=qcfg.get("distill_alpha", 0.0),
-                                  distill_temperature=qcfg.get("distill_temperature", 2.0))
-                    ok_va = qat.predict(qk, x_va).argmax(1) == y_va
-                    accs["val"].append(float(ok_va.mean()))
-                    corr["val"] = corr.get("val", 0) + ok_va / qat_seeds
-                    if test is not None:
-                        ok_te = qat.predict(qk, test[0]).argmax(1) == test[1]
-                        accs["test"].append(float(ok_te.mean()))
-                        corr["test"] = corr.get("test", 0) + ok_te / qat_seeds
-                    if k == 0:
-                        q = qk
-                res = {"tag": tag, "qat_seconds": time.perf_counter() - t0, "val_acc": float(np.mean(accs["val"])),
-                       "val_accs": accs["val"], "val_correct": [round(float(c), 4) for c in corr["val"]]}
-                if test is not None:
-                    res["test_acc"] = float(np.mean(accs["test"]))
-                    res["test_accs"] = accs["test"]
-                    res["test_correct"] = [round(float(c), 4) for c in corr["test"]]
-                if export:
-                    p = qat.export_qonnx(q, x_tr[:1], out_dir / "models" / f"{name}_{tag}.onnx")
-                    res["qonnx"] = str(p.relative_to(out_dir))
-                    if check_import:
-                        from ..frontends import load_model
-                        g = load_model(str(p))
-                        res["ir_nodes"] = len(g.nodes)
-                cache[key] = res
-                return res
+            def want(bits: dict, tag: str) -> dict:
+                first_tag.setdefault(tuple(sorted(bits.items())), tag)
+                return {"bits_key": tuple(sorted(bits.items())), "tag": tag}
 
-            results = []
+            plans = []
             for i, (b_in, b) in enumerate(zip(budgets, resolved)):
                 alloc = ilp.allocate(specs, sens, b, costs=costs, ties=ties)
-                h = train_eval(alloc.bits, f"b{i}_hessian")
+                h = want(alloc.bits, f"b{i}_hessian")
                 uni = None
                 for ub in sorted(w_bits, reverse=True):
                     ua = ilp.uniform_allocation(specs, ub, sens, costs)
                     ucost = {k: ilp.total_cost(k, specs, ua.bits, costs) for k in b}
                     if all(ucost[k] <= b[k] * (1 + 1e-9) for k in b):
                         ua.costs.update(ucost)
-                        uni = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
+                        uni = ({"bits": ub, "allocation": ua.to_dict()}, want(ua.bits, f"b{i}_uniform{ub}"))
                         break
                 # between two uniform points (e.g. uniform:3.5) the uniform that fits has fewer BOPs than
                 # the budget; the next width up (more BOPs than the budget) is trained too, for the
                 # "equal or larger BOPs" comparison
                 above = None
-                tight = uni is not None and all(uni["allocation"]["costs"][k] >= b[k] * (1 - 1e-9) for k in b)
+                tight = uni is not None and all(uni[0]["allocation"]["costs"][k] >= b[k] * (1 - 1e-9) for k in b)
                 if not tight:
                     for ub in sorted(w_bits):
-                        if uni is not None and ub <= uni["bits"]:
+                        if uni is not None and ub <= uni[0]["bits"]:
                             continue
                         ua = ilp.uniform_allocation(specs, ub, sens, costs)
                         ua.costs.update({k: ilp.total_cost(k, specs, ua.bits, costs) for k in b})
-                        above = {"bits": ub, "allocation": ua.to_dict(), **train_eval(ua.bits, f"b{i}_uniform{ub}")}
+                        above = ({"bits": ub, "allocation": ua.to_dict()}, want(ua.bits, f"b{i}_uniform{ub}"))
                         break
-                results.append({"budget": dict(b_in), "budget_resolved": b, "hessian": {**alloc.to_dict(), **h},
-                                "uniform": uni, "uniform_above": above})
+                plans.append((b_in, b, alloc, h, uni, above))
+
+            import os
+            from .fanout import run_qat_jobs
+            from .fanout_jobs import KILL_ENV, QatContext, QatJob
+            jobs = [QatJob(tag=t, k=k, bits=key) for key, t in first_tag.items() for k in range(qat_seeds)]
+            ctx = QatContext(model=model, x_tr=x_tr, y_tr=y_tr, x_va=x_va, y_va=y_va, test=test, inp=inp,
+                             qcfg=qcfg, ns=ns, seed=seed, name=name, export=export,
+                             recipe=recipe if isinstance(recipe, str) else None,
+                             kill_once=os.environ.get(KILL_ENV) or None)
+            job_res, fanout_info = run_qat_jobs(ctx, jobs, workers=workers, ray=ray,
+                                                progress=prog if progress else None, epoch_progress=progress)
+            done: dict = {}
+
+            def assemble(key, tag: str) -> dict:
+                """The report row of one allocation from its seeds' jobs (in seed order, as before)."""
+                t0 = first_tag[key]
+                if t0 in done:
+                    return done[t0] if tag == t0 else {**done[t0], "same_as": t0}
+                rs = [job_res[QatJob(tag=t0, k=k, bits=key).name] for k in range(qat_seeds)]
+                accs = {"val": [float(r.val_ok.mean()) for r in rs]}
+                corr = {"val": sum(r.val_ok / qat_seeds for r in rs)}
+                res = {"tag": t0, "qat_seconds": sum(r.seconds for r in rs), "val_acc": float(np.mean(accs["val"])),
+                       "val_accs": accs["val"], "val_correct": [round(float(c), 4) for c in corr["val"]]}
+                if test is not None:
+                    accs["test"] = [float(r.test_ok.mean()) for r in rs]
+                    corr["test"] = sum(r.test_ok / qat_seeds for r in rs)
+                    res["test_acc"] = float(np.mean(accs["test"]))
+                    res["test_accs"] = accs["test"]
+                    res["test_correct"] = [round(float(c), 4) for c in corr["test"]]
+                if sum(r.attempt for r in rs):
+                    res["qat_retries"] = sum(r.attempt for r in rs)
+                if export:
+                    p = out_dir / "models" / f"{name}_{t0}.onnx"
+                    p.write_bytes(rs[0].onnx)
+                    res["qonnx"] = str(p.relative_to(out_dir))
+                    if check_import:
+                        from ..frontends import load_model
+                        g = load_model(str(p))
+                        res["ir_nodes"] = len(g.nodes)
+                done[t0] = res
+                return res if tag == t0 else {**res, "same_as": t0}
+
+            results = []
+            for b_in, b, alloc, h, uni, above in plans:
+                results.append({"budget": dict(b_in), "budget_resolved": b,
+                                "hessian": {**alloc.to_dict(), **assemble(h["bits_key"], h["tag"])},
+                                "uniform": None if uni is None else {**uni[0], **assemble(uni[1]["bits_key"], uni[1]["tag"])},
+                                "uniform_above": None if above is None else
+                                {**above[0], **assemble(above[1]["bits_key"], above[1]["tag"])}})
             frontier = {}
             for kind in sorted({k for b in resolved for k in b} | {"bops"}):
                 frontier[kind] = [{"cost": a.costs[kind], "objective": a.objective, "bops": a.costs["bops"],
@@ -407,9 +447,9 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                          "act_bits_fixed": None if a_bits else act_bits_fixed, "sensitivity_mode": sensitivity_mode,
                          "estimator": dict(estimator or {}) if hw else None},
             "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds,
-                      "method": "ggn_exact" if tr.probes == 0 else "hutchinson"},
+                      "method": "ggn_exact" if tr.probes == 0 else "hutchinson", "estimator": tr.estimator},
             "layers": layers, "budgets": results, "frontier": frontier, "uniform_points": uniform_pts,
-            "seconds": time.perf_counter() - t_all,
+            "seconds": time.perf_counter() - t_all, "qat_fanout": fanout_info,
         }
         (out_dir / "search_report.json").write_text(json.dumps(report, indent=1, default=json_default))
         (out_dir / "search_report.md").write_text(render_markdown(report))

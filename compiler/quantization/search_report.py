@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["json_default", "accuracy_noise", "comparison_verdict", "render_markdown", "plot_pareto"]
+__all__ = ["json_default", "accuracy_noise", "comparison_verdict", "render_markdown", "plot_pareto", "fanout_line"]
 
 
 def json_default(o):
@@ -65,6 +65,18 @@ def _acc(r, key):
     return "n/a" if r is None or key not in r else f"{r[key]:.4f}"
 
 
+def fanout_line(fo: dict | None) -> str:
+    """One Markdown line: how the QAT jobs ran (engine, workers, retried and failed jobs)."""
+    if not fo:
+        return "- QAT jobs: not recorded"
+    where = f", Ray at {fo['ray_address']}" if fo.get("ray_address") else ""
+    line = (f"- QAT jobs: {fo['jobs']} (allocation x seed) on the {fo['engine']} engine, {fo['workers']} "
+            f"worker(s){where}, {fo['seconds']:.1f} s")
+    if fo.get("retried"):
+        line += "; retried once: " + "; ".join(f"{r['job']} ({r['reason']})" for r in fo["retried"])
+    return line
+
+
 def render_markdown(rep: dict) -> str:
     """``search_report.md``: settings, per-layer table, Hessian vs uniform per budget, frontier."""
     acc_key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
@@ -74,10 +86,13 @@ def render_markdown(rep: dict) -> str:
          f"input {rep['settings']['input']}",
          ("- Hessian traces: exact (Gauss-Newton block = Hessian block of a piecewise-linear network, "
           "no probes; standard error 0), " if rep['trace'].get('method') == "ggn_exact" else
-          f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (cap {rep['settings']['probes_cap']}, "
+          (f"- Hutchinson, per-sample probes: {rep['trace']['probes']} passes (one Rademacher probe per sample each; "
+           if rep['trace'].get('estimator') == "per_sample" else f"- Hutchinson: {rep['trace']['probes']} Rademacher probes (")
+          + f"cap {rep['settings']['probes_cap']}, "
           f"tol {rep['settings']['tol']}, converged: {rep['trace']['converged']}), ")
          + f"{rep['settings']['trace_samples']} samples, {rep['trace']['seconds']:.2f} s",
-         f"- QAT: {rep['settings']['qat']}, seed {rep['seed']}; total {rep['seconds']:.1f} s", "",
+         f"- QAT: {rep['settings']['qat']}, seed {rep['seed']}; total {rep['seconds']:.1f} s",
+         fanout_line(rep.get("qat_fanout")), "",
          "## Layers", "",
          "Trace = Tr(H) of the loss w.r.t. the layer's weights (± standard error); act trace = w.r.t. its input "
          "activation (all samples). Chosen bits per budget as w/a.", "",

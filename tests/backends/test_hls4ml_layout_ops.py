@@ -159,9 +159,17 @@ def test_padded_maxpool_estimate_counts_the_offset_adders_where_they_are_emitted
     assert [d["class_name"] for d in par_t.layers[1:]] == ["MaxPooling2D"]
     assert [d["class_name"] for d in st_t.layers[1:]] == ["BatchNormalization", "ZeroPadding2D", "MaxPooling2D",
                                                           "BatchNormalization"]
-    # io_stream rows also carry a FIFO term (A12): compare against a translation-independent bound
+    # io_stream prices one pixel of each layer (estimate A15): the +c and -c layers add one adder per
+    # channel of an input and of an output pixel over the same pool of an unsigned input (no offsets);
+    # io_parallel has no offset adders for either
+    bu = GraphBuilder("mpu")
+    xu = bu.input("x", (5, 5, 3), parse_type("ufixed<6,2>"))
+    bu.output(bu.add("mp", "MaxPool", [xu], attrs={"kernel": (2, 2), "strides": (2, 2), "pads": (0, 0, 1, 1)}))
+    gu = bu.build()
     st = hls4ml_estimate(g, {"io_type": "io_stream"})["layers"][0]
-    assert st["lut"] - par["lut"] >= (75 + 27) * 6 * 0.5
+    st_u = hls4ml_estimate(gu, {"io_type": "io_stream"})["layers"][0]
+    assert st["lut"] - st_u["lut"] >= (3 + 3) * 6 * 0.5
+    assert par["lut"] == hls4ml_estimate(gu, {"io_type": "io_parallel"})["layers"][0]["lut"]
 
 
 def test_depth_to_space_estimate_buffers_the_tensor_only_in_io_stream():

@@ -160,7 +160,8 @@ def test_forward_over_reverse_equals_reverse_over_reverse():
     x, y = _data()
     a = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=20, batch_probes=10, hvp="rev")
     b = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=20, batch_probes=10, hvp="fwd")
-    c = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=20, batch_probes=10)  # autograd
+    c = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=20, batch_probes=10,
+                          hvp="autograd")  # the joint estimator's default HVP
     for r in (b, c):  # the same probes through three HVP implementations
         for k in a.weights:
             assert r.weights[k].trace == pytest.approx(a.weights[k].trace, rel=1e-4, abs=1e-7)
