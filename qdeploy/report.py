@@ -230,6 +230,9 @@ def tune_markdown(t: dict) -> list[str]:
             f"- {how}",
             f"- tuned library: the one built for CPU `{(t.get('target') or {}).get('mcpu')}` (the one this machine "
             f"loads); the artifact's other libraries, if any, are untuned",
+            *([f"- kernels whose tuned schedule measured slower than (or as fast as) the default one: "
+               f"{t['kernels_default_faster']} (no record kept: the default schedule stays)"]
+              if t.get("kernels_default_faster") else []),
             f"- kernels scheduled from the records: {t.get('kernels_applied')}; records `{t.get('records')}/` "
             f"(digest {t.get('records_digest')}): a rebuild applies them without tuning"]
 

@@ -30,7 +30,7 @@ from ..progress import report
 from . import target as _target
 from .target import (X86_LEVELS, cross_compiler, library_target, not_run_reason, resolve_cpu_variants,
                      resolve_target, variant_runs_here)
-from .tune import TUNE_DIR, apply_records, ensure_records, static_batches, tune_options
+from .tune import TUNE_DIR, apply_records, ensure_records, record_count, static_batches, tune_options
 
 BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
 
@@ -212,7 +212,7 @@ def _build_library(out: Path, graph: Graph, target: dict, opt_level: int, schedu
         with tvm.transform.PassContext(opt_level=opt_level):
             if tune:  # fused, with the recorded schedules applied to the tuned kernels
                 mod, applied, tune["kernels_digest"] = apply_records(mod, tgt, out / TUNE_DIR)
-                if not applied:
+                if not applied and record_count(out / TUNE_DIR):
                     raise CompileError(f"tvm.tune: none of the tuning records in {tune.get('log') or TUNE_DIR} "
                                        f"matches a kernel of this model at batch {tune['batch']} (records of "
                                        f"another model?)")

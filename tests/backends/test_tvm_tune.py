@@ -60,6 +60,7 @@ def _records_dir(tmp_path, meta: dict | None):
     ({"trials": 8, "seed": -1}, "tvm.tune.seed must be an integer >= 0"),
     ({"trials": 8, "trials_per_iter": 0}, "tvm.tune.trials_per_iter must be an integer >= 1"),
     ({"batch": 256}, "give either trials (tune now) or log (apply stored records), got neither"),
+    ({"trials": 8, "vs_default": "yes"}, "tvm.tune.vs_default must be true or false"),
 ])
 def test_bad_tune_options_refused_before_anything_is_written(tmp_path, tune, words):
     with pytest.raises(CompileError) as e:
@@ -96,7 +97,7 @@ def test_log_without_batch_needs_one(tmp_path):
 def test_default_batch_is_recorded_as_default():
     got = tune_mod.tune_options({"tune": {"trials": 40}}, X86)
     assert got == {"trials": 40, "batch": tune_mod.DEFAULT_BATCH, "batch_default": True, "seed": 0,
-                   "trials_per_iter": 16, "target": X86}
+                   "trials_per_iter": 16, "vs_default": True, "target": X86}
     assert tune_mod.tune_options({"tune": {"trials": 5, "batch": 7}}, X86)["trials_per_iter"] == 5
 
 
@@ -205,11 +206,15 @@ def test_tuned_library_exact_and_records_rebuild_it(tmp_path):
 
     g = _mlp()
     said = []
-    res = qdeploy.compile(g, "tvm-llvm", tmp_path / "a", config={"tvm": {"tune": {"trials": 8, "batch": 16}}},
+    # vs_default false: every best record kept (whether a tuned kernel beats the default schedule
+    # is a timing, not a fact a test can assert)
+    res = qdeploy.compile(g, "tvm-llvm", tmp_path / "a",
+                          config={"tvm": {"tune": {"trials": 8, "batch": 16, "vs_default": False}}},
                           progress=said.append)
     man = json.loads((tmp_path / "a" / "manifest.json").read_text())
     t = man["backend"]["tune"]
     assert t["source"] == "tuned" and t["batch"] == 16 and 1 <= t["trials_run"] <= 8 and t["kernels_applied"] >= 1
+    assert t["kernels_tuned"] == t["kernels_applied"] and t["kernels_default_faster"] == 0
     assert any("trials" in s and s.startswith("tuning") for s in said)
     assert man["exactness"]["bit_exact"] is True
     assert man["exactness"]["static_batches"]["16"] == {"samples": 16, "mismatches": 0, "fixed_mismatches": 0,
@@ -248,6 +253,22 @@ def test_tuned_library_exact_and_records_rebuild_it(tmp_path):
     assert t2["source"] == "log" and t2["trials_run"] == 0 and t2["batch"] == 16
     assert res2.report["backend"]["library"] == lib.name and t2["kernels_digest"] == t["kernels_digest"]
     assert np.array_equal(CompiledModel.load(tmp_path / "c").predict(x), y)
+
+    # the default-schedule comparison (vs_default, the default): every tuned kernel is either kept
+    # or dropped, and exactly the kept ones have a record; a compile with them is exact
+    from tvm.s_tir import meta_schedule as ms
+
+    src = tmp_path / "a" / "tune"
+    db = ms.database.JSONDatabase(path_workload=str(src / tune_mod.WORKLOAD_FILE),
+                                  path_tuning_record=str(src / tune_mod.RECORD_FILE), allow_missing=False)
+    mods = list({r.workload.mod.script(): r.workload.mod for r in db.get_all_tuning_records()}.values())
+    dest = tmp_path / "kept"
+    tgt = tvm.target.Target({**t["target"], "num-cores": 1})
+    kept, dropped = tune_mod._keep_faster(src, dest, mods, tgt, tune_mod._in_process_builder(), ms.runner.LocalRunner())
+    assert kept + dropped == len(mods) == t["kernels_tuned"] and tune_mod.record_count(dest) == kept
+    (dest / tune_mod.META_FILE).write_text((src / tune_mod.META_FILE).read_text())
+    res3 = qdeploy.compile(g, "tvm-llvm", tmp_path / "e", config={"tvm": {"tune": {"log": str(dest)}}})
+    assert res3.report["exactness"]["bit_exact"] and res3.report["backend"]["tune"]["kernels_applied"] == kept
 
     # records of another model (no kernel in common) match none of its kernels: refused, nothing written
     with pytest.raises(CompileError, match="none of the tuning records"):
