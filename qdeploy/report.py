@@ -68,15 +68,18 @@ def compare_outputs(graph: Graph, ref: dict, got: dict) -> dict:
 
 def static_batch_sizes(info: dict, library: str | None = None) -> list[int]:
     """Batch sizes with their own static library entry that the golden check must also run:
-    a tuned TVM library's ``main_b<B>`` (``info["tune"]["batch"]``), when ``library`` (the CPU
+    1 for a TVM library with the batch-1 entry ``main_b1`` (``info["batch1_entry"]``; run on
+    every golden row, one call each), and a tuned TVM library's ``main_b<B>``
+    (``info["tune"]["batch"]``), when ``library`` (the CPU
     name of one of the artifact's libraries, as ``load_all`` gives it; None: the only one) is the
     tuned one (``info["tune"]["target"]["mcpu"]``); ``[]`` otherwise and for other artifacts."""
+    sizes = [1] if (info or {}).get("batch1_entry") else []  # a TVM library's main_b1 (predict's batch of one)
     tune = (info or {}).get("tune")
     if not isinstance(tune, dict) or not tune.get("batch"):
-        return []
+        return sizes
     if library is not None and (tune.get("target") or {}).get("mcpu") != library:
-        return []
-    return [int(tune["batch"])]
+        return sizes
+    return sizes + [int(tune["batch"])]
 
 
 def check_static_batches(exact: dict, graph: Graph, fn, feeds: dict, sizes) -> dict:
@@ -99,9 +102,16 @@ def check_static_batches(exact: dict, graph: Graph, fn, feeds: dict, sizes) -> d
     for b in sizes:
         if n == 0 or b == n:
             continue
-        idx = np.arange(b) % n
-        fb = {k: np.ascontiguousarray(v[idx]) for k, v in feeds.items()}
-        sub = compare_outputs(graph, execute(graph, fb, codes=True), fn(fb))
+        if b == 1:  # the batch-1 entry: every golden row (up to 64), one call each
+            rows = min(n, 64)
+            fb = {k: np.ascontiguousarray(v[:rows]) for k, v in feeds.items()}
+            ones = [fn({k: v[i:i + 1] for k, v in fb.items()}) for i in range(rows)]
+            got = {o: np.concatenate([r[o] for r in ones]) for o in graph.outputs}
+        else:
+            idx = np.arange(b) % n
+            fb = {k: np.ascontiguousarray(v[idx]) for k, v in feeds.items()}
+            got = fn(fb)
+        sub = compare_outputs(graph, execute(graph, fb, codes=True), got)
         exact.setdefault("static_batches", {})[str(b)] = {k: sub[k] for k in ("samples", "mismatches",
                                                                               "fixed_mismatches", "max_abs_error",
                                                                               "bit_exact")}

@@ -554,9 +554,10 @@ class TvmBackend:
             tune = None  # the records went into another of the artifact's libraries
         fn = _locked(vm["main"])
         fn1 = _locked(vm[BATCH1_ENTRY]) if b1 else None
-        # a tuned library: its static entries by batch size (main_b<B>, and main_b1)
+        # static entries by batch size: main_b1 (what predict calls for one sample, so a batch of
+        # one here runs it too and the compile's check covers it) and a tuned library's main_b<B>
         static = {int(tune["batch"]): _locked(vm[f"main_b{int(tune['batch'])}"])} if tune else {}
-        if static and fn1 is not None:
+        if fn1 is not None:
             static.setdefault(1, fn1)
         ins = [(name, g.values[name]) for name in g.inputs]
         # float inputs cast to fixed point inside the library: NaN has no code (the reference

@@ -15,6 +15,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+import qdeploy  # noqa: E402
 from qdeploy.backends import get_backend  # noqa: E402
 from qdeploy.backends.progress import reporting  # noqa: E402
 from qdeploy.backends.tvm import TvmBackend  # noqa: E402
@@ -22,7 +23,7 @@ from qdeploy.backends.tvm import tune as tune_mod  # noqa: E402
 from qdeploy.compiler.errors import CompileError  # noqa: E402
 from qdeploy.compiler.ir import Const, GraphBuilder, parse_type as T  # noqa: E402
 from qdeploy.compiler.reference import execute  # noqa: E402
-from qdeploy.report import check_static_batches, compare_outputs  # noqa: E402
+from qdeploy.report import check_static_batches, compare_outputs, static_batch_sizes  # noqa: E402
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64"}
 
@@ -276,3 +277,26 @@ def test_tuned_library_exact_and_records_rebuild_it(tmp_path):
                         config={"tvm": {"tune": {"log": str(tmp_path / "a")}}})
     assert not (tmp_path / "d").exists()
     assert res.report["exactness"]["bit_exact"]
+
+
+def test_batch1_entry_is_checked_row_by_row(tmp_path):
+    """The batch-1 entry (what predict calls for one sample) is part of the compile's check: every
+    golden row (up to 64) runs alone; an entry wrong on one row fails it."""
+    g = _mlp()
+    rng = np.random.default_rng(2)
+    feeds = {"x": rng.integers(-128, 128, (9, 16))}
+    ref = execute(g, feeds, codes=True)
+    calls = []
+
+    def fn(f):  # the reference, off by one code when called alone on golden row 4
+        calls.append(f["x"].shape[0])
+        out = execute(g, f, codes=True)
+        if f["x"].shape[0] == 1 and np.array_equal(f["x"][0], feeds["x"][4]):
+            out = {k: v + 1 for k, v in out.items()}
+        return out
+    exact = compare_outputs(g, ref, fn(feeds))
+    check_static_batches(exact, g, fn, feeds, static_batch_sizes({"batch1_entry": True}))
+    assert calls[1:] == [1] * 9 and exact["static_batches"]["1"]["samples"] == 9
+    assert exact["static_batches"]["1"]["mismatches"] == 1 and not exact["bit_exact"]
+    res = qdeploy.compile(g, "tvm-llvm", tmp_path / "a", golden=feeds["x"] / 128.0, source_check=False)
+    assert res.report["exactness"]["static_batches"]["1"]["bit_exact"]
