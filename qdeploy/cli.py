@@ -217,11 +217,14 @@ def run_cmd(artifact: Path = typer.Argument(..., help="artifact directory from `
         x = load_array_file(input, m.graph.inputs)
         y = m.predict(x, layout=layout)
         ys = y if len(names) > 1 else [y]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if output.suffix == ".npz":
-            np.savez(output, **dict(zip(names, ys)))
-        else:
-            np.save(output, ys[0])
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            if output.suffix == ".npz":
+                np.savez(output, **dict(zip(names, ys)))
+            else:
+                np.save(output, ys[0])
+        except OSError as e:  # e.g. a parent that is a file, no permission
+            raise QDeployError(f"cannot write the outputs to {output}: {e.strerror or e}") from None
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     typer.echo(f"wrote {output}: " + ", ".join(f"{n} {np.shape(a)}" for n, a in zip(names, ys)))

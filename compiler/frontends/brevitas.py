@@ -53,6 +53,9 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
     from .qonnx import import_onnx
 
     gname = name or type(module).__name__
+    # the IR is per sample (the batch axis is the runtime's): export one sample, so a batch in the
+    # example input is not baked into the exported Reshape/Flatten shapes
+    example_input = _one_sample(example_input)
     was_training = module.training
     module.eval()
     with tempfile.TemporaryDirectory(prefix="qdeploy_brevitas_") as tmp:
@@ -70,6 +73,20 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
     meta = dict(g.meta)
     meta.update(frontend="brevitas", source=f"brevitas:{type(module).__module__}.{type(module).__qualname__}")
     return g.with_(meta=meta)
+
+
+def _one_sample(x):
+    """The first sample of a batch-first example input (a tensor, or a tuple/list of tensors);
+    anything else unchanged."""
+    try:
+        import torch
+    except Exception:  # pragma: no cover
+        return x
+    if torch.is_tensor(x):
+        return x[:1] if x.dim() > 1 and x.shape[0] > 1 else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_one_sample(t) for t in x)
+    return x
 
 
 def export_brevitas_qonnx(module, example_input, path, *, clean: bool = True,

@@ -42,6 +42,7 @@ def conv(seed=0):
     return b.build()
 
 
+@pytest.mark.slow  # da4ml's numba JIT: ~2 min cold on CI
 def test_the_solved_adder_graph_is_the_layers_product():
     """The da4ml solution that is priced (and that hls4ml writes as C++) computes x @ W + b exactly: an
     independent NumPy integer product on random and extreme input codes of the layer's input type."""
@@ -60,6 +61,7 @@ def test_the_solved_adder_graph_is_the_layers_product():
     assert sol.cost > 0
 
 
+@pytest.mark.slow  # da4ml's numba JIT: ~2 min cold on CI
 def test_da_estimate_prices_dense_layers_with_da4mls_cost_and_no_dsp():
     g = mlp(bits=8)
     lat, da = estimate(g, {"strategy": "Latency"}), estimate(g, DA)

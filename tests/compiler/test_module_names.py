@@ -81,3 +81,16 @@ def test_node_keyed_rules(graph):
     assert node_keyed({"fc1": 4, dense[0]: 8, "x": 1, "default": 3}, g, dense) == {dense[0]: 8, "x": 1, "default": 3}
     assert node_keyed(5, g) == 5
     np.testing.assert_equal(node_keyed({"head": 2}, g, dense), {dense[1]: 2})
+
+
+def test_example_input_with_a_batch_exports_one_sample():
+    """A batch of 8 as the example input of a Brevitas CNN with a flatten (the exporter used to bake
+    the 8 into the Reshape, and the compile failed): the graph equals the batch-1 import."""
+    torch.manual_seed(1)
+    m = nn.Sequential(qnn.QuantIdentity(bit_width=8, return_quant_tensor=True),
+                      qnn.QuantConv2d(1, 4, 3, padding=1, weight_bit_width=4),
+                      qnn.QuantReLU(bit_width=4, return_quant_tensor=True), nn.Flatten(),
+                      qnn.QuantLinear(4 * 6 * 6, 3, bias=True, weight_bit_width=4)).eval()
+    g8 = qdeploy.api.load(m, torch.randn(8, 1, 6, 6))
+    g1 = qdeploy.api.load(m, torch.randn(1, 1, 6, 6))
+    assert g8.digest() == g1.digest()

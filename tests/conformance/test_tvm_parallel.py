@@ -43,6 +43,7 @@ def wide_parallel(compiled):
     return Wide("par", CASES, compiled, seed=11, config={"tvm": {"min_parallel_work": 0}})
 
 
+@pytest.mark.slow  # ~60 s on CI: the wide parallel graph
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("backend", backend_params(("tvm-llvm",)))
