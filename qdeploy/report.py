@@ -85,7 +85,8 @@ def static_batch_sizes(info: dict, library: str | None = None) -> list[int]:
 def check_static_batches(exact: dict, graph: Graph, fn, feeds: dict, sizes) -> dict:
     """Add the check of each static entry in ``sizes`` to ``exact`` (from :func:`compare_outputs`).
 
-    The golden inputs are cycled to ``B`` rows (row ``i`` is golden row ``i mod N``), run through
+    For ``B == 1`` each golden row (up to 64) is run alone; otherwise the golden inputs are cycled
+    to ``B`` rows (row ``i`` is golden row ``i mod N``), run through
     ``fn`` (which calls the library's static entry for a batch of ``B``) and compared with the
     reference interpreter run on the same ``B`` rows.  ``exact["static_batches"][str(B)]`` gets
     ``{samples, mismatches, fixed_mismatches, max_abs_error, bit_exact}``; mismatches there are
@@ -138,8 +139,9 @@ def exactness_sentence(ex: dict) -> str:
         return f"NOT CHECKED: the artifact was built but not run here ({ex['not_run']})"
     head = f"{ex['samples']} golden samples, {ex['mismatches']} mismatching, max abs error {ex['max_abs_error']:.3g}"
     for b, s in (ex.get("static_batches") or {}).items():
-        head += (f" (including the static batch-{b} entry on the golden inputs cycled to {s['samples']} rows: "
-                 f"{s['mismatches']} mismatching)")
+        how = (f"run on {s['samples']} golden rows one at a time" if str(b) == "1" else
+               f"on the golden inputs cycled to {s['samples']} rows")
+        head += f" (including the static batch-{b} entry {how}: {s['mismatches']} mismatching)"
     floats = ex.get("float_outputs") or []
     if ex["bit_exact"] and not floats:
         return head + ": bit-exact"
