@@ -8,11 +8,13 @@ The jobs and their context are in :mod:`.fanout_jobs`.  Engines:
 
 * ``serial``: one worker (``workers=1``, or a single job / a single CPU with ``workers="auto"``)
   and no Ray: the jobs one after the other in this process.
-* ``local``: ``workers=N > 1``: N worker processes, each a fresh interpreter (no forked torch
-  thread pools, and, unlike ``multiprocessing``'s spawn, the caller's main script is not re-run
-  in it), sent the pickled context once (``cloudpickle``: models or recipe classes defined in
-  ``__main__`` or a recipe file travel too) and then one job at a time over a socket.  A worker
-  that dies (killed, ``os._exit``, out of memory) is replaced by a fresh one.
+* ``local``: ``workers=N > 1``: N worker processes (:class:`LocalPool`), each a fresh interpreter
+  (no forked torch thread pools, and, unlike ``multiprocessing``'s spawn, the caller's main script is
+  not re-run in it) that imports torch and Brevitas while it waits (the search starts the pool
+  before its float training, so this overlaps it), is sent the pickled context once
+  (``cloudpickle``: models or recipe classes defined in ``__main__`` or a recipe file travel too) and
+  then one job at a time over a socket.  A worker that dies (killed, ``os._exit``, out of memory) is
+  replaced by a fresh one.
 * ``ray``: ``ray="auto"`` (this process's Ray if ``ray.init`` was called, else the running cluster
   ``ray.init(address="auto")`` finds), ``ray="local"`` (start a local Ray with ``workers`` CPUs, shut
   down afterwards) or a cluster address (``ray://host:10001``, ``host:6379``).  Each job is one Ray
@@ -36,10 +38,10 @@ from typing import Sequence
 import torch
 
 from ..errors import QDeployError
-from .fanout_jobs import (JobResult, JobTracker, QatContext, QatJob, dumps_context, failure_reason, loads_context,
-                          run_job)
+from .fanout_jobs import (JOB_THREADS, JobResult, JobTracker, QatContext, QatJob, dumps_context, failure_reason,
+                          loads_context, run_job)
 
-__all__ = ["run_qat_jobs", "resolve_workers", "local_worker_main", "ray_job", "ENGINES"]
+__all__ = ["run_qat_jobs", "resolve_workers", "local_worker_main", "LocalPool", "ray_job", "ENGINES", "WARM_MODULES"]
 
 ENGINES = ("serial", "local", "ray")
 
@@ -69,7 +71,8 @@ def resolve_workers(workers, n_jobs: int) -> int:
 
 
 def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str | None = None,
-                 progress=None, epoch_progress: bool = False) -> tuple[dict[str, JobResult], dict]:
+                 progress=None, epoch_progress: bool = False,
+                 pool: "LocalPool | None" = None) -> tuple[dict[str, JobResult], dict]:
     """Run every job (each failure retried once) and return ``({job.name: JobResult}, info)``.
 
     Args:
@@ -80,6 +83,11 @@ def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str
         ray: ``None`` (local engines), ``"auto"``, ``"local"`` or a Ray cluster address.
         progress: a rich ``Progress`` for the jobs line (done / running / failed / retried).
         epoch_progress: serial engine only: also show each job's epoch bar.
+        pool: local engine: workers started earlier (:class:`LocalPool`, at least as many as used);
+            closed here whichever engine runs (None: the local engine starts its own).
+
+    The jobs that export (seed index 0 with ``ctx.export``; about half again as long) are handed out
+    first, so the last jobs to finish are short ones (longest-first scheduling, Graham 1969).
 
     Returns:
         the results, and ``info`` = ``{"engine": "serial" | "local" | "ray", "workers", "ray_address",
@@ -105,7 +113,10 @@ def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str
         engine = "serial" if nw == 1 or len(jobs) <= 1 else "local"
         nw = 1 if engine == "serial" else min(nw, len(jobs))
     address = None
-    tr = JobTracker(jobs, progress, f"[{ctx.name}]")
+    if pool is not None and (engine != "local" or len(pool.slots) < nw):
+        pool.close()
+        pool = None
+    tr = JobTracker(sorted(jobs, key=lambda j: not (ctx.export and j.k == 0)), progress, f"[{ctx.name}]")
     try:
         if engine == "serial":
             while tr.todo:
@@ -115,11 +126,13 @@ def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str
                 except Exception as e:  # a failed job: retried once, the others still run
                     tr.fail(job, failure_reason(e))
         elif engine == "local":
-            _run_local(dumps_context(ctx), _portable_recipe(ctx.recipe), tr, nw)
+            _run_local(dumps_context(ctx), _portable_recipe(ctx.recipe), tr, nw, pool)
         else:
             nw, address = _run_ray(dumps_context(ctx), _portable_recipe(ctx.recipe), tr, ray, workers)
     finally:
         tr.close()
+        if pool is not None:
+            pool.close()
     info = {"engine": engine, "workers": nw, "ray_address": address, "jobs": len(jobs),
             "retried": tr.retried, "failed": tr.failed, "seconds": time.perf_counter() - t0,
             "job_seconds": sum(r.seconds for r in tr.results.values()),
@@ -144,17 +157,39 @@ def _portable_recipe(recipe: str | None) -> str | None:
 # --------------------------------------------------------------------------- local process pool
 
 
+WARM_MODULES = ("brevitas.nn", "brevitas.export", "onnx", "onnxscript", "qonnx.util.cleanup",
+                "torch.onnx._internal.exporter._core", "qdeploy.compiler.quantization.qat",
+                "qdeploy.compiler.frontends.brevitas")
+"""Imported by a local worker before its context arrives (about 5 s of CPU per process, measured on the
+2-core machine: brevitas.nn 2.7 s, the ONNX exporter's modules 2 s): with a pool started early
+(:class:`LocalPool`) this overlaps the search's float training and Hessian traces instead of
+delaying the first QAT job.  A name that does not import is skipped (it is only a warm-up)."""
+
+
 def local_worker_main(fd: int) -> None:
-    """Entry point of a local worker process (``python -c``; see :func:`_run_local`): over the socket
-    ``fd`` it receives ``(sys.path, context blob, recipe)``, then jobs ``(job, attempt)`` until
-    ``None``; it answers ``("ready" | "init_error" | "ok" | "error", job name, payload)``."""
+    """Entry point of a local worker process (``python -c``; see :class:`LocalPool`): it imports
+    :data:`WARM_MODULES`, then over the socket ``fd`` receives ``(sys.path, context blob, recipe)``,
+    then jobs ``(job, attempt)`` until ``None``; it answers ``("ready" | "init_error" | "ok" | "error",
+    job name, payload)``."""
+    import importlib
     import sys
     from multiprocessing.connection import Connection
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(JOB_THREADS)
+    for mod in WARM_MODULES:
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 -- a warm-up only; the job imports what it needs itself
+            pass
     conn = Connection(fd)
     try:
-        path, blob, recipe = conn.recv()
+        msg = conn.recv()
+    except EOFError:
+        return  # the pool was closed before any job was sent (e.g. the search failed early)
+    if msg is None:
+        return
+    try:
+        path, blob, recipe = msg
         sys.path[:] = path  # as the parent's: modules its classes come from import here too
         ctx = loads_context(blob, recipe)
     except BaseException as e:  # noqa: BLE001 -- reported to the parent, which stops
@@ -177,26 +212,91 @@ def local_worker_main(fd: int) -> None:
         conn.send(("ok", job.name, res))
 
 
-def _run_local(blob: bytes, recipe: str | None, tr: JobTracker, n: int) -> None:
-    """N worker processes, each a fresh interpreter started with ``subprocess`` (not multiprocessing's
-    spawn, which re-runs the caller's main script in every child: a script without an
-    ``if __name__ == "__main__"`` guard would start the search again there), talking over a socket
-    pair; a worker that dies is replaced."""
-    import socket
-    import subprocess
-    import sys
-    from multiprocessing.connection import Connection, wait
+class LocalPool:
+    """N local worker processes, started when the pool is made and reused for every job of one search.
 
-    def start():
+    Each worker is a fresh interpreter started with ``subprocess`` (not multiprocessing's spawn or
+    forkserver, which re-run the caller's main script in every child: a script without an
+    ``if __name__ == "__main__"`` guard would start the search again there; not fork, since the
+    parent's OpenMP thread pool does not survive a fork), talking over a socket pair.  It runs with
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = :data:`.fanout_jobs.JOB_THREADS` (set before torch is
+    imported there), so N workers use N cores, imports :data:`WARM_MODULES` and waits for the search
+    context.  :func:`.search.run_search` makes the pool before it runs the recipe, so the workers'
+    start-up (about 8 s of CPU each) overlaps the float training and Hessian traces.
+
+    Use as a context manager (or call :meth:`close`): workers still waiting are told to stop, a stuck
+    one is killed by its handle.  ``n``: the number of workers (>= 2 makes sense).
+    """
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.slots: list[dict] = []
+        try:
+            for _ in range(self.n):
+                self.slots.append(self.start())
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def start() -> dict:
+        """One fresh worker process (a slot ``{"proc", "conn", "job", "sent"}``); its context not yet sent."""
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
         mine, theirs = socket.socketpair()
         fd = theirs.fileno()
-        p = subprocess.Popen([sys.executable, "-c", "import sys; from qdeploy.compiler.quantization.fanout import "
-                              f"local_worker_main; local_worker_main({fd})"], pass_fds=(fd,),
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        theirs.close()
-        conn = Connection(mine.detach())
-        conn.send((list(sys.path), blob, recipe))
-        return {"proc": p, "conn": conn, "job": None}
+        env = {**os.environ, "OMP_NUM_THREADS": str(JOB_THREADS), "MKL_NUM_THREADS": str(JOB_THREADS)}
+        try:
+            p = subprocess.Popen([sys.executable, "-c", "from qdeploy.compiler.quantization.fanout import "
+                                  f"local_worker_main; local_worker_main({fd})"], pass_fds=(fd,), env=env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        return {"proc": p, "conn": Connection(mine.detach()), "job": None, "sent": False}
+
+    def close(self) -> None:
+        """Stop every worker (idempotent)."""
+        import subprocess
+        for s in self.slots:
+            if not s.get("dead"):
+                try:
+                    s["conn"].send(None)
+                    s["conn"].close()
+                except OSError:
+                    pass
+                s["dead"] = True
+        for s in self.slots:
+            try:
+                s["proc"].wait(timeout=10)
+            except subprocess.TimeoutExpired:  # our own child, stuck: stop it by its handle
+                s["proc"].kill()
+                s["proc"].wait()
+        self.slots = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _run_local(blob: bytes, recipe: str | None, tr: JobTracker, n: int, pool: LocalPool | None = None) -> None:
+    """The jobs on ``n`` workers of ``pool`` (a pool of ``n`` made here when None; closed at the end
+    either way); a worker that dies is replaced by a fresh one."""
+    import subprocess
+    import sys
+    from multiprocessing.connection import wait
+
+    own = pool is None
+    pool = LocalPool(n) if own else pool
+    first = (list(sys.path), blob, recipe)
+
+    def send_context(s):
+        s["conn"].send(first)
+        s["sent"] = True
 
     def died(s):
         try:
@@ -210,20 +310,22 @@ def _run_local(blob: bytes, recipe: str | None, tr: JobTracker, n: int) -> None:
         s["conn"].close()
         s["dead"] = True
 
-    slots = [start() for _ in range(n)]
+    slots = pool.slots
     try:
         while tr.todo or tr.running:
-            for i, s in enumerate(slots):
+            for i, s in enumerate(slots[:n]):
                 if s.get("dead") and tr.todo:
-                    s = slots[i] = start()  # a fresh worker for the next job
+                    s = slots[i] = pool.start()  # a fresh worker for the next job
                 if not s.get("dead") and s["job"] is None and tr.todo:
                     job, a = tr.next()
                     s["job"] = job
                     try:
+                        if not s["sent"]:
+                            send_context(s)
                         s["conn"].send((job, a))
                     except OSError:
                         died(s)
-            live = [s for s in slots if not s.get("dead")]
+            live = [s for s in slots[:n] if not s.get("dead")]
             for c in wait([s["conn"] for s in live], timeout=1.0):
                 s = next(s for s in live if s["conn"] is c)
                 try:
@@ -238,19 +340,7 @@ def _run_local(blob: bytes, recipe: str | None, tr: JobTracker, n: int) -> None:
                     job, s["job"] = s["job"], None
                     tr.ok(job, payload) if kind == "ok" else tr.fail(job, payload)
     finally:
-        for s in slots:
-            if not s.get("dead"):
-                try:
-                    s["conn"].send(None)
-                    s["conn"].close()
-                except OSError:
-                    pass
-        for s in slots:
-            try:
-                s["proc"].wait(timeout=10)
-            except subprocess.TimeoutExpired:  # our own child, stuck: stop it by its handle
-                s["proc"].kill()
-                s["proc"].wait()
+        pool.close()
 
 
 # --------------------------------------------------------------------------- Ray

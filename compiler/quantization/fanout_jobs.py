@@ -2,7 +2,7 @@
 (:class:`QatContext`, :class:`QatJob`), what it returns (:class:`JobResult`), running one
 (:func:`run_job`), and the attempt / retry bookkeeping with its progress line (:class:`JobTracker`).
 
-A job runs with one torch intra-op thread and deterministic algorithms for its whole run (model
+A job runs with :data:`JOB_THREADS` (one) torch intra-op thread and deterministic algorithms for its whole run (model
 building, calibration, training, evaluation), seeds torch with ``seed + k`` before building its
 model, and :func:`.qat.fine_tune` seeds its own shuffling generator: its result does not depend on
 which process runs it or what that process ran before (torch docs, "Reproducibility":
@@ -29,10 +29,16 @@ from torch import nn
 from ..errors import QDeployError
 
 __all__ = ["QatContext", "QatJob", "JobResult", "run_job", "JobTracker", "dumps_context", "loads_context",
-           "failure_reason", "KILL_ENV", "ATTEMPTS"]
+           "failure_reason", "KILL_ENV", "ATTEMPTS", "JOB_THREADS"]
 
 KILL_ENV = "QDEPLOY_FANOUT_KILL_ONCE"
 ATTEMPTS = 2  # a job is tried at most twice (one retry)
+JOB_THREADS = 1
+"""torch intra-op threads of every QAT job, whichever engine runs it (serial included), so a result
+never depends on the engine's thread count; local workers also get ``OMP_NUM_THREADS`` /
+``MKL_NUM_THREADS`` = this.  One, because these models are tiny: on the 2-core machine the digits MLP's
+20-epoch fine-tune took 4.8 s with 1 thread and 24 s with 2 (same weights), so N one-thread jobs on
+N cores is the fast way to use them."""
 
 
 @dataclass
@@ -101,7 +107,7 @@ class JobResult:
 def run_job(ctx: QatContext, job: QatJob, attempt: int = 0, in_worker: bool = False, progress=None) -> JobResult:
     """Build the QAT model of ``job``, fine-tune it, evaluate it (and export it for seed index 0).
 
-    Runs with one torch thread and deterministic algorithms (restored afterwards), so its result
+    Runs with :data:`JOB_THREADS` torch threads and deterministic algorithms (restored afterwards), so its result
     does not depend on the process that runs it.  ``progress``: a rich Progress for the epoch bar.
     """
     from . import qat
@@ -109,7 +115,7 @@ def run_job(ctx: QatContext, job: QatJob, attempt: int = 0, in_worker: bool = Fa
     if in_worker and ctx.kill_once == job.name and attempt == 0:
         os._exit(17)  # test hook: a worker that dies mid-job
     prev_t, prev_d = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
+    torch.set_num_threads(JOB_THREADS)
     torch.use_deterministic_algorithms(True)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -120,7 +126,7 @@ def run_job(ctx: QatContext, job: QatJob, attempt: int = 0, in_worker: bool = Fa
         qk = qat.build_qat_model(ctx.model, bits, input_bits=ctx.inp["bits"], input_scale=ctx.inp["scale"],
                                  input_signed=ctx.inp["signed"], calibration_x=ctx.x_tr[:ctx.ns])
         qat.fine_tune(qk, ctx.x_tr, ctx.y_tr, epochs=q["epochs"], lr=q["lr"], batch_size=q["batch_size"], seed=seed,
-                      progress=progress, description=f"[{ctx.name}] QAT {job.tag} seed {seed}",
+                      num_threads=JOB_THREADS, progress=progress, description=f"[{ctx.name}] QAT {job.tag} seed {seed}",
                       teacher=ctx.model if q.get("distill_alpha", 0.0) > 0 else None,
                       distill_alpha=q.get("distill_alpha", 0.0), distill_temperature=q.get("distill_temperature", 2.0))
         val_ok = qat.predict(qk, ctx.x_va).argmax(1) == np.asarray(ctx.y_va)

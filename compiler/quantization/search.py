@@ -183,6 +183,19 @@ def check_ties(model, ties) -> list[list[str]]:
 # --------------------------------------------------------------------------- driver
 
 
+def _early_pool(workers, ray, n_budgets: int, qat_seeds: int):
+    """The local worker pool for the QAT jobs, started now so that the workers' start-up (imports,
+    several seconds of CPU each) overlaps the float training and traces; None when the jobs will run
+    in this process or on Ray.  A budget gives at most 3 allocations (Hessian, uniform, uniform above),
+    so at most ``3 * n_budgets * qat_seeds`` jobs: no more workers than that are started."""
+    if ray is not None:
+        return None
+    from .fanout import LocalPool, resolve_workers
+    most = 3 * n_budgets * qat_seeds
+    n = min(resolve_workers(workers, most), most)
+    return LocalPool(n) if n > 1 else None
+
+
 def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:4"},),
                w_bits: Iterable[int] = DEFAULT_BITS, a_bits: Iterable[int] | None = None,
                ties: Sequence[Sequence[str]] | None = None, costs: Mapping | None = None,
@@ -287,41 +300,47 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         raise QDeployError("no budget given: pass at least one, e.g. --budget bops=uniform:4")
     check_uniform_bits(budgets, w_bits)
     t_all = time.perf_counter()
-    torch.manual_seed(seed)
-    r = fn(**extra) if extra else fn()
-    check_recipe_result(r)
-    model: nn.Module = r["model"]
-    name = r.get("name", type(model).__name__)
-    inp = {"bits": 8, "scale": 2.0 ** -4, "signed": False, **(r.get("input") or {})}
-    qcfg = {"epochs": 15, "lr": 3e-3, "batch_size": 64, **(r.get("qat") or {})}
-    if qat_epochs is not None:
-        qcfg["epochs"] = qat_epochs
-    if qat_lr is not None:
-        qcfg["lr"] = qat_lr
-    qcfg = check_qat_settings(qcfg)
-    ties = check_ties(model, ties if ties is not None else r.get("ties", ()))
-    x_tr, y_tr = recipe_xy(r, "train")
-    x_va, y_va = recipe_xy(r, "val")
-    test = recipe_xy(r, "test") if r.get("test") is not None else None
-    for key, x in (("train", x_tr), ("val", x_va), ("test", None if test is None else test[0])):
-        if x is None:
-            continue
-        try:
-            with torch.no_grad():
-                model.eval()(torch.as_tensor(np.asarray(x[:2], dtype=np.float32)))
-        except Exception as e:
-            raise QDeployError(f"recipe {key!r} inputs of shape {tuple(x.shape)} do not fit the model: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
-    ns = int(r.get("trace_samples", len(x_tr)))
-    specs = layer_specs(model, x_tr[:1], w_bits, a_bits, inp["bits"], act_bits_fixed)
-    from .hw_costs import ESTIMATOR_KINDS, estimator_costs
-    hw = [k for b in budgets for k in b if k in ESTIMATOR_KINDS and k not in (costs or {})]
-    if hw:
-        costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
-                                   kinds=sorted(set(hw))), **(costs or {})}
-    resolved = [resolve_budget(b, specs, costs) for b in budgets]
-    new_parents = [d for d in out_final.parents if not d.exists()]  # removed again if the search fails
-    out_dir = staging_dir(out_final)
+    pool = _early_pool(workers, ray, len(budgets), int(qat_seeds))  # workers start up during the traces
+    try:
+        torch.manual_seed(seed)
+        r = fn(**extra) if extra else fn()
+        check_recipe_result(r)
+        model: nn.Module = r["model"]
+        name = r.get("name", type(model).__name__)
+        inp = {"bits": 8, "scale": 2.0 ** -4, "signed": False, **(r.get("input") or {})}
+        qcfg = {"epochs": 15, "lr": 3e-3, "batch_size": 64, **(r.get("qat") or {})}
+        if qat_epochs is not None:
+            qcfg["epochs"] = qat_epochs
+        if qat_lr is not None:
+            qcfg["lr"] = qat_lr
+        qcfg = check_qat_settings(qcfg)
+        ties = check_ties(model, ties if ties is not None else r.get("ties", ()))
+        x_tr, y_tr = recipe_xy(r, "train")
+        x_va, y_va = recipe_xy(r, "val")
+        test = recipe_xy(r, "test") if r.get("test") is not None else None
+        for key, x in (("train", x_tr), ("val", x_va), ("test", None if test is None else test[0])):
+            if x is None:
+                continue
+            try:
+                with torch.no_grad():
+                    model.eval()(torch.as_tensor(np.asarray(x[:2], dtype=np.float32)))
+            except Exception as e:
+                raise QDeployError(f"recipe {key!r} inputs of shape {tuple(x.shape)} do not fit the model: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        ns = int(r.get("trace_samples", len(x_tr)))
+        specs = layer_specs(model, x_tr[:1], w_bits, a_bits, inp["bits"], act_bits_fixed)
+        from .hw_costs import ESTIMATOR_KINDS, estimator_costs
+        hw = [k for b in budgets for k in b if k in ESTIMATOR_KINDS and k not in (costs or {})]
+        if hw:
+            costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
+                                       kinds=sorted(set(hw))), **(costs or {})}
+        resolved = [resolve_budget(b, specs, costs) for b in budgets]
+        new_parents = [d for d in out_final.parents if not d.exists()]  # removed again if the search fails
+        out_dir = staging_dir(out_final)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     try:
         (out_dir / "models").mkdir(parents=True, exist_ok=True)
 
@@ -383,7 +402,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                              qcfg=qcfg, ns=ns, seed=seed, name=name, export=export,
                              recipe=recipe if isinstance(recipe, str) else None,
                              kill_once=os.environ.get(KILL_ENV) or None)
-            job_res, fanout_info = run_qat_jobs(ctx, jobs, workers=workers, ray=ray,
+            job_res, fanout_info = run_qat_jobs(ctx, jobs, workers=workers, ray=ray, pool=pool,
                                                 progress=prog if progress else None, epoch_progress=progress)
             done: dict = {}
 
@@ -466,6 +485,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         publish(out_dir, out_final)  # replaces an empty folder or (with force) an earlier search
         return report
     except BaseException:
+        if pool is not None:
+            pool.close()  # (run_qat_jobs closes it; this covers a failure before the QAT)
         shutil.rmtree(out_dir, ignore_errors=True)  # a failed search leaves nothing half-written
         for d in new_parents:  # innermost first; only folders this run created and left empty
             try:
