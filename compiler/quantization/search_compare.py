@@ -15,8 +15,10 @@ per budget, fine-tunes with the same QAT settings and seeds:
 
 Every row holds the mean validation/test accuracy over the QAT seeds and per sample the fraction
 of seeds that classify it right; :func:`.search_report.accuracy_noise` turns two rows into the
-paired standard error of their difference.  The QAT run is that of :func:`.search.run_search`
-(calibrated activation scales, seeds ``seed .. seed+qat_seeds-1``); settings come from the recipe.
+paired standard error of their difference.  The QAT runs are those of :func:`.search.run_search`:
+the (allocation x seed) fine-tunes are jobs of :func:`.fanout.run_qat_jobs` (calibrated activation
+scales, seeds ``seed .. seed+qat_seeds-1``, one torch thread each; in this process or on ``workers``
+local processes, identical results either way); settings come from the recipe.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def uniform_at_or_above(specs, w_bits: Iterable[int], budget: Mapping[str, float
 def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int] = DEFAULT_BITS,
                         a_bits: Iterable[int] | None = (), act_bits_fixed: int = 8, qat_seeds: int = 5,
                         seed: int = 0, probes: int = 100, tol: float = 1e-3, trace_method: str = "auto",
-                        log=None) -> dict:
+                        log=None, workers: int | str = 1) -> dict:
     """Fine-tune the four allocations of the module docstring at each budget and return the results.
 
     Args:
@@ -80,6 +82,8 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
         qat_seeds: QAT runs per allocation (seeds ``seed`` ...).
         probes, tol, trace_method: Hessian trace settings (:func:`.hutchinson.hutchinson_traces`).
         log: optional ``log(str)`` for progress lines.
+        workers: processes for the QAT jobs (:func:`.fanout.resolve_workers`: an int >= 1 or
+            ``"auto"``; 1, the default: in this process).  Results do not depend on it.
 
     Returns:
         ``{"model", "float_accuracy", "settings", "layers", "budgets": [{"budget", "budget_resolved",
@@ -87,8 +91,13 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
         "seconds"}`` (test entries only when the recipe has a test split).
 
     Raises:
-        QDeployError: bad recipe, budgets or bit lists (one line naming the setting).
+        QDeployError: bad recipe, budgets, bit lists or workers (one line naming the setting), or a
+            QAT job that failed twice.
     """
+    from .fanout import resolve_workers, run_qat_jobs
+    from .fanout_jobs import QatContext, QatJob
+
+    resolve_workers(workers, 1)  # a bad setting fails before the float training
     t_all = time.perf_counter()
     log = log or (lambda s: None)
     check_budget_kinds(budgets, None)
@@ -121,38 +130,10 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
     sens = {"hessian": compute_sensitivities(model, specs, tr, x_tr[:ns], y_tr[:ns], mode="hessian+measured"),
             "trace": compute_sensitivities(model, specs, tr, x_tr[:ns], y_tr[:ns], mode="hessian")}
     float_acc = {"val": qat.accuracy(model, x_va, y_va), **({"test": qat.accuracy(model, *test)} if test else {})}
-    cache: dict = {}
-
-    def train_eval(bits: dict, tag: str) -> dict:
-        key = tuple(sorted(bits.items()))
-        if key in cache:
-            return {**cache[key], "same_as": cache[key]["tag"]}
-        t0 = time.perf_counter()
-        accs: dict = {"val": [], "test": []}
-        corr: dict = {}
-        for k in range(int(qat_seeds)):
-            torch.manual_seed(seed + k)
-            q = qat.build_qat_model(model, bits, input_bits=inp["bits"], input_scale=inp["scale"],
-                                    input_signed=inp["signed"], calibration_x=x_tr[:ns])
-            qat.fine_tune(q, x_tr, y_tr, epochs=qcfg["epochs"], lr=qcfg["lr"], batch_size=qcfg["batch_size"],
-                          seed=seed + k, teacher=model if qcfg.get("distill_alpha", 0.0) > 0 else None,
-                          distill_alpha=qcfg.get("distill_alpha", 0.0),
-                          distill_temperature=qcfg.get("distill_temperature", 2.0))
-            for split, (x, y) in [("val", (x_va, y_va))] + ([("test", test)] if test is not None else []):
-                ok = qat.predict(q, x).argmax(1) == y
-                accs[split].append(float(ok.mean()))
-                corr[split] = corr.get(split, 0) + ok / int(qat_seeds)
-        res = {"tag": tag, "qat_seconds": time.perf_counter() - t0}
-        for split in corr:
-            res[f"{split}_acc"] = float(np.mean(accs[split]))
-            res[f"{split}_accs"] = accs[split]
-            res[f"{split}_correct"] = [round(float(c), 4) for c in corr[split]]
-        cache[key] = res
-        log(f"[{name}] {tag}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if test else "")
-            + f" ({res['qat_seconds']:.0f} s)")
-        return res
-
-    results = []
+    # plan every allocation first (ILP only), then fine-tune each distinct one with every seed as
+    # independent jobs (.fanout), then assemble the rows
+    first_tag: dict = {}  # allocation key -> tag of its first occurrence (later ones: same_as)
+    plans = []
     for i, b_in in enumerate(budgets):
         b = resolve_budget(b_in, specs, None)
         allocs = {"hessian": ilp.allocate(specs, sens["hessian"], b, ties=ties),
@@ -160,12 +141,41 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
                   "random": ilp.allocate(specs, random_sensitivities(specs, seed * 1000 + i), b, ties=ties)}
         ub, ua = uniform_at_or_above(specs, w_bits, b)
         allocs["uniform"] = ua
+        for row, a in allocs.items():
+            first_tag.setdefault(tuple(sorted(a.bits.items())), f"b{i}_{row}")
+        plans.append((b_in, b, allocs, ub))
+    jobs = [QatJob(tag=t, k=k, bits=key) for key, t in first_tag.items() for k in range(int(qat_seeds))]
+    ctx = QatContext(model=model, x_tr=x_tr, y_tr=y_tr, x_va=x_va, y_va=y_va, test=test, inp=inp, qcfg=qcfg, ns=ns,
+                     seed=seed, name=name, export=False, recipe=recipe if isinstance(recipe, str) else None)
+    job_res, fanout_info = run_qat_jobs(ctx, jobs, workers=workers)
+    log(f"[{name}] QAT: {len(jobs)} jobs on {fanout_info['engine']} ({fanout_info['workers']} worker(s)), "
+        f"{fanout_info['seconds']:.0f} s")
+    done: dict = {}
+
+    def assemble(key, tag: str) -> dict:
+        t0 = first_tag[key]
+        if t0 not in done:
+            rs = [job_res[QatJob(tag=t0, k=k, bits=key).name] for k in range(int(qat_seeds))]
+            res = {"tag": t0, "qat_seconds": sum(r.seconds for r in rs)}
+            for split in ("val", "test") if test is not None else ("val",):
+                oks = [r.val_ok if split == "val" else r.test_ok for r in rs]
+                accs = [float(ok.mean()) for ok in oks]
+                res[f"{split}_acc"] = float(np.mean(accs))
+                res[f"{split}_accs"] = accs
+                res[f"{split}_correct"] = [round(float(c), 4) for c in sum(ok / int(qat_seeds) for ok in oks)]
+            done[t0] = res
+            log(f"[{name}] {t0}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if test else "")
+                + f" ({res['qat_seconds']:.0f} s of jobs)")
+        return done[t0] if tag == t0 else {**done[t0], "same_as": t0}
+
+    results = []
+    for i, (b_in, b, allocs, ub) in enumerate(plans):
         rows = {}
         for row, a in allocs.items():
             costs = {k: ilp.total_cost(k, specs, a.bits) for k in sorted(set(b) | {"bops", "size"})}
             rows[row] = {"bits": {n: list(v) for n, v in a.bits.items()}, "costs": costs,
                          **({"uniform_bits": ub} if row == "uniform" else {}),
-                         **train_eval(a.bits, f"b{i}_{row}")}
+                         **assemble(tuple(sorted(a.bits.items())), f"b{i}_{row}")}
         results.append({"budget": dict(b_in), "budget_resolved": b, "rows": rows})
     layers = [{"name": s.name, "n_weights": s.n_weights, "trace": tr.weights[s.name].trace,
                "stderr": tr.weights[s.name].stderr} for s in specs]
@@ -174,6 +184,7 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
             "settings": {"w_bits": list(w_bits), "a_bits": list(a_bits), "act_bits_fixed": None if a_bits else act_bits_fixed,
                          "qat": qcfg, "qat_seeds": int(qat_seeds), "seed": seed, "ties": ties,
                          "trace": {"probes": tr.probes, "seconds": tr.seconds}},
+            "qat_fanout": fanout_info,
             "seconds": time.perf_counter() - t_all}
 
 

@@ -39,7 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-seeds", type=int, default=5)
     ap.add_argument("--qat-epochs", type=int, default=None, help="override the recipe's QAT epochs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", default="1", help="processes for the QAT jobs: N or 'auto' (one per CPU); "
+                    "results do not depend on it")
     args = ap.parse_args(argv)
+    workers = args.workers if args.workers == "auto" else int(args.workers)
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     bits = [int(b) for b in args.bits.split(",")]
     budgets = [{"bops": f"uniform:{b}"} for b in args.budgets.split(",")]
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
             rfn = (lambda fn=fn: fn(seed=args.seed, **({"qat_epochs": args.qat_epochs} if args.qat_epochs else {})))
             t0 = time.time()
             rep = compare_allocations(rfn, budgets, w_bits=bits, a_bits=() if mode == "w" else bits,
-                                      qat_seeds=args.qat_seeds, seed=args.seed,
+                                      qat_seeds=args.qat_seeds, seed=args.seed, workers=workers,
                                       log=lambda s: print("  " + s, flush=True))
             rep["mode"] = mode
             reports.append(rep)

@@ -60,6 +60,11 @@ def test_compare_allocations_tiny_mnist1d_mlp():
         assert len(r["test_accs"]) == 2 and len(r["test_correct"]) == 300
         assert abs(np.mean(r["test_correct"]) - r["test_acc"]) < 1e-3  # per-sample fractions average to the accuracy
         assert r["bits"]["0"][1] == 8  # the first layer reads the 8-bit model input
+    # every distinct allocation fine-tuned once per seed, as fan-out jobs (here in this process)
+    distinct = {tuple(sorted((n, tuple(v)) for n, v in r["bits"].items())) for r in b["rows"].values()}
+    fo = rep["qat_fanout"]
+    assert fo["engine"] == "serial" and fo["jobs"] == 2 * len(distinct) and fo["failed"] == []
+    assert all(("same_as" in r) == (r["tag"] != f"b0_{row}") for row, r in b["rows"].items())
     md = render_comparison(rep)
     assert md.count("\n| uniform:2.5 |") == 4 and "uniform 3-bit" in md
 
@@ -71,3 +76,16 @@ def test_plot_comparison_writes_a_png(tmp_path):
            "budgets": [{"rows": {r: {**row, "costs": {"bops": 1e5 * (1 + i)}} for i, r in enumerate(ROWS)}}]}
     p = plot_comparison(rep, tmp_path / "c.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_compare_allocations_on_two_workers_identical_to_serial():
+    kw = dict(w_bits=(2, 3, 4), a_bits=(2, 3, 4), qat_seeds=2, probes=10)
+    r1 = compare_allocations(tiny_mlp_recipe, [{"bops": "uniform:2.5"}], workers=1, **kw)
+    r2 = compare_allocations(tiny_mlp_recipe, [{"bops": "uniform:2.5"}], workers=2, **kw)
+    assert r1["qat_fanout"]["engine"] == "serial" and r2["qat_fanout"]["engine"] == "local"
+
+    def rows(rep):  # everything but the timings
+        return [{row: {k: v for k, v in r.items() if k != "qat_seconds"} for row, r in b["rows"].items()}
+                for b in rep["budgets"]]
+    assert rows(r2) == rows(r1)
