@@ -36,9 +36,9 @@ ATTEMPTS = 2  # a job is tried at most twice (one retry)
 JOB_THREADS = 1
 """torch intra-op threads of every QAT job, whichever engine runs it (serial included), so a result
 never depends on the engine's thread count; local workers also get ``OMP_NUM_THREADS`` /
-``MKL_NUM_THREADS`` = this.  One, because these models are tiny: on the 2-core machine the digits MLP's
-20-epoch fine-tune took 4.8 s with 1 thread and 24 s with 2 (same weights), so N one-thread jobs on
-N cores is the fast way to use them."""
+``MKL_NUM_THREADS`` = this.  One, because these models are tiny: on the shared 2-core machine (loaded)
+the digits MLP's 20-epoch fine-tune took 4.8 s with 1 thread and 24 s with 2 (same weights there, but
+torch does not promise that in general), so N one-thread jobs on N cores is the way to use them."""
 
 
 @dataclass

@@ -243,6 +243,8 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             they run in this process); an integer N: N worker processes (1: in this process, one
             after the other).  None (the default): the environment variable ``QDEPLOY_QAT_WORKERS``
             when set (the test suite sets 1), else ``"auto"``.  Results are identical whatever runs them.
+            The worker processes are started before the recipe runs (:class:`.fanout.LocalPool`), so
+            their start-up overlaps the float training and the traces.
         ray: run the QAT jobs as Ray tasks instead: ``"auto"`` (the Ray this process started, else the
             running cluster), ``"local"`` (a local Ray with ``workers`` CPUs) or a cluster address;
             needs ``pip install qdeploy[ray]``.  The report's ``qat_fanout`` says what ran (engine,
