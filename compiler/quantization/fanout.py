@@ -258,7 +258,9 @@ class LocalPool:
         return {"proc": p, "conn": Connection(mine.detach()), "job": None, "sent": False}
 
     def close(self) -> None:
-        """Stop every worker (idempotent)."""
+        """Stop every worker (idempotent): each is told to stop; one that never got the context (still
+        starting up, or not needed) or is mid-job (an error path) is terminated by its handle at once,
+        one that does not exit within 10 s is killed."""
         import subprocess
         for s in self.slots:
             if not s.get("dead"):
@@ -269,6 +271,8 @@ class LocalPool:
                     pass
                 s["dead"] = True
         for s in self.slots:
+            if not s.get("sent") or s.get("job") is not None:
+                s["proc"].terminate()  # our own child (no-op once it has exited)
             try:
                 s["proc"].wait(timeout=10)
             except subprocess.TimeoutExpired:  # our own child, stuck: stop it by its handle

@@ -116,3 +116,30 @@ def test_bad_settings(monkeypatch):
     monkeypatch.setenv("QDEPLOY_QAT_WORKERS", "many")
     with pytest.raises(QDeployError, match="environment variable QDEPLOY_QAT_WORKERS='many': expected a positive"):
         run_search(RECIPE, "/tmp/never", budgets=[{"bops": "uniform:4"}], progress=False)
+
+
+def _children() -> set:
+    """Live (not yet reaped) child processes of this process, from /proc."""
+    import os
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                out.add(int(d.name))
+    return out
+
+
+def _failing_recipe():
+    raise ValueError("the recipe's data is missing")
+
+
+def test_workers_started_early_are_stopped_when_the_search_fails(tmp_path):
+    before = _children()
+    with pytest.raises(ValueError, match="the recipe's data is missing"):
+        run_search(_failing_recipe, tmp_path / "out", workers=2, **SETTINGS)  # the pool starts before the recipe
+    assert _children() - before == set()  # both workers stopped (and reaped), nothing left behind
+    assert not (tmp_path / "out").exists()
