@@ -149,20 +149,21 @@ class FastCall:
         return self.static.get(n, self.entry) if self.static else self.entry
 
     def one(self) -> Callable | None:
-        """``f(tensors, reused) -> array``: the batch-1 call of a library with one output whose
-        epilogue (if any) is a chain of single-input ops -- :meth:`__call__` for
-        ``batch1=True`` with its one result, in fewer steps.  None for other libraries."""
-        if len(self.core_outputs) != 1 or len(self.outputs) != 1 or self.entry1 is None:
+        """``f(entry, tensors, reused) -> array``: the call of a library with one output whose
+        epilogue (if any) is a chain of single-input ops -- :meth:`__call__` with its one result,
+        in fewer steps, through the VM ``entry`` the caller chose (:meth:`entry_for`).  None for
+        other libraries."""
+        if len(self.core_outputs) != 1 or len(self.outputs) != 1:
             return None
         ep = self._epilogue
         chain = [] if ep is None else ep.chain
         if chain is None:
             return None
         to_int64 = ep is not None and ep.chain_int64
-        entry1, from_t, may_share, i64 = self.entry1, self._from_tensor, np.may_share_memory, np.int64
+        from_t, may_share, i64 = self._from_tensor, np.may_share_memory, np.int64
 
-        def run(tensors, reused):
-            g = from_t(entry1(*tensors)[0])
+        def run(entry, tensors, reused):
+            g = from_t(entry(*tensors)[0])
             for r in reused:
                 if may_share(g, r):
                     g = g.copy()
