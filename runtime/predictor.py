@@ -38,10 +38,10 @@ def _has_nan(a: np.ndarray) -> bool:
     return a.dtype.kind not in "biu" and bool(np.isnan(a).any())
 
 
-def _sum_is_nan(a: np.ndarray) -> bool:
-    """Whether the sum of float array ``a`` is NaN: true when ``a`` holds a NaN (also for ``+inf``
-    beside ``-inf``, which the general path then judges); one reduction, no temporary array."""
-    s = np.add.reduce(a, None)
+def _min_is_nan(a: np.ndarray) -> bool:
+    """Whether float array ``a`` holds a NaN: ``np.minimum`` propagates NaN, so the minimum is NaN
+    exactly then; one vectorized reduction, no temporary array."""
+    s = np.minimum.reduce(a, None)
     return bool(s != s)
 
 
@@ -131,7 +131,7 @@ class Predictor:
         back = None if cl else inv
         limit = BUFFER_LIMIT_BYTES // max(self._sample_bytes, 1)
         buffers, entry_for = fast.buffers, fast.entry_for
-        isnan, add_reduce, f32 = np.isnan, np.add.reduce, np.float32
+        isnan, min_reduce, f32 = np.isnan, np.minimum.reduce, np.float32
         cache: dict = {}  # batch size -> (lock, tensors, views, entry)
 
         def one(a):
@@ -168,7 +168,7 @@ class Predictor:
                     a = quantize(a)
                 buf[...] = a
                 if nan_after:
-                    s = add_reduce(buf, None)  # NaN in, NaN out (+inf and -inf too: then the general path decides)
+                    s = min_reduce(buf, None)  # NaN exactly when buf holds one
                     if s != s:
                         return None
                 r = run(entry, tensors, bufs)
@@ -290,7 +290,7 @@ class Predictor:
                         return self._general(inputs, layout)
                     a = spec.quantize(a)
                 buf[...] = a  # one pass: transpose, cast (as astype: unsafe casting), copy
-                if spec.nan_check and spec.quantize is None and _sum_is_nan(buf):
+                if spec.nan_check and spec.quantize is None and _min_is_nan(buf):
                     return self._general(inputs, layout)
             res = fast(tensors, n == 1, bufs if lock is not None else (), batch=n)
         finally:
