@@ -150,7 +150,8 @@ def hutchinson_traces(
     loss_fn = loss_fn or nn.functional.cross_entropy
     mods = dict(model.named_modules())
     layers = resolve_trace_layers(model, mods, layers)
-    ps_ok, ps_why = per_sample_supported(mods, layers)
+    batches = trace_batches(data)
+    ps_ok, ps_why = per_sample_supported(mods, layers, model, batches[0][0]) if estimator != "joint" else (False, "")
     if estimator == "per_sample" and not ps_ok:
         raise QDeployError(f"estimator='per_sample': {ps_why}; use estimator='joint' (or 'auto')")
     est = "per_sample" if estimator == "per_sample" or (estimator == "auto" and hvp is None and ps_ok) else "joint"
@@ -165,7 +166,6 @@ def hutchinson_traces(
         act_names = list(activations)
     else:
         act_names = []
-    batches = trace_batches(data)
     total_n = sum(int(x.shape[0]) for x, _ in batches)
 
     was_training = model.training

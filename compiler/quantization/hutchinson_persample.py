@@ -57,9 +57,28 @@ MAX_ELEMS = 1 << 22  # float entries of the largest per-sample temporary (unfold
 MAX_STACK = 8  # passes stacked side by side in one gradient graph (small data)
 
 
-def per_sample_supported(mods: dict, layers: Sequence[str]) -> tuple[bool, str]:
+def per_sample_supported(mods: dict, layers: Sequence[str], model: nn.Module | None = None,
+                         x: torch.Tensor | None = None) -> tuple[bool, str]:
     """``(True, "")`` when every layer is a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` with
-    integer padding and zero padding mode, else ``(False, why)`` naming the first other layer."""
+    integer padding and zero padding mode, and (given ``model`` and an input batch ``x``) runs once per
+    forward (a layer called twice shares its weight between two outputs, which the per-output leaves
+    do not model); else ``(False, why)`` naming the first other layer."""
+    if model is not None and x is not None:
+        calls = {n: 0 for n in layers}
+        hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: calls.__setitem__(n, calls[n] + 1))
+                 for n in layers]
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+        for n, c in calls.items():
+            if c != 1:
+                return False, f"layer {n!r} runs {c} times per forward (shared weights)"
     for n in layers:
         m = mods[n]
         if type(m) not in _TYPES:
@@ -107,14 +126,25 @@ def conv_patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _perturbation(m: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_shape) -> torch.Tensor:
     """Output of weights V_n = a_n (x) b_n (no bias) on input x_n, per sample: shaped like the layer
-    output.  ``x``: the layer input (Linear) or its :func:`conv_patches` (Conv)."""
+    output.  ``x``: the layer input (Linear) or its :func:`conv_patches` (Conv); for a Linear layer
+    with 2-D input, the (N, 1) norms ||x_n|| (``b`` empty): a_n ||x_n||, b integrated out."""
     n = x.shape[0]
+    if isinstance(m, nn.Linear) and b.shape[-1] == 0:
+        return a * x
     if isinstance(m, nn.Linear):
         s = (x * b.reshape(n, *([1] * (x.dim() - 2)), -1)).sum(-1, keepdim=True)  # (N, ..., 1)
         return s * a.reshape(n, *([1] * (x.dim() - 2)), -1)
     s = torch.einsum("nk,ngkl->ngl", b, x)  # (N, G, L): b spans one group's (C_in/groups, kernel) block
     s = s.repeat_interleave(m.out_channels // m.groups, dim=1)  # (N, C_out, L): each channel's group
     return (s * a.unsqueeze(-1)).reshape(out_shape)
+
+
+def _layer_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What :func:`_perturbation` needs of layer ``m``'s input ``x``: the (N, 1) norms for a Linear
+    layer with 2-D input, ``x`` for another Linear, the :func:`conv_patches` for Conv."""
+    if isinstance(m, nn.Linear):
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True) if x.dim() == 2 else x
+    return conv_patches(m, x)
 
 
 class _Graph:
@@ -155,7 +185,7 @@ class _Graph:
         # leaves the loss does not reach, or reaches only linearly, have a zero Hessian row
         self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self.grads = [grads[i] for i in self.live]
-        self.inputs = [ins[n] if isinstance(mods[n], nn.Linear) else conv_patches(mods[n], ins[n]) for n in owner.layers]
+        self.inputs = [_layer_input(mods[n], ins[n]) for n in owner.layers]
 
     def passes(self, owner: "PerSamplePasses", w, u, start: int, keep: bool) -> np.ndarray:
         """(R, K) float64: r of the R passes stacked in this graph (``self.rep`` copies of the chunk,
@@ -236,6 +266,7 @@ class PerSamplePasses:
                 m = mods[nme]
                 per = max(per, int(np.prod(conv_patches(m, ins[nme]).shape)) if not isinstance(m, nn.Linear)
                           else int(ins[nme].numel()))
+            self.flat = {nme for nme in self.layers if isinstance(mods[nme], nn.Linear) and ins[nme].dim() == 2}
         step = max(1, MAX_ELEMS // per)  # samples per graph
         if self.total <= step:  # one chunk: its graph is built once, with passes stacked side by side
             self.chunks = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
@@ -258,7 +289,7 @@ class PerSamplePasses:
         sizes = []
         for nme in self.layers:
             m = self.mods[nme]
-            fan_in = m.in_features if isinstance(m, nn.Linear) else int(np.prod(m.weight.shape[1:]))
+            fan_in = 0 if nme in self.flat else int(np.prod(m.weight.shape[1:]))  # no b: integrated out
             cout = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             sizes.append((cout, fan_in))
         acts = [int(np.prod(self.act_shapes[a])) for a in self.acts]

@@ -146,3 +146,35 @@ def test_chunked_graphs_give_the_passes_of_one_stacked_graph(monkeypatch):
     for kind in ("weights", "activations"):
         for k, lt in getattr(whole, kind).items():
             np.testing.assert_allclose(lt.samples, getattr(chunked, kind)[k].samples, rtol=2e-4, atol=1e-6)
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))  # self.a used twice
+
+
+def test_a_layer_used_twice_is_refused_by_per_sample_and_auto_takes_the_joint_estimator():
+    m = _Shared()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(QDeployError, match=r"estimator='per_sample': layer 'a' runs 2 times per forward"):
+        hutchinson_traces(m, (x, y), estimator="per_sample", max_probes=2)
+    r = hutchinson_traces(m, (x, y), max_probes=400, batch_probes=100, tol=0.0)
+    assert r.estimator == "joint"
+    assert abs(r.weights["a"].trace - _exact(m, x, y, "a.weight")) < 4 * r.weights["a"].stderr
+
+
+def test_linear_on_sequences_matches_the_exact_hessian():
+    # a Linear applied to (N, T, features): the Kronecker probe (b not integrated out) path
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(24, 3, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+    r = hutchinson_traces(m, (x, y), tol=0.0, max_probes=300, batch_probes=100)
+    assert r.estimator == "per_sample"
+    for name, lt in r.weights.items():
+        exact = _exact(m, x, y, f"{name}.weight")
+        assert lt.stderr > 0 and abs(lt.trace - exact) < 4 * lt.stderr, (name, lt.trace, exact, lt.stderr)
