@@ -15,24 +15,30 @@ one-channel correlation of the unfolded input with b_n for Conv), and
 
     V_{n,i}^T H_ii^(n) V_{n,i} = d_{n,i}^T (d^2 l_n / d z_i^2) d_{n,i}
 
-exactly (the second derivative of z_i in W_i is zero).  So every pass is one Hessian-vector product
-in the space of the layer *outputs*: zero leaves P_i are added to each traced layer's output (a
-forward hook), the gradient G = dL/dP of the mean loss L is built once with ``create_graph=True``
-(one forward and backward over the data for the whole run), and each pass is one backward through
-that gradient graph, H_PP d = d(G . d)/dP (PyHessian's double-backward HVP, Yao et al.
-arXiv 1912.07145, but on the outputs, so no weight-gradient products are formed).  Per layer:
+exactly (the second derivative of z_i in W_i is zero).  For a Linear layer with one input vector per
+sample (2-D input) the per-sample block factorizes, H_ii^(n) = x_n x_n^T (x) d^2 l_n / d z_i^2, so
+the input-side factor is integrated out exactly, E_b[(b_n . x_n)^2] = ||x_n||^2: there
+d_{n,i} = a_n ||x_n|| (Hutchinson over the outputs only; still unbiased, with less variance and no b
+to draw).  Every pass is then Hessian-vector products in the space of the layer *outputs*: zero
+leaves P_i are added to each traced layer's output (a forward hook), the gradient G = dL/dP of the
+mean loss L is built once with ``create_graph=True`` (one forward and backward over the data for the
+whole run), and a product is one backward through that gradient graph, H_PP d = d(G . d)/dP
+(PyHessian's double-backward HVP, Yao et al. arXiv 1912.07145, but on the outputs, so no
+weight-gradient products are formed).  Per layer, ``blockwise`` (the default):
 
-    r_i = <d_i, (H_PP d)_i> = (1/N) sum_n sum_j d_{n,i}^T H^(n)_{z_i z_j} d_{n,j},   E[r_i] = Tr(H_ii)
+    r_i = <d_i, H_{z_i z_i} d_i> = (1/N) sum_n d_{n,i}^T H^(n)_{z_i z_i} d_{n,i},   E[r_i] = Tr(H_ii)
 
-(the terms j != i have zero mean: the a_n of different layers are independent); ``blockwise`` drops
-them (r_i = <d_i, H_PP d_i>, one HVP per traced tensor: the diagonal of the t-Hessian of the earlier
-versions, lower variance, L times the cost).  Per-sample Hessians of a classifier have rank <=
-classes, so the N independent terms average out most of the variance of one joint probe v^T H v:
-on the benchmark nets one pass has a 5-25 % relative standard deviation where one PyHessian probe has
-about 100 % (``benchmarks/hessian_trace.py``).  Activation traces (HAWQ-V2 Sec. 3.3) add a zero
-leaf Q_a to each traced layer input (a forward pre-hook) and use a full Rademacher probe U of it,
-r_a = <U, (H d)_Q>.  Probes are drawn from numpy's PCG64 (seeded from the caller's
-``torch.Generator``): 8 probe entries per random byte.
+one product per traced tensor, from G_i to P_i alone (autograd walks only the layers from i on);
+or, ``blockwise=False``, one product per pass with the joint d, r_i = <d_i, (H_PP d)_i>, which adds the
+terms d_i^T H_{z_i z_j} d_j (j != i) of zero mean (the a_n of different layers are independent): on the
+benchmark nets it costs about as much per pass and needs far more passes.  Per-sample Hessians of a
+classifier have rank <= classes, so the N independent terms average out most of the variance of one
+joint probe v^T H v: on the benchmark nets (``benchmarks/hessian_trace.py``, 1024 samples) one
+blockwise pass has a 2-5 % relative standard deviation per layer where one PyHessian probe has
+20-180 %.  Activation traces (HAWQ-V2 Sec. 3.3) add a zero leaf Q_a to each traced layer input (a
+forward pre-hook) and use a full Rademacher probe U of it, r_a = <U, H_QQ U> (or <U, (H d)_Q>).
+Probes are drawn from numpy's PCG64 (seeded from the caller's ``torch.Generator``): 8 probe entries
+per random byte.
 
 Supported layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (exact types, integer padding, zero
 padding mode); :func:`per_sample_supported` says why another model is not.  Samples must not
@@ -242,15 +248,19 @@ class PerSamplePasses:
             :func:`per_sample_supported`).  act_names: layers whose input activation is traced.
         batches: ``[(x, y)]``; the loss is the sample-weighted mean over all batches.
         loss_fn: ``loss_fn(logits, y)``, the mean over the batch.
-        blockwise: r_i = <d_i, H d_i> (no cross terms; one HVP per traced tensor and pass) instead of
-            <d_i, (H d)_i> with the joint per-sample probe d.
+        blockwise: r_i = <d_i, H d_i> (no cross terms; one HVP per traced tensor and pass, each
+            through the graph from that tensor on) instead of <d_i, (H d)_i> with the joint
+            per-sample probe d (one HVP per pass).
         gen: a ``torch.Generator``; one draw of it seeds the numpy PCG64 generator of the probes.
             Probes are drawn per pass for all samples in one order (layers, then activations), so
             splitting the data into batches does not change them.
 
     The data is split into chunks whose largest temporary (a layer input, or a Conv layer's unfolded
-    input) stays under ``MAX_ELEMS`` floats.  When it is one chunk, its gradient graph is built once
-    and every pass is one backward through it; else each pass rebuilds the graph chunk by chunk.
+    input) stays under ``MAX_ELEMS`` floats.  When it is one chunk, its gradient graph is built once,
+    over up to ``MAX_STACK`` copies of the data side by side (one pass each: the loss is separable
+    over samples, so the Hessian is block-diagonal over the copies), and every group of passes is
+    one backward per product through it; else each pass rebuilds the graph chunk by chunk.  Passes
+    computed ahead are kept for the next :meth:`run`.
     """
 
     def __init__(self, model: nn.Module, mods: dict, layers: Sequence[str], act_names: Sequence[str], batches,
