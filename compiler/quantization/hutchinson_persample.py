@@ -203,9 +203,9 @@ class _Graph:
         def cut(t):  # (R, N_total, ...) -> (R * n, ...): this chunk's samples, passes stacked
             return t[:, sl].reshape(r * self.n, *t.shape[2:])
 
-        d = [_perturbation(owner.mods[nme], h, cut(a), cut(b), leaf.shape)
+        d = [_perturbation(owner.mods[nme], h, cut(a).to(h.dtype), cut(b).to(h.dtype), leaf.shape)
              for nme, h, (a, b), leaf in zip(owner.layers, self.inputs, w, self.leaves)]
-        d += [cut(uu) for uu in u]
+        d += [cut(uu).to(leaf.dtype) for uu, leaf in zip(u, self.leaves[len(owner.layers):])]
         if not owner.blockwise:
             return self._hvp_dot(d, keep)
         out = np.zeros((r, len(self.leaves)))
