@@ -17,13 +17,14 @@ machine is shared: read the range, not one figure), in these settings:
 * both for the default (``blockwise``: one HVP w.r.t. each layer's output per pass) and for
   ``blockwise=False`` ("joint d": one HVP per pass, with zero-mean cross terms between layers).
 
-Figures (1 thread, 1024 samples, 200 probes, 3 rounds, 2 shared cores at load 4-7; two runs per
-model, best-of ratio of each run): the default with early stop used 10 passes and was 9.5-10.4x
-(mlp), 9.9-10.2x (jet) and 14.2-14.5x (cnn) faster than PyHessian's 200 probes, every layer within
-1.1-1.7 % of the 2000-probe reference (PyHessian's own 200-probe run: 1.6-12.5 % standard error per
-layer).  At the same count (200 passes vs 200 probes) the default was 0.95-1.2x only, "joint d"
-1.3-1.75x: one pass costs about one PyHessian probe (a double backward per layer through that
-layer's part of the graph), so 3x at the same count is not reached; the gain is in the variance.
+Figures (1 thread, 1024 samples, 200 probes, 3 rounds, 2 shared cores at load 4-7; 2-3 runs per
+model, best-of ratio of each run): the default with early stop used 10 passes and was 9.3-10.4x
+(mlp), 8.0-10.2x (jet) and 14.2-14.5x (cnn) faster than PyHessian's 200 probes (no single round
+below 7.1x), every layer within 1.1-1.7 % of the 2000-probe reference (PyHessian's own 200-probe
+run: 1.6-12.5 % standard error per layer).  At the same count (200 passes vs 200 probes) the
+default was 0.85-1.2x only, "joint d" 1.3-1.75x: one pass costs about one PyHessian probe (a double
+backward per layer through that layer's part of the graph), so 3x at the same count is not
+reached; the gain is in the variance per pass.
 
 The other rows, for the record (single run each; no target): the joint estimator (PyHessian's, one
 Rademacher probe over all weights) with ``hvp="autograd"`` (double backward, probe loop, as
