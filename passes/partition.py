@@ -130,12 +130,17 @@ def run_partitioned(part: Partition, graph: Graph, feeds: dict, device_fn) -> di
 
 
 
-def split_epilogue(graph: Graph) -> tuple[Graph, Graph | None]:
+def split_epilogue(graph: Graph, device_ok=None) -> tuple[Graph, Graph | None]:
     """Split a quantized graph into (core, float epilogue).
 
     The core is everything but the trailing float ops (prologue + fixed-point core); its
     outputs are the graph outputs it computes plus the epilogue's inputs.  Float graphs, and
     graphs whose float ops do not all sit at the ends, come back whole with epilogue None.
+
+    Args:
+        device_ok: optional ``f(node, input types) -> bool``: an epilogue node reading only
+            core values (fixed-point) for which it is true stays in the core (a backend that
+            computes it exactly, e.g. the TVM library's table softmax).
     """
     if not graph.is_quantized():
         return graph, None
@@ -146,6 +151,20 @@ def split_epilogue(graph: Graph) -> tuple[Graph, Graph | None]:
     if part.epilogue is None:
         return graph, None
     epi_names = {n.name for n in part.epilogue.nodes}
+    if device_ok is not None:
+        for n in part.epilogue.nodes:  # topological order: a kept node's output is a core value
+            if all(graph.producer(i) is None or graph.producer(i).name not in epi_names for i in n.inputs) and \
+                    device_ok(n, [graph.value(i).dtype for i in n.inputs]):
+                epi_names.discard(n.name)
+        if not epi_names:
+            return graph, None
+        part_epi = [n for n in graph.nodes if n.name in epi_names]
+        epi_vals = {n.output for n in part_epi}
+        epi_in = []
+        for n in part_epi:
+            epi_in += [i for i in n.inputs if i not in epi_vals and i not in epi_in]
+        epilogue = subgraph(graph, part_epi, epi_in, [o for o in graph.outputs if o in epi_vals], "epilogue")
+        part = Partition(part.prologue, part.device, epilogue)
     core_nodes = [n for n in graph.nodes if n.name not in epi_names]
     core_out = [o for o in graph.outputs if o not in {n.output for n in part.epilogue.nodes}]
     core_out += [i for i in part.epilogue.inputs if i not in core_out]

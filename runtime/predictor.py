@@ -38,6 +38,13 @@ def _has_nan(a: np.ndarray) -> bool:
     return a.dtype.kind not in "biu" and bool(np.isnan(a).any())
 
 
+def _min_is_nan(a: np.ndarray) -> bool:
+    """Whether float array ``a`` holds a NaN: ``np.minimum`` propagates NaN, so the minimum is NaN
+    exactly then; one vectorized reduction, no temporary array."""
+    s = np.minimum.reduce(a, None)
+    return bool(s != s)
+
+
 class _Input:
     """One model input's precomputed plan (see :class:`Predictor`)."""
 
@@ -102,39 +109,54 @@ class Predictor:
         self._one = self._make_one()
 
     def _make_one(self):
-        """The batch-1 path of a model with one input and one output in the source layout:
-        ``one(a) -> output`` or None (``a`` is not a plain numeric array of one sample: the
-        caller takes the other paths).  The same steps as :meth:`__call__` -- transpose,
-        quantize or cast into the reusable batch-1 buffer, NaN refused through the general path,
-        the static batch-1 entry, the epilogue chain, the output conversion -- with everything
+        """The path of a model with one input and one output in the source layout:
+        ``one(a) -> output`` or None (``a`` is not a plain numeric array of one sample or a batch
+        of samples: the caller takes the other paths).  The same steps as :meth:`__call__` --
+        transpose, quantize or cast into the reusable buffer of the batch size, NaN refused through
+        the general path, the static entry of the batch size if the library has one
+        (:meth:`FastCall.entry_for`), the epilogue chain, the output conversion -- with everything
         looked up once here.  None when the library or model does not qualify."""
         fast = self._fast
-        if fast is None or len(self._ins) != 1 or len(self._outs) != 1 or self._sample_bytes > BUFFER_LIMIT_BYTES:
+        if fast is None or len(self._ins) != 1 or len(self._outs) != 1:
             return None
-        run1 = fast.one()
-        if run1 is None:
+        run = fast.one()
+        if run is None:
             return None
         spec = self._ins[0]
         cl = self._mode(None)
         want, perm, quantize = spec.want[cl], spec.perm[cl], spec.quantize
-        want1 = (1,) + want
+        rank = len(want) + 1
         nan_after = spec.nan_check and quantize is None
         to_real, inv = self._outs[0]
         back = None if cl else inv
-        lock, tensors, bufs = fast.buffers(1)
-        if bufs is None:  # pragma: no cover - numpy < 2.1
-            return None
-        buf = bufs[0]
-        isnan, add_reduce, f32 = np.isnan, np.add.reduce, np.float32
+        limit = BUFFER_LIMIT_BYTES // max(self._sample_bytes, 1)
+        buffers, entry_for = fast.buffers, fast.entry_for
+        isnan, min_reduce, f32 = np.isnan, np.minimum.reduce, np.float32
+        cache: dict = {}  # batch size -> (lock, tensors, views, entry)
 
         def one(a):
             if type(a) is not np.ndarray or a.dtype.kind not in "biuf":
                 return None
             shp = a.shape
-            if shp != want1:
-                if shp != want:
+            if len(shp) == rank:
+                if shp[1:] != want:
                     return None
+            elif shp == want:
                 a = a[None]
+            else:
+                return None
+            n = a.shape[0]
+            if not n or n > limit:
+                return None
+            b = cache.get(n)
+            if b is None:
+                lock, tensors, bufs = buffers(n)
+                if bufs is None:  # pragma: no cover - numpy < 2.1
+                    return None
+                if len(cache) >= 4:
+                    cache.pop(next(iter(cache)))
+                b = cache[n] = (lock, tensors, bufs, bufs[0], entry_for(n))
+            lock, tensors, bufs, buf, entry = b
             if perm is not None:
                 a = a.transpose(perm)
             if not lock.acquire(False):
@@ -146,10 +168,10 @@ class Predictor:
                     a = quantize(a)
                 buf[...] = a
                 if nan_after:
-                    s = add_reduce(buf, None)  # NaN in, NaN out (+inf and -inf too: then the general path decides)
+                    s = min_reduce(buf, None)  # NaN exactly when buf holds one
                     if s != s:
                         return None
-                r = run1(tensors, bufs)
+                r = run(entry, tensors, bufs)
             finally:
                 lock.release()
             if to_real is not None:
@@ -221,7 +243,7 @@ class Predictor:
         if fast is None:
             return self._general(inputs, layout)
         one = self._one
-        if one is not None and layout is None and len(inputs) == 1:
+        if one is not None and layout is None and len(inputs) == 1:  # one input, one output
             r = one(inputs[0])
             if r is not None:
                 return r
@@ -268,7 +290,7 @@ class Predictor:
                         return self._general(inputs, layout)
                     a = spec.quantize(a)
                 buf[...] = a  # one pass: transpose, cast (as astype: unsafe casting), copy
-                if spec.nan_check and spec.quantize is None and _has_nan(buf):
+                if spec.nan_check and spec.quantize is None and _min_is_nan(buf):
                     return self._general(inputs, layout)
             res = fast(tensors, n == 1, bufs if lock is not None else (), batch=n)
         finally:

@@ -25,6 +25,7 @@ from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
 from .fastcall import FastCall
+from .softmax_lut import library_softmax
 from .schedule import DEFAULT_SCHEDULE, MIN_PARALLEL_WORK, SCHEDULES, schedule_cpu
 from ..progress import report
 from . import target as _target
@@ -336,14 +337,15 @@ class TvmBackend:
         par = _parallel_opts(opts) if schedule != "none" else {}
         # Quantized graphs: trailing float ops (output scale, softmax) run on the host in NumPy
         # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
-        # the rest.  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
+        # the rest, and a Softmax of fixed-point codes, computed exactly from an exp table
+        # (softmax_lut.py).  (TVM's float kernels round differently, e.g. with fused multiply-adds.)
         target = resolve_target(opts)  # raises CompileError (e.g. a missing cross compiler) first
         levels = resolve_cpu_variants(opts, target)
         # a tuning is for the library this machine runs: its highest CPU variant, else the portable one
         here = [lv for lv in levels if variant_runs_here({"mcpu": lv, "requires": list(X86_LEVELS[lv])})]
         tune = tune_options(opts, {**target, "mcpu": here[-1]} if here else target,
                             cross=bool(cross_compiler(target, opts)))
-        core, epilogue = split_epilogue(graph)
+        core, epilogue = split_epilogue(graph, device_ok=library_softmax)
         mod = lower(core)  # raises UnsupportedError before anything is written
         core.save(str(out / GRAPH_STEM))
         files = [f"{GRAPH_STEM}.json", f"{GRAPH_STEM}.npz"]
@@ -460,7 +462,7 @@ class TvmBackend:
         from ..divergence import first_divergence
         from .lower import lower
 
-        core, _ = split_epilogue(graph)
+        core, _ = split_epilogue(graph, device_ok=library_softmax)
         inner = [v for n in core.nodes for v in n.outputs]
         debug = core.with_(outputs=inner)
         tgt = tvm.target.Target(info.get("target") or resolve_target({}))

@@ -24,6 +24,7 @@ DLPack: https://dmlc.github.io/dlpack/latest/ ; TVM's CPU allocator aligns to 64
 """
 from __future__ import annotations
 
+import operator
 import threading
 from typing import Callable, Sequence
 
@@ -35,6 +36,18 @@ from ...compiler.ir.types import FixedType
 from .host_kernels import fast_kernel
 
 __all__ = ["FastCall", "epilogue_plan"]
+
+
+def _array_item():
+    """``item(array, i)``: element ``i`` of the tuple a Relax VM entry returns (a ``tvm_ffi``
+    Array), by the FFI getter itself (``tvm_ffi`` implements ``Array.__getitem__`` in Python around
+    it: index normalization and a length call, about 2 us per call); ``operator.getitem`` when that
+    getter is not there."""
+    try:
+        from tvm_ffi import _ffi_api
+        return _ffi_api.ArrayGetItem
+    except (ImportError, AttributeError):  # pragma: no cover - another tvm_ffi layout
+        return operator.getitem
 
 
 def epilogue_plan(epilogue: Graph) -> Callable[[dict], dict]:
@@ -121,6 +134,7 @@ class FastCall:
         self.static = dict(static or {})
         self._bufs: dict[int, tuple] = {}
         self._bufs_lock = threading.Lock()
+        self._item = _array_item()
 
     def buffers(self, n: int):
         """``(lock, tensors, views)``: one reusable, 64-byte aligned input tensor per library
@@ -149,20 +163,21 @@ class FastCall:
         return self.static.get(n, self.entry) if self.static else self.entry
 
     def one(self) -> Callable | None:
-        """``f(tensors, reused) -> array``: the batch-1 call of a library with one output whose
-        epilogue (if any) is a chain of single-input ops -- :meth:`__call__` for
-        ``batch1=True`` with its one result, in fewer steps.  None for other libraries."""
-        if len(self.core_outputs) != 1 or len(self.outputs) != 1 or self.entry1 is None:
+        """``f(entry, tensors, reused) -> array``: the call of a library with one output whose
+        epilogue (if any) is a chain of single-input ops -- :meth:`__call__` with its one result,
+        in fewer steps, through the VM ``entry`` the caller chose (:meth:`entry_for`).  None for
+        other libraries."""
+        if len(self.core_outputs) != 1 or len(self.outputs) != 1:
             return None
         ep = self._epilogue
         chain = [] if ep is None else ep.chain
         if chain is None:
             return None
         to_int64 = ep is not None and ep.chain_int64
-        entry1, from_t, may_share, i64 = self.entry1, self._from_tensor, np.may_share_memory, np.int64
+        from_t, may_share, i64, item = self._from_tensor, np.may_share_memory, np.int64, _array_item()
 
-        def run(tensors, reused):
-            g = from_t(entry1(*tensors)[0])
+        def run(entry, tensors, reused):
+            g = from_t(item(entry(*tensors), 0))
             for r in reused:
                 if may_share(g, r):
                     g = g.copy()
@@ -198,7 +213,8 @@ class FastCall:
         else:
             fn = self.entry1 if batch1 and self.entry1 is not None else self.entry
         res = fn(*args)
-        got = [self._from_tensor(res[i]) for i in range(len(self.core_outputs))]
+        item = self._item
+        got = [self._from_tensor(item(res, i)) for i in range(len(self.core_outputs))]
         if reused:
             got = [g.copy() if any(np.may_share_memory(g, r) for r in reused) else g for g in got]
         if self._epilogue is None:

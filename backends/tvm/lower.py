@@ -41,7 +41,7 @@ from ...compiler.ir.graph import Graph, Node
 from ...compiler.ir.ops import avg_shift, get as get_op
 from ...compiler.ir.types import FixedType
 from .ops import LOWERING
-from .intplan import requant_dtype
+from .intplan import fits, requant_dtype
 from .relax_util import F32, F64, I64, cf, check_shift, cint, dtype_of, nn, op
 
 
@@ -157,7 +157,8 @@ class RelaxLowering:
         return self.overflow_int(q, t)
 
     def quantize_real(self, x, t: FixedType, node: Node):
-        """Exact float32 -> fixed cast (== FixedType.quantize_real), computed in float64."""
+        """Exact float32 -> fixed cast (== FixedType.quantize_real), computed in float64; codes in int32
+        when the saturated range fits it, else int64."""
         F = t.frac_bits
         if abs(F) > 1000:
             raise UnsupportedError(f"Quantize to {t}: scale 2**{F} is out of float64 range", node.name)
@@ -174,14 +175,16 @@ class RelaxLowering:
         else:
             q = fl
         if t.saturation != "WRAP":
-            # the reference clips the *whole array* when any element is infinite / >= 2**62
-            big = self.emit(op.max(op.abs(q)))
-            lo1, hi1 = float(t.min_code) - 1, float(t.max_code) + 1
-            clipped = op.minimum(op.maximum(q, cf(lo1, F64)), cf(hi1, F64))
-            q = self.emit(op.where(op.equal(big, cf(np.inf, F64)), clipped, q))
-            big = self.emit(op.max(op.abs(q)))
-            clipped = op.minimum(op.maximum(q, cf(-(2.0 ** 61), F64)), cf(2.0 ** 61, F64))
-            q = self.emit(op.where(op.greater_equal(big, cf(2.0 ** 62, F64)), clipped, q))
+            # The reference clips the *whole array* to [lo - 1, hi + 1] when any element is
+            # infinite (and to +-2**61 when any is >= 2**62) before its int64 cast.  Under SAT,
+            # SAT_SYM and SAT_ZERO the overflow step then sees only which side of [lo, hi] a value
+            # lies on, which neither clip changes; so clipping every element to [lo - 1, hi + 1]
+            # gives the same codes, element by element, with no whole-array reductions (which
+            # would split the fused kernel), and the codes then fit the narrowest integer type.
+            lo1, hi1 = int(t.min_code) - 1, int(t.max_code) + 1
+            q = self.emit(op.minimum(op.maximum(q, cf(float(lo1), F64)), cf(float(hi1), F64)))
+            dt = "int32" if fits(lo1, hi1, "int32") else I64
+            return self.overflow_int(self.emit(op.astype(q, dt)), t)
         return self.overflow_int(self.emit(op.astype(q, I64)), t)
 
     def bcast_rank(self, x, rank_from: int, rank_to: int):

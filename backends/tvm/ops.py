@@ -26,6 +26,7 @@ from ...compiler.ir.ops.pool import window_counts
 from ...compiler.ir.optable import OpTable
 from ...compiler.ir.types import FixedType
 from .ops_batch_a import ENTRIES as _BATCH_A
+from .softmax_lut import exp_table, library_softmax, softmax_te
 from .intplan import affine_dtype, binary_dtype, fits, linear_plan
 from .relax_util import F32, I64, accepts_narrow, c64, cf, check_shift, cint, dtype_of, nn, op
 
@@ -37,7 +38,7 @@ LOWERING = OpTable("tvm")
 @accepts_narrow
 def _quantize(lw, n, ins, in_types, out_t):
     """Fixed input: :meth:`~.lower.RelaxLowering.requantize` (int32 where proved exact);
-    float input: :meth:`~.lower.RelaxLowering.quantize_real` (float64, int64 codes)."""
+    float input: :meth:`~.lower.RelaxLowering.quantize_real` (float64; int32 codes where they fit)."""
     if isinstance(in_types[0], FixedType):
         return lw.requantize(ins[0], in_types[0].frac_bits, out_t, n, in_t=in_types[0])
     return lw.quantize_real(ins[0], out_t, n)
@@ -262,7 +263,14 @@ def _global_avg_pool(lw, n, ins, in_types, out_t):
 
 
 @LOWERING.register("Softmax")
+@accepts_narrow
 def _softmax(lw, n, ins, in_types, out_t):
+    """Fixed-point input that :func:`.softmax_lut.library_softmax` accepts: the reference's float32
+    softmax bit for bit, from a NumPy exp table (:func:`.softmax_lut.softmax_te`); otherwise (a
+    float input) TVM's float softmax."""
+    if library_softmax(n, in_types):
+        lut = exp_table(in_types[0])
+        return lw.bb.emit_te(softmax_te, lw.cast(ins[0], "int32"), relax.const(lut, F32), primfunc_name_hint="softmax_lut")
     return lw.emit(nn.softmax(lw.real(ins[0], in_types[0]), axis=-1))
 
 
