@@ -9,4 +9,6 @@ cd "$(dirname "$0")/.."
 # the Ray extra (pip install qdeploy[ray]) too, so the QAT fan-out's Ray test runs (QDEPLOY_RAY= skips it)
 export QDEPLOY_CROSS="${QDEPLOY_CROSS-aarch64}" QDEPLOY_CUDA="${QDEPLOY_CUDA-1}" QDEPLOY_RAY="${QDEPLOY_RAY-1}"
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q --durations=25 "$@"
+# one pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures are
+# built once); QDEPLOY_TEST_JOBS=0 runs in this process, serially
+exec .venv/bin/python -m pytest -q -n "${QDEPLOY_TEST_JOBS:-auto}" --dist loadfile --durations=25 "$@"
