@@ -3,28 +3,46 @@
 
 The loss is a mean over N samples, so its Hessian block of layer i is a mean of per-sample blocks,
 H_ii = (1/N) sum_n H_ii^(n), and Hutchinson's identity (Hutchinson 1990; E[v v^T] = I) holds per
-sample.  One *pass* draws an independent probe V_n for every sample n and layer i and returns
-
-    r_i = (1/N) sum_n sum_j  V_{n,i}^T H_ij^(n) V_{n,j},      E[r_i] = Tr(H_ii)
-
-(the cross terms j != i have zero mean, as with PyHessian's joint probe; ``blockwise`` drops them).
-Per-sample Hessians of a classifier have rank <= classes, so the N independent terms average out
-most of the variance of one joint probe v^T H v: on the benchmark nets one pass has a 4-26 %
-relative standard deviation where one joint probe has about 100 % (``benchmarks/hessian_trace.py``).
-
-Probes are Kronecker products of Rademacher vectors, V_{n,i} = a_n (x) b_n (a_n over output
-channels, b_n over the input fan-in: in_features, or in_channels/groups x kernel), still +-1 with
+sample.  One *pass* draws an independent probe V_{n,i} for every sample n and layer i.  Probes are
+Kronecker products of Rademacher vectors, V_{n,i} = a_n (x) b_n (a_n over output channels, b_n over
+the input fan-in: in_features, or in_channels/groups x kernel), still +-1 with
 E[vec(V) vec(V)^T] = I (Bujanovic & Kressner, "Norm and trace estimation with random rank-one
-vectors", SIAM J. Matrix Anal. Appl. 42(1), 2021).  They make each pass cheap: the effect of
-the per-sample weight perturbation t_i V_{n,i} on layer i's output is a_n (b_n . x_n) (Linear) or
-a_n times a one-channel correlation of the unfolded input with b_n (Conv), added by a forward hook
-scaled by a scalar t_i; r is the Hessian of the loss w.r.t. t (one entry per layer) applied to the
-all-ones vector, by double backward (PyHessian's HVP, Yao et al. arXiv 1912.07145, on L scalars).
-Activation traces (HAWQ-V2 Sec. 3.3) use a full Rademacher probe U of each traced layer input,
-added as s_a U by a forward pre-hook, as the joint estimator does.
+vectors", SIAM J. Matrix Anal. Appl. 42(1), 2021).
+
+Layer i's output z_i is linear in its weight, so the weight perturbation V_{n,i} moves sample n's
+output by d_{n,i} = V_{n,i} x_{n,i} (x the layer input; a_n (b_n . x_n) for Linear, a_n times a
+one-channel correlation of the unfolded input with b_n for Conv), and
+
+    V_{n,i}^T H_ii^(n) V_{n,i} = d_{n,i}^T (d^2 l_n / d z_i^2) d_{n,i}
+
+exactly (the second derivative of z_i in W_i is zero).  For a Linear layer with one input vector per
+sample (2-D input) the per-sample block factorizes, H_ii^(n) = x_n x_n^T (x) d^2 l_n / d z_i^2, so
+the input-side factor is integrated out exactly, E_b[(b_n . x_n)^2] = ||x_n||^2: there
+d_{n,i} = a_n ||x_n|| (Hutchinson over the outputs only; still unbiased, with less variance and no b
+to draw).  Every pass is then Hessian-vector products in the space of the layer *outputs*: zero
+leaves P_i are added to each traced layer's output (a forward hook), the gradient G = dL/dP of the
+mean loss L is built once with ``create_graph=True`` (one forward and backward over the data for the
+whole run), and a product is one backward through that gradient graph, H_PP d = d(G . d)/dP
+(PyHessian's double-backward HVP, Yao et al. arXiv 1912.07145, but on the outputs, so no
+weight-gradient products are formed).  Per layer, ``blockwise`` (the default):
+
+    r_i = <d_i, H_{z_i z_i} d_i> = (1/N) sum_n d_{n,i}^T H^(n)_{z_i z_i} d_{n,i},   E[r_i] = Tr(H_ii)
+
+one product per traced tensor, from G_i to P_i alone (autograd walks only the layers from i on);
+or, ``blockwise=False``, one product per pass with the joint d, r_i = <d_i, (H_PP d)_i>, which adds the
+terms d_i^T H_{z_i z_j} d_j (j != i) of zero mean (the a_n of different layers are independent): on the
+benchmark nets it costs about as much per pass and needs far more passes.  Per-sample Hessians of a
+classifier have rank <= classes, so the N independent terms average out most of the variance of one
+joint probe v^T H v: on the benchmark nets (``benchmarks/hessian_trace.py``, 1024 samples) one
+blockwise pass has a 2-5 % relative standard deviation per layer where one PyHessian probe has
+20-180 %.  Activation traces (HAWQ-V2 Sec. 3.3) add a zero leaf Q_a to each traced layer input (a
+forward pre-hook) and use a full Rademacher probe U of it, r_a = <U, H_QQ U> (or <U, (H d)_Q>).
+Probes are drawn from numpy's PCG64 (seeded from the caller's ``torch.Generator``): 8 probe entries
+per random byte.
 
 Supported layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (exact types, integer padding, zero
-padding mode); :func:`per_sample_supported` says why another model is not.
+padding mode); :func:`per_sample_supported` says why another model is not.  Samples must not
+interact (eval mode: batch-norm uses running statistics), as for any per-sample loss.
 """
 from __future__ import annotations
 
@@ -41,12 +59,32 @@ from .hessian import layer_inputs, logits
 __all__ = ["per_sample_supported", "PerSamplePasses", "conv_patches", "rademacher", "check_rel_se", "MAX_ELEMS"]
 
 _TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-MAX_ELEMS = 1 << 22  # float entries of the largest per-sample temporary (unfolded input) x samples per forward: 16 MiB
+MAX_ELEMS = 1 << 22  # float entries of the largest per-sample temporary (unfolded input) x samples per graph: 16 MiB
+MAX_STACK = 8  # passes stacked side by side in one gradient graph (small data)
 
 
-def per_sample_supported(mods: dict, layers: Sequence[str]) -> tuple[bool, str]:
+def per_sample_supported(mods: dict, layers: Sequence[str], model: nn.Module | None = None,
+                         x: torch.Tensor | None = None) -> tuple[bool, str]:
     """``(True, "")`` when every layer is a plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` with
-    integer padding and zero padding mode, else ``(False, why)`` naming the first other layer."""
+    integer padding and zero padding mode, and (given ``model`` and an input batch ``x``) runs once per
+    forward (a layer called twice shares its weight between two outputs, which the per-output leaves
+    do not model); else ``(False, why)`` naming the first other layer."""
+    if model is not None and x is not None:
+        calls = {n: 0 for n in layers}
+        hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: calls.__setitem__(n, calls[n] + 1))
+                 for n in layers]
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+        for n, c in calls.items():
+            if c != 1:
+                return False, f"layer {n!r} runs {c} times per forward (shared weights)"
     for n in layers:
         m = mods[n]
         if type(m) not in _TYPES:
@@ -61,18 +99,28 @@ _BITS = torch.arange(62, dtype=torch.int64)
 
 def rademacher(shape, gen) -> torch.Tensor:
     """Float32 tensor of ``shape`` with independent +-1 entries: 62 random bits per draw of
-    ``gen`` (``randint`` over [0, 2**62) keeps 62 uniform independent low bits), unpacked."""
+    ``gen`` (a ``torch.Generator``; ``randint`` over [0, 2**62) keeps 62 uniform independent low
+    bits), unpacked."""
     n = int(np.prod(shape))
     words = torch.randint(0, 1 << 62, ((n + 61) // 62,), generator=gen, dtype=torch.int64)
     bits = (words.unsqueeze(1) >> _BITS).bitwise_and_(1).reshape(-1)[:n]
     return bits.reshape(shape).to(torch.float32).mul_(2).sub_(1)
 
 
+_SIGN_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1  # (256, 8)
+
+
+def _signs(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n,) float32 of independent +-1 from ``rng``'s random bytes: each byte's 8 bits, looked up
+    in a (256, 8) table of signs (one pass)."""
+    by = np.frombuffer(rng.bytes((n + 7) // 8), dtype=np.uint8)
+    return np.take(_SIGN_TABLE, by, axis=0).reshape(-1)[:n]
+
+
 def conv_patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, C_in, *S) -> (N, groups, C_in/groups * prod(kernel), L) patches of ``m``'s convolution, in
     the weight's (channel, kernel...) order: a depthwise convolution of ``x`` with one-hot kernels
-    (same stride, padding, dilation), whose backward is again a convolution (``nn.functional.unfold``
-    and strided slices were far slower on CPU, in the double backward most of all)."""
+    (same stride, padding, dilation; ``nn.functional.unfold`` was slower on CPU)."""
     ks = tuple(m.kernel_size)
     k = int(np.prod(ks))
     c = x.shape[1]
@@ -83,15 +131,110 @@ def conv_patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _perturbation(m: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_shape) -> torch.Tensor:
-    """Output of weights V_n = a_n (x) b_n (no bias) on input x_n, per sample: shaped like the layer output."""
+    """Output of weights V_n = a_n (x) b_n (no bias) on input x_n, per sample: shaped like the layer
+    output.  ``x``: the layer input (Linear) or its :func:`conv_patches` (Conv); for a Linear layer
+    with 2-D input, the (N, 1) norms ||x_n|| (``b`` empty): a_n ||x_n||, b integrated out."""
     n = x.shape[0]
+    if isinstance(m, nn.Linear) and b.shape[-1] == 0:
+        return a * x
     if isinstance(m, nn.Linear):
         s = (x * b.reshape(n, *([1] * (x.dim() - 2)), -1)).sum(-1, keepdim=True)  # (N, ..., 1)
         return s * a.reshape(n, *([1] * (x.dim() - 2)), -1)
-    u = conv_patches(m, x)  # (N, G, K, L)
-    s = torch.einsum("nk,ngkl->ngl", b, u)  # (N, G, L): b spans one group's (C_in/groups, kernel) block
+    s = torch.einsum("nk,ngkl->ngl", b, x)  # (N, G, L): b spans one group's (C_in/groups, kernel) block
     s = s.repeat_interleave(m.out_channels // m.groups, dim=1)  # (N, C_out, L): each channel's group
     return (s * a.unsqueeze(-1)).reshape(out_shape)
+
+
+def _layer_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What :func:`_perturbation` needs of layer ``m``'s input ``x``: the (N, 1) norms for a Linear
+    layer with 2-D input, ``x`` for another Linear, the :func:`conv_patches` for Conv."""
+    if isinstance(m, nn.Linear):
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True) if x.dim() == 2 else x
+    return conv_patches(m, x)
+
+
+class _Graph:
+    """The gradient graph of one chunk of samples: zero leaves at the traced layers' outputs (and
+    traced inputs), G = d(weight x mean loss)/d(leaves) with ``create_graph=True``, and each traced
+    layer's input (its conv patches for Conv), detached."""
+
+    def __init__(self, owner: "PerSamplePasses", x: torch.Tensor, y: torch.Tensor, weight: float, rep: int):
+        mods, leaves, ins, hooks = owner.mods, {}, {}, []
+        self.n, self.rep = int(x.shape[0]), rep
+        if rep > 1:  # rep passes side by side: the loss is separable over samples, so the
+            # Hessian of the stacked loss is block-diagonal over the copies
+            x = x.repeat(rep, *([1] * (x.dim() - 1)))
+            y = y.repeat(rep, *([1] * (y.dim() - 1)))
+
+        def post(mod, inp, out, n):
+            ins[n] = inp[0].detach()
+            leaves[n] = torch.zeros_like(out, requires_grad=True)
+            return out + leaves[n]
+
+        def pre(mod, inp, n):
+            leaves["act:" + n] = torch.zeros_like(inp[0], requires_grad=True)
+            return (inp[0] + leaves["act:" + n],) + tuple(inp[1:])
+
+        for n in owner.layers:
+            hooks.append(mods[n].register_forward_hook(lambda m, i, o, n=n: post(m, i, o, n)))
+        for n in owner.acts:
+            hooks.append(mods[n].register_forward_pre_hook(lambda m, i, n=n: pre(m, i, n)))
+        try:
+            with torch.enable_grad():
+                # the mean over rep x n samples is (1/rep) x the sum of the copies' means: times rep
+                loss = owner.loss_fn(logits(owner.model(x)), y) * (weight * rep)
+                self.leaves = [leaves[n] for n in owner.layers] + [leaves["act:" + n] for n in owner.acts]
+                grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        # leaves the loss does not reach, or reaches only linearly, have a zero Hessian row
+        self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self.grads = [grads[i] for i in self.live]
+        self.inputs = [_layer_input(mods[n], ins[n]) for n in owner.layers]
+
+    def passes(self, owner: "PerSamplePasses", w, u, start: int, keep: bool) -> np.ndarray:
+        """(R, K) float64: r of the R passes stacked in this graph (``self.rep`` copies of the chunk,
+        samples ``start:start+n`` of the data), probes ``w`` = [(a, b)] per layer and ``u`` per
+        activation, each shaped (R, N_total, ...)."""
+        sl = slice(start, start + self.n)
+        r = self.rep
+
+        def cut(t):  # (R, N_total, ...) -> (R * n, ...): this chunk's samples, passes stacked
+            return t[:, sl].reshape(r * self.n, *t.shape[2:])
+
+        d = [_perturbation(owner.mods[nme], h, cut(a).to(h.dtype), cut(b).to(h.dtype), leaf.shape)
+             for nme, h, (a, b), leaf in zip(owner.layers, self.inputs, w, self.leaves)]
+        d += [cut(uu).to(leaf.dtype) for uu, leaf in zip(u, self.leaves[len(owner.layers):])]
+        if not owner.blockwise:
+            return self._hvp_dot(d, keep)
+        out = np.zeros((r, len(self.leaves)))
+        for i in self.live:
+            out[:, i] = self._hvp_dot(d, keep or i != self.live[-1], only=i)[:, i]
+        return out
+
+    def _hvp_dot(self, d, retain: bool, only: int | None = None) -> np.ndarray:
+        """(R, K): per stacked pass, <d_i, (H d)_i> for every leaf i; or, with ``only``, the
+        diagonal term <d_i, H_ii d_i> of leaf i = ``only`` in column i (a backward from G_i to P_i
+        alone: autograd walks only the graph between them, the layers from i on)."""
+        r = self.rep
+        out = np.zeros((r, len(self.leaves)))
+        if only is not None:
+            if only not in self.live:
+                return out
+            (h,) = torch.autograd.grad(self.grads[self.live.index(only)], self.leaves[only], grad_outputs=d[only],
+                                       retain_graph=retain, allow_unused=True)
+            hv = [None] * len(self.leaves)
+            hv[only] = h
+        elif self.grads:
+            hv = torch.autograd.grad(self.grads, self.leaves, grad_outputs=[d[i] for i in self.live],
+                                     retain_graph=retain, allow_unused=True)
+        else:
+            return out
+        for i, (di, h) in enumerate(zip(d, hv)):
+            if h is not None:
+                out[:, i] = (di.reshape(r, -1) * h.reshape(r, -1)).sum(1).to(torch.float64).numpy()
+        return out
 
 
 class PerSamplePasses:
@@ -100,28 +243,32 @@ class PerSamplePasses:
 
     Args:
         model: in eval mode (the caller's job); its parameters' ``requires_grad`` is switched off
-            during a pass and restored.
+            while the estimator runs and restored.
         mods: ``dict(model.named_modules())``.  layers: weight layer names (supported, see
             :func:`per_sample_supported`).  act_names: layers whose input activation is traced.
         batches: ``[(x, y)]``; the loss is the sample-weighted mean over all batches.
         loss_fn: ``loss_fn(logits, y)``, the mean over the batch.
-        blockwise: r_i = d^2 L / d t_i^2 (no cross terms; one backward per traced tensor) instead of
-            the row sum of the t-Hessian.
-        gen: the ``torch.Generator`` of the probes.  Probes are drawn per pass for all samples in
-            one order (layers, then activations), so splitting the data into batches does not change
-            them.
+        blockwise: r_i = <d_i, H d_i> (no cross terms; one HVP per traced tensor and pass, each
+            through the graph from that tensor on) instead of <d_i, (H d)_i> with the joint
+            per-sample probe d (one HVP per pass).
+        gen: a ``torch.Generator``; one draw of it seeds the numpy PCG64 generator of the probes.
+            Probes are drawn per pass for all samples in one order (layers, then activations), so
+            splitting the data into batches does not change them.
 
-    When the data is small (``MAX_ELEMS`` bounds the largest temporary), several passes run in one
-    forward with the data repeated and each copy its own t (the loss is separable over samples, so
-    the t-Hessian is block-diagonal over the copies); else one pass runs in chunks of samples.
+    The data is split into chunks whose largest temporary (a layer input, or a Conv layer's unfolded
+    input) stays under ``MAX_ELEMS`` floats.  When it is one chunk, its gradient graph is built once,
+    over up to ``MAX_STACK`` copies of the data side by side (one pass each: the loss is separable
+    over samples, so the Hessian is block-diagonal over the copies), and every group of passes is
+    one backward per product through it; else each pass rebuilds the graph chunk by chunk.  Passes
+    computed ahead are kept for the next :meth:`run`.
     """
 
     def __init__(self, model: nn.Module, mods: dict, layers: Sequence[str], act_names: Sequence[str], batches,
                  loss_fn: Callable, blockwise: bool, gen: torch.Generator):
         self.model, self.mods, self.layers, self.acts = model, mods, list(layers), list(act_names)
-        self.loss_fn, self.blockwise, self.gen = loss_fn, blockwise, gen
+        self.loss_fn, self.blockwise = loss_fn, blockwise
+        self.rng = np.random.default_rng(int(torch.randint(0, 1 << 62, (1,), generator=gen, dtype=torch.int64)))
         self.total = sum(int(x.shape[0]) for x, _ in batches)
-        # split batches into chunks whose largest temporary stays under MAX_ELEMS floats
         per = 1
         for x, _ in batches[:1]:
             ins = layer_inputs(model, x[:1], self.layers)
@@ -129,81 +276,61 @@ class PerSamplePasses:
                 m = mods[nme]
                 per = max(per, int(np.prod(conv_patches(m, ins[nme]).shape)) if not isinstance(m, nn.Linear)
                           else int(ins[nme].numel()))
-        step = max(1, MAX_ELEMS // per)  # samples per forward
-        if self.total <= step:  # small data: all of it in one forward, several passes stacked (one graph)
+            self.flat = {nme for nme in self.layers if isinstance(mods[nme], nn.Linear) and ins[nme].dim() == 2}
+        step = max(1, MAX_ELEMS // per)  # samples per graph
+        if self.total <= step:  # one chunk: its graph is built once, with passes stacked side by side
             self.chunks = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
-            self.stack = max(1, step // self.total)
-        else:  # one pass at a time, in chunks
+            self.rep = max(1, min(MAX_STACK, step // self.total))
+        else:
             self.chunks = [(x[i:i + step], y[i:i + step]) for x, y in batches for i in range(0, int(x.shape[0]), step)]
-            self.stack = 1
+            self.rep = 1
+        self.graph = None  # the one chunk's graph, built on the first pass
+        self.spare = np.zeros((0, len(layers) + len(self.acts)))  # passes computed ahead (stacking), not yet returned
         self.act_shapes = {}
         if self.acts:
             ins = layer_inputs(model, self.chunks[0][0][:1], self.acts)
             self.act_shapes = {n: tuple(ins[n].shape[1:]) for n in self.acts}
         self.keys = [f"{n}.weight" for n in self.layers] + [f"act:{n}" for n in self.acts]
 
-    def _draw(self):
+    def _draw(self, r: int):
+        """Probes of ``r`` passes: ([(a, b)] per layer, [U] per activation), each (r, N_total, ...),
+        from one block of random bytes."""
         n = self.total
-        w = []
+        sizes = []
         for nme in self.layers:
             m = self.mods[nme]
-            fan_in = m.in_features if isinstance(m, nn.Linear) else int(np.prod(m.weight.shape[1:]))
+            fan_in = 0 if nme in self.flat else int(np.prod(m.weight.shape[1:]))  # no b: integrated out
             cout = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            w.append((rademacher((n, cout), self.gen), rademacher((n, fan_in), self.gen)))
-        u = [rademacher((n, *self.act_shapes[a]), self.gen) for a in self.acts]
+            sizes.append((cout, fan_in))
+        acts = [int(np.prod(self.act_shapes[a])) for a in self.acts]
+        per = sum(c + f for c, f in sizes) + sum(acts)
+        flat = torch.from_numpy(_signs(self.rng, r * n * per)).reshape(r, n, per)
+        w, at = [], 0
+        for c, f in sizes:
+            w.append((flat[:, :, at:at + c], flat[:, :, at + c:at + c + f]))
+            at += c + f
+        u = []
+        for a, sz in zip(self.acts, acts):
+            u.append(flat[:, :, at:at + sz].reshape(r, n, *self.act_shapes[a]))
+            at += sz
         return w, u
 
-    def _forward(self, x, y, draws, sl: slice, weight: float) -> torch.Tensor:
-        """(R, K) float64: for each of the R passes in ``draws``, the t-Hessian row sums (or diagonal)
-        of ``weight`` x the mean loss on samples ``sl`` (the R passes stacked along the batch)."""
-        nl, k, r = len(self.layers), len(self.keys), len(draws)
-        c = int(x.shape[0])
-        if r > 1:
-            x = x.repeat(r, *([1] * (x.dim() - 1)))
-            y = y.repeat(r, *([1] * (y.dim() - 1)))
-        t = torch.zeros(r, k, requires_grad=True)
-
-        def scale(i, like):  # each sample's t of its pass, shaped to broadcast over ``like``
-            return t[:, i].repeat_interleave(c).reshape(-1, *([1] * (like.dim() - 1)))
-
-        hooks = []
-        for i, nme in enumerate(self.layers):
-            a = torch.cat([d[0][i][0][sl] for d in draws])
-            b = torch.cat([d[0][i][1][sl] for d in draws])
-            hooks.append(self.mods[nme].register_forward_hook(
-                lambda mod, inp, out, i=i, a=a, b=b: out + scale(i, out) * _perturbation(mod, inp[0], a, b, out.shape)))
-        for j, nme in enumerate(self.acts):
-            uu = torch.cat([d[1][j][sl] for d in draws])
-            hooks.append(self.mods[nme].register_forward_pre_hook(
-                lambda mod, inp, j=j, uu=uu: (inp[0] + scale(nl + j, uu) * uu,) + tuple(inp[1:])))
-        try:
-            with torch.enable_grad():
-                # the mean over r x c samples is (1/r) sum of the r passes' losses: times r
-                loss = self.loss_fn(logits(self.model(x)), y) * (weight * r)
-                (g,) = torch.autograd.grad(loss, t, create_graph=True)
-                if self.blockwise:
-                    h = torch.stack([_diag(g[:, i].sum(), t, i, retain=i < k - 1) for i in range(k)], dim=1)
-                else:
-                    (h,) = torch.autograd.grad(g.sum(), t)
-        finally:
-            for hk in hooks:
-                hk.remove()
-        return h.detach().to(torch.float64)
-
-    def _passes(self, r: int) -> np.ndarray:
-        """(r, K): r passes, stacked in one forward when the data is small, else one pass in chunks."""
-        draws = [self._draw() for _ in range(r)]
+    def _passes(self) -> np.ndarray:
+        """(rep, K): the next ``rep`` passes (one backward through the built graph when the data
+        is one chunk; else one pass, its graph rebuilt chunk by chunk)."""
+        w, u = self._draw(self.rep)
         if len(self.chunks) == 1:
-            x, y = self.chunks[0]
-            return self._forward(x, y, draws, slice(0, self.total), 1.0).numpy()
-        out = torch.zeros(r, len(self.keys), dtype=torch.float64)
-        for q, d in enumerate(draws):
-            start = 0
-            for x, y in self.chunks:
-                c = int(x.shape[0])
-                out[q] += self._forward(x, y, [d], slice(start, start + c), c / self.total)[0]
-                start += c
-        return out.numpy()
+            if self.graph is None:
+                x, y = self.chunks[0]
+                self.graph = _Graph(self, x, y, 1.0, self.rep)
+            return self.graph.passes(self, w, u, 0, keep=True)
+        out = np.zeros((1, len(self.keys)))
+        start = 0
+        for x, y in self.chunks:
+            c = int(x.shape[0])
+            out += _Graph(self, x, y, c / self.total, 1).passes(self, w, u, start, keep=False)
+            start += c
+        return out
 
     def run(self, k: int) -> dict[str, np.ndarray]:
         """``k`` passes: ``{key: (k,) float64 array}``."""
@@ -211,24 +338,17 @@ class PerSamplePasses:
         for p in req:
             p.requires_grad_(False)
         try:
-            rows, done = [], 0
-            while done < k:
-                r = min(int(k) - done, self.stack)
-                rows.append(self._passes(r))
-                done += r
+            rows = [self.spare]
+            have = len(self.spare)
+            while have < k:
+                rows.append(self._passes())
+                have += len(rows[-1])
             rows = np.concatenate(rows)
+            rows, self.spare = rows[:k], rows[k:]
         finally:
             for p, f in req.items():
                 p.requires_grad_(f)
         return {key: rows[:, i] for i, key in enumerate(self.keys)}
-
-
-def _diag(gi: torch.Tensor, t: torch.Tensor, i: int, retain: bool) -> torch.Tensor:
-    """d gi / d t[:, i] for the (R, K) tensor t: shape (R,) (zeros when gi does not depend on t)."""
-    if not gi.requires_grad:
-        return torch.zeros(t.shape[0], dtype=t.dtype)
-    (d,) = torch.autograd.grad(gi, t, retain_graph=retain, allow_unused=True)
-    return torch.zeros(t.shape[0], dtype=t.dtype) if d is None else d[:, i]
 
 
 def check_rel_se(rel_se) -> float | None:

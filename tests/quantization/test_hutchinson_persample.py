@@ -93,3 +93,88 @@ def test_bad_settings_are_one_line_errors():
         hutchinson_traces(same, (x, y), estimator="per_sample", max_probes=2)
     auto = hutchinson_traces(same, (x, y), max_probes=2, tol=0.0)  # "auto": the joint estimator there
     assert auto.estimator == "joint" and auto.probes == 2
+
+
+def test_numpy_sign_draws_are_balanced_and_independent_bits():
+    from qdeploy.compiler.quantization.hutchinson_persample import _signs
+
+    s = _signs(np.random.default_rng(3), 200_003)
+    assert s.dtype == np.float32 and s.shape == (200_003,) and set(np.unique(s).tolist()) == {-1.0, 1.0}
+    assert abs(float(s.mean())) < 5 / np.sqrt(s.size)
+    # neighbouring entries (bits of one byte, and across bytes) are uncorrelated
+    for lag in (1, 7, 8):
+        assert abs(float((s[:-lag] * s[lag:]).mean())) < 5 / np.sqrt(s.size - lag)
+
+
+def _relu_cnn():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("blockwise", [True, False])
+def test_per_sample_traces_match_the_exact_gauss_newton_traces_of_a_relu_cnn(blockwise):
+    # independent oracle: ggn_exact_traces (closed form, no probes; exact for piecewise-linear nets)
+    from qdeploy.compiler.quantization.hessian import ggn_exact_traces
+
+    m = _relu_cnn()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 1, 6, 6, generator=g), torch.randint(0, 4, (40,), generator=g)
+    ex = ggn_exact_traces(m, (x, y), activations=True)
+    r = hutchinson_traces(m, (x, y), activations=True, tol=0.0, max_probes=300, batch_probes=50, blockwise=blockwise)
+    assert r.estimator == "per_sample" and r.probes == 300
+    for kind in ("weights", "activations"):
+        got, want = getattr(r, kind), getattr(ex, kind)
+        assert set(got) == set(want) and got
+        for name, lt in got.items():
+            assert lt.stderr > 0 and abs(lt.trace - want[name].trace) < 4 * lt.stderr, (kind, name, lt.trace,
+                                                                                        want[name].trace, lt.stderr)
+
+
+def test_chunked_graphs_give_the_passes_of_one_stacked_graph(monkeypatch):
+    # one graph with passes stacked side by side vs the data split into chunks whose graphs are
+    # rebuilt every pass: the same probes (32 samples: whole bytes per pass), the same values
+    from qdeploy.compiler.quantization import hutchinson_persample as hp
+
+    m = _relu_cnn()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 1, 6, 6, generator=g), torch.randint(0, 4, (32,), generator=g)
+    kw = dict(activations=True, tol=0.0, max_probes=12, batch_probes=5, seed=9)
+    whole = hutchinson_traces(m, (x, y), **kw)
+    monkeypatch.setattr(hp, "MAX_ELEMS", 9 * 36 * 10)  # conv patches 9 x 36 per sample: 10 samples per graph, 4 chunks
+    chunked = hutchinson_traces(m, (x, y), **kw)
+    for kind in ("weights", "activations"):
+        for k, lt in getattr(whole, kind).items():
+            np.testing.assert_allclose(lt.samples, getattr(chunked, kind)[k].samples, rtol=2e-4, atol=1e-6)
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))  # self.a used twice
+
+
+def test_a_layer_used_twice_is_refused_by_per_sample_and_auto_takes_the_joint_estimator():
+    m = _Shared()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(QDeployError, match=r"estimator='per_sample': layer 'a' runs 2 times per forward"):
+        hutchinson_traces(m, (x, y), estimator="per_sample", max_probes=2)
+    r = hutchinson_traces(m, (x, y), max_probes=400, batch_probes=100, tol=0.0)
+    assert r.estimator == "joint"
+    assert abs(r.weights["a"].trace - _exact(m, x, y, "a.weight")) < 4 * r.weights["a"].stderr
+
+
+def test_linear_on_sequences_matches_the_exact_hessian():
+    # a Linear applied to (N, T, features): the Kronecker probe (b not integrated out) path
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(24, 3, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+    r = hutchinson_traces(m, (x, y), tol=0.0, max_probes=300, batch_probes=100)
+    assert r.estimator == "per_sample"
+    for name, lt in r.weights.items():
+        exact = _exact(m, x, y, f"{name}.weight")
+        assert lt.stderr > 0 and abs(lt.trace - exact) < 4 * lt.stderr, (name, lt.trace, exact, lt.stderr)
