@@ -20,6 +20,7 @@ from ..ir.ops import REGISTRY
 from ..ir.requant import MAX_BITS
 from ..ir.types import FLOAT32, FixedType
 from . import onnx_scaled as scaled
+from . import onnx_scaled_ops
 from . import onnx_scaled_ops as scaled_ops
 from .onnx_arith import import_binary
 from .onnx_convert import Entry, canonical_perm, check_quant_params, inv_perm, is_pow2
@@ -380,7 +381,10 @@ def _import_Concat(cv, node):
     cv.env[node.output[0]] = Entry(v, p)
 
 def _import_Softmax(cv, node):
-    e = cv.entry(node, node.input[0])
+    """ONNX ``Softmax`` over one non-batch axis (the IR's is over the last axis: a transpose first
+    when needed).  On a scaled-integer value (logits of a float-scale Brevitas/QONNX layer) it reads
+    their float32 dequantization, as the source does (:func:`.onnx_scaled_ops.output`)."""
+    e = cv.entry(node, node.input[0], scaled=True)
     rank = len(e.perm)
     default = 1 if cv.opset < 13 else -1
     axis = int(cv.attr(node, "axis", default))
@@ -393,7 +397,10 @@ def _import_Softmax(cv, node):
         raise UnsupportedError(f"Softmax (opset {cv.opset}) axis={axis} flattens the trailing axes: only the "
                                f"last axis is supported", node.name)
     q = e.perm if e.perm[-1] == ax else tuple(a for a in range(rank) if a != ax) + (ax,)
-    x = cv.layout(node, e, q)
+    if e.scaled is not None:
+        x = onnx_scaled_ops.output(cv, f"{node.name}__in", e, q, what=f"the input of Softmax {node.name!r}")
+    else:
+        x = cv.layout(node, e, q)
     v = cv.add(node.name, "Softmax", [x], {"axis": -1}, out=node.output[0])
     cv.env[node.output[0]] = Entry(v, q)
 

@@ -196,8 +196,10 @@ def batchnorm(cv, node, e, g, h) -> None:
 
 
 # ---------------------------------------------------------------------- graph outputs
-def output(cv, o: str, e, layout) -> str:
-    """The float32 epilogue of scaled graph output ``o`` in IR layout ``layout``.
+def output(cv, o: str, e, layout, what: str | None = None) -> str:
+    """The float32 epilogue of scaled graph output ``o`` in IR layout ``layout`` (also the float32
+    input of a float op reading a scaled value, e.g. a ``Softmax`` on the logits: then ``o`` names
+    the new values and ``what`` says what they are in messages, default "graph output 'o'").
 
     When ``B / P`` is a dyadic constant per channel (a ``Quant`` output: ``B / P = -z``), first an
     exact fixed-point ``Affine`` adds it (``q - z``), then a float32 ``Affine`` multiplies by
@@ -215,7 +217,7 @@ def output(cv, o: str, e, layout) -> str:
     shape = cv.b.values[x].shape
     P, B = channel(S.P, shape), channel(S.B, shape)
     if P is None or B is None:
-        raise UnsupportedError(f"graph output {o!r}: scale/offset vary across positions", o)
+        raise UnsupportedError(f"{what or f'graph output {o!r}'}: scale/offset vary across positions", o)
     Pf = np.asarray([float(p) for p in np.ravel(P)], dtype=np.float32).reshape(P.shape)
     t = cv.b.values[x].dtype
     C = (shape[-1],) if shape else (1,)
@@ -234,7 +236,7 @@ def output(cv, o: str, e, layout) -> str:
     if S.relu:
         v = cv.add(f"{o}__relu", "Relu", [v], out=f"{o}__relu")
     if not exact:
-        note(cv, f"graph output {o!r} is float32 computed from the exact integer accumulator ({S.describe()}); the "
+        note(cv, f"{what or f'graph output {o!r}'} is float32 computed from the exact integer accumulator ({S.describe()}); the "
                  f"source computes it in float32 as well, so it may differ in the last bits")
     return v
 
