@@ -132,7 +132,6 @@ class Predictor:
         limit = BUFFER_LIMIT_BYTES // max(self._sample_bytes, 1)
         buffers, entry_for = fast.buffers, fast.entry_for
         isnan, min_reduce, f32 = np.isnan, np.minimum.reduce, np.float32
-        cache: dict = {}  # batch size -> (lock, tensors, views, entry)
 
         def one(a):
             if type(a) is not np.ndarray or a.dtype.kind not in "biuf":
@@ -148,15 +147,10 @@ class Predictor:
             n = a.shape[0]
             if not n or n > limit:
                 return None
-            b = cache.get(n)
-            if b is None:
-                lock, tensors, bufs = buffers(n)
-                if bufs is None:  # pragma: no cover - numpy < 2.1
-                    return None
-                if len(cache) >= 4:
-                    cache.pop(next(iter(cache)))
-                b = cache[n] = (lock, tensors, bufs, bufs[0], entry_for(n))
-            lock, tensors, bufs, buf, entry = b
+            lock, tensors, bufs = buffers(n)  # FastCall keeps the last sizes' buffers
+            if bufs is None:  # pragma: no cover - numpy < 2.1
+                return None
+            buf = bufs[0]
             if perm is not None:
                 a = a.transpose(perm)
             if not lock.acquire(False):
@@ -171,7 +165,7 @@ class Predictor:
                     s = min_reduce(buf, None)  # NaN exactly when buf holds one
                     if s != s:
                         return None
-                r = run(entry, tensors, bufs)
+                r = run(entry_for(n), tensors, bufs)
             finally:
                 lock.release()
             if to_real is not None:

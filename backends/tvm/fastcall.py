@@ -174,7 +174,7 @@ class FastCall:
         if chain is None:
             return None
         to_int64 = ep is not None and ep.chain_int64
-        from_t, may_share, i64, item = self._from_tensor, np.may_share_memory, np.int64, _array_item()
+        from_t, may_share, i64, item = self._from_tensor, np.may_share_memory, np.int64, self._item
 
         def run(entry, tensors, reused):
             g = from_t(item(entry(*tensors), 0))
