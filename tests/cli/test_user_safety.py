@@ -158,5 +158,10 @@ def test_tvm_rejects_nan_like_reference(tmp_path, rng):
     qdeploy.compile(g, "tvm-llvm", tmp_path / "t")
     x = rng.uniform(-1, 1, (2, 16)).astype(np.float32)
     x[1, 3] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    from qdeploy.compiler.errors import FeedError
+    with pytest.raises(ValueError, match="NaN") as ei:  # a FeedError, which is also a ValueError
         qdeploy.CompiledModel.load(tmp_path / "t").predict(x)
+    assert isinstance(ei.value, FeedError) and "sample(s) [1]" in ei.value.one_line()
+    from qdeploy.compiler.reference import execute
+    with pytest.raises(FeedError, match=r"sample\(s\) \[1\]"):  # the reference interpreter names it too
+        execute(g, {g.inputs[0]: x})
