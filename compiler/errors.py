@@ -36,8 +36,16 @@ class CompileError(QDeployError):
     """A backend failed to emit or build the artifact."""
 
 
-class FeedError(QDeployError):
-    """Bad feed for the reference interpreter (wrong shape, NaN into a fixed-point input)."""
+class FeedError(QDeployError, ValueError):
+    """Bad input arrays for a model or an artifact (wrong count or shape, NaN into a fixed-point
+    input), raised alike by the reference interpreter and the compiled backends; also a
+    ``ValueError``.  A message that already names the input (``input 'x' ...``) is not prefixed
+    with ``node 'x':`` again."""
+
+    def one_line(self) -> str:
+        if self.node and f"input {self.node!r}" in str(self.reason):
+            return " ".join(str(self.reason).split())
+        return super().one_line()
 
 
 class PassError(QDeployError):

@@ -142,6 +142,12 @@ def fmt_bytes(b: float) -> str:
     return f"{int(b)} B"
 
 
+def bytes_text(b: float) -> str:
+    """``"49152 B (48 KiB)"``; ``"384 B"`` below 1 KiB (no repeated figure)."""
+    h = fmt_bytes(b)
+    return f"{int(b)} B" + ("" if h == f"{int(b)} B" else f" ({h})")
+
+
 def parse_memory_budget(text) -> tuple[str, float]:
     """``"48KiB"``/``"48kB"``/``"49152"`` -> ("bytes", n); ``"0.8"``/``"80%"`` -> ("fraction", 0.8).
 

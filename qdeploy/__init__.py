@@ -6,6 +6,13 @@ reference interpreter and writes a report.  ``qdeploy.run(out_dir, x)`` runs any
 ``qdeploy.estimate(model, target=...)`` gives FPGA/ASIC estimates without vendor tools, and
 ``qdeploy.search(recipe, out_dir, budgets)`` runs the Hessian-guided mixed-precision search.
 """
+import warnings as _warnings
+
+# Brevitas warns on import that an optional CUDA kernel package (fast_hadamard_transform, used only by
+# its Hadamard-rotation equalization, which qdeploy never calls) is missing: on every compile of a
+# module:function model and in every search worker.  Only that message is silenced.
+_warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found", category=UserWarning)
+
 from .api import CompileResult, compile, estimate, load, load_config, run, search
 from .runtime import CompiledModel
 from .version import __version__

@@ -246,8 +246,16 @@ def output_path(output: Path, names: list) -> Path:
     given; another name gets ``.npy`` appended for one output, ``.npz`` for several.
 
     Raises:
-        QDeployError: a ``.npy`` path for a model with several outputs.
+        QDeployError: a ``.npy`` path for a model with several outputs; an existing directory; a
+            path under a regular file.
     """
+    if output.is_dir():
+        raise QDeployError(f"--output {output} is a directory: give a file path, e.g. {output / 'y.npy'}")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise QDeployError(f"cannot write the outputs to {output}: {parent} is a file, not a directory")
+            break
     if output.suffix == ".npy" and len(names) > 1:
         raise QDeployError(f"the model has {len(names)} outputs ({', '.join(names)}): a .npy file holds one array; "
                            f"give an .npz output path (one array per output name)")
@@ -264,6 +272,7 @@ def _run_program(program: Path, input: Path, output: Path) -> None:
         m = MultiStageModel.load(program)
         x = load_array_file(input, m.program.inputs)
         pred, exit_idx = m.predict(x)
+        output_path(output, ["prediction"])  # refuses a directory or a path under a file
         output = output if output.suffix == ".npy" else output.with_name(output.name + ".npy")
         exits_out = output.with_name(output.stem + "_exit.npy")
         output.parent.mkdir(parents=True, exist_ok=True)

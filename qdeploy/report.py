@@ -313,10 +313,10 @@ def _num(x, fmt: str) -> str:
 
 def remat_markdown(rm: dict) -> list[str]:
     """The ``## Memory (rematerialization)`` section of ``report.md`` as lines."""
-    from .passes.memory import fmt_bytes
+    from .passes.memory import bytes_text
 
     def b(x):
-        return "-" if x is None else f"{int(x)} B ({fmt_bytes(x)})"
+        return "-" if x is None else bytes_text(x)
     before, after = rm.get("peak_before"), rm.get("peak_after")
     saved = (f", {100.0 * (before - after) / before:.1f}% lower" if before and after is not None and after < before
              else "")

@@ -44,12 +44,16 @@ def check_out_dir(out_dir) -> Path:
     """``out_dir`` as an absolute path, checked that it can become an output directory.
 
     Raises:
-        QDeployError: empty name, a path under a regular file, or a nearest existing parent that
-            is not writable.
+        QDeployError: empty name, an existing file (not a directory: ``force`` replaces only an
+            artifact directory), a path under a regular file, or a nearest existing parent that is
+            not writable.
     """
     if out_dir is None or str(out_dir).strip() == "":
         raise QDeployError("output directory name is empty")
     out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise QDeployError(f"output path {out} is a file, not a directory (--force / force=True replaces only an "
+                           "earlier output directory): choose another path")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():

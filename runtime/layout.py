@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..compiler.errors import QDeployError
+from ..compiler.errors import FeedError, QDeployError
 
 __all__ = ["Layout", "CHANNELS_LAST", "SOURCE", "ir_letters", "graph_layouts", "manifest_layouts",
            "declared_layouts", "channels_last_mode", "to_ir", "from_ir"]
@@ -151,7 +151,7 @@ def channels_last_mode(layout, layouts: dict[str, Layout]) -> bool:
             modes.add(True)
         elif lay.source != lay.ir or n == next(iter(layouts)) and not any(
                 layout in (v.source, v.ir) for v in layouts.values()):
-            raise QDeployError(f"input {n!r} is {lay.source} (the source layout) or {lay.ir} "
+            raise FeedError(f"input {n!r} is {lay.source} (the source layout) or {lay.ir} "
                                f"({CHANNELS_LAST}); got layout {layout!r}", n)
     if len(modes) > 1:
         raise QDeployError(f"layout {layout!r} is the source layout of some inputs and the {CHANNELS_LAST} layout "
@@ -167,7 +167,7 @@ def to_ir(name: str, x, ir_shape, lay: Layout, channels_last: bool) -> np.ndarra
         x: the array, in ``lay.source`` (or ``lay.ir`` with ``channels_last``).
         ir_shape: the IR per-sample shape (no batch dimension).
     Raises:
-        QDeployError: a shape that does not match, stated in the user's layout, e.g.
+        FeedError (a QDeployError): a shape that does not match, stated in the user's layout, e.g.
             ``expected (N, 4, 4, 4) in NCHW``.
     """
     x = np.asarray(x)
@@ -181,7 +181,7 @@ def to_ir(name: str, x, ir_shape, lay: Layout, channels_last: bool) -> np.ndarra
         x = x[None]
     if x.ndim != len(perm) or tuple(x.shape[1:]) != want:
         letters = lay.ir if channels_last else lay.source
-        raise QDeployError(f"input {name!r} has shape {x.shape}, expected ({', '.join(map(str, user_shape))}) in "
+        raise FeedError(f"input {name!r} has shape {x.shape}, expected ({', '.join(map(str, user_shape))}) in "
                            f"{letters}" + ("" if channels_last or lay.source == lay.ir else
                                            f" (or pass {lay.ir} arrays with layout={CHANNELS_LAST!r})"), name)
     return np.transpose(x, perm)

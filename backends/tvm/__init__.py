@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ...compiler.errors import CompileError
+from ...compiler.errors import CompileError, FeedError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
@@ -161,7 +161,7 @@ def feed_array(feeds: dict, name: str, v, dt, quantized: bool) -> np.ndarray:
 
     Raises:
         KeyError: the input is missing.
-        ValueError: a shape other than ``(N, *v.shape)``; NaN in an input the library quantizes
+        FeedError (a ValueError): a shape other than ``(N, *v.shape)``; NaN in an input the library quantizes
             (compiled code cannot raise; the reference does); integer codes outside a fixed-point
             input's type (the library narrows by that type, :mod:`.intplan`, so it would compute
             them differently from the reference).
@@ -170,13 +170,14 @@ def feed_array(feeds: dict, name: str, v, dt, quantized: bool) -> np.ndarray:
         raise KeyError(f"missing input {name!r}")
     a = np.ascontiguousarray(np.asarray(feeds[name]), dtype=dt)
     if a.shape[1:] != tuple(v.shape):
-        raise ValueError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})")
+        raise FeedError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})", name)
     if quantized and np.isnan(a).any():
-        raise ValueError(f"NaN cannot be quantized to a fixed-point type (input {name!r})")
+        bad = np.flatnonzero(np.isnan(a.reshape(len(a), -1)).any(axis=1))[:10].tolist()
+        raise FeedError(f"input {name!r} contains NaN (sample(s) {bad}): fixed-point types have no NaN", name)
     if isinstance(v.dtype, FixedType) and a.size:
         lo, hi = v.dtype.min_code, v.dtype.max_code
         if a.min() < lo or a.max() > hi:
-            raise ValueError(f"input {name!r} has codes outside its type {v.dtype} [{lo}, {hi}]: [{a.min()}, {a.max()}]")
+            raise FeedError(f"input {name!r} has codes outside its type {v.dtype} [{lo}, {hi}]: [{a.min()}, {a.max()}]", name)
     return a
 
 

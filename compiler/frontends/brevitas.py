@@ -66,13 +66,31 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
         except QDeployError:
             raise
         except Exception as e:
-            raise ModelImportError(f"Brevitas export_qonnx of {gname} failed: {type(e).__name__}: {e}") from None
+            raise ModelImportError(f"Brevitas export_qonnx of {gname} failed: {type(e).__name__}: {e}"
+                                   + _forward_hint(module, example_input)) from None
         finally:
             module.train(was_training)
         g = import_onnx(path, name=gname)
     meta = dict(g.meta)
     meta.update(frontend="brevitas", source=f"brevitas:{type(module).__module__}.{type(module).__qualname__}")
     return g.with_(meta=meta)
+
+
+def _forward_hint(module, example_input) -> str:
+    """Why an export failed, when the module's own forward already fails on the example input
+    (typically an example without the batch axis): ``"; the module's forward fails on the example
+    input of shape ...: ..."``, else ``""``."""
+    try:
+        import torch
+        with torch.no_grad(), _quiet():
+            module(*example_input) if isinstance(example_input, (tuple, list)) else module(example_input)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward is the explanation
+        shapes = [tuple(t.shape) for t in (example_input if isinstance(example_input, (tuple, list)) else [example_input])
+                  if hasattr(t, "shape")]
+        return (f"; the module's own forward fails on the example input of shape {', '.join(map(str, shapes)) or '?'} "
+                f"({type(e).__name__}: {e}): the example input must be batch-first (one sample: shape (1, ...)) "
+                "and fit the module")
+    return ""
 
 
 def _one_sample(x):

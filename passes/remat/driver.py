@@ -8,7 +8,7 @@ import numpy as np
 from ...compiler.errors import QDeployError
 from ...compiler.ir.graph import Graph
 from ..manager import current_context, register_pass
-from ..memory import fmt_bytes, memory_profile, min_feasible_bytes
+from ..memory import bytes_text, memory_profile, min_feasible_bytes
 from .cost import resolve_costs
 from .cp_sat import solve_cp
 from .evaluate import evaluate
@@ -66,8 +66,8 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
         return graph, rep
     lb, why = min_feasible_bytes(graph, packing, batch)
     if b < lb:
-        raise RematError(f"memory budget {b} B ({fmt_bytes(b)}) is below the minimum feasible peak {lb} B "
-                         f"({fmt_bytes(lb)}, {why}); no schedule can fit (unrematerialized peak {base.peak} B)")
+        raise RematError(f"memory budget {bytes_text(b)} is below the minimum feasible peak {bytes_text(lb)} "
+                         f"({why}); no schedule can fit (unrematerialized peak {bytes_text(base.peak)})")
     t0 = time.perf_counter()
     greedy = solve_greedy(p, b, max_copies, time_limit=min(time_limit, 30.0))
     if method == "greedy":
@@ -86,9 +86,9 @@ def rematerialize(graph: Graph, budget, *, packing: str = "byte", batch: int = 1
         mp = solve_cp(p, None, max_copies, time_limit, workers=workers, minimize_peak=True)
         best = min(x for x in (mp.peak, greedy.peak, base.peak) if x is not None)
         proven = " (proven minimum)" if mp.status == "optimal" and mp.peak == best else " (best found)"
-        raise RematError(f"memory budget {b} B ({fmt_bytes(b)}) cannot be met with at most {max_copies} copies "
-                         f"per node ({method}: {res.status}); smallest feasible peak {best} B "
-                         f"({fmt_bytes(best)}){proven}; lower bound {lb} B ({why})")
+        raise RematError(f"memory budget {bytes_text(b)} cannot be met with at most {max_copies} copies "
+                         f"per node ({method}: {res.status}); smallest feasible peak {bytes_text(best)}"
+                         f"{proven}; lower bound {bytes_text(lb)} ({why})")
     g = rewrite(graph, p, res.schedule)
     ext = [p.names[v] for v, c in enumerate(np.bincount([v for v, _ in res.schedule.steps], minlength=p.n))
            for _ in range(c - 1)]

@@ -68,6 +68,26 @@ def test_run_output_handling(tmp_path, rng):
     assert r.returncode == 2 and "not a NumPy" in r.stderr and "pickle" not in r.stderr
 
 
+def test_output_paths_that_are_files_or_directories_are_named(tmp_path, rng):
+    """`run -o DIR` must not write DIR.npy beside the directory; a path under a file says so (not
+    'File exists'); `compile -o FILE` is refused with or without --force, naming the file."""
+    g = small_mlp(rng)
+    qdeploy.compile(g, "reference", tmp_path / "art")
+    np.save(tmp_path / "x.npy", rng.uniform(-1, 1, (3, 16)).astype(np.float32))
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    run = ["run", str(tmp_path / "art"), "-i", str(tmp_path / "x.npy"), "-o"]
+    r = CliRunner().invoke(app, run + [str(tmp_path / "outdir")])
+    assert r.exit_code == 2 and "is a directory" in r.output, r.output
+    assert not (tmp_path / "outdir.npy").exists() and list((tmp_path / "outdir").iterdir()) == []
+    r = CliRunner().invoke(app, run + [str(tmp_path / "afile" / "y.npy")])
+    assert r.exit_code == 2 and "afile is a file, not a directory" in r.output, r.output
+    for force in (False, True):
+        with pytest.raises(QDeployError, match="afile is a file, not a directory"):
+            qdeploy.compile(g, "reference", tmp_path / "afile", force=force)
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
 def test_golden_check_rejects_npy_and_negative_tolerance(tmp_path, rng):
     qdeploy.compile(small_mlp(rng), "reference", tmp_path / "art")
     np.save(tmp_path / "g.npy", np.zeros(3))
@@ -138,5 +158,10 @@ def test_tvm_rejects_nan_like_reference(tmp_path, rng):
     qdeploy.compile(g, "tvm-llvm", tmp_path / "t")
     x = rng.uniform(-1, 1, (2, 16)).astype(np.float32)
     x[1, 3] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    from qdeploy.compiler.errors import FeedError
+    with pytest.raises(ValueError, match="NaN") as ei:  # a FeedError, which is also a ValueError
         qdeploy.CompiledModel.load(tmp_path / "t").predict(x)
+    assert isinstance(ei.value, FeedError) and "sample(s) [1]" in ei.value.one_line()
+    from qdeploy.compiler.reference import execute
+    with pytest.raises(FeedError, match=r"sample\(s\) \[1\]"):  # the reference interpreter names it too
+        execute(g, {g.inputs[0]: x})

@@ -367,7 +367,7 @@ def build():
 
 
 def test_brevitas_and_load_model_spec(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     pytest.importorskip("brevitas")
     f = tmp_path / "tiny_brevitas.py"
     f.write_text(BREVITAS_MODEL)
@@ -469,3 +469,19 @@ def test_leaky_relu_with_zero_slope_is_a_relu(rng):
     g = import_onnx(m)
     assert "Relu" in ops(g) and "LeakyRelu" not in ops(g)
     np.testing.assert_array_equal(run_ir(g, x), run_qonnx(m, x))
+
+
+def test_brevitas_example_without_batch_axis_is_explained():
+    """An example input without the batch axis fails inside Brevitas' export with a bare
+    IndexError; the error says that the module's own forward fails and that the example must be
+    batch-first (a new user's mistake)."""
+    import torch
+    import brevitas.nn as qnn
+    from qdeploy.compiler.frontends.brevitas import import_brevitas
+
+    m = torch.nn.Sequential(qnn.QuantIdentity(bit_width=8, return_quant_tensor=True),
+                            qnn.QuantLinear(16, 8, bias=True, weight_bit_width=4), torch.nn.ReLU())
+    with pytest.raises(ModelImportError, match=r"own forward fails on the example input of shape \(16,\).*batch-first"):
+        import_brevitas(m, torch.rand(16))
+    g = import_brevitas(m, torch.rand(1, 16))  # the same module with a batch axis imports
+    assert list(g.inputs) and len(g.nodes) > 0

@@ -367,3 +367,25 @@ class Wide:
                     ok.remove(owner[0])
             self._res[backend] = (rejected, comp, outs)
         return self._res[backend]
+
+
+# ------------------------------------------------------------------------------ xdist groups
+def pytest_collection_modifyitems(config, items):
+    """With ``pytest -n N --dist loadgroup`` (the night run of the slow grid), every bit-width test
+    of one model and backend goes to one worker, so each wide model (a TVM build of an 800-node
+    graph costs minutes) is built once instead of once per worker; every other test is grouped by
+    its file (as ``--dist loadfile``: module fixtures are built once).  Other distributions (the
+    default ``--dist loadfile``) ignore the mark."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        cs = getattr(item, "callspec", None)
+        mod = getattr(item, "module", None)
+        model_of = getattr(mod, "MODEL_OF", {})
+        tname = cs.params.get("tname") if cs is not None else None
+        backend = cs.params.get("backend") if cs is not None else None
+        if tname in model_of and backend is not None:
+            group = f"{model_of[tname]}-{backend}"
+        else:
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
