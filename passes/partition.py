@@ -104,12 +104,8 @@ def partition(graph: Graph) -> Partition:
     pro_outputs += [o for o in graph.outputs if o in {n.output for n in pro} and o not in pro_outputs]
     prologue = subgraph(graph, pro, list(graph.inputs), pro_outputs, "prologue") if pro else None
     device = subgraph(graph, dev, dev_inputs, dev_outputs, "device")
-    epi_inputs = []
-    for n in epi:
-        for i in n.inputs:
-            if i not in {m.output for m in epi} and i not in epi_inputs:
-                epi_inputs.append(i)
-    epilogue = subgraph(graph, epi, epi_inputs, [o for o in graph.outputs if o in epi_vals], "epilogue") if epi else None
+    epilogue = subgraph(graph, epi, external_inputs(epi), [o for o in graph.outputs if o in epi_vals],
+                        "epilogue") if epi else None
     return Partition(prologue, device, epilogue)
 
 
@@ -128,6 +124,16 @@ def run_partitioned(part: Partition, graph: Graph, feeds: dict, device_fn) -> di
         env.update(execute(part.epilogue, {i: env[i] for i in part.epilogue.inputs}, codes=True))
     return {o: env[o] for o in graph.outputs}
 
+
+
+def external_inputs(nodes) -> list[str]:
+    """The values ``nodes`` read that none of them computes, in first-use order (the inputs of
+    the subgraph they form)."""
+    made = {n.output for n in nodes}
+    out: list[str] = []
+    for n in nodes:
+        out += [i for i in n.inputs if i not in made and i not in out]
+    return out
 
 
 def split_epilogue(graph: Graph, device_ok=None) -> tuple[Graph, Graph | None]:
@@ -160,10 +166,8 @@ def split_epilogue(graph: Graph, device_ok=None) -> tuple[Graph, Graph | None]:
             return graph, None
         part_epi = [n for n in graph.nodes if n.name in epi_names]
         epi_vals = {n.output for n in part_epi}
-        epi_in = []
-        for n in part_epi:
-            epi_in += [i for i in n.inputs if i not in epi_vals and i not in epi_in]
-        epilogue = subgraph(graph, part_epi, epi_in, [o for o in graph.outputs if o in epi_vals], "epilogue")
+        epilogue = subgraph(graph, part_epi, external_inputs(part_epi), [o for o in graph.outputs if o in epi_vals],
+                            "epilogue")
         part = Partition(part.prologue, part.device, epilogue)
     core_nodes = [n for n in graph.nodes if n.name not in epi_names]
     core_out = [o for o in graph.outputs if o not in {n.output for n in part.epilogue.nodes}]

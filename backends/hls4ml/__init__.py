@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import hashlib
 import io
 import os
 import shutil
@@ -42,6 +41,8 @@ from . import ops_threshold  # noqa: F401 - registers MultiThreshold in the .ops
 from .da import DA, check_da, is_da
 from .ops import TRANSLATE
 from .mac_cost import layer_reuse_factors
+from .csim import CXXFLAGS, WEIGHTS_DIR_CPP, WEIGHTS_DIR_SRC, WEIGHTS_FLAGS, set_weights_dir, src_hash, traced_run
+from .model_check import check_model, check_reuse_factors
 from .settings import adjusted_sentence, full_part, requested_reuse_factor
 from .translate import MAX_IO_WIDTH, Translation, translate
 
@@ -71,12 +72,6 @@ BACKENDS = ("Vitis", "Vivado", "Catapult")
 #:   whatever the permutation.
 _BAD_OPTIMIZERS = {"vivado:quantization": ("vivado:merge_batch_norm_quantized_tanh",),
                    "convert": ("remove_transpose_before_flatten", "remove_single_channel_transpose")}
-#: Layers hls4ml may drop on its own without changing any value (identical-type linear cast,
-#: no-op reshape in io_parallel, final reshape, unit BatchNormalization).
-_DROPPABLE = ("Reshape", "Activation", "BatchNormalization")
-#: Layers hls4ml may insert on its own (exact: data movement only).
-_INSERTABLE = ("ZeroPadding1D", "ZeroPadding2D", "Clone", "Repack", "Broadcast")
-CXXFLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-gnu-unique", "-w"]
 _lock = threading.Lock()
 
 
@@ -137,7 +132,7 @@ def _without_bad_optimizers():
 
 def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False, layer_rf: dict | None = None):
     """The hls4ml ModelGraph of ``tr``; ``trace``: every layer saves its output (hls4ml's
-    ``Trace`` layer option and ``trace_output``, read back by :func:`_traced_run`)."""
+    ``Trace`` layer option and ``trace_output``, read back by :func:`traced_run`)."""
     import hls4ml
     from hls4ml.model.graph import ModelGraph
 
@@ -166,206 +161,6 @@ def _build_model(tr: Translation, opts: dict, prj: Path, trace: bool = False, la
         model.config.trace_output = True
     return model
 
-
-def _check_reuse_factors(model, tr: Translation, rfs: dict) -> None:
-    """hls4ml must build every Dense/Conv layer with the reuse factor qdeploy computed
-    (:func:`.settings.closest_reuse_factor`); a layer it changed means the two legalizations
-    disagree, and the estimate would describe another design.
-
-    Raises:
-        CompileError: naming the node, both values.
-    """
-    layers = {lay.name: lay for lay in model.get_layers()}
-    for node, r in rfs.items():
-        for name in tr.node_layers.get(node, []):
-            lay = layers.get(name)
-            if lay is None or lay.get_attr("reuse_factor") is None:
-                continue
-            if int(lay.get_attr("reuse_factor")) != r["used"]:
-                raise CompileError(f"hls4ml built layer {name!r} with reuse factor {lay.get_attr('reuse_factor')}, "
-                                   f"qdeploy computed {r['used']} (asked: {r['requested']}): the legalizations "
-                                   f"disagree", node)
-
-
-def _traced_run(model, so: Path, xs: list[np.ndarray]) -> dict:
-    """Run a traced C simulation (built from ``model`` written with ``trace_output``) on each
-    sample and collect every traced layer's output, as hls4ml 1.3's ``ModelGraph.trace`` does
-    (``allocate_trace_storage`` / ``collect_trace_output`` / ``free_trace_storage`` of
-    ``<project>_bridge.cpp``), but with our own g++ build.
-
-    Args:
-        xs: one ``(n, size)`` float64 array per model input.
-    Returns:
-        ``{layer name: (n, size) float64}``.
-    """
-    import numpy.ctypeslib as npc
-
-    class TraceData(ctypes.Structure):
-        _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.c_void_p)]
-
-    lib = ctypes.CDLL(str(so.resolve()))
-    _set_weights_dir(lib, so)
-    top = getattr(lib, f"{model.config.get_project_name()}_double")
-    outs = [int(np.prod(v.shape)) for v in model.get_output_variables()]
-    top.restype = None
-    top.argtypes = [npc.ndpointer(ctypes.c_double, flags="C_CONTIGUOUS")] * (len(xs) + len(outs))
-    sizes = {lay.name: int(np.prod(lay.get_output_variable().shape)) for lay in model.get_layers()
-             if lay.get_attr("function_cpp", None) and lay.get_attr("trace", False)}
-    n_traced = sum(len(lay.get_variables()) for lay in model.get_layers() if lay.name in sizes)
-    lib.collect_trace_output.argtypes = [ctypes.POINTER(TraceData)]
-    lib.allocate_trace_storage.argtypes = [ctypes.c_size_t]
-    data = (TraceData * n_traced)()
-    n = xs[0].shape[0]
-    res = {k: np.zeros((n, v)) for k, v in sizes.items()}
-    lib.allocate_trace_storage(ctypes.sizeof(ctypes.c_double))
-    try:
-        for i in range(n):
-            top(*[np.ascontiguousarray(x[i]) for x in xs], *[np.zeros(k) for k in outs])
-            lib.collect_trace_output(data)
-            for d in data:
-                name = d.name.decode()
-                if name in res:
-                    res[name][i] = np.ctypeslib.as_array(ctypes.cast(d.data, ctypes.POINTER(ctypes.c_double)),
-                                                         shape=(sizes[name],))
-    finally:
-        lib.free_trace_storage()
-    return res
-
-
-def _check_model(model, tr: Translation) -> list[dict]:
-    """Verify hls4ml kept our layers and types; returns a per-layer summary.
-
-    Raises:
-        CompileError: when hls4ml replaced a layer, changed a precision, or dropped a layer
-            that is not a value-preserving no-op.
-    """
-    ours = {d["name"]: d for d in tr.layers}
-    seen, summary = set(), []
-    for lay in model.get_layers():
-        name = lay.name
-        types = {k: str(v.precision) for k, v in lay.types.items()}
-        summary.append({"name": name, "class": lay.class_name, "types": types,
-                        "reuse_factor": lay.get_attr("reuse_factor"), "strategy": lay.get_attr("strategy"),
-                        **({"da_kernel_cost": float(lay.get_attr("da_kernel_cost"))}
-                           if lay.get_attr("da_kernel_cost") is not None else {})})
-        if name not in ours:
-            if lay.class_name not in _INSERTABLE:
-                raise CompileError(f"hls4ml inserted an unexpected layer {name!r} ({lay.class_name})")
-            continue
-        seen.add(name)
-        want_cls = {"InputLayer": "Input"}.get(ours[name]["class_name"], ours[name]["class_name"])
-        if _cls(lay.class_name) != _cls(want_cls) and lay.class_name != _hls4ml_class(want_cls):
-            raise CompileError(f"hls4ml replaced layer {name!r} ({want_cls}) by {lay.class_name}")
-        for var, want in tr.precisions[name].items():
-            attr = f"{var}_t"
-            t = lay.get_attr(attr)
-            if t is None:
-                continue
-            got = str(t.precision)
-            if _norm(got) != _norm(want) and not (var == "accum" and _max_pool(lay) and _holds(t.precision, want)):
-                raise CompileError(f"hls4ml changed precision {var} of layer {name!r}: {want} -> {got}")
-    for name, d in ours.items():
-        if name not in seen and d["class_name"] not in _DROPPABLE + ("InputLayer",):
-            raise CompileError(f"hls4ml dropped layer {name!r} ({d['class_name']})")
-    return summary
-
-
-def _max_pool(lay) -> bool:
-    """A max-pooling layer (its accumulator only holds one of the input values)."""
-    return "Pooling" in lay.class_name and str(lay.get_attr("pool_op", "")).lower() == "max"
-
-
-def _holds(prec, want: str) -> bool:
-    """hls4ml precision ``prec`` represents every value of our fixed type ``want``
-    (``ap_[u]fixed<W,I,...>``): at least as many integer and fraction bits, and signed if ``want`` is.
-    (Catapult's optimizers widen a max-pool accumulator; the maximum of exactly held values is the same.)"""
-    import re
-    m = re.match(r"\s*ap_(u?)fixed<\s*(\d+)\s*,\s*(-?\d+)", want)
-    if m is None or not all(hasattr(prec, a) for a in ("width", "integer", "signed")):
-        return False
-    w_signed, w_width, w_int = m.group(1) != "u", int(m.group(2)), int(m.group(3))
-    p_int_mag = prec.integer - (1 if prec.signed else 0)
-    w_int_mag = w_int - (1 if w_signed else 0)
-    return (prec.signed or not w_signed) and p_int_mag >= w_int_mag and \
-        prec.width - prec.integer >= w_width - w_int
-
-
-def _hls4ml_class(c: str) -> str | None:
-    """Name of the Python class hls4ml instantiates for layer dict class ``c`` (its
-    ``hls4ml.model.layers.layer_map``: e.g. ``LeakyReLU`` -> ``ParametrizedActivation``)."""
-    from hls4ml.model.layers import layer_map
-    cls = layer_map.get(c)
-    return cls.__name__ if cls is not None else None
-
-
-def _cls(c: str) -> str:
-    """Layer class modulo hls4ml's renames (MaxPooling2D -> Pooling2D, Conv2D -> PointwiseConv2D...)."""
-    for tok in ("Max", "Average", "Pointwise", "DepthwiseConv", "Merge"):
-        c = c.replace(tok, "")
-    return c
-
-
-def _norm(t: str) -> str:
-    """Canonical text of an ap_* / hls4ml precision string (hls4ml prints ``fixed<8,3,RND_CONV,SAT,0>``)."""
-    from ...compiler.ir.types import parse_type
-
-    t = t.replace(" ", "")
-    parts = t[:-1].split(",")
-    if len(parts) == 5 and parts[-1] == "0":  # saturation bits N=0
-        t = ",".join(parts[:-1]) + ">"
-    try:
-        return str(parse_type(t))
-    except ValueError:
-        return t
-
-
-#: The C simulation reads the weights from ``firmware/weights/*.txt`` at its first call (hls4ml's
-#: ``write_weights_txt``: g++ then compiles no weight values, 4-21x faster on real models) from a
-#: folder set at load time (:data:`WEIGHTS_DIR_SRC`), so the library stays relocatable and one build
-#: serves every model with the same layers and types (the build cache key leaves the values out).
-WEIGHTS_DIR_H = "qdeploy_weights_dir.h"
-WEIGHTS_DIR_CPP = "qdeploy_weights_dir.cpp"
-WEIGHTS_DIR_SRC = {
-    WEIGHTS_DIR_H: "#ifndef QDEPLOY_WEIGHTS_DIR_H_\n#define QDEPLOY_WEIGHTS_DIR_H_\n"
-                   "// qdeploy: where the C simulation library reads firmware/weights/*.txt (set when it is loaded)\n"
-                   "extern \"C\" const char *qdeploy_weights_dir(void);\n#endif\n",
-    WEIGHTS_DIR_CPP: "#include <string>\nstatic std::string qdeploy_dir = \"firmware/weights\";\n"
-                     "extern \"C\" const char *qdeploy_weights_dir(void) { return qdeploy_dir.c_str(); }\n"
-                     "extern \"C\" void qdeploy_set_weights_dir(const char *d) { qdeploy_dir = d; }\n",
-}
-WEIGHTS_FLAGS = ["-DWEIGHTS_DIR=qdeploy_weights_dir()", "-include", WEIGHTS_DIR_H]
-
-
-def _src_hash(prj: Path, project: str) -> str:
-    """Build cache key of the C simulation: hls4ml version, flags and every source g++ reads,
-    with the weight *values* left out (the library loads them from the ``.txt`` files: in each
-    weight header only the declaration before ``#else`` is compiled)."""
-    import re
-
-    import hls4ml
-
-    h = hashlib.sha256(f"hls4ml {hls4ml.__version__} {' '.join(CXXFLAGS + WEIGHTS_FLAGS)} txt".encode())
-    files = [prj / f"{project}_bridge.cpp", prj / WEIGHTS_DIR_H, prj / WEIGHTS_DIR_CPP] + sorted((prj / "firmware").rglob("*"))
-    for f in files:
-        if f.is_file() and f.suffix in (".cpp", ".h", ".hpp") and "ap_types" not in f.parts:
-            h.update(str(f.relative_to(prj)).encode())
-            data = f.read_bytes()
-            if f.parent.name == "weights" and b"#ifndef __SYNTHESIS__" in data:
-                data = re.sub(rb"#else\n.*?#endif", b"", data, count=1, flags=re.S)
-            h.update(data)
-    return h.hexdigest()[:20]
-
-
-def _set_weights_dir(lib, so: Path) -> None:
-    """Point the loaded C simulation ``lib`` (built from ``<prj>/firmware``) at ``<prj>/firmware/weights``
-    (a library built by an older qdeploy has no such function: its weights are compiled in)."""
-    try:
-        fn = lib.qdeploy_set_weights_dir
-    except AttributeError:
-        return
-    fn.argtypes = [ctypes.c_char_p]
-    fn.restype = None
-    fn(str((so.parent / "weights").resolve()).encode())
 
 
 class Hls4mlBackend:
@@ -417,10 +212,10 @@ class Hls4mlBackend:
         layer_rf = {lay: r["used"] for node, r in rfs.items() for lay in tr.node_layers.get(node, [])}
         prj = Path(out_dir) / PRJ_DIR
         model = _build_model(tr, opts, prj, layer_rf=layer_rf)
-        _check_model(model, tr)
+        check_model(model, tr)
         model.write()
-        summary = _check_model(model, tr)  # writing applies the remaining flows: check again
-        _check_reuse_factors(model, tr, rfs)
+        summary = check_model(model, tr)  # writing applies the remaining flows: check again
+        check_reuse_factors(model, tr, rfs)
         for name, text in WEIGHTS_DIR_SRC.items():
             (prj / name).write_text(text)
         missing = [f"{w.name}.txt" for lay in model.get_layers() for w in lay.get_weights()
@@ -482,7 +277,7 @@ class Hls4mlBackend:
         """
         prj = Path(out_dir) / info["project_dir"]
         project = info["project_name"]
-        digest = _src_hash(prj, project)
+        digest = src_hash(prj, project)
         so = prj / "firmware" / f"{project}-{digest[:12]}.so"
         cached = _cache_dir() / f"{digest}.so"
         hit = cached.is_file()
@@ -557,7 +352,7 @@ class Hls4mlBackend:
             so = prj / "firmware" / f"{opts['project_name']}-trace.so"
             self._compile(prj, opts["project_name"], so)
             xs = [v.dtype.to_real(np.asarray(ref_all[v.name])).reshape(-1, v.size) for v in dev.input_values()]
-            traced = _traced_run(model, so, xs)
+            traced = traced_run(model, so, xs)
         got = {v: traced[lay] for v, lay in tr.value_layer.items() if lay in traced and v not in dev.inputs}
         div = first_divergence(dev, ref_all, got, tr.node_layers, getattr(tr, "perms", None))
         div["how"] = f"a traced hls4ml C simulation ({len(traced)} layers)"
@@ -592,7 +387,7 @@ class _CSim:
         if not so.is_file():
             raise CompileError(f"compiled C simulation {so} not found (was the directory moved without it?)")
         self.lib = ctypes.CDLL(str(so.resolve()))
-        _set_weights_dir(self.lib, so)
+        set_weights_dir(self.lib, so)
         self.fn = getattr(self.lib, f"{project}_double")
         self.fn.restype = None
         hls_out = info["hls_outputs"]

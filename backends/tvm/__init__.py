@@ -12,7 +12,6 @@ only when a method is called, so importing this package is cheap.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -20,18 +19,19 @@ from typing import Callable
 
 import numpy as np
 
-from ...compiler.errors import CompileError, FeedError
+from ...compiler.errors import CompileError
 from ...compiler.ir.graph import Graph
 from ...compiler.ir.types import FixedType
 from ...compiler.reference import execute
+from .arrays import feed_array, from_tvm, to_tvm
 from .fastcall import FastCall
+from .library import BUILD_FILE, build_library, build_meta, choose_library, parallel_opts, scheduled
 from .softmax_lut import library_softmax
-from .schedule import DEFAULT_SCHEDULE, MIN_PARALLEL_WORK, SCHEDULES, schedule_cpu
+from .schedule import DEFAULT_SCHEDULE, SCHEDULES
 from ..progress import report
-from . import target as _target
-from .target import (X86_LEVELS, cross_compiler, library_target, not_run_reason, resolve_cpu_variants,
-                     resolve_target, variant_runs_here)
-from .tune import TUNE_DIR, apply_records, ensure_records, record_count, static_batches, tune_options
+from .target import (X86_LEVELS, cross_compiler, not_run_reason, resolve_cpu_variants, resolve_target,
+                     variant_runs_here)
+from .tune import ensure_records, tune_options
 
 BATCH1_ENTRY = "main_b1"  # == lower.BATCH1_ENTRY (lower imports tvm, this module must not)
 
@@ -41,35 +41,6 @@ GRAPH_STEM = "model"
 EPILOGUE_STEM = "host_epilogue"
 FULL_STEM = "full_model"
 SCRIPT_FILE = "model.relax.txt"
-BUILD_FILE = "tvm_build.json"
-
-
-def _scheduled(mod, tgt, info: dict, fused: bool = False):
-    """``mod`` ready for ``tvm.compile`` under the schedule options of ``info`` (call inside
-    the build's ``PassContext``): unchanged for ``schedule: "none"``; for ``"auto"`` fused by
-    ``relax.get_pipeline("zero")`` (legalize, FuseOps, FuseTIR; skipped when ``fused``, e.g. by
-    :func:`.tune.apply_records`) and scheduled by :func:`.schedule.schedule_cpu` with
-    ``parallel`` / ``min_parallel_work`` (kernels already scheduled are left alone)."""
-    if str(info.get("schedule", "none")) == "none":
-        return mod
-    from tvm import relax
-
-    if not fused:
-        with tgt:
-            mod = relax.get_pipeline("zero")(mod)
-    return schedule_cpu(mod, parallel=bool(info.get("parallel", True)),
-                        min_parallel_work=int(info.get("min_parallel_work", MIN_PARALLEL_WORK)))
-
-
-def _parallel_opts(opts: dict) -> dict:
-    """The validated ``parallel`` / ``min_parallel_work`` options of config ``tvm:``."""
-    par = opts.get("parallel", True)
-    if not isinstance(par, bool):
-        raise CompileError(f"tvm.parallel must be true or false, got {par!r}")
-    mpw = opts.get("min_parallel_work", MIN_PARALLEL_WORK)
-    if isinstance(mpw, bool) or not isinstance(mpw, int) or mpw < 0:
-        raise CompileError(f"tvm.min_parallel_work must be an integer >= 0 (element operations), got {mpw!r}")
-    return {"parallel": par, "min_parallel_work": mpw}
 
 
 def default_threads() -> int:
@@ -95,181 +66,6 @@ def default_threads() -> int:
             n = os.cpu_count() or 1
         os.environ["TVM_NUM_THREADS"] = str(max(1, n))
     return int(tvm.get_global_func("runtime.NumThreads")())
-
-
-def _aligned(a: np.ndarray) -> np.ndarray:
-    """``a`` (C-contiguous) or a copy of it whose data is 64-byte aligned (DLPack import needs it)."""
-    if a.ctypes.data % 64 == 0:
-        return a
-    buf = np.empty(a.nbytes + 64, dtype=np.uint8)
-    off = (-buf.ctypes.data) % 64
-    b = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-    b[...] = a
-    return b
-
-
-def _to_tvm(a):
-    """A TVM tensor for a C-contiguous numpy array or torch CPU tensor ``a`` (right dtype):
-    zero-copy through DLPack when the data is 64-byte aligned, one aligned copy otherwise.
-    (torch is used when importable: its allocations are 64-byte aligned and its pointer check
-    is cheaper than numpy's ``ctypes``.)"""
-    torch, from_dlpack = _fast_imports()
-    if torch is not None:
-        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-        if not t.is_contiguous():
-            t = t.contiguous()
-        if t.numel() == 0:
-            import tvm
-
-            return tvm.runtime.tensor(t.numpy())
-        if t.data_ptr() % 64:
-            t = t.clone()
-        return from_dlpack(t)
-    import tvm
-
-    if a.size == 0 or not a.flags.c_contiguous:
-        return tvm.runtime.tensor(np.ascontiguousarray(a))
-    return from_dlpack(_aligned(a))
-
-
-_FAST: list = []
-
-
-def _fast_imports():
-    """(torch or None, tvm.runtime.from_dlpack), imported once."""
-    if not _FAST:
-        import tvm
-
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a project dependency
-            torch = None
-        _FAST.extend([torch, tvm.runtime.from_dlpack])
-    return _FAST[0], _FAST[1]
-
-
-def _from_tvm(t) -> np.ndarray:
-    """A numpy view of a TVM CPU tensor (zero-copy DLPack; a copy when that is refused)."""
-    try:
-        return np.from_dlpack(t)
-    except Exception:  # pragma: no cover
-        return np.asarray(t.numpy())
-
-
-def feed_array(feeds: dict, name: str, v, dt, quantized: bool) -> np.ndarray:
-    """Input ``name`` (IR value ``v``) of ``feeds`` as the C-contiguous ``dt`` array a library takes.
-
-    Raises:
-        KeyError: the input is missing.
-        FeedError (a ValueError): a shape other than ``(N, *v.shape)``; NaN in an input the library quantizes
-            (compiled code cannot raise; the reference does); integer codes outside a fixed-point
-            input's type (the library narrows by that type, :mod:`.intplan`, so it would compute
-            them differently from the reference).
-    """
-    if name not in feeds:
-        raise KeyError(f"missing input {name!r}")
-    a = np.ascontiguousarray(np.asarray(feeds[name]), dtype=dt)
-    if a.shape[1:] != tuple(v.shape):
-        raise FeedError(f"input {name!r} has shape {a.shape}, expected (N, {', '.join(map(str, v.shape))})", name)
-    if quantized and np.isnan(a).any():
-        bad = np.flatnonzero(np.isnan(a.reshape(len(a), -1)).any(axis=1))[:10].tolist()
-        raise FeedError(f"input {name!r} contains NaN (sample(s) {bad}): fixed-point types have no NaN", name)
-    if isinstance(v.dtype, FixedType) and a.size:
-        lo, hi = v.dtype.min_code, v.dtype.max_code
-        if a.min() < lo or a.max() > hi:
-            raise FeedError(f"input {name!r} has codes outside its type {v.dtype} [{lo}, {hi}]: [{a.min()}, {a.max()}]", name)
-    return a
-
-
-def _build_library(out: Path, graph: Graph, target: dict, opt_level: int, schedule: str, par: dict, b1: bool,
-                   exec_mode: str, cc: str | None, tune: dict | None = None) -> tuple[str, dict]:
-    """Compile ``graph`` for one LLVM ``target`` into ``out/lib_<hash>.so``.
-
-    ``tune``: the tuning dict (:mod:`.tune`, records in ``out/tune/``) when this library is the
-    tuned one: it gets the static entry ``main_b<batch>`` and the recorded schedules
-    (``kernels_applied`` and ``kernels_digest`` are set in ``tune``).
-
-    ``exec_mode``: Relax VM ``"bytecode"`` (interpreted) or ``"compiled"`` (the VM functions are
-    generated as C code and linked into the library: less per-call dispatch; ``relax.build``'s
-    ``exec_mode``).  Returns ``(file name, library_target(...))``.
-
-    Raises:
-        CompileError: when TVM fails to compile or export.
-    """
-    import tvm
-    from tvm import relax
-
-    from .lower import lower
-
-    # unchanged names for existing "none"/bytecode builds; "auto2": the parallel schedule
-    sched_key = ("" if schedule == "none" else f"|{schedule}2|{par['parallel']}|{par['min_parallel_work']}") + \
-        ("|b1" if b1 else "") + ("" if exec_mode == "bytecode" else f"|{exec_mode}") + \
-        (f"|tune{tune['batch']}|{tune['records_digest']}" if tune else "")
-    key = hashlib.sha256(f"{graph.digest()}|{json.dumps(target, sort_keys=True)}|{opt_level}|{tvm.__version__}"
-                         f"{sched_key}".encode()).hexdigest()[:16]
-    lib_name = f"lib_{key}.so"
-    try:
-        mod = lower(graph, batch1_entry=b1, static_batches=static_batches(tune))
-        tgt = tvm.target.Target(target)
-        with tvm.transform.PassContext(opt_level=opt_level):
-            if tune:  # fused, with the recorded schedules applied to the tuned kernels
-                mod, applied, tune["kernels_digest"] = apply_records(mod, tgt, out / TUNE_DIR)
-                if not applied and record_count(out / TUNE_DIR):
-                    raise CompileError(f"tvm.tune: none of the tuning records in {tune.get('log') or TUNE_DIR} "
-                                       f"matches a kernel of this model at batch {tune['batch']} (records of "
-                                       f"another model?)")
-                tune["kernels_applied"] = len(applied)
-            ex = relax.build(_scheduled(mod, tgt, {"schedule": schedule, **par}, fused=bool(tune)), target=tgt,
-                             exec_mode=exec_mode)
-        if cc:
-            from tvm.support.cc import cross_compiler as _fcompile
-
-            ex.export_library(str(out / lib_name), fcompile=_fcompile(cc))
-        else:
-            ex.export_library(str(out / lib_name))
-        return lib_name, library_target(ex)
-    except CompileError:
-        raise
-    except Exception as e:
-        raise CompileError(f"TVM build failed ({target.get('mcpu')}): {type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
-
-
-def _build_meta(out: Path, info: dict | None) -> dict:
-    """What :meth:`TvmBackend.build` recorded: ``tvm_build.json`` overlaid with ``info``."""
-    meta = json.loads((out / BUILD_FILE).read_text()) if (out / BUILD_FILE).exists() else {}
-    meta.update({k: v for k, v in (info or {}).items() if v is not None})
-    return meta
-
-
-def _choose_library(meta: dict, variant: str | None) -> tuple[str | None, str]:
-    """``(library file, mcpu)`` to load: ``variant`` (or ``$QDEPLOY_TVM_VARIANT``) when given,
-    else the highest CPU variant that runs here, else the portable library.
-
-    Raises:
-        CompileError: a forced variant that the artifact does not have or this CPU cannot run.
-    """
-    import os
-
-    base = str((meta.get("target") or {}).get("mcpu", ""))
-    variants = list(meta.get("cpu_variants") or ())
-    want = variant or os.environ.get("QDEPLOY_TVM_VARIANT") or None
-    if want:
-        if want == base:
-            return meta.get("library"), base
-        for v in variants:
-            if v["mcpu"] == want:
-                if not variant_runs_here(v):
-                    missing = sorted(set(v.get("requires", ())) - set(_target.host_cpu_flags() or ()))
-                    raise CompileError(f"TVM library variant {want} cannot run on this CPU (missing CPU flags: "
-                                       f"{', '.join(missing) or 'not an x86-64 Linux host'})")
-                return v["library"], want
-        raise CompileError(f"this artifact has no TVM library for CPU {want!r} (it has: "
-                           f"{', '.join([base] + [v['mcpu'] for v in variants])}; QDEPLOY_TVM_VARIANT / variant)")
-    for v in reversed(variants):
-        if variant_runs_here(v):
-            return v["library"], v["mcpu"]
-    return meta.get("library"), base
 
 
 class TvmBackend:
@@ -335,7 +131,7 @@ class TvmBackend:
         schedule = str(opts.get("schedule", DEFAULT_SCHEDULE))
         if schedule not in SCHEDULES:
             raise CompileError(f"tvm.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        par = _parallel_opts(opts) if schedule != "none" else {}
+        par = parallel_opts(opts) if schedule != "none" else {}
         # Quantized graphs: trailing float ops (output scale, softmax) run on the host in NumPy
         # exactly as in the reference, so the whole artifact stays bit-exact; the library holds
         # the rest, and a Softmax of fixed-point codes, computed exactly from an exp table
@@ -414,19 +210,19 @@ class TvmBackend:
         tune = info.get("tune")
         if tune:  # tune now, or take the artifact's / a log's records (no trial)
             tune = info["tune"] = ensure_records(out, graph, tune["target"], tune, default_threads(), say=report)
-        par = _parallel_opts(info) if schedule != "none" else {}
+        par = parallel_opts(info) if schedule != "none" else {}
         exec_mode = str(info.get("exec_mode", "bytecode"))
         cc = cross_compiler(target, {"cc": info.get("cross_compiler")})
         t0 = time.perf_counter()
 
         def lib_tune(t: dict):  # the records go into the one library built for the tuned target
             return tune if tune and tune["target"] == t else None
-        lib_name, lib_target = _build_library(out, graph, target, opt_level, schedule, par, b1, exec_mode, cc,
+        lib_name, lib_target = build_library(out, graph, target, opt_level, schedule, par, b1, exec_mode, cc,
                                               lib_tune(target))
         variants = []
         for level in info.get("cpu_variant_levels", []):
             vt = {**target, "mcpu": level}
-            v_lib, v_target = _build_library(out, graph, vt, opt_level, schedule, par, b1, exec_mode, cc, lib_tune(vt))
+            v_lib, v_target = build_library(out, graph, vt, opt_level, schedule, par, b1, exec_mode, cc, lib_tune(vt))
             variants.append({"mcpu": level, "library": v_lib, "requires": list(X86_LEVELS[level]),
                              "library_target": v_target})
         info["library"] = lib_name
@@ -468,14 +264,14 @@ class TvmBackend:
         debug = core.with_(outputs=inner)
         tgt = tvm.target.Target(info.get("target") or resolve_target({}))
         with tvm.transform.PassContext(opt_level=int(info.get("opt_level", 3))):
-            ex = tvm.compile(_scheduled(lower(debug), tgt, info), target=tgt)
+            ex = tvm.compile(scheduled(lower(debug), tgt, info), target=tgt)
         vm = relax.VirtualMachine(ex, tvm.cpu())
-        args = [_to_tvm(np.ascontiguousarray(feeds[i], dtype=np.int64 if isinstance(core.value(i).dtype, FixedType)
+        args = [to_tvm(np.ascontiguousarray(feeds[i], dtype=np.int64 if isinstance(core.value(i).dtype, FixedType)
                                              else np.float32)) for i in core.inputs]
         res = vm["main"](*args)
         got = {}
         for k, v in enumerate(inner):
-            a = _from_tvm(res[k])
+            a = from_tvm(res[k])
             t = core.value(v).dtype
             got[v] = t.to_real(np.asarray(a)) if isinstance(t, FixedType) else np.asarray(a)
         div = first_divergence(core, ref_all, got)
@@ -486,7 +282,7 @@ class TvmBackend:
     def load_all(self, out_dir, info: dict | None = None, graph: Graph | None = None) -> list:
         """``[(mcpu, f)]``: :meth:`load` of the portable library and of every CPU variant that runs
         on this machine (the compile checks each against the reference)."""
-        meta = _build_meta(Path(out_dir), info)
+        meta = build_meta(Path(out_dir), info)
         names = [str((meta.get("target") or {}).get("mcpu", ""))]
         names += [v["mcpu"] for v in meta.get("cpu_variants") or () if variant_runs_here(v)]
         return [(n, self.load(out_dir, info, graph, variant=n)) for n in names]
@@ -524,8 +320,8 @@ class TvmBackend:
         from tvm import relax
 
         out = Path(out_dir)
-        meta = _build_meta(out, info)
-        lib_name, chosen = _choose_library(meta, variant)
+        meta = build_meta(out, info)
+        lib_name, chosen = choose_library(meta, variant)
         if not lib_name or not (out / lib_name).exists():
             raise CompileError(f"no TVM library in {out} (run build first)")
         why_not = meta.get("not_run_here")
@@ -573,7 +369,7 @@ class TvmBackend:
         # proved from the IR types (intplan.py) and would not compute them like the reference
 
         n_out = len(outs)
-        to_tvm = _to_tvm
+        to_tensor = to_tvm  # a local name: the closures below look it up once
         tensor_type = tvm.runtime.Tensor
 
         def call_tensors(arrays):
@@ -583,18 +379,18 @@ class TvmBackend:
             the output TVM tensors (fresh per call).  A batch size with a static entry (the tuned
             batch) runs that entry."""
             f = static.get(arrays[0].shape[0], fn) if static and arrays else fn
-            res = f(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
+            res = f(*[a if isinstance(a, tensor_type) else to_tensor(a) for a in arrays])
             return [res[0]] if n_out == 1 else [res[i] for i in range(n_out)]
 
         def call_tensors1(arrays):
             """:func:`call_tensors` for batch-1 inputs through the static ``main_b1`` entry."""
-            res = fn1(*[a if isinstance(a, tensor_type) else to_tvm(a) for a in arrays])
+            res = fn1(*[a if isinstance(a, tensor_type) else to_tensor(a) for a in arrays])
             return [res[0]] if n_out == 1 else [res[i] for i in range(n_out)]
 
         def call_raw(arrays):
             """:func:`call_tensors` with the outputs as numpy arrays sharing memory with TVM's
             (zero-copy DLPack views)."""
-            return [_from_tvm(r) for r in call_tensors(arrays)]
+            return [from_tvm(r) for r in call_tensors(arrays)]
 
         def run(feeds: dict) -> dict:
             arrays = []
@@ -620,7 +416,7 @@ class TvmBackend:
         run.output_names = outs
         # the thin positional path of CompiledModel.predict (runtime/predictor.py)
         run.fast = FastCall(fn, fn1, [v.shape for _, v in ins], dts, outs, list(full.outputs), epilogue,
-                            to_tensor=to_tvm, from_tensor=_from_tvm, tensor_type=tensor_type,
+                            to_tensor=to_tvm, from_tensor=from_tvm, tensor_type=tensor_type,
                             empty=lambda shape, dtype: tvm.runtime.empty(shape, dtype, tvm.cpu()),
                             static={b: f for b, f in static.items() if b != 1})
         run.fast_nan_check = [name in quantized_in for name, _ in ins]

@@ -60,6 +60,7 @@ import types
 from pathlib import Path
 
 from ...compiler.errors import CompileError
+from .tune_keep import RECORD_FILE, WORKLOAD_FILE, keep_faster
 
 __all__ = ["DEFAULT_BATCH", "TUNE_DIR", "tune_options", "ensure_records", "apply_records", "records_digest",
            "static_batches"]
@@ -70,8 +71,6 @@ DEFAULT_BATCH = 256
 DEFAULT_TRIALS_PER_ITER = 16
 #: Artifact subdirectory holding the tuning records.
 TUNE_DIR = "tune"
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
 META_FILE = "tune.json"
 TUNE_KEYS = ("trials", "batch", "seed", "trials_per_iter", "log", "vs_default")
 
@@ -336,66 +335,12 @@ def _tune(graph, target: dict, tinfo: dict, dest: Path, say, threads: int) -> di
                 measure_callbacks=[*ms.MeasureCallback.create("default"), counter])
             if tinfo.get("vs_default", True):
                 say("tuning (meta-schedule): measuring the default schedule of each tuned kernel")
-            kept, dropped = _keep_faster(work, dest, [c.mod for c in ctxs], tune_target, builder, runner,
+            kept, dropped = keep_faster(work, dest, [c.mod for c in ctxs], tune_target, builder, runner,
                                          bool(tinfo.get("vs_default", True)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"kernels": len(ctxs), "trials_run": counter.done, "threads": threads, "kernels_tuned": kept,
             "kernels_default_faster": dropped, "tune_seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _mean_secs(secs) -> float | None:
-    vals = [float(s) for s in (secs or [])]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _keep_faster(work: Path, dest: Path, mods, target, builder, runner, compare: bool = True) -> tuple[int, int]:
-    """Write to ``dest`` the records of ``work`` for the kernels whose best tuned schedule ran
-    faster than the fixed default schedule (:func:`.schedule.schedule_cpu`), measured now by the
-    same builder and runner; a kernel whose default schedule is as fast gets no record, so the
-    build schedules it the default way.  (With few trials, on a loaded machine, the search may
-    find nothing better: measured on the digits CNN, 64 trials gave a library 1.3-1.4x slower
-    than the default schedule before this check.)  ``compare`` False keeps every kernel's best
-    record without measuring.  Returns ``(kept, dropped)`` kernel counts."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    from .schedule import schedule_cpu
-
-    src = ms.database.JSONDatabase(path_workload=str(work / WORKLOAD_FILE),
-                                   path_tuning_record=str(work / RECORD_FILE), allow_missing=False)
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in (WORKLOAD_FILE, RECORD_FILE):
-        (dest / f).unlink(missing_ok=True)
-    out = ms.database.JSONDatabase(path_workload=str(dest / WORKLOAD_FILE),
-                                   path_tuning_record=str(dest / RECORD_FILE), allow_missing=True)
-    kept = dropped = 0
-    for mod in mods:
-        if not src.has_workload(mod):
-            continue
-        top = src.get_top_k(src.commit_workload(mod), 1)
-        tuned = _mean_secs(top[0].run_secs) if top else None
-        if tuned is None:
-            continue
-        default = None
-        if compare:
-            fresh = tvm.IRModule({gv: f for gv, f in mod.functions_items()})  # schedule_cpu assigns into it
-            built = builder.build([ms.builder.BuilderInput(schedule_cpu(fresh), target)])[0]
-            if built.error_msg is None:
-                res = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu",
-                                                        ms.arg_info.ArgInfo.from_prim_func(mod["main"]))])[0].result()
-                shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
-                default = _mean_secs(res.run_secs) if res.error_msg is None else None
-        if default is not None and default <= tuned:
-            dropped += 1
-            continue
-        wl = out.commit_workload(mod)
-        r = top[0]
-        out.commit_tuning_record(ms.database.TuningRecord(r.trace, wl, r.run_secs, r.target, r.args_info))
-        kept += 1
-    for f in (WORKLOAD_FILE, RECORD_FILE):
-        (dest / f).touch()
-    return kept, dropped
 
 
 def ensure_records(out_dir, graph, target: dict, tinfo: dict, threads: int, say=None) -> dict:
@@ -476,6 +421,6 @@ def apply_records(mod, target, records_dir):
 
 def record_count(records_dir) -> int:
     """Number of tuning records in a records directory (0: every tuned kernel kept the default
-    schedule, :func:`_keep_faster`)."""
+    schedule, :func:`.tune_keep.keep_faster`)."""
     p = Path(records_dir) / RECORD_FILE
     return sum(1 for line in p.read_text().splitlines() if line.strip()) if p.is_file() else 0

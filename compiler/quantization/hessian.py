@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import QDeployError
 
-__all__ = ["WEIGHT_TYPES", "LayerTrace", "TraceResult", "weight_layers", "trace_batches", "layer_inputs",
+__all__ = ["WEIGHT_TYPES", "LayerTrace", "TraceResult", "weight_layers", "trace_batches", "model_dtype", "layer_inputs",
            "resolve_trace_layers", "ggn_exact_traces", "ggn_exact_qualifies"]
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -74,8 +74,15 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)]
 
 
-def trace_batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` or a list of such pairs -> list of ``(float32 x, y)`` tensor pairs.
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of ``model``'s first floating parameter (float32 when it has none): the
+    dtype its inputs must have."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def trace_batches(data, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` or a list of such pairs -> list of ``(x as dtype, y)`` tensor pairs (``dtype``:
+    the model's, :func:`model_dtype`; float64 NumPy data for a float32 model is cast).
 
     Raises:
         QDeployError: no batch given.
@@ -84,7 +91,7 @@ def trace_batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
         data = [data]
     out = []
     for x, y in data:
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=dtype)
         y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
         out.append((x, y))
     if not out:
@@ -102,7 +109,7 @@ def layer_inputs(model: nn.Module, x, names: Sequence[str]) -> dict[str, torch.T
     was = model.training
     model.eval()
     try:
-        model(torch.as_tensor(x, dtype=torch.float32))
+        model(torch.as_tensor(x, dtype=model_dtype(model)))
     finally:
         model.train(was)
         for h in hooks:
@@ -192,7 +199,7 @@ def ggn_exact_qualifies(model: nn.Module, loss_fn: Callable | None = None, data=
     if not weight_layers(model):
         return False, "the model has no Linear/Conv layer"
     if data is not None:
-        x, y = trace_batches(data)[0]
+        x, y = trace_batches(data, model_dtype(model))[0]
         if y.dtype.is_floating_point or bool((y < 0).any()):
             return False, "labels must be non-negative class indices"
         calls: dict[str, int] = {}
@@ -254,7 +261,7 @@ def ggn_exact_traces(
     mods = dict(model.named_modules())
     layers = resolve_trace_layers(model, mods, layers)
     act_names = list(layers[1:]) if activations is True else (list(activations) if activations else [])
-    batches = trace_batches(data)
+    batches = trace_batches(data, model_dtype(model))
     total_n = sum(int(x.shape[0]) for x, _ in batches)
     chunk = max(1, int(chunk))
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import QDeployError
 from .hessian import (LayerTrace, TraceResult, logits, ggn_exact_qualifies, ggn_exact_traces, layer_inputs,
-                      resolve_trace_layers, trace_batches)
+                      model_dtype, resolve_trace_layers, trace_batches)
 from .hutchinson_persample import PerSamplePasses, check_rel_se, per_sample_supported
 
 __all__ = ["hutchinson_traces", "rademacher"]
@@ -151,7 +151,7 @@ def hutchinson_traces(
     loss_fn = loss_fn or nn.functional.cross_entropy
     mods = dict(model.named_modules())
     layers = resolve_trace_layers(model, mods, layers)
-    batches = trace_batches(data)
+    batches = trace_batches(data, model_dtype(model))
     ps_ok, ps_why = per_sample_supported(mods, layers, model, batches[0][0]) if estimator != "joint" else (False, "")
     if estimator == "per_sample" and not ps_ok:
         raise QDeployError(f"estimator='per_sample': {ps_why}; use estimator='joint' (or 'auto')")

@@ -6,7 +6,7 @@ concatenation), by ``torch.fx`` symbolic tracing (https://pytorch.org/docs/stabl
 * every BatchNorm right after a Linear/Conv whose output feeds nothing else is folded into it;
 * every Linear / Conv1d / Conv2d becomes a Brevitas ``QuantLinear`` / ``QuantConv1d`` /
   ``QuantConv2d`` **under the same module name** (the allocation key), with its weight bits
-  (:func:`.qat_layers.weight_kwargs`: power-of-two per-tensor weights, ``Int16Bias``);
+  (:func:`.qat_layers.weight_kwargs`: power-of-two per-tensor weights, ``Int16Bias``, ``Int32Bias`` above 16 weight + input bits);
 * the model input gets a constant power-of-two quantizer (module ``input_quant``);
 * every ReLU (``nn.ReLU`` module, ``F.relu``, ``torch.relu``, ``x.relu()``) becomes a ``QuantReLU``
   (a module ReLU keeps its name; a functional one becomes module ``<node>_quant``) whose bits are
@@ -356,7 +356,9 @@ def build_qat_graph_model(float_model: nn.Module, bits: Mapping[str, tuple], inp
                     if u is not qn and _is_weight(u, mods):
                         u.replace_input_with(src, qn)
                 quantized.add(qn)
-            gm.add_submodule(n.target, quant_weight_layer(mods[n.target], int(bits[n.target][0])))
+            # input width: the layer's a_bits, or the model input's (not known here which layer reads it: the wider)
+            gm.add_submodule(n.target, quant_weight_layer(mods[n.target], int(bits[n.target][0]),
+                                                          max(int(bits[n.target][1]), int(input_bits))))
             continue
         if _is_pass(n, mods):
             if n.args[0] in quantized:

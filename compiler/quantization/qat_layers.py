@@ -48,12 +48,16 @@ def input_quantizer(bits: int, scale: float, signed: bool = False):
         "scaling_init": float(scale) * 2.0 ** (int(bits) - (1 if signed else 0))})
 
 
-def weight_kwargs(bits: int) -> dict:
+def weight_kwargs(bits: int, in_bits: int = 8) -> dict:
     """Keyword arguments of a Brevitas ``QuantLinear``/``QuantConv*``: ``bits``-bit narrow signed
-    per-tensor power-of-two weights (``Int8WeightPerTensorFixedPoint``), ``Int16Bias``, float output."""
-    from brevitas.quant import Int8WeightPerTensorFixedPoint, Int16Bias
+    per-tensor power-of-two weights (``Int8WeightPerTensorFixedPoint``), float output, and a bias
+    quantized at scale = input scale * weight scale: ``Int16Bias`` while ``bits + in_bits <= 16``
+    (``in_bits``: the layer input's bit width), else ``Int32Bias`` -- with that scale a 16-bit bias
+    spans only about 2**(16 - bits - in_bits) times the layer's largest input x weight product, so
+    wider layers had their biases clipped towards zero during QAT."""
+    from brevitas.quant import Int8WeightPerTensorFixedPoint, Int16Bias, Int32Bias
     return dict(weight_quant=Int8WeightPerTensorFixedPoint, weight_bit_width=int(bits), bias=True,
-                bias_quant=Int16Bias, return_quant_tensor=False)
+                bias_quant=Int16Bias if int(bits) + int(in_bits) <= 16 else Int32Bias, return_quant_tensor=False)
 
 
 def fold_bn_into(m: nn.Module, bn: nn.Module) -> nn.Module:
@@ -72,17 +76,18 @@ def fold_bn_into(m: nn.Module, bn: nn.Module) -> nn.Module:
     return m
 
 
-def quant_weight_layer(m: nn.Module, w_bits: int) -> nn.Module:
+def quant_weight_layer(m: nn.Module, w_bits: int, in_bits: int = 8) -> nn.Module:
     """Brevitas ``QuantLinear`` / ``QuantConv1d`` / ``QuantConv2d`` with ``m``'s geometry and
-    weights (bias zero when ``m`` has none) at ``w_bits`` (:func:`weight_kwargs`)."""
+    weights (bias zero when ``m`` has none) at ``w_bits``, its input ``in_bits`` wide
+    (:func:`weight_kwargs`)."""
     from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
 
     if isinstance(m, nn.Linear):
-        q = QuantLinear(m.in_features, m.out_features, **weight_kwargs(w_bits))
+        q = QuantLinear(m.in_features, m.out_features, **weight_kwargs(w_bits, in_bits))
     else:
         cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantConv1d
         q = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                dilation=m.dilation, groups=m.groups, **weight_kwargs(w_bits))
+                dilation=m.dilation, groups=m.groups, **weight_kwargs(w_bits, in_bits))
     with torch.no_grad():
         q.weight.copy_(m.weight)
         if m.bias is not None:

@@ -265,8 +265,14 @@ def test_tuned_library_exact_and_records_rebuild_it(tmp_path):
     mods = list({r.workload.mod.script(): r.workload.mod for r in db.get_all_tuning_records()}.values())
     dest = tmp_path / "kept"
     tgt = tvm.target.Target({**t["target"], "num-cores": 1})
-    kept, dropped = tune_mod._keep_faster(src, dest, mods, tgt, tune_mod._in_process_builder(), ms.runner.LocalRunner())
+    builder, runner = tune_mod._in_process_builder(), ms.runner.LocalRunner()
+    kept, dropped = tune_mod.keep_faster(src, dest, mods, tgt, builder, runner)
     assert kept + dropped == len(mods) == t["kernels_tuned"] and tune_mod.record_count(dest) == kept
+    # the comparison measures both schedules now: the tuned trace re-applied, and the default
+    from qdeploy.backends.tvm.tune_keep import measure_now
+    top = db.get_top_k(db.commit_workload(mods[0]), 1)[0]
+    d_now, t_now = measure_now(mods[0], top.trace, tgt, builder, runner, rounds=2)
+    assert d_now is not None and t_now is not None and d_now > 0 and t_now > 0
     (dest / tune_mod.META_FILE).write_text((src / tune_mod.META_FILE).read_text())
     res3 = qdeploy.compile(g, "tvm-llvm", tmp_path / "e", config={"tvm": {"tune": {"log": str(dest)}}})
     assert res3.report["exactness"]["bit_exact"] and res3.report["backend"]["tune"]["kernels_applied"] == kept

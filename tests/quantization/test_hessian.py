@@ -236,3 +236,27 @@ def test_ggn_exact_qualification():
     assert ex.probes == 0 and all(t.stderr == 0 for t in ex.weights.values())
     with pytest.raises(QDeployError, match="method must be"):
         hutchinson_traces(_mlp(), (x, y), method="exact")
+
+
+def test_float64_model_is_traced_in_its_own_dtype():
+    """A float64 model (model.double()) is traced with float64 inputs (they were cast to float32,
+    and torch refused the mixed-dtype matmul); same probes, same traces as the float32 copy up to
+    float32 rounding; float64 NumPy data into a float32 model is still cast."""
+    import copy
+    from torch import nn
+    from qdeploy.compiler.quantization.hessian import ggn_exact_traces
+    from qdeploy.compiler.quantization.hutchinson import hutchinson_traces
+    torch.manual_seed(0)
+    m32 = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    m64 = copy.deepcopy(m32).double()
+    x = np.random.default_rng(0).normal(size=(64, 6))  # float64 data
+    y = np.random.default_rng(1).integers(0, 3, 64)
+    a = hutchinson_traces(m32, (x, y), max_probes=30, tol=0.0, seed=0)
+    b = hutchinson_traces(m64, (x, y), max_probes=30, tol=0.0, seed=0)
+    for k in a.weights:
+        assert b.weights[k].trace == pytest.approx(a.weights[k].trace, rel=1e-5)
+    r32 = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    g32 = ggn_exact_traces(r32, (x, y))
+    g64 = ggn_exact_traces(copy.deepcopy(r32).double(), (x, y))
+    for k in g32.weights:
+        assert g64.weights[k].trace == pytest.approx(g32.weights[k].trace, rel=1e-5)

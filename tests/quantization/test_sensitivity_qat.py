@@ -153,3 +153,54 @@ def test_distillation_pulls_student_to_teacher_and_checks_args(digits_mlp):
         qat.fine_tune(s, x, y, epochs=1, teacher=m, distill_alpha=1.5)
     with pytest.raises(QDeployError, match="temperature"):
         qat.fine_tune(s, x, y, epochs=1, teacher=m, distill_temperature=0.0)
+
+
+def test_wide_layers_get_32_bit_biases_that_are_not_clipped(tmp_path):
+    """Int16Bias (scale = input scale x weight scale) clipped the biases of wide layers towards
+    zero: with 12-bit weights and 12-bit inputs a 16-bit bias spans ~2**-8 of the products' range.
+    Above 16 weight + input bits the builders use Int32Bias; the quantized bias then equals the
+    float bias to its grid, in the Sequential and in the torch.fx builder, and the model compiles
+    exactly (the artifact equals the Brevitas module)."""
+    torch.manual_seed(0)
+    fm = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        fm[0].bias.copy_(torch.linspace(-1.5, 1.5, 6))
+        fm[2].bias.copy_(torch.tensor([0.75, -0.5, 0.25]))
+    x = np.random.default_rng(0).uniform(0, 1, (64, 8)).astype(np.float32)
+
+    def quant_bias(model, name):  # the layer's bias as Brevitas quantizes it for its actual input
+        layer, seen = model.get_submodule(name), []
+        h = layer.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+        with torch.no_grad():
+            model(torch.as_tensor(x))
+            h.remove()
+            return layer.bias_quant(layer.bias, seen[0], layer.quant_weight())
+
+    for wide, want_bits in ((8, 16), (12, 32)):
+        bits = {"0": (wide, wide), "2": (wide, wide)}
+        q = qat.build_qat_model(fm, bits, input_bits=wide, input_scale=2.0 ** -(wide - 1), calibration_x=x)
+        for name, fl in (("0", fm[0]), ("2", fm[2])):
+            qb = quant_bias(q, name)
+            assert int(qb.bit_width) == want_bits
+            if want_bits == 32:  # on its grid, not clipped
+                assert torch.allclose(qb.value, fl.bias, atol=float(qb.scale.max()))
+    # the same through the torch.fx builder (a model that is not a plain Sequential)
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, t):
+            return self.b(torch.relu(self.a(t)) + t)
+    r = Res()
+    with torch.no_grad():
+        r.a.bias.copy_(torch.linspace(-1, 1, 8))
+    q = qat.build_qat_model(r, {"a": (12, 12), "b": (12, 12)}, input_bits=12, input_scale=2.0 ** -11,
+                            calibration_x=x)
+    qb = quant_bias(q, "a")
+    assert int(qb.bit_width) == 32 and torch.allclose(qb.value, r.a.bias, atol=float(qb.scale.max()))
+    p = qat.export_qonnx(q, x[:1], tmp_path / "r.onnx")
+    res = qdeploy.compile(str(p), target="reference", out_dir=tmp_path / "c")
+    assert res.report["exactness"]["bit_exact"]
+    got = np.asarray(qdeploy.run(tmp_path / "c", x[:32]))
+    assert np.max(np.abs(got - qat.predict(q, x[:32]))) < 1e-5
