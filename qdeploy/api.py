@@ -555,7 +555,8 @@ def search(recipe, out_dir, budgets=("bops=uniform:4",), **kwargs) -> dict:
 
     ``budgets``: budget points as dicts (``{"bops": 1.2e6}``) or strings (``"bops=1.2e6,size=uniform:4"``).
     Other keywords go to :func:`qdeploy.compiler.quantization.search.run_search` (w_bits, a_bits,
-    act_bits_fixed, ties, costs, estimator, probes, tol, qat_epochs, qat_seeds, seed, progress).
+    act_bits_fixed, ties, costs, estimator, probes, tol, qat_epochs, qat_seeds, seed, progress, workers, ray,
+    compare: the four-row Hessian / trace-only / random / uniform comparison).
     Budget kinds: ``bops``, ``size``, and via the hls4ml estimator (``estimator={"part": ...,
     "clock_period": ..., "reuse_factor": ...}``) ``lut``, ``ff``, ``dsp``, ``bram_18k``,
     ``latency_cycles``, ``latency_ns``; a value ``"uniform:B"`` (B may be fractional, e.g. 3.5).  Writes

@@ -452,11 +452,13 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar=""),
                force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar=""),
                workers: Optional[str] = typer.Option(None, "--workers", help="processes for the QAT fine-tunes (independent jobs): 'auto' = one per CPU (at most one per job), N = N worker processes, 1 = in this process (default: $QDEPLOY_QAT_WORKERS, else auto)"),
-               ray: Optional[str] = typer.Option(None, "--ray", help="run the QAT jobs on Ray: 'auto' (the running cluster), 'local' (start one with --workers CPUs) or a cluster address; needs pip install 'qdeploy[ray]'")):
+               ray: Optional[str] = typer.Option(None, "--ray", help="run the QAT jobs on Ray: 'auto' (the running cluster), 'local' (start one with --workers CPUs) or a cluster address; needs pip install 'qdeploy[ray]'"),
+               compare: bool = typer.Option(False, "--compare", help="also fine-tune, per budget, the trace-only (HAWQ-V3 Omega alone), random and uniform-at-or-above allocations; search_report.md and pareto.png show the four rows (not exported)", metavar="")):
     """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
 
     Budget kinds: bops, size (weight bits), and through the hls4ml estimator lut, ff, dsp, bram_18k,
-    latency_cycles, latency_ns (per-layer Dense/Conv costs; --part/--clock-period/--reuse-factor)."""
+    latency_cycles, latency_ns (per-layer Dense/Conv costs; --part/--clock-period/--reuse-factor).
+    --compare adds the Hessian / trace-only / random / uniform comparison (more QAT jobs)."""
     from .api import search as do_search
     try:
         def ints(t, opt):
@@ -488,7 +490,8 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
                         estimator=est_cfg,
                         ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
                         qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity,
-                        force=force, workers=workers if workers in (None, "auto") else _workers_opt(workers), ray=ray)
+                        force=force, workers=workers if workers in (None, "auto") else _workers_opt(workers), ray=ray,
+                        compare=compare)
     except Exception as e:  # one line, never a library traceback
         _fail(e)
     key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
@@ -501,6 +504,9 @@ def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:
             line += (f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs"
                      f"{hwc(u['allocation']['costs'])}, {key} {u[key]:.4f}")
         typer.echo(line)
+        if "compare" in b:
+            typer.echo("  compare: " + ", ".join(f"{row} {r['costs']['bops']:.4g} BOPs {key} {r[key]:.4f}"
+                                                 for row, r in b["compare"].items()))
     fo = rep.get("qat_fanout") or {}
     if fo:
         typer.echo(f"QAT: {fo['jobs']} jobs on {fo['engine']} ({fo['workers']} worker(s)), {fo['seconds']:.1f} s"

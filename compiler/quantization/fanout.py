@@ -86,7 +86,7 @@ def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str
         pool: local engine: workers started earlier (:class:`LocalPool`, at least as many as used);
             closed here whichever engine runs (None: the local engine starts its own).
 
-    The jobs that export (seed index 0 with ``ctx.export``; about half again as long) are handed out
+    The jobs that export (seed index 0 with ``ctx.export`` and ``job.export``; about half again as long) are handed out
     first, so the last jobs to finish are short ones (longest-first scheduling, Graham 1969).
 
     Returns:
@@ -116,7 +116,8 @@ def run_qat_jobs(ctx: QatContext, jobs: Sequence[QatJob], workers=None, ray: str
     if pool is not None and (engine != "local" or len(pool.slots) < nw):
         pool.close()
         pool = None
-    tr = JobTracker(sorted(jobs, key=lambda j: not (ctx.export and j.k == 0)), progress, f"[{ctx.name}]")
+    tr = JobTracker(sorted(jobs, key=lambda j: not (ctx.export and j.export and j.k == 0)), progress,
+                    f"[{ctx.name}]")
     try:
         if engine == "serial":
             while tr.todo:

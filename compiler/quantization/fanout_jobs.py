@@ -77,11 +77,13 @@ class QatContext:
 
 @dataclass(frozen=True)
 class QatJob:
-    """One fine-tune: allocation ``tag`` (e.g. ``"b0_hessian"``) with bits ``{layer: (w, a)}``, seed index ``k``."""
+    """One fine-tune: allocation ``tag`` (e.g. ``"b0_hessian"``) with bits ``{layer: (w, a)}``, seed index ``k``;
+    ``export=False``: never export its model (a comparison-only allocation), whatever ``QatContext.export``."""
 
     tag: str
     k: int
     bits: tuple  # sorted ((layer, (w, a)), ...): hashable and picklable
+    export: bool = True
 
     @property
     def name(self) -> str:
@@ -92,7 +94,7 @@ class QatJob:
 class JobResult:
     """Outcome of one job: per evaluation sample whether the QAT model classifies it right
     (``val_ok`` (N_val,) bool, ``test_ok`` (N_test,) bool or None), the job's wall time in seconds, the
-    exported QONNX bytes (seed index 0 with export on, else None), which attempt (0, 1) succeeded, and
+    exported QONNX bytes (seed index 0 with export on for the context and the job, else None), which attempt (0, 1) succeeded, and
     the CPU seconds of the process that ran it (``time.process_time``) during the job."""
 
     val_ok: np.ndarray
@@ -134,7 +136,7 @@ def run_job(ctx: QatContext, job: QatJob, attempt: int = 0, in_worker: bool = Fa
         if ctx.test is not None:
             test_ok = qat.predict(qk, ctx.test[0]).argmax(1) == np.asarray(ctx.test[1])
         onnx = None
-        if ctx.export and job.k == 0:
+        if ctx.export and job.export and job.k == 0:
             with tempfile.TemporaryDirectory(prefix="qdeploy-qat-") as d:
                 p = qat.export_qonnx(qk, ctx.x_tr[:1], os.path.join(d, f"{ctx.name}_{job.tag}.onnx"))
                 onnx = open(p, "rb").read()

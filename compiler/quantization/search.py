@@ -27,9 +27,14 @@ Budgets: ``{kind: value}`` with kinds ``bops`` (bit operations per sample), ``si
 or any cost registered in :mod:`.ilp`; a value may be ``"uniform:B"``, the cost of the uniform
 B-bit allocation.  For each budget the uniform baseline is the largest uniform bit width that fits.
 
+With ``compare=True`` (``qdeploy search --compare``) each budget also fine-tunes the trace-only,
+random and uniform-at-or-above allocations of :mod:`.search_compare`, and the report shows the
+four-row comparison.
+
 This module is the driver; recipes are loaded and checked in :mod:`.search_recipe`, budgets parsed
-and resolved in :mod:`.search_budget` (:func:`~.search_budget.parse_search_budget`), and the report
-rendered by :mod:`.search_report`.
+and resolved in :mod:`.search_budget` (:func:`~.search_budget.parse_search_budget`), layers and
+sensitivities in :mod:`.search_specs` (re-exported here), allocations planned and their QAT jobs
+assembled into rows in :mod:`.search_plan`, and the report rendered by :mod:`.search_report`.
 """
 from __future__ import annotations
 
@@ -44,154 +49,30 @@ import torch
 from torch import nn
 
 from ..errors import QDeployError
-from . import hessian, ilp, qat, qat_fx, sensitivity
+from . import ilp, qat, sensitivity
 from .hutchinson import hutchinson_traces
-from .qat_layers import is_chain
 from .search_budget import budget_value, check_budget_kinds, check_uniform_bits, resolve_budget
+from .search_plan import JobPlan, compare_allocations_at, comparison_row, uniform_at_or_above, uniform_fitting
 from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
+from .search_specs import DEFAULT_BITS, SENSITIVITY_MODES, check_ties, compute_sensitivities, layer_specs
 from .search_report import json_default, plot_pareto, render_markdown
 
 __all__ = ["DEFAULT_BITS", "SENSITIVITY_MODES", "layer_specs", "compute_sensitivities", "check_ties", "run_search"]
-
-DEFAULT_BITS = tuple(range(2, 9))
-
-
-# --------------------------------------------------------------------------- specs / sensitivities
-
-
-@torch.no_grad()
-def layer_specs(model: nn.Module, example_input, w_bits=DEFAULT_BITS, a_bits=DEFAULT_BITS,
-                input_bits: int = 8, fixed_act_bits: int = 8) -> list[ilp.LayerSpec]:
-    """One :class:`~.ilp.LayerSpec` per weight layer, shapes measured on ``example_input`` (batch first).
-
-    The layers that read the model input (an ``nn.Sequential``'s first layer; for any other module
-    those :func:`.qat_fx.input_layers` finds) have their input fixed at ``input_bits``; every other
-    layer's input activation is searched over ``a_bits`` (``a_bits=()`` keeps every activation at
-    ``fixed_act_bits``, default 8: a weights-only search with one uniform activation width).
-
-    Raises:
-        QDeployError: bad bit lists, or a non-Sequential model ``torch.fx`` cannot trace.
-    """
-    w_bits = tuple(sensitivity.check_bits(w_bits))
-    a_bits = tuple(sensitivity.check_bits(a_bits)) if a_bits else ()
-    shapes = {}
-    hooks = []
-    for n, m in hessian.weight_layers(model):
-        hooks.append(m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, (a[0].shape, o.shape))))
-    was = model.training
-    model.eval()
-    try:
-        model(torch.as_tensor(np.asarray(example_input, dtype=np.float32))[:1])
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-    wl = hessian.weight_layers(model)
-    first = {wl[0][0]} if is_chain(model) and wl else set(qat_fx.input_layers(model))
-    specs = []
-    for n, m in wl:
-        _, oshape = shapes[n]
-        if isinstance(m, nn.Linear):
-            n_in, n_out, pos, kind = m.in_features, m.out_features, int(np.prod(oshape[1:-1])) or 1, "dense"
-        else:
-            n_in = int(np.prod(m.kernel_size)) * m.in_channels // m.groups
-            n_out, pos, kind = m.out_channels, int(np.prod(oshape[2:])), "conv"
-        specs.append(ilp.LayerSpec(name=n, n_in=int(n_in), n_out=int(n_out), positions=int(pos),
-                                   n_weights=int(m.weight.numel()), w_bits=w_bits,
-                                   a_bits=a_bits if n not in first else (),
-                                   fixed_a_bits=int(input_bits) if n in first else int(fixed_act_bits),
-                                   kind=kind))
-    return specs
-
-
-SENSITIVITY_MODES = ("hessian", "hessian+measured", "measured")
-
-
-def compute_sensitivities(model, specs, traces: hessian.TraceResult, x, y=None, mode: str = "hessian",
-                          details: dict | None = None) -> dict:
-    """{layer: {(w_bits, a_bits): Omega_w(w_bits) + Omega_a(a_bits)}} per tensor.
-
-    Modes:
-        ``"hessian"``: HAWQ-V3 Eq. 10, Omega = Tr(H)/n * ||Q_b(T) - T||^2 (arXiv 2011.10680);
-        ``"hessian+measured"``: max(Omega, 2 Delta L) with Delta L the measured loss increase of
-        quantizing that tensor alone (:func:`.sensitivity.measured_loss_increase`; needs ``y``):
-        the Hessian estimate except where the measurement shows the quadratic model under-estimates;
-        ``"measured"``: 2 Delta L only (an ablation; no Hessian).
-    ``details`` (optional dict) receives per layer ``{"omega_w", "measured_w", "omega_a", "measured_a"}``.
-
-    Raises:
-        QDeployError: unknown mode, or a measured mode without labels ``y``.
-    """
-    if mode not in SENSITIVITY_MODES:
-        raise QDeployError(f"sensitivity mode {mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
-    if mode != "hessian" and y is None:
-        raise QDeployError(f"sensitivity mode {mode!r} needs the labels of the trace data")
-    mods = dict(model.named_modules())
-    acts = hessian.layer_inputs(model, x, [s.name for s in specs if s.a_bits])
-    xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    yt = None if y is None else torch.as_tensor(np.asarray(y)).long()
-
-    def combine(om, name, bits, what):
-        if mode == "hessian":
-            return om, None
-        ml = sensitivity.measured_loss_increase(model, xt, yt, name, bits, what=what)
-        if mode == "measured":
-            return {b: max(2.0 * ml[b], 0.0) for b in om}, ml
-        return {b: max(om[b], 2.0 * ml[b]) for b in om}, ml
-
-    out = {}
-    for s in specs:
-        w = mods[s.name].weight.detach()
-        om_w = sensitivity.weight_sensitivity(traces.weights[s.name].mean, w, s.w_bits)
-        ow, mw = combine(om_w, s.name, s.w_bits, "weight")
-        d = {"omega_w": om_w, "measured_w": mw}
-        if s.a_bits:
-            om_a = sensitivity.act_sensitivity(traces.activations[s.name].mean, acts[s.name], s.a_bits)
-            oa, ma = combine(om_a, s.name, s.a_bits, "act")
-            d.update(omega_a=om_a, measured_a=ma)
-        else:
-            oa = {s.fixed_a_bits: 0.0}
-        if details is not None:
-            details[s.name] = d
-        out[s.name] = {(wb, ab): ow[wb] + oa[ab] for wb, ab in s.options()}
-    return out
-
-
-def check_ties(model, ties) -> list[list[str]]:
-    """The tie groups as lists, checked: every name is a weight layer (Linear/Conv) of ``model``.
-
-    For a model that is not an ``nn.Sequential`` the ties its QAT model imposes
-    (:func:`.qat_fx.required_ties`: layers sharing an input quantizer, layers joined by an add) are
-    merged in, so every allocation the ILP returns can be built.
-
-    Raises:
-        QDeployError: a name that is not a module of the model, or a module without weights.
-    """
-    mods = dict(model.named_modules())
-    for g in ties or ():
-        for n in g:
-            if n not in mods:
-                raise QDeployError(f"tie names {n!r}, which is not a module of the model")
-            if not isinstance(mods[n], hessian.WEIGHT_TYPES):
-                raise QDeployError(f"tie names layer {n!r} ({type(mods[n]).__name__}), which has no weights")
-    out = [list(g) for g in ties or ()]
-    if not is_chain(model):
-        out = qat_fx.merge_ties(out + qat_fx.required_ties(model))
-    return out
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def _early_pool(workers, ray, n_budgets: int, qat_seeds: int):
+def _early_pool(workers, ray, n_budgets: int, qat_seeds: int, per_budget: int = 3):
     """The local worker pool for the QAT jobs, started now so that the workers' start-up (imports,
     several seconds of CPU each) overlaps the float training and traces; None when the jobs will run
-    in this process or on Ray.  A budget gives at most 3 allocations (Hessian, uniform, uniform above),
-    so at most ``3 * n_budgets * qat_seeds`` jobs: no more workers than that are started."""
+    in this process or on Ray.  A budget gives at most ``per_budget`` allocations (3: Hessian, uniform,
+    uniform above; 6 with the comparison's trace, random and uniform-at-or-above), so at most
+    ``per_budget * n_budgets * qat_seeds`` jobs: no more workers than that are started."""
     if ray is not None:
         return None
     from .fanout import LocalPool, resolve_workers
-    most = 3 * n_budgets * qat_seeds
+    most = per_budget * n_budgets * qat_seeds
     n = min(resolve_workers(workers, most), most)
     return LocalPool(n) if n > 1 else None
 
@@ -204,7 +85,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                qat_lr: float | None = None, qat_seeds: int = 1, sweep_points: int = 25, seed: int = 0, progress: bool = True,
                export: bool = True, check_import: bool = True, act_bits_fixed: int = 8,
                estimator: Mapping | None = None, force: bool = False, workers: int | str | None = None,
-               ray: str | None = None) -> dict:
+               ray: str | None = None, compare: bool = False) -> dict:
     """Run the whole search and write the report; returns the report dict (also in search_report.json).
 
     Args:
@@ -249,14 +130,32 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             running cluster), ``"local"`` (a local Ray with ``workers`` CPUs) or a cluster address;
             needs ``pip install qdeploy[ray]``.  The report's ``qat_fanout`` says what ran (engine,
             workers, retried / failed jobs).
+        compare: also fine-tune, per budget, the ``trace`` allocation (the ILP on HAWQ-V3's Omega
+            alone, ``mode="hessian"``), the ``random`` one (the ILP on
+            :func:`.search_plan.random_sensitivities` seeded ``seed * 1000 + i`` for budget ``i``) and
+            the narrowest uniform width at or above the budget, as jobs of the same fan-out (an
+            allocation met twice is fine-tuned once); the allocations equal those of
+            :func:`.search_compare.compare_allocations`.  Each budget of the report then has
+            ``"compare": {"hessian", "trace", "random", "uniform"}`` rows, ``search_report.md`` their
+            table (:func:`.search_report.comparison_table`) and ``pareto.png`` their accuracies.  Not
+            exported (only the Hessian and uniform allocations are deployment artifacts).  Default
+            off: no extra jobs.
 
     Raises:
-        QDeployError: bad recipe, budgets, bit lists or ties (one-line message).
+        QDeployError: bad recipe, budgets, bit lists or ties (one-line message); ``compare`` with
+            ``sensitivity_mode="hessian"`` (the trace row would be the Hessian row), or a budget no
+            uniform width reaches.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if sensitivity_mode not in SENSITIVITY_MODES:
         raise QDeployError(f"sensitivity mode {sensitivity_mode!r}: expected one of {', '.join(SENSITIVITY_MODES)}")
+    if not isinstance(compare, bool):
+        raise QDeployError(f"compare must be True or False, got {compare!r}")
+    if compare and sensitivity_mode == "hessian":
+        raise QDeployError("compare=True (--compare) adds the trace-only row, the ILP on Omega alone, which with "
+                           "sensitivity mode 'hessian' is the Hessian row itself: compare with --sensitivity "
+                           "hessian+measured or measured")
     check_budget_kinds(budgets, costs)
     budgets = [{k: budget_value(k, v) for k, v in b.items()} for b in budgets]
     if not a_bits and a_bits is not None and not 2 <= int(act_bits_fixed) <= 32:
@@ -302,7 +201,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
         raise QDeployError("no budget given: pass at least one, e.g. --budget bops=uniform:4")
     check_uniform_bits(budgets, w_bits)
     t_all = time.perf_counter()
-    pool = _early_pool(workers, ray, len(budgets), int(qat_seeds))  # workers start up during the traces
+    pool = _early_pool(workers, ray, len(budgets), int(qat_seeds), 6 if compare else 3)  # workers start up during the traces
     try:
         torch.manual_seed(seed)
         r = fn(**extra) if extra else fn()
@@ -337,6 +236,13 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
             costs = {**estimator_costs(model, specs, x_tr[:min(len(x_tr), 512)], inp, estimator,
                                        kinds=sorted(set(hw))), **(costs or {})}
         resolved = [resolve_budget(b, specs, costs) for b in budgets]
+        cmp_uniform = []  # compare=True: per budget the narrowest uniform (bits, allocation) at or above it
+        for i, b in enumerate(resolved if compare else ()):
+            try:
+                cmp_uniform.append(uniform_at_or_above(specs, w_bits, b, costs))
+            except QDeployError as e:
+                raise QDeployError(f"--compare: budget {i} {budgets[i]}: {e}; the comparison's uniform row needs a "
+                                   "width at or above the budget (lower it or add wider --bits)") from None
         new_parents = [d for d in out_final.parents if not d.exists()]  # removed again if the search fails
         out_dir = staging_dir(out_final)
     except BaseException:
@@ -362,88 +268,60 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                 float_acc["test"] = qat.accuracy(model, *test)
 
             # the (allocation x seed) fine-tunes are independent jobs: plan every allocation first
-            # (ILP only), then run the jobs on the chosen engine (.fanout), then assemble the rows
-            first_tag: dict = {}  # allocation key -> tag of its first occurrence (later ones: same_as)
-
-            def want(bits: dict, tag: str) -> dict:
-                first_tag.setdefault(tuple(sorted(bits.items())), tag)
-                return {"bits_key": tuple(sorted(bits.items())), "tag": tag}
-
+            # (ILP only; the deployment rows of every budget before the comparison-only rows, so an
+            # allocation both share keeps its exported tag), run the jobs (.fanout), assemble the rows
+            plan = JobPlan(qat_seeds)
             plans = []
             for i, (b_in, b) in enumerate(zip(budgets, resolved)):
                 alloc = ilp.allocate(specs, sens, b, costs=costs, ties=ties)
-                h = want(alloc.bits, f"b{i}_hessian")
-                uni = None
-                for ub in sorted(w_bits, reverse=True):
-                    ua = ilp.uniform_allocation(specs, ub, sens, costs)
-                    ucost = {k: ilp.total_cost(k, specs, ua.bits, costs) for k in b}
-                    if all(ucost[k] <= b[k] * (1 + 1e-9) for k in b):
-                        ua.costs.update(ucost)
-                        uni = ({"bits": ub, "allocation": ua.to_dict()}, want(ua.bits, f"b{i}_uniform{ub}"))
-                        break
-                # between two uniform points (e.g. uniform:3.5) the uniform that fits has fewer BOPs than
-                # the budget; the next width up (more BOPs than the budget) is trained too, for the
-                # "equal or larger BOPs" comparison
-                above = None
-                tight = uni is not None and all(uni[0]["allocation"]["costs"][k] >= b[k] * (1 - 1e-9) for k in b)
-                if not tight:
-                    for ub in sorted(w_bits):
-                        if uni is not None and ub <= uni[0]["bits"]:
-                            continue
-                        ua = ilp.uniform_allocation(specs, ub, sens, costs)
-                        ua.costs.update({k: ilp.total_cost(k, specs, ua.bits, costs) for k in b})
-                        above = ({"bits": ub, "allocation": ua.to_dict()}, want(ua.bits, f"b{i}_uniform{ub}"))
-                        break
-                plans.append((b_in, b, alloc, h, uni, above))
+                unis = [u and (u, plan.want(u[1].bits, f"b{i}_uniform{u[0]}"))
+                        for u in uniform_fitting(specs, w_bits, b, sens, costs)]
+                plans.append((b_in, b, alloc, plan.want(alloc.bits, f"b{i}_hessian"), *unis))
+            cmp = []  # compare=True: per budget {row: (allocation, (key, tag))}, rows as search_compare.ROWS
+            if compare:
+                trace_sens = compute_sensitivities(model, specs, tr, x_tr[:ns], mode="hessian")
+                for i, (b, p, (ub, ua)) in enumerate(zip(resolved, plans, cmp_uniform)):
+                    allocs = {"hessian": p[2], **compare_allocations_at(specs, trace_sens, b, i, seed, costs, ties),
+                              "uniform": ua}
+                    cmp.append({row: (a, ub if row == "uniform" else None,
+                                      plan.want(a.bits, f"b{i}_{row}", export=False)) for row, a in allocs.items()})
 
             import os
             from .fanout import run_qat_jobs
-            from .fanout_jobs import KILL_ENV, QatContext, QatJob
-            jobs = [QatJob(tag=t, k=k, bits=key) for key, t in first_tag.items() for k in range(qat_seeds)]
+            from .fanout_jobs import KILL_ENV, QatContext
             ctx = QatContext(model=model, x_tr=x_tr, y_tr=y_tr, x_va=x_va, y_va=y_va, test=test, inp=inp,
                              qcfg=qcfg, ns=ns, seed=seed, name=name, export=export,
                              recipe=recipe if isinstance(recipe, str) else None,
                              kill_once=os.environ.get(KILL_ENV) or None)
-            job_res, fanout_info = run_qat_jobs(ctx, jobs, workers=workers, ray=ray, pool=pool,
+            job_res, fanout_info = run_qat_jobs(ctx, plan.jobs(), workers=workers, ray=ray, pool=pool,
                                                 progress=prog if progress else None, epoch_progress=progress)
             done: dict = {}
 
             def assemble(key, tag: str) -> dict:
-                """The report row of one allocation from its seeds' jobs (in seed order, as before)."""
-                t0 = first_tag[key]
-                if t0 in done:
-                    return done[t0] if tag == t0 else {**done[t0], "same_as": t0}
-                rs = [job_res[QatJob(tag=t0, k=k, bits=key).name] for k in range(qat_seeds)]
-                accs = {"val": [float(r.val_ok.mean()) for r in rs]}
-                corr = {"val": sum(r.val_ok / qat_seeds for r in rs)}
-                res = {"tag": t0, "qat_seconds": sum(r.seconds for r in rs), "val_acc": float(np.mean(accs["val"])),
-                       "val_accs": accs["val"], "val_correct": [round(float(c), 4) for c in corr["val"]]}
-                if test is not None:
-                    accs["test"] = [float(r.test_ok.mean()) for r in rs]
-                    corr["test"] = sum(r.test_ok / qat_seeds for r in rs)
-                    res["test_acc"] = float(np.mean(accs["test"]))
-                    res["test_accs"] = accs["test"]
-                    res["test_correct"] = [round(float(c), 4) for c in corr["test"]]
-                if sum(r.attempt for r in rs):
-                    res["qat_retries"] = sum(r.attempt for r in rs)
-                if export:
-                    p = out_dir / "models" / f"{name}_{t0}.onnx"
-                    p.write_bytes(rs[0].onnx)
-                    res["qonnx"] = str(p.relative_to(out_dir))
-                    if check_import:
-                        from ..frontends import load_model
-                        g = load_model(str(p))
-                        res["ir_nodes"] = len(g.nodes)
-                done[t0] = res
-                return res if tag == t0 else {**res, "same_as": t0}
+                """The report row of one allocation from its seeds' jobs (in seed order)."""
+                t0, rs = plan.results(job_res, key)
+                if t0 not in done:
+                    res = done[t0] = plan.accuracy_row(rs, t0, test is not None)
+                    if export and t0 in plan.export_tags:
+                        p = out_dir / "models" / f"{name}_{t0}.onnx"
+                        p.write_bytes(rs[0].onnx)
+                        res["qonnx"] = str(p.relative_to(out_dir))
+                        if check_import:
+                            from ..frontends import load_model
+                            res["ir_nodes"] = len(load_model(str(p)).nodes)
+                return done[t0] if tag == t0 else {**done[t0], "same_as": t0}
+
+            def uniform_row(u):
+                return None if u is None else {"bits": u[0][0], "allocation": u[0][1].to_dict(), **assemble(*u[1])}
 
             results = []
-            for b_in, b, alloc, h, uni, above in plans:
+            for i, (b_in, b, alloc, h, uni, above) in enumerate(plans):
                 results.append({"budget": dict(b_in), "budget_resolved": b,
-                                "hessian": {**alloc.to_dict(), **assemble(h["bits_key"], h["tag"])},
-                                "uniform": None if uni is None else {**uni[0], **assemble(uni[1]["bits_key"], uni[1]["tag"])},
-                                "uniform_above": None if above is None else
-                                {**above[0], **assemble(above[1]["bits_key"], above[1]["tag"])}})
+                                "hessian": {**alloc.to_dict(), **assemble(*h)},
+                                "uniform": uniform_row(uni), "uniform_above": uniform_row(above)})
+                if compare:
+                    results[-1]["compare"] = {row: {**comparison_row(specs, a, b, costs, ub), **assemble(*kt)}
+                                              for row, (a, ub, kt) in cmp[i].items()}
             frontier = {}
             for kind in sorted({k for b in resolved for k in b} | {"bops"}):
                 frontier[kind] = [{"cost": a.costs[kind], "objective": a.objective, "bops": a.costs["bops"],
@@ -474,6 +352,7 @@ def run_search(recipe, out_dir, budgets: Sequence[Mapping] = ({"bops": "uniform:
                          "recipe_args": dict(extra or {}),
                          "w_bits": list(w_bits), "a_bits": list(a_bits), "input": inp, "qat": qcfg,
                          "probes_cap": probes, "tol": tol, "qat_seeds": qat_seeds, "trace_samples": ns, "ties": ties,
+                         "compare": compare,
                          "act_bits_fixed": None if a_bits else act_bits_fixed, "sensitivity_mode": sensitivity_mode,
                          "estimator": dict(estimator or {}) if hw else None},
             "trace": {"probes": tr.probes, "converged": tr.converged, "seconds": tr.seconds,

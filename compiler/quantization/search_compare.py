@@ -31,42 +31,14 @@ import torch
 from ..errors import QDeployError
 from . import ilp, qat
 from .hutchinson import hutchinson_traces
-from .search import DEFAULT_BITS, check_ties, compute_sensitivities, layer_specs
 from .search_budget import budget_value, check_budget_kinds, check_uniform_bits, resolve_budget
+from .search_plan import JobPlan, compare_allocations_at, comparison_row, random_sensitivities, uniform_at_or_above
 from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
-from .search_report import accuracy_noise
+from .search_report import ROWS, comparison_table, plot_rows
+from .search_specs import DEFAULT_BITS, check_ties, compute_sensitivities, layer_specs
 
 __all__ = ["ROWS", "random_sensitivities", "uniform_at_or_above", "compare_allocations", "render_comparison",
            "plot_comparison"]
-
-ROWS = ("hessian", "trace", "random", "uniform")
-
-
-def random_sensitivities(specs: Sequence[ilp.LayerSpec], seed: int) -> dict:
-    """{layer: {(w, a): c_w 4^-w + c_a 4^-a}} with c_w, c_a log-uniform in [1e-3, 1e3] (c_a only for
-    searched activations), drawn from ``numpy.random.default_rng(seed)`` in spec order."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        cw = 10.0 ** rng.uniform(-3, 3)
-        ca = 10.0 ** rng.uniform(-3, 3) if s.a_bits else 0.0
-        out[s.name] = {(w, a): cw * 4.0 ** -w + (ca * 4.0 ** -a if s.a_bits else 0.0) for w, a in s.options()}
-    return out
-
-
-def uniform_at_or_above(specs, w_bits: Iterable[int], budget: Mapping[str, float]) -> tuple[int, ilp.Allocation]:
-    """The narrowest uniform width (from ``w_bits``) whose cost is >= the budget in every kind.
-
-    Raises:
-        QDeployError: no candidate width reaches the budget.
-    """
-    for b in sorted(w_bits):
-        ua = ilp.uniform_allocation(specs, b)
-        ua.costs.update({k: ilp.total_cost(k, specs, ua.bits) for k in budget})
-        if all(ua.costs[k] >= budget[k] * (1 - 1e-9) for k in budget):
-            return b, ua
-    raise QDeployError(f"no uniform width in {sorted(w_bits)} reaches the budget {dict(budget)}")
-
 
 def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int] = DEFAULT_BITS,
                         a_bits: Iterable[int] | None = (), act_bits_fixed: int = 8, qat_seeds: int = 5,
@@ -95,7 +67,7 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
             QAT job that failed twice.
     """
     from .fanout import resolve_workers, run_qat_jobs
-    from .fanout_jobs import QatContext, QatJob
+    from .fanout_jobs import QatContext
 
     resolve_workers(workers, 1)  # a bad setting fails before the float training
     t_all = time.perf_counter()
@@ -130,21 +102,18 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
     sens = {"hessian": compute_sensitivities(model, specs, tr, x_tr[:ns], y_tr[:ns], mode="hessian+measured"),
             "trace": compute_sensitivities(model, specs, tr, x_tr[:ns], y_tr[:ns], mode="hessian")}
     float_acc = {"val": qat.accuracy(model, x_va, y_va), **({"test": qat.accuracy(model, *test)} if test else {})}
-    # plan every allocation first (ILP only), then fine-tune each distinct one with every seed as
-    # independent jobs (.fanout), then assemble the rows
-    first_tag: dict = {}  # allocation key -> tag of its first occurrence (later ones: same_as)
+    # plan every allocation first (ILP only; the pieces run_search(compare=True) uses too), then
+    # fine-tune each distinct one with every seed as independent jobs (.fanout), then assemble the rows
+    plan = JobPlan(qat_seeds)
     plans = []
     for i, b_in in enumerate(budgets):
         b = resolve_budget(b_in, specs, None)
         allocs = {"hessian": ilp.allocate(specs, sens["hessian"], b, ties=ties),
-                  "trace": ilp.allocate(specs, sens["trace"], b, ties=ties),
-                  "random": ilp.allocate(specs, random_sensitivities(specs, seed * 1000 + i), b, ties=ties)}
-        ub, ua = uniform_at_or_above(specs, w_bits, b)
-        allocs["uniform"] = ua
-        for row, a in allocs.items():
-            first_tag.setdefault(tuple(sorted(a.bits.items())), f"b{i}_{row}")
-        plans.append((b_in, b, allocs, ub))
-    jobs = [QatJob(tag=t, k=k, bits=key) for key, t in first_tag.items() for k in range(int(qat_seeds))]
+                  **compare_allocations_at(specs, sens["trace"], b, i, seed, ties=ties)}
+        ub, allocs["uniform"] = uniform_at_or_above(specs, w_bits, b)
+        plans.append((b_in, b, {row: (a, plan.want(a.bits, f"b{i}_{row}", export=False)) for row, a in allocs.items()},
+                      ub))
+    jobs = plan.jobs()
     ctx = QatContext(model=model, x_tr=x_tr, y_tr=y_tr, x_va=x_va, y_va=y_va, test=test, inp=inp, qcfg=qcfg, ns=ns,
                      seed=seed, name=name, export=False, recipe=recipe if isinstance(recipe, str) else None)
     job_res, fanout_info = run_qat_jobs(ctx, jobs, workers=workers)
@@ -153,30 +122,17 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
     done: dict = {}
 
     def assemble(key, tag: str) -> dict:
-        t0 = first_tag[key]
+        t0, rs = plan.results(job_res, key)
         if t0 not in done:
-            rs = [job_res[QatJob(tag=t0, k=k, bits=key).name] for k in range(int(qat_seeds))]
-            res = {"tag": t0, "qat_seconds": sum(r.seconds for r in rs)}
-            for split in ("val", "test") if test is not None else ("val",):
-                oks = [r.val_ok if split == "val" else r.test_ok for r in rs]
-                accs = [float(ok.mean()) for ok in oks]
-                res[f"{split}_acc"] = float(np.mean(accs))
-                res[f"{split}_accs"] = accs
-                res[f"{split}_correct"] = [round(float(c), 4) for c in sum(ok / int(qat_seeds) for ok in oks)]
-            done[t0] = res
+            res = done[t0] = plan.accuracy_row(rs, t0, test is not None)
             log(f"[{name}] {t0}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if test else "")
                 + f" ({res['qat_seconds']:.0f} s of jobs)")
         return done[t0] if tag == t0 else {**done[t0], "same_as": t0}
 
-    results = []
-    for i, (b_in, b, allocs, ub) in enumerate(plans):
-        rows = {}
-        for row, a in allocs.items():
-            costs = {k: ilp.total_cost(k, specs, a.bits) for k in sorted(set(b) | {"bops", "size"})}
-            rows[row] = {"bits": {n: list(v) for n, v in a.bits.items()}, "costs": costs,
-                         **({"uniform_bits": ub} if row == "uniform" else {}),
-                         **assemble(tuple(sorted(a.bits.items())), f"b{i}_{row}")}
-        results.append({"budget": dict(b_in), "budget_resolved": b, "rows": rows})
+    results = [{"budget": dict(b_in), "budget_resolved": b,
+                "rows": {row: {**comparison_row(specs, a, b, None, ub if row == "uniform" else None), **assemble(*kt)}
+                         for row, (a, kt) in allocs.items()}}
+               for b_in, b, allocs, ub in plans]
     layers = [{"name": s.name, "n_weights": s.n_weights, "trace": tr.weights[s.name].trace,
                "stderr": tr.weights[s.name].stderr} for s in specs]
     return {"model": name, "float_accuracy": float_acc, "layers": layers, "budgets": results,
@@ -189,44 +145,28 @@ def compare_allocations(recipe, budgets: Sequence[Mapping], w_bits: Iterable[int
 
 
 def render_comparison(rep: dict, key: str = "test_acc") -> str:
-    """Markdown table of :func:`compare_allocations`'s result: per budget and row the BOPs, the
-    accuracy ``key`` (mean over QAT seeds) and each allocation's difference to the uniform row with
-    twice its paired standard error (:func:`.search_report.accuracy_noise`), in points."""
-    lines = [f"### {rep['model']} (float {key.split('_')[0]} {rep['float_accuracy'].get(key.split('_')[0], float('nan')):.4f}; "
-             f"activations {'fixed %s-bit' % rep['settings']['act_bits_fixed'] if rep['settings']['act_bits_fixed'] else 'searched'}; "
-             f"{rep['settings']['qat_seeds']} QAT seeds)", "",
-             "| budget | row | BOPs | " + key + " | minus uniform (2 paired se) |", "|---|---|---:|---:|---|"]
-    for b in rep["budgets"]:
-        u = b["rows"]["uniform"]
-        for row in ROWS:
-            r = b["rows"][row]
-            tag = f"uniform {r['uniform_bits']}-bit" if row == "uniform" else row
-            diff = ""
-            if row != "uniform" and key in r:
-                d, se = r[key] - u[key], accuracy_noise(r, u, key)
-                diff = f"{d * 100:+.2f} ({2 * se * 100:.2f}){' *' if abs(d) > 2 * se else ''}"
-            acc = f"{r[key]:.4f}" if key in r else "n/a"
-            lines.append(f"| {list(b['budget'].values())[0]} | {tag} | {r['costs']['bops']:.4g} | {acc} | {diff} |")
-    lines.append("")
-    lines.append("`*`: the difference exceeds 2 paired standard errors (over the evaluation samples).")
-    return "\n".join(lines) + "\n"
+    """Markdown table of :func:`compare_allocations`'s result: a heading (model, float accuracy,
+    activations, seeds) and :func:`.search_report.comparison_table` -- per budget and row the BOPs,
+    the accuracy ``key`` (mean over QAT seeds) and each allocation's difference to the uniform row
+    with twice its paired standard error (:func:`.search_report.accuracy_noise`), in points."""
+    split = key.split("_")[0]
+    acts = rep["settings"]["act_bits_fixed"]
+    head = (f"### {rep['model']} (float {split} {rep['float_accuracy'].get(split, float('nan')):.4f}; "
+            f"activations {'fixed %s-bit' % acts if acts else 'searched'}; {rep['settings']['qat_seeds']} QAT seeds)")
+    return head + "\n\n" + comparison_table(rep["budgets"], key)
 
 
 def plot_comparison(rep: dict, path, key: str = "test_acc"):
     """PNG of accuracy ``key`` after QAT vs BOPs per sample for the four rows (error bars: one
-    standard deviation over the QAT seeds) with the float accuracy as a line.  Returns ``path``."""
+    standard deviation over the QAT seeds; :func:`.search_report.plot_rows`) with the float accuracy
+    as a line.  Returns ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from pathlib import Path
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for row, style in zip(ROWS, ("o-", "^-", "x:", "s--")):
-        pts = sorted({(b["rows"][row]["costs"]["bops"], b["rows"][row][key], float(np.std(b["rows"][row][key + "s"])))
-                      for b in rep["budgets"] if key in b["rows"][row]})
-        if pts:
-            xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, fmt=style, ms=4, capsize=2, label=row)
+    plot_rows(ax, rep["budgets"], key)
     ax.axhline(rep["float_accuracy"].get(key.split("_")[0], np.nan), color="gray", lw=0.8, label="float")
     ax.set(xscale="log", xlabel="BOPs / sample", ylabel=key.replace("_", " "), title=f"{rep['model']}: after QAT")
     ax.legend(fontsize=8)

@@ -1,7 +1,10 @@
 """The mixed-precision search report: ``search_report.md`` (:func:`render_markdown`),
 ``pareto.png`` (:func:`plot_pareto`) and the accuracy comparison between allocations
 (:func:`accuracy_noise`, :func:`comparison_verdict`).  Both read the report dict that
-:func:`.search.run_search` writes as ``search_report.json``.
+:func:`.search.run_search` writes as ``search_report.json``.  The four-row comparison (Hessian,
+trace-only, random, uniform) of ``run_search(compare=True)`` and of
+:func:`.search_compare.compare_allocations` is rendered by one table function
+(:func:`comparison_table`) and one plotting function (:func:`plot_rows`) for both.
 """
 from __future__ import annotations
 
@@ -10,7 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["json_default", "accuracy_noise", "comparison_verdict", "render_markdown", "plot_pareto", "fanout_line"]
+__all__ = ["ROWS", "json_default", "accuracy_noise", "comparison_verdict", "comparison_table", "plot_rows",
+           "render_markdown", "plot_pareto", "fanout_line"]
+
+ROWS = ("hessian", "trace", "random", "uniform")
+"""The rows of the allocation comparison, in table order (:mod:`.search_compare`)."""
 
 
 def json_default(o):
@@ -65,6 +72,58 @@ def _acc(r, key):
     return "n/a" if r is None or key not in r else f"{r[key]:.4f}"
 
 
+def comparison_table(budgets, key: str = "test_acc", rows_key: str = "rows", acc_keys=None) -> str:
+    """Markdown table of the four-row allocation comparison.
+
+    Args:
+        budgets: list of ``{"budget": {kind: value}, rows_key: {row: row dict}}`` with the rows of
+            :data:`ROWS`, each holding ``costs`` (``bops``), the accuracies and ``<split>_correct``
+            (``uniform`` also ``uniform_bits``): :func:`.search_compare.compare_allocations`'s
+            ``budgets`` (``rows_key="rows"``) or ``search_report.json``'s (``rows_key="compare"``).
+        key: the accuracy compared, ``"test_acc"`` or ``"val_acc"``.
+        acc_keys: accuracy columns shown (default ``[key]``).
+
+    Returns:
+        per budget and row: BOPs, the accuracies (means over QAT seeds), and each allocation's
+        difference to the uniform row in points with twice its paired standard error
+        (:func:`accuracy_noise`), marked ``*`` beyond it; a row fine-tuned as another row's
+        allocation says which.
+    """
+    acc_keys = list(acc_keys or [key])
+    lines = ["| budget | row | BOPs | " + " | ".join(acc_keys) + f" | {key} minus uniform (2 paired se) |",
+             "|---|---|---:|" + "---:|" * len(acc_keys) + "---|"]
+    for b in budgets:
+        rows = b[rows_key]
+        u = rows["uniform"]
+        bud = ", ".join(f"{k}={v}" for k, v in b["budget"].items())
+        for row in ROWS:
+            r = rows[row]
+            tag = f"uniform {r['uniform_bits']}-bit" if row == "uniform" else row
+            tag += f" (same as {r['same_as']})" if r.get("same_as") else ""
+            diff = ""
+            if row != "uniform" and key in r and key in u:
+                d, se = r[key] - u[key], accuracy_noise(r, u, key)
+                diff = f"{d * 100:+.2f} ({2 * se * 100:.2f}){' *' if abs(d) > 2 * se else ''}"
+            lines.append(f"| {bud} | {tag} | {r['costs']['bops']:.4g} | " + " | ".join(_acc(r, k) for k in acc_keys)
+                         + f" | {diff} |")
+    lines += ["", "`*`: the difference exceeds 2 paired standard errors (over the evaluation samples)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(ax, budgets, key: str = "test_acc", rows_key: str = "rows") -> None:
+    """Plot on matplotlib axes ``ax`` accuracy ``key`` vs BOPs of each row of :data:`ROWS` over the
+    budgets (same ``budgets`` / ``rows_key`` as :func:`comparison_table`); error bars: one standard
+    deviation over the QAT seeds (``<key>s``)."""
+    for row, style in zip(ROWS, ("o-", "^-", "x:", "s--")):
+        pts = sorted({(b[rows_key][row]["costs"]["bops"], b[rows_key][row][key],
+                       float(np.std(b[rows_key][row].get(key + "s") or [0.0])))
+                      for b in budgets if key in b[rows_key][row]})
+        if pts:
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, fmt=style, ms=4, capsize=2,
+                        label=f"{row} (at or above the budget)" if row == "uniform" else row)
+
+
 def fanout_line(fo: dict | None) -> str:
     """One Markdown line: how the QAT jobs ran (engine, workers, retried and failed jobs)."""
     if not fo:
@@ -78,7 +137,8 @@ def fanout_line(fo: dict | None) -> str:
 
 
 def render_markdown(rep: dict) -> str:
-    """``search_report.md``: settings, per-layer table, Hessian vs uniform per budget, frontier."""
+    """``search_report.md``: settings, per-layer table, Hessian vs uniform per budget, the four-row
+    comparison (:func:`comparison_table`) when the report has it, frontier."""
     acc_key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
     L = [f"# qdeploy search report: {rep['model']}", "",
          "- float accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in rep["float_accuracy"].items()),
@@ -179,6 +239,14 @@ def render_markdown(rep: dict) -> str:
         if ua2:
             L.append(f"  - vs uniform {ua2['bits']}-bit {ua2[acc_key]:.4f} at {ua2['allocation']['costs']['bops']:.4g} "
                      f"BOPs (more than the budget): {comparison_verdict(h, ua2, acc_key, n_ev)}")
+    if any("compare" in b for b in rep["budgets"]):
+        L += ["", "## Allocation comparison: Hessian vs trace-only vs random vs uniform", "",
+              "Per budget, each fine-tuned with the same QAT settings and seeds: `hessian` (the allocation above), "
+              "`trace` (the ILP on HAWQ-V3's Omega alone, without the measured term), `random` (the ILP on random "
+              "sensitivities c 4^-b, seed `seed * 1000 + budget`), `uniform` (the narrowest uniform width at or "
+              "above the budget). Only the Hessian and uniform allocations above are exported.", "",
+              comparison_table(rep["budgets"], acc_key, "compare",
+                               ["val_acc", "test_acc"] if acc_key == "test_acc" else ["val_acc"]).rstrip()]
     for kind, pts in rep["frontier"].items():
         L += ["", f"## Frontier: total sensitivity vs {kind} (ILP sweep, no QAT)", "", f"| {kind} | sensitivity |", "|---|---|"]
         L += [f"| {p['cost']:.4g} | {p['objective']:.4g} |" for p in pts]
@@ -186,7 +254,9 @@ def render_markdown(rep: dict) -> str:
 
 
 def plot_pareto(rep: dict, path) -> Path:
-    """``pareto.png``: sensitivity frontier vs BOPs (left) and accuracy after QAT vs BOPs (right)."""
+    """``pareto.png``: sensitivity frontier vs BOPs (left) and accuracy after QAT vs BOPs (right): the
+    Hessian and uniform allocations, or with the comparison rows (``run_search(compare=True)``) the
+    four rows of :func:`plot_rows`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -202,11 +272,15 @@ def plot_pareto(rep: dict, path) -> Path:
     ax[0].set(xscale="log", yscale="log", xlabel="BOPs / sample", ylabel="total sensitivity Σ Ω",
               title=f"{rep['model']}: sensitivity frontier")
     ax[0].legend()
-    hb = [(b["hessian"]["costs"]["bops"], b["hessian"][acc_key]) for b in rep["budgets"]]
-    ub = [(b["uniform"]["allocation"]["costs"]["bops"], b["uniform"][acc_key]) for b in rep["budgets"] if b["uniform"]]
-    ax[1].plot(*zip(*sorted(hb)), "o-", label="Hessian ILP + QAT")
-    if ub:
-        ax[1].plot(*zip(*sorted(set(ub))), "s--", label="uniform + QAT")
+    if all("compare" in b for b in rep["budgets"]):  # the four rows of the comparison
+        plot_rows(ax[1], rep["budgets"], acc_key, "compare")
+    else:
+        hb = [(b["hessian"]["costs"]["bops"], b["hessian"][acc_key]) for b in rep["budgets"]]
+        ub = [(b["uniform"]["allocation"]["costs"]["bops"], b["uniform"][acc_key])
+              for b in rep["budgets"] if b["uniform"]]
+        ax[1].plot(*zip(*sorted(hb)), "o-", label="Hessian ILP + QAT")
+        if ub:
+            ax[1].plot(*zip(*sorted(set(ub))), "s--", label="uniform + QAT")
     ax[1].axhline(rep["float_accuracy"].get(acc_key.replace("_acc", ""), np.nan), color="gray", lw=0.8, label="float")
     ax[1].set(xscale="log", xlabel="BOPs / sample", ylabel=acc_key.replace("_", " "), title="accuracy after QAT")
     ax[1].legend()

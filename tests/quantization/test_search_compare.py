@@ -66,7 +66,7 @@ def test_compare_allocations_tiny_mnist1d_mlp():
     assert fo["engine"] == "serial" and fo["jobs"] == 2 * len(distinct) and fo["failed"] == []
     assert all(("same_as" in r) == (r["tag"] != f"b0_{row}") for row, r in b["rows"].items())
     md = render_comparison(rep)
-    assert md.count("\n| uniform:2.5 |") == 4 and "uniform 3-bit" in md
+    assert md.count("\n| bops=uniform:2.5 |") == 4 and "uniform 3-bit" in md
 
 
 def test_plot_comparison_writes_a_png(tmp_path):
