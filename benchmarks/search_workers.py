@@ -39,7 +39,6 @@ session an equal CPU share and the two workers share this session's: there the m
 little (on the loaded 2-core machine a lone process got CPU / wall 1.0 and each of two got 0.5).
 """
 import argparse
-import hashlib
 import json
 import resource
 import subprocess
@@ -47,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from qdeploy.compiler.quantization.search_report import engine_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,20 +66,6 @@ def load() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "uptime not available"
-
-
-def summary(out: Path, rep: dict) -> list:
-    """What must not depend on the engine: allocations, per-seed accuracies, per-sample correctness, QONNX."""
-    rows = []
-    for b in rep["budgets"]:
-        for key in ("hessian", "uniform", "uniform_above"):
-            r = b[key]
-            if r is None:
-                continue
-            rows.append((key, json.dumps(r["bits"] if key == "hessian" else r["allocation"]["bits"], sort_keys=True),
-                         r["val_accs"], r.get("test_accs"), r["val_correct"], r.get("test_correct"),
-                         hashlib.sha256((out / r["qonnx"]).read_bytes()).hexdigest()))
-    return rows
 
 
 def run_once(args, budgets, out: Path, workers: int):
@@ -123,7 +110,7 @@ def main(argv=None):
                 for k, v in zip(keys, (wall, rep["seconds"], fo["seconds"], cpu, rep["seconds"] - fo["seconds"])):
                     t[w][k].append(v)
                 jobs.add(fo["jobs"])
-                results.setdefault(w, []).append(summary(out, rep))
+                results.setdefault(w, []).append(engine_fingerprint(out, rep))
                 print(f"  process {wall:.1f} s (CPU of it and its workers {cpu:.1f} s), search {rep['seconds']:.1f} s, "
                       f"QAT {fo['seconds']:.1f} s ({fo['jobs']} jobs, engine {fo['engine']}, {fo['workers']} "
                       f"worker(s), {len(fo['retried'])} retried); jobs' CPU {fo['job_cpu_seconds']:.1f} s, jobs' "

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ROWS", "json_default", "accuracy_noise", "comparison_verdict", "comparison_table", "plot_rows",
-           "render_markdown", "plot_pareto", "fanout_line"]
+           "render_markdown", "plot_pareto", "fanout_line", "engine_fingerprint"]
 
 ROWS = ("hessian", "trace", "random", "uniform")
 """The rows of the allocation comparison, in table order (:mod:`.search_compare`)."""
@@ -288,3 +288,24 @@ def plot_pareto(rep: dict, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def engine_fingerprint(out_dir, rep: dict) -> list[tuple]:
+    """What a search report must not owe to the engine that ran its QAT jobs (serial, local workers
+    or Ray): per budget and Hessian / uniform / uniform-above row, the allocation, the per-seed
+    accuracies, the per-sample correctness and the SHA-256 of the exported QONNX file (in
+    ``out_dir``).  Two runs of one search are the same exactly when these lists are equal."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    rows = []
+    for b in rep["budgets"]:
+        for key in ("hessian", "uniform", "uniform_above"):
+            r = b[key]
+            if r is None:
+                continue
+            rows.append((key, json.dumps(r["bits"] if key == "hessian" else r["allocation"]["bits"], sort_keys=True),
+                         r["val_accs"], r.get("test_accs"), r["val_correct"], r.get("test_correct"),
+                         hashlib.sha256((Path(out_dir) / r["qonnx"]).read_bytes()).hexdigest()))
+    return rows

@@ -2,8 +2,6 @@
 results in this process, on 2 local worker processes and on a local Ray; a worker killed mid-job is
 replaced and its job retried once (recorded in the report); a job that fails twice is a one-line
 error naming it; bad settings are one-line errors."""
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +13,11 @@ from qdeploy.compiler.errors import QDeployError
 from qdeploy.compiler.quantization.fanout import resolve_workers, run_qat_jobs
 from qdeploy.compiler.quantization.fanout_jobs import KILL_ENV, QatContext, QatJob
 from qdeploy.compiler.quantization.search import run_search
+from qdeploy.compiler.quantization.search_report import engine_fingerprint
 
 RECIPE = str(Path(__file__).with_name("test_search.py")) + ":tiny_recipe"
 SETTINGS = dict(budgets=[{"bops": "uniform:4"}], w_bits=(3, 4), probes=10, qat_seeds=2, progress=False,
                 check_import=False)  # (the QONNX import is checked by test_search.py)
-
-
-def _summary(out, rep):
-    """What must not depend on the engine: allocations, per-seed accuracies, per-sample correctness, QONNX bytes."""
-    rows = []
-    for b in rep["budgets"]:
-        for key in ("hessian", "uniform", "uniform_above"):
-            r = b[key]
-            if r is None:
-                continue
-            rows.append((key, json.dumps(r["bits"] if key == "hessian" else r["allocation"]["bits"], sort_keys=True),
-                         r["val_accs"], r["test_accs"], r["val_correct"], r["test_correct"],
-                         hashlib.sha256((out / r["qonnx"]).read_bytes()).hexdigest()))
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +32,7 @@ def test_serial_engine_runs_every_job_in_process(serial):
     fo = rep["qat_fanout"]
     assert fo["engine"] == "serial" and fo["workers"] == 1 and fo["retried"] == [] and fo["failed"] == []
     # the Hessian allocation and uniform 4 bits, 2 seeds each (a coinciding allocation is trained once)
-    n_alloc = len({r[1] for r in _summary(out, rep)})
+    n_alloc = len({r[1] for r in engine_fingerprint(out, rep)})
     assert fo["jobs"] == 2 * n_alloc and n_alloc == 2 and fo["job_cpu_seconds"] > 0
     assert "QAT jobs:" in (out / "search_report.md").read_text()
 
@@ -62,7 +47,7 @@ def test_local_workers_identical_to_serial_and_killed_worker_retried(serial, tmp
     assert fo["retried"] == [{"job": "b0_hessian seed 1", "reason": "worker process died (exit code 17)"}]
     assert rep["budgets"][0]["hessian"]["qat_retries"] == 1
     assert "retried once: b0_hessian seed 1" in (out / "search_report.md").read_text()
-    assert _summary(out, rep) == _summary(out0, rep0)
+    assert engine_fingerprint(out, rep) == engine_fingerprint(out0, rep0)
 
 
 def test_ray_identical_to_serial_and_killed_worker_retried(serial, tmp_path, monkeypatch):
@@ -78,7 +63,7 @@ def test_ray_identical_to_serial_and_killed_worker_retried(serial, tmp_path, mon
     fo = rep["qat_fanout"]
     assert fo["engine"] == "ray" and fo["workers"] == 2 and fo["ray_address"] and fo["failed"] == []
     assert [r["job"] for r in fo["retried"]] == ["b0_uniform4 seed 0"]
-    assert _summary(out, rep) == _summary(out0, rep0)
+    assert engine_fingerprint(out, rep) == engine_fingerprint(out0, rep0)
 
 
 def _ctx():
