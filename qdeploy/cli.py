@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from .cli_common import fail as _fail
 from .compiler.errors import QDeployError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,12 +32,6 @@ def _version(value: bool):
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print the version and exit", metavar="")):
     """qdeploy: compile quantized neural networks to hls4ml firmware and TVM libraries, bit-exact."""
-
-
-def _fail(e: Exception) -> None:
-    msg = e.one_line() if isinstance(e, QDeployError) else " ".join(f"{type(e).__name__}: {e}".split())
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command("compile")
@@ -285,87 +280,6 @@ def _run_program(program: Path, input: Path, output: Path) -> None:
 
 
 # --- early exit ---------------------------------------------------------------------------------
-@app.command("compile-early-exit")
-def compile_early_exit_cmd(
-        model: str = typer.Argument(..., help="QONNX/ONNX file (one output per exit) or module:function"),
-        target: str = typer.Option("hls4ml", "--target", "-t", help="hls4ml, tvm-llvm or reference (every stage)"),
-        out: Path = typer.Option(..., "-o", "--out", help="program directory (must not exist)"),
-        exits: Optional[str] = typer.Option(None, "--exits",
-                                            help="exit value names, earliest first, comma-separated "
-                                                 "(default: the model outputs in order)"),
-        gate: str = typer.Option("never", "--gate", help="max_softmax, entropy, margin or never (early exits off: "
-                                 "the program equals the unsplit model)"),
-        thresholds: Optional[str] = typer.Option(None, "--thresholds",
-                                                 help="one threshold per early exit, comma-separated (or one for all): "
-                                                      "probability (max_softmax), normalized entropy (entropy), "
-                                                      "logit margin (margin)"),
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (applies to every stage)"),
-        golden: Optional[Path] = typer.Option(None, "--golden", help=".npy/.npz golden inputs of the whole model"),
-        labels: Optional[Path] = typer.Option(None, "--labels",
-                                              help=".npy labels of the golden inputs: the report adds the exit "
-                                                   "distribution and accuracy on them"),
-        force: bool = typer.Option(False, "--force", help="replace an existing multi-stage program directory", metavar=""),
-        allow_inexact: bool = typer.Option(False, "--allow-inexact", help="keep the program even when its exits differ "
-                                           "from the source model beyond float32 rounding", metavar=""),
-        no_source_check: bool = typer.Option(False, "--no-source-check", help="do not run the source model", metavar="")):
-    """Split an early-exit MODEL at its exits, compile each stage for a target, write plan.json and report.md.
-
-    Run it with `qdeploy run OUT -i x.npy -o pred.npy` (or qdeploy.runtime.multistage.MultiStageModel).
-    Exit status: 0 success; 1 a stage's fixed-point outputs differ from the reference; 2 bad input or
-    compile error."""
-    from .api import load_array_file
-    from .early_exit import compile_early_exit, evaluate, gates_from_thresholds, program_markdown
-    written = False
-    try:
-        ex_list = [e.strip() for e in exits.split(",") if e.strip()] if exits else None
-        try:
-            ts = [float(t) for t in thresholds.split(",") if t.strip()] if thresholds else []
-        except ValueError:
-            raise QDeployError(f"--thresholds {thresholds!r}: expected numbers, comma-separated (e.g. 0.9,0.8)") from None
-        if gate not in ("never", "always") and not ts:
-            raise QDeployError(f"--gate {gate} needs --thresholds (one per early exit, or one for all)")
-        gold = load_array_file(golden) if golden is not None else None
-        y = np.load(labels, allow_pickle=False) if labels is not None else None
-        if y is not None and gold is None:
-            raise QDeployError("--labels needs --golden (the inputs they label)")
-        msm = compile_early_exit(model, target, out, exits=ex_list, golden=gold, config=config, force=force,
-                                 allow_inexact=allow_inexact, source_check=not no_source_check)
-        written = True  # from here on a failure must not leave a program with the wrong gates behind
-        msm = msm.with_gates(gates_from_thresholds(msm, gate, ts))
-        msm.save_plan()
-        ev = None
-        if y is not None:
-            if isinstance(gold, dict):
-                raise QDeployError("--labels needs a single-input model (a .npy --golden)")
-            ev = evaluate(msm, gold, y)
-        (Path(out) / "report.md").write_text(program_markdown(msm, ev))
-    except Exception as e:  # one line, never a library traceback
-        from .api import SourceMismatchError
-        if isinstance(e, SourceMismatchError):  # a failed check (exit 1), not bad input
-            typer.echo(f"error: {e.one_line()}; nothing was written", err=True)
-            raise typer.Exit(1)
-        if written:
-            import shutil
-            shutil.rmtree(out, ignore_errors=True)
-        _fail(e)
-    stages = msm.plan["stages"]
-    typer.echo(f"compiled {msm.plan['meta'].get('model', model)} -> {target} in {out}: {len(stages)} stages, "
-               f"exits {', '.join(msm.exit_values())}")
-    from .early_exit import gate_text
-    typer.echo("gates: " + ", ".join(gate_text(g) for g in msm.gates))
-    from .fidelity import fidelity_sentence
-    typer.echo(f"fidelity vs source: {fidelity_sentence(msm.plan['meta'].get('fidelity') or {})}")
-    if ev is not None:
-        typer.echo(f"golden set: accuracy {ev['accuracy']:.4f}, exit distribution "
-                   f"{' / '.join(f'{f:.1%}' for f in ev['exit_fraction'])}, mean BOPs {ev['mean_bops']:.4g} "
-                   f"({ev['speedup_vs_final']:.2f}x vs the final exit alone)")
-    bad = [s["name"] for s in stages if not s["exactness"]["bit_exact"]]
-    if bad:
-        typer.echo(f"error: stage(s) {', '.join(bad)} differ from the reference (see report.md)", err=True)
-        raise typer.Exit(1)
-# --- end early exit ----------------------------------------------------------------------------
-
-
 @app.command("inspect")
 def inspect_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file, module:function, or an artifact directory"),
                 optimized: bool = typer.Option(False, "--optimized", help="print the IR after the default passes", metavar="")):
@@ -432,96 +346,13 @@ def estimate_cmd(model: str = typer.Argument(..., help="QONNX/ONNX file or modul
 
 
 # --- search: Hessian-guided mixed-precision search -------------------------------------------
-@app.command("search")
-def search_cmd(recipe: str = typer.Argument(..., help="module:function, path.py:function or YAML returning the float model and data"),
-               out: Path = typer.Option(..., "-o", "--out", help="output directory for the report and QONNX models"),
-               budget: list[str] = typer.Option(..., "--budget", "-b", help="one budget point, e.g. bops=1.2e6, size=uniform:4, or bops=..,size=.. (repeat for several)"),
-               bits: str = typer.Option("2,3,4,5,6,7,8", help="candidate weight bit widths"),
-               act_bits: str = typer.Option("", "--act-bits", help="candidate activation bit widths (default: --bits; 'fixed' = 8-bit activations, 'fixed:B' = B-bit activations: weights-only search)"),
-               tie: list[str] = typer.Option([], "--tie", help="comma-separated layer names that share bit widths (repeatable)"),
-               probes: int = typer.Option(100, help="Hutchinson probe cap"),
-               tol: float = typer.Option(1e-3, help="relative tolerance of the trace estimate"),
-               sensitivity: str = typer.Option("hessian+measured", "--sensitivity", help="layer sensitivity: hessian+measured (max of the HAWQ-V3 Hessian estimate and the measured loss increase), hessian, or measured"),
-               qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs", help="QAT epochs per allocation (default: the recipe's qat.epochs, else 15)"),
-               qat_seeds: int = typer.Option(1, "--qat-seeds", help="QAT runs per allocation (mean accuracy)"),
-               seed: int = typer.Option(0),
-               part: str = typer.Option("xcvu9p", "--part", help="FPGA part for lut/ff/dsp/latency budgets (hls4ml estimator)"),
-               clock_period: float = typer.Option(5.0, "--clock-period", help="clock period in ns for latency budgets"),
-               reuse_factor: int = typer.Option(1, "--reuse-factor", help="hls4ml reuse factor for estimator budgets"),
-               strategy: str = typer.Option("Latency", "--strategy", help="hls4ml strategy for estimator budgets"),
-               no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars (for logs and CI)", metavar=""),
-               force: bool = typer.Option(False, "--force", help="replace an earlier search output in OUT (never another folder)", metavar=""),
-               workers: Optional[str] = typer.Option(None, "--workers", help="processes for the QAT fine-tunes (independent jobs): 'auto' = one per CPU (at most one per job), N = N worker processes, 1 = in this process (default: $QDEPLOY_QAT_WORKERS, else auto)"),
-               ray: Optional[str] = typer.Option(None, "--ray", help="run the QAT jobs on Ray: 'auto' (the running cluster), 'local' (start one with --workers CPUs) or a cluster address; needs pip install 'qdeploy[ray]'"),
-               compare: bool = typer.Option(False, "--compare", help="also fine-tune, per budget, the trace-only (HAWQ-V3 Omega alone), random and uniform-at-or-above allocations; search_report.md and pareto.png show the four rows (not exported)", metavar="")):
-    """Hessian sensitivity -> ILP bit allocation per budget -> QAT -> search_report.json/.md, pareto.png, QONNX.
-
-    Budget kinds: bops, size (weight bits), and through the hls4ml estimator lut, ff, dsp, bram_18k,
-    latency_cycles, latency_ns (per-layer Dense/Conv costs; --part/--clock-period/--reuse-factor).
-    --compare adds the Hessian / trace-only / random / uniform comparison (more QAT jobs)."""
-    from .api import search as do_search
-    try:
-        def ints(t, opt):
-            try:
-                return [int(b) for b in t.split(",") if b.strip()]
-            except ValueError:
-                raise QDeployError(f"{opt} {t!r}: expected comma-separated integers, e.g. 2,3,4,8") from None
-
-        ab, abf = None, 8
-        if act_bits == "fixed":
-            ab = ()
-        elif act_bits.startswith("fixed:"):
-            ab = ()
-            try:
-                abf = int(act_bits.split(":", 1)[1])
-            except ValueError:
-                abf = -1
-            if not 2 <= abf <= 32:
-                raise QDeployError(f"--act-bits {act_bits!r}: fixed:B needs an integer B in 2..32")
-        elif act_bits:
-            if act_bits.startswith("fixed"):
-                raise QDeployError(f"--act-bits {act_bits!r}: expected 'fixed', 'fixed:B' or a list like 2,4,8")
-            ab = ints(act_bits, "--act-bits")
-            if not ab:
-                raise QDeployError(f"--act-bits {act_bits!r}: the list of candidate bit widths is empty")
-        w_list = ints(bits, "--bits")
-        est_cfg = {"part": part, "clock_period": clock_period, "reuse_factor": reuse_factor, "strategy": strategy}
-        rep = do_search(recipe, out, budgets=list(budget), w_bits=w_list, a_bits=ab, act_bits_fixed=abf,
-                        estimator=est_cfg,
-                        ties=[t.split(",") for t in tie] or None, probes=probes, tol=tol, qat_epochs=qat_epochs,
-                        qat_seeds=qat_seeds, seed=seed, progress=not no_progress, sensitivity_mode=sensitivity,
-                        force=force, workers=workers if workers in (None, "auto") else _workers_opt(workers), ray=ray,
-                        compare=compare)
-    except Exception as e:  # one line, never a library traceback
-        _fail(e)
-    key = "test_acc" if "test" in rep["float_accuracy"] else "val_acc"
-    for i, b in enumerate(rep["budgets"]):
-        h, u = b["hessian"], b["uniform"]
-        hwc = lambda c: "".join(f", {'weight bits' if k == 'size' else k} {c[k]:.4g}"
-                                for k in b["budget_resolved"] if k != "bops" and k in c)
-        line = f"budget {i} {b['budget']}: Hessian {h['costs']['bops']:.4g} BOPs{hwc(h['costs'])}, {key} {h[key]:.4f}"
-        if u:
-            line += (f" | uniform {u['bits']}-bit {u['allocation']['costs']['bops']:.4g} BOPs"
-                     f"{hwc(u['allocation']['costs'])}, {key} {u[key]:.4f}")
-        typer.echo(line)
-        if "compare" in b:
-            typer.echo("  compare: " + ", ".join(f"{row} {r['costs']['bops']:.4g} BOPs {key} {r[key]:.4f}"
-                                                 for row, r in b["compare"].items()))
-    fo = rep.get("qat_fanout") or {}
-    if fo:
-        typer.echo(f"QAT: {fo['jobs']} jobs on {fo['engine']} ({fo['workers']} worker(s)), {fo['seconds']:.1f} s"
-                   + (f", {len(fo['retried'])} retried: " + "; ".join(f"{r['job']} ({r['reason']})" for r in fo["retried"])
-                      if fo["retried"] else ""))
-    typer.echo(f"wrote {out / 'search_report.md'}, search_report.json, pareto.png, models/")
 
 
-def _workers_opt(text: str) -> int:
-    """``--workers`` as an int (>= 1 checked by the search); a non-integer is a one-line error."""
-    try:
-        return int(text)
-    except ValueError:
-        raise QDeployError(f"--workers {text!r}: expected a positive integer or 'auto'") from None
-# --- end search --------------------------------------------------------------------------------
+from .cli_early_exit import compile_early_exit_cmd  # noqa: E402  (after app: the command modules use cli_common only)
+from .cli_search import search_cmd  # noqa: E402
+
+app.command("compile-early-exit")(compile_early_exit_cmd)
+app.command("search")(search_cmd)
 
 
 golden_app = typer.Typer(help="Golden-output record and check (for CI).", no_args_is_help=True)
