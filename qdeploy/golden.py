@@ -141,10 +141,13 @@ def check(out_dir, golden_file, tolerance: float = 0.0) -> CheckResult:
     """Run the artifact at ``out_dir`` on the golden inputs and compare its outputs.
 
     Fixed-point outputs are compared as integer codes (``tolerance`` in real units, default
-    0: bit-exact); float outputs by absolute difference against ``tolerance``.
+    0: bit-exact); float outputs by absolute difference against ``tolerance``; the recorded real
+    values (``output_real:*``) are compared with the artifact's real outputs as well, and a
+    recorded output type other than the artifact's is refused.
 
     Raises:
-        GoldenError: golden file unreadable or its inputs/outputs do not match the artifact.
+        GoldenError: golden file unreadable or its inputs/outputs (names, types, shapes) do not
+            match the artifact.
     """
     from .runtime import CompiledModel
 
@@ -169,12 +172,24 @@ def check(out_dir, golden_file, tolerance: float = 0.0) -> CheckResult:
         t = g.value(o).dtype
         if want.shape != have.shape:
             raise GoldenError(f"output {o!r}: golden shape {want.shape} != artifact {have.shape}", o)
+        recorded_t = (meta.get("outputs") or {}).get(o)
+        if recorded_t is not None and recorded_t != str(t):
+            # the same codes at another binary point are other values: a changed output type is a mismatch
+            raise GoldenError(f"output {o!r}: golden type {recorded_t} != artifact type {t} (the recorded codes "
+                              f"mean other real values here)", o)
         if isinstance(t, FixedType):
             err = np.abs(t.to_real(want) - t.to_real(have))
             wr, hr = t.to_real(want), t.to_real(have)
         else:
             err = np.abs(want.astype(np.float64) - have.astype(np.float64))
             wr, hr = want, have
+        real_key = f"output_real:{o}"
+        if real_key in arrays and arrays[real_key].shape == have.shape:
+            # the recorded real values are what the user checks against: compared as well (they equal
+            # the recorded codes' values unless the file was edited)
+            rr = np.asarray(arrays[real_key], dtype=np.float64)
+            err = np.maximum(err, np.abs(rr - np.asarray(hr, dtype=np.float64)))
+            wr = rr
         bad = err > tolerance
         max_err = max(max_err, float(err.max(initial=0.0)))
         mism |= bad.reshape(bad.shape[0], -1).any(axis=1)

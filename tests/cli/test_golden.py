@@ -2,10 +2,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import qdeploy
 from qdeploy.compiler.ir import Graph
-from qdeploy.golden import check, record
+from qdeploy.golden import GoldenError, check, record
 
 from tests.conftest import small_mlp
 
@@ -40,6 +41,36 @@ def test_golden_record_check_and_tamper(tmp_path, rng):
     bad = _cli("golden", "check", str(out), str(gold))
     assert bad.returncode == 1
     assert "FAILED" in bad.stderr and "sample" in bad.stderr and "expected" in bad.stderr and "got" in bad.stderr
+
+
+def test_golden_check_compares_the_recorded_real_values_and_types(tmp_path, rng):
+    """The real values a golden file records are checked too (an edited output_real used to pass),
+    and a recorded output type other than the artifact's is refused (the same codes at another
+    binary point are other values)."""
+    import json
+    g = small_mlp(rng)
+    x = np.round(rng.uniform(-1, 1, (12, 16)) * 256) / 256
+    out = tmp_path / "art"
+    qdeploy.compile(g, "reference", out, golden=x)
+    gold = tmp_path / "golden.npz"
+    record(out, gold)
+    with np.load(gold) as z:
+        arrays = {k: z[k] for k in z.files}
+    o = next(k.split(":", 1)[1] for k in arrays if k.startswith("output_real:"))
+    edited = dict(arrays)
+    edited[f"output_real:{o}"] = arrays[f"output_real:{o}"].copy()
+    edited[f"output_real:{o}"][3].flat[0] += 0.5
+    np.savez(tmp_path / "edited.npz", **edited)
+    r = check(out, tmp_path / "edited.npz")
+    assert not r.ok and r.mismatches == 1 and r.first["sample"] == 3 and r.max_abs_error == 0.5
+    meta = json.loads(arrays["__meta__"].tobytes().decode())
+    t = meta["outputs"][o]
+    meta["outputs"][o] = t.replace("fixed<", "fixed<1") if t.startswith("fixed<") else "float16"
+    retyped = dict(arrays, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    np.savez(tmp_path / "retyped.npz", **retyped)
+    with pytest.raises(GoldenError, match=f"output {o!r}: golden type"):
+        check(out, tmp_path / "retyped.npz")
+    assert check(out, gold).ok  # the untouched file still passes
 
 
 def test_golden_tolerance_and_bad_file(tmp_path, rng):
