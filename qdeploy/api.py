@@ -235,9 +235,11 @@ def compile(model, target: str = "hls4ml", out_dir="qdeploy_out", config=None, g
             bad = [n for n, e in per.items() if e.get("fixed_mismatches")]
             worst = bad[0] if bad else max(per, key=lambda n: float(per[n].get("max_abs_error") or 0.0))
             exact = dict(per[worst])
-            static = [e["static_batches"] for e in per.values() if e.get("static_batches")]
-            if static and "static_batches" not in exact:
-                exact["static_batches"] = static[0]
+            # every library's static entries in the report (the tuned main_b<B> is in the tuned
+            # library only, which need not be the one reported above)
+            for e in per.values():
+                for b, sb in (e.get("static_batches") or {}).items():
+                    exact.setdefault("static_batches", {}).setdefault(b, sb)
             if len(per) > 1 or fns[0][0] is not None:
                 exact["variants"] = {n: bool(e.get("bit_exact")) for n, e in per.items()}
                 if bad:

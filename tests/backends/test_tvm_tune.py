@@ -183,6 +183,13 @@ def test_static_entry_check_catches_a_wrong_entry():
     exact2 = compare_outputs(g, ref, fn(feeds))
     check_static_batches(exact2, g, fn, feeds, [7])
     assert exact2["bit_exact"] and exact2["static_batches"]["7"]["bit_exact"]
+    # B equal to the golden batch: the golden check itself ran it; recorded, not run again
+    exact3 = compare_outputs(g, ref, fn(feeds))
+    check_static_batches(exact3, g, fn, feeds, [5])
+    assert exact3["static_batches"]["5"] == {"samples": 5, "mismatches": 0, "fixed_mismatches": 0,
+                                             "max_abs_error": 0.0, "bit_exact": True, "golden_batch": True}
+    from qdeploy.report import exactness_sentence
+    assert "static batch-5 entry the golden batch itself" in exactness_sentence(exact3)
 
 
 def test_light_tensor_intrin_twice_in_one_process():
