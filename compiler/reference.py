@@ -42,7 +42,7 @@ def prepare_feeds(graph: Graph, inputs, codes: bool = False) -> dict[str, np.nda
     arrays: reals are cast into each fixed-point input type with that type's rounding/overflow.
 
     Raises:
-        FeedError: wrong count or shape, or NaN fed to a fixed-point input.
+        FeedError: wrong count, dtype (not real) or shape, or NaN fed to a fixed-point input.
     """
     if isinstance(inputs, Mapping):
         feeds = dict(inputs)
@@ -57,6 +57,9 @@ def prepare_feeds(graph: Graph, inputs, codes: bool = False) -> dict[str, np.nda
             raise FeedError(f"missing input {name!r}", name)
         v = graph.values[name]
         a = np.asarray(feeds[name])
+        if a.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings fail deep in numpy
+            raise FeedError(f"input {name!r} has dtype {a.dtype}: give real numbers (float32 values or integer "
+                            f"codes)", name)
         if a.shape[1:] != tuple(v.shape):
             if a.shape == tuple(v.shape):
                 a = a[None]

@@ -167,10 +167,13 @@ def to_ir(name: str, x, ir_shape, lay: Layout, channels_last: bool) -> np.ndarra
         x: the array, in ``lay.source`` (or ``lay.ir`` with ``channels_last``).
         ir_shape: the IR per-sample shape (no batch dimension).
     Raises:
-        FeedError (a QDeployError): a shape that does not match, stated in the user's layout, e.g.
+        FeedError (a QDeployError): a dtype that is not real (complex, strings, objects), or a shape that does not match, stated in the user's layout, e.g.
             ``expected (N, 4, 4, 4) in NCHW``.
     """
     x = np.asarray(x)
+    if x.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings fail deep in numpy
+        raise FeedError(f"input {name!r} has dtype {x.dtype}: give real numbers (float32 values or integer codes)",
+                        name)
     ir_shape = tuple(ir_shape)
     perm = tuple(range(len(lay.ir))) if channels_last else lay.perm
     user_shape = [0] * len(perm)

@@ -165,3 +165,22 @@ def test_tvm_rejects_nan_like_reference(tmp_path, rng):
     from qdeploy.compiler.reference import execute
     with pytest.raises(FeedError, match=r"sample\(s\) \[1\]"):  # the reference interpreter names it too
         execute(g, {g.inputs[0]: x})
+
+
+@pytest.mark.parametrize("target", ["reference", "tvm-llvm"])
+def test_complex_and_string_inputs_are_refused_naming_the_input(tmp_path, rng, target):
+    """A complex array lost its imaginary part with a NumPy warning; a string array failed inside
+    NumPy without naming the input.  Both are one FeedError naming the input, on every path."""
+    from qdeploy.compiler.errors import FeedError
+    from qdeploy.compiler.reference import execute
+    g = small_mlp(rng)
+    qdeploy.compile(g, target, tmp_path / "a")
+    m = qdeploy.CompiledModel.load(tmp_path / "a")
+    x = rng.uniform(-1, 1, (3, 16))
+    name = g.inputs[0]
+    for bad in (x + 1j, x.astype(str)):
+        with pytest.raises(FeedError, match=rf"input '{name}' has dtype"):
+            m.predict(bad)
+        with pytest.raises(FeedError, match=rf"input '{name}' has dtype"):
+            execute(g, {name: bad})
+    assert m.predict(x.astype(np.float32)).shape == (3, 8)  # real arrays still run
