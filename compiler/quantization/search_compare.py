@@ -34,7 +34,7 @@ from .hutchinson import hutchinson_traces
 from .search_budget import budget_value, check_budget_kinds, check_uniform_bits, resolve_budget
 from .search_plan import JobPlan, compare_allocations_at, comparison_row, random_sensitivities, uniform_at_or_above
 from .search_recipe import check_qat_settings, check_recipe_result, load_recipe, recipe_xy
-from .search_report import ROWS, comparison_table, plot_rows
+from .search_report import ROWS, comparison_table, plot_rows, set_bops_axis
 from .search_specs import DEFAULT_BITS, check_ties, compute_sensitivities, layer_specs
 
 __all__ = ["ROWS", "random_sensitivities", "uniform_at_or_above", "compare_allocations", "render_comparison",
@@ -168,7 +168,8 @@ def plot_comparison(rep: dict, path, key: str = "test_acc"):
     fig, ax = plt.subplots(figsize=(6, 4))
     plot_rows(ax, rep["budgets"], key)
     ax.axhline(rep["float_accuracy"].get(key.split("_")[0], np.nan), color="gray", lw=0.8, label="float")
-    ax.set(xscale="log", xlabel="BOPs / sample", ylabel=key.replace("_", " "), title=f"{rep['model']}: after QAT")
+    ax.set(xlabel="BOPs / sample", ylabel=key.replace("_", " "), title=f"{rep['model']}: after QAT")
+    set_bops_axis(ax)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ROWS", "json_default", "accuracy_noise", "comparison_verdict", "comparison_table", "plot_rows",
-           "render_markdown", "plot_pareto", "fanout_line", "engine_fingerprint"]
+           "render_markdown", "plot_pareto", "fanout_line", "engine_fingerprint", "set_bops_axis"]
 
 ROWS = ("hessian", "trace", "random", "uniform")
 """The rows of the allocation comparison, in table order (:mod:`.search_compare`)."""
@@ -151,7 +151,7 @@ def render_markdown(rep: dict) -> str:
           + f"cap {rep['settings']['probes_cap']}, "
           f"tol {rep['settings']['tol']}, converged: {rep['trace']['converged']}), ")
          + f"{rep['settings']['trace_samples']} samples, {rep['trace']['seconds']:.2f} s",
-         f"- QAT: {rep['settings']['qat']}, seed {rep['seed']}; total {rep['seconds']:.1f} s",
+         f"- QAT: {rep['settings']['qat']}, seed {rep['seed']}; the whole search took {rep['seconds']:.1f} s",
          fanout_line(rep.get("qat_fanout")), "",
          "## Layers", "",
          "Trace = Tr(H) of the loss w.r.t. the layer's weights (± standard error); act trace = w.r.t. its input "
@@ -269,7 +269,7 @@ def plot_pareto(rep: dict, path) -> Path:
     ax[0].plot([p["bops"] for p in up], [p["objective"] for p in up], "s--", label="uniform")
     for p in up:
         ax[0].annotate(str(p["bits"]), (p["bops"], p["objective"]), fontsize=7)
-    ax[0].set(xscale="log", yscale="log", xlabel="BOPs / sample", ylabel="total sensitivity Σ Ω",
+    ax[0].set(yscale="log", xlabel="BOPs / sample", ylabel="total sensitivity Σ Ω",
               title=f"{rep['model']}: sensitivity frontier")
     ax[0].legend()
     if all("compare" in b for b in rep["budgets"]):  # the four rows of the comparison
@@ -282,7 +282,9 @@ def plot_pareto(rep: dict, path) -> Path:
         if ub:
             ax[1].plot(*zip(*sorted(set(ub))), "s--", label="uniform + QAT")
     ax[1].axhline(rep["float_accuracy"].get(acc_key.replace("_acc", ""), np.nan), color="gray", lw=0.8, label="float")
-    ax[1].set(xscale="log", xlabel="BOPs / sample", ylabel=acc_key.replace("_", " "), title="accuracy after QAT")
+    ax[1].set(xlabel="BOPs / sample", ylabel=acc_key.replace("_", " "), title="accuracy after QAT")
+    for a in ax:
+        set_bops_axis(a)
     ax[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -309,3 +311,11 @@ def engine_fingerprint(out_dir, rep: dict) -> list[tuple]:
                          r["val_accs"], r.get("test_accs"), r["val_correct"], r.get("test_correct"),
                          hashlib.sha256((Path(out_dir) / r["qonnx"]).read_bytes()).hexdigest()))
     return rows
+
+
+def set_bops_axis(ax) -> None:
+    """A readable BOPs axis for ``ax`` (after plotting): logarithmic when the plotted x values span
+    a factor of 10 or more, else linear (a log axis within one decade labels its minor ticks,
+    2x10^6, 3x10^6..., which overlap)."""
+    lo, hi = ax.dataLim.intervalx  # the data's x range (an axhline does not extend it)
+    ax.set_xscale("log" if lo > 0 and hi / lo >= 10 else "linear")
