@@ -66,8 +66,9 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
         except QDeployError:
             raise
         except Exception as e:
-            raise ModelImportError(f"Brevitas export_qonnx of {gname} failed: {type(e).__name__}: {e}"
-                                   + _forward_hint(module, example_input)) from None
+            hint = _forward_hint(module, example_input)  # the module itself fails: that is the cause
+            raise ModelImportError(hint or f"Brevitas export_qonnx of {gname} failed: {type(e).__name__}: {e}") \
+                from None
         finally:
             module.train(was_training)
         g = import_onnx(path, name=gname)
@@ -77,19 +78,23 @@ def import_brevitas(module, example_input, *, name: str | None = None) -> Graph:
 
 
 def _forward_hint(module, example_input) -> str:
-    """Why an export failed, when the module's own forward already fails on the example input
-    (typically an example without the batch axis): ``"; the module's forward fails on the example
-    input of shape ...: ..."``, else ``""``."""
+    """Why an export failed, when the module's own forward already fails on the example input:
+    ``"the module's own forward fails on the example input of shape ...: ..."`` (with a note on the
+    batch axis when the example has rank <= 1), else ``""``."""
     try:
         import torch
         with torch.no_grad(), _quiet():
             module(*example_input) if isinstance(example_input, (tuple, list)) else module(example_input)
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward is the explanation
-        shapes = [tuple(t.shape) for t in (example_input if isinstance(example_input, (tuple, list)) else [example_input])
-                  if hasattr(t, "shape")]
-        return (f"; the module's own forward fails on the example input of shape {', '.join(map(str, shapes)) or '?'} "
-                f"({type(e).__name__}: {e}): the example input must be batch-first (one sample: shape (1, ...)) "
-                "and fit the module")
+        ts = example_input if isinstance(example_input, (tuple, list)) else [example_input]
+        shapes = [tuple(t.shape) for t in ts if hasattr(t, "shape")]
+        first = " ".join(f"{type(e).__name__}: {e}".split())
+        first = first if len(first) <= 200 else first[:200] + "..."
+        batch = any(len(sh) <= 1 for sh in shapes)
+        return (f"{type(module).__name__}: the module's own forward fails on the example input of shape "
+                f"{', '.join(map(str, shapes)) or '?'} ({first}); "
+                + ("the example input must be batch-first (one sample: shape (1, ...))" if batch else
+                   "fix the module or give an example input it accepts (batch-first)"))
     return ""
 
 

@@ -481,7 +481,7 @@ def test_brevitas_example_without_batch_axis_is_explained():
 
     m = torch.nn.Sequential(qnn.QuantIdentity(bit_width=8, return_quant_tensor=True),
                             qnn.QuantLinear(16, 8, bias=True, weight_bit_width=4), torch.nn.ReLU())
-    with pytest.raises(ModelImportError, match=r"own forward fails on the example input of shape \(16,\).*batch-first"):
+    with pytest.raises(ModelImportError, match=r"own forward fails on the example input of shape \(16,\).*must be batch-first"):
         import_brevitas(m, torch.rand(16))
     g = import_brevitas(m, torch.rand(1, 16))  # the same module with a batch axis imports
     assert list(g.inputs) and len(g.nodes) > 0
