@@ -160,6 +160,13 @@ def check(out_dir, golden_file, tolerance: float = 0.0) -> CheckResult:
     for k, v in feeds.items():
         if meta["inputs"].get(k) != str(g.value(k).dtype):
             raise GoldenError(f"input {k!r}: golden type {meta['inputs'].get(k)} != artifact type {g.value(k).dtype}", k)
+    other_model = meta.get("graph_digest") not in (None, g.digest())
+    for k, v in feeds.items():
+        if tuple(np.shape(v)[1:]) != tuple(g.value(k).shape):
+            raise GoldenError(f"input {k!r}: golden codes of shape {np.shape(v)} (IR layout), the artifact takes "
+                              f"(N, {', '.join(map(str, g.value(k).shape))})"
+                              + ("; the golden file was recorded from another model (its graph digest differs "
+                                 "from the artifact's)" if other_model else ""))
     got = m.run_codes(feeds)
     mism = np.zeros(next(iter(feeds.values())).shape[0], dtype=bool)
     max_err = 0.0

@@ -185,8 +185,9 @@ def to_ir(name: str, x, ir_shape, lay: Layout, channels_last: bool) -> np.ndarra
     if x.ndim != len(perm) or tuple(x.shape[1:]) != want:
         letters = lay.ir if channels_last else lay.source
         raise FeedError(f"input {name!r} has shape {x.shape}, expected ({', '.join(map(str, user_shape))}) in "
-                           f"{letters}" + ("" if channels_last or lay.source == lay.ir else
-                                           f" (or pass {lay.ir} arrays with layout={CHANNELS_LAST!r})"), name)
+                        f"{letters}" + ("" if channels_last or lay.source == lay.ir else
+                                        f" (or pass {lay.ir} arrays with layout {CHANNELS_LAST!r}: --layout "
+                                        f"{CHANNELS_LAST} on the command line)"), name)
     return np.transpose(x, perm)
 
 

@@ -71,6 +71,15 @@ def test_golden_check_compares_the_recorded_real_values_and_types(tmp_path, rng)
     with pytest.raises(GoldenError, match=f"output {o!r}: golden type"):
         check(out, tmp_path / "retyped.npz")
     assert check(out, gold).ok  # the untouched file still passes
+    # a golden file of another model (other digest, other input shape) says so, naming the input
+    other = dict(arrays)
+    i = next(k for k in arrays if k.startswith("input_codes:"))
+    other[i] = arrays[i][:, :8]
+    meta2 = dict(json.loads(arrays["__meta__"].tobytes().decode()), graph_digest="0" * 16)
+    other["__meta__"] = np.frombuffer(json.dumps(meta2).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "other.npz", **other)
+    with pytest.raises(GoldenError, match=r"input '.*': golden codes of shape \(12, 8\).*another model"):
+        check(out, tmp_path / "other.npz")
 
 
 def test_golden_tolerance_and_bad_file(tmp_path, rng):
