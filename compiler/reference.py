@@ -37,6 +37,18 @@ def run_node(n: Node, args: list, in_types: list, out_t):
     return spec.reference(n, args, in_types, out_t)
 
 
+def check_real_dtype(name: str, a: np.ndarray) -> None:
+    """Refuse an input array that does not hold real numbers (bool, integer or float dtypes):
+    complex would lose its imaginary part, strings and objects fail deep inside NumPy.
+
+    Raises:
+        FeedError: naming input ``name`` and the dtype.
+    """
+    if a.dtype.kind not in "biuf":
+        raise FeedError(f"input {name!r} has dtype {a.dtype}: give real numbers (float32 values or integer codes)",
+                        name)
+
+
 def prepare_feeds(graph: Graph, inputs, codes: bool = False) -> dict[str, np.ndarray]:
     """Turn user inputs (one array, a list, or a dict by input name; batch first) into runtime
     arrays: reals are cast into each fixed-point input type with that type's rounding/overflow.
@@ -57,9 +69,7 @@ def prepare_feeds(graph: Graph, inputs, codes: bool = False) -> dict[str, np.nda
             raise FeedError(f"missing input {name!r}", name)
         v = graph.values[name]
         a = np.asarray(feeds[name])
-        if a.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings fail deep in numpy
-            raise FeedError(f"input {name!r} has dtype {a.dtype}: give real numbers (float32 values or integer "
-                            f"codes)", name)
+        check_real_dtype(name, a)
         if a.shape[1:] != tuple(v.shape):
             if a.shape == tuple(v.shape):
                 a = a[None]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..compiler.errors import FeedError, QDeployError
+from ..compiler.reference import check_real_dtype
 
 __all__ = ["Layout", "CHANNELS_LAST", "SOURCE", "ir_letters", "graph_layouts", "manifest_layouts",
            "declared_layouts", "channels_last_mode", "to_ir", "from_ir"]
@@ -171,9 +172,7 @@ def to_ir(name: str, x, ir_shape, lay: Layout, channels_last: bool) -> np.ndarra
             ``expected (N, 4, 4, 4) in NCHW``.
     """
     x = np.asarray(x)
-    if x.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings fail deep in numpy
-        raise FeedError(f"input {name!r} has dtype {x.dtype}: give real numbers (float32 values or integer codes)",
-                        name)
+    check_real_dtype(name, x)
     ir_shape = tuple(ir_shape)
     perm = tuple(range(len(lay.ir))) if channels_last else lay.perm
     user_shape = [0] * len(perm)
